@@ -1,0 +1,48 @@
+# qkdnet — the two commands of the README: `make demo` and `make test`.
+# Both work on a fresh Debian machine as root: they install the Debian packages,
+# link kernel headers for bcc, create .venv and install the project, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := python3-bpfcc linux-headers-amd64 iperf3 iproute2 tcpdump
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup system venv lint clean teardown
+
+demo: setup
+	$(VENV)/bin/qkdctl demo
+
+test: setup
+	$(PY) -m ruff check dataplane control api bench tests
+	$(PY) -m pytest -q -ra
+
+setup: system venv
+
+# Debian packages, installed only when missing so repeated runs are quick.
+system:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@./scripts/link-kernel-headers.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@./scripts/link-bcc.sh $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+lint: setup
+	$(PY) -m ruff check dataplane control api bench tests
+
+# Removes every emulated network qkdnet left behind on this machine.
+teardown:
+	-$(VENV)/bin/qkdctl net down --all
+
+clean: teardown
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,328 @@
+"""Key block agreement between the two ends of a QKD link, without I/O (h11 style).
+
+Both ends receive the same numbered key blocks from their key source. One end, the
+*leader* (the link's end `a`), decides every block's fate — ENC a->b, ENC b->a, or
+discard — and tells the *follower*, which applies exactly that (invariant 2). Neither end
+infers a fate from its own state.
+
+Protocol (messages in :mod:`control.agreement_msgs`; ``sync`` numbers one session):
+
+1. On connecting, the follower sends ``Hello(sync, write_pos, released)``. The leader takes
+   for each direction ``start = max(own write_pos, follower's write_pos)``, skips its own
+   ring up to it and answers ``Sync(sync, start)``; the follower skips up to it too. Bytes
+   either end might not hold identically (decisions lost in flight, a ring lost to a
+   reboot) are thus never used: positions only move forward, so no byte is reused.
+2. The follower reports the blocks it holds, ``Have(sync, ids, released)``. The leader
+   decides a block once both ends hold it (`SplitPolicy` picks the direction by the
+   configured ratio; a block that does not fit in the chosen direction's ring at *both*
+   ends — the upper limit — is discarded), writes it to its ring at the direction's next
+   position and sends ``Decide(sync, [(id, fate, pos)])``.
+3. A block one end lacks is discarded: when the other end has already seen a later block
+   of the same source epoch (sources deliver in order), or after a timeout.
+4. The follower applies decisions in order; a decision it cannot apply exactly (block
+   missing, position differs) starts a new session (step 1) instead of guessing.
+
+Block ids are ``(epoch, seq)``: the source's random epoch and an in-order sequence number.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from control.agreement_msgs import AB, BA, Decide, Decision, Fate, Have, Hello, Message, Sync
+from dataplane.limits import MAX_PENDING_BLOCKS, PENDING_BLOCK_TIMEOUT_S
+
+BlockId = tuple[int, int]
+Positions = tuple[int, int]  # indexed by direction: (a->b, b->a)
+
+
+# ---- actions the shell carries out ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Send:
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Store:
+    """Write ``data`` to the ring of ``direction`` at stream position ``pos``."""
+
+    direction: int
+    pos: int
+    block: BlockId
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SkipTo:
+    """Nothing below ``pos`` in the ring of ``direction`` may be used at this end."""
+
+    direction: int
+    pos: int
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A block left this end without reaching a ring (for counters)."""
+
+    block: BlockId
+    size: int
+    reason: str
+
+
+Action = Send | Store | SkipTo | Dropped
+
+
+@dataclass
+class SplitPolicy:
+    """Weighted split of key between the two directions by bytes, deterministic."""
+
+    weights: tuple[int, int]
+    assigned: list[int] = field(default_factory=lambda: [0, 0])
+
+    def choose(self, size: int) -> int:
+        wa, wb = self.weights
+        if wb == 0:
+            return AB
+        if wa == 0:
+            return BA
+        # Pick the direction whose share would stay lowest relative to its weight.
+        return AB if (self.assigned[AB] + size) * wb <= (self.assigned[BA] + size) * wa else BA
+
+    def record(self, direction: int, size: int) -> None:
+        self.assigned[direction] += size
+
+
+@dataclass
+class Counters:
+    blocks_in: int = 0
+    bytes_in: int = 0
+    blocks_stored: list[int] = field(default_factory=lambda: [0, 0])
+    bytes_stored: list[int] = field(default_factory=lambda: [0, 0])
+    blocks_discarded: dict[str, int] = field(default_factory=dict)
+    bytes_discarded: int = 0
+    resyncs: int = 0
+    bytes_skipped: list[int] = field(default_factory=lambda: [0, 0])
+
+
+class _End:
+    def __init__(self, capacity: int, write_pos: Positions, timeout: float,
+                 max_pending: int):
+        self.capacity = capacity
+        self.write_pos = list(write_pos)
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self.pending: OrderedDict[BlockId, tuple[bytes, float]] = OrderedDict()
+        self.max_seen: dict[int, int] = {}
+        self.sync = 0
+        self.synced = False
+        self.counters = Counters()
+
+    def _note_seen(self, block: BlockId) -> None:
+        epoch, seq = block
+        if seq > self.max_seen.get(epoch, -1):
+            self.max_seen[epoch] = seq
+
+    def _accept_block(self, block: BlockId, data: bytes, now: float) -> list[Action]:
+        out: list[Action] = []
+        self.counters.blocks_in += 1
+        self.counters.bytes_in += len(data)
+        self._note_seen(block)
+        if block in self.pending:
+            out.append(self._drop(block, len(data), "duplicate"))
+            return out
+        self.pending[block] = (data, now)
+        while len(self.pending) > self.max_pending:
+            old, (odata, _) = self.pending.popitem(last=False)
+            out.append(self._drop(old, len(odata), "overflow"))
+        return out
+
+    def _drop(self, block: BlockId, size: int, reason: str) -> Dropped:
+        c = self.counters
+        c.blocks_discarded[reason] = c.blocks_discarded.get(reason, 0) + 1
+        c.bytes_discarded += size
+        return Dropped(block, size, reason)
+
+    def _skip(self, direction: int, pos: int) -> list[Action]:
+        if pos <= self.write_pos[direction]:
+            return []
+        self.counters.bytes_skipped[direction] += pos - self.write_pos[direction]
+        self.write_pos[direction] = pos
+        return [SkipTo(direction, pos)]
+
+    def _store(self, direction: int, pos: int, block: BlockId, data: bytes) -> Store:
+        self.write_pos[direction] = pos + len(data)
+        self.counters.blocks_stored[direction] += 1
+        self.counters.bytes_stored[direction] += len(data)
+        return Store(direction, pos, block, data)
+
+
+class Leader(_End):
+    """The deciding end of a link (the link's end `a`)."""
+
+    def __init__(self, ratio: tuple[int, int], capacity: int, write_pos: Positions,
+                 timeout: float = PENDING_BLOCK_TIMEOUT_S,
+                 max_pending: int = MAX_PENDING_BLOCKS):
+        super().__init__(capacity, write_pos, timeout, max_pending)
+        self.policy = SplitPolicy(ratio)
+        self.peer_has: OrderedDict[BlockId, float] = OrderedDict()
+        self.peer_released = [0, 0]
+        self.peer_max_seen: dict[int, int] = {}
+
+    def on_disconnect(self) -> list[Action]:
+        self.synced = False
+        self.peer_has.clear()
+        return []
+
+    def on_block(self, block: BlockId, data: bytes, released: Positions,
+                 now: float) -> list[Action]:
+        out = self._accept_block(block, data, now)
+        return out + self._decide(released, now)
+
+    def on_message(self, msg: Message, released: Positions, now: float) -> list[Action]:
+        out: list[Action] = []
+        if isinstance(msg, Hello):
+            self.sync = msg.sync
+            self.synced = True
+            self.counters.resyncs += 1
+            self.peer_has.clear()
+            self.peer_released = list(msg.released)
+            start = tuple(max(self.write_pos[d], msg.write_pos[d]) for d in (AB, BA))
+            for d in (AB, BA):
+                out += self._skip(d, start[d])
+            out.append(Send(Sync(self.sync, start)))  # type: ignore[arg-type]
+        elif isinstance(msg, Have) and self.synced and msg.sync == self.sync:
+            self.peer_released = [max(a, b) for a, b in zip(self.peer_released, msg.released,
+                                                            strict=True)]
+            for block in msg.ids:
+                epoch, seq = block
+                if seq > self.peer_max_seen.get(epoch, -1):
+                    self.peer_max_seen[epoch] = seq
+                self.peer_has[block] = now
+        out += self._decide(released, now)
+        return out
+
+    def on_tick(self, released: Positions, now: float) -> list[Action]:
+        return self._decide(released, now)
+
+    def _fits(self, direction: int, size: int, released: Positions) -> bool:
+        w = self.write_pos[direction]
+        own_free = self.capacity - (w - released[direction])
+        peer_free = self.capacity - (w - self.peer_released[direction])
+        return size <= own_free and size <= peer_free
+
+    def _decide(self, released: Positions, now: float) -> list[Action]:
+        if not self.synced:
+            # Without the follower nothing can be decided; only age out old blocks.
+            return self._expire_pending(now)
+        out: list[Action] = []
+        decisions: list[Decision] = []
+        for block in list(self.pending):
+            data, t = self.pending[block]
+            epoch, seq = block
+            if block in self.peer_has:
+                del self.pending[block]
+                del self.peer_has[block]
+                d = self.policy.choose(len(data))
+                if self._fits(d, len(data), released):
+                    self.policy.record(d, len(data))
+                    pos = self.write_pos[d]
+                    out.append(self._store(d, pos, block, data))
+                    decisions.append(Decision(block, Fate(d), pos))
+                else:
+                    out.append(self._drop(block, len(data), "ring_full"))
+                    decisions.append(Decision(block, Fate.DISCARD, 0))
+            elif self.peer_max_seen.get(epoch, -1) > seq:
+                del self.pending[block]
+                out.append(self._drop(block, len(data), "peer_missing"))
+            elif now - t > self.timeout:
+                del self.pending[block]
+                out.append(self._drop(block, len(data), "timeout"))
+                decisions.append(Decision(block, Fate.DISCARD, 0))
+        for block in list(self.peer_has):
+            epoch, seq = block
+            t = self.peer_has[block]
+            if self.max_seen.get(epoch, -1) > seq or now - t > self.timeout:
+                # We will never hold it: the follower must let it go.
+                del self.peer_has[block]
+                decisions.append(Decision(block, Fate.DISCARD, 0))
+        if decisions:
+            out.append(Send(Decide(self.sync, tuple(decisions))))
+        return out
+
+    def _expire_pending(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for block in list(self.pending):
+            data, t = self.pending[block]
+            if now - t <= self.timeout:
+                break
+            del self.pending[block]
+            out.append(self._drop(block, len(data), "timeout"))
+        return out
+
+
+class Follower(_End):
+    """The applying end of a link (the link's end `b`)."""
+
+    def __init__(self, capacity: int, write_pos: Positions,
+                 timeout: float = PENDING_BLOCK_TIMEOUT_S,
+                 max_pending: int = MAX_PENDING_BLOCKS, sync: int = 0):
+        super().__init__(capacity, write_pos, timeout, max_pending)
+        self.sync = sync
+        self.last_released: Positions = (-1, -1)
+
+    def on_connect(self, released: Positions) -> list[Action]:
+        self.sync += 1
+        self.synced = False
+        self.last_released = released
+        return [Send(Hello(self.sync, tuple(self.write_pos), released))]  # type: ignore[arg-type]
+
+    def on_disconnect(self) -> list[Action]:
+        self.synced = False
+        return []
+
+    def on_block(self, block: BlockId, data: bytes, released: Positions,
+                 now: float) -> list[Action]:
+        out = self._accept_block(block, data, now)
+        if self.synced and block in self.pending:
+            out.append(Send(Have(self.sync, (block,), released)))
+            self.last_released = released
+        return out
+
+    def on_message(self, msg: Message, released: Positions, now: float) -> list[Action]:
+        if isinstance(msg, Sync) and msg.sync == self.sync and not self.synced:
+            out: list[Action] = []
+            for d in (AB, BA):
+                out += self._skip(d, msg.start[d])
+            self.synced = True
+            self.counters.resyncs += 1
+            out.append(Send(Have(self.sync, tuple(self.pending), released)))
+            self.last_released = released
+            return out
+        if isinstance(msg, Decide) and self.synced and msg.sync == self.sync:
+            return self._apply(msg.decisions, released)
+        return []
+
+    def on_tick(self, released: Positions, now: float) -> list[Action]:
+        if self.synced and released != self.last_released:
+            self.last_released = released
+            return [Send(Have(self.sync, (), released))]
+        return []
+
+    def _apply(self, decisions: tuple[Decision, ...], released: Positions) -> list[Action]:
+        out: list[Action] = []
+        for dec in decisions:
+            entry = self.pending.pop(dec.block, None)
+            if dec.fate == Fate.DISCARD:
+                if entry is not None:
+                    out.append(self._drop(dec.block, len(entry[0]), "leader_discard"))
+                continue
+            d = int(dec.fate)
+            if entry is None or dec.pos != self.write_pos[d]:
+                # Cannot apply exactly: never guess, start a new session instead.
+                if entry is not None:
+                    out.append(self._drop(dec.block, len(entry[0]), "desync"))
+                return out + self.on_connect(released)
+            out.append(self._store(d, dec.pos, dec.block, entry[0]))
+        return out

@@ -1,0 +1,375 @@
+"""Topology configuration: one TOML file describes a whole QKD network.
+
+Read and validated once, at the edge (pydantic), into frozen typed objects that inner code
+takes. Every mistake is reported with the file, the field and what is wrong, all at once,
+and nothing starts while any remain.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from dataplane.limits import MAX_BLOCK_SIZE, MAX_RING_CAPACITY, MIN_BLOCK_SIZE
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,7}$")
+PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,7}$")
+_UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30,
+          "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: object) -> int:
+    """Accept 1048576, "1MiB", "64 KiB", "1MB"; refuse anything else with a clear reason."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 1048576 or '1MiB', got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).upper() in _UNITS:
+            return int(m.group(1)) * _UNITS[m.group(2).upper()]
+    raise ValueError(f"expected a size like 1048576 or '1MiB' (units B, KiB, MiB, GiB), "
+                     f"got {value!r}")
+
+
+def parse_ratio(value: object) -> tuple[int, int]:
+    """'3:1' -> (3, 1): share of each block going a->b versus b->a."""
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+            a, b = (int(p) for p in parts)
+            if a + b == 0:
+                raise ValueError("ratio '0:0' sends key nowhere; at least one side must be > 0")
+            if max(a, b) > 1000:
+                raise ValueError("ratio terms must be at most 1000")
+            return a, b
+    raise ValueError(f"expected 'A_TO_B:B_TO_A' like '1:1' or '3:1', got {value!r}")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+Ratio = Annotated[tuple[int, int], BeforeValidator(parse_ratio)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkSection(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    prefix: str = Field(description="names namespaces, shared memory and run dirs")
+    node_net: ipaddress.IPv4Network = ipaddress.IPv4Network("10.88.0.0/24")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not PREFIX_RE.match(v):
+            raise ValueError("must be 2-8 lowercase letters or digits, starting with a letter")
+        return v
+
+
+class Ports(_Strict):
+    agreement: int = Field(7001, ge=1, le=65535)
+    tunnel: int = Field(7100, ge=1, le=65535)
+    relay: int = Field(7200, ge=1, le=65535)
+    api: int = Field(8443, ge=1, le=65535)
+    metrics: int = Field(9464, ge=1, le=65535)
+
+
+class EmulatorSource(_Strict):
+    """The QKD link emulator: same random bytes to both ends at a set rate."""
+
+    kind: Literal["emulator"] = "emulator"
+    generator: Literal["urandom", "aes-ctr"] = "urandom"
+
+
+class LinkDefaults(_Strict):
+    key_rate_mbps: float = Field(1000.0, ge=0, description="0 = as fast as possible")
+    block_size: Size = 1 << 20
+    ring_capacity: Size = 256 << 20
+    ratio: Ratio = (1, 1)
+
+
+class Node(_Strict):
+    name: str
+    id: int | None = Field(None, ge=1, le=65535)
+    address: ipaddress.IPv4Address | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be 1-8 letters, digits or '_', starting with a letter")
+        return v
+
+
+class Link(_Strict):
+    a: str
+    b: str
+    name: str | None = None
+    underlay: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]
+    key_rate_mbps: float | None = Field(None, ge=0)
+    block_size: Size | None = None
+    ring_capacity: Size | None = None
+    ratio: Ratio | None = None
+    source: EmulatorSource = EmulatorSource()
+    auth_key_file: Path | None = None
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int | None) -> int | None:
+        if v is not None and not MIN_BLOCK_SIZE <= v <= MAX_BLOCK_SIZE:
+            raise ValueError(f"must be between {MIN_BLOCK_SIZE} B and {MAX_BLOCK_SIZE >> 20} MiB")
+        return v
+
+    @field_validator("ring_capacity")
+    @classmethod
+    def _cap(cls, v: int | None) -> int | None:
+        if v is not None and not 0 < v <= MAX_RING_CAPACITY:
+            raise ValueError(f"must be between 1 B and {MAX_RING_CAPACITY >> 30} GiB")
+        return v
+
+
+class Sae(_Strict):
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    node: str
+
+
+class TopologyFile(_Strict):
+    network: NetworkSection
+    ports: Ports = Ports()
+    defaults: LinkDefaults = LinkDefaults()
+    nodes: list[Node] = Field(min_length=2)
+    links: list[Link] = Field(min_length=1)
+    saes: list[Sae] = []
+
+
+# ---- the typed objects inner code takes -------------------------------------------------
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One QKD link with every default resolved. End `a` leads the key agreement."""
+
+    index: int
+    name: str
+    a: str
+    b: str
+    underlay_a: ipaddress.IPv4Interface
+    underlay_b: ipaddress.IPv4Interface
+    key_rate_mbps: float
+    block_size: int
+    ring_capacity: int
+    ratio: tuple[int, int]
+    source: EmulatorSource
+    auth_key_file: Path | None
+
+    def peer_of(self, node: str) -> str:
+        return self.b if node == self.a else self.a
+
+    def underlay_of(self, node: str) -> ipaddress.IPv4Interface:
+        return self.underlay_a if node == self.a else self.underlay_b
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str
+    id: int
+    address: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class Topology:
+    path: Path
+    name: str
+    prefix: str
+    ports: Ports
+    nodes: dict[str, NodeSpec]
+    links: tuple[LinkSpec, ...]
+    saes: tuple[Sae, ...]
+
+    def node(self, name: str) -> NodeSpec:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            known = ", ".join(self.nodes)
+            raise ConfigError(self.path, [("nodes", f"no node named {name!r} (known: {known})")])\
+                from None
+
+    def links_of(self, node: str) -> list[LinkSpec]:
+        return [lk for lk in self.links if node in (lk.a, lk.b)]
+
+    def link(self, name: str) -> LinkSpec:
+        for lk in self.links:
+            if lk.name == name:
+                return lk
+        raise ConfigError(self.path, [("links", f"no link named {name!r}")])
+
+
+class ConfigError(Exception):
+    """A configuration refused whole: every problem with its field path."""
+
+    def __init__(self, path: Path | str, problems: list[tuple[str, str]]):
+        self.path = Path(path)
+        self.problems = problems
+        lines = [f"{self.path}: {field}: {msg}" if field else f"{self.path}: {msg}"
+                 for field, msg in problems]
+        super().__init__("\n".join(lines))
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _pydantic_problems(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors(include_url=False):
+        # Drop pydantic's internal validator names from the location (e.g. 'function-before').
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the config reference in README.md)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        problems.append((_loc(loc), msg))
+    return problems
+
+
+def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
+    """Checks spanning several fields, each reported at the field to fix."""
+    problems: list[tuple[str, str]] = []
+    names = [n.name for n in raw.nodes]
+    for i, n in enumerate(raw.nodes):
+        if names.index(n.name) != i:
+            problems.append((f"nodes[{i}].name", f"duplicate node name {n.name!r}"))
+    ids = [n.id for n in raw.nodes if n.id is not None]
+    for i, n in enumerate(raw.nodes):
+        if n.id is not None and ids.count(n.id) > 1:
+            problems.append((f"nodes[{i}].id", f"duplicate node id {n.id}"))
+    addrs = [n.address for n in raw.nodes if n.address is not None]
+    for i, n in enumerate(raw.nodes):
+        if n.address is not None:
+            if addrs.count(n.address) > 1:
+                problems.append((f"nodes[{i}].address", f"duplicate address {n.address}"))
+            if n.address not in raw.network.node_net:
+                problems.append((f"nodes[{i}].address",
+                                 f"{n.address} is outside network.node_net "
+                                 f"{raw.network.node_net}"))
+    if len(raw.nodes) > raw.network.node_net.num_addresses - 2:
+        problems.append(("network.node_net", "too small for the number of nodes"))
+    seen_pairs: dict[frozenset[str], int] = {}
+    link_names: dict[str, int] = {}
+    all_ul: dict[ipaddress.IPv4Address, str] = {}
+    for i, lk in enumerate(raw.links):
+        where = f"links[{i}]"
+        for end in ("a", "b"):
+            if getattr(lk, end) not in names:
+                problems.append((f"{where}.{end}",
+                                 f"no node named {getattr(lk, end)!r} "
+                                 f"(known: {', '.join(names)})"))
+        if lk.a == lk.b:
+            problems.append((f"{where}.b", "a link needs two different nodes"))
+        pair = frozenset((lk.a, lk.b))
+        if pair in seen_pairs:
+            problems.append((where, f"nodes {lk.a} and {lk.b} are already joined by "
+                                    f"links[{seen_pairs[pair]}]"))
+        seen_pairs.setdefault(pair, i)
+        name = lk.name or f"{lk.a}-{lk.b}"
+        if not re.match(r"^[A-Za-z0-9_\-]{1,17}$", name):
+            problems.append((f"{where}.name", "must be 1-17 letters, digits, '_' or '-'"))
+        if name in link_names:
+            problems.append((f"{where}.name", f"duplicate link name {name!r}"))
+        link_names.setdefault(name, i)
+        ua, ub = lk.underlay
+        if ua.network != ub.network:
+            problems.append((f"{where}.underlay",
+                             f"{ua} and {ub} are not in one subnet"))
+        if ua.ip == ub.ip:
+            problems.append((f"{where}.underlay", "both ends have the same address"))
+        for j, iface in enumerate(lk.underlay):
+            if iface.ip in all_ul:
+                problems.append((f"{where}.underlay[{j}]",
+                                 f"{iface.ip} is already used by {all_ul[iface.ip]}"))
+            all_ul.setdefault(iface.ip, f"{where}.underlay[{j}]")
+        block = lk.block_size or raw.defaults.block_size
+        cap = lk.ring_capacity or raw.defaults.ring_capacity
+        if cap < block:
+            problems.append((f"{where}.ring_capacity",
+                             f"{cap} B is smaller than one key block ({block} B)"))
+    sae_ids: set[str] = set()
+    for i, s in enumerate(raw.saes):
+        if s.node not in names:
+            problems.append((f"saes[{i}].node", f"no node named {s.node!r}"))
+        if s.id in sae_ids:
+            problems.append((f"saes[{i}].id", f"duplicate SAE id {s.id!r}"))
+        sae_ids.add(s.id)
+    return problems
+
+
+def _resolve(path: Path, raw: TopologyFile) -> Topology:
+    d = raw.defaults
+    hosts = list(raw.network.node_net.hosts())
+    nodes: dict[str, NodeSpec] = {}
+    for i, n in enumerate(raw.nodes):
+        nodes[n.name] = NodeSpec(name=n.name, id=n.id or i + 1,
+                                 address=n.address or hosts[i])
+    links = []
+    for i, lk in enumerate(raw.links):
+        key_file = lk.auth_key_file
+        if key_file is not None and not key_file.is_absolute():
+            key_file = (path.parent / key_file).resolve()
+        links.append(LinkSpec(
+            index=i, name=lk.name or f"{lk.a}-{lk.b}", a=lk.a, b=lk.b,
+            underlay_a=lk.underlay[0], underlay_b=lk.underlay[1],
+            key_rate_mbps=d.key_rate_mbps if lk.key_rate_mbps is None else lk.key_rate_mbps,
+            block_size=lk.block_size or d.block_size,
+            ring_capacity=lk.ring_capacity or d.ring_capacity,
+            ratio=lk.ratio or d.ratio, source=lk.source, auth_key_file=key_file))
+    return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
+                    ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes))
+
+
+def parse_topology(text: str, path: Path | str = "<string>") -> Topology:
+    """Parse and validate TOML text; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [("", f"not valid TOML: {e}")]) from None
+    try:
+        raw = TopologyFile.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(path, _pydantic_problems(e)) from None
+    problems = _cross_check(raw)
+    if problems:
+        raise ConfigError(path, problems)
+    return _resolve(path, raw)
+
+
+def load_topology(path: Path | str) -> Topology:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(path, [("", "file not found")]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise ConfigError(path, [("", f"cannot read: {e}")]) from None
+    return parse_topology(text, path)

@@ -1,0 +1,332 @@
+"""Shared-memory key rings: one per link and direction, written by the local key manager,
+read by the OTP workers.
+
+Layout of a ring file (``/dev/shm/<name>``, mapped with mmap, so no resource tracker can
+unlink it when a reader exits):
+
+    offset  size  field
+    0       8     magic  b"QKDRING1"
+    8       8     version (1)
+    16      8     capacity      key bytes the data area holds
+    24      8     block_size    the link's key block size (informational)
+    32      8     write_pos     stream position after the last byte written
+    40      8     claim_pos     ENC: stream position before which bytes were handed out
+    48      8     release_pos   stream position before which bytes are wiped and free
+    56      8     epoch         random identity of this ring's incarnation
+    64      8     role          0 = ENC (this node encrypts), 1 = DEC
+    72..4095      reserved (zero)
+    4096    capacity  key bytes; stream position p lives at 4096 + p % capacity
+
+Positions are 64-bit byte offsets into the link direction's key stream; both link ends
+use the same positions for the same bytes (the agreement decides them), so a datagram can
+name its key by position. Invariants: release_pos <= claim_pos <= write_pos for ENC,
+release_pos <= write_pos for DEC, and write_pos - release_pos <= capacity.
+
+Who writes what: the local key manager alone advances write_pos (after the bytes are in
+place). Encryptors advance claim_pos under an exclusive fcntl lock on the ring file, and
+persist the new claim high-water mark durably *before* using the bytes (invariant 1);
+claims are large (about 1 MiB), so the lock is taken rarely. Whoever has finished with
+bytes advances release_pos, wiping them first (invariant 6). Aligned 8-byte cursor stores
+are single instructions on x86-64, so readers never see a torn cursor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dataplane.limits import RING_HEADER_SIZE
+
+MAGIC = int.from_bytes(b"QKDRING1", "little")
+VERSION = 1
+SHM_DIR = Path("/dev/shm")
+
+F_MAGIC, F_VERSION, F_CAPACITY, F_BLOCK, F_WRITE, F_CLAIM, F_RELEASE, F_EPOCH, F_ROLE = range(9)
+ROLE_ENC, ROLE_DEC = 0, 1
+
+
+class RingError(Exception):
+    """A ring operation that would break an invariant; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class RingCursors:
+    write_pos: int
+    claim_pos: int
+    release_pos: int
+    capacity: int
+
+    @property
+    def fill(self) -> int:
+        return self.write_pos - self.release_pos
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.fill
+
+
+class CursorFile:
+    """Durable high-water mark of a ring's positions (survives reboots, unlike /dev/shm).
+
+    Written with fsync before the bytes it covers are used, so a restarted node never
+    hands out key below it again.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> int:
+        try:
+            return int(json.loads(self.path.read_text())["high_water"])
+        except FileNotFoundError:
+            return 0
+
+    def store(self, high_water: int) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps({"high_water": high_water}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class KeyRing:
+    """A mapped ring. Open with :meth:`create_or_attach` (the key manager) or
+    :meth:`attach` (workers, status readers)."""
+
+    def __init__(self, name: str, fd: int, mm: mmap.mmap, cursor_file: CursorFile | None):
+        self.name = name
+        self._fd = fd
+        self._mm = mm
+        self._hdr = np.ndarray((RING_HEADER_SIZE // 8,), dtype=np.uint64, buffer=mm)
+        self.capacity = int(self._hdr[F_CAPACITY])
+        self._data = np.ndarray((self.capacity,), dtype=np.uint8, buffer=mm,
+                                offset=RING_HEADER_SIZE)
+        self._cursor_file = cursor_file
+
+    # ---- opening ----------------------------------------------------------------------
+
+    @classmethod
+    def create_or_attach(cls, name: str, capacity: int, block_size: int, role: int,
+                         cursor_file: CursorFile) -> KeyRing:
+        """Attach to the ring if it survived (a process crash), else create it.
+
+        A new ring starts at the durable high-water mark, so that after a reboot no
+        position below it is ever written, and so never handed out, again.
+        """
+        path = SHM_DIR / name
+        size = RING_HEADER_SIZE + capacity
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            fresh = st.st_size == 0
+            if not fresh:
+                mm = mmap.mmap(fd, st.st_size)
+                hdr = np.ndarray((9,), dtype=np.uint64, buffer=mm)
+                valid = (int(hdr[F_MAGIC]) == MAGIC and int(hdr[F_VERSION]) == VERSION
+                         and int(hdr[F_CAPACITY]) == capacity and int(hdr[F_ROLE]) == role
+                         and st.st_size == size)
+                del hdr
+                if not valid:
+                    mm.close()
+                    raise RingError(f"ring {name} exists with another layout; remove it "
+                                    f"(qkdctl net down) or keep the old capacity")
+            else:
+                os.ftruncate(fd, size)
+                mm = mmap.mmap(fd, size)
+                hdr = np.ndarray((9,), dtype=np.uint64, buffer=mm)
+                start = cursor_file.load()
+                hdr[F_CAPACITY] = capacity
+                hdr[F_BLOCK] = block_size
+                hdr[F_WRITE] = start
+                hdr[F_CLAIM] = start
+                hdr[F_RELEASE] = start
+                hdr[F_EPOCH] = secrets.randbits(63)
+                hdr[F_ROLE] = role
+                hdr[F_VERSION] = VERSION
+                hdr[F_MAGIC] = MAGIC  # last: a half-made ring is never valid
+                del hdr
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, fd, mm, cursor_file)
+
+    @classmethod
+    def attach(cls, name: str, cursor_file: CursorFile | None = None) -> KeyRing:
+        path = SHM_DIR / name
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise RingError(f"ring {name} does not exist (is the node running?)") from None
+        size = os.fstat(fd).st_size
+        if size <= RING_HEADER_SIZE:
+            os.close(fd)
+            raise RingError(f"ring {name} is not initialised yet")
+        mm = mmap.mmap(fd, size)
+        if int.from_bytes(mm[:8], "little") != MAGIC:
+            mm.close()
+            os.close(fd)
+            raise RingError(f"ring {name} is not initialised yet")
+        return cls(name, fd, mm, cursor_file)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            del self._data, self._hdr
+            self._mm.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    @staticmethod
+    def unlink(name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (SHM_DIR / name).unlink()
+
+    # ---- cursors ----------------------------------------------------------------------
+
+    @property
+    def write_pos(self) -> int:
+        return int(self._hdr[F_WRITE])
+
+    @property
+    def claim_pos(self) -> int:
+        return int(self._hdr[F_CLAIM])
+
+    @property
+    def release_pos(self) -> int:
+        return int(self._hdr[F_RELEASE])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._hdr[F_EPOCH])
+
+    @property
+    def block_size(self) -> int:
+        return int(self._hdr[F_BLOCK])
+
+    def cursors(self) -> RingCursors:
+        return RingCursors(self.write_pos, self.claim_pos, self.release_pos, self.capacity)
+
+    # ---- writer (the local key manager) ------------------------------------------------
+
+    def append(self, pos: int, data: bytes | memoryview | np.ndarray) -> None:
+        """Write key bytes at stream position ``pos`` (must equal write_pos) and publish."""
+        n = len(data)
+        w = self.write_pos
+        if pos != w:
+            raise RingError(f"{self.name}: write at {pos} but write_pos is {w}")
+        if n > self.capacity - (w - self.release_pos):
+            raise RingError(f"{self.name}: {n} B do not fit ({self.capacity - (w - self.release_pos)} B free)")
+        src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+        off = w % self.capacity
+        first = min(n, self.capacity - off)
+        self._data[off:off + first] = src[:first]
+        if first < n:
+            self._data[:n - first] = src[first:]
+        self._hdr[F_WRITE] = w + n  # publish after the bytes are in place
+
+    def skip_to(self, pos: int) -> None:
+        """Resynchronise: nothing below ``pos`` may be used at this end any more.
+
+        Moves every cursor up to ``pos`` (never down), wiping what is skipped, and
+        records the high-water mark durably first.
+        """
+        if pos < self.write_pos:
+            raise RingError(f"{self.name}: cannot skip back from {self.write_pos} to {pos}")
+        if self._cursor_file is not None:
+            self._cursor_file.store(max(pos, self._cursor_file.load()))
+        self._lock()
+        try:
+            w, c, r = self.write_pos, self.claim_pos, self.release_pos
+            if int(self._hdr[F_ROLE]) == ROLE_ENC:
+                # Claimed bytes belong to the encryptor using them: wiping them under it
+                # could turn its XOR into a no-op. Only the unclaimed tail is wiped here.
+                self._wipe(c, w)
+                self._hdr[F_WRITE] = pos
+                self._hdr[F_CLAIM] = pos
+                if r == c:
+                    self._hdr[F_RELEASE] = pos
+            else:
+                self._wipe(r, w)
+                self._hdr[F_WRITE] = pos
+                self._hdr[F_CLAIM] = pos
+                self._hdr[F_RELEASE] = pos
+        finally:
+            self._unlock()
+
+    # ---- readers (OTP workers) ---------------------------------------------------------
+
+    def claim(self, n: int) -> tuple[int, int]:
+        """Hand out up to ``n`` unused ENC bytes: returns (pos, length), length may be 0.
+
+        The new claim high-water mark is made durable before returning, so no crash or
+        restart can hand out the same bytes again (invariant 1).
+        """
+        self._lock()
+        try:
+            c = self.claim_pos
+            take = min(n, self.write_pos - c)
+            if take <= 0:
+                return c, 0
+            if self._cursor_file is not None:
+                self._cursor_file.store(c + take)
+            self._hdr[F_CLAIM] = c + take
+            return c, take
+        finally:
+            self._unlock()
+
+    def read(self, pos: int, n: int) -> np.ndarray:
+        """Key bytes [pos, pos+n); a copy only when the range wraps around the end."""
+        if pos < self.release_pos or pos + n > self.write_pos:
+            raise RingError(f"{self.name}: bytes [{pos}, {pos + n}) are not available "
+                            f"(have [{self.release_pos}, {self.write_pos}))")
+        off = pos % self.capacity
+        if off + n <= self.capacity:
+            return self._data[off:off + n]
+        first = self.capacity - off
+        return np.concatenate((self._data[off:], self._data[:n - first]))
+
+    def release(self, upto: int) -> None:
+        """Wipe and free everything below ``upto`` (used in large blocks, Fig. 4(b))."""
+        r = self.release_pos
+        if upto <= r:
+            return
+        if upto > self.write_pos:
+            raise RingError(f"{self.name}: release to {upto} beyond write_pos {self.write_pos}")
+        self._wipe(r, upto)
+        self._hdr[F_RELEASE] = upto
+
+    def _wipe(self, start: int, end: int) -> None:
+        n = end - start
+        if n <= 0:
+            return
+        if n >= self.capacity:
+            self._data[:] = 0
+            return
+        off = start % self.capacity
+        first = min(n, self.capacity - off)
+        self._data[off:off + first] = 0
+        if first < n:
+            self._data[:n - first] = 0
+
+    def _lock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
