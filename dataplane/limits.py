@@ -8,3 +8,4 @@ MAX_PENDING_BLOCKS = 256            # blocks an end holds while their fate is un
 PENDING_BLOCK_TIMEOUT_S = 5.0       # an undecided block older than this is discarded
 MAX_AGREEMENT_FRAME = 1 << 20       # largest agreement message on the wire
 EMULATOR_QUEUE_BLOCKS = 64          # blocks the emulator buffers per slow end, then drops
+MAX_UNDERLAY_MTU = 65535          # veth MTU of the emulated underlay

@@ -1,0 +1,214 @@
+"""qkdctl: start, stop, inspect and benchmark qkdnet nodes and emulated networks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from control import emulation, paths
+from control.config import ConfigError, Topology, load_topology
+
+app = typer.Typer(help="qkdnet: key management for QKD networks.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+net_app = typer.Typer(help="Emulated networks in network namespaces.", no_args_is_help=True)
+node_app = typer.Typer(help="Run a key management node.", no_args_is_help=True)
+emu_app = typer.Typer(help="QKD link emulator.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks against the paper's figures.", no_args_is_help=True)
+app.add_typer(net_app, name="net")
+app.add_typer(node_app, name="node")
+app.add_typer(emu_app, name="emulator")
+app.add_typer(bench_app, name="bench")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="topology TOML file")]
+
+
+def load(config: Path) -> Topology:
+    try:
+        return load_topology(config)
+    except ConfigError as e:
+        err.print(f"[red]configuration refused[/red] ({len(e.problems)} problem(s)); "
+                  "nothing was started:", highlight=False)
+        for field, msg in e.problems:
+            err.print(f"  {e.path}: {field + ': ' if field else ''}{msg}", highlight=False,
+                      markup=False)
+        raise typer.Exit(2) from None
+
+
+def need_root() -> None:
+    import os
+
+    if os.geteuid() != 0:
+        err.print("[red]this needs root[/red] (network namespaces, veth and /run/netns)")
+        raise typer.Exit(1)
+
+
+# ---- config ------------------------------------------------------------------------------
+
+@app.command("check")
+def check(config: Annotated[Path, typer.Argument(help="topology TOML file")]) -> None:
+    """Validate a topology file and summarise it."""
+    topo = load(config)
+    out.print(f"{config}: ok — network {topo.name!r}, prefix {topo.prefix!r}, "
+              f"{len(topo.nodes)} nodes, {len(topo.links)} links, {len(topo.saes)} SAEs")
+
+
+# ---- net ---------------------------------------------------------------------------------
+
+@net_app.command("up")
+def net_up(config: Annotated[Path, typer.Argument(help="topology TOML file")],
+           start: Annotated[bool, typer.Option(help="start emulators and nodes")] = True
+           ) -> None:
+    """Create one namespace per node and a veth underlay per link, then start everything."""
+    need_root()
+    topo = load(config)
+    try:
+        man = emulation.net_up(topo, start=start)
+    except emulation.NetError as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    out.print(f"network {topo.name!r} up with prefix {topo.prefix!r}: "
+              f"{len(man.namespaces)} namespaces, {len(topo.links)} links"
+              + (f", {len(man.pids)} processes" if start else ""))
+
+
+@net_app.command("down")
+def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML file")] = None,
+             prefix: Annotated[str | None, typer.Option(help="network prefix")] = None,
+             all_: Annotated[bool, typer.Option("--all", help="every qkdnet network")] = False
+             ) -> None:
+    """Stop and remove everything a network made (also after a crashed run)."""
+    need_root()
+    if all_:
+        prefixes = emulation.known_prefixes()
+    elif prefix:
+        prefixes = [prefix]
+    elif config:
+        prefixes = [load(config).prefix]
+    else:
+        err.print("name the network: a topology file, --prefix P or --all")
+        raise typer.Exit(2)
+    for p in prefixes:
+        removed = emulation.net_down(p)
+        out.print(f"{p}: removed {len(removed)} object(s)" if removed else f"{p}: nothing left")
+
+
+@net_app.command("status")
+def net_status(prefix: Annotated[str | None, typer.Option(help="network prefix")] = None) -> None:
+    """List emulated networks and what of them exists."""
+    prefixes = [prefix] if prefix else emulation.known_prefixes()
+    if not prefixes:
+        out.print("no qkdnet networks")
+    for p in prefixes:
+        st = emulation.net_status(p)
+        ns = ", ".join(f"{k}{'' if v else ' (missing)'}" for k, v in st["namespaces"].items())
+        procs = ", ".join(f"{k}{'' if v else ' (dead)'}" for k, v in st["processes"].items())
+        out.print(f"[bold]{p}[/bold] from {st['config']}\n  namespaces: {ns or '-'}\n"
+                  f"  processes: {procs or '-'}\n  rings: {st['rings']}", highlight=False)
+
+
+# ---- node and emulator -------------------------------------------------------------------
+
+@node_app.command("run")
+def node_run(config: ConfigOpt, node: Annotated[str, typer.Option(help="node name")],
+             netns: Annotated[str | None, typer.Option(help="enter this namespace first")] = None,
+             state_dir: Annotated[Path | None, typer.Option(help="durable state")] = None
+             ) -> None:
+    """Run a node's modules; restart crashed ones; stop on SIGTERM/SIGINT."""
+    from control.supervisor import run_node, setup_logging
+
+    topo = load(config)
+    if node not in topo.nodes:
+        err.print(f"[red]no node named {node!r}[/red] in {config} "
+                  f"(known: {', '.join(topo.nodes)})")
+        raise typer.Exit(2)
+    setup_logging()
+    run_node(config, node, state_dir, netns)
+
+
+@emu_app.command("run")
+def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link name")],
+                 rate_mbps: Annotated[float | None, typer.Option(help="override key rate")] = None
+                 ) -> None:
+    """Run the QKD link emulator of one link (Unix sockets under the network's run dir)."""
+    from control.emulator import run_emulator
+    from control.supervisor import setup_logging
+
+    topo = load(config)
+    lk = topo.link(link)
+    setup_logging()
+    socks = (paths.emulator_socket(topo.prefix, lk.name, lk.a),
+             paths.emulator_socket(topo.prefix, lk.name, lk.b))
+    rate = lk.key_rate_mbps if rate_mbps is None else rate_mbps
+    run_emulator(socks, rate, lk.block_size, lk.source.generator)
+
+
+# ---- status ------------------------------------------------------------------------------
+
+@app.command("status")
+def status(config: Annotated[Path | None, typer.Argument(help="topology TOML file")] = None,
+           prefix: Annotated[str | None, typer.Option(help="network prefix")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False
+           ) -> None:
+    """Per link end: key received, ENC and DEC fill, rates, agreement state."""
+    from control.status import collect, render
+
+    if config is None:
+        prefixes = [prefix] if prefix else emulation.known_prefixes()
+        mans = [emulation.Manifest.load(p) for p in prefixes]
+        mans = [m for m in mans if m]
+        if not mans:
+            err.print("no running network found: give a topology file or --prefix")
+            raise typer.Exit(1)
+        topos = [load(Path(m.config)) for m in mans]
+    else:
+        topos = [load(config)]
+    snaps = [collect(t) for t in topos]
+    if as_json:
+        print(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=1))
+        return
+    for s in snaps:
+        out.print(render(s))
+
+
+# ---- bench and demo ----------------------------------------------------------------------
+
+@bench_app.command("lkm")
+def bench_lkm(seconds: Annotated[float, typer.Option(help="measuring time")] = 10.0,
+              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Local key manager: sustained key processing per link, emulator unthrottled."""
+    need_root()
+    from bench.lkm import run
+
+    result = run(seconds=seconds, console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
+@app.command("demo")
+def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples/triangle.toml"),
+         seconds: Annotated[float, typer.Option(help="how long key flows")] = 6.0) -> None:
+    """Bring up the triangle, show key flowing into every ring, tear down."""
+    need_root()
+    from control.demo import run_demo
+
+    code = run_demo(load(config), seconds, out)
+    raise typer.Exit(code)
+
+
+def main() -> None:  # pragma: no cover
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Emulated networks: one network namespace per node, a veth underlay per link.
+
+`qkdctl net up` writes a manifest *before* creating anything, so `qkdctl net down` can
+remove everything a network made — namespaces, processes, shared-memory rings, sockets,
+keys — even when the previous run crashed half way. Every name carries the network's
+prefix; both ends of every veth live inside the network's own namespaces, so nothing is
+ever added to or changed in the host's namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pnetns
+
+from control import paths
+from control.agreement_msgs import AUTH_KEY_LEN
+from control.config import Topology
+from dataplane.limits import MAX_UNDERLAY_MTU
+from dataplane.ring import KeyRing
+
+STOP_GRACE_S = 5.0
+
+
+class NetError(Exception):
+    pass
+
+
+def underlay_ifname(link_index: int) -> str:
+    return f"ul{link_index}"
+
+
+@dataclass
+class Manifest:
+    prefix: str
+    config: str
+    namespaces: list[str]
+    pids: dict[str, int]
+    created: float
+
+    def save(self) -> None:
+        p = paths.manifest_path(self.prefix)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=1))
+        os.replace(tmp, p)
+
+    @classmethod
+    def load(cls, prefix: str) -> Manifest | None:
+        try:
+            return cls(**json.loads(paths.manifest_path(prefix).read_text()))
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            return None
+
+
+def known_prefixes() -> list[str]:
+    found = set()
+    if paths.RUN_ROOT.is_dir():
+        found |= {p.name for p in paths.RUN_ROOT.iterdir() if (p / "net.json").exists()}
+    return sorted(found)
+
+
+def _create_namespaces(topo: Topology, man: Manifest) -> None:
+    existing = set(pnetns.listnetns())
+    for node in topo.nodes:
+        ns = paths.netns_name(topo.prefix, node)
+        if ns in existing:
+            raise NetError(f"namespace {ns} already exists: run 'qkdctl net down "
+                           f"--prefix {topo.prefix}' first")
+        pnetns.create(ns)
+        with IPRoute(netns=ns) as ip:
+            ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+    for lk in topo.links:
+        ns_a = paths.netns_name(topo.prefix, lk.a)
+        ns_b = paths.netns_name(topo.prefix, lk.b)
+        name = underlay_ifname(lk.index)
+        with IPRoute(netns=ns_a) as ip:
+            ip.link("add", ifname=name, kind="veth", peer={"ifname": name, "net_ns_fd": ns_b})
+        for ns, iface in ((ns_a, lk.underlay_a), (ns_b, lk.underlay_b)):
+            with IPRoute(netns=ns) as ip:
+                idx = ip.link_lookup(ifname=name)[0]
+                ip.addr("add", index=idx, address=str(iface.ip),
+                        prefixlen=iface.network.prefixlen)
+                ip.link("set", index=idx, mtu=MAX_UNDERLAY_MTU, state="up")
+
+
+def _write_link_keys(topo: Topology) -> None:
+    for lk in topo.links:
+        if lk.auth_key_file is not None:
+            continue
+        p = paths.link_key_path(topo.prefix, lk.name)
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(AUTH_KEY_LEN))
+
+
+def _spawn(args: list[str], log: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "control.cli", *args],
+                                stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc.pid
+
+
+def net_up(topo: Topology, start: bool = True) -> Manifest:
+    """Create the network (and start its emulators and nodes unless ``start`` is False)."""
+    if paths.manifest_path(topo.prefix).exists():
+        raise NetError(f"a network with prefix {topo.prefix!r} exists already: "
+                       f"run 'qkdctl net down --prefix {topo.prefix}' first")
+    man = Manifest(prefix=topo.prefix, config=str(topo.path.resolve()),
+                   namespaces=[paths.netns_name(topo.prefix, n) for n in topo.nodes],
+                   pids={}, created=time.time())
+    man.save()  # first, so that a crash below is still cleaned up by net down
+    try:
+        _create_namespaces(topo, man)
+        _write_link_keys(topo)
+        if start:
+            start_processes(topo, man)
+    except BaseException:
+        net_down(topo.prefix)
+        raise
+    return man
+
+
+def start_processes(topo: Topology, man: Manifest) -> None:
+    cfg = man.config
+    logs = paths.log_dir(topo.prefix)
+    for lk in topo.links:
+        man.pids[f"emulator:{lk.name}"] = _spawn(
+            ["emulator", "run", "--config", cfg, "--link", lk.name],
+            logs / f"emulator-{lk.name}.log")
+        man.save()
+    for node in topo.nodes:
+        man.pids[f"node:{node}"] = _spawn(
+            ["node", "run", "--config", cfg, "--node", node,
+             "--netns", paths.netns_name(topo.prefix, node)],
+            logs / f"node-{node}.log")
+        man.save()
+
+
+def _pids_in_netns(ns: str) -> list[int]:
+    try:
+        target = os.stat(f"/run/netns/{ns}").st_ino
+    except FileNotFoundError:
+        return []
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(p / "ns" / "net").st_ino == target:
+                    pids.append(int(p.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def _is_ours(pid: int) -> bool:
+    """Only signal processes that run qkdnet (a recorded pid may have been reused)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"control.cli" in cmd or b"qkdctl" in cmd or b"multiprocessing" in cmd
+
+
+def _stop_pids(pids: list[int]) -> None:
+    pids = [p for p in pids if p != os.getpid() and _alive(p)]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for p in pids:
+        if _alive(p):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+
+
+def net_down(prefix: str) -> list[str]:
+    """Remove everything of network ``prefix``; returns what was removed."""
+    removed: list[str] = []
+    man = Manifest.load(prefix)
+    pids = [p for p in (man.pids.values() if man else []) if _is_ours(p)]
+    namespaces = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
+    if man:
+        namespaces = sorted(set(namespaces) | {ns for ns in man.namespaces
+                                               if ns in pnetns.listnetns()})
+    for ns in namespaces:
+        pids += _pids_in_netns(ns)
+    _stop_pids(sorted(set(pids)))
+    removed += [f"process {p}" for p in sorted(set(pids))]
+    for ns in namespaces:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            pnetns.remove(ns)
+            removed.append(f"namespace {ns}")
+    for name in paths.ring_names_of_network(prefix):
+        KeyRing.unlink(name)
+        removed.append(f"ring {name}")
+    d = paths.network_dir(prefix)
+    if d.exists():
+        subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
+        removed.append(f"run dir {d}")
+    return removed
+
+
+def net_status(prefix: str) -> dict:
+    man = Manifest.load(prefix)
+    present = set(pnetns.listnetns())
+    return {
+        "prefix": prefix,
+        "config": man.config if man else None,
+        "namespaces": {ns: ns in present for ns in (man.namespaces if man else [])},
+        "processes": {k: _alive(p) for k, p in (man.pids.items() if man else [])},
+        "rings": len(paths.ring_names_of_network(prefix)),
+    }

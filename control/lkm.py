@@ -1,0 +1,370 @@
+"""Local key manager for one link end: a thin I/O shell around :mod:`control.agreement`.
+
+One process per link end. It reads blocks from the key source, talks to the peer's key
+manager over the underlay (TCP, frames authenticated by :class:`FrameCodec`), carries out
+the agreement's actions on the two shared-memory rings, and publishes its state as a JSON
+file that `qkdctl status` and the supervisor read.
+
+Locking: this process is the only writer of both rings' write cursors; OTP workers only
+claim and release (see :mod:`dataplane.ring`), so the rings need no lock here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import selectors
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from control import paths
+from control.agreement import AB, BA, Dropped, Follower, Leader, Send, SkipTo, Store
+from control.agreement_msgs import AUTH_KEY_LEN, NONCE_LEN, FrameCodec, ProtocolError
+from control.config import LinkSpec, Topology
+from control.keysource import EmulatorSource, KeySource, SourceUnavailable
+from dataplane.ring import ROLE_DEC, ROLE_ENC, CursorFile, KeyRing, RingError
+
+log = logging.getLogger("qkdnet.lkm")
+DIRS = {AB: "ab", BA: "ba"}
+STATUS_INTERVAL_S = 0.5
+RECONNECT_S = 1.0
+
+
+def load_link_key(path: Path) -> bytes:
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        raise SystemExit(f"link authentication key {path} is missing "
+                         f"(qkdctl net up creates it in emulation)") from None
+    if len(key) != AUTH_KEY_LEN:
+        raise SystemExit(f"link authentication key {path} must be exactly {AUTH_KEY_LEN} "
+                         f"bytes, has {len(key)}")
+    return key
+
+
+@dataclass
+class EndConfig:
+    """Everything one link end's key manager needs, resolved by the caller."""
+
+    prefix: str
+    node: str
+    link: LinkSpec
+    port: int
+    state_dir: Path
+    status_path: Path
+    auth_key: bytes
+    source: KeySource
+
+    @classmethod
+    def from_topology(cls, topo: Topology, node: str, link: LinkSpec,
+                      state_dir: Path | None = None) -> EndConfig:
+        key_path = link.auth_key_file or paths.link_key_path(topo.prefix, link.name)
+        return cls(
+            prefix=topo.prefix, node=node, link=link,
+            port=topo.ports.agreement + link.index,
+            state_dir=state_dir or paths.state_dir(topo.prefix, node),
+            status_path=paths.node_dir(topo.prefix, node) / f"lkm-{link.name}.json",
+            auth_key=load_link_key(key_path),
+            source=EmulatorSource(paths.emulator_socket(topo.prefix, link.name, node)),
+        )
+
+
+class LinkKeyManager:
+    def __init__(self, cfg: EndConfig):
+        self.cfg = cfg
+        lk = cfg.link
+        self.is_leader = cfg.node == lk.a
+        self.peer = lk.peer_of(cfg.node)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        enc_dir = AB if self.is_leader else BA
+        self.rings: dict[int, KeyRing] = {}
+        for d in (AB, BA):
+            name = paths.ring_name(cfg.prefix, cfg.node, lk.name, DIRS[d])
+            cursor = CursorFile(cfg.state_dir / f"{lk.name}-{DIRS[d]}.cursor")
+            role = ROLE_ENC if d == enc_dir else ROLE_DEC
+            self.rings[d] = KeyRing.create_or_attach(name, lk.ring_capacity, lk.block_size,
+                                                     role, cursor)
+        write = (self.rings[AB].write_pos, self.rings[BA].write_pos)
+        self.machine: Leader | Follower
+        if self.is_leader:
+            self.machine = Leader(lk.ratio, lk.ring_capacity, write)
+        else:
+            self.machine = Follower(lk.ring_capacity, write)
+        self.sel = selectors.DefaultSelector()
+        self.listener: socket.socket | None = None
+        self.peer_sock: socket.socket | None = None
+        self.codec: FrameCodec | None = None
+        self.source_up = False
+        self.source_error = ""
+        self.peer_error = ""
+        self.stop = False
+        self._next_source_try = 0.0
+        self._next_peer_try = 0.0
+        self._last_status = 0.0
+        self._rate_mark = (time.monotonic(), 0)
+        self.rate_bps = 0.0
+        self.started = time.time()
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def released(self) -> tuple[int, int]:
+        return (self.rings[AB].release_pos, self.rings[BA].release_pos)
+
+    def _carry_out(self, actions) -> None:
+        for a in actions:
+            if isinstance(a, Store):
+                self.rings[a.direction].append(a.pos, a.data)
+            elif isinstance(a, SkipTo):
+                self.rings[a.direction].skip_to(a.pos)
+                log.info("link %s: skipped %s to position %d", self.cfg.link.name,
+                         DIRS[a.direction], a.pos)
+            elif isinstance(a, Send):
+                self._send(a)
+            elif isinstance(a, Dropped):
+                pass
+
+    def _send(self, a: Send) -> None:
+        if self.peer_sock is None or self.codec is None:
+            return
+        try:
+            self.peer_sock.sendall(self.codec.seal(a.msg))
+        except OSError as e:
+            self._drop_peer(f"send failed: {e}")
+
+    # ---- key source --------------------------------------------------------------------
+
+    def _try_source(self, now: float) -> None:
+        if self.source_up or now < self._next_source_try:
+            return
+        try:
+            self.cfg.source.open()
+        except SourceUnavailable as e:
+            if self.source_error != str(e):
+                log.warning("link %s: key source unavailable: %s", self.cfg.link.name, e)
+            self.source_error = str(e)
+            self._next_source_try = now + RECONNECT_S
+            return
+        self.source_up = True
+        self.source_error = ""
+        self.sel.register(self.cfg.source.fileno(), selectors.EVENT_READ, "source")
+        log.info("link %s: key source connected (%s)", self.cfg.link.name,
+                 self.cfg.source.description)
+
+    def _on_source(self, now: float) -> None:
+        try:
+            blocks = self.cfg.source.read_blocks()
+        except SourceUnavailable as e:
+            log.warning("link %s: key source lost: %s; running on stored key",
+                        self.cfg.link.name, e)
+            self.source_error = str(e)
+            self.sel.unregister(self.cfg.source.fileno())
+            self.cfg.source.close()
+            self.source_up = False
+            self._next_source_try = now + RECONNECT_S
+            return
+        for block, data in blocks:
+            self._carry_out(self.machine.on_block(block, data, self.released(), now))
+
+    # ---- peer channel ------------------------------------------------------------------
+
+    def _peer_addr(self) -> tuple[str, int]:
+        return (str(self.cfg.link.underlay_a.ip), self.cfg.port)
+
+    def _try_peer(self, now: float) -> None:
+        if self.is_leader:
+            if self.listener is None and now >= self._next_peer_try:
+                try:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind(self._peer_addr())
+                    s.listen(4)
+                    s.setblocking(False)
+                except OSError as e:
+                    s.close()
+                    self.peer_error = f"cannot listen on {self._peer_addr()}: {e}"
+                    self._next_peer_try = now + RECONNECT_S
+                    return
+                self.listener = s
+                self.sel.register(s, selectors.EVENT_READ, "listen")
+            return
+        if self.peer_sock is not None or now < self._next_peer_try:
+            return
+        self._next_peer_try = now + RECONNECT_S
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(2.0)
+        try:
+            s.bind((str(self.cfg.link.underlay_b.ip), 0))
+            s.connect(self._peer_addr())
+            self._start_session(s)
+        except (OSError, ProtocolError) as e:
+            s.close()
+            self.peer_error = f"peer {self.peer} at {self._peer_addr()[0]}: {e}"
+            return
+        self._carry_out(self.machine.on_connect(self.released()))  # type: ignore[union-attr]
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            s, addr = self.listener.accept()
+        except OSError:
+            return
+        if addr[0] != str(self.cfg.link.underlay_b.ip):
+            log.warning("link %s: refused agreement connection from %s", self.cfg.link.name,
+                        addr[0])
+            s.close()
+            return
+        s.settimeout(2.0)
+        if self.peer_sock is not None:
+            self._drop_peer("replaced by a new connection")
+        try:
+            self._start_session(s)
+        except (OSError, ProtocolError) as e:
+            s.close()
+            self.peer_error = str(e)
+
+    def _start_session(self, s: socket.socket) -> None:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        mine = secrets.token_bytes(NONCE_LEN)
+        s.sendall(mine)
+        theirs = b""
+        while len(theirs) < NONCE_LEN:
+            chunk = s.recv(NONCE_LEN - len(theirs))
+            if not chunk:
+                raise ProtocolError("peer closed during handshake")
+            theirs += chunk
+        self.codec = FrameCodec(self.cfg.auth_key, b"L" if self.is_leader else b"F",
+                                mine, theirs)
+        s.settimeout(5.0)
+        self.peer_sock = s
+        self.peer_error = ""
+        self.sel.register(s, selectors.EVENT_READ, "peer")
+        log.info("link %s: agreement channel to %s up", self.cfg.link.name, self.peer)
+
+    def _drop_peer(self, why: str) -> None:
+        if self.peer_sock is None:
+            return
+        log.warning("link %s: agreement channel to %s down: %s", self.cfg.link.name,
+                    self.peer, why)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(self.peer_sock)
+        with contextlib.suppress(OSError):
+            self.peer_sock.close()
+        self.peer_sock = None
+        self.codec = None
+        self.peer_error = why
+        self._carry_out(self.machine.on_disconnect())
+
+    def _on_peer(self, now: float) -> None:
+        assert self.peer_sock is not None and self.codec is not None
+        try:
+            data = self.peer_sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._drop_peer(f"receive failed: {e}")
+            return
+        if not data:
+            self._drop_peer("peer closed the connection")
+            return
+        try:
+            msgs = self.codec.feed(data)
+        except ProtocolError as e:
+            self._drop_peer(f"refused a frame: {e}")
+            return
+        for m in msgs:
+            self._carry_out(self.machine.on_message(m, self.released(), now))
+            if self.peer_sock is None:
+                return
+
+    # ---- status ------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        c = self.machine.counters
+        rings = {}
+        for d, ring in self.rings.items():
+            cur = ring.cursors()
+            enc = (d == AB) == self.is_leader
+            rings[DIRS[d]] = {"role": "enc" if enc else "dec", **asdict(cur),
+                              "fill": cur.fill}
+        return {
+            "node": self.cfg.node, "link": self.cfg.link.name, "peer": self.peer,
+            "role": "leader" if self.is_leader else "follower", "pid": os.getpid(),
+            "updated": time.time(), "started": self.started,
+            "source": {"up": self.source_up, "error": self.source_error,
+                       "description": self.cfg.source.description},
+            "agreement": {"connected": self.peer_sock is not None,
+                          "synced": self.machine.synced, "session": self.machine.sync,
+                          "resyncs": c.resyncs, "error": self.peer_error,
+                          "pending_blocks": len(self.machine.pending)},
+            "key": {"blocks_in": c.blocks_in, "bytes_in": c.bytes_in,
+                    "bytes_stored_ab": c.bytes_stored[AB], "bytes_stored_ba": c.bytes_stored[BA],
+                    "bytes_discarded": c.bytes_discarded,
+                    "blocks_discarded": c.blocks_discarded,
+                    "bytes_skipped_ab": c.bytes_skipped[AB],
+                    "bytes_skipped_ba": c.bytes_skipped[BA],
+                    "rate_bps": self.rate_bps},
+            "rings": rings,
+        }
+
+    def _publish(self, now: float) -> None:
+        t0, b0 = self._rate_mark
+        stored = self.machine.counters.bytes_in
+        if now > t0:
+            self.rate_bps = (stored - b0) * 8 / (now - t0)
+        self._rate_mark = (now, stored)
+        p = self.cfg.status_path
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status()))
+        os.replace(tmp, p)
+
+    # ---- main loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("link %s: key manager up at %s as %s", self.cfg.link.name, self.cfg.node,
+                 "leader" if self.is_leader else "follower")
+        try:
+            while not self.stop:
+                now = time.monotonic()
+                self._try_source(now)
+                self._try_peer(now)
+                for key, _ in self.sel.select(timeout=0.1):
+                    now = time.monotonic()
+                    if key.data == "source":
+                        self._on_source(now)
+                    elif key.data == "peer" and self.peer_sock is not None:
+                        self._on_peer(now)
+                    elif key.data == "listen":
+                        self._accept()
+                now = time.monotonic()
+                self._carry_out(self.machine.on_tick(self.released(), now))
+                if now - self._last_status >= STATUS_INTERVAL_S:
+                    self._last_status = now
+                    self._publish(now)
+        except RingError as e:
+            log.error("link %s: %s", self.cfg.link.name, e)
+            raise
+        finally:
+            self.close()
+
+    def _on_signal(self, *_: object) -> None:
+        self.stop = True
+
+    def close(self) -> None:
+        self._drop_peer("key manager stopping")
+        if self.listener is not None:
+            with contextlib.suppress(OSError):
+                self.listener.close()
+        self.cfg.source.close()
+        with contextlib.suppress(Exception):
+            self._publish(time.monotonic())
+        for r in self.rings.values():
+            r.close()

@@ -1,0 +1,150 @@
+"""Node supervisor: runs a node's modules as processes and keeps them running.
+
+`qkdctl node run` lands here. Each module (today: one local key manager per link) is a
+child process that dies with the supervisor (PR_SET_PDEATHSIG). A crashed child is
+restarted with backoff; SIGTERM/SIGINT stops every child within seconds. The state of
+every module is published in ``state.json`` beside the modules' own status files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from control import paths
+from control.config import Topology, load_topology
+
+log = logging.getLogger("qkdnet.node")
+PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 3.0
+MAX_BACKOFF_S = 5.0
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent exits."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level,
+                        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")
+
+
+def _lkm_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:
+    die_with_parent()
+    setup_logging()
+    from control.lkm import EndConfig, LinkKeyManager
+
+    topo = load_topology(config_path)
+    cfg = EndConfig.from_topology(topo, node, topo.link(link),
+                                  Path(state_dir) if state_dir else None)
+    LinkKeyManager(cfg).run()
+
+
+@dataclass
+class Module:
+    name: str
+    target: object
+    args: tuple
+    proc: mp.Process | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    last_exit: int | None = None
+    history: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, topo: Topology, node: str, state_dir: Path | None = None):
+        self.topo = topo
+        self.node = topo.node(node).name
+        self.dir = paths.node_dir(topo.prefix, node)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ctx = mp.get_context("fork")
+        sd = str(state_dir) if state_dir else None
+        self.modules = [Module(f"lkm:{lk.name}", _lkm_main, (str(topo.path), node, lk.name, sd))
+                        for lk in topo.links_of(node)]
+        self.stopping = False
+
+    def _start(self, m: Module) -> None:
+        m.proc = self.ctx.Process(target=m.target, args=m.args, name=m.name, daemon=False)
+        m.proc.start()
+        m.started_at = time.time()
+        log.info("node %s: started %s (pid %d)", self.node, m.name, m.proc.pid)
+
+    def _check(self, now: float) -> None:
+        for m in self.modules:
+            if m.proc is not None and not m.proc.is_alive():
+                m.last_exit = m.proc.exitcode
+                m.proc = None
+                m.restarts += 1
+                backoff = min(MAX_BACKOFF_S, 0.25 * 2 ** min(m.restarts, 5))
+                m.next_start = now + backoff
+                log.warning("node %s: %s exited with %s; restarting in %.1f s", self.node,
+                            m.name, m.last_exit, backoff)
+            if m.proc is None and now >= m.next_start:
+                self._start(m)
+
+    def state(self) -> dict:
+        return {
+            "node": self.node, "pid": os.getpid(), "updated": time.time(),
+            "stopping": self.stopping,
+            "modules": [{"name": m.name, "pid": m.proc.pid if m.proc else None,
+                         "alive": bool(m.proc and m.proc.is_alive()),
+                         "restarts": m.restarts, "last_exit": m.last_exit}
+                        for m in self.modules],
+        }
+
+    def _publish(self) -> None:
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state()))
+        os.replace(tmp, self.dir / "state.json")
+
+    def run(self) -> None:
+        def on_signal(*_: object) -> None:
+            self.stopping = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        log.info("node %s: supervising %d module(s)", self.node, len(self.modules))
+        try:
+            while not self.stopping:
+                self._check(time.monotonic())
+                self._publish()
+                time.sleep(0.2)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        procs = [m.proc for m in self.modules if m.proc is not None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+        self._publish()
+        log.info("node %s: stopped", self.node)
+
+
+def run_node(config: Path, node: str, state_dir: Path | None = None,
+             netns: str | None = None) -> None:
+    topo = load_topology(config)
+    if netns:
+        from pyroute2 import netns as pnetns
+
+        pnetns.setns(netns)
+    Supervisor(topo, node, state_dir).run()
