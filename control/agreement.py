@@ -31,7 +31,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from control.agreement_msgs import AB, BA, Decide, Decision, Fate, Have, Hello, Message, Sync
-from dataplane.limits import MAX_PENDING_BLOCKS, PENDING_BLOCK_TIMEOUT_S
+from dataplane.limits import MAX_PENDING_BLOCKS, MAX_PENDING_BYTES, PENDING_BLOCK_TIMEOUT_S
+
+SWEEP_INTERVAL_S = 0.1
 
 BlockId = tuple[int, int]
 Positions = tuple[int, int]  # indexed by direction: (a->b, b->a)
@@ -106,6 +108,34 @@ class Counters:
     bytes_skipped: list[int] = field(default_factory=lambda: [0, 0])
 
 
+class _Pending(OrderedDict):
+    """Blocks held while undecided, in arrival order, with their total size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def __setitem__(self, key, value) -> None:
+        if key in self:
+            self.nbytes -= len(self[key][0])
+        super().__setitem__(key, value)
+        self.nbytes += len(value[0])
+
+    def __delitem__(self, key) -> None:
+        self.nbytes -= len(self[key][0])
+        super().__delitem__(key)
+
+    def pop(self, key, *default):
+        if key in self:
+            self.nbytes -= len(self[key][0])
+        return super().pop(key, *default)
+
+    def popitem(self, last: bool = True):
+        key, value = super().popitem(last=last)
+        self.nbytes -= len(value[0])
+        return key, value
+
+
 class _End:
     def __init__(self, capacity: int, write_pos: Positions, timeout: float,
                  max_pending: int):
@@ -113,7 +143,7 @@ class _End:
         self.write_pos = list(write_pos)
         self.timeout = timeout
         self.max_pending = max_pending
-        self.pending: OrderedDict[BlockId, tuple[bytes, float]] = OrderedDict()
+        self.pending: _Pending = _Pending()
         self.max_seen: dict[int, int] = {}
         self.sync = 0
         self.synced = False
@@ -133,7 +163,7 @@ class _End:
             out.append(self._drop(block, len(data), "duplicate"))
             return out
         self.pending[block] = (data, now)
-        while len(self.pending) > self.max_pending:
+        while len(self.pending) > self.max_pending or self.pending.nbytes > MAX_PENDING_BYTES:
             old, (odata, _) = self.pending.popitem(last=False)
             out.append(self._drop(old, len(odata), "overflow"))
         return out
@@ -169,6 +199,7 @@ class Leader(_End):
         self.peer_has: OrderedDict[BlockId, float] = OrderedDict()
         self.peer_released = [0, 0]
         self.peer_max_seen: dict[int, int] = {}
+        self._next_sweep = 0.0
 
     def on_disconnect(self) -> list[Action]:
         self.synced = False
@@ -177,8 +208,14 @@ class Leader(_End):
 
     def on_block(self, block: BlockId, data: bytes, released: Positions,
                  now: float) -> list[Action]:
-        out = self._accept_block(block, data, now)
-        return out + self._decide(released, now)
+        return self.on_blocks([(block, data)], released, now)
+
+    def on_blocks(self, blocks: list[tuple[BlockId, bytes]], released: Positions,
+                  now: float) -> list[Action]:
+        out: list[Action] = []
+        for block, data in blocks:
+            out += self._accept_block(block, data, now)
+        return out + self._decide(released, now, [b for b, _ in blocks])
 
     def on_message(self, msg: Message, released: Positions, now: float) -> list[Action]:
         out: list[Action] = []
@@ -188,6 +225,7 @@ class Leader(_End):
             self.counters.resyncs += 1
             self.peer_has.clear()
             self.peer_released = list(msg.released)
+            self._next_sweep = 0.0
             start = tuple(max(self.write_pos[d], msg.write_pos[d]) for d in (AB, BA))
             for d in (AB, BA):
                 out += self._skip(d, start[d])
@@ -200,6 +238,8 @@ class Leader(_End):
                 if seq > self.peer_max_seen.get(epoch, -1):
                     self.peer_max_seen[epoch] = seq
                 self.peer_has[block] = now
+            out += self._decide(released, now, msg.ids)
+            return out
         out += self._decide(released, now)
         return out
 
@@ -212,28 +252,41 @@ class Leader(_End):
         peer_free = self.capacity - (w - self.peer_released[direction])
         return size <= own_free and size <= peer_free
 
-    def _decide(self, released: Positions, now: float) -> list[Action]:
+    def _decide(self, released: Positions, now: float,
+                candidates: list[BlockId] | tuple[BlockId, ...] = ()) -> list[Action]:
+        """Decide the ``candidates`` both ends now hold; sweep for lost blocks at most
+        every SWEEP_INTERVAL_S, so a burst of small blocks costs O(1) each."""
         if not self.synced:
             # Without the follower nothing can be decided; only age out old blocks.
             return self._expire_pending(now)
         out: list[Action] = []
         decisions: list[Decision] = []
+        for block in candidates:
+            if block not in self.pending or block not in self.peer_has:
+                continue
+            data, _ = self.pending.pop(block)
+            del self.peer_has[block]
+            d = self.policy.choose(len(data))
+            if self._fits(d, len(data), released):
+                self.policy.record(d, len(data))
+                pos = self.write_pos[d]
+                out.append(self._store(d, pos, block, data))
+                decisions.append(Decision(block, Fate(d), pos))
+            else:
+                out.append(self._drop(block, len(data), "ring_full"))
+                decisions.append(Decision(block, Fate.DISCARD, 0))
+        if now >= self._next_sweep:
+            self._next_sweep = now + SWEEP_INTERVAL_S
+            self._sweep(now, out, decisions)
+        if decisions:
+            out.append(Send(Decide(self.sync, tuple(decisions))))
+        return out
+
+    def _sweep(self, now: float, out: list[Action], decisions: list[Decision]) -> None:
         for block in list(self.pending):
             data, t = self.pending[block]
             epoch, seq = block
-            if block in self.peer_has:
-                del self.pending[block]
-                del self.peer_has[block]
-                d = self.policy.choose(len(data))
-                if self._fits(d, len(data), released):
-                    self.policy.record(d, len(data))
-                    pos = self.write_pos[d]
-                    out.append(self._store(d, pos, block, data))
-                    decisions.append(Decision(block, Fate(d), pos))
-                else:
-                    out.append(self._drop(block, len(data), "ring_full"))
-                    decisions.append(Decision(block, Fate.DISCARD, 0))
-            elif self.peer_max_seen.get(epoch, -1) > seq:
+            if self.peer_max_seen.get(epoch, -1) > seq:
                 del self.pending[block]
                 out.append(self._drop(block, len(data), "peer_missing"))
             elif now - t > self.timeout:
@@ -247,9 +300,6 @@ class Leader(_End):
                 # We will never hold it: the follower must let it go.
                 del self.peer_has[block]
                 decisions.append(Decision(block, Fate.DISCARD, 0))
-        if decisions:
-            out.append(Send(Decide(self.sync, tuple(decisions))))
-        return out
 
     def _expire_pending(self, now: float) -> list[Action]:
         out: list[Action] = []
@@ -284,9 +334,17 @@ class Follower(_End):
 
     def on_block(self, block: BlockId, data: bytes, released: Positions,
                  now: float) -> list[Action]:
-        out = self._accept_block(block, data, now)
-        if self.synced and block in self.pending:
-            out.append(Send(Have(self.sync, (block,), released)))
+        return self.on_blocks([(block, data)], released, now)
+
+    def on_blocks(self, blocks: list[tuple[BlockId, bytes]], released: Positions,
+                  now: float) -> list[Action]:
+        """Take a batch from the source and report it in one ``Have``."""
+        out: list[Action] = []
+        for block, data in blocks:
+            out += self._accept_block(block, data, now)
+        held = tuple(b for b, _ in blocks if b in self.pending)
+        if self.synced and held:
+            out.append(Send(Have(self.sync, held, released)))
             self.last_released = released
         return out
 

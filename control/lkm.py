@@ -168,8 +168,8 @@ class LinkKeyManager:
             self.source_up = False
             self._next_source_try = now + RECONNECT_S
             return
-        for block, data in blocks:
-            self._carry_out(self.machine.on_block(block, data, self.released(), now))
+        if blocks:
+            self._carry_out(self.machine.on_blocks(blocks, self.released(), now))
 
     # ---- peer channel ------------------------------------------------------------------
 

@@ -231,8 +231,9 @@ class KeyRing:
         w = self.write_pos
         if pos != w:
             raise RingError(f"{self.name}: write at {pos} but write_pos is {w}")
-        if n > self.capacity - (w - self.release_pos):
-            raise RingError(f"{self.name}: {n} B do not fit ({self.capacity - (w - self.release_pos)} B free)")
+        free = self.capacity - (w - self.release_pos)
+        if n > free:
+            raise RingError(f"{self.name}: {n} B do not fit ({free} B free)")
         src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
         off = w % self.capacity
         first = min(n, self.capacity - off)

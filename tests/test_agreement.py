@@ -305,6 +305,7 @@ def test_block_missing_at_follower_is_discarded_not_guessed():
     sim.new_block(16, False, True)   # only the leader gets block 0
     sim.new_block(16, False, False)  # both get block 1
     quiesce(sim)
+    sim.tick(0.2)  # the next sweep finds block 0 lost at the follower
     assert sim.rings[LEADER][AB].write == 16
     assert sim.rings[FOLLOWER][AB].write == 16
     assert sim.ends[LEADER].counters.blocks_discarded == {"peer_missing": 1}
