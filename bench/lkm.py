@@ -71,7 +71,11 @@ class _Rings:
             self._attach()
             for r in list(self.rings.values()):
                 with contextlib.suppress(RingError):
-                    r.release(r.write_pos)
+                    if r.is_enc:
+                        pos, n = r.claim(r.capacity)
+                        r.release(pos + n)
+                    else:
+                        r.release(r.write_pos)
             time.sleep(0.02)
 
     def stored_at_a(self) -> int:

@@ -25,8 +25,9 @@ from pydantic import (
 
 from dataplane.limits import MAX_BLOCK_SIZE, MAX_RING_CAPACITY, MIN_BLOCK_SIZE
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,7}$")
-PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{1,7}$")
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,7}")
+PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,7}")
+LINK_NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,17}")
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30,
           "KB": 1000, "MB": 1000**2, "GB": 1000**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
@@ -76,7 +77,7 @@ class NetworkSection(_Strict):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        if not PREFIX_RE.match(v):
+        if not PREFIX_RE.fullmatch(v):
             raise ValueError("must be 2-8 lowercase letters or digits, starting with a letter")
         return v
 
@@ -96,11 +97,26 @@ class EmulatorSource(_Strict):
     generator: Literal["urandom", "aes-ctr"] = "urandom"
 
 
+def check_block_size(v: int | None) -> int | None:
+    if v is not None and not MIN_BLOCK_SIZE <= v <= MAX_BLOCK_SIZE:
+        raise ValueError(f"must be between {MIN_BLOCK_SIZE} B and {MAX_BLOCK_SIZE >> 20} MiB")
+    return v
+
+
+def check_ring_capacity(v: int | None) -> int | None:
+    if v is not None and not 0 < v <= MAX_RING_CAPACITY:
+        raise ValueError(f"must be between 1 B and {MAX_RING_CAPACITY >> 30} GiB")
+    return v
+
+
 class LinkDefaults(_Strict):
     key_rate_mbps: float = Field(1000.0, ge=0, description="0 = as fast as possible")
     block_size: Size = 1 << 20
     ring_capacity: Size = 256 << 20
     ratio: Ratio = (1, 1)
+
+    _block = field_validator("block_size")(check_block_size)
+    _cap = field_validator("ring_capacity")(check_ring_capacity)
 
 
 class Node(_Strict):
@@ -111,7 +127,7 @@ class Node(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError("must be 1-8 letters, digits or '_', starting with a letter")
         return v
 
@@ -128,19 +144,8 @@ class Link(_Strict):
     source: EmulatorSource = EmulatorSource()
     auth_key_file: Path | None = None
 
-    @field_validator("block_size")
-    @classmethod
-    def _block(cls, v: int | None) -> int | None:
-        if v is not None and not MIN_BLOCK_SIZE <= v <= MAX_BLOCK_SIZE:
-            raise ValueError(f"must be between {MIN_BLOCK_SIZE} B and {MAX_BLOCK_SIZE >> 20} MiB")
-        return v
-
-    @field_validator("ring_capacity")
-    @classmethod
-    def _cap(cls, v: int | None) -> int | None:
-        if v is not None and not 0 < v <= MAX_RING_CAPACITY:
-            raise ValueError(f"must be between 1 B and {MAX_RING_CAPACITY >> 30} GiB")
-        return v
+    _block = field_validator("block_size")(check_block_size)
+    _cap = field_validator("ring_capacity")(check_ring_capacity)
 
 
 class Sae(_Strict):
@@ -293,7 +298,7 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
                                     f"links[{seen_pairs[pair]}]"))
         seen_pairs.setdefault(pair, i)
         name = lk.name or f"{lk.a}-{lk.b}"
-        if not re.match(r"^[A-Za-z0-9_\-]{1,17}$", name):
+        if not LINK_NAME_RE.fullmatch(name):
             problems.append((f"{where}.name", "must be 1-17 letters, digits, '_' or '-'"))
         if name in link_names:
             problems.append((f"{where}.name", f"duplicate link name {name!r}"))
@@ -326,11 +331,15 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
 
 def _resolve(path: Path, raw: TopologyFile) -> Topology:
     d = raw.defaults
-    hosts = list(raw.network.node_net.hosts())
+    # Nodes without an explicit id or address get the lowest ones nobody asked for.
+    taken_ids = {n.id for n in raw.nodes if n.id is not None}
+    taken_addrs = {n.address for n in raw.nodes if n.address is not None}
+    free_ids = (i for i in range(1, 65536) if i not in taken_ids)
+    free_addrs = (a for a in raw.network.node_net.hosts() if a not in taken_addrs)
     nodes: dict[str, NodeSpec] = {}
-    for i, n in enumerate(raw.nodes):
-        nodes[n.name] = NodeSpec(name=n.name, id=n.id or i + 1,
-                                 address=n.address or hosts[i])
+    for n in raw.nodes:
+        nodes[n.name] = NodeSpec(name=n.name, id=n.id or next(free_ids),
+                                 address=n.address or next(free_addrs))
     links = []
     for i, lk in enumerate(raw.links):
         key_file = lk.auth_key_file

@@ -216,10 +216,16 @@ def net_down(prefix: str) -> list[str]:
         pids += _pids_in_netns(ns)
     _stop_pids(sorted(set(pids)))
     removed += [f"process {p}" for p in sorted(set(pids))]
-    for ns in namespaces:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            pnetns.remove(ns)
-            removed.append(f"namespace {ns}")
+    for attempt in range(3):
+        for ns in namespaces:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                pnetns.remove(ns)
+                removed.append(f"namespace {ns}")
+        # A killed 'net up' can leave a namespace helper that finishes late: look again.
+        time.sleep(0.1 * attempt)
+        namespaces = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
+        if not namespaces:
+            break
     for name in paths.ring_names_of_network(prefix):
         KeyRing.unlink(name)
         removed.append(f"ring {name}")

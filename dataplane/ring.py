@@ -308,10 +308,17 @@ class KeyRing:
         r = self.release_pos
         if upto <= r:
             return
-        if upto > self.write_pos:
-            raise RingError(f"{self.name}: release to {upto} beyond write_pos {self.write_pos}")
+        limit = self.claim_pos if int(self._hdr[F_ROLE]) == ROLE_ENC else self.write_pos
+        if upto > limit:
+            raise RingError(f"{self.name}: release to {upto} beyond "
+                            f"{'claim_pos' if limit == self.claim_pos else 'write_pos'} {limit}"
+                            " (ENC key must be claimed before it is released)")
         self._wipe(r, upto)
         self._hdr[F_RELEASE] = upto
+
+    @property
+    def is_enc(self) -> bool:
+        return int(self._hdr[F_ROLE]) == ROLE_ENC
 
     def _wipe(self, start: int, end: int) -> None:
         n = end - start

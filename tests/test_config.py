@@ -155,7 +155,8 @@ def test_explicit_node_ids_and_addresses_and_node_net():
     topo = parse_topology(text)
     assert (topo.node("A").id, str(topo.node("A").address)) == (1, "192.168.5.1")
     assert (topo.node("B").id, str(topo.node("B").address)) == (40, "192.168.5.6")
-    assert (topo.node("C").id, str(topo.node("C").address)) == (3, "192.168.5.3")
+    # Unset ids and addresses take the lowest ones nobody asked for.
+    assert (topo.node("C").id, str(topo.node("C").address)) == (2, "192.168.5.2")
 
 
 def test_relative_auth_key_file_resolves_against_the_config_file(tmp_path):
@@ -447,9 +448,6 @@ def test_parse_ratio_refuses(value, phrase):
 
 # ---- real bugs, kept as expected failures ----------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG control/config.py:99-103: LinkDefaults.block_size "
-                   "and ring_capacity have no range check (only Link's fields do), so "
-                   "[defaults] block_size = 0 / 1 / negative or ring_capacity = 8GiB load")
 @pytest.mark.parametrize(("extra", "field"), [
     ("block_size = 0", "defaults.block_size"),
     ("block_size = 1", "defaults.block_size"),
@@ -459,8 +457,6 @@ def test_defaults_sizes_are_range_checked(extra, field):
     assert_problem(defaults(extra), field, "must be between")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG control/config.py:332: an auto-assigned node id "
-                   "(i + 1) is not checked against explicit ids, so two nodes get id 2")
 def test_auto_node_id_does_not_collide_with_explicit_id():
     text = edit(('name = "A"', 'name = "A"\nid = 2'))
     try:
@@ -471,9 +467,6 @@ def test_auto_node_id_does_not_collide_with_explicit_id():
     assert len(set(ids)) == len(ids), ids
 
 
-@pytest.mark.xfail(strict=True, reason="BUG control/config.py:333: an auto-assigned node "
-                   "address (hosts[i]) is not checked against explicit addresses, so two "
-                   "nodes get 10.88.0.2")
 def test_auto_node_address_does_not_collide_with_explicit_address():
     text = edit(('name = "A"', 'name = "A"\naddress = "10.88.0.2"'))
     try:
@@ -484,10 +477,6 @@ def test_auto_node_address_does_not_collide_with_explicit_address():
     assert len(set(addrs)) == len(addrs), addrs
 
 
-@pytest.mark.xfail(strict=True, reason="BUG control/config.py:28-29,296: NAME_RE, PREFIX_RE "
-                   "and the link name pattern end in '$', which also matches before a "
-                   "trailing newline, so 'tt\\n', 'C\\n' and 'BC\\n' are accepted as names "
-                   "(use re.fullmatch or \\Z)")
 @pytest.mark.parametrize("text", [
     edit(('prefix = "tt"', 'prefix = "tt\\n"')),
     edit(('name = "C"', 'name = "C\\n"'), ('b = "C"', 'b = "C\\n"\nname = "BC"')),

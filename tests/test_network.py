@@ -1,0 +1,186 @@
+"""Emulated networks for real: namespaces, veth, emulator and key manager processes,
+shared-memory rings. Needs root."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pyroute2 import netns as pnetns
+
+from control import emulation, paths
+from control.status import collect
+from dataplane.ring import KeyRing
+from tests.conftest import write_topology
+
+pytestmark = pytest.mark.netns
+QKDCTL = [sys.executable, "-m", "control.cli"]
+
+
+def host_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return {line.split(": ")[1].split("@")[0] for line in out.splitlines()}
+
+
+def leftovers(prefix: str) -> list[str]:
+    left = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
+    left += paths.ring_names_of_network(prefix)
+    if paths.network_dir(prefix).exists():
+        left.append(str(paths.network_dir(prefix)))
+    return left
+
+
+def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def lkm_status(prefix: str, node: str, link: str = "A-B") -> dict | None:
+    try:
+        return json.loads((paths.node_dir(prefix, node) / f"lkm-{link}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def ring_bytes(prefix: str, node: str, direction: str) -> tuple[int, int, bytes]:
+    r = KeyRing.attach(paths.ring_name(prefix, node, "A-B", direction))
+    try:
+        lo, hi = r.release_pos, r.write_pos
+        return lo, hi, bytes(r.read(lo, hi - lo))
+    finally:
+        r.close()
+
+
+def test_net_up_and_down_leave_nothing(tmp_path, prefix):
+    before = host_links()
+    topo = write_topology(tmp_path, prefix)
+    emulation.net_up(topo, start=False)
+    assert sorted(ns for ns in pnetns.listnetns() if ns.startswith(prefix)) == \
+        [f"{prefix}-A", f"{prefix}-B"]
+    # The underlay really carries traffic between the two namespaces.
+    ping = subprocess.run(["ip", "netns", "exec", f"{prefix}-A", "ping", "-c", "1", "-W", "2",
+                           "10.209.1.2"], capture_output=True, text=True)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    assert host_links() == before, "net up must not add interfaces to the host namespace"
+    emulation.net_down(prefix)
+    assert leftovers(prefix) == []
+    assert host_links() == before
+
+
+def test_two_networks_coexist(tmp_path, prefix):
+    other = prefix[:-1] + ("x" if prefix[-1] != "x" else "y")
+    try:
+        emulation.net_up(write_topology(tmp_path, prefix), start=False)
+        emulation.net_up(write_topology(tmp_path, other), start=False)
+        for p in (prefix, other):
+            assert {f"{p}-A", f"{p}-B"} <= set(pnetns.listnetns())
+        emulation.net_down(prefix)
+        assert {f"{other}-A", f"{other}-B"} <= set(pnetns.listnetns())
+        assert leftovers(prefix) == []
+    finally:
+        emulation.net_down(other)
+    assert leftovers(other) == []
+
+
+def test_second_net_up_with_same_prefix_is_refused(tmp_path, prefix):
+    topo = write_topology(tmp_path, prefix)
+    emulation.net_up(topo, start=False)
+    with pytest.raises(emulation.NetError, match="exists already"):
+        emulation.net_up(topo, start=False)
+
+
+def test_killed_net_up_is_cleaned_by_net_down(tmp_path, prefix):
+    topo = write_topology(tmp_path, prefix)
+    proc = subprocess.Popen([*QKDCTL, "net", "up", str(topo.path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # Kill it once it has made something (namespaces, maybe processes), not before.
+    wait_until(lambda: f"{prefix}-A" in pnetns.listnetns(), 20, "net up to create namespaces")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = subprocess.run([*QKDCTL, "net", "down", "--prefix", prefix], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert leftovers(prefix) == []
+
+
+def test_rings_at_both_ends_hold_identical_key(tmp_path, prefix):
+    topo = write_topology(tmp_path, prefix, rate=400, capacity="4MiB", ratio="3:1")
+    man = emulation.net_up(topo)
+    # Key flows until the rings are full (nothing consumes it here).
+    wait_until(lambda: all((s := lkm_status(prefix, n)) and s["agreement"]["synced"]
+                           and s["key"]["bytes_stored_ba"] > 0 for n in "AB"),
+               30, "both ends to agree and store key")
+    time.sleep(2.0)
+    os.kill(man.pids["emulator:A-B"], signal.SIGTERM)
+
+    def settled():
+        a, b = lkm_status(prefix, "A"), lkm_status(prefix, "B")
+        return a and b and all(a["rings"][d]["write_pos"] == b["rings"][d]["write_pos"]
+                               for d in ("ab", "ba"))
+    wait_until(settled, 10, "both ends to apply every decision")
+    total = 0
+    for d in ("ab", "ba"):
+        lo_a, hi_a, a = ring_bytes(prefix, "A", d)
+        lo_b, hi_b, b = ring_bytes(prefix, "B", d)
+        assert (lo_a, hi_a) == (lo_b, hi_b)
+        assert hi_a > lo_a, f"no key in direction {d}"
+        assert a == b, f"direction {d}: the two ends' rings differ"
+        total += hi_a - lo_a
+    a_st = lkm_status(prefix, "A")
+    ab, ba = a_st["key"]["bytes_stored_ab"], a_st["key"]["bytes_stored_ba"]
+    assert ab > ba, "a 3:1 ratio must store more key a->b"
+    # The emulator is gone: the node says so and keeps running on the key it has.
+    wait_until(lambda: not lkm_status(prefix, "A")["source"]["up"], 10, "source down")
+    snap = collect(topo)
+    assert snap["nodes"]["A"]["running"] and snap["nodes"]["B"]["running"]
+    res = subprocess.run([*QKDCTL, "status", str(topo.path)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0 and "A-B" in res.stdout and "down" in res.stdout
+
+
+def test_killed_key_manager_is_restarted_and_ends_still_agree(tmp_path, prefix):
+    topo = write_topology(tmp_path, prefix, rate=200, capacity="64MiB")
+    man = emulation.net_up(topo)
+    wait_until(lambda: (s := lkm_status(prefix, "B")) and s["key"]["bytes_stored_ab"] > 0,
+               30, "key at B")
+    old_pid = lkm_status(prefix, "B")["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+
+    def restarted():
+        s = lkm_status(prefix, "B")
+        return s and s["pid"] != old_pid and s["agreement"]["synced"]
+    wait_until(restarted, 20, "the supervisor to restart B's key manager")
+    state = json.loads((paths.node_dir(prefix, "B") / "state.json").read_text())
+    assert state["modules"][0]["restarts"] == 1
+    # Key keeps flowing after the restart, and both ends agree on every byte they hold.
+    s0 = lkm_status(prefix, "B")["key"]["bytes_stored_ab"]
+    wait_until(lambda: lkm_status(prefix, "B")["key"]["bytes_stored_ab"] > s0, 20,
+               "key to flow again")
+    os.kill(man.pids["emulator:A-B"], signal.SIGTERM)
+    time.sleep(1.5)
+    for d in ("ab", "ba"):
+        lo_a, hi_a, a = ring_bytes(prefix, "A", d)
+        lo_b, hi_b, b = ring_bytes(prefix, "B", d)
+        lo, hi = max(lo_a, lo_b), min(hi_a, hi_b)
+        assert hi > lo
+        assert a[lo - lo_a:hi - lo_a] == b[lo - lo_b:hi - lo_b]
+    # SIGTERM stops the node and all its modules within seconds.
+    node_pid = man.pids["node:B"]
+    children = [m["pid"] for m in state["modules"] if m["pid"]]
+    t0 = time.monotonic()
+    os.kill(node_pid, signal.SIGTERM)
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() and
+                               "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]
+                               for p in [node_pid, *children]), 10, "node to stop")
+    assert time.monotonic() - t0 < 10
