@@ -25,6 +25,8 @@ app.add_typer(emu_app, name="emulator")
 app.add_typer(bench_app, name="bench")
 
 out = Console()
+if not out.is_terminal:  # logs and pipes: keep tables whole rather than 80 columns wide
+    out = Console(width=120)
 err = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="topology TOML file")]

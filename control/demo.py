@@ -39,7 +39,8 @@ def run_demo(topo: Topology, seconds: float, console: Console) -> int:
             console.print(render(collect(topo)))
             return 1
         end = time.monotonic() + seconds
-        with Live(render(collect(topo)), console=console, refresh_per_second=4) as live:
+        with Live(render(collect(topo)), console=console, refresh_per_second=4,
+                  transient=True) as live:
             while time.monotonic() < end:
                 time.sleep(0.25)
                 live.update(render(collect(topo)))

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
 
 from control import paths
@@ -43,10 +44,14 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.0f}"
 
 
+def _fill(ring: dict) -> str:
+    return f"{_mib(ring['fill'])} {100 * ring['fill'] // max(ring['capacity'], 1)}%"
+
+
 def agreement_state(st: dict) -> str:
     ag = st["agreement"]
     if ag["synced"]:
-        return f"agreed #{ag['session']}"
+        return f"ok #{ag['session']}"
     if ag["connected"]:
         return "syncing"
     return "[red]peer down[/red]"
@@ -54,10 +59,11 @@ def agreement_state(st: dict) -> str:
 
 def render(snapshot: dict) -> Table:
     t = Table(title=f"qkdnet {snapshot['network']} ({snapshot['prefix']}): local key per "
-                    "link end (MiB)", title_justify="left")
-    for col in ("link", "node", "role", "source", "agreement", "in Mb/s", "key in",
-                "ENC fill", "DEC fill", "discarded"):
-        t.add_column(col, justify="left" if col in ("link", "node", "role", "source",
+                    "link end (MiB; ENC/DEC = ring fill)",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("link", "node", "role", "src", "agreement", "Mb/s in", "key in", "ENC",
+                "DEC", "discarded"):
+        t.add_column(col, justify="left" if col in ("link", "node", "role", "src",
                                                     "agreement") else "right", no_wrap=True)
     for node, info in snapshot["nodes"].items():
         for link, st in info["links"].items():
@@ -70,8 +76,7 @@ def render(snapshot: dict) -> Table:
             ag = agreement_state(st)
             if st["stale"]:
                 ag = "[red]stopped[/red]"
-            t.add_row(link, node, st["role"], src, ag, f"{st['key']['rate_bps'] / 1e6:,.0f}",
-                      _mib(st["key"]["bytes_in"]), f"{_mib(enc['fill'])}/{_mib(enc['capacity'])}",
-                      f"{_mib(dec['fill'])}/{_mib(dec['capacity'])}",
-                      _mib(st["key"]["bytes_discarded"]))
+            t.add_row(link, node, st["role"][:4], src, ag,
+                      f"{st['key']['rate_bps'] / 1e6:,.0f}", _mib(st["key"]["bytes_in"]),
+                      _fill(enc), _fill(dec), _mib(st["key"]["bytes_discarded"]))
     return t
