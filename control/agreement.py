@@ -168,6 +168,20 @@ class _End:
             out.append(self._drop(old, len(odata), "overflow"))
         return out
 
+    def on_block(self, block: BlockId, data: bytes, released: Positions,
+                 now: float) -> list[Action]:
+        return self.on_blocks([(block, data)], released, now)
+
+    def on_blocks(self, blocks: list[tuple[BlockId, bytes]], released: Positions,
+                  now: float) -> list[Action]:
+        raise NotImplementedError
+
+    def _accept_blocks(self, blocks: list[tuple[BlockId, bytes]], now: float) -> list[Action]:
+        out: list[Action] = []
+        for block, data in blocks:
+            out += self._accept_block(block, data, now)
+        return out
+
     def _drop(self, block: BlockId, size: int, reason: str) -> Dropped:
         c = self.counters
         c.blocks_discarded[reason] = c.blocks_discarded.get(reason, 0) + 1
@@ -206,15 +220,9 @@ class Leader(_End):
         self.peer_has.clear()
         return []
 
-    def on_block(self, block: BlockId, data: bytes, released: Positions,
-                 now: float) -> list[Action]:
-        return self.on_blocks([(block, data)], released, now)
-
     def on_blocks(self, blocks: list[tuple[BlockId, bytes]], released: Positions,
                   now: float) -> list[Action]:
-        out: list[Action] = []
-        for block, data in blocks:
-            out += self._accept_block(block, data, now)
+        out = self._accept_blocks(blocks, now)
         return out + self._decide(released, now, [b for b, _ in blocks])
 
     def on_message(self, msg: Message, released: Positions, now: float) -> list[Action]:
@@ -332,16 +340,10 @@ class Follower(_End):
         self.synced = False
         return []
 
-    def on_block(self, block: BlockId, data: bytes, released: Positions,
-                 now: float) -> list[Action]:
-        return self.on_blocks([(block, data)], released, now)
-
     def on_blocks(self, blocks: list[tuple[BlockId, bytes]], released: Positions,
                   now: float) -> list[Action]:
         """Take a batch from the source and report it in one ``Have``."""
-        out: list[Action] = []
-        for block, data in blocks:
-            out += self._accept_block(block, data, now)
+        out = self._accept_blocks(blocks, now)
         held = tuple(b for b, _ in blocks if b in self.pending)
         if self.synced and held:
             out.append(Send(Have(self.sync, held, released)))
