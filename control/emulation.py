@@ -164,6 +164,25 @@ def _pids_in_netns(ns: str) -> list[int]:
     return pids
 
 
+def _pids_of_network(prefix: str, config: str | None) -> list[int]:
+    """qkdnet processes started for this network, found by their command line: a process
+    spawned just before 'net up' was killed may be in no manifest and not yet inside its
+    namespace."""
+    pids = []
+    cfg = config.encode() if config else None
+    ns_prefix = f"{prefix}-".encode()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = (p / "cmdline").read_bytes().split(b"\0")
+                if b"control.cli" not in cmd:
+                    continue
+                netns = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == b"--netns"]
+                if (cfg and cfg in cmd) or any(n.startswith(ns_prefix) for n in netns):
+                    pids.append(int(p.name))
+    return pids
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -208,6 +227,7 @@ def net_down(prefix: str) -> list[str]:
     removed: list[str] = []
     man = Manifest.load(prefix)
     pids = [p for p in (man.pids.values() if man else []) if _is_ours(p)]
+    pids += _pids_of_network(prefix, man.config if man else None)
     namespaces = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
     if man:
         namespaces = sorted(set(namespaces) | {ns for ns in man.namespaces
