@@ -114,7 +114,7 @@ class LinkKeyManager:
     # ---- helpers -----------------------------------------------------------------------
 
     def released(self) -> tuple[int, int]:
-        return (self.rings[AB].release_pos, self.rings[BA].release_pos)
+        return (self.rings[AB].free_pos, self.rings[BA].free_pos)
 
     def _carry_out(self, actions) -> None:
         for a in actions:

@@ -11,16 +11,19 @@ unlink it when a reader exits):
     24      8     block_size    the link's key block size (informational)
     32      8     write_pos     stream position after the last byte written
     40      8     claim_pos     ENC: stream position before which bytes were handed out
-    48      8     release_pos   stream position before which bytes are wiped and free
+    48      8     release_pos   stream position below which no reader may use bytes
     56      8     epoch         random identity of this ring's incarnation
     64      8     role          0 = ENC (this node encrypts), 1 = DEC
-    72..4095      reserved (zero)
+    72      8     free_pos      stream position before which bytes are wiped (writer's bound)
+    80..511       reserved (zero)
+    512     1024  lane words, 64 lanes x 2 u64 (see below)
+    1536..4095    reserved (zero)
     4096    capacity  key bytes; stream position p lives at 4096 + p % capacity
 
 Positions are 64-bit byte offsets into the link direction's key stream; both link ends
 use the same positions for the same bytes (the agreement decides them), so a datagram can
-name its key by position. Invariants: release_pos <= claim_pos <= write_pos for ENC,
-release_pos <= write_pos for DEC, and write_pos - release_pos <= capacity.
+name its key by position. Invariants: free_pos <= release_pos <= claim_pos <= write_pos
+for ENC, free_pos <= release_pos <= write_pos for DEC, write_pos - free_pos <= capacity.
 
 Who writes what: the local key manager alone advances write_pos (after the bytes are in
 place). Encryptors advance claim_pos under an exclusive fcntl lock on the ring file, and
@@ -28,6 +31,19 @@ persist the new claim high-water mark durably *before* using the bytes (invarian
 claims are large (about 1 MiB), so the lock is taken rarely. Whoever has finished with
 bytes advances release_pos, wiping them first (invariant 6). Aligned 8-byte cursor stores
 are single instructions on x86-64, so readers never see a torn cursor.
+
+Lanes (one per OTP worker, plus a control lane for the tunnel manager). In an ENC ring,
+lane i holds (used, end) of the chunk worker i holds: bytes [used, end) are still its own,
+end = 0 when it holds none. The release point is the lowest ``used`` of all held chunks (or
+claim_pos), so chunks finishing out of order never free bytes someone still reads. In a
+DEC ring, lane i's first word is the next position lane i may accept: positions below it
+were accepted once and are refused from then on (no replay), also across a worker restart.
+
+Freeing bytes is three ordered stores: release_pos first, then the wipe, then free_pos. A
+reader that finds release_pos still <= its position after using the bytes knows they were
+not wiped under it (x86-64 keeps stores in order); the writer only reuses bytes below
+free_pos, so it never writes where a wipe is still running. Readers never trust all-zero
+key (a wiped Poly1305 key).
 """
 
 from __future__ import annotations
@@ -46,11 +62,15 @@ import numpy as np
 from dataplane.limits import RING_HEADER_SIZE
 
 MAGIC = int.from_bytes(b"QKDRING1", "little")
-VERSION = 1
+VERSION = 2
 SHM_DIR = Path("/dev/shm")
 
-F_MAGIC, F_VERSION, F_CAPACITY, F_BLOCK, F_WRITE, F_CLAIM, F_RELEASE, F_EPOCH, F_ROLE = range(9)
+(F_MAGIC, F_VERSION, F_CAPACITY, F_BLOCK, F_WRITE, F_CLAIM, F_RELEASE, F_EPOCH, F_ROLE,
+ F_FREE) = range(10)
 ROLE_ENC, ROLE_DEC = 0, 1
+LANE_BASE = 64  # header word index of lane 0
+MAX_LANES = 64
+CONTROL_LANE = MAX_LANES - 1  # the tunnel manager's own lane (keepalives)
 
 
 class RingError(Exception):
@@ -90,7 +110,9 @@ class CursorFile:
             return 0
 
     def store(self, high_water: int) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        """Record ``high_water`` durably; never lowers the recorded mark."""
+        high_water = max(high_water, self.load())
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, json.dumps({"high_water": high_water}).encode())
@@ -150,13 +172,14 @@ class KeyRing:
             else:
                 os.ftruncate(fd, size)
                 mm = mmap.mmap(fd, size)
-                hdr = np.ndarray((9,), dtype=np.uint64, buffer=mm)
+                hdr = np.ndarray((10,), dtype=np.uint64, buffer=mm)
                 start = cursor_file.load()
                 hdr[F_CAPACITY] = capacity
                 hdr[F_BLOCK] = block_size
                 hdr[F_WRITE] = start
                 hdr[F_CLAIM] = start
                 hdr[F_RELEASE] = start
+                hdr[F_FREE] = start
                 hdr[F_EPOCH] = secrets.randbits(63)
                 hdr[F_ROLE] = role
                 hdr[F_VERSION] = VERSION
@@ -213,6 +236,10 @@ class KeyRing:
         return int(self._hdr[F_RELEASE])
 
     @property
+    def free_pos(self) -> int:
+        return int(self._hdr[F_FREE])
+
+    @property
     def epoch(self) -> int:
         return int(self._hdr[F_EPOCH])
 
@@ -231,7 +258,7 @@ class KeyRing:
         w = self.write_pos
         if pos != w:
             raise RingError(f"{self.name}: write at {pos} but write_pos is {w}")
-        free = self.capacity - (w - self.release_pos)
+        free = self.capacity - (w - self.free_pos)
         if n > free:
             raise RingError(f"{self.name}: {n} B do not fit ({free} B free)")
         src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
@@ -250,10 +277,10 @@ class KeyRing:
         """
         if pos < self.write_pos:
             raise RingError(f"{self.name}: cannot skip back from {self.write_pos} to {pos}")
-        if self._cursor_file is not None:
-            self._cursor_file.store(max(pos, self._cursor_file.load()))
         self._lock()
         try:
+            if self._cursor_file is not None:
+                self._cursor_file.store(pos)
             w, c, r = self.write_pos, self.claim_pos, self.release_pos
             if int(self._hdr[F_ROLE]) == ROLE_ENC:
                 # Claimed bytes belong to the encryptor using them: wiping them under it
@@ -263,11 +290,13 @@ class KeyRing:
                 self._hdr[F_CLAIM] = pos
                 if r == c:
                     self._hdr[F_RELEASE] = pos
+                    self._hdr[F_FREE] = pos
             else:
+                self._hdr[F_RELEASE] = pos  # first: readers re-check it after use
                 self._wipe(r, w)
                 self._hdr[F_WRITE] = pos
                 self._hdr[F_CLAIM] = pos
-                self._hdr[F_RELEASE] = pos
+                self._hdr[F_FREE] = pos
         finally:
             self._unlock()
 
@@ -313,12 +342,99 @@ class KeyRing:
             raise RingError(f"{self.name}: release to {upto} beyond "
                             f"{'claim_pos' if limit == self.claim_pos else 'write_pos'} {limit}"
                             " (ENC key must be claimed before it is released)")
-        self._wipe(r, upto)
-        self._hdr[F_RELEASE] = upto
+        self._free_upto(upto)
+
+    # ---- lanes (OTP workers) -----------------------------------------------------------
+
+    def claim_chunk(self, lane: int, n: int) -> tuple[int, int]:
+        """ENC: give up ``lane``'s current chunk, free what nobody holds, claim a new one.
+
+        Returns (pos, length); length 0 when no key is there. Durable before returning,
+        like :meth:`claim`.
+        """
+        base = LANE_BASE + 2 * lane
+        self._lock()
+        try:
+            self._hdr[base + 1] = 0
+            self._release_enc_locked()
+            c = self.claim_pos
+            take = min(n, self.write_pos - c)
+            if take <= 0:
+                return c, 0
+            if self._cursor_file is not None:
+                self._cursor_file.store(c + take)
+            self._hdr[base] = c
+            self._hdr[base + 1] = c + take
+            self._hdr[F_CLAIM] = c + take
+            return c, take
+        finally:
+            self._unlock()
+
+    def set_used(self, lane: int, used: int) -> None:
+        """ENC hot path: bytes of ``lane``'s chunk below ``used`` are spent."""
+        self._hdr[LANE_BASE + 2 * lane] = used
+
+    def retire(self, lane: int) -> None:
+        """ENC: ``lane`` gives up its chunk (idle, or exiting); its rest is never used."""
+        self._lock()
+        try:
+            self._hdr[LANE_BASE + 2 * lane + 1] = 0
+            self._release_enc_locked()
+        finally:
+            self._unlock()
+
+    def chunk_of(self, lane: int) -> tuple[int, int]:
+        base = LANE_BASE + 2 * lane
+        return int(self._hdr[base]), int(self._hdr[base + 1])
+
+    def _held_chunks(self) -> list[tuple[int, int]]:
+        words = self._hdr[LANE_BASE:LANE_BASE + 2 * MAX_LANES].reshape(MAX_LANES, 2)
+        return [(int(u), int(e)) for u, e in words if e != 0]
+
+    def _release_enc_locked(self) -> None:
+        target = min([self.claim_pos] + [u for u, _ in self._held_chunks()])
+        if target > self.release_pos:
+            self._free_upto(target)
+
+    def lane_next(self, lane: int) -> int:
+        """DEC: the lowest position ``lane`` may still accept."""
+        return int(self._hdr[LANE_BASE + 2 * lane])
+
+    def set_lane_next(self, lane: int, pos: int) -> None:
+        self._hdr[LANE_BASE + 2 * lane] = pos
+
+    def release_dec(self, upto: int) -> None:
+        """DEC: free everything below ``upto`` (bounded by write_pos), under the lock;
+        release_pos moves before the wipe so readers can detect it."""
+        self._lock()
+        try:
+            upto = min(upto, self.write_pos)
+            if upto > self.release_pos:
+                self._free_upto(upto)
+        finally:
+            self._unlock()
+
+    def reset_lanes(self) -> None:
+        """ENC: forget every held chunk (no worker is running); their rest is never used."""
+        self._lock()
+        try:
+            for lane in range(MAX_LANES):
+                self._hdr[LANE_BASE + 2 * lane + 1] = 0
+            if self.is_enc:
+                self._release_enc_locked()
+        finally:
+            self._unlock()
 
     @property
     def is_enc(self) -> bool:
         return int(self._hdr[F_ROLE]) == ROLE_ENC
+
+    def _free_upto(self, upto: int) -> None:
+        """Release, wipe, then free [release_pos, upto), in that order (see module doc)."""
+        r = self.release_pos
+        self._hdr[F_RELEASE] = upto
+        self._wipe(r, upto)
+        self._hdr[F_FREE] = upto
 
     def _wipe(self, start: int, end: int) -> None:
         n = end - start
