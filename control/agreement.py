@@ -15,7 +15,8 @@ Protocol (messages in :mod:`control.agreement_msgs`; ``sync`` numbers one sessio
 2. The follower reports the blocks it holds, ``Have(sync, ids, released)``. The leader
    decides a block once both ends hold it (`SplitPolicy` picks the direction by the
    configured ratio; a block that does not fit in the chosen direction's ring at *both*
-   ends — the upper limit — is discarded), writes it to its ring at the direction's next
+   ends — the upper limit — goes to the other direction if that one has a share and room,
+   else it is discarded), writes it to its ring at the direction's next
    position and sends ``Decide(sync, [(id, fate, pos)])``.
 3. A block one end lacks is discarded: when the other end has already seen a later block
    of the same source epoch (sources deliver in order), or after a timeout.
@@ -189,7 +190,9 @@ class _End:
         return Dropped(block, size, reason)
 
     def _skip(self, direction: int, pos: int) -> list[Action]:
-        if pos <= self.write_pos[direction]:
+        # Also at pos == write_pos: the other end discards what it holds below pos, so
+        # this end must not hand out its unclaimed bytes below pos either.
+        if pos < self.write_pos[direction]:
             return []
         self.counters.bytes_skipped[direction] += pos - self.write_pos[direction]
         self.write_pos[direction] = pos
@@ -275,8 +278,15 @@ class Leader(_End):
             data, _ = self.pending.pop(block)
             del self.peer_has[block]
             d = self.policy.choose(len(data))
-            if self._fits(d, len(data), released):
+            fits = self._fits(d, len(data), released)
+            if fits:
                 self.policy.record(d, len(data))
+            elif self.policy.weights[1 - d] and self._fits(1 - d, len(data), released):
+                # Work-conserving: a full direction (idle traffic) does not waste key the
+                # other direction can take. The ratio restarts from here.
+                d, fits = 1 - d, True
+                self.policy.assigned = [0, 0]
+            if fits:
                 pos = self.write_pos[d]
                 out.append(self._store(d, pos, block, data))
                 decisions.append(Decision(block, Fate(d), pos))

@@ -8,6 +8,7 @@ and nothing starts while any remain.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -23,7 +24,16 @@ from pydantic import (
     field_validator,
 )
 
-from dataplane.limits import MAX_BLOCK_SIZE, MAX_RING_CAPACITY, MIN_BLOCK_SIZE
+from dataplane.limits import (
+    CONVENTIONAL_MTU,
+    MAX_BLOCK_SIZE,
+    MAX_RING_CAPACITY,
+    MAX_WORKERS,
+    MIN_BLOCK_SIZE,
+    MIN_CHUNK,
+    MIN_MTU,
+)
+from dataplane.wire import MAX_PAYLOAD
 
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,7}")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,7}")
@@ -119,6 +129,33 @@ class LinkDefaults(_Strict):
     _cap = field_validator("ring_capacity")(check_ring_capacity)
 
 
+class DataplaneSection(_Strict):
+    """The OTP tunnels (module 2): one TUN per link served by a pool of workers."""
+
+    mode: Literal["proposed", "conventional"] = Field(
+        "proposed", description="proposed: key claimed in chunks, large MTU; conventional: "
+                                "key removed per packet, MTU 1500 (for comparison)")
+    workers: int = Field(0, ge=0, le=MAX_WORKERS, description="per link end; 0 = cores")
+    mtu: int = Field(0, ge=0, le=MAX_PAYLOAD, description="TUN MTU; 0 = largest")
+    chunk_size: Size = 1 << 20
+    key_wait_ms: int = Field(100, ge=0, le=10_000)
+    tunnel_net: ipaddress.IPv4Network = ipaddress.IPv4Network("10.89.0.0/16")
+
+    @field_validator("mtu")
+    @classmethod
+    def _mtu(cls, v: int) -> int:
+        if v and v < MIN_MTU:
+            raise ValueError(f"must be 0 (largest) or at least {MIN_MTU}")
+        return v
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk(cls, v: int) -> int:
+        if not MIN_CHUNK <= v <= MAX_BLOCK_SIZE:
+            raise ValueError(f"must be between {MIN_CHUNK} B and {MAX_BLOCK_SIZE >> 20} MiB")
+        return v
+
+
 class Node(_Strict):
     name: str
     id: int | None = Field(None, ge=1, le=65535)
@@ -157,6 +194,7 @@ class TopologyFile(_Strict):
     network: NetworkSection
     ports: Ports = Ports()
     defaults: LinkDefaults = LinkDefaults()
+    dataplane: DataplaneSection = DataplaneSection()
     nodes: list[Node] = Field(min_length=2)
     links: list[Link] = Field(min_length=1)
     saes: list[Sae] = []
@@ -189,6 +227,28 @@ class LinkSpec:
 
 
 @dataclass(frozen=True)
+class DataplaneSpec:
+    """The dataplane settings with defaults resolved (workers and MTU made concrete)."""
+
+    mode: str
+    workers: int
+    mtu: int
+    chunk_size: int
+    key_wait_s: float
+    tunnel_net: ipaddress.IPv4Network
+
+    @property
+    def conventional(self) -> bool:
+        return self.mode == "conventional"
+
+    def tunnel_addresses(self, link_index: int) -> tuple[ipaddress.IPv4Address,
+                                                          ipaddress.IPv4Address]:
+        """Point-to-point addresses of a link's TUN: (end a, end b), a /30 per link."""
+        base = self.tunnel_net.network_address + 4 * link_index
+        return base + 1, base + 2
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     name: str
     id: int
@@ -204,6 +264,7 @@ class Topology:
     nodes: dict[str, NodeSpec]
     links: tuple[LinkSpec, ...]
     saes: tuple[Sae, ...]
+    dataplane: DataplaneSpec
 
     def node(self, name: str) -> NodeSpec:
         try:
@@ -278,6 +339,11 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
                 problems.append((f"nodes[{i}].address",
                                  f"{n.address} is outside network.node_net "
                                  f"{raw.network.node_net}"))
+    if 4 * len(raw.links) > raw.dataplane.tunnel_net.num_addresses:
+        problems.append(("dataplane.tunnel_net", "too small: every link needs a /30"))
+    if raw.dataplane.tunnel_net.overlaps(raw.network.node_net):
+        problems.append(("dataplane.tunnel_net",
+                         f"overlaps network.node_net {raw.network.node_net}"))
     if len(raw.nodes) > raw.network.node_net.num_addresses - 2:
         problems.append(("network.node_net", "too small for the number of nodes"))
     seen_pairs: dict[frozenset[str], int] = {}
@@ -352,8 +418,15 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
             block_size=lk.block_size or d.block_size,
             ring_capacity=lk.ring_capacity or d.ring_capacity,
             ratio=lk.ratio or d.ratio, source=lk.source, auth_key_file=key_file))
+    dp = raw.dataplane
+    mtu = dp.mtu or (CONVENTIONAL_MTU if dp.mode == "conventional" else MAX_PAYLOAD)
+    dataplane = DataplaneSpec(mode=dp.mode, workers=dp.workers or min(os.cpu_count() or 1,
+                                                                        MAX_WORKERS),
+                              mtu=mtu, chunk_size=dp.chunk_size,
+                              key_wait_s=dp.key_wait_ms / 1000, tunnel_net=dp.tunnel_net)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
-                    ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes))
+                    ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
+                    dataplane=dataplane)
 
 
 def parse_topology(text: str, path: Path | str = "<string>") -> Topology:

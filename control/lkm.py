@@ -101,6 +101,7 @@ class LinkKeyManager:
         self.peer_sock: socket.socket | None = None
         self.codec: FrameCodec | None = None
         self.source_up = False
+        self.source_reading = False
         self.source_error = ""
         self.peer_error = ""
         self.stop = False
@@ -153,8 +154,32 @@ class LinkKeyManager:
         self.source_up = True
         self.source_error = ""
         self.sel.register(self.cfg.source.fileno(), selectors.EVENT_READ, "source")
+        self.source_reading = True
         log.info("link %s: key source connected (%s)", self.cfg.link.name,
                  self.cfg.source.description)
+
+    def _has_room(self) -> bool:
+        """Can a ring this link's ratio feeds take another block?"""
+        lk = self.cfg.link
+        for d, share in zip((AB, BA), lk.ratio, strict=True):
+            r = self.rings[d]
+            if share and r.capacity - (r.write_pos - r.free_pos) >= lk.block_size:
+                return True
+        return False
+
+    def _pace_source(self) -> None:
+        """Stop reading the source while every ring it feeds is full, so an unthrottled
+        source waits (and a throttled one drops) instead of burning CPU on discards."""
+        if not self.source_up:
+            return
+        room = self._has_room()
+        if room == self.source_reading:
+            return
+        if room:
+            self.sel.register(self.cfg.source.fileno(), selectors.EVENT_READ, "source")
+        else:
+            self.sel.unregister(self.cfg.source.fileno())
+        self.source_reading = room
 
     def _on_source(self, now: float) -> None:
         try:
@@ -163,7 +188,9 @@ class LinkKeyManager:
             log.warning("link %s: key source lost: %s; running on stored key",
                         self.cfg.link.name, e)
             self.source_error = str(e)
-            self.sel.unregister(self.cfg.source.fileno())
+            if self.source_reading:
+                self.sel.unregister(self.cfg.source.fileno())
+            self.source_reading = False
             self.cfg.source.close()
             self.source_up = False
             self._next_source_try = now + RECONNECT_S
@@ -297,6 +324,7 @@ class LinkKeyManager:
             "role": "leader" if self.is_leader else "follower", "pid": os.getpid(),
             "updated": time.time(), "started": self.started,
             "source": {"up": self.source_up, "error": self.source_error,
+                       "paused": self.source_up and not self.source_reading,
                        "description": self.cfg.source.description},
             "agreement": {"connected": self.peer_sock is not None,
                           "synced": self.machine.synced, "session": self.machine.sync,
@@ -335,6 +363,7 @@ class LinkKeyManager:
             while not self.stop:
                 now = time.monotonic()
                 self._try_source(now)
+                self._pace_source()
                 self._try_peer(now)
                 for key, _ in self.sel.select(timeout=0.1):
                     now = time.monotonic()

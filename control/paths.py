@@ -51,6 +51,11 @@ def ring_name(prefix: str, node: str, link: str, direction: str) -> str:
     return f"{SHM_PREFIX}{prefix}-{node}-{link}-{direction}"
 
 
+def stats_name(prefix: str, node: str, link: str) -> str:
+    """Shared-memory name of a link end's dataplane counters."""
+    return f"{SHM_PREFIX}{prefix}-{node}-{link}-stats"
+
+
 def ring_names_of_network(prefix: str) -> list[str]:
     shm = Path("/dev/shm")
     return sorted(p.name for p in shm.glob(f"{SHM_PREFIX}{prefix}-*"))

@@ -1,9 +1,10 @@
 """Node supervisor: runs a node's modules as processes and keeps them running.
 
-`qkdctl node run` lands here. Each module (today: one local key manager per link) is a
-child process that dies with the supervisor (PR_SET_PDEATHSIG). A crashed child is
-restarted with backoff; SIGTERM/SIGINT stops every child within seconds. The state of
-every module is published in ``state.json`` beside the modules' own status files.
+`qkdctl node run` lands here. Each module is a child process that dies with the supervisor
+(PR_SET_PDEATHSIG): per link a local key manager and an OTP tunnel manager (which runs its
+own worker pool), per node the router. A crashed child is restarted with backoff;
+SIGTERM/SIGINT stops every child within seconds. The state of every module is published
+in ``state.json`` beside the modules' own status files.
 """
 
 from __future__ import annotations
@@ -71,8 +72,16 @@ class Supervisor:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ctx = mp.get_context("fork")
         sd = str(state_dir) if state_dir else None
-        self.modules = [Module(f"lkm:{lk.name}", _lkm_main, (str(topo.path), node, lk.name, sd))
-                        for lk in topo.links_of(node)]
+        from control.router import router_main
+        from dataplane.tunnel import tunnel_main
+
+        cfg = str(topo.path)
+        links = topo.links_of(node)
+        self.modules = [Module(f"lkm:{lk.name}", _lkm_main, (cfg, node, lk.name, sd))
+                        for lk in links]
+        self.modules += [Module(f"tunnel:{lk.name}", tunnel_main, (cfg, node, lk.name, sd))
+                         for lk in links]
+        self.modules.append(Module("router", router_main, (cfg, node)))
         self.stopping = False
 
     def _start(self, m: Module) -> None:

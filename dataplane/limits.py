@@ -9,4 +9,13 @@ MAX_PENDING_BYTES = 256 << 20       # ... and their total size
 PENDING_BLOCK_TIMEOUT_S = 5.0       # an undecided block older than this is discarded
 MAX_AGREEMENT_FRAME = 1 << 20       # largest agreement message on the wire
 EMULATOR_QUEUE_BLOCKS = 64          # blocks the emulator buffers per slow end, then drops
-MAX_UNDERLAY_MTU = 65535          # veth MTU of the emulated underlay
+MAX_UNDERLAY_MTU = 65535            # veth MTU of the emulated underlay
+MAX_WORKERS = 63                    # OTP workers per link end (ring lanes 0..62; 63 = control)
+MIN_MTU = 576                       # smallest TUN MTU (IPv4 minimum datagram)
+CONVENTIONAL_MTU = 1500             # the paper's conventional tunnel
+MIN_CHUNK = 4096                    # smallest key chunk a worker claims at once
+IDLE_RETIRE_S = 0.05                # a worker idle this long gives back its chunk
+LINK_DEAD_S = 1.0                   # no keepalive from the peer for this long: link down
+KEEPALIVE_S = 0.2                   # keepalive period of a tunnel manager
+LSA_MAX_AGE_S = 3.0                 # a link-state entry not refreshed this long is dropped
+RELEASE_GRACE_S = 0.1               # DEC key is freed this long after the peer released it

@@ -15,9 +15,10 @@ unlink it when a reader exits):
     56      8     epoch         random identity of this ring's incarnation
     64      8     role          0 = ENC (this node encrypts), 1 = DEC
     72      8     free_pos      stream position before which bytes are wiped (writer's bound)
-    80..511       reserved (zero)
-    512     1024  lane words, 64 lanes x 2 u64 (see below)
-    1536..4095    reserved (zero)
+    80      8     durable_pos   ENC: claims below it are covered by the cursor file already
+    88..511       reserved (zero)
+    512     1536  lane words, 64 lanes x 3 u64 (see below)
+    2048..4095    reserved (zero)
     4096    capacity  key bytes; stream position p lives at 4096 + p % capacity
 
 Positions are 64-bit byte offsets into the link direction's key stream; both link ends
@@ -33,9 +34,11 @@ bytes advances release_pos, wiping them first (invariant 6). Aligned 8-byte curs
 are single instructions on x86-64, so readers never see a torn cursor.
 
 Lanes (one per OTP worker, plus a control lane for the tunnel manager). In an ENC ring,
-lane i holds (used, end) of the chunk worker i holds: bytes [used, end) are still its own,
-end = 0 when it holds none. The release point is the lowest ``used`` of all held chunks (or
-claim_pos), so chunks finishing out of order never free bytes someone still reads. In a
+lane i holds (start, used, end) of the chunk worker i holds: bytes [used, end) are still
+its own, end = 0 when it holds none; the holder wipes bytes as it uses them (in cache),
+and the rest is wiped when the chunk is given up (all of it if the holder died). The
+release point is the lowest ``used`` of all held chunks (or claim_pos), so chunks
+finishing out of order never free bytes someone still reads. In a
 DEC ring, lane i's first word is the next position lane i may accept: positions below it
 were accepted once and are refused from then on (no replay), also across a worker restart.
 
@@ -66,11 +69,20 @@ VERSION = 2
 SHM_DIR = Path("/dev/shm")
 
 (F_MAGIC, F_VERSION, F_CAPACITY, F_BLOCK, F_WRITE, F_CLAIM, F_RELEASE, F_EPOCH, F_ROLE,
- F_FREE) = range(10)
+ F_FREE, F_DURABLE) = range(11)
+DURABLE_AHEAD = 64 << 20  # claims are made durable this far ahead: one fsync per 64 MiB
 ROLE_ENC, ROLE_DEC = 0, 1
 LANE_BASE = 64  # header word index of lane 0
+LANE_WORDS = 3  # ENC: start, used, end of the chunk held; DEC: next position, -, -
 MAX_LANES = 64
 CONTROL_LANE = MAX_LANES - 1  # the tunnel manager's own lane (keepalives)
+
+
+def _map(fd: int, size: int) -> mmap.mmap:
+    """Map a ring with its page tables filled up front (MAP_POPULATE): otherwise every
+    process pays a page fault per 4 KiB of key on the ring's first lap."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(fd, size, flags=flags)
 
 
 class RingError(Exception):
@@ -140,6 +152,7 @@ class KeyRing:
         self._data = np.ndarray((self.capacity,), dtype=np.uint8, buffer=mm,
                                 offset=RING_HEADER_SIZE)
         self._cursor_file = cursor_file
+        self.data_addr = self._data.ctypes.data  # for address-level MAC calls
 
     # ---- opening ----------------------------------------------------------------------
 
@@ -159,7 +172,7 @@ class KeyRing:
             st = os.fstat(fd)
             fresh = st.st_size == 0
             if not fresh:
-                mm = mmap.mmap(fd, st.st_size)
+                mm = _map(fd, st.st_size)
                 hdr = np.ndarray((9,), dtype=np.uint64, buffer=mm)
                 valid = (int(hdr[F_MAGIC]) == MAGIC and int(hdr[F_VERSION]) == VERSION
                          and int(hdr[F_CAPACITY]) == capacity and int(hdr[F_ROLE]) == role
@@ -171,7 +184,7 @@ class KeyRing:
                                     f"(qkdctl net down) or keep the old capacity")
             else:
                 os.ftruncate(fd, size)
-                mm = mmap.mmap(fd, size)
+                mm = _map(fd, size)
                 hdr = np.ndarray((10,), dtype=np.uint64, buffer=mm)
                 start = cursor_file.load()
                 hdr[F_CAPACITY] = capacity
@@ -202,7 +215,7 @@ class KeyRing:
         if size <= RING_HEADER_SIZE:
             os.close(fd)
             raise RingError(f"ring {name} is not initialised yet")
-        mm = mmap.mmap(fd, size)
+        mm = _map(fd, size)
         if int.from_bytes(mm[:8], "little") != MAGIC:
             mm.close()
             os.close(fd)
@@ -332,6 +345,18 @@ class KeyRing:
         first = self.capacity - off
         return np.concatenate((self._data[off:], self._data[:n - first]))
 
+    def locate(self, pos: int, n: int) -> tuple[np.ndarray, int]:
+        """:meth:`read` plus the bytes' address (of the copy, when they wrap)."""
+        pad = self.read(pos, n)
+        off = pos % self.capacity
+        if off + n <= self.capacity:
+            return pad, self.data_addr + off
+        return pad, pad.ctypes.data
+
+    def wipe_used(self, pos: int, n: int) -> None:
+        """Wipe key just used, while it is still in cache (cheaper than at release)."""
+        self._wipe(pos, pos + n)
+
     def release(self, upto: int) -> None:
         """Wipe and free everything below ``upto`` (used in large blocks, Fig. 4(b))."""
         r = self.release_pos
@@ -350,58 +375,87 @@ class KeyRing:
         """ENC: give up ``lane``'s current chunk, free what nobody holds, claim a new one.
 
         Returns (pos, length); length 0 when no key is there. Durable before returning,
-        like :meth:`claim`.
+        like :meth:`claim`. The holder wipes what it uses as it goes (:meth:`wipe_used`);
+        the unused rest of a chunk is wiped when it is given up.
         """
-        base = LANE_BASE + 2 * lane
+        base = LANE_BASE + LANE_WORDS * lane
         self._lock()
         try:
-            self._hdr[base + 1] = 0
-            self._release_enc_locked()
+            self._give_up_locked(lane, dead=False)
             c = self.claim_pos
             take = min(n, self.write_pos - c)
             if take <= 0:
                 return c, 0
-            if self._cursor_file is not None:
-                self._cursor_file.store(c + take)
+            self._make_durable(c + take)
             self._hdr[base] = c
-            self._hdr[base + 1] = c + take
+            self._hdr[base + 1] = c
+            self._hdr[base + 2] = c + take
             self._hdr[F_CLAIM] = c + take
             return c, take
         finally:
             self._unlock()
 
-    def set_used(self, lane: int, used: int) -> None:
-        """ENC hot path: bytes of ``lane``'s chunk below ``used`` are spent."""
-        self._hdr[LANE_BASE + 2 * lane] = used
+    def _make_durable(self, upto: int) -> None:
+        """Persist a high-water mark covering ``upto`` before anything below it is used.
 
-    def retire(self, lane: int) -> None:
-        """ENC: ``lane`` gives up its chunk (idle, or exiting); its rest is never used."""
+        Marks are stored DURABLE_AHEAD beyond the need, so the fsync is paid once per
+        64 MiB of key, not per chunk: after a crash or reboot the ring restarts at the
+        stored mark and skips the unused rest (key is lost, never reused).
+        """
+        if self._cursor_file is None or upto <= int(self._hdr[F_DURABLE]):
+            return
+        mark = upto + min(DURABLE_AHEAD, self.capacity)
+        self._cursor_file.store(mark)
+        self._hdr[F_DURABLE] = mark
+
+    def set_used(self, lane: int, used: int) -> None:
+        """ENC hot path: bytes of ``lane``'s chunk below ``used`` are spent (and wiped)."""
+        self._hdr[LANE_BASE + LANE_WORDS * lane + 1] = used
+
+    def retire(self, lane: int, dead: bool = False) -> None:
+        """ENC: ``lane`` gives up its chunk (idle, exiting, or ``dead``: its holder was
+        killed, so even what it used may not be wiped); its rest is never used."""
         self._lock()
         try:
-            self._hdr[LANE_BASE + 2 * lane + 1] = 0
-            self._release_enc_locked()
+            self._give_up_locked(lane, dead)
         finally:
             self._unlock()
 
-    def chunk_of(self, lane: int) -> tuple[int, int]:
-        base = LANE_BASE + 2 * lane
-        return int(self._hdr[base]), int(self._hdr[base + 1])
+    def chunk_of(self, lane: int) -> tuple[int, int, int]:
+        """(start, used, end) of the chunk ``lane`` holds; end = 0 when none."""
+        base = LANE_BASE + LANE_WORDS * lane
+        return int(self._hdr[base]), int(self._hdr[base + 1]), int(self._hdr[base + 2])
+
+    def _lanes(self) -> np.ndarray:
+        return self._hdr[LANE_BASE:LANE_BASE + LANE_WORDS * MAX_LANES].reshape(MAX_LANES,
+                                                                              LANE_WORDS)
 
     def _held_chunks(self) -> list[tuple[int, int]]:
-        words = self._hdr[LANE_BASE:LANE_BASE + 2 * MAX_LANES].reshape(MAX_LANES, 2)
-        return [(int(u), int(e)) for u, e in words if e != 0]
+        words = self._lanes()
+        return [(int(u), int(e)) for _, u, e in words[words[:, 2] != 0]]
+
+    def _give_up_locked(self, lane: int, dead: bool) -> None:
+        start, used, end = self.chunk_of(lane)
+        if end:
+            self._wipe(start if dead else used, end)
+            self._hdr[LANE_BASE + LANE_WORDS * lane + 2] = 0
+        self._release_enc_locked()
 
     def _release_enc_locked(self) -> None:
-        target = min([self.claim_pos] + [u for u, _ in self._held_chunks()])
+        """Move the release point up to the lowest byte still held; every byte below it
+        was wiped by its holder or when its chunk was given up."""
+        words = self._lanes()
+        used = words[words[:, 2] != 0, 1]
+        target = min(self.claim_pos, int(used.min())) if len(used) else self.claim_pos
         if target > self.release_pos:
-            self._free_upto(target)
+            self._free_upto(target, wipe=False)
 
     def lane_next(self, lane: int) -> int:
         """DEC: the lowest position ``lane`` may still accept."""
-        return int(self._hdr[LANE_BASE + 2 * lane])
+        return int(self._hdr[LANE_BASE + LANE_WORDS * lane])
 
     def set_lane_next(self, lane: int, pos: int) -> None:
-        self._hdr[LANE_BASE + 2 * lane] = pos
+        self._hdr[LANE_BASE + LANE_WORDS * lane] = pos
 
     def release_dec(self, upto: int) -> None:
         """DEC: free everything below ``upto`` (bounded by write_pos), under the lock;
@@ -415,13 +469,12 @@ class KeyRing:
             self._unlock()
 
     def reset_lanes(self) -> None:
-        """ENC: forget every held chunk (no worker is running); their rest is never used."""
+        """ENC: give up every held chunk (no holder is running any more): wiped whole,
+        never used again."""
         self._lock()
         try:
             for lane in range(MAX_LANES):
-                self._hdr[LANE_BASE + 2 * lane + 1] = 0
-            if self.is_enc:
-                self._release_enc_locked()
+                self._give_up_locked(lane, dead=True)
         finally:
             self._unlock()
 
@@ -429,11 +482,12 @@ class KeyRing:
     def is_enc(self) -> bool:
         return int(self._hdr[F_ROLE]) == ROLE_ENC
 
-    def _free_upto(self, upto: int) -> None:
+    def _free_upto(self, upto: int, wipe: bool = True) -> None:
         """Release, wipe, then free [release_pos, upto), in that order (see module doc)."""
         r = self.release_pos
         self._hdr[F_RELEASE] = upto
-        self._wipe(r, upto)
+        if wipe:
+            self._wipe(r, upto)
         self._hdr[F_FREE] = upto
 
     def _wipe(self, start: int, end: int) -> None:

@@ -25,13 +25,14 @@ All functions work on numpy uint8 buffers in place; the worker process owns the 
 
 from __future__ import annotations
 
+import hmac
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from dataplane import poly1305
 from dataplane.ring import CONTROL_LANE, MAX_LANES
 
 VERSION = 1
@@ -53,8 +54,7 @@ class WireError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     flags: int
     direction: int
     lane: int
@@ -82,10 +82,13 @@ def datagram_len(length: int) -> int:
 
 
 def seal(buf: np.ndarray, length: int, pad: np.ndarray, *, link: int, direction: int,
-         lane: int, pos: int, release: int, flags: int = 0) -> int:
+         lane: int, pos: int, release: int, flags: int = 0,
+         addrs: tuple[int, int] | None = None) -> int:
     """Turn the plaintext at ``buf[32:32+length]`` into a datagram in place.
 
     ``pad`` holds the ``32 + length`` key bytes at ``pos``. Returns the datagram length.
+    ``addrs`` = (address of buf, address of pad), when the caller knows them, lets the
+    tag be computed straight into the buffer (see :func:`poly1305.tag_into`).
     """
     if not 0 <= length <= MAX_PAYLOAD:
         raise WireError("toolong", f"{length} B payload (at most {MAX_PAYLOAD})")
@@ -96,8 +99,11 @@ def seal(buf: np.ndarray, length: int, pad: np.ndarray, *, link: int, direction:
     HEADER.pack_into(buf, 0, VERSION, flags, direction, lane, link, 0, pos, release,
                      length, 0)
     end = HEADER_LEN + length
-    buf[end:end + TAG_LEN] = np.frombuffer(
-        Poly1305.generate_tag(pad[:MAC_KEY_LEN], buf[:end]), dtype=np.uint8)
+    if addrs is not None and poly1305.HAVE_ADDRESSES:
+        poly1305.tag_into(addrs[1], addrs[0], end, addrs[0] + end)
+    else:
+        buf[end:end + TAG_LEN] = np.frombuffer(poly1305.tag(pad[:MAC_KEY_LEN], buf[:end]),
+                                               dtype=np.uint8)
     return end + TAG_LEN
 
 
@@ -123,7 +129,12 @@ def parse(buf: np.ndarray | bytes, n: int, *, link: int, direction: int) -> Head
     return Header(flags, d, lane, lk, pos, release, length)
 
 
-def open_(buf: np.ndarray, hdr: Header, pad: np.ndarray) -> np.ndarray:
+_scratch = np.zeros(TAG_LEN, dtype=np.uint8)
+_scratch_addr = _scratch.ctypes.data
+
+
+def open_(buf: np.ndarray, hdr: Header, pad: np.ndarray,
+          addrs: tuple[int, int] | None = None) -> np.ndarray:
     """Verify the tag with the pad's MAC key, then decrypt in place; returns the payload.
 
     Raises WireError('zerokey') for wiped key (all zero: a Poly1305 key anyone could use)
@@ -135,10 +146,15 @@ def open_(buf: np.ndarray, hdr: Header, pad: np.ndarray) -> np.ndarray:
     if not key.any():
         raise WireError("zerokey", f"pad at {hdr.pos} is wiped")
     end = HEADER_LEN + hdr.length
-    try:
-        Poly1305.verify_tag(key, buf[:end], buf[end:end + TAG_LEN].tobytes())
-    except InvalidSignature:
-        raise WireError("mac", f"bad tag at position {hdr.pos}") from None
+    if addrs is not None and poly1305.HAVE_ADDRESSES:
+        poly1305.tag_into(addrs[1], addrs[0], end, _scratch_addr)
+        if not hmac.compare_digest(_scratch.tobytes(), buf[end:end + TAG_LEN].tobytes()):
+            raise WireError("mac", f"bad tag at position {hdr.pos}")
+    else:
+        try:
+            poly1305.verify(key, buf[:end], buf[end:end + TAG_LEN].tobytes())
+        except InvalidSignature:
+            raise WireError("mac", f"bad tag at position {hdr.pos}") from None
     body = buf[HEADER_LEN:end]
     np.bitwise_xor(body, pad[MAC_KEY_LEN:], out=body)
     return body

@@ -339,6 +339,35 @@ def test_split_policy_follows_ratio_exactly():
 
 
 
+def test_full_direction_spills_over_to_the_other():
+    # 1:1, but nothing frees b->a: once it is full, a->b takes every block (no waste),
+    # and a direction with no share never gets any.
+    sim = Sim((1, 1), capacity=64, seed=5)
+    sim.connect()
+    quiesce(sim)
+    for _ in range(10):
+        sim.new_block(16, False, False)
+        sim.deliver_block(LEADER)
+        sim.deliver_block(FOLLOWER)
+        quiesce(sim)
+        sim.claim(AB, 16)
+        sim.release_dec(AB, 1.0)
+    assert sim.rings[LEADER][BA].write == 64  # b->a full after its 4 alternate blocks
+    assert sim.rings[LEADER][AB].write == 96  # ... so a->b took the other 6
+    assert sim.ends[LEADER].counters.blocks_discarded.get("ring_full", 0) == 0
+    assert_rings_agree(sim)
+    one_way = Sim((1, 0), capacity=32, seed=6)
+    one_way.connect()
+    quiesce(one_way)
+    for _ in range(4):
+        one_way.new_block(16, False, False)
+        one_way.deliver_block(LEADER)
+        one_way.deliver_block(FOLLOWER)
+        quiesce(one_way)
+    assert one_way.rings[LEADER][BA].write == 0
+    assert one_way.ends[LEADER].counters.blocks_discarded["ring_full"] == 2
+
+
 def test_upper_limit_counts_the_peers_ring_too():
     # a->b only; the leader uses its ENC key at once, the follower never frees its DEC ring.
     sim = Sim((1, 0), capacity=64, seed=4)

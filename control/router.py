@@ -1,0 +1,147 @@
+"""The router of one node: keeps the node's routes over its OTP tunnels current.
+
+A thin shell around :mod:`control.routing`, running in the node's namespace. At start it
+gives the node its address (a /32 on the namespace's own loopback) and turns on IP forwarding in
+the namespace, so the node relays: a packet arriving from one tunnel leaves through the
+next, decrypted with one link's key and encrypted with the next one's (the paper's key
+routing). Every ROUTE_INTERVAL_S it reads its tunnel managers' link views and the
+link-state entries they heard, merges them, installs the shortest-path routes with
+pyroute2 (only the changes) and writes ``lsdb.json`` for the keepalives to carry on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from control import paths
+from control.config import Topology
+from control.routing import LinkEnds, LinkStateDb, next_hops
+
+log = logging.getLogger("qkdnet.router")
+ROUTE_INTERVAL_S = 0.2
+NODE_IFNAME = "lo"  # the namespace's own loopback
+STALE_STATUS_S = 2.0
+
+
+def _sysctl(name: str, value: str) -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/sys", *name.split(".")).write_text(value)
+
+
+def setup_node_address(address: str) -> None:
+    with IPRoute() as ip:
+        idx = ip.link_lookup(ifname=NODE_IFNAME)[0]
+        have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)}
+        if address not in have:
+            ip.addr("add", index=idx, address=address, prefixlen=32)
+        ip.link("set", index=idx, state="up")
+    # Namespace-local sysctls (this process runs inside the node's namespace).
+    _sysctl("net.ipv4.ip_forward", "1")
+    for scope in ("all", "default"):
+        _sysctl(f"net.ipv4.conf.{scope}.rp_filter", "0")
+
+
+class Router:
+    def __init__(self, topo: Topology, node: str):
+        self.topo = topo
+        self.node = node
+        self.addr = str(topo.node(node).address)
+        self.dir = paths.node_dir(topo.prefix, node)
+        self.links = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
+        self.mine = {lk.name: lk for lk in topo.links_of(node)}
+        self.db = LinkStateDb(self.links)
+        self.installed: dict[str, str] = {}  # destination node -> link
+        self.stop = False
+        self.changes = 0
+
+    def local_states(self) -> dict[str, bool]:
+        states = {}
+        now = time.time()
+        for name in self.mine:
+            try:
+                st = json.loads((self.dir / f"tun-{name}.json").read_text())
+                states[name] = bool(st.get("up")) and now - st.get("updated", 0) < STALE_STATUS_S
+            except (OSError, ValueError):
+                states[name] = False
+        return states
+
+    def step(self, ip: IPRoute) -> None:
+        now = time.monotonic()
+        local = self.local_states()
+        for name in self.mine:
+            with contextlib.suppress(OSError, ValueError):
+                self.db.merge(json.loads((self.dir / f"lsa-{name}.json").read_text())
+                              .get("lsdb"), now)
+        self.db.originate(self.node, local, time.time_ns() // 1000, now)
+        self.db.expire(now)
+        up = self.db.up_links(self.node, local)
+        hops = next_hops(self.links, up, self.node)
+        self._apply(ip, hops)
+        _write_json(self.dir / "lsdb.json", {"entries": self.db.export()})
+        _write_json(self.dir / "router.json", {
+            "node": self.node, "address": self.addr, "updated": time.time(),
+            "links_up": sorted(up), "changes": self.changes,
+            "routes": {dst: {"address": str(self.topo.node(dst).address), "via": link,
+                             "dev": f"otp{self.mine[link].index}"}
+                       for dst, link in sorted(self.installed.items())}})
+
+    def _apply(self, ip: IPRoute, hops: dict[str, str]) -> None:
+        for dst, link in hops.items():
+            if self.installed.get(dst) == link:
+                continue
+            dev = ip.link_lookup(ifname=f"otp{self.mine[link].index}")
+            if not dev:
+                continue
+            try:
+                ip.route("replace", dst=f"{self.topo.node(dst).address}/32", oif=dev[0],
+                         prefsrc=self.addr)
+            except NetlinkError as e:
+                log.warning("node %s: route to %s via %s: %s", self.node, dst, link, e)
+                continue
+            log.info("node %s: route to %s via link %s", self.node, dst, link)
+            self.installed[dst] = link
+            self.changes += 1
+        for dst in [d for d in self.installed if d not in hops]:
+            with contextlib.suppress(NetlinkError):
+                ip.route("del", dst=f"{self.topo.node(dst).address}/32")
+            log.info("node %s: no route to %s", self.node, dst)
+            del self.installed[dst]
+            self.changes += 1
+
+    def run(self) -> None:
+        setup_node_address(self.addr)
+        with IPRoute() as ip:
+            while not self.stop:
+                self.step(ip)
+                time.sleep(ROUTE_INTERVAL_S)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def router_main(config_path: str, node: str) -> None:
+    from control.config import load_topology
+    from control.supervisor import die_with_parent, setup_logging
+
+    die_with_parent()
+    setup_logging()
+    router = Router(load_topology(config_path), node)
+
+    def on_signal(*_: object) -> None:
+        router.stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    router.run()

@@ -1,0 +1,406 @@
+"""The OTP tunnel manager of one link end (module 2): owns the link's TUN device, runs its
+pool of OTP workers, and keeps the link's liveness with authenticated keepalives.
+
+One process per link end, started by the node supervisor inside the node's namespace.
+It creates the persistent multi-queue TUN (so worker restarts keep the interface),
+forks ``workers`` worker processes (:mod:`dataplane.worker`) and restarts any that die,
+giving back the dead worker's key chunk first (its rest is never used: invariant 1).
+
+Its own lane (CONTROL_LANE) carries keepalives through the link's own one-time pad every
+KEEPALIVE_S: the peer's pool size and the node's link-state database, which the router
+floods on (:mod:`control.routing`). A link end is up while a keepalive arrived within
+LINK_DEAD_S and its own keepalives find key: "a link is down when its peer stops answering
+or it has no key".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pyroute2 import IPRoute
+
+from control import paths
+from control.config import DataplaneSpec, LinkSpec, Topology
+from dataplane import wire
+from dataplane.limits import KEEPALIVE_S, LINK_DEAD_S, RELEASE_GRACE_S
+from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
+from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
+from dataplane.tun import create_persistent
+from dataplane.worker import WorkerConfig, same_process_alive, worker_main
+
+log = logging.getLogger("qkdnet.tunnel")
+STATUS_INTERVAL_S = 0.5
+MAX_CONTROL_PAYLOAD = 16 << 10
+RESTART_BACKOFF_S = 0.2
+
+
+def tun_name(link: LinkSpec) -> str:
+    return f"otp{link.index}"
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    prefix: str
+    node: str
+    peer: str
+    link: LinkSpec
+    dp: DataplaneSpec
+    tun: str
+    tun_addr: str
+    local_ip: str
+    peer_ip: str
+    port_base: int
+    enc_ring: str
+    dec_ring: str
+    enc_dir: int
+    dec_dir: int
+    cursor_path: Path
+    stats_name: str
+    status_path: Path
+    lsa_path: Path
+    lsdb_path: Path
+    audit_dir: Path | None
+
+    @classmethod
+    def from_topology(cls, topo: Topology, node: str, link: LinkSpec,
+                      state_dir: Path | None = None) -> TunnelConfig:
+        is_a = node == link.a
+        enc, dec = ("ab", "ba") if is_a else ("ba", "ab")
+        ndir = paths.node_dir(topo.prefix, node)
+        sdir = state_dir or paths.state_dir(topo.prefix, node)
+        addr_a, addr_b = topo.dataplane.tunnel_addresses(link.index)
+        audit = os.environ.get("QKDNET_AUDIT_DIR")
+        return cls(
+            prefix=topo.prefix, node=node, peer=link.peer_of(node), link=link,
+            dp=topo.dataplane, tun=tun_name(link),
+            tun_addr=str(addr_a if is_a else addr_b),
+            local_ip=str(link.underlay_of(node).ip),
+            peer_ip=str(link.underlay_of(link.peer_of(node)).ip),
+            port_base=topo.ports.tunnel,
+            enc_ring=paths.ring_name(topo.prefix, node, link.name, enc),
+            dec_ring=paths.ring_name(topo.prefix, node, link.name, dec),
+            enc_dir=0 if is_a else 1, dec_dir=1 if is_a else 0,
+            cursor_path=sdir / f"{link.name}-{enc}.cursor",
+            stats_name=paths.stats_name(topo.prefix, node, link.name),
+            status_path=ndir / f"tun-{link.name}.json",
+            lsa_path=ndir / f"lsa-{link.name}.json",
+            lsdb_path=ndir / "lsdb.json",
+            audit_dir=Path(audit) if audit else None)
+
+    def worker_config(self, lane: int) -> WorkerConfig:
+        dp = self.dp
+        return WorkerConfig(
+            link_index=self.link.index, link_name=self.link.name, lane=lane,
+            workers=dp.workers, tun_name=self.tun, local_ip=self.local_ip,
+            peer_ip=self.peer_ip, port_base=self.port_base, enc_ring=self.enc_ring,
+            dec_ring=self.dec_ring, enc_dir=self.enc_dir, dec_dir=self.dec_dir,
+            cursor_path=self.cursor_path, stats_name=self.stats_name, mtu=dp.mtu,
+            chunk=dp.chunk_size, conventional=dp.conventional, key_wait_s=dp.key_wait_s,
+            audit_dir=self.audit_dir)
+
+
+def setup_tun(name: str, mtu: int, address: str) -> None:
+    """Create (or adopt) the link's persistent multi-queue TUN, set its MTU and address."""
+    with IPRoute() as ip:
+        if not ip.link_lookup(ifname=name):
+            create_persistent(name)
+        idx = ip.link_lookup(ifname=name)[0]
+        ip.link("set", index=idx, mtu=mtu)
+        have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)}
+        if address not in have:
+            ip.addr("add", index=idx, address=address, prefixlen=30)
+        # No IPv6 chatter (router solicitations, MLD) through the pad: namespace-local.
+        with contextlib.suppress(OSError):
+            Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
+        ip.link("set", index=idx, state="up")
+
+
+class ControlChannel:
+    """Keepalives on the control lane: sealed and checked exactly like data datagrams."""
+
+    def __init__(self, cfg: TunnelConfig, enc: KeyRing, dec: KeyRing):
+        self.cfg, self.enc, self.dec = cfg, enc, dec
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((cfg.local_ip, cfg.port_base))
+        self.sock.setblocking(False)
+        self.buf = np.zeros(wire.MAX_DATAGRAM + 64, dtype=np.uint8)
+        self.rbuf = np.zeros(wire.MAX_DATAGRAM + 64, dtype=np.uint8)
+        self.drops: dict[str, int] = {}
+        self.release_seen = 0
+        self.releases: deque[tuple[float, int]] = deque()
+
+    def apply_releases(self, now: float) -> None:
+        """As the workers do: free DEC key a grace period after the peer released it."""
+        upto = 0
+        while self.releases and now - self.releases[0][0] >= RELEASE_GRACE_S:
+            upto = self.releases.popleft()[1]
+        if upto > self.dec.release_pos:
+            self.dec.release_dec(upto)
+
+    def send(self, payload: bytes) -> bool:
+        """Seal and send; False when no key is there (then nothing is sent)."""
+        n = len(payload)
+        need = wire.pad_len(n)
+        # Exactly the bytes needed, given back at once: a slowly used chunk on this lane
+        # would hold the ring's release point back while the workers race ahead.
+        pos, take = self.enc.claim_chunk(CONTROL_LANE, need)
+        if take < need:
+            self.enc.retire(CONTROL_LANE)
+            return False
+        self.buf[wire.HEADER_LEN:wire.HEADER_LEN + n] = np.frombuffer(payload, np.uint8)
+        dlen = wire.seal(self.buf, n, self.enc.read(pos, need), link=self.cfg.link.index,
+                         direction=self.cfg.enc_dir, lane=CONTROL_LANE, pos=pos,
+                         release=self.enc.release_pos, flags=wire.FLAG_CONTROL)
+        if self.enc.release_pos > pos:  # freed under us: the pad may be wiped
+            self.enc.retire(CONTROL_LANE)
+            return False
+        self.enc.retire(CONTROL_LANE)
+        with contextlib.suppress(OSError):
+            self.sock.sendto(memoryview(self.buf)[:dlen], (self.cfg.peer_ip, self.cfg.port_base))
+        return True
+
+    def receive(self) -> list[bytes]:
+        """Every authentic, fresh control payload waiting on the socket."""
+        out = []
+        while True:
+            try:
+                n = self.sock.recv_into(memoryview(self.rbuf))
+            except BlockingIOError:
+                return out
+            except OSError:
+                continue
+            try:
+                hdr = wire.parse(self.rbuf, n, link=self.cfg.link.index,
+                                 direction=self.cfg.dec_dir)
+                if not hdr.is_control:
+                    raise wire.WireError("lane", "data datagram on the control port")
+                if hdr.length > MAX_CONTROL_PAYLOAD:
+                    raise wire.WireError("length", "control payload too long")
+                v = wire.acceptance(hdr, lane_next=self.dec.lane_next(CONTROL_LANE),
+                                    release_pos=self.dec.release_pos,
+                                    write_pos=self.dec.write_pos, capacity=self.dec.capacity)
+                if v == wire.WAIT:
+                    v = "nokey"  # a keepalive is not worth waiting for; the next one comes
+                if v != wire.ACCEPT:
+                    raise wire.WireError(v)
+                payload = wire.open_(self.rbuf, hdr, self.dec.read(hdr.pos, hdr.pad_len))
+                self.dec.set_lane_next(CONTROL_LANE, hdr.pos + hdr.pad_len)
+                if self.dec.release_pos > hdr.pos:
+                    raise wire.WireError("old")
+                out.append(payload.tobytes())
+                if hdr.release > self.release_seen:
+                    self.release_seen = hdr.release
+                    self.releases.append((time.monotonic(), hdr.release))
+            except wire.WireError as e:
+                self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
+            except RingError:
+                self.drops["old"] = self.drops.get("old", 0) + 1
+
+
+@dataclass
+class WorkerSlot:
+    lane: int
+    proc: mp.Process | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    last_exit: int | None = None
+
+
+class TunnelManager:
+    def __init__(self, cfg: TunnelConfig):
+        self.cfg = cfg
+        self.stop = False
+        self.ctx = mp.get_context("fork")
+        self.slots = [WorkerSlot(i) for i in range(cfg.dp.workers)]
+        self.last_heard = 0.0
+        self.key_ok = False
+        self.peer_workers = 0
+        self.started = time.time()
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def _attach_rings(self) -> tuple[KeyRing, KeyRing]:
+        """Wait for the local key manager to create the rings."""
+        while not self.stop:
+            try:
+                return (KeyRing.attach(self.cfg.enc_ring, CursorFile(self.cfg.cursor_path)),
+                        KeyRing.attach(self.cfg.dec_ring))
+            except RingError:
+                time.sleep(0.1)
+        raise SystemExit(0)
+
+    def _reap_leftovers(self, stats: LinkStats) -> None:
+        """Workers of a previous manager must be gone before their chunks are reset."""
+        for lane in range(MAX_LANES):
+            ident = stats.link_word(W_PID_BASE + lane)
+            if ident and same_process_alive(ident):
+                pid = ident & 0xFFFFFF
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                while same_process_alive(ident):
+                    time.sleep(0.01)
+            stats.set_link_word(W_PID_BASE + lane, 0)
+
+    # ---- workers -----------------------------------------------------------------------
+
+    def _check_workers(self, enc: KeyRing, now: float) -> None:
+        for s in self.slots:
+            if s.proc is not None and not s.proc.is_alive():
+                s.proc.join(0)
+                s.last_exit = s.proc.exitcode
+                s.proc = None
+                s.restarts += 1
+                s.next_start = now + RESTART_BACKOFF_S
+                enc.retire(s.lane, dead=True)  # its chunk: wiped whole, never used again
+                log.warning("link %s: worker %d exited with %s; restarting",
+                            self.cfg.link.name, s.lane, s.last_exit)
+            if s.proc is None and now >= s.next_start and not self.stop:
+                s.proc = self.ctx.Process(target=worker_main,
+                                          args=(self.cfg.worker_config(s.lane),),
+                                          name=f"otp-{self.cfg.link.name}-{s.lane}")
+                s.proc.start()
+
+    def _stop_workers(self) -> None:
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        deadline = time.monotonic() + 2.0
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+
+    # ---- keepalives --------------------------------------------------------------------
+
+    def _keepalive_payload(self) -> bytes:
+        try:
+            lsdb = json.loads(self.cfg.lsdb_path.read_text()).get("entries", [])
+        except (OSError, ValueError):
+            lsdb = []
+        body = {"node": self.cfg.node, "workers": self.cfg.dp.workers, "lsdb": lsdb}
+        data = json.dumps(body, separators=(",", ":")).encode()
+        if len(data) > MAX_CONTROL_PAYLOAD:  # a huge network: send our own state only
+            body["lsdb"] = [e for e in lsdb if isinstance(e, list) and e[1:2] == [self.cfg.node]]
+            data = json.dumps(body, separators=(",", ":")).encode()
+        return data
+
+    def _on_keepalive(self, payload: bytes, stats: LinkStats) -> None:
+        try:
+            msg = json.loads(payload)
+            if msg.get("node") != self.cfg.peer:
+                raise ValueError(f"keepalive from {msg.get('node')!r}")
+            workers = int(msg["workers"])
+            if not 1 <= workers <= CONTROL_LANE:
+                raise ValueError(f"peer pool size {workers}")
+            lsdb = msg.get("lsdb", [])
+            if not isinstance(lsdb, list):
+                raise ValueError("lsdb is not a list")
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("link %s: keepalive refused: %s", self.cfg.link.name, e)
+            return
+        self.last_heard = time.monotonic()
+        self.peer_workers = workers
+        stats.set_link_word(W_PEER_WORKERS, workers)
+        _write_json(self.cfg.lsa_path, {"from": self.cfg.peer, "lsdb": lsdb})
+
+    # ---- status ------------------------------------------------------------------------
+
+    def link_state(self, now: float) -> tuple[bool, str]:
+        if not self.key_ok:
+            return False, "no key"
+        if self.last_heard == 0.0:
+            return False, "waiting for peer"
+        if now - self.last_heard > LINK_DEAD_S:
+            return False, "peer silent"
+        return True, "up"
+
+    def _publish(self, stats: LinkStats, chan: ControlChannel, enc: KeyRing, dec: KeyRing,
+                 now: float) -> None:
+        up, reason = self.link_state(now)
+        stats.set_link_word(W_LINK_UP, int(up))
+        ec, dc = enc.cursors(), dec.cursors()
+        _write_json(self.cfg.status_path, {
+            "link": self.cfg.link.name, "node": self.cfg.node, "peer": self.cfg.peer,
+            "pid": os.getpid(), "updated": time.time(), "up": up, "reason": reason,
+            "tun": self.cfg.tun, "mtu": self.cfg.dp.mtu, "mode": self.cfg.dp.mode,
+            "workers": [{"lane": s.lane, "pid": s.proc.pid if s.proc else None,
+                         "alive": bool(s.proc and s.proc.is_alive()),
+                         "restarts": s.restarts} for s in self.slots],
+            "peer_workers": self.peer_workers,
+            "heard_ago_s": round(now - self.last_heard, 3) if self.last_heard else None,
+            "enc_available": ec.write_pos - ec.claim_pos, "dec_fill": dc.fill,
+            "counters": stats.totals(), "control_drops": chan.drops,
+        })
+
+    # ---- main loop ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        cfg = self.cfg
+        setup_tun(cfg.tun, cfg.dp.mtu, cfg.tun_addr)
+        stats = LinkStats(cfg.stats_name, create=True)
+        self._reap_leftovers(stats)
+        enc, dec = self._attach_rings()
+        enc.reset_lanes()  # no worker of ours runs: chunks they held are never used
+        chan = ControlChannel(cfg, enc, dec)
+        log.info("link %s: tunnel %s up, mtu %d, %d worker(s), mode %s", cfg.link.name,
+                 cfg.tun, cfg.dp.mtu, cfg.dp.workers, cfg.dp.mode)
+        next_ka = next_status = 0.0
+        try:
+            while not self.stop:
+                now = time.monotonic()
+                self._check_workers(enc, now)
+                for payload in chan.receive():
+                    self._on_keepalive(payload, stats)
+                chan.apply_releases(now)
+                if now >= next_ka:
+                    self.key_ok = chan.send(self._keepalive_payload())
+                    next_ka = now + KEEPALIVE_S
+                if now >= next_status:
+                    self._publish(stats, chan, enc, dec, now)
+                    next_status = now + STATUS_INTERVAL_S
+                time.sleep(0.02)
+        finally:
+            self._stop_workers()
+            with contextlib.suppress(Exception):
+                enc.retire(CONTROL_LANE)
+                self._publish(stats, chan, enc, dec, time.monotonic())
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:
+    """Entry point of the tunnel manager process (forked by the node supervisor)."""
+    from control.config import load_topology
+    from control.supervisor import die_with_parent, setup_logging
+
+    die_with_parent()
+    setup_logging()
+    topo = load_topology(config_path)
+    cfg = TunnelConfig.from_topology(topo, node, topo.link(link),
+                                     Path(state_dir) if state_dir else None)
+    mgr = TunnelManager(cfg)
+
+    def on_signal(*_: object) -> None:
+        mgr.stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    mgr.run()
+

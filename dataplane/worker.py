@@ -1,0 +1,354 @@
+"""One OTP worker: a process holding one TUN queue and one UDP socket of a link end.
+
+Egress: packet from its TUN queue -> next bytes of the chunk of ENC key it holds -> XOR and
+one-time MAC (:mod:`dataplane.wire`) -> UDP to the peer's worker of the same lane.
+Ingress: datagram -> framing checks -> lane/replay/age checks -> MAC verify -> XOR with the
+DEC bytes the datagram names -> TUN. Nothing unauthenticated or replayed reaches the TUN,
+and nothing leaves without fresh key: with no key, a packet waits a bounded time and is
+dropped (counted), never sent in clear.
+
+The worker's lane (its index) is its identity on the wire and in both rings: it holds at
+most one ENC chunk (ring lane words), and it alone accepts datagrams of the lanes that map
+to it, so per-lane replay floors need no lock. Counters are kept locally and copied to the
+link's shared stats row a few times a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dataplane import wire
+from dataplane.limits import IDLE_RETIRE_S, RELEASE_GRACE_S
+from dataplane.ring import CursorFile, KeyRing, RingError
+from dataplane.stats import IDX, W_PEER_WORKERS, W_PID_BASE, LinkStats, new_counters
+from dataplane.tun import open_queue
+
+log = logging.getLogger("qkdnet.worker")
+SOCK_BUF = 8 << 20
+BATCH = 64  # packets handled per readiness event before polling again
+FLUSH_S = 0.1
+AUDIT = struct.Struct("<BQQ")
+AUDIT_CLAIM, AUDIT_SENT, AUDIT_ACCEPTED = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    link_index: int
+    link_name: str
+    lane: int
+    workers: int
+    tun_name: str
+    local_ip: str
+    peer_ip: str
+    port_base: int  # control socket; lane i listens on port_base + 1 + i
+    enc_ring: str
+    dec_ring: str
+    enc_dir: int
+    dec_dir: int
+    cursor_path: Path
+    stats_name: str
+    mtu: int
+    chunk: int
+    conventional: bool
+    key_wait_s: float
+    audit_dir: Path | None = None
+
+    def lane_port(self, lane: int) -> int:
+        return self.port_base + 1 + lane
+
+
+class Audit:
+    """Test-only record of every claim, send and accept (QKDNET_AUDIT_DIR): one unbuffered
+    write per event, so that a kill -9 loses nothing that went out."""
+
+    def __init__(self, d: Path | None, tag: str):
+        self.fd = None
+        if d is not None:
+            d.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(d / f"{tag}-{os.getpid()}.audit",
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def __call__(self, kind: int, pos: int, n: int) -> None:
+        if self.fd is not None:
+            os.write(self.fd, AUDIT.pack(kind, pos, n))
+
+
+def read_audit(path: Path) -> list[tuple[int, int, int]]:
+    data = path.read_bytes()
+    return [AUDIT.unpack_from(data, i) for i in range(0, len(data) - len(data) % AUDIT.size,
+                                                       AUDIT.size)]
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.stop = False
+        self.enc = KeyRing.attach(cfg.enc_ring, CursorFile(cfg.cursor_path))
+        self.dec = KeyRing.attach(cfg.dec_ring)
+        self.stats = LinkStats(cfg.stats_name)
+        self.c = new_counters()
+        self.tun = open_queue(cfg.tun_name)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)  # *BUFFORCE (root)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        self.sock.bind((cfg.local_ip, cfg.lane_port(cfg.lane)))
+        self.peer_workers = cfg.workers
+        self.tbuf = np.zeros(wire.MAX_DATAGRAM + 64, dtype=np.uint8)
+        self.tmv = memoryview(self.tbuf)
+        self.rbuf = np.zeros(wire.MAX_DATAGRAM + 64, dtype=np.uint8)
+        self.rmv = memoryview(self.rbuf)
+        self.tbuf_addr = self.tbuf.ctypes.data
+        self.rbuf_addr = self.rbuf.ctypes.data
+        self.cur = 0  # next unused byte of the chunk held
+        self.end = 0  # end of the chunk held (0: none)
+        self.last_tx = time.monotonic()
+        self.release_step = 0 if cfg.conventional else max(cfg.chunk // 2, 4096)
+        self.release_seen = 0
+        self.releases: deque[tuple[float, int]] = deque()
+        self.audit = Audit(cfg.audit_dir, f"{cfg.link_name}-{cfg.enc_ring[-2:]}-{cfg.lane}")
+
+    # ---- egress ------------------------------------------------------------------------
+
+    def _new_chunk(self, need: int) -> bool:
+        """Claim a chunk holding at least ``need`` bytes, waiting at most key_wait_s."""
+        cfg, enc = self.cfg, self.enc
+        deadline = time.monotonic() + cfg.key_wait_s
+        while True:
+            if enc.write_pos - enc.claim_pos >= need:
+                size = need if cfg.conventional else max(cfg.chunk, need)
+                pos, take = enc.claim_chunk(cfg.lane, size)
+                self.c[IDX["claims"]] += 1
+                if take:
+                    self.audit(AUDIT_CLAIM, pos, take)
+                if take >= need:
+                    self.cur, self.end = pos, pos + take
+                    return True
+                enc.retire(cfg.lane)  # another worker took the rest first
+                self.end = 0
+            if time.monotonic() >= deadline or self.stop:
+                return False
+            time.sleep(0.0005)
+
+    def egress(self) -> None:
+        cfg, c, enc, tbuf = self.cfg, self.c, self.enc, self.tbuf
+        clock = time.perf_counter_ns
+        body = self.tmv[wire.HEADER_LEN:wire.HEADER_LEN + cfg.mtu]
+        peer = (cfg.peer_ip, cfg.lane_port(cfg.lane % max(1, self.peer_workers)))
+        for _ in range(BATCH):
+            t0 = clock()
+            try:
+                n = os.readv(self.tun, [body])
+            except BlockingIOError:
+                return
+            except OSError as e:
+                log.warning("link %s lane %d: TUN read failed: %s", cfg.link_name, cfg.lane, e)
+                return
+            t1 = clock()
+            self.last_tx = time.monotonic()
+            need = wire.pad_len(n)
+            if self.cur + need > self.end and not self._new_chunk(need):
+                c[IDX["drop_tx_nokey"]] += 1
+                continue
+            pos = self.cur
+            pad, pad_addr = enc.locate(pos, need)
+            t2 = clock()
+            dlen = wire.seal(tbuf, n, pad, link=cfg.link_index, direction=cfg.enc_dir,
+                             lane=cfg.lane, pos=pos, release=enc.release_pos,
+                             addrs=(self.tbuf_addr, pad_addr))
+            enc.wipe_used(pos, need)  # in cache now; cheaper than at release
+            self.cur = pos + need
+            enc.set_used(cfg.lane, self.cur)
+            if enc.release_pos > pos:  # freed under us (a reset): the pad may be wiped
+                c[IDX["drop_tx_nokey"]] += 1
+                self.end = 0
+                continue
+            if cfg.conventional:  # the paper's per-packet key removal
+                enc.retire(cfg.lane)
+                self.end = 0
+            t3 = clock()
+            self.audit(AUDIT_SENT, pos, need)
+            try:
+                self.sock.sendto(self.tmv[:dlen], peer)
+            except OSError:
+                c[IDX["drop_tx_send"]] += 1
+                continue
+            t4 = clock()
+            c[IDX["tx_pkts"]] += 1
+            c[IDX["tx_bytes"]] += n
+            c[IDX["tx_key"]] += need
+            c[IDX["t_tx_read"]] += t1 - t0
+            c[IDX["t_tx_key"]] += t2 - t1
+            c[IDX["t_tx_crypto"]] += t3 - t2
+            c[IDX["t_tx_send"]] += t4 - t3
+
+    # ---- ingress -----------------------------------------------------------------------
+
+    def _verdict(self, hdr: wire.Header) -> str:
+        dec, cfg = self.dec, self.cfg
+        deadline = None
+        while True:
+            v = wire.acceptance(hdr, lane_next=dec.lane_next(hdr.lane),
+                                release_pos=dec.release_pos, write_pos=dec.write_pos,
+                                capacity=dec.capacity)
+            if v != wire.WAIT:
+                return v
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + cfg.key_wait_s
+            if now >= deadline or self.stop:
+                return "nokey"
+            time.sleep(0.0002)
+
+    def ingress(self) -> None:
+        cfg, c, dec, rbuf = self.cfg, self.c, self.dec, self.rbuf
+        clock = time.perf_counter_ns
+        for _ in range(BATCH):
+            t0 = clock()
+            try:
+                n = self.sock.recv_into(self.rmv, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            t1 = clock()
+            try:
+                hdr = wire.parse(rbuf, n, link=cfg.link_index, direction=cfg.dec_dir)
+            except wire.WireError as e:
+                c[IDX[f"drop_rx_{e.reason}"]] += 1
+                continue
+            if hdr.is_control or hdr.lane % cfg.workers != cfg.lane:
+                c[IDX["drop_rx_lane"]] += 1
+                continue
+            v = self._verdict(hdr)
+            if v != wire.ACCEPT:
+                c[IDX[f"drop_rx_{v}"]] += 1
+                continue
+            try:
+                pad, pad_addr = dec.locate(hdr.pos, hdr.pad_len)
+            except RingError:
+                c[IDX["drop_rx_old"]] += 1
+                continue
+            t2 = clock()
+            try:
+                payload = wire.open_(rbuf, hdr, pad, addrs=(self.rbuf_addr, pad_addr))
+            except wire.WireError as e:
+                c[IDX[f"drop_rx_{e.reason}"]] += 1
+                continue
+            end = hdr.pos + hdr.pad_len
+            dec.set_lane_next(hdr.lane, end)  # before delivery: one delivery per key
+            if dec.release_pos > hdr.pos:  # wiped while we used it
+                c[IDX["drop_rx_old"]] += 1
+                continue
+            self.audit(AUDIT_ACCEPTED, hdr.pos, hdr.pad_len)
+            t3 = clock()
+            try:
+                os.write(self.tun, payload)
+            except OSError:
+                c[IDX["drop_rx_tun"]] += 1
+                continue
+            t4 = clock()
+            if hdr.release > self.release_seen + self.release_step:
+                self.release_seen = hdr.release
+                self.releases.append((time.monotonic(), hdr.release))
+            c[IDX["rx_pkts"]] += 1
+            c[IDX["rx_bytes"]] += hdr.length
+            c[IDX["rx_key"]] += hdr.pad_len
+            c[IDX["t_rx_recv"]] += t1 - t0
+            c[IDX["t_rx_key"]] += t2 - t1
+            c[IDX["t_rx_crypto"]] += t3 - t2
+            c[IDX["t_rx_write"]] += t4 - t3
+
+    def apply_releases(self, now: float) -> None:
+        """Free DEC key below release points the peer announced RELEASE_GRACE_S ago.
+
+        A release point is the sender's promise to send nothing below it any more, but
+        datagrams it sent just before may still wait in another lane's socket queue;
+        freeing at once would drop them as old.
+        """
+        upto = 0
+        while self.releases and now - self.releases[0][0] >= RELEASE_GRACE_S:
+            upto = self.releases.popleft()[1]
+        if upto > self.dec.release_pos:
+            self.dec.release_dec(upto)
+
+    # ---- loop --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        self.stats.publish(self.cfg.lane, self.c)
+        self.peer_workers = self.stats.link_word(W_PEER_WORKERS) or self.cfg.workers
+
+    def run(self) -> None:
+        cfg = self.cfg
+        self.stats.set_link_word(W_PID_BASE + cfg.lane, process_identity(os.getpid()))
+        poller = select.poll()
+        poller.register(self.tun, select.POLLIN)
+        poller.register(self.sock.fileno(), select.POLLIN)
+        sock_fd = self.sock.fileno()
+        next_flush = 0.0
+        try:
+            while not self.stop:
+                events = poller.poll(IDLE_RETIRE_S * 1000)
+                for fd, _ in events:
+                    if fd == self.tun:
+                        self.egress()
+                    elif fd == sock_fd:
+                        self.ingress()
+                now = time.monotonic()
+                if self.releases:
+                    self.apply_releases(now)
+                if self.end and now - self.last_tx > IDLE_RETIRE_S:
+                    self.enc.retire(cfg.lane)  # idle: give the rest back to the release
+                    self.end = 0
+                if now >= next_flush:
+                    self.flush()
+                    next_flush = now + FLUSH_S
+        finally:
+            with contextlib.suppress(Exception):
+                if self.end:
+                    self.enc.retire(cfg.lane)
+            self.flush()
+
+
+def process_identity(pid: int) -> int:
+    """pid and start time in one word, so that a recorded worker is never confused with a
+    later process that reuses its pid."""
+    try:
+        start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return (start << 24) | pid
+
+
+def same_process_alive(identity: int) -> bool:
+    pid = identity & 0xFFFFFF
+    return pid != 0 and process_identity(pid) == identity
+
+
+def worker_main(cfg: WorkerConfig) -> None:
+    """Entry point of a worker process (forked by the tunnel manager)."""
+    from control.supervisor import die_with_parent
+
+    die_with_parent()
+    w = Worker(cfg)
+
+    def on_signal(*_: object) -> None:
+        w.stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    w.run()
