@@ -159,7 +159,7 @@ def status(config: Annotated[Path | None, typer.Argument(help="topology TOML fil
            prefix: Annotated[str | None, typer.Option(help="network prefix")] = None,
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False
            ) -> None:
-    """Per link end: key received, ENC and DEC fill, rates, agreement state."""
+    """Per link end: key, agreement, tunnel traffic and drops; routes per node."""
     from control.status import collect, render
 
     if config is None:
@@ -190,6 +190,32 @@ def bench_lkm(seconds: Annotated[float, typer.Option(help="measuring time")] = 1
     from bench.lkm import run
 
     result = run(seconds=seconds, console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
+@bench_app.command("otp")
+def bench_otp(
+    seconds: Annotated[float, typer.Option(help="iperf3 time per point")] = 1.5,
+    mtu: Annotated[list[int] | None, typer.Option(help="MTUs to sweep (repeat the option)")]
+    = None,
+    workers: Annotated[int, typer.Option(help="workers per link end; 0 = cores")] = 0,
+    mode: Annotated[list[str] | None, typer.Option(help="proposed and/or conventional")] = None,
+    ring: Annotated[str, typer.Option(help="ring capacity per link direction")] = "1GiB",
+    plot: Annotated[Path, typer.Option(help="PNG plot of the sweep")] = Path(
+        "bench/results/otp-mtu.png"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """OTP tunnel: iperf3 TCP through it, direct and via a relay, MTU sweep, both modes."""
+    need_root()
+    from bench.otp import DEFAULT_MTUS, run
+
+    modes = tuple(mode or ("proposed", "conventional"))
+    bad = [m for m in modes if m not in ("proposed", "conventional")]
+    if bad:
+        raise typer.BadParameter(f"unknown mode(s) {', '.join(bad)}", param_hint="--mode")
+    result = run(mtus=tuple(mtu or DEFAULT_MTUS), seconds=seconds, workers=workers,
+                 capacity=ring, modes=modes, plot_path=plot, console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from control import paths
@@ -28,13 +29,16 @@ def collect(topo: Topology) -> dict:
     for node in topo.nodes:
         d = paths.node_dir(topo.prefix, node)
         state = _read(d / "state.json")
-        links = {}
+        links, tunnels = {}, {}
         for lk in topo.links_of(node):
-            st = _read(d / f"lkm-{lk.name}.json")
-            if st is not None:
-                st["stale"] = now - st["updated"] > STALE_AFTER_S
-            links[lk.name] = st
-        nodes[node] = {"supervisor": state, "links": links,
+            for kind, out in (("lkm", links), ("tun", tunnels)):
+                st = _read(d / f"{kind}-{lk.name}.json")
+                if st is not None:
+                    st["stale"] = now - st["updated"] > STALE_AFTER_S
+                out[lk.name] = st
+        router = _read(d / "router.json")
+        nodes[node] = {"supervisor": state, "links": links, "tunnels": tunnels,
+                       "router": router,
                        "running": bool(state and not state["stopping"]
                                        and now - state["updated"] < STALE_AFTER_S)}
     return {"network": topo.name, "prefix": topo.prefix, "time": now, "nodes": nodes}
@@ -57,7 +61,62 @@ def agreement_state(st: dict) -> str:
     return "[red]peer down[/red]"
 
 
-def render(snapshot: dict) -> Table:
+def _drops(counters: dict) -> str:
+    drops = {k.split("_", 2)[2]: v for k, v in counters.items()
+             if k.startswith("drop_") and v}
+    return ", ".join(f"{k} {v}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])) \
+        or "0"
+
+
+def render_tunnels(snapshot: dict) -> Table:
+    t = Table(title="OTP tunnels per link end (out = encrypted and sent, in = received "
+                    "and delivered; MB)", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False)
+    for col in ("link", "node", "tun", "state", "workers", "pkts out", "out", "pkts in", "in",
+                "key used", "drops"):
+        t.add_column(col, justify="right" if col in ("pkts out", "out", "pkts in", "in",
+                                                     "key used") else "left", no_wrap=True)
+    for node, info in snapshot["nodes"].items():
+        for link, st in info.get("tunnels", {}).items():
+            if st is None:
+                t.add_row(link, node, "-", "not running", "", "", "", "", "", "", "")
+                continue
+            c = st["counters"]
+            state = "up" if st["up"] and not st["stale"] else f"[red]{st['reason']}[/red]"
+            if st["stale"]:
+                state = "[red]stopped[/red]"
+            alive = sum(w["alive"] for w in st["workers"])
+            t.add_row(link, node, st["tun"], state, f"{alive}/{len(st['workers'])}",
+                      f"{c['tx_pkts']:,}", f"{c['tx_bytes'] / 1e6:,.1f}", f"{c['rx_pkts']:,}",
+                      f"{c['rx_bytes'] / 1e6:,.1f}", f"{(c['tx_key'] + c['rx_key']) / 1e6:,.1f}",
+                      _drops(c))
+    return t
+
+
+def render_routes(snapshot: dict) -> Table:
+    t = Table(title="routes (node address -> first link)", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("node", "address", "destination", "via link", "dev"):
+        t.add_column(col, no_wrap=True)
+    for node, info in snapshot["nodes"].items():
+        r = info.get("router")
+        if not r:
+            t.add_row(node, "-", "not running", "", "")
+            continue
+        routes = r.get("routes", {})
+        if not routes:
+            t.add_row(node, r["address"], "[red]none[/red]", "", "")
+        for i, (dst, rt) in enumerate(routes.items()):
+            t.add_row(node if i == 0 else "", r["address"] if i == 0 else "",
+                      f"{dst} {rt['address']}", rt["via"], rt["dev"])
+    return t
+
+
+def render(snapshot: dict) -> Group:
+    return Group(render_keys(snapshot), render_tunnels(snapshot), render_routes(snapshot))
+
+
+def render_keys(snapshot: dict) -> Table:
     t = Table(title=f"qkdnet {snapshot['network']} ({snapshot['prefix']}): local key per "
                     "link end (MiB; ENC/DEC = ring fill)",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)

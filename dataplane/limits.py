@@ -19,3 +19,4 @@ LINK_DEAD_S = 1.0                   # no keepalive from the peer for this long: 
 KEEPALIVE_S = 0.2                   # keepalive period of a tunnel manager
 LSA_MAX_AGE_S = 3.0                 # a link-state entry not refreshed this long is dropped
 RELEASE_GRACE_S = 0.1               # DEC key is freed this long after the peer released it
+CONTROL_RESERVE = 64 << 10           # ENC key the workers leave for keepalives

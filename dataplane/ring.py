@@ -73,7 +73,7 @@ SHM_DIR = Path("/dev/shm")
 DURABLE_AHEAD = 64 << 20  # claims are made durable this far ahead: one fsync per 64 MiB
 ROLE_ENC, ROLE_DEC = 0, 1
 LANE_BASE = 64  # header word index of lane 0
-LANE_WORDS = 3  # ENC: start, used, end of the chunk held; DEC: next position, -, -
+LANE_WORDS = 3  # ENC: start, used, end of the chunk held; DEC: next, announced release, -
 MAX_LANES = 64
 CONTROL_LANE = MAX_LANES - 1  # the tunnel manager's own lane (keepalives)
 
@@ -456,6 +456,15 @@ class KeyRing:
 
     def set_lane_next(self, lane: int, pos: int) -> None:
         self._hdr[LANE_BASE + LANE_WORDS * lane] = pos
+
+    def announce_release(self, lane: int, pos: int) -> None:
+        """DEC: the peer said, on ``lane``, that it sends nothing below ``pos`` any more.
+        The tunnel manager frees up to it a little later (see dataplane.tunnel)."""
+        self._hdr[LANE_BASE + LANE_WORDS * lane + 1] = pos
+
+    def announced_release(self) -> int:
+        """DEC: the highest release point any lane was told."""
+        return int(self._lanes()[:, 1].max())
 
     def release_dec(self, upto: int) -> None:
         """DEC: free everything below ``upto`` (bounded by write_pos), under the lock;

@@ -9,8 +9,9 @@ giving back the dead worker's key chunk first (its rest is never used: invariant
 Its own lane (CONTROL_LANE) carries keepalives through the link's own one-time pad every
 KEEPALIVE_S: the peer's pool size and the node's link-state database, which the router
 floods on (:mod:`control.routing`). A link end is up while a keepalive arrived within
-LINK_DEAD_S and its own keepalives find key: "a link is down when its peer stops answering
-or it has no key".
+LINK_DEAD_S and it has had key (beyond the small reserve workers leave for keepalives)
+within LINK_DEAD_S: "a link is down when its peer stops answering or it has no key". A
+moment's shortage drops packets (counted) but does not flap the routes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pyroute2 import IPRoute
 from control import paths
 from control.config import DataplaneSpec, LinkSpec, Topology
 from dataplane import wire
-from dataplane.limits import KEEPALIVE_S, LINK_DEAD_S, RELEASE_GRACE_S
+from dataplane.limits import CONTROL_RESERVE, KEEPALIVE_S, LINK_DEAD_S, RELEASE_GRACE_S
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
 from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
 from dataplane.tun import create_persistent
@@ -141,7 +142,17 @@ class ControlChannel:
         self.releases: deque[tuple[float, int]] = deque()
 
     def apply_releases(self, now: float) -> None:
-        """As the workers do: free DEC key a grace period after the peer released it."""
+        """Free (and wipe) DEC key a grace period after the peer released it.
+
+        Every lane stores the release points the peer announces on it; the sender sends
+        nothing below one any more, but datagrams it sent just before may still wait in
+        another lane's socket queue, and freeing at once would drop them as old. Done here,
+        off the workers' path: the wipe is the costliest part of releasing.
+        """
+        seen = self.dec.announced_release()
+        if seen > self.release_seen:
+            self.release_seen = seen
+            self.releases.append((now, seen))
         upto = 0
         while self.releases and now - self.releases[0][0] >= RELEASE_GRACE_S:
             upto = self.releases.popleft()[1]
@@ -199,9 +210,7 @@ class ControlChannel:
                 if self.dec.release_pos > hdr.pos:
                     raise wire.WireError("old")
                 out.append(payload.tobytes())
-                if hdr.release > self.release_seen:
-                    self.release_seen = hdr.release
-                    self.releases.append((time.monotonic(), hdr.release))
+                self.dec.announce_release(CONTROL_LANE, hdr.release)
             except wire.WireError as e:
                 self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
             except RingError:
@@ -225,6 +234,7 @@ class TunnelManager:
         self.slots = [WorkerSlot(i) for i in range(cfg.dp.workers)]
         self.last_heard = 0.0
         self.key_ok = False
+        self.last_key = 0.0  # when the ENC ring last held more than the control reserve
         self.peer_workers = 0
         self.started = time.time()
 
@@ -319,7 +329,7 @@ class TunnelManager:
     # ---- status ------------------------------------------------------------------------
 
     def link_state(self, now: float) -> tuple[bool, str]:
-        if not self.key_ok:
+        if not self.key_ok or now - self.last_key > LINK_DEAD_S:
             return False, "no key"
         if self.last_heard == 0.0:
             return False, "waiting for peer"
@@ -368,6 +378,8 @@ class TunnelManager:
                 if now >= next_ka:
                     self.key_ok = chan.send(self._keepalive_payload())
                     next_ka = now + KEEPALIVE_S
+                if enc.write_pos - enc.claim_pos > CONTROL_RESERVE:
+                    self.last_key = now
                 if now >= next_status:
                     self._publish(stats, chan, enc, dec, now)
                     next_status = now + STATUS_INTERVAL_S

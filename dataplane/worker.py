@@ -23,14 +23,13 @@ import signal
 import socket
 import struct
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dataplane import wire
-from dataplane.limits import IDLE_RETIRE_S, RELEASE_GRACE_S
+from dataplane.limits import CONTROL_RESERVE, IDLE_RETIRE_S
 from dataplane.ring import CursorFile, KeyRing, RingError
 from dataplane.stats import IDX, W_PEER_WORKERS, W_PID_BASE, LinkStats, new_counters
 from dataplane.tun import open_queue
@@ -119,7 +118,6 @@ class Worker:
         self.last_tx = time.monotonic()
         self.release_step = 0 if cfg.conventional else max(cfg.chunk // 2, 4096)
         self.release_seen = 0
-        self.releases: deque[tuple[float, int]] = deque()
         self.audit = Audit(cfg.audit_dir, f"{cfg.link_name}-{cfg.enc_ring[-2:]}-{cfg.lane}")
 
     # ---- egress ------------------------------------------------------------------------
@@ -129,7 +127,9 @@ class Worker:
         cfg, enc = self.cfg, self.enc
         deadline = time.monotonic() + cfg.key_wait_s
         while True:
-            if enc.write_pos - enc.claim_pos >= need:
+            # The last CONTROL_RESERVE bytes are for keepalives: a busy link that runs
+            # dry must still tell its peer it is alive.
+            if enc.write_pos - enc.claim_pos >= need + CONTROL_RESERVE:
                 size = need if cfg.conventional else max(cfg.chunk, need)
                 pos, take = enc.claim_chunk(cfg.lane, size)
                 self.c[IDX["claims"]] += 1
@@ -264,7 +264,7 @@ class Worker:
             t4 = clock()
             if hdr.release > self.release_seen + self.release_step:
                 self.release_seen = hdr.release
-                self.releases.append((time.monotonic(), hdr.release))
+                dec.announce_release(cfg.lane, hdr.release)  # the manager frees it
             c[IDX["rx_pkts"]] += 1
             c[IDX["rx_bytes"]] += hdr.length
             c[IDX["rx_key"]] += hdr.pad_len
@@ -272,19 +272,6 @@ class Worker:
             c[IDX["t_rx_key"]] += t2 - t1
             c[IDX["t_rx_crypto"]] += t3 - t2
             c[IDX["t_rx_write"]] += t4 - t3
-
-    def apply_releases(self, now: float) -> None:
-        """Free DEC key below release points the peer announced RELEASE_GRACE_S ago.
-
-        A release point is the sender's promise to send nothing below it any more, but
-        datagrams it sent just before may still wait in another lane's socket queue;
-        freeing at once would drop them as old.
-        """
-        upto = 0
-        while self.releases and now - self.releases[0][0] >= RELEASE_GRACE_S:
-            upto = self.releases.popleft()[1]
-        if upto > self.dec.release_pos:
-            self.dec.release_dec(upto)
 
     # ---- loop --------------------------------------------------------------------------
 
@@ -309,8 +296,6 @@ class Worker:
                     elif fd == sock_fd:
                         self.ingress()
                 now = time.monotonic()
-                if self.releases:
-                    self.apply_releases(now)
                 if self.end and now - self.last_tx > IDLE_RETIRE_S:
                     self.enc.retire(cfg.lane)  # idle: give the rest back to the release
                     self.end = 0

@@ -1,0 +1,358 @@
+"""`qkdctl bench otp`: the OTP tunnel (module 2), iperf3 TCP through it, as the paper's
+Fig. 5 (throughput against MTU) and Table I (time per processing step) in one run.
+
+Three nodes in a line, A - B - C, each in its own namespace, with the real node processes
+(key managers, tunnel managers with their worker pools, routers). *Direct* is iperf3 from
+A to B over one OTP link; *via relay* is A to C, decrypted at B with the A-B key and
+encrypted again with the B-C key. Each point runs the sweep's MTU on every tunnel.
+
+Key supply: the rings are filled from the (unthrottled) emulators before each point and
+the emulators are paused (SIGSTOP) while iperf3 runs, so the measurement is the tunnel's
+own cost, as in the paper, where key came from QKD devices, not from the CPU under test.
+A point that ran out of key says so (`key_limited`).
+
+Modes: *proposed* (key claimed in 1 MiB chunks per worker, wiped as used, large MTU) and
+*conventional* (the paper's baseline: key taken from the store and removed per packet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from control import emulation, paths
+from control.config import Topology, parse_topology
+from dataplane.ring import KeyRing, RingError
+from dataplane.stats import LinkStats
+from dataplane.wire import MAX_PAYLOAD
+
+PAPER = {"direct_mbps": 185.0, "relay_mbps": 123.0, "conventional_mbps": 3.92}
+FLOOR = {"direct_gbps": 4.0, "relay_gbps": 2.0}
+DEFAULT_MTUS = (1500, 9000, 16000, 32000, MAX_PAYLOAD)
+STEPS_TX = ("t_tx_read", "t_tx_key", "t_tx_crypto", "t_tx_send")
+STEPS_RX = ("t_rx_recv", "t_rx_key", "t_rx_crypto", "t_rx_write")
+STEP_NAMES = {"t_tx_read": "receive (TUN read)", "t_tx_key": "key read and remove",
+              "t_tx_crypto": "XOR and MAC", "t_tx_send": "send (UDP)",
+              "t_rx_recv": "receive (UDP)", "t_rx_key": "checks and key lookup",
+              "t_rx_crypto": "MAC verify and XOR", "t_rx_write": "send (TUN write)"}
+
+TEMPLATE = """
+[network]
+name = "bench-otp"
+prefix = "{prefix}"
+[defaults]
+key_rate_mbps = 0
+block_size = "1MiB"
+ring_capacity = "{capacity}"
+[dataplane]
+mode = "{mode}"
+workers = {workers}
+[[nodes]]
+name = "A"
+[[nodes]]
+name = "B"
+[[nodes]]
+name = "C"
+[[links]]
+a = "A"
+b = "B"
+underlay = ["10.204.1.1/30", "10.204.1.2/30"]
+source = {{ kind = "emulator", generator = "aes-ctr" }}
+[[links]]
+a = "B"
+b = "C"
+underlay = ["10.204.2.1/30", "10.204.2.2/30"]
+source = {{ kind = "emulator", generator = "aes-ctr" }}
+"""
+
+
+class BenchError(Exception):
+    pass
+
+
+class Net:
+    """One bench network: brings it up, feeds and pauses key, runs iperf3 points."""
+
+    def __init__(self, mode: str, workers: int, capacity: str, console: Console):
+        self.prefix = "bo" + uuid.uuid4().hex[:6]
+        self.console = console
+        self.cfg = paths.RUN_ROOT / f"bench-{self.prefix}.toml"
+        self.cfg.parent.mkdir(parents=True, exist_ok=True)
+        self.cfg.write_text(TEMPLATE.format(prefix=self.prefix, mode=mode, workers=workers,
+                                            capacity=capacity))
+        self.topo: Topology = parse_topology(self.cfg.read_text(), self.cfg)
+        self.emulators: list[int] = []
+        self.paused = False
+
+    def ns(self, node: str) -> str:
+        return paths.netns_name(self.prefix, node)
+
+    def addr(self, node: str) -> str:
+        return str(self.topo.node(node).address)
+
+    def up(self) -> None:
+        man = emulation.net_up(self.topo)
+        self.emulators = [p for k, p in man.pids.items() if k.startswith("emulator:")]
+        deadline = time.monotonic() + 60
+        while not self._ready():
+            if time.monotonic() > deadline:
+                raise BenchError(f"network not ready within 60 s; logs in "
+                                 f"{paths.log_dir(self.prefix)}")
+            time.sleep(0.3)
+
+    def _ready(self) -> bool:
+        for node in self.topo.nodes:
+            try:
+                r = json.loads((paths.node_dir(self.prefix, node) / "router.json").read_text())
+            except (OSError, ValueError):
+                return False
+            if len(r.get("routes", {})) != len(self.topo.nodes) - 1:
+                return False
+        return True
+
+    def pause_key(self, paused: bool) -> None:
+        for pid in self.emulators:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP if paused else signal.SIGCONT)
+        self.paused = paused
+
+    def fill(self, min_fill: float = 0.9, timeout: float = 40.0) -> float:
+        """Let key flow until every ring is at least ``min_fill`` full; returns the
+        lowest fill reached."""
+        self.pause_key(False)
+        deadline = time.monotonic() + timeout
+        low = 0.0
+        while time.monotonic() < deadline:
+            fills = []
+            for name in paths.ring_names_of_network(self.prefix):
+                if name.endswith("-stats"):
+                    continue
+                with contextlib.suppress(RingError):
+                    r = KeyRing.attach(name)
+                    c = r.cursors()
+                    avail = c.write_pos - (c.claim_pos if r.is_enc else c.release_pos)
+                    fills.append(avail / c.capacity)
+                    r.close()
+            low = min(fills) if fills else 0.0
+            if fills and low >= min_fill:
+                break
+            time.sleep(0.2)
+        self.pause_key(True)
+        return low
+
+    def set_mtu(self, mtu: int) -> None:
+        from pyroute2 import IPRoute
+
+        for node in self.topo.nodes:
+            with IPRoute(netns=self.ns(node)) as ip:
+                for link in ip.get_links():
+                    name = link.get_attr("IFLA_IFNAME")
+                    if name.startswith("otp"):
+                        ip.link("set", index=link["index"], mtu=mtu)
+
+    def counters(self) -> dict[tuple[str, str], dict[str, int]]:
+        out = {}
+        for lk in self.topo.links:
+            for node in (lk.a, lk.b):
+                st = LinkStats(paths.stats_name(self.prefix, node, lk.name))
+                out[(node, lk.name)] = st.totals()
+                st.close()
+        return out
+
+    def iperf(self, src: str, dst: str, seconds: float) -> dict:
+        server = subprocess.Popen(["ip", "netns", "exec", self.ns(dst), "iperf3", "-s", "-1",
+                                   "-B", self.addr(dst)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(50):
+                res = subprocess.run(["ip", "netns", "exec", self.ns(src), "iperf3", "-c",
+                                      self.addr(dst), "-B", self.addr(src), "-t", str(seconds),
+                                      "-J"], capture_output=True, text=True,
+                                     timeout=seconds + 30)
+                data = json.loads(res.stdout or "{}")
+                if "error" in data and "connect" in data["error"]:
+                    time.sleep(0.1)  # the server is not listening yet
+                    continue
+                if "error" in data:
+                    raise BenchError(f"iperf3 {src}->{dst}: {data['error']}")
+                s = data["end"]["sum_received"]
+                return {"gbps": s["bits_per_second"] / 1e9, "bytes": s["bytes"],
+                        "seconds": s["seconds"],
+                        "retransmits": data["end"]["sum_sent"].get("retransmits", 0)}
+            raise BenchError(f"iperf3 server in {self.ns(dst)} never answered")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                server.kill()
+            server.wait(5)
+
+    def down(self) -> None:
+        with contextlib.suppress(Exception):
+            self.pause_key(False)
+        emulation.net_down(self.prefix)
+        self.cfg.unlink(missing_ok=True)
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: {f: after[k][f] - before[k][f] for f in after[k]} for k in after}
+
+
+def _steps(d: dict[str, int], steps: tuple[str, ...], pkts_field: str) -> dict[str, float]:
+    pkts = max(1, d[pkts_field])
+    return {s: d[s] / pkts / 1000 for s in steps}  # microseconds per packet
+
+
+def run_point(net: Net, path: str, mtu: int, seconds: float) -> dict:
+    src, dst = "A", ("B" if path == "direct" else "C")
+    net.set_mtu(mtu)
+    low = net.fill()
+    before = net.counters()
+    r = net.iperf(src, dst, seconds)
+    delta = _delta(net.counters(), before)
+    sender, receiver = delta[("A", "A-B")], delta[(dst, "A-B" if dst == "B" else "B-C")]
+    drops = {k: v for (node, link), c in delta.items() for k, v in
+             ((f"{node}:{link}:{f}", n) for f, n in c.items() if f.startswith("drop") and n)}
+    return {
+        "path": path, "mtu": mtu, **r, "fill_before": round(low, 3),
+        "key_limited": sender["drop_tx_nokey"] > 0,
+        "packets": sender["tx_pkts"], "key_bytes": sender["tx_key"],
+        "sender_steps_us": _steps(sender, STEPS_TX, "tx_pkts"),
+        "receiver_steps_us": _steps(receiver, STEPS_RX, "rx_pkts"),
+        "drops": drops,
+    }
+
+
+def plot(points: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, style in (("proposed", "-o"), ("conventional", "--s")):
+        for path in ("direct", "relay"):
+            pts = sorted((p["mtu"], p["gbps"] * 1000) for p in points
+                         if p["mode"] == mode and p["path"] == path)
+            if pts:
+                ax.plot([m for m, _ in pts], [v for _, v in pts], style,
+                        label=f"{mode}, {'direct' if path == 'direct' else 'via relay'}")
+    ax.axhline(PAPER["direct_mbps"], color="grey", lw=0.8, ls=":")
+    ax.text(1500, PAPER["direct_mbps"] * 1.08, "paper: 185 Mb/s direct", fontsize=8)
+    ax.axhline(PAPER["conventional_mbps"], color="grey", lw=0.8, ls=":")
+    ax.text(1500, PAPER["conventional_mbps"] * 1.08, "paper: 3.92 Mb/s conventional",
+            fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tunnel MTU (bytes)")
+    ax.set_ylabel("TCP throughput (Mb/s)")
+    ax.set_title("OTP tunnel throughput against MTU (cf. paper Fig. 5)")
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int = 0,
+        capacity: str = "1GiB", modes: tuple[str, ...] = ("proposed", "conventional"),
+        plot_path: Path | None = None, console: Console | None = None) -> dict:
+    console = console or Console()
+    workers = workers or (os.cpu_count() or 1)
+    console.print(f"[bold]bench otp[/bold]: A - B - C in namespaces, iperf3 TCP {seconds} s "
+                  f"per point, {workers} worker(s) per link end, {os.cpu_count()} cores, "
+                  f"rings {capacity}")
+    points: list[dict] = []
+    for mode in modes:
+        net = Net(mode, workers, capacity, console)
+        try:
+            console.print(f"  {mode}: bringing up {net.prefix} and filling rings ...")
+            net.up()
+            for path in ("direct", "relay"):
+                for mtu in mtus:
+                    p = {"mode": mode, **run_point(net, path, mtu, seconds)}
+                    points.append(p)
+                    console.print(f"  {mode:12} {path:6} MTU {mtu:5}: {p['gbps']:6.2f} Gb/s"
+                                  + ("  (ran out of key)" if p["key_limited"] else ""))
+        finally:
+            net.down()
+    return summarize(points, mtus, workers, plot_path, console)
+
+
+def _best(points: list[dict], mode: str, path: str, mtu: int | None = None) -> dict | None:
+    cands = [p for p in points if p["mode"] == mode and p["path"] == path
+             and (mtu is None or p["mtu"] == mtu)]
+    return max(cands, key=lambda p: p["gbps"]) if cands else None
+
+
+def summarize(points: list[dict], mtus: tuple[int, ...], workers: int,
+              plot_path: Path | None, console: Console) -> dict:
+    top = max(mtus)
+    direct = _best(points, "proposed", "direct", top)
+    relay = _best(points, "proposed", "relay", top)
+    conv = _best(points, "conventional", "direct", 1500) if 1500 in mtus else None
+    conv_relay = _best(points, "conventional", "relay", 1500) if 1500 in mtus else None
+    d_gbps = direct["gbps"] if direct else 0.0
+    r_gbps = relay["gbps"] if relay else 0.0
+    result = {
+        "bench": "otp", "machine": f"{os.uname().nodename} {os.cpu_count()} cores",
+        "workers": workers, "paper": PAPER, "floor": FLOOR,
+        "direct_gbps": d_gbps, "relay_gbps": r_gbps,
+        "baseline_gbps": conv["gbps"] if conv else None,
+        "baseline_relay_gbps": conv_relay["gbps"] if conv_relay else None,
+        "ratio_direct_vs_paper": d_gbps * 1000 / PAPER["direct_mbps"],
+        "ratio_relay_vs_paper": r_gbps * 1000 / PAPER["relay_mbps"],
+        "ratio_vs_baseline": d_gbps / conv["gbps"] if conv and conv["gbps"] else None,
+        "meets_floor": d_gbps >= FLOOR["direct_gbps"] and r_gbps >= FLOOR["relay_gbps"],
+        "points": points,
+    }
+    t = Table(title="OTP tunnel, iperf3 TCP (Gb/s) against MTU — cf. paper Fig. 5")
+    t.add_column("mode / path")
+    for m in mtus:
+        t.add_column(str(m), justify="right")
+    for mode in ("proposed", "conventional"):
+        for path in ("direct", "relay"):
+            row = [_best(points, mode, path, m) for m in mtus]
+            if any(row):
+                t.add_row(f"{mode}, {path}", *(f"{p['gbps']:.2f}" if p else "-" for p in row))
+    console.print(t)
+    s = Table(title="time per packet and step, direct (us) — cf. paper Table I")
+    s.add_column("step")
+    cols = [(m, p) for m, p in (("proposed", direct), ("conventional", conv)) if p]
+    for mode, p in cols:
+        s.add_column(f"{mode} (MTU {p['mtu']})", justify="right")
+    for side, steps in (("sender_steps_us", STEPS_TX), ("receiver_steps_us", STEPS_RX)):
+        for st in steps:
+            s.add_row(("sender: " if side.startswith("sender") else "receiver: ")
+                      + STEP_NAMES[st], *(f"{p[side][st]:.1f}" for _, p in cols))
+    console.print(s)
+    c = Table(title="against the paper")
+    for col in ("figure", "paper", "ours", "x paper"):
+        c.add_column(col)
+    c.add_row("direct", "185 Mb/s", f"{d_gbps:.2f} Gb/s",
+              f"{result['ratio_direct_vs_paper']:.1f}")
+    c.add_row("via one relay", "123 Mb/s", f"{r_gbps:.2f} Gb/s",
+              f"{result['ratio_relay_vs_paper']:.1f}")
+    if conv:
+        c.add_row("conventional (MTU 1500, per-packet key removal)", "3.92 Mb/s",
+                  f"{conv['gbps']:.3f} Gb/s", f"{conv['gbps'] * 1000 / 3.92:.1f}")
+    console.print(c)
+    if result["ratio_vs_baseline"]:
+        console.print(f"proposed / conventional measured in this run: "
+                      f"{result['ratio_vs_baseline']:.1f}x")
+    console.print(f"floors (direct {FLOOR['direct_gbps']} Gb/s, relay {FLOOR['relay_gbps']} "
+                  f"Gb/s): " + ("[green]met[/green]" if result["meets_floor"]
+                                else "[red]not met[/red]"))
+    if plot_path is not None:
+        result["plot"] = str(plot(points, plot_path))
+        console.print(f"plot: {result['plot']}")
+    return result

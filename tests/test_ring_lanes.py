@@ -1,0 +1,502 @@
+"""Tests of the ring's lane API (dataplane/ring.py): per-worker ENC chunks, DEC lane words,
+release_dec, locate and the durable claim high-water mark. Real /dev/shm files, no I/O
+beyond them and a cursor file in tmp_path."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from uuid import uuid4
+
+import pytest
+
+from dataplane.limits import RING_HEADER_SIZE
+from dataplane.ring import (
+    CONTROL_LANE,
+    MAX_LANES,
+    ROLE_DEC,
+    ROLE_ENC,
+    SHM_DIR,
+    CursorFile,
+    KeyRing,
+    RingError,
+)
+
+CAP = 1024
+BLOCK = 32
+
+
+@pytest.fixture
+def name():
+    n = f"qkdnet-lanes{os.getpid()}-{uuid4().hex[:8]}"
+    yield n
+    KeyRing.unlink(n)
+
+
+class CountingCursorFile(CursorFile):
+    def __init__(self, path):
+        super().__init__(path)
+        self.stores: list[int] = []
+
+    def store(self, high_water: int) -> None:
+        self.stores.append(high_water)
+        super().store(high_water)
+
+
+@pytest.fixture
+def cursor(tmp_path):
+    return CountingCursorFile(tmp_path / "ring.cursor")
+
+
+@pytest.fixture
+def opened():
+    rings: list[KeyRing] = []
+    yield rings
+    for r in rings:
+        r.close()
+
+
+@pytest.fixture
+def make(name, cursor, opened):
+    def _make(role: int = ROLE_ENC, capacity: int = CAP, cf: CursorFile | None = None):
+        r = KeyRing.create_or_attach(name, capacity, BLOCK, role, cf or cursor)
+        opened.append(r)
+        return r
+    return _make
+
+
+def key(n: int, seed: int = 0) -> bytes:
+    """Distinct, non-zero key bytes (so a wipe is visible)."""
+    return bytes((seed + i) % 255 + 1 for i in range(n))
+
+
+def stream(name: str, capacity: int = CAP) -> bytes:
+    """The whole data area, straight from the ring file."""
+    with open(SHM_DIR / name, "rb") as f:
+        f.seek(RING_HEADER_SIZE)
+        return f.read(capacity)
+
+
+def at(name: str, pos: int, n: int, capacity: int = CAP) -> bytes:
+    """Bytes of stream positions [pos, pos+n) in the ring file, following the wrap."""
+    data = stream(name, capacity)
+    return bytes(data[(pos + i) % capacity] for i in range(n))
+
+
+def zero(name: str, pos: int, n: int) -> bool:
+    return at(name, pos, n) == bytes(n)
+
+
+def filled(make, n: int = CAP, role: int = ROLE_ENC) -> KeyRing:
+    r = make(role=role)
+    r.append(0, key(n))
+    return r
+
+
+def use(r: KeyRing, lane: int, upto: int, wipe: bool = True) -> None:
+    """What a worker does with its chunk: use bytes below ``upto``, wipe them, publish."""
+    _, used, _ = r.chunk_of(lane)
+    if wipe:
+        r.wipe_used(used, upto - used)
+    r.set_used(lane, upto)
+
+
+# ---- chunks and the release point -----------------------------------------------------
+
+def test_lanes_claim_disjoint_chunks_in_order(make):
+    r = filled(make)
+    got = {}
+    for lane in (0, 1, 5, CONTROL_LANE):
+        pos, n = r.claim_chunk(lane, 100)
+        got[lane] = (pos, n)
+        assert r.chunk_of(lane) == (pos, pos, pos + n)
+    assert got == {0: (0, 100), 1: (100, 100), 5: (200, 100), CONTROL_LANE: (300, 100)}
+    assert r.claim_pos == 400
+    assert r.release_pos == 0 and r.free_pos == 0
+    assert r.chunk_of(2) == (0, 0, 0)  # never held one
+
+
+def test_release_waits_for_the_lowest_used_of_the_held_chunks(make, name):
+    r = filled(make)
+    assert r.claim_chunk(0, 100) == (0, 100)
+    assert r.claim_chunk(1, 100) == (100, 100)
+    assert r.claim_chunk(2, 100) == (200, 100)
+    # lane 2 finishes first: nothing can be freed, lane 0 still reads from 0
+    use(r, 2, 300)
+    r.retire(2)
+    assert (r.release_pos, r.free_pos) == (0, 0)
+    # lane 1 finishes: still held back by lane 0
+    use(r, 1, 150)
+    r.retire(1)
+    assert (r.release_pos, r.free_pos) == (0, 0)
+    # lane 0 has used 40 bytes: the release point follows at the next lock (a claim)
+    use(r, 0, 40)
+    assert r.claim_chunk(3, 50) == (300, 50)
+    assert (r.release_pos, r.free_pos) == (40, 40)
+    # lane 0 gives up: the lowest held byte is now lane 3's
+    r.retire(0)
+    assert (r.release_pos, r.free_pos) == (300, 300)
+    use(r, 3, 320)
+    r.retire(3)
+    # nothing held: up to claim_pos
+    assert (r.release_pos, r.free_pos) == (350, 350)
+    assert r.claim_pos == 350
+    assert zero(name, 0, 350)
+    assert at(name, 350, CAP - 350) == key(CAP)[350:]
+
+
+def test_release_point_never_passes_a_held_used_mark(make):
+    r = filled(make)
+    r.claim_chunk(0, 100)
+    r.claim_chunk(1, 100)
+    use(r, 1, 170)
+    use(r, 0, 90)
+    r.retire(1)
+    assert r.release_pos == 90
+    use(r, 0, 100)  # lane 0 used its whole chunk but still holds it
+    r.retire(7)  # a lane holding nothing: just moves the release point
+    assert r.release_pos == 100
+    assert r.chunk_of(0) == (0, 100, 100)
+
+
+def test_read_below_the_release_point_fails_but_held_bytes_are_readable(make):
+    r = filled(make)
+    r.claim_chunk(0, 100)
+    r.claim_chunk(1, 100)
+    r.retire(0)
+    assert r.release_pos == 100
+    with pytest.raises(RingError):
+        r.read(99, 2)
+    assert bytes(r.read(100, 100)) == key(CAP)[100:200]
+
+
+# ---- wiping ---------------------------------------------------------------------------
+
+def test_retire_alive_wipes_exactly_used_to_end(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 100)
+    r.claim_chunk(1, 100)
+    r.claim_chunk(2, 100)
+    use(r, 1, 130, wipe=False)  # the holder claims it wiped [100, 130): retire trusts it
+    r.retire(1)
+    data = key(CAP)
+    assert at(name, 0, 100) == data[:100]  # lane 0's chunk: untouched
+    assert at(name, 100, 30) == data[100:130]  # [start, used): the holder's business
+    assert zero(name, 130, 70)  # [used, end): wiped
+    assert at(name, 200, 100) == data[200:300]  # lane 2's chunk: untouched
+    assert at(name, 300, CAP - 300) == data[300:]  # unclaimed: untouched
+    assert r.chunk_of(1)[2] == 0
+
+
+def test_retire_dead_wipes_the_whole_chunk(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 100)
+    r.claim_chunk(1, 100)
+    r.claim_chunk(2, 100)
+    use(r, 1, 130, wipe=False)  # killed before it could wipe what it used
+    r.retire(1, dead=True)
+    data = key(CAP)
+    assert at(name, 0, 100) == data[:100]
+    assert zero(name, 100, 100)
+    assert at(name, 200, CAP - 200) == data[200:]
+    assert r.chunk_of(1)[2] == 0
+    assert r.release_pos == 0  # lane 0 still holds [0, 100)
+
+
+def test_bytes_wiped_by_the_holder_stay_zero(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 200)
+    use(r, 0, 60)
+    assert zero(name, 0, 60)
+    assert at(name, 60, 140) == key(CAP)[60:200]
+    r.retire(0)
+    assert zero(name, 0, 200)
+    assert at(name, 200, CAP - 200) == key(CAP)[200:]
+    assert r.release_pos == 200
+
+
+def test_reset_lanes_wipes_every_held_chunk_whole(make, name):
+    r = filled(make)
+    for lane in range(4):
+        r.claim_chunk(lane, 100)
+    r.claim_chunk(CONTROL_LANE, 50)
+    use(r, 0, 30, wipe=False)
+    use(r, 2, 250, wipe=False)
+    r.retire(3)  # already given up: stays so
+    r.reset_lanes()
+    assert all(r.chunk_of(lane)[2] == 0 for lane in range(MAX_LANES))
+    assert zero(name, 0, 450)
+    assert at(name, 450, CAP - 450) == key(CAP)[450:]  # never claimed: kept
+    assert (r.release_pos, r.free_pos, r.claim_pos) == (450, 450, 450)
+    assert r.claim_chunk(0, 10) == (450, 10)  # what was held is never handed out again
+
+
+def test_retire_of_a_wrapping_chunk_wipes_across_the_end(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 900)
+    use(r, 0, 900)
+    r.retire(0)
+    assert r.free_pos == 900
+    r.append(CAP, key(500, 9))  # positions 1024..1523: the ring holds [900, 1524)
+    assert r.claim_chunk(1, 300) == (900, 300)  # offsets 900..1023, then 0..175
+    assert r.claim_chunk(2, 50) == (1200, 50)
+    use(r, 1, 950)
+    r.retire(1)
+    assert zero(name, 900, 300)
+    assert at(name, 1200, 324) == key(500, 9)[176:]  # lane 2 and the unclaimed rest
+    assert r.release_pos == 1200
+
+
+# ---- claim_chunk: amounts -------------------------------------------------------------
+
+def test_claim_chunk_without_key_returns_nothing(make):
+    r = make()
+    assert r.claim_chunk(0, 100) == (0, 0)
+    assert r.chunk_of(0)[2] == 0
+    r.append(0, key(60))
+    assert r.claim_chunk(0, 100) == (0, 60)  # partial: what there is
+    assert r.chunk_of(0) == (0, 0, 60)
+    assert r.claim_chunk(1, 100) == (60, 0)  # none left
+    assert r.chunk_of(1)[2] == 0
+    assert r.claim_pos == 60
+
+
+def test_claim_chunk_gives_up_the_previous_chunk(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 100)
+    use(r, 0, 40)
+    assert r.claim_chunk(0, 100) == (100, 100)
+    assert zero(name, 0, 100)  # the unused rest [40, 100) too
+    assert r.release_pos == 100
+    # also when no new key is there: the old chunk is given up all the same
+    r.claim_chunk(0, CAP)
+    assert r.claim_chunk(0, 10) == (CAP, 0)
+    assert r.chunk_of(0)[2] == 0
+    assert r.release_pos == CAP
+
+
+class FailingCursorFile(CursorFile):
+    def store(self, high_water: int) -> None:
+        raise OSError("disk full")
+
+
+def test_claim_chunk_hands_out_nothing_it_could_not_make_durable(make, tmp_path):
+    r = make(cf=FailingCursorFile(tmp_path / "c"))
+    r.append(0, key(100))
+    with pytest.raises(OSError, match="disk full"):
+        r.claim_chunk(0, 40)
+    assert r.claim_pos == 0
+    assert r.chunk_of(0)[2] == 0
+
+
+# ---- claim_chunk: the durable high-water mark ------------------------------------------
+
+def test_claim_chunk_is_durable_before_returning(make, cursor):
+    r = filled(make)
+    for lane in range(8):
+        pos, n = r.claim_chunk(lane, 100)
+        assert n > 0
+        assert cursor.load() >= pos + n
+        assert CursorFile(cursor.path).load() >= pos + n  # as a restarted node reads it
+
+
+def test_claims_within_the_durable_window_do_not_rewrite_the_cursor_file(make, cursor):
+    r = filled(make)
+    pos, n = r.claim_chunk(0, 10)
+    assert len(cursor.stores) == 1
+    mark = cursor.load()
+    assert mark >= pos + n
+    content = cursor.path.read_bytes()
+    claims = 0
+    for i in range(1, 1000):
+        free = CAP - (r.write_pos - r.free_pos)
+        if free:
+            r.append(r.write_pos, key(free, i))
+        pos, n = r.claim_chunk(i % 8, 10)
+        assert n == 10
+        if pos + n > mark:
+            break
+        claims += 1
+        assert cursor.path.read_bytes() == content
+    assert claims >= 50  # many claims happened inside the window
+    # one store for the first claim and one for the claim that left the window
+    assert len(cursor.stores) == 2
+    assert cursor.load() >= pos + n > mark
+    assert cursor.path.read_bytes() != content
+
+
+def test_claims_within_the_window_leave_the_file_as_it_was(make, cursor):
+    r = filled(make)
+    r.claim_chunk(0, 10)
+    st = os.stat(cursor.path)
+    content = cursor.path.read_bytes()
+    for lane in range(1, 6):
+        r.claim_chunk(lane, 10)
+    st2 = os.stat(cursor.path)
+    assert (st2.st_ino, st2.st_mtime_ns, st2.st_size) == (st.st_ino, st.st_mtime_ns,
+                                                         st.st_size)
+    assert cursor.path.read_bytes() == content
+    assert len(cursor.stores) == 1
+
+
+def test_after_a_reboot_no_claimed_position_is_handed_out_again(make, name, cursor):
+    r = make()
+    claimed: set[int] = set()
+    w = 0
+    for i in range(30):  # several laps, so that marks are stored more than once
+        free = CAP - (r.write_pos - r.free_pos)
+        if free:
+            r.append(w, key(free, i))
+            w += free
+        lane = i % 4
+        use(r, lane, r.chunk_of(lane)[2] or r.chunk_of(lane)[1])
+        pos, n = r.claim_chunk(lane, 97)
+        assert n > 0
+        assert not claimed & set(range(pos, pos + n))
+        claimed |= set(range(pos, pos + n))
+    assert len(cursor.stores) >= 2
+    top = max(claimed) + 1
+    r.close()
+    KeyRing.unlink(name)  # a reboot: /dev/shm is gone, the cursor file is not
+    r2 = make()
+    assert r2.write_pos >= top and r2.claim_pos >= top and r2.release_pos >= top
+    assert r2.free_pos == r2.write_pos
+    # what a reboot skips is bounded: the mark is at most a capacity beyond the claims
+    assert r2.write_pos <= top + CAP
+    assert r2.chunk_of(0) == (0, 0, 0)
+    r2.append(r2.write_pos, key(200, 3))
+    pos, n = r2.claim_chunk(0, 100)
+    assert n == 100 and pos >= top
+    assert cursor.load() >= pos + n
+
+
+def test_after_a_process_crash_the_durable_mark_is_kept(make, name, cursor):
+    """The ring survives in /dev/shm: no new store needed for claims inside the window."""
+    r = filled(make)
+    r.claim_chunk(0, 10)
+    r.close()
+    r2 = make()
+    assert r2.chunk_of(0) == (0, 0, 10)
+    r2.claim_chunk(1, 10)
+    assert len(cursor.stores) == 1
+
+
+# ---- DEC: release_dec and lane words --------------------------------------------------
+
+def test_release_dec_wipes_and_frees_bounded_by_write_pos(make, name):
+    r = filled(make, 600, role=ROLE_DEC)
+    r.release_dec(200)
+    assert (r.release_pos, r.free_pos) == (200, 200)
+    assert zero(name, 0, 200)
+    assert at(name, 200, 400) == key(600)[200:]
+    r.release_dec(100)  # backwards: nothing
+    assert (r.release_pos, r.free_pos) == (200, 200)
+    assert at(name, 200, 400) == key(600)[200:]
+    r.release_dec(200)
+    assert r.release_pos == 200
+    r.release_dec(10_000)  # bounded by write_pos
+    assert (r.release_pos, r.free_pos, r.write_pos) == (600, 600, 600)
+    assert zero(name, 0, 600)
+    r.release_dec(0)
+    assert r.release_pos == 600
+    # the writer may now fill the whole capacity again
+    r.append(600, key(CAP, 4))
+    assert bytes(r.read(600, CAP)) == key(CAP, 4)
+
+
+def test_dec_lane_words_are_independent(make):
+    r = filled(make, 100, role=ROLE_DEC)
+    before = (r.write_pos, r.claim_pos, r.release_pos, r.free_pos, r.capacity, r.epoch)
+    assert all(r.lane_next(lane) == 0 for lane in range(MAX_LANES))
+    values = {lane: (lane + 1) * 1_000_003 + (1 << 40) * (lane % 3) for lane in
+              range(MAX_LANES)}
+    for lane in range(MAX_LANES):
+        r.set_lane_next(lane, values[lane])
+        for other in range(MAX_LANES):  # no lane's word touches another's
+            assert r.lane_next(other) == (values[other] if other <= lane else 0)
+    assert (r.write_pos, r.claim_pos, r.release_pos, r.free_pos, r.capacity,
+            r.epoch) == before
+    assert bytes(r.read(0, 100)) == key(100)
+    r.set_lane_next(CONTROL_LANE, 2**64 - 1)
+    assert r.lane_next(CONTROL_LANE) == 2**64 - 1
+    assert r.lane_next(CONTROL_LANE - 1) == values[CONTROL_LANE - 1]
+
+
+def test_dec_lane_words_survive_a_process_restart(make):
+    r = filled(make, 100, role=ROLE_DEC)
+    r.set_lane_next(4, 77)
+    r.close()
+    assert make(role=ROLE_DEC).lane_next(4) == 77
+
+
+# ---- locate ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pos,n", [(0, 1), (0, CAP), (100, 200), (CAP - 50, 50),
+                                   (CAP - 50, 51), (CAP - 1, 300), (CAP + 10, 5)])
+def test_locate_matches_read_and_points_at_the_bytes(make, pos, n):
+    r = make(role=ROLE_DEC)
+    data = key(CAP, 1) + key(CAP, 2)
+    r.append(0, data[:CAP])
+    r.release_dec(min(pos, CAP))
+    r.append(CAP, data[CAP:CAP + r.free_pos])
+    pad, addr = r.locate(pos, n)
+    assert bytes(pad) == bytes(r.read(pos, n)) == data[pos:pos + n]
+    assert ctypes.string_at(addr, n) == data[pos:pos + n]
+    assert addr == pad.ctypes.data
+    off = pos % CAP
+    wraps = off + n > CAP
+    in_ring = r.data_addr <= addr < r.data_addr + CAP
+    assert in_ring != wraps
+    if not wraps:
+        assert addr == r.data_addr + off
+    else:  # a copy: writing it leaves the ring alone
+        pad[:] = 0
+        assert bytes(r.read(pos, n)) == data[pos:pos + n]
+
+
+def test_data_addr_is_the_ring_files_data_area(make, name):
+    r = filled(make)
+    assert ctypes.string_at(r.data_addr, CAP) == stream(name)
+
+
+# ---- the writer's bound ---------------------------------------------------------------
+
+def test_append_only_below_free_pos_plus_capacity(make):
+    r = filled(make)
+    with pytest.raises(RingError, match="do not fit"):
+        r.append(CAP, b"\x01")
+    r.claim_chunk(0, 100)
+    r.claim_chunk(1, 100)
+    r.retire(1)  # lane 0 still holds [0, 100): nothing can be freed
+    assert r.free_pos == 0
+    with pytest.raises(RingError, match="do not fit"):
+        r.append(CAP, b"\x01")
+    use(r, 0, 60)
+    r.retire(0)
+    assert r.free_pos == 200
+    with pytest.raises(RingError, match=r"\(200 B free\)"):
+        r.append(CAP, key(201))
+    assert r.write_pos == CAP
+    r.append(CAP, key(200, 6))  # exactly up to free_pos + capacity
+    assert r.write_pos == CAP + 200 == r.free_pos + CAP
+    with pytest.raises(RingError, match="do not fit"):
+        r.append(CAP + 200, b"\x01")
+    # the bytes still to be claimed were not overwritten
+    assert bytes(r.read(200, CAP - 200)) == key(CAP)[200:]
+
+
+def test_a_held_chunk_blocks_the_writer_however_many_others_finish(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 100)  # [0, 100), held for ever
+    w = CAP
+    for lane in range(1, 30):
+        pos, n = r.claim_chunk(lane % 5 + 1, 50)
+        free = CAP - (r.write_pos - r.free_pos)
+        if free:
+            r.append(w, key(free, lane))
+            w += free
+        if n == 0:
+            break
+    assert r.release_pos == 0 and r.free_pos == 0
+    assert r.write_pos == CAP
+    assert bytes(r.read(0, 100)) == key(CAP)[:100]

@@ -1,0 +1,356 @@
+"""Tests of the link-state routing (control/routing.py): the entry database and the BFS
+first hops. Pure; graphs are checked against an independent all-pairs shortest path."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from control.routing import LinkEnds, LinkStateDb, next_hops
+
+INF = float("inf")
+
+
+def links_of(pairs: list[tuple[str, str]], indexes: list[int] | None = None) -> list[LinkEnds]:
+    indexes = list(range(len(pairs))) if indexes is None else indexes
+    return [LinkEnds(f"L{i}", i, a, b) for i, (a, b) in zip(indexes, pairs, strict=True)]
+
+
+TRIANGLE = links_of([("A", "B"), ("B", "C"), ("A", "C")])  # L0, L1, L2
+
+
+def db(links=TRIANGLE, max_age_s: float = 3.0) -> LinkStateDb:
+    return LinkStateDb(links, max_age_s=max_age_s)
+
+
+# ---- merge ----------------------------------------------------------------------------
+
+def test_merge_takes_new_entries_and_counts_changes():
+    d = db()
+    assert d.merge([["L0", "A", 5, True], ["L0", "B", 7, False]], now=1.0) == 2
+    assert d.entries == {("L0", "A"): (5, True, 1.0), ("L0", "B"): (7, False, 1.0)}
+    assert d.export() == [["L0", "A", 5, True], ["L0", "B", 7, False]]
+
+
+def test_merge_keeps_the_higher_seq():
+    d = db()
+    d.merge([["L0", "A", 5, True]], now=1.0)
+    assert d.merge([["L0", "A", 4, False]], now=2.0) == 0  # older: ignored
+    assert d.entries[("L0", "A")] == (5, True, 1.0)
+    assert d.merge([["L0", "A", 5, False]], now=2.0) == 0  # same seq: ignored
+    assert d.entries[("L0", "A")] == (5, True, 1.0)
+    assert d.merge([["L0", "A", 6, True]], now=3.0) == 0  # newer, same state: refreshed
+    assert d.entries[("L0", "A")] == (6, True, 3.0)
+    assert d.merge([["L0", "A", 9, False]], now=4.0) == 1  # newer, other state
+    assert d.entries[("L0", "A")] == (9, False, 4.0)
+
+
+def test_merge_order_does_not_matter_for_the_result():
+    entries = [["L0", "A", 3, True], ["L0", "A", 8, False], ["L0", "A", 5, True]]
+    d1, d2 = db(), db()
+    d1.merge(entries, now=0.0)
+    d2.merge(list(reversed(entries)), now=0.0)
+    assert d1.export() == d2.export() == [["L0", "A", 8, False]]
+
+
+def test_merge_accepts_tuples_as_entries():
+    d = db()
+    assert d.merge([("L1", "C", 2, True)], now=0.0) == 1
+    assert d.export() == [["L1", "C", 2, True]]
+
+
+MALFORMED = [
+    ["L0", "A", 1],  # too short
+    ["L0", "A", 1, True, 0],  # too long
+    "L0A1T",
+    None,
+    {"link": "L0", "node": "A", "seq": 1, "up": True},
+    [0, "A", 1, True],  # link not a string
+    [["L0"], "A", 1, True],  # unhashable link
+    ["L9", "A", 1, True],  # unknown link
+    ["L1", "A", 1, True],  # A is not an end of L1 (B-C)
+    ["L0", "C", 1, True],
+    ["L0", ["A"], 1, True],
+    ["L0", None, 1, True],
+    ["L0", "A", True, True],  # a bool is not a seq
+    ["L0", "A", False, True],
+    ["L0", "A", -1, True],
+    ["L0", "A", 1.0, True],
+    ["L0", "A", "1", True],
+    ["L0", "A", None, True],
+    ["L0", "A", 1, 1],  # up must be a bool
+    ["L0", "A", 1, "true"],
+    ["L0", "A", 1, None],
+]
+
+
+def test_merge_ignores_malformed_entries():
+    d = db()
+    good = ["L2", "C", 4, True]
+    assert d.merge(MALFORMED + [good] + MALFORMED, now=1.0) == 1
+    assert d.export() == [good]
+
+
+def test_merge_of_a_malformed_entry_does_not_overwrite_a_good_one():
+    d = db()
+    d.merge([["L0", "A", 1, True]], now=0.0)
+    assert d.merge([["L0", "A", True, False], ["L0", "A", 2, 0]], now=1.0) == 0
+    assert d.entries[("L0", "A")] == (1, True, 0.0)
+
+
+def test_merge_ignores_what_is_not_a_list():
+    d = db()
+    entry = ["L0", "A", 1, True]
+    for junk in [None, 5, "L0", {"L0": entry}, (entry,), {tuple(entry)}, b"x"]:
+        assert d.merge(junk, now=0.0) == 0
+    assert d.entries == {}
+
+
+def test_zero_seq_is_valid():
+    d = db()
+    assert d.merge([["L0", "A", 0, True]], now=0.0) == 1
+    assert d.merge([["L0", "A", 1 << 70, False]], now=0.0) == 1  # big ints are fine
+
+
+def test_originate():
+    d = db()
+    d.originate("A", {"L0": True, "L2": False}, seq=10, now=5.0)
+    assert d.export() == [["L0", "A", 10, True], ["L2", "A", 10, False]]
+    d.originate("A", {"L0": False}, seq=9, now=6.0)  # older seq: ignored
+    assert d.export()[0] == ["L0", "A", 10, True]
+
+
+# ---- expire ---------------------------------------------------------------------------
+
+def test_expire_drops_entries_older_than_max_age():
+    d = db(max_age_s=3.0)
+    d.merge([["L0", "A", 1, True]], now=10.0)
+    d.merge([["L0", "B", 1, True]], now=12.0)
+    d.expire(now=13.0)  # exactly max_age: kept
+    assert set(d.entries) == {("L0", "A"), ("L0", "B")}
+    d.expire(now=13.5)
+    assert set(d.entries) == {("L0", "B")}
+    assert not d.link_up("L0")
+    d.expire(now=15.5)
+    assert d.entries == {}
+
+
+def test_a_newer_seq_keeps_an_entry_alive_a_relayed_old_one_does_not():
+    d = db(max_age_s=3.0)
+    d.merge([["L0", "A", 1, True], ["L0", "B", 1, True]], now=0.0)
+    for t in (1.0, 2.0, 3.0):
+        d.merge([["L0", "A", int(t * 10), True]], now=t)  # A refreshes its entry
+        d.merge([["L0", "B", 1, True]], now=t)  # B's old entry, heard again via others
+    d.expire(now=3.5)
+    assert set(d.entries) == {("L0", "A")}
+    # once forgotten, an old entry may come back (it is news again)
+    assert d.merge([["L0", "B", 1, True]], now=4.0) == 1
+
+
+# ---- link_up / up_links ---------------------------------------------------------------
+
+def test_link_up_needs_both_ends_up():
+    d = db()
+    assert not d.link_up("L0")
+    d.merge([["L0", "A", 1, True]], now=0.0)
+    assert not d.link_up("L0")  # B has not said anything
+    d.merge([["L0", "B", 1, False]], now=0.0)
+    assert not d.link_up("L0")
+    d.merge([["L0", "B", 2, True]], now=0.0)
+    assert d.link_up("L0")
+    d.merge([["L0", "A", 2, False]], now=0.0)
+    assert not d.link_up("L0")
+    assert not d.link_up("L1")
+
+
+def test_link_up_ignores_entries_of_other_links():
+    d = db()
+    d.merge([["L0", "A", 1, True], ["L2", "C", 1, True], ["L1", "B", 1, True]], now=0.0)
+    assert not any(d.link_up(n) for n in ("L0", "L1", "L2"))
+
+
+def test_up_links_uses_the_local_view_for_own_links():
+    d = db()
+    everyone_up = [[lk.name, end, 1, True] for lk in TRIANGLE for end in (lk.a, lk.b)]
+    d.merge(everyone_up, now=0.0)
+    assert d.up_links("A", {"L0": True, "L2": True}) == {"L0", "L1", "L2"}
+    # A's own view wins over the database, both ways
+    assert d.up_links("A", {"L0": False, "L2": True}) == {"L1", "L2"}
+    assert d.up_links("A", {}) == {"L1"}  # not in the local view: down
+    d.merge([["L0", "B", 2, False], ["L2", "C", 2, False]], now=0.0)
+    assert d.up_links("A", {"L0": True, "L2": True}) == {"L0", "L1", "L2"}
+    assert d.up_links("C", {"L1": True, "L2": True}) == {"L1", "L2"}  # L0: B says down
+    d.merge([["L1", "C", 2, False]], now=0.0)
+    assert d.up_links("A", {"L0": True, "L2": True}) == {"L0", "L2"}
+    assert d.up_links("B", {"L0": True, "L1": True}) == {"L0", "L1"}
+
+
+def test_up_links_for_a_node_without_links():
+    links = TRIANGLE + [LinkEnds("L3", 3, "C", "D")]
+    d = db(links)
+    d.merge([["L3", "C", 1, True], ["L3", "D", 1, True]], now=0.0)
+    assert d.up_links("E", {"L3": False}) == {"L3"}  # E ends no link: the DB decides
+
+
+# ---- next_hops: fixed graphs ----------------------------------------------------------
+
+ALL = {"L0", "L1", "L2", "L3", "L4", "L5"}
+
+
+def walk(links: list[LinkEnds], up: set[str], src: str, dst: str, limit: int) -> int:
+    """Follow every node's own first hop towards ``dst``; hops taken (fails on a loop)."""
+    by_name = {lk.name: lk for lk in links}
+    node, hops = src, 0
+    while node != dst:
+        first = next_hops(links, up, node)
+        assert dst in first, f"{node} has no route to {dst}"
+        lk = by_name[first[dst]]
+        assert lk.name in up and node in (lk.a, lk.b)
+        node = lk.b if node == lk.a else lk.a
+        hops += 1
+        assert hops <= limit, f"routing loop from {src} to {dst}"
+    return hops
+
+
+def test_triangle():
+    up = {"L0", "L1", "L2"}
+    assert next_hops(TRIANGLE, up, "A") == {"B": "L0", "C": "L2"}
+    assert next_hops(TRIANGLE, up, "B") == {"A": "L0", "C": "L1"}
+    assert next_hops(TRIANGLE, up, "C") == {"A": "L2", "B": "L1"}
+    # A-C down: A reaches C through B
+    assert next_hops(TRIANGLE, {"L0", "L1"}, "A") == {"B": "L0", "C": "L0"}
+    assert next_hops(TRIANGLE, {"L0", "L1"}, "C") == {"B": "L1", "A": "L1"}
+
+
+def test_line_of_five():
+    nodes = ["N0", "N1", "N2", "N3", "N4"]
+    links = links_of(list(zip(nodes, nodes[1:], strict=False)))
+    up = {lk.name for lk in links}
+    assert next_hops(links, up, "N0") == {"N1": "L0", "N2": "L0", "N3": "L0", "N4": "L0"}
+    assert next_hops(links, up, "N2") == {"N0": "L1", "N1": "L1", "N3": "L2", "N4": "L2"}
+    assert next_hops(links, up, "N4") == {n: "L3" for n in nodes[:4]}
+    for s in nodes:
+        for t in nodes:
+            assert walk(links, up, s, t, 4) == abs(nodes.index(s) - nodes.index(t))
+    # cut the middle: two halves
+    cut = up - {"L2"}
+    assert next_hops(links, cut, "N0") == {"N1": "L0", "N2": "L0"}
+    assert next_hops(links, cut, "N4") == {"N3": "L3"}
+
+
+def test_square_with_a_cut_link():
+    # A-B (L0), B-C (L1), C-D (L2), D-A (L3)
+    sq = links_of([("A", "B"), ("B", "C"), ("C", "D"), ("D", "A")])
+    up = {"L0", "L1", "L2", "L3"}
+    # C is two hops away both ways: the tie goes to the lower link index
+    assert next_hops(sq, up, "A") == {"B": "L0", "D": "L3", "C": "L0"}
+    assert next_hops(sq, up, "B")["D"] == "L0"
+    assert next_hops(sq, up, "C")["A"] == "L1"
+    assert next_hops(sq, up, "D")["B"] == "L2"
+    cut = up - {"L1"}  # B-C cut: B and C now three hops apart, the other way round
+    assert next_hops(sq, cut, "A") == {"B": "L0", "D": "L3", "C": "L3"}
+    assert next_hops(sq, cut, "B") == {"A": "L0", "D": "L0", "C": "L0"}
+    assert next_hops(sq, cut, "C") == {"D": "L2", "A": "L2", "B": "L2"}
+    for u in up:
+        for s in "ABCD":
+            for t in "ABCD":
+                walk(sq, up - {u}, s, t, 3)
+
+
+def test_ties_go_to_the_lowest_link_index_not_the_list_order():
+    # the same square, links listed in another order and numbered differently
+    sq = [LinkEnds("ab", 5, "A", "B"), LinkEnds("bc", 0, "B", "C"),
+          LinkEnds("cd", 1, "C", "D"), LinkEnds("da", 2, "D", "A")]
+    up = {"ab", "bc", "cd", "da"}
+    assert next_hops(sq, up, "A")["C"] == "da"
+    assert next_hops(list(reversed(sq)), up, "A")["C"] == "da"
+    # parallel links: the lower index carries the traffic
+    par = [LinkEnds("x", 3, "A", "B"), LinkEnds("y", 1, "A", "B")]
+    assert next_hops(par, {"x", "y"}, "A") == {"B": "y"}
+    assert next_hops(par, {"x", "y"}, "B") == {"A": "y"}
+    assert next_hops(par, {"x"}, "A") == {"B": "x"}
+
+
+def test_unreachable_nodes_are_absent():
+    links = TRIANGLE + links_of([("D", "E")], [3])
+    up = {"L0", "L1", "L2", "L3"}
+    assert next_hops(links, up, "A") == {"B": "L0", "C": "L2"}
+    assert next_hops(links, up, "D") == {"E": "L3"}
+    assert next_hops(links, set(), "A") == {}
+    assert next_hops(links, up, "Z") == {}  # a node no link ends
+    assert "A" not in next_hops(links, up, "A")  # never a route to itself
+    # down links carry nothing even though they exist
+    assert next_hops(links, {"L1"}, "A") == {}
+
+
+# ---- next_hops: random graphs ---------------------------------------------------------
+
+def all_pairs(nodes: list[str], links: list[LinkEnds], up: set[str]) -> dict:
+    """Floyd-Warshall hop distances over the up links."""
+    d = {(u, v): (0 if u == v else INF) for u in nodes for v in nodes}
+    for lk in links:
+        if lk.name in up and lk.a != lk.b:
+            d[lk.a, lk.b] = d[lk.b, lk.a] = 1
+    for k in nodes:
+        for i in nodes:
+            for j in nodes:
+                if d[i, k] + d[k, j] < d[i, j]:
+                    d[i, j] = d[i, k] + d[k, j]
+    return d
+
+
+@st.composite
+def graphs(draw):
+    n = draw(st.integers(1, 8))
+    nodes = [f"N{i}" for i in range(n)]
+    pairs = draw(st.lists(st.tuples(st.sampled_from(nodes), st.sampled_from(nodes)),
+                          max_size=16))
+    # link indexes unrelated to the list order
+    indexes = draw(st.permutations(list(range(len(pairs)))))
+    indexes = [i * 3 + 1 for i in indexes]
+    links = [LinkEnds(f"K{j}", idx, a, b)
+             for j, ((a, b), idx) in enumerate(zip(pairs, indexes, strict=True))]
+    up = {lk.name for lk in links if draw(st.booleans())}
+    src = draw(st.sampled_from(nodes))
+    return nodes, links, up, src
+
+
+@settings(max_examples=300, deadline=None)
+@given(graphs())
+def test_next_hops_are_first_links_of_shortest_paths(g):
+    nodes, links, up, src = g
+    dist = all_pairs(nodes, links, up)
+    first = next_hops(links, up, src)
+    reachable = {v for v in nodes if v != src and dist[src, v] < INF}
+    assert set(first) == reachable
+    by_name = {lk.name: lk for lk in links}
+    own = [lk for lk in links if lk.name in up and src in (lk.a, lk.b) and lk.a != lk.b]
+    for v in reachable:
+        lk = by_name[first[v]]
+        assert lk in own  # one of src's up links
+        nb = lk.b if lk.a == src else lk.a
+        assert 1 + dist[nb, v] == dist[src, v]  # on a shortest path
+        # and the lowest-indexed of src's links that start one
+        best = min(x.index for x in own
+                   if 1 + dist[x.b if x.a == src else x.a, v] == dist[src, v])
+        assert lk.index == best
+
+
+@settings(max_examples=150, deadline=None)
+@given(graphs())
+def test_following_first_hops_never_loops(g):
+    nodes, links, up, _ = g
+    dist = all_pairs(nodes, links, up)
+    for s in nodes:
+        for t in nodes:
+            if dist[s, t] < INF:
+                assert walk(links, up, s, t, len(nodes) - 1) == dist[s, t]
+
+
+@settings(max_examples=100, deadline=None)
+@given(graphs(), st.randoms(use_true_random=False))
+def test_next_hops_do_not_depend_on_the_list_order(g, rnd):
+    nodes, links, up, src = g
+    shuffled = list(links)
+    rnd.shuffle(shuffled)
+    assert next_hops(shuffled, up, src) == next_hops(links, up, src)

@@ -1,0 +1,397 @@
+"""The OTP tunnel dataplane end to end: real namespaces, veths, TUN devices, worker pools,
+key managers and routers (issue 2/6)."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from control import emulation, paths
+from control.config import parse_topology
+from dataplane import wire
+from dataplane.limits import LINK_DEAD_S
+from dataplane.ring import CONTROL_LANE, KeyRing
+from dataplane.worker import AUDIT_ACCEPTED, AUDIT_CLAIM, AUDIT_SENT, read_audit
+from tests.nsutil import (
+    InNetns,
+    link_stats,
+    ping,
+    router_state,
+    routes_complete,
+    run_in_netns,
+    set_link,
+    tcp_sink,
+    tcp_source,
+    tunnel_state,
+    udp_collect,
+    udp_send_all,
+    wait_until,
+)
+
+pytestmark = pytest.mark.netns
+
+NET = """
+[network]
+name = "test-otp"
+prefix = "{prefix}"
+[defaults]
+key_rate_mbps = 400
+block_size = "256KiB"
+ring_capacity = "32MiB"
+[ports]
+agreement = 7401
+[dataplane]
+workers = 2
+chunk_size = "256KiB"
+[[nodes]]
+name = "A"
+[[nodes]]
+name = "B"
+[[nodes]]
+name = "C"
+[[links]]
+a = "A"
+b = "B"
+underlay = ["10.211.1.1/30", "10.211.1.2/30"]
+source = {{ generator = "aes-ctr" }}
+[[links]]
+a = "B"
+b = "C"
+underlay = ["10.211.2.1/30", "10.211.2.2/30"]
+source = {{ generator = "aes-ctr" }}
+"""
+TRIANGLE_EXTRA = """
+[[links]]
+a = "A"
+b = "C"
+underlay = ["10.211.3.1/30", "10.211.3.2/30"]
+source = { generator = "aes-ctr" }
+"""
+
+
+def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = False):
+    text = NET.format(prefix=prefix)
+    if two:  # A - B only
+        text = text[:text.index('[[nodes]]\nname = "C"')] + \
+            text[text.index("[[links]]"):text.index('[[links]]\na = "B"')]
+    if triangle:
+        text += TRIANGLE_EXTRA
+    path = tmp_path / f"{prefix}.toml"
+    path.write_text(text)
+    topo = parse_topology(text, path)
+    man = emulation.net_up(topo)
+    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), 40, "routes at every node")
+    return topo, man
+
+
+def ns(prefix: str, node: str) -> str:
+    return paths.netns_name(prefix, node)
+
+
+def addr(topo, node: str) -> str:
+    return str(topo.node(node).address)
+
+
+def send_tcp(topo, src: str, dst: str, data: bytes, port: int = 5001) -> dict:
+    p = topo.prefix
+    sink = InNetns(ns(p, dst), tcp_sink, addr(topo, dst), port, 30.0)
+    try:
+        run_in_netns(ns(p, src), tcp_source, addr(topo, src), addr(topo, dst), port, data,
+                     30.0, timeout=60)
+        return sink.result(60)
+    finally:
+        sink.kill()
+
+
+# ---- traffic ---------------------------------------------------------------------------
+
+def test_ping_and_tcp_through_one_link_and_via_a_relay(tmp_path, prefix):
+    topo, _ = make_net(tmp_path, prefix)
+    assert router_state(prefix, "A")["routes"]["C"]["via"] == "A-B"
+    assert ping(ns(prefix, "A"), addr(topo, "B"), src=addr(topo, "A"))
+    assert ping(ns(prefix, "A"), addr(topo, "C"), src=addr(topo, "A"))  # via B
+    relay_before = tunnel_state(prefix, "B", "B-C")["counters"]["tx_bytes"]
+    for dst in ("B", "C"):
+        data = os.urandom(6 << 20)
+        got = send_tcp(topo, "A", dst, data)
+        assert got["bytes"] == len(data), f"A->{dst}: bytes lost"
+        assert got["sha256"] == hashlib.sha256(data).hexdigest(), f"A->{dst}: corrupted"
+        assert got["peer"] == addr(topo, "A")
+    # The relay decrypted with the A-B key and encrypted again with the B-C key.
+    wait_until(lambda: tunnel_state(prefix, "B", "B-C")["counters"]["tx_bytes"]
+               >= relay_before + (6 << 20), 5, "relay counters")
+    a = tunnel_state(prefix, "A", "A-B")["counters"]
+    assert a["tx_key"] >= a["tx_bytes"] + 32 * a["tx_pkts"]  # pad + one-time MAC key each
+    # qkdctl status shows the tunnels and the routes.
+    res = subprocess.run([".venv/bin/qkdctl", "status", str(topo.path), "--json"],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    snap = json.loads(res.stdout)
+    tun = snap["nodes"]["A"]["tunnels"]["A-B"]
+    assert tun["up"] and tun["counters"]["tx_pkts"] > 0
+    assert snap["nodes"]["A"]["router"]["routes"]["C"]["dev"] == "otp0"
+
+
+def _pcap_payloads(data: bytes, udp_only: bool = True) -> list[bytes]:
+    """UDP payloads (or whole frames) of an Ethernet pcap file."""
+    out = []
+    off = 24
+    while off + 16 <= len(data):
+        caplen = struct.unpack_from("<I", data, off + 8)[0]
+        frame = data[off + 16:off + 16 + caplen]
+        off += 16 + caplen
+        if len(frame) < 14 + 20 or frame[12:14] != b"\x08\x00":
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        if udp_only and frame[14 + 9] == 17:
+            out.append(frame[14 + ihl + 8:])
+        elif not udp_only:
+            out.append(frame)
+    return out
+
+
+class Capture:
+    def __init__(self, netns: str, ifname: str, path: Path, filt: str = ""):
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "tcpdump", "-i", ifname, "-U", "-s", "0", "-n",
+             "-B", "65536", "-w", str(path), *filt.split()], stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()  # "listening on ..."
+        assert "listening" in line, line
+        time.sleep(0.5)  # it says so a moment before it really captures
+
+    def stop(self) -> bytes:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+        return self.path.read_bytes()
+
+
+def test_underlay_never_carries_the_plaintext(tmp_path, prefix):
+    topo, _ = make_net(tmp_path, prefix, two=True)
+    pattern = b"QKDNET-KNOWN-PLAINTEXT-PATTERN!!"  # 32 bytes
+    ul = Capture(ns(prefix, "A"), "ul0", tmp_path / "ul.pcap")
+    tun = Capture(ns(prefix, "A"), "otp0", tmp_path / "tun.pcap")
+    got = send_tcp(topo, "A", "B", pattern * (1 << 15))  # 1 MiB of the pattern
+    assert got["bytes"] == 32 << 15
+    assert ping(ns(prefix, "A"), addr(topo, "B"), count=3, pattern=pattern[:16].hex(),
+                size=1000)
+    time.sleep(0.3)
+    under, inside = ul.stop(), tun.stop()
+    # The control: inside the tunnel the pattern is there in clear, so the test can fail.
+    assert inside.count(pattern) > 1000
+    assert pattern[:16] in inside.replace(pattern, b"")  # the ping's payload
+    assert min(len(under), len(inside)) > (512 << 10), "the captures saw too little"
+    assert pattern[:16] not in under and pattern[16:] not in under
+    # Every tunnel datagram on the underlay is in the wire format, naming its key.
+    for d in _pcap_payloads(under):
+        hdr = wire.parse(d, len(d), link=0, direction=wire.HEADER.unpack_from(d)[2])
+        assert hdr.pos >= hdr.release
+
+
+# ---- an active attacker in the underlay ---------------------------------------------------
+
+def _ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    total = 20 + 8 + len(payload)
+    hdr = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, random.randrange(65536), 0, 64, 17, 0,
+                      ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
+    s = sum(struct.unpack(">10H", hdr))
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    hdr = hdr[:10] + struct.pack(">H", ~s & 0xFFFF) + hdr[12:]
+    return hdr + struct.pack(">HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def _seal_with_real_key(prefix: str, lane: int, packets: list[bytes]) -> list[bytes]:
+    """Datagrams A could send: key claimed from A's ENC ring on a lane of our own."""
+    ring = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
+    out = []
+    try:
+        for pkt in packets:
+            need = wire.pad_len(len(pkt))
+            pos, take = ring.claim_chunk(lane, need)
+            assert take == need, "no key at A"
+            buf = np.zeros(wire.datagram_len(len(pkt)), dtype=np.uint8)
+            buf[wire.HEADER_LEN:wire.HEADER_LEN + len(pkt)] = np.frombuffer(pkt, np.uint8)
+            n = wire.seal(buf, len(pkt), ring.read(pos, need).copy(), link=0, direction=0,
+                          lane=lane, pos=pos, release=ring.release_pos)
+            ring.retire(lane)
+            out.append(buf[:n].tobytes())
+    finally:
+        ring.close()
+    return out
+
+
+def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_tun(
+        tmp_path, prefix):
+    topo, _ = make_net(tmp_path, prefix, two=True)
+    na, nb = ns(prefix, "A"), ns(prefix, "B")
+    ul_a, ul_b = str(topo.link("A-B").underlay_a.ip), str(topo.link("A-B").underlay_b.ip)
+    port0 = topo.ports.tunnel + 1  # B's worker 0
+    # Genuine traffic, captured on the wire at B.
+    cap = Capture(nb, "ul0", tmp_path / "b.pcap", f"udp and src host {ul_a}")
+    assert ping(na, addr(topo, "B"), count=6, size=600)
+    time.sleep(0.3)
+    genuine = [d for d in _pcap_payloads(cap.stop()) if d[3] != CONTROL_LANE]
+    assert len(genuine) >= 3
+    time.sleep(0.5)
+
+    def b_counters() -> dict:
+        return tunnel_state(prefix, "B", "A-B")["counters"]
+
+    lane = 62  # a lane no worker of A uses; 62 % 2 == 0: B's worker 0 takes it
+    listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 4.0)
+    time.sleep(0.3)
+    pkts = [_ipv4_udp(addr(topo, "A"), addr(topo, "B"), 4000, 9999, f"legit {i}".encode())
+            for i in range(4)]
+    d1, d2, d3, d4 = _seal_with_real_key(prefix, lane, pkts)
+    flip_body = bytearray(d3)
+    flip_body[40] ^= 0x01
+    flip_tag = bytearray(d3)
+    flip_tag[-1] ^= 0x80
+    flip_pos = bytearray(d3)
+    flip_pos[15] ^= 0x01  # the position: another pad, so another MAC key
+    forged = bytearray(d4)
+    forged[wire.HEADER_LEN:-wire.TAG_LEN] = os.urandom(len(d4) - wire.OVERHEAD)
+    forged[-wire.TAG_LEN:] = os.urandom(wire.TAG_LEN)
+    other_link = bytearray(d4)
+    other_link[5] = 7
+    before_tun = run_in_netns(nb, link_stats, "otp0")
+    before = b_counters()
+    for d in genuine:  # replayed from the wire, each to the worker of its own lane
+        run_in_netns(na, udp_send_all, ul_a, ul_b, topo.ports.tunnel + 1 + d[3] % 2, [d], 0)
+    attack = [
+        d2,                    # fresh and genuine: delivered (and d1 is now behind it)
+        d1,                    # reordered: older than what its lane accepted
+        d2,                    # replayed
+        d3[:-1],               # truncated
+        d3[:30],               # shorter than a header
+        bytes(flip_body),      # bit flips
+        bytes(flip_tag),
+        bytes(flip_pos),
+        bytes(forged),         # forged body and tag
+        bytes(other_link),     # moved to another link
+    ]
+    run_in_netns(na, udp_send_all, ul_a, ul_b, port0, attack, 0.02)
+    time.sleep(1.0)
+    received = listener.result(10)
+    after_tun = run_in_netns(nb, link_stats, "otp0")
+    after = b_counters()
+    assert received == [b"legit 1"], "only the one fresh genuine datagram may be delivered"
+    assert after_tun["rx_packets"] - before_tun["rx_packets"] == 1
+    delta = {k: after[k] - before[k] for k in after if k.startswith("drop_rx")}
+    assert delta["drop_rx_replay"] + delta["drop_rx_old"] >= len(genuine) + 2
+    assert delta["drop_rx_length"] >= 1 and delta["drop_rx_short"] >= 1
+    assert delta["drop_rx_mac"] >= 3  # body flip, tag flip, forged
+    assert delta["drop_rx_link"] >= 1
+    dropped = sum(delta.values())
+    assert dropped == len(genuine) + len(attack) - 1, delta
+
+
+# ---- crashes: no pad position twice -------------------------------------------------------
+
+def _audits(d: Path, tag: str) -> dict[str, list[tuple[int, int, int]]]:
+    return {p.name: read_audit(p) for p in d.glob(f"A-B-{tag}-*.audit")}
+
+
+def _assert_disjoint(ranges: list[tuple[int, int]], what: str) -> None:
+    ranges = sorted(ranges)
+    for (s1, n1), (s2, _) in zip(ranges, ranges[1:], strict=False):
+        assert s1 + n1 <= s2, f"{what}: [{s1}, {s1 + n1}) overlaps one at {s2}"
+
+
+def test_killed_worker_and_node_never_reuse_a_pad_position(tmp_path, prefix, monkeypatch):
+    audit = tmp_path / "audit"
+    monkeypatch.setenv("QKDNET_AUDIT_DIR", str(audit))
+    topo, man = make_net(tmp_path, prefix, two=True)
+    na = ns(prefix, "A")
+
+    def traffic(n: int) -> None:
+        for _ in range(n):
+            got = send_tcp(topo, "A", "B", os.urandom(1 << 20))
+            assert got["bytes"] == 1 << 20
+
+    traffic(2)
+    st = tunnel_state(prefix, "A", "A-B")
+    victim = st["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: (s := tunnel_state(prefix, "A", "A-B"))
+               and s["workers"][0]["restarts"] >= 1 and s["workers"][0]["alive"]
+               and s["workers"][0]["pid"] != victim, 10, "the worker to be restarted")
+    traffic(2)
+    # Kill -9 the whole node, mid-stream, and start it again.
+    stream = InNetns(ns(prefix, "B"), tcp_sink, addr(topo, "B"), 5002, 20.0)
+    pusher = InNetns(na, tcp_source, addr(topo, "A"), addr(topo, "B"), 5002,
+                     os.urandom(64 << 20), 20.0)
+    time.sleep(0.5)
+    os.kill(man.pids["node:A"], signal.SIGKILL)
+    wait_until(lambda: not any(
+        b"node run" in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+        for p in emulation._pids_in_netns(na) if Path(f"/proc/{p}").exists()),
+        15, "node A's processes to exit")
+    pusher.kill()
+    stream.kill()
+    man.pids["node:A"] = emulation._spawn(
+        ["node", "run", "--config", str(topo.path), "--node", "A", "--netns", na],
+        paths.log_dir(prefix) / "node-A-restarted.log")
+    man.save()
+    wait_until(lambda: (s := tunnel_state(prefix, "A", "A-B")) and s["up"]
+               and s["pid"] != st["pid"], 30, "node A's tunnel to come back")
+    traffic(2)
+    time.sleep(0.3)
+
+    sender = _audits(audit, "ab")    # A encrypts a->b
+    receiver = _audits(audit, "ba")  # B's workers: their accepts are of a->b datagrams
+    assert len(sender) >= 4, f"expected records of several worker lifetimes: {list(sender)}"
+    claims = [(p, n) for recs in sender.values() for k, p, n in recs if k == AUDIT_CLAIM]
+    sent = [(p, n) for recs in sender.values() for k, p, n in recs if k == AUDIT_SENT]
+    accepted = [(p, n) for recs in receiver.values() for k, p, n in recs
+                if k == AUDIT_ACCEPTED]
+    assert len(sent) > 100 and len(accepted) > 100
+    _assert_disjoint(claims, "two claims")
+    _assert_disjoint(sent, "two sent datagrams")
+    _assert_disjoint(accepted, "two accepted datagrams")
+    sent_set = set(sent)
+    assert all(a in sent_set for a in accepted), "accepted a datagram nobody sent"
+    claim_starts = sorted(claims)
+    for p, n in sent:
+        i = max(i for i, (s, _) in enumerate(claim_starts) if s <= p)
+        s, m = claim_starts[i]
+        assert p + n <= s + m, f"datagram at {p} outside the claim it came from"
+
+
+# ---- routing around a cut link ------------------------------------------------------------
+
+def test_cut_link_reroutes_via_the_third_node_and_comes_back(tmp_path, prefix):
+    topo, _ = make_net(tmp_path, prefix, triangle=True)
+    na = ns(prefix, "A")
+    assert router_state(prefix, "A")["routes"]["B"]["via"] == "A-B"
+    assert ping(na, addr(topo, "B"))
+    t0 = time.monotonic()
+    run_in_netns(na, set_link, "ul0", False)  # cut the A-B underlay
+    wait_until(lambda: router_state(prefix, "A")["routes"].get("B", {}).get("via") == "A-C"
+               and router_state(prefix, "B")["routes"].get("A", {}).get("via") == "B-C",
+               LINK_DEAD_S + 4, "routes around the cut")
+    rerouted = time.monotonic() - t0
+    assert rerouted <= LINK_DEAD_S + 2.5, f"rerouting took {rerouted:.1f} s"
+    assert not tunnel_state(prefix, "A", "A-B")["up"]
+    assert ping(na, addr(topo, "B"), src=addr(topo, "A"))  # via C
+    data = os.urandom(2 << 20)
+    got = send_tcp(topo, "A", "B", data)
+    assert got["sha256"] == hashlib.sha256(data).hexdigest()
+    assert tunnel_state(prefix, "C", "A-C")["counters"]["rx_pkts"] > 0
+    run_in_netns(na, set_link, "ul0", True)  # restore it
+    wait_until(lambda: router_state(prefix, "A")["routes"].get("B", {}).get("via") == "A-B"
+               and router_state(prefix, "B")["routes"].get("A", {}).get("via") == "A-B",
+               LINK_DEAD_S + 6, "the direct route back")
+    assert ping(na, addr(topo, "B"), src=addr(topo, "A"))
