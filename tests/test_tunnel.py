@@ -118,7 +118,7 @@ def send_tcp(topo, src: str, dst: str, data: bytes, port: int = 5001) -> dict:
 
 def test_ping_and_tcp_through_one_link_and_via_a_relay(tmp_path, prefix):
     topo, _ = make_net(tmp_path, prefix)
-    assert router_state(prefix, "A")["routes"]["C"]["via"] == "A-B"
+    assert router_state(prefix, "A")["routes"]["C"]["via"] == "A-B"  # the only way
     assert ping(ns(prefix, "A"), addr(topo, "B"), src=addr(topo, "A"))
     assert ping(ns(prefix, "A"), addr(topo, "C"), src=addr(topo, "A"))  # via B
     relay_before = tunnel_state(prefix, "B", "B-C")["counters"]["tx_bytes"]
@@ -375,7 +375,9 @@ def test_killed_worker_and_node_never_reuse_a_pad_position(tmp_path, prefix, mon
 def test_cut_link_reroutes_via_the_third_node_and_comes_back(tmp_path, prefix):
     topo, _ = make_net(tmp_path, prefix, triangle=True)
     na = ns(prefix, "A")
-    assert router_state(prefix, "A")["routes"]["B"]["via"] == "A-B"
+    # Routes settle on the direct links once every link is up.
+    wait_until(lambda: router_state(prefix, "A")["routes"]["B"]["via"] == "A-B", 10,
+               "the direct route")
     assert ping(na, addr(topo, "B"))
     t0 = time.monotonic()
     run_in_netns(na, set_link, "ul0", False)  # cut the A-B underlay
@@ -389,7 +391,8 @@ def test_cut_link_reroutes_via_the_third_node_and_comes_back(tmp_path, prefix):
     data = os.urandom(2 << 20)
     got = send_tcp(topo, "A", "B", data)
     assert got["sha256"] == hashlib.sha256(data).hexdigest()
-    assert tunnel_state(prefix, "C", "A-C")["counters"]["rx_pkts"] > 0
+    wait_until(lambda: tunnel_state(prefix, "C", "A-C")["counters"]["rx_bytes"] > (2 << 20),
+               3, "the detour's counters at C")
     run_in_netns(na, set_link, "ul0", True)  # restore it
     wait_until(lambda: router_state(prefix, "A")["routes"].get("B", {}).get("via") == "A-B"
                and router_state(prefix, "B")["routes"].get("A", {}).get("via") == "A-B",
