@@ -264,13 +264,14 @@ def plot(points: list[dict], out: Path) -> Path:
 
 
 def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int = 0,
+        repeat: int = 3,
         capacity: str = "1GiB", modes: tuple[str, ...] = ("proposed", "conventional"),
         plot_path: Path | None = None, console: Console | None = None) -> dict:
     console = console or Console()
     workers = workers or (os.cpu_count() or 1)
     console.print(f"[bold]bench otp[/bold]: A - B - C in namespaces, iperf3 TCP {seconds} s "
-                  f"per point, {workers} worker(s) per link end, {os.cpu_count()} cores, "
-                  f"rings {capacity}")
+                  f"per run, median of {repeat} runs per point, {workers} worker(s) per link "
+                  f"end, {os.cpu_count()} cores, rings {capacity}")
     points: list[dict] = []
     for mode in modes:
         net = Net(mode, workers, capacity, console)
@@ -279,13 +280,21 @@ def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int
             net.up()
             for path in ("direct", "relay"):
                 for mtu in mtus:
-                    p = {"mode": mode, **run_point(net, path, mtu, seconds)}
+                    runs = sorted((run_point(net, path, mtu, seconds) for _ in range(repeat)),
+                                  key=lambda r: r["gbps"])
+                    p = {"mode": mode, **runs[len(runs) // 2],  # the median run
+                         "runs_gbps": [round(r["gbps"], 3) for r in runs],
+                         "key_limited": any(r["key_limited"] for r in runs)}
                     points.append(p)
-                    console.print(f"  {mode:12} {path:6} MTU {mtu:5}: {p['gbps']:6.2f} Gb/s"
+                    console.print(f"  {mode:12} {path:6} MTU {mtu:5}: {p['gbps']:6.2f} Gb/s "
+                                  f"(median of {repeat}: "
+                                  f"{', '.join(f'{g:.2f}' for g in p['runs_gbps'])})"
                                   + ("  (ran out of key)" if p["key_limited"] else ""))
         finally:
             net.down()
-    return summarize(points, mtus, workers, plot_path, console)
+    result = summarize(points, mtus, workers, plot_path, console)
+    result.update(seconds=seconds, repeat=repeat, ring_capacity=capacity)
+    return result
 
 
 def _best(points: list[dict], mode: str, path: str, mtu: int | None = None) -> dict | None:

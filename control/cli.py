@@ -200,6 +200,7 @@ def bench_otp(
     mtu: Annotated[list[int] | None, typer.Option(help="MTUs to sweep (repeat the option)")]
     = None,
     workers: Annotated[int, typer.Option(help="workers per link end; 0 = cores")] = 0,
+    repeat: Annotated[int, typer.Option(min=1, help="runs per point; the median counts")] = 3,
     mode: Annotated[list[str] | None, typer.Option(help="proposed and/or conventional")] = None,
     ring: Annotated[str, typer.Option(help="ring capacity per link direction")] = "1GiB",
     plot: Annotated[Path, typer.Option(help="PNG plot of the sweep")] = Path(
@@ -215,7 +216,8 @@ def bench_otp(
     if bad:
         raise typer.BadParameter(f"unknown mode(s) {', '.join(bad)}", param_hint="--mode")
     result = run(mtus=tuple(mtu or DEFAULT_MTUS), seconds=seconds, workers=workers,
-                 capacity=ring, modes=modes, plot_path=plot, console=err if as_json else out)
+                 repeat=repeat, capacity=ring, modes=modes, plot_path=plot,
+                 console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
 

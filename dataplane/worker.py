@@ -16,6 +16,7 @@ link's shared stats row a few times a second.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -40,6 +41,26 @@ BATCH = 64  # packets handled per readiness event before polling again
 FLUSH_S = 0.1
 AUDIT = struct.Struct("<BQQ")
 AUDIT_CLAIM, AUDIT_SENT, AUDIT_ACCEPTED = 1, 2, 3
+CLAIMS = IDX["claims"]
+DROP_RX_LANE = IDX["drop_rx_lane"]
+DROP_RX_OLD = IDX["drop_rx_old"]
+DROP_RX_TUN = IDX["drop_rx_tun"]
+DROP_TX_NOKEY = IDX["drop_tx_nokey"]
+DROP_TX_SEND = IDX["drop_tx_send"]
+RX_BYTES = IDX["rx_bytes"]
+RX_KEY = IDX["rx_key"]
+RX_PKTS = IDX["rx_pkts"]
+T_RX_CRYPTO = IDX["t_rx_crypto"]
+T_RX_KEY = IDX["t_rx_key"]
+T_RX_RECV = IDX["t_rx_recv"]
+T_RX_WRITE = IDX["t_rx_write"]
+T_TX_CRYPTO = IDX["t_tx_crypto"]
+T_TX_KEY = IDX["t_tx_key"]
+T_TX_READ = IDX["t_tx_read"]
+T_TX_SEND = IDX["t_tx_send"]
+TX_BYTES = IDX["tx_bytes"]
+TX_KEY = IDX["tx_key"]
+TX_PKTS = IDX["tx_pkts"]
 
 
 @dataclass(frozen=True)
@@ -132,7 +153,7 @@ class Worker:
             if enc.write_pos - enc.claim_pos >= need + CONTROL_RESERVE:
                 size = need if cfg.conventional else max(cfg.chunk, need)
                 pos, take = enc.claim_chunk(cfg.lane, size)
-                self.c[IDX["claims"]] += 1
+                self.c[CLAIMS] += 1
                 if take:
                     self.audit(AUDIT_CLAIM, pos, take)
                 if take >= need:
@@ -147,7 +168,7 @@ class Worker:
     def egress(self) -> None:
         cfg, c, enc, tbuf = self.cfg, self.c, self.enc, self.tbuf
         clock = time.perf_counter_ns
-        body = self.tmv[wire.HEADER_LEN:wire.HEADER_LEN + cfg.mtu]
+        body = self.tmv[wire.HEADER_LEN:wire.HEADER_LEN + wire.MAX_PAYLOAD]  # MTU may change
         peer = (cfg.peer_ip, cfg.lane_port(cfg.lane % max(1, self.peer_workers)))
         for _ in range(BATCH):
             t0 = clock()
@@ -162,7 +183,7 @@ class Worker:
             self.last_tx = time.monotonic()
             need = wire.pad_len(n)
             if self.cur + need > self.end and not self._new_chunk(need):
-                c[IDX["drop_tx_nokey"]] += 1
+                c[DROP_TX_NOKEY] += 1
                 continue
             pos = self.cur
             pad, pad_addr = enc.locate(pos, need)
@@ -170,31 +191,32 @@ class Worker:
             dlen = wire.seal(tbuf, n, pad, link=cfg.link_index, direction=cfg.enc_dir,
                              lane=cfg.lane, pos=pos, release=enc.release_pos,
                              addrs=(self.tbuf_addr, pad_addr))
-            enc.wipe_used(pos, need)  # in cache now; cheaper than at release
-            self.cur = pos + need
-            enc.set_used(cfg.lane, self.cur)
             if enc.release_pos > pos:  # freed under us (a reset): the pad may be wiped
-                c[IDX["drop_tx_nokey"]] += 1
+                c[DROP_TX_NOKEY] += 1
                 self.end = 0
                 continue
+            enc.wipe_used(pos, need)  # in cache now; cheaper than at release
+            self.cur = pos + need
+            enc.set_used(cfg.lane, self.cur)  # (after the check: this lets release pass pos)
             if cfg.conventional:  # the paper's per-packet key removal
                 enc.retire(cfg.lane)
                 self.end = 0
             t3 = clock()
-            self.audit(AUDIT_SENT, pos, need)
+            if self.audit.fd is not None:
+                self.audit(AUDIT_SENT, pos, need)
             try:
                 self.sock.sendto(self.tmv[:dlen], peer)
             except OSError:
-                c[IDX["drop_tx_send"]] += 1
+                c[DROP_TX_SEND] += 1
                 continue
             t4 = clock()
-            c[IDX["tx_pkts"]] += 1
-            c[IDX["tx_bytes"]] += n
-            c[IDX["tx_key"]] += need
-            c[IDX["t_tx_read"]] += t1 - t0
-            c[IDX["t_tx_key"]] += t2 - t1
-            c[IDX["t_tx_crypto"]] += t3 - t2
-            c[IDX["t_tx_send"]] += t4 - t3
+            c[TX_PKTS] += 1
+            c[TX_BYTES] += n
+            c[TX_KEY] += need
+            c[T_TX_READ] += t1 - t0
+            c[T_TX_KEY] += t2 - t1
+            c[T_TX_CRYPTO] += t3 - t2
+            c[T_TX_SEND] += t4 - t3
 
     # ---- ingress -----------------------------------------------------------------------
 
@@ -232,7 +254,7 @@ class Worker:
                 c[IDX[f"drop_rx_{e.reason}"]] += 1
                 continue
             if hdr.is_control or hdr.lane % cfg.workers != cfg.lane:
-                c[IDX["drop_rx_lane"]] += 1
+                c[DROP_RX_LANE] += 1
                 continue
             v = self._verdict(hdr)
             if v != wire.ACCEPT:
@@ -241,7 +263,7 @@ class Worker:
             try:
                 pad, pad_addr = dec.locate(hdr.pos, hdr.pad_len)
             except RingError:
-                c[IDX["drop_rx_old"]] += 1
+                c[DROP_RX_OLD] += 1
                 continue
             t2 = clock()
             try:
@@ -252,26 +274,27 @@ class Worker:
             end = hdr.pos + hdr.pad_len
             dec.set_lane_next(hdr.lane, end)  # before delivery: one delivery per key
             if dec.release_pos > hdr.pos:  # wiped while we used it
-                c[IDX["drop_rx_old"]] += 1
+                c[DROP_RX_OLD] += 1
                 continue
-            self.audit(AUDIT_ACCEPTED, hdr.pos, hdr.pad_len)
+            if self.audit.fd is not None:
+                self.audit(AUDIT_ACCEPTED, hdr.pos, hdr.pad_len)
             t3 = clock()
             try:
                 os.write(self.tun, payload)
             except OSError:
-                c[IDX["drop_rx_tun"]] += 1
+                c[DROP_RX_TUN] += 1
                 continue
             t4 = clock()
             if hdr.release > self.release_seen + self.release_step:
                 self.release_seen = hdr.release
                 dec.announce_release(cfg.lane, hdr.release)  # the manager frees it
-            c[IDX["rx_pkts"]] += 1
-            c[IDX["rx_bytes"]] += hdr.length
-            c[IDX["rx_key"]] += hdr.pad_len
-            c[IDX["t_rx_recv"]] += t1 - t0
-            c[IDX["t_rx_key"]] += t2 - t1
-            c[IDX["t_rx_crypto"]] += t3 - t2
-            c[IDX["t_rx_write"]] += t4 - t3
+            c[RX_PKTS] += 1
+            c[RX_BYTES] += hdr.length
+            c[RX_KEY] += hdr.pad_len
+            c[T_RX_RECV] += t1 - t0
+            c[T_RX_KEY] += t2 - t1
+            c[T_RX_CRYPTO] += t3 - t2
+            c[T_RX_WRITE] += t4 - t3
 
     # ---- loop --------------------------------------------------------------------------
 
@@ -330,6 +353,8 @@ def worker_main(cfg: WorkerConfig) -> None:
 
     die_with_parent()
     w = Worker(cfg)
+    gc.freeze()  # the packet loop makes no reference cycles: no collector pauses in it
+    gc.disable()
 
     def on_signal(*_: object) -> None:
         w.stop = True
