@@ -232,6 +232,7 @@ def run_point(net: Net, path: str, mtu: int, seconds: float) -> dict:
 
 def plot(points: list[dict], out: Path) -> Path:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -251,6 +252,9 @@ def plot(points: list[dict], out: Path) -> Path:
             fontsize=8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    mtus = sorted({p["mtu"] for p in points})
+    ax.set_xticks(mtus, [str(m) for m in mtus])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("tunnel MTU (bytes)")
     ax.set_ylabel("TCP throughput (Mb/s)")
     ax.set_title("OTP tunnel throughput against MTU (cf. paper Fig. 5)")

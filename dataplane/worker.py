@@ -136,6 +136,7 @@ class Worker:
         self.rbuf_addr = self.rbuf.ctypes.data
         self.cur = 0  # next unused byte of the chunk held
         self.end = 0  # end of the chunk held (0: none)
+        self.dry = False  # the last wait for key timed out
         self.last_tx = time.monotonic()
         self.release_step = 0 if cfg.conventional else max(cfg.chunk // 2, 4096)
         self.release_seen = 0
@@ -144,9 +145,13 @@ class Worker:
     # ---- egress ------------------------------------------------------------------------
 
     def _new_chunk(self, need: int) -> bool:
-        """Claim a chunk holding at least ``need`` bytes, waiting at most key_wait_s."""
+        """Claim a chunk holding at least ``need`` bytes, waiting at most key_wait_s.
+
+        Once a wait has timed out the link is dry: later packets are dropped at once
+        (no wait each, which would stall this worker's ingress too) until key is back.
+        """
         cfg, enc = self.cfg, self.enc
-        deadline = time.monotonic() + cfg.key_wait_s
+        deadline = time.monotonic() + (0.0 if self.dry else cfg.key_wait_s)
         while True:
             # The last CONTROL_RESERVE bytes are for keepalives: a busy link that runs
             # dry must still tell its peer it is alive.
@@ -158,10 +163,12 @@ class Worker:
                     self.audit(AUDIT_CLAIM, pos, take)
                 if take >= need:
                     self.cur, self.end = pos, pos + take
+                    self.dry = False
                     return True
                 enc.retire(cfg.lane)  # another worker took the rest first
                 self.end = 0
             if time.monotonic() >= deadline or self.stop:
+                self.dry = True
                 return False
             time.sleep(0.0005)
 

@@ -20,7 +20,7 @@ import pytest
 from control import emulation, paths
 from control.config import parse_topology
 from dataplane import wire
-from dataplane.limits import LINK_DEAD_S
+from dataplane.limits import CONTROL_RESERVE, LINK_DEAD_S
 from dataplane.ring import CONTROL_LANE, KeyRing
 from dataplane.worker import AUDIT_ACCEPTED, AUDIT_CLAIM, AUDIT_SENT, read_audit
 from tests.nsutil import (
@@ -80,8 +80,11 @@ source = { generator = "aes-ctr" }
 """
 
 
-def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = False):
-    text = NET.format(prefix=prefix)
+def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = False,
+             ring: str = "32MiB", key_wait_ms: int = 100):
+    text = NET.format(prefix=prefix).replace('ring_capacity = "32MiB"',
+                                             f'ring_capacity = "{ring}"')
+    text = text.replace("workers = 2\n", f"workers = 2\nkey_wait_ms = {key_wait_ms}\n")
     if two:  # A - B only
         text = text[:text.index('[[nodes]]\nname = "C"')] + \
             text[text.index("[[links]]"):text.index('[[links]]\na = "B"')]
@@ -399,4 +402,39 @@ def test_cut_link_reroutes_via_the_third_node_and_comes_back(tmp_path, prefix):
     wait_until(lambda: router_state(prefix, "A")["routes"].get("B", {}).get("via") == "A-B"
                and router_state(prefix, "B")["routes"].get("A", {}).get("via") == "A-B",
                LINK_DEAD_S + 6, "the direct route back")
+    assert ping(na, addr(topo, "B"), src=addr(topo, "A"))
+
+
+# ---- key exhaustion -----------------------------------------------------------------------
+
+def test_no_key_drops_packets_counts_them_and_takes_the_link_down(tmp_path, prefix):
+    topo, man = make_net(tmp_path, prefix, two=True, ring="4MiB", key_wait_ms=5)
+    na, nb = ns(prefix, "A"), ns(prefix, "B")
+    emulator = man.pids["emulator:A-B"]
+    os.kill(emulator, signal.SIGSTOP)  # no more key on this link
+    try:
+        before = tunnel_state(prefix, "A", "A-B")["counters"]
+        listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 4.0)
+        time.sleep(0.3)
+        burst = [os.urandom(8000) for _ in range(800)]  # 6.4 MB > 4 MiB of key
+        run_in_netns(na, udp_send_all, addr(topo, "A"), addr(topo, "B"), 9999, burst, 0.0005)
+        got = listener.result(10)
+        wait_until(lambda: tunnel_state(prefix, "A", "A-B")["counters"]["drop_tx_nokey"]
+                   > before["drop_tx_nokey"], 3, "no-key drops to be counted")
+        assert 0 < len(got) < len(burst)
+        assert set(got) <= set(burst), "a packet arrived altered"
+        # The drops were real exhaustion: what is left is the keepalives' reserve.
+        enc = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
+        left = enc.write_pos - enc.claim_pos
+        enc.close()
+        assert left < CONTROL_RESERVE + wire.pad_len(8000 + 28)
+        # Without key beyond the keepalive reserve the link is down for routing.
+        wait_until(lambda: tunnel_state(prefix, "A", "A-B")["reason"] == "no key", 5,
+                   "the link to be reported without key")
+        wait_until(lambda: "B" not in router_state(prefix, "A")["routes"], 3,
+                   "the route over the keyless link to go")
+    finally:
+        os.kill(emulator, signal.SIGCONT)
+    wait_until(lambda: tunnel_state(prefix, "A", "A-B")["up"], 10, "key and the link back")
+    wait_until(lambda: routes_complete(prefix, ["A", "B"]), 5, "the route back")
     assert ping(na, addr(topo, "B"), src=addr(topo, "A"))
