@@ -61,3 +61,17 @@ def write_topology(tmp_path: Path, prefix: str, *, rate: float = 200, block: str
     path.write_text(TWO_NODES.format(prefix=prefix, rate=rate, block=block,
                                      capacity=capacity, ratio=ratio))
     return parse_topology(path.read_text(), path)
+
+
+@pytest.fixture
+def opened():
+    """Close every key ring a test opened, even when it fails."""
+    rings: list = []
+    yield rings
+    for r in rings:
+        r.close()
+
+
+def key(n: int, seed: int = 0) -> bytes:
+    """Distinct, non-zero key bytes (so a wipe is visible)."""
+    return bytes((seed + i) % 255 + 1 for i in range(n))

@@ -281,15 +281,20 @@ def test_no_loss_schedule_stores_every_block_by_ratio():
     assert_rings_agree(sim)
 
 
+def both_get_block(sim: Sim, size: int) -> None:
+    """A new block reaches both ends, and every message in flight is delivered."""
+    sim.new_block(size, False, False)
+    sim.deliver_block(LEADER)
+    sim.deliver_block(FOLLOWER)
+    quiesce(sim)
+
+
 def test_full_ring_discards_at_both_ends():
     sim = Sim((1, 1), capacity=64, seed=2)
     sim.connect()
     quiesce(sim)
     for _ in range(10):
-        sim.new_block(32, False, False)
-        sim.deliver_block(LEADER)
-        sim.deliver_block(FOLLOWER)
-        quiesce(sim)
+        both_get_block(sim, 32)
     # 64 B per direction: two blocks each fit, the other six are discarded by agreement.
     for d in (AB, BA):
         assert sim.rings[LEADER][d].write == 64
@@ -337,8 +342,6 @@ def test_split_policy_follows_ratio_exactly():
     assert SplitPolicy((1, 0)).choose(5) == AB
 
 
-
-
 def test_full_direction_spills_over_to_the_other():
     # 1:1, but nothing frees b->a: once it is full, a->b takes every block (no waste),
     # and a direction with no share never gets any.
@@ -346,10 +349,7 @@ def test_full_direction_spills_over_to_the_other():
     sim.connect()
     quiesce(sim)
     for _ in range(10):
-        sim.new_block(16, False, False)
-        sim.deliver_block(LEADER)
-        sim.deliver_block(FOLLOWER)
-        quiesce(sim)
+        both_get_block(sim, 16)
         sim.claim(AB, 16)
         sim.release_dec(AB, 1.0)
     assert sim.rings[LEADER][BA].write == 64  # b->a full after its 4 alternate blocks
@@ -360,10 +360,7 @@ def test_full_direction_spills_over_to_the_other():
     one_way.connect()
     quiesce(one_way)
     for _ in range(4):
-        one_way.new_block(16, False, False)
-        one_way.deliver_block(LEADER)
-        one_way.deliver_block(FOLLOWER)
-        quiesce(one_way)
+        both_get_block(one_way, 16)
     assert one_way.rings[LEADER][BA].write == 0
     assert one_way.ends[LEADER].counters.blocks_discarded["ring_full"] == 2
 
@@ -374,10 +371,7 @@ def test_upper_limit_counts_the_peers_ring_too():
     sim.connect()
     quiesce(sim)
     for _ in range(6):
-        sim.new_block(32, False, False)
-        sim.deliver_block(LEADER)
-        sim.deliver_block(FOLLOWER)
-        quiesce(sim)
+        both_get_block(sim, 32)
         sim.claim(AB, 32)
     assert sim.rings[FOLLOWER][AB].write == 64  # full: later blocks discarded at both ends
     assert sim.rings[LEADER][AB].write == 64

@@ -11,6 +11,7 @@ import pytest
 
 from dataplane.limits import RING_HEADER_SIZE
 from dataplane.ring import ROLE_DEC, ROLE_ENC, SHM_DIR, CursorFile, KeyRing, RingError
+from tests.conftest import key
 
 CAP = 256
 BLOCK = 32
@@ -29,15 +30,6 @@ def cursor(tmp_path):
 
 
 @pytest.fixture
-def opened():
-    """Close every ring a test opened, even when it fails."""
-    rings: list[KeyRing] = []
-    yield rings
-    for r in rings:
-        r.close()
-
-
-@pytest.fixture
 def make(name, cursor, opened):
     def _make(role: int = ROLE_DEC, capacity: int = CAP, cf: CursorFile | None = None):
         r = KeyRing.create_or_attach(name, capacity, BLOCK, role, cf or cursor)
@@ -45,10 +37,6 @@ def make(name, cursor, opened):
         return r
     return _make
 
-
-def key(n: int, seed: int = 0) -> bytes:
-    """Distinct, non-zero key bytes (so a wipe is visible)."""
-    return bytes((seed + i) % 255 + 1 for i in range(n))
 
 
 def raw(name: str, pos: int, n: int, capacity: int = CAP) -> bytes:

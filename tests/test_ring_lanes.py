@@ -21,6 +21,7 @@ from dataplane.ring import (
     KeyRing,
     RingError,
 )
+from tests.conftest import key
 
 CAP = 1024
 BLOCK = 32
@@ -49,14 +50,6 @@ def cursor(tmp_path):
 
 
 @pytest.fixture
-def opened():
-    rings: list[KeyRing] = []
-    yield rings
-    for r in rings:
-        r.close()
-
-
-@pytest.fixture
 def make(name, cursor, opened):
     def _make(role: int = ROLE_ENC, capacity: int = CAP, cf: CursorFile | None = None):
         r = KeyRing.create_or_attach(name, capacity, BLOCK, role, cf or cursor)
@@ -64,10 +57,6 @@ def make(name, cursor, opened):
         return r
     return _make
 
-
-def key(n: int, seed: int = 0) -> bytes:
-    """Distinct, non-zero key bytes (so a wipe is visible)."""
-    return bytes((seed + i) % 255 + 1 for i in range(n))
 
 
 def stream(name: str, capacity: int = CAP) -> bytes:
