@@ -117,9 +117,18 @@ class Router:
             del self.installed[dst]
             self.changes += 1
 
+    def forget_old_routes(self, ip: IPRoute) -> None:
+        """Remove routes a previous router of this node left (after a crash): this one
+        knows nothing of them and would never withdraw one that no longer holds."""
+        for node in self.topo.nodes.values():
+            if node.name != self.node:
+                with contextlib.suppress(NetlinkError):
+                    ip.route("del", dst=f"{node.address}/32")
+
     def run(self) -> None:
         setup_node_address(self.addr)
         with IPRoute() as ip:
+            self.forget_old_routes(ip)
             while not self.stop:
                 self.step(ip)
                 time.sleep(ROUTE_INTERVAL_S)
