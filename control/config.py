@@ -33,7 +33,7 @@ from dataplane.limits import (
     MIN_CHUNK,
     MIN_MTU,
 )
-from dataplane.wire import MAX_PAYLOAD
+from dataplane.tun import MAX_MTU
 
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,7}")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,7}")
@@ -136,7 +136,7 @@ class DataplaneSection(_Strict):
         "proposed", description="proposed: key claimed in chunks, large MTU; conventional: "
                                 "key removed per packet, MTU 1500 (for comparison)")
     workers: int = Field(0, ge=0, le=MAX_WORKERS, description="per link end; 0 = cores")
-    mtu: int = Field(0, ge=0, le=MAX_PAYLOAD, description="TUN MTU; 0 = largest")
+    mtu: int = Field(0, ge=0, le=MAX_MTU, description="TUN MTU; 0 = largest")
     chunk_size: Size = 1 << 20
     key_wait_ms: int = Field(100, ge=0, le=10_000)
     tunnel_net: ipaddress.IPv4Network = ipaddress.IPv4Network("10.89.0.0/16")
@@ -419,7 +419,7 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
             ring_capacity=lk.ring_capacity or d.ring_capacity,
             ratio=lk.ratio or d.ratio, source=lk.source, auth_key_file=key_file))
     dp = raw.dataplane
-    mtu = dp.mtu or (CONVENTIONAL_MTU if dp.mode == "conventional" else MAX_PAYLOAD)
+    mtu = dp.mtu or (CONVENTIONAL_MTU if dp.mode == "conventional" else MAX_MTU)
     dataplane = DataplaneSpec(mode=dp.mode, workers=dp.workers or min(os.cpu_count() or 1,
                                                                         MAX_WORKERS),
                               mtu=mtu, chunk_size=dp.chunk_size,

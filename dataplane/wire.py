@@ -189,4 +189,4 @@ def acceptance(hdr: Header, *, lane_next: int, release_pos: int, write_pos: int,
 
 TX_DROPS = ("nokey", "toolong", "send")
 RX_DROPS = ("short", "version", "length", "link", "direction", "reserved", "lane",
-            "replay", "old", "ahead", "nokey", "zerokey", "mac", "tun")
+            "replay", "old", "ahead", "nokey", "zerokey", "mac", "vnet", "tun")

@@ -33,7 +33,7 @@ from dataplane import wire
 from dataplane.limits import CONTROL_RESERVE, IDLE_RETIRE_S
 from dataplane.ring import CursorFile, KeyRing, RingError
 from dataplane.stats import IDX, W_PEER_WORKERS, W_PID_BASE, LinkStats, new_counters
-from dataplane.tun import open_queue
+from dataplane.tun import open_queue, vnet_header_ok
 
 log = logging.getLogger("qkdnet.worker")
 SOCK_BUF = 8 << 20
@@ -45,6 +45,7 @@ CLAIMS = IDX["claims"]
 DROP_RX_LANE = IDX["drop_rx_lane"]
 DROP_RX_OLD = IDX["drop_rx_old"]
 DROP_RX_TUN = IDX["drop_rx_tun"]
+DROP_RX_VNET = IDX["drop_rx_vnet"]
 DROP_TX_NOKEY = IDX["drop_tx_nokey"]
 DROP_TX_SEND = IDX["drop_tx_send"]
 RX_BYTES = IDX["rx_bytes"]
@@ -137,6 +138,7 @@ class Worker:
         self.cur = 0  # next unused byte of the chunk held
         self.end = 0  # end of the chunk held (0: none)
         self.dry = False  # the last wait for key timed out
+        self.errors = 0
         self.last_tx = time.monotonic()
         self.release_step = 0 if cfg.conventional else max(cfg.chunk // 2, 4096)
         self.release_seen = 0
@@ -280,6 +282,9 @@ class Worker:
                 continue
             end = hdr.pos + hdr.pad_len
             dec.set_lane_next(hdr.lane, end)  # before delivery: one delivery per key
+            if not vnet_header_ok(payload):
+                c[DROP_RX_VNET] += 1
+                continue
             if dec.release_pos > hdr.pos:  # wiped while we used it
                 c[DROP_RX_OLD] += 1
                 continue
@@ -321,10 +326,18 @@ class Worker:
             while not self.stop:
                 events = poller.poll(IDLE_RETIRE_S * 1000)
                 for fd, _ in events:
-                    if fd == self.tun:
-                        self.egress()
-                    elif fd == sock_fd:
-                        self.ingress()
+                    try:
+                        if fd == self.tun:
+                            self.egress()
+                        elif fd == sock_fd:
+                            self.ingress()
+                    except (RingError, ValueError, IndexError, OverflowError) as e:
+                        # A bug hit by one packet must not become a crash loop of the
+                        # lane: that packet is lost, the worker goes on.
+                        self.errors += 1
+                        if self.errors <= 10:
+                            log.exception("link %s lane %d: packet lost: %s", cfg.link_name,
+                                          cfg.lane, e)
                 now = time.monotonic()
                 if self.end and now - self.last_tx > IDLE_RETIRE_S:
                     self.enc.retire(cfg.lane)  # idle: give the rest back to the release

@@ -22,6 +22,7 @@ from control.config import parse_topology
 from dataplane import wire
 from dataplane.limits import CONTROL_RESERVE, LINK_DEAD_S
 from dataplane.ring import CONTROL_LANE, KeyRing
+from dataplane.tun import VNET_HDR_LEN
 from dataplane.worker import AUDIT_ACCEPTED, AUDIT_CLAIM, AUDIT_SENT, read_audit
 from tests.nsutil import (
     InNetns,
@@ -254,10 +255,12 @@ def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_t
     lane = 62  # a lane no worker of A uses; 62 % 2 == 0: B's worker 0 takes it
     listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 4.0)
     time.sleep(0.3)
-    pkts = [_ipv4_udp(addr(topo, "A"), addr(topo, "B"), 4000, 9999, f"legit {i}".encode())
-            for i in range(4)]
+    no_offload = bytes(VNET_HDR_LEN)  # the virtio_net_hdr every tunnel payload starts with
+    pkts = [no_offload + _ipv4_udp(addr(topo, "A"), addr(topo, "B"), 4000, 9999,
+                                   f"legit {i}".encode()) for i in range(5)]
+    pkts[4] = b"\x00\x01" + pkts[4][2:]  # asks for segmentation: refused even if authentic
     enc_a = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
-    d1, d2, d3, d4 = _seal_with_real_key(enc_a, lane, pkts)
+    d1, d2, d3, d4, d5 = _seal_with_real_key(enc_a, lane, pkts)
     flip_body = bytearray(d3)
     flip_body[40] ^= 0x01
     flip_tag = bytearray(d3)
@@ -284,6 +287,7 @@ def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_t
         bytes(flip_pos),
         bytes(forged),         # forged body and tag
         bytes(other_link),     # moved to another link
+        d5,                    # authentic, but with a virtio_net_hdr we never accept
     ]
     run_in_netns(na, udp_send_all, ul_a, ul_b, port0, attack, 0.02)
     time.sleep(1.0)
@@ -298,7 +302,7 @@ def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_t
     assert delta["drop_rx_replay"] + delta["drop_rx_old"] >= len(genuine) + 2
     assert delta["drop_rx_length"] >= 1 and delta["drop_rx_short"] >= 1
     assert delta["drop_rx_mac"] >= 3  # body flip, tag flip, forged
-    assert delta["drop_rx_link"] >= 1
+    assert delta["drop_rx_link"] >= 1 and delta["drop_rx_vnet"] == 1
     dropped = sum(delta.values())
     assert dropped == len(genuine) + len(attack) - 1, delta
 
@@ -427,7 +431,7 @@ def test_no_key_drops_packets_counts_them_and_takes_the_link_down(tmp_path, pref
         enc = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
         left = enc.write_pos - enc.claim_pos
         enc.close()
-        assert left < CONTROL_RESERVE + wire.pad_len(8000 + 28)
+        assert left < CONTROL_RESERVE + wire.pad_len(VNET_HDR_LEN + 8000 + 28)
         # Without key beyond the keepalive reserve the link is down for routing.
         wait_until(lambda: tunnel_state(prefix, "A", "A-B")["reason"] == "no key", 5,
                    "the link to be reported without key")
