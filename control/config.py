@@ -265,6 +265,7 @@ class Topology:
     links: tuple[LinkSpec, ...]
     saes: tuple[Sae, ...]
     dataplane: DataplaneSpec
+    node_net: ipaddress.IPv4Network
 
     def node(self, name: str) -> NodeSpec:
         try:
@@ -426,7 +427,7 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                               key_wait_s=dp.key_wait_ms / 1000, tunnel_net=dp.tunnel_net)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
-                    dataplane=dataplane)
+                    dataplane=dataplane, node_net=raw.network.node_net)
 
 
 def parse_topology(text: str, path: Path | str = "<string>") -> Topology:

@@ -25,6 +25,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from control import paths
 from control.config import Topology
 from control.routing import LinkEnds, LinkStateDb, next_hops
+from dataplane.limits import LINK_DEAD_S
 
 log = logging.getLogger("qkdnet.router")
 ROUTE_INTERVAL_S = 0.2
@@ -48,6 +49,20 @@ def setup_node_address(address: str) -> None:
     _sysctl("net.ipv4.ip_forward", "1")
     for scope in ("all", "default"):
         _sysctl(f"net.ipv4.conf.{scope}.rp_filter", "0")
+
+
+def close_underlay(underlay_addresses: list[str], node_net: str) -> None:
+    """Forward only between OTP tunnels: nothing that arrives on the untrusted underlay is
+    routed into a tunnel (IPv4 decides by the input device's forwarding flag), and a node
+    address with no route through a tunnel is unreachable rather than sent in clear along
+    some less specific route."""
+    with IPRoute() as ip:
+        for address in underlay_addresses:
+            for a in ip.get_addr(address=address):
+                link = ip.get_links(a["index"])[0]
+                _sysctl(f"net.ipv4.conf.{link.get_attr('IFLA_IFNAME')}.forwarding", "0")
+        with contextlib.suppress(NetlinkError):
+            ip.route("replace", dst=node_net, type="unreachable")
 
 
 class Router:
@@ -78,9 +93,10 @@ class Router:
         now = time.monotonic()
         local = self.local_states()
         for name in self.mine:
-            with contextlib.suppress(OSError, ValueError):
-                self.db.merge(json.loads((self.dir / f"lsa-{name}.json").read_text())
-                              .get("lsdb"), now)
+            lsa = self.dir / f"lsa-{name}.json"
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                if time.time() - lsa.stat().st_mtime < LINK_DEAD_S:  # a live neighbour's
+                    self.db.merge(json.loads(lsa.read_text()).get("lsdb"), now)
         self.db.originate(self.node, local, time.time_ns() // 1000, now)
         self.db.expire(now)
         up = self.db.up_links(self.node, local)
@@ -127,6 +143,8 @@ class Router:
 
     def run(self) -> None:
         setup_node_address(self.addr)
+        close_underlay([str(lk.underlay_of(self.node).ip) for lk in self.mine.values()],
+                       str(self.topo.node_net))
         with IPRoute() as ip:
             self.forget_old_routes(ip)
             while not self.stop:

@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -30,9 +31,12 @@ MAX_BACKOFF_S = 5.0
 
 
 def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this process when its parent exits."""
+    """Ask the kernel to SIGTERM this process when its parent exits; and no core dumps:
+    a node process holds key in memory (invariant 6)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def setup_logging(level: int = logging.INFO) -> None:

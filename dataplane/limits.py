@@ -20,3 +20,4 @@ KEEPALIVE_S = 0.2                   # keepalive period of a tunnel manager
 LSA_MAX_AGE_S = 3.0                 # a link-state entry not refreshed this long is dropped
 RELEASE_GRACE_S = 0.1               # DEC key is freed this long after the peer released it
 CONTROL_RESERVE = 64 << 10           # ENC key the workers leave for keepalives
+MAX_KEY_LAG = 16 << 20              # a datagram may name key this far beyond what is stored

@@ -6,7 +6,7 @@ unlink it when a reader exits):
 
     offset  size  field
     0       8     magic  b"QKDRING1"
-    8       8     version (1)
+    8       8     version (2)
     16      8     capacity      key bytes the data area holds
     24      8     block_size    the link's key block size (informational)
     32      8     write_pos     stream position after the last byte written
@@ -297,10 +297,12 @@ class KeyRing:
             w, c, r = self.write_pos, self.claim_pos, self.release_pos
             if int(self._hdr[F_ROLE]) == ROLE_ENC:
                 # Claimed bytes belong to the encryptor using them: wiping them under it
-                # could turn its XOR into a no-op. Only the unclaimed tail is wiped here.
-                self._wipe(c, w)
+                # could turn its XOR into a no-op. Only the unclaimed tail is wiped, and
+                # only after the cursors moved past it: a crash mid-wipe must leave
+                # zeroed bytes unclaimable (else a worker would send them as its pad).
                 self._hdr[F_WRITE] = pos
                 self._hdr[F_CLAIM] = pos
+                self._wipe(c, w)
                 if r == c:
                     self._hdr[F_RELEASE] = pos
                     self._hdr[F_FREE] = pos
@@ -371,26 +373,29 @@ class KeyRing:
 
     # ---- lanes (OTP workers) -----------------------------------------------------------
 
-    def claim_chunk(self, lane: int, n: int) -> tuple[int, int]:
+    def claim_chunk(self, lane: int, n: int, reserve: int = 0) -> tuple[int, int]:
         """ENC: give up ``lane``'s current chunk, free what nobody holds, claim a new one.
 
         Returns (pos, length); length 0 when no key is there. Durable before returning,
         like :meth:`claim`. The holder wipes what it uses as it goes (:meth:`wipe_used`);
-        the unused rest of a chunk is wiped when it is given up.
+        the unused rest of a chunk is wiped when it is given up. The last ``reserve``
+        bytes are left for others (the keepalives), decided under the lock.
         """
         base = LANE_BASE + LANE_WORDS * lane
         self._lock()
         try:
             self._give_up_locked(lane, dead=False)
             c = self.claim_pos
-            take = min(n, self.write_pos - c)
+            take = min(n, self.write_pos - c - reserve)
             if take <= 0:
                 return c, 0
             self._make_durable(c + take)
+            # claim_pos first: a holder killed between these stores leaves bytes that are
+            # claimed and unused (lost), never a lane whose give-up wipes unclaimed bytes.
+            self._hdr[F_CLAIM] = c + take
             self._hdr[base] = c
             self._hdr[base + 1] = c
             self._hdr[base + 2] = c + take
-            self._hdr[F_CLAIM] = c + take
             return c, take
         finally:
             self._unlock()
@@ -437,7 +442,7 @@ class KeyRing:
     def _give_up_locked(self, lane: int, dead: bool) -> None:
         start, used, end = self.chunk_of(lane)
         if end:
-            self._wipe(start if dead else used, end)
+            self._wipe(start if dead else used, min(end, self.claim_pos))
             self._hdr[LANE_BASE + LANE_WORDS * lane + 2] = 0
         self._release_enc_locked()
 

@@ -9,9 +9,10 @@ giving back the dead worker's key chunk first (its rest is never used: invariant
 Its own lane (CONTROL_LANE) carries keepalives through the link's own one-time pad every
 KEEPALIVE_S: the peer's pool size and the node's link-state database, which the router
 floods on (:mod:`control.routing`). A link end is up while a keepalive arrived within
-LINK_DEAD_S and it has had key (beyond the small reserve workers leave for keepalives)
-within LINK_DEAD_S: "a link is down when its peer stops answering or it has no key". A
-moment's shortage drops packets (counted) but does not flap the routes.
+LINK_DEAD_S and key has arrived (or more than the keepalives' reserve was there) within
+LINK_DEAD_S: "a link is down when its peer stops answering or it has no key". A link
+whose key arrives slower than traffic drops packets (counted) but stays up; one whose key
+stopped goes down, so routes avoid it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ log = logging.getLogger("qkdnet.tunnel")
 STATUS_INTERVAL_S = 0.5
 MAX_CONTROL_PAYLOAD = 16 << 10
 RESTART_BACKOFF_S = 0.2
+MAX_CONTROL_BATCH = 64
 
 
 def tun_name(link: LinkSpec) -> str:
@@ -166,8 +168,8 @@ class ControlChannel:
         # Exactly the bytes needed, given back at once: a slowly used chunk on this lane
         # would hold the ring's release point back while the workers race ahead.
         pos, take = self.enc.claim_chunk(CONTROL_LANE, need)
-        if take < need:
-            self.enc.retire(CONTROL_LANE)
+        if take < need or not self.enc.read(pos, wire.MAC_KEY_LEN).any():
+            self.enc.retire(CONTROL_LANE)  # no key (or wiped key: never used as a pad)
             return False
         self.buf[wire.HEADER_LEN:wire.HEADER_LEN + n] = np.frombuffer(payload, np.uint8)
         dlen = wire.seal(self.buf, n, self.enc.read(pos, need), link=self.cfg.link.index,
@@ -184,12 +186,15 @@ class ControlChannel:
     def receive(self) -> list[bytes]:
         """Every authentic, fresh control payload waiting on the socket."""
         out = []
-        while True:
+        for _ in range(MAX_CONTROL_BATCH):  # a flood must not starve the manager's loop
             try:
-                n = self.sock.recv_into(memoryview(self.rbuf))
+                n, src = self.sock.recvfrom_into(memoryview(self.rbuf))
             except BlockingIOError:
                 return out
             except OSError:
+                continue
+            if src[0] != self.cfg.peer_ip:
+                self.drops["source"] = self.drops.get("source", 0) + 1
                 continue
             try:
                 hdr = wire.parse(self.rbuf, n, link=self.cfg.link.index,
@@ -215,6 +220,7 @@ class ControlChannel:
                 self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
             except RingError:
                 self.drops["old"] = self.drops.get("old", 0) + 1
+        return out
 
 
 @dataclass
@@ -233,8 +239,9 @@ class TunnelManager:
         self.ctx = mp.get_context("fork")
         self.slots = [WorkerSlot(i) for i in range(cfg.dp.workers)]
         self.last_heard = 0.0
-        self.key_ok = False
-        self.last_key = 0.0  # when the ENC ring last held more than the control reserve
+        self.last_sent = 0.0  # when a keepalive last found key and went out
+        self.last_key = 0.0  # when key last arrived, or more than the reserve was there
+        self._write_seen = -1
         self.peer_workers = 0
         self.started = time.time()
 
@@ -258,7 +265,11 @@ class TunnelManager:
                 pid = ident & 0xFFFFFF
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5.0
                 while same_process_alive(ident):
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"worker {pid} of a previous tunnel manager does "
+                                         f"not die; not touching its key")
                     time.sleep(0.01)
             stats.set_link_word(W_PID_BASE + lane, 0)
 
@@ -310,6 +321,8 @@ class TunnelManager:
     def _on_keepalive(self, payload: bytes, stats: LinkStats) -> None:
         try:
             msg = json.loads(payload)
+            if not isinstance(msg, dict) or not isinstance(msg.get("workers"), int):
+                raise ValueError("not a keepalive object")
             if msg.get("node") != self.cfg.peer:
                 raise ValueError(f"keepalive from {msg.get('node')!r}")
             workers = int(msg["workers"])
@@ -318,7 +331,7 @@ class TunnelManager:
             lsdb = msg.get("lsdb", [])
             if not isinstance(lsdb, list):
                 raise ValueError("lsdb is not a list")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
             log.warning("link %s: keepalive refused: %s", self.cfg.link.name, e)
             return
         self.last_heard = time.monotonic()
@@ -328,8 +341,16 @@ class TunnelManager:
 
     # ---- status ------------------------------------------------------------------------
 
+    def _watch_key(self, enc: KeyRing, now: float) -> None:
+        w = enc.write_pos
+        if w != self._write_seen or w - enc.claim_pos > CONTROL_RESERVE:
+            self.last_key = now
+        self._write_seen = w
+
     def link_state(self, now: float) -> tuple[bool, str]:
-        if not self.key_ok or now - self.last_key > LINK_DEAD_S:
+        # No key: none arrived and only the keepalives' reserve is left (data cannot go),
+        # or not even a keepalive could go, for LINK_DEAD_S.
+        if now - self.last_key > LINK_DEAD_S or now - self.last_sent > LINK_DEAD_S:
             return False, "no key"
         if self.last_heard == 0.0:
             return False, "waiting for peer"
@@ -376,10 +397,10 @@ class TunnelManager:
                     self._on_keepalive(payload, stats)
                 chan.apply_releases(now)
                 if now >= next_ka:
-                    self.key_ok = chan.send(self._keepalive_payload())
+                    if chan.send(self._keepalive_payload()):
+                        self.last_sent = now
                     next_ka = now + KEEPALIVE_S
-                if enc.write_pos - enc.claim_pos > CONTROL_RESERVE:
-                    self.last_key = now
+                self._watch_key(enc, now)
                 if now >= next_status:
                     self._publish(stats, chan, enc, dec, now)
                     next_status = now + STATUS_INTERVAL_S
@@ -387,6 +408,8 @@ class TunnelManager:
         finally:
             self._stop_workers()
             with contextlib.suppress(Exception):
+                for slot in self.slots:  # all joined: wipe whatever they still held
+                    enc.retire(slot.lane, dead=True)
                 enc.retire(CONTROL_LANE)
                 self._publish(stats, chan, enc, dec, time.monotonic())
 

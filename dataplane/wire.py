@@ -188,5 +188,5 @@ def acceptance(hdr: Header, *, lane_next: int, release_pos: int, write_pos: int,
 
 
 TX_DROPS = ("nokey", "toolong", "send")
-RX_DROPS = ("short", "version", "length", "link", "direction", "reserved", "lane",
+RX_DROPS = ("source", "short", "version", "length", "link", "direction", "reserved", "lane",
             "replay", "old", "ahead", "nokey", "zerokey", "mac", "vnet", "tun")

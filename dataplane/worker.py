@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dataplane import wire
-from dataplane.limits import CONTROL_RESERVE, IDLE_RETIRE_S
+from dataplane.limits import CONTROL_RESERVE, IDLE_RETIRE_S, MAX_KEY_LAG
 from dataplane.ring import CursorFile, KeyRing, RingError
 from dataplane.stats import IDX, W_PEER_WORKERS, W_PID_BASE, LinkStats, new_counters
 from dataplane.tun import open_queue, vnet_header_ok
@@ -45,6 +45,7 @@ CLAIMS = IDX["claims"]
 DROP_RX_LANE = IDX["drop_rx_lane"]
 DROP_RX_OLD = IDX["drop_rx_old"]
 DROP_RX_TUN = IDX["drop_rx_tun"]
+DROP_RX_SOURCE = IDX["drop_rx_source"]
 DROP_RX_VNET = IDX["drop_rx_vnet"]
 DROP_TX_NOKEY = IDX["drop_tx_nokey"]
 DROP_TX_SEND = IDX["drop_tx_send"]
@@ -155,11 +156,11 @@ class Worker:
         cfg, enc = self.cfg, self.enc
         deadline = time.monotonic() + (0.0 if self.dry else cfg.key_wait_s)
         while True:
-            # The last CONTROL_RESERVE bytes are for keepalives: a busy link that runs
-            # dry must still tell its peer it is alive.
+            # The last CONTROL_RESERVE bytes are for keepalives (enforced under the ring
+            # lock): a busy link that runs dry must still tell its peer it is alive.
             if enc.write_pos - enc.claim_pos >= need + CONTROL_RESERVE:
                 size = need if cfg.conventional else max(cfg.chunk, need)
-                pos, take = enc.claim_chunk(cfg.lane, size)
+                pos, take = enc.claim_chunk(cfg.lane, size, reserve=CONTROL_RESERVE)
                 self.c[CLAIMS] += 1
                 if take:
                     self.audit(AUDIT_CLAIM, pos, take)
@@ -171,6 +172,9 @@ class Worker:
                 self.end = 0
             if time.monotonic() >= deadline or self.stop:
                 self.dry = True
+                if self.end:  # a leftover too small for this packet must not pin the ring
+                    enc.retire(cfg.lane)
+                    self.end = 0
                 return False
             time.sleep(0.0005)
 
@@ -189,13 +193,21 @@ class Worker:
                 log.warning("link %s lane %d: TUN read failed: %s", cfg.link_name, cfg.lane, e)
                 return
             t1 = clock()
-            self.last_tx = time.monotonic()
             need = wire.pad_len(n)
             if self.cur + need > self.end and not self._new_chunk(need):
                 c[DROP_TX_NOKEY] += 1
                 continue
             pos = self.cur
-            pad, pad_addr = enc.locate(pos, need)
+            try:
+                pad, pad_addr = enc.locate(pos, need)
+            except RingError:  # our chunk was given up under us: take a new one next time
+                c[DROP_TX_NOKEY] += 1
+                self.end = 0
+                continue
+            if not pad[:wire.MAC_KEY_LEN].any():  # wiped key: never a pad (nor a MAC key)
+                c[DROP_TX_NOKEY] += 1
+                self.end = 0
+                continue
             t2 = clock()
             dlen = wire.seal(tbuf, n, pad, link=cfg.link_index, direction=cfg.enc_dir,
                              lane=cfg.lane, pos=pos, release=enc.release_pos,
@@ -205,6 +217,8 @@ class Worker:
                 self.end = 0
                 continue
             enc.wipe_used(pos, need)  # in cache now; cheaper than at release
+            if pad.flags.owndata:  # a copy (the range wrapped): wipe it too
+                pad[:] = 0
             self.cur = pos + need
             enc.set_used(cfg.lane, self.cur)  # (after the check: this lets release pass pos)
             if cfg.conventional:  # the paper's per-packet key removal
@@ -219,6 +233,7 @@ class Worker:
                 c[DROP_TX_SEND] += 1
                 continue
             t4 = clock()
+            self.last_tx = time.monotonic()
             c[TX_PKTS] += 1
             c[TX_BYTES] += n
             c[TX_KEY] += need
@@ -238,6 +253,8 @@ class Worker:
                                 capacity=dec.capacity)
             if v != wire.WAIT:
                 return v
+            if hdr.pos + hdr.pad_len > dec.write_pos + MAX_KEY_LAG:
+                return "ahead"  # far beyond what the agreement could still be delivering
             now = time.monotonic()
             if deadline is None:
                 deadline = now + cfg.key_wait_s
@@ -251,12 +268,15 @@ class Worker:
         for _ in range(BATCH):
             t0 = clock()
             try:
-                n = self.sock.recv_into(self.rmv, 0, socket.MSG_DONTWAIT)
+                n, src = self.sock.recvfrom_into(self.rmv, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError:
                 continue
             t1 = clock()
+            if src[0] != cfg.peer_ip:
+                c[DROP_RX_SOURCE] += 1
+                continue
             try:
                 hdr = wire.parse(rbuf, n, link=cfg.link_index, direction=cfg.dec_dir)
             except wire.WireError as e:
@@ -288,6 +308,8 @@ class Worker:
             if dec.release_pos > hdr.pos:  # wiped while we used it
                 c[DROP_RX_OLD] += 1
                 continue
+            if pad.flags.owndata:  # a copy (the range wrapped)
+                pad[:] = 0
             if self.audit.fd is not None:
                 self.audit(AUDIT_ACCEPTED, hdr.pos, hdr.pad_len)
             t3 = clock()
@@ -363,8 +385,14 @@ def process_identity(pid: int) -> int:
 
 
 def same_process_alive(identity: int) -> bool:
+    """The recorded process still runs (a zombie does not: it holds nothing any more)."""
     pid = identity & 0xFFFFFF
-    return pid != 0 and process_identity(pid) == identity
+    if pid == 0 or process_identity(pid) != identity:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def worker_main(cfg: WorkerConfig) -> None:

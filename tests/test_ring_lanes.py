@@ -8,11 +8,14 @@ import ctypes
 import os
 from uuid import uuid4
 
+import numpy as np
 import pytest
 
 from dataplane.limits import RING_HEADER_SIZE
 from dataplane.ring import (
     CONTROL_LANE,
+    LANE_BASE,
+    LANE_WORDS,
     MAX_LANES,
     ROLE_DEC,
     ROLE_ENC,
@@ -489,3 +492,25 @@ def test_a_held_chunk_blocks_the_writer_however_many_others_finish(make, name):
     assert r.release_pos == 0 and r.free_pos == 0
     assert r.write_pos == CAP
     assert bytes(r.read(0, 100)) == key(CAP)[:100]
+
+
+def test_claim_chunk_leaves_the_reserve_to_others(make):
+    r = make()
+    r.append(0, key(1000))
+    assert r.claim_chunk(0, 2000, reserve=100) == (0, 900)
+    assert r.claim_chunk(1, 50, reserve=100) == (900, 0)  # only the reserve is left
+    assert r.claim_chunk(CONTROL_LANE, 100) == (900, 100)  # ... for the keepalives
+
+
+def test_giving_up_a_half_published_chunk_never_wipes_unclaimed_key(make, name):
+    # A holder killed after publishing its lane words but before claim_pos moved (the
+    # order claim_chunk avoids) must not make a later give-up wipe unclaimed bytes.
+    r = make()
+    r.append(0, key(600))
+    assert r.claim_chunk(0, 100) == (0, 100)
+    hdr = np.ndarray((512,), dtype=np.uint64, buffer=r._mm)
+    base = LANE_BASE + LANE_WORDS * 1
+    hdr[base], hdr[base + 1], hdr[base + 2] = 100, 100, 400  # lane 1 "holds" [100, 400)
+    r.retire(1, dead=True)
+    assert at(name, 100, 500) == key(600)[100:600]  # still there, still claimable
+    assert r.claim_chunk(2, 500) == (100, 500)

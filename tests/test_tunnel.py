@@ -125,6 +125,13 @@ def test_ping_and_tcp_through_one_link_and_via_a_relay(tmp_path, prefix):
     assert router_state(prefix, "A")["routes"]["C"]["via"] == "A-B"  # the only way
     assert ping(ns(prefix, "A"), addr(topo, "B"), src=addr(topo, "A"))
     assert ping(ns(prefix, "A"), addr(topo, "C"), src=addr(topo, "A"))  # via B
+    # Forwarding only between tunnels: not from the underlay; node addresses without a
+    # tunnel route are unreachable, never sent in clear along another route.
+    assert run_in_netns(ns(prefix, "B"), _read_proc, "sys/net/ipv4/conf/ul0/forwarding") == "0"
+    assert run_in_netns(ns(prefix, "B"), _read_proc, "sys/net/ipv4/conf/otp0/forwarding") == "1"
+    assert "unreachable 10.88.0.0/24" in subprocess.run(
+        ["ip", "netns", "exec", ns(prefix, "A"), "ip", "route"], capture_output=True,
+        text=True).stdout
     relay_before = tunnel_state(prefix, "B", "B-C")["counters"]["tx_bytes"]
     for dst in ("B", "C"):
         data = os.urandom(6 << 20)
@@ -144,6 +151,10 @@ def test_ping_and_tcp_through_one_link_and_via_a_relay(tmp_path, prefix):
     tun = snap["nodes"]["A"]["tunnels"]["A-B"]
     assert tun["up"] and tun["counters"]["tx_pkts"] > 0
     assert snap["nodes"]["A"]["router"]["routes"]["C"]["dev"] == "otp0"
+
+
+def _read_proc(rel: str) -> str:
+    return Path("/proc", rel).read_text().strip()
 
 
 def _pcap_payloads(data: bytes, udp_only: bool = True) -> list[bytes]:
@@ -356,6 +367,8 @@ def test_killed_worker_and_node_never_reuse_a_pad_position(tmp_path, prefix, mon
     man.save()
     wait_until(lambda: (s := tunnel_state(prefix, "A", "A-B")) and s["up"]
                and s["pid"] != st["pid"], 30, "node A's tunnel to come back")
+    wait_until(lambda: ping(na, addr(topo, "B"), count=1), 15,
+               "node A's new router to route again")
     traffic(2)
     time.sleep(0.3)
 
