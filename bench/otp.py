@@ -168,7 +168,7 @@ class Net:
                 st.close()
         return out
 
-    def iperf(self, src: str, dst: str, seconds: float) -> dict:
+    def iperf(self, src: str, dst: str, seconds: float, streams: int = 1) -> dict:
         server = subprocess.Popen(["ip", "netns", "exec", self.ns(dst), "iperf3", "-s", "-1",
                                    "-B", self.addr(dst)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
@@ -176,7 +176,7 @@ class Net:
             for _ in range(50):
                 res = subprocess.run(["ip", "netns", "exec", self.ns(src), "iperf3", "-c",
                                       self.addr(dst), "-B", self.addr(src), "-t", str(seconds),
-                                      "-J"], capture_output=True, text=True,
+                                      "-P", str(streams), "-J"], capture_output=True, text=True,
                                      timeout=seconds + 30)
                 data = json.loads(res.stdout or "{}")
                 if "error" in data and "connect" in data["error"]:
@@ -210,12 +210,12 @@ def _steps(d: dict[str, int], steps: tuple[str, ...], pkts_field: str) -> dict[s
     return {s: d[s] / pkts / 1000 for s in steps}  # microseconds per packet
 
 
-def run_point(net: Net, path: str, mtu: int, seconds: float) -> dict:
+def run_point(net: Net, path: str, mtu: int, seconds: float, streams: int = 1) -> dict:
     src, dst = "A", ("B" if path == "direct" else "C")
     net.set_mtu(mtu)
     low = net.fill()
     before = net.counters()
-    r = net.iperf(src, dst, seconds)
+    r = net.iperf(src, dst, seconds, streams)
     delta = _delta(net.counters(), before)
     sender, receiver = delta[("A", "A-B")], delta[(dst, "A-B" if dst == "B" else "B-C")]
     drops = {k: v for (node, link), c in delta.items() for k, v in
@@ -268,13 +268,14 @@ def plot(points: list[dict], out: Path) -> Path:
 
 
 def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int = 0,
-        repeat: int = 3,
+        repeat: int = 3, streams: int = 1,
         capacity: str = "1GiB", modes: tuple[str, ...] = ("proposed", "conventional"),
         plot_path: Path | None = None, console: Console | None = None) -> dict:
     console = console or Console()
     workers = workers or (os.cpu_count() or 1)
     console.print(f"[bold]bench otp[/bold]: A - B - C in namespaces, iperf3 TCP {seconds} s "
-                  f"per run, median of {repeat} runs per point, {workers} worker(s) per link "
+                  f"per run ({streams} stream(s)), median of {repeat} runs per point, "
+                  f"{workers} worker(s) per link "
                   f"end, {os.cpu_count()} cores, rings {capacity}")
     points: list[dict] = []
     for mode in modes:
@@ -284,8 +285,8 @@ def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int
             net.up()
             for path in ("direct", "relay"):
                 for mtu in mtus:
-                    runs = sorted((run_point(net, path, mtu, seconds) for _ in range(repeat)),
-                                  key=lambda r: r["gbps"])
+                    runs = sorted((run_point(net, path, mtu, seconds, streams)
+                                   for _ in range(repeat)), key=lambda r: r["gbps"])
                     p = {"mode": mode, **runs[len(runs) // 2],  # the median run
                          "runs_gbps": [round(r["gbps"], 3) for r in runs],
                          "key_limited": any(r["key_limited"] for r in runs)}
@@ -297,7 +298,7 @@ def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int
         finally:
             net.down()
     result = summarize(points, mtus, workers, plot_path, console)
-    result.update(seconds=seconds, repeat=repeat, ring_capacity=capacity)
+    result.update(seconds=seconds, repeat=repeat, streams=streams, ring_capacity=capacity)
     return result
 
 

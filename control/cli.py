@@ -201,6 +201,7 @@ def bench_otp(
     = None,
     workers: Annotated[int, typer.Option(help="workers per link end; 0 = cores")] = 0,
     repeat: Annotated[int, typer.Option(min=1, help="runs per point; the median counts")] = 3,
+    streams: Annotated[int, typer.Option(min=1, help="parallel iperf3 TCP streams")] = 1,
     mode: Annotated[list[str] | None, typer.Option(help="proposed and/or conventional")] = None,
     ring: Annotated[str, typer.Option(help="ring capacity per link direction")] = "1GiB",
     plot: Annotated[Path, typer.Option(help="PNG plot of the sweep")] = Path(
@@ -216,7 +217,7 @@ def bench_otp(
     if bad:
         raise typer.BadParameter(f"unknown mode(s) {', '.join(bad)}", param_hint="--mode")
     result = run(mtus=tuple(mtu or DEFAULT_MTUS), seconds=seconds, workers=workers,
-                 repeat=repeat, capacity=ring, modes=modes, plot_path=plot,
+                 repeat=repeat, streams=streams, capacity=ring, modes=modes, plot_path=plot,
                  console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
