@@ -204,7 +204,7 @@ class Worker:
                 c[DROP_TX_NOKEY] += 1
                 self.end = 0
                 continue
-            if not pad[:wire.MAC_KEY_LEN].any():  # wiped key: never a pad (nor a MAC key)
+            if pad[:wire.MAC_KEY_LEN].tobytes() == wire.ZERO_KEY:  # wiped: never a pad
                 c[DROP_TX_NOKEY] += 1
                 self.end = 0
                 continue
