@@ -301,6 +301,8 @@ def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_t
         d5,                    # authentic, but with a virtio_net_hdr we never accept
     ]
     run_in_netns(na, udp_send_all, ul_a, ul_b, port0, attack, 0.02)
+    # Fresh and genuine, but not from the peer's underlay address: refused before parsing.
+    run_in_netns(nb, udp_send_all, ul_b, ul_b, port0, [d4], 0.0)
     time.sleep(1.0)
     enc_a.retire(lane)
     enc_a.close()
@@ -314,8 +316,9 @@ def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_t
     assert delta["drop_rx_length"] >= 1 and delta["drop_rx_short"] >= 1
     assert delta["drop_rx_mac"] >= 3  # body flip, tag flip, forged
     assert delta["drop_rx_link"] >= 1 and delta["drop_rx_vnet"] == 1
+    assert delta["drop_rx_source"] == 1
     dropped = sum(delta.values())
-    assert dropped == len(genuine) + len(attack) - 1, delta
+    assert dropped == len(genuine) + len(attack) - 1 + 1, delta
 
 
 # ---- crashes: no pad position twice -------------------------------------------------------
