@@ -12,7 +12,6 @@ claim and release (see :mod:`dataplane.ring`), so the rings need no lock here.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -28,6 +27,7 @@ from control.agreement import AB, BA, Dropped, Follower, Leader, Send, SkipTo, S
 from control.agreement_msgs import AUTH_KEY_LEN, NONCE_LEN, FrameCodec, ProtocolError
 from control.config import LinkSpec, Topology
 from control.keysource import EmulatorSource, KeySource, SourceUnavailable
+from control.statefile import write_json
 from dataplane.ring import ROLE_DEC, ROLE_ENC, CursorFile, KeyRing, RingError
 
 log = logging.getLogger("qkdnet.lkm")
@@ -346,11 +346,8 @@ class LinkKeyManager:
         if now > t0:
             self.rate_bps = (stored - b0) * 8 / (now - t0)
         self._rate_mark = (now, stored)
-        p = self.cfg.status_path
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status()))
-        os.replace(tmp, p)
+        self.cfg.status_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.cfg.status_path, self.status())
 
     # ---- main loop ---------------------------------------------------------------------
 

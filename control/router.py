@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from control import paths
 from control.config import Topology
 from control.routing import LinkEnds, LinkStateDb, next_hops
+from control.statefile import write_json
 from dataplane.limits import LINK_DEAD_S
 
 log = logging.getLogger("qkdnet.router")
@@ -102,8 +102,8 @@ class Router:
         up = self.db.up_links(self.node, local)
         hops = next_hops(self.links, up, self.node)
         self._apply(ip, hops)
-        _write_json(self.dir / "lsdb.json", {"entries": self.db.export()})
-        _write_json(self.dir / "router.json", {
+        write_json(self.dir / "lsdb.json", {"entries": self.db.export()})
+        write_json(self.dir / "router.json", {
             "node": self.node, "address": self.addr, "updated": time.time(),
             "links_up": sorted(up), "changes": self.changes,
             "routes": {dst: {"address": str(self.topo.node(dst).address), "via": link,
@@ -151,11 +151,6 @@ class Router:
                 self.step(ip)
                 time.sleep(ROUTE_INTERVAL_S)
 
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def router_main(config_path: str, node: str) -> None:

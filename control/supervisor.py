@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from control import paths
 from control.config import Topology, load_topology
+from control.statefile import write_json
 
 log = logging.getLogger("qkdnet.node")
 PR_SET_PDEATHSIG = 1
@@ -118,9 +118,7 @@ class Supervisor:
         }
 
     def _publish(self) -> None:
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(self.state()))
-        os.replace(tmp, self.dir / "state.json")
+        write_json(self.dir / "state.json", self.state())
 
     def run(self) -> None:
         def on_signal(*_: object) -> None:

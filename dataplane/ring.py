@@ -435,10 +435,6 @@ class KeyRing:
         return self._hdr[LANE_BASE:LANE_BASE + LANE_WORDS * MAX_LANES].reshape(MAX_LANES,
                                                                               LANE_WORDS)
 
-    def _held_chunks(self) -> list[tuple[int, int]]:
-        words = self._lanes()
-        return [(int(u), int(e)) for _, u, e in words[words[:, 2] != 0]]
-
     def _give_up_locked(self, lane: int, dead: bool) -> None:
         start, used, end = self.chunk_of(lane)
         if end:

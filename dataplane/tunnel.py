@@ -34,6 +34,7 @@ from pyroute2 import IPRoute
 
 from control import paths
 from control.config import DataplaneSpec, LinkSpec, Topology
+from control.statefile import write_json
 from dataplane import wire
 from dataplane.limits import CONTROL_RESERVE, KEEPALIVE_S, LINK_DEAD_S, RELEASE_GRACE_S
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
@@ -337,7 +338,7 @@ class TunnelManager:
         self.last_heard = time.monotonic()
         self.peer_workers = workers
         stats.set_link_word(W_PEER_WORKERS, workers)
-        _write_json(self.cfg.lsa_path, {"from": self.cfg.peer, "lsdb": lsdb})
+        write_json(self.cfg.lsa_path, {"from": self.cfg.peer, "lsdb": lsdb})
 
     # ---- status ------------------------------------------------------------------------
 
@@ -363,7 +364,7 @@ class TunnelManager:
         up, reason = self.link_state(now)
         stats.set_link_word(W_LINK_UP, int(up))
         ec, dc = enc.cursors(), dec.cursors()
-        _write_json(self.cfg.status_path, {
+        write_json(self.cfg.status_path, {
             "link": self.cfg.link.name, "node": self.cfg.node, "peer": self.cfg.peer,
             "pid": os.getpid(), "updated": time.time(), "up": up, "reason": reason,
             "tun": self.cfg.tun, "mtu": self.cfg.dp.mtu, "mode": self.cfg.dp.mode,
@@ -413,11 +414,6 @@ class TunnelManager:
                 enc.retire(CONTROL_LANE)
                 self._publish(stats, chan, enc, dec, time.monotonic())
 
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:

@@ -1,0 +1,14 @@
+"""Status files that node processes publish and `qkdctl status` reads: written whole and
+atomically (temporary file, then rename), so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_json(path: Path, obj: object) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
