@@ -39,6 +39,8 @@ prefix = "{prefix}"
 key_rate_mbps = 0
 block_size = {block}
 ring_capacity = "256MiB"
+[gkm]
+pairs = []  # no global key: this network measures or tests other modules
 [[nodes]]
 name = "A"
 [[nodes]]

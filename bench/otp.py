@@ -56,6 +56,8 @@ ring_capacity = "{capacity}"
 [dataplane]
 mode = "{mode}"
 workers = {workers}
+[gkm]
+pairs = []  # no global key: this network measures or tests other modules
 [[nodes]]
 name = "A"
 [[nodes]]

@@ -223,6 +223,56 @@ def bench_otp(
         print(json.dumps(result))
 
 
+@bench_app.command("gkm")
+def bench_gkm(
+    size: Annotated[list[str] | None, typer.Option(
+        help="global key sizes (repeat the option); default 1KiB 16KiB 256KiB 1MiB")] = None,
+    store: Annotated[str, typer.Option(help="store maximum (high watermark) to fill")]
+    = "256MiB",
+    window: Annotated[str, typer.Option(help="bytes in flight per pair")] = "32MiB",
+    baseline: Annotated[list[str] | None, typer.Option(
+        help="sizes to measure stop-and-wait at too; default 1MiB")] = None,
+    plot: Annotated[Path, typer.Option(help="PNG plot")] = Path("bench/results/gkm-size.png"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Global key manager: time to fill a store, per key size, direct and via a relay."""
+    need_root()
+    from bench.gkm import DEFAULT_SIZES, run
+    from control.config import parse_size
+    from dataplane.limits import MAX_GLOBAL_BLOCK, MIN_GLOBAL_BLOCK
+
+    def sizes(values: list[str], name: str) -> tuple[int, ...]:
+        try:
+            out = tuple(parse_size(v) for v in values)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=name) from None
+        bad = [v for v in out if not MIN_GLOBAL_BLOCK <= v <= MAX_GLOBAL_BLOCK]
+        if bad:
+            raise typer.BadParameter(f"sizes must be {MIN_GLOBAL_BLOCK} B to 16 MiB",
+                                     param_hint=name)
+        return out
+
+    def amount(value: str, name: str) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint=name) from None
+
+    sz = sizes(size, "--size") if size else DEFAULT_SIZES
+    base = sizes(baseline, "--baseline") if baseline else (1 << 20,)
+    store_b, window_b = amount(store, "--store"), amount(window, "--window")
+    if not max(sz + base) <= store_b <= 4 << 30:
+        raise typer.BadParameter("must hold at least one key of each size, at most 4 GiB",
+                                 param_hint="--store")
+    if window_b < max(sz):
+        raise typer.BadParameter("must hold at least one key of each size",
+                                 param_hint="--window")
+    result = run(sizes=sz, store=store_b, window=window_b, baseline_sizes=base,
+                 plot_path=plot, console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
 @app.command("demo")
 def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples/triangle.toml"),
          seconds: Annotated[float, typer.Option(help="how long key flows")] = 6.0) -> None:

@@ -27,10 +27,13 @@ from pydantic import (
 from dataplane.limits import (
     CONVENTIONAL_MTU,
     MAX_BLOCK_SIZE,
+    MAX_GLOBAL_BLOCK,
     MAX_RING_CAPACITY,
+    MAX_STORE,
     MAX_WORKERS,
     MIN_BLOCK_SIZE,
     MIN_CHUNK,
+    MIN_GLOBAL_BLOCK,
     MIN_MTU,
 )
 from dataplane.tun import MAX_MTU
@@ -156,6 +159,33 @@ class DataplaneSection(_Strict):
         return v
 
 
+class GkmSection(_Strict):
+    """The global key manager (module 3): global key blocks kept between two watermarks
+    for every ordered pair of nodes, each pair filled by its origin."""
+
+    block_size: Size = 1 << 20
+    low_watermark: Size = 32 << 20
+    high_watermark: Size = 64 << 20
+    pairs: Literal["all"] | list[tuple[str, str]] = Field(
+        "all", description="node pairs that keep global key; each pair in both directions")
+    window: Size = Field(16 << 20, description="bytes per pair sent and not yet acknowledged")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int) -> int:
+        if not MIN_GLOBAL_BLOCK <= v <= MAX_GLOBAL_BLOCK:
+            raise ValueError(f"must be between {MIN_GLOBAL_BLOCK} B and "
+                             f"{MAX_GLOBAL_BLOCK >> 20} MiB")
+        return v
+
+    @field_validator("high_watermark", "low_watermark", "window")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if not 0 < v <= MAX_STORE:
+            raise ValueError(f"must be between 1 B and {MAX_STORE >> 30} GiB")
+        return v
+
+
 class Node(_Strict):
     name: str
     id: int | None = Field(None, ge=1, le=65535)
@@ -195,6 +225,7 @@ class TopologyFile(_Strict):
     ports: Ports = Ports()
     defaults: LinkDefaults = LinkDefaults()
     dataplane: DataplaneSection = DataplaneSection()
+    gkm: GkmSection = GkmSection()
     nodes: list[Node] = Field(min_length=2)
     links: list[Link] = Field(min_length=1)
     saes: list[Sae] = []
@@ -249,6 +280,25 @@ class DataplaneSpec:
 
 
 @dataclass(frozen=True)
+class GkmSpec:
+    """Global key settings with the pairs resolved to ordered (origin, destination)."""
+
+    block_size: int
+    low_watermark: int
+    high_watermark: int
+    window: int
+    pairs: tuple[tuple[str, str], ...]
+
+    def destinations_of(self, node: str) -> list[str]:
+        """The nodes this node originates global key for (it fills its ENC stores)."""
+        return [d for o, d in self.pairs if o == node]
+
+    def origins_of(self, node: str) -> list[str]:
+        """The nodes whose global key this node receives (its DEC stores)."""
+        return [o for o, d in self.pairs if d == node]
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     name: str
     id: int
@@ -266,6 +316,7 @@ class Topology:
     saes: tuple[Sae, ...]
     dataplane: DataplaneSpec
     node_net: ipaddress.IPv4Network
+    gkm: GkmSpec
 
     def node(self, name: str) -> NodeSpec:
         try:
@@ -386,6 +437,28 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         if cap < block:
             problems.append((f"{where}.ring_capacity",
                              f"{cap} B is smaller than one key block ({block} B)"))
+    g = raw.gkm
+    if g.high_watermark <= g.low_watermark:
+        problems.append(("gkm.high_watermark",
+                         f"{g.high_watermark} B must be above gkm.low_watermark "
+                         f"({g.low_watermark} B)"))
+    if g.high_watermark < g.block_size:
+        problems.append(("gkm.high_watermark",
+                         f"{g.high_watermark} B is smaller than one block ({g.block_size} B)"))
+    if g.window < g.block_size:
+        problems.append(("gkm.window", f"{g.window} B is smaller than one block "
+                                       f"({g.block_size} B)"))
+    if g.pairs != "all":
+        seen: set[frozenset[str]] = set()
+        for i, (x, y) in enumerate(g.pairs):
+            for j, n in enumerate((x, y)):
+                if n not in names:
+                    problems.append((f"gkm.pairs[{i}][{j}]", f"no node named {n!r}"))
+            if x == y:
+                problems.append((f"gkm.pairs[{i}]", "a pair needs two different nodes"))
+            if frozenset((x, y)) in seen:
+                problems.append((f"gkm.pairs[{i}]", f"pair {x}, {y} is listed twice"))
+            seen.add(frozenset((x, y)))
     sae_ids: set[str] = set()
     for i, s in enumerate(raw.saes):
         if s.node not in names:
@@ -425,9 +498,17 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                                                                         MAX_WORKERS),
                               mtu=mtu, chunk_size=dp.chunk_size,
                               key_wait_s=dp.key_wait_ms / 1000, tunnel_net=dp.tunnel_net)
+    g = raw.gkm
+    if g.pairs == "all":
+        unordered = [(x, y) for i, x in enumerate(nodes) for y in list(nodes)[i + 1:]]
+    else:
+        unordered = list(g.pairs)
+    ordered = tuple(p for x, y in unordered for p in ((x, y), (y, x)))
+    gkm = GkmSpec(block_size=g.block_size, low_watermark=g.low_watermark,
+                  high_watermark=g.high_watermark, window=g.window, pairs=ordered)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
-                    dataplane=dataplane, node_net=raw.network.node_net)
+                    dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm)
 
 
 def parse_topology(text: str, path: Path | str = "<string>") -> Topology:

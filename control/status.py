@@ -37,8 +37,11 @@ def collect(topo: Topology) -> dict:
                     st["stale"] = now - st["updated"] > STALE_AFTER_S
                 out[lk.name] = st
         router = _read(d / "router.json")
+        gkm = _read(d / "gkm.json")
+        if gkm is not None:
+            gkm["stale"] = now - gkm["updated"] > STALE_AFTER_S
         nodes[node] = {"supervisor": state, "links": links, "tunnels": tunnels,
-                       "router": router,
+                       "router": router, "gkm": gkm,
                        "running": bool(state and not state["stopping"]
                                        and now - state["updated"] < STALE_AFTER_S)}
     return {"network": topo.name, "prefix": topo.prefix, "time": now, "nodes": nodes}
@@ -113,7 +116,47 @@ def render_routes(snapshot: dict) -> Table:
 
 
 def render(snapshot: dict) -> Group:
-    return Group(render_keys(snapshot), render_tunnels(snapshot), render_routes(snapshot))
+    parts = [render_keys(snapshot), render_tunnels(snapshot), render_routes(snapshot)]
+    if any(info.get("gkm") for info in snapshot["nodes"].values()):
+        parts.append(render_global(snapshot))
+    return Group(*parts)
+
+
+def render_global(snapshot: dict) -> Table:
+    t = Table(title="global key per peer (MiB; ENC = originated here for the peer, usable + "
+                    "pending; DEC = received from the peer)", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("node", "peer", "ENC", "pending", "DEC", "low-high", "relay", "Mb/s",
+                "retries", "last fill"):
+        t.add_column(col, justify="left" if col in ("node", "peer", "relay") else "right",
+                     no_wrap=True)
+    for node, info in snapshot["nodes"].items():
+        g = info.get("gkm")
+        if not g:
+            continue
+        wm = f"{_mib(g['watermarks']['low'])}-{_mib(g['watermarks']['high'])}"
+        for peer, p in g["peers"].items():
+            enc, dec, relay = p.get("enc"), p.get("dec"), p.get("relay")
+            if relay is None:
+                state = "-"
+            elif g["stale"]:
+                state = "[red]stopped[/red]"
+            elif g.get("paused"):
+                state = "paused"
+            else:
+                state = {"ok": "ok", "retrying": "[yellow]retrying[/yellow]"}.get(
+                    relay["state"], f"[red]{relay['state']}[/red]")
+                if relay["state"] == "ok" and relay["filling"]:
+                    state = "filling"
+            fill = relay and relay.get("last_fill")
+            t.add_row(node, peer, _mib(enc["usable"]) if enc else "-",
+                      _mib(enc["pending"]) if enc else "-",
+                      _mib(dec["stored"]) if dec else "-", wm if enc else "-", state,
+                      f"{relay['rate_bps'] / 1e6:,.0f}" if relay else "-",
+                      f"{relay['retries']:,}" if relay else "-",
+                      f"{fill['bytes'] * 8 / fill['seconds'] / 1e6:,.0f} Mb/s"
+                      if fill and fill["seconds"] else "-")
+    return t
 
 
 def render_keys(snapshot: dict) -> Table:

@@ -2,9 +2,9 @@
 
 `qkdctl node run` lands here. Each module is a child process that dies with the supervisor
 (PR_SET_PDEATHSIG): per link a local key manager and an OTP tunnel manager (which runs its
-own worker pool), per node the router. A crashed child is restarted with backoff;
-SIGTERM/SIGINT stops every child within seconds. The state of every module is published
-in ``state.json`` beside the modules' own status files.
+own worker pool); per node the router and the global key manager. A crashed child is
+restarted with backoff; SIGTERM/SIGINT stops every child within seconds. The state of
+every module is published in ``state.json`` beside the modules' own status files.
 """
 
 from __future__ import annotations
@@ -86,6 +86,10 @@ class Supervisor:
         self.modules += [Module(f"tunnel:{lk.name}", tunnel_main, (cfg, node, lk.name, sd))
                          for lk in links]
         self.modules.append(Module("router", router_main, (cfg, node)))
+        if topo.gkm.destinations_of(node) or topo.gkm.origins_of(node):
+            from control.gkm import gkm_main
+
+            self.modules.append(Module("gkm", gkm_main, (cfg, node, sd)))
         self.stopping = False
 
     def _start(self, m: Module) -> None:

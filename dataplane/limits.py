@@ -21,3 +21,13 @@ LSA_MAX_AGE_S = 3.0                 # a link-state entry not refreshed this long
 RELEASE_GRACE_S = 0.1               # DEC key is freed this long after the peer released it
 CONTROL_RESERVE = 64 << 10           # ENC key the workers leave for keepalives
 MAX_KEY_LAG = 16 << 20              # a datagram may name key this far beyond what is stored
+
+# Global key manager (module 3)
+MIN_GLOBAL_BLOCK = 32               # smallest global key block (one 256-bit key)
+MAX_GLOBAL_BLOCK = 16 << 20         # largest global key block (key IDs address 24 bits)
+MAX_STORE = 64 << 30                # global key one store may be asked to hold
+MAX_RELAY_MESSAGE = 16 << 20        # blocks carried by one relay message, in bytes
+MAX_RELAY_BLOCKS = 4096             # ... and in number
+RELAY_RETRY_S = 2.0                 # first resend of an unacknowledged block (a safety net:
+                                    # a new connection resends everything at once)
+RELAY_RETRY_MAX_S = 8.0             # backoff cap between resends

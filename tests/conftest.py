@@ -27,6 +27,8 @@ ring_capacity = "{capacity}"
 ratio = "{ratio}"
 [ports]
 agreement = 7301
+[gkm]
+pairs = []  # no global key: this network measures or tests other modules
 [[nodes]]
 name = "A"
 [[nodes]]

@@ -55,6 +55,8 @@ agreement = 7401
 [dataplane]
 workers = 2
 chunk_size = "256KiB"
+[gkm]
+pairs = []  # no global key: this network measures or tests other modules
 [[nodes]]
 name = "A"
 [[nodes]]

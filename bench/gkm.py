@@ -1,0 +1,269 @@
+"""`qkdctl bench gkm`: the global key manager (module 3), the paper's method: the time until
+a pair's global key store is filled to its maximum, for several global key (block) sizes,
+direct and via one relay.
+
+Three nodes in a line, A - B - C, with the real node processes. Pairs A-B and A-C keep
+global key; B fills B->A over one OTP link (*direct*) and C fills C->A through B (*via
+relay*: decrypted and encrypted again at B). Every key manager starts paused; the rings
+are filled from the emulators, which are then paused (SIGSTOP) so the measurement is the
+global key manager's own cost, with the OTP tunnels under it, not the CPU spent emulating
+QKD. Then one origin at a time is released, and the key manager's own clock (from the
+first block generated to the store holding the maximum, all of it acknowledged) gives the
+fill time; the bench checks it against its own wall clock.
+
+Baseline: the paper's key manager shares one key at a time; ours pipelines a window of
+blocks and batches them per message and per database write. The same code with a window
+of one block (stop and wait, one block per message and write) is the baseline, measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.otp import BenchError, Net
+from control import emulation, paths
+from control.config import parse_topology
+from control.gkm import PAUSE_FLAG
+
+PAPER = {"mbps_at_1MB": 85.0}
+FLOOR = {"direct_gbps_at_1MiB": 1.0}
+DEFAULT_SIZES = (1 << 10, 16 << 10, 256 << 10, 1 << 20)
+TEMPLATE = """
+[network]
+name = "bench-gkm"
+prefix = "{prefix}"
+[defaults]
+key_rate_mbps = 0
+block_size = "1MiB"
+ring_capacity = "{ring}"
+[gkm]
+block_size = {block}
+low_watermark = {low}
+high_watermark = {high}
+window = {window}
+pairs = [["A", "B"], ["A", "C"]]
+[[nodes]]
+name = "A"
+[[nodes]]
+name = "B"
+[[nodes]]
+name = "C"
+[[links]]
+a = "A"
+b = "B"
+underlay = ["10.205.1.1/30", "10.205.1.2/30"]
+source = {{ kind = "emulator", generator = "aes-ctr" }}
+[[links]]
+a = "B"
+b = "C"
+underlay = ["10.205.2.1/30", "10.205.2.2/30"]
+source = {{ kind = "emulator", generator = "aes-ctr" }}
+"""
+
+
+class GkmNet(Net):
+    """The bench network, with every global key manager paused at start."""
+
+    def __init__(self, block: int, store: int, window: int, ring: str, console: Console):
+        self.prefix = "bg" + uuid.uuid4().hex[:6]
+        self.console = console
+        self.cfg = paths.RUN_ROOT / f"bench-{self.prefix}.toml"
+        self.cfg.parent.mkdir(parents=True, exist_ok=True)
+        self.cfg.write_text(TEMPLATE.format(prefix=self.prefix, ring=ring, block=block,
+                                            low=store // 2, high=store, window=window))
+        self.topo = parse_topology(self.cfg.read_text(), self.cfg)
+        self.emulators: list[int] = []
+        self.paused = False
+        self.store = store
+
+    def up(self) -> None:
+        man = emulation.net_up(self.topo, start=False)
+        for node in self.topo.nodes:
+            d = paths.node_dir(self.prefix, node)
+            d.mkdir(parents=True, exist_ok=True)
+            (d / PAUSE_FLAG).touch()
+        emulation.start_processes(self.topo, man)
+        self.emulators = [p for k, p in man.pids.items() if k.startswith("emulator:")]
+        deadline = time.monotonic() + 60
+        while not self._ready():
+            if time.monotonic() > deadline:
+                raise BenchError(f"network not ready within 60 s; logs in "
+                                 f"{paths.log_dir(self.prefix)}")
+            time.sleep(0.3)
+
+    def gkm(self, node: str) -> dict:
+        try:
+            return json.loads((paths.node_dir(self.prefix, node) / "gkm.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def fill_store(self, origin: str, dest: str, timeout: float) -> dict:
+        """Release ``origin``'s key manager and time its fill of the store for ``dest``."""
+        t0 = time.monotonic()
+        (paths.node_dir(self.prefix, origin) / PAUSE_FLAG).unlink()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            st = self.gkm(origin).get("peers", {}).get(dest, {})
+            fill = (st.get("relay") or {}).get("last_fill")
+            if fill and fill["seconds"]:
+                wall = time.monotonic() - t0 - fill["ended_ago_s"]
+                relay = st["relay"]
+                return {"bytes": fill["bytes"], "seconds": fill["seconds"],
+                        "wall_seconds": wall, "gbps": fill["bytes"] * 8 / fill["seconds"] / 1e9,
+                        "retries": relay["retries"], "conflicts": relay["conflicts"],
+                        "usable": st["enc"]["usable"], "dest_stored": self._stored(dest, origin)}
+            time.sleep(0.05)
+        st = self.gkm(origin).get("peers", {}).get(dest, {})
+        raise BenchError(f"{origin}->{dest}: store not full after {timeout:.0f} s "
+                         f"({(st.get('enc') or {}).get('usable', 0) >> 20} MiB usable); logs "
+                         f"in {paths.log_dir(self.prefix)}")
+
+    def _stored(self, node: str, origin: str) -> int:
+        with contextlib.suppress(KeyError, TypeError):
+            return self.gkm(node)["peers"][origin]["dec"]["stored"]
+        return 0
+
+
+def measure(block: int, store: int, window: int, ring: str, paths_: tuple[str, ...],
+            timeout: float, console: Console) -> list[dict]:
+    net = GkmNet(block, store, window, ring, console)
+    out = []
+    try:
+        net.up()
+        low = net.fill(min_fill=0.9, timeout=60)
+        for path in paths_:
+            origin = "B" if path == "direct" else "C"
+            r = net.fill_store(origin, "A", timeout)
+            r.update(path=path, block=block, window=window, store=store,
+                     ring_fill_before=round(low, 3))
+            out.append(r)
+    finally:
+        net.down()
+    return out
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def run(sizes: tuple[int, ...] = DEFAULT_SIZES, store: int = 256 << 20,
+        window: int = 32 << 20, baseline_sizes: tuple[int, ...] = (1 << 20,),
+        ring: str = "768MiB", timeout: float = 240.0, plot_path: Path | None = None,
+        console: Console | None = None) -> dict:
+    console = console or Console()
+    console.print(f"[bold]bench gkm[/bold]: A - B - C in namespaces; time to fill a "
+                  f"{_size(store)} store, B->A direct and C->A via B; window "
+                  f"{_size(window)}; {os.cpu_count()} cores")
+    points: list[dict] = []
+    for size in sizes:
+        console.print(f"  global key size {_size(size)}: bringing up, filling rings ...")
+        for r in measure(size, store, window, ring, ("direct", "relay"), timeout, console):
+            r["method"] = "proposed"
+            points.append(r)
+            console.print(f"    {r['path']:6}: {r['bytes'] >> 20} MiB in {r['seconds']:.2f} s"
+                          f" = {r['gbps']:.2f} Gb/s (wall {r['wall_seconds']:.2f} s, "
+                          f"{r['retries']} retries)")
+    for size in baseline_sizes:
+        console.print(f"  baseline (one block in flight), {_size(size)} ...")
+        for r in measure(size, store, size, ring, ("direct",), timeout, console):
+            r["method"] = "stop-and-wait"
+            points.append(r)
+            console.print(f"    {r['path']:6}: {r['gbps']:.2f} Gb/s")
+    return summarize(points, sizes, store, window, plot_path, console)
+
+
+def _get(points: list[dict], method: str, path: str, block: int) -> dict | None:
+    return next((p for p in points if p["method"] == method and p["path"] == path
+                 and p["block"] == block), None)
+
+
+def summarize(points: list[dict], sizes: tuple[int, ...], store: int, window: int,
+              plot_path: Path | None, console: Console) -> dict:
+    t = Table(title=f"global key manager: time to fill a {_size(store)} store "
+                    "(cf. the paper's Section IV.D)")
+    for col in ("global key size", "direct s", "direct Gb/s", "via relay s", "relay Gb/s",
+                "stop-and-wait Gb/s"):
+        t.add_column(col, justify="right")
+    for size in sizes:
+        d = _get(points, "proposed", "direct", size)
+        r = _get(points, "proposed", "relay", size)
+        b = _get(points, "stop-and-wait", "direct", size)
+        t.add_row(_size(size), f"{d['seconds']:.2f}" if d else "-",
+                  f"{d['gbps']:.2f}" if d else "-", f"{r['seconds']:.2f}" if r else "-",
+                  f"{r['gbps']:.2f}" if r else "-", f"{b['gbps']:.3f}" if b else "-")
+    console.print(t)
+    top = _get(points, "proposed", "direct", 1 << 20)
+    top_relay = _get(points, "proposed", "relay", 1 << 20)
+    base = _get(points, "stop-and-wait", "direct", 1 << 20)
+    d_gbps = top["gbps"] if top else 0.0
+    result = {
+        "bench": "gkm", "machine": f"{os.uname().nodename} {os.cpu_count()} cores",
+        "paper": PAPER, "floor": FLOOR, "store_bytes": store, "window_bytes": window,
+        "direct_gbps_at_1MiB": d_gbps,
+        "relay_gbps_at_1MiB": top_relay["gbps"] if top_relay else None,
+        "baseline_gbps_at_1MiB": base["gbps"] if base else None,
+        "ratio_vs_paper": d_gbps * 1000 / PAPER["mbps_at_1MB"],
+        "ratio_vs_baseline": d_gbps / base["gbps"] if base and base["gbps"] else None,
+        "meets_floor": d_gbps >= FLOOR["direct_gbps_at_1MiB"],
+        "points": points,
+    }
+    c = Table(title="against the paper")
+    for col in ("figure", "paper", "ours", "x paper"):
+        c.add_column(col)
+    c.add_row("global key manager, 1 MB keys, direct", "85 Mb/s", f"{d_gbps:.2f} Gb/s",
+              f"{result['ratio_vs_paper']:.1f}")
+    if top_relay:
+        c.add_row("same, via one relay", "-", f"{top_relay['gbps']:.2f} Gb/s",
+                  f"{top_relay['gbps'] * 1000 / PAPER['mbps_at_1MB']:.1f}")
+    if base:
+        c.add_row("baseline: stop and wait (one block in flight)", "-",
+                  f"{base['gbps']:.3f} Gb/s", f"{base['gbps'] * 1000 / 85:.1f}")
+    console.print(c)
+    if result["ratio_vs_baseline"]:
+        console.print(f"pipelined / stop-and-wait measured in this run: "
+                      f"{result['ratio_vs_baseline']:.1f}x")
+    console.print(f"floor ({FLOOR['direct_gbps_at_1MiB']} Gb/s at 1 MiB direct): "
+                  + ("[green]met[/green]" if result["meets_floor"] else "[red]not met[/red]"))
+    if plot_path is not None:
+        result["plot"] = str(plot(points, sizes, plot_path))
+        console.print(f"plot: {result['plot']}")
+    return result
+
+
+def plot(points: list[dict], sizes: tuple[int, ...], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, path, style, label in (("proposed", "direct", "-o", "direct"),
+                                       ("proposed", "relay", "-s", "via one relay"),
+                                       ("stop-and-wait", "direct", "x", "stop and wait")):
+        pts = sorted((p["block"], p["gbps"] * 1000) for p in points
+                     if p["method"] == method and p["path"] == path)
+        if pts:
+            ax.plot([b for b, _ in pts], [v for _, v in pts], style, label=label)
+    ax.plot([1 << 20], [PAPER["mbps_at_1MB"]], "k*", ms=10, label="paper: 85 Mb/s at 1 MB")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(sizes), [_size(s) for s in sizes])
+    ax.set_xlabel("global key size")
+    ax.set_ylabel("store fill rate (Mb/s)")
+    ax.set_title("global key manager: fill rate against key size")
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

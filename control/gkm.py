@@ -1,0 +1,479 @@
+"""The global key manager of one node (module 3): a thin shell of sockets and a database
+around :mod:`control.relay`, :mod:`control.gkm_wire` and :mod:`control.keystore`.
+
+One process per node, one thread, one ZeroMQ poll loop:
+
+1. Restock: for each destination this node originates key for, when the pair's key
+   (usable + pending) is under the low watermark, generate blocks until the high one,
+   never more than the send window ahead of the acknowledgements. Generation starts once
+   the destination has been reached at least once since this process started.
+2. Store each new block in the ENC store as *pending*, synced, then send it (BLOCKS) from a
+   DEALER socket connected to the destination's node address inside the OTP network:
+   the kernel routes it through the tunnels, every hop OTP-encrypted, relays included.
+3. The destination's ROUTER socket (on its node address) checks who sent it, stores the
+   blocks in its DEC store, synced, and only then acknowledges (ACK).
+4. The origin marks acknowledged blocks usable; the rest are resent with backoff.
+5. Keys are taken over a Unix socket (``control.gkm_client``), one request at a time.
+
+A kill -9 anywhere leaves pending blocks that are resent with the same bytes after the
+restart; the destination answers a block it already holds with DUPLICATE (invariant 4).
+Status goes to ``gkm.json`` for `qkdctl status`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import zmq
+import zmq.utils.monitor
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from control import gkm_client, paths
+from control.config import Topology
+from control.gkm_wire import (
+    Ack,
+    AckStatus,
+    Blocks,
+    RelayWireError,
+    encode_ack,
+    encode_blocks,
+    parse,
+)
+from control.keystore import BlockState, KeyStore, StoreError
+from control.relay import Outbox, RateMeter, Restock
+from control.statefile import write_json
+from dataplane.limits import MAX_RELAY_BLOCKS
+
+log = logging.getLogger("qkdnet.gkm")
+PUBLISH_S = 0.5
+UNREACHABLE_AFTER_S = 5.0
+SEND_BATCH = 4 << 20          # bytes of blocks per BLOCKS message
+GENERATE_BATCH = 16 << 20     # bytes generated and stored in one write
+HEARTBEAT_MS = 500
+PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no restocking
+CRASH_ENV = "QKDNET_GKM_CRASH"  # tests: "point=probability,..." kills this process there
+
+
+def random_blocks(count: int, size: int) -> list[bytes]:
+    """``count`` fresh global key blocks: a ChaCha20 keystream under a key drawn from
+    os.urandom for each call (a CSPRNG of the kind the kernel's own generator is, but
+    several times faster here; see docs/design.md)."""
+    stream = Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), None).encryptor()
+    data = stream.update(bytes(count * size))
+    return [data[i * size:(i + 1) * size] for i in range(count)]
+
+
+class CrashPoints:
+    """Fault injection for the crash tests: SIGKILL this process at named points."""
+
+    def __init__(self, spec: str | None):
+        self.points: dict[str, float] = {}
+        for part in (spec or "").split(","):
+            if "=" in part:
+                name, p = part.split("=", 1)
+                self.points[name.strip()] = float(p)
+        self.rng = random.Random()
+
+    def __call__(self, point: str) -> None:
+        p = self.points.get(point)
+        if p and self.rng.random() < p:
+            log.warning("crash point %s: killing this process (test)", point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Destination:
+    """What the origin keeps per destination: socket, outbox, restock rule, meters."""
+
+    def __init__(self, name: str, node_id: int, address: str, gkm_spec):
+        self.name = name
+        self.id = node_id
+        self.address = address
+        self.outbox = Outbox()
+        self.restock = Restock(gkm_spec.low_watermark, gkm_spec.high_watermark,
+                               gkm_spec.block_size)
+        self.rate = RateMeter()
+        self.data: dict[int, bytes] = {}  # bytes of pending blocks, for (re)sending
+        self.sock: zmq.Socket | None = None
+        self.monitor: zmq.Socket | None = None
+        self.connected = False
+        self.ever_connected = False
+        self.not_connected_sends = 0
+        self.last_error = ""
+        self.reported_state = "ok"
+
+
+class GlobalKeyManager:
+    def __init__(self, topo: Topology, node: str, state_dir: Path | None = None):
+        self.topo = topo
+        self.node = topo.node(node)
+        self.spec = topo.gkm
+        self.dir = paths.node_dir(topo.prefix, node)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sdir = state_dir or paths.state_dir(topo.prefix, node)
+        self.by_id = {n.id: n for n in topo.nodes.values()}
+        dests = self.spec.destinations_of(node)
+        origins = self.spec.origins_of(node)
+        self.store = KeyStore(sdir / "gkm", self.node.id,
+                              {d: topo.node(d).id for d in dests},
+                              {o: topo.node(o).id for o in origins})
+        self.ctx = zmq.Context()
+        self.dests = {d: Destination(d, topo.node(d).id, str(topo.node(d).address), self.spec)
+                      for d in dests}
+        self.origins = set(origins)
+        self.crash = CrashPoints(os.environ.get(CRASH_ENV))
+        self.stop = False
+        self.pause_flag = self.dir / PAUSE_FLAG
+        self.paused = self.pause_flag.exists()
+        self.started = time.time()
+        self.received_blocks = 0
+        self.received_bytes = 0
+        self.refused_messages = 0
+        self.last_refusal = ""
+        now = time.monotonic()
+        for d in self.dests.values():
+            for seq in self.store.pending(d.name):
+                data = self.store.block("enc", d.name, seq)
+                if data is not None:
+                    d.data[seq] = data
+                    d.outbox.add(seq, len(data), now)
+            if d.data:
+                log.info("gkm %s: %d pending block(s) for %s to resend", node,
+                         len(d.data), d.name)
+
+    # ---- sockets ------------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 4 * HEARTBEAT_MS)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        endpoint = f"tcp://{self.node.address}:{self.topo.ports.relay}"
+        while not self.stop:  # the router module may not have added the address yet
+            try:
+                self.router.bind(endpoint)
+                break
+            except zmq.ZMQError as e:
+                if e.errno != errno.EADDRNOTAVAIL:
+                    raise
+                time.sleep(0.2)
+        self.api = self.ctx.socket(zmq.ROUTER)
+        self.api.setsockopt(zmq.LINGER, 0)
+        sock = gkm_client.socket_path(self.topo.prefix, self.node.name)
+        sock.unlink(missing_ok=True)
+        self.api.bind(f"ipc://{sock}")
+        os.chmod(sock, 0o600)  # keys are handed out here: the node's own processes only
+        for d in self.dests.values():
+            s = self.ctx.socket(zmq.DEALER)
+            for opt, v in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 64),
+                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 1000),
+                           (zmq.HEARTBEAT_IVL, HEARTBEAT_MS),
+                           (zmq.HEARTBEAT_TIMEOUT, 4 * HEARTBEAT_MS),
+                           (zmq.CONNECT_TIMEOUT, 2000)):
+                s.setsockopt(opt, v)
+            d.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                             | zmq.EVENT_DISCONNECTED)
+            s.connect(f"tcp://{d.address}:{self.topo.ports.relay}")
+            d.sock = s
+
+    def close(self) -> None:
+        for d in self.dests.values():
+            if d.sock is not None:
+                d.sock.disable_monitor()
+                d.monitor.close(0)
+                d.sock.close(0)
+        for s in ("router", "api"):
+            if hasattr(self, s):
+                getattr(self, s).close(0)
+        self.ctx.term()
+        self.store.close()
+
+    # ---- the destination's side ---------------------------------------------------------
+
+    def _refuse(self, why: str) -> None:
+        self.refused_messages += 1
+        if why != self.last_refusal:
+            log.warning("gkm %s: relay message refused: %s", self.node.name, why)
+        self.last_refusal = why
+
+    def on_blocks(self, frames: list[zmq.Frame]) -> None:
+        ident, rest = frames[0], frames[1:]
+        try:
+            msg = parse([f.buffer for f in rest])
+        except RelayWireError as e:
+            self._refuse(str(e))
+            return
+        if not isinstance(msg, Blocks):
+            self._refuse("an ACK arrived at the relay port")
+            return
+        origin = self.by_id.get(msg.origin)
+        peer_addr = rest[0].get("Peer-Address")
+        if origin is None or peer_addr != str(origin.address):
+            self._refuse(f"blocks claiming origin id {msg.origin} came from {peer_addr}")
+            return
+        if msg.destination != self.node.id or origin.name not in self.origins:
+            self._refuse(f"blocks from {origin.name} for node id {msg.destination}: not a "
+                         f"pair this node keeps")
+            statuses = [AckStatus.REFUSED] * len(msg.blocks)
+        else:
+            self.crash("dest.received")
+            statuses = self.store.store_received(origin.name, list(msg.blocks))
+            self.crash("dest.stored")
+            for (_, data), st in zip(msg.blocks, statuses, strict=True):
+                if st == AckStatus.STORED:
+                    self.received_blocks += 1
+                    self.received_bytes += len(data)
+                elif st == AckStatus.CONFLICT:
+                    log.error("gkm %s: block from %s held with other bytes: refused",
+                              self.node.name, origin.name)
+        ack = Ack(msg.origin, self.node.id,
+                  tuple((seq, st) for (seq, _), st in zip(msg.blocks, statuses, strict=True)))
+        self.router.send_multipart([ident, *encode_ack(ack)])
+
+    # ---- the origin's side --------------------------------------------------------------
+
+    def on_ack(self, d: Destination, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = parse([f.buffer for f in frames])
+        except RelayWireError as e:
+            self._refuse(str(e))
+            return
+        if not isinstance(msg, Ack) or msg.origin != self.node.id or msg.destination != d.id:
+            self._refuse(f"unexpected message on the connection to {d.name}")
+            return
+        self.crash("origin.acked")
+        now = time.monotonic()
+        ok = [seq for seq, st in msg.results
+              if st in (AckStatus.STORED, AckStatus.DUPLICATE) and seq in d.outbox.pending]
+        bad = [seq for seq, st in msg.results
+               if st == AckStatus.CONFLICT and seq in d.outbox.pending]
+        if ok:
+            self.store.mark(d.name, ok, BlockState.USABLE)
+            for seq in ok:
+                n = d.outbox.acked(seq, now)
+                d.rate.add(n, now)
+                d.restock.acked(n)
+                d.data.pop(seq, None)
+        if bad:
+            self.store.mark(d.name, bad, BlockState.CONFLICT)
+            for seq in bad:
+                d.outbox.conflict(seq, now)
+                d.data.pop(seq, None)
+            d.last_error = f"{len(bad)} block(s) held with other bytes by {d.name}: unused"
+        if any(st == AckStatus.REFUSED for _, st in msg.results):
+            d.last_error = f"{d.name} does not keep global key from this node (config?)"
+
+    def restock(self, d: Destination, now: float) -> None:
+        if not d.ever_connected or self.paused:
+            return
+        st = self.store.enc[d.name]
+        want = d.restock.blocks_to_make(st.usable_bytes(), st.pending_bytes(), now)
+        room = (self.spec.window - d.outbox.pending_bytes) // self.spec.block_size
+        count = min(want, room, max(1, GENERATE_BATCH // self.spec.block_size))
+        if count <= 0:
+            return
+        blocks = random_blocks(count, self.spec.block_size)
+        seqs = self.store.add_pending(d.name, blocks)
+        for seq, data in zip(seqs, blocks, strict=True):
+            d.data[seq] = data
+            d.outbox.add(seq, len(data), now)
+        self.crash("origin.stored")
+
+    def send_due(self, d: Destination, now: float) -> None:
+        while True:
+            seqs = d.outbox.due(now, SEND_BATCH, MAX_RELAY_BLOCKS)
+            if not seqs:
+                return
+            frames = encode_blocks(Blocks(self.node.id, d.id,
+                                          tuple((s, d.data[s]) for s in seqs)))
+            try:
+                d.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                d.outbox.unsent(seqs, now)
+                d.not_connected_sends += 1
+                return
+            self.crash("origin.sent")
+
+    def on_monitor(self, d: Destination) -> None:
+        while True:
+            try:
+                ev = zmq.utils.monitor.recv_monitor_message(d.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                d.connected = d.ever_connected = True
+                log.info("gkm %s: connected to %s", self.node.name, d.name)
+                # Whatever was sent on the old connection may be lost: resend soon.
+                d.outbox.resend_all(time.monotonic())
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                d.connected = False
+
+    # ---- keys for local clients ---------------------------------------------------------
+
+    def on_request(self, frames: list[bytes]) -> None:
+        ident, body = frames[0], frames[-1]
+        try:
+            req = json.loads(body)
+            head, data = self._serve(req)
+            reply = [json.dumps({"ok": True, **head}).encode()]
+            if data is not None:
+                reply.append(data)
+        except StoreError as e:
+            reply = [json.dumps({"ok": False, "kind": e.kind, "error": str(e)}).encode()]
+        except (ValueError, KeyError, TypeError) as e:
+            reply = [json.dumps({"ok": False, "kind": "bad",
+                                 "error": f"malformed request: {e!r}"}).encode()]
+        self.api.send_multipart([ident, b"", *reply])
+
+    def _serve(self, req: dict) -> tuple[dict, bytes | None]:
+        op = req["op"]
+        if op == "take_enc":
+            number, size = int(req["number"]), int(req["size"])
+            keys = self.store.take_enc(str(req["peer"]), number, size)
+            return ({"key_ids": [str(s.key_id) for s, _ in keys]},
+                    b"".join(k for _, k in keys))
+        if op == "reserve":
+            self.store.reserve(str(req["peer"]), [str(k) for k in req["key_ids"]],
+                               str(req["sae"]))
+            return {}, None
+        if op == "take_dec":
+            keys = self.store.take_dec(str(req["peer"]), [str(k) for k in req["key_ids"]],
+                                       str(req["sae"]))
+            return {"sizes": [len(k) for k in keys]}, b"".join(keys)
+        if op == "summary":
+            return {"summary": self.status()}, None
+        if op == "digests":
+            kind, peer = str(req["kind"]), str(req["peer"])
+            if (kind, peer) not in [("enc", p) for p in self.store.enc] + \
+                    [("dec", p) for p in self.store.dec]:
+                raise StoreError("unknown", f"no {kind} store for {peer!r}")
+            return {"digests": self.store.digests(kind, peer)}, None
+        raise StoreError("bad", f"unknown operation {op!r}")
+
+    # ---- status -------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        stores = self.store.summary()
+        spec = self.spec
+        peers = {}
+        for name in sorted(set(stores["enc"]) | set(stores["dec"])):
+            entry: dict = {"enc": stores["enc"].get(name), "dec": stores["dec"].get(name)}
+            d = self.dests.get(name)
+            if d is not None:
+                fill = d.restock.last
+                entry["relay"] = {
+                    "state": d.outbox.state(now, UNREACHABLE_AFTER_S),
+                    "connected": d.connected, "rate_bps": 8 * d.rate.rate(now),
+                    "acked_bytes": d.rate.total, "acked_blocks": d.outbox.acked_blocks,
+                    "retries": d.outbox.retries, "not_connected": d.not_connected_sends,
+                    "pending_blocks": len(d.outbox.pending),
+                    "conflicts": d.outbox.conflicts,
+                    "ack_delay_ms": None if d.outbox.srtt is None else 1000 * d.outbox.srtt,
+                    "filling": d.restock.filling, "last_error": d.last_error,
+                    "last_fill": None if fill is None else {
+                        "bytes": fill.bytes, "seconds": fill.seconds,
+                        "ended_ago_s": now - fill.ended},
+                }
+            peers[name] = entry
+        return {"node": self.node.name, "pid": os.getpid(), "updated": time.time(),
+                "started": self.started, "paused": self.paused,
+                "watermarks": {"low": spec.low_watermark, "high": spec.high_watermark},
+                "block_size": spec.block_size, "window": spec.window,
+                "received_blocks": self.received_blocks,
+                "received_bytes": self.received_bytes,
+                "refused_messages": self.refused_messages, "peers": peers}
+
+    def _report(self, now: float) -> None:
+        """Say it once when a destination stops acknowledging, and when it is back."""
+        for d in self.dests.values():
+            st = d.outbox.state(now, UNREACHABLE_AFTER_S)
+            if st == "unreachable" and d.reported_state != st:
+                log.warning("gkm %s: no acknowledgement from %s for %.0f s; %d block(s) "
+                            "pending, resending with backoff (retries so far: %d)",
+                            self.node.name, d.name, UNREACHABLE_AFTER_S,
+                            len(d.outbox.pending), d.outbox.retries)
+            elif st == "ok" and d.reported_state == "unreachable":
+                log.info("gkm %s: %s acknowledges again", self.node.name, d.name)
+            d.reported_state = st
+
+    # ---- loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._bind()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.api, zmq.POLLIN)
+        for d in self.dests.values():
+            poller.register(d.sock, zmq.POLLIN)
+            poller.register(d.monitor, zmq.POLLIN)
+        by_sock = {d.sock: d for d in self.dests.values()}
+        by_mon = {d.monitor: d for d in self.dests.values()}
+        next_publish = 0.0
+        log.info("gkm %s: relay on %s:%d, originating for %s, receiving from %s",
+                 self.node.name, self.node.address, self.topo.ports.relay,
+                 ", ".join(self.dests) or "-", ", ".join(sorted(self.origins)) or "-")
+        while not self.stop:
+            now = time.monotonic()
+            nearest = min((p.due for d in self.dests.values()
+                           for p in d.outbox.pending.values()), default=now + 0.05)
+            timeout = max(0.0, min(0.05, nearest - now))
+            for sock, _ in poller.poll(timeout * 1000):
+                if sock is self.router:
+                    for _ in range(64):
+                        try:
+                            self.on_blocks(self.router.recv_multipart(zmq.NOBLOCK,
+                                                                      copy=False))
+                        except zmq.Again:
+                            break
+                elif sock is self.api:
+                    for _ in range(64):
+                        try:
+                            self.on_request(self.api.recv_multipart(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                elif sock in by_sock:
+                    d = by_sock[sock]
+                    for _ in range(1024):
+                        try:
+                            self.on_ack(d, sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                        except zmq.Again:
+                            break
+                elif sock in by_mon:
+                    self.on_monitor(by_mon[sock])
+            now = time.monotonic()
+            for d in self.dests.values():
+                self.restock(d, now)
+                self.send_due(d, now)
+            if now >= next_publish:
+                self.paused = self.pause_flag.exists()
+                self._report(now)
+                write_json(self.dir / "gkm.json", self.status())
+                next_publish = now + PUBLISH_S
+
+
+def gkm_main(config_path: str, node: str, state_dir: str | None) -> None:
+    from control.config import load_topology
+    from control.supervisor import die_with_parent, setup_logging
+
+    die_with_parent()
+    setup_logging()
+    gkm = GlobalKeyManager(load_topology(config_path), node,
+                           Path(state_dir) if state_dir else None)
+
+    def on_signal(*_: object) -> None:
+        gkm.stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        gkm.run()
+    finally:
+        gkm.close()

@@ -1,0 +1,92 @@
+"""Taking global keys from a node's key manager, from any process on the node.
+
+Only the global key manager opens the node's RocksDB (RocksDB allows one writer), so the
+key API's workers, `qkdctl` and tests ask it over a ZeroMQ REQ socket on a Unix socket
+(``<node dir>/gkm.sock``). The manager serves requests one at a time, which is what makes
+two concurrent takers never receive the same key; each take is durable before the reply.
+
+Request: one JSON frame ``{"op": ..., ...}``. Reply: a JSON frame ``{"ok": true, ...}``
+plus, for takes, one frame with the keys' bytes concatenated in order; or
+``{"ok": false, "kind": "short"|"unknown"|"forbidden"|"bad"|"busy", "error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import zmq
+
+from control import paths
+from control.keystore import StoreError
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def socket_path(prefix: str, node: str) -> Path:
+    return paths.node_dir(prefix, node) / "gkm.sock"
+
+
+def split_keys(sizes: list[int], data: bytes) -> list[bytes]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(data[at:at + n])
+        at += n
+    return out
+
+
+class GkmClient:
+    """One per thread (a REQ socket is not shared); reconnects after a timeout."""
+
+    def __init__(self, prefix: str, node: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.endpoint = f"ipc://{socket_path(prefix, node)}"
+        self.timeout_ms = int(timeout_s * 1000)
+        self.ctx = zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self.sock is None:
+            self.sock = self.ctx.socket(zmq.REQ)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
+            self.sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
+            self.sock.connect(self.endpoint)
+        return self.sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    def call(self, op: str, **args) -> tuple[dict, bytes]:
+        sock = self._socket()
+        try:
+            sock.send(json.dumps({"op": op, **args}).encode())
+            frames = sock.recv_multipart()
+        except zmq.Again:
+            self.close()  # a REQ socket that missed its reply cannot be reused
+            raise StoreError("busy", f"the global key manager did not answer within "
+                                     f"{self.timeout_ms / 1000:.0f} s ({self.endpoint})") \
+                from None
+        head = json.loads(frames[0])
+        if not head.get("ok"):
+            raise StoreError(head.get("kind", "bad"), head.get("error", "refused"))
+        return head, frames[1] if len(frames) > 1 else b""
+
+    def take_enc(self, peer: str, number: int, size: int) -> list[tuple[str, bytes]]:
+        head, data = self.call("take_enc", peer=peer, number=number, size=size)
+        return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
+
+    def reserve(self, peer: str, key_ids: list[str], sae: str) -> None:
+        self.call("reserve", peer=peer, key_ids=key_ids, sae=sae)
+
+    def take_dec(self, peer: str, key_ids: list[str], sae: str) -> list[bytes]:
+        head, data = self.call("take_dec", peer=peer, key_ids=key_ids, sae=sae)
+        return split_keys(head["sizes"], data)
+
+    def summary(self) -> dict:
+        return self.call("summary")[0]["summary"]
+
+    def digests(self, kind: str, peer: str) -> dict[int, tuple[str, str]]:
+        head, _ = self.call("digests", kind=kind, peer=peer)
+        return {int(k): tuple(v) for k, v in head["digests"].items()}

@@ -1,0 +1,160 @@
+"""Messages between global key managers, without I/O (module 3).
+
+Global key travels from its origin to its destination in numbered blocks of an ordered
+pair (origin -> destination). Two messages, each a ZeroMQ multipart message sent over TCP
+to the destination's node address, so the kernel routes it through the OTP tunnels:
+
+BLOCKS  origin -> destination   frame 0: header + (seq, size) per block; frame 1: the
+                                blocks' bytes, concatenated in that order
+ACK     destination -> origin   frame 0: header + (seq, status) per block
+
+Header: magic ``QKGK``, version 1, type, origin node id, destination node id, count.
+A destination acknowledges a block only once it holds it durably (invariant 4); the
+origin resends until it has an ACK, so BLOCKS must be idempotent by sequence number:
+STORED (new), DUPLICATE (already held, same bytes), CONFLICT (held with other bytes:
+never usable), REFUSED (not a pair this node keeps). Every parse refuses a message whole.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from control.carving import MAX_NODE_ID, MAX_SEQ
+from dataplane.limits import (
+    MAX_GLOBAL_BLOCK,
+    MAX_RELAY_BLOCKS,
+    MAX_RELAY_MESSAGE,
+    MIN_GLOBAL_BLOCK,
+)
+
+MAGIC = b"QKGK"
+VERSION = 1
+_HEADER = struct.Struct(">4sBBHHI")  # magic, version, type, origin, destination, count
+_BLOCK = struct.Struct(">QI")         # seq, size
+_ACK = struct.Struct(">QB")           # seq, status
+
+
+class MsgType(IntEnum):
+    BLOCKS = 1
+    ACK = 2
+
+
+class AckStatus(IntEnum):
+    STORED = 0
+    DUPLICATE = 1
+    CONFLICT = 2
+    REFUSED = 3
+
+
+class RelayWireError(ValueError):
+    """A relay message refused whole, with the reason."""
+
+
+@dataclass(frozen=True)
+class Blocks:
+    origin: int
+    destination: int
+    blocks: tuple[tuple[int, bytes | memoryview], ...]  # (seq, bytes), seq ascending
+
+
+@dataclass(frozen=True)
+class Ack:
+    origin: int
+    destination: int
+    results: tuple[tuple[int, AckStatus], ...]
+
+
+def _header(kind: MsgType, origin: int, destination: int, count: int) -> bytes:
+    for name, v in (("origin", origin), ("destination", destination)):
+        if not 0 < v <= MAX_NODE_ID:
+            raise RelayWireError(f"{name} node id {v} outside 1..{MAX_NODE_ID}")
+    return _HEADER.pack(MAGIC, VERSION, kind, origin, destination, count)
+
+
+def encode_blocks(msg: Blocks) -> list[bytes | memoryview]:
+    """The two frames of a BLOCKS message (the data frame is joined once, here)."""
+    _check_blocks([(seq, len(data)) for seq, data in msg.blocks])
+    head = _header(MsgType.BLOCKS, msg.origin, msg.destination, len(msg.blocks))
+    index = b"".join(_BLOCK.pack(seq, len(data)) for seq, data in msg.blocks)
+    if len(msg.blocks) == 1:
+        return [head + index, msg.blocks[0][1]]
+    return [head + index, b"".join(data for _, data in msg.blocks)]
+
+
+def encode_ack(msg: Ack) -> list[bytes]:
+    head = _header(MsgType.ACK, msg.origin, msg.destination, len(msg.results))
+    return [head + b"".join(_ACK.pack(seq, int(st)) for seq, st in msg.results)]
+
+
+def _check_blocks(index: list[tuple[int, int]]) -> None:
+    if not 0 < len(index) <= MAX_RELAY_BLOCKS:
+        raise RelayWireError(f"a BLOCKS message carries 1 to {MAX_RELAY_BLOCKS} blocks, "
+                             f"not {len(index)}")
+    last = -1
+    total = 0
+    for seq, size in index:
+        if not last < seq <= MAX_SEQ:
+            raise RelayWireError(f"block numbers must ascend within 0..{MAX_SEQ}: {seq} "
+                                 f"after {last}")
+        if not MIN_GLOBAL_BLOCK <= size <= MAX_GLOBAL_BLOCK:
+            raise RelayWireError(f"block {seq}: size {size} outside {MIN_GLOBAL_BLOCK}.."
+                                 f"{MAX_GLOBAL_BLOCK}")
+        last = seq
+        total += size
+    if total > max(MAX_RELAY_MESSAGE, max(s for _, s in index)):
+        raise RelayWireError(f"{total} B of blocks in one message (at most "
+                             f"{MAX_RELAY_MESSAGE})")
+
+
+def parse(frames: list[bytes | memoryview]) -> Blocks | Ack:
+    """One relay message from its frames; RelayWireError says why it is refused."""
+    if not frames or len(frames[0]) < _HEADER.size:
+        raise RelayWireError("message shorter than its header")
+    head = bytes(frames[0])
+    magic, version, kind, origin, destination, count = _HEADER.unpack_from(head)
+    if magic != MAGIC:
+        raise RelayWireError("not a relay message (bad magic)")
+    if version != VERSION:
+        raise RelayWireError(f"relay message version {version}, this node speaks {VERSION}")
+    if not (0 < origin <= MAX_NODE_ID and 0 < destination <= MAX_NODE_ID):
+        raise RelayWireError("node id 0 in header")
+    body = head[_HEADER.size:]
+    if kind == MsgType.BLOCKS:
+        if len(frames) != 2:
+            raise RelayWireError(f"BLOCKS has 2 frames, got {len(frames)}")
+        if len(body) != count * _BLOCK.size:
+            raise RelayWireError(f"BLOCKS index of {len(body)} B for {count} blocks")
+        index = [_BLOCK.unpack_from(body, i * _BLOCK.size) for i in range(count)]
+        _check_blocks(index)
+        data = memoryview(frames[1])
+        if sum(s for _, s in index) != len(data):
+            raise RelayWireError(f"BLOCKS data is {len(data)} B, the index says "
+                                 f"{sum(s for _, s in index)} B")
+        blocks, at = [], 0
+        for seq, size in index:
+            blocks.append((seq, data[at:at + size]))
+            at += size
+        return Blocks(origin, destination, tuple(blocks))
+    if kind == MsgType.ACK:
+        if len(frames) != 1:
+            raise RelayWireError(f"ACK has 1 frame, got {len(frames)}")
+        if not 0 < count <= MAX_RELAY_BLOCKS or len(body) != count * _ACK.size:
+            raise RelayWireError(f"ACK of {len(body)} B for {count} results")
+        results = []
+        for i in range(count):
+            seq, st = _ACK.unpack_from(body, i * _ACK.size)
+            try:
+                results.append((seq, AckStatus(st)))
+            except ValueError:
+                raise RelayWireError(f"unknown ACK status {st}") from None
+        return Ack(origin, destination, tuple(results))
+    raise RelayWireError(f"unknown relay message type {kind}")
+
+
+def receive_status(held: bytes | None, incoming: bytes | memoryview) -> AckStatus:
+    """What the destination answers for one block, given what it already holds."""
+    if held is None:
+        return AckStatus.STORED
+    return AckStatus.DUPLICATE if held == bytes(incoming) else AckStatus.CONFLICT

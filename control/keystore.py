@@ -1,0 +1,422 @@
+"""A node's global key stores in RocksDB (rocksdict): per peer an ENC and a DEC store.
+
+One database per node (``<state dir>/gkm``), one column family per store: ``enc.<peer>``
+holds the blocks this node originated for ``peer``, ``dec.<peer>`` the blocks it received
+from ``peer``. Keys inside a column family:
+
+    m<seq:8>     block metadata: size (u32), state (PENDING, USABLE, CONFLICT; DEC: STORED)
+    b<seq:8>     block bytes
+    n            ENC: next block number to generate (u64)
+    c            ENC: carving cursor (block u64, offset u32)
+    r<key id:16> DEC: a key the slave SAE named here may fetch once (the SAE id)
+
+Every change is one write batch, so a crash leaves all of it or none. Writes that others
+rely on are synced before anyone hears of them: a pending block before it is sent (a
+resend must carry the same bytes), a received block before it is acknowledged
+(invariant 4), a take before its keys are returned (a taken key never comes back).
+Only the GKM process opens the database (RocksDB locks it); other processes take keys
+through it (``control.gkm_client``). One lock serialises takers within the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+import uuid
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+from rocksdict import AccessType, Options, Rdict, WriteBatch, WriteOptions
+
+from control.carving import CarveError, Cursor, KeySlice, carve, decode
+
+_META = struct.Struct(">IB")
+_U64 = struct.Struct(">Q")
+_CURSOR = struct.Struct(">QI")
+
+
+class BlockState(IntEnum):
+    PENDING = 0   # ENC: stored here, not yet acknowledged by the destination
+    USABLE = 1    # ENC: acknowledged; DEC: stored
+    CONFLICT = 2  # ENC: the destination holds other bytes under this number: never used
+
+
+class StoreError(Exception):
+    """A request refused whole; nothing changed. ``kind`` says why, for the caller."""
+
+    def __init__(self, kind: str, message: str):
+        self.kind = kind  # "short" (not enough key), "unknown", "forbidden", "bad"
+        super().__init__(message)
+
+
+def _seq_key(tag: bytes, seq: int) -> bytes:
+    return tag + _U64.pack(seq)
+
+
+@dataclass
+class EncState:
+    """In-memory index of one ENC store, rebuilt from the database at open; running
+    totals, so status and takes cost no scan of the blocks."""
+
+    peer: str
+    peer_id: int
+    blocks: dict[int, tuple[int, BlockState]] = field(default_factory=dict)
+    next_seq: int = 0
+    cursor: Cursor = Cursor(0, 0)
+    usable_total: int = 0
+    pending_total: int = 0
+    conflicts: int = 0
+    taken_bytes: int = 0
+    taken_keys: int = 0
+
+    def set(self, seq: int, size: int, state: BlockState) -> None:
+        old = self.blocks.get(seq)
+        if old is not None:
+            self._count(old[0], old[1], -1)
+        self.blocks[seq] = (size, state)
+        self._count(size, state, 1)
+
+    def drop(self, seq: int) -> None:
+        size, state = self.blocks.pop(seq)
+        self._count(size, state, -1)
+
+    def _count(self, size: int, state: BlockState, sign: int) -> None:
+        if state == BlockState.USABLE:
+            self.usable_total += sign * size
+        elif state == BlockState.PENDING:
+            self.pending_total += sign * size
+        else:
+            self.conflicts += sign
+
+    def carvable(self, number: int, size: int) -> dict[int, int]:
+        """Usable blocks from the cursor on, enough for ``number`` keys of ``size`` if
+        there are, stopping at the first pending one: carving never jumps a block that may
+        still become usable (acknowledgements arrive in order almost always)."""
+        out: dict[int, int] = {}
+        fits = 0
+        seq, offset = self.cursor.seq, self.cursor.offset
+        while fits < number and seq < self.next_seq:
+            block = self.blocks.get(seq)
+            if block is not None:
+                bsize, st = block
+                if st == BlockState.PENDING:
+                    break
+                if st == BlockState.USABLE:
+                    out[seq] = bsize
+                    fits += max(0, bsize - offset) // size
+            seq, offset = seq + 1, 0
+        return out
+
+    def usable_bytes(self) -> int:
+        cur = self.blocks.get(self.cursor.seq)
+        used = self.cursor.offset if cur and cur[1] == BlockState.USABLE else 0
+        return self.usable_total - used
+
+    def pending_bytes(self) -> int:
+        return self.pending_total
+
+
+@dataclass
+class DecState:
+    peer: str
+    peer_id: int
+    blocks: dict[int, int] = field(default_factory=dict)  # seq -> size
+    reserved: int = 0
+    delivered_bytes: int = 0
+    delivered_keys: int = 0
+
+    def stored_bytes(self) -> int:
+        return sum(self.blocks.values())
+
+
+class KeyStore:
+    def __init__(self, path: Path, node_id: int, enc_peers: dict[str, int],
+                 dec_peers: dict[str, int], read_only: bool = False):
+        """Open (creating if needed) the stores for the given peers (name -> node id)."""
+        self.path = Path(path)
+        self.node_id = node_id
+        self.lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        opts = _options()
+        cfs = {f"enc.{p}": _options() for p in enc_peers}
+        cfs.update({f"dec.{p}": _options() for p in dec_peers})
+        if self.path.exists():
+            for name in Rdict.list_cf(str(self.path), opts):
+                if name != "default":
+                    cfs.setdefault(name, _options())
+        try:
+            if read_only:
+                self.db = Rdict(str(self.path), opts, column_families=cfs,
+                                access_type=AccessType.read_only())
+            else:
+                self.db = Rdict(str(self.path), opts, column_families=cfs)
+        except Exception as e:
+            if "lock" in str(e).lower():
+                raise StoreError("busy", f"key store {self.path} is open in another "
+                                         "process (the node's global key manager)") from None
+            raise
+        self.synced = WriteOptions()
+        self.synced.sync = True
+        self.unsynced = WriteOptions()
+        self.enc = {p: self._load_enc(p, i) for p, i in enc_peers.items()}
+        self.dec = {p: self._load_dec(p, i) for p, i in dec_peers.items()}
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # ---- loading --------------------------------------------------------------------------
+
+    def _cf(self, kind: str, peer: str):
+        return self.db.get_column_family(f"{kind}.{peer}")
+
+    def _handle(self, kind: str, peer: str):
+        return self.db.get_column_family_handle(f"{kind}.{peer}")
+
+    def _metas(self, kind: str, peer: str):
+        it = self._cf(kind, peer).iter()
+        it.seek(b"m")
+        while it.valid() and it.key()[:1] == b"m":
+            seq = _U64.unpack(it.key()[1:])[0]
+            size, st = _META.unpack(it.value())
+            yield seq, size, BlockState(st)
+            it.next()
+
+    def _load_enc(self, peer: str, peer_id: int) -> EncState:
+        st = EncState(peer, peer_id)
+        cf = self._cf("enc", peer)
+        for seq, size, bst in self._metas("enc", peer):
+            st.set(seq, size, bst)
+        raw = cf.get(b"n")
+        st.next_seq = _U64.unpack(raw)[0] if raw else 0
+        raw = cf.get(b"c")
+        if raw:
+            st.cursor = Cursor(*_CURSOR.unpack(raw))
+        return st
+
+    def _load_dec(self, peer: str, peer_id: int) -> DecState:
+        st = DecState(peer, peer_id)
+        for seq, size, _ in self._metas("dec", peer):
+            st.blocks[seq] = size
+        it = self._cf("dec", peer).iter()
+        it.seek(b"r")
+        while it.valid() and it.key()[:1] == b"r":
+            st.reserved += 1
+            it.next()
+        return st
+
+    # ---- the origin's side ----------------------------------------------------------------
+
+    def add_pending(self, peer: str, blocks: list[bytes]) -> list[int]:
+        """Store new blocks for ``peer`` as pending, durably, before they are sent."""
+        with self.lock:
+            st = self.enc[peer]
+            h = self._handle("enc", peer)
+            wb = WriteBatch(raw_mode=True)
+            seqs = []
+            for data in blocks:
+                seq = st.next_seq + len(seqs)
+                wb.put(_seq_key(b"b", seq), data, h)
+                wb.put(_seq_key(b"m", seq), _META.pack(len(data), BlockState.PENDING), h)
+                seqs.append(seq)
+            wb.put(b"n", _U64.pack(st.next_seq + len(seqs)), h)
+            self.db.write(wb, self.synced)
+            for seq, data in zip(seqs, blocks, strict=True):
+                st.set(seq, len(data), BlockState.PENDING)
+            st.next_seq += len(seqs)
+            return seqs
+
+    def pending(self, peer: str) -> list[int]:
+        with self.lock:
+            return sorted(s for s, (_, st) in self.enc[peer].blocks.items()
+                          if st == BlockState.PENDING)
+
+    def block(self, kind: str, peer: str, seq: int) -> bytes | None:
+        with self.lock:
+            return self._cf(kind, peer).get(_seq_key(b"b", seq))
+
+    def mark(self, peer: str, seqs: list[int], state: BlockState) -> None:
+        """Acknowledged (USABLE) or refused (CONFLICT) by the destination. Not synced: if
+        lost in a crash the block is pending again, resent, and acknowledged again."""
+        with self.lock:
+            st = self.enc[peer]
+            h = self._handle("enc", peer)
+            wb = WriteBatch(raw_mode=True)
+            changed = []
+            for seq in seqs:
+                cur = st.blocks.get(seq)
+                if cur is not None and cur[1] == BlockState.PENDING:
+                    wb.put(_seq_key(b"m", seq), _META.pack(cur[0], state), h)
+                    changed.append((seq, cur[0]))
+            if changed:
+                self.db.write(wb, self.unsynced)
+                for seq, size in changed:
+                    st.set(seq, size, state)
+
+    def take_enc(self, peer: str, number: int, size: int) -> list[tuple[KeySlice, bytes]]:
+        """Cut ``number`` keys of ``size`` bytes for ``peer``, atomically and durably;
+        StoreError("short") and nothing taken when there is not enough usable key."""
+        with self.lock:
+            st = self.enc.get(peer)
+            if st is None:
+                raise StoreError("unknown", f"no global key is kept for node {peer!r}")
+            try:
+                slices, cur = carve(st.cursor, st.carvable(number, size), number, size,
+                                    origin=self.node_id, destination=st.peer_id)
+            except CarveError as e:
+                raise StoreError("short" if "not enough" in str(e) else "bad", str(e)) \
+                    from None
+            cf = self._cf("enc", peer)
+            h = self._handle("enc", peer)
+            data: dict[int, bytes] = {}
+            out = []
+            for s in slices:
+                if s.seq not in data:
+                    data[s.seq] = cf[_seq_key(b"b", s.seq)]
+                out.append((s, data[s.seq][s.offset:s.offset + s.size]))
+            if cur.seq in st.blocks and cur.offset >= st.blocks[cur.seq][0]:
+                cur = Cursor(cur.seq + 1, 0)  # the last block is used up too
+            wb = WriteBatch(raw_mode=True)
+            wb.put(b"c", _CURSOR.pack(cur.seq, cur.offset), h)
+            gone = [s for s in range(st.cursor.seq, cur.seq)
+                    if st.blocks.get(s, (0, None))[1] == BlockState.USABLE]
+            for seq in gone:
+                wb.delete(_seq_key(b"b", seq), h)
+                wb.delete(_seq_key(b"m", seq), h)
+            self.db.write(wb, self.synced)
+            for seq in gone:
+                st.drop(seq)
+            st.cursor = cur
+            st.taken_keys += number
+            st.taken_bytes += number * size
+            return out
+
+    # ---- the destination's side -----------------------------------------------------------
+
+    def store_received(self, peer: str, blocks: list[tuple[int, bytes | memoryview]]
+                       ) -> list[str]:
+        """Store blocks from ``peer`` durably; per block 'stored', 'duplicate' (same bytes
+        held already) or 'conflict' (other bytes held: kept, the new ones refused)."""
+        from control.gkm_wire import AckStatus, receive_status
+
+        with self.lock:
+            st = self.dec[peer]
+            h = self._handle("dec", peer)
+            cf = self._cf("dec", peer)
+            wb = WriteBatch(raw_mode=True)
+            results, new = [], []
+            for seq, data in blocks:
+                held = cf.get(_seq_key(b"b", seq)) if seq in st.blocks else None
+                status = receive_status(held, data)
+                if status == AckStatus.STORED:
+                    wb.put(_seq_key(b"b", seq), bytes(data), h)
+                    wb.put(_seq_key(b"m", seq), _META.pack(len(data), BlockState.USABLE), h)
+                    new.append((seq, len(data)))
+                results.append(status)
+            if new:
+                self.db.write(wb, self.synced)
+                for seq, n in new:
+                    st.blocks[seq] = n
+            return results
+
+    def reserve(self, peer: str, key_ids: list[str], sae: str) -> None:
+        """Let ``sae`` fetch these keys from ``peer`` once (the origin carved them for it)."""
+        with self.lock:
+            st = self.dec.get(peer)
+            if st is None:
+                raise StoreError("unknown", f"no global key is kept from node {peer!r}")
+            h = self._handle("dec", peer)
+            wb = WriteBatch(raw_mode=True)
+            for kid in key_ids:
+                self._dec_slice(st, kid)  # refuses IDs that name no stored key
+                wb.put(b"r" + uuid.UUID(str(kid)).bytes, sae.encode(), h)
+            self.db.write(wb, self.synced)
+            st.reserved += len(key_ids)
+
+    def _dec_slice(self, st: DecState, kid: str) -> KeySlice:
+        try:
+            s = decode(kid)
+        except CarveError as e:
+            raise StoreError("bad", f"key ID {kid}: {e}") from None
+        if s.origin != st.peer_id or s.destination != self.node_id:
+            raise StoreError("unknown", f"key ID {kid} is not a key from {st.peer} to here")
+        size = st.blocks.get(s.seq)
+        if size is None or s.offset + s.size > size:
+            raise StoreError("unknown", f"key ID {kid}: no such key stored here")
+        return s
+
+    def take_dec(self, peer: str, key_ids: list[str], sae: str) -> list[bytes]:
+        """The keys' bytes, each delivered once and only to the SAE it was reserved for;
+        refused whole (nothing delivered) if any key is not deliverable."""
+        with self.lock:
+            st = self.dec.get(peer)
+            if st is None:
+                raise StoreError("unknown", f"no global key is kept from node {peer!r}")
+            if len(set(key_ids)) != len(key_ids):
+                raise StoreError("bad", "a key ID is named twice")
+            cf = self._cf("dec", peer)
+            h = self._handle("dec", peer)
+            slices = []
+            for kid in key_ids:
+                s = self._dec_slice(st, kid)
+                owner = cf.get(b"r" + uuid.UUID(str(kid)).bytes)
+                if owner is None:
+                    raise StoreError("unknown", f"key ID {kid} is unknown or already "
+                                                "delivered")
+                if owner != sae.encode():
+                    raise StoreError("forbidden", f"key ID {kid} belongs to another SAE")
+                slices.append((kid, s))
+            wb = WriteBatch(raw_mode=True)
+            out = []
+            data: dict[int, bytes] = {}
+            for kid, s in slices:
+                if s.seq not in data:
+                    data[s.seq] = cf[_seq_key(b"b", s.seq)]
+                out.append(data[s.seq][s.offset:s.offset + s.size])
+                wb.delete(b"r" + uuid.UUID(str(kid)).bytes, h)
+            self.db.write(wb, self.synced)
+            st.reserved -= len(slices)
+            st.delivered_keys += len(slices)
+            st.delivered_bytes += sum(s.size for _, s in slices)
+            return out
+
+    # ---- inspection -----------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        with self.lock:
+            enc = {p: {"usable": s.usable_bytes(), "pending": s.pending_bytes(),
+                       "blocks": len(s.blocks), "next_block": s.next_seq,
+                       "cursor": [s.cursor.seq, s.cursor.offset],
+                       "taken_keys": s.taken_keys, "taken_bytes": s.taken_bytes,
+                       "conflicts": s.conflicts}
+                   for p, s in self.enc.items()}
+            dec = {p: {"stored": s.stored_bytes(), "blocks": len(s.blocks),
+                       "reserved_keys": s.reserved, "delivered_keys": s.delivered_keys,
+                       "delivered_bytes": s.delivered_bytes}
+                   for p, s in self.dec.items()}
+            return {"enc": enc, "dec": dec}
+
+    def digests(self, kind: str, peer: str) -> dict[int, tuple[str, str]]:
+        """Block number -> (state, sha256 of its bytes): for checks and tests, no key."""
+        with self.lock:
+            cf = self._cf(kind, peer)
+            out = {}
+            for seq, _, st in list(self._metas(kind, peer)):
+                out[seq] = (st.name.lower(),
+                            hashlib.sha256(cf[_seq_key(b"b", seq)]).hexdigest())
+            return out
+
+
+def _options() -> Options:
+    o = Options(raw_mode=True)
+    o.create_if_missing(True)
+    o.create_missing_column_families(True)
+    # Blocks are written once and read once: large values go to blob files, so
+    # compaction does not copy key around again and again.
+    o.set_enable_blob_files(True)
+    o.set_min_blob_size(4096)
+    o.set_enable_blob_gc(True)
+    o.set_write_buffer_size(64 << 20)
+    return o

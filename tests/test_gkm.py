@@ -1,0 +1,374 @@
+"""The global key manager end to end (issue 3/6): real namespaces, OTP tunnels, ZeroMQ
+relay through them, RocksDB stores, kill -9 at random points, an unreachable
+destination, and concurrent takers in threads and processes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from control import emulation, paths
+from control.config import parse_topology
+from control.gkm import CRASH_ENV
+from control.gkm_client import GkmClient
+from control.keystore import StoreError
+from tests.nsutil import routes_complete, run_in_netns, set_link, wait_until
+from tests.test_tunnel import NET
+
+pytestmark = pytest.mark.netns
+MIB = 1 << 20
+
+
+def make_net(tmp_path: Path, prefix: str, gkm: str, two: bool = False):
+    text = NET.format(prefix=prefix)
+    start = text.index("[gkm]")
+    end = text.index("[[nodes]]")
+    text = text[:start] + "[gkm]\n" + gkm + "\n" + text[end:]
+    text = text.replace("key_rate_mbps = 400", "key_rate_mbps = 2000")
+    if two:  # A - B only
+        text = text[:text.index('[[nodes]]\nname = "C"')] + \
+            text[text.index("[[links]]"):text.index('[[links]]\na = "B"')]
+    path = tmp_path / f"{prefix}.toml"
+    path.write_text(text)
+    topo = parse_topology(text, path)
+    man = emulation.net_up(topo)
+    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), 40, "routes at every node")
+    return topo, man
+
+
+def gkm_state(prefix: str, node: str) -> dict | None:
+    try:
+        return json.loads((paths.node_dir(prefix, node) / "gkm.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def enc(prefix: str, node: str, peer: str) -> dict:
+    st = gkm_state(prefix, node)
+    return st["peers"][peer] if st else {}
+
+
+def full(prefix: str, pairs: list[tuple[str, str]], high: int) -> bool:
+    for o, d in pairs:
+        p = enc(prefix, o, d)
+        if not p or p["enc"]["usable"] != high or p["enc"]["pending"]:
+            return False
+    return True
+
+
+def settled(prefix: str, pairs: list[tuple[str, str]], low: int) -> bool:
+    """Nothing pending, no fill running, at least the low watermark usable."""
+    for o, d in pairs:
+        p = enc(prefix, o, d)
+        if not p or p["enc"]["pending"] or p["relay"]["filling"] or p["enc"]["usable"] < low:
+            return False
+    return True
+
+
+def client_call(prefix: str, node: str, method: str, *args):
+    c = GkmClient(prefix, node)
+    try:
+        return getattr(c, method)(*args)
+    finally:
+        c.close()
+
+
+def assert_same_blocks(prefix: str, origin: str, dest: str) -> dict:
+    """Both ends hold the same blocks under the same numbers, byte for byte; every block
+    at the origin is usable (acknowledged). The destination may still hold blocks the
+    origin has used up and deleted (before its carving cursor)."""
+    a = client_call(prefix, origin, "digests", "enc", dest)
+    b = client_call(prefix, dest, "digests", "dec", origin)
+    cursor = client_call(prefix, origin, "summary")["peers"][dest]["enc"]["cursor"][0]
+    assert a, f"no blocks {origin}->{dest}"
+    assert {s: h for s, (_, h) in a.items()} == \
+        {s: h for s, (_, h) in b.items() if s >= cursor or s in a}
+    assert all(s < cursor for s in b.keys() - a.keys())
+    assert {st for st, _ in a.values()} == {"usable"}
+    hashes = [h for _, h in a.values()]
+    assert len(set(hashes)) == len(hashes), "the same bytes under two block numbers"
+    return a
+
+
+# ---- filling --------------------------------------------------------------------------------
+
+GKM_SMALL = """block_size = "256KiB"
+low_watermark = "4MiB"
+high_watermark = "8MiB"
+window = "2MiB"
+pairs = [["A", "B"], ["A", "C"]]"""
+
+
+def test_two_and_three_nodes_fill_to_the_high_watermark_with_identical_keys(tmp_path,
+                                                                             prefix):
+    """A-B is one link; A-C goes through the relay B, which holds no global key of it."""
+    topo, _ = make_net(tmp_path, prefix, GKM_SMALL)
+    pairs = [("A", "B"), ("B", "A"), ("A", "C"), ("C", "A")]
+    relay_tx = _tunnel_bytes(prefix, "B", "B-C")
+    wait_until(lambda: full(prefix, pairs, 8 * MIB), 60, "every store at the high watermark")
+    for o, d in pairs:
+        assert_same_blocks(prefix, o, d)
+        p = enc(prefix, o, d)
+        assert p["relay"]["last_fill"]["bytes"] == 8 * MIB
+        assert p["dec"]["stored"] == 8 * MIB  # what d sent to o
+    assert "C" not in gkm_state(prefix, "B")["peers"]  # B only relays A-C
+    assert _tunnel_bytes(prefix, "B", "B-C") - relay_tx >= 8 * MIB  # A->C went via B
+    # Application keys: the master's key ID gives the slave identical bytes, any size.
+    for dest, sizes in (("B", (32, 1000, 256 << 10)), ("C", (32, 4096, 100_000))):
+        for size in sizes:
+            keys = client_call(prefix, "A", "take_enc", dest, 3, size)
+            ids = [k for k, _ in keys]
+            client_call(prefix, dest, "reserve", "A", ids, "sae-slave")
+            got = client_call(prefix, dest, "take_dec", "A", ids, "sae-slave")
+            assert got == [k for _, k in keys]
+            assert all(len(k) == size for k in got)
+    # Those takes leave A's stores above the low watermark: no new fill starts.
+    time.sleep(1.0)
+    assert enc(prefix, "A", "B")["relay"]["filling"] is False
+    # Status shows it per peer.
+    from typer.testing import CliRunner
+
+    from control.cli import app
+
+    res = CliRunner().invoke(app, ["status", str(topo.path)])
+    assert res.exit_code == 0, res.output
+    assert "global key per peer" in res.output
+    snap = json.loads(CliRunner().invoke(app, ["status", str(topo.path), "--json"]).output)
+    relay = snap["nodes"]["A"]["gkm"]["peers"]["C"]["relay"]
+    assert {"rate_bps", "retries", "state", "pending_blocks"} <= set(relay)
+    assert snap["nodes"]["A"]["gkm"]["watermarks"] == {"low": 4 * MIB, "high": 8 * MIB}
+
+
+def _tunnel_bytes(prefix: str, node: str, link: str) -> int:
+    try:
+        st = json.loads((paths.node_dir(prefix, node) / f"tun-{link}.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return st["counters"]["tx_bytes"]
+
+
+# ---- kill -9 ----------------------------------------------------------------------------------
+
+GKM_CHAOS = """block_size = "64KiB"
+low_watermark = "8MiB"
+high_watermark = "24MiB"
+window = "1MiB"
+pairs = [["A", "C"]]"""
+
+
+def _node_pids(prefix: str, node: str) -> list[int]:
+    return emulation._pids_in_netns(paths.netns_name(prefix, node))
+
+
+def _kill_node(prefix: str, node: str) -> None:
+    for pid in _node_pids(prefix, node):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not _node_pids(prefix, node), 15, f"node {node}'s processes to exit")
+
+
+def _start_node(topo, man, node: str) -> None:
+    man.pids[f"node:{node}"] = emulation._spawn(
+        ["node", "run", "--config", str(topo.path), "--node", node,
+         "--netns", paths.netns_name(topo.prefix, node)],
+        paths.log_dir(topo.prefix) / f"node-{node}-restarted.log")
+    man.save()
+
+
+def _gkm_pid(prefix: str, node: str) -> int | None:
+    st = gkm_state(prefix, node)
+    return st["pid"] if st else None
+
+
+def test_kill_9_of_origin_relay_and_destination_loses_nothing_acknowledged(
+        tmp_path, prefix, monkeypatch):
+    rng = random.Random()
+    # Crash points inside the key managers: after the pending write, after a send, on an
+    # ACK before it is recorded, before and after the destination's write.
+    monkeypatch.setenv(CRASH_ENV, "origin.stored=0.04,origin.sent=0.04,origin.acked=0.04,"
+                                  "dest.received=0.04,dest.stored=0.04")
+    topo, man = make_net(tmp_path, prefix, GKM_CHAOS)
+    taken: list[str] = []
+    acked_seen: dict[int, str] = {}
+    deadline = time.monotonic() + 25
+    kills = {"A": 0, "B": 0, "C": 0}
+    while time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.3, 1.5))
+        victim = rng.choice("ABC")
+        if victim == "B":  # the relay: every process of the node, then start it again
+            _kill_node(prefix, "B")
+            time.sleep(rng.uniform(0, 1))
+            _start_node(topo, man, "B")
+        else:
+            pid = _gkm_pid(prefix, victim)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        kills[victim] += 1
+        try:  # meanwhile an application takes keys, and we note what is acknowledged
+            taken += [k for k, _ in client_call(prefix, "A", "take_enc", "C", 64, 64 << 10)]
+            for seq, (st, h) in client_call(prefix, "A", "digests", "enc", "C").items():
+                if st == "usable":
+                    acked_seen[seq] = h
+        except StoreError:
+            pass
+    fired = _crash_points_fired(prefix)
+    print("crash points fired:", fired, "kills:", kills)
+    # Kill -9 everything once more, then restart without crash points and let it settle.
+    for node in ("A", "B", "C"):
+        _kill_node(prefix, node)
+    monkeypatch.delenv(CRASH_ENV)
+    for node in ("A", "B", "C"):
+        _start_node(topo, man, node)
+    wait_until(lambda: routes_complete(prefix, ["A", "B", "C"]), 40, "routes again")
+    wait_until(lambda: settled(prefix, [("A", "C"), ("C", "A")], 8 * MIB), 90,
+               "the relay to settle after the restarts")
+    assert len(fired) >= 2, f"too few crash points fired: {fired}"
+    for o, d in (("A", "C"), ("C", "A")):
+        assert_same_blocks(prefix, o, d)
+    # No loss of acknowledged key: every block once seen usable is still there, with the
+    # same bytes, unless the application took keys from it.
+    now = client_call(prefix, "A", "digests", "enc", "C")
+    cursor_block = enc(prefix, "A", "C")["enc"]["cursor"][0]
+    for seq, h in acked_seen.items():
+        if seq >= cursor_block:
+            assert now.get(seq, (None, h))[1] == h and seq in now, f"block {seq} lost"
+    # Nothing taken comes back.
+    rest = []
+    while True:
+        try:
+            rest += [k for k, _ in client_call(prefix, "A", "take_enc", "C", 256, 4096)]
+        except StoreError:
+            break
+    assert taken and rest
+    assert set(taken).isdisjoint(rest)
+    assert len(set(taken)) == len(taken)
+
+
+def _crash_points_fired(prefix: str) -> dict[str, int]:
+    import re
+
+    out: dict[str, int] = {}
+    for f in paths.log_dir(prefix).glob("node-*.log"):
+        for m in re.finditer(r"crash point (\S+):", f.read_text()):
+            out[m.group(1)] = out.get(m.group(1), 0) + 1
+    return out
+
+
+# ---- an unreachable destination -------------------------------------------------------------
+
+GKM_TWO = """block_size = "256KiB"
+low_watermark = "4MiB"
+high_watermark = "8MiB"
+window = "2MiB"
+pairs = [["A", "B"]]"""
+
+
+def test_unreachable_destination_keeps_blocks_pending_and_recovers(tmp_path, prefix):
+    topo, _ = make_net(tmp_path, prefix, GKM_TWO, two=True)
+    wait_until(lambda: full(prefix, [("A", "B")], 8 * MIB), 60, "the first fill")
+    before_b = client_call(prefix, "B", "digests", "dec", "A")
+    run_in_netns(paths.netns_name(prefix, "A"), set_link, "ul0", False)
+    try:
+        # An application takes most of the key: A must restock but cannot reach B.
+        client_call(prefix, "A", "take_enc", "B", 24, 256 << 10)
+        usable = 8 * MIB - 24 * (256 << 10)
+        st = wait_until(lambda: (p := enc(prefix, "A", "B")) and p["relay"]["state"]
+                        == "unreachable" and p, 30, "A to report B unreachable")
+        assert st["enc"]["pending"] == 2 * MIB  # one window, and no more
+        r1 = st["relay"]["retries"] + st["relay"]["not_connected"]
+        time.sleep(6)
+        st = enc(prefix, "A", "B")
+        assert st["relay"]["retries"] + st["relay"]["not_connected"] > r1  # still trying
+        assert st["enc"]["usable"] == usable                      # nothing became usable
+        assert st["enc"]["pending"] == 2 * MIB
+        assert client_call(prefix, "B", "digests", "dec", "A").keys() == before_b.keys()
+        log = (paths.log_dir(prefix) / "node-A.log").read_text()
+        assert "no acknowledgement from B" in log
+    finally:
+        run_in_netns(paths.netns_name(prefix, "A"), set_link, "ul0", True)
+    wait_until(lambda: full(prefix, [("A", "B")], 8 * MIB), 60, "recovery after the path "
+                                                                  "comes back")
+    assert enc(prefix, "A", "B")["relay"]["state"] == "ok"
+    assert_same_blocks(prefix, "A", "B")
+
+
+# ---- concurrent takers ----------------------------------------------------------------------
+
+GKM_TAKERS = """block_size = "64KiB"
+low_watermark = "4MiB"
+high_watermark = "8MiB"
+window = "2MiB"
+pairs = [["A", "B"]]"""
+
+
+def _taker(prefix: str, threads: int, takes: int) -> list[tuple[str, str]]:
+    """Takes keys from several threads of this process; returns (key ID, sha256)."""
+    out: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        c = GkmClient(prefix, "A")
+        for n in range(takes):
+            try:
+                keys = c.take_enc("B", 1 + (i + n) % 4, 32 * (1 + i % 3))
+            except StoreError:
+                continue
+            with lock:
+                out.extend((k, hashlib.sha256(v).hexdigest()) for k, v in keys)
+        c.close()
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return out
+
+
+def _dec_taker(prefix: str, ids: list[str]) -> list[str]:
+    c = GkmClient(prefix, "B")
+    got = []
+    for k in ids:
+        try:
+            c.take_dec("A", [k], "sae-b")
+            got.append(k)
+        except StoreError:
+            pass
+    c.close()
+    return got
+
+
+def test_concurrent_takers_in_threads_and_processes_never_share_a_key(tmp_path, prefix):
+    _, _ = make_net(tmp_path, prefix, GKM_TAKERS, two=True)
+    wait_until(lambda: full(prefix, [("A", "B")], 8 * MIB), 60, "the first fill")
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(_taker, [(prefix, 4, 150)] * 4)
+    keys = [k for r in results for k in r]
+    ids = [k for k, _ in keys]
+    assert len(ids) > 2000
+    assert len(set(ids)) == len(ids), "a key ID was handed out twice"
+    from control.carving import decode
+
+    spans = sorted((s.seq, s.offset, s.offset + s.size) for s in map(decode, ids))
+    for (s1, _, e1), (s2, b2, _) in zip(spans, spans[1:], strict=False):
+        assert s1 != s2 or e1 <= b2, "two keys share bytes"
+    # The slave side: every key reserved once, and concurrent dec takers in processes each
+    # trying every ID: each ID is delivered exactly once in total.
+    sample = ids[:400]
+    client_call(prefix, "B", "reserve", "A", sample, "sae-b")
+    with ctx.Pool(4) as pool:
+        got = pool.starmap(_dec_taker, [(prefix, sample)] * 4)
+    delivered = [k for g in got for k in g]
+    assert sorted(delivered) == sorted(sample)

@@ -1,0 +1,231 @@
+"""The global key stores on a real RocksDB: states of a block, atomic takes, one delivery,
+and what survives a kill -9."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+
+import pytest
+
+from control.carving import KeySlice, decode
+from control.keystore import BlockState, KeyStore, StoreError
+
+A, B = 1, 2
+
+
+def origin(tmp_path, name="a") -> KeyStore:
+    return KeyStore(tmp_path / name, A, {"B": B}, {"B": B})
+
+
+def dest(tmp_path, name="b") -> KeyStore:
+    return KeyStore(tmp_path / name, B, {"A": A}, {"A": A})
+
+
+def fill(store: KeyStore, blocks: list[bytes], usable: bool = True) -> list[int]:
+    seqs = store.add_pending("B", blocks)
+    if usable:
+        store.mark("B", seqs, BlockState.USABLE)
+    return seqs
+
+
+def test_pending_key_is_never_handed_out(tmp_path):
+    s = origin(tmp_path)
+    blocks = [os.urandom(64) for _ in range(3)]
+    seqs = fill(s, blocks, usable=False)
+    assert seqs == [0, 1, 2]
+    with pytest.raises(StoreError, match="not enough key") as e:
+        s.take_enc("B", 1, 32)
+    assert e.value.kind == "short"
+    s.mark("B", [0], BlockState.USABLE)
+    (sl, key), = s.take_enc("B", 1, 64)
+    assert (sl.seq, sl.offset, key) == (0, 0, blocks[0])
+    with pytest.raises(StoreError):  # block 1 still pending: carving waits for it
+        s.take_enc("B", 1, 32)
+    assert s.summary()["enc"]["B"]["pending"] == 128
+
+
+def test_keys_are_slices_of_the_blocks_named_by_their_ids(tmp_path):
+    s = origin(tmp_path)
+    blocks = [os.urandom(100) for _ in range(4)]
+    fill(s, blocks)
+    keys = s.take_enc("B", 5, 48) + s.take_enc("B", 2, 32)
+    for sl, key in keys:
+        d = decode(sl.key_id)
+        assert (d.origin, d.destination) == (A, B)
+        assert key == blocks[d.seq][d.offset:d.offset + d.size]
+    assert [(k.seq, k.offset) for k, _ in keys] == [(0, 0), (0, 48), (1, 0), (1, 48),
+                                                    (2, 0), (2, 48), (3, 0)]
+
+
+def test_a_refused_take_changes_nothing(tmp_path):
+    s = origin(tmp_path)
+    fill(s, [os.urandom(64) for _ in range(2)])
+    before = s.summary()
+    with pytest.raises(StoreError, match="2 of 3"):
+        s.take_enc("B", 3, 64)  # two blocks of 64: the third key is missing
+    assert s.summary() == before
+    assert len(s.take_enc("B", 2, 64)) == 2
+    with pytest.raises(StoreError, match="no global key is kept for node 'Z'"):
+        s.take_enc("Z", 1, 32)
+
+
+def test_used_blocks_leave_the_store_and_the_cursor_survives_reopening(tmp_path):
+    s = origin(tmp_path)
+    fill(s, [os.urandom(64) for _ in range(4)])
+    first = s.take_enc("B", 3, 32)  # block 0 used up, block 1 half
+    assert s.summary()["enc"]["B"]["blocks"] == 3
+    assert s.summary()["enc"]["B"]["usable"] == 4 * 64 - 96
+    s.close()
+    s = origin(tmp_path)
+    again = s.take_enc("B", 5, 32)
+    assert {k.key_id for k, _ in first}.isdisjoint({k.key_id for k, _ in again})
+    assert s.summary()["enc"]["B"]["usable"] == 0
+
+
+def test_concurrent_threads_never_receive_the_same_key(tmp_path):
+    s = origin(tmp_path)
+    fill(s, [os.urandom(4096) for _ in range(64)])
+    got: list[list] = [[] for _ in range(8)]
+
+    def taker(i: int) -> None:
+        while True:
+            try:
+                got[i].extend(s.take_enc("B", 1 + i % 3, 32 * (1 + i)))
+            except StoreError:
+                return
+
+    threads = [threading.Thread(target=taker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    keys = [k for g in got for k, _ in g]
+    assert all(len(g) > 0 for g in got)
+    assert len({k.key_id for k in keys}) == len(keys)
+    _assert_no_shared_byte(keys)
+
+
+def _assert_no_shared_byte(keys) -> None:
+    spans = sorted((k.seq, k.offset, k.offset + k.size) for k in keys)
+    for (s1, _, e1), (s2, b2, _) in zip(spans, spans[1:], strict=False):
+        assert s1 != s2 or e1 <= b2, "two keys share bytes"
+
+
+def _take_forever(path, conn) -> None:
+    s = KeyStore(path, A, {"B": B}, {"B": B})
+    while True:
+        for sl, _ in s.take_enc("B", 1, 32):
+            conn.send(str(sl.key_id))
+
+
+def test_a_killed_taker_never_gets_its_keys_back(tmp_path):
+    """Keys are returned only after the take is durable: after a kill -9 at a random
+    moment, the reopened store never hands out a key the dead process received."""
+    s = origin(tmp_path)
+    fill(s, [os.urandom(4096) for _ in range(16)])
+    s.close()
+    ctx = mp.get_context("spawn")  # a fork would inherit RocksDB's threads
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_take_forever, args=(tmp_path / "a", child))
+    p.start()
+    seen = []
+    while len(seen) < 300:
+        seen.append(parent.recv())
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    while parent.poll():
+        seen.append(parent.recv())
+    s = origin(tmp_path)
+    rest = []
+    for batch in (64, 1):
+        while True:
+            try:
+                rest.extend(str(k.key_id) for k, _ in s.take_enc("B", batch, 32))
+            except StoreError:
+                break
+    assert set(seen).isdisjoint(rest)
+    assert len(seen) + len(rest) <= 16 * 4096 // 32
+    assert len(rest) > 0
+
+
+def test_destination_stores_idempotently_and_keeps_the_first_bytes(tmp_path):
+    d = dest(tmp_path)
+    assert d.store_received("A", [(0, b"x" * 32), (1, b"y" * 32)]) == [0, 0]
+    # A resent block: DUPLICATE; other bytes under a held number: CONFLICT, not stored.
+    assert d.store_received("A", [(1, b"y" * 32), (0, b"z" * 32)]) == [1, 2]
+    d.close()
+    d = dest(tmp_path)
+    assert d.block("dec", "A", 0) == b"x" * 32
+    assert d.summary()["dec"]["A"]["stored"] == 64
+
+
+def _store_and_die(path, conn) -> None:
+    d = KeyStore(path, B, {"A": A}, {"A": A})
+    seq = 0
+    while True:
+        d.store_received("A", [(seq, bytes([seq % 251 + 1]) * 4096)])
+        conn.send(seq)  # the ACK would go out now
+        seq += 1
+
+
+def test_every_acknowledged_block_survives_a_kill(tmp_path):
+    ctx = mp.get_context("spawn")  # a fork would inherit RocksDB's threads
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_store_and_die, args=(tmp_path / "b", child))
+    p.start()
+    acked = [parent.recv() for _ in range(200)]
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    d = dest(tmp_path)
+    for seq in acked:
+        assert d.block("dec", "A", seq) == bytes([seq % 251 + 1]) * 4096
+
+
+def test_dec_keys_go_once_and_only_to_the_reserved_sae(tmp_path):
+    o, d = origin(tmp_path), dest(tmp_path)
+    blocks = [os.urandom(256) for _ in range(2)]
+    seqs = fill(o, blocks)
+    d.store_received("A", list(zip(seqs, blocks, strict=True)))
+    keys = o.take_enc("B", 4, 64)
+    ids = [str(k.key_id) for k, _ in keys]
+    d.reserve("A", ids[:3], "sae-2")
+    with pytest.raises(StoreError, match="another SAE") as e:
+        d.take_dec("A", ids[:1], "sae-9")
+    assert e.value.kind == "forbidden"
+    with pytest.raises(StoreError, match="unknown or already delivered"):
+        d.take_dec("A", ids[:1] + ids[3:], "sae-2")  # one not reserved: refused whole
+    assert d.take_dec("A", ids[:2], "sae-2") == [k for _, k in keys[:2]]
+    with pytest.raises(StoreError, match="already delivered"):
+        d.take_dec("A", ids[1:3], "sae-2")
+    assert d.take_dec("A", ids[2:3], "sae-2") == [keys[2][1]]
+    with pytest.raises(StoreError, match="named twice"):
+        d.take_dec("A", [ids[3], ids[3]], "sae-2")
+    with pytest.raises(StoreError, match="not a UUID"):
+        d.reserve("A", ["nonsense"], "sae-2")
+    with pytest.raises(StoreError, match="no such key stored"):
+        d.reserve("A", [str(KeySlice(A, B, 99, 0, 64).key_id)], "sae-2")  # never stored
+    with pytest.raises(StoreError, match="not a key from A to here"):
+        d.reserve("A", [str(KeySlice(B, A, 0, 0, 64).key_id)], "sae-2")
+    assert d.summary()["dec"]["A"]["delivered_keys"] == 3
+
+
+def test_the_database_is_locked_to_one_process(tmp_path):
+    held = origin(tmp_path)
+    ctx = mp.get_context("spawn")  # a fork would inherit RocksDB's threads
+    q = ctx.Queue()
+    p = ctx.Process(target=_open_second, args=(tmp_path, q))
+    p.start()
+    p.join(60)
+    assert "open in another process" in q.get(timeout=5)
+    held.close()
+
+
+def _open_second(tmp_path, q) -> None:
+    try:
+        origin(tmp_path)
+        q.put("opened")
+    except StoreError as e:
+        q.put(str(e))
