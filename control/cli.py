@@ -229,7 +229,9 @@ def bench_gkm(
         help="global key sizes (repeat the option); default 1KiB 16KiB 256KiB 1MiB")] = None,
     store: Annotated[str, typer.Option(help="store maximum (high watermark) to fill")]
     = "256MiB",
-    window: Annotated[str, typer.Option(help="bytes in flight per pair")] = "32MiB",
+    window: Annotated[str, typer.Option(help="bytes in flight per pair")] = "16MiB",
+    repeat: Annotated[int, typer.Option(min=1, help="fills per point; the median counts")]
+    = 3,
     baseline: Annotated[list[str] | None, typer.Option(
         help="sizes to measure stop-and-wait at too; default 1MiB")] = None,
     plot: Annotated[Path, typer.Option(help="PNG plot")] = Path("bench/results/gkm-size.png"),
@@ -268,7 +270,7 @@ def bench_gkm(
         raise typer.BadParameter("must hold at least one key of each size",
                                  param_hint="--window")
     result = run(sizes=sz, store=store_b, window=window_b, baseline_sizes=base,
-                 plot_path=plot, console=err if as_json else out)
+                 repeat=repeat, plot_path=plot, console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
 

@@ -4,8 +4,8 @@ Global key travels from its origin to its destination in numbered blocks of an o
 pair (origin -> destination). Two messages, each a ZeroMQ multipart message sent over TCP
 to the destination's node address, so the kernel routes it through the OTP tunnels:
 
-BLOCKS  origin -> destination   frame 0: header + (seq, size) per block; frame 1: the
-                                blocks' bytes, concatenated in that order
+BLOCKS  origin -> destination   frame 0: header + (seq, size) per block; then one frame
+                                per block with its bytes (sent without copying)
 ACK     destination -> origin   frame 0: header + (seq, status) per block
 
 Header: magic ``QKGK``, version 1, type, origin node id, destination node id, count.
@@ -74,13 +74,11 @@ def _header(kind: MsgType, origin: int, destination: int, count: int) -> bytes:
 
 
 def encode_blocks(msg: Blocks) -> list[bytes | memoryview]:
-    """The two frames of a BLOCKS message (the data frame is joined once, here)."""
+    """The frames of a BLOCKS message: the index, then each block as it is."""
     _check_blocks([(seq, len(data)) for seq, data in msg.blocks])
     head = _header(MsgType.BLOCKS, msg.origin, msg.destination, len(msg.blocks))
     index = b"".join(_BLOCK.pack(seq, len(data)) for seq, data in msg.blocks)
-    if len(msg.blocks) == 1:
-        return [head + index, msg.blocks[0][1]]
-    return [head + index, b"".join(data for _, data in msg.blocks)]
+    return [head + index, *(data for _, data in msg.blocks)]
 
 
 def encode_ack(msg: Ack) -> list[bytes]:
@@ -122,21 +120,19 @@ def parse(frames: list[bytes | memoryview]) -> Blocks | Ack:
         raise RelayWireError("node id 0 in header")
     body = head[_HEADER.size:]
     if kind == MsgType.BLOCKS:
-        if len(frames) != 2:
-            raise RelayWireError(f"BLOCKS has 2 frames, got {len(frames)}")
         if len(body) != count * _BLOCK.size:
             raise RelayWireError(f"BLOCKS index of {len(body)} B for {count} blocks")
         index = [_BLOCK.unpack_from(body, i * _BLOCK.size) for i in range(count)]
         _check_blocks(index)
-        data = memoryview(frames[1])
-        if sum(s for _, s in index) != len(data):
-            raise RelayWireError(f"BLOCKS data is {len(data)} B, the index says "
-                                 f"{sum(s for _, s in index)} B")
-        blocks, at = [], 0
-        for seq, size in index:
-            blocks.append((seq, data[at:at + size]))
-            at += size
-        return Blocks(origin, destination, tuple(blocks))
+        if len(frames) != 1 + count:
+            raise RelayWireError(f"BLOCKS of {count} blocks has {1 + count} frames, got "
+                                 f"{len(frames)}")
+        for (seq, size), data in zip(index, frames[1:], strict=True):
+            if len(data) != size:
+                raise RelayWireError(f"block {seq} is {len(data)} B, the index says {size} B")
+        return Blocks(origin, destination,
+                      tuple((seq, data) for (seq, _), data in zip(index, frames[1:],
+                                                                   strict=True)))
     if kind == MsgType.ACK:
         if len(frames) != 1:
             raise RelayWireError(f"ACK has 1 frame, got {len(frames)}")

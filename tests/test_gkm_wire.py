@@ -71,17 +71,17 @@ def good() -> list[bytes]:
 
 @pytest.mark.parametrize("mutate, why", [
     (lambda f: [], "shorter than its header"),
-    (lambda f: [f[0][:10], f[1]], "shorter than its header"),
-    (lambda f: [b"XXXX" + f[0][4:], f[1]], "bad magic"),
-    (lambda f: [f[0][:4] + b"\x02" + f[0][5:], f[1]], "version 2"),
-    (lambda f: [f[0][:5] + b"\x09" + f[0][6:], f[1]], "unknown relay message type 9"),
-    (lambda f: [f[0][:6] + b"\x00\x00" + f[0][8:], f[1]], "node id 0"),
-    (lambda f: [f[0]], "2 frames"),
-    (lambda f: [f[0], f[1], b""], "2 frames"),
-    (lambda f: [f[0], f[1][:-1]], "data is 127 B"),
-    (lambda f: [f[0], f[1] + b"x"], "data is 129 B"),
-    (lambda f: [f[0][:-1], f[1]], "index of 23 B"),
-    (lambda f: [f[0][:10] + struct.pack(">I", 3) + f[0][14:], f[1]], "for 3 blocks"),
+    (lambda f: [f[0][:10], *f[1:]], "shorter than its header"),
+    (lambda f: [b"XXXX" + f[0][4:], *f[1:]], "bad magic"),
+    (lambda f: [f[0][:4] + b"\x02" + f[0][5:], *f[1:]], "version 2"),
+    (lambda f: [f[0][:5] + b"\x09" + f[0][6:], *f[1:]], "unknown relay message type 9"),
+    (lambda f: [f[0][:6] + b"\x00\x00" + f[0][8:], *f[1:]], "node id 0"),
+    (lambda f: [f[0], f[1]], "has 3 frames, got 2"),
+    (lambda f: [*f, b"x" * 64], "has 3 frames, got 4"),
+    (lambda f: [f[0], f[1][:-1], f[2]], "block 7 is 63 B"),
+    (lambda f: [f[0], f[1], f[2] + b"x"], "block 8 is 65 B"),
+    (lambda f: [f[0][:-1], *f[1:]], "index of 23 B"),
+    (lambda f: [f[0][:10] + struct.pack(">I", 3) + f[0][14:], *f[1:]], "for 3 blocks"),
 ])
 def test_parser_refuses_malformed_blocks_whole(mutate, why):
     with pytest.raises(RelayWireError, match=why):
