@@ -123,8 +123,9 @@ def render(snapshot: dict) -> Group:
 
 
 def render_global(snapshot: dict) -> Table:
-    t = Table(title="global key per peer (MiB; ENC = originated here for the peer, usable + "
-                    "pending; DEC = received from the peer)", title_justify="left",
+    t = Table(title="global key per peer (MiB; ENC = usable key originated here for the peer, "
+                    "pending = not yet acknowledged; DEC = received from the peer)",
+              title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("node", "peer", "ENC", "pending", "DEC", "low-high", "relay", "Mb/s",
                 "retries", "last fill"):
