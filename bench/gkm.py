@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
 from rich.console import Console
@@ -31,7 +30,6 @@ from rich.table import Table
 
 from bench.otp import BenchError, Net
 from control import emulation, paths
-from control.config import parse_topology
 from control.gkm import PAUSE_FLAG
 
 PAPER = {"mbps_at_1MB": 85.0}
@@ -73,16 +71,12 @@ source = {{ kind = "emulator", generator = "aes-ctr" }}
 class GkmNet(Net):
     """The bench network, with every global key manager paused at start."""
 
+    TEMPLATE = TEMPLATE
+    TAG = "bg"
+
     def __init__(self, block: int, store: int, window: int, ring: str, console: Console):
-        self.prefix = "bg" + uuid.uuid4().hex[:6]
-        self.console = console
-        self.cfg = paths.RUN_ROOT / f"bench-{self.prefix}.toml"
-        self.cfg.parent.mkdir(parents=True, exist_ok=True)
-        self.cfg.write_text(TEMPLATE.format(prefix=self.prefix, ring=ring, block=block,
-                                            low=store // 2, high=store, window=window))
-        self.topo = parse_topology(self.cfg.read_text(), self.cfg)
-        self.emulators: list[int] = []
-        self.paused = False
+        super().__init__(console, ring=ring, block=block, low=store // 2, high=store,
+                         window=window)
         self.store = store
 
     def up(self) -> None:

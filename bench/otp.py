@@ -82,15 +82,20 @@ class BenchError(Exception):
 
 
 class Net:
-    """One bench network: brings it up, feeds and pauses key, runs iperf3 points."""
+    """One bench network: brings it up, feeds and pauses key, runs iperf3 points.
 
-    def __init__(self, mode: str, workers: int, capacity: str, console: Console):
-        self.prefix = "bo" + uuid.uuid4().hex[:6]
+    Subclasses set their own ``TEMPLATE`` and prefix ``TAG``; ``fields`` fill the template.
+    """
+
+    TEMPLATE = TEMPLATE
+    TAG = "bo"
+
+    def __init__(self, console: Console, **fields: object):
+        self.prefix = self.TAG + uuid.uuid4().hex[:6]
         self.console = console
         self.cfg = paths.RUN_ROOT / f"bench-{self.prefix}.toml"
         self.cfg.parent.mkdir(parents=True, exist_ok=True)
-        self.cfg.write_text(TEMPLATE.format(prefix=self.prefix, mode=mode, workers=workers,
-                                            capacity=capacity))
+        self.cfg.write_text(self.TEMPLATE.format(prefix=self.prefix, **fields))
         self.topo: Topology = parse_topology(self.cfg.read_text(), self.cfg)
         self.emulators: list[int] = []
         self.paused = False
@@ -281,7 +286,7 @@ def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int
                   f"end, {os.cpu_count()} cores, rings {capacity}")
     points: list[dict] = []
     for mode in modes:
-        net = Net(mode, workers, capacity, console)
+        net = Net(console, mode=mode, workers=workers, capacity=capacity)
         try:
             console.print(f"  {mode}: bringing up {net.prefix} and filling rings ...")
             net.up()

@@ -18,32 +18,18 @@ from pathlib import Path
 import pytest
 
 from control import emulation, paths
-from control.config import parse_topology
 from control.gkm import CRASH_ENV
 from control.gkm_client import GkmClient
 from control.keystore import StoreError
 from tests.nsutil import routes_complete, run_in_netns, set_link, wait_until
-from tests.test_tunnel import NET
+from tests.test_tunnel import make_net as tunnel_net
 
 pytestmark = pytest.mark.netns
 MIB = 1 << 20
 
 
 def make_net(tmp_path: Path, prefix: str, gkm: str, two: bool = False):
-    text = NET.format(prefix=prefix)
-    start = text.index("[gkm]")
-    end = text.index("[[nodes]]")
-    text = text[:start] + "[gkm]\n" + gkm + "\n" + text[end:]
-    text = text.replace("key_rate_mbps = 400", "key_rate_mbps = 2000")
-    if two:  # A - B only
-        text = text[:text.index('[[nodes]]\nname = "C"')] + \
-            text[text.index("[[links]]"):text.index('[[links]]\na = "B"')]
-    path = tmp_path / f"{prefix}.toml"
-    path.write_text(text)
-    topo = parse_topology(text, path)
-    man = emulation.net_up(topo)
-    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), 40, "routes at every node")
-    return topo, man
+    return tunnel_net(tmp_path, prefix, two=two, gkm=gkm, key_rate=2000)
 
 
 def gkm_state(prefix: str, node: str) -> dict | None:

@@ -84,10 +84,17 @@ source = { generator = "aes-ctr" }
 
 
 def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = False,
-             ring: str = "32MiB", key_wait_ms: int = 100):
+             ring: str = "32MiB", key_wait_ms: int = 100, gkm: str | None = None,
+             key_rate: int = 400):
+    """Bring up A - B - C (or A - B, or the triangle); ``gkm`` replaces the [gkm] section
+    (which by default keeps no global key)."""
     text = NET.format(prefix=prefix).replace('ring_capacity = "32MiB"',
                                              f'ring_capacity = "{ring}"')
     text = text.replace("workers = 2\n", f"workers = 2\nkey_wait_ms = {key_wait_ms}\n")
+    text = text.replace("key_rate_mbps = 400", f"key_rate_mbps = {key_rate}")
+    if gkm is not None:
+        text = text[:text.index("[gkm]")] + "[gkm]\n" + gkm + "\n" + \
+            text[text.index("[[nodes]]"):]
     if two:  # A - B only
         text = text[:text.index('[[nodes]]\nname = "C"')] + \
             text[text.index("[[links]]"):text.index('[[links]]\na = "B"')]
