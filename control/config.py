@@ -438,10 +438,10 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
             problems.append((f"{where}.ring_capacity",
                              f"{cap} B is smaller than one key block ({block} B)"))
     g = raw.gkm
-    if g.high_watermark <= g.low_watermark:
+    if g.high_watermark - g.low_watermark < g.block_size:
         problems.append(("gkm.high_watermark",
-                         f"{g.high_watermark} B must be above gkm.low_watermark "
-                         f"({g.low_watermark} B)"))
+                         f"{g.high_watermark} B must be at least one block "
+                         f"({g.block_size} B) above gkm.low_watermark ({g.low_watermark} B)"))
     if g.high_watermark < g.block_size:
         problems.append(("gkm.high_watermark",
                          f"{g.high_watermark} B is smaller than one block ({g.block_size} B)"))

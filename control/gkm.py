@@ -49,7 +49,7 @@ from control.gkm_wire import (
 from control.keystore import BlockState, KeyStore, StoreError
 from control.relay import Outbox, RateMeter, Restock
 from control.statefile import write_json
-from dataplane.limits import MAX_RELAY_BLOCKS
+from dataplane.limits import MAX_GLOBAL_BLOCK, MAX_RELAY_BLOCKS
 
 log = logging.getLogger("qkdnet.gkm")
 PUBLISH_S = 0.5
@@ -58,6 +58,7 @@ SEND_BATCH = 4 << 20          # bytes of blocks per BLOCKS message
 GENERATE_BATCH = 16 << 20     # bytes generated and stored in one write
 RECEIVE_BATCH = 16 << 20      # bytes of arrived messages stored with one synced write
 HEARTBEAT_MS = 500
+MAX_TAKE_KEYS = 1 << 20       # keys one local request may take
 PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no restocking
 CRASH_ENV = "QKDNET_GKM_CRASH"  # tests: "point=probability,..." kills this process there
 
@@ -69,6 +70,13 @@ def random_blocks(count: int, size: int) -> list[bytes]:
     stream = Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), None).encryptor()
     data = stream.update(bytes(count * size))
     return [data[i * size:(i + 1) * size] for i in range(count)]
+
+
+def _bounded_int(req: dict, name: str, limit: int) -> int:
+    v = req.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+        raise StoreError("bad", f"{name} must be an integer from 1 to {limit}")
+    return v
 
 
 class CrashPoints:
@@ -233,7 +241,14 @@ class GlobalKeyManager:
         for name in {o for _, _, o in accepted if o is not None}:
             mine = [(i, m) for i, (_, m, o) in enumerate(accepted) if o == name]
             self.crash("dest.received")
-            flat = self.store.store_received(name, [b for _, m in mine for b in m.blocks])
+            try:
+                flat = self.store.store_received(name, [b for _, m in mine for b in m.blocks])
+            except Exception as e:  # e.g. a full disk: no ACK, the origin resends later
+                log.error("gkm %s: cannot store blocks from %s: %s", self.node.name, name,
+                          type(e).__name__)
+                for i, _ in mine:
+                    statuses[i] = []
+                continue
             self.crash("dest.stored")
             at = 0
             for i, m in mine:
@@ -248,6 +263,8 @@ class GlobalKeyManager:
                                   self.node.name, name)
         for i, (ident, msg, _) in enumerate(accepted):
             sts = statuses.get(i, [AckStatus.REFUSED] * len(msg.blocks))
+            if not sts:
+                continue  # not stored: no answer
             ack = Ack(msg.origin, self.node.id,
                       tuple((seq, st) for (seq, _), st in zip(msg.blocks, sts, strict=True)))
             self.router.send_multipart([ident, *encode_ack(ack)])
@@ -342,15 +359,16 @@ class GlobalKeyManager:
                 reply.append(data)
         except StoreError as e:
             reply = [json.dumps({"ok": False, "kind": e.kind, "error": str(e)}).encode()]
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # a bad request must never stop the key manager
             reply = [json.dumps({"ok": False, "kind": "bad",
-                                 "error": f"malformed request: {e!r}"}).encode()]
+                                 "error": f"malformed request ({type(e).__name__})"}).encode()]
         self.api.send_multipart([ident, b"", *reply])
 
     def _serve(self, req: dict) -> tuple[dict, bytes | None]:
         op = req["op"]
         if op == "take_enc":
-            number, size = int(req["number"]), int(req["size"])
+            number = _bounded_int(req, "number", MAX_TAKE_KEYS)
+            size = _bounded_int(req, "size", MAX_GLOBAL_BLOCK - 1)
             keys = self.store.take_enc(str(req["peer"]), number, size)
             return ({"key_ids": [str(s.key_id) for s, _ in keys]},
                     b"".join(k for _, k in keys))

@@ -56,6 +56,11 @@ def _seq_key(tag: bytes, seq: int) -> bytes:
     return tag + _U64.pack(seq)
 
 
+def _uuid_bytes(kid: str) -> bytes:
+    """A key ID's 16 bytes: every spelling of one UUID names one reservation."""
+    return uuid.UUID(str(kid)).bytes
+
+
 @dataclass
 class EncState:
     """In-memory index of one ENC store, rebuilt from the database at open; running
@@ -121,15 +126,31 @@ class EncState:
 
 @dataclass
 class DecState:
+    """In-memory index of one DEC store. ``cursor`` is where the next reservation may
+    start: reservations follow the origin's carving order, so nothing behind it can be
+    reserved (again); ``outstanding`` counts reserved, undelivered keys per block."""
+
     peer: str
     peer_id: int
     blocks: dict[int, int] = field(default_factory=dict)  # seq -> size
-    reserved: int = 0
+    cursor: Cursor = Cursor(0, 0)
+    outstanding: dict[int, int] = field(default_factory=dict)
+    stored_total: int = 0
     delivered_bytes: int = 0
     delivered_keys: int = 0
+    freed_blocks: int = 0
+
+    @property
+    def reserved(self) -> int:
+        return sum(self.outstanding.values())
 
     def stored_bytes(self) -> int:
-        return sum(self.blocks.values())
+        return self.stored_total
+
+    def done(self) -> list[int]:
+        """Blocks wholly behind the cursor with no key left to deliver: to delete."""
+        return [seq for seq in self.blocks
+                if seq < self.cursor.seq and not self.outstanding.get(seq)]
 
 
 class KeyStore:
@@ -203,10 +224,16 @@ class KeyStore:
         st = DecState(peer, peer_id)
         for seq, size, _ in self._metas("dec", peer):
             st.blocks[seq] = size
-        it = self._cf("dec", peer).iter()
+            st.stored_total += size
+        cf = self._cf("dec", peer)
+        raw = cf.get(b"c")
+        if raw:
+            st.cursor = Cursor(*_CURSOR.unpack(raw))
+        it = cf.iter()
         it.seek(b"r")
         while it.valid() and it.key()[:1] == b"r":
-            st.reserved += 1
+            seq = decode(uuid.UUID(bytes=it.key()[1:])).seq
+            st.outstanding[seq] = st.outstanding.get(seq, 0) + 1
             it.next()
         return st
 
@@ -269,6 +296,8 @@ class KeyStore:
                 cur = st.blocks.get(seq)
                 if cur is not None and cur[1] == BlockState.PENDING:
                     wb.put(_seq_key(b"m", seq), _META.pack(cur[0], state), h)
+                    if state == BlockState.CONFLICT:  # never used: its bytes go now
+                        wb.delete(_seq_key(b"b", seq), h)
                     changed.append((seq, cur[0]))
             if changed:
                 self.db.write(wb, self.unsynced)
@@ -282,6 +311,15 @@ class KeyStore:
             st = self.enc.get(peer)
             if st is None:
                 raise StoreError("unknown", f"no global key is kept for node {peer!r}")
+            if number < 1 or size < 1:
+                raise StoreError("bad", "number and size must be positive")
+            largest = max((b for b, _ in st.blocks.values()), default=0)
+            if st.blocks and size > largest:
+                raise StoreError("bad", f"keys of {size} B do not fit the global key blocks "
+                                        f"of {largest} B (gkm.block_size)")
+            if number * size > st.usable_bytes():
+                raise StoreError("short", f"not enough key: {number} keys of {size} B asked, "
+                                          f"{st.usable_bytes()} B usable")
             try:
                 slices, cur = carve(st.cursor, st.carvable(number, size), number, size,
                                     origin=self.node_id, destination=st.peer_id)
@@ -301,7 +339,8 @@ class KeyStore:
             wb = WriteBatch(raw_mode=True)
             wb.put(b"c", _CURSOR.pack(cur.seq, cur.offset), h)
             gone = [s for s in range(st.cursor.seq, cur.seq)
-                    if st.blocks.get(s, (0, None))[1] == BlockState.USABLE]
+                    if st.blocks.get(s, (0, None))[1] in (BlockState.USABLE,
+                                                          BlockState.CONFLICT)]
             for seq in gone:
                 wb.delete(_seq_key(b"b", seq), h)
                 wb.delete(_seq_key(b"m", seq), h)
@@ -343,21 +382,63 @@ class KeyStore:
                                    sync=True)
                 for seq, data in new.items():
                     st.blocks[seq] = len(data)
+                    st.stored_total += len(data)
             return results
 
-    def reserve(self, peer: str, key_ids: list[str], sae: str) -> None:
-        """Let ``sae`` fetch these keys from ``peer`` once (the origin carved them for it)."""
+    def reserve(self, peer: str, key_ids: list[str], sae: str,
+                carved_to: Cursor | None = None) -> None:
+        """Let ``sae`` fetch these keys from ``peer`` once. Reservations follow the
+        origin's carving order: each key must start at or after the end of the last one
+        reserved, so a key delivered (or reserved) once can never be reserved again, and
+        no two reserved keys share a byte. Repeating an identical reservation is a no-op
+        (the origin may resend). ``carved_to`` is the origin's carving cursor: nothing
+        before it will ever be reserved, so blocks wholly behind it are deleted as soon as
+        their reserved keys are delivered."""
         with self.lock:
-            st = self.dec.get(peer)
-            if st is None:
-                raise StoreError("unknown", f"no global key is kept from node {peer!r}")
+            st = self._dec_state(peer)
+            cf = self._cf("dec", peer)
             h = self._handle("dec", peer)
-            wb = WriteBatch(raw_mode=True)
+            owner = sae.encode()
+            cur = st.cursor
+            new: list[tuple[bytes, KeySlice]] = []
             for kid in key_ids:
-                self._dec_slice(st, kid)  # refuses IDs that name no stored key
-                wb.put(b"r" + uuid.UUID(str(kid)).bytes, sae.encode(), h)
+                s = self._dec_slice(st, kid)
+                rid = b"r" + _uuid_bytes(kid)
+                if (s.seq, s.offset) < (cur.seq, cur.offset):
+                    if cf.get(rid) == owner:
+                        continue  # the same reservation again
+                    raise StoreError("unknown", f"key ID {kid} is already reserved or "
+                                                "delivered, or overlaps a key that is")
+                new.append((rid, s))
+                cur = Cursor(s.seq, s.offset + s.size)
+            if carved_to is not None and (carved_to.seq, carved_to.offset) > (cur.seq,
+                                                                               cur.offset):
+                cur = carved_to
+            wb = WriteBatch(raw_mode=True)
+            for rid, _ in new:
+                wb.put(rid, owner, h)
+            wb.put(b"c", _CURSOR.pack(cur.seq, cur.offset), h)
+            for s in (s for _, s in new):
+                st.outstanding[s.seq] = st.outstanding.get(s.seq, 0) + 1
+            st.cursor = cur
+            self._free_done(st, wb, h)
             self.db.write(wb, self.synced)
-            st.reserved += len(key_ids)
+
+    def _dec_state(self, peer: str) -> DecState:
+        st = self.dec.get(peer)
+        if st is None:
+            raise StoreError("unknown", f"no global key is kept from node {peer!r}")
+        return st
+
+    def _free_done(self, st: DecState, wb: WriteBatch, h) -> None:
+        """Add the deletion of used-up DEC blocks to ``wb`` (memory updated now: the
+        caller writes ``wb`` next, and a lost write only leaves blocks to delete later)."""
+        for seq in st.done():
+            wb.delete(_seq_key(b"b", seq), h)
+            wb.delete(_seq_key(b"m", seq), h)
+            st.stored_total -= st.blocks.pop(seq)
+            st.outstanding.pop(seq, None)
+            st.freed_blocks += 1
 
     def _dec_slice(self, st: DecState, kid: str) -> KeySlice:
         try:
@@ -375,33 +456,34 @@ class KeyStore:
         """The keys' bytes, each delivered once and only to the SAE it was reserved for;
         refused whole (nothing delivered) if any key is not deliverable."""
         with self.lock:
-            st = self.dec.get(peer)
-            if st is None:
-                raise StoreError("unknown", f"no global key is kept from node {peer!r}")
-            if len(set(key_ids)) != len(key_ids):
-                raise StoreError("bad", "a key ID is named twice")
+            st = self._dec_state(peer)
             cf = self._cf("dec", peer)
             h = self._handle("dec", peer)
+            decoded = [self._dec_slice(st, kid) for kid in key_ids]
+            if len(set(decoded)) != len(decoded):
+                raise StoreError("bad", "a key ID is named twice")
             slices = []
-            for kid in key_ids:
-                s = self._dec_slice(st, kid)
-                owner = cf.get(b"r" + uuid.UUID(str(kid)).bytes)
+            for kid, s in zip(key_ids, decoded, strict=True):
+                rid = b"r" + _uuid_bytes(kid)
+                owner = cf.get(rid)
                 if owner is None:
                     raise StoreError("unknown", f"key ID {kid} is unknown or already "
                                                 "delivered")
                 if owner != sae.encode():
                     raise StoreError("forbidden", f"key ID {kid} belongs to another SAE")
-                slices.append((kid, s))
+                slices.append((rid, s))
             wb = WriteBatch(raw_mode=True)
             out = []
             data: dict[int, bytes] = {}
-            for kid, s in slices:
+            for rid, s in slices:
                 if s.seq not in data:
                     data[s.seq] = cf[_seq_key(b"b", s.seq)]
                 out.append(data[s.seq][s.offset:s.offset + s.size])
-                wb.delete(b"r" + uuid.UUID(str(kid)).bytes, h)
+                wb.delete(rid, h)
+            for _, s in slices:
+                st.outstanding[s.seq] -= 1
+            self._free_done(st, wb, h)
             self.db.write(wb, self.synced)
-            st.reserved -= len(slices)
             st.delivered_keys += len(slices)
             st.delivered_bytes += sum(s.size for _, s in slices)
             return out
@@ -418,7 +500,9 @@ class KeyStore:
                    for p, s in self.enc.items()}
             dec = {p: {"stored": s.stored_bytes(), "blocks": len(s.blocks),
                        "reserved_keys": s.reserved, "delivered_keys": s.delivered_keys,
-                       "delivered_bytes": s.delivered_bytes}
+                       "delivered_bytes": s.delivered_bytes,
+                       "reserve_cursor": [s.cursor.seq, s.cursor.offset],
+                       "freed_blocks": s.freed_blocks}
                    for p, s in self.dec.items()}
             return {"enc": enc, "dec": dec}
 

@@ -74,11 +74,17 @@ class Outbox:
         return out
 
     def unsent(self, seqs: list[int], now: float) -> None:
-        """The transport refused these (no connection): due again after a backoff."""
+        """The transport refused these (no connection): not an attempt (no retry counted,
+        no delay sample), due again after the current backoff."""
         for seq in seqs:
             p = self.pending.get(seq)
             if p is not None:
-                p.due = now + self.timeout(p.attempts)
+                if p.attempts > 1:
+                    self.retries -= 1
+                p.attempts = max(0, p.attempts - 1)
+                if p.attempts == 0:
+                    p.first_sent = None
+                p.due = now + self.timeout(max(1, p.attempts))
 
     def resend_all(self, now: float) -> None:
         """A new connection: what was sent on the old one may be lost, send it again."""

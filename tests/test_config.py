@@ -484,3 +484,43 @@ def test_auto_node_address_does_not_collide_with_explicit_address():
 ], ids=["prefix", "node", "link"])
 def test_names_with_trailing_newline_are_refused(text):
     problems_of(text)
+
+
+# ---- [gkm] ---------------------------------------------------------------------------------
+
+def gkm(section: str) -> str:
+    return BASE.replace("[[nodes]]", "[gkm]\n" + section + "\n[[nodes]]", 1)
+
+
+def test_gkm_defaults_keep_every_pair_both_ways():
+    t = parse_topology(BASE)
+    assert (t.gkm.block_size, t.gkm.low_watermark, t.gkm.high_watermark, t.gkm.window) == \
+        (1 << 20, 32 << 20, 64 << 20, 16 << 20)
+    assert set(t.gkm.pairs) == {("A", "B"), ("B", "A"), ("A", "C"), ("C", "A"), ("B", "C"),
+                                ("C", "B")}
+    assert t.gkm.destinations_of("A") == ["B", "C"] and t.gkm.origins_of("C") == ["A", "B"]
+
+
+def test_gkm_explicit_pairs_and_none():
+    t = parse_topology(gkm('pairs = [["A", "C"]]\nblock_size = "32B"\n'
+                           'low_watermark = 32\nhigh_watermark = 64\nwindow = 32'))
+    assert t.gkm.pairs == (("A", "C"), ("C", "A"))
+    assert t.gkm.destinations_of("B") == [] and t.gkm.origins_of("B") == []
+    assert parse_topology(gkm("pairs = []")).gkm.pairs == ()
+
+
+@pytest.mark.parametrize("section, field, phrase", [
+    ('block_size = "31B"', "gkm.block_size", "between 32 B and 16 MiB"),
+    ('block_size = "17MiB"', "gkm.block_size", "between 32 B and 16 MiB"),
+    ('low_watermark = 67000000', "gkm.high_watermark", "at least one block"),
+    ('high_watermark = "32MiB"', "gkm.high_watermark", "at least one block"),
+    ('window = "512KiB"', "gkm.window", "smaller than one block"),
+    ('window = 0', "gkm.window", "between 1 B and"),
+    ('pairs = [["A", "Z"]]', "gkm.pairs[0][1]", "no node named 'Z'"),
+    ('pairs = [["A", "A"]]', "gkm.pairs[0]", "two different nodes"),
+    ('pairs = [["A", "B"], ["B", "A"]]', "gkm.pairs[1]", "listed twice"),
+    ('pairs = "some"', "gkm.pairs", ""),
+    ('pair = "all"', "gkm.pair", "unknown field"),
+])
+def test_gkm_mistakes_are_refused_at_their_field(section, field, phrase):
+    assert_problem(gkm(section), field, phrase)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from control import emulation, paths
+from control.carving import decode
 from control.gkm import CRASH_ENV
 from control.gkm_client import GkmClient
 from control.keystore import StoreError
@@ -345,16 +346,34 @@ def test_concurrent_takers_in_threads_and_processes_never_share_a_key(tmp_path, 
     ids = [k for k, _ in keys]
     assert len(ids) > 2000
     assert len(set(ids)) == len(ids), "a key ID was handed out twice"
-    from control.carving import decode
-
     spans = sorted((s.seq, s.offset, s.offset + s.size) for s in map(decode, ids))
     for (s1, _, e1), (s2, b2, _) in zip(spans, spans[1:], strict=False):
         assert s1 != s2 or e1 <= b2, "two keys share bytes"
     # The slave side: every key reserved once, and concurrent dec takers in processes each
     # trying every ID: each ID is delivered exactly once in total.
-    sample = ids[:400]
+    # Reservations follow the origin's carving order (the master's node sends them so).
+    sample = sorted(ids, key=lambda k: (decode(k).seq, decode(k).offset))[:400]
     client_call(prefix, "B", "reserve", "A", sample, "sae-b")
     with ctx.Pool(4) as pool:
         got = pool.starmap(_dec_taker, [(prefix, sample)] * 4)
     delivered = [k for g in got for k in g]
     assert sorted(delivered) == sorted(sample)
+    # Hostile local requests get an error each, and the key manager keeps serving.
+    pid = gkm_state(prefix, "A")["pid"]
+    import zmq
+
+    from control.gkm_client import socket_path
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{socket_path(prefix, 'A')}")
+    for body in (b"[" * 100_000, b'{"op": "take_enc", "peer": "B", "number": Infinity, '
+                 b'"size": 32}', b'{"op": "take_enc", "peer": "B", "number": 1000000, '
+                 b'"size": 4096}', b'{"op": "take_enc", "peer": "B", "number": true, '
+                 b'"size": 32}', b"\xff", b'{"op": "nothing"}', b"{}"):
+        sock.send(body)
+        reply = json.loads(sock.recv())
+        assert reply["ok"] is False and reply["kind"] in ("bad", "short"), reply
+    sock.close()
+    assert client_call(prefix, "A", "summary")["pid"] == pid

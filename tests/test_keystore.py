@@ -64,8 +64,13 @@ def test_a_refused_take_changes_nothing(tmp_path):
     s = origin(tmp_path)
     fill(s, [os.urandom(64) for _ in range(2)])
     before = s.summary()
-    with pytest.raises(StoreError, match="2 of 3"):
+    with pytest.raises(StoreError, match="3 keys of 64 B asked, 128 B usable"):
         s.take_enc("B", 3, 64)  # two blocks of 64: the third key is missing
+    with pytest.raises(StoreError, match="2 of 3"):
+        s.take_enc("B", 3, 40)  # 120 B fit in 128 B, but a key never spans two blocks
+    with pytest.raises(StoreError, match="do not fit the global key blocks of 64 B") as e:
+        s.take_enc("B", 1, 65)
+    assert e.value.kind == "bad"
     assert s.summary() == before
     assert len(s.take_enc("B", 2, 64)) == 2
     with pytest.raises(StoreError, match="no global key is kept for node 'Z'"):
@@ -229,3 +234,81 @@ def _open_second(tmp_path, q) -> None:
         q.put("opened")
     except StoreError as e:
         q.put(str(e))
+
+
+def _pair_with_keys(tmp_path, nblocks: int = 3, size: int = 256):
+    o, d = origin(tmp_path), dest(tmp_path)
+    blocks = [os.urandom(size) for _ in range(nblocks)]
+    seqs = fill(o, blocks)
+    d.store_received("A", list(zip(seqs, blocks, strict=True)))
+    return o, d
+
+
+def test_a_delivered_or_reserved_key_can_never_be_reserved_again(tmp_path):
+    o, d = _pair_with_keys(tmp_path)
+    keys = o.take_enc("B", 4, 64)
+    ids = [str(k.key_id) for k, _ in keys]
+    d.reserve("A", ids[:2], "sae-2")
+    d.reserve("A", ids[:2], "sae-2")  # the origin resent it: a no-op
+    assert d.summary()["dec"]["A"]["reserved_keys"] == 2
+    with pytest.raises(StoreError, match="already reserved or delivered"):
+        d.reserve("A", ids[1:2], "sae-9")  # no stealing a reservation
+    assert d.take_dec("A", ids[:1], "sae-2") == [keys[0][1]]
+    with pytest.raises(StoreError, match="already reserved or delivered"):
+        d.reserve("A", ids[:1], "sae-9")  # delivered: behind the cursor for good
+    # A key the origin never carved that overlaps reserved ones: refused.
+    overlap = str(KeySlice(A, B, 0, 32, 64).key_id)
+    with pytest.raises(StoreError, match="overlaps"):
+        d.reserve("A", [overlap], "sae-2")
+    with pytest.raises(StoreError, match="already reserved or delivered"):
+        d.reserve("A", [ids[3], ids[2]], "sae-2")  # out of carving order
+    d.reserve("A", ids[2:], "sae-2")
+    assert d.take_dec("A", ids[1:], "sae-2") == [k for _, k in keys[1:]]
+
+
+def test_every_spelling_of_a_key_id_names_the_same_key(tmp_path):
+    o, d = _pair_with_keys(tmp_path)
+    (k, key), = o.take_enc("B", 1, 64)
+    kid = str(k.key_id)
+    d.reserve("A", [kid], "sae-2")
+    spellings = [kid.upper(), "urn:uuid:" + kid, "{" + kid + "}", kid.replace("-", "")]
+    with pytest.raises(StoreError, match="named twice"):
+        d.take_dec("A", [kid, *spellings], "sae-2")
+    assert d.take_dec("A", [spellings[1]], "sae-2") == [key]
+    for other in [kid, *spellings]:
+        with pytest.raises(StoreError, match="already delivered"):
+            d.take_dec("A", [other], "sae-2")
+
+
+def test_used_up_dec_blocks_are_deleted_and_stay_deleted(tmp_path):
+    o, d = _pair_with_keys(tmp_path, nblocks=4, size=128)
+    keys = o.take_enc("B", 5, 64)  # blocks 0, 1 used up; block 2 half
+    ids = [str(k.key_id) for k, _ in keys]
+    cursor = o.enc["B"].cursor
+    d.reserve("A", ids, "sae-2", carved_to=cursor)
+    assert d.summary()["dec"]["A"]["blocks"] == 4  # keys still to deliver in 0 and 1
+    d.take_dec("A", ids[:2], "sae-2")  # block 0 delivered whole: freed
+    assert sorted(d.dec["A"].blocks) == [1, 2, 3]
+    assert d.block("dec", "A", 0) is None
+    d.take_dec("A", ids[2:], "sae-2")
+    assert sorted(d.dec["A"].blocks) == [2, 3]  # 2 is still being carved
+    assert d.summary()["dec"]["A"]["stored"] == 2 * 128
+    # Skipped key (carved at the origin, never reserved) does not pin a block: the origin's
+    # cursor moving past it frees it.
+    o.take_enc("B", 2, 64)  # the rest of block 2, the first key of block 3
+    d.reserve("A", [], "sae-2", carved_to=o.enc["B"].cursor)
+    assert sorted(d.dec["A"].blocks) == [3]
+    d.close()
+    d = dest(tmp_path)
+    assert sorted(d.dec["A"].blocks) == [3] and d.dec["A"].cursor == o.enc["B"].cursor
+
+
+def test_a_conflicting_block_loses_its_bytes_and_is_skipped(tmp_path):
+    s = origin(tmp_path)
+    seqs = fill(s, [os.urandom(64) for _ in range(3)], usable=False)
+    s.mark("B", [seqs[0], seqs[2]], BlockState.USABLE)
+    s.mark("B", [seqs[1]], BlockState.CONFLICT)
+    assert s.block("enc", "B", seqs[1]) is None
+    keys = s.take_enc("B", 2, 64)
+    assert [k.seq for k, _ in keys] == [0, 2]
+    assert s.summary()["enc"]["B"]["blocks"] == 0

@@ -73,6 +73,9 @@ def test_unsent_and_new_connection():
     seqs = ob.due(0.0, MIB, 10)
     ob.unsent(seqs, 0.0)  # refused by the transport: later, not now
     assert ob.due(0.5, MIB, 10) == []
+    assert ob.due(1.0, MIB, 10) == [0, 1]
+    ob.unsent([0, 1], 1.0)  # refused again: still no retry counted, no delay sample
+    assert ob.retries == 0 and ob.pending[0].attempts == 0
     ob.resend_all(0.6)     # a new connection: everything again, now
     assert ob.due(0.6, MIB, 10) == [0, 1]
 
