@@ -42,8 +42,12 @@ from control.gkm_wire import (
     AckStatus,
     Blocks,
     RelayWireError,
+    Reserve,
+    Reserved,
+    ReserveStatus,
     encode_ack,
     encode_blocks,
+    encode_reserved,
     parse,
 )
 from control.keystore import BlockState, KeyStore, StoreError
@@ -57,6 +61,8 @@ UNREACHABLE_AFTER_S = 5.0
 SEND_BATCH = 4 << 20          # bytes of blocks per BLOCKS message
 GENERATE_BATCH = 16 << 20     # bytes generated and stored in one write
 RECEIVE_BATCH = 16 << 20      # bytes of arrived messages stored with one synced write
+RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after this
+RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to confirm
 HEARTBEAT_MS = 500
 MAX_TAKE_KEYS = 1 << 20       # keys one local request may take
 PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no restocking
@@ -116,6 +122,8 @@ class Destination:
         self.not_connected_sends = 0
         self.last_error = ""
         self.reported_state = "ok"
+        self.reserve_due = 0.0   # 0: resend every unacknowledged reservation now
+        self.reserve_next = 0
 
 
 class GlobalKeyManager:
@@ -145,6 +153,7 @@ class GlobalKeyManager:
         self.received_bytes = 0
         self.refused_messages = 0
         self.last_refusal = ""
+        self.waiting: dict[tuple[str, int], tuple[bytes, list[bytes], float]] = {}
         now = time.monotonic()
         for d in self.dests.values():
             for seq in self.store.pending(d.name):
@@ -223,8 +232,11 @@ class GlobalKeyManager:
             except RelayWireError as e:
                 self._refuse(str(e))
                 continue
+            if isinstance(msg, Reserve):
+                self.on_reserve(ident, rest[0].get("Peer-Address"), msg)
+                continue
             if not isinstance(msg, Blocks):
-                self._refuse("an ACK arrived at the relay port")
+                self._refuse("an acknowledgement arrived at the relay port")
                 continue
             origin = self.by_id.get(msg.origin)
             peer_addr = rest[0].get("Peer-Address")
@@ -269,6 +281,26 @@ class GlobalKeyManager:
                       tuple((seq, st) for (seq, _), st in zip(msg.blocks, sts, strict=True)))
             self.router.send_multipart([ident, *encode_ack(ack)])
 
+    def on_reserve(self, ident: zmq.Frame, peer_addr: str | None, msg: Reserve) -> None:
+        origin = self.by_id.get(msg.origin)
+        if origin is None or peer_addr != str(origin.address):
+            self._refuse(f"reservation claiming origin id {msg.origin} came from {peer_addr}")
+            return
+        if msg.destination != self.node.id or origin.name not in self.origins:
+            status = ReserveStatus.REFUSED
+        else:
+            try:
+                status = self.store.apply_reservation(origin.name, msg)
+            except Exception as e:  # e.g. a full disk: no answer, the origin resends
+                log.error("gkm %s: cannot store a reservation from %s: %s", self.node.name,
+                          origin.name, type(e).__name__)
+                return
+            if status == ReserveStatus.REFUSED:
+                log.error("gkm %s: reservation %d from %s names keys that cannot be "
+                          "reserved; skipped", self.node.name, msg.rseq, origin.name)
+        self.router.send_multipart([ident, *encode_reserved(
+            Reserved(msg.origin, self.node.id, msg.rseq, status))])
+
     # ---- the origin's side --------------------------------------------------------------
 
     def on_ack(self, d: Destination, frames: list[zmq.Frame]) -> None:
@@ -277,8 +309,12 @@ class GlobalKeyManager:
         except RelayWireError as e:
             self._refuse(str(e))
             return
-        if not isinstance(msg, Ack) or msg.origin != self.node.id or msg.destination != d.id:
+        if not isinstance(msg, Ack | Reserved) or msg.origin != self.node.id \
+                or msg.destination != d.id:
             self._refuse(f"unexpected message on the connection to {d.name}")
+            return
+        if isinstance(msg, Reserved):
+            self.on_reserved(d, msg)
             return
         self.crash("origin.acked")
         now = time.monotonic()
@@ -301,6 +337,47 @@ class GlobalKeyManager:
             d.last_error = f"{len(bad)} block(s) held with other bytes by {d.name}: unused"
         if any(st == AckStatus.REFUSED for _, st in msg.results):
             d.last_error = f"{d.name} does not keep global key from this node (config?)"
+
+    def on_reserved(self, d: Destination, msg: Reserved) -> None:
+        if msg.status == ReserveStatus.GAP:
+            d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
+            return
+        self.store.reservation_acked(d.name, msg.rseq)
+        waiting = self.waiting.pop((d.name, msg.rseq), None)
+        if waiting is None:
+            return
+        ident, reply, _ = waiting
+        if msg.status == ReserveStatus.REFUSED:
+            reply = [json.dumps({"ok": False, "kind": "bad", "error":
+                                 f"node {d.name} refused the reservation"}).encode()]
+        self.api.send_multipart([ident, b"", *reply])
+
+    def send_reservations(self, d: Destination, now: float) -> None:
+        """Unacknowledged reservations go out in order: new ones at once; all of them
+        again after a new connection, a GAP, or RESERVE_RETRY_S without an answer."""
+        unacked = self.store.enc[d.name].unacked
+        if not unacked:
+            return
+        if now >= d.reserve_due:
+            todo = sorted(unacked)
+            d.reserve_due = now + RESERVE_RETRY_S
+        else:
+            todo = sorted(s for s in unacked if s >= d.reserve_next)
+        for rseq in todo:
+            try:
+                d.sock.send(unacked[rseq], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            d.reserve_next = max(d.reserve_next, rseq + 1)
+
+    def expire_waiting(self, now: float) -> None:
+        for key, (ident, _, deadline) in list(self.waiting.items()):
+            if now >= deadline:
+                del self.waiting[key]
+                self.api.send_multipart([ident, b"", json.dumps({
+                    "ok": False, "kind": "unreachable",
+                    "error": f"node {key[0]} did not confirm the reservation within "
+                             f"{RESERVE_WAIT_S:.0f} s; the keys were not handed out"}).encode()])
 
     def restock(self, d: Destination, now: float) -> None:
         if not d.ever_connected or self.paused:
@@ -344,6 +421,7 @@ class GlobalKeyManager:
                 log.info("gkm %s: connected to %s", self.node.name, d.name)
                 # Whatever was sent on the old connection may be lost: resend soon.
                 d.outbox.resend_all(time.monotonic())
+                d.reserve_due = 0.0
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 d.connected = False
 
@@ -357,6 +435,11 @@ class GlobalKeyManager:
             reply = [json.dumps({"ok": True, **head}).encode()]
             if data is not None:
                 reply.append(data)
+            if "rseq" in head:  # answered once the slave's node has the reservation
+                key = (str(req["peer"]), head["rseq"])
+                self.waiting[key] = (ident, reply, time.monotonic() + RESERVE_WAIT_S)
+                self.send_reservations(self.dests[key[0]], time.monotonic())
+                return
         except StoreError as e:
             reply = [json.dumps({"ok": False, "kind": e.kind, "error": str(e)}).encode()]
         except Exception as e:  # a bad request must never stop the key manager
@@ -369,6 +452,15 @@ class GlobalKeyManager:
         if op == "take_enc":
             number = _bounded_int(req, "number", MAX_TAKE_KEYS)
             size = _bounded_int(req, "size", MAX_GLOBAL_BLOCK - 1)
+            slaves = req.get("slaves")
+            if slaves is not None:
+                if not isinstance(slaves, list) or not slaves or \
+                        not all(isinstance(x, str) and x and "\n" not in x for x in slaves):
+                    raise StoreError("bad", "slaves must be a list of SAE IDs")
+                keys, rseq = self.store.take_enc_reserved(str(req["peer"]), number, size,
+                                                          tuple(slaves))
+                return ({"key_ids": [str(s.key_id) for s, _ in keys], "rseq": rseq},
+                        b"".join(k for _, k in keys))
             keys = self.store.take_enc(str(req["peer"]), number, size)
             return ({"key_ids": [str(s.key_id) for s, _ in keys]},
                     b"".join(k for _, k in keys))
@@ -488,6 +580,9 @@ class GlobalKeyManager:
             for d in self.dests.values():
                 self.restock(d, now)
                 self.send_due(d, now)
+                self.send_reservations(d, now)
+            if self.waiting:
+                self.expire_waiting(now)
             if now >= next_publish:
                 self.paused = self.pause_flag.exists()
                 self._report(now)

@@ -77,6 +77,14 @@ class GkmClient:
         head, data = self.call("take_enc", peer=peer, number=number, size=size)
         return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
 
+    def take_enc_for(self, peer: str, number: int, size: int, slaves: list[str]
+                     ) -> list[tuple[str, bytes]]:
+        """Keys for an application whose slave SAEs are at ``peer``: returned only once
+        ``peer`` has stored that these SAEs, and only they, may fetch them there."""
+        head, data = self.call("take_enc", peer=peer, number=number, size=size,
+                               slaves=slaves)
+        return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
+
     def reserve(self, peer: str, key_ids: list[str], sae: str) -> None:
         self.call("reserve", peer=peer, key_ids=key_ids, sae=sae)
 

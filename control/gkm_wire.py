@@ -7,6 +7,8 @@ to the destination's node address, so the kernel routes it through the OTP tunne
 BLOCKS  origin -> destination   frame 0: header + (seq, size) per block; then one frame
                                 per block with its bytes (sent without copying)
 ACK     destination -> origin   frame 0: header + (seq, status) per block
+RESERVE origin -> destination   which SAEs may fetch which keys, numbered per pair
+RESERVED destination -> origin  applied, duplicate, or a gap before it
 
 Header: magic ``QKGK``, version 1, type, origin node id, destination node id, count.
 A destination acknowledges a block only once it holds it durably (invariant 4); the
@@ -39,6 +41,8 @@ _ACK = struct.Struct(">QB")           # seq, status
 class MsgType(IntEnum):
     BLOCKS = 1
     ACK = 2
+    RESERVE = 3
+    RESERVED = 4
 
 
 class AckStatus(IntEnum):
@@ -46,6 +50,13 @@ class AckStatus(IntEnum):
     DUPLICATE = 1
     CONFLICT = 2
     REFUSED = 3
+
+
+class ReserveStatus(IntEnum):
+    APPLIED = 0
+    DUPLICATE = 1   # applied before (a resend)
+    GAP = 2         # an earlier reservation is missing: resend from the first unacknowledged
+    REFUSED = 3     # names keys that cannot be reserved (never expected from a sound origin)
 
 
 class RelayWireError(ValueError):
@@ -64,6 +75,68 @@ class Ack:
     origin: int
     destination: int
     results: tuple[tuple[int, AckStatus], ...]
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """The master's node tells the slave's node which keys which SAEs may fetch, in the
+    origin's carving order (``rseq`` numbers them per pair), and how far it has carved."""
+
+    origin: int
+    destination: int
+    rseq: int
+    carved_to: tuple[int, int]  # (block, offset)
+    saes: tuple[str, ...]
+    key_ids: tuple[bytes, ...]  # 16 bytes each
+
+
+@dataclass(frozen=True)
+class Reserved:
+    origin: int
+    destination: int
+    rseq: int
+    status: ReserveStatus
+
+
+_RESERVE = struct.Struct(">QQIB")  # rseq, carved block, carved offset, number of SAEs
+_RESERVED = struct.Struct(">QB")
+
+
+def encode_reserve(msg: Reserve) -> list[bytes]:
+    if not 0 < len(msg.saes) <= 255 or len(msg.key_ids) > MAX_RELAY_BLOCKS:
+        raise RelayWireError("a RESERVE names 1 to 255 SAEs and at most "
+                             f"{MAX_RELAY_BLOCKS} keys")
+    head = _header(MsgType.RESERVE, msg.origin, msg.destination, len(msg.key_ids))
+    saes = b"".join(bytes([len(e)]) + e for e in (x.encode() for x in msg.saes))
+    if any(len(k) != 16 for k in msg.key_ids):
+        raise RelayWireError("key IDs are 16 bytes")
+    return [head + _RESERVE.pack(msg.rseq, *msg.carved_to, len(msg.saes)) + saes
+            + b"".join(msg.key_ids)]
+
+
+def encode_reserved(msg: Reserved) -> list[bytes]:
+    return [_header(MsgType.RESERVED, msg.origin, msg.destination, 1)
+            + _RESERVED.pack(msg.rseq, int(msg.status))]
+
+
+def _parse_reserve(origin: int, destination: int, count: int, body: bytes) -> Reserve:
+    if len(body) < _RESERVE.size or count > MAX_RELAY_BLOCKS:
+        raise RelayWireError("RESERVE too short")
+    rseq, cseq, coff, nsaes = _RESERVE.unpack_from(body)
+    at = _RESERVE.size
+    saes = []
+    for _ in range(nsaes):
+        if at >= len(body) or not body[at] or at + 1 + body[at] > len(body):
+            raise RelayWireError("RESERVE: an SAE ID runs past the message")
+        try:
+            saes.append(body[at + 1:at + 1 + body[at]].decode())
+        except UnicodeDecodeError:
+            raise RelayWireError("RESERVE: an SAE ID is not UTF-8") from None
+        at += 1 + body[at]
+    if not saes or len(body) - at != 16 * count:
+        raise RelayWireError(f"RESERVE: {len(body) - at} B of key IDs for {count} keys")
+    keys = tuple(body[at + 16 * i:at + 16 * (i + 1)] for i in range(count))
+    return Reserve(origin, destination, rseq, (cseq, coff), tuple(saes), keys)
 
 
 def _header(kind: MsgType, origin: int, destination: int, count: int) -> bytes:
@@ -106,7 +179,7 @@ def _check_blocks(index: list[tuple[int, int]]) -> None:
                              f"{MAX_RELAY_MESSAGE})")
 
 
-def parse(frames: list[bytes | memoryview]) -> Blocks | Ack:
+def parse(frames: list[bytes | memoryview]) -> Blocks | Ack | Reserve | Reserved:
     """One relay message from its frames; RelayWireError says why it is refused."""
     if not frames or len(frames[0]) < _HEADER.size:
         raise RelayWireError("message shorter than its header")
@@ -146,6 +219,18 @@ def parse(frames: list[bytes | memoryview]) -> Blocks | Ack:
             except ValueError:
                 raise RelayWireError(f"unknown ACK status {st}") from None
         return Ack(origin, destination, tuple(results))
+    if kind in (MsgType.RESERVE, MsgType.RESERVED) and len(frames) != 1:
+        raise RelayWireError(f"{MsgType(kind).name} has 1 frame, got {len(frames)}")
+    if kind == MsgType.RESERVE:
+        return _parse_reserve(origin, destination, count, body)
+    if kind == MsgType.RESERVED:
+        if count != 1 or len(body) != _RESERVED.size:
+            raise RelayWireError("RESERVED of the wrong size")
+        rseq, st = _RESERVED.unpack(body)
+        try:
+            return Reserved(origin, destination, rseq, ReserveStatus(st))
+        except ValueError:
+            raise RelayWireError(f"unknown RESERVED status {st}") from None
     raise RelayWireError(f"unknown relay message type {kind}")
 
 

@@ -27,10 +27,14 @@ import uuid
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rocksdict import AccessType, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
 from control.carving import CarveError, Cursor, KeySlice, carve, decode
+
+if TYPE_CHECKING:
+    from control.gkm_wire import ReserveStatus
 
 BULK_WRITE = 1 << 20  # a batch of blocks this large is flushed rather than logged
 _META = struct.Struct(">IB")
@@ -76,6 +80,8 @@ class EncState:
     conflicts: int = 0
     taken_bytes: int = 0
     taken_keys: int = 0
+    next_rseq: int = 0
+    unacked: dict[int, bytes] = field(default_factory=dict)  # rseq -> RESERVE message
 
     def set(self, seq: int, size: int, state: BlockState) -> None:
         old = self.blocks.get(seq)
@@ -135,6 +141,7 @@ class DecState:
     blocks: dict[int, int] = field(default_factory=dict)  # seq -> size
     cursor: Cursor = Cursor(0, 0)
     outstanding: dict[int, int] = field(default_factory=dict)
+    next_rseq: int = 0
     stored_total: int = 0
     delivered_bytes: int = 0
     delivered_keys: int = 0
@@ -218,6 +225,13 @@ class KeyStore:
         raw = cf.get(b"c")
         if raw:
             st.cursor = Cursor(*_CURSOR.unpack(raw))
+        raw = cf.get(b"Q")
+        st.next_rseq = _U64.unpack(raw)[0] if raw else 0
+        it = cf.iter()
+        it.seek(b"q")
+        while it.valid() and it.key()[:1] == b"q":
+            st.unacked[_U64.unpack(it.key()[1:])[0]] = it.value()
+            it.next()
         return st
 
     def _load_dec(self, peer: str, peer_id: int) -> DecState:
@@ -229,6 +243,8 @@ class KeyStore:
         raw = cf.get(b"c")
         if raw:
             st.cursor = Cursor(*_CURSOR.unpack(raw))
+        raw = cf.get(b"E")
+        st.next_rseq = _U64.unpack(raw)[0] if raw else 0
         it = cf.iter()
         it.seek(b"r")
         while it.valid() and it.key()[:1] == b"r":
@@ -307,6 +323,26 @@ class KeyStore:
     def take_enc(self, peer: str, number: int, size: int) -> list[tuple[KeySlice, bytes]]:
         """Cut ``number`` keys of ``size`` bytes for ``peer``, atomically and durably;
         StoreError("short") and nothing taken when there is not enough usable key."""
+        return self._take(peer, number, size, ())[0]
+
+    def take_enc_reserved(self, peer: str, number: int, size: int, saes: tuple[str, ...]
+                          ) -> tuple[list[tuple[KeySlice, bytes]], int]:
+        """As take_enc, and in the same synced batch a numbered reservation of the keys
+        for ``saes`` (the RESERVE message for the peer, kept until it acknowledges)."""
+        out, rseq = self._take(peer, number, size, saes)
+        assert rseq is not None
+        return out, rseq
+
+    def reservation_acked(self, peer: str, rseq: int) -> None:
+        with self.lock:
+            st = self.enc[peer]
+            if st.unacked.pop(rseq, None) is not None:
+                wb = WriteBatch(raw_mode=True)
+                wb.delete(_seq_key(b"q", rseq), self._handle("enc", peer))
+                self.db.write(wb, self.unsynced)  # lost: resent, answered DUPLICATE
+
+    def _take(self, peer: str, number: int, size: int, saes: tuple[str, ...]
+              ) -> tuple[list[tuple[KeySlice, bytes]], int | None]:
         with self.lock:
             st = self.enc.get(peer)
             if st is None:
@@ -344,13 +380,26 @@ class KeyStore:
             for seq in gone:
                 wb.delete(_seq_key(b"b", seq), h)
                 wb.delete(_seq_key(b"m", seq), h)
+            rseq = None
+            if saes:
+                from control.gkm_wire import Reserve, encode_reserve
+
+                rseq = st.next_rseq
+                msg = encode_reserve(Reserve(self.node_id, st.peer_id, rseq,
+                                             (cur.seq, cur.offset), tuple(saes),
+                                             tuple(s.key_id.bytes for s, _ in out)))[0]
+                wb.put(_seq_key(b"q", rseq), msg, h)
+                wb.put(b"Q", _U64.pack(rseq + 1), h)
             self.db.write(wb, self.synced)
             for seq in gone:
                 st.drop(seq)
             st.cursor = cur
             st.taken_keys += number
             st.taken_bytes += number * size
-            return out
+            if rseq is not None:
+                st.unacked[rseq] = msg
+                st.next_rseq = rseq + 1
+            return out, rseq
 
     # ---- the destination's side -----------------------------------------------------------
 
@@ -395,34 +444,59 @@ class KeyStore:
         before it will ever be reserved, so blocks wholly behind it are deleted as soon as
         their reserved keys are delivered."""
         with self.lock:
+            self._reserve(self._dec_state(peer), peer, key_ids, (sae,), carved_to, None)
+
+    def apply_reservation(self, peer: str, msg) -> ReserveStatus:
+        """A RESERVE from ``peer``, applied in its numbered order exactly once."""
+        from control.gkm_wire import ReserveStatus
+
+        with self.lock:
             st = self._dec_state(peer)
-            cf = self._cf("dec", peer)
-            h = self._handle("dec", peer)
-            owner = sae.encode()
-            cur = st.cursor
-            new: list[tuple[bytes, KeySlice]] = []
-            for kid in key_ids:
-                s = self._dec_slice(st, kid)
-                rid = b"r" + _uuid_bytes(kid)
-                if (s.seq, s.offset) < (cur.seq, cur.offset):
-                    if cf.get(rid) == owner:
-                        continue  # the same reservation again
-                    raise StoreError("unknown", f"key ID {kid} is already reserved or "
-                                                "delivered, or overlaps a key that is")
-                new.append((rid, s))
-                cur = Cursor(s.seq, s.offset + s.size)
-            if carved_to is not None and (carved_to.seq, carved_to.offset) > (cur.seq,
-                                                                               cur.offset):
-                cur = carved_to
-            wb = WriteBatch(raw_mode=True)
-            for rid, _ in new:
-                wb.put(rid, owner, h)
-            wb.put(b"c", _CURSOR.pack(cur.seq, cur.offset), h)
-            for s in (s for _, s in new):
-                st.outstanding[s.seq] = st.outstanding.get(s.seq, 0) + 1
-            st.cursor = cur
-            self._free_done(st, wb, h)
-            self.db.write(wb, self.synced)
+            if msg.rseq < st.next_rseq:
+                return ReserveStatus.DUPLICATE
+            if msg.rseq > st.next_rseq:
+                return ReserveStatus.GAP
+            ids = [str(uuid.UUID(bytes=bytes(k))) for k in msg.key_ids]
+            try:
+                self._reserve(st, peer, ids, msg.saes, Cursor(*msg.carved_to), msg.rseq)
+            except StoreError:  # skip it, or every later reservation would wait forever
+                self._reserve(st, peer, [], msg.saes, None, msg.rseq)
+                return ReserveStatus.REFUSED
+            return ReserveStatus.APPLIED
+
+    def _reserve(self, st: DecState, peer: str, key_ids: list[str], saes: tuple[str, ...],
+                 carved_to: Cursor | None, rseq: int | None) -> None:
+        cf = self._cf("dec", peer)
+        h = self._handle("dec", peer)
+        owner = b"\n".join(x.encode() for x in saes)
+        cur = st.cursor
+        new: list[tuple[bytes, KeySlice]] = []
+        for kid in key_ids:
+            s = self._dec_slice(st, kid)
+            rid = b"r" + _uuid_bytes(kid)
+            if (s.seq, s.offset) < (cur.seq, cur.offset):
+                if cf.get(rid) == owner:
+                    continue  # the same reservation again
+                raise StoreError("unknown", f"key ID {kid} is already reserved or "
+                                            "delivered, or overlaps a key that is")
+            new.append((rid, s))
+            cur = Cursor(s.seq, s.offset + s.size)
+        if carved_to is not None and (carved_to.seq, carved_to.offset) > (cur.seq,
+                                                                           cur.offset):
+            cur = carved_to
+        wb = WriteBatch(raw_mode=True)
+        for rid, _ in new:
+            wb.put(rid, owner, h)
+        wb.put(b"c", _CURSOR.pack(cur.seq, cur.offset), h)
+        if rseq is not None:
+            wb.put(b"E", _U64.pack(rseq + 1), h)
+        for s in (s for _, s in new):
+            st.outstanding[s.seq] = st.outstanding.get(s.seq, 0) + 1
+        st.cursor = cur
+        if rseq is not None:
+            st.next_rseq = rseq + 1
+        self._free_done(st, wb, h)
+        self.db.write(wb, self.synced)
 
     def _dec_state(self, peer: str) -> DecState:
         st = self.dec.get(peer)
@@ -469,7 +543,7 @@ class KeyStore:
                 if owner is None:
                     raise StoreError("unknown", f"key ID {kid} is unknown or already "
                                                 "delivered")
-                if owner != sae.encode():
+                if sae.encode() not in owner.split(b"\n"):
                     raise StoreError("forbidden", f"key ID {kid} belongs to another SAE")
                 slices.append((rid, s))
             wb = WriteBatch(raw_mode=True)
@@ -496,7 +570,8 @@ class KeyStore:
                        "blocks": len(s.blocks), "next_block": s.next_seq,
                        "cursor": [s.cursor.seq, s.cursor.offset],
                        "taken_keys": s.taken_keys, "taken_bytes": s.taken_bytes,
-                       "conflicts": s.conflicts}
+                       "conflicts": s.conflicts,
+                       "unacked_reservations": len(s.unacked)}
                    for p, s in self.enc.items()}
             dec = {p: {"stored": s.stored_bytes(), "blocks": len(s.blocks),
                        "reserved_keys": s.reserved, "delivered_keys": s.delivered_keys,

@@ -377,3 +377,41 @@ def test_concurrent_takers_in_threads_and_processes_never_share_a_key(tmp_path, 
         assert reply["ok"] is False and reply["kind"] in ("bad", "short"), reply
     sock.close()
     assert client_call(prefix, "A", "summary")["pid"] == pid
+
+
+# ---- reservations: the slave's node learns who may fetch a key before the master has it ----
+
+def test_keys_taken_for_slaves_are_reserved_at_their_node_first(tmp_path, prefix):
+    _, _ = make_net(tmp_path, prefix, GKM_TWO, two=True)
+    wait_until(lambda: full(prefix, [("A", "B")], 8 * MIB), 60, "the first fill")
+    a, b = GkmClient(prefix, "A"), GkmClient(prefix, "B")
+    try:
+        keys = a.take_enc_for("B", 3, 32, ["sae-b", "sae-c"])
+        ids = [k for k, _ in keys]
+        # No reservation by hand: B has it already, for these two SAEs only, once.
+        assert b.take_dec("A", ids[:1], "sae-b") == [keys[0][1]]
+        with pytest.raises(StoreError, match="another SAE"):
+            b.take_dec("A", ids[1:2], "sae-x")
+        assert b.take_dec("A", ids[1:], "sae-c") == [k for _, k in keys[1:]]
+        with pytest.raises(StoreError, match="already delivered"):
+            b.take_dec("A", ids[:1], "sae-c")
+        # Used-up blocks leave B's DEC store once their keys are delivered.
+        big = a.take_enc_for("B", 4, 256 << 10, ["sae-b"])
+        b.take_dec("A", [k for k, _ in big], "sae-b")
+        dec = b.summary()["peers"]["A"]["dec"]
+        assert dec["freed_blocks"] >= 4 and dec["reserved_keys"] == 0
+        # With B unreachable the taker gets a clear refusal, not keys the slave cannot
+        # fetch; the reservation still reaches B when the path is back.
+        run_in_netns(paths.netns_name(prefix, "A"), set_link, "ul0", False)
+        try:
+            with pytest.raises(StoreError, match="did not confirm the reservation") as e:
+                a.take_enc_for("B", 1, 32, ["sae-b"])
+            assert e.value.kind == "unreachable"
+        finally:
+            run_in_netns(paths.netns_name(prefix, "A"), set_link, "ul0", True)
+        wait_until(lambda: b.summary()["peers"]["A"]["dec"]["reserved_keys"] == 1, 30,
+                   "the late reservation to reach B")
+        assert not a.summary()["peers"]["B"]["enc"].get("unacked_reservations")
+    finally:
+        a.close()
+        b.close()

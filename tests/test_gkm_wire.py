@@ -112,3 +112,25 @@ def test_receive_status_is_idempotent_by_bytes():
     assert receive_status(None, b"abc") == AckStatus.STORED
     assert receive_status(b"abc", memoryview(b"abc")) == AckStatus.DUPLICATE
     assert receive_status(b"abc", b"abd") == AckStatus.CONFLICT
+
+
+def test_reserve_round_trip_and_refusals():
+    import os
+
+    from control.gkm_wire import Reserve, Reserved, ReserveStatus, encode_reserve, encode_reserved
+
+    m = Reserve(1, 2, 7, (3, 64), ("sae-a", "b"), (os.urandom(16), os.urandom(16)))
+    assert parse(encode_reserve(m)) == m
+    r = Reserved(1, 2, 7, ReserveStatus.GAP)
+    assert parse(encode_reserved(r)) == r
+    f = encode_reserve(m)[0]
+    with pytest.raises(RelayWireError, match="31 B of key IDs for 2 keys"):
+        parse([f[:-1]])
+    with pytest.raises(RelayWireError, match="runs past"):
+        parse([f[:14 + 21 + 3]])
+    with pytest.raises(RelayWireError, match="1 frame"):
+        parse([f, b""])
+    with pytest.raises(RelayWireError, match="1 to 255 SAEs"):
+        encode_reserve(Reserve(1, 2, 7, (0, 0), (), ()))
+    with pytest.raises(RelayWireError, match="unknown RESERVED status 9"):
+        parse([encode_reserved(r)[0][:-1] + b"\x09"])

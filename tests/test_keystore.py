@@ -312,3 +312,31 @@ def test_a_conflicting_block_loses_its_bytes_and_is_skipped(tmp_path):
     keys = s.take_enc("B", 2, 64)
     assert [k.seq for k, _ in keys] == [0, 2]
     assert s.summary()["enc"]["B"]["blocks"] == 0
+
+
+def test_reservations_travel_numbered_and_apply_once_in_order(tmp_path):
+    from control.gkm_wire import ReserveStatus, parse
+
+    o, d = _pair_with_keys(tmp_path, nblocks=4, size=128)
+    k1, r1 = o.take_enc_reserved("B", 2, 64, ("sae-2",))
+    k2, r2 = o.take_enc_reserved("B", 1, 64, ("sae-2", "sae-3"))
+    assert (r1, r2) == (0, 1) and sorted(o.enc["B"].unacked) == [0, 1]
+    m1, m2 = (parse([o.enc["B"].unacked[r]]) for r in (r1, r2))
+    assert m2.carved_to == (1, 64) and m2.saes == ("sae-2", "sae-3")
+    assert d.apply_reservation("A", m2) == ReserveStatus.GAP  # m1 not there yet
+    assert d.apply_reservation("A", m1) == ReserveStatus.APPLIED
+    assert d.apply_reservation("A", m1) == ReserveStatus.DUPLICATE
+    assert d.apply_reservation("A", m2) == ReserveStatus.APPLIED
+    assert d.take_dec("A", [str(k1[0][0].key_id)], "sae-2") == [k1[0][1]]
+    assert d.take_dec("A", [str(k2[0][0].key_id)], "sae-3") == [k2[0][1]]  # an additional
+    with pytest.raises(StoreError, match="already delivered"):
+        d.take_dec("A", [str(k2[0][0].key_id)], "sae-2")  # ... once, to one of them
+    # The origin forgets acknowledged ones; a restart resends what is left.
+    o.reservation_acked("B", r1)
+    o.close()
+    o = origin(tmp_path)
+    assert sorted(o.enc["B"].unacked) == [1] and o.enc["B"].next_rseq == 2
+    d.close()
+    d = dest(tmp_path)
+    assert d.dec["A"].next_rseq == 2
+    assert d.take_dec("A", [str(k1[1][0].key_id)], "sae-2") == [k1[1][1]]
