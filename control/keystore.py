@@ -60,6 +60,25 @@ def _seq_key(tag: bytes, seq: int) -> bytes:
     return tag + _U64.pack(seq)
 
 
+def _scan(cf, tag: bytes):
+    """(key without the tag, value) of every entry whose key starts with ``tag``."""
+    it = cf.iter()
+    it.seek(tag)
+    while it.valid() and it.key()[:len(tag)] == tag:
+        yield it.key()[len(tag):], it.value()
+        it.next()
+
+
+def _read_u64(cf, key: bytes) -> int:
+    raw = cf.get(key)
+    return _U64.unpack(raw)[0] if raw else 0
+
+
+def _read_cursor(cf) -> Cursor:
+    raw = cf.get(b"c")
+    return Cursor(*_CURSOR.unpack(raw)) if raw else Cursor(0, 0)
+
+
 def _uuid_bytes(kid: str) -> bytes:
     """A key ID's 16 bytes: every spelling of one UUID names one reservation."""
     return uuid.UUID(str(kid)).bytes
@@ -207,31 +226,19 @@ class KeyStore:
         return self.db.get_column_family_handle(f"{kind}.{peer}")
 
     def _metas(self, kind: str, peer: str):
-        it = self._cf(kind, peer).iter()
-        it.seek(b"m")
-        while it.valid() and it.key()[:1] == b"m":
-            seq = _U64.unpack(it.key()[1:])[0]
-            size, st = _META.unpack(it.value())
-            yield seq, size, BlockState(st)
-            it.next()
+        for key, value in _scan(self._cf(kind, peer), b"m"):
+            size, st = _META.unpack(value)
+            yield _U64.unpack(key)[0], size, BlockState(st)
 
     def _load_enc(self, peer: str, peer_id: int) -> EncState:
         st = EncState(peer, peer_id)
         cf = self._cf("enc", peer)
         for seq, size, bst in self._metas("enc", peer):
             st.set(seq, size, bst)
-        raw = cf.get(b"n")
-        st.next_seq = _U64.unpack(raw)[0] if raw else 0
-        raw = cf.get(b"c")
-        if raw:
-            st.cursor = Cursor(*_CURSOR.unpack(raw))
-        raw = cf.get(b"Q")
-        st.next_rseq = _U64.unpack(raw)[0] if raw else 0
-        it = cf.iter()
-        it.seek(b"q")
-        while it.valid() and it.key()[:1] == b"q":
-            st.unacked[_U64.unpack(it.key()[1:])[0]] = it.value()
-            it.next()
+        st.next_seq = _read_u64(cf, b"n")
+        st.cursor = _read_cursor(cf)
+        st.next_rseq = _read_u64(cf, b"Q")
+        st.unacked = {_U64.unpack(k)[0]: v for k, v in _scan(cf, b"q")}
         return st
 
     def _load_dec(self, peer: str, peer_id: int) -> DecState:
@@ -240,17 +247,11 @@ class KeyStore:
             st.blocks[seq] = size
             st.stored_total += size
         cf = self._cf("dec", peer)
-        raw = cf.get(b"c")
-        if raw:
-            st.cursor = Cursor(*_CURSOR.unpack(raw))
-        raw = cf.get(b"E")
-        st.next_rseq = _U64.unpack(raw)[0] if raw else 0
-        it = cf.iter()
-        it.seek(b"r")
-        while it.valid() and it.key()[:1] == b"r":
-            seq = decode(uuid.UUID(bytes=it.key()[1:])).seq
+        st.cursor = _read_cursor(cf)
+        st.next_rseq = _read_u64(cf, b"E")
+        for key, _ in _scan(cf, b"r"):
+            seq = decode(uuid.UUID(bytes=key)).seq
             st.outstanding[seq] = st.outstanding.get(seq, 0) + 1
-            it.next()
         return st
 
     # ---- the origin's side ----------------------------------------------------------------
