@@ -374,6 +374,7 @@ class GlobalKeyManager:
         for key, (ident, _, deadline) in list(self.waiting.items()):
             if now >= deadline:
                 del self.waiting[key]
+                self.store.cancel_reservation(*key)
                 self.api.send_multipart([ident, b"", json.dumps({
                     "ok": False, "kind": "unreachable",
                     "error": f"node {key[0]} did not confirm the reservation within "

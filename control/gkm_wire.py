@@ -7,7 +7,7 @@ to the destination's node address, so the kernel routes it through the OTP tunne
 BLOCKS  origin -> destination   frame 0: header + (seq, size) per block; then one frame
                                 per block with its bytes (sent without copying)
 ACK     destination -> origin   frame 0: header + (seq, status) per block
-RESERVE origin -> destination   which SAEs may fetch which keys, numbered per pair
+RESERVE origin -> destination   which SAEs may fetch which keys (none: cancel), numbered
 RESERVED destination -> origin  applied, duplicate, or a gap before it
 
 Header: magic ``QKGK``, version 1, type, origin node id, destination node id, count.
@@ -80,7 +80,8 @@ class Ack:
 @dataclass(frozen=True)
 class Reserve:
     """The master's node tells the slave's node which keys which SAEs may fetch, in the
-    origin's carving order (``rseq`` numbers them per pair), and how far it has carved."""
+    origin's carving order (``rseq`` numbers them per pair), and how far it has carved.
+    No SAEs: cancel these keys' reservations (their taker never got them)."""
 
     origin: int
     destination: int
@@ -103,8 +104,8 @@ _RESERVED = struct.Struct(">QB")
 
 
 def encode_reserve(msg: Reserve) -> list[bytes]:
-    if not 0 < len(msg.saes) <= 255 or len(msg.key_ids) > MAX_RELAY_BLOCKS:
-        raise RelayWireError("a RESERVE names 1 to 255 SAEs and at most "
+    if len(msg.saes) > 255 or len(msg.key_ids) > MAX_RELAY_BLOCKS:
+        raise RelayWireError("a RESERVE names at most 255 SAEs and at most "
                              f"{MAX_RELAY_BLOCKS} keys")
     head = _header(MsgType.RESERVE, msg.origin, msg.destination, len(msg.key_ids))
     saes = b"".join(bytes([len(e)]) + e for e in (x.encode() for x in msg.saes))
@@ -133,7 +134,7 @@ def _parse_reserve(origin: int, destination: int, count: int, body: bytes) -> Re
         except UnicodeDecodeError:
             raise RelayWireError("RESERVE: an SAE ID is not UTF-8") from None
         at += 1 + body[at]
-    if not saes or len(body) - at != 16 * count:
+    if len(body) - at != 16 * count:
         raise RelayWireError(f"RESERVE: {len(body) - at} B of key IDs for {count} keys")
     keys = tuple(body[at + 16 * i:at + 16 * (i + 1)] for i in range(count))
     return Reserve(origin, destination, rseq, (cseq, coff), tuple(saes), keys)

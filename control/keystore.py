@@ -334,6 +334,30 @@ class KeyStore:
         assert rseq is not None
         return out, rseq
 
+    def cancel_reservation(self, peer: str, rseq: int) -> int | None:
+        """The taker of reservation ``rseq`` gave up before the slave's node confirmed:
+        queue a numbered cancellation of the same keys (applied after it, in order), so
+        they do not stay reserved for ever. Returns its number (None: nothing to do)."""
+        from control.gkm_wire import Reserve, encode_reserve, parse
+
+        with self.lock:
+            st = self.enc[peer]
+            raw = st.unacked.get(rseq)
+            if raw is None:
+                return None
+            orig = parse([raw])
+            new = st.next_rseq
+            msg = encode_reserve(Reserve(self.node_id, st.peer_id, new, orig.carved_to, (),
+                                         orig.key_ids))[0]
+            h = self._handle("enc", peer)
+            wb = WriteBatch(raw_mode=True)
+            wb.put(_seq_key(b"q", new), msg, h)
+            wb.put(b"Q", _U64.pack(new + 1), h)
+            self.db.write(wb, self.synced)
+            st.unacked[new] = msg
+            st.next_rseq = new + 1
+            return new
+
     def reservation_acked(self, peer: str, rseq: int) -> None:
         with self.lock:
             st = self.enc[peer]
@@ -469,6 +493,9 @@ class KeyStore:
                  carved_to: Cursor | None, rseq: int | None) -> None:
         cf = self._cf("dec", peer)
         h = self._handle("dec", peer)
+        if not saes:
+            self._cancel(st, cf, h, key_ids, rseq)
+            return
         owner = b"\n".join(x.encode() for x in saes)
         cur = st.cursor
         new: list[tuple[bytes, KeySlice]] = []
@@ -495,6 +522,21 @@ class KeyStore:
             st.outstanding[s.seq] = st.outstanding.get(s.seq, 0) + 1
         st.cursor = cur
         if rseq is not None:
+            st.next_rseq = rseq + 1
+        self._free_done(st, wb, h)
+        self.db.write(wb, self.synced)
+
+    def _cancel(self, st: DecState, cf, h, key_ids: list[str], rseq: int | None) -> None:
+        """Drop the reservations of keys whose taker never got them (not delivered)."""
+        wb = WriteBatch(raw_mode=True)
+        for kid in key_ids:
+            rid = b"r" + _uuid_bytes(kid)
+            if cf.get(rid) is not None:
+                wb.delete(rid, h)
+                seq = decode(kid).seq
+                st.outstanding[seq] = max(0, st.outstanding.get(seq, 1) - 1)
+        if rseq is not None:
+            wb.put(b"E", _U64.pack(rseq + 1), h)
             st.next_rseq = rseq + 1
         self._free_done(st, wb, h)
         self.db.write(wb, self.synced)
@@ -578,6 +620,7 @@ class KeyStore:
                        "reserved_keys": s.reserved, "delivered_keys": s.delivered_keys,
                        "delivered_bytes": s.delivered_bytes,
                        "reserve_cursor": [s.cursor.seq, s.cursor.offset],
+                       "reservations_applied": s.next_rseq,
                        "freed_blocks": s.freed_blocks}
                    for p, s in self.dec.items()}
             return {"enc": enc, "dec": dec}

@@ -401,7 +401,7 @@ def test_keys_taken_for_slaves_are_reserved_at_their_node_first(tmp_path, prefix
         dec = b.summary()["peers"]["A"]["dec"]
         assert dec["freed_blocks"] >= 4 and dec["reserved_keys"] == 0
         # With B unreachable the taker gets a clear refusal, not keys the slave cannot
-        # fetch; the reservation still reaches B when the path is back.
+        # fetch; the reservation is then cancelled, in order.
         run_in_netns(paths.netns_name(prefix, "A"), set_link, "ul0", False)
         try:
             with pytest.raises(StoreError, match="did not confirm the reservation") as e:
@@ -409,9 +409,11 @@ def test_keys_taken_for_slaves_are_reserved_at_their_node_first(tmp_path, prefix
             assert e.value.kind == "unreachable"
         finally:
             run_in_netns(paths.netns_name(prefix, "A"), set_link, "ul0", True)
-        wait_until(lambda: b.summary()["peers"]["A"]["dec"]["reserved_keys"] == 1, 30,
-                   "the late reservation to reach B")
-        assert not a.summary()["peers"]["B"]["enc"].get("unacked_reservations")
+        # The reservation and its cancellation reach B in order when the path is back.
+        wait_until(lambda: b.summary()["peers"]["A"]["dec"]["reservations_applied"] == 4
+                   and a.summary()["peers"]["B"]["enc"]["unacked_reservations"] == 0, 30,
+                   "the late reservation and its cancellation to reach B")
+        assert b.summary()["peers"]["A"]["dec"]["reserved_keys"] == 0
     finally:
         a.close()
         b.close()

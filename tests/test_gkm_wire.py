@@ -130,7 +130,9 @@ def test_reserve_round_trip_and_refusals():
         parse([f[:14 + 21 + 3]])
     with pytest.raises(RelayWireError, match="1 frame"):
         parse([f, b""])
-    with pytest.raises(RelayWireError, match="1 to 255 SAEs"):
-        encode_reserve(Reserve(1, 2, 7, (0, 0), (), ()))
+    with pytest.raises(RelayWireError, match="at most 255 SAEs"):
+        encode_reserve(Reserve(1, 2, 7, (0, 0), ("s",) * 256, ()))
+    cancel = Reserve(1, 2, 8, (3, 64), (), m.key_ids)  # no SAEs: a cancellation
+    assert parse(encode_reserve(cancel)) == cancel
     with pytest.raises(RelayWireError, match="unknown RESERVED status 9"):
         parse([encode_reserved(r)[0][:-1] + b"\x09"])

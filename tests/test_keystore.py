@@ -340,3 +340,21 @@ def test_reservations_travel_numbered_and_apply_once_in_order(tmp_path):
     d = dest(tmp_path)
     assert d.dec["A"].next_rseq == 2
     assert d.take_dec("A", [str(k1[1][0].key_id)], "sae-2") == [k1[1][1]]
+
+
+def test_a_reservation_whose_taker_gave_up_is_cancelled_in_order(tmp_path):
+    from control.gkm_wire import ReserveStatus, parse
+
+    o, d = _pair_with_keys(tmp_path, nblocks=2, size=64)
+    keys, r0 = o.take_enc_reserved("B", 1, 64, ("sae-2",))  # block 0 whole
+    r1 = o.cancel_reservation("B", r0)
+    assert r1 == r0 + 1 and o.cancel_reservation("B", 99) is None
+    m0, m1 = (parse([o.enc["B"].unacked[r]]) for r in (r0, r1))
+    assert m1.saes == () and m1.key_ids == m0.key_ids
+    assert d.apply_reservation("A", m0) == ReserveStatus.APPLIED
+    assert d.summary()["dec"]["A"]["reserved_keys"] == 1
+    assert d.apply_reservation("A", m1) == ReserveStatus.APPLIED
+    assert d.summary()["dec"]["A"]["reserved_keys"] == 0
+    assert 0 not in d.dec["A"].blocks  # nothing left to deliver in block 0: freed
+    with pytest.raises(StoreError, match="no such key stored"):
+        d.take_dec("A", [str(keys[0][0].key_id)], "sae-2")
