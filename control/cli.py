@@ -19,10 +19,12 @@ net_app = typer.Typer(help="Emulated networks in network namespaces.", no_args_i
 node_app = typer.Typer(help="Run a key management node.", no_args_is_help=True)
 emu_app = typer.Typer(help="QKD link emulator.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks against the paper's figures.", no_args_is_help=True)
+pki_app = typer.Typer(help="Certificates for the key API's mutual TLS.", no_args_is_help=True)
 app.add_typer(net_app, name="net")
 app.add_typer(node_app, name="node")
 app.add_typer(emu_app, name="emulator")
 app.add_typer(bench_app, name="bench")
+app.add_typer(pki_app, name="pki")
 
 out = Console()
 if not out.is_terminal:  # logs and pipes: keep tables whole rather than 80 columns wide
@@ -150,6 +152,27 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
              paths.emulator_socket(topo.prefix, lk.name, lk.b))
     rate = lk.key_rate_mbps if rate_mbps is None else rate_mbps
     run_emulator(socks, rate, lk.block_size, lk.source.generator)
+
+
+# ---- pki ----------------------------------------------------------------------------------
+
+@pki_app.command("init")
+def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the PKI")],
+             config: ConfigOpt,
+             force: Annotated[bool, typer.Option(help="replace an existing CA")] = False
+             ) -> None:
+    """A CA, a server certificate per node, a client certificate per SAE (CN = SAE ID)."""
+    from api.pki import PkiError, init_pki
+
+    topo = load(config)
+    try:
+        lay = init_pki(directory, topo, force=force)
+    except PkiError as e:
+        err.print(f"[red]{e}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
+              f"nodes/, {len(topo.saes)} SAE certificate(s) in saes/ (keys mode 0600)",
+              highlight=False)
 
 
 # ---- status ------------------------------------------------------------------------------

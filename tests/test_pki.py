@@ -1,0 +1,117 @@
+"""`qkdctl pki init`: the chain verifies, the SAE ID is the client certificate's CN, and a
+real mutual-TLS handshake (Python's ssl, over a socket pair) accepts exactly the SAEs."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from typer.testing import CliRunner
+
+from api.pki import PkiError, init_pki, sae_id_of
+from control.cli import app
+from control.config import load_topology
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def pki(tmp_path):
+    topo = load_topology(EXAMPLES / "triangle.toml")
+    return topo, init_pki(tmp_path / "pki", topo)
+
+
+def load(p: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(p.read_bytes())
+
+
+def test_chain_names_and_key_modes(pki):
+    topo, lay = pki
+    ca = load(lay.ca_cert)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for node in topo.nodes.values():
+        crt, key = lay.node(node.name)
+        cert = load(crt)
+        cert.verify_directly_issued_by(ca)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert node.address in san.get_values_for_type(x509.IPAddress)
+        assert ExtendedKeyUsageOID.SERVER_AUTH in \
+            cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    for sae in topo.saes:
+        crt, key = lay.sae(sae.id)
+        cert = load(crt)
+        cert.verify_directly_issued_by(ca)
+        assert sae_id_of(cert) == sae.id
+        assert ExtendedKeyUsageOID.CLIENT_AUTH in \
+            cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(lay.ca_key.stat().st_mode) == 0o600
+
+
+def test_an_existing_ca_is_kept_unless_forced(pki, tmp_path):
+    topo, lay = pki
+    before = lay.ca_cert.read_bytes()
+    with pytest.raises(PkiError, match="already holds a CA"):
+        init_pki(lay.root, topo)
+    assert lay.ca_cert.read_bytes() == before
+    init_pki(lay.root, topo, force=True)
+    assert lay.ca_cert.read_bytes() != before
+
+
+def _handshake(lay, client_cert: tuple[Path, Path] | None, node: str = "A"):
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_2
+    server.load_cert_chain(*lay.node(node))
+    server.load_verify_locations(lay.ca_cert)
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.create_default_context(cafile=str(lay.ca_cert))
+    client.check_hostname = True
+    if client_cert:
+        client.load_cert_chain(*client_cert)
+    a, b = socket.socketpair()
+    result: dict = {}
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(a, server_side=True) as s:
+                der = s.getpeercert(binary_form=True)
+                result["sae"] = sae_id_of(x509.load_der_x509_certificate(der))
+                s.sendall(b"ok")
+        except (ssl.SSLError, OSError) as e:
+            result["error"] = e
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client.wrap_socket(b, server_hostname=node) as c:
+            c.recv(2)
+    except (ssl.SSLError, OSError) as e:
+        result.setdefault("client_error", e)
+    t.join(10)
+    return result
+
+
+def test_mutual_tls_accepts_an_sae_and_refuses_no_certificate(pki, tmp_path):
+    topo, lay = pki
+    assert _handshake(lay, lay.sae("SAE-A")) == {"sae": "SAE-A"}
+    assert "error" in _handshake(lay, None)  # no client certificate: refused
+    # A certificate from another CA (another network's PKI) is refused too.
+    other = init_pki(tmp_path / "other", topo)
+    assert "error" in _handshake(lay, other.sae("SAE-A"))
+
+
+def test_cli_pki_init(tmp_path):
+    r = CliRunner().invoke(app, ["pki", "init", str(tmp_path / "p"), "--config",
+                                 str(EXAMPLES / "triangle.toml")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p" / "saes" / "SAE-A.crt").exists()
+    r = CliRunner().invoke(app, ["pki", "init", str(tmp_path / "p"), "--config",
+                                 str(EXAMPLES / "triangle.toml")])
+    assert r.exit_code == 1 and "already holds a CA" in r.output
