@@ -28,7 +28,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.otp import BenchError, Net
+from bench.otp import LINE_ABC, BenchError, Net
+from bench.plotting import paper_table, save
 from control import emulation, paths
 from control.gkm import PAUSE_FLAG
 
@@ -49,23 +50,7 @@ low_watermark = {low}
 high_watermark = {high}
 window = {window}
 pairs = [["A", "B"], ["A", "C"]]
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.205.1.1/30", "10.205.1.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.205.2.1/30", "10.205.2.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
-"""
+""" + LINE_ABC.replace("{net}", "205")
 
 
 class GkmNet(Net):
@@ -244,18 +229,15 @@ def summarize(points: list[dict], sizes: tuple[int, ...], store: int, window: in
         "meets_floor": d_gbps >= FLOOR["direct_gbps_at_1MiB"],
         "points": points,
     }
-    c = Table(title="against the paper")
-    for col in ("figure", "paper", "ours", "x paper"):
-        c.add_column(col)
-    c.add_row("global key manager, 1 MB keys, direct", "85 Mb/s", f"{d_gbps:.2f} Gb/s",
-              f"{result['ratio_vs_paper']:.1f}")
+    rows = [("global key manager, 1 MB keys, direct", "85 Mb/s", f"{d_gbps:.2f} Gb/s",
+             f"{result['ratio_vs_paper']:.1f}")]
     if top_relay:
-        c.add_row("same, via one relay", "-", f"{top_relay['gbps']:.2f} Gb/s",
-                  f"{top_relay['gbps'] * 1000 / PAPER['mbps_at_1MB']:.1f}")
+        rows.append(("same, via one relay", "-", f"{top_relay['gbps']:.2f} Gb/s",
+                     f"{top_relay['gbps'] * 1000 / PAPER['mbps_at_1MB']:.1f}"))
     if base:
-        c.add_row("baseline: stop and wait (one block in flight)", "-",
-                  f"{base['gbps']:.3f} Gb/s", f"{base['gbps'] * 1000 / 85:.1f}")
-    console.print(c)
+        rows.append(("baseline: stop and wait (one block in flight)", "-",
+                     f"{base['gbps']:.3f} Gb/s", f"{base['gbps'] * 1000 / 85:.1f}"))
+    console.print(paper_table(rows))
     if result["ratio_vs_baseline"]:
         console.print(f"pipelined / stop-and-wait measured in this run: "
                       f"{result['ratio_vs_baseline']:.1f}x")
@@ -285,13 +267,5 @@ def plot(points: list[dict], sizes: tuple[int, ...], out: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(list(sizes), [_size(s) for s in sizes])
-    ax.set_xlabel("global key size")
-    ax.set_ylabel("store fill rate (Mb/s)")
-    ax.set_title("global key manager: fill rate against key size")
-    ax.grid(True, which="both", lw=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, ax, out, title="global key manager: fill rate against key size",
+                xlabel="global key size", ylabel="store fill rate (Mb/s)")

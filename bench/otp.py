@@ -29,6 +29,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench.plotting import paper_table, save
 from control import emulation, paths
 from control.config import Topology, parse_topology
 from dataplane.ring import KeyRing, RingError
@@ -45,6 +46,25 @@ STEP_NAMES = {"t_tx_read": "receive (TUN read)", "t_tx_key": "key read and remov
               "t_rx_recv": "receive (UDP)", "t_rx_key": "checks and key lookup",
               "t_rx_crypto": "MAC verify and XOR", "t_rx_write": "send (TUN write)"}
 
+LINE_ABC = """
+[[nodes]]
+name = "A"
+[[nodes]]
+name = "B"
+[[nodes]]
+name = "C"
+[[links]]
+a = "A"
+b = "B"
+underlay = ["10.{net}.1.1/30", "10.{net}.1.2/30"]
+source = {{ kind = "emulator", generator = "aes-ctr" }}
+[[links]]
+a = "B"
+b = "C"
+underlay = ["10.{net}.2.1/30", "10.{net}.2.2/30"]
+source = {{ kind = "emulator", generator = "aes-ctr" }}
+"""  # the bench line A - B - C; each bench its own underlay subnets (10.{net}.x.0/30)
+
 TEMPLATE = """
 [network]
 name = "bench-otp"
@@ -58,23 +78,7 @@ mode = "{mode}"
 workers = {workers}
 [gkm]
 pairs = []  # no global key: this network measures or tests other modules
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.204.1.1/30", "10.204.1.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.204.2.1/30", "10.204.2.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
-"""
+""" + LINE_ABC.replace("{net}", "204")
 
 
 class BenchError(Exception):
@@ -262,16 +266,8 @@ def plot(points: list[dict], out: Path) -> Path:
     mtus = sorted({p["mtu"] for p in points})
     ax.set_xticks(mtus, [str(m) for m in mtus])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("tunnel MTU (bytes)")
-    ax.set_ylabel("TCP throughput (Mb/s)")
-    ax.set_title("OTP tunnel throughput against MTU (cf. paper Fig. 5)")
-    ax.grid(True, which="both", lw=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save(fig, ax, out, title="OTP tunnel throughput against MTU (cf. paper Fig. 5)",
+                xlabel="tunnel MTU (bytes)", ylabel="TCP throughput (Mb/s)")
 
 
 def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int = 0,
@@ -356,17 +352,14 @@ def summarize(points: list[dict], mtus: tuple[int, ...], workers: int,
             s.add_row(("sender: " if side.startswith("sender") else "receiver: ")
                       + STEP_NAMES[st], *(f"{p[side][st]:.1f}" for _, p in cols))
     console.print(s)
-    c = Table(title="against the paper")
-    for col in ("figure", "paper", "ours", "x paper"):
-        c.add_column(col)
-    c.add_row("direct", "185 Mb/s", f"{d_gbps:.2f} Gb/s",
-              f"{result['ratio_direct_vs_paper']:.1f}")
-    c.add_row("via one relay", "123 Mb/s", f"{r_gbps:.2f} Gb/s",
-              f"{result['ratio_relay_vs_paper']:.1f}")
+    rows = [("direct", "185 Mb/s", f"{d_gbps:.2f} Gb/s",
+             f"{result['ratio_direct_vs_paper']:.1f}"),
+            ("via one relay", "123 Mb/s", f"{r_gbps:.2f} Gb/s",
+             f"{result['ratio_relay_vs_paper']:.1f}")]
     if conv:
-        c.add_row("conventional (MTU 1500, per-packet key removal)", "3.92 Mb/s",
-                  f"{conv['gbps']:.3f} Gb/s", f"{conv['gbps'] * 1000 / 3.92:.1f}")
-    console.print(c)
+        rows.append(("conventional (MTU 1500, per-packet key removal)", "3.92 Mb/s",
+                     f"{conv['gbps']:.3f} Gb/s", f"{conv['gbps'] * 1000 / 3.92:.1f}"))
+    console.print(paper_table(rows))
     if result["ratio_vs_baseline"]:
         console.print(f"proposed / conventional measured in this run: "
                       f"{result['ratio_vs_baseline']:.1f}x")
