@@ -180,6 +180,17 @@ class Net:
         return out
 
     def iperf(self, src: str, dst: str, seconds: float, streams: int = 1) -> dict:
+        """One iperf3 run; a run that hangs (seen rarely: a client that never finishes)
+        is abandoned and run again with a fresh server, twice at most."""
+        for attempt in range(3):
+            try:
+                return self._iperf_once(src, dst, seconds, streams)
+            except subprocess.TimeoutExpired:
+                self.console.print(f"  iperf3 {src}->{dst} hung (attempt {attempt + 1} of 3)")
+        raise BenchError(f"iperf3 {src}->{dst} hung three times; logs in "
+                         f"{paths.log_dir(self.prefix)}")
+
+    def _iperf_once(self, src: str, dst: str, seconds: float, streams: int) -> dict:
         server = subprocess.Popen(["ip", "netns", "exec", self.ns(dst), "iperf3", "-s", "-1",
                                    "-B", self.addr(dst)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)

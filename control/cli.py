@@ -205,6 +205,18 @@ def status(config: Annotated[Path | None, typer.Argument(help="topology TOML fil
 
 # ---- bench and demo ----------------------------------------------------------------------
 
+def _bench(run, **kwargs) -> dict:
+    """Run a benchmark; its own failures become one clear line and exit status 1 (the
+    benchmark has removed its network by then)."""
+    from bench.otp import BenchError
+
+    try:
+        return run(**kwargs)
+    except BenchError as e:
+        err.print(f"[red]benchmark failed:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
 @bench_app.command("lkm")
 def bench_lkm(seconds: Annotated[float, typer.Option(help="measuring time")] = 10.0,
               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -239,9 +251,9 @@ def bench_otp(
     bad = [m for m in modes if m not in ("proposed", "conventional")]
     if bad:
         raise typer.BadParameter(f"unknown mode(s) {', '.join(bad)}", param_hint="--mode")
-    result = run(mtus=tuple(mtu or DEFAULT_MTUS), seconds=seconds, workers=workers,
-                 repeat=repeat, streams=streams, capacity=ring, modes=modes, plot_path=plot,
-                 console=err if as_json else out)
+    result = _bench(run, mtus=tuple(mtu or DEFAULT_MTUS), seconds=seconds, workers=workers,
+                    repeat=repeat, streams=streams, capacity=ring, modes=modes,
+                    plot_path=plot, console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
 
@@ -292,8 +304,8 @@ def bench_gkm(
     if window_b < max(sz):
         raise typer.BadParameter("must hold at least one key of each size",
                                  param_hint="--window")
-    result = run(sizes=sz, store=store_b, window=window_b, baseline_sizes=base,
-                 repeat=repeat, plot_path=plot, console=err if as_json else out)
+    result = _bench(run, sizes=sz, store=store_b, window=window_b, baseline_sizes=base,
+                    repeat=repeat, plot_path=plot, console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
 
