@@ -7,7 +7,7 @@ One process per node, one thread, one ZeroMQ poll loop:
    (usable + pending) is under the low watermark, generate blocks until the high one,
    never more than the send window ahead of the acknowledgements. Generation starts once
    the destination has been reached at least once since this process started.
-2. Store each new block in the ENC store as *pending*, synced, then send it (BLOCKS) from a
+2. Store each new block in the ENC store as *pending*, then send it (BLOCKS) from a
    DEALER socket connected to the destination's node address inside the OTP network:
    the kernel routes it through the tunnels, every hop OTP-encrypted, relays included.
 3. The destination's ROUTER socket (on its node address) checks who sent it, stores the
@@ -233,15 +233,13 @@ class GlobalKeyManager:
                 self._refuse(str(e))
                 continue
             if isinstance(msg, Reserve):
-                self.on_reserve(ident, rest[0].get("Peer-Address"), msg)
+                self.on_reserve(ident, rest[0], msg)
                 continue
             if not isinstance(msg, Blocks):
                 self._refuse("an acknowledgement arrived at the relay port")
                 continue
-            origin = self.by_id.get(msg.origin)
-            peer_addr = rest[0].get("Peer-Address")
-            if origin is None or peer_addr != str(origin.address):
-                self._refuse(f"blocks claiming origin id {msg.origin} came from {peer_addr}")
+            origin = self._sender(msg.origin, rest[0])
+            if origin is None:
                 continue
             if msg.destination != self.node.id or origin.name not in self.origins:
                 self._refuse(f"blocks from {origin.name} for node id {msg.destination}: not "
@@ -281,10 +279,19 @@ class GlobalKeyManager:
                       tuple((seq, st) for (seq, _), st in zip(msg.blocks, sts, strict=True)))
             self.router.send_multipart([ident, *encode_ack(ack)])
 
-    def on_reserve(self, ident: zmq.Frame, peer_addr: str | None, msg: Reserve) -> None:
-        origin = self.by_id.get(msg.origin)
+    def _sender(self, origin_id: int, frame: zmq.Frame):
+        """The node a message claims to come from, if it came from that node's address
+        (node addresses are reachable only through the tunnels); else refused, None."""
+        origin = self.by_id.get(origin_id)
+        peer_addr = frame.get("Peer-Address")
         if origin is None or peer_addr != str(origin.address):
-            self._refuse(f"reservation claiming origin id {msg.origin} came from {peer_addr}")
+            self._refuse(f"a message claiming origin id {origin_id} came from {peer_addr}")
+            return None
+        return origin
+
+    def on_reserve(self, ident: zmq.Frame, head: zmq.Frame, msg: Reserve) -> None:
+        origin = self._sender(msg.origin, head)
+        if origin is None:
             return
         if msg.destination != self.node.id or origin.name not in self.origins:
             status = ReserveStatus.REFUSED
@@ -303,7 +310,8 @@ class GlobalKeyManager:
 
     # ---- the origin's side --------------------------------------------------------------
 
-    def on_ack(self, d: Destination, frames: list[zmq.Frame]) -> None:
+    def on_reply(self, d: Destination, frames: list[zmq.Frame]) -> None:
+        """An ACK of blocks or a RESERVED, on the connection to ``d``."""
         try:
             msg = parse([f.buffer for f in frames])
         except RelayWireError as e:
@@ -548,8 +556,8 @@ class GlobalKeyManager:
                  ", ".join(self.dests) or "-", ", ".join(sorted(self.origins)) or "-")
         while not self.stop:
             now = time.monotonic()
-            nearest = min((p.due for d in self.dests.values()
-                           for p in d.outbox.pending.values()), default=now + 0.05)
+            nearest = min((d.outbox.next_due() for d in self.dests.values()),
+                          default=now + 0.05)
             timeout = max(0.0, min(0.05, nearest - now))
             for sock, _ in poller.poll(timeout * 1000):
                 if sock is self.router:
@@ -572,7 +580,7 @@ class GlobalKeyManager:
                     d = by_sock[sock]
                     for _ in range(1024):
                         try:
-                            self.on_ack(d, sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                            self.on_reply(d, sock.recv_multipart(zmq.NOBLOCK, copy=False))
                         except zmq.Again:
                             break
                 elif sock in by_mon:

@@ -97,12 +97,14 @@ class EncState:
     usable_total: int = 0
     pending_total: int = 0
     conflicts: int = 0
+    max_block: int = 0  # the largest block ever held: no key can be larger
     taken_bytes: int = 0
     taken_keys: int = 0
     next_rseq: int = 0
     unacked: dict[int, bytes] = field(default_factory=dict)  # rseq -> RESERVE message
 
     def set(self, seq: int, size: int, state: BlockState) -> None:
+        self.max_block = max(self.max_block, size)
         old = self.blocks.get(seq)
         if old is not None:
             self._count(old[0], old[1], -1)
@@ -258,7 +260,7 @@ class KeyStore:
 
     def add_pending(self, peer: str, blocks: list[bytes]) -> list[int]:
         """Store new blocks for ``peer`` as pending before they are sent, so a resend
-        after a crash carries the same bytes. Written, not synced: a kill -9 keeps the
+        after a crash carries the same bytes. Small batches are not synced: a kill -9 keeps the
         write (it is in the kernel's page cache); a power cut may lose it, and then the
         block number is made again with other bytes, which the destination answers with
         CONFLICT if it held the first ones, and that block is never used."""
@@ -374,10 +376,9 @@ class KeyStore:
                 raise StoreError("unknown", f"no global key is kept for node {peer!r}")
             if number < 1 or size < 1:
                 raise StoreError("bad", "number and size must be positive")
-            largest = max((b for b, _ in st.blocks.values()), default=0)
-            if st.blocks and size > largest:
+            if st.blocks and size > st.max_block:
                 raise StoreError("bad", f"keys of {size} B do not fit the global key blocks "
-                                        f"of {largest} B (gkm.block_size)")
+                                        f"of {st.max_block} B (gkm.block_size)")
             if number * size > st.usable_bytes():
                 raise StoreError("short", f"not enough key: {number} keys of {size} B asked, "
                                           f"{st.usable_bytes()} B usable")

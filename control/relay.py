@@ -16,6 +16,7 @@ All take ``now`` from the caller, so tests drive time.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,6 +33,10 @@ class _Pending:
 
 @dataclass
 class Outbox:
+    """Pending blocks, with a heap of (due time, block) so that finding what to send costs
+    no scan of the window (a window of small blocks holds thousands). A block's heap
+    entries other than the one matching its current ``due`` are stale and skipped."""
+
     retry_s: float = RELAY_RETRY_S
     retry_max_s: float = RELAY_RETRY_MAX_S
     pending: dict[int, _Pending] = field(default_factory=dict)
@@ -42,11 +47,32 @@ class Outbox:
     srtt: float | None = None
     last_ack: float | None = None
     oldest_since: float | None = None  # when the oldest unacknowledged block was sent
+    _heap: list[tuple[float, int]] = field(default_factory=list)
+
+    def _schedule(self, seq: int, p: _Pending, due: float) -> None:
+        p.due = due
+        heapq.heappush(self._heap, (due, seq))
+
+    def _top(self) -> tuple[float, int] | None:
+        """The earliest live heap entry (stale ones dropped on the way)."""
+        while self._heap:
+            due, seq = self._heap[0]
+            p = self.pending.get(seq)
+            if p is not None and p.due == due:
+                return due, seq
+            heapq.heappop(self._heap)
+        return None
+
+    def next_due(self) -> float:
+        """When the next block is due (inf: none pending)."""
+        top = self._top()
+        return top[0] if top else float("inf")
 
     def add(self, seq: int, size: int, now: float) -> None:
         """A block now durably pending: due for sending at once."""
         if seq not in self.pending:
-            self.pending[seq] = _Pending(size, due=now)
+            p = self.pending[seq] = _Pending(size)
+            self._schedule(seq, p, now)
             self.pending_bytes += size
 
     def timeout(self, attempts: int) -> float:
@@ -57,10 +83,12 @@ class Outbox:
         """Blocks to send now, ascending, marked sent; at least one if any is due."""
         out: list[int] = []
         total = 0
-        for seq in sorted(s for s, p in self.pending.items() if p.due <= now):
+        while (top := self._top()) is not None and top[0] <= now:
+            seq = top[1]
             p = self.pending[seq]
             if out and (total + p.size > max_bytes or len(out) >= max_blocks):
                 break
+            heapq.heappop(self._heap)
             out.append(seq)
             total += p.size
             p.attempts += 1
@@ -68,10 +96,10 @@ class Outbox:
                 self.retries += 1
             else:
                 p.first_sent = now
-            p.due = now + self.timeout(p.attempts)
+            self._schedule(seq, p, now + self.timeout(p.attempts))
         if out and self.oldest_since is None:
             self.oldest_since = now
-        return out
+        return sorted(out)
 
     def unsent(self, seqs: list[int], now: float) -> None:
         """The transport refused these (no connection): not an attempt (no retry counted,
@@ -84,35 +112,37 @@ class Outbox:
                 p.attempts = max(0, p.attempts - 1)
                 if p.attempts == 0:
                     p.first_sent = None
-                p.due = now + self.timeout(max(1, p.attempts))
+                self._schedule(seq, p, now + self.timeout(max(1, p.attempts)))
 
     def resend_all(self, now: float) -> None:
         """A new connection: what was sent on the old one may be lost, send it again."""
-        for p in self.pending.values():
-            if p.due != float("inf"):
-                p.due = now
+        self._heap = []
+        for seq, p in self.pending.items():
+            self._schedule(seq, p, now)
+
+    def _remove(self, seq: int, now: float) -> _Pending | None:
+        p = self.pending.pop(seq, None)
+        if p is not None:
+            self.pending_bytes -= p.size
+            self.oldest_since = now if self.pending else None
+        return p
 
     def acked(self, seq: int, now: float) -> int:
         """The destination holds block ``seq``: returns its size (0 if not pending)."""
-        p = self.pending.pop(seq, None)
+        p = self._remove(seq, now)
         if p is None:
             return 0
-        self.pending_bytes -= p.size
         self.acked_blocks += 1
         self.last_ack = now
         if p.attempts == 1 and p.first_sent is not None:
             sample = now - p.first_sent
             self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
-        self.oldest_since = now if self.pending else None
         return p.size
 
     def conflict(self, seq: int, now: float) -> None:
         """The destination holds other bytes under ``seq``: never usable, never resent."""
-        p = self.pending.pop(seq, None)
-        if p is not None:
-            self.pending_bytes -= p.size
+        if self._remove(seq, now) is not None:
             self.conflicts += 1
-            self.oldest_since = now if self.pending else None
 
     def state(self, now: float, unreachable_after: float) -> str:
         if not self.pending:
