@@ -4,6 +4,7 @@ destination, and concurrent takers in threads and processes."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -111,6 +112,7 @@ def test_two_and_three_nodes_fill_to_the_high_watermark_with_identical_keys(tmp_
     assert "C" not in gkm_state(prefix, "B")["peers"]  # B only relays A-C
     assert _tunnel_bytes(prefix, "B", "B-C") - relay_tx >= 8 * MIB  # A->C went via B
     # Application keys: the master's key ID gives the slave identical bytes, any size.
+    handed_out: list[bytes] = []
     for dest, sizes in (("B", (32, 1000, 256 << 10)), ("C", (32, 4096, 100_000))):
         for size in sizes:
             keys = client_call(prefix, "A", "take_enc", dest, 3, size)
@@ -119,6 +121,14 @@ def test_two_and_three_nodes_fill_to_the_high_watermark_with_identical_keys(tmp_
             got = client_call(prefix, dest, "take_dec", "A", ids, "sae-slave")
             assert got == [k for _, k in keys]
             assert all(len(k) == size for k in got)
+            handed_out += [k for _, k in keys]
+    # No key bytes in any log or status file (invariant 6), in hex or base64.
+    published = "".join(f.read_text(errors="replace") for f in
+                        [*paths.log_dir(prefix).glob("*.log"),
+                         *paths.network_dir(prefix).glob("nodes/*/*.json")])
+    for k in handed_out:
+        assert k[:16].hex() not in published and base64.b64encode(k[:12]).decode() \
+            not in published
     # Those takes leave A's stores above the low watermark: no new fill starts.
     time.sleep(1.0)
     assert enc(prefix, "A", "B")["relay"]["filling"] is False
