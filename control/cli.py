@@ -310,6 +310,51 @@ def bench_gkm(
         print(json.dumps(result))
 
 
+@bench_app.command("api")
+def bench_api(
+    size: Annotated[list[str] | None, typer.Option(
+        help="key sizes (repeat): bits like 256, or sizes like 1KiB; default 256 1KiB 64KiB "
+             "1MiB")] = None,
+    keys: Annotated[int, typer.Option(min=1, help="keys stored per size (capped by --store)")]
+    = 32768,
+    store: Annotated[str, typer.Option(help="most key stored for one size")] = "1GiB",
+    clients: Annotated[int, typer.Option(min=1, max=64, help="client processes, each one "
+                                                             "keep-alive connection")] = 4,
+    workers: Annotated[int, typer.Option(min=1, max=32, help="Sanic worker processes")] = 2,
+    baseline_seconds: Annotated[float, typer.Option(help="conventional pull time per size")]
+    = 3.0,
+    plot: Annotated[Path, typer.Option(help="PNG plot")] = Path("bench/results/api-size.png"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Key API: keys pulled over HTTPS (mutual TLS) until the store is empty, per size."""
+    need_root()
+    from bench.api import DEFAULT_SIZES, run
+    from control.config import parse_size
+
+    def bits(value: str) -> int:
+        try:
+            n = int(value) if value.isdigit() else 8 * parse_size(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--size") from None
+        if n % 8 or not 8 <= n <= 8 << 20:
+            raise typer.BadParameter(f"{value}: key sizes are multiples of 8 bits, 8 bit to "
+                                     f"1 MiB", param_hint="--size")
+        return n
+
+    try:
+        store_b = parse_size(store)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--store") from None
+    if not 1 << 20 <= store_b <= 4 << 30:
+        raise typer.BadParameter("must be 1 MiB to 4 GiB", param_hint="--store")
+    sz = tuple(bits(v) for v in size) if size else DEFAULT_SIZES
+    result = _bench(run, sizes=sz, keys=keys, store_max=store_b, clients=clients,
+                    workers=workers, baseline_s=baseline_seconds, plot_path=plot,
+                    console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
 @app.command("demo")
 def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples/triangle.toml"),
          seconds: Annotated[float, typer.Option(help="how long key flows")] = 6.0) -> None:

@@ -24,11 +24,16 @@ from pydantic import (
     field_validator,
 )
 
+from control import paths
 from dataplane.limits import (
     CONVENTIONAL_MTU,
+    MAX_API_KEY_BYTES,
+    MAX_API_WORKERS,
     MAX_BLOCK_SIZE,
     MAX_GLOBAL_BLOCK,
+    MAX_RELAY_BLOCKS,
     MAX_RING_CAPACITY,
+    MAX_SAE_IDS,
     MAX_STORE,
     MAX_WORKERS,
     MIN_BLOCK_SIZE,
@@ -186,6 +191,29 @@ class GkmSection(_Strict):
         return v
 
 
+class ApiSection(_Strict):
+    """The key API (module 4): ETSI GS QKD 014 over HTTPS with mutual TLS, per node."""
+
+    workers: int = Field(0, ge=0, le=MAX_API_WORKERS,
+                         description="Sanic worker processes per node; 0 = cores")
+    key_size: int = Field(256, description="bits; the size of a key when none is asked")
+    max_key_per_request: int = Field(1024, ge=1, le=MAX_RELAY_BLOCKS)
+    max_sae_id_count: int = Field(8, ge=0, le=MAX_SAE_IDS,
+                                  description="additional_slave_SAE_IDs per request")
+    pki: Path | None = Field(None, description="certificates (qkdctl pki init); "
+                                               "default: made by net up in the run dir")
+    graceful_shutdown_s: float = Field(10.0, ge=1.0, le=120.0,
+                                       description="requests in flight may finish this long")
+
+    @field_validator("key_size")
+    @classmethod
+    def _key_size(cls, v: int) -> int:
+        if v % 8 or not 8 <= v <= MAX_API_KEY_BYTES * 8:
+            raise ValueError(f"must be a multiple of 8 bits between 8 and "
+                             f"{MAX_API_KEY_BYTES * 8}")
+        return v
+
+
 class Node(_Strict):
     name: str
     id: int | None = Field(None, ge=1, le=65535)
@@ -226,6 +254,7 @@ class TopologyFile(_Strict):
     defaults: LinkDefaults = LinkDefaults()
     dataplane: DataplaneSection = DataplaneSection()
     gkm: GkmSection = GkmSection()
+    api: ApiSection = ApiSection()
     nodes: list[Node] = Field(min_length=2)
     links: list[Link] = Field(min_length=1)
     saes: list[Sae] = []
@@ -299,6 +328,19 @@ class GkmSpec:
 
 
 @dataclass(frozen=True)
+class ApiSpec:
+    """Key API settings resolved: worker count, the PKI directory, Status limits (bits)."""
+
+    workers: int
+    pki: Path
+    key_size: int
+    max_key_size: int
+    max_key_per_request: int
+    max_sae_id_count: int
+    graceful_shutdown_s: float
+
+
+@dataclass(frozen=True)
 class NodeSpec:
     name: str
     id: int
@@ -317,6 +359,14 @@ class Topology:
     dataplane: DataplaneSpec
     node_net: ipaddress.IPv4Network
     gkm: GkmSpec
+    api: ApiSpec
+
+    def sae_node(self, sae_id: str) -> str | None:
+        """The node an SAE is attached to (its KME), None if no such SAE."""
+        for s in self.saes:
+            if s.id == sae_id:
+                return s.node
+        return None
 
     def node(self, name: str) -> NodeSpec:
         try:
@@ -466,6 +516,9 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         if s.id in sae_ids:
             problems.append((f"saes[{i}].id", f"duplicate SAE id {s.id!r}"))
         sae_ids.add(s.id)
+    if raw.api.key_size > 8 * g.block_size:
+        problems.append(("api.key_size", f"{raw.api.key_size} bits do not fit a global key "
+                                         f"block (gkm.block_size = {g.block_size} B)"))
     return problems
 
 
@@ -506,9 +559,21 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
     ordered = tuple(p for x, y in unordered for p in ((x, y), (y, x)))
     gkm = GkmSpec(block_size=g.block_size, low_watermark=g.low_watermark,
                   high_watermark=g.high_watermark, window=g.window, pairs=ordered)
+    a = raw.api
+    pki = a.pki
+    if pki is None:
+        pki = paths.network_dir(raw.network.prefix) / "pki"
+    elif not pki.is_absolute():
+        pki = (path.parent / pki).resolve()
+    api = ApiSpec(workers=a.workers or min(os.cpu_count() or 1, MAX_API_WORKERS), pki=pki,
+                  key_size=a.key_size,
+                  max_key_size=8 * min(MAX_API_KEY_BYTES, g.block_size),
+                  max_key_per_request=a.max_key_per_request,
+                  max_sae_id_count=a.max_sae_id_count,
+                  graceful_shutdown_s=a.graceful_shutdown_s)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
-                    dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm)
+                    dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm, api=api)
 
 
 def parse_topology(text: str, path: Path | str = "<string>") -> Topology:

@@ -25,7 +25,7 @@ from pyroute2 import netns as pnetns
 
 from control import paths
 from control.agreement_msgs import AUTH_KEY_LEN
-from control.config import Topology
+from control.config import ConfigError, Topology, load_topology
 from dataplane.limits import MAX_UNDERLAY_MTU
 from dataplane.ring import KeyRing
 
@@ -105,6 +105,27 @@ def _write_link_keys(topo: Topology) -> None:
             f.write(secrets.token_bytes(AUTH_KEY_LEN))
 
 
+def _ensure_pki(topo: Topology) -> None:
+    """The key API's certificates: made in ``[api] pki`` (default: the run dir) when
+    there is no CA there yet; an existing PKI must cover every node with SAEs and every
+    SAE."""
+    if not topo.saes:
+        return
+    from api.pki import PkiLayout, init_pki
+
+    layout = PkiLayout(topo.api.pki)
+    if not layout.ca_cert.exists():
+        init_pki(topo.api.pki, topo)
+        return
+    missing = [str(p) for n in {s.node for s in topo.saes} for p in layout.node(n)
+               if not p.exists()]
+    missing += [str(p) for s in topo.saes for p in layout.sae(s.id) if not p.exists()]
+    if missing:
+        raise NetError(f"the PKI in {topo.api.pki} lacks {missing[0]} (and "
+                       f"{len(missing) - 1} more): run 'qkdctl pki init {topo.api.pki} "
+                       f"--config {topo.path} --force'")
+
+
 def _spawn(args: list[str], log: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
@@ -126,6 +147,7 @@ def net_up(topo: Topology, start: bool = True) -> Manifest:
     try:
         _create_namespaces(topo, man)
         _write_link_keys(topo)
+        _ensure_pki(topo)
         if start:
             start_processes(topo, man)
     except BaseException:
@@ -208,12 +230,12 @@ def _is_ours(pid: int) -> bool:
     return b"control.cli" in cmd or b"qkdctl" in cmd or b"multiprocessing" in cmd
 
 
-def _stop_pids(pids: list[int]) -> None:
+def _stop_pids(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
     pids = [p for p in pids if p != os.getpid() and _alive(p)]
     for p in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
+    deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.05)
     for p in pids:
@@ -222,12 +244,24 @@ def _stop_pids(pids: list[int]) -> None:
                 os.kill(p, signal.SIGKILL)
 
 
+def _grace_of(config: str | None) -> float:
+    """How long node supervisors may take to stop: the key API's graceful shutdown."""
+    try:
+        return max(STOP_GRACE_S, load_topology(config).api.graceful_shutdown_s + 4.0) \
+            if config else STOP_GRACE_S
+    except (ConfigError, OSError):
+        return STOP_GRACE_S
+
+
 def net_down(prefix: str) -> list[str]:
     """Remove everything of network ``prefix``; returns what was removed."""
     removed: list[str] = []
     man = Manifest.load(prefix)
-    pids = [p for p in (man.pids.values() if man else []) if _is_ours(p)]
-    pids += _pids_of_network(prefix, man.config if man else None)
+    # The node supervisors and emulators first, each given time to stop its modules in
+    # order (the key API lets requests in flight finish); whatever is left, after.
+    first = [p for p in (man.pids.values() if man else []) if _is_ours(p)]
+    _stop_pids(first, _grace_of(man.config if man else None))
+    pids = list(first) + _pids_of_network(prefix, man.config if man else None)
     namespaces = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
     if man:
         namespaces = sorted(set(namespaces) | {ns for ns in man.namespaces

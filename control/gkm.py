@@ -153,7 +153,7 @@ class GlobalKeyManager:
         self.received_bytes = 0
         self.refused_messages = 0
         self.last_refusal = ""
-        self.waiting: dict[tuple[str, int], tuple[bytes, list[bytes], float]] = {}
+        self.waiting: dict[tuple[str, int], tuple[list[bytes], list[bytes], float]] = {}
         now = time.monotonic()
         for d in self.dests.values():
             for seq in self.store.pending(d.name):
@@ -222,8 +222,16 @@ class GlobalKeyManager:
         self.last_refusal = why
 
     def on_blocks(self, messages: list[list[zmq.Frame]]) -> None:
-        """Store what several BLOCKS messages carry in one synced write per origin, then
-        acknowledge each message: fewer syncs when blocks arrive faster than one sync."""
+        """Store what several BLOCKS and RESERVE messages carry with one sync (group
+        commit), then answer each: fewer syncs when messages arrive faster than one sync,
+        and no answer before what it confirms is durable."""
+        out: list[list] = []
+        with self.store.group():
+            self._receive(messages, out)
+        for frames in out:
+            self.router.send_multipart(frames)
+
+    def _receive(self, messages: list[list[zmq.Frame]], out: list[list]) -> None:
         accepted: list[tuple[zmq.Frame, Blocks, str | None]] = []
         for frames in messages:
             ident, rest = frames[0], frames[1:]
@@ -233,7 +241,9 @@ class GlobalKeyManager:
                 self._refuse(str(e))
                 continue
             if isinstance(msg, Reserve):
-                self.on_reserve(ident, rest[0], msg)
+                answer = self.on_reserve(ident, rest[0], msg)
+                if answer is not None:
+                    out.append(answer)
                 continue
             if not isinstance(msg, Blocks):
                 self._refuse("an acknowledgement arrived at the relay port")
@@ -277,7 +287,7 @@ class GlobalKeyManager:
                 continue  # not stored: no answer
             ack = Ack(msg.origin, self.node.id,
                       tuple((seq, st) for (seq, _), st in zip(msg.blocks, sts, strict=True)))
-            self.router.send_multipart([ident, *encode_ack(ack)])
+            out.append([ident, *encode_ack(ack)])
 
     def _sender(self, origin_id: int, frame: zmq.Frame):
         """The node a message claims to come from, if it came from that node's address
@@ -289,10 +299,12 @@ class GlobalKeyManager:
             return None
         return origin
 
-    def on_reserve(self, ident: zmq.Frame, head: zmq.Frame, msg: Reserve) -> None:
+    def on_reserve(self, ident: zmq.Frame, head: zmq.Frame, msg: Reserve) -> list | None:
+        """Apply a reservation; the RESERVED answer to send once it is durable (None:
+        no answer, the origin resends)."""
         origin = self._sender(msg.origin, head)
         if origin is None:
-            return
+            return None
         if msg.destination != self.node.id or origin.name not in self.origins:
             status = ReserveStatus.REFUSED
         else:
@@ -301,12 +313,11 @@ class GlobalKeyManager:
             except Exception as e:  # e.g. a full disk: no answer, the origin resends
                 log.error("gkm %s: cannot store a reservation from %s: %s", self.node.name,
                           origin.name, type(e).__name__)
-                return
+                return None
             if status == ReserveStatus.REFUSED:
                 log.error("gkm %s: reservation %d from %s names keys that cannot be "
                           "reserved; skipped", self.node.name, msg.rseq, origin.name)
-        self.router.send_multipart([ident, *encode_reserved(
-            Reserved(msg.origin, self.node.id, msg.rseq, status))])
+        return [ident, *encode_reserved(Reserved(msg.origin, self.node.id, msg.rseq, status))]
 
     # ---- the origin's side --------------------------------------------------------------
 
@@ -354,11 +365,11 @@ class GlobalKeyManager:
         waiting = self.waiting.pop((d.name, msg.rseq), None)
         if waiting is None:
             return
-        ident, reply, _ = waiting
+        envelope, reply, _ = waiting
         if msg.status == ReserveStatus.REFUSED:
             reply = [json.dumps({"ok": False, "kind": "bad", "error":
                                  f"node {d.name} refused the reservation"}).encode()]
-        self.api.send_multipart([ident, b"", *reply])
+        self.api.send_multipart([*envelope, *reply])
 
     def send_reservations(self, d: Destination, now: float) -> None:
         """Unacknowledged reservations go out in order: new ones at once; all of them
@@ -379,11 +390,11 @@ class GlobalKeyManager:
             d.reserve_next = max(d.reserve_next, rseq + 1)
 
     def expire_waiting(self, now: float) -> None:
-        for key, (ident, _, deadline) in list(self.waiting.items()):
+        for key, (envelope, _, deadline) in list(self.waiting.items()):
             if now >= deadline:
                 del self.waiting[key]
                 self.store.cancel_reservation(*key)
-                self.api.send_multipart([ident, b"", json.dumps({
+                self.api.send_multipart([*envelope, json.dumps({
                     "ok": False, "kind": "unreachable",
                     "error": f"node {key[0]} did not confirm the reservation within "
                              f"{RESERVE_WAIT_S:.0f} s; the keys were not handed out"}).encode()])
@@ -436,8 +447,29 @@ class GlobalKeyManager:
 
     # ---- keys for local clients ---------------------------------------------------------
 
-    def on_request(self, frames: list[bytes]) -> None:
-        ident, body = frames[0], frames[-1]
+    def on_requests(self, requests: list[list[bytes]]) -> None:
+        """Serve a batch of local requests with one sync (group commit: see
+        KeyStore.group), then answer them; a take for slave SAEs is answered later, once
+        the slave's node has applied its reservation."""
+        answers, waiting = [], False
+        with self.store.group():
+            for frames in requests:
+                answer = self._answer(frames)
+                if answer is None:
+                    waiting = True
+                else:
+                    answers.append(answer)
+        for frames in answers:
+            self.api.send_multipart(frames)
+        if waiting:
+            now = time.monotonic()
+            for d in self.dests.values():
+                self.send_reservations(d, now)
+
+    def _answer(self, frames: list[bytes]) -> list[bytes] | None:
+        # The envelope: the REQ/DEALER identity frames up to and including the empty
+        # delimiter (a DEALER client adds a request id before it), sent back unchanged.
+        envelope, body = frames[:-1], frames[-1]
         try:
             req = json.loads(body)
             head, data = self._serve(req)
@@ -446,15 +478,14 @@ class GlobalKeyManager:
                 reply.append(data)
             if "rseq" in head:  # answered once the slave's node has the reservation
                 key = (str(req["peer"]), head["rseq"])
-                self.waiting[key] = (ident, reply, time.monotonic() + RESERVE_WAIT_S)
-                self.send_reservations(self.dests[key[0]], time.monotonic())
-                return
+                self.waiting[key] = (envelope, reply, time.monotonic() + RESERVE_WAIT_S)
+                return None
         except StoreError as e:
             reply = [json.dumps({"ok": False, "kind": e.kind, "error": str(e)}).encode()]
         except Exception as e:  # a bad request must never stop the key manager
             reply = [json.dumps({"ok": False, "kind": "bad",
                                  "error": f"malformed request ({type(e).__name__})"}).encode()]
-        self.api.send_multipart([ident, b"", *reply])
+        return [*envelope, *reply]
 
     def _serve(self, req: dict) -> tuple[dict, bytes | None]:
         op = req["op"]
@@ -466,8 +497,11 @@ class GlobalKeyManager:
                 if not isinstance(slaves, list) or not slaves or \
                         not all(isinstance(x, str) and x and "\n" not in x for x in slaves):
                     raise StoreError("bad", "slaves must be a list of SAE IDs")
+                master = req.get("master", "")
+                if not isinstance(master, str) or "\n" in master:
+                    raise StoreError("bad", "master must be an SAE ID")
                 keys, rseq = self.store.take_enc_reserved(str(req["peer"]), number, size,
-                                                          tuple(slaves))
+                                                          tuple(slaves), master)
                 return ({"key_ids": [str(s.key_id) for s, _ in keys], "rseq": rseq},
                         b"".join(k for _, k in keys))
             keys = self.store.take_enc(str(req["peer"]), number, size)
@@ -478,9 +512,17 @@ class GlobalKeyManager:
                                str(req["sae"]))
             return {}, None
         if op == "take_dec":
+            master = req.get("master")
             keys = self.store.take_dec(str(req["peer"]), [str(k) for k in req["key_ids"]],
-                                       str(req["sae"]))
+                                       str(req["sae"]), None if master is None else str(master))
             return {"sizes": [len(k) for k in keys]}, b"".join(keys)
+        if op == "stock":  # what a Status answer needs, cheaply
+            peer = str(req["peer"])
+            st = self.store.enc.get(peer)
+            if st is None:
+                raise StoreError("unknown", f"no global key is kept for node {peer!r}")
+            return {"usable": st.usable_bytes(), "high_watermark": self.spec.high_watermark,
+                    "block_size": self.spec.block_size}, None
         if op == "summary":
             return {"summary": self.status()}, None
         if op == "digests":
@@ -571,11 +613,14 @@ class GlobalKeyManager:
                     if batch:
                         self.on_blocks(batch)
                 elif sock is self.api:
-                    for _ in range(64):
+                    requests = []
+                    for _ in range(256):
                         try:
-                            self.on_request(self.api.recv_multipart(zmq.NOBLOCK))
+                            requests.append(self.api.recv_multipart(zmq.NOBLOCK))
                         except zmq.Again:
                             break
+                    if requests:
+                        self.on_requests(requests)
                 elif sock in by_sock:
                     d = by_sock[sock]
                     for _ in range(1024):

@@ -8,6 +8,8 @@ two concurrent takers never receive the same key; each take is durable before th
 Request: one JSON frame ``{"op": ..., ...}``. Reply: a JSON frame ``{"ok": true, ...}``
 plus, for takes, one frame with the keys' bytes concatenated in order; or
 ``{"ok": false, "kind": "short"|"unknown"|"forbidden"|"bad"|"busy", "error": "..."}``.
+The key API's workers use the same protocol from asyncio (``api.gkm_link``), several
+requests in flight on one DEALER socket, each tagged with a request id frame.
 """
 
 from __future__ import annotations
@@ -77,19 +79,22 @@ class GkmClient:
         head, data = self.call("take_enc", peer=peer, number=number, size=size)
         return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
 
-    def take_enc_for(self, peer: str, number: int, size: int, slaves: list[str]
-                     ) -> list[tuple[str, bytes]]:
-        """Keys for an application whose slave SAEs are at ``peer``: returned only once
-        ``peer`` has stored that these SAEs, and only they, may fetch them there."""
+    def take_enc_for(self, peer: str, number: int, size: int, slaves: list[str],
+                     master: str = "") -> list[tuple[str, bytes]]:
+        """Keys for an application (``master``) whose slave SAEs are at ``peer``: returned
+        only once ``peer`` has stored that these SAEs, and only they, may fetch them
+        there (and only naming this master, when given)."""
         head, data = self.call("take_enc", peer=peer, number=number, size=size,
-                               slaves=slaves)
+                               slaves=slaves, master=master)
         return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
 
     def reserve(self, peer: str, key_ids: list[str], sae: str) -> None:
         self.call("reserve", peer=peer, key_ids=key_ids, sae=sae)
 
-    def take_dec(self, peer: str, key_ids: list[str], sae: str) -> list[bytes]:
-        head, data = self.call("take_dec", peer=peer, key_ids=key_ids, sae=sae)
+    def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str | None = None
+                 ) -> list[bytes]:
+        head, data = self.call("take_dec", peer=peer, key_ids=key_ids, sae=sae,
+                               master=master)
         return split_keys(head["sizes"], data)
 
     def summary(self) -> dict:

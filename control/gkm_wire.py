@@ -81,7 +81,9 @@ class Ack:
 class Reserve:
     """The master's node tells the slave's node which keys which SAEs may fetch, in the
     origin's carving order (``rseq`` numbers them per pair), and how far it has carved.
-    No SAEs: cancel these keys' reservations (their taker never got them)."""
+    No SAEs: cancel these keys' reservations (their taker never got them). ``master`` is
+    the master SAE that took them ("" = any: a reservation made by hand); on the wire it
+    is the first of the SAE IDs, "*" standing for any."""
 
     origin: int
     destination: int
@@ -89,6 +91,7 @@ class Reserve:
     carved_to: tuple[int, int]  # (block, offset)
     saes: tuple[str, ...]
     key_ids: tuple[bytes, ...]  # 16 bytes each
+    master: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,14 +107,18 @@ _RESERVED = struct.Struct(">QB")
 
 
 def encode_reserve(msg: Reserve) -> list[bytes]:
-    if len(msg.saes) > 255 or len(msg.key_ids) > MAX_RELAY_BLOCKS:
-        raise RelayWireError("a RESERVE names at most 255 SAEs and at most "
+    if len(msg.saes) > 254 or len(msg.key_ids) > MAX_RELAY_BLOCKS:
+        raise RelayWireError("a RESERVE names at most 254 SAEs and at most "
                              f"{MAX_RELAY_BLOCKS} keys")
     head = _header(MsgType.RESERVE, msg.origin, msg.destination, len(msg.key_ids))
-    saes = b"".join(bytes([len(e)]) + e for e in (x.encode() for x in msg.saes))
+    names = [msg.master or "*", *msg.saes] if msg.saes else []
+    encoded = [x.encode() for x in names]
+    if any(not 0 < len(e) < 256 for e in encoded):
+        raise RelayWireError("SAE IDs are 1-255 bytes")
+    saes = b"".join(bytes([len(e)]) + e for e in encoded)
     if any(len(k) != 16 for k in msg.key_ids):
         raise RelayWireError("key IDs are 16 bytes")
-    return [head + _RESERVE.pack(msg.rseq, *msg.carved_to, len(msg.saes)) + saes
+    return [head + _RESERVE.pack(msg.rseq, *msg.carved_to, len(names)) + saes
             + b"".join(msg.key_ids)]
 
 
@@ -137,7 +144,10 @@ def _parse_reserve(origin: int, destination: int, count: int, body: bytes) -> Re
     if len(body) - at != 16 * count:
         raise RelayWireError(f"RESERVE: {len(body) - at} B of key IDs for {count} keys")
     keys = tuple(body[at + 16 * i:at + 16 * (i + 1)] for i in range(count))
-    return Reserve(origin, destination, rseq, (cseq, coff), tuple(saes), keys)
+    if len(saes) == 1:
+        raise RelayWireError("RESERVE: a master SAE and no slave SAE")
+    master = "" if not saes or saes[0] == "*" else saes[0]
+    return Reserve(origin, destination, rseq, (cseq, coff), tuple(saes[1:]), keys, master)
 
 
 def _header(kind: MsgType, origin: int, destination: int, count: int) -> bytes:

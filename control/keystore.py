@@ -8,7 +8,8 @@ from ``peer``. Keys inside a column family:
     b<seq:8>     block bytes
     n            ENC: next block number to generate (u64)
     c            ENC: carving cursor (block u64, offset u32)
-    r<key id:16> DEC: a key the slave SAE named here may fetch once (the SAE id)
+    r<key id:16> DEC: a key reserved here: master SAE ("*" any), then the SAEs that may
+                 fetch it once, newline-separated
 
 Every change is one write batch, so a crash leaves all of it or none. Writes that others
 rely on are synced before anyone hears of them: a received block before it is
@@ -24,6 +25,9 @@ import hashlib
 import struct
 import threading
 import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
     from control.gkm_wire import ReserveStatus
 
 BULK_WRITE = 1 << 20  # a batch of blocks this large is flushed rather than logged
+CACHED_BLOCKS = 4     # blocks kept in memory for takes that cut many keys from one block
 _META = struct.Struct(">IB")
 _U64 = struct.Struct(">Q")
 _CURSOR = struct.Struct(">QI")
@@ -212,12 +217,57 @@ class KeyStore:
         self.unsynced = WriteOptions()
         self.no_wal = WriteOptions()
         self.no_wal.disable_wal = True
+        self._deferred = False  # inside group(): durable writes wait for one sync
+        self._dirty = False
+        self._cache: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
         self.enc = {p: self._load_enc(p, i) for p, i in enc_peers.items()}
         self.dec = {p: self._load_dec(p, i) for p, i in dec_peers.items()}
 
     def close(self) -> None:
         with self.lock:
+            self._cache.clear()
             self.db.close()
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """Group commit: writes that must be durable before anyone hears of them are
+        logged unsynced inside the block and synced once, together, when it ends. The
+        caller answers nobody before the block has ended; a crash inside it loses only
+        changes that nobody has heard of (a take never answered: key wasted, not reused)."""
+        with self.lock:
+            outer = self._deferred
+            self._deferred = True
+            try:
+                yield
+            finally:
+                self._deferred = outer
+                if not outer and self._dirty:
+                    self._dirty = False
+                    self.db.flush_wal(True)
+
+    def _durable(self, wb: WriteBatch) -> None:
+        if self._deferred:
+            self.db.write(wb, self.unsynced)
+            self._dirty = True
+        else:
+            self.db.write(wb, self.synced)
+
+    def _block(self, kind: str, peer: str, seq: int) -> bytes:
+        """A block's bytes; the last few read are kept, so taking many small keys from one
+        block reads it once. Blocks never change once stored; deleted ones are evicted."""
+        k = (kind, peer, seq)
+        data = self._cache.get(k)
+        if data is None:
+            data = self._cf(kind, peer)[_seq_key(b"b", seq)]
+            self._cache[k] = data
+            if len(self._cache) > CACHED_BLOCKS:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(k)
+        return data
+
+    def _evict(self, kind: str, peer: str, seq: int) -> None:
+        self._cache.pop((kind, peer, seq), None)
 
     # ---- loading --------------------------------------------------------------------------
 
@@ -292,7 +342,10 @@ class KeyStore:
             self.db.write(wb, self.no_wal)
             self._cf(kind, peer).flush(True)
         else:
-            self.db.write(wb, self.synced if sync else self.unsynced)
+            if sync:
+                self._durable(wb)
+            else:
+                self.db.write(wb, self.unsynced)
 
     def pending(self, peer: str) -> list[int]:
         with self.lock:
@@ -328,11 +381,12 @@ class KeyStore:
         StoreError("short") and nothing taken when there is not enough usable key."""
         return self._take(peer, number, size, ())[0]
 
-    def take_enc_reserved(self, peer: str, number: int, size: int, saes: tuple[str, ...]
-                          ) -> tuple[list[tuple[KeySlice, bytes]], int]:
+    def take_enc_reserved(self, peer: str, number: int, size: int, saes: tuple[str, ...],
+                          master: str = "") -> tuple[list[tuple[KeySlice, bytes]], int]:
         """As take_enc, and in the same synced batch a numbered reservation of the keys
-        for ``saes`` (the RESERVE message for the peer, kept until it acknowledges)."""
-        out, rseq = self._take(peer, number, size, saes)
+        for ``saes``, taken by ``master`` (the RESERVE message for the peer, kept until it
+        acknowledges)."""
+        out, rseq = self._take(peer, number, size, saes, master)
         assert rseq is not None
         return out, rseq
 
@@ -355,7 +409,7 @@ class KeyStore:
             wb = WriteBatch(raw_mode=True)
             wb.put(_seq_key(b"q", new), msg, h)
             wb.put(b"Q", _U64.pack(new + 1), h)
-            self.db.write(wb, self.synced)
+            self._durable(wb)
             st.unacked[new] = msg
             st.next_rseq = new + 1
             return new
@@ -368,8 +422,8 @@ class KeyStore:
                 wb.delete(_seq_key(b"q", rseq), self._handle("enc", peer))
                 self.db.write(wb, self.unsynced)  # lost: resent, answered DUPLICATE
 
-    def _take(self, peer: str, number: int, size: int, saes: tuple[str, ...]
-              ) -> tuple[list[tuple[KeySlice, bytes]], int | None]:
+    def _take(self, peer: str, number: int, size: int, saes: tuple[str, ...],
+              master: str = "") -> tuple[list[tuple[KeySlice, bytes]], int | None]:
         with self.lock:
             st = self.enc.get(peer)
             if st is None:
@@ -388,13 +442,12 @@ class KeyStore:
             except CarveError as e:
                 raise StoreError("short" if "not enough" in str(e) else "bad", str(e)) \
                     from None
-            cf = self._cf("enc", peer)
             h = self._handle("enc", peer)
             data: dict[int, bytes] = {}
             out = []
             for s in slices:
                 if s.seq not in data:
-                    data[s.seq] = cf[_seq_key(b"b", s.seq)]
+                    data[s.seq] = self._block("enc", peer, s.seq)
                 out.append((s, data[s.seq][s.offset:s.offset + s.size]))
             if cur.seq in st.blocks and cur.offset >= st.blocks[cur.seq][0]:
                 cur = Cursor(cur.seq + 1, 0)  # the last block is used up too
@@ -413,12 +466,14 @@ class KeyStore:
                 rseq = st.next_rseq
                 msg = encode_reserve(Reserve(self.node_id, st.peer_id, rseq,
                                              (cur.seq, cur.offset), tuple(saes),
-                                             tuple(s.key_id.bytes for s, _ in out)))[0]
+                                             tuple(s.key_id.bytes for s, _ in out),
+                                             master))[0]
                 wb.put(_seq_key(b"q", rseq), msg, h)
                 wb.put(b"Q", _U64.pack(rseq + 1), h)
-            self.db.write(wb, self.synced)
+            self._durable(wb)
             for seq in gone:
                 st.drop(seq)
+                self._evict("enc", peer, seq)
             st.cursor = cur
             st.taken_keys += number
             st.taken_bytes += number * size
@@ -470,7 +525,7 @@ class KeyStore:
         before it will ever be reserved, so blocks wholly behind it are deleted as soon as
         their reserved keys are delivered."""
         with self.lock:
-            self._reserve(self._dec_state(peer), peer, key_ids, (sae,), carved_to, None)
+            self._reserve(self._dec_state(peer), peer, key_ids, (sae,), carved_to, None, "")
 
     def apply_reservation(self, peer: str, msg) -> ReserveStatus:
         """A RESERVE from ``peer``, applied in its numbered order exactly once."""
@@ -484,20 +539,22 @@ class KeyStore:
                 return ReserveStatus.GAP
             ids = [str(uuid.UUID(bytes=bytes(k))) for k in msg.key_ids]
             try:
-                self._reserve(st, peer, ids, msg.saes, Cursor(*msg.carved_to), msg.rseq)
+                self._reserve(st, peer, ids, msg.saes, Cursor(*msg.carved_to), msg.rseq,
+                              msg.master)
             except StoreError:  # skip it, or every later reservation would wait forever
-                self._reserve(st, peer, [], msg.saes, None, msg.rseq)
+                self._reserve(st, peer, [], (), None, msg.rseq, "")
                 return ReserveStatus.REFUSED
             return ReserveStatus.APPLIED
 
     def _reserve(self, st: DecState, peer: str, key_ids: list[str], saes: tuple[str, ...],
-                 carved_to: Cursor | None, rseq: int | None) -> None:
+                 carved_to: Cursor | None, rseq: int | None, master: str) -> None:
         cf = self._cf("dec", peer)
         h = self._handle("dec", peer)
         if not saes:
             self._cancel(st, cf, h, key_ids, rseq)
             return
-        owner = b"\n".join(x.encode() for x in saes)
+        # The record: the master SAE ("*": any), then each SAE that may fetch the key.
+        owner = b"\n".join(x.encode() for x in (master or "*", *saes))
         cur = st.cursor
         new: list[tuple[bytes, KeySlice]] = []
         for kid in key_ids:
@@ -525,7 +582,7 @@ class KeyStore:
         if rseq is not None:
             st.next_rseq = rseq + 1
         self._free_done(st, wb, h)
-        self.db.write(wb, self.synced)
+        self._durable(wb)
 
     def _cancel(self, st: DecState, cf, h, key_ids: list[str], rseq: int | None) -> None:
         """Drop the reservations of keys whose taker never got them (not delivered)."""
@@ -540,7 +597,7 @@ class KeyStore:
             wb.put(b"E", _U64.pack(rseq + 1), h)
             st.next_rseq = rseq + 1
         self._free_done(st, wb, h)
-        self.db.write(wb, self.synced)
+        self._durable(wb)
 
     def _dec_state(self, peer: str) -> DecState:
         st = self.dec.get(peer)
@@ -557,6 +614,7 @@ class KeyStore:
             st.stored_total -= st.blocks.pop(seq)
             st.outstanding.pop(seq, None)
             st.freed_blocks += 1
+            self._evict("dec", st.peer, seq)
 
     def _dec_slice(self, st: DecState, kid: str) -> KeySlice:
         try:
@@ -570,9 +628,11 @@ class KeyStore:
             raise StoreError("unknown", f"key ID {kid}: no such key stored here")
         return s
 
-    def take_dec(self, peer: str, key_ids: list[str], sae: str) -> list[bytes]:
-        """The keys' bytes, each delivered once and only to the SAE it was reserved for;
-        refused whole (nothing delivered) if any key is not deliverable."""
+    def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str | None = None
+                 ) -> list[bytes]:
+        """The keys' bytes, each delivered once and only to the SAE it was reserved for
+        (and, when ``master`` is given, only if that master SAE took it); refused whole
+        (nothing delivered) if any key is not deliverable."""
         with self.lock:
             st = self._dec_state(peer)
             cf = self._cf("dec", peer)
@@ -587,7 +647,11 @@ class KeyStore:
                 if owner is None:
                     raise StoreError("unknown", f"key ID {kid} is unknown or already "
                                                 "delivered")
-                if sae.encode() not in owner.split(b"\n"):
+                names = owner.split(b"\n")
+                if master is not None and names[0] not in (b"*", master.encode()):
+                    raise StoreError("unknown", f"key ID {kid} was not issued to master SAE "
+                                                f"{master}")
+                if sae.encode() not in names[1:]:
                     raise StoreError("forbidden", f"key ID {kid} belongs to another SAE")
                 slices.append((rid, s))
             wb = WriteBatch(raw_mode=True)
@@ -595,13 +659,13 @@ class KeyStore:
             data: dict[int, bytes] = {}
             for rid, s in slices:
                 if s.seq not in data:
-                    data[s.seq] = cf[_seq_key(b"b", s.seq)]
+                    data[s.seq] = self._block("dec", peer, s.seq)
                 out.append(data[s.seq][s.offset:s.offset + s.size])
                 wb.delete(rid, h)
             for _, s in slices:
                 st.outstanding[s.seq] -= 1
             self._free_done(st, wb, h)
-            self.db.write(wb, self.synced)
+            self._durable(wb)
             st.delivered_keys += len(slices)
             st.delivered_bytes += sum(s.size for _, s in slices)
             return out

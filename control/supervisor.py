@@ -2,7 +2,8 @@
 
 `qkdctl node run` lands here. Each module is a child process that dies with the supervisor
 (PR_SET_PDEATHSIG): per link a local key manager and an OTP tunnel manager (which runs its
-own worker pool); per node the router and the global key manager. A crashed child is
+own worker pool); per node the router, the global key manager and, when SAEs are
+attached to the node, the key API (which runs Sanic's worker processes). A crashed child is
 restarted with backoff; SIGTERM/SIGINT stops every child within seconds. The state of
 every module is published in ``state.json`` beside the modules' own status files.
 """
@@ -66,6 +67,8 @@ class Module:
     next_start: float = 0.0
     last_exit: int | None = None
     history: list[float] = field(default_factory=list)
+    first_to_stop: bool = False  # the key API: stopped (gracefully) before the rest
+    stop_grace: float = STOP_GRACE_S
 
 
 class Supervisor:
@@ -90,6 +93,11 @@ class Supervisor:
             from control.gkm import gkm_main
 
             self.modules.append(Module("gkm", gkm_main, (cfg, node, sd)))
+            if any(s.node == node for s in topo.saes):
+                from api.server import api_main
+
+                self.modules.append(Module("api", api_main, (cfg, node), first_to_stop=True,
+                                           stop_grace=topo.api.graceful_shutdown_s + 2))
         self.stopping = False
 
     def _start(self, m: Module) -> None:
@@ -140,17 +148,20 @@ class Supervisor:
             self.shutdown()
 
     def shutdown(self) -> None:
+        """The key API first, with time for the requests in flight (their keys come from
+        the global key manager, which must still be running), then everything else."""
         self.stopping = True
-        procs = [m.proc for m in self.modules if m.proc is not None]
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                p.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(1.0)
+        for first in (True, False):
+            mods = [m for m in self.modules if m.proc is not None and m.first_to_stop == first]
+            for m in mods:
+                with contextlib.suppress(ProcessLookupError):
+                    m.proc.terminate()
+            deadline = time.monotonic() + max((m.stop_grace for m in mods), default=0.0)
+            for m in mods:
+                m.proc.join(max(0.0, deadline - time.monotonic()))
+                if m.proc.is_alive():
+                    m.proc.kill()
+                    m.proc.join(1.0)
         self._publish()
         log.info("node %s: stopped", self.node)
 

@@ -31,3 +31,9 @@ MAX_RELAY_BLOCKS = 4096             # ... and in number
 RELAY_RETRY_S = 2.0                 # first resend of an unacknowledged block (a safety net:
                                     # a new connection resends everything at once)
 RELAY_RETRY_MAX_S = 8.0             # backoff cap between resends
+
+# Key API (module 4)
+MAX_API_WORKERS = 32                # Sanic worker processes per node
+MAX_API_KEY_BYTES = 1 << 20         # largest key one request may ask for (8 Mibit)
+MAX_API_REQUEST_BYTES = 64 << 20    # key bytes one answer may carry (number x size)
+MAX_SAE_IDS = 16                    # additional_slave_SAE_IDs one request may name

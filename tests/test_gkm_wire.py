@@ -120,18 +120,23 @@ def test_reserve_round_trip_and_refusals():
     from control.gkm_wire import Reserve, Reserved, ReserveStatus, encode_reserve, encode_reserved
 
     m = Reserve(1, 2, 7, (3, 64), ("sae-a", "b"), (os.urandom(16), os.urandom(16)))
-    assert parse(encode_reserve(m)) == m
+    assert parse(encode_reserve(m)) == m  # no master: any
+    named = Reserve(1, 2, 7, (3, 64), ("sae-b",), m.key_ids, master="sae-m")
+    assert parse(encode_reserve(named)) == named
     r = Reserved(1, 2, 7, ReserveStatus.GAP)
     assert parse(encode_reserved(r)) == r
     f = encode_reserve(m)[0]
     with pytest.raises(RelayWireError, match="31 B of key IDs for 2 keys"):
         parse([f[:-1]])
     with pytest.raises(RelayWireError, match="runs past"):
-        parse([f[:14 + 21 + 3]])
+        parse([f[:14 + 21 + 5]])
     with pytest.raises(RelayWireError, match="1 frame"):
         parse([f, b""])
-    with pytest.raises(RelayWireError, match="at most 255 SAEs"):
-        encode_reserve(Reserve(1, 2, 7, (0, 0), ("s",) * 256, ()))
+    with pytest.raises(RelayWireError, match="at most 254 SAEs"):
+        encode_reserve(Reserve(1, 2, 7, (0, 0), ("s",) * 255, ()))
+    only_master = f[:14] + f[14:14 + 20] + b"\x01\x01*" + f[-32:]
+    with pytest.raises(RelayWireError, match="no slave SAE"):
+        parse([only_master])
     cancel = Reserve(1, 2, 8, (3, 64), (), m.key_ids)  # no SAEs: a cancellation
     assert parse(encode_reserve(cancel)) == cancel
     with pytest.raises(RelayWireError, match="unknown RESERVED status 9"):

@@ -85,9 +85,9 @@ source = { generator = "aes-ctr" }
 
 def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = False,
              ring: str = "32MiB", key_wait_ms: int = 100, gkm: str | None = None,
-             key_rate: int = 400):
+             key_rate: int = 400, extra: str = ""):
     """Bring up A - B - C (or A - B, or the triangle); ``gkm`` replaces the [gkm] section
-    (which by default keeps no global key)."""
+    (which by default keeps no global key); ``extra`` is appended (SAEs, [api])."""
     text = NET.format(prefix=prefix).replace('ring_capacity = "32MiB"',
                                              f'ring_capacity = "{ring}"')
     text = text.replace("workers = 2\n", f"workers = 2\nkey_wait_ms = {key_wait_ms}\n")
@@ -100,6 +100,7 @@ def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = Fa
             text[text.index("[[links]]"):text.index('[[links]]\na = "B"')]
     if triangle:
         text += TRIANGLE_EXTRA
+    text += extra
     path = tmp_path / f"{prefix}.toml"
     path.write_text(text)
     topo = parse_topology(text, path)

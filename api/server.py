@@ -1,0 +1,233 @@
+"""The key API service: ETSI GS QKD 014 V1.1.1 on Sanic, HTTPS only, mutual TLS.
+
+One service per node, on the node's address and ``[ports] api``, in Sanic's multi-worker
+mode (``[api] workers`` processes sharing the listening socket). The calling SAE is the
+subject CN of its client certificate, which must be signed by the network's CA
+(``qkdctl pki init``); a connection without a certificate is accepted so that it can be
+told 401 in JSON, one with a certificate from another CA fails its TLS handshake.
+
+Handlers are thin: validation is ``api.requests``, the answers ``api.kme``, the keys come
+from the node's global key manager over ``api.gkm_link``. Only the four status codes of
+the standard leave this service, each with a JSON body: Sanic's own 404, 405 and 413
+become 400, anything unexpected 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import ssl
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from sanic import Sanic
+from sanic.exceptions import SanicException
+from sanic.request import Request
+from sanic.response import HTTPResponse
+from sanic.response import json as json_response
+
+from api import requests as etsi
+from api.gkm_link import GkmLink
+from api.kme import Kme, key_container, store_refusal
+from api.pki import PkiLayout
+from control.config import Topology
+from control.keystore import StoreError
+
+log = logging.getLogger("qkdnet.api")
+BASE = "/api/v1/keys"
+JSON = "application/json"
+
+
+def server_context(pki: Path, node: str) -> ssl.SSLContext:
+    """TLS 1.2 or newer; the node's certificate; client certificates verified against
+    the network's CA when given (CERT_OPTIONAL: none is a 401, not a failed handshake)."""
+    layout = PkiLayout(pki)
+    crt, key = layout.node(node)
+    for p in (layout.ca_cert, crt, key):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: run 'qkdctl pki init {pki} --config "
+                                    f"FILE' (net up makes one when [api] pki is not set)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(crt, key)
+    ctx.load_verify_locations(layout.ca_cert)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
+def _peer_cn(request: Request) -> str | None:
+    """The verified client certificate's subject CN, once per connection."""
+    ctx = request.conn_info.ctx if request.conn_info else None
+    if ctx is not None and hasattr(ctx, "sae_cn"):
+        return ctx.sae_cn
+    cn = None
+    sslobj = request.transport.get_extra_info("ssl_object")
+    cert = sslobj.getpeercert() if sslobj is not None else None
+    if cert:
+        for rdn in cert.get("subject", ()):
+            for name, value in rdn:
+                if name == "commonName":
+                    cn = value
+    if ctx is not None:
+        ctx.sae_cn = cn
+    return cn
+
+
+def _error(e: etsi.ApiError) -> HTTPResponse:
+    return json_response(e.body(), status=e.status)
+
+
+def _query(request: Request) -> dict[str, list[str]]:
+    qs = request.query_string
+    if not qs:
+        return {}
+    try:
+        return parse_qs(qs, keep_blank_values=True, strict_parsing=True, max_num_fields=16)
+    except ValueError as e:
+        raise etsi.bad(f"malformed query string: {str(e)[:80]}") from None
+
+
+def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
+    kme = Kme.from_topology(topo, node)
+    app = Sanic(name or f"qkdnet_{topo.prefix}_{node}", configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = etsi.MAX_BODY + 1024
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = topo.api.graceful_shutdown_s
+    app.config.KEEP_ALIVE_TIMEOUT = 75
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.MOTD = False
+    app.config.ACCESS_LOG = False
+
+    @app.before_server_start
+    async def _open(app: Sanic) -> None:
+        from control.supervisor import die_with_parent
+
+        die_with_parent()
+        app.ctx.gkm = GkmLink(topo.prefix, node)
+        app.ctx.gkm.start()
+
+    @app.after_server_stop
+    async def _close(app: Sanic) -> None:
+        await app.ctx.gkm.close()
+
+    def caller(request: Request) -> str:
+        return kme.caller(_peer_cn(request))
+
+    @app.get(f"{BASE}/<slave:str>/status")
+    async def status(request: Request, slave: str) -> HTTPResponse:
+        try:
+            master = caller(request)
+            etsi.check_path_sae(slave)
+            if _query(request):
+                raise etsi.bad("status takes no query parameters")
+            peer = kme.slave_node(slave)
+            try:
+                stock = await request.app.ctx.gkm.stock(peer)
+            except StoreError as e:
+                raise store_refusal(e.kind, str(e), on_dec=False) from None
+            return json_response(kme.status(master, slave, stock["usable"]))
+        except etsi.ApiError as e:
+            return _error(e)
+
+    @app.route(f"{BASE}/<slave:str>/enc_keys", methods=["GET", "POST"])
+    async def enc_keys(request: Request, slave: str) -> HTTPResponse:
+        try:
+            master = caller(request)
+            etsi.check_path_sae(slave)
+            if request.method == "GET":
+                req = etsi.enc_keys_get(_query(request), kme.limits)
+            else:
+                if request.query_string:
+                    raise etsi.bad("POST takes its parameters in the JSON body")
+                req = etsi.enc_keys_post(request.body, kme.limits)
+            kme.check_enc(req)
+            peer = kme.slave_node(slave, req.additional_slave_sae_ids)
+            try:
+                ids, keys = await request.app.ctx.gkm.take_enc_for(
+                    peer, req.number, req.size_bytes,
+                    [slave, *req.additional_slave_sae_ids], master)
+            except StoreError as e:
+                raise store_refusal(e.kind, str(e), on_dec=False) from None
+            return HTTPResponse(key_container(ids, keys), content_type=JSON)
+        except etsi.ApiError as e:
+            return _error(e)
+
+    @app.route(f"{BASE}/<master:str>/dec_keys", methods=["GET", "POST"])
+    async def dec_keys(request: Request, master: str) -> HTTPResponse:
+        try:
+            slave = caller(request)
+            etsi.check_path_sae(master)
+            if request.method == "GET":
+                req = etsi.dec_keys_get(_query(request), kme.limits)
+            else:
+                if request.query_string:
+                    raise etsi.bad("POST takes its parameters in the JSON body")
+                req = etsi.dec_keys_post(request.body, kme.limits)
+            peer = kme.master_node(master)
+            try:
+                keys = await request.app.ctx.gkm.take_dec(peer, list(req.key_ids), slave,
+                                                          master)
+            except StoreError as e:
+                raise store_refusal(e.kind, str(e), on_dec=True) from None
+            return HTTPResponse(key_container(list(req.key_ids), keys), content_type=JSON)
+        except etsi.ApiError as e:
+            return _error(e)
+
+    @app.exception(Exception)
+    async def _any_error(request: Request, exc: Exception) -> HTTPResponse:
+        """Sanic's own refusals (no route, wrong method, body too large, bad request
+        line) as the standard's 400, after the 401 an unknown caller gets first."""
+        if isinstance(exc, etsi.ApiError):
+            return _error(exc)
+        status = getattr(exc, "status_code", 500) if isinstance(exc, SanicException) else 500
+        if status >= 500:
+            log.error("key API: unexpected %s on %s %s", type(exc).__name__,
+                      request.method if request else "-", request.path if request else "-",
+                      exc_info=not isinstance(exc, SanicException))
+            return _error(etsi.ApiError(503, "internal error of the KME; nothing was taken"))
+        if request is not None and request.transport is not None:
+            try:
+                caller(request)
+            except etsi.ApiError as e:
+                return _error(e)
+        if status == 404:
+            msg = (f"no such endpoint: {request.path[:80] if request else '?'} (endpoints: "
+                   f"{BASE}/{{SAE_ID}}/status, enc_keys, dec_keys)")
+        elif status == 405:
+            msg = f"method {request.method if request else '?'} is not allowed here"
+        elif status == 413:
+            msg = f"request body larger than {etsi.MAX_BODY} bytes"
+        else:
+            msg = f"bad request: {str(exc)[:120]}"
+        return _error(etsi.bad(msg))
+
+    del status, enc_keys, dec_keys, _open, _close, _any_error
+    return app
+
+
+def serve(topo: Topology, node: str) -> None:
+    """Run the node's key API until SIGTERM/SIGINT; requests in flight then get
+    ``[api] graceful_shutdown_s`` to finish."""
+    spec = topo.node(node)
+    ctx = server_context(topo.api.pki, node)
+    app = make_app(topo, node)
+    # Workers are forked from this process (the app and TLS context are inherited; each
+    # worker opens its own ZeroMQ socket when it starts). The node's module process may
+    # have a start method set already, which Sanic would refuse to change.
+    multiprocessing.set_start_method("fork", force=True)
+    Sanic.start_method = "fork"
+    Sanic.START_METHOD_SET = True
+    app.prepare(host=str(spec.address), port=topo.ports.api, ssl=ctx,
+                workers=topo.api.workers, access_log=False, motd=False)
+    log.info("key API %s: https://%s:%d%s, %d worker(s)", node, spec.address,
+             topo.ports.api, BASE, topo.api.workers)
+    Sanic.serve(primary=app)
+
+
+def api_main(config_path: str, node: str) -> None:
+    from control.config import load_topology
+    from control.supervisor import die_with_parent, setup_logging
+
+    die_with_parent()
+    setup_logging()
+    topo = load_topology(config_path)
+    serve(topo, node)
