@@ -8,9 +8,10 @@ to this module. Tests drive it directly.
 
 from __future__ import annotations
 
-import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import pybase64
 
 from api.requests import ApiError, EncKeysRequest, Limits, bad
 from control.config import Topology
@@ -102,16 +103,34 @@ class Kme:
         }
 
 
-def key_container(key_ids: list[str], keys: Iterable[bytes | memoryview]) -> bytes:
-    """The Key container as JSON bytes, built directly: a 1 MiB key is 1.4 MB of base64,
-    and json.dumps would scan it again for characters to escape (base64 has none)."""
-    parts = [b'{"keys":[']
+SMALL_PART = 16 << 10  # pieces of an answer below this are joined before sending
+
+
+def key_container_parts(key_ids: list[str], keys: Iterable[bytes | memoryview]
+                        ) -> list[bytes]:
+    """The Key container as JSON, in pieces to send one after the other (large keys'
+    base64 is not copied again to join it), built directly: a 1 MiB key is 1.4 MB of
+    base64 (pybase64: SIMD, ~20x the standard library here), and json.dumps would scan it
+    again for characters to escape (base64 has none; key IDs are UUIDs)."""
+    out: list[bytes] = []
+    small = [b'{"keys":[']
     for i, (kid, key) in enumerate(zip(key_ids, keys, strict=True)):
-        parts.append(b'%s{"key_ID":"%s","key":"%s"}'
-                     % (b"," if i else b"", kid.encode(), binascii.b2a_base64(key,
-                                                                            newline=False)))
-    parts.append(b"]}")
-    return b"".join(parts)
+        small += (b'{"key_ID":"' if not i else b',{"key_ID":"', kid.encode(), b'","key":"')
+        b64 = pybase64.b64encode(key)
+        if len(b64) >= SMALL_PART:
+            out += (b"".join(small), b64)
+            small = []
+        else:
+            small.append(b64)
+        small.append(b'"}')
+    small.append(b"]}")
+    out.append(b"".join(small))
+    return out
+
+
+def key_container(key_ids: list[str], keys: Iterable[bytes | memoryview]) -> bytes:
+    """The Key container as one JSON byte string."""
+    return b"".join(key_container_parts(key_ids, keys))
 
 
 # The global key manager's refusals (StoreError kinds), as the standard's status codes.

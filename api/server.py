@@ -28,7 +28,7 @@ from sanic.response import json as json_response
 
 from api import requests as etsi
 from api.gkm_link import GkmLink
-from api.kme import Kme, key_container, store_refusal
+from api.kme import Kme, key_container_parts, store_refusal
 from api.pki import PkiLayout
 from control.config import Topology
 from control.keystore import StoreError
@@ -75,6 +75,20 @@ def _peer_cn(request: Request) -> str | None:
 
 def _error(e: etsi.ApiError) -> HTTPResponse:
     return json_response(e.body(), status=e.status)
+
+
+async def _send_keys(request: Request, key_ids: list[str], keys: list) -> HTTPResponse | None:
+    """200 with the key container: one body when small; else sent in pieces under a
+    Content-Length, so that megabytes of base64 are not copied to be joined (Sanic would
+    also copy a whole body once more to put the headers in front)."""
+    parts = key_container_parts(key_ids, keys)
+    if len(parts) == 1:
+        return HTTPResponse(parts[0], content_type=JSON)
+    response = await request.respond(
+        content_type=JSON, headers={"content-length": str(sum(len(p) for p in parts))})
+    for p in parts:
+        await response.send(p)
+    return None
 
 
 def _query(request: Request) -> dict[str, list[str]]:
@@ -129,7 +143,7 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
             return _error(e)
 
     @app.route(f"{BASE}/<slave:str>/enc_keys", methods=["GET", "POST"])
-    async def enc_keys(request: Request, slave: str) -> HTTPResponse:
+    async def enc_keys(request: Request, slave: str) -> HTTPResponse | None:
         try:
             master = caller(request)
             etsi.check_path_sae(slave)
@@ -147,12 +161,12 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
                     [slave, *req.additional_slave_sae_ids], master)
             except StoreError as e:
                 raise store_refusal(e.kind, str(e), on_dec=False) from None
-            return HTTPResponse(key_container(ids, keys), content_type=JSON)
+            return await _send_keys(request, ids, keys)
         except etsi.ApiError as e:
             return _error(e)
 
     @app.route(f"{BASE}/<master:str>/dec_keys", methods=["GET", "POST"])
-    async def dec_keys(request: Request, master: str) -> HTTPResponse:
+    async def dec_keys(request: Request, master: str) -> HTTPResponse | None:
         try:
             slave = caller(request)
             etsi.check_path_sae(master)
@@ -168,7 +182,7 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
                                                           master)
             except StoreError as e:
                 raise store_refusal(e.kind, str(e), on_dec=True) from None
-            return HTTPResponse(key_container(list(req.key_ids), keys), content_type=JSON)
+            return await _send_keys(request, list(req.key_ids), keys)
         except etsi.ApiError as e:
             return _error(e)
 

@@ -9,7 +9,6 @@ puller opens a new connection (a full mutual-TLS handshake) for every request.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
@@ -17,6 +16,9 @@ import multiprocessing as mp
 import ssl
 import time
 from dataclasses import dataclass, field
+
+import orjson
+import pybase64
 
 SAMPLE_EVERY = 64  # a digest of every 64th key, for the enc/dec comparison
 
@@ -42,11 +44,11 @@ def client_context(pki: str, sae: str) -> ssl.SSLContext:
 
 
 def _check(body: bytes, number: int, size_bytes: int, out: Pull, sample: bool) -> None:
-    keys = json.loads(body)["keys"]
+    keys = orjson.loads(body)["keys"]
     if len(keys) != number:
         raise ValueError(f"{len(keys)} keys in an answer, {number} asked")
     for k in keys:
-        key = base64.b64decode(k["key"], validate=True)
+        key = pybase64.b64decode(k["key"], validate=True)
         if len(key) != size_bytes:
             raise ValueError(f"a key of {len(key)} B, {size_bytes} B asked")
         out.key_ids.append(k["key_ID"])

@@ -369,7 +369,7 @@ class GlobalKeyManager:
         if msg.status == ReserveStatus.REFUSED:
             reply = [json.dumps({"ok": False, "kind": "bad", "error":
                                  f"node {d.name} refused the reservation"}).encode()]
-        self.api.send_multipart([*envelope, *reply])
+        self.api.send_multipart([*envelope, *reply], copy=False)
 
     def send_reservations(self, d: Destination, now: float) -> None:
         """Unacknowledged reservations go out in order: new ones at once; all of them
@@ -460,7 +460,7 @@ class GlobalKeyManager:
                 else:
                     answers.append(answer)
         for frames in answers:
-            self.api.send_multipart(frames)
+            self.api.send_multipart(frames, copy=False)
         if waiting:
             now = time.monotonic()
             for d in self.dests.values():

@@ -220,12 +220,14 @@ class KeyStore:
         self._deferred = False  # inside group(): durable writes wait for one sync
         self._dirty = False
         self._cache: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
+        self._cfs: dict[str, Rdict] = {}
         self.enc = {p: self._load_enc(p, i) for p, i in enc_peers.items()}
         self.dec = {p: self._load_dec(p, i) for p, i in dec_peers.items()}
 
     def close(self) -> None:
         with self.lock:
             self._cache.clear()
+            self._cfs.clear()
             self.db.close()
 
     @contextmanager
@@ -272,7 +274,14 @@ class KeyStore:
     # ---- loading --------------------------------------------------------------------------
 
     def _cf(self, kind: str, peer: str):
-        return self.db.get_column_family(f"{kind}.{peer}")
+        """The column family's Rdict view, kept for the store's life: rocksdict flushes
+        the memtable when such a view is dropped, which made every small write a flush
+        (one new table file and a wait each)."""
+        name = f"{kind}.{peer}"
+        cf = self._cfs.get(name)
+        if cf is None:
+            cf = self._cfs[name] = self.db.get_column_family(name)
+        return cf
 
     def _handle(self, kind: str, peer: str):
         return self.db.get_column_family_handle(f"{kind}.{peer}")
@@ -620,7 +629,7 @@ class KeyStore:
         try:
             s = decode(kid)
         except CarveError as e:
-            raise StoreError("bad", f"key ID {kid}: {e}") from None
+            raise StoreError("unknown", f"key ID {kid}: {e}") from None
         if s.origin != st.peer_id or s.destination != self.node_id:
             raise StoreError("unknown", f"key ID {kid} is not a key from {st.peer} to here")
         size = st.blocks.get(s.seq)

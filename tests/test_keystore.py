@@ -358,3 +358,38 @@ def test_a_reservation_whose_taker_gave_up_is_cancelled_in_order(tmp_path):
     assert 0 not in d.dec["A"].blocks  # nothing left to deliver in block 0: freed
     with pytest.raises(StoreError, match="no such key stored"):
         d.take_dec("A", [str(keys[0][0].key_id)], "sae-2")
+
+
+def test_a_key_goes_only_to_the_slave_naming_the_master_that_took_it(tmp_path):
+    from control.gkm_wire import parse
+
+    o, d = _pair_with_keys(tmp_path, nblocks=2, size=128)
+    keys, r = o.take_enc_reserved("B", 2, 64, ("sae-2",), "sae-m")
+    assert d.apply_reservation("A", parse([o.enc["B"].unacked[r]])).name == "APPLIED"
+    kid = str(keys[0][0].key_id)
+    with pytest.raises(StoreError, match="not issued to master SAE sae-x") as e:
+        d.take_dec("A", [kid], "sae-2", master="sae-x")
+    assert e.value.kind == "unknown"
+    assert d.take_dec("A", [kid], "sae-2", master="sae-m") == [keys[0][1]]
+    # No master named (an operator's take): any master's key, still once.
+    assert d.take_dec("A", [str(keys[1][0].key_id)], "sae-2") == [keys[1][1]]
+
+
+def test_a_group_of_takes_is_durable_together_and_visible_inside(tmp_path):
+    s = origin(tmp_path)
+    fill(s, [os.urandom(256) for _ in range(2)])
+    taken = []
+    with s.group():
+        for _ in range(4):
+            taken += s.take_enc("B", 1, 32)
+        assert s._dirty  # written, not yet synced
+        with s.group():  # nested: the outer one syncs
+            taken += s.take_enc("B", 1, 32)
+        assert s._dirty
+    assert not s._dirty
+    assert len({k.key_id for k, _ in taken}) == 5
+    cursor = s.enc["B"].cursor
+    s.close()
+    s = origin(tmp_path)
+    assert s.enc["B"].cursor == cursor  # every take of the group survived
+    assert s.take_enc("B", 1, 32)[0][0].key_id not in {k.key_id for k, _ in taken}

@@ -1,0 +1,521 @@
+"""The key API end to end (issue 4/6): two nodes in namespaces with their OTP tunnel, global
+key managers, RocksDB stores and Sanic services over HTTPS with mutual TLS; SAEs call
+from inside the nodes' namespaces with certificates from `qkdctl pki init`'s layout."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import http.client
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from api.pki import PkiLayout
+from control import emulation, paths
+from control.gkm import PAUSE_FLAG
+from control.gkm_client import GkmClient
+from tests.nsutil import wait_until
+from tests.test_tunnel import make_net
+
+pytestmark = pytest.mark.netns
+MIB = 1 << 20
+BASE = "/api/v1/keys"
+GKM = """block_size = "1MiB"
+low_watermark = "24MiB"
+high_watermark = "32MiB"
+window = "8MiB"
+pairs = [["A", "B"]]"""
+EXTRA = """
+[api]
+workers = 2
+graceful_shutdown_s = 8
+[[saes]]
+id = "a1"
+node = "A"
+[[saes]]
+id = "a2"
+node = "A"
+[[saes]]
+id = "b1"
+node = "B"
+[[saes]]
+id = "b2"
+node = "B"
+"""
+
+
+class Net:
+    """The network of this module, and SAEs calling from inside its namespaces."""
+
+    def __init__(self, topo):
+        self.topo = topo
+        self.prefix = topo.prefix
+        self.pki = PkiLayout(topo.api.pki)
+        self.port = topo.ports.api
+        self.pools = {n: ThreadPoolExecutor(64, initializer=self._enter,
+                                            initargs=(paths.netns_name(self.prefix, n),))
+                      for n in ("A", "B")}
+
+    @staticmethod
+    def _enter(ns: str) -> None:
+        from pyroute2 import netns
+
+        netns.setns(ns)  # this thread only: its sockets live in the node's namespace
+
+    def ctx(self, sae: str | None) -> ssl.SSLContext:
+        c = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        if sae is not None:
+            crt, key = self.pki.sae(sae)
+            c.load_cert_chain(crt, key)
+        return c
+
+    def host(self, node: str) -> str:
+        return str(self.topo.node(node).address)
+
+    def call(self, sae: str | None, method: str, path: str, body: bytes | None = None,
+             node: str | None = None, ctx: ssl.SSLContext | None = None):
+        """(status, parsed JSON body) of one request by ``sae`` to its node's KME."""
+        node = node or (sae or "a")[0].upper()
+        ctx = ctx or self.ctx(sae)
+
+        def go():
+            c = http.client.HTTPSConnection(self.host(node), self.port, context=ctx,
+                                            timeout=30)
+            try:
+                c.request(method, path, body=body)
+                r = c.getresponse()
+                return r.status, r.getheader("Content-Type"), r.read()
+            finally:
+                c.close()
+
+        status, ctype, data = self.pools[node].submit(go).result(60)
+        assert ctype == "application/json", (status, ctype, data[:200])
+        return status, json.loads(data)
+
+    def gkm(self, node: str) -> dict:
+        c = GkmClient(self.prefix, node)
+        try:
+            return c.summary()
+        finally:
+            c.close()
+
+    def consumed(self) -> tuple:
+        """What a request can consume: keys taken at A, reservations and deliveries at B."""
+        a, b = self.gkm("A")["peers"]["B"]["enc"], self.gkm("B")["peers"]["A"]["dec"]
+        return (a["taken_keys"], a["cursor"], b["reservations_applied"], b["delivered_keys"])
+
+    def stock(self, at_least: int = 24 * MIB) -> int:
+        """Restock A's store for B to at least ``at_least``, then pause restocking so that
+        counts stay still; returns the usable bytes."""
+        flag = paths.node_dir(self.prefix, "A") / PAUSE_FLAG
+        flag.unlink(missing_ok=True)
+        wait_until(lambda: self.gkm("A")["peers"]["B"]["enc"]["usable"] >= at_least, 60,
+                   "A's store for B")
+        flag.touch()
+        time.sleep(1.0)  # seen within the key manager's publish period
+        wait_until(lambda: not self.gkm("A")["peers"]["B"]["enc"]["pending"], 30,
+                   "no block in flight")
+        return self.gkm("A")["peers"]["B"]["enc"]["usable"]
+
+    def close(self) -> None:
+        for p in self.pools.values():
+            p.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    prefix = "t" + uuid.uuid4().hex[:7]
+    try:
+        topo, _ = make_net(tmp_path_factory.mktemp("api"), prefix, two=True, gkm=GKM,
+                           key_rate=2000, extra=EXTRA)
+        n = Net(topo)
+        wait_until(lambda: _answers(n), 60, "both key APIs")
+        n.stock()
+        yield n
+        n.close()
+    finally:
+        emulation.net_down(prefix)
+
+
+def _answers(n: Net) -> bool:
+    try:
+        return n.call("a1", "GET", f"{BASE}/b1/status")[0] == 200 and \
+            n.call("b1", "GET", f"{BASE}/a1/status")[0] == 200
+    except (OSError, AssertionError):
+        return False
+
+
+def _keys(doc: dict) -> list[tuple[str, bytes]]:
+    return [(k["key_ID"], base64.b64decode(k["key"], validate=True)) for k in doc["keys"]]
+
+
+# ---- the happy paths ------------------------------------------------------------------------
+
+def test_status_reports_the_real_store(net):
+    usable = net.stock()
+    status, doc = net.call("a1", "GET", f"{BASE}/b1/status")
+    assert status == 200
+    assert doc == {"source_KME_ID": "A", "target_KME_ID": "B", "master_SAE_ID": "a1",
+                   "slave_SAE_ID": "b1", "key_size": 256, "stored_key_count": usable // 32,
+                   "max_key_count": 32 * MIB // 32, "max_key_per_request": 1024,
+                   "max_key_size": 8 * MIB, "min_key_size": 8, "max_SAE_ID_count": 8}
+    net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=3&size=1024")
+    assert net.call("a1", "GET", f"{BASE}/b2/status")[1]["stored_key_count"] == \
+        (usable - 3 * 128) // 32
+
+
+@pytest.mark.parametrize("form", ["GET", "POST"])
+def test_the_slave_gets_the_masters_keys_byte_for_byte_once(net, form):
+    net.stock()
+    sizes = [8, 256, 8 * 1000, 8 * 4096, 8 * 65536, 8 * MIB]
+    issued: list[tuple[str, bytes]] = []
+    for bits in sizes:
+        number = 1 if bits == 8 * MIB else 3
+        if form == "GET":
+            status, doc = net.call("a1", "GET",
+                                   f"{BASE}/b1/enc_keys?number={number}&size={bits}")
+        else:
+            status, doc = net.call("a1", "POST", f"{BASE}/b1/enc_keys", json.dumps(
+                {"number": number, "size": bits}).encode())
+        assert status == 200, doc
+        keys = _keys(doc)
+        assert len(keys) == number and all(len(k) == bits // 8 for _, k in keys)
+        issued += keys
+    assert len({k for k, _ in issued}) == len(issued)
+    # The slave fetches them at B: one by one (GET) or all at once (POST).
+    if form == "GET":
+        got = []
+        for kid, _ in issued:
+            status, doc = net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={kid}")
+            assert status == 200, doc
+            got += _keys(doc)
+    else:
+        status, doc = net.call("b1", "POST", f"{BASE}/a1/dec_keys", json.dumps(
+            {"key_IDs": [{"key_ID": k} for k, _ in issued]}).encode())
+        assert status == 200, doc
+        got = _keys(doc)
+    assert got == issued
+    # Once only.
+    status, doc = net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={issued[0][0]}")
+    assert status == 400
+    assert doc["message"] == "one or more keys specified are not found on KME"
+
+
+def test_default_number_and_size(net):
+    net.stock()
+    status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys")
+    assert status == 200 and [len(k) for _, k in _keys(doc)] == [32]
+    status, doc = net.call("a1", "POST", f"{BASE}/b1/enc_keys", b"{}")
+    assert status == 200 and [len(k) for _, k in _keys(doc)] == [32]
+
+
+def test_additional_slaves_may_fetch_each_key_once(net):
+    net.stock()
+    status, doc = net.call("a1", "POST", f"{BASE}/b1/enc_keys", json.dumps(
+        {"number": 2, "size": 256, "additional_slave_SAE_IDs": ["b2"],
+         "extension_optional": [{"ignored": True}]}).encode())
+    assert status == 200, doc
+    (k0, v0), (k1, v1) = _keys(doc)
+    assert net.call("b2", "POST", f"{BASE}/a1/dec_keys", json.dumps(
+        {"key_IDs": [{"key_ID": k0}]}).encode()) == (200, {"keys": [
+            {"key_ID": k0, "key": base64.b64encode(v0).decode()}]})
+    assert _keys(net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={k1}")[1]) == [(k1, v1)]
+    assert net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={k0}")[0] == 400  # gone
+
+
+# ---- refusals -------------------------------------------------------------------------------
+
+def _client_ctx(tmp: Path, pki: PkiLayout, cn: str, own_ca: bool) -> ssl.SSLContext:
+    """A client-auth certificate with subject CN ``cn``, signed by the network's CA (an SAE
+    it no longer lists, say) or by a CA of its own."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    if own_ca:
+        ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), None)
+        issuer = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).subject
+    else:
+        ca_key, issuer = key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .sign(ca_key, hashes.SHA256()))
+    (tmp / f"{cn}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / f"{cn}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    c = ssl.create_default_context(cafile=str(pki.ca_cert))
+    c.load_cert_chain(tmp / f"{cn}.crt", tmp / f"{cn}.key")
+    return c
+
+
+def test_401_for_no_unknown_or_misplaced_certificate(net, tmp_path):
+    net.stock()
+    before = net.consumed()
+    for path in (f"{BASE}/b1/status", f"{BASE}/b1/enc_keys", "/nothing/here"):
+        status, doc = net.call(None, "GET", path, node="A")
+        assert status == 401 and "client certificate is required" in doc["message"]
+    # A certificate of this CA whose CN is no SAE of the topology, and an SAE at B
+    # calling A's KME.
+    ctx = _client_ctx(tmp_path, net.pki, "ghost", own_ca=True)
+    status, doc = net.call(None, "GET", f"{BASE}/b1/enc_keys", node="A", ctx=ctx)
+    assert status == 401 and "not an SAE of this network" in doc["message"]
+    status, doc = net.call("b1", "GET", f"{BASE}/b2/enc_keys", node="A")
+    assert status == 401 and "attached to node B" in doc["message"]
+    # A certificate of another CA, or a server's certificate, does not even complete
+    # the TLS handshake (TLS 1.3: the client learns it when it reads).
+    crt, key = net.pki.node("B")
+    server_cert = net.ctx(None)
+    server_cert.load_cert_chain(crt, key)
+    for ctx in (_client_ctx(tmp_path, net.pki, "a1", own_ca=False), server_cert):
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            net.call(None, "GET", f"{BASE}/b1/status", node="A", ctx=ctx)
+    assert net.consumed() == before
+
+
+def test_dec_keys_only_for_the_named_slave_and_master(net):
+    net.stock()
+    (kid, key), = _keys(net.call("a1", "GET", f"{BASE}/b1/enc_keys")[1])
+    status, doc = net.call("b2", "GET", f"{BASE}/a1/dec_keys?key_ID={kid}")
+    assert status == 401 and "another SAE" in doc["message"]
+    status, doc = net.call("b1", "GET", f"{BASE}/a2/dec_keys?key_ID={kid}")  # other master
+    assert status == 400 and doc["message"] == "one or more keys specified are not found on KME"
+    assert _keys(net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={kid}")[1]) == [(kid, key)]
+
+
+BAD = [  # method, path, body, what the message says
+    ("GET", f"{BASE}/b1/enc_keys?size=255", None, "size shall be a multiple of 8"),
+    ("POST", f"{BASE}/b1/enc_keys", b'{"size": 1001}', "size shall be a multiple of 8"),
+    ("POST", f"{BASE}/b1/enc_keys", b'{"extension_mandatory": [{"x": 1}]}',
+     "not all extension_mandatory parameters are supported"),
+    ("GET", f"{BASE}/b1/enc_keys?number=1025", None, "above max_key_per_request"),
+    ("GET", f"{BASE}/b1/enc_keys?number=0", None, "number must be at least 1"),
+    ("GET", f"{BASE}/b1/enc_keys?size=0", None, "outside [8, 8388608]"),
+    ("GET", f"{BASE}/b1/enc_keys?size=8388616", None, "outside [8, 8388608]"),
+    ("GET", f"{BASE}/b1/enc_keys?number=65&size=8388608", None, "above the 64 MiB"),
+    ("GET", f"{BASE}/b1/enc_keys?nubmer=2", None, "unknown query parameter 'nubmer'"),
+    ("GET", f"{BASE}/b1/enc_keys?number=2&number=3", None, "given 2 times"),
+    ("GET", f"{BASE}/b1/enc_keys?number=-1", None, "non-negative integer"),
+    ("POST", f"{BASE}/b1/enc_keys", b'{"number": 2', "malformed JSON"),
+    ("POST", f"{BASE}/b1/enc_keys", b"", "request body missing"),
+    ("POST", f"{BASE}/b1/enc_keys", b'{"number": "2"}', "number must be an integer"),
+    ("POST", f"{BASE}/b1/enc_keys?number=2", b"{}", "in the JSON body"),
+    ("POST", f"{BASE}/b1/enc_keys", b'{"additional_slave_SAE_IDs": ["zz"]}', "not known"),
+    ("POST", f"{BASE}/b1/enc_keys", b" " * (1 << 20) + b"{}", "larger than"),
+    ("GET", f"{BASE}/nobody/enc_keys", None, "slave SAE 'nobody' is not known"),
+    ("GET", f"{BASE}/a2/enc_keys", None, "attached to this node too"),
+    ("GET", f"{BASE}/b1/status?x=1", None, "no query parameters"),
+    ("GET", f"{BASE}/b1/dec_keys?key_ID=not-a-uuid", None, "is not a UUID"),
+    ("GET", f"{BASE}/b1/dec_keys", None, "key_ID is required"),
+    ("GET", f"{BASE}/b1/dec_keys?key_ID={uuid.uuid4()}", None,
+     "one or more keys specified are not found on KME"),
+    ("POST", f"{BASE}/b1/dec_keys", b'{"key_IDs": []}', "non-empty array"),
+    ("GET", f"{BASE}/b1/elsewhere", None, "no such endpoint"),      # no 404 ...
+    ("GET", "/", None, "no such endpoint"),
+    ("DELETE", f"{BASE}/b1/enc_keys", None, "not allowed"),          # ... and no 405
+    ("PUT", f"{BASE}/b1/status", b"{}", "not allowed"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,words", BAD,
+                         ids=[f"{m} {p[len(BASE):][:40]} {w[:24]}" for m, p, _, w in BAD])
+def test_400_with_the_reason_and_nothing_taken(net, method, path, body, words):
+    before = net.consumed()
+    status, doc = net.call("a1", method, path, body)
+    assert status == 400, doc
+    assert words in doc["message"], doc
+    assert net.consumed() == before
+
+
+def test_503_when_there_is_not_enough_key_and_nothing_is_taken(net):
+    usable = net.stock()
+    before = net.consumed()
+    number = usable // MIB + 1
+    status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number={number}&size={8 * MIB}")
+    assert status == 503
+    assert "not enough key material; nothing was taken" in doc["message"]
+    assert net.consumed() == before
+    assert net.gkm("A")["peers"]["B"]["enc"]["usable"] == usable
+
+
+# ---- concurrency ----------------------------------------------------------------------------
+
+def test_50_concurrent_enc_keys_and_racing_dec_keys_deliver_each_key_once(net):
+    net.stock()
+    barrier = threading.Barrier(50)
+
+    def enc(i: int):
+        barrier.wait(30)
+        slave = "b1" if i % 2 else "b2"
+        status, doc = net.call("a1", "GET", f"{BASE}/{slave}/enc_keys?number=4&size=256")
+        assert status == 200, doc
+        return slave, _keys(doc)
+
+    with ThreadPoolExecutor(50) as ex:
+        results = list(ex.map(enc, range(50)))
+    issued = {kid: (slave, key) for slave, keys in results for kid, key in keys}
+    assert len(issued) == 200  # no key twice
+    assert len({k for _, k in issued.values()}) == 200
+    # At B, every key is asked for twice at once, by its slave; and once by the other.
+    race = threading.Barrier(60)
+
+    def dec(job):
+        kid, sae = job
+        race.wait(30)
+        return kid, sae, net.call(sae, "GET", f"{BASE}/a1/dec_keys?key_ID={kid}")
+
+    jobs = [(k, s) for k, (s, _) in issued.items() for _ in range(2)]
+    jobs += [(k, "b2" if s == "b1" else "b1") for k, (s, _) in list(issued.items())[:200]]
+    jobs = jobs[:600]
+    with ThreadPoolExecutor(60) as ex:
+        out = list(ex.map(dec, jobs))
+    delivered: dict[str, list] = {}
+    for kid, sae, (status, doc) in out:
+        if status == 200:
+            delivered.setdefault(kid, []).append((sae, _keys(doc)))
+        else:
+            assert status in (400, 401), doc
+    assert set(delivered) == set(issued)
+    for kid, got in delivered.items():
+        assert len(got) == 1, f"{kid} delivered {len(got)} times"
+        sae, keys = got[0]
+        assert sae == issued[kid][0] and keys == [(kid, issued[kid][1])]
+
+
+# ---- fuzzing --------------------------------------------------------------------------------
+
+_text = st.text(alphabet=st.characters(codec="ascii"), max_size=60)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+    | _text, lambda c: st.lists(c, max_size=4) | st.dictionaries(_text, c, max_size=4),
+    max_leaves=12)
+_fields = st.sampled_from(["number", "size", "additional_slave_SAE_IDs", "key_IDs",
+                           "extension_mandatory", "extension_optional", "key_ID", "x"])
+_bodies = st.one_of(
+    st.binary(max_size=200),
+    st.dictionaries(_fields, _json_values, max_size=4).map(lambda d: json.dumps(d).encode()),
+    st.builds(lambda n, s: json.dumps({"number": n, "size": s}).encode(),
+              st.integers(-3, 3000), st.integers(-8, 9000)),
+)
+_queries = st.one_of(
+    _text.map(lambda t: t.replace(" ", "+")),
+    st.lists(st.tuples(_fields, st.integers(-5, 99999).map(str) | _text), max_size=3)
+    .map(lambda kv: "&".join(f"{k}={v}" for k, v in kv)))
+_paths = st.builds(lambda sae, ep: f"{BASE}/{sae}/{ep}",
+                   st.sampled_from(["b1", "b2", "a2", "zz", "b1%00", "..", "b" * 70]),
+                   st.sampled_from(["enc_keys", "dec_keys", "status", "x"]))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(method=st.sampled_from(["GET", "POST"]), path=_paths, query=_queries, body=_bodies,
+       sae=st.sampled_from(["a1", "a1", "a1", None]))
+def test_fuzzed_requests_get_one_of_four_codes_and_refusals_take_nothing(net, method, path,
+                                                                         query, body, sae):
+    before = net.consumed()
+    url = path + ("?" + quote(query, safe="&=+%") if query else "")
+    status, doc = net.call(sae, method, url, body if method == "POST" else None, node="A")
+    assert status in (200, 400, 401, 503)
+    event(f"status {status}")
+    if status == 200:
+        assert isinstance(doc, dict) and ("keys" in doc or "key_size" in doc)
+    else:
+        assert isinstance(doc, dict) and isinstance(doc["message"], str) and doc["message"]
+        assert net.consumed() == before, (status, doc)
+
+
+# ---- the service's life ---------------------------------------------------------------------
+
+def _module_pid(prefix: str, node: str, name: str) -> int:
+    st_ = json.loads((paths.node_dir(prefix, node) / "state.json").read_text())
+    return next(m["pid"] for m in st_["modules"] if m["name"] == name)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _listening(prefix: str, node: str, port: int) -> set[int]:
+    """Processes holding the listening socket of ``port`` in the node's namespace."""
+    out = subprocess.run(["ip", "netns", "exec", paths.netns_name(prefix, node), "ss",
+                          "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return {int(x) for x in re.findall(r"pid=(\d+)", out)}
+
+
+def test_sanic_workers_and_a_graceful_shutdown_that_loses_nothing(net):
+    net.stock()
+    api = _module_pid(net.prefix, "A", "api")
+    workers = set(_children(api)) & _listening(net.prefix, "A", net.port)
+    assert len(workers) == 2  # [api] workers = 2, forked by Sanic, sharing one socket
+    # Hold B's key manager so that A's answers wait for B's reservation, then stop A's API.
+    gkm_b = _module_pid(net.prefix, "B", "gkm")
+    os.kill(gkm_b, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            inflight = [ex.submit(net.call, "a1", "GET", f"{BASE}/b1/enc_keys?number=2")
+                        for _ in range(4)]
+            time.sleep(1.0)
+            os.kill(api, signal.SIGTERM)
+            time.sleep(1.0)
+            os.kill(gkm_b, signal.SIGCONT)
+            answers = [f.result(30) for f in inflight]
+    finally:
+        os.kill(gkm_b, signal.SIGCONT)
+    assert [s for s, _ in answers] == [200] * 4, answers
+    # Every key taken went out, and the slave can fetch each.
+    for _, doc in answers:
+        for kid, key in _keys(doc):
+            assert _keys(net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={kid}")[1]) == \
+                [(kid, key)]
+    wait_until(lambda: _module_pid(net.prefix, "A", "api") != api, 30, "the API restarted")
+    wait_until(lambda: _answers(net), 60, "the restarted API")
+    log = (paths.log_dir(net.prefix) / "node-A.log").read_text()
+    assert "api exited with 0" in log
+
+
+def test_the_readme_curl_calls_work(net):
+    """The README's curl commands for the triangle, with this network's names put in."""
+    net.stock()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme[readme.index("```sh\n# the key API"):]
+    block = block[:block.index("\n```\n")]
+    names = {"/run/qkdnet/tri/pki": str(net.pki.root), "tri-A": f"{net.prefix}-A",
+             "tri-C": f"{net.prefix}-B", "SAE-A": "a1", "SAE-C": "b1",
+             "10.88.0.1": net.host("A"), "10.88.0.3": net.host("B")}
+    for old, new in names.items():
+        block = block.replace(old, new)
+    cmds = [line.removeprefix("sudo ") for line in block.splitlines()
+            if line.startswith(("sudo ip netns exec", "PKI="))]
+    assert len(cmds) == 4  # PKI=..., status, enc_keys, dec_keys
+
+    def run(cmd: str, **env: str) -> dict:
+        out = subprocess.run(["bash", "-c", f"{cmds[0]}; {cmd}"], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, **env})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert run(cmds[1])["slave_SAE_ID"] == "b1"
+    doc = run(cmds[2])
+    assert run(cmds[3], KEY_ID=doc["keys"][0]["key_ID"]) == doc
