@@ -113,9 +113,11 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
 
     @app.before_server_start
     async def _open(app: Sanic) -> None:
+        from control.memory import keep_freed_memory
         from control.supervisor import die_with_parent
 
         die_with_parent()
+        keep_freed_memory()
         app.ctx.gkm = GkmLink(topo.prefix, node)
         app.ctx.gkm.start()
 

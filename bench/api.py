@@ -100,15 +100,14 @@ class ApiNet(Net):
         self.wait_api()
 
     def wait_api(self, timeout: float = 60.0) -> None:
-        from bench.api_load import client_context
+        from bench.api_load import Conn, client_context
 
         def probe(pki: str, host: str, port: int) -> Pull:
-            import http.client
-
-            c = http.client.HTTPSConnection(host, port, timeout=5,
-                                            context=client_context(pki, "SAE-A"))
-            c.request("GET", "/api/v1/keys/SAE-B/status")
-            return Pull(stop_status=c.getresponse().status)
+            c = Conn(host, port, client_context(pki, "SAE-A"))
+            try:
+                return Pull(stop_status=c.get("/api/v1/keys/SAE-B/status")[0])
+            finally:
+                c.close()
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -149,6 +148,7 @@ class ApiNet(Net):
             while self.enc()["pending"]:
                 time.sleep(0.1)
             self.pause_key(True)
+        self.settle()
         excess = self.enc()["usable"] - target
         if excess >= BLOCK:
             c = GkmClient(self.prefix, "A", timeout_s=60)
@@ -157,6 +157,26 @@ class ApiNet(Net):
             finally:
                 c.close()
         return self.enc()["usable"]
+
+    def settle(self, timeout: float = 120.0) -> None:
+        """Wait for RocksDB's flushes and compactions at both nodes (from the fill, or
+        the last size's deletes) to end, so that they do not run during the pull."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = []
+            for node in ("A", "B"):
+                c = GkmClient(self.prefix, node, timeout_s=60)
+                try:
+                    db = c.summary()["db"]
+                finally:
+                    c.close()
+                if db["running_compactions"] or db["running_flushes"] or \
+                        db["pending_compaction_bytes"]:
+                    busy.append(node)
+            if not busy:
+                return
+            time.sleep(0.5)
+        self.console.print(f"    (RocksDB still busy after {timeout:.0f} s; measuring anyway)")
 
 
 def _rate(pulls: list[Pull]) -> tuple[int, int, float]:
@@ -235,7 +255,7 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
 
 
 def run(sizes: tuple[int, ...] = DEFAULT_SIZES, keys: int = 32768,
-        store_max: int = 1 << 30, clients: int = 4, workers: int = 2,
+        store_max: int = 2 << 30, clients: int = 16, workers: int = 2,
         baseline_s: float = 3.0, ring: str = "1GiB", plot_path: Path | None = None,
         console: Console | None = None) -> dict:
     console = console or Console()

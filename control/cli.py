@@ -317,9 +317,9 @@ def bench_api(
              "1MiB")] = None,
     keys: Annotated[int, typer.Option(min=1, help="keys stored per size (capped by --store)")]
     = 32768,
-    store: Annotated[str, typer.Option(help="most key stored for one size")] = "1GiB",
+    store: Annotated[str, typer.Option(help="most key stored for one size")] = "2GiB",
     clients: Annotated[int, typer.Option(min=1, max=64, help="client processes, each one "
-                                                             "keep-alive connection")] = 4,
+                                                             "keep-alive connection")] = 16,
     workers: Annotated[int, typer.Option(min=1, max=32, help="Sanic worker processes")] = 2,
     baseline_seconds: Annotated[float, typer.Option(help="conventional pull time per size")]
     = 3.0,

@@ -565,7 +565,7 @@ class GlobalKeyManager:
                 "block_size": spec.block_size, "window": spec.window,
                 "received_blocks": self.received_blocks,
                 "received_bytes": self.received_bytes,
-                "refused_messages": self.refused_messages, "peers": peers}
+                "refused_messages": self.refused_messages, "db": stores["db"], "peers": peers}
 
     def _report(self, now: float) -> None:
         """Say it once when a destination stops acknowledging, and when it is back."""
@@ -646,10 +646,12 @@ class GlobalKeyManager:
 
 def gkm_main(config_path: str, node: str, state_dir: str | None) -> None:
     from control.config import load_topology
+    from control.memory import keep_freed_memory
     from control.supervisor import die_with_parent, setup_logging
 
     die_with_parent()
     setup_logging()
+    keep_freed_memory()  # blocks and keys of up to 16 MiB pass through on every take
     gkm = GlobalKeyManager(load_topology(config_path), node,
                            Path(state_dir) if state_dir else None)
 

@@ -697,7 +697,22 @@ class KeyStore:
                        "reservations_applied": s.next_rseq,
                        "freed_blocks": s.freed_blocks}
                    for p, s in self.dec.items()}
-            return {"enc": enc, "dec": dec}
+            return {"enc": enc, "dec": dec, "db": self.background()}
+
+    def background(self) -> dict:
+        """RocksDB's background work (flushes, compactions) across the stores: deleted key
+        is rewritten away by compactions, which compete with takes for the CPU."""
+        out = {"running_compactions": 0, "running_flushes": 0, "pending_compaction_bytes": 0}
+        props = {"running_compactions": "rocksdb.num-running-compactions",
+                 "running_flushes": "rocksdb.num-running-flushes",
+                 "pending_compaction_bytes": "rocksdb.estimate-pending-compaction-bytes"}
+        cfs = [self._cf("enc", p) for p in self.enc] + [self._cf("dec", p) for p in self.dec]
+        for cf in cfs:
+            for name, prop in props.items():
+                v = cf.property_int_value(prop) or 0
+                out[name] = out[name] + v if name == "pending_compaction_bytes" else \
+                    max(out[name], v)  # the running counts are per database
+        return out
 
     def digests(self, kind: str, peer: str) -> dict[int, tuple[str, str]]:
         """Block number -> (state, sha256 of its bytes): for checks and tests, no key."""
