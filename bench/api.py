@@ -100,7 +100,7 @@ class ApiNet(Net):
         self.wait_api()
 
     def wait_api(self, timeout: float = 60.0) -> None:
-        from bench.api_load import Conn, client_context
+        from api.client import Conn, client_context
 
         def probe(pki: str, host: str, port: int) -> Pull:
             c = Conn(host, port, client_context(pki, "SAE-A"))

@@ -1,5 +1,6 @@
 """`qkdctl demo` (issue 3/6 stage): the paper's three nodes, local key flowing into every
-ring, OTP tunnels and routes, and global key filling every pair's stores."""
+ring, OTP tunnels and routes, global key filling every pair's stores, and one exchange of
+keys through the key API."""
 
 from __future__ import annotations
 
@@ -67,7 +68,65 @@ def run_demo(topo: Topology, seconds: float, console: Console) -> int:
             if filled < len(pairs):
                 console.print("[red]some pairs hold no global key yet[/red]")
                 return 1
-        return 0
+        return key_api(topo, console)
     finally:
         removed = emulation.net_down(topo.prefix)
         console.print(f"teardown: removed {len(removed)} objects; nothing left behind")
+
+
+def _call(pki: str, sae: str, host: str, port: int, method: str, path: str,
+          body: bytes = b"") -> tuple[int, dict]:
+    import orjson
+
+    from api.client import Conn, client_context
+
+    c = Conn(host, port, client_context(pki, sae))
+    try:
+        status, data = c.request(method, path, body)
+        return status, orjson.loads(data)
+    finally:
+        c.close()
+
+
+def key_api(topo: Topology, console: Console) -> int:
+    """One master SAE asks its node's KME for keys shared with an SAE at another node,
+    which fetches them from its own KME; then asks again (refused: one delivery)."""
+    import json
+
+    from api.client import run_in_netns
+    from control import paths
+
+    pair = next(((m, s) for m in topo.saes for s in topo.saes if m.node != s.node), None)
+    if pair is None:
+        return 0
+    master, slave = pair
+    pki, port = str(topo.api.pki), topo.ports.api
+
+    def call(sae, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
+        host = str(topo.node(sae.node).address)
+        r = run_in_netns(paths.netns_name(topo.prefix, sae.node),
+                         [(_call, (pki, sae.id, host, port, method, path, body))], 30)[0]
+        return r if isinstance(r, tuple) else (0, {"message": r})
+
+    base = "/api/v1/keys"
+    deadline = time.monotonic() + 30
+    while (st := call(master, "GET", f"{base}/{slave.id}/status"))[0] != 200:
+        if time.monotonic() > deadline:
+            console.print(f"[red]key API at {master.node} not answering: {st}[/red]")
+            return 1
+        time.sleep(0.5)
+    status, enc = call(master, "POST", f"{base}/{slave.id}/enc_keys",
+                       json.dumps({"number": 2, "size": 256}).encode())
+    ids = [k["key_ID"] for k in enc.get("keys", [])]
+    dec_path = f"{base}/{master.id}/dec_keys?key_ID={ids[0] if ids else ''}"
+    status2, dec = call(slave, "POST", f"{base}/{master.id}/dec_keys",
+                        json.dumps({"key_IDs": [{"key_ID": k} for k in ids]}).encode())
+    again = call(slave, "GET", dec_path)
+    same = status == status2 == 200 and dec.get("keys") == enc.get("keys")
+    console.print(f"key API (ETSI GS QKD 014, HTTPS with mutual TLS): {master.id} at "
+                  f"{master.node} got {len(ids)} keys of 256 bits for {slave.id} "
+                  f"({st[1]['stored_key_count']:,} such keys stored); {slave.id} fetched "
+                  f"them from {slave.node}'s KME: "
+                  + ("identical" if same else "[red]not identical[/red]")
+                  + f"; asking again: {again[0]} ({again[1].get('message', '')})")
+    return 0 if same and again[0] == 400 else 1

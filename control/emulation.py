@@ -70,6 +70,23 @@ def known_prefixes() -> list[str]:
     return sorted(found)
 
 
+def _retry(fn, tries: int = 3):
+    """pyroute2 works in a namespace through a helper process, which on a loaded machine
+    now and then misses its start-up deadline (TimeoutError): try again."""
+    for i in range(tries):
+        try:
+            return fn()
+        except TimeoutError:
+            if i == tries - 1:
+                raise
+            time.sleep(0.5 * (i + 1))
+
+
+def _loopback_up(ns: str) -> None:
+    with IPRoute(netns=ns) as ip:
+        ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+
+
 def _create_namespaces(topo: Topology, man: Manifest) -> None:
     existing = set(pnetns.listnetns())
     for node in topo.nodes:
@@ -78,8 +95,7 @@ def _create_namespaces(topo: Topology, man: Manifest) -> None:
             raise NetError(f"namespace {ns} already exists: run 'qkdctl net down "
                            f"--prefix {topo.prefix}' first")
         pnetns.create(ns)
-        with IPRoute(netns=ns) as ip:
-            ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
+        _retry(lambda ns=ns: _loopback_up(ns))
     for lk in topo.links:
         ns_a = paths.netns_name(topo.prefix, lk.a)
         ns_b = paths.netns_name(topo.prefix, lk.b)
