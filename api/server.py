@@ -101,6 +101,15 @@ def _query(request: Request) -> dict[str, list[str]]:
         raise etsi.bad(f"malformed query string: {str(e)[:80]}") from None
 
 
+def _parse(request: Request, from_query, from_body, limits: etsi.Limits):
+    """The request's parameters: the query string of a GET, the JSON body of a POST."""
+    if request.method == "GET":
+        return from_query(_query(request), limits)
+    if request.query_string:
+        raise etsi.bad("POST takes its parameters in the JSON body")
+    return from_body(request.body, limits)
+
+
 def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
     kme = Kme.from_topology(topo, node)
     app = Sanic(name or f"qkdnet_{topo.prefix}_{node}", configure_logging=False)
@@ -149,12 +158,7 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
         try:
             master = caller(request)
             etsi.check_path_sae(slave)
-            if request.method == "GET":
-                req = etsi.enc_keys_get(_query(request), kme.limits)
-            else:
-                if request.query_string:
-                    raise etsi.bad("POST takes its parameters in the JSON body")
-                req = etsi.enc_keys_post(request.body, kme.limits)
+            req = _parse(request, etsi.enc_keys_get, etsi.enc_keys_post, kme.limits)
             kme.check_enc(req)
             peer = kme.slave_node(slave, req.additional_slave_sae_ids)
             try:
@@ -172,12 +176,7 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
         try:
             slave = caller(request)
             etsi.check_path_sae(master)
-            if request.method == "GET":
-                req = etsi.dec_keys_get(_query(request), kme.limits)
-            else:
-                if request.query_string:
-                    raise etsi.bad("POST takes its parameters in the JSON body")
-                req = etsi.dec_keys_post(request.body, kme.limits)
+            req = _parse(request, etsi.dec_keys_get, etsi.dec_keys_post, kme.limits)
             peer = kme.master_node(master)
             try:
                 keys = await request.app.ctx.gkm.take_dec(peer, list(req.key_ids), slave,
