@@ -31,7 +31,7 @@ from rich.table import Table
 
 from bench.api_load import Pull, pull_dec, pull_enc, run_in
 from bench.otp import BenchError, Net
-from bench.plotting import paper_table, save
+from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
 from control import paths
 from control.gkm import PAUSE_FLAG
 from control.gkm_client import GkmClient
@@ -328,20 +328,12 @@ def summarize(points: list[dict], sizes: tuple[int, ...], clients: int, workers:
                       f"{FLOOR['keys_per_s_at_256bit']:,.0f})")
     console.print(f"floors ({FLOOR['gbps_at_1MiB']} Gb/s at 1 MiB, "
                   f"{FLOOR['keys_per_s_at_256bit']:,.0f} keys/s at 256 bit): "
-                  + ("[green]met[/green]" if result["meets_floor"] else "[red]not met[/red]"))
-    if plot_path is not None:
-        result["plot"] = str(plot(points, sizes, plot_path))
-        console.print(f"plot: {result['plot']}")
-    return result
+                  + verdict(result["meets_floor"]))
+    return finish(result, console, plot_path, lambda out: plot(points, sizes, out))
 
 
 def plot(points: list[dict], sizes: tuple[int, ...], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure()
     for field, style, label in (("gbps", "-o", "enc_keys, keep-alive"),
                                 ("dec_gbps", "-s", "dec_keys, keep-alive"),
                                 ("baseline_gbps", "x--", "conventional: new connection "
@@ -349,9 +341,7 @@ def plot(points: list[dict], sizes: tuple[int, ...], out: Path) -> Path:
         pts = sorted((p["bits"], p[field] * 1000) for p in points)
         ax.plot([b for b, _ in pts], [v for _, v in pts], style, label=label)
     ax.plot([8 << 20], [PAPER["mbps_at_1MB"]], "k*", ms=10, label="paper: 971 Mb/s at 1 MB")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(list(sizes), [size_name(s) for s in sizes])
+    log_axes(ax, list(sizes), [size_name(s) for s in sizes])
     return save(fig, ax, out, title="key API: throughput against key size",
                 xlabel="key size", ylabel="Mb/s")
 

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.otp import LINE_ABC, BenchError, Net
-from bench.plotting import paper_table, save
+from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
 from control import emulation, paths
 from control.gkm import PAUSE_FLAG
 
@@ -242,20 +242,12 @@ def summarize(points: list[dict], sizes: tuple[int, ...], store: int, window: in
         console.print(f"pipelined / stop-and-wait measured in this run: "
                       f"{result['ratio_vs_baseline']:.1f}x")
     console.print(f"floor ({FLOOR['direct_gbps_at_1MiB']} Gb/s at 1 MiB direct): "
-                  + ("[green]met[/green]" if result["meets_floor"] else "[red]not met[/red]"))
-    if plot_path is not None:
-        result["plot"] = str(plot(points, sizes, plot_path))
-        console.print(f"plot: {result['plot']}")
-    return result
+                  + verdict(result["meets_floor"]))
+    return finish(result, console, plot_path, lambda out: plot(points, sizes, out))
 
 
 def plot(points: list[dict], sizes: tuple[int, ...], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure()
     for method, path, style, label in (("proposed", "direct", "-o", "direct"),
                                        ("proposed", "relay", "-s", "via one relay"),
                                        ("stop-and-wait", "direct", "x", "stop and wait")):
@@ -264,8 +256,6 @@ def plot(points: list[dict], sizes: tuple[int, ...], out: Path) -> Path:
         if pts:
             ax.plot([b for b, _ in pts], [v for _, v in pts], style, label=label)
     ax.plot([1 << 20], [PAPER["mbps_at_1MB"]], "k*", ms=10, label="paper: 85 Mb/s at 1 MB")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(list(sizes), [_size(s) for s in sizes])
+    log_axes(ax, list(sizes), [_size(s) for s in sizes])
     return save(fig, ax, out, title="global key manager: fill rate against key size",
                 xlabel="global key size", ylabel="store fill rate (Mb/s)")

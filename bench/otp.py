@@ -29,7 +29,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.plotting import paper_table, save
+from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
 from control import emulation, paths
 from control.config import Topology, parse_topology
 from dataplane.ring import KeyRing, RingError
@@ -253,13 +253,7 @@ def run_point(net: Net, path: str, mtu: int, seconds: float, streams: int = 1) -
 
 
 def plot(points: list[dict], out: Path) -> Path:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure()
     for mode, style in (("proposed", "-o"), ("conventional", "--s")):
         for path in ("direct", "relay"):
             pts = sorted((p["mtu"], p["gbps"] * 1000) for p in points
@@ -272,11 +266,8 @@ def plot(points: list[dict], out: Path) -> Path:
     ax.axhline(PAPER["conventional_mbps"], color="grey", lw=0.8, ls=":")
     ax.text(1500, PAPER["conventional_mbps"] * 1.08, "paper: 3.92 Mb/s conventional",
             fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     mtus = sorted({p["mtu"] for p in points})
-    ax.set_xticks(mtus, [str(m) for m in mtus])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    log_axes(ax, mtus, [str(m) for m in mtus], base=10)
     return save(fig, ax, out, title="OTP tunnel throughput against MTU (cf. paper Fig. 5)",
                 xlabel="tunnel MTU (bytes)", ylabel="TCP throughput (Mb/s)")
 
@@ -375,9 +366,5 @@ def summarize(points: list[dict], mtus: tuple[int, ...], workers: int,
         console.print(f"proposed / conventional measured in this run: "
                       f"{result['ratio_vs_baseline']:.1f}x")
     console.print(f"floors (direct {FLOOR['direct_gbps']} Gb/s, relay {FLOOR['relay_gbps']} "
-                  f"Gb/s): " + ("[green]met[/green]" if result["meets_floor"]
-                                else "[red]not met[/red]"))
-    if plot_path is not None:
-        result["plot"] = str(plot(points, plot_path))
-        console.print(f"plot: {result['plot']}")
-    return result
+                  f"Gb/s): " + verdict(result["meets_floor"]))
+    return finish(result, console, plot_path, lambda out: plot(points, out))
