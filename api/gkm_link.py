@@ -18,7 +18,7 @@ import struct
 import zmq
 import zmq.asyncio
 
-from control.gkm_client import socket_path
+from control.gkm_client import socket_path, split_keys
 from control.keystore import StoreError
 
 # The manager answers a take for a remote slave within its reservation wait (5 s), so a
@@ -84,17 +84,13 @@ class GkmLink:
                            master: str) -> tuple[list[str], list[memoryview]]:
         head, data = await self.call("take_enc", peer=peer, number=number, size=size,
                                      slaves=slaves, master=master)
-        return head["key_ids"], [data[i * size:(i + 1) * size] for i in range(number)]
+        return head["key_ids"], split_keys([size] * number, data)
 
     async def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str
                        ) -> list[memoryview]:
         head, data = await self.call("take_dec", peer=peer, key_ids=key_ids, sae=sae,
                                      master=master)
-        out, at = [], 0
-        for n in head["sizes"]:
-            out.append(data[at:at + n])
-            at += n
-        return out
+        return split_keys(head["sizes"], data)
 
     async def stock(self, peer: str) -> dict:
         return (await self.call("stock", peer=peer))[0]

@@ -85,12 +85,14 @@ class Kme:
             raise bad(f"number x size is {total} bytes of key, above the "
                       f"{MAX_API_REQUEST_BYTES >> 20} MiB one answer may carry")
 
-    def status(self, master: str, slave: str, usable_bytes: int) -> dict:
+    def status(self, master: str, slave: str, slave_node: str, usable_bytes: int) -> dict:
+        """The Status body; ``slave_node`` is ``slave_node(slave)``, found by the caller
+        to ask that node's store for ``usable_bytes``."""
         lim = self.limits
         key_bytes = lim.key_size // 8
         return {
             "source_KME_ID": self.node,
-            "target_KME_ID": self.slave_node(slave),
+            "target_KME_ID": slave_node,
             "master_SAE_ID": master,
             "slave_SAE_ID": slave,
             "key_size": lim.key_size,

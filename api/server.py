@@ -101,6 +101,14 @@ def _query(request: Request) -> dict[str, list[str]]:
         raise etsi.bad(f"malformed query string: {str(e)[:80]}") from None
 
 
+async def _from_gkm(call, on_dec: bool):
+    """Await a call to the global key manager; its refusal as the standard's answer."""
+    try:
+        return await call
+    except StoreError as e:
+        raise store_refusal(e.kind, str(e), on_dec) from None
+
+
 def _parse(request: Request, from_query, from_body, limits: etsi.Limits):
     """The request's parameters: the query string of a GET, the JSON body of a POST."""
     if request.method == "GET":
@@ -137,55 +145,37 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
     def caller(request: Request) -> str:
         return kme.caller(_peer_cn(request))
 
+    # The handlers raise ApiError for every refusal; _any_error below answers it.
     @app.get(f"{BASE}/<slave:str>/status")
     async def status(request: Request, slave: str) -> HTTPResponse:
-        try:
-            master = caller(request)
-            etsi.check_path_sae(slave)
-            if _query(request):
-                raise etsi.bad("status takes no query parameters")
-            peer = kme.slave_node(slave)
-            try:
-                stock = await request.app.ctx.gkm.stock(peer)
-            except StoreError as e:
-                raise store_refusal(e.kind, str(e), on_dec=False) from None
-            return json_response(kme.status(master, slave, stock["usable"]))
-        except etsi.ApiError as e:
-            return _error(e)
+        master = caller(request)
+        etsi.check_path_sae(slave)
+        if _query(request):
+            raise etsi.bad("status takes no query parameters")
+        peer = kme.slave_node(slave)
+        stock = await _from_gkm(request.app.ctx.gkm.stock(peer), on_dec=False)
+        return json_response(kme.status(master, slave, peer, stock["usable"]))
 
     @app.route(f"{BASE}/<slave:str>/enc_keys", methods=["GET", "POST"])
     async def enc_keys(request: Request, slave: str) -> HTTPResponse | None:
-        try:
-            master = caller(request)
-            etsi.check_path_sae(slave)
-            req = _parse(request, etsi.enc_keys_get, etsi.enc_keys_post, kme.limits)
-            kme.check_enc(req)
-            peer = kme.slave_node(slave, req.additional_slave_sae_ids)
-            try:
-                ids, keys = await request.app.ctx.gkm.take_enc_for(
-                    peer, req.number, req.size_bytes,
-                    [slave, *req.additional_slave_sae_ids], master)
-            except StoreError as e:
-                raise store_refusal(e.kind, str(e), on_dec=False) from None
-            return await _send_keys(request, ids, keys)
-        except etsi.ApiError as e:
-            return _error(e)
+        master = caller(request)
+        etsi.check_path_sae(slave)
+        req = _parse(request, etsi.enc_keys_get, etsi.enc_keys_post, kme.limits)
+        kme.check_enc(req)
+        peer = kme.slave_node(slave, req.additional_slave_sae_ids)
+        ids, keys = await _from_gkm(request.app.ctx.gkm.take_enc_for(
+            peer, req.number, req.size_bytes, [slave, *req.additional_slave_sae_ids],
+            master), on_dec=False)
+        return await _send_keys(request, ids, keys)
 
     @app.route(f"{BASE}/<master:str>/dec_keys", methods=["GET", "POST"])
     async def dec_keys(request: Request, master: str) -> HTTPResponse | None:
-        try:
-            slave = caller(request)
-            etsi.check_path_sae(master)
-            req = _parse(request, etsi.dec_keys_get, etsi.dec_keys_post, kme.limits)
-            peer = kme.master_node(master)
-            try:
-                keys = await request.app.ctx.gkm.take_dec(peer, list(req.key_ids), slave,
-                                                          master)
-            except StoreError as e:
-                raise store_refusal(e.kind, str(e), on_dec=True) from None
-            return await _send_keys(request, list(req.key_ids), keys)
-        except etsi.ApiError as e:
-            return _error(e)
+        slave = caller(request)
+        etsi.check_path_sae(master)
+        req = _parse(request, etsi.dec_keys_get, etsi.dec_keys_post, kme.limits)
+        keys = await _from_gkm(request.app.ctx.gkm.take_dec(
+            kme.master_node(master), list(req.key_ids), slave, master), on_dec=True)
+        return await _send_keys(request, list(req.key_ids), keys)
 
     @app.exception(Exception)
     async def _any_error(request: Request, exc: Exception) -> HTTPResponse:

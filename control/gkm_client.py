@@ -29,7 +29,8 @@ def socket_path(prefix: str, node: str) -> Path:
     return paths.node_dir(prefix, node) / "gkm.sock"
 
 
-def split_keys(sizes: list[int], data: bytes) -> list[bytes]:
+def split_keys(sizes: list[int], data):
+    """Consecutive keys of ``sizes`` out of ``data`` (bytes, or a memoryview: no copy)."""
     out, at = [], 0
     for n in sizes:
         out.append(data[at:at + n])

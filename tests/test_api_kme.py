@@ -95,7 +95,7 @@ def test_keys_live_with_the_slaves_node(kme):
 
 
 def test_status_counts_keys_of_the_default_size(kme):
-    s = kme.status("a1", "b1", usable_bytes=1000)
+    s = kme.status("a1", "b1", kme.slave_node("b1"), usable_bytes=1000)
     assert s == {"source_KME_ID": "A", "target_KME_ID": "B", "master_SAE_ID": "a1",
                  "slave_SAE_ID": "b1", "key_size": 512, "stored_key_count": 1000 // 64,
                  "max_key_count": (64 << 20) // 64, "max_key_per_request": 100,

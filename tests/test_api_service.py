@@ -163,8 +163,13 @@ def _answers(n: Net) -> bool:
         return False
 
 
+SEEN: list[bytes] = []  # every key this module was handed, for the log check at the end
+
+
 def _keys(doc: dict) -> list[tuple[str, bytes]]:
-    return [(k["key_ID"], base64.b64decode(k["key"], validate=True)) for k in doc["keys"]]
+    out = [(k["key_ID"], base64.b64decode(k["key"], validate=True)) for k in doc["keys"]]
+    SEEN.extend(k for _, k in out)
+    return out
 
 
 # ---- the happy paths ------------------------------------------------------------------------
@@ -519,3 +524,17 @@ def test_the_readme_curl_calls_work(net):
     assert run(cmds[1])["slave_SAE_ID"] == "b1"
     doc = run(cmds[2])
     assert run(cmds[3], KEY_ID=doc["keys"][0]["key_ID"]) == doc
+
+
+def test_no_key_reaches_a_log_or_status_file(net):
+    """Invariant 6: none of the keys handed out above, in base64 or hex, in any log or
+    status file of the network (the key API, its workers, the key managers)."""
+    keys = [k for k in SEEN if len(k) >= 16]
+    assert len(keys) > 100
+    files = [p for p in paths.network_dir(net.prefix).rglob("*")
+             if p.is_file() and p.suffix in (".log", ".json")]
+    assert any(p.name == "node-A.log" for p in files)
+    text = b"".join(p.read_bytes() for p in files)
+    for k in keys:
+        assert base64.b64encode(k[:16])[:20] not in text
+        assert k[:16].hex().encode() not in text
