@@ -180,10 +180,25 @@ class DecState:
     def stored_bytes(self) -> int:
         return self.stored_total
 
+    behind: set[int] = field(default_factory=set)  # stored blocks before cursor.seq
+
+    def move_cursor(self, cur: Cursor) -> None:
+        """Advance the reservation cursor, noting the blocks it passed (each block once
+        over the store's life, however the cursor moves)."""
+        self.behind.update(s for s in range(self.cursor.seq, cur.seq) if s in self.blocks)
+        self.cursor = cur
+
+    def add_block(self, seq: int, size: int) -> None:
+        self.blocks[seq] = size
+        self.stored_total += size
+        if seq < self.cursor.seq:
+            self.behind.add(seq)
+
     def done(self) -> list[int]:
-        """Blocks wholly behind the cursor with no key left to deliver: to delete."""
-        return [seq for seq in self.blocks
-                if seq < self.cursor.seq and not self.outstanding.get(seq)]
+        """Blocks wholly behind the cursor with no key left to deliver: to delete. Only
+        the blocks behind the cursor are looked at, not the whole store: this runs on
+        every reservation and delivery."""
+        return [seq for seq in self.behind if not self.outstanding.get(seq)]
 
 
 class KeyStore:
@@ -304,11 +319,10 @@ class KeyStore:
 
     def _load_dec(self, peer: str, peer_id: int) -> DecState:
         st = DecState(peer, peer_id)
-        for seq, size, _ in self._metas("dec", peer):
-            st.blocks[seq] = size
-            st.stored_total += size
         cf = self._cf("dec", peer)
         st.cursor = _read_cursor(cf)
+        for seq, size, _ in self._metas("dec", peer):
+            st.add_block(seq, size)
         st.next_rseq = _read_u64(cf, b"E")
         for key, _ in _scan(cf, b"r"):
             seq = decode(uuid.UUID(bytes=key)).seq
@@ -520,8 +534,7 @@ class KeyStore:
                 self._write_blocks(wb, "dec", peer, sum(len(b) for b in new.values()),
                                    sync=True)
                 for seq, data in new.items():
-                    st.blocks[seq] = len(data)
-                    st.stored_total += len(data)
+                    st.add_block(seq, len(data))
             return results
 
     def reserve(self, peer: str, key_ids: list[str], sae: str,
@@ -587,7 +600,7 @@ class KeyStore:
             wb.put(b"E", _U64.pack(rseq + 1), h)
         for s in (s for _, s in new):
             st.outstanding[s.seq] = st.outstanding.get(s.seq, 0) + 1
-        st.cursor = cur
+        st.move_cursor(cur)
         if rseq is not None:
             st.next_rseq = rseq + 1
         self._free_done(st, wb, h)
@@ -621,6 +634,7 @@ class KeyStore:
             wb.delete(_seq_key(b"b", seq), h)
             wb.delete(_seq_key(b"m", seq), h)
             st.stored_total -= st.blocks.pop(seq)
+            st.behind.discard(seq)
             st.outstanding.pop(seq, None)
             st.freed_blocks += 1
             self._evict("dec", st.peer, seq)

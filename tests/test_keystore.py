@@ -301,6 +301,11 @@ def test_used_up_dec_blocks_are_deleted_and_stay_deleted(tmp_path):
     d.close()
     d = dest(tmp_path)
     assert sorted(d.dec["A"].blocks) == [3] and d.dec["A"].cursor == o.enc["B"].cursor
+    # A late resend of a freed block, stored again behind the cursor, goes at the next
+    # reservation too.
+    assert d.store_received("A", [(1, bytes(128))])[0].name == "STORED"
+    d.reserve("A", [], "sae-2", carved_to=o.enc["B"].cursor)
+    assert sorted(d.dec["A"].blocks) == [3]
 
 
 def test_a_conflicting_block_loses_its_bytes_and_is_skipped(tmp_path):
