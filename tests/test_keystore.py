@@ -94,8 +94,15 @@ def test_concurrent_threads_never_receive_the_same_key(tmp_path):
     s = origin(tmp_path)
     fill(s, [os.urandom(4096) for _ in range(64)])
     got: list[list] = [[] for _ in range(8)]
+    start = threading.Barrier(8)
 
     def taker(i: int) -> None:
+        start.wait(10)
+        # Each thread a fixed share, then all of them until the store is empty: a fast
+        # thread cannot empty it alone before the others have started.
+        for _ in range(40):
+            got[i].extend(s.take_enc("B", 1 + i % 3, 32 * (1 + i)))
+        start.wait(10)
         while True:
             try:
                 got[i].extend(s.take_enc("B", 1 + i % 3, 32 * (1 + i)))
