@@ -148,6 +148,10 @@ class DataplaneSection(_Strict):
     chunk_size: Size = 1 << 20
     key_wait_ms: int = Field(100, ge=0, le=10_000)
     tunnel_net: ipaddress.IPv4Network = ipaddress.IPv4Network("10.89.0.0/16")
+    guard: Literal["auto", "off", "require"] = Field(
+        "auto", description="XDP guard on each underlay interface: auto = on where BPF "
+                            "works (else off, said once), off, require = a node without it "
+                            "does not start its tunnels")
 
     @field_validator("mtu")
     @classmethod
@@ -296,6 +300,7 @@ class DataplaneSpec:
     chunk_size: int
     key_wait_s: float
     tunnel_net: ipaddress.IPv4Network
+    guard: str = "auto"
 
     @property
     def conventional(self) -> bool:
@@ -550,7 +555,8 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
     dataplane = DataplaneSpec(mode=dp.mode, workers=dp.workers or min(os.cpu_count() or 1,
                                                                         MAX_WORKERS),
                               mtu=mtu, chunk_size=dp.chunk_size,
-                              key_wait_s=dp.key_wait_ms / 1000, tunnel_net=dp.tunnel_net)
+                              key_wait_s=dp.key_wait_ms / 1000, tunnel_net=dp.tunnel_net,
+                              guard=dp.guard)
     g = raw.gkm
     if g.pairs == "all":
         unordered = [(x, y) for i, x in enumerate(nodes) for y in list(nodes)[i + 1:]]

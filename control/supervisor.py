@@ -86,8 +86,9 @@ class Supervisor:
         links = topo.links_of(node)
         self.modules = [Module(f"lkm:{lk.name}", _lkm_main, (cfg, node, lk.name, sd))
                         for lk in links]
-        self.modules += [Module(f"tunnel:{lk.name}", tunnel_main, (cfg, node, lk.name, sd))
-                         for lk in links]
+        guard_off = self._guard_off(topo) if links else None
+        self.modules += [Module(f"tunnel:{lk.name}", tunnel_main,
+                                (cfg, node, lk.name, sd, guard_off)) for lk in links]
         self.modules.append(Module("router", router_main, (cfg, node)))
         if topo.gkm.destinations_of(node) or topo.gkm.origins_of(node):
             from control.gkm import gkm_main
@@ -99,6 +100,19 @@ class Supervisor:
                 self.modules.append(Module("api", api_main, (cfg, node), first_to_stop=True,
                                            stop_grace=topo.api.graceful_shutdown_s + 2))
         self.stopping = False
+
+    def _guard_off(self, topo: Topology) -> str | None:
+        """Whether this machine can run the XDP guard, found (and said) once for the node."""
+        if topo.dataplane.guard == "off":
+            return "off in the topology ([dataplane] guard = \"off\")"
+        from dataplane.bpf.guard import support
+
+        reason = support()
+        if reason is not None:
+            log.warning("node %s: running WITHOUT the XDP guard: %s. The workers' own checks "
+                        "(source, framing, replay, MAC) still drop bad datagrams; `qkdctl "
+                        "doctor` shows how to fix it", self.node, reason)
+        return reason
 
     def _start(self, m: Module) -> None:
         m.proc = self.ctx.Process(target=m.target, args=m.args, name=m.name, daemon=False)

@@ -36,6 +36,7 @@ from control import paths
 from control.config import DataplaneSpec, LinkSpec, Topology
 from control.statefile import write_json
 from dataplane import wire
+from dataplane.bpf.guard import RELEASE_SLOT, Guard, GuardError, GuardSpec, route_ifindex
 from dataplane.limits import CONTROL_RESERVE, KEEPALIVE_S, LINK_DEAD_S, RELEASE_GRACE_S
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
 from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
@@ -75,10 +76,12 @@ class TunnelConfig:
     lsa_path: Path
     lsdb_path: Path
     audit_dir: Path | None
+    guard_off: str | None = None  # why the node runs without the XDP guard (None: try it)
 
     @classmethod
     def from_topology(cls, topo: Topology, node: str, link: LinkSpec,
-                      state_dir: Path | None = None) -> TunnelConfig:
+                      state_dir: Path | None = None,
+                      guard_off: str | None = None) -> TunnelConfig:
         is_a = node == link.a
         enc, dec = ("ab", "ba") if is_a else ("ba", "ab")
         ndir = paths.node_dir(topo.prefix, node)
@@ -100,9 +103,14 @@ class TunnelConfig:
             status_path=ndir / f"tun-{link.name}.json",
             lsa_path=ndir / f"lsa-{link.name}.json",
             lsdb_path=ndir / "lsdb.json",
-            audit_dir=Path(audit) if audit else None)
+            audit_dir=Path(audit) if audit else None, guard_off=guard_off)
 
-    def worker_config(self, lane: int) -> WorkerConfig:
+    def guard_spec(self) -> GuardSpec:
+        return GuardSpec(peer_ip=self.peer_ip, port_lo=self.port_base,
+                         workers=self.dp.workers, link=self.link.index,
+                         direction=self.dec_dir)
+
+    def worker_config(self, lane: int, guard: Guard | None = None) -> WorkerConfig:
         dp = self.dp
         return WorkerConfig(
             link_index=self.link.index, link_name=self.link.name, lane=lane,
@@ -111,7 +119,8 @@ class TunnelConfig:
             dec_ring=self.dec_ring, enc_dir=self.enc_dir, dec_dir=self.dec_dir,
             cursor_path=self.cursor_path, stats_name=self.stats_name, mtu=dp.mtu,
             chunk=dp.chunk_size, conventional=dp.conventional, key_wait_s=dp.key_wait_s,
-            audit_dir=self.audit_dir)
+            audit_dir=self.audit_dir, floors_fd=guard.floors.fd if guard else -1,
+            close_fds=guard.other_fds() if guard else ())
 
 
 def setup_tun(name: str, mtu: int, address: str) -> None:
@@ -245,6 +254,9 @@ class TunnelManager:
         self._write_seen = -1
         self.peer_workers = 0
         self.started = time.time()
+        self.guard: Guard | None = None
+        self.guard_off = cfg.guard_off
+        self._floors_seen = (-1, -1)
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -274,6 +286,40 @@ class TunnelManager:
                     time.sleep(0.01)
             stats.set_link_word(W_PID_BASE + lane, 0)
 
+    # ---- XDP guard ---------------------------------------------------------------------
+
+    def _start_guard(self) -> None:
+        """Attach the guard before any worker starts (they inherit its floor map). Off when
+        the node found BPF unusable (it said so once) or this link's attach fails (said
+        here, once); with ``guard = "require"`` the tunnel does not start without it."""
+        cfg = self.cfg
+        if self.guard_off is None:
+            try:
+                ifindex, ifname = route_ifindex(cfg.peer_ip)
+                self.guard = Guard(cfg.guard_spec(), ifindex, ifname)
+                log.info("link %s: XDP guard on %s (%s mode)", cfg.link.name, ifname,
+                         self.guard.mode)
+            except GuardError as e:
+                self.guard_off = str(e)
+                log.warning("link %s: running WITHOUT the XDP guard: %s; the workers' own "
+                            "checks still drop bad datagrams", cfg.link.name, e)
+        if self.guard is None and cfg.dp.guard == "require":
+            raise SystemExit(f"link {cfg.link.name}: the XDP guard is required "
+                             f"([dataplane] guard = \"require\") but off: {self.guard_off}")
+
+    def _publish_floors(self, dec: KeyRing) -> None:
+        """The control lane's and the release floors (the workers keep their lanes')."""
+        seen = (dec.lane_next(CONTROL_LANE), dec.release_pos)
+        if self.guard is not None and seen != self._floors_seen:
+            self.guard.floors.set(CONTROL_LANE, seen[0])
+            self.guard.floors.set(RELEASE_SLOT, seen[1])
+            self._floors_seen = seen
+
+    def guard_status(self) -> dict:
+        if self.guard is None:
+            return {"state": "off", "reason": self.guard_off}
+        return self.guard.status()
+
     # ---- workers -----------------------------------------------------------------------
 
     def _check_workers(self, enc: KeyRing, now: float) -> None:
@@ -289,7 +335,7 @@ class TunnelManager:
                             self.cfg.link.name, s.lane, s.last_exit)
             if s.proc is None and now >= s.next_start and not self.stop:
                 s.proc = self.ctx.Process(target=worker_main,
-                                          args=(self.cfg.worker_config(s.lane),),
+                                          args=(self.cfg.worker_config(s.lane, self.guard),),
                                           name=f"otp-{self.cfg.link.name}-{s.lane}")
                 s.proc.start()
 
@@ -375,6 +421,7 @@ class TunnelManager:
             "heard_ago_s": round(now - self.last_heard, 3) if self.last_heard else None,
             "enc_available": ec.write_pos - ec.claim_pos, "dec_fill": dc.fill,
             "counters": stats.totals(), "control_drops": chan.drops,
+            "guard": self.guard_status(),
         })
 
     # ---- main loop ---------------------------------------------------------------------
@@ -386,6 +433,7 @@ class TunnelManager:
         self._reap_leftovers(stats)
         enc, dec = self._attach_rings()
         enc.reset_lanes()  # no worker of ours runs: chunks they held are never used
+        self._start_guard()
         chan = ControlChannel(cfg, enc, dec)
         log.info("link %s: tunnel %s up, mtu %d, %d worker(s), mode %s", cfg.link.name,
                  cfg.tun, cfg.dp.mtu, cfg.dp.workers, cfg.dp.mode)
@@ -397,6 +445,7 @@ class TunnelManager:
                 for payload in chan.receive():
                     self._on_keepalive(payload, stats)
                 chan.apply_releases(now)
+                self._publish_floors(dec)
                 if now >= next_ka:
                     if chan.send(self._keepalive_payload()):
                         self.last_sent = now
@@ -412,11 +461,17 @@ class TunnelManager:
                 for slot in self.slots:  # all joined: wipe whatever they still held
                     enc.retire(slot.lane, dead=True)
                 enc.retire(CONTROL_LANE)
+            if self.guard is not None:  # detached now, not when the last descriptor goes
+                self.guard.close()
+                self.guard = None
+                self.guard_off = "stopped"
+            with contextlib.suppress(Exception):
                 self._publish(stats, chan, enc, dec, time.monotonic())
 
 
 
-def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:
+def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None,
+                guard_off: str | None = None) -> None:
     """Entry point of the tunnel manager process (forked by the node supervisor)."""
     from control.config import load_topology
     from control.supervisor import die_with_parent, setup_logging
@@ -425,7 +480,7 @@ def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None) -
     setup_logging()
     topo = load_topology(config_path)
     cfg = TunnelConfig.from_topology(topo, node, topo.link(link),
-                                     Path(state_dir) if state_dir else None)
+                                     Path(state_dir) if state_dir else None, guard_off)
     mgr = TunnelManager(cfg)
 
     def on_signal(*_: object) -> None:

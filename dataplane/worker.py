@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from dataplane import wire
+from dataplane.bpf.syscall import ArrayMap
 from dataplane.limits import CONTROL_RESERVE, IDLE_RETIRE_S, MAX_KEY_LAG
-from dataplane.ring import CursorFile, KeyRing, RingError
+from dataplane.ring import CONTROL_LANE, CursorFile, KeyRing, RingError
 from dataplane.stats import IDX, W_PEER_WORKERS, W_PID_BASE, LinkStats, new_counters
 from dataplane.tun import open_queue, vnet_header_ok
 
@@ -86,6 +87,9 @@ class WorkerConfig:
     conventional: bool
     key_wait_s: float
     audit_dir: Path | None = None
+    floors_fd: int = -1  # the XDP guard's floor map (-1: no guard); see flush()
+    close_fds: tuple[int, ...] = ()  # the guard's other descriptors: not the worker's
+
 
     def lane_port(self, lane: int) -> int:
         return self.port_base + 1 + lane
@@ -144,6 +148,10 @@ class Worker:
         self.release_step = 0 if cfg.conventional else max(cfg.chunk // 2, 4096)
         self.release_seen = 0
         self.audit = Audit(cfg.audit_dir, f"{cfg.link_name}-{cfg.enc_ring[-2:]}-{cfg.lane}")
+        self.floors = ArrayMap(cfg.floors_fd, CONTROL_LANE + 1, owned=False) \
+            if cfg.floors_fd >= 0 else None
+        self.own_lanes = range(cfg.lane, CONTROL_LANE, cfg.workers)  # the peer's lanes it takes
+        self.floor_seen = dict.fromkeys(self.own_lanes, -1)
 
     # ---- egress ------------------------------------------------------------------------
 
@@ -335,6 +343,20 @@ class Worker:
     def flush(self) -> None:
         self.stats.publish(self.cfg.lane, self.c)
         self.peer_workers = self.stats.link_word(W_PEER_WORKERS) or self.cfg.workers
+        if self.floors is not None:
+            self.publish_floors()
+
+    def publish_floors(self) -> None:
+        """Tell the XDP guard the lowest position each of our lanes still accepts: it drops
+        replays and stale datagrams before they cost a wake-up (we would refuse them)."""
+        for lane in self.own_lanes:
+            v = self.dec.lane_next(lane)
+            if v != self.floor_seen[lane]:
+                try:
+                    self.floors.set(lane, v)
+                except OSError:
+                    return  # the guard is gone (its manager is stopping): nothing to keep
+                self.floor_seen[lane] = v
 
     def run(self) -> None:
         cfg = self.cfg
@@ -400,6 +422,9 @@ def worker_main(cfg: WorkerConfig) -> None:
     from control.supervisor import die_with_parent
 
     die_with_parent()
+    for fd in cfg.close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     w = Worker(cfg)
     gc.freeze()  # the packet loop makes no reference cycles: no collector pauses in it
     gc.disable()

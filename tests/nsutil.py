@@ -120,6 +120,14 @@ def udp_send_all(src: str, dst: str, port: int, datagrams: list[bytes], gap: flo
     return len(datagrams)
 
 
+def add_address(ifname: str, address: str) -> None:
+    """A second address (/32) on an interface of the namespace this runs in."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ip:
+        ip.addr("add", index=ip.link_lookup(ifname=ifname)[0], address=address, prefixlen=32)
+
+
 def link_stats(ifname: str) -> dict:
     from pyroute2 import IPRoute
 

@@ -20,12 +20,14 @@ import pytest
 from control import emulation, paths
 from control.config import parse_topology
 from dataplane import wire
+from dataplane.bpf.guard import DROP_REASONS
 from dataplane.limits import CONTROL_RESERVE, LINK_DEAD_S
 from dataplane.ring import CONTROL_LANE, KeyRing
 from dataplane.tun import VNET_HDR_LEN
 from dataplane.worker import AUDIT_ACCEPTED, AUDIT_CLAIM, AUDIT_SENT, read_audit
 from tests.nsutil import (
     InNetns,
+    add_address,
     link_stats,
     ping,
     router_state,
@@ -85,12 +87,13 @@ source = { generator = "aes-ctr" }
 
 def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = False,
              ring: str = "32MiB", key_wait_ms: int = 100, gkm: str | None = None,
-             key_rate: int = 400, extra: str = ""):
+             key_rate: int = 400, extra: str = "", guard: str = "auto"):
     """Bring up A - B - C (or A - B, or the triangle); ``gkm`` replaces the [gkm] section
     (which by default keeps no global key); ``extra`` is appended (SAEs, [api])."""
     text = NET.format(prefix=prefix).replace('ring_capacity = "32MiB"',
                                              f'ring_capacity = "{ring}"')
-    text = text.replace("workers = 2\n", f"workers = 2\nkey_wait_ms = {key_wait_ms}\n")
+    text = text.replace("workers = 2\n", f"workers = 2\nkey_wait_ms = {key_wait_ms}\n"
+                                         f"guard = \"{guard}\"\n")
     text = text.replace("key_rate_mbps = 400", f"key_rate_mbps = {key_rate}")
     if gkm is not None:
         text = text[:text.index("[gkm]")] + "[gkm]\n" + gkm + "\n" + \
@@ -256,12 +259,23 @@ def _seal_with_real_key(ring: KeyRing, lane: int, packets: list[bytes]) -> list[
     return out
 
 
+@pytest.mark.parametrize("guard", ["auto", "off"], ids=["xdp-guard", "no-bpf"])
 def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_tun(
-        tmp_path, prefix):
-    topo, _ = make_net(tmp_path, prefix, two=True)
+        tmp_path, prefix, guard):
+    """With the XDP guard, what it can judge from the header (foreign source, bad framing,
+    a position already passed) never reaches a worker; without BPF the workers drop the
+    same datagrams. Either way only the one fresh authentic datagram reaches the TUN."""
+    topo, _ = make_net(tmp_path, prefix, two=True, guard=guard)
     na, nb = ns(prefix, "A"), ns(prefix, "B")
     ul_a, ul_b = str(topo.link("A-B").underlay_a.ip), str(topo.link("A-B").underlay_b.ip)
     port0 = topo.ports.tunnel + 1  # B's worker 0
+    state = wait_until(lambda: (tunnel_state(prefix, "B", "A-B") or {}).get("guard"), 10,
+                       "B's guard state")
+    if guard == "off":
+        assert state["state"] == "off" and "topology" in state["reason"]
+    else:
+        assert state["state"] == "on" and state["mode"] in ("native", "generic"), state
+        assert state["interface"] == "ul0"
     # Genuine traffic, captured on the wire at B.
     cap = Capture(nb, "ul0", tmp_path / "b.pcap", f"udp and src host {ul_a}")
     assert ping(na, addr(topo, "B"), count=10, size=600)
@@ -272,6 +286,10 @@ def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_t
 
     def b_counters() -> dict:
         return tunnel_state(prefix, "B", "A-B")["counters"]
+
+    def b_guard() -> dict:
+        return {r: c["packets"] for r, c in
+                (tunnel_state(prefix, "B", "A-B")["guard"].get("counts") or {}).items()}
 
     lane = 62  # a lane no worker of A uses; 62 % 2 == 0: B's worker 0 takes it
     listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 4.0)
@@ -293,8 +311,10 @@ def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_t
     forged[-wire.TAG_LEN:] = os.urandom(wire.TAG_LEN)
     other_link = bytearray(d4)
     other_link[5] = 7
+    foreign = "10.254.254.1"  # an address on A's underlay veth that is not the peer's
+    run_in_netns(na, add_address, "ul0", foreign)
     before_tun = run_in_netns(nb, link_stats, "otp0")
-    before = b_counters()
+    before, before_guard = b_counters(), b_guard()
     for d in genuine:  # replayed from the wire, each to the worker of its own lane
         run_in_netns(na, udp_send_all, ul_a, ul_b, topo.ports.tunnel + 1 + d[3] % 2, [d], 0)
     attack = [
@@ -312,23 +332,35 @@ def test_forged_replayed_reordered_truncated_flipped_datagrams_never_reach_the_t
     ]
     run_in_netns(na, udp_send_all, ul_a, ul_b, port0, attack, 0.02)
     # Fresh and genuine, but not from the peer's underlay address: refused before parsing.
-    run_in_netns(nb, udp_send_all, ul_b, ul_b, port0, [d4], 0.0)
+    run_in_netns(na, udp_send_all, foreign, ul_b, port0, [d4], 0.0)
     time.sleep(1.0)
     enc_a.retire(lane)
     enc_a.close()
     received = listener.result(10)
     after_tun = run_in_netns(nb, link_stats, "otp0")
-    after = b_counters()
+    time.sleep(0.6)  # the guard's counters in B's status
+    after, after_guard = b_counters(), b_guard()
     assert received == [b"legit 1"], "only the one fresh genuine datagram may be delivered"
     assert after_tun["rx_packets"] - before_tun["rx_packets"] == 1
-    delta = {k: after[k] - before[k] for k in after if k.startswith("drop_rx")}
-    assert delta["drop_rx_replay"] + delta["drop_rx_old"] >= len(genuine) + 2
-    assert delta["drop_rx_length"] >= 1 and delta["drop_rx_short"] >= 1
-    assert delta["drop_rx_mac"] >= 3  # body flip, tag flip, forged
-    assert delta["drop_rx_link"] >= 1 and delta["drop_rx_vnet"] == 1
-    assert delta["drop_rx_source"] == 1
-    dropped = sum(delta.values())
-    assert dropped == len(genuine) + len(attack) - 1 + 1, delta
+    delta = {k[len("drop_rx_"):]: after[k] - before[k] for k in after if k.startswith("drop_rx")}
+    xdp = {r: after_guard.get(r, 0) - before_guard.get(r, 0) for r in DROP_REASONS}
+    seen = {r: delta[r] + xdp.get(r, 0) for r in delta}  # by the guard or the workers
+    stale = delta["replay"] + delta["old"] + xdp.get("stale", 0)
+    assert stale >= len(genuine) + 2
+    assert delta["mac"] >= 3  # body flip, tag flip, forged: only the MAC check can tell
+    assert delta["vnet"] == 1
+    if guard == "off":
+        assert not any(xdp.values()) and not after_guard
+        assert delta["length"] >= 1 and delta["short"] >= 1 and delta["link"] >= 1
+        assert delta["source"] == 1
+    else:  # judged from the header alone: never reached a worker
+        assert xdp["source"] == 1 and delta["source"] == 0
+        assert xdp["malformed"] >= 3  # truncated, short, moved to another link
+        assert delta["length"] == delta["short"] == delta["link"] == 0
+        assert xdp["stale"] >= len(genuine) - 2  # (the worker's floor lags a flush behind)
+    dropped = sum(delta.values()) + sum(xdp.values())
+    assert dropped == len(genuine) + len(attack) - 1 + 1, (delta, xdp)
+    assert seen["mac"] >= 3
 
 
 # ---- crashes: no pad position twice -------------------------------------------------------

@@ -1,0 +1,132 @@
+"""The XDP guard (dataplane/bpf/guard.py): its pure parts, and the real program attached to
+the underlay of a running node: passes legitimate traffic, replaced after a crash, gone
+after the node stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import sys
+
+import pytest
+
+from control.config import parse_topology
+from dataplane.bpf import guard as g
+from dataplane.bpf import syscall
+from tests.nsutil import ping, run_in_netns, tunnel_state, wait_until
+from tests.test_tunnel import NET, addr, make_net, ns
+
+
+def _ld_map(fd: int, dst: int = 1) -> bytes:
+    """A BPF 64-bit load of a map descriptor: two instruction slots."""
+    return struct.pack("=BBhi", g.LD_IMM64, (g.PSEUDO_MAP_FD << 4) | dst, 0, fd) + bytes(8)
+
+
+def test_map_references_are_found_and_rewritten_with_our_descriptors():
+    mov = struct.pack("=BBhi", 0xb7, 0, 0, 5)  # r0 = 5 (imm 5 must not be taken for a map)
+    plain_ld = struct.pack("=BBhi", g.LD_IMM64, 2, 0, 5) + bytes(8)  # 64-bit constant 5
+    insns = mov + _ld_map(5) + plain_ld + _ld_map(9, dst=3) + mov
+    refs = g.find_map_refs(insns, {5: "floors", 9: "counters"})
+    assert refs == [(1, "floors"), (5, "counters")]
+    out = g.relocate(insns, refs, {"floors": 41, "counters": 42})
+    assert struct.unpack_from("=i", out, 8 + 4)[0] == 41
+    assert struct.unpack_from("=i", out, 5 * 8 + 4)[0] == 42
+    assert out[:8] == mov and out[24:40] == plain_ld and len(out) == len(insns)
+    with pytest.raises(g.GuardError, match="unknown map"):
+        g.find_map_refs(_ld_map(7), {5: "floors"})
+
+
+def test_config_value_is_the_c_struct_with_the_address_as_the_packet_holds_it():
+    spec = g.GuardSpec(peer_ip="10.1.2.3", port_lo=7000, workers=3, link=4, direction=1)
+    peer, port, workers, link, d = g.CONFIG.unpack(spec.config_value())
+    assert peer.to_bytes(4, sys.byteorder) == socket.inet_aton("10.1.2.3")
+    assert (port, workers, link, d) == (7000, 3, 4, 1)
+
+
+def test_every_reason_has_a_counter_pair_and_drops_are_reasons():
+    flags = dict(f[2:].split("=") for f in g.cflags())
+    assert int(flags["N_REASONS"]) == len(g.REASONS)
+    assert sorted(int(flags[f"R_{r.upper()}"]) for r in g.REASONS) == list(range(len(g.REASONS)))
+    assert set(g.DROP_REASONS) < set(g.REASONS) and "pass" not in g.DROP_REASONS
+
+
+def test_support_says_why_not_without_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert "root" in g.support()
+
+
+def test_array_map_round_trip_and_per_cpu_sum():
+    m = syscall.ArrayMap(syscall.map_create(syscall.BPF_MAP_TYPE_ARRAY, 4, 8, 4), 4)
+    try:
+        m.set(3, 1 << 40)
+        assert m.values() == [0, 0, 0, 1 << 40]
+        other = syscall.ArrayMap.by_id(syscall.obj_id(m.fd), 4)  # as `qkdctl stats` opens it
+        assert other.get(3) == 1 << 40
+        other.close()
+    finally:
+        m.close()
+    pc = syscall.ArrayMap(syscall.map_create(syscall.BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 2), 2,
+                          percpu=True)
+    assert pc.values() == [0, 0] and pc.ncpu >= os.cpu_count()
+    pc.close()
+
+
+# ---- on a running node --------------------------------------------------------------------
+
+def xdp_prog_id(ifname: str) -> int:
+    """The XDP program attached to an interface of the namespace this runs in (0: none)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ip:
+        xdp = ip.get_links(ifname=ifname)[0].get_attr("IFLA_XDP")
+        return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp is not None else 0
+
+
+def _guard(prefix: str, node: str) -> dict:
+    return (tunnel_state(prefix, node, "A-B") or {}).get("guard") or {}
+
+
+@pytest.mark.netns
+def test_guard_passes_traffic_is_replaced_after_a_crash_and_gone_after_stop(tmp_path, prefix):
+    topo, man = make_net(tmp_path, prefix, two=True)
+    nb = ns(prefix, "B")
+    st = wait_until(lambda: _guard(prefix, "B").get("state") == "on" and _guard(prefix, "B"),
+                    15, "B's guard on")
+    first = st["ids"]["prog"]
+    assert run_in_netns(nb, xdp_prog_id, "ul0") == first
+    passed = st["counts"]["pass"]["packets"]
+    assert ping(ns(prefix, "A"), addr(topo, "B"), count=5, size=1200)
+    wait_until(lambda: _guard(prefix, "B")["counts"]["pass"]["packets"] >= passed + 5, 5,
+               "legitimate datagrams counted as passed")
+    assert all(_guard(prefix, "B")["counts"][r]["packets"] == 0 for r in g.DROP_REASONS)
+
+    # A crash (kill -9 of the tunnel manager): the kernel detaches its program with it, the
+    # restarted manager attaches a new one; never two.
+    victim = tunnel_state(prefix, "B", "A-B")["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: (tunnel_state(prefix, "B", "A-B") or {}).get("pid") not in (None, victim)
+               and _guard(prefix, "B").get("state") == "on", 20, "a new tunnel manager")
+    second = _guard(prefix, "B")["ids"]["prog"]
+    assert second != first
+    wait_until(lambda: run_in_netns(nb, xdp_prog_id, "ul0") == second, 5, "the new program")
+    assert ping(ns(prefix, "A"), addr(topo, "B"), count=3, size=1200)
+
+    # A clean stop of the node: nothing left attached (the namespace is still there).
+    os.kill(man.pids["node:B"], signal.SIGTERM)
+    wait_until(lambda: run_in_netns(nb, xdp_prog_id, "ul0") == 0, 15, "the guard detached")
+    assert _guard(prefix, "B")["state"] == "off"
+
+
+def test_required_guard_that_cannot_run_keeps_the_tunnel_down(tmp_path, prefix):
+    """``guard = "require"`` where BPF is refused: the tunnel manager exits with the reason
+    instead of running unguarded."""
+    from dataplane.tunnel import TunnelConfig, TunnelManager
+
+    text = NET.format(prefix=prefix).replace("workers = 2\n", 'workers = 2\nguard = "require"\n')
+    topo = parse_topology(text, tmp_path / "net.toml")
+    assert topo.dataplane.guard == "require"
+    cfg = TunnelConfig.from_topology(topo, "A", topo.link("A-B"), guard_off="not root (test)")
+    with pytest.raises(SystemExit, match="required.*not root"):
+        TunnelManager(cfg)._start_guard()
