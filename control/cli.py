@@ -182,25 +182,67 @@ def status(config: Annotated[Path | None, typer.Argument(help="topology TOML fil
            prefix: Annotated[str | None, typer.Option(help="network prefix")] = None,
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False
            ) -> None:
-    """Per link end: key, agreement, tunnel traffic and drops; routes per node."""
+    """Per link end: key, agreement, tunnel traffic, XDP guard and drops; routes per node."""
     from control.status import collect, render
 
-    if config is None:
-        prefixes = [prefix] if prefix else emulation.known_prefixes()
-        mans = [emulation.Manifest.load(p) for p in prefixes]
-        mans = [m for m in mans if m]
-        if not mans:
-            err.print("no running network found: give a topology file or --prefix")
-            raise typer.Exit(1)
-        topos = [load(Path(m.config)) for m in mans]
-    else:
-        topos = [load(config)]
-    snaps = [collect(t) for t in topos]
+    snaps = [collect(t) for t in _topologies(config, prefix)]
     if as_json:
         print(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=1))
         return
     for s in snaps:
         out.print(render(s))
+
+
+def _topologies(config: Path | None, prefix: str | None) -> list[Topology]:
+    """The topology given, or those of the running networks (one with --prefix)."""
+    if config is not None:
+        return [load(config)]
+    prefixes = [prefix] if prefix else emulation.known_prefixes()
+    mans = [m for m in (emulation.Manifest.load(p) for p in prefixes) if m]
+    if not mans:
+        err.print("no running network found: give a topology file or --prefix")
+        raise typer.Exit(1)
+    return [load(Path(m.config)) for m in mans]
+
+
+@app.command("stats")
+def stats(config: Annotated[Path | None, typer.Argument(help="topology TOML file")] = None,
+          prefix: Annotated[str | None, typer.Option(help="network prefix")] = None,
+          watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh until Ctrl-C")
+                           ] = False,
+          interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")
+                              ] = 1.0,
+          as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False
+          ) -> None:
+    """Per link end, interface and reason: packets and bytes the XDP guard dropped or
+    passed (from its BPF maps), and the OTP workers' own counters."""
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
+
+    from control.stats import collect, rates, render
+
+    need_root()  # the guard's maps are opened by id: CAP_BPF
+    topos = _topologies(config, prefix)
+    snaps = [collect(t) for t in topos]
+    if as_json:
+        print(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=1))
+        return
+    if not watch:
+        for s in snaps:
+            out.print(render(s))
+        return
+    try:
+        with Live(Group(*(render(s) for s in snaps)), console=out, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                new = [collect(t) for t in topos]
+                live.update(Group(*(render(n, rates(o, n))
+                                    for o, n in zip(snaps, new, strict=True))), refresh=True)
+                snaps = new
+    except KeyboardInterrupt:
+        pass
 
 
 # ---- bench and demo ----------------------------------------------------------------------
@@ -353,6 +395,51 @@ def bench_api(
                     console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
+
+
+@app.command("doctor")
+def doctor(as_json: Annotated[bool, typer.Option("--json", help="a JSON list")] = False
+           ) -> None:
+    """Can this machine run a node? TUN, namespaces, veth, BPF, kernel headers, bcc, XDP,
+    each with its fix; exit status 1 if a required check fails."""
+    from dataclasses import asdict  # no need_root(): without root it runs and says so
+
+    from control.doctor import passed, render, run_checks, summary
+
+    checks = run_checks()
+    if as_json:
+        print(json.dumps([asdict(c) for c in checks], indent=1))
+    else:
+        out.print(render(checks))
+        out.print(summary(checks), highlight=False)
+    raise typer.Exit(0 if passed(checks) else 1)
+
+
+@app.command("profile")
+def profile(
+    node: Annotated[str, typer.Option(help="node name")],
+    seconds: Annotated[float, typer.Option(min=0.1, help="probing time")] = 5.0,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="topology TOML file; default: the running network with "
+                               "the node")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """Per-stage syscall latency of a running node's OTP workers (bcc probes, no restart),
+    the paper's Table I from their counters, and where their time goes."""
+    need_root()
+    from control.profile import NotRunning, profile_node, render, running_topology
+    from dataplane.bpf.profile import ProfileError
+
+    try:
+        topo = load(config) if config else running_topology(node)
+        report = profile_node(topo, node, seconds, console=err if as_json else out)
+    except (NotRunning, ProfileError) as e:
+        err.print(f"[red]{e}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(report))
+    else:
+        out.print(render(report))
 
 
 @app.command("demo")

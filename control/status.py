@@ -71,18 +71,31 @@ def _drops(counters: dict) -> str:
         or "0"
 
 
+def guard_state(st: dict) -> str:
+    """The XDP guard of a link end in a few words: its mode and drops, or why it is off."""
+    g = st.get("guard")
+    if not g:
+        return "-"
+    if g.get("state") != "on":
+        return f"[yellow]off[/yellow] ({g.get('reason')})"
+    dropped = sum(c["packets"] for r, c in (g.get("counts") or {}).items()
+                  if r in ("source", "malformed", "stale"))
+    return f"{g['mode']}, {dropped:,} dropped"
+
+
 def render_tunnels(snapshot: dict) -> Table:
     t = Table(title="OTP tunnels per link end (out = encrypted and sent, in = received "
                     "and delivered; MB)", title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False)
     for col in ("link", "node", "tun", "state", "workers", "pkts out", "out", "pkts in", "in",
-                "key used", "drops"):
+                "key used", "drops", "XDP guard"):
         t.add_column(col, justify="right" if col in ("pkts out", "out", "pkts in", "in",
-                                                     "key used") else "left", no_wrap=True)
+                                                     "key used") else "left",
+                     no_wrap=col != "XDP guard")
     for node, info in snapshot["nodes"].items():
         for link, st in info.get("tunnels", {}).items():
             if st is None:
-                t.add_row(link, node, "-", "not running", "", "", "", "", "", "", "")
+                t.add_row(link, node, "-", "not running", "", "", "", "", "", "", "", "")
                 continue
             c = st["counters"]
             state = "up" if st["up"] and not st["stale"] else f"[red]{st['reason']}[/red]"
@@ -92,7 +105,7 @@ def render_tunnels(snapshot: dict) -> Table:
             t.add_row(link, node, st["tun"], state, f"{alive}/{len(st['workers'])}",
                       f"{c['tx_pkts']:,}", f"{c['tx_bytes'] / 1e6:,.1f}", f"{c['rx_pkts']:,}",
                       f"{c['rx_bytes'] / 1e6:,.1f}", f"{(c['tx_key'] + c['rx_key']) / 1e6:,.1f}",
-                      _drops(c))
+                      _drops(c), guard_state(st))
     return t
 
 

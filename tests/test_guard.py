@@ -4,18 +4,28 @@ after the node stops."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from control.config import parse_topology
 from dataplane.bpf import guard as g
 from dataplane.bpf import syscall
-from tests.nsutil import ping, run_in_netns, tunnel_state, wait_until
+from tests.nsutil import (
+    add_address,
+    ping,
+    run_in_netns,
+    tunnel_state,
+    udp_send_all,
+    wait_until,
+)
 from tests.test_tunnel import NET, addr, make_net, ns
 
 
@@ -75,6 +85,14 @@ def test_array_map_round_trip_and_per_cpu_sum():
 
 # ---- on a running node --------------------------------------------------------------------
 
+def qkdctl(*args: str, width: int = 200) -> str:
+    r = subprocess.run([str(Path(sys.executable).with_name("qkdctl")), *args],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "COLUMNS": str(width)})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def xdp_prog_id(ifname: str) -> int:
     """The XDP program attached to an interface of the namespace this runs in (0: none)."""
     from pyroute2 import IPRoute
@@ -101,6 +119,20 @@ def test_guard_passes_traffic_is_replaced_after_a_crash_and_gone_after_stop(tmp_
     wait_until(lambda: _guard(prefix, "B")["counts"]["pass"]["packets"] >= passed + 5, 5,
                "legitimate datagrams counted as passed")
     assert all(_guard(prefix, "B")["counts"][r]["packets"] == 0 for r in g.DROP_REASONS)
+
+    # A forged datagram from a foreign address, then what `qkdctl stats` and `status` say.
+    run_in_netns(ns(prefix, "A"), add_address, "ul0", "10.254.254.2")
+    run_in_netns(ns(prefix, "A"), udp_send_all, "10.254.254.2",
+                 str(topo.link("A-B").underlay_b.ip), topo.ports.tunnel + 1, [bytes(100)] * 3, 0)
+    snap = json.loads(qkdctl("stats", "--prefix", prefix, "--json"))
+    b_end = next(e for e in snap["ends"] if e["node"] == "B")
+    assert b_end["guard"] == f"{st['mode']} on ul0"
+    assert b_end["guard_counts"]["source"] == {"packets": 3, "bytes": 3 * (100 + 42)}
+    assert b_end["guard_counts"]["pass"]["packets"] >= passed + 5  # live from the map
+    assert b_end["workers"]["rx_pkts"] >= 5 and b_end["workers"]["drop_rx_source"] == 0
+    text = qkdctl("stats", "--prefix", prefix)
+    assert "xdp" in text and "source" in text and "workers" in text
+    assert f"{st['mode']}, 3 dropped" in qkdctl("status", "--prefix", prefix, width=250)
 
     # A crash (kill -9 of the tunnel manager): the kernel detaches its program with it, the
     # restarted manager attaches a new one; never two.
