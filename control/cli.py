@@ -300,6 +300,28 @@ def bench_otp(
         print(json.dumps(result))
 
 
+@bench_app.command("guard")
+def bench_guard(
+    seconds: Annotated[float, typer.Option(help="iperf3 time per run")] = 1.5,
+    repeat: Annotated[int, typer.Option(min=1, help="runs per point; the median counts")] = 3,
+    size: Annotated[int, typer.Option(min=1, max=1400, help="forged datagram payload bytes")
+                    ] = 128,
+    workers: Annotated[int, typer.Option(help="workers per link end; 0 = cores")] = 0,
+    ring: Annotated[str, typer.Option(help="ring capacity per link direction (holds a "
+                                           "whole run's key)")] = "2GiB",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """XDP guard: legitimate iperf3 through the tunnel under a forged-datagram flood from
+    another namespace, guard on and off in one run: throughput and workers' CPU."""
+    need_root()
+    from bench.guard import run
+
+    result = _bench(run, seconds=seconds, repeat=repeat, size=size, workers=workers,
+                    capacity=ring, console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
 @bench_app.command("gkm")
 def bench_gkm(
     size: Annotated[list[str] | None, typer.Option(

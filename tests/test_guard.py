@@ -162,3 +162,18 @@ def test_required_guard_that_cannot_run_keeps_the_tunnel_down(tmp_path, prefix):
     cfg = TunnelConfig.from_topology(topo, "A", topo.link("A-B"), guard_off="not root (test)")
     with pytest.raises(SystemExit, match="required.*not root"):
         TunnelManager(cfg)._start_guard()
+
+
+def test_the_bench_flood_forges_what_each_drop_reason_names():
+    """bench/flood.py's datagrams: the stale one is well-framed (only its position is
+    wrong), the spoofed packet carries the peer's address and a UDP length that fits."""
+    from bench.flood import IP_HDR, UDP_HDR, spoofed, stale_datagram
+    from dataplane import wire
+
+    d = stale_datagram(128, link=3, direction=1, lane=2)
+    hdr = wire.parse(d, len(d), link=3, direction=1)
+    assert (hdr.pos, hdr.release, hdr.lane, len(d)) == (0, 0, 2, 128)
+    pkt = spoofed("10.0.0.1", "10.0.0.2", 40000, 7001, d)
+    ip = IP_HDR.unpack_from(pkt)
+    assert ip[2] == len(pkt) and ip[8] == socket.inet_aton("10.0.0.1")
+    assert UDP_HDR.unpack_from(pkt, IP_HDR.size)[1:3] == (7001, UDP_HDR.size + len(d))

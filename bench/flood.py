@@ -1,0 +1,87 @@
+"""The forged-datagram flood of `qkdctl bench guard`, run inside the attacker's namespace:
+``python -m bench.flood --seconds S --dst IP --port-lo P --ports N --peer IP``.
+
+Three kinds in turn, as an attacker on the underlay could send them to a link end's tunnel
+ports: from its own (foreign) address; from the peer's address (spoofed, raw socket) with
+a malformed header; from the peer's address with a well-formed header naming a key position
+the receiver has long passed (a replay of old traffic). Prints one JSON line: what it sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import struct
+import time
+
+import numpy as np
+
+from dataplane import wire
+
+IP_HDR = struct.Struct("!BBHHHBBH4s4s")
+UDP_HDR = struct.Struct("!HHHH")
+
+
+def spoofed(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """An IPv4+UDP packet for a raw socket (the kernel fills the IP checksum and id; a
+    zero UDP checksum means none, which IPv4 allows)."""
+    udp = UDP_HDR.pack(sport, dport, UDP_HDR.size + len(payload), 0)
+    total = IP_HDR.size + len(udp) + len(payload)
+    ip = IP_HDR.pack(0x45, 0, total, 0, 0, 64, socket.IPPROTO_UDP, 0, socket.inet_aton(src),
+                     socket.inet_aton(dst))
+    return ip + udp + payload
+
+
+def stale_datagram(size: int, link: int, direction: int, lane: int) -> bytes:
+    """Well-formed framing at position 0 (long released) with a random tag."""
+    n = max(0, size - wire.OVERHEAD)
+    buf = np.zeros(wire.datagram_len(n), dtype=np.uint8)
+    wire.HEADER.pack_into(buf, 0, wire.VERSION, 0, direction, lane, link, 0, 0, 0, n, 0)
+    buf[wire.HEADER_LEN + n:] = np.frombuffer(os.urandom(wire.TAG_LEN), np.uint8)
+    return buf.tobytes()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, required=True)
+    ap.add_argument("--src", required=True, help="the attacker's own address")
+    ap.add_argument("--peer", required=True, help="the address to spoof (the link's peer)")
+    ap.add_argument("--dst", required=True)
+    ap.add_argument("--port-lo", type=int, required=True)
+    ap.add_argument("--ports", type=int, required=True, help="worker ports after port-lo")
+    ap.add_argument("--link", type=int, default=0)
+    ap.add_argument("--direction", type=int, default=0)
+    ap.add_argument("--size", type=int, default=128, help="UDP payload bytes")
+    a = ap.parse_args()
+    plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    plain.bind((a.src, 0))
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    ports = [a.port_lo + 1 + i for i in range(a.ports)]
+    junk = os.urandom(a.size)
+    kinds = []
+    for i, port in enumerate(ports):
+        kinds.append(("foreign", (junk, (a.dst, port))))
+        kinds.append(("malformed", (spoofed(a.peer, a.dst, 40000, port, junk), (a.dst, 0))))
+        stale = stale_datagram(a.size, a.link, a.direction, i)
+        kinds.append(("stale", (spoofed(a.peer, a.dst, 40000, port, stale), (a.dst, 0))))
+    sent = dict.fromkeys(("foreign", "malformed", "stale"), 0)
+    errors = 0
+    end = time.monotonic() + a.seconds
+    plain_send, raw_send = plain.sendto, raw.sendto
+    while time.monotonic() < end:
+        for kind, (data, to) in kinds:
+            for _ in range(64):
+                try:
+                    (plain_send if kind == "foreign" else raw_send)(data, to)
+                except OSError:  # ENOBUFS under load: counted, the flood goes on
+                    errors += 1
+                    continue
+                sent[kind] += 1
+    print(json.dumps({"sent": sent, "errors": errors, "seconds": a.seconds,
+                      "size": a.size}))
+
+
+if __name__ == "__main__":
+    main()
