@@ -1,6 +1,7 @@
 # qkdnet — the two commands of the README: `make demo` and `make test`.
 # Both work on a fresh Debian machine as root: they install the Debian packages,
-# link kernel headers for bcc, create .venv and install the project, then run.
+# link kernel headers for bcc, create .venv and install the project, check with
+# `qkdctl doctor` that TUN, namespaces, BPF, headers and bcc work, then run.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -18,6 +19,7 @@ test: setup
 	$(PY) -m pytest -q -ra
 
 setup: system venv
+	@$(VENV)/bin/qkdctl doctor || echo "warning: qkdctl doctor found problems (above, each with its fix)"
 
 # Debian packages, installed only when missing so repeated runs are quick.
 system:
