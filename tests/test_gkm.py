@@ -205,9 +205,10 @@ def test_kill_9_of_origin_relay_and_destination_loses_nothing_acknowledged(
     start = time.monotonic()
     kills = {"A": 0, "B": 0, "C": 0}
     # 25 s of chaos; longer (up to 60 s) on a loaded machine where fewer events happen,
-    # until at least two kinds of crash point have fired.
-    while time.monotonic() - start < 25 or (len(_crash_points_fired(prefix)) < 2
-                                            and time.monotonic() - start < 60):
+    # until at least two kinds of crash point have fired and the application took keys.
+    while time.monotonic() - start < 25 or (
+            (len(_crash_points_fired(prefix)) < 2 or not taken)
+            and time.monotonic() - start < 60):
         time.sleep(rng.uniform(0.3, 1.5))
         victim = rng.choice("ABC")
         if victim == "B":  # the relay: every process of the node, then start it again
