@@ -383,10 +383,12 @@ def bench_api(
     = 32768,
     store: Annotated[str, typer.Option(help="most key stored for one size")] = "2GiB",
     clients: Annotated[int, typer.Option(min=1, max=64, help="client processes, each one "
-                                                             "keep-alive connection")] = 16,
-    workers: Annotated[int, typer.Option(min=1, max=32, help="Sanic worker processes")] = 2,
+                                                             "keep-alive connection")] = 32,
+    workers: Annotated[int, typer.Option(min=1, max=32, help="Sanic worker processes (the "
+                                                             "clients share the cores)")] = 1,
     baseline_seconds: Annotated[float, typer.Option(help="conventional pull time per size")]
     = 3.0,
+    repeat: Annotated[int, typer.Option(min=1, help="pulls per size; the median counts")] = 3,
     plot: Annotated[Path, typer.Option(help="PNG plot")] = Path("bench/results/api-size.png"),
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -413,7 +415,7 @@ def bench_api(
         raise typer.BadParameter("must be 1 MiB to 4 GiB", param_hint="--store")
     sz = tuple(bits(v) for v in size) if size else DEFAULT_SIZES
     result = _bench(run, sizes=sz, keys=keys, store_max=store_b, clients=clients,
-                    workers=workers, baseline_s=baseline_seconds, plot_path=plot,
+                    workers=workers, baseline_s=baseline_seconds, repeat=repeat, plot_path=plot,
                     console=err if as_json else out)
     if as_json:
         print(json.dumps(result))

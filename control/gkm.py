@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from control import gkm_client, paths
 from control.config import Topology
 from control.gkm_wire import (
+    MAX_RESERVE_BATCH,
     Ack,
     AckStatus,
     Blocks,
@@ -48,7 +49,7 @@ from control.gkm_wire import (
     encode_ack,
     encode_blocks,
     encode_reserved,
-    parse,
+    parse_batch,
 )
 from control.keystore import BlockState, KeyStore, StoreError
 from control.relay import Outbox, RateMeter, Restock
@@ -63,6 +64,7 @@ GENERATE_BATCH = 16 << 20     # bytes generated and stored in one write
 RECEIVE_BATCH = 16 << 20      # bytes of arrived messages stored with one synced write
 RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after this
 RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to confirm
+RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
 HEARTBEAT_MS = 500
 MAX_TAKE_KEYS = 1 << 20       # keys one local request may take
 PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no restocking
@@ -124,6 +126,7 @@ class Destination:
         self.reported_state = "ok"
         self.reserve_due = 0.0   # 0: resend every unacknowledged reservation now
         self.reserve_next = 0
+        self.reserve_held = 0.0  # when the oldest new, unsent reservation was made (0: none)
 
 
 class GlobalKeyManager:
@@ -236,15 +239,16 @@ class GlobalKeyManager:
         for frames in messages:
             ident, rest = frames[0], frames[1:]
             try:
-                msg = parse([f.buffer for f in rest])
+                msgs = parse_batch([f.buffer for f in rest])
             except RelayWireError as e:
                 self._refuse(str(e))
                 continue
-            if isinstance(msg, Reserve):
-                answer = self.on_reserve(ident, rest[0], msg)
-                if answer is not None:
-                    out.append(answer)
+            if isinstance(msgs[0], Reserve):  # their answers go back together too
+                answers = [a for m in msgs if (a := self.on_reserve(rest[0], m)) is not None]
+                if answers:
+                    out.append([ident, *answers])
                 continue
+            msg = msgs[0]
             if not isinstance(msg, Blocks):
                 self._refuse("an acknowledgement arrived at the relay port")
                 continue
@@ -299,8 +303,8 @@ class GlobalKeyManager:
             return None
         return origin
 
-    def on_reserve(self, ident: zmq.Frame, head: zmq.Frame, msg: Reserve) -> list | None:
-        """Apply a reservation; the RESERVED answer to send once it is durable (None:
+    def on_reserve(self, head: zmq.Frame, msg: Reserve) -> bytes | None:
+        """Apply a reservation; the RESERVED frame to send once it is durable (None:
         no answer, the origin resends)."""
         origin = self._sender(msg.origin, head)
         if origin is None:
@@ -317,24 +321,26 @@ class GlobalKeyManager:
             if status == ReserveStatus.REFUSED:
                 log.error("gkm %s: reservation %d from %s names keys that cannot be "
                           "reserved; skipped", self.node.name, msg.rseq, origin.name)
-        return [ident, *encode_reserved(Reserved(msg.origin, self.node.id, msg.rseq, status))]
+        return encode_reserved(Reserved(msg.origin, self.node.id, msg.rseq, status))[0]
 
     # ---- the origin's side --------------------------------------------------------------
 
     def on_reply(self, d: Destination, frames: list[zmq.Frame]) -> None:
-        """An ACK of blocks or a RESERVED, on the connection to ``d``."""
+        """An ACK of blocks, or one or more RESERVED, on the connection to ``d``."""
         try:
-            msg = parse([f.buffer for f in frames])
+            msgs = parse_batch([f.buffer for f in frames])
         except RelayWireError as e:
             self._refuse(str(e))
             return
-        if not isinstance(msg, Ack | Reserved) or msg.origin != self.node.id \
-                or msg.destination != d.id:
+        if any(not isinstance(m, Ack | Reserved) or m.origin != self.node.id
+               or m.destination != d.id for m in msgs):
             self._refuse(f"unexpected message on the connection to {d.name}")
             return
-        if isinstance(msg, Reserved):
-            self.on_reserved(d, msg)
+        if isinstance(msgs[0], Reserved):
+            for m in msgs:
+                self.on_reserved(d, m)
             return
+        msg = msgs[0]
         self.crash("origin.acked")
         now = time.monotonic()
         ok = [seq for seq, st in msg.results
@@ -382,12 +388,24 @@ class GlobalKeyManager:
             d.reserve_due = now + RESERVE_RETRY_S
         else:
             todo = sorted(s for s in unacked if s >= d.reserve_next)
-        for rseq in todo:
+            if not todo:
+                return
+            if not d.reserve_held:
+                d.reserve_held = now
+            # As Nagle's algorithm: while sent ones are unanswered, new ones wait (at
+            # most RESERVE_HOLD_S) and then go together, one segment through the tunnels
+            # and one group commit at the slave's node for all; a lone taker waits not.
+            in_flight = len(unacked) > len(todo)
+            if in_flight and now - d.reserve_held < RESERVE_HOLD_S:
+                return
+        d.reserve_held = 0.0
+        for at in range(0, len(todo), MAX_RESERVE_BATCH):
+            batch = todo[at:at + MAX_RESERVE_BATCH]
             try:
-                d.sock.send(unacked[rseq], flags=zmq.NOBLOCK)
+                d.sock.send_multipart([unacked[r] for r in batch], flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
-            d.reserve_next = max(d.reserve_next, rseq + 1)
+            d.reserve_next = max(d.reserve_next, batch[-1] + 1)
 
     def expire_waiting(self, now: float) -> None:
         for key, (envelope, _, deadline) in list(self.waiting.items()):
@@ -600,7 +618,9 @@ class GlobalKeyManager:
             now = time.monotonic()
             nearest = min((d.outbox.next_due() for d in self.dests.values()),
                           default=now + 0.05)
-            timeout = max(0.0, min(0.05, nearest - now))
+            held = [d.reserve_held + RESERVE_HOLD_S for d in self.dests.values()
+                    if d.reserve_held]
+            timeout = max(0.0, min(0.05, nearest - now, *(h - now for h in held)))
             for sock, _ in poller.poll(timeout * 1000):
                 if sock is self.router:
                     batch, size = [], 0

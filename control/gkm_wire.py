@@ -10,6 +10,11 @@ ACK     destination -> origin   frame 0: header + (seq, status) per block
 RESERVE origin -> destination   which SAEs may fetch which keys (none: cancel), numbered
 RESERVED destination -> origin  applied, duplicate, or a gap before it
 
+RESERVE and RESERVED are one frame each; several may travel as the frames of one
+multipart message (at most MAX_RESERVE_BATCH, RESERVEs in increasing number), so that the
+reservations of concurrent takes cross the tunnels as one segment and are applied with one
+sync, and their answers come back the same way (``parse_batch``).
+
 Header: magic ``QKGK``, version 1, type, origin node id, destination node id, count.
 A destination acknowledges a block only once it holds it durably (invariant 4); the
 origin resends until it has an ACK, so BLOCKS must be idempotent by sequence number:
@@ -34,6 +39,7 @@ from dataplane.limits import (
 MAGIC = b"QKGK"
 VERSION = 1
 _HEADER = struct.Struct(">4sBBHHI")  # magic, version, type, origin, destination, count
+MAX_RESERVE_BATCH = 256              # RESERVE or RESERVED frames in one message
 _BLOCK = struct.Struct(">QI")         # seq, size
 _ACK = struct.Struct(">QB")           # seq, status
 
@@ -243,6 +249,23 @@ def parse(frames: list[bytes | memoryview]) -> Blocks | Ack | Reserve | Reserved
         except ValueError:
             raise RelayWireError(f"unknown RESERVED status {st}") from None
     raise RelayWireError(f"unknown relay message type {kind}")
+
+
+def parse_batch(frames: list[bytes | memoryview]
+                ) -> list[Blocks | Ack | Reserve | Reserved]:
+    """The messages one multipart message carries: several RESERVE (or RESERVED) frames,
+    each a whole message, or one message of any type. Refused whole, as ``parse``."""
+    if len(frames) > 1 and len(frames[0]) >= _HEADER.size:
+        kind = _HEADER.unpack_from(frames[0])[2]
+        if kind in (MsgType.RESERVE, MsgType.RESERVED):
+            if len(frames) > MAX_RESERVE_BATCH:
+                raise RelayWireError(f"{len(frames)} reservation frames in one message "
+                                     f"(at most {MAX_RESERVE_BATCH})")
+            out = [parse([f]) for f in frames]
+            if any(type(m) is not type(out[0]) for m in out):
+                raise RelayWireError("RESERVE and RESERVED frames mixed in one message")
+            return out
+    return [parse(frames)]
 
 
 def receive_status(held: bytes | None, incoming: bytes | memoryview) -> AckStatus:

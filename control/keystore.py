@@ -181,11 +181,14 @@ class DecState:
         return self.stored_total
 
     behind: set[int] = field(default_factory=set)  # stored blocks before cursor.seq
+    freeable: set[int] = field(default_factory=set)  # ... of them, those with no key left
 
     def move_cursor(self, cur: Cursor) -> None:
         """Advance the reservation cursor, noting the blocks it passed (each block once
         over the store's life, however the cursor moves)."""
-        self.behind.update(s for s in range(self.cursor.seq, cur.seq) if s in self.blocks)
+        passed = [s for s in range(self.cursor.seq, cur.seq) if s in self.blocks]
+        self.behind.update(passed)
+        self.freeable.update(s for s in passed if not self.outstanding.get(s))
         self.cursor = cur
 
     def add_block(self, seq: int, size: int) -> None:
@@ -193,12 +196,33 @@ class DecState:
         self.stored_total += size
         if seq < self.cursor.seq:
             self.behind.add(seq)
+            if not self.outstanding.get(seq):
+                self.freeable.add(seq)
+
+    def add_outstanding(self, seq: int) -> None:
+        """One more reserved, undelivered key in block ``seq``."""
+        self.outstanding[seq] = self.outstanding.get(seq, 0) + 1
+        self.freeable.discard(seq)
+
+    def drop_outstanding(self, seq: int) -> None:
+        """A key of block ``seq`` delivered or its reservation cancelled."""
+        left = max(0, self.outstanding.get(seq, 1) - 1)
+        self.outstanding[seq] = left
+        if not left and seq in self.behind:
+            self.freeable.add(seq)
 
     def done(self) -> list[int]:
-        """Blocks wholly behind the cursor with no key left to deliver: to delete. Only
-        the blocks behind the cursor are looked at, not the whole store: this runs on
-        every reservation and delivery."""
-        return [seq for seq in self.behind if not self.outstanding.get(seq)]
+        """Blocks wholly behind the cursor with no key left to deliver: to delete. Kept
+        up to date as keys are reserved and delivered, so finding them costs nothing per
+        reservation however many reserved, undelivered blocks wait behind the cursor."""
+        return list(self.freeable)
+
+    def forget(self, seq: int) -> None:
+        """Block ``seq`` deleted."""
+        self.stored_total -= self.blocks.pop(seq)
+        self.behind.discard(seq)
+        self.freeable.discard(seq)
+        self.outstanding.pop(seq, None)
 
 
 class KeyStore:
@@ -325,8 +349,7 @@ class KeyStore:
             st.add_block(seq, size)
         st.next_rseq = _read_u64(cf, b"E")
         for key, _ in _scan(cf, b"r"):
-            seq = decode(uuid.UUID(bytes=key)).seq
-            st.outstanding[seq] = st.outstanding.get(seq, 0) + 1
+            st.add_outstanding(decode(uuid.UUID(bytes=key)).seq)
         return st
 
     # ---- the origin's side ----------------------------------------------------------------
@@ -599,7 +622,7 @@ class KeyStore:
         if rseq is not None:
             wb.put(b"E", _U64.pack(rseq + 1), h)
         for s in (s for _, s in new):
-            st.outstanding[s.seq] = st.outstanding.get(s.seq, 0) + 1
+            st.add_outstanding(s.seq)
         st.move_cursor(cur)
         if rseq is not None:
             st.next_rseq = rseq + 1
@@ -613,8 +636,7 @@ class KeyStore:
             rid = b"r" + _uuid_bytes(kid)
             if cf.get(rid) is not None:
                 wb.delete(rid, h)
-                seq = decode(kid).seq
-                st.outstanding[seq] = max(0, st.outstanding.get(seq, 1) - 1)
+                st.drop_outstanding(decode(kid).seq)
         if rseq is not None:
             wb.put(b"E", _U64.pack(rseq + 1), h)
             st.next_rseq = rseq + 1
@@ -633,9 +655,7 @@ class KeyStore:
         for seq in st.done():
             wb.delete(_seq_key(b"b", seq), h)
             wb.delete(_seq_key(b"m", seq), h)
-            st.stored_total -= st.blocks.pop(seq)
-            st.behind.discard(seq)
-            st.outstanding.pop(seq, None)
+            st.forget(seq)
             st.freed_blocks += 1
             self._evict("dec", st.peer, seq)
 
@@ -686,7 +706,7 @@ class KeyStore:
                 out.append(data[s.seq][s.offset:s.offset + s.size])
                 wb.delete(rid, h)
             for _, s in slices:
-                st.outstanding[s.seq] -= 1
+                st.drop_outstanding(s.seq)
             self._free_done(st, wb, h)
             self._durable(wb)
             st.delivered_keys += len(slices)

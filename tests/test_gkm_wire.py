@@ -141,3 +141,32 @@ def test_reserve_round_trip_and_refusals():
     assert parse(encode_reserve(cancel)) == cancel
     with pytest.raises(RelayWireError, match="unknown RESERVED status 9"):
         parse([encode_reserved(r)[0][:-1] + b"\x09"])
+
+
+def test_reservations_travel_several_to_a_message_and_are_refused_whole():
+    import os
+
+    from control.gkm_wire import (
+        MAX_RESERVE_BATCH,
+        Reserve,
+        Reserved,
+        ReserveStatus,
+        encode_reserve,
+        encode_reserved,
+        parse_batch,
+    )
+
+    rs = [Reserve(1, 2, n, (3, 64 * n), ("sae-b",), (os.urandom(16),), master="sae-a")
+          for n in range(5, 8)]
+    assert parse_batch([encode_reserve(r)[0] for r in rs]) == rs
+    answers = [Reserved(1, 2, n, ReserveStatus.APPLIED) for n in range(5, 8)]
+    assert parse_batch([encode_reserved(a)[0] for a in answers]) == answers
+    one = Blocks(1, 3, ((5, b"a" * 32), (6, b"b" * 64)))  # many frames, one message
+    assert parse_batch(frames(one)) == [one]
+    assert parse_batch([encode_reserve(rs[0])[0]]) == [rs[0]]
+    with pytest.raises(RelayWireError, match="mixed"):
+        parse_batch([encode_reserve(rs[0])[0], encode_reserved(answers[0])[0]])
+    with pytest.raises(RelayWireError, match="runs past|key IDs"):  # one bad frame: all
+        parse_batch([encode_reserve(rs[0])[0], encode_reserve(rs[1])[0][:-3]])
+    with pytest.raises(RelayWireError, match="at most"):
+        parse_batch([encode_reserve(rs[0])[0]] * (MAX_RESERVE_BATCH + 1))

@@ -405,3 +405,32 @@ def test_a_group_of_takes_is_durable_together_and_visible_inside(tmp_path):
     s = origin(tmp_path)
     assert s.enc["B"].cursor == cursor  # every take of the group survived
     assert s.take_enc("B", 1, 32)[0][0].key_id not in {k.key_id for k, _ in taken}
+
+
+def test_dec_blocks_behind_the_cursor_are_freed_exactly_when_their_last_key_goes():
+    """The index of freeable blocks (kept up to date, not found by scanning every block
+    behind the cursor at each reservation)."""
+    from control.carving import Cursor
+    from control.keystore import DecState
+
+    st = DecState("A", 1)
+    for seq in range(5):
+        st.add_block(seq, 128)
+    for seq in (0, 1, 1, 3):
+        st.add_outstanding(seq)
+    st.move_cursor(Cursor(4, 0))
+    assert sorted(st.done()) == [2]  # behind, nothing reserved in it
+    st.drop_outstanding(1)
+    assert sorted(st.done()) == [2]  # one key of block 1 still to deliver
+    st.drop_outstanding(1)
+    assert sorted(st.done()) == [1, 2]
+    for seq in st.done():
+        st.forget(seq)
+    st.drop_outstanding(0)
+    st.drop_outstanding(3)
+    assert sorted(st.done()) == [0, 3] and st.stored_total == 3 * 128
+    st.add_outstanding(4)
+    st.drop_outstanding(4)
+    assert 4 not in st.done()  # not behind the cursor yet: it may still be carved
+    st.add_block(2, 128)  # a late resend of a freed block, behind the cursor
+    assert 2 in st.done()
