@@ -109,12 +109,21 @@ static __always_inline void add_hist(u32 stage, u64 delta_ns) {
     hist.atomic_increment(k);
 }
 
-int on_sys_enter(struct bpf_raw_tracepoint_args *ctx) {
+/* The calling thread's id when it belongs to a profiled worker (its pending on-CPU
+ * accounting settled first), else 0. */
+static __always_inline u32 worker_thread(void) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
     if (!workers.lookup(&tgid))
         return 0;
     settle(tid, tgid);
+    return tid;
+}
+
+int on_sys_enter(struct bpf_raw_tracepoint_args *ctx) {
+    u32 tid = worker_thread();
+    if (!tid)
+        return 0;
     u64 now = bpf_ktime_get_ns();
     u64 *le = lastexit.lookup(&tid);
     if (le && now > *le) {
@@ -138,11 +147,9 @@ int on_sys_enter(struct bpf_raw_tracepoint_args *ctx) {
 }
 
 int on_sys_exit(struct bpf_raw_tracepoint_args *ctx) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 tgid = id >> 32, tid = (u32)id;
-    if (!workers.lookup(&tgid))
+    u32 tid = worker_thread();
+    if (!tid)
         return 0;
-    settle(tid, tgid);
     u64 now = bpf_ktime_get_ns();
     lastexit.update(&tid, &now);
     struct start_t *s = start.lookup(&tid);
