@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,15 @@ def test_guard_passes_traffic_is_replaced_after_a_crash_and_gone_after_stop(tmp_
     assert b_end["workers"]["rx_pkts"] >= 5 and b_end["workers"]["drop_rx_source"] == 0
     text = qkdctl("stats", "--prefix", prefix)
     assert "xdp" in text and "source" in text and "workers" in text
+    watch = subprocess.Popen([str(Path(sys.executable).with_name("qkdctl")), "stats",
+                              "--prefix", prefix, "--watch", "--interval", "0.3"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "COLUMNS": "200"})
+    time.sleep(2.0)
+    watch.send_signal(signal.SIGINT)  # Ctrl-C: a clean end, no traceback
+    w_out, w_err = watch.communicate(timeout=10)
+    assert watch.returncode == 0 and "Traceback" not in w_err, w_err
+    assert "pkt/s" in w_out and "dropped" in w_out
     assert f"{st['mode']}, 3 dropped" in qkdctl("status", "--prefix", prefix, width=250)
 
     # A crash (kill -9 of the tunnel manager): the kernel detaches its program with it, the
@@ -180,3 +190,67 @@ def test_the_bench_flood_forges_what_each_drop_reason_names():
     ip = IP_HDR.unpack_from(pkt)
     assert ip[2] == len(pkt) and ip[8] == socket.inet_aton("10.0.0.1")
     assert UDP_HDR.unpack_from(pkt, IP_HDR.size)[1:3] == (7001, UDP_HDR.size + len(d))
+
+
+def _send_from(ns: str, sources: list[str], dst: str, port: int) -> None:
+    from pyroute2 import netns as pnetns
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            pnetns.setns(ns, flags=0)
+            for src in sources:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.bind((src, 0))
+                s.sendto(bytes(60000), (dst, port))
+                s.close()
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _guard_against(peer_ns: str, native_flag: int) -> dict:
+    """Runs in the guarded namespace: the guard on ``ga`` (peer 10.77.0.2 behind it, in
+    ``peer_ns``), one 60 kB datagram from the peer and one from another address there."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ip:
+        a = ip.link_lookup(ifname="ga")[0]
+    g.syscall.XDP_FLAGS_DRV_MODE = native_flag
+    guard = g.Guard(g.GuardSpec("10.77.0.2", 7100, 1, 0, 0), a, "ga")
+    try:
+        _send_from(peer_ns, ["10.77.0.2", "10.77.0.9"], "10.77.0.1", 7101)
+        time.sleep(0.2)
+        return {"mode": guard.mode, "counts": guard.counts()}
+    finally:
+        guard.close()
+
+
+@pytest.mark.netns
+def test_where_native_xdp_is_refused_the_guard_runs_in_generic_mode(prefix):
+    """A driver without native XDP (here: the native flag replaced by one the kernel
+    refuses) gets the guard in generic mode, which judges the same way."""
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as pnetns
+
+    guarded, peer = f"{prefix}-ga", f"{prefix}-gb"
+    for n in (guarded, peer):
+        pnetns.create(n)
+    try:
+        with IPRoute(netns=guarded) as ip:
+            ip.link("add", ifname="ga", kind="veth", peer={"ifname": "gb", "net_ns_fd": peer})
+            idx = ip.link_lookup(ifname="ga")[0]
+            ip.link("set", index=idx, mtu=65535, state="up")
+            ip.addr("add", index=idx, address="10.77.0.1", prefixlen=24)
+        with IPRoute(netns=peer) as ip:
+            idx = ip.link_lookup(ifname="gb")[0]
+            ip.link("set", index=idx, mtu=65535, state="up")
+            for addr in ("10.77.0.2", "10.77.0.9"):
+                ip.addr("add", index=idx, address=addr, prefixlen=24)
+        out = run_in_netns(guarded, _guard_against, peer, 1 << 30)
+    finally:
+        for n in (guarded, peer):
+            pnetns.remove(n)
+    assert out["mode"] == "generic"
+    assert out["counts"]["source"]["packets"] == 1  # from 10.77.0.9
+    assert out["counts"]["malformed"]["packets"] == 1  # from the peer, but not our framing
