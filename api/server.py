@@ -30,6 +30,7 @@ from api import requests as etsi
 from api.gkm_link import GkmLink
 from api.kme import Kme, key_container_parts, store_refusal
 from api.pki import PkiLayout
+from control.address import wait_for_address
 from control.config import Topology
 from control.keystore import StoreError
 
@@ -221,6 +222,9 @@ def serve(topo: Topology, node: str) -> None:
     multiprocessing.set_start_method("fork", force=True)
     Sanic.start_method = "fork"
     Sanic.START_METHOD_SET = True
+    # The router adds the node's address; binding before it has would fail the module.
+    if not wait_for_address(str(spec.address)):
+        raise SystemExit(f"key API {node}: the node address {spec.address} never appeared")
     app.prepare(host=str(spec.address), port=topo.ports.api, ssl=ctx,
                 workers=topo.api.workers, access_log=False, motd=False)
     log.info("key API %s: https://%s:%d%s, %d worker(s)", node, spec.address,

@@ -105,7 +105,6 @@ class Ports(_Strict):
     tunnel: int = Field(7100, ge=1, le=65535)
     relay: int = Field(7200, ge=1, le=65535)
     api: int = Field(8443, ge=1, le=65535)
-    metrics: int = Field(9464, ge=1, le=65535)
 
 
 class EmulatorSource(_Strict):
@@ -252,6 +251,14 @@ class Sae(_Strict):
     node: str
 
 
+class MetricsSection(_Strict):
+    """Prometheus metrics, served per node on its node address (read from the status files
+    at each scrape, so nothing is counted twice and the dataplane pays nothing)."""
+
+    enabled: bool = True
+    port: int = Field(9464, ge=1, le=65535)
+
+
 class TopologyFile(_Strict):
     network: NetworkSection
     ports: Ports = Ports()
@@ -259,6 +266,7 @@ class TopologyFile(_Strict):
     dataplane: DataplaneSection = DataplaneSection()
     gkm: GkmSection = GkmSection()
     api: ApiSection = ApiSection()
+    metrics: MetricsSection = MetricsSection()
     nodes: list[Node] = Field(min_length=2)
     links: list[Link] = Field(min_length=1)
     saes: list[Sae] = []
@@ -365,6 +373,7 @@ class Topology:
     node_net: ipaddress.IPv4Network
     gkm: GkmSpec
     api: ApiSpec
+    metrics: MetricsSection
 
     def sae_node(self, sae_id: str) -> str | None:
         """The node an SAE is attached to (its KME), None if no such SAE."""
@@ -521,6 +530,10 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         if s.id in sae_ids:
             problems.append((f"saes[{i}].id", f"duplicate SAE id {s.id!r}"))
         sae_ids.add(s.id)
+    m = raw.metrics
+    for other in ("relay", "api"):  # all three listen on the node address
+        if m.enabled and m.port == getattr(raw.ports, other):
+            problems.append(("metrics.port", f"{m.port} is already ports.{other}"))
     if raw.api.key_size > 8 * g.block_size:
         problems.append(("api.key_size", f"{raw.api.key_size} bits do not fit a global key "
                                          f"block (gkm.block_size = {g.block_size} B)"))
@@ -579,7 +592,8 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                   graceful_shutdown_s=a.graceful_shutdown_s)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
-                    dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm, api=api)
+                    dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm, api=api,
+                    metrics=raw.metrics)
 
 
 def parse_topology(text: str, path: Path | str = "<string>") -> Topology:

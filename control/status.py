@@ -23,27 +23,30 @@ def _read(p: Path) -> dict | None:
         return None
 
 
+def collect_node(topo: Topology, node: str, now: float) -> dict:
+    """One node's published state; a file not (yet) written is None."""
+    d = paths.node_dir(topo.prefix, node)
+    state = _read(d / "state.json")
+    links, tunnels = {}, {}
+    for lk in topo.links_of(node):
+        for kind, out in (("lkm", links), ("tun", tunnels)):
+            st = _read(d / f"{kind}-{lk.name}.json")
+            if st is not None:
+                st["stale"] = now - st["updated"] > STALE_AFTER_S
+            out[lk.name] = st
+    router = _read(d / "router.json")
+    gkm = _read(d / "gkm.json")
+    if gkm is not None:
+        gkm["stale"] = now - gkm["updated"] > STALE_AFTER_S
+    return {"supervisor": state, "links": links, "tunnels": tunnels,
+            "router": router, "gkm": gkm,
+            "running": bool(state and not state["stopping"]
+                            and now - state["updated"] < STALE_AFTER_S)}
+
+
 def collect(topo: Topology) -> dict:
     now = time.time()
-    nodes = {}
-    for node in topo.nodes:
-        d = paths.node_dir(topo.prefix, node)
-        state = _read(d / "state.json")
-        links, tunnels = {}, {}
-        for lk in topo.links_of(node):
-            for kind, out in (("lkm", links), ("tun", tunnels)):
-                st = _read(d / f"{kind}-{lk.name}.json")
-                if st is not None:
-                    st["stale"] = now - st["updated"] > STALE_AFTER_S
-                out[lk.name] = st
-        router = _read(d / "router.json")
-        gkm = _read(d / "gkm.json")
-        if gkm is not None:
-            gkm["stale"] = now - gkm["updated"] > STALE_AFTER_S
-        nodes[node] = {"supervisor": state, "links": links, "tunnels": tunnels,
-                       "router": router, "gkm": gkm,
-                       "running": bool(state and not state["stopping"]
-                                       and now - state["updated"] < STALE_AFTER_S)}
+    nodes = {node: collect_node(topo, node, now) for node in topo.nodes}
     return {"network": topo.name, "prefix": topo.prefix, "time": now, "nodes": nodes}
 
 

@@ -2,10 +2,11 @@
 
 `qkdctl node run` lands here. Each module is a child process that dies with the supervisor
 (PR_SET_PDEATHSIG): per link a local key manager and an OTP tunnel manager (which runs its
-own worker pool); per node the router, the global key manager and, when SAEs are
-attached to the node, the key API (which runs Sanic's worker processes). A crashed child is
-restarted with backoff; SIGTERM/SIGINT stops every child within seconds. The state of
-every module is published in ``state.json`` beside the modules' own status files.
+own worker pool); per node the router, the Prometheus endpoint, the global key manager
+and, when SAEs are attached to the node, the key API (which runs Sanic's worker
+processes). A crashed child is restarted with backoff; SIGTERM/SIGINT stops every child
+within seconds. The state of every module is published in ``state.json`` beside the
+modules' own status files.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class Supervisor:
         self.modules += [Module(f"tunnel:{lk.name}", tunnel_main,
                                 (cfg, node, lk.name, sd, guard_off)) for lk in links]
         self.modules.append(Module("router", router_main, (cfg, node)))
+        if topo.metrics.enabled:
+            from control.metrics_server import metrics_main
+
+            self.modules.append(Module("metrics", metrics_main, (cfg, node)))
         if topo.gkm.destinations_of(node) or topo.gkm.origins_of(node):
             from control.gkm import gkm_main
 

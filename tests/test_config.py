@@ -524,3 +524,21 @@ def test_gkm_explicit_pairs_and_none():
 ])
 def test_gkm_mistakes_are_refused_at_their_field(section, field, phrase):
     assert_problem(gkm(section), field, phrase)
+
+
+def test_metrics_defaults_and_section():
+    topo = parse_topology(BASE, "net.toml")
+    assert topo.metrics.enabled and topo.metrics.port == 9464
+    topo = parse_topology(BASE + "[metrics]\nenabled = false\nport = 9100\n", "net.toml")
+    assert not topo.metrics.enabled and topo.metrics.port == 9100
+
+
+@pytest.mark.parametrize("port", [0, 65536])
+def test_metrics_port_out_of_range(port):
+    assert_problem(BASE + f"[metrics]\nport = {port}\n", "metrics.port", "")
+
+
+def test_metrics_port_must_differ_from_the_other_node_address_ports():
+    assert_problem(BASE + "[metrics]\nport = 8443\n", "metrics.port", "ports.api")
+    assert_problem(BASE + "[ports]\nrelay = 9464\n", "metrics.port", "ports.relay")
+    parse_topology(BASE + "[metrics]\nport = 8443\nenabled = false\n", "net.toml")
