@@ -110,9 +110,14 @@ class Supervisor:
         """Whether this machine can run the XDP guard, found (and said) once for the node."""
         if topo.dataplane.guard == "off":
             return "off in the topology ([dataplane] guard = \"off\")"
-        from dataplane.bpf.guard import support
+        from dataplane.bpf.guard import GuardError, program, support
 
         reason = support()
+        if reason is None:
+            try:  # built (or found in the cache) once here, not by every link's manager
+                program()
+            except GuardError as e:
+                reason = str(e)
         if reason is not None:
             log.warning("node %s: running WITHOUT the XDP guard: %s. The workers' own checks "
                         "(source, framing, replay, MAC) still drop bad datagrams; `qkdctl "
