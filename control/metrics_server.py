@@ -8,7 +8,6 @@ milliseconds and a slow client must not hold up the next one.
 from __future__ import annotations
 
 import logging
-import signal
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -60,15 +59,9 @@ class MetricsServer:
 
 
 def metrics_main(config_path: str, node: str) -> None:
-    from control.supervisor import die_with_parent, setup_logging
+    from control.supervisor import die_with_parent, run_until_stopped, setup_logging
 
     die_with_parent()
     setup_logging()
     server = MetricsServer(load_topology(config_path), node)
-
-    def on_signal(*_: object) -> None:
-        server.stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.run()
+    run_until_stopped(server)

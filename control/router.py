@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 
@@ -155,15 +154,9 @@ class Router:
 
 def router_main(config_path: str, node: str) -> None:
     from control.config import load_topology
-    from control.supervisor import die_with_parent, setup_logging
+    from control.supervisor import die_with_parent, run_until_stopped, setup_logging
 
     die_with_parent()
     setup_logging()
     router = Router(load_topology(config_path), node)
-
-    def on_signal(*_: object) -> None:
-        router.stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    router.run()
+    run_until_stopped(router)

@@ -41,6 +41,17 @@ def die_with_parent() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def run_until_stopped(module) -> None:
+    """Run a module object's ``run()`` until SIGTERM or SIGINT sets its ``stop`` flag (it
+    checks the flag in its loop and ends cleanly)."""
+    def on_signal(*_: object) -> None:
+        module.stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    module.run()
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")

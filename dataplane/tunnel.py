@@ -474,7 +474,7 @@ def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None,
                 guard_off: str | None = None) -> None:
     """Entry point of the tunnel manager process (forked by the node supervisor)."""
     from control.config import load_topology
-    from control.supervisor import die_with_parent, setup_logging
+    from control.supervisor import die_with_parent, run_until_stopped, setup_logging
 
     die_with_parent()
     setup_logging()
@@ -482,11 +482,5 @@ def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None,
     cfg = TunnelConfig.from_topology(topo, node, topo.link(link),
                                      Path(state_dir) if state_dir else None, guard_off)
     mgr = TunnelManager(cfg)
-
-    def on_signal(*_: object) -> None:
-        mgr.stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    mgr.run()
+    run_until_stopped(mgr)
 
