@@ -32,6 +32,7 @@ from rich.table import Table
 from bench.api_load import Pull, pull_dec, pull_enc, run_in
 from bench.otp import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench.topology import line
 from control import paths
 from control.gkm import PAUSE_FLAG
 from control.gkm_client import GkmClient
@@ -56,22 +57,13 @@ window = "16MiB"
 pairs = [["A", "B"]]
 [api]
 workers = {workers}
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.206.1.1/30", "10.206.1.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
 [[saes]]
 id = "SAE-A"
 node = "A"
 [[saes]]
 id = "SAE-B"
 node = "B"
-"""
+""" + line("AB", 206)
 
 
 def size_name(bits: int) -> str:

@@ -28,8 +28,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.otp import LINE_ABC, BenchError, Net
+from bench.otp import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench.topology import line
 from control import emulation, paths
 from control.gkm import PAUSE_FLAG
 
@@ -50,7 +51,7 @@ low_watermark = {low}
 high_watermark = {high}
 window = {window}
 pairs = [["A", "B"], ["A", "C"]]
-""" + LINE_ABC.replace("{net}", "205")
+""" + line("ABC", 205)
 
 
 class GkmNet(Net):

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from bench.otp import BenchError, Net
 from bench.plotting import verdict
+from bench.topology import line
 from control import paths
 from dataplane.bpf.guard import DROP_REASONS
 
@@ -46,17 +47,8 @@ workers = {workers}
 guard = "{guard}"
 [gkm]
 pairs = []
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.205.1.1/30", "10.205.1.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
-"""
-ATTACKER_NET = ("10.205.9.1", "10.205.9.2")  # the attacker, and A's side of its veth
+""" + line("AB", 207)
+ATTACKER_NET = ("10.207.9.1", "10.207.9.2")  # the attacker, and A's side of its veth
 
 
 class GuardNet(Net):

@@ -23,6 +23,7 @@ import uuid
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
+from bench.topology import line
 from control import emulation, paths
 from control.config import parse_topology
 from dataplane.ring import CONTROL_LANE, KeyRing, RingError
@@ -41,16 +42,7 @@ block_size = {block}
 ring_capacity = "256MiB"
 [gkm]
 pairs = []  # no global key: this network measures or tests other modules
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.203.0.1/30", "10.203.0.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
-"""
+""" + line("AB", 203)
 
 
 class _Rings:

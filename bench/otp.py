@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench.topology import line
 from control import emulation, paths
 from control.config import Topology, parse_topology
 from dataplane.ring import KeyRing, RingError
@@ -46,25 +47,6 @@ STEP_NAMES = {"t_tx_read": "receive (TUN read)", "t_tx_key": "key read and remov
               "t_rx_recv": "receive (UDP)", "t_rx_key": "checks and key lookup",
               "t_rx_crypto": "MAC verify and XOR", "t_rx_write": "send (TUN write)"}
 
-LINE_ABC = """
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.{net}.1.1/30", "10.{net}.1.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.{net}.2.1/30", "10.{net}.2.2/30"]
-source = {{ kind = "emulator", generator = "aes-ctr" }}
-"""  # the bench line A - B - C; each bench its own underlay subnets (10.{net}.x.0/30)
-
 TEMPLATE = """
 [network]
 name = "bench-otp"
@@ -78,7 +60,7 @@ mode = "{mode}"
 workers = {workers}
 [gkm]
 pairs = []  # no global key: this network measures or tests other modules
-""" + LINE_ABC.replace("{net}", "204")
+""" + line("ABC", 204)
 
 
 class BenchError(Exception):

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from control import paths
 from control.config import Topology
+from dataplane.bpf.guard import DROP_REASONS
 
 STALE_AFTER_S = 3.0
 
@@ -82,7 +83,7 @@ def guard_state(st: dict) -> str:
     if g.get("state") != "on":
         return f"[yellow]off[/yellow] ({g.get('reason')})"
     dropped = sum(c["packets"] for r, c in (g.get("counts") or {}).items()
-                  if r in ("source", "malformed", "stale"))
+                  if r in DROP_REASONS)
     return f"{g['mode']}, {dropped:,} dropped"
 
 

@@ -9,6 +9,7 @@ import json
 import multiprocessing as mp
 import socket
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 from control import paths
 
 _ctx = mp.get_context("fork")
+QKDCTL = str(Path(sys.executable).with_name("qkdctl"))  # the venv's command, as users run it
 
 
 def _child(ns: str, fn: Callable, args: tuple, conn) -> None:

@@ -7,16 +7,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from control import doctor
 from dataplane.bpf import syscall
+from tests.nsutil import QKDCTL
 
-QKDCTL = Path(sys.executable).parent / "qkdctl"
 NAMES = ["root privileges", "TUN", "network namespaces", "veth", "BPF syscall",
          "kernel headers", "bcc", "XDP multi-buffer", "iperf3 and ip"]
 
@@ -72,7 +70,7 @@ def test_child_errors_come_back_and_a_missing_namespace_is_not_created():
 @pytest.mark.netns
 def test_cli_json_exit_zero_and_nothing_left():
     before = scratch_left()
-    r = subprocess.run([str(QKDCTL), "doctor", "--json"], capture_output=True, text=True,
+    r = subprocess.run([QKDCTL, "doctor", "--json"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     got = json.loads(r.stdout)
@@ -85,7 +83,7 @@ def test_cli_json_exit_zero_and_nothing_left():
 @pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv")
 def test_cli_without_root_fails_with_fixes():
     r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        str(QKDCTL), "doctor", "--json"], capture_output=True, text=True,
+                        QKDCTL, "doctor", "--json"], capture_output=True, text=True,
                        timeout=60)
     if r.returncode != 1 and "Permission denied" in r.stderr:
         pytest.skip("the venv is not readable by nobody")

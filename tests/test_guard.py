@@ -12,7 +12,6 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,6 +19,7 @@ from control.config import parse_topology
 from dataplane.bpf import guard as g
 from dataplane.bpf import syscall
 from tests.nsutil import (
+    QKDCTL,
     add_address,
     ping,
     run_in_netns,
@@ -87,7 +87,7 @@ def test_array_map_round_trip_and_per_cpu_sum():
 # ---- on a running node --------------------------------------------------------------------
 
 def qkdctl(*args: str, width: int = 200) -> str:
-    r = subprocess.run([str(Path(sys.executable).with_name("qkdctl")), *args],
+    r = subprocess.run([QKDCTL, *args],
                        capture_output=True, text=True, timeout=60,
                        env={**os.environ, "COLUMNS": str(width)})
     assert r.returncode == 0, r.stderr
@@ -133,7 +133,7 @@ def test_guard_passes_traffic_is_replaced_after_a_crash_and_gone_after_stop(tmp_
     assert b_end["workers"]["rx_pkts"] >= 5 and b_end["workers"]["drop_rx_source"] == 0
     text = qkdctl("stats", "--prefix", prefix)
     assert "xdp" in text and "source" in text and "workers" in text
-    watch = subprocess.Popen([str(Path(sys.executable).with_name("qkdctl")), "stats",
+    watch = subprocess.Popen([QKDCTL, "stats",
                               "--prefix", prefix, "--watch", "--interval", "0.3"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "COLUMNS": "200"})

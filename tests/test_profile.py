@@ -15,6 +15,7 @@ from control import profile as prof
 from control.profile import NotRunning
 from dataplane.bpf.profile import STAGES, ProfileError, log2_buckets, slot_range, stage_table
 from tests.conftest import write_topology
+from tests.nsutil import QKDCTL
 
 ROOT = Path(__file__).parents[1]
 
@@ -143,7 +144,7 @@ def test_profile_a_running_node_under_traffic(tmp_path, prefix):
                               addr(topo, "B")], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        res = subprocess.run([str(ROOT / ".venv/bin/qkdctl"), "profile", "--node", "A",
+        res = subprocess.run([QKDCTL, "profile", "--node", "A",
                               "--config", str(topo.path), "--seconds", "2", "--json"],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert res.returncode == 0, res.stderr
@@ -169,7 +170,7 @@ def test_profile_a_running_node_under_traffic(tmp_path, prefix):
 @pytest.mark.netns
 def test_cli_says_when_the_node_is_not_running(tmp_path, prefix):
     topo = write_topology(tmp_path, prefix)
-    res = subprocess.run([str(ROOT / ".venv/bin/qkdctl"), "profile", "--node", "A",
+    res = subprocess.run([QKDCTL, "profile", "--node", "A",
                           "--config", str(topo.path), "--seconds", "1"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60,
                          env={**os.environ, "COLUMNS": "300"})

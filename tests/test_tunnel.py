@@ -26,6 +26,7 @@ from dataplane.ring import CONTROL_LANE, KeyRing
 from dataplane.tun import VNET_HDR_LEN
 from dataplane.worker import AUDIT_ACCEPTED, AUDIT_CLAIM, AUDIT_SENT, read_audit
 from tests.nsutil import (
+    QKDCTL,
     InNetns,
     add_address,
     link_stats,
@@ -158,7 +159,7 @@ def test_ping_and_tcp_through_one_link_and_via_a_relay(tmp_path, prefix):
     a = tunnel_state(prefix, "A", "A-B")["counters"]
     assert a["tx_key"] >= a["tx_bytes"] + 32 * a["tx_pkts"]  # pad + one-time MAC key each
     # qkdctl status shows the tunnels and the routes.
-    res = subprocess.run([".venv/bin/qkdctl", "status", str(topo.path), "--json"],
+    res = subprocess.run([QKDCTL, "status", str(topo.path), "--json"],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     snap = json.loads(res.stdout)
     tun = snap["nodes"]["A"]["tunnels"]["A-B"]

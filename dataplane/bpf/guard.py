@@ -258,8 +258,7 @@ class Guard:
 
     def counts(self) -> dict[str, dict[str, int]]:
         """{reason: {"packets", "bytes"}}, summed over CPUs."""
-        v = self.counters.values()
-        return {r: {"packets": v[2 * i], "bytes": v[2 * i + 1]} for i, r in enumerate(REASONS)}
+        return by_reason(self.counters.values())
 
     def status(self) -> dict:
         return {"state": "on", "mode": self.mode, "interface": self.ifname, "ids": self.ids,
@@ -282,7 +281,12 @@ def read_counts(ids: dict[str, int]) -> dict[str, dict[str, int]]:
     """Another process's guard counters, straight from the kernel map (by id)."""
     m = syscall.ArrayMap.by_id(ids["counters"], 2 * len(REASONS), percpu=True)
     try:
-        v = m.values()
+        return by_reason(m.values())
     finally:
         m.close()
-    return {r: {"packets": v[2 * i], "bytes": v[2 * i + 1]} for i, r in enumerate(REASONS)}
+
+
+def by_reason(values: list[int]) -> dict[str, dict[str, int]]:
+    """The counters map's words ([2r] packets, [2r+1] bytes) by reason name."""
+    return {r: {"packets": values[2 * i], "bytes": values[2 * i + 1]}
+            for i, r in enumerate(REASONS)}
