@@ -12,7 +12,6 @@ without BPF.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from rich.table import Table
 
 from control import emulation, paths
 from control.config import ConfigError, Topology, load_topology
-from control.status import STALE_AFTER_S
+from control.status import STALE_AFTER_S, read_status
 from dataplane.bpf.profile import STAGES, Profiler
 from dataplane.stats import LinkStats
 
@@ -85,12 +84,7 @@ def worker_pids(statuses: dict[str, dict | None], now: float) -> dict[str, list[
 
 def find_workers(topo: Topology, node: str) -> dict[str, list[int]]:
     d = paths.node_dir(topo.prefix, node)
-    statuses = {}
-    for lk in topo.links_of(node):
-        try:
-            statuses[lk.name] = json.loads((d / f"tun-{lk.name}.json").read_text())
-        except (OSError, ValueError):
-            statuses[lk.name] = None
+    statuses = {lk.name: read_status(d / f"tun-{lk.name}.json") for lk in topo.links_of(node)}
     if not any(statuses.values()):
         raise NotRunning(f"node {node} is not running (no tunnel status under {d})")
     pids = worker_pids(statuses, time.time())

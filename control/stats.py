@@ -15,7 +15,7 @@ from rich.table import Table
 
 from control import paths
 from control.config import Topology
-from control.status import _read
+from control.status import read_status
 from dataplane.bpf.guard import DROP_REASONS, REASONS, read_counts
 from dataplane.stats import LinkStats
 
@@ -39,7 +39,7 @@ def collect(topo: Topology) -> dict:
     for node in topo.nodes:
         d = paths.node_dir(topo.prefix, node)
         for lk in topo.links_of(node):
-            st = _read(d / f"tun-{lk.name}.json")
+            st = read_status(d / f"tun-{lk.name}.json")
             end = {"node": node, "link": lk.name, "running": st is not None,
                    "guard": "not running", "guard_counts": None, "workers": None}
             if st is not None:

@@ -17,7 +17,8 @@ from dataplane.bpf.guard import DROP_REASONS
 STALE_AFTER_S = 3.0
 
 
-def _read(p: Path) -> dict | None:
+def read_status(p: Path) -> dict | None:
+    """A module's status file, or None when it is missing or half-written."""
     try:
         return json.loads(p.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -27,16 +28,16 @@ def _read(p: Path) -> dict | None:
 def collect_node(topo: Topology, node: str, now: float) -> dict:
     """One node's published state; a file not (yet) written is None."""
     d = paths.node_dir(topo.prefix, node)
-    state = _read(d / "state.json")
+    state = read_status(d / "state.json")
     links, tunnels = {}, {}
     for lk in topo.links_of(node):
         for kind, out in (("lkm", links), ("tun", tunnels)):
-            st = _read(d / f"{kind}-{lk.name}.json")
+            st = read_status(d / f"{kind}-{lk.name}.json")
             if st is not None:
                 st["stale"] = now - st["updated"] > STALE_AFTER_S
             out[lk.name] = st
-    router = _read(d / "router.json")
-    gkm = _read(d / "gkm.json")
+    router = read_status(d / "router.json")
+    gkm = read_status(d / "gkm.json")
     if gkm is not None:
         gkm["stale"] = now - gkm["updated"] > STALE_AFTER_S
     return {"supervisor": state, "links": links, "tunnels": tunnels,
