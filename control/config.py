@@ -114,6 +114,10 @@ class EmulatorSource(_Strict):
     generator: Literal["urandom", "aes-ctr"] = "urandom"
 
 
+# Every kind of key source a link may name; a union discriminated by ``kind``.
+SourceConfig = EmulatorSource
+
+
 def check_block_size(v: int | None) -> int | None:
     if v is not None and not MIN_BLOCK_SIZE <= v <= MAX_BLOCK_SIZE:
         raise ValueError(f"must be between {MIN_BLOCK_SIZE} B and {MAX_BLOCK_SIZE >> 20} MiB")
@@ -239,7 +243,7 @@ class Link(_Strict):
     block_size: Size | None = None
     ring_capacity: Size | None = None
     ratio: Ratio | None = None
-    source: EmulatorSource = EmulatorSource()
+    source: SourceConfig = EmulatorSource()
     auth_key_file: Path | None = None
 
     _block = field_validator("block_size")(check_block_size)
@@ -288,7 +292,7 @@ class LinkSpec:
     block_size: int
     ring_capacity: int
     ratio: tuple[int, int]
-    source: EmulatorSource
+    source: SourceConfig
     auth_key_file: Path | None
 
     def peer_of(self, node: str) -> str:

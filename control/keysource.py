@@ -1,19 +1,28 @@
 """Key sources behind one interface: where a link end's local key comes from.
 
-A source delivers the same numbered blocks at both ends of a link, in order. Today: the
-QKD link emulator. A QKD device speaking ETSI GS QKD 014 and SFTP-fetched key files
-plug in behind the same interface.
+A source delivers the same numbered blocks at both ends of a link, in order, each block
+whole or not at all. The local key manager polls it from its selector loop, so a source
+never blocks: :class:`EmulatorSource` reads a socket without blocking; sources whose
+protocol blocks (HTTPS, SSH) derive from :class:`FetchingSource`, which runs the blocking
+part in a thread and wakes the loop through a pipe. :func:`make_source` picks the class
+the link's ``source`` config names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import threading
+from collections import deque
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from control.emulator import BLOCK_HEAD, HELLO, MAGIC
 from dataplane.limits import MAX_BLOCK_SIZE
+
+if TYPE_CHECKING:
+    from control.config import LinkSpec, Topology
 
 Block = tuple[tuple[int, int], bytearray]
 
@@ -114,3 +123,120 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
             raise ConnectionError("closed")
         buf += chunk
     return bytes(buf)
+
+
+class FetchingSource:
+    """Base of sources whose I/O blocks: a thread calls :meth:`fetch` and queues what it
+    returns; :meth:`fileno` is a pipe that turns readable when blocks (or an error) wait.
+
+    Subclasses implement ``connect`` (raise SourceUnavailable), ``fetch`` (whole blocks,
+    ``[]`` when the device has none now, SourceUnavailable when it fails) and
+    ``disconnect``. At most ``max_queued`` blocks wait, so a paused reader (its rings
+    full) pauses the fetching too. Blocks fetched before a failure are still delivered;
+    the failure is raised by the next ``read_blocks``.
+    """
+
+    max_queued = 8
+    idle_s = 0.05
+
+    def __init__(self, description: str):
+        self.description = description
+        self._queue: deque[Block] = deque()
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._error = ""
+        self._thread: threading.Thread | None = None
+        self._pipe: tuple[int, int] | None = None
+
+    # -- subclass hooks -----------------------------------------------------------------
+    def connect(self) -> None:
+        raise NotImplementedError
+
+    def fetch(self) -> list[Block]:
+        raise NotImplementedError
+
+    def disconnect(self) -> None:
+        pass
+
+    # -- KeySource ----------------------------------------------------------------------
+    def open(self) -> None:
+        self.connect()
+        self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._queue.clear()
+        self._error = ""
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="key-source", daemon=True)
+        self._thread.start()
+
+    def fileno(self) -> int:
+        return self._pipe[0] if self._pipe else -1
+
+    def read_blocks(self) -> list[Block]:
+        assert self._pipe is not None
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._pipe[0], 4096):
+                pass
+        with self._cond:
+            out = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+            error = self._error
+        if not out and error:
+            raise SourceUnavailable(error)
+        return out
+
+    def close(self) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+            self._thread = None
+        with contextlib.suppress(Exception):
+            self.disconnect()
+        if self._pipe is not None:
+            for fd in self._pipe:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._pipe = None
+
+    # -- the thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._pipe is not None:
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._pipe[1], b"!")
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            with self._cond:
+                while len(self._queue) >= self.max_queued and not self._stopping.is_set():
+                    self._cond.wait(0.5)
+            if self._stopping.is_set():
+                return
+            try:
+                blocks = self.fetch()
+            except SourceUnavailable as e:
+                error = str(e)
+            except Exception as e:  # noqa: BLE001 - a source bug must not kill the node
+                error = f"{type(e).__name__}: {e}"
+            else:
+                if blocks:
+                    with self._cond:
+                        self._queue.extend(blocks)
+                    self._wake()
+                else:
+                    self._stopping.wait(self.idle_s)
+                continue
+            with self._cond:
+                self._error = error
+            self._wake()
+            return
+
+
+def make_source(topo: Topology, node: str, link: LinkSpec) -> KeySource:
+    """The key source the link's config names, for the end at ``node``."""
+    kind = link.source.kind
+    if kind == "emulator":
+        from control import paths
+        return EmulatorSource(paths.emulator_socket(topo.prefix, link.name, node))
+    raise ValueError(f"link {link.name}: unknown key source kind {kind!r}")

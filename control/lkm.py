@@ -26,7 +26,7 @@ from control import paths
 from control.agreement import AB, BA, Dropped, Follower, Leader, Send, SkipTo, Store
 from control.agreement_msgs import AUTH_KEY_LEN, NONCE_LEN, FrameCodec, ProtocolError
 from control.config import LinkSpec, Topology
-from control.keysource import EmulatorSource, KeySource, SourceUnavailable
+from control.keysource import KeySource, SourceUnavailable, make_source
 from control.statefile import write_json
 from dataplane.ring import ROLE_DEC, ROLE_ENC, CursorFile, KeyRing, RingError
 
@@ -71,7 +71,7 @@ class EndConfig:
             state_dir=state_dir or paths.state_dir(topo.prefix, node),
             status_path=paths.node_dir(topo.prefix, node) / f"lkm-{link.name}.json",
             auth_key=load_link_key(key_path),
-            source=EmulatorSource(paths.emulator_socket(topo.prefix, link.name, node)),
+            source=make_source(topo, node, link),
         )
 
 

@@ -1,0 +1,101 @@
+"""Tests of the key source base for blocking protocols (control.keysource.FetchingSource):
+blocks arrive whole and in order through the pipe, a paused reader pauses the fetching, and
+a failure is reported after the blocks fetched before it."""
+
+from __future__ import annotations
+
+import select
+import threading
+
+import pytest
+
+from control.keysource import FetchingSource, SourceUnavailable
+
+
+class Scripted(FetchingSource):
+    """Fetches from a script: each item is a list of blocks or an exception to raise."""
+
+    max_queued = 3
+
+    def __init__(self, script):
+        super().__init__("scripted")
+        self.script = list(script)
+        self.fetches = 0
+        self.connected = False
+        self.lock = threading.Lock()
+
+    def connect(self):
+        self.connected = True
+
+    def fetch(self):
+        with self.lock:
+            self.fetches += 1
+            if not self.script:
+                return []
+            item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def disconnect(self):
+        self.connected = False
+
+
+def _block(seq: int) -> tuple[tuple[int, int], bytearray]:
+    return ((7, seq), bytearray([seq]) * 16)
+
+
+def _read_until(src: FetchingSource, want: int, timeout: float = 5.0):
+    got = []
+    while len(got) < want:
+        r, _, _ = select.select([src.fileno()], [], [], timeout)
+        assert r, f"no wake-up after {len(got)} blocks"
+        got += src.read_blocks()
+    return got
+
+
+def test_blocks_arrive_in_order_and_wake_the_selector():
+    src = Scripted([[_block(0), _block(1)], [], [_block(2)]])
+    src.open()
+    try:
+        got = _read_until(src, 3)
+        assert [b[0] for b in got] == [(7, 0), (7, 1), (7, 2)]
+        assert got[2][1] == bytearray([2]) * 16
+    finally:
+        src.close()
+    assert not src.connected and src.fileno() == -1
+
+
+def test_a_reader_that_stops_reading_stops_the_fetching():
+    src = Scripted([[_block(i)] for i in range(20)])
+    src.open()
+    try:
+        threading.Event().wait(0.3)
+        assert src.fetches == src.max_queued  # queue full: the thread waits
+        got = _read_until(src, 20)
+        assert [b[0][1] for b in got] == list(range(20))
+    finally:
+        src.close()
+
+
+def test_a_failure_comes_after_the_blocks_fetched_before_it():
+    src = Scripted([[_block(0)], SourceUnavailable("device went away")])
+    src.open()
+    try:
+        threading.Event().wait(0.2)
+        assert [b[0] for b in src.read_blocks()] == [(7, 0)]
+        with pytest.raises(SourceUnavailable, match="device went away"):
+            src.read_blocks()
+    finally:
+        src.close()
+
+
+def test_an_unexpected_exception_is_reported_not_fatal():
+    src = Scripted([KeyError("bug")])
+    src.open()
+    try:
+        select.select([src.fileno()], [], [], 5.0)
+        with pytest.raises(SourceUnavailable, match="KeyError"):
+            src.read_blocks()
+    finally:
+        src.close()
