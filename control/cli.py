@@ -421,6 +421,51 @@ def bench_api(
         print(json.dumps(result))
 
 
+@bench_app.command("all")
+def bench_all(
+    quick: Annotated[bool, typer.Option(help="a smoke run of a few minutes: short runs, "
+                                             "two points per sweep")] = False,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="results directory (JSON, plots, log); default bench/results")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        help="run only this bench (repeat): lkm, otp, gkm, api, guard")] = None,
+    record: Annotated[bool | None, typer.Option(
+        help="rewrite the latest table in bench/RESULTS.md (default: yes, but not for "
+             "--quick)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the run's JSON; progress "
+                                                         "and table to stderr")] = False,
+) -> None:
+    """Every benchmark in one run: one table against the paper and the conventional
+    baseline, bench/results/<date>.json and the plots; exit 1 if a bench failed."""
+    from bench import all as bench_all_mod
+
+    try:
+        bench_all_mod.select(only)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--only") from None
+    need_root()
+    code = bench_all_mod.main(quick=quick, out_dir=out_dir or bench_all_mod.RESULTS_DIR,
+                              only=only, record=(not quick) if record is None else record,
+                              as_json=as_json, out=out, err=err)
+    raise typer.Exit(code)
+
+
+@bench_app.command("record")
+def bench_record(
+    json_file: Annotated[Path, typer.Argument(help="a JSON written by 'qkdctl bench all'")],
+) -> None:
+    """Rewrite the latest table in bench/RESULTS.md from a 'bench all' JSON."""
+    from bench.all import RESULTS_MD
+    from bench.record import record
+
+    try:
+        record(json_file, RESULTS_MD)
+    except (OSError, ValueError, KeyError) as e:
+        err.print(f"[red]cannot record {json_file}:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    out.print(f"latest table written to {RESULTS_MD}", highlight=False)
+
+
 @app.command("doctor")
 def doctor(as_json: Annotated[bool, typer.Option("--json", help="a JSON list")] = False
            ) -> None:

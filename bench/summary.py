@@ -1,0 +1,223 @@
+"""The one table of `qkdctl bench all`: each bench's result dict turned into rows of
+module, the paper's figure, ours, the ratio, and the conventional baseline measured in the
+same run with its ratio. Pure: no I/O, so the table is tested with made-up results, and
+RESULTS.md is rebuilt from the JSON through the same rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+BPS, KEYS = "b/s", "keys/s"
+
+
+@dataclass(frozen=True)
+class Quantity:
+    """A rate and its unit: bits per second (``b/s``) or keys per second (``keys/s``)."""
+
+    value: float
+    unit: str = BPS
+
+    def __str__(self) -> str:
+        v = self.value
+        if self.unit != BPS:
+            return f"{v:,.0f} {self.unit}"
+        if v >= 1e9:
+            return f"{v / 1e9:.2f} Gb/s"
+        if v >= 1e6:
+            return f"{v / 1e6:.3g} Mb/s"
+        return f"{v / 1e3:.3g} kb/s"
+
+
+def gbps(value: float | None) -> Quantity | None:
+    return None if value is None else Quantity(value * 1e9)
+
+
+def mbps(value: float | None) -> Quantity | None:
+    return None if value is None else Quantity(value * 1e6)
+
+
+def ratio(ours: Quantity | None, other: Quantity | None) -> float | None:
+    """ours / other, or None when either is missing, the units differ or other is 0."""
+    if ours is None or other is None or ours.unit != other.unit or not other.value:
+        return None
+    return ours.value / other.value
+
+
+def fmt_ratio(r: float | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r:.1f}x" if r >= 10 else f"{r:.2f}x"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure of the table. ``baseline`` is ours, measured in the same run the
+    conventional way (``baseline_name``); ``paper_baseline`` the paper's own, if any."""
+
+    module: str
+    figure: str = ""
+    paper: Quantity | None = None
+    ours: Quantity | None = None
+    baseline: Quantity | None = None
+    baseline_name: str = ""
+    paper_baseline: Quantity | None = None
+    floor_met: bool | None = None
+    error: str | None = None
+
+    @property
+    def ratio_vs_paper(self) -> float | None:
+        return ratio(self.ours, self.paper)
+
+    @property
+    def ratio_vs_baseline(self) -> float | None:
+        return ratio(self.ours, self.baseline)
+
+    def cells(self, sep: str = " ") -> tuple[str, ...]:
+        """module, figure, paper, ours, x paper, conventional baseline, x baseline, floor;
+        ``sep`` goes between the baseline's figure and what it is."""
+        if self.error is not None:
+            return (self.module, f"FAILED: {self.error}", "-", "-", "-", "-", "-", "-")
+        base = "-"
+        if self.baseline is not None or self.paper_baseline is not None:
+            base = str(self.baseline) if self.baseline is not None else "-"
+            if self.baseline_name:
+                base += f"{sep}({self.baseline_name}"
+                base += f"; paper {self.paper_baseline})" if self.paper_baseline else ")"
+            elif self.paper_baseline:
+                base += f"{sep}(paper {self.paper_baseline})"
+        floor = "-" if self.floor_met is None else ("met" if self.floor_met else "not met")
+        return (self.module, self.figure, str(self.paper) if self.paper else "-",
+                str(self.ours) if self.ours else "-", fmt_ratio(self.ratio_vs_paper), base,
+                fmt_ratio(self.ratio_vs_baseline), floor)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(ratio_vs_paper=self.ratio_vs_paper, ratio_vs_baseline=self.ratio_vs_baseline)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Row:
+        def q(v: dict | None) -> Quantity | None:
+            return None if v is None else Quantity(float(v["value"]), v.get("unit", BPS))
+
+        return cls(module=d["module"], figure=d.get("figure", ""), paper=q(d.get("paper")),
+                   ours=q(d.get("ours")), baseline=q(d.get("baseline")),
+                   baseline_name=d.get("baseline_name", ""),
+                   paper_baseline=q(d.get("paper_baseline")), floor_met=d.get("floor_met"),
+                   error=d.get("error"))
+
+
+COLUMNS = ("module", "figure", "paper", "ours", "x paper", "conventional baseline (same run)",
+           "x baseline", "floor")
+# the rich table's narrower headers (the markdown has room for the long ones)
+SHORT = ("module", "figure", "paper", "ours", "x paper", "baseline (same run)", "x base",
+         "floor")
+
+
+# ---- rows per bench: the JSON fields each bench documents in bench/README.md ---------------
+
+def lkm_rows(r: dict) -> list[Row]:
+    return [Row("local key manager", "key into rings, 1 MiB blocks", mbps(r["paper_mbps"]),
+                gbps(r["ours_gbps"]), gbps(r.get("baseline_gbps")), "4 KiB blocks",
+                floor_met=r.get("meets_floor"))]
+
+
+def otp_rows(r: dict) -> list[Row]:
+    paper = r.get("paper", {})
+    mtus = [p["mtu"] for p in r.get("points", []) if p.get("mode") == "proposed"]
+    top = f"MTU {max(mtus)}" if mtus else "largest MTU"
+    return [
+        Row("OTP tunnel", f"direct, {top}", mbps(paper.get("direct_mbps", 185.0)),
+            gbps(r["direct_gbps"]), gbps(r.get("baseline_gbps")),
+            "per-packet removal, MTU 1500", mbps(paper.get("conventional_mbps", 3.92)),
+            floor_met=r.get("meets_floor")),
+        Row("OTP tunnel", f"via one relay, {top}", mbps(paper.get("relay_mbps", 123.0)),
+            gbps(r["relay_gbps"]), gbps(r.get("baseline_relay_gbps")),
+            "per-packet removal, MTU 1500", mbps(3.81)),
+    ]
+
+
+def gkm_rows(r: dict) -> list[Row]:
+    paper = r.get("paper", {}).get("mbps_at_1MB", 85.0)
+    rows = [Row("global key manager", "1 MiB keys, direct", mbps(paper),
+                gbps(r["direct_gbps_at_1MiB"]), gbps(r.get("baseline_gbps_at_1MiB")),
+                "stop and wait", floor_met=r.get("meets_floor"))]
+    if r.get("relay_gbps_at_1MiB") is not None:
+        rows.append(Row("global key manager", "1 MiB keys, via one relay",
+                        ours=gbps(r["relay_gbps_at_1MiB"])))
+    return rows
+
+
+def api_rows(r: dict) -> list[Row]:
+    paper = r.get("paper", {}).get("mbps_at_1MB", 971.0)
+    rows = []
+    if r.get("gbps_at_1MiB") is not None:
+        rows.append(Row("key API", "enc_keys, 1 MiB keys", mbps(paper), gbps(r["gbps_at_1MiB"]),
+                        gbps(r.get("baseline_gbps_at_1MiB")), "new TLS connection per key",
+                        floor_met=r.get("meets_floor")))
+    small = next((p for p in r.get("points", []) if p.get("bits") == 256), None)
+    if small is not None:
+        rows.append(Row("key API", "enc_keys, 256-bit keys", None,
+                        Quantity(small["keys_per_s"], KEYS),
+                        Quantity(small["baseline_keys_per_s"], KEYS),
+                        "new TLS connection per key"))
+    return rows or [Row("key API", "no 1 MiB or 256-bit point in this run")]
+
+
+def guard_rows(r: dict) -> list[Row]:
+    return [Row("XDP guard", "iperf3 under a forged flood", None,
+                gbps(r["flood_gbps_on"]), gbps(r["flood_gbps_off"]), "guard off",
+                floor_met=r.get("guard_helps"))]
+
+
+def generic_rows(module: str) -> Callable[[dict], list[Row]]:
+    """Rows for a bench without its own: the common field names (``paper_mbps``,
+    ``ours_gbps``, ``baseline_gbps``, ``meets_floor``) where it has them."""
+
+    def rows(r: dict) -> list[Row]:
+        ours = next((r[k] for k in ("ours_gbps", "gbps", "direct_gbps") if k in r), None)
+        return [Row(module, r.get("figure", "see the JSON"), mbps(r.get("paper_mbps")),
+                    gbps(ours), gbps(r.get("baseline_gbps")), r.get("baseline_name", ""),
+                    floor_met=r.get("meets_floor"))]
+
+    return rows
+
+
+def rows_of(module: str, result: dict | None, error: str | None,
+            rows: Callable[[dict], list[Row]]) -> list[Row]:
+    """A bench's rows; a failed bench (or one whose result lacks a field) is one row
+    saying why, so the table always has every bench."""
+    if error is not None or result is None:
+        return [Row(module, error=error or "no result")]
+    try:
+        return rows(result)
+    except (KeyError, TypeError, ValueError) as e:
+        return [Row(module, error=f"result unreadable ({type(e).__name__}: {e})")]
+
+
+def markdown_table(rows: list[Row]) -> str:
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
+    lines += ["| " + " | ".join(cell(c) for c in r.cells()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def rich_table(rows: list[Row], title: str):
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=title)
+    for c in SHORT:
+        t.add_column(c, justify="right" if c.startswith("x ") else "left",
+                     no_wrap=c in ("paper", "ours", "x paper", "x base", "floor"))
+    for r in rows:
+        cells = [Text(c) for c in r.cells(sep="\n")]
+        if r.error is not None:
+            cells[1].stylize("red")
+        elif r.floor_met is False:
+            cells[-1].stylize("red")
+        t.add_row(*cells)
+    return t

@@ -1,0 +1,346 @@
+"""`qkdctl bench all` without running a benchmark: the table from the benches' recorded
+results, the ratios, the RESULTS.md section rewrite, the registry and its arguments, and
+the runner with tiny fake benches (one failing, one interrupted)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from bench import all as ball
+from bench import record
+from bench.summary import (
+    KEYS,
+    Quantity,
+    Row,
+    api_rows,
+    fmt_ratio,
+    gbps,
+    gkm_rows,
+    guard_rows,
+    lkm_rows,
+    markdown_table,
+    mbps,
+    otp_rows,
+    ratio,
+    rows_of,
+)
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def recorded(name: str) -> dict:
+    """A result a bench wrote in an earlier session (the real field names)."""
+    return json.loads((RESULTS / name).read_text())
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+# ---- quantities, ratios and rows -----------------------------------------------------------
+
+def test_quantities_print_in_the_unit_that_reads():
+    assert str(mbps(414.0)) == "414 Mb/s"
+    assert str(mbps(3.92)) == "3.92 Mb/s"
+    assert str(gbps(6.4449)) == "6.44 Gb/s"
+    assert str(gbps(0.226)) == "226 Mb/s"
+    assert str(Quantity(3212.4, KEYS)) == "3,212 keys/s"
+    assert str(Quantity(500.0)) == "0.5 kb/s"
+
+
+def test_ratios_are_none_where_they_mean_nothing():
+    assert ratio(gbps(4.14), mbps(414.0)) == pytest.approx(10.0)
+    assert ratio(None, mbps(1)) is None and ratio(gbps(1), None) is None
+    assert ratio(gbps(1), Quantity(0.0)) is None
+    assert ratio(gbps(1), Quantity(10.0, KEYS)) is None  # different units
+    assert fmt_ratio(None) == "-"
+    assert fmt_ratio(15.567) == "15.6x"
+    assert fmt_ratio(0.973) == "0.97x"
+
+
+def test_rows_match_what_each_bench_computed_itself():
+    lkm = recorded("2026-11-26-lkm.json")
+    (r,) = lkm_rows(lkm)
+    assert r.ratio_vs_paper == pytest.approx(lkm["ratio_vs_paper"])
+    assert r.ratio_vs_baseline == pytest.approx(lkm["ratio_vs_baseline"])
+    assert r.floor_met is True
+
+    otp = recorded("2026-11-26-otp.json")
+    direct, relay = otp_rows(otp)
+    assert direct.ratio_vs_paper == pytest.approx(otp["ratio_direct_vs_paper"])
+    assert relay.ratio_vs_paper == pytest.approx(otp["ratio_relay_vs_paper"])
+    assert direct.ratio_vs_baseline == pytest.approx(otp["ratio_vs_baseline"])
+    assert "MTU 65449" in direct.figure
+    assert str(direct.paper_baseline) == "3.92 Mb/s"
+    assert "paper 3.92 Mb/s" in direct.cells()[5]
+
+    gkm = recorded("2026-11-27-gkm.json")
+    d, via = gkm_rows(gkm)
+    assert d.ratio_vs_paper == pytest.approx(gkm["ratio_vs_paper"])
+    assert d.ratio_vs_baseline == pytest.approx(gkm["ratio_vs_baseline"])
+    assert via.paper is None and via.cells()[4] == "-"
+
+    api = recorded("2026-11-27-api-run2.json")
+    big, small = api_rows(api)
+    assert big.ratio_vs_paper == pytest.approx(api["ratio_vs_paper"])
+    assert big.ratio_vs_baseline == pytest.approx(api["ratio_vs_baseline_at_1MiB"])
+    assert big.floor_met is False and big.cells()[-1] == "not met"
+    assert small.ours == Quantity(api["keys_per_s_at_256bit"], KEYS)
+    assert small.ratio_vs_baseline > 1
+
+    guard = recorded("2026-11-27-guard.json")
+    (g,) = guard_rows(guard)
+    assert g.paper is None
+    assert g.ratio_vs_baseline == pytest.approx(guard["ratio_gbps_on_vs_off"])
+
+
+def test_a_failed_or_unreadable_result_is_one_row_saying_why():
+    (r,) = rows_of("OTP tunnel", None, "iperf3 A->B hung three times", otp_rows)
+    assert r.cells()[:2] == ("OTP tunnel", "FAILED: iperf3 A->B hung three times")
+    (r,) = rows_of("OTP tunnel", {"bench": "otp"}, None, otp_rows)  # a field missing
+    assert r.error is not None and "KeyError" in r.error
+
+
+def test_rows_survive_the_json_round_trip():
+    rows = (otp_rows(recorded("2026-11-26-otp.json"))
+            + api_rows(recorded("2026-11-27-api-run2.json"))
+            + [Row("x", error="boom")])
+    back = [Row.from_dict(json.loads(json.dumps(r.to_dict()))) for r in rows]
+    assert back == rows
+
+
+def test_markdown_table_has_a_cell_per_column_and_escapes_pipes():
+    md = markdown_table([Row("a|b", "fig", mbps(1), gbps(1)), Row("c", error="x | y")])
+    lines = md.splitlines()
+    assert len(lines) == 4
+    assert all(ln.replace("\\|", "").count("|") == 9 for ln in lines)
+    assert "a\\|b" in lines[2] and "FAILED: x \\| y" in lines[3]
+
+
+# ---- RESULTS.md ----------------------------------------------------------------------------
+
+def fake_report(**over) -> dict:
+    data = {"date": "2026-11-28", "seconds": 693.0, "profile": "full",
+            "machine": {"cpu_model": "AMD EPYC 7B13", "cores": 2, "memory_bytes": 24 << 30,
+                        "kernel": "6.18.44", "os": "Debian GNU/Linux 12 (bookworm)",
+                        "python": "3.11.7"},
+            "benches": {"lkm": {"ok": True, "result": {"plot": None}},
+                        "otp": {"ok": True, "result": {"plot": "/x/bench/results/otp-mtu.png"}},
+                        "gkm": {"ok": False, "result": None}},
+            "summary": [r.to_dict() for r in lkm_rows(recorded("2026-11-26-lkm.json"))]
+            + [Row("global key manager", error="store not full").to_dict()]}
+    data.update(over)
+    return data
+
+
+def test_section_names_machine_table_failures_and_files():
+    s = record.section(fake_report(), "/x/bench/results/2026-11-28.json", Path("/x"))
+    assert s.startswith(record.BEGIN) and s.endswith(record.END)
+    assert "AMD EPYC 7B13, 2 cores, 24 GiB, kernel 6.18.44" in s
+    assert "took 11 min 33 s" in s
+    assert "| local key manager | key into rings, 1 MiB blocks | 414 Mb/s | 6.44 Gb/s | 15.6x" in s
+    assert "FAILED: store not full" in s and "Failed: gkm" in s
+    assert "`bench/results/2026-11-28.json`" in s and "`bench/results/otp-mtu.png`" in s
+    assert "quick" not in s
+    assert "not comparable" in record.section(fake_report(profile="quick"), "r.json")
+
+
+def test_rewrite_inserts_once_then_replaces_keeping_the_rest():
+    text = "# Benchmark results\n\nMachine: old.\n\n## Local key manager\nkeep me\n\n## OTP\n"
+    one = record.rewrite(text, f"{record.BEGIN}\nfirst\n{record.END}")
+    assert one.index("first") < one.index("## Local key manager")
+    assert one.replace(f"{record.BEGIN}\nfirst\n{record.END}\n\n", "") == text
+    two = record.rewrite(one, f"{record.BEGIN}\nsecond\n{record.END}")
+    assert "first" not in two and two.count(record.BEGIN) == 1
+    assert two == one.replace("first", "second")
+    assert record.rewrite("# t\n", "S") == "# t\n\nS\n"  # no heading: at the end
+    with pytest.raises(ValueError, match="without"):
+        record.rewrite(f"x\n{record.BEGIN}\nno end\n", "S")
+
+
+def test_record_rewrites_a_copy_of_the_real_results_md(tmp_path):
+    real = (RESULTS.parent / "RESULTS.md").read_text()
+    md, js = tmp_path / "bench" / "RESULTS.md", tmp_path / "bench" / "results" / "r.json"
+    js.parent.mkdir(parents=True)
+    md.write_text(real)
+    js.write_text(json.dumps(fake_report()))
+    record.record(js, md)
+    once = md.read_text()
+    headings = [ln for ln in real.splitlines() if ln.startswith("## ")
+                and not ln.startswith("## Latest: `qkdctl bench all`")]
+    assert all(h in once for h in headings)  # every hand-written section kept
+    assert "`bench/results/r.json`" in once
+    record.record(js, md)
+    assert md.read_text() == once  # idempotent
+
+
+# ---- registry and arguments ----------------------------------------------------------------
+
+def test_registry_names_every_bench_once_with_its_rows():
+    names = [b.name for b in ball.REGISTRY]
+    assert names[:5] == ["lkm", "otp", "gkm", "api", "guard"]
+    assert len(set(names)) == len(names)
+    assert {b.plot for b in ball.REGISTRY} >= {"otp-mtu", "gkm-size", "api-size"}
+    for b in ball.REGISTRY:
+        mod, _, fn = b.target.partition(":")
+        assert (RESULTS.parent / f"{mod.split('.')[-1]}.py").exists() and fn == "run"
+
+
+def test_select_keeps_the_registry_order_and_refuses_unknown_names():
+    assert [b.name for b in ball.select(None)] == [b.name for b in ball.REGISTRY]
+    assert [b.name for b in ball.select(["guard", "lkm"])] == ["lkm", "guard"]
+    with pytest.raises(ValueError, match="unknown bench.*nope.*known: api"):
+        ball.select(["lkm", "nope"])
+
+
+def test_settings_quick_or_full_and_the_plot_in_the_results_dir(tmp_path):
+    otp = next(b for b in ball.REGISTRY if b.name == "otp")
+    full, quick = otp.settings(False, tmp_path), otp.settings(True, tmp_path, "-quick")
+    assert full["plot_path"] == tmp_path / "otp-mtu.png"
+    assert quick["plot_path"] == tmp_path / "otp-mtu-quick.png"
+    assert quick["repeat"] == 1 and full["repeat"] == 3
+    lkm = next(b for b in ball.REGISTRY if b.name == "lkm")
+    assert "plot_path" not in lkm.settings(False, tmp_path)
+
+
+def test_unknown_bench_is_refused_before_anything_runs():
+    from typer.testing import CliRunner
+
+    from control.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "all", "--only", "nope"])
+    assert r.exit_code == 2
+    assert "unknown bench(es) nope" in r.output
+
+
+# ---- the runner, with fake benches ---------------------------------------------------------
+
+def fake_registry(calls: list[str], fail: str | None = None, interrupt: str | None = None):
+    def make(name: str):
+        def run(seconds: float, console: Console, plot_path: Path | None = None) -> dict:
+            calls.append(name)
+            console.print(f"{name}: measuring\n{name}: last line")
+            if name == fail:
+                raise RuntimeError(f"{name} broke")
+            if name == interrupt:
+                raise KeyboardInterrupt
+            return {"bench": name, "ours_gbps": 2.0, "paper_mbps": 100.0,
+                    "baseline_gbps": 0.5, "meets_floor": True,
+                    "plot": str(plot_path) if plot_path else None}
+        return run
+
+    funcs = {f"fake:{n}": make(n) for n in ("one", "two", "three")}
+    registry = (ball.Bench("one", "module one", "fake:one", full={"seconds": 9},
+                           quick={"seconds": 1}, plot="one-plot", estimate_s=(0.1, 0.1)),
+                ball.Bench("two", "module two", "fake:two", full={"seconds": 9},
+                           quick={"seconds": 1}, estimate_s=(0.1, 0.1)),
+                ball.Bench("three", "module three", "fake:three", full={"seconds": 9},
+                           quick={"seconds": 1}, estimate_s=(0.1, 0.1)))
+    return registry, funcs.__getitem__
+
+
+def test_a_failing_bench_is_reported_and_the_others_still_run(tmp_path):
+    calls: list[str] = []
+    registry, loader = fake_registry(calls, fail="two")
+    log = io.StringIO()
+    outs = ball.run_all(list(registry), quick=True, out_dir=tmp_path, console=quiet(),
+                        log=log, loader=loader, cleanup=None)
+    assert calls == ["one", "two", "three"]
+    assert [o.ok for o in outs] == [True, False, True]
+    assert outs[1].error == "two broke" and not outs[1].interrupted
+    assert outs[0].settings == {"seconds": 1, "plot_path": tmp_path / "one-plot.png"}
+    assert ball.exit_code(outs) == 1
+    rows = ball.summary_rows(outs)  # generic rows: the fakes use the common field names
+    assert [r.cells()[1] for r in rows][1] == "FAILED: two broke"
+    assert rows[0].ratio_vs_paper == pytest.approx(20.0)
+    assert rows[0].ratio_vs_baseline == pytest.approx(4.0)
+    assert "three: last line" in log.getvalue()  # the benches' output is in the log
+    data = ball.report(outs, quick=True, started=ball.dt.datetime(2026, 11, 28, 9, 0),
+                       seconds=1.0, machine_info={"cores": 2})
+    data = json.loads(json.dumps(data, default=str))
+    assert data["ok"] is False and data["profile"] == "quick" and data["date"] == "2026-11-28"
+    assert data["benches"]["two"] == {"module": "module two", "ok": False, "seconds": 0.0,
+                                      "settings": {"seconds": 1}, "error": "two broke",
+                                      "interrupted": False, "result": None}
+    assert data["benches"]["one"]["result"]["ours_gbps"] == 2.0
+    assert len(data["summary"]) == 3
+
+
+def test_an_interrupt_stops_the_run_and_cleans_up_after_the_bench(tmp_path):
+    calls: list[str] = []
+    registry, loader = fake_registry(calls, interrupt="two")
+    cleaned: list[float] = []
+    t0 = time.time()
+    outs = ball.run_all(list(registry), quick=False, out_dir=tmp_path, console=quiet(),
+                        loader=loader, cleanup=lambda since: cleaned.append(since) or [])
+    assert calls == ["one", "two"]  # three never ran
+    assert outs[1].interrupted and ball.exit_code(outs) == 130
+    assert len(cleaned) == 1 and cleaned[0] >= t0
+
+
+def test_every_bench_passing_exits_zero_and_main_writes_json_and_records(tmp_path):
+    calls: list[str] = []
+    registry, loader = fake_registry(calls)
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## Old section\nkept\n")
+    code = ball.main(quick=False, out_dir=tmp_path / "res", only=["one", "three"],
+                     record=True, as_json=False, out=quiet(), err=quiet(), results_md=md,
+                     registry=registry, loader=loader)
+    assert code == 0 and calls == ["one", "three"]
+    (js,) = (tmp_path / "res").glob("*.json")
+    data = json.loads(js.read_text())
+    assert js.name == f"{data['date']}.json"
+    assert set(data["benches"]) == {"one", "three"}
+    assert data["machine"]["cores"] == os.cpu_count() and data["machine"]["kernel"]
+    text = md.read_text()
+    assert text.index(record.BEGIN) < text.index("## Old section") and "kept" in text
+    assert "module one" in text and "module three" in text
+
+
+def test_quick_run_without_record_leaves_results_md_alone(tmp_path):
+    registry, loader = fake_registry([])
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# r\n")
+    code = ball.main(quick=True, out_dir=tmp_path, only=None, record=False, as_json=False,
+                     out=quiet(), err=quiet(), results_md=md, registry=registry,
+                     loader=loader)
+    assert code == 0 and md.read_text() == "# r\n"
+    assert [p.name.endswith("-quick.json") for p in tmp_path.glob("*.json")] == [True]
+
+
+# ---- pieces ----------------------------------------------------------------------------------
+
+def test_machine_from_proc_files():
+    m = ball.parse_machine("processor\t: 0\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n",
+                           "MemTotal:       24605996 kB\nMemFree: 1 kB\n",
+                           'NAME="Debian GNU/Linux"\nPRETTY_NAME="Debian GNU/Linux 12"\n')
+    assert m == {"cpu_model": "AMD EPYC 7B13 64-Core Processor",
+                 "memory_bytes": 24605996 * 1024, "os": "Debian GNU/Linux 12"}
+    assert ball.parse_machine("", "", "") == {"cpu_model": None, "memory_bytes": None,
+                                              "os": None}
+
+
+def test_sink_logs_everything_and_shows_the_latest_line():
+    shown: list[str] = []
+    log = io.StringIO()
+    s = ball._Sink(log, shown.append)
+    s.write("first line\nsecond ")
+    s.write("half\n\n")
+    assert shown == ["first line", "second half"]
+    assert log.getvalue() == "first line\nsecond half\n\n"
+
+
+def test_leftovers_are_only_networks_a_bench_made_during_the_run():
+    root = Path("/run/qkdnet")
+    mans = [("bo1", str(root / "bench-bo1.toml"), 100.0),   # a bench's, during the run
+            ("bo0", str(root / "bench-bo0.toml"), 50.0),    # a bench's, before the run
+            ("t123", "/tmp/x/net.toml", 100.0),             # someone's test network
+            ("tri", "/work/main/examples/triangle.toml", 120.0)]
+    assert ball.leftover_networks(mans, 99.0, root) == ["bo1"]
