@@ -134,6 +134,38 @@ def test_line5_example():
     assert [(s.id, s.node) for s in topo.saes] == [("SAE-1", "N1"), ("SAE-5", "N5")]
 
 
+def test_grid9_example():
+    topo = load_topology(EXAMPLES / "grid9.toml")
+    assert topo.prefix == "grid9"
+    assert list(topo.nodes) == [f"{r}{c}" for r in "ABC" for c in "123"]
+    assert len(topo.links) == 12
+    for node in topo.nodes:  # each node joined to its grid neighbours, no others
+        r, c = "ABC".index(node[0]), int(node[1]) - 1
+        peers = {lk.peer_of(node) for lk in topo.links_of(node)}
+        assert peers == {f"{'ABC'[r + dr]}{c + dc + 1}" for dr, dc in
+                         ((-1, 0), (1, 0), (0, -1), (0, 1))
+                         if 0 <= r + dr < 3 and 0 <= c + dc < 3}
+    assert len({lk.underlay_a.network for lk in topo.links}) == 12
+    assert topo.gkm.destinations_of("A1") == ["C3"] and topo.gkm.destinations_of("B2") == []
+    assert (topo.dataplane.workers, topo.api.workers) == (1, 1)
+    assert [(s.id, s.node) for s in topo.saes] == [("SAE-A1", "A1"), ("SAE-C3", "C3")]
+
+
+def test_ring16_example():
+    topo = load_topology(EXAMPLES / "ring16.toml")
+    assert topo.prefix == "ring16"
+    names = [f"N{i}" for i in range(1, 17)]
+    assert list(topo.nodes) == names
+    assert [(lk.a, lk.b) for lk in topo.links] == list(zip(names, names[1:] + names[:1],
+                                                            strict=True))
+    assert len({lk.underlay_a.network for lk in topo.links}) == 16
+    assert topo.gkm.destinations_of("N1") == ["N9"] and topo.gkm.origins_of("N5") == []
+    assert (topo.dataplane.workers, topo.api.workers) == (1, 1)
+    # Small enough for a 2-core machine: 1 GiB of rings in all.
+    assert sum(4 * lk.ring_capacity for lk in topo.links) == 1 << 30
+    assert [(s.id, s.node) for s in topo.saes] == [("SAE-1", "N1"), ("SAE-9", "N9")]
+
+
 def test_per_link_values_override_defaults():
     text = defaults('block_size = "64KiB"\nring_capacity = "1MiB"\nratio = "2:1"\n'
                     "key_rate_mbps = 10")

@@ -1,0 +1,177 @@
+"""Scale (issue 6/6, item 4): the shipped 16-node ring comes up in namespaces on a small
+machine, relays global key end to end between its two farthest nodes (8 hops, seven
+trusted relays) to SAEs that fetch it through the ETSI 014 API, and tears down leaving
+nothing. The shipped 3x3 grid comes up and relays key between opposite corners."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from pyroute2 import netns as pnetns
+
+from control import emulation, paths
+from control.config import Topology, load_topology
+from tests.nsutil import QKDCTL, router_state, routes_complete, run_in_netns, wait_until
+
+pytestmark = pytest.mark.netns
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+API = "/api/v1/keys"
+
+
+def example_as(tmp_path: Path, name: str, prefix: str) -> Topology:
+    """The shipped example, unchanged but for its prefix (each run its own)."""
+    text, n = re.subn(r'^prefix = "[a-z0-9]+"', f'prefix = "{prefix}"',
+                      (EXAMPLES / name).read_text(), count=1, flags=re.M)
+    assert n == 1, f"examples/{name} names no prefix"
+    path = tmp_path / name
+    path.write_text(text)
+    return load_topology(path)
+
+
+def qkdctl(*args: str) -> str:
+    res = subprocess.run([QKDCTL, *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def route(topo: Topology, src: str, dst: str) -> list[str]:
+    """The nodes a packet from ``src`` to ``dst`` crosses, following each router's route."""
+    nodes = [src]
+    while nodes[-1] != dst:
+        via = router_state(topo.prefix, nodes[-1])["routes"][dst]["via"]
+        nodes.append(topo.link(via).peer_of(nodes[-1]))
+        assert len(nodes) <= len(topo.nodes), f"routing loop: {nodes}"
+    return nodes
+
+
+def wait_routes(topo: Topology, timeout: float = 90) -> None:
+    """Every node has a route to every other (what each lacks, if not in time)."""
+    try:
+        wait_until(lambda: routes_complete(topo.prefix, list(topo.nodes)), timeout,
+                   "every node's route to every other")
+    except AssertionError as e:
+        lacks = {n: sorted(set(topo.nodes) - {n} - set((router_state(topo.prefix, n) or
+                                                        {}).get("routes", {})))
+                 for n in topo.nodes}
+        raise AssertionError(f"{e}; missing routes: {lacks}") from None
+
+
+def gkm_peer(prefix: str, node: str, peer: str) -> dict:
+    try:
+        st = json.loads((paths.node_dir(prefix, node) / "gkm.json").read_text())
+        return st["peers"][peer]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def tunnel_tx(prefix: str, node: str, link: str) -> int:
+    try:
+        st = json.loads((paths.node_dir(prefix, node) / f"tun-{link}.json").read_text())
+        return st["counters"]["tx_bytes"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def https_get(pki: str, sae: str, host: str, port: int, path: str) -> tuple[int, dict]:
+    """One request of SAE ``sae`` (its certificate, mutual TLS) to a KME; runs inside the
+    SAE's node namespace."""
+    ctx = ssl.create_default_context(cafile=f"{pki}/ca.crt")
+    ctx.load_cert_chain(f"{pki}/saes/{sae}.crt", f"{pki}/saes/{sae}.key")
+    c = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        c.close()
+
+
+def api(topo: Topology, sae: str, path: str) -> tuple[int, dict]:
+    node = topo.sae_node(sae)
+    return run_in_netns(paths.netns_name(topo.prefix, node), https_get, str(topo.api.pki), sae,
+                        str(topo.node(node).address), topo.ports.api, path, timeout=60)
+
+
+def processes_of(topo: Topology) -> list[int]:
+    pids = []
+    for node in topo.nodes:
+        pids += emulation._pids_in_netns(paths.netns_name(topo.prefix, node))
+    man = emulation.Manifest.load(topo.prefix)
+    return sorted(set(pids) | set(man.pids.values() if man else ()))
+
+
+def assert_nothing_left(topo: Topology, pids: list[int]) -> None:
+    assert [ns for ns in pnetns.listnetns() if ns.startswith(topo.prefix + "-")] == []
+    assert not paths.network_dir(topo.prefix).exists()
+    assert paths.ring_names_of_network(topo.prefix) == []
+    assert [p for p in pids if emulation._alive(p)] == []
+
+
+def relays_key(topo: Topology, master: str, slave: str, hops: int) -> None:
+    """Global key between the SAEs' nodes crossed ``hops`` links (each relay forwarded the
+    whole store between OTP tunnels and keeps no global key of its own) and both SAEs
+    get the same key through their own KMEs."""
+    a, b = topo.sae_node(master), topo.sae_node(slave)
+    high = topo.gkm.high_watermark
+    for o, d in ((a, b), (b, a)):
+        wait_until(lambda o=o, d=d: gkm_peer(topo.prefix, o, d).get("enc", {}).get("usable")
+                   == high and gkm_peer(topo.prefix, d, o).get("dec", {}).get("stored")
+                   == high, 90, f"{o}'s global key store for {d} full and stored at {d}")
+    path = route(topo, a, b)
+    assert len(path) - 1 == hops, path
+    assert len(route(topo, b, a)) - 1 == hops
+    for here, nxt in zip(path[1:-1], path[2:], strict=False):
+        assert not (paths.node_dir(topo.prefix, here) / "gkm.json").exists(), \
+            f"relay {here} runs a global key manager"
+        link = next(lk.name for lk in topo.links_of(here) if lk.peer_of(here) == nxt)
+        wait_until(lambda h=here, lk=link: tunnel_tx(topo.prefix, h, lk) >= high, 5,
+                   f"{here} forwarding {a}'s global key on {link}")
+    # Keys through the ETSI 014 API, over mutual TLS, both ways round.
+    for m, s in ((master, slave), (slave, master)):
+        wait_until(lambda m=m, s=s: api(topo, m, f"{API}/{s}/status")[0] == 200, 60,
+                   f"{m}'s key API")
+        status, enc = api(topo, m, f"{API}/{s}/enc_keys?number=2&size=256")
+        assert status == 200, enc
+        for k in enc["keys"]:
+            status, dec = api(topo, s, f"{API}/{m}/dec_keys?key_ID={k['key_ID']}")
+            assert status == 200, dec
+            assert dec["keys"] == [k] and len(base64.b64decode(k["key"])) == 32
+            assert api(topo, s, f"{API}/{m}/dec_keys?key_ID={k['key_ID']}")[0] != 200
+
+
+def test_ring16_relays_global_key_over_eight_hops_and_leaves_nothing(tmp_path, prefix):
+    topo = example_as(tmp_path, "ring16.toml", prefix)
+    assert len(topo.nodes) == 16 and len(topo.links) == 16
+    qkdctl("check", str(topo.path))
+    pids: list[int] = []
+    try:
+        qkdctl("net", "up", str(topo.path))
+        wait_routes(topo)
+        pids = processes_of(topo)
+        relays_key(topo, "SAE-1", "SAE-9", hops=8)
+    finally:
+        pids = sorted(set(pids) | set(processes_of(topo)))
+        qkdctl("net", "down", str(topo.path))
+    assert_nothing_left(topo, pids)
+
+
+def test_grid9_relays_global_key_between_opposite_corners(tmp_path, prefix):
+    topo = example_as(tmp_path, "grid9.toml", prefix)
+    assert len(topo.nodes) == 9 and len(topo.links) == 12
+    pids: list[int] = []
+    try:
+        qkdctl("net", "up", str(topo.path))
+        wait_routes(topo)
+        pids = processes_of(topo)
+        relays_key(topo, "SAE-A1", "SAE-C3", hops=4)
+    finally:
+        pids = sorted(set(pids) | set(processes_of(topo)))
+        qkdctl("net", "down", str(topo.path))
+    assert_nothing_left(topo, pids)
