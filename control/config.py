@@ -7,6 +7,7 @@ and nothing starts while any remain.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -19,12 +20,16 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from control import paths
+from control.agreement_msgs import MAX_KEYS_PER_NOTE
 from dataplane.limits import (
     CONVENTIONAL_MTU,
     MAX_API_KEY_BYTES,
@@ -114,8 +119,144 @@ class EmulatorSource(_Strict):
     generator: Literal["urandom", "aes-ctr"] = "urandom"
 
 
+SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                 "ecdsa-sha2-nistp521", "ssh-rsa")
+
+
+def check_host_key(v: str | None) -> str | None:
+    """A public host key as in known_hosts: 'ssh-ed25519 AAAA...' (a comment may follow)."""
+    if v is None:
+        return v
+    parts = v.split()
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        raise ValueError(f"expected '<type> <base64 key>' with a type among "
+                         f"{', '.join(SSH_KEY_TYPES)} (a line of the device's known_hosts "
+                         f"without the host name)")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except ValueError:
+        raise ValueError("the key is not valid base64") from None
+    n = int.from_bytes(blob[:4], "big")
+    if blob[4:4 + n] != parts[0].encode():
+        raise ValueError(f"the key's bytes are not a {parts[0]} key")
+    return v
+
+
+class SftpEnd(_Strict):
+    """One link end's QKD device, reached over SSH; its key files are fetched by SFTP."""
+
+    host: str = Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:\-]+$")
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+    key_file: Path = Field(description="private key, OpenSSH format, no passphrase; "
+                                       "relative paths: from the topology file")
+    known_hosts: Path | None = Field(None, description="known_hosts file naming the device")
+    host_key: str | None = Field(None, description="or the device's public host key")
+    directory: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+
+    _host_key = field_validator("host_key")(check_host_key)
+
+    @model_validator(mode="after")
+    def _one_host_key(self) -> SftpEnd:
+        if (self.known_hosts is None) == (self.host_key is None):
+            raise ValueError("give exactly one of known_hosts and host_key (the device's "
+                             "host key is always checked)")
+        return self
+
+
+class SftpSource(_Strict):
+    """Key files fetched over SSH/SFTP from each end's own QKD device (the paper's way);
+    both devices write the same files, named ``<epoch>-<seq>.key``."""
+
+    kind: Literal["sftp"]
+    a: SftpEnd
+    b: SftpEnd
+    poll_ms: int = Field(100, ge=10, le=60_000, description="listing period when idle")
+
+
+class Etsi014End(_Strict):
+    """One link end's QKD device, whose key delivery API (ETSI GS QKD 014) the node calls
+    as an SAE. Relative paths are from the topology file."""
+
+    kme: str = Field(description="the device's KME, e.g. 'https://192.0.2.7:443'")
+    sae_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
+                        description="this node's SAE ID at its device (its certificate's CN)")
+    cert: Path = Field(description="client certificate (PEM) presented to the KME")
+    key: Path = Field(description="its private key (PEM)")
+    ca: Path = Field(description="CA certificate(s) (PEM) the KME's certificate must chain to")
+
+    @field_validator("kme")
+    @classmethod
+    def _kme(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        try:
+            u = urlsplit(v)
+            port = u.port
+        except ValueError as e:
+            raise ValueError(f"not a URL: {e}") from None
+        if u.scheme != "https" or not u.hostname:
+            raise ValueError(f"must be an https:// URL with a host (ETSI GS QKD 014 needs "
+                             f"mutual TLS), got {v!r}")
+        if u.query or u.fragment or u.username or u.password:
+            raise ValueError("must not have a query, a fragment or user info")
+        if port == 0:
+            raise ValueError("port 0 is not a port")
+        return v.rstrip("/")
+
+
+class Etsi014Source(_Strict):
+    """A QKD device per link end speaking ETSI GS QKD 014: end a calls enc_keys at its
+    device naming end b's SAE ID, tells b the key IDs, b calls dec_keys at its own."""
+
+    kind: Literal["etsi014"]
+    a: Etsi014End
+    b: Etsi014End
+    keys_per_call: int = Field(32, ge=1, le=MAX_KEYS_PER_NOTE,
+                               description="keys per enc_keys call; one call = one block")
+    key_size: int = Field(256, description="bits per key")
+    poll_interval_ms: int = Field(100, ge=1, le=60_000,
+                                  description="first wait when the device has no key; "
+                                              "doubles while it stays without")
+    timeout_s: float = Field(10.0, gt=0, le=300, description="one HTTPS request's limit")
+
+    @field_validator("key_size")
+    @classmethod
+    def _key_size(cls, v: int) -> int:
+        if v % 8 or not 8 <= v <= 8 * MAX_BLOCK_SIZE:
+            raise ValueError(f"must be a multiple of 8 bits between 8 and {8 * MAX_BLOCK_SIZE}")
+        return v
+
+    @model_validator(mode="after")
+    def _whole(self) -> Etsi014Source:
+        if self.a.sae_id == self.b.sae_id:
+            raise ValueError(f"a.sae_id and b.sae_id are both {self.a.sae_id!r}: each end "
+                             f"is its own SAE")
+        if not MIN_BLOCK_SIZE <= self.block_bytes <= MAX_BLOCK_SIZE:
+            raise ValueError(f"keys_per_call x key_size = {self.block_bytes} B per block, "
+                             f"must be between {MIN_BLOCK_SIZE} B and "
+                             f"{MAX_BLOCK_SIZE >> 20} MiB")
+        return self
+
+    @property
+    def block_bytes(self) -> int:
+        return self.keys_per_call * self.key_size // 8
+
+
+def _source_kind(v: object) -> str | None:
+    """A source's ``kind``; a table without one is the emulator (older files omit it)."""
+    if isinstance(v, dict):
+        return v.get("kind", "emulator")
+    return getattr(v, "kind", None)
+
+
 # Every kind of key source a link may name; a union discriminated by ``kind``.
-SourceConfig = EmulatorSource
+SourceConfig = Annotated[
+    Annotated[EmulatorSource, Tag("emulator")] | Annotated[SftpSource, Tag("sftp")]
+    | Annotated[Etsi014Source, Tag("etsi014")],
+    Discriminator(_source_kind, custom_error_type="source_kind",
+                  custom_error_message="unknown key source kind (known: 'emulator', "
+                                       "'sftp', 'etsi014')")]
 
 
 def check_block_size(v: int | None) -> int | None:
@@ -397,6 +538,10 @@ class Topology:
     def links_of(self, node: str) -> list[LinkSpec]:
         return [lk for lk in self.links if node in (lk.a, lk.b)]
 
+    def link_between(self, x: str, y: str) -> LinkSpec | None:
+        """The first link joining nodes ``x`` and ``y``, if any."""
+        return next((lk for lk in self.links if {lk.a, lk.b} == {x, y}), None)
+
     def link(self, name: str) -> LinkSpec:
         for lk in self.links:
             if lk.name == name:
@@ -500,7 +645,11 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
                 problems.append((f"{where}.underlay[{j}]",
                                  f"{iface.ip} is already used by {all_ul[iface.ip]}"))
             all_ul.setdefault(iface.ip, f"{where}.underlay[{j}]")
-        block = lk.block_size or raw.defaults.block_size
+        block = _block_size(lk, raw.defaults)
+        if isinstance(lk.source, Etsi014Source) and lk.block_size not in (None, block):
+            problems.append((f"{where}.block_size",
+                             f"{lk.block_size} B, but each enc_keys call of its source gives "
+                             f"{block} B (keys_per_call x key_size): leave block_size out"))
         cap = lk.ring_capacity or raw.defaults.ring_capacity
         if cap < block:
             problems.append((f"{where}.ring_capacity",
@@ -544,6 +693,13 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
     return problems
 
 
+def _block_size(lk: Link, d: LinkDefaults) -> int:
+    """A link's key block: a device's answer to one call where the source fixes it."""
+    if isinstance(lk.source, Etsi014Source):
+        return lk.source.block_bytes
+    return lk.block_size or d.block_size
+
+
 def _resolve(path: Path, raw: TopologyFile) -> Topology:
     d = raw.defaults
     # Nodes without an explicit id or address get the lowest ones nobody asked for.
@@ -564,7 +720,7 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
             index=i, name=lk.name or f"{lk.a}-{lk.b}", a=lk.a, b=lk.b,
             underlay_a=lk.underlay[0], underlay_b=lk.underlay[1],
             key_rate_mbps=d.key_rate_mbps if lk.key_rate_mbps is None else lk.key_rate_mbps,
-            block_size=lk.block_size or d.block_size,
+            block_size=_block_size(lk, d),
             ring_capacity=lk.ring_capacity or d.ring_capacity,
             ratio=lk.ratio or d.ratio, source=lk.source, auth_key_file=key_file))
     dp = raw.dataplane

@@ -1,31 +1,134 @@
-"""`qkdctl demo` (issue 3/6 stage): the paper's three nodes, local key flowing into every
-ring, OTP tunnels and routes, global key filling every pair's stores, and one exchange of
-keys through the key API."""
+"""`qkdctl demo`: the paper's three nodes, every module running, and a link cut.
+
+1. Up: namespaces, veth underlay, a 1 Gb/s emulated QKD link between each pair, and every
+   node's modules; local key reaches every ring, global key every pair's stores.
+2. Keys: an SAE at one node asks its key API (ETSI GS QKD 014, HTTPS with mutual TLS) for
+   keys shared with an SAE at another node, which fetches the same keys from its own node
+   (and is refused a second time: one delivery per key).
+3. Traffic: a paced TCP stream runs through the OTP tunnels between those two nodes.
+4. Cut: the direct link's underlay goes down. Routes move to the third node; the stream
+   goes on through it; the first SAE takes enough key to empty its store below the low
+   watermark, so global key is restocked through the third node, and the second SAE
+   fetches the same keys.
+5. Restore: the link comes back and routes return to it.
+6. The stream ends; both ends compare its length and SHA-256. Summary, teardown, and a
+   check that nothing is left.
+
+:class:`DemoReport` holds what the demo claims; its ``problems()`` is what the exit status
+and the test suite check.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 
-from control import emulation
-from control.config import Topology
+from control import emulation, paths
+from control.config import Sae, Topology
+from control.demo_stream import PacedStream, StreamResult
 from control.status import collect, render
 
+STREAM_PORT = 5301
 
-def wait_for_key(topo: Topology, timeout: float) -> bool:
-    """True once every link end has agreed and stored key in both directions."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        snap = collect(topo)
-        ok = all(st and st["agreement"]["synced"] and st["key"]["bytes_stored_ab"] > 0
-                 and st["key"]["bytes_stored_ba"] > 0
-                 for n in snap["nodes"].values() for st in n["links"].values())
-        if ok:
-            return True
-        time.sleep(0.2)
-    return False
+
+class _Stop(Exception):
+    """A claim failed early: skip to teardown and the summary."""
+
+
+# ---- what the demo claims -----------------------------------------------------------------
+
+@dataclass
+class Phase:
+    name: str
+    route: str          # the first link of the route src -> dst during the phase
+    seconds: float
+    stream_bytes: int
+    relayed_bytes: int  # global key src -> dst acknowledged during the phase
+
+
+@dataclass
+class KeyCheck:
+    """Keys one SAE took and the other fetched: counts and digests, never the key."""
+
+    keys: int = 0
+    nbytes: int = 0
+    identical: bool = False
+    refused_again: bool | None = None  # None: not tried
+
+
+@dataclass
+class DemoReport:
+    src: str = ""
+    dst: str = ""
+    via: str = ""
+    direct_link: str = ""
+    detour_link: str = ""
+    key_flow_ok: bool = False
+    global_key_ok: bool = False
+    keys_direct: KeyCheck = field(default_factory=KeyCheck)
+    keys_detour: KeyCheck = field(default_factory=KeyCheck)
+    restocked_during_cut: int = 0
+    reroute_s: float | None = None
+    restore_s: float | None = None
+    phases: list[Phase] = field(default_factory=list)
+    stream: StreamResult | None = None
+    leftovers: list[str] = field(default_factory=list)
+    error: str = ""
+
+    def problems(self) -> list[str]:
+        """Every claim that did not hold; empty when the demo showed what it says."""
+        out = []
+        if self.error:
+            out.append(self.error)
+        if not self.key_flow_ok:
+            out.append("local key did not reach every ring")
+        if not self.global_key_ok:
+            out.append("some node pairs hold no global key")
+        if out:  # the later claims were never tried
+            return out + (["left behind: " + ", ".join(self.leftovers)] if self.leftovers
+                          else [])
+        for name, k in (("before the cut", self.keys_direct), ("during the cut",
+                                                                self.keys_detour)):
+            if not (k.keys and k.identical):
+                out.append(f"keys {name}: the two SAEs did not get identical keys")
+        if self.keys_direct.refused_again is not True:
+            out.append("a second fetch of the same keys was not refused")
+        if self.reroute_s is None:
+            out.append(f"routes did not move to {self.detour_link} when {self.direct_link} "
+                       "was cut")
+        if self.restore_s is None:
+            out.append(f"routes did not return to {self.direct_link}")
+        if self.restocked_during_cut <= 0:
+            out.append(f"no global key was relayed through {self.via} during the cut")
+        cut = next((p for p in self.phases if p.name == "cut"), None)
+        if cut is None or cut.stream_bytes <= 0:
+            out.append("the stream carried nothing during the cut")
+        elif cut.route != self.detour_link:
+            out.append(f"the route during the cut was {cut.route}, not {self.detour_link}")
+        if self.stream is None or not self.stream.intact:
+            err = self.stream.error if self.stream else "not run"
+            out.append(f"the TCP stream did not arrive intact ({err})")
+        if self.leftovers:
+            out.append("left behind: " + ", ".join(self.leftovers))
+        return out
+
+
+# ---- reading the network's state ------------------------------------------------------------
+
+def _route(snap: dict, node: str, dest: str) -> str:
+    r = (snap["nodes"][node].get("router") or {}).get("routes", {}).get(dest) or {}
+    return r.get("via") or "-"
+
+
+def _relay(snap: dict, origin: str, dest: str) -> dict:
+    g = snap["nodes"][origin].get("gkm") or {}
+    return (g.get("peers", {}).get(dest) or {}).get("relay") or {}
 
 
 def _usable(snap: dict, origin: str, dest: str) -> int:
@@ -34,99 +137,369 @@ def _usable(snap: dict, origin: str, dest: str) -> int:
     return enc.get("usable", 0)
 
 
-def run_demo(topo: Topology, seconds: float, console: Console) -> int:
-    console.print(f"[bold]qkdnet demo[/bold]: network {topo.name!r} — {len(topo.nodes)} nodes "
-                  f"in namespaces, {len(topo.links)} emulated QKD links")
-    emulation.net_down(topo.prefix)  # a previous run that crashed leaves nothing behind
-    try:
-        emulation.net_up(topo)
-        console.print("namespaces, veth underlay, emulators and nodes started; waiting for "
-                      "key agreement on every link ...")
-        if not wait_for_key(topo, 20.0):
-            console.print("[red]key did not reach every ring within 20 s[/red]")
-            console.print(render(collect(topo)))
-            return 1
-        end = time.monotonic() + seconds
-        with Live(render(collect(topo)), console=console, refresh_per_second=4,
-                  transient=True) as live:
-            while time.monotonic() < end:
-                time.sleep(0.25)
-                live.update(render(collect(topo)))
-        snap = collect(topo)
-        console.print(render(snap))
-        total = sum(st["key"]["bytes_stored_ab"] + st["key"]["bytes_stored_ba"]
-                    for n in snap["nodes"].values() for st in n["links"].values() if st)
-        console.print(f"summary: {total / (1 << 20):,.0f} MiB of local key sorted into rings "
-                      f"across {len(topo.links)} links, every link end in agreement")
-        pairs = topo.gkm.pairs
-        if pairs:
-            usable = {(o, d): _usable(snap, o, d) for o, d in pairs}
-            filled = sum(1 for v in usable.values() if v > 0)
-            console.print(f"global key: {sum(usable.values()) / (1 << 20):,.0f} MiB usable "
-                          f"in {filled} of {len(pairs)} ordered pairs (each relayed through "
-                          f"the OTP tunnels and acknowledged by its destination)")
-            if filled < len(pairs):
-                console.print("[red]some pairs hold no global key yet[/red]")
-                return 1
-        return key_api(topo, console)
-    finally:
-        removed = emulation.net_down(topo.prefix)
-        console.print(f"teardown: removed {len(removed)} objects; nothing left behind")
+def key_in_every_ring(snap: dict) -> bool:
+    return all(st and st["agreement"]["synced"] and st["key"]["bytes_stored_ab"] > 0
+               and st["key"]["bytes_stored_ba"] > 0
+               for n in snap["nodes"].values() for st in n["links"].values())
 
 
-def _call(pki: str, sae: str, host: str, port: int, method: str, path: str,
-          body: bytes = b"") -> tuple[int, dict]:
+def wait_for_key(topo: Topology, timeout: float) -> bool:
+    """True once every link end has agreed and stored key in both directions."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if key_in_every_ring(collect(topo)):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+# ---- the key API, from inside the SAEs' namespaces ----------------------------------------
+
+def _take_keys(pki: str, sae: str, host: str, port: int, slave: str, nbytes: int,
+               key_bytes: int) -> dict:
+    """enc_keys until ``nbytes`` are taken: the key IDs and the keys' digest."""
+    import base64
+
     import orjson
 
     from api.client import Conn, client_context
 
     c = Conn(host, port, client_context(pki, sae))
+    ids, h, taken = [], hashlib.sha256(), 0
     try:
-        status, data = c.request(method, path, body)
-        return status, orjson.loads(data)
+        while taken < nbytes:
+            n = max(1, min(8, -(-(nbytes - taken) // key_bytes)))
+            body = orjson.dumps({"number": n, "size": key_bytes * 8})
+            status, data = c.request("POST", f"/api/v1/keys/{slave}/enc_keys", body)
+            if status != 200:
+                raise RuntimeError(f"enc_keys answered {status}: {data[:200]!r}")
+            for k in orjson.loads(data)["keys"]:
+                ids.append(k["key_ID"])
+                key = base64.b64decode(k["key"])
+                h.update(key)
+                taken += len(key)
+    finally:
+        c.close()
+    return {"ids": ids, "sha256": h.hexdigest(), "bytes": taken}
+
+
+def _fetch_keys(pki: str, sae: str, host: str, port: int, master: str,
+                ids: list[str]) -> dict:
+    """dec_keys for ``ids`` in order: their digest; then one ID again (must be refused)."""
+    import base64
+
+    import orjson
+
+    from api.client import Conn, client_context
+
+    c = Conn(host, port, client_context(pki, sae))
+    h, got = hashlib.sha256(), 0
+    try:
+        for i in range(0, len(ids), 8):
+            body = orjson.dumps({"key_IDs": [{"key_ID": k} for k in ids[i:i + 8]]})
+            status, data = c.request("POST", f"/api/v1/keys/{master}/dec_keys", body)
+            if status != 200:
+                raise RuntimeError(f"dec_keys answered {status}: {data[:200]!r}")
+            for k in orjson.loads(data)["keys"]:
+                h.update(base64.b64decode(k["key"]))
+                got += 1
+        again, _ = c.request("GET", f"/api/v1/keys/{master}/dec_keys?key_ID={ids[0]}")
+    finally:
+        c.close()
+    return {"keys": got, "sha256": h.hexdigest(), "again": again}
+
+
+def _status(pki: str, sae: str, host: str, port: int, slave: str) -> int:
+    from api.client import Conn, client_context
+
+    c = Conn(host, port, client_context(pki, sae))
+    try:
+        return c.request("GET", f"/api/v1/keys/{slave}/status")[0]
     finally:
         c.close()
 
 
-def key_api(topo: Topology, console: Console) -> int:
-    """One master SAE asks its node's KME for keys shared with an SAE at another node,
-    which fetches them from its own KME; then asks again (refused: one delivery)."""
-    import json
+class Saes:
+    """Calls the key API as two SAEs, each from its own node's namespace."""
 
-    from api.client import run_in_netns
-    from control import paths
+    def __init__(self, topo: Topology, master: Sae, slave: Sae):
+        self.topo, self.master, self.slave = topo, master, slave
+        self.pki, self.port = str(topo.api.pki), topo.ports.api
 
-    pair = next(((m, s) for m in topo.saes for s in topo.saes if m.node != s.node), None)
-    if pair is None:
-        return 0
-    master, slave = pair
-    pki, port = str(topo.api.pki), topo.ports.api
+    def _in(self, sae: Sae, fn, *args, timeout: float = 60.0):
+        from api.client import run_in_netns
 
-    def call(sae, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
-        host = str(topo.node(sae.node).address)
-        r = run_in_netns(paths.netns_name(topo.prefix, sae.node),
-                         [(_call, (pki, sae.id, host, port, method, path, body))], 30)[0]
-        return r if isinstance(r, tuple) else (0, {"message": r})
+        host = str(self.topo.node(sae.node).address)
+        r = run_in_netns(paths.netns_name(self.topo.prefix, sae.node),
+                         [(fn, (self.pki, sae.id, host, self.port, *args))], timeout)[0]
+        if isinstance(r, str):
+            raise RuntimeError(f"{sae.id}: {r}")
+        return r
 
-    base = "/api/v1/keys"
-    deadline = time.monotonic() + 30
-    while (st := call(master, "GET", f"{base}/{slave.id}/status"))[0] != 200:
-        if time.monotonic() > deadline:
-            console.print(f"[red]key API at {master.node} not answering: {st}[/red]")
-            return 1
-        time.sleep(0.5)
-    status, enc = call(master, "POST", f"{base}/{slave.id}/enc_keys",
-                       json.dumps({"number": 2, "size": 256}).encode())
-    ids = [k["key_ID"] for k in enc.get("keys", [])]
-    dec_path = f"{base}/{master.id}/dec_keys?key_ID={ids[0] if ids else ''}"
-    status2, dec = call(slave, "POST", f"{base}/{master.id}/dec_keys",
-                        json.dumps({"key_IDs": [{"key_ID": k} for k in ids]}).encode())
-    again = call(slave, "GET", dec_path)
-    same = status == status2 == 200 and dec.get("keys") == enc.get("keys")
-    console.print(f"key API (ETSI GS QKD 014, HTTPS with mutual TLS): {master.id} at "
-                  f"{master.node} got {len(ids)} keys of 256 bits for {slave.id} "
-                  f"({st[1]['stored_key_count']:,} such keys stored); {slave.id} fetched "
-                  f"them from {slave.node}'s KME: "
-                  + ("identical" if same else "[red]not identical[/red]")
-                  + f"; asking again: {again[0]} ({again[1].get('message', '')})")
-    return 0 if same and again[0] == 400 else 1
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self._in(self.master, _status, self.slave.id, timeout=10) == 200:
+                    return True
+            except RuntimeError:
+                pass
+            time.sleep(0.5)
+        return False
+
+    def exchange(self, nbytes: int, key_bytes: int) -> KeyCheck:
+        took = self._in(self.master, _take_keys, self.slave.id, nbytes, key_bytes)
+        got = self._in(self.slave, _fetch_keys, self.master.id, took["ids"])
+        return KeyCheck(keys=len(took["ids"]), nbytes=took["bytes"],
+                        identical=got["keys"] == len(took["ids"])
+                        and got["sha256"] == took["sha256"],
+                        refused_again=got["again"] == 400)
+
+
+# ---- the demo -------------------------------------------------------------------------------
+
+class Watch:
+    """Live view of the stream, the route and the global key relay between two nodes."""
+
+    def __init__(self, topo: Topology, console: Console, src: str, dst: str):
+        self.topo, self.console, self.src, self.dst = topo, console, src, dst
+        self.stream: PacedStream | None = None
+        self._mark = (time.monotonic(), 0)
+        self.rate_mbps = 0.0
+
+    def snap(self) -> dict:
+        return collect(self.topo)
+
+    def received(self) -> int:
+        return self.stream.received.value if self.stream else 0
+
+    def _view(self, phase: str, snap: dict) -> Table:
+        now, got = time.monotonic(), self.received()
+        t0, b0 = self._mark
+        if now - t0 >= 0.5:
+            self.rate_mbps = (got - b0) * 8 / (now - t0) / 1e6
+            self._mark = (now, got)
+        relay = _relay(snap, self.src, self.dst)
+        t = Table(box=None, pad_edge=False, show_header=True)
+        for col in ("phase", f"route {self.src}->{self.dst}", "TCP stream",
+                    f"global key {self.src}->{self.dst}", "stored"):
+            t.add_column(col)
+        t.add_row(phase, _route(snap, self.src, self.dst),
+                  f"{self.rate_mbps:,.0f} Mb/s, {got / 1e6:,.0f} MB",
+                  f"{relay.get('acked_bytes', 0) / (1 << 20):,.0f} MiB relayed, "
+                  f"{relay.get('rate_bps', 0) / 1e6:,.0f} Mb/s",
+                  f"{_usable(snap, self.src, self.dst) / (1 << 20):,.0f} MiB")
+        return t
+
+    def until(self, phase: str, seconds: float, done=None) -> tuple[bool, dict]:
+        """Show the live view until ``done(snap)`` holds (True) or ``seconds`` pass."""
+        end = time.monotonic() + seconds
+        snap = self.snap()
+        with Live(self._view(phase, snap), console=self.console, refresh_per_second=4,
+                  transient=True) as live:
+            while True:
+                if done is not None and done(snap):
+                    return True, snap
+                if time.monotonic() >= end:
+                    return done is None, snap
+                time.sleep(0.25)
+                snap = self.snap()
+                live.update(self._view(phase, snap))
+
+
+def _pick_saes(topo: Topology) -> tuple[Sae, Sae]:
+    for m in topo.saes:
+        for s in topo.saes:
+            if m.node != s.node and topo.link_between(m.node, s.node) is not None:
+                return m, s
+    raise ValueError("the demo needs two SAEs on nodes joined by a direct link "
+                     "(examples/triangle.toml has SAE-A at A and SAE-C at C)")
+
+
+def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
+             rate_mbps: float = 200.0) -> tuple[int, DemoReport]:
+    """Run the whole demo; its exit status (0 when every claim held) and what it saw."""
+    rep = DemoReport()
+    master, slave = _pick_saes(topo)
+    src, dst = master.node, slave.node
+    direct = topo.link_between(src, dst)
+    assert direct is not None
+    via = next((n for n in topo.nodes if n not in (src, dst)
+                and topo.link_between(src, n) and topo.link_between(n, dst)), None)
+    if via is None:
+        raise ValueError(f"the demo needs a third node linked to both {src} and {dst}")
+    detour = topo.link_between(src, via)
+    assert detour is not None
+    rep.src, rep.dst, rep.via = src, dst, via
+    rep.direct_link, rep.detour_link = direct.name, detour.name
+    console.print(f"[bold]qkdnet demo[/bold]: network {topo.name!r}, {len(topo.nodes)} nodes "
+                  f"in namespaces, {len(topo.links)} emulated QKD links")
+    emulation.net_down(topo.prefix)  # a previous run that crashed leaves nothing behind
+    stream: PacedStream | None = None
+    t_start = time.monotonic()
+    try:
+        emulation.net_up(topo)
+        console.print("1. namespaces, veth underlay, link emulators and nodes started")
+        watch = Watch(topo, console, src, dst)
+        rep.key_flow_ok, _ = watch.until("local key", 30, key_in_every_ring)
+        if not rep.key_flow_ok:
+            console.print(render(collect(topo)))
+            raise _Stop
+        pairs = topo.gkm.pairs
+        rep.global_key_ok, snap = watch.until(
+            "global key", 40, lambda s: all(_usable(s, o, d) > 0 for o, d in pairs))
+        console.print(render(snap))
+        if not rep.global_key_ok:
+            raise _Stop
+        console.print(f"   local key in every ring; global key in all {len(pairs)} ordered "
+                      "pairs of nodes")
+
+        saes = Saes(topo, master, slave)
+        if not saes.wait_ready(30):
+            rep.error = f"key API at {src} not answering"
+            raise _Stop
+        rep.keys_direct = saes.exchange(64, 32)
+        k = rep.keys_direct
+        console.print(f"2. key API (ETSI GS QKD 014, mutual TLS): {master.id} at {src} took "
+                      f"{k.keys} keys of 256 bits for {slave.id}; {slave.id} fetched them at "
+                      f"{dst}: {'identical' if k.identical else '[red]DIFFERENT[/red]'}; "
+                      f"fetching again: {'refused' if k.refused_again else '[red]served[/red]'}")
+
+        na, nd = paths.netns_name(topo.prefix, src), paths.netns_name(topo.prefix, dst)
+        stream = PacedStream(na, str(topo.node(src).address), nd, str(topo.node(dst).address),
+                             STREAM_PORT, rate_mbps * 1e6)
+        watch.stream = stream
+        console.print(f"3. TCP stream {src} -> {dst} through the OTP tunnels, paced at "
+                      f"{rate_mbps:,.0f} Mb/s")
+        _phase(rep, watch, "direct", _mark(watch), phase_s)
+
+        low = topo.gkm.low_watermark
+        ifname = emulation.underlay_ifname(direct.index)
+        cut_mark = _mark(watch)
+        t0, relayed0 = cut_mark[0], cut_mark[2]
+        _set_link(na, ifname, up=False)
+        console.print(f"4. cut: link {direct.name} ({ifname} at {src}) is down")
+        ok, _ = watch.until("rerouting", 15, lambda s: _route(s, src, dst) == detour.name
+                            and _route(s, dst, src) != direct.name)
+        rep.reroute_s = time.monotonic() - t0 if ok else None
+        if ok:
+            console.print(f"   routes moved to {via} after {rep.reroute_s:.1f} s")
+        snap = watch.snap()
+        take = max(_usable(snap, src, dst) - low + topo.gkm.block_size, topo.gkm.block_size)
+        key_bytes = min(topo.api.max_key_size // 8, topo.gkm.block_size)
+        rep.keys_detour = saes.exchange(take, key_bytes)
+        k = rep.keys_detour
+        console.print(f"   {master.id} took {k.nbytes / (1 << 20):,.0f} MiB of key ({k.keys} "
+                      f"keys), below the low watermark; {slave.id} fetched them: "
+                      f"{'identical' if k.identical else '[red]DIFFERENT[/red]'}; "
+                      f"the store refills through {via}")
+        _phase(rep, watch, "cut", cut_mark, phase_s, lambda s: _usable(s, src, dst) >= low
+               and _relay(s, src, dst).get("acked_bytes", 0) > relayed0)
+        rep.restocked_during_cut = (_relay(watch.snap(), src, dst).get("acked_bytes", 0)
+                                    - relayed0)
+
+        back_mark = _mark(watch)
+        t0 = back_mark[0]
+        _set_link(na, ifname, up=True)
+        console.print(f"5. restore: link {direct.name} is up again")
+        ok, _ = watch.until("restoring", 20, lambda s: _route(s, src, dst) == direct.name
+                            and _route(s, dst, src) == direct.name)
+        rep.restore_s = time.monotonic() - t0 if ok else None
+        if ok:
+            console.print(f"   routes back on {direct.name} after {rep.restore_s:.1f} s")
+        _phase(rep, watch, "restored", back_mark, phase_s / 2)
+        rep.stream = stream.finish()
+        stream = None
+        s = rep.stream
+        console.print(f"6. stream ended: {s.sent / 1e6:,.0f} MB sent, {s.received / 1e6:,.0f} "
+                      f"MB received, " + ("identical (length and SHA-256)" if s.intact
+                                          else f"[red]NOT intact[/red] {s.error}"))
+    except _Stop:
+        pass
+    except Exception as e:  # noqa: BLE001 - reported in the summary, teardown still runs
+        rep.error = f"{type(e).__name__}: {e}"
+    finally:
+        if stream is not None:
+            stream.kill()
+        removed = emulation.net_down(topo.prefix)
+        rep.leftovers = leftovers(topo.prefix)
+        console.print(f"teardown: removed {len(removed)} objects"
+                      + ("; nothing left behind" if not rep.leftovers else
+                         f"; [red]left: {', '.join(rep.leftovers)}[/red]"))
+    return _end(rep, console, t_start)
+
+
+def _mark(watch: Watch) -> tuple[float, int, int]:
+    return (time.monotonic(), watch.received(),
+            _relay(watch.snap(), watch.src, watch.dst).get("acked_bytes", 0))
+
+
+def _phase(rep: DemoReport, watch: Watch, name: str, since: tuple[float, int, int],
+           seconds: float, done=None) -> None:
+    """Run one phase (begun at mark ``since``) at least ``seconds``, and until ``done``."""
+    watch.until(name, max(0.0, since[0] + seconds - time.monotonic()))
+    if done is not None:
+        watch.until(name, 3 * seconds, done)
+    snap = watch.snap()
+    t0, b0, r0 = since
+    rep.phases.append(Phase(
+        name=name, route=_route(snap, watch.src, watch.dst), seconds=time.monotonic() - t0,
+        stream_bytes=watch.received() - b0,
+        relayed_bytes=_relay(snap, watch.src, watch.dst).get("acked_bytes", 0) - r0))
+
+
+def _set_link(ns: str, ifname: str, up: bool) -> None:
+    import subprocess
+
+    subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up" if up else "down"],
+                   check=True, capture_output=True)
+
+
+def leftovers(prefix: str) -> list[str]:
+    """What of a network still exists after teardown: namespaces, rings, run directory."""
+    import subprocess
+
+    out = []
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out += [f"namespace {n.split()[0]}" for n in names.splitlines()
+            if n.startswith(f"{prefix}-")]
+    out += [f"ring {n}" for n in paths.ring_names_of_network(prefix)]
+    if paths.network_dir(prefix).exists():
+        out.append(f"directory {paths.network_dir(prefix)}")
+    return out
+
+
+def summary_table(rep: DemoReport) -> Table:
+    t = Table(title="demo summary", title_justify="left")
+    for col in ("phase", f"route {rep.src}->{rep.dst}", "seconds", "TCP stream",
+                "global key relayed"):
+        t.add_column(col, justify="right" if col != "phase" else "left")
+    for p in rep.phases:
+        t.add_row(p.name, p.route, f"{p.seconds:.1f}",
+                  f"{p.stream_bytes * 8 / max(p.seconds, 1e-9) / 1e6:,.0f} Mb/s",
+                  f"{p.relayed_bytes / (1 << 20):,.0f} MiB")
+    return t
+
+
+def _end(rep: DemoReport, console: Console, t_start: float) -> tuple[int, DemoReport]:
+    if rep.phases:
+        console.print(summary_table(rep))
+    problems = rep.problems()
+    took = time.monotonic() - t_start
+    if problems:
+        for p in problems:
+            console.print(f"[red]FAILED[/red] {p}")
+        return 1, rep
+    console.print(f"[green]demo passed[/green] in {took:.0f} s: keys identical at both SAEs "
+                  f"before and during the cut, the stream intact through the cut "
+                  f"(rerouted in {rep.reroute_s:.1f} s, back in {rep.restore_s:.1f} s), "
+                  f"{rep.restocked_during_cut / (1 << 20):,.0f} MiB of global key relayed "
+                  f"through {rep.via}")
+    return 0, rep
+
+
+def report_json(rep: DemoReport) -> str:
+    from dataclasses import asdict
+
+    return json.dumps(asdict(rep), default=str)
+
