@@ -11,12 +11,17 @@ be forged, reflected, reordered or replayed from another connection.
 Frame: ``u32 length | body | 32-byte tag``; body: ``u8 version | u8 type | u64 counter |
 payload``. All integers big-endian. A bad frame is refused whole (the connection drops
 and a new session starts); nothing in it is applied.
+
+Besides the agreement's own messages the channel carries a key source's notes to the
+peer's source (``KeyIds``: which device keys make up a block); the agreement state
+machines ignore them and the key manager routes them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -28,6 +33,10 @@ VERSION = 1
 TAG_LEN = 32
 NONCE_LEN = 16
 AUTH_KEY_LEN = 32
+MAX_KEYS_PER_NOTE = 1024  # device keys one block may be made of (one enc_keys call)
+KEY_ID_LEN = 36  # a UUID in its canonical text form
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                      r"[0-9a-fA-F]{12}")
 
 
 class Fate(IntEnum):
@@ -69,21 +78,38 @@ class Decide:
     decisions: tuple[Decision, ...]
 
 
-Message = Hello | Sync | Have | Decide
+@dataclass(frozen=True)
+class KeyIds:
+    """The leader's ETSI 014 source to the follower's: block ``block`` is the keys
+    ``key_ids`` (UUID strings exactly as the device gave them), in this order."""
 
-T_HELLO, T_SYNC, T_HAVE, T_DECIDE = 1, 2, 3, 4
+    block: tuple[int, int]
+    key_ids: tuple[str, ...]
+
+
+Message = Hello | Sync | Have | Decide | KeyIds
+
+T_HELLO, T_SYNC, T_HAVE, T_DECIDE, T_KEY_IDS = 1, 2, 3, 4, 5
 _Q2 = struct.Struct(">QQ")
 _Q5 = struct.Struct(">QQQQQ")
 _Q3 = struct.Struct(">QQQ")
 _HAVE_HEAD = struct.Struct(">QQQI")
 _DECIDE_HEAD = struct.Struct(">QI")
 _DECISION = struct.Struct(">QQBQ")
+_KEY_IDS_HEAD = struct.Struct(">QQH")
 _BODY_HEAD = struct.Struct(">BBQ")
 _LEN = struct.Struct(">I")
 
 
 class ProtocolError(Exception):
     """A frame or message that is malformed or not authentic; refused whole."""
+
+
+def check_key_id(key_id: object) -> str:
+    """A device's key ID as ETSI GS QKD 014 defines it (a UUID); ValueError otherwise."""
+    if not isinstance(key_id, str) or not _UUID_RE.fullmatch(key_id):
+        raise ValueError(f"key_ID {str(key_id)[:40]!r} is not a UUID")
+    return key_id
 
 
 def encode(msg: Message) -> tuple[int, bytes]:
@@ -98,6 +124,11 @@ def encode(msg: Message) -> tuple[int, bytes]:
         head = _DECIDE_HEAD.pack(msg.sync, len(msg.decisions))
         return T_DECIDE, head + b"".join(
             _DECISION.pack(d.block[0], d.block[1], int(d.fate), d.pos) for d in msg.decisions)
+    if isinstance(msg, KeyIds):
+        if not 1 <= len(msg.key_ids) <= MAX_KEYS_PER_NOTE:
+            raise ValueError(f"KeyIds: {len(msg.key_ids)} keys, at most {MAX_KEYS_PER_NOTE}")
+        head = _KEY_IDS_HEAD.pack(*msg.block, len(msg.key_ids))
+        return T_KEY_IDS, head + "".join(check_key_id(k) for k in msg.key_ids).encode()
     raise TypeError(f"not an agreement message: {msg!r}")
 
 
@@ -128,7 +159,17 @@ def decode(mtype: int, payload: bytes) -> Message:
                     raise ProtocolError(f"Decide: unknown fate {f}")
                 out.append(Decision((e, q), Fate(f), pos))
             return Decide(s, tuple(out))
-    except struct.error as e:
+        if mtype == T_KEY_IDS and len(payload) >= _KEY_IDS_HEAD.size:
+            e, q, n = _KEY_IDS_HEAD.unpack_from(payload)
+            if not 1 <= n <= MAX_KEYS_PER_NOTE:
+                raise ProtocolError(f"KeyIds: {n} keys, must be 1 to {MAX_KEYS_PER_NOTE}")
+            if len(payload) != _KEY_IDS_HEAD.size + n * KEY_ID_LEN:
+                raise ProtocolError("KeyIds: length does not match its count")
+            text = payload[_KEY_IDS_HEAD.size:].decode("ascii")
+            ids = tuple(check_key_id(text[i * KEY_ID_LEN:(i + 1) * KEY_ID_LEN])
+                        for i in range(n))
+            return KeyIds((e, q), ids)
+    except (ValueError, struct.error) as e:
         raise ProtocolError(f"malformed message: {e}") from None
     raise ProtocolError(f"unknown message type {mtype} or bad length {len(payload)}")
 

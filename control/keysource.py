@@ -239,4 +239,7 @@ def make_source(topo: Topology, node: str, link: LinkSpec) -> KeySource:
     if kind == "emulator":
         from control import paths
         return EmulatorSource(paths.emulator_socket(topo.prefix, link.name, node))
+    if kind == "etsi014":
+        from control.keysource_etsi import make_etsi_source
+        return make_etsi_source(topo, node, link)
     raise ValueError(f"link {link.name}: unknown key source kind {kind!r}")

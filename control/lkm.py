@@ -7,6 +7,11 @@ file that `qkdctl status` and the supervisor read.
 
 Locking: this process is the only writer of both rings' write cursors; OTP workers only
 claim and release (see :mod:`dataplane.ring`), so the rings need no lock here.
+
+A source whose two ends must talk (the ETSI 014 source: the leader's device names the
+keys, the follower's fetches them) has the optional hooks of :class:`NotingSource`; the
+shell carries its notes over the agreement channel, which authenticates them, and keeps
+them away from the agreement state machines.
 """
 
 from __future__ import annotations
@@ -21,10 +26,18 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from control import paths
 from control.agreement import AB, BA, Dropped, Follower, Leader, Send, SkipTo, Store
-from control.agreement_msgs import AUTH_KEY_LEN, NONCE_LEN, FrameCodec, ProtocolError
+from control.agreement_msgs import (
+    AUTH_KEY_LEN,
+    NONCE_LEN,
+    FrameCodec,
+    KeyIds,
+    Message,
+    ProtocolError,
+)
 from control.config import LinkSpec, Topology
 from control.keysource import KeySource, SourceUnavailable, make_source
 from control.statefile import write_json
@@ -46,6 +59,23 @@ def load_link_key(path: Path) -> bytes:
         raise SystemExit(f"link authentication key {path} must be exactly {AUTH_KEY_LEN} "
                          f"bytes, has {len(key)}")
     return key
+
+
+class NotingSource(Protocol):
+    """Optional hooks of a key source that talks to its peer end (e.g. ETSI 014)."""
+
+    def outgoing(self) -> list[Message]:
+        """Notes for the peer's source, sent as they are (dropped if no channel)."""
+        ...
+
+    def on_peer_note(self, msg: Message) -> None:
+        """A note from the peer's source, authenticated by the agreement channel."""
+        ...
+
+    def on_agreement(self, synced: bool, undecided: int) -> None:
+        """The agreement's state, every loop: whether the ends are in session and how
+        many of this end's blocks await a decision (a leader source paces on it)."""
+        ...
 
 
 @dataclass
@@ -103,6 +133,9 @@ class LinkKeyManager:
         self.source_up = False
         self.source_reading = False
         self.source_error = ""
+        self._logged_source_error = ""
+        self.notes: NotingSource | None = (cfg.source if hasattr(cfg.source, "outgoing")
+                                           else None)  # type: ignore[assignment]
         self.peer_error = ""
         self.stop = False
         self._next_source_try = 0.0
@@ -146,13 +179,10 @@ class LinkKeyManager:
         try:
             self.cfg.source.open()
         except SourceUnavailable as e:
-            if self.source_error != str(e):
-                log.warning("link %s: key source unavailable: %s", self.cfg.link.name, e)
-            self.source_error = str(e)
+            self._source_failed(str(e), "key source unavailable")
             self._next_source_try = now + RECONNECT_S
             return
         self.source_up = True
-        self.source_error = ""
         self.sel.register(self.cfg.source.fileno(), selectors.EVENT_READ, "source")
         self.source_reading = True
         log.info("link %s: key source connected (%s)", self.cfg.link.name,
@@ -185,9 +215,7 @@ class LinkKeyManager:
         try:
             blocks = self.cfg.source.read_blocks()
         except SourceUnavailable as e:
-            log.warning("link %s: key source lost: %s; running on stored key",
-                        self.cfg.link.name, e)
-            self.source_error = str(e)
+            self._source_failed(str(e), "key source lost; running on stored key")
             if self.source_reading:
                 self.sel.unregister(self.cfg.source.fileno())
             self.source_reading = False
@@ -196,7 +224,29 @@ class LinkKeyManager:
             self._next_source_try = now + RECONNECT_S
             return
         if blocks:
+            if self.source_error:
+                log.info("link %s: key source delivers again", self.cfg.link.name)
+            self.source_error = self._logged_source_error = ""
             self._carry_out(self.machine.on_blocks(blocks, self.released(), now))
+
+    def _source_failed(self, error: str, what: str) -> None:
+        """Note a source failure; say it once, not at every retry of a source that
+        opens but keeps failing (a device that is down)."""
+        if error != self._logged_source_error:
+            log.warning("link %s: %s: %s", self.cfg.link.name, what, error)
+            self._logged_source_error = error
+        self.source_error = error
+
+    def _exchange_notes(self) -> None:
+        """Tell a noting source the agreement's state and send its notes to the peer."""
+        if self.notes is None:
+            return
+        self.notes.on_agreement(self.machine.synced and self.peer_sock is not None,
+                                len(self.machine.pending))
+        out = self.notes.outgoing()
+        if out and self.peer_sock is not None:
+            for m in out:
+                self._send(Send(m))
 
     # ---- peer channel ------------------------------------------------------------------
 
@@ -305,6 +355,10 @@ class LinkKeyManager:
             self._drop_peer(f"refused a frame: {e}")
             return
         for m in msgs:
+            if isinstance(m, KeyIds):  # for the source, not the agreement
+                if self.notes is not None:
+                    self.notes.on_peer_note(m)
+                continue
             self._carry_out(self.machine.on_message(m, self.released(), now))
             if self.peer_sock is None:
                 return
@@ -325,7 +379,9 @@ class LinkKeyManager:
             "updated": time.time(), "started": self.started,
             "source": {"up": self.source_up, "error": self.source_error,
                        "paused": self.source_up and not self.source_reading,
-                       "description": self.cfg.source.description},
+                       "description": self.cfg.source.description,
+                       **({"stats": self.cfg.source.stats()}  # type: ignore[attr-defined]
+                          if hasattr(self.cfg.source, "stats") else {})},
             "agreement": {"connected": self.peer_sock is not None,
                           "synced": self.machine.synced, "session": self.machine.sync,
                           "resyncs": c.resyncs, "error": self.peer_error,
@@ -372,6 +428,7 @@ class LinkKeyManager:
                         self._accept()
                 now = time.monotonic()
                 self._carry_out(self.machine.on_tick(self.released(), now))
+                self._exchange_notes()
                 if now - self._last_status >= STATUS_INTERVAL_S:
                     self._last_status = now
                     self._publish(now)

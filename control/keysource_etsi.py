@@ -1,0 +1,578 @@
+"""Key source for QKD devices speaking ETSI GS QKD 014: the node is an SAE of its device.
+
+Each link end talks to its own device (KME) over HTTPS with mutual TLS:
+
+1. The leader (link end a) calls ``enc_keys`` at its device naming the follower's SAE ID:
+   ``keys_per_call`` keys of ``key_size`` bits; the keys, concatenated in the answer's
+   order, are one block ``(epoch, seq)``.
+2. It tells the follower which keys those were, ``KeyIds((epoch, seq), key_IDs)``, over the
+   link's authenticated agreement channel (the key manager routes the note).
+3. The follower calls ``dec_keys`` at its own device with those IDs and delivers the same
+   bytes under the same ``(epoch, seq)``. From there the agreement decides as for any
+   source.
+
+A block is delivered only whole, after the device's answer has arrived completely and its
+key IDs and sizes are checked; a failure anywhere delivers nothing. Keys whose IDs never
+reach the follower, or whose ``dec_keys`` answer is lost, are never used: the agreement's
+timeout discards the leader's copy, and a device hands a key out once, so no key is used
+twice. "Not enough key" (503) waits and asks again, doubling the wait; an unreachable or
+refusing device makes the key manager reopen the source every second and run on stored
+key meanwhile. The leader fetches only while the agreement is synced and few blocks are
+undecided, so a follower whose device is down does not drain the leader's.
+
+The answer checks, the follower's queue of notes and the backoff are I/O-free (tested
+directly); the HTTPS calls are a thin shell on :class:`FetchingSource`'s thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import json
+import logging
+import secrets
+import ssl
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
+
+from control.agreement_msgs import KeyIds, Message, check_key_id
+from control.keysource import Block, FetchingSource, SourceUnavailable
+from dataplane.limits import PENDING_BLOCK_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from control.config import Etsi014End, Etsi014Source, LinkSpec, Topology
+
+log = logging.getLogger("qkdnet.keysource.etsi")
+BASE_PATH = "/api/v1/keys"
+WINDOW_BLOCKS = 8          # blocks the leader lets be undecided before it asks for more
+MAX_NOTES = 256            # notes the follower holds; older ones are dropped
+RECENT_IDS = 1 << 16       # key IDs remembered to refuse a repeated one
+MAX_ERROR_TEXT = 200       # characters of a device's error message kept for logs
+MAX_BACKOFF_S = 2.0        # longest wait between asks when the device has no key
+
+
+# ---- the I/O-free parts -----------------------------------------------------------------
+
+class NotEnoughKey(Exception):
+    """503: the device has no key for us now; ask again later."""
+
+
+class Refused(Exception):
+    """400, 401 or another status: the device will not do what we asked."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class BadAnswer(Exception):
+    """A 200 whose body is not what the standard and our request say; its keys unused."""
+
+
+def error_text(body: bytes) -> str:
+    """The ``message`` of an ETSI Error body, shortened, printable; else a placeholder."""
+    try:
+        msg = json.loads(body)["message"]
+    except (ValueError, KeyError, TypeError):
+        return "(no ETSI error message)"
+    if not isinstance(msg, str):
+        return "(no ETSI error message)"
+    return "".join(c if c.isprintable() else "?" for c in msg[:MAX_ERROR_TEXT])
+
+
+def _raise_for_status(status: int, body: bytes) -> None:
+    if status == 200:
+        return
+    if status == 503:
+        raise NotEnoughKey(error_text(body))
+    raise Refused(status, error_text(body))
+
+
+def enc_request(number: int, size_bits: int) -> bytes:
+    return json.dumps({"number": number, "size": size_bits}).encode()
+
+
+def dec_request(key_ids: tuple[str, ...]) -> bytes:
+    return json.dumps({"key_IDs": [{"key_ID": k} for k in key_ids]}).encode()
+
+
+def _container(body: bytes, number: int) -> list:
+    try:
+        doc = json.loads(body)
+    except ValueError as e:
+        raise BadAnswer(f"not JSON: {e}") from None
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list):
+        raise BadAnswer("no 'keys' array in the key container")
+    if len(keys) != number:
+        raise BadAnswer(f"{len(keys)} keys, asked for {number}")
+    return keys
+
+
+def _key(entry: object, key_bytes: int) -> tuple[str, bytes]:
+    if not isinstance(entry, dict):
+        raise BadAnswer("a key entry is not an object")
+    try:
+        kid = check_key_id(entry.get("key_ID"))
+        raw = entry.get("key")
+        if not isinstance(raw, str):
+            raise ValueError("no 'key' string")
+        key = base64.b64decode(raw, validate=True)
+    except (ValueError, binascii.Error) as e:
+        raise BadAnswer(f"bad key entry: {e}") from None
+    if len(key) != key_bytes:
+        raise BadAnswer(f"key {kid} has {len(key) * 8} bits, asked for {key_bytes * 8}")
+    return kid, key
+
+
+def parse_enc_keys(status: int, body: bytes, number: int, key_bytes: int
+                   ) -> list[tuple[str, bytes]]:
+    """The (key_ID, key) pairs of an ``enc_keys`` answer: exactly ``number`` keys of
+    ``key_bytes`` each, distinct UUIDs; raises NotEnoughKey, Refused or BadAnswer."""
+    _raise_for_status(status, body)
+    keys = [_key(e, key_bytes) for e in _container(body, number)]
+    if len({k for k, _ in keys}) != len(keys):
+        raise BadAnswer("the same key_ID twice in one answer")
+    return keys
+
+
+def parse_dec_keys(status: int, body: bytes, key_ids: tuple[str, ...], key_bytes: int
+                   ) -> bytearray:
+    """The block a ``dec_keys`` answer makes: its keys in the order of ``key_ids``, which
+    it must hold exactly (any order, each once)."""
+    _raise_for_status(status, body)
+    got = dict(_key(e, key_bytes) for e in _container(body, len(key_ids)))
+    if set(got) != set(key_ids) or len(got) != len(key_ids):
+        raise BadAnswer("the keys answered are not the keys asked for")
+    return join_keys([got[k] for k in key_ids])
+
+
+def join_keys(keys: list[bytes]) -> bytearray:
+    out = bytearray(sum(len(k) for k in keys))
+    pos = 0
+    for k in keys:
+        out[pos:pos + len(k)] = k
+        pos += len(k)
+    return out
+
+
+def check_status(doc: object, keys_per_call: int, key_size: int) -> list[str]:
+    """What in our config a device's Status answer rules out (empty: nothing)."""
+    if not isinstance(doc, dict):
+        return ["the device's Status answer is not a JSON object"]
+    problems = []
+
+    def limit(name: str) -> int | None:
+        v = doc.get(name)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    if (m := limit("max_key_per_request")) is not None and keys_per_call > m:
+        problems.append(f"keys_per_call = {keys_per_call}, the device gives at most {m} "
+                        f"keys per request")
+    if (m := limit("max_key_size")) is not None and key_size > m:
+        problems.append(f"key_size = {key_size} bits, the device's largest is {m}")
+    if (m := limit("min_key_size")) is not None and key_size < m:
+        problems.append(f"key_size = {key_size} bits, the device's smallest is {m}")
+    return problems
+
+
+@dataclass
+class Backoff:
+    """Waits that double while a condition lasts (``fail``) and start over (``reset``)."""
+
+    first: float
+    cap: float
+    _next: float = 0.0
+
+    def fail(self) -> float:
+        wait = self._next or self.first
+        self._next = min(self.cap, wait * 2)
+        return wait
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self._next != 0.0
+
+
+class RecentIds:
+    """The last ``size`` key IDs seen: a device that repeats one is refused, so no key
+    comes in twice (the bytes cannot be compared, the names can)."""
+
+    def __init__(self, size: int = RECENT_IDS):
+        self.size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def check(self, ids: list[str] | tuple[str, ...]) -> None:
+        for k in ids:
+            if k in self._ids:
+                raise BadAnswer(f"key_ID {k} was seen before")
+
+    def add(self, ids: list[str] | tuple[str, ...]) -> None:
+        for k in ids:
+            self._ids[k] = None
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+
+@dataclass
+class _Note:
+    note: KeyIds
+    received: float
+    lost: bool = False  # a dec_keys call with these IDs got no answer: maybe consumed
+
+
+class NoteQueue:
+    """The follower's notes from the leader, fetched in order, each at most once.
+
+    A note older than the agreement's timeout is dropped unfetched (the leader has
+    discarded its copy); a note whose block is not after the last one of the same epoch
+    is refused (a repeat). ``lost`` marks a note whose ``dec_keys`` call got no answer,
+    so the device may have handed the keys out: a "not found" then drops it at once.
+    """
+
+    def __init__(self, max_age: float = PENDING_BLOCK_TIMEOUT_S, size: int = MAX_NOTES):
+        self.max_age = max_age
+        self.size = size
+        self._q: deque[_Note] = deque()
+        self._last: dict[int, int] = {}
+        self.expired = 0
+        self.refused = 0
+        self.overflow = 0
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def add(self, note: KeyIds, now: float) -> bool:
+        epoch, seq = note.block
+        if seq <= self._last.get(epoch, -1):
+            self.refused += 1
+            return False
+        self._last[epoch] = seq
+        self._q.append(_Note(note, now))
+        while len(self._q) > self.size:
+            self._q.popleft()
+            self.overflow += 1
+        return True
+
+    def head(self, now: float) -> _Note | None:
+        """The next note to fetch, after dropping the expired ones."""
+        while self._q and now - self._q[0].received > self.max_age:
+            self._q.popleft()
+            self.expired += 1
+        return self._q[0] if self._q else None
+
+    def pop(self, note: _Note) -> None:
+        if self._q and self._q[0] is note:
+            self._q.popleft()
+
+
+# ---- the shell: HTTPS to the device --------------------------------------------------------
+
+class Device:
+    """One keep-alive HTTPS connection to a KME with this end's client certificate."""
+
+    def __init__(self, end: Etsi014End, base_dir: Path, timeout: float):
+        self.url = end.kme
+        u = urlsplit(end.kme)
+        self.host = u.hostname or ""
+        self.port = u.port or 443
+        self.prefix = u.path.rstrip("/") + BASE_PATH
+        self.timeout = timeout
+        self.files = {name: p if p.is_absolute() else (base_dir / p)
+                      for name, p in (("cert", end.cert), ("key", end.key), ("ca", end.ca))}
+        self._ctx: ssl.SSLContext | None = None
+        self._conn: http.client.HTTPSConnection | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """TLS 1.2 or newer, the device verified against ``ca``, our certificate shown."""
+        f = self.files
+        try:
+            ctx = ssl.create_default_context(cafile=str(f["ca"]))
+        except (OSError, ssl.SSLError) as e:
+            raise SourceUnavailable(f"cannot load the CA file {f['ca']}: {e}") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(str(f["cert"]), str(f["key"]))
+        except (OSError, ssl.SSLError) as e:
+            raise SourceUnavailable(f"cannot load the client certificate {f['cert']} with "
+                                    f"key {f['key']}: {e}") from None
+        return ctx
+
+    def open(self) -> None:
+        self._ctx = self.context()
+
+    def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """(status, body) of one request; SourceUnavailable when no whole answer came."""
+        assert self._ctx is not None
+        try:
+            if self._conn is None:
+                self._conn = http.client.HTTPSConnection(self.host, self.port,
+                                                         context=self._ctx,
+                                                         timeout=self.timeout)
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            self._conn.request(method, self.prefix + path, body=body, headers=headers)
+            r = self._conn.getresponse()
+            data = r.read()
+            if r.will_close:
+                self.close()
+            return r.status, data
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise SourceUnavailable(f"device {self.url}: {type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class _EtsiSource(FetchingSource):
+    """What both ends share: the device, its Status check, counters, the backoff."""
+
+    def __init__(self, link: str, cfg: Etsi014Source, own: Etsi014End, peer_sae: str,
+                 base_dir: Path, role: str):
+        super().__init__(f"ETSI 014 device {own.kme} as SAE {own.sae_id} ({role})")
+        self.link = link
+        self.cfg = cfg
+        self.peer_sae = peer_sae
+        self.key_bytes = cfg.key_size // 8
+        self.device = Device(own, base_dir, cfg.timeout_s)
+        self.backoff = Backoff(cfg.poll_interval_ms / 1000,
+                               max(MAX_BACKOFF_S, cfg.poll_interval_ms / 1000))
+        self.recent = RecentIds()
+        self._checked = False
+        self._lock = threading.Lock()
+        self._wake_fetch = threading.Event()
+        self.counters = {"calls": 0, "blocks": 0, "bytes": 0, "no_key": 0,
+                         "bad_answers": 0, "device_errors": 0}
+
+    # FetchingSource hooks
+    def connect(self) -> None:
+        self.device.open()  # certificate files only: nothing that blocks the caller
+        self._checked = False
+
+    def disconnect(self) -> None:
+        self.device.close()
+
+    def close(self) -> None:
+        self._wake_fetch.set()
+        super().close()
+
+    # the key manager's hooks (a source that has no notes need not define these)
+    def outgoing(self) -> list[Message]:
+        return []
+
+    def on_peer_note(self, msg: Message) -> None:
+        log.warning("link %s: unexpected %s from the peer, ignored", self.link,
+                    type(msg).__name__)
+
+    def on_agreement(self, synced: bool, undecided: int) -> None:
+        pass
+
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(self.counters)
+
+    # helpers
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def _request(self, method: str, path: str, body: bytes | None = None
+                 ) -> tuple[int, bytes]:
+        try:
+            if not self._checked:
+                self._check_status()
+            self._count("calls")
+            return self.device.call(method, path, body)
+        except SourceUnavailable:
+            self._count("device_errors")
+            raise
+
+    def _check_status(self) -> None:
+        """Once per connection: the device answers, and its limits allow our config."""
+        status, body = self.device.call("GET", f"/{quote(self.peer_sae, safe='')}/status")
+        if status == 401:
+            raise SourceUnavailable(f"device {self.device.url} refused our certificate: "
+                                    f"{error_text(body)}")
+        if status == 200:
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            problems = check_status(doc, self.cfg.keys_per_call, self.cfg.key_size)
+            if problems:
+                raise SourceUnavailable(f"device {self.device.url}: " + "; ".join(problems))
+        self._checked = True
+
+    def _wait_for_key(self, e: NotEnoughKey) -> list[Block]:
+        self._count("no_key")
+        if not self.backoff.failing:
+            log.info("link %s: device %s has no key now (%s); asking again with backoff",
+                     self.link, self.device.url, e)
+        self._stopping.wait(self.backoff.fail())
+        return []
+
+    def _got_key(self) -> None:
+        if self.backoff.failing:
+            log.info("link %s: device %s has key again", self.link, self.device.url)
+        self.backoff.reset()
+
+
+class EtsiLeaderSource(_EtsiSource):
+    """Link end a: enc_keys at its device for the follower's SAE, one block per call."""
+
+    def __init__(self, link: str, cfg: Etsi014Source, base_dir: Path):
+        super().__init__(link, cfg, cfg.a, cfg.b.sae_id, base_dir, "leader")
+        self.epoch = secrets.randbits(63)  # new per process: block ids never repeat
+        self.seq = 0
+        self._may_fetch = False
+        self._notes: deque[tuple[float, KeyIds]] = deque()
+
+    def on_agreement(self, synced: bool, undecided: int) -> None:
+        with self._cond:
+            queued = len(self._queue)
+        may = synced and undecided + queued < WINDOW_BLOCKS
+        if may != self._may_fetch:
+            self._may_fetch = may
+            if may:
+                self._wake_fetch.set()
+
+    def outgoing(self) -> list[Message]:
+        """The notes to send now; those the agreement has given up on are dropped."""
+        now = time.monotonic()
+        with self._lock:
+            out = [n for t, n in self._notes if now - t <= PENDING_BLOCK_TIMEOUT_S]
+            self._notes.clear()
+        return out  # type: ignore[return-value]
+
+    def fetch(self) -> list[Block]:
+        if not self._may_fetch:
+            self._wake_fetch.wait(0.2)
+            self._wake_fetch.clear()
+            return []
+        path = f"/{quote(self.peer_sae, safe='')}/enc_keys"
+        status, body = self._request("POST", path,
+                                     enc_request(self.cfg.keys_per_call, self.cfg.key_size))
+        try:
+            keys = parse_enc_keys(status, body, self.cfg.keys_per_call, self.key_bytes)
+            ids = [k for k, _ in keys]
+            self.recent.check(ids)
+        except NotEnoughKey as e:
+            return self._wait_for_key(e)
+        except Refused as e:
+            raise SourceUnavailable(f"device {self.device.url} refused enc_keys for "
+                                    f"{self.peer_sae}: {e}") from None
+        except BadAnswer as e:
+            self._count("bad_answers")
+            raise SourceUnavailable(f"device {self.device.url} answered enc_keys wrongly "
+                                    f"({e}); those keys are not used") from None
+        self._got_key()
+        self.recent.add(ids)
+        block = (self.epoch, self.seq)
+        self.seq += 1
+        data = join_keys([k for _, k in keys])
+        with self._lock:
+            self._notes.append((time.monotonic(), KeyIds(block, tuple(ids))))
+            self.counters["blocks"] += 1
+            self.counters["bytes"] += len(data)
+        return [(block, data)]
+
+
+class EtsiFollowerSource(_EtsiSource):
+    """Link end b: dec_keys at its device for each note the leader sends, in order."""
+
+    def __init__(self, link: str, cfg: Etsi014Source, base_dir: Path):
+        super().__init__(link, cfg, cfg.b, cfg.a.sae_id, base_dir, "follower")
+        self.notes = NoteQueue()
+        self.counters.update({"notes_skipped": 0})
+
+    def on_peer_note(self, msg: Message) -> None:
+        if not isinstance(msg, KeyIds):
+            return super().on_peer_note(msg)
+        if len(msg.key_ids) != self.cfg.keys_per_call:
+            log.warning("link %s: a note names %d keys, keys_per_call is %d: ignored "
+                        "(do both ends have the same config?)", self.link, len(msg.key_ids),
+                        self.cfg.keys_per_call)
+            return
+        with self._lock:
+            self.notes.add(msg, time.monotonic())
+        self._wake_fetch.set()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {**self.counters, "notes_waiting": len(self.notes),
+                    "notes_expired": self.notes.expired, "notes_refused": self.notes.refused,
+                    "notes_overflow": self.notes.overflow}
+
+    def _skip(self, item: _Note, why: str) -> list[Block]:
+        log.warning("link %s: block %s skipped: %s", self.link, item.note.block, why)
+        with self._lock:
+            self.notes.pop(item)
+            self.counters["notes_skipped"] += 1
+        return []
+
+    def fetch(self) -> list[Block]:
+        with self._lock:
+            item = self.notes.head(time.monotonic())
+        if item is None:
+            self._wake_fetch.wait(0.2)
+            self._wake_fetch.clear()
+            return []
+        ids = item.note.key_ids
+        try:
+            self.recent.check(ids)
+        except BadAnswer as e:
+            return self._skip(item, f"the leader named a key again ({e})")
+        path = f"/{quote(self.peer_sae, safe='')}/dec_keys"
+        try:
+            status, body = self._request("POST", path, dec_request(ids))
+        except SourceUnavailable:
+            item.lost = True  # the note stays: the keys may still be at the device
+            raise
+        try:
+            data = parse_dec_keys(status, body, ids, self.key_bytes)
+        except NotEnoughKey as e:
+            return self._wait_for_key(e)
+        except Refused as e:
+            if e.status == 400:
+                # Keys not (or no longer) there: gone for good if an earlier call with them
+                # got no answer; else the device may lag behind the leader's, so ask again
+                # (until the note expires).
+                if item.lost:
+                    return self._skip(item, f"its keys are gone from the device ({e})")
+                self._stopping.wait(self.backoff.fail())
+                return []
+            raise SourceUnavailable(f"device {self.device.url} refused dec_keys from "
+                                    f"{self.peer_sae}: {e}") from None
+        except BadAnswer as e:
+            self._count("bad_answers")
+            self._skip(item, f"the device answered dec_keys wrongly ({e})")
+            raise SourceUnavailable(f"device {self.device.url} answered dec_keys wrongly "
+                                    f"({e}); those keys are not used") from None
+        self._got_key()
+        self.recent.add(ids)
+        with self._lock:
+            self.notes.pop(item)
+            self.counters["blocks"] += 1
+            self.counters["bytes"] += len(data)
+        return [(item.note.block, data)]
+
+
+def make_etsi_source(topo: Topology, node: str, link: LinkSpec) -> _EtsiSource:
+    """The ETSI 014 source of ``node``'s end of ``link`` (relative paths: from the
+    topology file)."""
+    cfg: Etsi014Source = link.source  # type: ignore[assignment]
+    base = topo.path.parent
+    if node == link.a:
+        return EtsiLeaderSource(link.name, cfg, base)
+    return EtsiFollowerSource(link.name, cfg, base)

@@ -1,0 +1,456 @@
+"""The ETSI GS QKD 014 key source (control/keysource_etsi.py).
+
+Pure parts driven directly: the config, the KeyIds note on the authenticated channel, the
+checks of the devices' answers, the follower's note queue, the backoff. Then end to end:
+a qkdnet network (two nodes, emulated link, global key managers, key APIs over HTTPS
+with mutual TLS) stands in for the two QKD devices, and the two ends of a second link run
+their key managers inside the device nodes' namespaces with ETSI sources pointing at
+those key APIs; both rings agree byte for byte, also across a device API killed mid-run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from control import emulation, paths
+from control.agreement_msgs import (
+    MAX_KEYS_PER_NOTE,
+    FrameCodec,
+    KeyIds,
+    ProtocolError,
+    decode,
+    encode,
+)
+from control.config import ConfigError, EmulatorSource, Etsi014Source, parse_topology
+from control.keysource_etsi import (
+    Backoff,
+    BadAnswer,
+    NotEnoughKey,
+    NoteQueue,
+    RecentIds,
+    Refused,
+    check_status,
+    dec_request,
+    enc_request,
+    parse_dec_keys,
+    parse_enc_keys,
+)
+from dataplane.ring import KeyRing
+from tests.nsutil import InNetns, wait_until
+
+# ---- config ---------------------------------------------------------------------------
+
+TOPO = """
+[network]
+name = "etsi"
+prefix = "et"
+[[nodes]]
+name = "A"
+[[nodes]]
+name = "B"
+[[links]]
+a = "A"
+b = "B"
+underlay = ["10.9.1.1/30", "10.9.1.2/30"]
+{extra}
+"""
+SOURCE = ('source = {{ kind = "etsi014", keys_per_call = {n}, key_size = {size}, '
+          'a = {{ kme = "{kme}", sae_id = "{sa}", cert = "a.crt", key = "a.key", '
+          'ca = "ca.crt" }}, b = {{ kme = "https://10.0.0.2:8443", sae_id = "lb", '
+          'cert = "/etc/b.crt", key = "/etc/b.key", ca = "/etc/ca.crt" }} }}')
+
+
+def _topo(extra: str = "", *, n: int = 16, size: int = 8192, kme: str = "https://kme-a:443",
+          sa: str = "la"):
+    return parse_topology(TOPO.format(extra=SOURCE.format(n=n, size=size, kme=kme, sa=sa)
+                                      + "\n" + extra), "/cfg/etsi.toml")
+
+
+def _problems(**kw) -> str:
+    with pytest.raises(ConfigError) as e:
+        _topo(**kw)
+    return str(e.value)
+
+
+def test_config_an_etsi_link_with_its_block_from_the_calls():
+    lk = _topo().links[0]
+    assert isinstance(lk.source, Etsi014Source)
+    assert lk.block_size == 16 * 8192 // 8  # one enc_keys call is one block
+    assert lk.source.a.kme == "https://kme-a:443" and lk.source.b.sae_id == "lb"
+    assert lk.source.poll_interval_ms == 100 and lk.source.timeout_s == 10
+    # A table without a kind is still the emulator (older files), an explicit one too.
+    plain = parse_topology(TOPO.format(extra='source = { generator = "aes-ctr" }'))
+    assert isinstance(plain.links[0].source, EmulatorSource)
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"kme": "http://kme-a:80"}, "must be an https:// URL"),
+    ({"kme": "https://kme-a:443/x?y=1"}, "must not have a query"),
+    ({"kme": "https://:443"}, "must be an https:// URL with a host"),
+    ({"kme": "https://kme-a:99999"}, "not a URL"),
+    ({"sa": "lb"}, "each end is its own SAE"),
+    ({"sa": "l b"}, "links[0].source.etsi014.a.sae_id"),
+    ({"size": 100}, "multiple of 8 bits"),
+    ({"n": 0}, "greater than or equal to 1"),
+    ({"n": MAX_KEYS_PER_NOTE + 1}, f"less than or equal to {MAX_KEYS_PER_NOTE}"),
+    ({"n": 1, "size": 8}, "1 B per block, must be between 32 B and 16 MiB"),
+    ({"n": 1024, "size": 8 * (1 << 20)}, "must be between 32 B and 16 MiB"),
+    ({"extra": 'block_size = "64KiB"'}, "links[0].block_size: 65536 B, but each enc_keys"),
+])
+def test_config_mistakes_are_refused_with_the_field(kw, words):
+    assert words in _problems(**kw)
+
+
+def test_config_unknown_kind_and_missing_end():
+    text = TOPO.format(extra='source = { kind = "usb" }')
+    with pytest.raises(ConfigError, match="unknown key source kind"):
+        parse_topology(text)
+    text = TOPO.format(extra='source = { kind = "etsi014", a = { kme = "https://x", '
+                             'sae_id = "s", cert = "c", key = "k", ca = "ca" } }')
+    with pytest.raises(ConfigError, match=r"source\.etsi014\.b: required field is missing"):
+        parse_topology(text)
+
+
+# ---- the note on the agreement channel --------------------------------------------------
+
+def test_key_ids_travel_authenticated_and_bad_ones_are_refused():
+    auth = secrets.token_bytes(32)
+    n1, n2 = secrets.token_bytes(16), secrets.token_bytes(16)
+    leader, follower = FrameCodec(auth, b"L", n1, n2), FrameCodec(auth, b"F", n2, n1)
+    ids = tuple(str(uuid.uuid4()) for _ in range(MAX_KEYS_PER_NOTE))
+    note = KeyIds((2**63 - 1, 7), ids)
+    wire = leader.seal(note)
+    assert follower.feed(wire[:100]) == [] and follower.feed(wire[100:]) == [note]
+    tampered = bytearray(leader.seal(KeyIds((1, 8), ids[:1])))
+    tampered[30] ^= 1  # inside a key ID
+    with pytest.raises(ProtocolError, match="authentication"):
+        follower.feed(bytes(tampered))
+    mtype, payload = encode(KeyIds((1, 2), ids[:2]))
+    for bad, words in [(payload[:-1], "length"), (payload + b"x", "length"),
+                       (payload[:16] + b"\x00\x00", "0 keys"),
+                       (payload[:-36] + b"z" * 36, "not a UUID"),
+                       (payload[:-36] + "é".encode() * 18, "malformed")]:
+        with pytest.raises(ProtocolError, match=words):
+            decode(mtype, bad)
+    with pytest.raises(ValueError):
+        encode(KeyIds((1, 2), ("not-a-uuid",)))
+    with pytest.raises(ValueError):
+        encode(KeyIds((1, 2), ()))
+
+
+# ---- the devices' answers ---------------------------------------------------------------
+
+def _container(keys: list[tuple[str, bytes]]) -> bytes:
+    return json.dumps({"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()}
+                                for k, v in keys]}).encode()
+
+
+def _keys(n: int, size: int = 32) -> list[tuple[str, bytes]]:
+    return [(str(uuid.uuid4()), os.urandom(size)) for _ in range(n)]
+
+
+def test_requests_are_the_standards_json():
+    assert json.loads(enc_request(4, 256)) == {"number": 4, "size": 256}
+    assert json.loads(dec_request(("x", "y"))) == {"key_IDs": [{"key_ID": "x"},
+                                                               {"key_ID": "y"}]}
+
+
+def test_enc_keys_answer_taken_whole_or_not_at_all():
+    keys = _keys(3)
+    assert parse_enc_keys(200, _container(keys), 3, 32) == keys
+    with pytest.raises(NotEnoughKey, match="not enough"):
+        parse_enc_keys(503, b'{"message": "not enough key material"}', 3, 32)
+    with pytest.raises(Refused, match="HTTP 401: who are you") as e:
+        parse_enc_keys(401, b'{"message": "who are you"}', 3, 32)
+    assert e.value.status == 401
+    with pytest.raises(Refused, match="no ETSI error message"):
+        parse_enc_keys(400, b"<html>", 3, 32)
+    k0 = keys[0]
+    bad = {
+        "truncated": _container(keys)[:-5],
+        "too few": _container(keys[:2]),
+        "too many": _container(keys + _keys(1)),
+        "short key": _container([k0, keys[1], (keys[2][0], keys[2][1][:31])]),
+        "repeated id": _container([k0, keys[1], (k0[0], keys[2][1])]),
+        "not a uuid": _container([("nope", k0[1]), *keys[1:]]),
+        "bad base64": _container(keys).replace(b'"key": "', b'"key": "!', 1),
+        "no keys": b'{"key_container_extension": {}}',
+        "not an object": b"[1, 2, 3]",
+        "entry not an object": b'{"keys": [1, 2, 3]}',
+    }
+    for what, body in bad.items():
+        with pytest.raises(BadAnswer):
+            parse_enc_keys(200, body, 3, 32)
+            pytest.fail(what)
+
+
+def test_dec_keys_answer_in_the_order_of_the_note():
+    keys = _keys(4)
+    ids = tuple(k for k, _ in keys)
+    shuffled = [keys[2], keys[0], keys[3], keys[1]]
+    assert parse_dec_keys(200, _container(shuffled), ids, 32) == b"".join(v for _, v in keys)
+    for body in (_container(keys[:3]), _container(keys[:3] + _keys(1)),
+                 _container(keys[:3] + keys[:1])):
+        with pytest.raises(BadAnswer):
+            parse_dec_keys(200, body, ids, 32)
+    with pytest.raises(Refused, match="not found"):
+        parse_dec_keys(400, b'{"message": "one or more keys specified are not found on KME"}',
+                       ids, 32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.recursive(
+    st.none() | st.integers() | st.text(max_size=40) | st.booleans(),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(
+        st.sampled_from(["keys", "key_ID", "key", "x"]), c, max_size=3),
+    max_leaves=10).map(lambda d: json.dumps(d).encode()))
+def test_a_fuzzed_answer_is_refused_or_exactly_what_was_asked(body):
+    try:
+        keys = parse_enc_keys(200, body, 2, 4)
+    except BadAnswer:
+        return
+    assert len(keys) == 2 and all(len(v) == 4 for _, v in keys)
+
+
+def test_status_limits_against_the_config():
+    doc = {"max_key_per_request": 128, "max_key_size": 1024, "min_key_size": 64}
+    assert check_status(doc, 128, 256) == []
+    assert check_status({"stored_key_count": 3}, 4096, 8) == []  # limits not given
+    problems = check_status(doc, 129, 2048)
+    assert len(problems) == 2 and "at most 128 keys" in problems[0]
+    assert "smallest is 64" in check_status(doc, 1, 8)[0]
+    assert check_status([], 1, 8) == ["the device's Status answer is not a JSON object"]
+
+
+# ---- follower's notes, backoff, repeated IDs ---------------------------------------------
+
+def _note(epoch: int, seq: int) -> KeyIds:
+    return KeyIds((epoch, seq), (str(uuid.uuid4()),))
+
+
+def test_note_queue_in_order_once_and_not_too_old():
+    q = NoteQueue(max_age=5.0, size=3)
+    assert q.add(_note(1, 0), 0.0) and q.add(_note(1, 2), 0.0)
+    assert not q.add(_note(1, 2), 0.1) and not q.add(_note(1, 1), 0.1)  # repeats, old
+    assert q.refused == 2
+    assert q.add(_note(9, 0), 1.0)  # the leader restarted: a new epoch
+    head = q.head(1.0)
+    assert head.note.block == (1, 0)
+    q.pop(head)
+    assert q.head(5.5).note.block == (9, 0)  # (1, 2) was older than 5 s: dropped
+    assert q.expired == 1
+    for s in range(1, 5):
+        q.add(_note(9, s), 6.0)
+    assert len(q) == 3 and q.overflow == 2 and q.head(6.0).note.block == (9, 2)
+
+
+def test_backoff_doubles_to_its_cap_and_starts_over():
+    b = Backoff(0.1, 0.5)
+    assert not b.failing
+    assert [b.fail() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    assert b.failing
+    b.reset()
+    assert b.fail() == 0.1
+
+
+def test_a_key_id_seen_before_is_refused():
+    r = RecentIds(size=2)
+    r.add(["a", "b"])
+    with pytest.raises(BadAnswer, match="seen before"):
+        r.check(["x", "b"])
+    r.add(["c"])  # "a" falls out of the window
+    r.check(["a"])
+
+
+# ---- end to end: qkdnet's key API as the two devices ---------------------------------------
+
+GKM = """block_size = "1MiB"
+low_watermark = "48MiB"
+high_watermark = "64MiB"
+window = "16MiB"
+pairs = [["A", "B"]]"""
+DEVICES = """
+[api]
+workers = 1
+graceful_shutdown_s = 2
+[[saes]]
+id = "la"
+node = "A"
+[[saes]]
+id = "lb"
+node = "B"
+"""
+KEYS_PER_CALL, KEY_BITS = 16, 8 * 65536  # 1 MiB blocks
+ETSI_LINK = """
+[network]
+name = "etsi-link"
+prefix = "{prefix}"
+[defaults]
+ring_capacity = "96MiB"
+[ports]
+agreement = 7551
+[gkm]
+pairs = []
+[metrics]
+enabled = false
+[[nodes]]
+name = "A"
+[[nodes]]
+name = "B"
+[[links]]
+a = "A"
+b = "B"
+name = "E"
+underlay = ["{ula}", "{ulb}"]
+auth_key_file = "link.key"
+source = {{ kind = "etsi014", keys_per_call = {n}, key_size = {bits}, poll_interval_ms = 50, timeout_s = 5, a = {{ kme = "https://{kme_a}:{port}", sae_id = "la", cert = "{pki}/saes/la.crt", key = "{pki}/saes/la.key", ca = "{pki}/ca.crt" }}, b = {{ kme = "https://{kme_b}:{port}", sae_id = "lb", cert = "{pki}/saes/lb.crt", key = "{pki}/saes/lb.key", ca = "{pki}/ca.crt" }} }}
+"""  # noqa: E501
+
+
+def _run_end(config: str, node: str, state_dir: str, log_file: str) -> None:
+    """One link end's key manager, as the node runs it (inside the device's namespace)."""
+    from control.config import load_topology
+    from control.lkm import EndConfig, LinkKeyManager
+
+    logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    topo = load_topology(config)
+    LinkKeyManager(EndConfig.from_topology(topo, node, topo.link("E"), Path(state_dir))).run()
+
+
+def _status(prefix: str, node: str) -> dict | None:
+    try:
+        return json.loads((paths.node_dir(prefix, node) / "lkm-E.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _stored(prefix: str, node: str) -> int:
+    st_ = _status(prefix, node)
+    return st_["key"]["bytes_stored_ab"] + st_["key"]["bytes_stored_ba"] if st_ else 0
+
+
+def _kill_api(prefix: str, node: str) -> int:
+    """kill -9 a device's key API: the service and its Sanic worker(s)."""
+    pid = _api_pid(prefix, node)
+    assert pid is not None
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    for p in [pid, *map(int, kids.split())]:
+        os.kill(p, signal.SIGKILL)
+    return pid
+
+
+def _api_pid(prefix: str, node: str) -> int | None:
+    state = json.loads((paths.node_dir(prefix, node) / "state.json").read_text())
+    return next((m["pid"] for m in state["modules"] if m["name"] == "api" and m["alive"]),
+                None)
+
+
+def _ring_views(link_prefix: str, block: int) -> dict:
+    """Both ends' rings, direction by direction: the range both hold, whether its bytes
+    are equal, whole blocks only and never a block of zeros; a few samples."""
+    out: dict = {"samples": []}
+    for d in ("ab", "ba"):
+        a, b = (KeyRing.attach(paths.ring_name(link_prefix, n, "E", d)) for n in ("A", "B"))
+        try:
+            lo = max(a.release_pos, b.release_pos)
+            hi = min(a.write_pos, b.write_pos)
+            x, y = a.read(lo, hi - lo), b.read(lo, hi - lo)
+            out[d] = {"lo": lo, "hi": hi, "write": (a.write_pos, b.write_pos),
+                      "equal": bool((x == y).all()),
+                      "whole": lo % block == 0 and a.write_pos % block == 0
+                      and b.write_pos % block == 0,
+                      "zero_blocks": int((~x.reshape(-1, block).any(axis=1)).sum())}
+            out["samples"] += [bytes(x[i:i + 16]) for i in range(0, hi - lo, 7 * block + 5)]
+        finally:
+            a.close()
+            b.close()
+    return out
+
+
+@pytest.mark.netns
+def test_two_link_ends_on_qkdnets_key_api_agree_and_survive_a_killed_device(tmp_path):
+    from tests.test_tunnel import make_net
+
+    dev = "t" + uuid.uuid4().hex[:7]  # the "devices": a qkdnet network with key APIs
+    link = "t" + uuid.uuid4().hex[:7]  # the ETSI-sourced link's rings and status files
+    block = KEYS_PER_CALL * KEY_BITS // 8
+    ends: dict[str, InNetns] = {}
+    t0 = time.monotonic()
+    try:
+        topo, _ = make_net(tmp_path, dev, two=True, gkm=GKM, key_rate=2000, extra=DEVICES)
+        t_up = time.monotonic() - t0
+        lk = topo.links[0]
+        (tmp_path / "link.key").write_bytes(secrets.token_bytes(32))
+        cfg = tmp_path / "etsi.toml"
+        cfg.write_text(ETSI_LINK.format(
+            prefix=link, ula=lk.underlay_a, ulb=lk.underlay_b, n=KEYS_PER_CALL, bits=KEY_BITS,
+            kme_a=topo.node("A").address, kme_b=topo.node("B").address,
+            port=topo.ports.api, pki=topo.api.pki))
+        for node in ("A", "B"):
+            (tmp_path / node).mkdir()
+            ends[node] = InNetns(paths.netns_name(dev, node), _run_end, str(cfg), node,
+                                 str(tmp_path / node), str(tmp_path / f"lkm-{node}.log"))
+
+        # 1. Key flows: the source's rate over a few seconds.
+        wait_until(lambda: _stored(link, "B") >= 4 * block, 40, "first key through ETSI 014")
+        s0, m0 = _stored(link, "B"), time.monotonic()
+        time.sleep(4.0)
+        s1, m1 = _stored(link, "B"), time.monotonic()
+        rate = (s1 - s0) * 8 / (m1 - m0) / 1e6
+
+        # 2. Kill each device's key API mid-run (the follower's first: its dec_keys calls
+        # run back to back, so one is likely cut off mid-answer); its node restarts it.
+        for node in ("B", "A"):
+            before = _stored(link, "B")
+            old = _kill_api(dev, node)
+            wait_until(lambda n=node, o=old: _api_pid(dev, n) not in (None, o), 20,
+                       f"{node}'s key API restarted")
+            wait_until(lambda b=before: _stored(link, "B") >= b + 8 * block, 40,
+                       f"key flowing again after {node}'s device came back")
+        # 3. Stop both ends (as the node would), then look at what they stored.
+        for p in ends.values():
+            os.kill(p.proc.pid, signal.SIGTERM)
+        for p in ends.values():
+            p.result(20)
+        st = {n: _status(link, n) for n in ("A", "B")}
+        rings = _ring_views(link, block)
+    finally:
+        for p in ends.values():
+            p.kill()
+        emulation.net_down(dev)
+        emulation.net_down(link)
+    stats = {n: st[n]["source"]["stats"] for n in st}
+    print(f"\nETSI 014 source: {rate:.0f} Mb/s ({block >> 20} MiB blocks of {KEYS_PER_CALL} "
+          f"x {KEY_BITS // 8 >> 10} KiB keys); devices up in {t_up:.1f} s, whole test "
+          f"{time.monotonic() - t0:.1f} s; sources {stats}")
+    assert rate > 1
+    # Both device failures were seen and got over without a new agreement session.
+    assert stats["A"]["device_errors"] >= 1 and stats["B"]["device_errors"] >= 1, stats
+    assert st["A"]["agreement"]["resyncs"] == st["B"]["agreement"]["resyncs"] == 1
+    # Both ends hold the same bytes at the same positions, whole blocks only, none empty.
+    for d in ("ab", "ba"):
+        r = rings[d]
+        assert r["hi"] - r["lo"] >= 8 * block, r
+        assert r["equal"] and r["whole"] and r["zero_blocks"] == 0, r
+        assert abs(r["write"][0] - r["write"][1]) <= 8 * block, r  # at most a last Decide
+    for n in ("A", "B"):
+        assert (st[n]["key"]["bytes_stored_ab"] + st[n]["key"]["bytes_stored_ba"]) % block == 0
+    # No key byte in the key managers' logs.
+    logs = (tmp_path / "lkm-A.log").read_text() + (tmp_path / "lkm-B.log").read_text()
+    assert "device" in logs
+    for sample in rings["samples"]:
+        assert sample.hex() not in logs and base64.b64encode(sample).decode()[:20] not in logs
