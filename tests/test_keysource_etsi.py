@@ -114,6 +114,15 @@ def test_config_mistakes_are_refused_with_the_field(kw, words):
     assert words in _problems(**kw)
 
 
+def test_the_readme_example_is_a_valid_link_source():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme[readme.index("[links.source]\n"):]
+    topo = parse_topology(TOPO.format(extra=block[:block.index("```")]))
+    src = topo.links[0].source
+    assert isinstance(src, Etsi014Source) and topo.links[0].block_size == 32 * 256 // 8
+    assert src.b.kme.startswith("https://") and src.a.ca == Path("pki/device-ca.crt")
+
+
 def test_config_unknown_kind_and_missing_end():
     text = TOPO.format(extra='source = { kind = "usb" }')
     with pytest.raises(ConfigError, match="unknown key source kind"):
