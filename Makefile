@@ -6,7 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-bpfcc linux-headers-amd64 iperf3 iproute2 iputils-ping tcpdump curl
+APT_PACKAGES := python3-bpfcc linux-headers-amd64 iperf3 iproute2 iputils-ping tcpdump curl \
+	openssh-server openssh-client
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup system venv lint clean teardown

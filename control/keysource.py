@@ -239,6 +239,12 @@ def make_source(topo: Topology, node: str, link: LinkSpec) -> KeySource:
     if kind == "emulator":
         from control import paths
         return EmulatorSource(paths.emulator_socket(topo.prefix, link.name, node))
+    if kind == "sftp":
+        from control.keysource_sftp import SftpSource
+        cfg = link.source
+        end = cfg.a if node == link.a else cfg.b  # type: ignore[union-attr]
+        return SftpSource(end, max_size=link.block_size, base_dir=topo.path.parent,
+                          poll_s=cfg.poll_ms / 1000)  # type: ignore[union-attr]
     if kind == "etsi014":
         from control.keysource_etsi import make_etsi_source
         return make_etsi_source(topo, node, link)
