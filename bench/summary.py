@@ -171,6 +171,25 @@ def guard_rows(r: dict) -> list[Row]:
                 floor_met=r.get("guard_helps"))]
 
 
+def relay_rows(r: dict) -> list[Row]:
+    """The fewest and the most hops: the paper's claim is that relaying keeps the speed,
+    so the baseline column holds the one-hop rate of the same run."""
+    paper = mbps(r.get("paper", {}).get("mbps_at_1MB", 85.0))
+    pts = sorted(r["points"], key=lambda p: p["hops"])
+    one = next((p for p in pts if p["hops"] == 1), None)
+    where = f" (ring of {r['nodes']})" if r.get("nodes") else ""
+    if not pts:
+        return [Row("global key relay", error="no hop count measured")]
+    rows = []
+    for p in [pts[0], pts[-1]] if len(pts) > 1 else pts:
+        vs_one = one is not None and p is not one
+        rows.append(Row("global key relay", f"1 MiB keys, {p['hops']} hop(s){where}", paper,
+                        gbps(p["gbps"]), gbps(one["gbps"]) if vs_one else None,
+                        "1 hop, same run" if vs_one else "",
+                        floor_met=r.get("keeps_advantage") if p is pts[-1] else None))
+    return rows
+
+
 def generic_rows(module: str) -> Callable[[dict], list[Row]]:
     """Rows for a bench without its own: the common field names (``paper_mbps``,
     ``ours_gbps``, ``baseline_gbps``, ``meets_floor``) where it has them."""

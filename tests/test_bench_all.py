@@ -29,6 +29,7 @@ from bench.summary import (
     mbps,
     otp_rows,
     ratio,
+    relay_rows,
     rows_of,
 )
 
@@ -99,6 +100,20 @@ def test_rows_match_what_each_bench_computed_itself():
     (g,) = guard_rows(guard)
     assert g.paper is None
     assert g.ratio_vs_baseline == pytest.approx(guard["ratio_gbps_on_vs_off"])
+
+
+def test_relay_rows_compare_the_most_hops_with_one_hop_of_the_same_run():
+    result = {"paper": {"mbps_at_1MB": 85.0}, "nodes": 16, "keeps_advantage": True,
+              "points": [{"hops": h, "gbps": g} for h, g in ((8, 0.2), (1, 1.6), (4, 0.4))]}
+    one, eight = relay_rows(result)
+    assert one.figure == "1 MiB keys, 1 hop(s) (ring of 16)" and one.baseline is None
+    assert eight.ratio_vs_paper == pytest.approx(200 / 85)
+    assert eight.ratio_vs_baseline == pytest.approx(0.125)
+    assert eight.baseline_name == "1 hop, same run" and eight.floor_met is True
+    (only,) = relay_rows({**result, "points": [{"hops": 2, "gbps": 1.0}]})
+    assert only.baseline is None and only.floor_met is True
+    (none,) = relay_rows({**result, "points": []})
+    assert none.error == "no hop count measured"
 
 
 def test_a_failed_or_unreadable_result_is_one_row_saying_why():
