@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -133,6 +134,7 @@ def node_run(config: ConfigOpt, node: Annotated[str, typer.Option(help="node nam
         err.print(f"[red]no node named {node!r}[/red] in {config} "
                   f"(known: {', '.join(topo.nodes)})")
         raise typer.Exit(2)
+    os.environ["QKDNET_NODE"] = node  # every module's log lines name the node
     setup_logging()
     run_node(config, node, state_dir, netns)
 
@@ -147,6 +149,7 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
 
     topo = load(config)
     lk = topo.link(link)
+    os.environ["QKDNET_NODE"] = f"emulator {lk.name}"
     setup_logging()
     socks = (paths.emulator_socket(topo.prefix, lk.name, lk.a),
              paths.emulator_socket(topo.prefix, lk.name, lk.b))

@@ -53,8 +53,10 @@ def run_until_stopped(module) -> None:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level,
-                        format="%(asctime)s %(levelname)s %(name)s pid=%(process)d %(message)s")
+    """Structured (JSON) logs for this module process; see :mod:`control.logs`."""
+    from control.logs import setup_logging as setup
+
+    setup(level)
 
 
 def _lkm_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:

@@ -538,3 +538,9 @@ def test_no_key_reaches_a_log_or_status_file(net):
     for k in keys:
         assert base64.b64encode(k[:16])[:20] not in text
         assert k[:16].hex().encode() not in text
+    # The logs are structured: every line of every node's log is one JSON object.
+    for p in files:
+        if p.name.startswith("node-") and p.suffix == ".log":
+            for line in p.read_text().splitlines():
+                rec = json.loads(line)
+                assert {"time", "level", "logger", "node", "message"} <= rec.keys(), line

@@ -1,0 +1,86 @@
+"""Structured logs (control.logs): one JSON object per line with the fields a log store
+needs, and no key bytes even when a module passes bytes to the logger by mistake."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from control.logs import redact, setup_logging
+
+KEY = bytes(range(7, 7 + 48))
+
+
+@pytest.fixture
+def logged(monkeypatch):
+    monkeypatch.setenv("QKDNET_NODE", "N1")
+    monkeypatch.delenv("QKDNET_LOG_FORMAT", raising=False)
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    setup_logging(stream=buf)
+    yield buf
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in saved[0]:
+        root.addHandler(h)
+    root.setLevel(saved[1])
+
+
+def _lines(buf: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_each_line_is_json_with_the_fields_a_log_store_needs(logged):
+    logging.getLogger("qkdnet.lkm").info("link %s: skipped to %d", "A-B", 4096,
+                                         extra={"link": "A-B"})
+    (line,) = _lines(logged)
+    assert line["message"] == "link A-B: skipped to 4096"
+    assert line["level"] == "INFO" and line["logger"] == "qkdnet.lkm"
+    assert line["node"] == "N1" and line["link"] == "A-B"
+    assert isinstance(line["pid"], int) and line["time"].startswith("20")
+
+
+@pytest.mark.parametrize("wrap", [bytes, bytearray, memoryview])
+def test_key_bytes_passed_to_the_logger_never_reach_the_line(logged, wrap):
+    log = logging.getLogger("qkdnet.gkm")
+    log.warning("block %s", wrap(KEY))
+    log.warning("block %(b)r", {"b": wrap(KEY)})
+    log.warning(wrap(KEY))
+    log.warning("extra", extra={"key": wrap(KEY)})
+    text = logged.getvalue()
+    assert KEY.hex() not in text and repr(KEY)[2:20] not in text
+    assert "\\u0007" not in text and "\\x07" not in text
+    assert text.count("<48 bytes>") == 4
+
+
+def test_an_exception_is_one_json_line_with_its_traceback(logged):
+    try:
+        raise RuntimeError("ring full")
+    except RuntimeError:
+        logging.getLogger("qkdnet.x").exception("store failed")
+    (line,) = _lines(logged)
+    assert line["level"] == "ERROR" and "RuntimeError: ring full" in line["exc_info"]
+
+
+def test_text_format_for_reading_by_eye(monkeypatch):
+    monkeypatch.setenv("QKDNET_LOG_FORMAT", "text")
+    buf = io.StringIO()
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    try:
+        setup_logging(stream=buf)
+        logging.getLogger("qkdnet.y").info("hello")
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved:
+            root.addHandler(h)
+    assert " INFO qkdnet.y node=" in buf.getvalue() and buf.getvalue().strip().endswith("hello")
+
+
+def test_redact_leaves_other_values_alone():
+    assert redact(5) == 5 and redact("abc") == "abc" and redact(b"ab") == "<2 bytes>"
