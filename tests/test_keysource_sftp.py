@@ -181,6 +181,19 @@ def test_config_refuses_bad_device_settings(tmp_path, a, b, field, words):
     assert any(f == field and words in msg for f, msg in problems), problems
 
 
+def test_the_readme_example_is_a_valid_link_source(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme[readme.index('[links.source]\nkind = "sftp"'):]
+    block = block[:block.index("```")]
+    text = SFTP_TOPOLOGY.replace("[links.source]\nkind = \"sftp\"\npoll_ms = 20\n{ends}",
+                                 block)
+    text = text.format(prefix="tsftp", block="1MiB", capacity="4MiB", port=7301,
+                       ul_a="10.9.0.1", ul_b="10.9.0.2")
+    topo = parse_topology(text, tmp_path / "t.toml")
+    src = topo.links[0].source
+    assert src.kind == "sftp" and src.a.known_hosts and src.b.host_key and src.b.port == 22
+
+
 def test_config_refuses_a_missing_end_and_an_unknown_kind(tmp_path):
     with pytest.raises(ConfigError) as err:
         _topology(tmp_path, _end("a", **GOOD_A))
