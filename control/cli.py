@@ -58,8 +58,19 @@ def need_root() -> None:
 # ---- config ------------------------------------------------------------------------------
 
 @app.command("check")
-def check(config: Annotated[Path, typer.Argument(help="topology TOML file")]) -> None:
-    """Validate a topology file and summarise it."""
+def check(config: Annotated[Path | None, typer.Argument(help="topology TOML file")] = None,
+          reference: Annotated[bool, typer.Option(
+              "--reference", help="print the topology file reference (Markdown)")] = False,
+          ) -> None:
+    """Validate a topology file and summarise it (or print the file format's reference)."""
+    if reference:
+        from control.config_doc import reference as ref
+
+        print(ref(), end="")
+        return
+    if config is None:
+        err.print("[red]give a topology file[/red] (or --reference)")
+        raise typer.Exit(2)
     topo = load(config)
     out.print(f"{config}: ok — network {topo.name!r}, prefix {topo.prefix!r}, "
               f"{len(topo.nodes)} nodes, {len(topo.links)} links, {len(topo.saes)} SAEs")

@@ -93,9 +93,10 @@ class _Strict(BaseModel):
 
 
 class NetworkSection(_Strict):
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=64, description="shown by status and the demo")
     prefix: str = Field(description="names namespaces, shared memory and run dirs")
-    node_net: ipaddress.IPv4Network = ipaddress.IPv4Network("10.88.0.0/24")
+    node_net: ipaddress.IPv4Network = Field(ipaddress.IPv4Network("10.88.0.0/24"),
+                                            description="node addresses are taken from it")
 
     @field_validator("prefix")
     @classmethod
@@ -106,17 +107,20 @@ class NetworkSection(_Strict):
 
 
 class Ports(_Strict):
-    agreement: int = Field(7001, ge=1, le=65535)
-    tunnel: int = Field(7100, ge=1, le=65535)
-    relay: int = Field(7200, ge=1, le=65535)
-    api: int = Field(8443, ge=1, le=65535)
+    agreement: int = Field(7001, ge=1, le=65535,
+                           description="key agreement (TCP); link i uses this + i")
+    tunnel: int = Field(7100, ge=1, le=65535,
+                        description="OTP tunnel datagrams (UDP); per link and lane from here")
+    relay: int = Field(7200, ge=1, le=65535, description="global key relay (ZeroMQ)")
+    api: int = Field(8443, ge=1, le=65535, description="key API (HTTPS, mutual TLS)")
 
 
 class EmulatorSource(_Strict):
     """The QKD link emulator: same random bytes to both ends at a set rate."""
 
     kind: Literal["emulator"] = "emulator"
-    generator: Literal["urandom", "aes-ctr"] = "urandom"
+    generator: Literal["urandom", "aes-ctr"] = Field(
+        "urandom", description="where the emulated key comes from (aes-ctr: cheaper CPU)")
 
 
 SSH_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
@@ -273,9 +277,10 @@ def check_ring_capacity(v: int | None) -> int | None:
 
 class LinkDefaults(_Strict):
     key_rate_mbps: float = Field(1000.0, ge=0, description="0 = as fast as possible")
-    block_size: Size = 1 << 20
-    ring_capacity: Size = 256 << 20
-    ratio: Ratio = (1, 1)
+    block_size: Size = Field(1 << 20, description="key block the source delivers")
+    ring_capacity: Size = Field(256 << 20, description="shared-memory key ring per "
+                                                         "direction and link end")
+    ratio: Ratio = Field((1, 1), description="split of key a->b : b->a")
 
     _block = field_validator("block_size")(check_block_size)
     _cap = field_validator("ring_capacity")(check_ring_capacity)
@@ -289,9 +294,12 @@ class DataplaneSection(_Strict):
                                 "key removed per packet, MTU 1500 (for comparison)")
     workers: int = Field(0, ge=0, le=MAX_WORKERS, description="per link end; 0 = cores")
     mtu: int = Field(0, ge=0, le=MAX_MTU, description="TUN MTU; 0 = largest")
-    chunk_size: Size = 1 << 20
-    key_wait_ms: int = Field(100, ge=0, le=10_000)
-    tunnel_net: ipaddress.IPv4Network = ipaddress.IPv4Network("10.89.0.0/16")
+    chunk_size: Size = Field(1 << 20, description="key a worker claims from its ring at a "
+                                                    "time")
+    key_wait_ms: int = Field(100, ge=0, le=10_000,
+                             description="how long a packet may wait for key, then dropped")
+    tunnel_net: ipaddress.IPv4Network = Field(ipaddress.IPv4Network("10.89.0.0/16"),
+                                              description="TUN point-to-point addresses")
     guard: Literal["auto", "off", "require"] = Field(
         "auto", description="XDP guard on each underlay interface: auto = on where BPF "
                             "works (else off, said once), off, require = a node without it "
@@ -316,9 +324,9 @@ class GkmSection(_Strict):
     """The global key manager (module 3): global key blocks kept between two watermarks
     for every ordered pair of nodes, each pair filled by its origin."""
 
-    block_size: Size = 1 << 20
-    low_watermark: Size = 32 << 20
-    high_watermark: Size = 64 << 20
+    block_size: Size = Field(1 << 20, description="global key block relayed and stored")
+    low_watermark: Size = Field(32 << 20, description="below this, the origin restocks")
+    high_watermark: Size = Field(64 << 20, description="restocking stops here")
     pairs: Literal["all"] | list[tuple[str, str]] = Field(
         "all", description="node pairs that keep global key; each pair in both directions")
     window: Size = Field(16 << 20, description="bytes per pair sent and not yet acknowledged")
@@ -345,7 +353,8 @@ class ApiSection(_Strict):
     workers: int = Field(0, ge=0, le=MAX_API_WORKERS,
                          description="Sanic worker processes per node; 0 = cores")
     key_size: int = Field(256, description="bits; the size of a key when none is asked")
-    max_key_per_request: int = Field(1024, ge=1, le=MAX_RELAY_BLOCKS)
+    max_key_per_request: int = Field(1024, ge=1, le=MAX_RELAY_BLOCKS,
+                                     description="most keys one request may ask for")
     max_sae_id_count: int = Field(8, ge=0, le=MAX_SAE_IDS,
                                   description="additional_slave_SAE_IDs per request")
     pki: Path | None = Field(None, description="certificates (qkdctl pki init); "
@@ -363,9 +372,10 @@ class ApiSection(_Strict):
 
 
 class Node(_Strict):
-    name: str
-    id: int | None = Field(None, ge=1, le=65535)
-    address: ipaddress.IPv4Address | None = None
+    name: str = Field(description="1-8 letters, digits or '_', starting with a letter")
+    id: int | None = Field(None, ge=1, le=65535, description="default: lowest free")
+    address: ipaddress.IPv4Address | None = Field(
+        None, description="the node's address (tunnels, relay, API); default: from node_net")
 
     @field_validator("name")
     @classmethod
@@ -376,32 +386,37 @@ class Node(_Strict):
 
 
 class Link(_Strict):
-    a: str
-    b: str
-    name: str | None = None
-    underlay: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface]
-    key_rate_mbps: float | None = Field(None, ge=0)
-    block_size: Size | None = None
-    ring_capacity: Size | None = None
-    ratio: Ratio | None = None
-    source: SourceConfig = EmulatorSource()
-    auth_key_file: Path | None = None
+    a: str = Field(description="node at end a (leads the key agreement)")
+    b: str = Field(description="node at end b")
+    name: str | None = Field(None, description='default: "<a>-<b>"')
+    underlay: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface] = Field(
+        description="the two ends' underlay addresses, a's first")
+    key_rate_mbps: float | None = Field(None, ge=0, description="default: [defaults]")
+    block_size: Size | None = Field(None, description="default: [defaults]")
+    ring_capacity: Size | None = Field(None, description="default: [defaults]")
+    ratio: Ratio | None = Field(None, description="default: [defaults]")
+    source: SourceConfig = Field(EmulatorSource(), description="where the link's key comes "
+                                                               "from")
+    auth_key_file: Path | None = Field(
+        None, description="32-byte key authenticating the agreement channel; default: made "
+                          "by net up")
 
     _block = field_validator("block_size")(check_block_size)
     _cap = field_validator("ring_capacity")(check_ring_capacity)
 
 
 class Sae(_Strict):
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
-    node: str
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
+                    description="the SAE ID; its certificate's CN")
+    node: str = Field(description="the node whose key API it calls")
 
 
 class MetricsSection(_Strict):
     """Prometheus metrics, served per node on its node address (read from the status files
     at each scrape, so nothing is counted twice and the dataplane pays nothing)."""
 
-    enabled: bool = True
-    port: int = Field(9464, ge=1, le=65535)
+    enabled: bool = Field(True, description="serve /metrics on every node")
+    port: int = Field(9464, ge=1, le=65535, description="on the node address")
 
 
 class TopologyFile(_Strict):

@@ -1,0 +1,55 @@
+"""The topology file reference (control.config_doc) is generated from the config models,
+covers every key the parser accepts, and the README's copy is the current one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from control import config as cfg
+from control.config_doc import readme_section, reference, type_name, with_reference
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _keys(model) -> set[str]:
+    return set(model.model_fields)
+
+
+def test_every_key_of_every_section_is_documented():
+    ref = reference()
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", ref, re.M))
+    models = [cfg.NetworkSection, cfg.Ports, cfg.LinkDefaults, cfg.DataplaneSection,
+              cfg.GkmSection, cfg.ApiSection, cfg.MetricsSection, cfg.Node, cfg.Link, cfg.Sae,
+              cfg.EmulatorSource, cfg.SftpSource, cfg.SftpEnd, cfg.Etsi014Source,
+              cfg.Etsi014End]
+    nested = {"a", "b"}  # the per-end tables of a source, documented as tables
+    for m in models:
+        missing = _keys(m) - documented - nested
+        assert not missing, f"{m.__name__}: {missing} not in the reference"
+    for heading in ("[network]", "[[links]]", "[links.source]", "[links.source.a]", "[[saes]]"):
+        assert f"`{heading}`" in ref
+
+
+def test_types_defaults_and_limits_come_from_the_models():
+    ref = reference()
+    assert '| `ring_capacity` | size ("64KiB", "1MiB", or bytes) | `"256MiB"` |' in ref
+    assert '| `ratio` | ratio ("a:b") | `"1:1"` |' in ref
+    assert '| `guard` | `"auto"` \\| `"off"` \\| `"require"` | `"auto"` |' in ref
+    assert re.search(r"\| `port` \| integer \| `9464` \| .*>= 1, <= 65535", ref)
+    assert '`[links.source]` kind = "etsi014"' in ref
+
+
+def test_type_names():
+    assert type_name(int) == "integer" and type_name(bool) == "boolean"
+    assert type_name(int | None) == "integer"
+    assert type_name(list[str]) == "list of string"
+
+
+def test_the_readme_carries_the_current_reference():
+    text = README.read_text()
+    assert readme_section(text) == reference(), \
+        "README's reference is stale: run .venv/bin/python -c \"from pathlib import Path; " \
+        "from control.config_doc import with_reference as w; p = Path('README.md'); " \
+        "p.write_text(w(p.read_text()))\""
+    assert with_reference(text) == text
