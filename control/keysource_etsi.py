@@ -291,6 +291,7 @@ class Device:
                       for name, p in (("cert", end.cert), ("key", end.key), ("ca", end.ca))}
         self._ctx: ssl.SSLContext | None = None
         self._conn: http.client.HTTPSConnection | None = None
+        self.retried = False  # the last call's first try got no answer
 
     def context(self) -> ssl.SSLContext:
         """TLS 1.2 or newer, the device verified against ``ca``, our certificate shown."""
@@ -311,23 +312,35 @@ class Device:
         self._ctx = self.context()
 
     def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """(status, body) of one request; SourceUnavailable when no whole answer came."""
+        """(status, body) of one request; SourceUnavailable when no whole answer came.
+
+        A kept-alive connection the device closed while idle fails at once: that case
+        is tried once more on a new connection (a device that died fails again there).
+        """
         assert self._ctx is not None
-        try:
-            if self._conn is None:
-                self._conn = http.client.HTTPSConnection(self.host, self.port,
-                                                         context=self._ctx,
-                                                         timeout=self.timeout)
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            self._conn.request(method, self.prefix + path, body=body, headers=headers)
-            r = self._conn.getresponse()
-            data = r.read()
-            if r.will_close:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        for attempt in (1, 2):
+            self.retried = attempt == 2
+            reused = self._conn is not None
+            try:
+                if self._conn is None:
+                    self._conn = http.client.HTTPSConnection(self.host, self.port,
+                                                             context=self._ctx,
+                                                             timeout=self.timeout)
+                self._conn.request(method, self.prefix + path, body=body, headers=headers)
+                r = self._conn.getresponse()
+                data = r.read()
+                if r.will_close:
+                    self.close()
+                return r.status, data
+            except (OSError, http.client.HTTPException) as e:
                 self.close()
-            return r.status, data
-        except (OSError, http.client.HTTPException) as e:
-            self.close()
-            raise SourceUnavailable(f"device {self.url}: {type(e).__name__}: {e}") from None
+                stale = isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError,
+                                       BrokenPipeError))
+                if not (reused and stale and attempt == 1):
+                    raise SourceUnavailable(f"device {self.url}: {type(e).__name__}: {e}"
+                                            ) from None
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         if self._conn is not None:
@@ -539,6 +552,7 @@ class EtsiFollowerSource(_EtsiSource):
         except SourceUnavailable:
             item.lost = True  # the note stays: the keys may still be at the device
             raise
+        item.lost |= self.device.retried  # its first try may have reached the device
         try:
             data = parse_dec_keys(status, body, ids, self.key_bytes)
         except NotEnoughKey as e:

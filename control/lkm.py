@@ -243,9 +243,8 @@ class LinkKeyManager:
             return
         self.notes.on_agreement(self.machine.synced and self.peer_sock is not None,
                                 len(self.machine.pending))
-        out = self.notes.outgoing()
-        if out and self.peer_sock is not None:
-            for m in out:
+        if self.peer_sock is not None:  # else they wait in the source (which ages them)
+            for m in self.notes.outgoing():
                 self._send(Send(m))
 
     # ---- peer channel ------------------------------------------------------------------

@@ -325,7 +325,7 @@ b = "B"
 name = "E"
 underlay = ["{ula}", "{ulb}"]
 auth_key_file = "link.key"
-source = {{ kind = "etsi014", keys_per_call = {n}, key_size = {bits}, poll_interval_ms = 50, timeout_s = 5, a = {{ kme = "https://{kme_a}:{port}", sae_id = "la", cert = "{pki}/saes/la.crt", key = "{pki}/saes/la.key", ca = "{pki}/ca.crt" }}, b = {{ kme = "https://{kme_b}:{port}", sae_id = "lb", cert = "{pki}/saes/lb.crt", key = "{pki}/saes/lb.key", ca = "{pki}/ca.crt" }} }}
+source = {{ kind = "etsi014", keys_per_call = {n}, key_size = {bits}, poll_interval_ms = 50, a = {{ kme = "https://{kme_a}:{port}", sae_id = "la", cert = "{pki}/saes/la.crt", key = "{pki}/saes/la.key", ca = "{pki}/ca.crt" }}, b = {{ kme = "https://{kme_b}:{port}", sae_id = "lb", cert = "{pki}/saes/lb.crt", key = "{pki}/saes/lb.key", ca = "{pki}/ca.crt" }} }}
 """  # noqa: E501
 
 
@@ -440,6 +440,8 @@ def test_two_link_ends_on_qkdnets_key_api_agree_and_survive_a_killed_device(tmp_
     finally:
         for p in ends.values():
             p.kill()
+        for n in ("A", "B"):  # kept for a post-mortem
+            (tmp_path / f"lkm-{n}.json").write_text(json.dumps(_status(link, n)))
         emulation.net_down(dev)
         emulation.net_down(link)
     stats = {n: st[n]["source"]["stats"] for n in st}
