@@ -160,6 +160,10 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
 
     topo = load(config)
     lk = topo.link(link)
+    if lk.source.kind != "emulator":
+        err.print(f"[red]link {lk.name} takes its key from {lk.source.kind!r}, "
+                  f"not from the emulator[/red]")
+        raise typer.Exit(2)
     os.environ["QKDNET_NODE"] = f"emulator {lk.name}"
     setup_logging()
     socks = (paths.emulator_socket(topo.prefix, lk.name, lk.a),

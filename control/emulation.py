@@ -176,6 +176,8 @@ def start_processes(topo: Topology, man: Manifest) -> None:
     cfg = man.config
     logs = paths.log_dir(topo.prefix)
     for lk in topo.links:
+        if lk.source.kind != "emulator":  # a real device or key files feed this link
+            continue
         man.pids[f"emulator:{lk.name}"] = _spawn(
             ["emulator", "run", "--config", cfg, "--link", lk.name],
             logs / f"emulator-{lk.name}.log")

@@ -465,3 +465,17 @@ def test_two_link_ends_on_qkdnets_key_api_agree_and_survive_a_killed_device(tmp_
     assert "device" in logs
     for sample in rings["samples"]:
         assert sample.hex() not in logs and base64.b64encode(sample).decode()[:20] not in logs
+
+
+def test_no_emulator_for_a_link_fed_by_a_device(tmp_path):
+    """`net up` starts no emulator for such a link, and one started by hand refuses."""
+    import subprocess
+
+    from tests.nsutil import QKDCTL
+
+    path = tmp_path / "etsi.toml"
+    path.write_text(TOPO.format(extra=SOURCE.format(n=16, size=8192, kme="https://kme-a:443",
+                                                    sa="la")))
+    res = subprocess.run([QKDCTL, "emulator", "run", "--config", str(path), "--link", "A-B"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "takes its key from 'etsi014'" in res.stderr
