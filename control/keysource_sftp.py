@@ -260,6 +260,9 @@ class SftpSource(FetchingSource):
         except OSError as err:
             client.close()
             raise SourceUnavailable(f"cannot reach device {where}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - e.g. EOFError mid-handshake
+            client.close()
+            raise SourceUnavailable(f"device {where}: {_why(err)}") from None
         self._client, self._sftp = client, sftp
         try:
             sftp.chdir(e.directory)
