@@ -22,12 +22,20 @@ test: setup
 setup: system venv
 	@$(VENV)/bin/qkdctl doctor || echo "warning: qkdctl doctor found problems (above, each with its fix)"
 
-# Debian packages, installed only when missing so repeated runs are quick.
+# Debian packages, installed only when missing so repeated runs are quick. No service of
+# theirs is started (policy-rc.d), and an OpenSSH server installed here stays disabled: the
+# tests run their own sshd on loopback, the machine gets no new listener on port 22.
 system:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; rc=$$?; \
+	  if [ -n "$$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  case "$$missing" in *openssh-server*) \
+	    systemctl disable ssh.service ssh.socket >/dev/null 2>&1 || true;; esac; \
+	  [ $$rc -eq 0 ] || exit $$rc; \
 	fi
 	@./scripts/link-kernel-headers.sh
 
