@@ -439,6 +439,45 @@ def bench_api(
         print(json.dumps(result))
 
 
+@bench_app.command("relay")
+def bench_relay(
+    hops: Annotated[list[int] | None, typer.Option(
+        help="hop counts to measure (repeat the option); default 1 2 4 8")] = None,
+    nodes: Annotated[int, typer.Option(min=3, max=64, help="nodes in the ring")] = 16,
+    store: Annotated[str, typer.Option(help="global key filled per point (1 MiB blocks)")]
+    = "32MiB",
+    ring: Annotated[str, typer.Option(help="ring capacity per link direction (holds a "
+                                           "point's key)")] = "48MiB",
+    workers: Annotated[int, typer.Option(min=1, help="OTP workers per link end")] = 1,
+    repeat: Annotated[int, typer.Option(min=1, help="fills per point; the median counts")]
+    = 3,
+    plot: Annotated[Path, typer.Option(help="PNG plot")] = Path("bench/results/relay-hops.png"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Relay: global key over 1, 2, 4, 8 hops of a 16-node ring, against hop count."""
+    need_root()
+    from bench.relay import DEFAULT_HOPS, run
+    from control.config import parse_size
+
+    try:
+        store_b, ring_b = parse_size(store), parse_size(ring)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--store/--ring") from None
+    if not 1 << 20 <= store_b <= 1 << 30:
+        raise typer.BadParameter("must be 1 MiB to 1 GiB", param_hint="--store")
+    if ring_b < store_b + store_b // 4:
+        raise typer.BadParameter("must hold a point's key: at least 1.25 x --store",
+                                 param_hint="--ring")
+    h = tuple(hops or DEFAULT_HOPS)
+    if min(h) < 1 or max(h) > nodes // 2:
+        raise typer.BadParameter(f"hop counts must be 1 to {nodes // 2} (half the ring)",
+                                 param_hint="--hops")
+    result = _bench(run, hops=h, nodes=nodes, store=store_b, ring=ring, workers=workers,
+                    repeat=repeat, plot_path=plot, console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
 @bench_app.command("all")
 def bench_all(
     quick: Annotated[bool, typer.Option(help="a smoke run of a few minutes: short runs, "
