@@ -1,4 +1,4 @@
-"""`qkdctl bench all`: every benchmark of issues 1/6 to 5/6 in one run, one table against
+"""`qkdctl bench all`: every benchmark of issues 1/6 to 6/6 in one run, one table against
 the paper, the raw results as one JSON and the plots, with a progress bar.
 
 The benches are the registry ``REGISTRY``: one ``Bench`` entry each (its ``run`` named as
@@ -45,6 +45,7 @@ from bench.summary import (
     guard_rows,
     lkm_rows,
     otp_rows,
+    relay_rows,
     rich_table,
     rows_of,
 )
@@ -103,6 +104,8 @@ REGISTRY: tuple[Bench, ...] = (
     Bench("guard", "XDP guard", "bench.guard:run", guard_rows,
           full={"repeat": 3, "seconds": 1.5}, quick={"repeat": 1, "seconds": 1.0},
           estimate_s=(100, 45)),
+    Bench("relay", "global key relay", "bench.relay:run", relay_rows,
+          quick={"hops": (1, 8), "repeat": 1}, plot="relay-hops", estimate_s=(150, 80)),
 )
 
 
