@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import re
 import ssl
@@ -17,10 +18,10 @@ import pytest
 from pyroute2 import netns as pnetns
 
 from control import emulation, paths
-from control.config import Topology, load_topology
+from control.config import Topology, load_topology, parse_topology
+from control.routing import LinkEnds, next_hops
 from tests.nsutil import QKDCTL, router_state, run_in_netns, wait_until
 
-pytestmark = pytest.mark.netns
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 API = "/api/v1/keys"
 
@@ -158,6 +159,7 @@ def relays_key(topo: Topology, master: str, slave: str, hops: int) -> None:
             assert api(topo, s, f"{API}/{m}/dec_keys?key_ID={k['key_ID']}")[0] != 200
 
 
+@pytest.mark.netns
 def test_ring16_relays_global_key_over_eight_hops_and_leaves_nothing(tmp_path, prefix):
     topo = example_as(tmp_path, "ring16.toml", prefix)
     assert len(topo.nodes) == 16 and len(topo.links) == 16
@@ -174,6 +176,7 @@ def test_ring16_relays_global_key_over_eight_hops_and_leaves_nothing(tmp_path, p
     assert_nothing_left(topo, pids)
 
 
+@pytest.mark.netns
 def test_grid9_relays_global_key_between_opposite_corners(tmp_path, prefix):
     topo = example_as(tmp_path, "grid9.toml", prefix)
     assert len(topo.nodes) == 9 and len(topo.links) == 12
@@ -187,3 +190,65 @@ def test_grid9_relays_global_key_between_opposite_corners(tmp_path, prefix):
         pids = sorted(set(pids) | set(processes_of(topo)))
         qkdctl("net", "down", str(topo.path))
     assert_nothing_left(topo, pids)
+
+
+# ---- bench relay's network and report (no namespaces) -----------------------------------
+
+def bench_topology(hops: tuple[int, ...]) -> Topology:
+    from bench.relay import HEAD, RelayNet, ring_topology
+
+    assert RelayNet.TAG == "br"
+    text = HEAD.format(workers=1, pairs=", ".join(f'["N1", "N{1 + h}"]' for h in hops)) \
+        + ring_topology(16, 212, max(hops))
+    return parse_topology(text.format(prefix="brtest", ring="48MiB", block=1 << 20,
+                                      low=16 << 20, high=32 << 20, window=16 << 20))
+
+
+def test_bench_relay_routes_each_hop_count_over_the_first_links_with_large_rings():
+    """The bench relies on the routers' tie-break: N(1+h) -> N1 crosses links 0 .. h-1,
+    the only ones with rings large enough for a point's key."""
+    topo = bench_topology((1, 2, 4, 8))
+    ends = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
+    up = {lk.name for lk in topo.links}
+    for h in (1, 2, 4, 8):
+        node, crossed = f"N{1 + h}", []
+        while node != "N1":
+            link = topo.link(next_hops(ends, up, node)["N1"])
+            crossed.append(link.index)
+            node = link.peer_of(node)
+        assert sorted(crossed) == list(range(h))
+        assert topo.gkm.destinations_of(f"N{1 + h}") == ["N1"]
+    for lk in topo.links:
+        big = lk.index < 8
+        assert lk.ring_capacity == (48 << 20 if big else 8 << 20)
+        assert lk.ratio == ((1, 3) if big else (1, 1))  # 3/4 of the key b -> a, towards N1
+    assert topo.gkm.origins_of("N5") == ["N1"] and topo.gkm.destinations_of("N7") == []
+
+
+def test_bench_relay_refuses_hop_counts_the_ring_cannot_hold():
+    from bench.otp import BenchError
+    from bench.relay import check
+
+    check((1, 2, 4, 8), 16)
+    for hops, nodes in (((9,), 16), ((0, 1), 16), ((), 16), ((1,), 2)):
+        with pytest.raises(BenchError):
+            check(hops, nodes)
+
+
+def test_bench_relay_report_ratios_and_verdict(tmp_path):
+    from rich.console import Console
+
+    from bench.relay import summarize
+
+    points = [{"hops": h, "gbps": g, "seconds": 0.5} for h, g in ((1, 1.2), (2, 0.9), (8, 0.3))]
+    quiet = Console(file=io.StringIO())
+    r = summarize(points, tmp_path / "relay.png", quiet)
+    assert r["gbps_at_1_hop"] == 1.2 and r["max_hops"] == 8 and r["gbps_at_max_hops"] == 0.3
+    assert r["ratio_max_hops_vs_1_hop"] == pytest.approx(0.25)
+    assert r["ratio_vs_paper_at_max_hops"] == pytest.approx(300 / 85)
+    assert [p["hop_gbps"] for p in r["points"]] == pytest.approx([1.2, 1.8, 2.4])
+    assert r["keeps_advantage"] is True and (tmp_path / "relay.png").stat().st_size > 0
+    slow = summarize([{"hops": 1, "gbps": 0.5, "seconds": 1}, {"hops": 4, "gbps": 0.08,
+                                                               "seconds": 1}],
+                     None, quiet)
+    assert slow["keeps_advantage"] is False and "plot" not in slow
