@@ -88,6 +88,22 @@ class RelayNet(GkmNet):
                          + ring_topology(nodes, 212, max(hops)))
         super().__init__(block, store, window, ring, console)
 
+    def _ready(self) -> bool:
+        """Every node has had a route to every other, not necessarily all at one moment:
+        under load a late keepalive takes a link down for a second; each point waits
+        for its own route before it measures."""
+        import json
+
+        seen = self.__dict__.setdefault("_routed", set())
+        for node in set(self.topo.nodes) - seen:
+            try:
+                r = json.loads((paths.node_dir(self.prefix, node) / "router.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if len(r.get("routes", {})) == len(self.topo.nodes) - 1:
+                seen.add(node)
+        return len(seen) == len(self.topo.nodes)
+
     def path(self, src: str, dst: str) -> list[str]:
         """The nodes a packet from ``src`` to ``dst`` crosses, by the routers' routes."""
         import json
