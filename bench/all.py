@@ -82,30 +82,32 @@ class Bench:
 
 
 MIB = 1 << 20
-# Full: about 12 minutes on the 2-core VM (the benches' own defaults take longer: shorter
-# pulls and fewer keys for the key API, a smaller store for the global key manager).
-# Quick: a few minutes; two points per sweep, one run each, short runs.
+# Full: about 13 minutes on the 2-core VM, by the quick run's timings (the single commands'
+# defaults take longer: one MTU fewer and 1 s iperf3 runs for the OTP tunnel, fewer keys
+# per key API pull, a smaller store for the global key manager). Quick (5 minutes on the
+# VM under load): two points per sweep, one short run each; a smoke test, not a figure.
+# ``estimate_s`` (full, quick) only weighs the overall progress bar.
 REGISTRY: tuple[Bench, ...] = (
     Bench("lkm", "local key manager", "bench.lkm:run", lkm_rows,
-          full={"seconds": 10.0}, quick={"seconds": 3.0}, estimate_s=(40, 20)),
+          full={"seconds": 10.0}, quick={"seconds": 3.0}, estimate_s=(30, 15)),
     Bench("otp", "OTP tunnel", "bench.otp:run", otp_rows,
-          full={"repeat": 3, "seconds": 1.5},
+          full={"mtus": (1500, 9000, 32000, 65449), "repeat": 3, "seconds": 1.0},
           quick={"mtus": (1500, 65449), "repeat": 1, "seconds": 1.0},
-          plot="otp-mtu", estimate_s=(300, 60)),
+          plot="otp-mtu", estimate_s=(240, 105)),
     Bench("gkm", "global key manager", "bench.gkm:run", gkm_rows,
           full={"store": 128 * MIB, "repeat": 3},
           quick={"sizes": (16 << 10, MIB), "store": 64 * MIB, "repeat": 1},
-          plot="gkm-size", estimate_s=(180, 60)),
+          plot="gkm-size", estimate_s=(170, 45)),
     Bench("api", "key API", "bench.api:run", api_rows,
           full={"keys": 8192, "store_max": 1 << 30, "repeat": 3, "baseline_s": 2.0},
           quick={"sizes": (256, 8 * MIB), "keys": 2048, "store_max": 256 * MIB, "repeat": 1,
                  "baseline_s": 1.0},
-          plot="api-size", estimate_s=(180, 60)),
+          plot="api-size", estimate_s=(170, 35)),
     Bench("guard", "XDP guard", "bench.guard:run", guard_rows,
-          full={"repeat": 3, "seconds": 1.5}, quick={"repeat": 1, "seconds": 1.0},
-          estimate_s=(100, 45)),
+          full={"repeat": 3, "seconds": 1.0}, quick={"repeat": 1, "seconds": 1.0},
+          estimate_s=(75, 35)),
     Bench("relay", "global key relay", "bench.relay:run", relay_rows,
-          quick={"hops": (1, 8), "repeat": 1}, plot="relay-hops", estimate_s=(150, 80)),
+          quick={"hops": (1, 8), "repeat": 1}, plot="relay-hops", estimate_s=(130, 80)),
 )
 
 
