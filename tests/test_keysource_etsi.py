@@ -308,7 +308,7 @@ ETSI_LINK = """
 name = "etsi-link"
 prefix = "{prefix}"
 [defaults]
-ring_capacity = "96MiB"
+ring_capacity = "512MiB"  # more than the devices can supply during the test
 [ports]
 agreement = 7551
 [gkm]
@@ -400,7 +400,7 @@ def test_two_link_ends_on_qkdnets_key_api_agree_and_survive_a_killed_device(tmp_
     ends: dict[str, InNetns] = {}
     t0 = time.monotonic()
     try:
-        topo, _ = make_net(tmp_path, dev, two=True, gkm=GKM, key_rate=2000, extra=DEVICES)
+        topo, _ = make_net(tmp_path, dev, two=True, gkm=GKM, key_rate=300, extra=DEVICES)
         t_up = time.monotonic() - t0
         lk = topo.links[0]
         (tmp_path / "link.key").write_bytes(secrets.token_bytes(32))
