@@ -377,8 +377,8 @@ def main(*, quick: bool, out_dir: Path, only: list[str] | None, record: bool,
         if record:
             from bench.record import record as write_record
 
-            write_record(json_path, results_md)
-            ui.print(f"latest table written to {results_md}", highlight=False)
+            for f in write_record(json_path, results_md, results_md.parent.parent / "README.md"):
+                ui.print(f"latest table written to {f}", highlight=False)
     if as_json:
         print(json.dumps(data, default=str))
     return exit_code(outcomes)

@@ -38,14 +38,14 @@ def shown(path: str, root: Path | None) -> str:
     return path
 
 
-def section(data: dict, json_path: str, root: Path | None = None) -> str:
+def section(data: dict, json_path: str, root: Path | None = None, level: int = 2) -> str:
     """The section's text, markers included, from a `bench all` JSON object; paths
-    under ``root`` are shown relative to it."""
+    under ``root`` are shown relative to it; its heading at ``level``."""
     rows = [Row.from_dict(r) for r in data["summary"]]
     kind = "quick smoke run (short runs, fewer sizes: not comparable)" \
         if data.get("profile") == "quick" else "full run"
     lines = [BEGIN,
-             f"## Latest: `qkdctl bench all` ({data['date']})",
+             f"{'#' * level} Latest: `qkdctl bench all` ({data['date']})",
              "Written by `qkdctl bench all` from its JSON; the next run replaces this "
              "section.",
              "",
@@ -84,10 +84,18 @@ def rewrite(text: str, new_section: str) -> str:
     return text[:at + 1] + new_section + "\n\n" + text[at + 1:]
 
 
-def record(json_path: Path, results_md: Path) -> None:
+def record(json_path: Path, results_md: Path, readme: Path | None = None) -> list[Path]:
     """Rewrite ``results_md``'s section from the JSON at ``json_path``; paths are shown
-    relative to the directory above ``results_md``'s (the repository's root)."""
+    relative to the directory above ``results_md``'s (the repository's root). A
+    ``readme`` that carries the markers gets the same table (one heading level lower, in
+    its Benchmarks section). The files written."""
     data = json.loads(json_path.read_text())
     text = results_md.read_text() if results_md.exists() else "# Benchmark results\n"
     root = results_md.resolve().parent.parent
     results_md.write_text(rewrite(text, section(data, str(json_path), root)))
+    written = [results_md]
+    if readme is not None and readme.exists() and BEGIN in (r := readme.read_text()):
+        readme.write_text(rewrite(r, section(data, str(json_path), readme.resolve().parent,
+                                             level=3)))
+        written.append(readme)
+    return written

@@ -512,16 +512,18 @@ def bench_all(
 def bench_record(
     json_file: Annotated[Path, typer.Argument(help="a JSON written by 'qkdctl bench all'")],
 ) -> None:
-    """Rewrite the latest table in bench/RESULTS.md from a 'bench all' JSON."""
+    """Rewrite the latest table in bench/RESULTS.md (and the README's) from a 'bench all'
+    JSON."""
     from bench.all import RESULTS_MD
     from bench.record import record
 
     try:
-        record(json_file, RESULTS_MD)
+        written = record(json_file, RESULTS_MD, RESULTS_MD.parent.parent / "README.md")
     except (OSError, ValueError, KeyError) as e:
         err.print(f"[red]cannot record {json_file}:[/red] {e}", highlight=False)
         raise typer.Exit(1) from None
-    out.print(f"latest table written to {RESULTS_MD}", highlight=False)
+    for f in written:
+        out.print(f"latest table written to {f}", highlight=False)
 
 
 @app.command("doctor")

@@ -196,6 +196,24 @@ def test_record_rewrites_a_copy_of_the_real_results_md(tmp_path):
     assert md.read_text() == once  # idempotent
 
 
+def test_record_puts_the_same_table_in_a_readme_with_markers_only(tmp_path):
+    md, js = tmp_path / "bench" / "RESULTS.md", tmp_path / "bench" / "results" / "r.json"
+    js.parent.mkdir(parents=True)
+    md.write_text("# Benchmark results\n")
+    js.write_text(json.dumps(fake_report()))
+    plain = tmp_path / "README.md"
+    plain.write_text("# x\n## Benchmarks\nno markers\n")
+    assert record.record(js, md, plain) == [md]
+    assert plain.read_text() == "# x\n## Benchmarks\nno markers\n"  # left alone
+    plain.write_text(f"# x\n## Benchmarks\n{record.BEGIN}\n{record.END}\nafter\n")
+    assert record.record(js, md, plain) == [md, plain]
+    text = plain.read_text()
+    assert "\n### Latest: `qkdctl bench all`" in text and text.endswith("after\n")
+    table = [ln for ln in md.read_text().splitlines() if ln.startswith("| ")]
+    assert table and all(ln in text for ln in table)
+    assert "`bench/results/r.json`" in text  # paths from the README's directory
+
+
 # ---- registry and arguments ----------------------------------------------------------------
 
 def test_registry_names_every_bench_once_with_its_rows():
