@@ -86,6 +86,20 @@ class GkmNet(Net):
         except (OSError, ValueError):
             return {}
 
+    def median_fill(self, origin: str, dest: str, repeat: int, timeout: float) -> dict:
+        """The median of ``repeat`` fills of ``origin``'s store for ``dest`` (each after
+        the rings are refilled), with every run's rate in ``runs_gbps``."""
+        runs = []
+        for _ in range(repeat):
+            low = self.fill(min_fill=0.9, timeout=90)
+            r = self.fill_store(origin, dest, timeout)
+            r.update(ring_fill_before=round(low, 3))
+            runs.append(r)
+        runs.sort(key=lambda r: r["gbps"])
+        med = dict(runs[len(runs) // 2])
+        med["runs_gbps"] = [round(r["gbps"], 3) for r in runs]
+        return med
+
     def fill_store(self, origin: str, dest: str, timeout: float) -> dict:
         """Release ``origin``'s key manager (the first time) or empty its store for
         ``dest`` (then), and time the fill that follows."""
@@ -145,16 +159,8 @@ def measure(block: int, store: int, window: int, ring: str, paths_: tuple[str, .
         net.up()
         for path in paths_:
             origin = "B" if path == "direct" else "C"
-            runs = []
-            for _ in range(repeat):
-                low = net.fill(min_fill=0.9, timeout=90)
-                r = net.fill_store(origin, "A", timeout)
-                r.update(ring_fill_before=round(low, 3))
-                runs.append(r)
-            runs.sort(key=lambda r: r["gbps"])
-            med = dict(runs[len(runs) // 2])
-            med.update(path=path, block=block, window=window, store=store,
-                       runs_gbps=[round(r["gbps"], 3) for r in runs])
+            med = net.median_fill(origin, "A", repeat, timeout)
+            med.update(path=path, block=block, window=window, store=store)
             out.append(med)
     finally:
         net.down()

@@ -165,16 +165,8 @@ def run(hops: tuple[int, ...] = DEFAULT_HOPS, nodes: int = NODES, block: int = 1
                                  f"{paths.log_dir(net.prefix)}")
             console.print(f"  {h} hop(s), {origin} -> {DEST} via "
                           f"{' - '.join(route[1:-1]) or 'no relay'}: filling rings ...")
-            runs = []
-            for _ in range(repeat):
-                low = net.fill(min_fill=0.9, timeout=90)
-                r = net.fill_store(origin, DEST, timeout)
-                r.update(ring_fill_before=round(low, 3))
-                runs.append(r)
-            runs.sort(key=lambda r: r["gbps"])
-            p = dict(runs[len(runs) // 2])
-            p.update(hops=h, origin=origin, dest=DEST, path=route,
-                     runs_gbps=[round(r["gbps"], 3) for r in runs])
+            p = net.median_fill(origin, DEST, repeat, timeout)
+            p.update(hops=h, origin=origin, dest=DEST, path=route)
             points.append(p)
             console.print(f"    {h} hop(s): {p['bytes'] >> 20} MiB in {p['seconds']:.2f} s = "
                           f"{p['gbps']:.2f} Gb/s (runs: "

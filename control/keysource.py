@@ -138,6 +138,7 @@ class FetchingSource:
 
     max_queued = 8
     idle_s = 0.05
+    close_timeout_s = 10.0  # close() waits this long for a fetch in progress
 
     def __init__(self, description: str):
         self.description = description
@@ -147,6 +148,8 @@ class FetchingSource:
         self._error = ""
         self._thread: threading.Thread | None = None
         self._pipe: tuple[int, int] | None = None
+        # A thread that outlived close() (stuck in I/O), with the pipe it may still write.
+        self._orphan: tuple[threading.Thread, tuple[int, int]] | None = None
 
     # -- subclass hooks -----------------------------------------------------------------
     def connect(self) -> None:
@@ -160,12 +163,20 @@ class FetchingSource:
 
     # -- KeySource ----------------------------------------------------------------------
     def open(self) -> None:
+        if self._orphan is not None:
+            thread, pipe = self._orphan
+            if thread.is_alive():  # two threads must never fetch on one connection
+                raise SourceUnavailable(f"{self.description}: the previous connection's "
+                                        f"fetch is still stuck; retrying later")
+            _close_fds(pipe)
+            self._orphan = None
         self.connect()
         self._pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._queue.clear()
         self._error = ""
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="key-source", daemon=True)
+        self._stopping = threading.Event()  # one per run: a late thread sees its own
+        self._thread = threading.Thread(target=self._run, args=(self._stopping, self._pipe[1]),
+                                        name="key-source", daemon=True)
         self._thread.start()
 
     def fileno(self) -> int:
@@ -181,37 +192,35 @@ class FetchingSource:
             self._queue.clear()
             self._cond.notify_all()
             error = self._error
-        if not out and error:
-            raise SourceUnavailable(error)
+        if error:
+            if not out:
+                raise SourceUnavailable(error)
+            _wake(self._pipe[1])  # the failure is the next read's: keep the pipe readable
         return out
 
     def close(self) -> None:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10.0)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=self.close_timeout_s)
         with contextlib.suppress(Exception):
             self.disconnect()
         if self._pipe is not None:
-            for fd in self._pipe:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            if thread is not None and thread.is_alive():
+                self._orphan = (thread, self._pipe)  # it may still write: keep the fds
+            else:
+                _close_fds(self._pipe)
             self._pipe = None
 
     # -- the thread ---------------------------------------------------------------------
-    def _wake(self) -> None:
-        if self._pipe is not None:
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._pipe[1], b"!")
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
+    def _run(self, stopping: threading.Event, wake_fd: int) -> None:
+        while not stopping.is_set():
             with self._cond:
-                while len(self._queue) >= self.max_queued and not self._stopping.is_set():
+                while len(self._queue) >= self.max_queued and not stopping.is_set():
                     self._cond.wait(0.5)
-            if self._stopping.is_set():
+            if stopping.is_set():
                 return
             try:
                 blocks = self.fetch()
@@ -220,17 +229,32 @@ class FetchingSource:
             except Exception as e:  # noqa: BLE001 - a source bug must not kill the node
                 error = f"{type(e).__name__}: {e}"
             else:
+                if stopping.is_set():
+                    return  # closed meanwhile: what it fetched is not this run's
                 if blocks:
                     with self._cond:
                         self._queue.extend(blocks)
-                    self._wake()
+                    _wake(wake_fd)
                 else:
-                    self._stopping.wait(self.idle_s)
+                    stopping.wait(self.idle_s)
                 continue
+            if stopping.is_set():
+                return
             with self._cond:
                 self._error = error
-            self._wake()
+            _wake(wake_fd)
             return
+
+
+def _wake(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError, OSError):
+        os.write(fd, b"!")
+
+
+def _close_fds(fds: tuple[int, int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def make_source(topo: Topology, node: str, link: LinkSpec) -> KeySource:

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from control.keysource import FetchingSource, SourceUnavailable
+from tests.nsutil import wait_until
 
 
 class Scripted(FetchingSource):
@@ -70,7 +71,8 @@ def test_a_reader_that_stops_reading_stops_the_fetching():
     src = Scripted([[_block(i)] for i in range(20)])
     src.open()
     try:
-        threading.Event().wait(0.3)
+        wait_until(lambda: src.fetches >= src.max_queued, 5, "the queue to fill")
+        threading.Event().wait(0.2)
         assert src.fetches == src.max_queued  # queue full: the thread waits
         got = _read_until(src, 20)
         assert [b[0][1] for b in got] == list(range(20))
@@ -82,10 +84,49 @@ def test_a_failure_comes_after_the_blocks_fetched_before_it():
     src = Scripted([[_block(0)], SourceUnavailable("device went away")])
     src.open()
     try:
-        threading.Event().wait(0.2)
+        wait_until(lambda: src.fetches == 2 and not src._thread.is_alive(), 5,
+                   "the block and the failure")
+        r, _, _ = select.select([src.fileno()], [], [], 0)
+        assert r
         assert [b[0] for b in src.read_blocks()] == [(7, 0)]
+        # The failure is still pending: the pipe stays readable, so the selector
+        # loop calls read_blocks again, which raises it.
+        r, _, _ = select.select([src.fileno()], [], [], 1.0)
+        assert r, "the failure after the block would never be read"
         with pytest.raises(SourceUnavailable, match="device went away"):
             src.read_blocks()
+    finally:
+        src.close()
+
+
+class Stuck(Scripted):
+    """A fetch that hangs (a device that stopped answering) until released."""
+
+    close_timeout_s = 0.2
+
+    def __init__(self):
+        super().__init__([])
+        self.release = threading.Event()
+
+    def fetch(self):
+        self.fetches += 1
+        self.release.wait(10)
+        return [_block(self.fetches)]
+
+
+def test_a_fetch_stuck_past_close_blocks_reopening_until_it_ends():
+    src = Stuck()
+    src.open()
+    wait_until(lambda: src.fetches == 1, 5, "the fetch to start")
+    src.close()  # the thread outlives it
+    with pytest.raises(SourceUnavailable, match="still stuck"):
+        src.open()
+    src.release.set()
+    wait_until(lambda: not src._orphan[0].is_alive(), 5, "the stuck fetch to end")
+    src.open()  # now it may
+    try:
+        got = _read_until(src, 1)
+        assert got and got[0][0] == (7, 2)  # the stuck run's block was not delivered
     finally:
         src.close()
 

@@ -36,6 +36,7 @@ from control.keysource_sftp import (
     plan_fetch,
 )
 from dataplane.ring import KeyRing
+from tests.nsutil import wait_until
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 needs_sshd = pytest.mark.skipif(not (os.access(SSHD, os.X_OK) and shutil.which("ssh-keygen")
@@ -502,16 +503,6 @@ class Link:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _settled(link: Link, dev_a: Device, dev_b: Device) -> bool:
