@@ -90,7 +90,8 @@ def plan_fetch(entries: list[Entry], after: BlockId | None, max_size: int) -> Pl
 
     A key file at or before ``after`` (the last block delivered) is stale: delivering it
     would break the in-order promise the agreement relies on, so it is dropped. A key file
-    that is empty, larger than ``max_size`` or not a regular file is refused: left on the
+    whose size is not ``max_size`` (the link's block size: both ends must store blocks of
+    one length) or that is not a regular file is refused: left on the
     device, never delivered.
     """
     fetch: list[tuple[BlockId, Entry]] = []
@@ -104,9 +105,8 @@ def plan_fetch(entries: list[Entry], after: BlockId | None, max_size: int) -> Pl
             refused.append((e, "not a regular file"))
         elif e.size == 0:
             refused.append((e, "empty"))
-        elif e.size > max_size:
-            refused.append((e, f"{e.size} B is larger than the link's block size "
-                               f"({max_size} B)"))
+        elif e.size != max_size:  # the two ends must store blocks of one length
+            refused.append((e, f"{e.size} B, not the link's block size ({max_size} B)"))
         elif after is not None and block <= after:
             stale.append((block, e))
         else:

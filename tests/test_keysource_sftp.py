@@ -60,12 +60,16 @@ def test_key_file_names():
 def test_plan_orders_by_number_and_refuses_what_the_link_cannot_take():
     entries = [Entry("1-10.key", 100), Entry("1-9.key", 100), Entry("2-0.key", 100),
                Entry("0-99.key", 100), Entry("1-9.key.tmp", 5), Entry("notes.txt", 5),
-               Entry("1-11.key", 0), Entry("1-12.key", 101), Entry("1-13.key", 10, False)]
+               Entry("1-11.key", 0), Entry("1-12.key", 101), Entry("1-13.key", 10, False),
+               Entry("1-14.key", 99)]
     plan = plan_fetch(entries, None, 100)
     assert [b for b, _ in plan.fetch] == [(0, 99), (1, 9), (1, 10), (2, 0)]
-    assert sorted(e.name for e, _ in plan.refused) == ["1-11.key", "1-12.key", "1-13.key"]
-    assert "larger than the link's block size" in dict(
-        (e.name, why) for e, why in plan.refused)["1-12.key"]
+    assert sorted(e.name for e, _ in plan.refused) == ["1-11.key", "1-12.key", "1-13.key",
+                                                       "1-14.key"]
+    why = dict((e.name, why) for e, why in plan.refused)
+    # Both ends must store blocks of one length: any other size is refused.
+    assert why["1-12.key"] == why["1-14.key"].replace("99", "101") == \
+        "101 B, not the link's block size (100 B)"
     assert plan.stale == []
     # After (1, 9) was delivered, what sorts at or before it is stale, never fetched.
     plan = plan_fetch(entries, (1, 9), 100)
@@ -361,7 +365,7 @@ def test_source_fetches_in_order_removes_files_and_leaves_what_it_refuses(tmp_pa
     blocks = {(5, s): os.urandom(1 << 20) for s in (0, 1, 2, 9, 10, 11)}
     for b, data in blocks.items():
         dev.write(b, data)
-    (dev.keys / "5-12.key").write_bytes(b"x" * ((1 << 20) + 1))  # larger than a block
+    (dev.keys / "5-12.key").write_bytes(b"x" * ((1 << 20) + 1))  # not a block's size
     (dev.keys / ".5-13.key.part").write_bytes(b"half")             # still being written
     src = _sftp_source(tmp_path, dev)
     src.open()
@@ -375,8 +379,8 @@ def test_source_fetches_in_order_removes_files_and_leaves_what_it_refuses(tmp_pa
         print(f"\nsftp fetch: {len(blocks)} MiB in {dt:.2f} s = "
               f"{len(blocks) * 8 * 1.048576 / dt:.0f} Mb/s")
         # More files later; one behind what was delivered is removed, never delivered.
-        dev.write((5, 3), b"late" * 8)
-        dev.write((6, 0), b"next" * 8)
+        dev.write((5, 3), os.urandom(1 << 20))
+        dev.write((6, 0), os.urandom(1 << 20))
         got = _read_blocks(src, 1)
         assert [b for b, _ in got] == [(6, 0)]
         time.sleep(0.2)
@@ -409,7 +413,7 @@ def test_source_refuses_a_wrong_host_key_and_backs_off(tmp_path, devices):
     good = (dev.root / "known_hosts").read_text()
     (dev.root / "known_hosts").write_text(f"[127.0.0.1]:{dev.port} {other.host_key}\n")
     dev.write((1, 0), b"k" * 64)
-    src = _sftp_source(tmp_path, dev)
+    src = _sftp_source(tmp_path, dev, block="64B")
     assert "does not match the configured one" in _failure(src)
     assert src.backoff.delay == 1.0
     with pytest.raises(SourceUnavailable, match="does not match"):  # too early: not tried
