@@ -14,9 +14,11 @@ with its length before a line is formatted, so a careless ``log.info("%s", block
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
+from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -24,10 +26,23 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s node=%(node)s pid=%(process)d 
 _STANDARD = set(vars(logging.makeLogRecord({})))
 
 
-def redact(value: object) -> object:
-    """A bytes-like value becomes a note of its length; anything else is left alone."""
+def redact(value: object, depth: int = 0) -> object:
+    """A bytes-like value becomes a note of its length, also inside tuples, lists, sets,
+    dicts and dataclasses (a key block is ``((epoch, seq), bytearray)``); anything else
+    is left alone."""
     if isinstance(value, bytes | bytearray | memoryview):
         return f"<{len(value)} bytes>"
+    if depth > 8:
+        return value
+    if isinstance(value, tuple | list | set | frozenset):
+        return type(value)(redact(v, depth + 1) for v in value) \
+            if not hasattr(value, "_fields") else type(value)(*(redact(v, depth + 1)
+                                                                for v in value))
+    if isinstance(value, dict):
+        return {k: redact(v, depth + 1) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: redact(getattr(value, f.name), depth + 1)
+                for f in dataclasses.fields(value)}
     return value
 
 
@@ -60,7 +75,7 @@ def formatter(kind: str) -> logging.Formatter:
                                         "process": "pid"}, timestamp="time")
 
 
-def setup_logging(level: int = logging.INFO, stream=None) -> None:
+def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> None:
     """Configure the root logger of this process (replacing any earlier setup), route
     warnings and uncaught exceptions through it, so the whole log stays structured."""
     kind = os.environ.get("QKDNET_LOG_FORMAT", "json")

@@ -3,9 +3,11 @@ needs, and no key bytes even when a module passes bytes to the logger by mistake
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
+import sys
 
 import pytest
 
@@ -21,8 +23,10 @@ def logged(monkeypatch):
     buf = io.StringIO()
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored afterwards
     setup_logging(stream=buf)
     yield buf
+    logging.captureWarnings(False)
     for h in list(root.handlers):
         root.removeHandler(h)
     for h in saved[0]:
@@ -57,6 +61,23 @@ def test_key_bytes_passed_to_the_logger_never_reach_the_line(logged, wrap):
     assert text.count("<48 bytes>") == 4
 
 
+def test_key_bytes_inside_blocks_and_containers_never_reach_the_line(logged):
+    @dataclasses.dataclass
+    class Store:
+        pos: int
+        data: bytes
+
+    block = ((7, 3), bytearray(KEY))  # what a key source hands the key manager
+    log = logging.getLogger("qkdnet.lkm")
+    log.info("got %s", block)
+    log.info("%s", [block, {"k": memoryview(KEY)}, {KEY}])
+    log.info("%r", Store(5, KEY))
+    text = logged.getvalue()
+    assert KEY.hex() not in text and "\\x07" not in text and "\\u0007" not in text
+    assert text.count("<48 bytes>") == 5
+    assert "(7, 3)" in text and "'pos': 5" in text  # the rest is still there
+
+
 def test_an_exception_is_one_json_line_with_its_traceback(logged):
     try:
         raise RuntimeError("ring full")
@@ -68,6 +89,7 @@ def test_an_exception_is_one_json_line_with_its_traceback(logged):
 
 def test_text_format_for_reading_by_eye(monkeypatch):
     monkeypatch.setenv("QKDNET_LOG_FORMAT", "text")
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
     buf = io.StringIO()
     root = logging.getLogger()
     saved = list(root.handlers)
@@ -75,6 +97,7 @@ def test_text_format_for_reading_by_eye(monkeypatch):
         setup_logging(stream=buf)
         logging.getLogger("qkdnet.y").info("hello")
     finally:
+        logging.captureWarnings(False)
         for h in list(root.handlers):
             root.removeHandler(h)
         for h in saved:
