@@ -573,8 +573,10 @@ def profile(
 
 @app.command("demo")
 def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples/triangle.toml"),
-         phase: Annotated[float, typer.Option(help="seconds of each stream phase")] = 8.0,
-         rate: Annotated[float, typer.Option(help="TCP stream rate, Mb/s")] = 200.0,
+         phase: Annotated[float, typer.Option(min=1.0, max=600.0,
+                                              help="seconds of each stream phase")] = 8.0,
+         rate: Annotated[float, typer.Option(min=1.0, max=100_000.0,
+                                             help="TCP stream rate, Mb/s")] = 200.0,
          as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False,
          ) -> None:
     """The paper's three nodes: keys through the key API, a TCP stream through the OTP
@@ -583,7 +585,8 @@ def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples
     from control.demo import report_json, run_demo
 
     try:
-        code, rep = run_demo(load(config), out, phase_s=phase, rate_mbps=rate)
+        code, rep = run_demo(load(config), err if as_json else out, phase_s=phase,
+                             rate_mbps=rate)
     except ValueError as e:
         err.print(f"[red]{e}[/red]", highlight=False)
         raise typer.Exit(2) from None
