@@ -76,6 +76,11 @@ def origin_of(hops: int) -> str:
     return f"N{1 + hops}"
 
 
+def expected_path(hops: int) -> list[str]:
+    """The nodes the measured key crosses from N(1+h) to N1: the first ``hops`` links."""
+    return [f"N{i}" for i in range(hops + 1, 0, -1)]
+
+
 class RelayNet(GkmNet):
     """The ring, with global key between N1 and each measured origin only."""
 
@@ -154,12 +159,13 @@ def run(hops: tuple[int, ...] = DEFAULT_HOPS, nodes: int = NODES, block: int = 1
         net.up()
         for h in hops:
             origin = origin_of(h)
+            want = expected_path(h)  # over the links with the big rings, not the other way
             route = net.path(origin, DEST)
             deadline = time.monotonic() + 15
-            while len(route) - 1 != h and time.monotonic() < deadline:
+            while route != want and time.monotonic() < deadline:
                 time.sleep(0.2)  # a link seen down for a moment: wait for its route back
                 route = net.path(origin, DEST)
-            if len(route) - 1 != h:
+            if route != want:
                 raise BenchError(f"{origin} -> {DEST} is not routed over the first {h} "
                                  f"links but {' - '.join(route) or 'nowhere'}; logs in "
                                  f"{paths.log_dir(net.prefix)}")

@@ -210,13 +210,17 @@ def test_bench_relay_routes_each_hop_count_over_the_first_links_with_large_rings
     topo = bench_topology((1, 2, 4, 8))
     ends = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
     up = {lk.name for lk in topo.links}
+    from bench.relay import expected_path
+
     for h in (1, 2, 4, 8):
-        node, crossed = f"N{1 + h}", []
+        node, crossed, visited = f"N{1 + h}", [], [f"N{1 + h}"]
         while node != "N1":
             link = topo.link(next_hops(ends, up, node)["N1"])
             crossed.append(link.index)
             node = link.peer_of(node)
+            visited.append(node)
         assert sorted(crossed) == list(range(h))
+        assert visited == expected_path(h)  # what the bench waits for before measuring
         assert topo.gkm.destinations_of(f"N{1 + h}") == ["N1"]
     for lk in topo.links:
         big = lk.index < 8
