@@ -287,8 +287,15 @@ Subsystem sftp internal-sftp
         """Kill the server and every session it runs, at once (a device that dies)."""
         if self.proc is None:
             return
-        pids = [self.proc.pid, *_descendants(self.proc.pid)]
-        for pid in pids:
+        # Freeze the tree before listing it, so no session forks after it was listed.
+        stopped = {self.proc.pid}
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        while new := set(_descendants(self.proc.pid)) - stopped:
+            for pid in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            stopped |= new
+        for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(5)
