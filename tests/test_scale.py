@@ -159,37 +159,34 @@ def relays_key(topo: Topology, master: str, slave: str, hops: int) -> None:
             assert api(topo, s, f"{API}/{m}/dec_keys?key_ID={k['key_ID']}")[0] != 200
 
 
-@pytest.mark.netns
-def test_ring16_relays_global_key_over_eight_hops_and_leaves_nothing(tmp_path, prefix):
-    topo = example_as(tmp_path, "ring16.toml", prefix)
-    assert len(topo.nodes) == 16 and len(topo.links) == 16
-    qkdctl("check", str(topo.path))
+def _up_relay_down(topo, master: str, slave: str, hops: int) -> None:
+    """net up, wait for every route, relay keys between two SAEs, net down; then check
+    that nothing of the network is left, also when the relay failed."""
     pids: list[int] = []
     try:
         qkdctl("net", "up", str(topo.path))
         wait_routes(topo)
         pids = processes_of(topo)
-        relays_key(topo, "SAE-1", "SAE-9", hops=8)
+        relays_key(topo, master, slave, hops=hops)
     finally:
         pids = sorted(set(pids) | set(processes_of(topo)))
         qkdctl("net", "down", str(topo.path))
     assert_nothing_left(topo, pids)
+
+
+@pytest.mark.netns
+def test_ring16_relays_global_key_over_eight_hops_and_leaves_nothing(tmp_path, prefix):
+    topo = example_as(tmp_path, "ring16.toml", prefix)
+    assert len(topo.nodes) == 16 and len(topo.links) == 16
+    qkdctl("check", str(topo.path))
+    _up_relay_down(topo, "SAE-1", "SAE-9", hops=8)
 
 
 @pytest.mark.netns
 def test_grid9_relays_global_key_between_opposite_corners(tmp_path, prefix):
     topo = example_as(tmp_path, "grid9.toml", prefix)
     assert len(topo.nodes) == 9 and len(topo.links) == 12
-    pids: list[int] = []
-    try:
-        qkdctl("net", "up", str(topo.path))
-        wait_routes(topo)
-        pids = processes_of(topo)
-        relays_key(topo, "SAE-A1", "SAE-C3", hops=4)
-    finally:
-        pids = sorted(set(pids) | set(processes_of(topo)))
-        qkdctl("net", "down", str(topo.path))
-    assert_nothing_left(topo, pids)
+    _up_relay_down(topo, "SAE-A1", "SAE-C3", hops=4)
 
 
 # ---- bench relay's network and report (no namespaces) -----------------------------------
