@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import multiprocessing as mp
 import os
 import platform
-import re
 import shutil
 import struct
 import time
@@ -26,8 +26,10 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from dataplane.bpf.guard import MIN_KERNEL as MIN_XDP_FRAGS_KERNEL
+from dataplane.bpf.guard import kernel_version
+
 SCRATCH_PREFIX = "qkdoc"
-MIN_XDP_FRAGS_KERNEL = (5, 18)  # BPF_F_XDP_HAS_FRAGS: native XDP on large-MTU veth
 XDP_PROG = b"int qkdoc(struct xdp_md *ctx) { return XDP_PASS; }"
 CHILD_TIMEOUT_S = 30.0
 
@@ -231,8 +233,10 @@ def check_headers(modules_dir: Path | None = None) -> Check:
     return Check(name, True, f"{build} -> {build.resolve()}")
 
 
+@functools.cache  # the bcc and XDP checks both need it: one clang run
 def _compile_xdp() -> tuple[bytes, float]:
-    """bcc compiles and loads a trivial XDP program; returns its instructions."""
+    """bcc compiles and loads a trivial XDP program; returns its instructions and the
+    seconds that took."""
     import bcc
 
     t = time.monotonic()
@@ -258,11 +262,6 @@ def check_bcc() -> Check:
     c = Check(name, True, f"compiled and loaded an XDP program in {secs * 1000:.0f} ms")
     c.info["compile_ms"] = round(secs * 1000, 1)
     return c
-
-
-def kernel_version(release: str | None = None) -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
-    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 def _attach_xdp(insns: bytes, mtu: int) -> str:

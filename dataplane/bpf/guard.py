@@ -21,6 +21,8 @@ import importlib.util
 import json
 import logging
 import os
+import platform
+import re
 import socket
 import struct
 import sys
@@ -76,14 +78,20 @@ def cflags() -> list[str]:
     return [f"-D{k}={v}" for k, v in consts.items()]
 
 
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a kernel release string (default: this kernel's); (0, 0) when it
+    has another form."""
+    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
 def support() -> str | None:
     """Why the guard cannot work on this machine (None: it should). Cheap: no compile."""
     if os.geteuid() != 0:
         return "not root (BPF needs CAP_BPF and CAP_NET_ADMIN)"
     release = os.uname().release
-    try:
-        ver = tuple(int(x) for x in release.split("-")[0].split(".")[:2])
-    except ValueError:
+    ver = kernel_version(release)
+    if ver == (0, 0):  # a release string of another form: let the attach decide
         ver = MIN_KERNEL
     if ver < MIN_KERNEL:
         return f"kernel {release} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]} (XDP multi-buffer)"
