@@ -22,7 +22,6 @@ Status goes to ``gkm.json`` for `qkdctl status`.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import zmq.utils.monitor
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from control import gkm_client, paths
+from control.address import wait_for_address
 from control.config import Topology
 from control.gkm_wire import (
     MAX_RESERVE_BATCH,
@@ -177,14 +177,10 @@ class GlobalKeyManager:
         self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 4 * HEARTBEAT_MS)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         endpoint = f"tcp://{self.node.address}:{self.topo.ports.relay}"
-        while not self.stop:  # the router module may not have added the address yet
-            try:
-                self.router.bind(endpoint)
-                break
-            except zmq.ZMQError as e:
-                if e.errno != errno.EADDRNOTAVAIL:
-                    raise
-                time.sleep(0.2)
+        # The router module may not have added the node address yet.
+        if wait_for_address(str(self.node.address), lambda: self.stop,
+                            timeout_s=float("inf"), poll_s=0.2):
+            self.router.bind(endpoint)
         self.api = self.ctx.socket(zmq.ROUTER)
         self.api.setsockopt(zmq.LINGER, 0)
         sock = gkm_client.socket_path(self.topo.prefix, self.node.name)
@@ -667,20 +663,14 @@ class GlobalKeyManager:
 def gkm_main(config_path: str, node: str, state_dir: str | None) -> None:
     from control.config import load_topology
     from control.memory import keep_freed_memory
-    from control.supervisor import die_with_parent, setup_logging
+    from control.supervisor import die_with_parent, run_until_stopped, setup_logging
 
     die_with_parent()
     setup_logging()
     keep_freed_memory()  # blocks and keys of up to 16 MiB pass through on every take
     gkm = GlobalKeyManager(load_topology(config_path), node,
                            Path(state_dir) if state_dir else None)
-
-    def on_signal(*_: object) -> None:
-        gkm.stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        gkm.run()
+        run_until_stopped(gkm)
     finally:
         gkm.close()

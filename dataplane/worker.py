@@ -20,7 +20,6 @@ import gc
 import logging
 import os
 import select
-import signal
 import socket
 import struct
 import time
@@ -419,7 +418,7 @@ def same_process_alive(identity: int) -> bool:
 
 def worker_main(cfg: WorkerConfig) -> None:
     """Entry point of a worker process (forked by the tunnel manager)."""
-    from control.supervisor import die_with_parent
+    from control.supervisor import die_with_parent, run_until_stopped
 
     die_with_parent()
     for fd in cfg.close_fds:
@@ -428,10 +427,4 @@ def worker_main(cfg: WorkerConfig) -> None:
     w = Worker(cfg)
     gc.freeze()  # the packet loop makes no reference cycles: no collector pauses in it
     gc.disable()
-
-    def on_signal(*_: object) -> None:
-        w.stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    w.run()
+    run_until_stopped(w)
