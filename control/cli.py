@@ -456,7 +456,8 @@ def bench_relay(
 ) -> None:
     """Relay: global key over 1, 2, 4, 8 hops of a 16-node ring, against hop count."""
     need_root()
-    from bench.relay import DEFAULT_HOPS, run
+    from bench.otp import BenchError
+    from bench.relay import DEFAULT_HOPS, check, run
     from control.config import parse_size
 
     try:
@@ -469,9 +470,10 @@ def bench_relay(
         raise typer.BadParameter("must hold a point's key: at least 1.25 x --store",
                                  param_hint="--ring")
     h = tuple(hops or DEFAULT_HOPS)
-    if min(h) < 1 or max(h) > nodes // 2:
-        raise typer.BadParameter(f"hop counts must be 1 to {nodes // 2} (half the ring)",
-                                 param_hint="--hops")
+    try:
+        check(h, nodes)
+    except BenchError as e:
+        raise typer.BadParameter(str(e), param_hint="--hops") from None
     result = _bench(run, hops=h, nodes=nodes, store=store_b, ring=ring, workers=workers,
                     repeat=repeat, plot_path=plot, console=err if as_json else out)
     if as_json:

@@ -153,8 +153,6 @@ class SftpSource(FetchingSource):
         self._todo: deque[tuple[BlockId, Entry]] = deque()
         self._after: BlockId | None = None  # last block delivered by this process
         self._warned: set[str] = set()
-        self.bytes_fetched = 0
-        self.files_fetched = 0
 
     # -- FetchingSource hooks -------------------------------------------------------------
     def connect(self) -> None:
@@ -197,8 +195,6 @@ class SftpSource(FetchingSource):
             _wipe(data)
             raise
         self._after = block
-        self.bytes_fetched += len(data)
-        self.files_fetched += 1
         return [(block, data)]
 
     def disconnect(self) -> None:

@@ -133,7 +133,6 @@ class LinkKeyManager:
         self.source_up = False
         self.source_reading = False
         self.source_error = ""
-        self._logged_source_error = ""
         self.notes: NotingSource | None = (cfg.source if hasattr(cfg.source, "outgoing")
                                            else None)  # type: ignore[assignment]
         self.peer_error = ""
@@ -226,15 +225,14 @@ class LinkKeyManager:
         if blocks:
             if self.source_error:
                 log.info("link %s: key source delivers again", self.cfg.link.name)
-            self.source_error = self._logged_source_error = ""
+            self.source_error = ""
             self._carry_out(self.machine.on_blocks(blocks, self.released(), now))
 
     def _source_failed(self, error: str, what: str) -> None:
         """Note a source failure; say it once, not at every retry of a source that
         opens but keeps failing (a device that is down)."""
-        if error != self._logged_source_error:
+        if error != self.source_error:
             log.warning("link %s: %s: %s", self.cfg.link.name, what, error)
-            self._logged_source_error = error
         self.source_error = error
 
     def _exchange_notes(self) -> None:
