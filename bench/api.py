@@ -32,6 +32,7 @@ from rich.table import Table
 from bench.api_load import Pull, pull_dec, pull_enc, run_in
 from bench.otp import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench.runs import median_run
 from bench.topology import line
 from control import paths
 from control.gkm import PAUSE_FLAG
@@ -268,12 +269,8 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, keys: int = 32768,
         for bits in sizes:
             size = bits // 8
             store = min(store_max, max(BLOCK, -(-keys * size // BLOCK) * BLOCK))
-            runs = sorted((measure(net, bits, store, clients, baseline_s, console)
-                           for _ in range(repeat)), key=lambda p: p["keys_per_s"])
-            point = dict(runs[len(runs) // 2])  # the median pull
-            point["runs_gbps"] = [round(r["gbps"], 3) for r in runs]
-            point["runs_keys_per_s"] = [round(r["keys_per_s"]) for r in runs]
-            points.append(point)
+            points.append(median_run([measure(net, bits, store, clients, baseline_s, console)
+                                      for _ in range(repeat)], "keys_per_s"))
     finally:
         with contextlib.suppress(Exception):
             net.down()

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from bench.otp import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench.runs import median_run
 from bench.topology import line
 from control import emulation, paths
 from control.gkm import PAUSE_FLAG
@@ -95,10 +96,7 @@ class GkmNet(Net):
             r = self.fill_store(origin, dest, timeout)
             r.update(ring_fill_before=round(low, 3))
             runs.append(r)
-        runs.sort(key=lambda r: r["gbps"])
-        med = dict(runs[len(runs) // 2])
-        med["runs_gbps"] = [round(r["gbps"], 3) for r in runs]
-        return med
+        return median_run(runs)
 
     def fill_store(self, origin: str, dest: str, timeout: float) -> dict:
         """Release ``origin``'s key manager (the first time) or empty its store for

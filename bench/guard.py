@@ -30,6 +30,7 @@ from rich.table import Table
 
 from bench.otp import BenchError, Net
 from bench.plotting import verdict
+from bench.runs import median_run
 from bench.topology import line
 from control import paths
 from dataplane.bpf.guard import DROP_REASONS
@@ -152,9 +153,7 @@ def run_point(net: GuardNet, flood: bool, seconds: float, size: int) -> dict:
 
 
 def _median(runs: list[dict]) -> dict:
-    runs = sorted(runs, key=lambda p: p["gbps"])
-    p = dict(runs[len(runs) // 2])
-    p["runs_gbps"] = [round(x["gbps"], 3) for x in runs]
+    p = median_run(runs)
     p["worker_cpu_per_s"] = statistics.median(x["worker_cpu_per_s"] for x in runs)
     return p
 

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench.runs import median_run
 from bench.topology import line
 from control import emulation, paths
 from control.config import Topology, parse_topology
@@ -272,10 +273,8 @@ def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int
             net.up()
             for path in ("direct", "relay"):
                 for mtu in mtus:
-                    runs = sorted((run_point(net, path, mtu, seconds, streams)
-                                   for _ in range(repeat)), key=lambda r: r["gbps"])
-                    p = {"mode": mode, **runs[len(runs) // 2],  # the median run
-                         "runs_gbps": [round(r["gbps"], 3) for r in runs],
+                    runs = [run_point(net, path, mtu, seconds, streams) for _ in range(repeat)]
+                    p = {"mode": mode, **median_run(runs),
                          "key_limited": any(r["key_limited"] for r in runs)}
                     points.append(p)
                     console.print(f"  {mode:12} {path:6} MTU {mtu:5}: {p['gbps']:6.2f} Gb/s "

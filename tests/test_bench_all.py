@@ -377,3 +377,16 @@ def test_leftovers_are_only_networks_a_bench_made_during_the_run():
             ("t123", "/tmp/x/net.toml", 100.0),             # someone's test network
             ("tri", "/work/main/examples/triangle.toml", 120.0)]
     assert ball.leftover_networks(mans, 99.0, root) == ["bo1"]
+
+
+def test_median_run_picks_the_middle_and_lists_every_run_in_rank_order():
+    from bench.runs import median_run
+
+    runs = [{"gbps": 3.0, "keys_per_s": 30, "n": 1}, {"gbps": 1.0, "keys_per_s": 50, "n": 2},
+            {"gbps": 2.0, "keys_per_s": 10, "n": 3}]
+    by_rate = median_run(runs)
+    assert by_rate["n"] == 3 and by_rate["runs_gbps"] == [1.0, 2.0, 3.0]
+    by_keys = median_run(runs, "keys_per_s")
+    assert by_keys["n"] == 1 and by_keys["runs_keys_per_s"] == [10, 30, 50]
+    assert by_keys["runs_gbps"] == [2.0, 3.0, 1.0]
+    assert "runs_gbps" not in runs[0]  # the runs themselves are left as they were
