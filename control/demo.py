@@ -425,7 +425,7 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
         if stream is not None:
             stream.kill()
         removed = emulation.net_down(topo.prefix)
-        rep.leftovers = leftovers(topo.prefix)
+        rep.leftovers = emulation.leftovers(topo.prefix)
         console.print(f"teardown: removed {len(removed)} objects"
                       + ("; nothing left behind" if not rep.leftovers else
                          f"; [red]left: {', '.join(rep.leftovers)}[/red]"))
@@ -456,20 +456,6 @@ def _set_link(ns: str, ifname: str, up: bool) -> None:
 
     subprocess.run(["ip", "-n", ns, "link", "set", ifname, "up" if up else "down"],
                    check=True, capture_output=True)
-
-
-def leftovers(prefix: str) -> list[str]:
-    """What of a network still exists after teardown: namespaces, rings, run directory."""
-    import subprocess
-
-    out = []
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    out += [f"namespace {n.split()[0]}" for n in names.splitlines()
-            if n.startswith(f"{prefix}-")]
-    out += [f"ring {n}" for n in paths.ring_names_of_network(prefix)]
-    if paths.network_dir(prefix).exists():
-        out.append(f"directory {paths.network_dir(prefix)}")
-    return out
 
 
 def summary_table(rep: DemoReport) -> Table:

@@ -308,6 +308,16 @@ def net_down(prefix: str) -> list[str]:
     return removed
 
 
+def leftovers(prefix: str) -> list[str]:
+    """What of a network still exists: namespaces, shared-memory rings, its run directory
+    (nothing after a clean net down)."""
+    out = [f"namespace {ns}" for ns in pnetns.listnetns() if ns.startswith(f"{prefix}-")]
+    out += [f"ring {n}" for n in paths.ring_names_of_network(prefix)]
+    if paths.network_dir(prefix).exists():
+        out.append(f"directory {paths.network_dir(prefix)}")
+    return out
+
+
 def net_status(prefix: str) -> dict:
     man = Manifest.load(prefix)
     present = set(pnetns.listnetns())

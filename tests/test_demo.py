@@ -14,8 +14,9 @@ import pytest
 from rich.console import Console
 
 from control.config import parse_topology
-from control.demo import DemoReport, KeyCheck, Phase, leftovers, run_demo
+from control.demo import DemoReport, KeyCheck, Phase, run_demo
 from control.demo_stream import StreamResult
+from control.emulation import leftovers
 
 TRIANGLE = Path(__file__).resolve().parent.parent / "examples" / "triangle.toml"
 

@@ -15,9 +15,11 @@ import pytest
 from pyroute2 import netns as pnetns
 
 from control import emulation, paths
+from control.emulation import leftovers
 from control.status import collect
 from dataplane.ring import KeyRing
 from tests.conftest import write_topology
+from tests.nsutil import wait_until
 
 pytestmark = pytest.mark.netns
 QKDCTL = [sys.executable, "-m", "control.cli"]
@@ -28,22 +30,6 @@ def host_links() -> set[str]:
     return {line.split(": ")[1].split("@")[0] for line in out.splitlines()}
 
 
-def leftovers(prefix: str) -> list[str]:
-    left = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
-    left += paths.ring_names_of_network(prefix)
-    if paths.network_dir(prefix).exists():
-        left.append(str(paths.network_dir(prefix)))
-    return left
-
-
-def wait_until(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def lkm_status(prefix: str, node: str, link: str = "A-B") -> dict | None:
