@@ -372,21 +372,20 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
         watch.stream = stream
         console.print(f"3. TCP stream {src} -> {dst} through the OTP tunnels, paced at "
                       f"{rate_mbps:,.0f} Mb/s")
-        _phase(rep, watch, "direct", _mark(watch), phase_s)
+        snap = _phase(rep, watch, "direct", _mark(watch), phase_s)
 
         low = topo.gkm.low_watermark
         ifname = emulation.underlay_ifname(direct.index)
-        cut_mark = _mark(watch)
+        cut_mark = _mark(watch, snap)
         t0, relayed0 = cut_mark[0], cut_mark[2]
         _set_link(na, ifname, up=False)
         console.print(f"4. cut: link {direct.name} ({ifname} at {src}) is down")
-        ok, _ = watch.until("rerouting", 15, lambda s: _route(s, src, dst) == detour.name
-                            and _route(s, dst, src) != direct.name)
+        ok, snap = watch.until("rerouting", 15, lambda s: _route(s, src, dst) == detour.name
+                               and _route(s, dst, src) != direct.name)
         rep.reroute_s = time.monotonic() - t0 if ok else None
         on_detour = watch.received()  # from here on, the stream can only go through via
         if ok:
             console.print(f"   routes moved to {via} after {rep.reroute_s:.1f} s")
-        snap = watch.snap()
         take = max(_usable(snap, src, dst) - low + topo.gkm.block_size, topo.gkm.block_size)
         key_bytes = min(topo.api.max_key_size // 8, topo.gkm.block_size)
         rep.keys_detour = saes.exchange(take, key_bytes)
@@ -395,13 +394,12 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
                       f"keys), below the low watermark; {slave.id} fetched them: "
                       f"{'identical' if k.identical else '[red]DIFFERENT[/red]'}; "
                       f"the store refills through {via}")
-        _phase(rep, watch, "cut", cut_mark, phase_s, lambda s: _usable(s, src, dst) >= low
-               and _relay(s, src, dst).get("acked_bytes", 0) > relayed0)
-        rep.restocked_during_cut = (_relay(watch.snap(), src, dst).get("acked_bytes", 0)
-                                    - relayed0)
+        snap = _phase(rep, watch, "cut", cut_mark, phase_s, lambda s: _usable(s, src, dst)
+                      >= low and _relay(s, src, dst).get("acked_bytes", 0) > relayed0)
+        rep.restocked_during_cut = rep.phases[-1].relayed_bytes
         rep.stream_on_detour = watch.received() - on_detour if ok else 0
 
-        back_mark = _mark(watch)
+        back_mark = _mark(watch, snap)
         t0 = back_mark[0]
         _set_link(na, ifname, up=True)
         console.print(f"5. restore: link {direct.name} is up again")
@@ -432,23 +430,27 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
     return _end(rep, console, t_start)
 
 
-def _mark(watch: Watch) -> tuple[float, int, int]:
+def _mark(watch: Watch, snap: dict | None = None) -> tuple[float, int, int]:
+    """Where a phase starts: time, stream bytes received, global key relayed (from
+    ``snap``, a snapshot just taken, or a new one)."""
+    snap = snap if snap is not None else watch.snap()
     return (time.monotonic(), watch.received(),
-            _relay(watch.snap(), watch.src, watch.dst).get("acked_bytes", 0))
+            _relay(snap, watch.src, watch.dst).get("acked_bytes", 0))
 
 
 def _phase(rep: DemoReport, watch: Watch, name: str, since: tuple[float, int, int],
-           seconds: float, done=None) -> None:
-    """Run one phase (begun at mark ``since``) at least ``seconds``, and until ``done``."""
-    watch.until(name, max(0.0, since[0] + seconds - time.monotonic()))
+           seconds: float, done=None) -> dict:
+    """Run one phase (begun at mark ``since``) at least ``seconds``, and until ``done``;
+    the network's snapshot at its end."""
+    _, snap = watch.until(name, max(0.0, since[0] + seconds - time.monotonic()))
     if done is not None:
-        watch.until(name, 3 * seconds, done)
-    snap = watch.snap()
+        _, snap = watch.until(name, 3 * seconds, done)
     t0, b0, r0 = since
     rep.phases.append(Phase(
         name=name, route=_route(snap, watch.src, watch.dst), seconds=time.monotonic() - t0,
         stream_bytes=watch.received() - b0,
         relayed_bytes=_relay(snap, watch.src, watch.dst).get("acked_bytes", 0) - r0))
+    return snap
 
 
 def _set_link(ns: str, ifname: str, up: bool) -> None:
