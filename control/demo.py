@@ -35,6 +35,7 @@ from control.demo_stream import PacedStream, StreamResult
 from control.status import collect, render
 
 STREAM_PORT = 5301
+DONE_WAIT_S = 15.0  # a phase waits at most this long (or 3 phases) for what it shows
 
 
 class _Stop(Exception):
@@ -394,8 +395,11 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
                       f"keys), below the low watermark; {slave.id} fetched them: "
                       f"{'identical' if k.identical else '[red]DIFFERENT[/red]'}; "
                       f"the store refills through {via}")
+        # The phase lasts until the store is refilled through via and the stream has
+        # resumed through it (TCP's retransmission backoff may take a few seconds).
         snap = _phase(rep, watch, "cut", cut_mark, phase_s, lambda s: _usable(s, src, dst)
-                      >= low and _relay(s, src, dst).get("acked_bytes", 0) > relayed0)
+                      >= low and _relay(s, src, dst).get("acked_bytes", 0) > relayed0
+                      and watch.received() > on_detour)
         rep.restocked_during_cut = rep.phases[-1].relayed_bytes
         rep.stream_on_detour = watch.received() - on_detour if ok else 0
 
@@ -444,7 +448,7 @@ def _phase(rep: DemoReport, watch: Watch, name: str, since: tuple[float, int, in
     the network's snapshot at its end."""
     _, snap = watch.until(name, max(0.0, since[0] + seconds - time.monotonic()))
     if done is not None:
-        _, snap = watch.until(name, 3 * seconds, done)
+        _, snap = watch.until(name, max(3 * seconds, DONE_WAIT_S), done)
     t0, b0, r0 = since
     rep.phases.append(Phase(
         name=name, route=_route(snap, watch.src, watch.dst), seconds=time.monotonic() - t0,
