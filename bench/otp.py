@@ -34,6 +34,7 @@ from bench.runs import median_run
 from bench.topology import line
 from control import emulation, paths
 from control.config import Topology, parse_topology
+from control.status import read_status
 from dataplane.ring import KeyRing, RingError
 from dataplane.stats import LinkStats
 from dataplane.tun import MAX_MTU
@@ -103,15 +104,13 @@ class Net:
                                  f"{paths.log_dir(self.prefix)}")
             time.sleep(0.3)
 
+    def routes(self, node: str) -> dict:
+        """``node``'s routes as its router last published them ({} before it has)."""
+        r = read_status(paths.node_dir(self.prefix, node) / "router.json")
+        return (r or {}).get("routes", {})
+
     def _ready(self) -> bool:
-        for node in self.topo.nodes:
-            try:
-                r = json.loads((paths.node_dir(self.prefix, node) / "router.json").read_text())
-            except (OSError, ValueError):
-                return False
-            if len(r.get("routes", {})) != len(self.topo.nodes) - 1:
-                return False
-        return True
+        return all(len(self.routes(n)) == len(self.topo.nodes) - 1 for n in self.topo.nodes)
 
     def pause_key(self, paused: bool) -> None:
         for pid in self.emulators:

@@ -91,35 +91,23 @@ class RelayNet(GkmNet):
         pairs = ", ".join(f'["{DEST}", "{origin_of(h)}"]' for h in hops)
         self.TEMPLATE = (HEAD.format(workers=workers, pairs=pairs)
                          + ring_topology(nodes, 212, max(hops)))
+        self._routed: set[str] = set()  # nodes seen with all their routes
         super().__init__(block, store, window, ring, console)
 
     def _ready(self) -> bool:
         """Every node has had a route to every other, not necessarily all at one moment:
         under load a late keepalive takes a link down for a second; each point waits
         for its own route before it measures."""
-        import json
-
-        seen = self.__dict__.setdefault("_routed", set())
-        for node in set(self.topo.nodes) - seen:
-            try:
-                r = json.loads((paths.node_dir(self.prefix, node) / "router.json").read_text())
-            except (OSError, ValueError):
-                continue
-            if len(r.get("routes", {})) == len(self.topo.nodes) - 1:
-                seen.add(node)
-        return len(seen) == len(self.topo.nodes)
+        self._routed.update(n for n in set(self.topo.nodes) - self._routed
+                            if len(self.routes(n)) == len(self.topo.nodes) - 1)
+        return len(self._routed) == len(self.topo.nodes)
 
     def path(self, src: str, dst: str) -> list[str]:
         """The nodes a packet from ``src`` to ``dst`` crosses, by the routers' routes."""
-        import json
-
         nodes = [src]
         while nodes[-1] != dst and len(nodes) <= len(self.topo.nodes):
-            try:
-                r = json.loads((paths.node_dir(self.prefix, nodes[-1]) / "router.json")
-                               .read_text())
-                via = r["routes"][dst]["via"]
-            except (OSError, ValueError, KeyError):
+            via = self.routes(nodes[-1]).get(dst, {}).get("via")
+            if via is None:
                 return []
             nodes.append(self.topo.link(via).peer_of(nodes[-1]))
         return nodes
