@@ -36,14 +36,12 @@ from control import emulation, paths
 from control.config import Topology, parse_topology
 from control.status import read_status
 from dataplane.ring import KeyRing, RingError
-from dataplane.stats import LinkStats
+from dataplane.stats import STEPS_RX, STEPS_TX, LinkStats
 from dataplane.tun import MAX_MTU
 
 PAPER = {"direct_mbps": 185.0, "relay_mbps": 123.0, "conventional_mbps": 3.92}
 FLOOR = {"direct_gbps": 4.0, "relay_gbps": 2.0}
 DEFAULT_MTUS = (1500, 9000, 16000, 32000, MAX_MTU)
-STEPS_TX = ("t_tx_read", "t_tx_key", "t_tx_crypto", "t_tx_send")
-STEPS_RX = ("t_rx_recv", "t_rx_key", "t_rx_crypto", "t_rx_write")
 STEP_NAMES = {"t_tx_read": "receive (TUN read)", "t_tx_key": "key read and remove",
               "t_tx_crypto": "XOR and MAC", "t_tx_send": "send (UDP)",
               "t_rx_recv": "receive (UDP)", "t_rx_key": "checks and key lookup",

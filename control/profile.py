@@ -24,7 +24,7 @@ from control import emulation, paths
 from control.config import ConfigError, Topology, load_topology
 from control.status import STALE_AFTER_S, read_status
 from dataplane.bpf.profile import STAGES, Profiler
-from dataplane.stats import LinkStats
+from dataplane.stats import STEPS_RX, STEPS_TX, LinkStats
 
 # The paper's Table I (ms per step): (step, proposed, conventional). Its steps are ours in
 # order: egress reads the TUN, takes key, seals, sends UDP; ingress receives UDP, checks
@@ -33,8 +33,7 @@ PAPER_TABLE_I_MS = (("1. receive data", 4.869, 7.339),
                     ("2. read and remove used key", 7.307, 208.431),
                     ("3. OTP encryption/decryption", 0.661, 0.842),
                     ("4. send data", 0.158, 1.308))
-STEPS = {"egress": ("t_tx_read", "t_tx_key", "t_tx_crypto", "t_tx_send"),
-         "ingress": ("t_rx_recv", "t_rx_key", "t_rx_crypto", "t_rx_write")}
+STEPS = {"egress": STEPS_TX, "ingress": STEPS_RX}
 PKTS = {"egress": "tx_pkts", "ingress": "rx_pkts"}
 STAGE_NOTES = {"tun_read": "readv, TUN", "tun_write": "write, TUN", "udp_send": "sendto",
                "udp_recv": "recvfrom", "poll_wait": "poll: idle", "key_wait":

@@ -18,9 +18,11 @@ import numpy as np
 from dataplane.ring import MAX_LANES
 from dataplane.wire import RX_DROPS, TX_DROPS
 
+# Per-packet time per step (ns), in the paper's Table I order: read, key, OTP, send.
+STEPS_TX = ("t_tx_read", "t_tx_key", "t_tx_crypto", "t_tx_send")
+STEPS_RX = ("t_rx_recv", "t_rx_key", "t_rx_crypto", "t_rx_write")
 COUNTERS = ("tx_pkts", "tx_bytes", "tx_key", "rx_pkts", "rx_bytes", "rx_key", "claims",
-            "t_tx_read", "t_tx_key", "t_tx_crypto", "t_tx_send",
-            "t_rx_recv", "t_rx_key", "t_rx_crypto", "t_rx_write",
+            *STEPS_TX, *STEPS_RX,
             *(f"drop_tx_{r}" for r in TX_DROPS), *(f"drop_rx_{r}" for r in RX_DROPS))
 IDX = {name: i for i, name in enumerate(COUNTERS)}
 WIDTH = 128
