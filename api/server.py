@@ -234,7 +234,8 @@ def serve(topo: Topology, node: str) -> None:
 
 def api_main(config_path: str, node: str) -> None:
     from control.config import load_topology
-    from control.supervisor import die_with_parent, setup_logging
+    from control.logs import setup_logging
+    from control.supervisor import die_with_parent
 
     die_with_parent()
     setup_logging()

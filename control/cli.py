@@ -138,7 +138,8 @@ def node_run(config: ConfigOpt, node: Annotated[str, typer.Option(help="node nam
              state_dir: Annotated[Path | None, typer.Option(help="durable state")] = None
              ) -> None:
     """Run a node's modules; restart crashed ones; stop on SIGTERM/SIGINT."""
-    from control.supervisor import run_node, setup_logging
+    from control.logs import setup_logging
+    from control.supervisor import run_node
 
     topo = load(config)
     if node not in topo.nodes:
@@ -156,7 +157,7 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
                  ) -> None:
     """Run the QKD link emulator of one link (Unix sockets under the network's run dir)."""
     from control.emulator import run_emulator
-    from control.supervisor import setup_logging
+    from control.logs import setup_logging
 
     topo = load(config)
     lk = topo.link(link)

@@ -662,8 +662,9 @@ class GlobalKeyManager:
 
 def gkm_main(config_path: str, node: str, state_dir: str | None) -> None:
     from control.config import load_topology
+    from control.logs import setup_logging
     from control.memory import keep_freed_memory
-    from control.supervisor import die_with_parent, run_until_stopped, setup_logging
+    from control.supervisor import die_with_parent, run_until_stopped
 
     die_with_parent()
     setup_logging()

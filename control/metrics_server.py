@@ -59,7 +59,8 @@ class MetricsServer:
 
 
 def metrics_main(config_path: str, node: str) -> None:
-    from control.supervisor import die_with_parent, run_until_stopped, setup_logging
+    from control.logs import setup_logging
+    from control.supervisor import die_with_parent, run_until_stopped
 
     die_with_parent()
     setup_logging()

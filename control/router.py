@@ -154,7 +154,8 @@ class Router:
 
 def router_main(config_path: str, node: str) -> None:
     from control.config import load_topology
-    from control.supervisor import die_with_parent, run_until_stopped, setup_logging
+    from control.logs import setup_logging
+    from control.supervisor import die_with_parent, run_until_stopped
 
     die_with_parent()
     setup_logging()

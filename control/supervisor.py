@@ -52,17 +52,12 @@ def run_until_stopped(module) -> None:
     module.run()
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """Structured (JSON) logs for this module process; see :mod:`control.logs`."""
-    from control.logs import setup_logging as setup
-
-    setup(level)
-
-
 def _lkm_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:
+    from control.lkm import EndConfig, LinkKeyManager
+    from control.logs import setup_logging
+
     die_with_parent()
     setup_logging()
-    from control.lkm import EndConfig, LinkKeyManager
 
     topo = load_topology(config_path)
     cfg = EndConfig.from_topology(topo, node, topo.link(link),

@@ -474,7 +474,8 @@ def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None,
                 guard_off: str | None = None) -> None:
     """Entry point of the tunnel manager process (forked by the node supervisor)."""
     from control.config import load_topology
-    from control.supervisor import die_with_parent, run_until_stopped, setup_logging
+    from control.logs import setup_logging
+    from control.supervisor import die_with_parent, run_until_stopped
 
     die_with_parent()
     setup_logging()
