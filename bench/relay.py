@@ -27,6 +27,7 @@ from rich.table import Table
 from bench.gkm import GkmNet
 from bench.otp import BenchError
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench.topology import line
 from control import paths
 
 PAPER = {"mbps_at_1MB": 85.0}  # the paper's global key manager, 1 MB keys, one link
@@ -61,15 +62,9 @@ def ring_topology(nodes: int, net: int, measured: int) -> str:
     equally short paths take the lower link index, so N(1+h) -> N1 crosses the first h
     links): three quarters of their key goes that way (b -> a), so refilling is quicker;
     the other links carry only keepalives and get small rings."""
-    names = [f"N{i}" for i in range(1, nodes + 1)]
-    out = [f'[[nodes]]\nname = "{n}"\n' for n in names]
-    for i, (a, b) in enumerate(zip(names, names[1:] + names[:1], strict=True), 1):
-        extra = ('ratio = "1:3"\n' if i <= measured else
-                 f'ring_capacity = "{IDLE_RING}"\n')
-        out.append(f'[[links]]\na = "{a}"\nb = "{b}"\n'
-                   f'underlay = ["10.{net}.{i}.1/30", "10.{net}.{i}.2/30"]\n{extra}'
-                   'source = {{ kind = "emulator", generator = "aes-ctr" }}\n')
-    return "".join(out)
+    return line([f"N{i}" for i in range(1, nodes + 1)], net, closed=True,
+                extra=lambda i: 'ratio = "1:3"\n' if i <= measured
+                else f'ring_capacity = "{IDLE_RING}"\n')
 
 
 def origin_of(hops: int) -> str:
