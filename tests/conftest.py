@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from control import emulation
 from control.config import Topology, parse_topology
@@ -38,6 +39,15 @@ a = "A"
 b = "B"
 underlay = ["10.209.1.1/30", "10.209.1.2/30"]
 """
+
+
+# Property tests run on busy and slow machines too (CI, a fresh VM 2-3x slower than a
+# developer's): no per-example deadline, and no health check that times input generation.
+# The number of examples, which is what makes a property test thorough, stays as set.
+settings.register_profile("qkdnet", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow,
+                                                 HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "qkdnet"))
 
 
 def pytest_collection_modifyitems(config, items):
