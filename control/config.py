@@ -30,6 +30,7 @@ from pydantic import (
 
 from control import paths
 from control.agreement_msgs import MAX_KEYS_PER_NOTE
+from control.sizing import GkmSizes, LinkSizes, gkm_sizes, link_sizes
 from dataplane.limits import (
     CONVENTIONAL_MTU,
     MAX_API_KEY_BYTES,
@@ -277,9 +278,12 @@ def check_ring_capacity(v: int | None) -> int | None:
 
 class LinkDefaults(_Strict):
     key_rate_mbps: float = Field(1000.0, ge=0, description="0 = as fast as possible")
-    block_size: Size = Field(1 << 20, description="key block the source delivers")
-    ring_capacity: Size = Field(256 << 20, description="shared-memory key ring per "
-                                                         "direction and link end")
+    block_size: Size | None = Field(None, description="key block the source delivers; "
+                                                      "default: 50 ms of the link's key "
+                                                      "(4 KiB - 1 MiB)")
+    ring_capacity: Size | None = Field(None, description="shared-memory key ring per "
+                                                         "direction and link end; default: "
+                                                         "2 s of the link's key (4 - 256 MiB)")
     ratio: Ratio = Field((1, 1), description="split of key a->b : b->a")
 
     _block = field_validator("block_size")(check_block_size)
@@ -294,8 +298,9 @@ class DataplaneSection(_Strict):
                                 "key removed per packet, MTU 1500 (for comparison)")
     workers: int = Field(0, ge=0, le=MAX_WORKERS, description="per link end; 0 = cores")
     mtu: int = Field(0, ge=0, le=MAX_MTU, description="TUN MTU; 0 = largest")
-    chunk_size: Size = Field(1 << 20, description="key a worker claims from its ring at a "
-                                                    "time")
+    chunk_size: Size = Field(0, description="most key a worker claims from its ring at a "
+                                            "time (claims follow its traffic); 0 = 10 ms "
+                                            "of the link's key (4 KiB - 1 MiB)")
     key_wait_ms: int = Field(100, ge=0, le=10_000,
                              description="how long a packet may wait for key, then dropped")
     tunnel_net: ipaddress.IPv4Network = Field(ipaddress.IPv4Network("10.89.0.0/16"),
@@ -315,8 +320,9 @@ class DataplaneSection(_Strict):
     @field_validator("chunk_size")
     @classmethod
     def _chunk(cls, v: int) -> int:
-        if not MIN_CHUNK <= v <= MAX_BLOCK_SIZE:
-            raise ValueError(f"must be between {MIN_CHUNK} B and {MAX_BLOCK_SIZE >> 20} MiB")
+        if v and not MIN_CHUNK <= v <= MAX_BLOCK_SIZE:
+            raise ValueError(f"must be 0 (from the key rate) or between {MIN_CHUNK} B and "
+                             f"{MAX_BLOCK_SIZE >> 20} MiB")
         return v
 
 
@@ -324,25 +330,33 @@ class GkmSection(_Strict):
     """The global key manager (module 3): global key blocks kept between two watermarks
     for every ordered pair of nodes, each pair filled by its origin."""
 
-    block_size: Size = Field(1 << 20, description="global key block relayed and stored")
-    low_watermark: Size = Field(32 << 20, description="below this, the origin restocks")
-    high_watermark: Size = Field(64 << 20, description="restocking stops here")
+    block_size: Size | None = Field(None, description="global key block relayed and stored; "
+                                                      "default: 250 ms of the slowest "
+                                                      "link's key (4 KiB - 1 MiB)")
+    low_watermark: Size | None = Field(None, description="below this, the origin restocks; "
+                                                         "default: half the high one")
+    high_watermark: Size | None = Field(None, description="restocking stops here; default: "
+                                                          "32 s of the slowest link's key "
+                                                          "(1 - 64 MiB)")
     pairs: Literal["all"] | list[tuple[str, str]] = Field(
         "all", description="node pairs that keep global key; each pair in both directions")
-    window: Size = Field(16 << 20, description="bytes per pair sent and not yet acknowledged")
+    window: Size | None = Field(None, description="bytes per pair sent and not yet "
+                                                  "acknowledged; default: 1 s of the slowest "
+                                                  "link's key (2 blocks - 16 MiB); the relay "
+                                                  "also paces to its path's key rate")
 
     @field_validator("block_size")
     @classmethod
-    def _block(cls, v: int) -> int:
-        if not MIN_GLOBAL_BLOCK <= v <= MAX_GLOBAL_BLOCK:
+    def _block(cls, v: int | None) -> int | None:
+        if v is not None and not MIN_GLOBAL_BLOCK <= v <= MAX_GLOBAL_BLOCK:
             raise ValueError(f"must be between {MIN_GLOBAL_BLOCK} B and "
                              f"{MAX_GLOBAL_BLOCK >> 20} MiB")
         return v
 
     @field_validator("high_watermark", "low_watermark", "window")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if not 0 < v <= MAX_STORE:
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and not 0 < v <= MAX_STORE:
             raise ValueError(f"must be between 1 B and {MAX_STORE >> 30} GiB")
         return v
 
@@ -450,6 +464,7 @@ class LinkSpec:
     ratio: tuple[int, int]
     source: SourceConfig
     auth_key_file: Path | None
+    sizes: LinkSizes  # every size, those not set in the file derived from the key rate
 
     def peer_of(self, node: str) -> str:
         return self.b if node == self.a else self.a
@@ -666,10 +681,10 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
                              f"{lk.block_size} B, but each enc_keys call of its source gives "
                              f"{block} B (keys_per_call x key_size): leave block_size out"))
         cap = lk.ring_capacity or raw.defaults.ring_capacity
-        if cap < block:
+        if cap is not None and cap < block:
             problems.append((f"{where}.ring_capacity",
                              f"{cap} B is smaller than one key block ({block} B)"))
-    g = raw.gkm
+    g = _gkm_sizes(raw)
     if g.high_watermark - g.low_watermark < g.block_size:
         problems.append(("gkm.high_watermark",
                          f"{g.high_watermark} B must be at least one block "
@@ -680,9 +695,9 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
     if g.window < g.block_size:
         problems.append(("gkm.window", f"{g.window} B is smaller than one block "
                                        f"({g.block_size} B)"))
-    if g.pairs != "all":
+    if raw.gkm.pairs != "all":
         seen: set[frozenset[str]] = set()
-        for i, (x, y) in enumerate(g.pairs):
+        for i, (x, y) in enumerate(raw.gkm.pairs):
             for j, n in enumerate((x, y)):
                 if n not in names:
                     problems.append((f"gkm.pairs[{i}][{j}]", f"no node named {n!r}"))
@@ -708,11 +723,30 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
     return problems
 
 
+def _rate(lk: Link, d: LinkDefaults) -> float:
+    return d.key_rate_mbps if lk.key_rate_mbps is None else lk.key_rate_mbps
+
+
+def _link_sizes(lk: Link, d: LinkDefaults, chunk: int) -> LinkSizes:
+    """A link's sizes: those set in the file, the others from its key rate."""
+    block = lk.source.block_bytes if isinstance(lk.source, Etsi014Source) \
+        else lk.block_size or d.block_size
+    return link_sizes(_rate(lk, d), lk.ratio or d.ratio, block,
+                      lk.ring_capacity or d.ring_capacity, chunk or None)
+
+
 def _block_size(lk: Link, d: LinkDefaults) -> int:
     """A link's key block: a device's answer to one call where the source fixes it."""
-    if isinstance(lk.source, Etsi014Source):
-        return lk.source.block_bytes
-    return lk.block_size or d.block_size
+    return _link_sizes(lk, d, 0).block_size
+
+
+def _gkm_sizes(raw: TopologyFile) -> GkmSizes:
+    """Global key sizes: those set in the file, the others from the slowest link."""
+    rates = [_rate(lk, raw.defaults) for lk in raw.links]
+    limited = [r for r in rates if r > 0]
+    g = raw.gkm
+    return gkm_sizes(min(limited) if limited else 0.0, g.block_size, g.window,
+                     g.low_watermark, g.high_watermark)
 
 
 def _resolve(path: Path, raw: TopologyFile) -> Topology:
@@ -731,13 +765,14 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
         key_file = lk.auth_key_file
         if key_file is not None and not key_file.is_absolute():
             key_file = (path.parent / key_file).resolve()
+        sizes = _link_sizes(lk, d, raw.dataplane.chunk_size)
         links.append(LinkSpec(
             index=i, name=lk.name or f"{lk.a}-{lk.b}", a=lk.a, b=lk.b,
             underlay_a=lk.underlay[0], underlay_b=lk.underlay[1],
-            key_rate_mbps=d.key_rate_mbps if lk.key_rate_mbps is None else lk.key_rate_mbps,
-            block_size=_block_size(lk, d),
-            ring_capacity=lk.ring_capacity or d.ring_capacity,
-            ratio=lk.ratio or d.ratio, source=lk.source, auth_key_file=key_file))
+            key_rate_mbps=_rate(lk, d), block_size=sizes.block_size,
+            ring_capacity=sizes.ring_capacity,
+            ratio=lk.ratio or d.ratio, source=lk.source, auth_key_file=key_file,
+            sizes=sizes))
     dp = raw.dataplane
     mtu = dp.mtu or (CONVENTIONAL_MTU if dp.mode == "conventional" else MAX_MTU)
     dataplane = DataplaneSpec(mode=dp.mode, workers=dp.workers or min(os.cpu_count() or 1,
@@ -745,11 +780,11 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                               mtu=mtu, chunk_size=dp.chunk_size,
                               key_wait_s=dp.key_wait_ms / 1000, tunnel_net=dp.tunnel_net,
                               guard=dp.guard)
-    g = raw.gkm
-    if g.pairs == "all":
+    g = _gkm_sizes(raw)
+    if raw.gkm.pairs == "all":
         unordered = [(x, y) for i, x in enumerate(nodes) for y in list(nodes)[i + 1:]]
     else:
-        unordered = list(g.pairs)
+        unordered = list(raw.gkm.pairs)
     ordered = tuple(p for x, y in unordered for p in ((x, y), (y, x)))
     gkm = GkmSpec(block_size=g.block_size, low_watermark=g.low_watermark,
                   high_watermark=g.high_watermark, window=g.window, pairs=ordered)

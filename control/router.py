@@ -24,7 +24,7 @@ from control import paths
 from control.config import Topology
 from control.routing import LinkEnds, LinkStateDb, next_hops
 from control.statefile import write_json
-from dataplane.limits import LINK_DEAD_S
+from dataplane.limits import LSA_MAX_AGE_S
 
 log = logging.getLogger("qkdnet.router")
 ROUTE_INTERVAL_S = 0.2
@@ -94,7 +94,7 @@ class Router:
         for name in self.mine:
             lsa = self.dir / f"lsa-{name}.json"
             with contextlib.suppress(OSError, ValueError, AttributeError):
-                if time.time() - lsa.stat().st_mtime < LINK_DEAD_S:  # a live neighbour's
+                if time.time() - lsa.stat().st_mtime < LSA_MAX_AGE_S:  # a live neighbour's
                     self.db.merge(json.loads(lsa.read_text()).get("lsdb"), now)
         self.db.originate(self.node, local, time.time_ns() // 1000, now)
         self.db.expire(now)

@@ -17,9 +17,11 @@ MIN_CHUNK = 4096                    # smallest key chunk a worker claims at once
 IDLE_RETIRE_S = 0.05                # a worker idle this long gives back its chunk
 LINK_DEAD_S = 1.0                   # no keepalive from the peer for this long: link down
 KEEPALIVE_S = 0.2                   # keepalive period of a tunnel manager
-LSA_MAX_AGE_S = 3.0                 # a link-state entry not refreshed this long is dropped
+LSA_MAX_AGE_S = 5.0                 # a link-state entry not refreshed this long is dropped
+LSDB_REFRESH_S = 1.0                # keepalives carry the link-state database this often
 RELEASE_GRACE_S = 0.1               # DEC key is freed this long after the peer released it
-CONTROL_RESERVE = 64 << 10           # ENC key the workers leave for keepalives
+CONTROL_RESERVE = 64 << 10          # most ENC key kept for keepalives alone (see sizing)
+MAX_SUBLANES = 4                    # lanes (held key ranges) one OTP worker sends on
 MAX_KEY_LAG = 16 << 20              # a datagram may name key this far beyond what is stored
 
 # Global key manager (module 3)

@@ -16,9 +16,17 @@ unlink it when a reader exits):
     64      8     role          0 = ENC (this node encrypts), 1 = DEC
     72      8     free_pos      stream position before which bytes are wiped (writer's bound)
     80      8     durable_pos   ENC: claims below it are covered by the cursor file already
-    88..511       reserved (zero)
+    88      8     key_in        bytes the writer appended (accounting, below)
+    96      8     wasted        ENC: bytes wiped unused; DEC: bytes wiped at a resync
+    104     8     used_done     ENC: bytes data lanes used, of chunks they no longer hold
+    112     8     used_control  ENC: the same for the control lane (keepalives)
+    120     8     skipped       positions skipped at resyncs (no bytes behind them)
+    128     8     released      DEC: bytes freed by release_dec
+    136..511      reserved (zero)
     512     1536  lane words, 64 lanes x 3 u64 (see below)
-    2048..4095    reserved (zero)
+    2048    512   per-lane datagram counts (ENC: sent, DEC: accepted), 64 u64
+    2560    512   DEC: per-lane bytes accepted, 64 u64
+    3072..4095    reserved (zero)
     4096    capacity  key bytes; stream position p lives at 4096 + p % capacity
 
 Positions are 64-bit byte offsets into the link direction's key stream; both link ends
@@ -41,6 +49,20 @@ release point is the lowest ``used`` of all held chunks (or claim_pos), so chunk
 finishing out of order never free bytes someone still reads. In a
 DEC ring, lane i's first word is the next position lane i may accept: positions below it
 were accepted once and are refused from then on (no replay), also across a worker restart.
+
+Giving a chunk up (idle, exiting, or to claim another) never wipes what can still be used:
+a chunk that is the last one claimed (end == claim_pos) hands its unused rest back by
+moving claim_pos down to its ``used`` mark, so the next claim takes those bytes. That is
+safe for replay: every position any lane has sent is below that mark (all other chunks
+were claimed before this one). Only the rest of a chunk that others have claimed past is
+wiped, and counted as wasted (the worker keeps such a rest on a lane of its own instead
+while it can still use it; see dataplane.worker).
+
+Accounting (invariant 8): every byte appended is, at any moment, exactly one of unclaimed
+(write_pos - claim_pos), held and unused (end - used of held chunks), used (used_done,
+used_control, and used - start of held chunks) or wasted. :meth:`KeyRing.accounting`
+reads the words; they live in the ring, not in a process, so they survive restarts of
+every process but the writer's ring (a reboot starts a new ring and new counts).
 
 Freeing bytes is three ordered stores: release_pos first, then the wipe, then free_pos. A
 reader that finds release_pos still <= its position after using the bytes knows they were
@@ -65,17 +87,20 @@ import numpy as np
 from dataplane.limits import RING_HEADER_SIZE
 
 MAGIC = int.from_bytes(b"QKDRING1", "little")
-VERSION = 2
+VERSION = 3
 SHM_DIR = Path("/dev/shm")
 
 (F_MAGIC, F_VERSION, F_CAPACITY, F_BLOCK, F_WRITE, F_CLAIM, F_RELEASE, F_EPOCH, F_ROLE,
- F_FREE, F_DURABLE) = range(11)
+ F_FREE, F_DURABLE, F_IN, F_WASTED, F_USED_DONE, F_USED_CONTROL, F_SKIPPED,
+ F_RELEASED) = range(17)
 DURABLE_AHEAD = 64 << 20  # claims are made durable this far ahead: one fsync per 64 MiB
 ROLE_ENC, ROLE_DEC = 0, 1
 LANE_BASE = 64  # header word index of lane 0
 LANE_WORDS = 3  # ENC: start, used, end of the chunk held; DEC: next, announced release, -
 MAX_LANES = 64
 CONTROL_LANE = MAX_LANES - 1  # the tunnel manager's own lane (keepalives)
+LANE_COUNT_BASE = 256  # header word of lane 0's datagram count
+LANE_BYTES_BASE = 320  # header word of lane 0's accepted bytes (DEC)
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
@@ -103,6 +128,44 @@ class RingCursors:
     @property
     def free(self) -> int:
         return self.capacity - self.fill
+
+
+@dataclass(frozen=True)
+class KeyAccount:
+    """Where a ring's key went, in bytes since the ring was made (invariant 8).
+
+    ENC: ``key_in == stored + used_data + used_control + wasted`` at every quiet moment
+    (a moment when no worker is between using bytes and publishing that it did).
+    DEC: ``key_in == stored + released + wasted``; ``used_data`` is what datagrams were
+    accepted with (held or already released).
+    """
+
+    role: str
+    key_in: int
+    stored: int  # ENC: unclaimed plus held and unused; DEC: not released yet
+    used_data: int  # pads and one-time MAC keys of data datagrams
+    used_control: int  # the keepalives' pads and MAC keys (ENC)
+    datagrams: int  # data datagrams sent (ENC) or accepted (DEC)
+    control_datagrams: int
+    wasted: int  # ENC: wiped unused; DEC: wiped at a resync
+    released: int  # DEC: freed after use (ENC: 0)
+    skipped: int  # positions skipped at resyncs, with no bytes behind them
+
+    @property
+    def used_mac(self) -> int:
+        """The one-time MAC keys among the data pads (32 bytes a datagram)."""
+        return 32 * self.datagrams
+
+    @property
+    def used_pad(self) -> int:
+        return self.used_data - self.used_mac
+
+    @property
+    def balance(self) -> int:
+        """key_in minus where it went: 0 when every byte is accounted for."""
+        if self.role == "enc":
+            return self.key_in - self.stored - self.used_data - self.used_control - self.wasted
+        return self.key_in - self.stored - self.released - self.wasted
 
 
 class CursorFile:
@@ -280,6 +343,7 @@ class KeyRing:
         self._data[off:off + first] = src[:first]
         if first < n:
             self._data[:n - first] = src[first:]
+        self._hdr[F_IN] += n
         self._hdr[F_WRITE] = w + n  # publish after the bytes are in place
 
     def skip_to(self, pos: int) -> None:
@@ -295,7 +359,9 @@ class KeyRing:
             if self._cursor_file is not None:
                 self._cursor_file.store(pos)
             w, c, r = self.write_pos, self.claim_pos, self.release_pos
+            self._hdr[F_SKIPPED] += pos - w
             if int(self._hdr[F_ROLE]) == ROLE_ENC:
+                self._hdr[F_WASTED] += w - c
                 # Claimed bytes belong to the encryptor using them: wiping them under it
                 # could turn its XOR into a no-op. Only the unclaimed tail is wiped, and
                 # only after the cursors moved past it: a crash mid-wipe must leave
@@ -307,6 +373,7 @@ class KeyRing:
                     self._hdr[F_RELEASE] = pos
                     self._hdr[F_FREE] = pos
             else:
+                self._hdr[F_WASTED] += w - r
                 self._hdr[F_RELEASE] = pos  # first: readers re-check it after use
                 self._wipe(r, w)
                 self._hdr[F_WRITE] = pos
@@ -320,8 +387,9 @@ class KeyRing:
     def claim(self, n: int) -> tuple[int, int]:
         """Hand out up to ``n`` unused ENC bytes: returns (pos, length), length may be 0.
 
-        The new claim high-water mark is made durable before returning, so no crash or
-        restart can hand out the same bytes again (invariant 1).
+        No lane holds them: they count as used at once. The new claim high-water mark is
+        made durable before returning, so no crash or restart can hand out the same bytes
+        again (invariant 1).
         """
         self._lock()
         try:
@@ -332,6 +400,7 @@ class KeyRing:
             if self._cursor_file is not None:
                 self._cursor_file.store(c + take)
             self._hdr[F_CLAIM] = c + take
+            self._hdr[F_USED_DONE] += take
             return c, take
         finally:
             self._unlock()
@@ -369,25 +438,34 @@ class KeyRing:
             raise RingError(f"{self.name}: release to {upto} beyond "
                             f"{'claim_pos' if limit == self.claim_pos else 'write_pos'} {limit}"
                             " (ENC key must be claimed before it is released)")
+        if int(self._hdr[F_ROLE]) == ROLE_DEC:
+            self._hdr[F_RELEASED] += upto - r
         self._free_upto(upto)
 
     # ---- lanes (OTP workers) -----------------------------------------------------------
 
-    def claim_chunk(self, lane: int, n: int, reserve: int = 0) -> tuple[int, int]:
+    def claim_chunk(self, lane: int, n: int, reserve: int = 0, min_take: int = 1,
+                    if_top: bool = False) -> tuple[int, int]:
         """ENC: give up ``lane``'s current chunk, free what nobody holds, claim a new one.
 
-        Returns (pos, length); length 0 when no key is there. Durable before returning,
-        like :meth:`claim`. The holder wipes what it uses as it goes (:meth:`wipe_used`);
-        the unused rest of a chunk is wiped when it is given up. The last ``reserve``
-        bytes are left for others (the keepalives), decided under the lock.
+        Returns (pos, length); length 0 when fewer than ``min_take`` bytes are there (then
+        nothing is claimed, so nothing claimed is ever wiped for want of more). Durable
+        before returning, like :meth:`claim`. The chunk given up hands its unused rest
+        back when it is the last one claimed, so the new chunk continues it; otherwise the
+        rest is wiped (wasted). With ``if_top``, a lane whose chunk is not the last one
+        claimed keeps it and nothing is claimed: returns (-1, 0). The last ``reserve``
+        bytes are left for others (keepalives, control traffic), decided under the lock.
         """
         base = LANE_BASE + LANE_WORDS * lane
         self._lock()
         try:
+            end = int(self._hdr[base + 2])
+            if if_top and end and end != self.claim_pos:
+                return -1, 0
             self._give_up_locked(lane, dead=False)
             c = self.claim_pos
             take = min(n, self.write_pos - c - reserve)
-            if take <= 0:
+            if take < max(1, min_take):
                 return c, 0
             self._make_durable(c + take)
             # claim_pos first: a holder killed between these stores leaves bytes that are
@@ -417,12 +495,45 @@ class KeyRing:
         """ENC hot path: bytes of ``lane``'s chunk below ``used`` are spent (and wiped)."""
         self._hdr[LANE_BASE + LANE_WORDS * lane + 1] = used
 
+    def count_datagram(self, lane: int) -> None:
+        """One datagram sent (ENC) or accepted (DEC) on ``lane``; one writer per lane."""
+        self._hdr[LANE_COUNT_BASE + lane] += 1
+
+    def count_accepted(self, lane: int, nbytes: int) -> None:
+        """DEC: a datagram of ``lane`` was accepted with ``nbytes`` of key."""
+        self._hdr[LANE_COUNT_BASE + lane] += 1
+        self._hdr[LANE_BYTES_BASE + lane] += nbytes
+
     def retire(self, lane: int, dead: bool = False) -> None:
-        """ENC: ``lane`` gives up its chunk (idle, exiting, or ``dead``: its holder was
-        killed, so even what it used may not be wiped); its rest is never used."""
+        """ENC: ``lane`` gives up its chunk (exiting, or ``dead``: its holder was killed,
+        so even what it used may not be wiped, and nothing of it is handed out again)."""
         self._lock()
         try:
             self._give_up_locked(lane, dead)
+        finally:
+            self._unlock()
+
+    def give_back_idle(self, lane: int, pin_limit: int) -> bool:
+        """ENC: an idle ``lane`` offers its chunk back; True if it holds none afterwards.
+
+        The last chunk claimed hands its rest back (nothing wasted). Any other chunk is
+        kept for the holder's next packets, unless it holds the release point back by
+        more than ``pin_limit`` bytes of key others used since: then its rest is wiped,
+        so one idle worker cannot stop the ring from being refilled.
+        """
+        self._lock()
+        try:
+            start, used, end = self.chunk_of(lane)
+            if not end:
+                return True
+            c = self.claim_pos
+            if end != c:
+                held = self._lanes()
+                lowest = int(held[held[:, 2] != 0, 1].min())
+                if used > lowest or c - used <= pin_limit:
+                    return False
+            self._give_up_locked(lane, dead=False)
+            return True
         finally:
             self._unlock()
 
@@ -438,7 +549,17 @@ class KeyRing:
     def _give_up_locked(self, lane: int, dead: bool) -> None:
         start, used, end = self.chunk_of(lane)
         if end:
-            self._wipe(start if dead else used, min(end, self.claim_pos))
+            c = self.claim_pos
+            used = min(max(used, start), end)
+            self._hdr[F_USED_CONTROL if lane == CONTROL_LANE else F_USED_DONE] += used - start
+            if not dead and end == c:
+                # The last chunk claimed: its rest goes back unclaimed. Every position any
+                # lane sent is below ``used`` (the others' chunks lie below this one).
+                self._hdr[F_CLAIM] = used
+            else:
+                rest_end = min(end, c)
+                self._wipe(start if dead else used, rest_end)
+                self._hdr[F_WASTED] += max(0, rest_end - used)
             self._hdr[LANE_BASE + LANE_WORDS * lane + 2] = 0
         self._release_enc_locked()
 
@@ -473,7 +594,9 @@ class KeyRing:
         self._lock()
         try:
             upto = min(upto, self.write_pos)
-            if upto > self.release_pos:
+            r = self.release_pos
+            if upto > r:
+                self._hdr[F_RELEASED] += upto - r
                 self._free_upto(upto)
         finally:
             self._unlock()
@@ -487,6 +610,33 @@ class KeyRing:
                 self._give_up_locked(lane, dead=True)
         finally:
             self._unlock()
+
+    # ---- accounting (invariant 8) -------------------------------------------------------
+
+    def accounting(self) -> KeyAccount:
+        """Where this ring's key went (see :class:`KeyAccount`); a snapshot without the
+        lock, exact at a quiet moment."""
+        h = self._hdr
+        counts = h[LANE_COUNT_BASE:LANE_COUNT_BASE + MAX_LANES]
+        datagrams = int(counts[:CONTROL_LANE].sum())
+        control_datagrams = int(counts[CONTROL_LANE])
+        if self.is_enc:
+            lanes = self._lanes().astype(np.int64)
+            held = lanes[:, 2] != 0
+            held_used = np.clip(lanes[:, 1], lanes[:, 0], lanes[:, 2]) - lanes[:, 0]
+            rest = lanes[:, 2] - np.clip(lanes[:, 1], lanes[:, 0], lanes[:, 2])
+            live_data = int(held_used[:CONTROL_LANE][held[:CONTROL_LANE]].sum())
+            live_control = int(held_used[CONTROL_LANE]) if held[CONTROL_LANE] else 0
+            stored = self.write_pos - self.claim_pos + int(rest[held].sum())
+            return KeyAccount("enc", int(h[F_IN]), stored,
+                              int(h[F_USED_DONE]) + live_data,
+                              int(h[F_USED_CONTROL]) + live_control, datagrams,
+                              control_datagrams, int(h[F_WASTED]), 0, int(h[F_SKIPPED]))
+        accepted = h[LANE_BYTES_BASE:LANE_BYTES_BASE + MAX_LANES]
+        return KeyAccount("dec", int(h[F_IN]), self.write_pos - self.release_pos,
+                          int(accepted[:CONTROL_LANE].sum()), int(accepted[CONTROL_LANE]),
+                          datagrams, control_datagrams, int(h[F_WASTED]),
+                          int(h[F_RELEASED]), int(h[F_SKIPPED]))
 
     @property
     def is_enc(self) -> bool:

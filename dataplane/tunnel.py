@@ -37,11 +37,11 @@ from control.config import DataplaneSpec, LinkSpec, Topology
 from control.statefile import write_json
 from dataplane import wire
 from dataplane.bpf.guard import RELEASE_SLOT, Guard, GuardError, GuardSpec, route_ifindex
-from dataplane.limits import CONTROL_RESERVE, KEEPALIVE_S, LINK_DEAD_S, RELEASE_GRACE_S
+from dataplane.limits import KEEPALIVE_S, LINK_DEAD_S, LSDB_REFRESH_S, RELEASE_GRACE_S
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
 from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
 from dataplane.tun import create_persistent
-from dataplane.worker import WorkerConfig, same_process_alive, worker_main
+from dataplane.worker import WorkerConfig, same_process_alive, send_lanes, worker_main
 
 log = logging.getLogger("qkdnet.tunnel")
 STATUS_INTERVAL_S = 0.5
@@ -111,14 +111,16 @@ class TunnelConfig:
                          direction=self.dec_dir)
 
     def worker_config(self, lane: int, guard: Guard | None = None) -> WorkerConfig:
-        dp = self.dp
+        dp, sizes = self.dp, self.link.sizes
         return WorkerConfig(
             link_index=self.link.index, link_name=self.link.name, lane=lane,
             workers=dp.workers, tun_name=self.tun, local_ip=self.local_ip,
             peer_ip=self.peer_ip, port_base=self.port_base, enc_ring=self.enc_ring,
             dec_ring=self.dec_ring, enc_dir=self.enc_dir, dec_dir=self.dec_dir,
             cursor_path=self.cursor_path, stats_name=self.stats_name, mtu=dp.mtu,
-            chunk=dp.chunk_size, conventional=dp.conventional, key_wait_s=dp.key_wait_s,
+            chunk=sizes.chunk, conventional=dp.conventional, key_wait_s=dp.key_wait_s,
+            reserve_bulk=sizes.reserve_bulk, reserve_control=sizes.reserve_control,
+            pin_limit=sizes.pin_limit,
             audit_dir=self.audit_dir, floors_fd=guard.floors.fd if guard else -1,
             close_fds=guard.other_fds() if guard else ())
 
@@ -176,10 +178,13 @@ class ControlChannel:
         n = len(payload)
         need = wire.pad_len(n)
         # Exactly the bytes needed, given back at once: a slowly used chunk on this lane
-        # would hold the ring's release point back while the workers race ahead.
-        pos, take = self.enc.claim_chunk(CONTROL_LANE, need)
-        if take < need or not self.enc.read(pos, wire.MAC_KEY_LEN).any():
-            self.enc.retire(CONTROL_LANE)  # no key (or wiped key: never used as a pad)
+        # would hold the ring's release point back while the workers race ahead. Nothing
+        # is claimed unless all of it is there (a part would only be handed back).
+        pos, take = self.enc.claim_chunk(CONTROL_LANE, need, min_take=need)
+        if not take:
+            return False
+        if not self.enc.read(pos, wire.MAC_KEY_LEN).any():
+            self.enc.retire(CONTROL_LANE, dead=True)  # wiped key: never a pad, never again
             return False
         self.buf[wire.HEADER_LEN:wire.HEADER_LEN + n] = np.frombuffer(payload, np.uint8)
         dlen = wire.seal(self.buf, n, self.enc.read(pos, need), link=self.cfg.link.index,
@@ -188,6 +193,9 @@ class ControlChannel:
         if self.enc.release_pos > pos:  # freed under us: the pad may be wiped
             self.enc.retire(CONTROL_LANE)
             return False
+        self.enc.wipe_used(pos, need)
+        self.enc.set_used(CONTROL_LANE, pos + need)
+        self.enc.count_datagram(CONTROL_LANE)
         self.enc.retire(CONTROL_LANE)
         with contextlib.suppress(OSError):
             self.sock.sendto(memoryview(self.buf)[:dlen], (self.cfg.peer_ip, self.cfg.port_base))
@@ -222,6 +230,7 @@ class ControlChannel:
                     raise wire.WireError(v)
                 payload = wire.open_(self.rbuf, hdr, self.dec.read(hdr.pos, hdr.pad_len))
                 self.dec.set_lane_next(CONTROL_LANE, hdr.pos + hdr.pad_len)
+                self.dec.count_accepted(CONTROL_LANE, hdr.pad_len)
                 if self.dec.release_pos > hdr.pos:
                     raise wire.WireError("old")
                 out.append(payload.tobytes())
@@ -257,6 +266,8 @@ class TunnelManager:
         self.guard: Guard | None = None
         self.guard_off = cfg.guard_off
         self._floors_seen = (-1, -1)
+        self._lsdb_sent: list = []
+        self._lsdb_sent_at = -LSDB_REFRESH_S
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -330,7 +341,8 @@ class TunnelManager:
                 s.proc = None
                 s.restarts += 1
                 s.next_start = now + RESTART_BACKOFF_S
-                enc.retire(s.lane, dead=True)  # its chunk: wiped whole, never used again
+                for lane in send_lanes(s.lane, len(self.slots)):  # what it held: wiped
+                    enc.retire(lane, dead=True)  # whole, never used again
                 log.warning("link %s: worker %d exited with %s; restarting",
                             self.cfg.link.name, s.lane, s.last_exit)
             if s.proc is None and now >= s.next_start and not self.stop:
@@ -353,12 +365,20 @@ class TunnelManager:
 
     # ---- keepalives --------------------------------------------------------------------
 
-    def _keepalive_payload(self) -> bytes:
+    def _keepalive_payload(self, now: float) -> bytes:
+        """Our pool size, and the link-state database when its links' states changed or
+        every LSDB_REFRESH_S (entries expire after LSA_MAX_AGE_S): the keepalives' pads
+        are most of what an idle link spends, so they carry no more than they must."""
+        body: dict = {"node": self.cfg.node, "workers": self.cfg.dp.workers}
         try:
             lsdb = json.loads(self.cfg.lsdb_path.read_text()).get("entries", [])
         except (OSError, ValueError):
             lsdb = []
-        body = {"node": self.cfg.node, "workers": self.cfg.dp.workers, "lsdb": lsdb}
+        states = sorted((str(e[0]), str(e[1]), bool(e[3])) for e in lsdb
+                        if isinstance(e, list) and len(e) == 4)
+        if states != self._lsdb_sent or now - self._lsdb_sent_at >= LSDB_REFRESH_S:
+            self._lsdb_sent, self._lsdb_sent_at = states, now
+            body["lsdb"] = lsdb
         data = json.dumps(body, separators=(",", ":")).encode()
         if len(data) > MAX_CONTROL_PAYLOAD:  # a huge network: send our own state only
             body["lsdb"] = [e for e in lsdb if isinstance(e, list) and e[1:2] == [self.cfg.node]]
@@ -375,8 +395,8 @@ class TunnelManager:
             workers = int(msg["workers"])
             if not 1 <= workers <= CONTROL_LANE:
                 raise ValueError(f"peer pool size {workers}")
-            lsdb = msg.get("lsdb", [])
-            if not isinstance(lsdb, list):
+            lsdb = msg.get("lsdb")
+            if lsdb is not None and not isinstance(lsdb, list):
                 raise ValueError("lsdb is not a list")
         except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
             log.warning("link %s: keepalive refused: %s", self.cfg.link.name, e)
@@ -384,20 +404,23 @@ class TunnelManager:
         self.last_heard = time.monotonic()
         self.peer_workers = workers
         stats.set_link_word(W_PEER_WORKERS, workers)
-        write_json(self.cfg.lsa_path, {"from": self.cfg.peer, "lsdb": lsdb})
+        if lsdb is not None:
+            write_json(self.cfg.lsa_path, {"from": self.cfg.peer, "lsdb": lsdb})
 
     # ---- status ------------------------------------------------------------------------
 
     def _watch_key(self, enc: KeyRing, now: float) -> None:
         w = enc.write_pos
-        if w != self._write_seen or w - enc.claim_pos > CONTROL_RESERVE:
+        if w != self._write_seen or w - enc.claim_pos > self.cfg.link.sizes.reserve_bulk:
             self.last_key = now
         self._write_seen = w
 
     def link_state(self, now: float) -> tuple[bool, str]:
-        # No key: none arrived and only the keepalives' reserve is left (data cannot go),
-        # or not even a keepalive could go, for LINK_DEAD_S.
-        if now - self.last_key > LINK_DEAD_S or now - self.last_sent > LINK_DEAD_S:
+        # No key: none arrived and only the control reserve is left (data cannot go)
+        # for key_dead_s (a few blocks' time at the link's rate), or not even a keepalive
+        # could go for LINK_DEAD_S.
+        if now - self.last_key > self.cfg.link.sizes.key_dead_s \
+                or now - self.last_sent > LINK_DEAD_S:
             return False, "no key"
         if self.last_heard == 0.0:
             return False, "waiting for peer"
@@ -447,7 +470,7 @@ class TunnelManager:
                 chan.apply_releases(now)
                 self._publish_floors(dec)
                 if now >= next_ka:
-                    if chan.send(self._keepalive_payload()):
+                    if chan.send(self._keepalive_payload(now)):
                         self.last_sent = now
                     next_ka = now + KEEPALIVE_S
                 self._watch_key(enc, now)
@@ -459,7 +482,8 @@ class TunnelManager:
             self._stop_workers()
             with contextlib.suppress(Exception):
                 for slot in self.slots:  # all joined: wipe whatever they still held
-                    enc.retire(slot.lane, dead=True)
+                    for lane in send_lanes(slot.lane, len(self.slots)):
+                        enc.retire(lane, dead=True)
                 enc.retire(CONTROL_LANE)
             if self.guard is not None:  # detached now, not when the last descriptor goes
                 self.guard.close()

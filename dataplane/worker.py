@@ -7,10 +7,18 @@ DEC bytes the datagram names -> TUN. Nothing unauthenticated or replayed reaches
 and nothing leaves without fresh key: with no key, a packet waits a bounded time and is
 dropped (counted), never sent in clear.
 
-The worker's lane (its index) is its identity on the wire and in both rings: it holds at
-most one ENC chunk (ring lane words), and it alone accepts datagrams of the lanes that map
-to it, so per-lane replay floors need no lock. Counters are kept locally and copied to the
-link's shared stats row a few times a second.
+Lanes are the replay unit on the wire: within one, positions only grow. Worker *i* of a
+pool of *W* owns lanes i, i+W, i+2W, ... (at most MAX_SUBLANES): it sends on them, each
+holding at most one range of ENC key (ring lane words), and it alone accepts datagrams of
+those lanes, so per-lane replay floors need no lock. A packet uses the lowest held range
+it fits (dataplane.claims); one that fits none claims a new range on another lane, so the
+rest of a range too small for a large packet stays for smaller ones instead of being
+wiped. Claims are sized to the worker's recent traffic; control traffic
+(dataplane.classify) may use the ring's control reserve, bulk may not. An idle worker
+hands back what it holds when that is the last claim, or keeps it unless it holds the
+ring's release point back too far (dataplane.ring.give_back_idle). Counters are kept
+locally and copied to the link's shared stats row a few times a second; the ring counts
+datagrams and key per lane itself (the accounting of invariant 8).
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ import numpy as np
 
 from dataplane import wire
 from dataplane.bpf.syscall import ArrayMap
-from dataplane.limits import CONTROL_RESERVE, IDLE_RETIRE_S, MAX_KEY_LAG
+from dataplane.claims import ClaimSizer, lane_to_claim, pick_range
+from dataplane.classify import is_control
+from dataplane.limits import IDLE_RETIRE_S, MAX_KEY_LAG, MAX_SUBLANES
 from dataplane.ring import CONTROL_LANE, CursorFile, KeyRing, RingError
 from dataplane.stats import IDX, W_PEER_WORKERS, W_PID_BASE, LinkStats, new_counters
 from dataplane.tun import open_queue, vnet_header_ok
@@ -85,6 +95,9 @@ class WorkerConfig:
     chunk: int
     conventional: bool
     key_wait_s: float
+    reserve_bulk: int  # ENC key bulk packets leave for control traffic and keepalives
+    reserve_control: int  # ... and control packets leave for the keepalives
+    pin_limit: int  # see dataplane.ring.KeyRing.give_back_idle
     audit_dir: Path | None = None
     floors_fd: int = -1  # the XDP guard's floor map (-1: no guard); see flush()
     close_fds: tuple[int, ...] = ()  # the guard's other descriptors: not the worker's
@@ -92,6 +105,15 @@ class WorkerConfig:
 
     def lane_port(self, lane: int) -> int:
         return self.port_base + 1 + lane
+
+    def send_lanes(self) -> list[int]:
+        return send_lanes(self.lane, self.workers)
+
+
+def send_lanes(worker: int, workers: int) -> list[int]:
+    """The lanes worker ``worker`` of ``workers`` sends on (the peer's worker that takes
+    lane L is L modulo the peer's pool size)."""
+    return list(range(worker, CONTROL_LANE, workers))[:MAX_SUBLANES]
 
 
 class Audit:
@@ -139,8 +161,9 @@ class Worker:
         self.rmv = memoryview(self.rbuf)
         self.tbuf_addr = self.tbuf.ctypes.data
         self.rbuf_addr = self.rbuf.ctypes.data
-        self.cur = 0  # next unused byte of the chunk held
-        self.end = 0  # end of the chunk held (0: none)
+        self.lanes = cfg.send_lanes()
+        self.held: dict[int, list[int]] = {}  # lane -> [next unused byte, end] of its range
+        self.sizer = ClaimSizer(cfg.chunk)
         self.dry = False  # the last wait for key timed out
         self.errors = 0
         self.last_tx = time.monotonic()
@@ -154,42 +177,54 @@ class Worker:
 
     # ---- egress ------------------------------------------------------------------------
 
-    def _new_chunk(self, need: int) -> bool:
-        """Claim a chunk holding at least ``need`` bytes, waiting at most key_wait_s.
+    def _claim(self, need: int, control: bool) -> int | None:
+        """Claim a range holding at least ``need`` bytes; its lane, or None after waiting
+        at most key_wait_s.
 
         Once a wait has timed out the link is dry: later packets are dropped at once
         (no wait each, which would stall this worker's ingress too) until key is back.
         """
         cfg, enc = self.cfg, self.enc
-        deadline = time.monotonic() + (0.0 if self.dry else cfg.key_wait_s)
+        now = time.monotonic()
+        deadline = now + (0.0 if self.dry else cfg.key_wait_s)
+        # The last reserve bytes are for control traffic and keepalives (enforced under
+        # the ring lock): a busy link that runs dry must still carry what keeps it alive.
+        reserve = cfg.reserve_control if control else cfg.reserve_bulk
         while True:
-            # The last CONTROL_RESERVE bytes are for keepalives (enforced under the ring
-            # lock): a busy link that runs dry must still tell its peer it is alive.
-            if enc.write_pos - enc.claim_pos >= need + CONTROL_RESERVE:
-                size = need if cfg.conventional else max(cfg.chunk, need)
-                pos, take = enc.claim_chunk(cfg.lane, size, reserve=CONTROL_RESERVE)
+            if enc.write_pos - enc.claim_pos >= need + reserve:
+                size = need if cfg.conventional or control else self.sizer.size(need, now)
+                lane, top = lane_to_claim(self.held, self.lanes, enc.claim_pos)
+                pos, take = enc.claim_chunk(lane, size, reserve=reserve, min_take=need,
+                                            if_top=top)
                 self.c[CLAIMS] += 1
-                if take:
-                    self.audit(AUDIT_CLAIM, pos, take)
-                if take >= need:
-                    self.cur, self.end = pos, pos + take
-                    self.dry = False
-                    return True
-                enc.retire(cfg.lane)  # another worker took the rest first
-                self.end = 0
-            if time.monotonic() >= deadline or self.stop:
+                if pos >= 0:  # (-1: that range is not the last claimed any more: retry)
+                    self.held.pop(lane, None)  # given up by the claim in any case
+                    if take:
+                        self.audit(AUDIT_CLAIM, pos, take)
+                        self.held[lane] = [pos, pos + take]
+                        self.dry = False
+                        self._unpin(lane)
+                        return lane
+            if now >= deadline or self.stop:
                 self.dry = True
-                if self.end:  # a leftover too small for this packet must not pin the ring
-                    enc.retire(cfg.lane)
-                    self.end = 0
-                return False
+                return None
             time.sleep(0.0005)
+            now = time.monotonic()
+
+    def _unpin(self, busy: int) -> None:
+        """A range this worker keeps for small packets must not hold the ring's release
+        point back without end while its other lane streams: offer it back once others
+        have used more than pin_limit past it."""
+        limit = self.enc.claim_pos - self.cfg.pin_limit
+        for lane in [x for x, (cur, _) in self.held.items() if x != busy and cur < limit]:
+            if self.enc.give_back_idle(lane, self.cfg.pin_limit):
+                del self.held[lane]
 
     def egress(self) -> None:
-        cfg, c, enc, tbuf = self.cfg, self.c, self.enc, self.tbuf
+        cfg, c, enc, tbuf, held = self.cfg, self.c, self.enc, self.tbuf, self.held
         clock = time.perf_counter_ns
         body = self.tmv[wire.HEADER_LEN:wire.HEADER_LEN + wire.MAX_PAYLOAD]  # MTU may change
-        peer = (cfg.peer_ip, cfg.lane_port(cfg.lane % max(1, self.peer_workers)))
+        peers = max(1, self.peer_workers)
         for _ in range(BATCH):
             t0 = clock()
             try:
@@ -201,41 +236,47 @@ class Worker:
                 return
             t1 = clock()
             need = wire.pad_len(n)
-            if self.cur + need > self.end and not self._new_chunk(need):
-                c[DROP_TX_NOKEY] += 1
-                continue
-            pos = self.cur
+            lane = pick_range(held, need)
+            if lane is None:
+                lane = self._claim(need, is_control(body, n))
+                if lane is None:
+                    c[DROP_TX_NOKEY] += 1
+                    continue
+            rng = held[lane]
+            pos = rng[0]
             try:
                 pad, pad_addr = enc.locate(pos, need)
-            except RingError:  # our chunk was given up under us: take a new one next time
+            except RingError:  # our range was given up under us: take a new one next time
                 c[DROP_TX_NOKEY] += 1
-                self.end = 0
+                del held[lane]
                 continue
             if pad[:wire.MAC_KEY_LEN].tobytes() == wire.ZERO_KEY:  # wiped: never a pad
                 c[DROP_TX_NOKEY] += 1
-                self.end = 0
+                del held[lane]
                 continue
             t2 = clock()
             dlen = wire.seal(tbuf, n, pad, link=cfg.link_index, direction=cfg.enc_dir,
-                             lane=cfg.lane, pos=pos, release=enc.release_pos,
+                             lane=lane, pos=pos, release=enc.release_pos,
                              addrs=(self.tbuf_addr, pad_addr))
             if enc.release_pos > pos:  # freed under us (a reset): the pad may be wiped
                 c[DROP_TX_NOKEY] += 1
-                self.end = 0
+                del held[lane]
                 continue
             enc.wipe_used(pos, need)  # in cache now; cheaper than at release
             if pad.flags.owndata:  # a copy (the range wrapped): wipe it too
                 pad[:] = 0
-            self.cur = pos + need
-            enc.set_used(cfg.lane, self.cur)  # (after the check: this lets release pass pos)
+            rng[0] = pos + need
+            enc.set_used(lane, rng[0])  # (after the check: this lets release pass pos)
+            enc.count_datagram(lane)
+            self.sizer.used(need)
             if cfg.conventional:  # the paper's per-packet key removal
-                enc.retire(cfg.lane)
-                self.end = 0
+                enc.retire(lane)
+                del held[lane]
             t3 = clock()
             if self.audit.fd is not None:
                 self.audit(AUDIT_SENT, pos, need)
             try:
-                self.sock.sendto(self.tmv[:dlen], peer)
+                self.sock.sendto(self.tmv[:dlen], (cfg.peer_ip, cfg.lane_port(lane % peers)))
             except OSError:
                 c[DROP_TX_SEND] += 1
                 continue
@@ -309,6 +350,7 @@ class Worker:
                 continue
             end = hdr.pos + hdr.pad_len
             dec.set_lane_next(hdr.lane, end)  # before delivery: one delivery per key
+            dec.count_accepted(hdr.lane, hdr.pad_len)
             if not vnet_header_ok(payload):
                 c[DROP_RX_VNET] += 1
                 continue
@@ -382,16 +424,17 @@ class Worker:
                             log.exception("link %s lane %d: packet lost: %s", cfg.link_name,
                                           cfg.lane, e)
                 now = time.monotonic()
-                if self.end and now - self.last_tx > IDLE_RETIRE_S:
-                    self.enc.retire(cfg.lane)  # idle: give the rest back to the release
-                    self.end = 0
+                if self.held and now - self.last_tx > IDLE_RETIRE_S:
+                    for lane in list(self.held):  # idle: the last claim goes back at once
+                        if self.enc.give_back_idle(lane, cfg.pin_limit):
+                            del self.held[lane]
                 if now >= next_flush:
                     self.flush()
                     next_flush = now + FLUSH_S
         finally:
             with contextlib.suppress(Exception):
-                if self.end:
-                    self.enc.retire(cfg.lane)
+                for lane in list(self.held):
+                    self.enc.retire(lane)
             self.flush()
 
 

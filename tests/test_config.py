@@ -544,8 +544,10 @@ def test_gkm_explicit_pairs_and_none():
 @pytest.mark.parametrize("section, field, phrase", [
     ('block_size = "31B"', "gkm.block_size", "between 32 B and 16 MiB"),
     ('block_size = "17MiB"', "gkm.block_size", "between 32 B and 16 MiB"),
-    ('low_watermark = 67000000', "gkm.high_watermark", "at least one block"),
-    ('high_watermark = "32MiB"', "gkm.high_watermark", "at least one block"),
+    ('low_watermark = 67000000\nhigh_watermark = "64MiB"', "gkm.high_watermark",
+     "at least one block"),
+    ('high_watermark = "32MiB"\nlow_watermark = "32MiB"', "gkm.high_watermark",
+     "at least one block"),
     ('window = "512KiB"', "gkm.window", "smaller than one block"),
     ('window = 0', "gkm.window", "between 1 B and"),
     ('pairs = [["A", "Z"]]', "gkm.pairs[0][1]", "no node named 'Z'"),

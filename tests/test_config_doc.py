@@ -35,7 +35,9 @@ def test_every_key_of_every_section_is_documented():
 
 def test_types_defaults_and_limits_come_from_the_models():
     ref = reference()
-    assert '| `ring_capacity` | size ("64KiB", "1MiB", or bytes) | `"256MiB"` |' in ref
+    assert '| `ring_capacity` | size ("64KiB", "1MiB", or bytes) | - | shared-memory key ' \
+           'ring per direction and link end; default: 2 s of the link' in ref
+    assert '| `key_rate_mbps` | number | `1000.0` |' in ref
     assert '| `ratio` | ratio ("a:b") | `"1:1"` |' in ref
     assert '| `guard` | `"auto"` \\| `"off"` \\| `"require"` | `"auto"` |' in ref
     assert re.search(r"\| `port` \| integer \| `9464` \| .*>= 1, <= 65535", ref)

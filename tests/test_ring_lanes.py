@@ -10,6 +10,8 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dataplane.limits import RING_HEADER_SIZE
 from dataplane.ring import (
@@ -130,11 +132,11 @@ def test_release_waits_for_the_lowest_used_of_the_held_chunks(make, name):
     assert (r.release_pos, r.free_pos) == (300, 300)
     use(r, 3, 320)
     r.retire(3)
-    # nothing held: up to claim_pos
-    assert (r.release_pos, r.free_pos) == (350, 350)
-    assert r.claim_pos == 350
-    assert zero(name, 0, 350)
-    assert at(name, 350, CAP - 350) == key(CAP)[350:]
+    # nothing held: up to claim_pos, which lane 3's unused rest went back below
+    assert (r.release_pos, r.free_pos) == (320, 320)
+    assert r.claim_pos == 320
+    assert zero(name, 0, 320)
+    assert at(name, 320, CAP - 320) == key(CAP)[320:]
 
 
 def test_release_point_never_passes_a_held_used_mark(make):
@@ -198,13 +200,78 @@ def test_retire_dead_wipes_the_whole_chunk(make, name):
 def test_bytes_wiped_by_the_holder_stay_zero(make, name):
     r = filled(make)
     r.claim_chunk(0, 200)
+    r.claim_chunk(1, 10)  # claimed past lane 0's chunk: its rest cannot go back
     use(r, 0, 60)
     assert zero(name, 0, 60)
     assert at(name, 60, 140) == key(CAP)[60:200]
     r.retire(0)
     assert zero(name, 0, 200)
-    assert at(name, 200, CAP - 200) == key(CAP)[200:]
+    assert at(name, 210, CAP - 210) == key(CAP)[210:]
     assert r.release_pos == 200
+    assert r.accounting().wasted == 140
+
+
+def test_the_last_chunk_claimed_hands_its_rest_back_unwiped(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 100)
+    r.claim_chunk(1, 200)
+    use(r, 1, 160)
+    r.retire(1)  # [160, 300) goes back: claimed again, never wiped or wasted
+    assert r.claim_pos == 160 and r.chunk_of(1)[2] == 0
+    assert at(name, 160, CAP - 160) == key(CAP)[160:]
+    assert r.release_pos == 0  # lane 0 still holds [0, 100)
+    assert r.claim_chunk(2, 100) == (160, 100)
+    assert r.accounting().wasted == 0
+
+
+def test_a_chunk_continues_where_the_same_lane_left_off_when_it_is_the_last(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 100)
+    use(r, 0, 70)
+    assert r.claim_chunk(0, 100) == (70, 100)  # the 30 bytes left come first
+    assert at(name, 70, 100) == key(CAP)[70:170]
+    assert r.accounting().wasted == 0
+    r.claim_chunk(1, 10)  # now lane 0's chunk is not the last one any more
+    use(r, 0, 150)
+    assert r.claim_chunk(0, 100, if_top=True) == (-1, 0)  # kept, nothing claimed
+    assert r.chunk_of(0) == (70, 150, 170)
+    assert r.claim_chunk(0, 100) == (180, 100)  # given up: its rest [150, 170) wiped
+    assert zero(name, 150, 20)
+    assert r.accounting().wasted == 20
+
+
+def test_idle_give_back_keeps_a_chunk_until_it_pins_the_ring(make, name):
+    r = filled(make)
+    r.claim_chunk(0, 100)
+    use(r, 0, 40)
+    r.claim_chunk(1, 100)  # lane 0's chunk is not the last any more
+    assert not r.give_back_idle(0, pin_limit=500)  # kept for its holder: no waste
+    assert r.chunk_of(0) == (0, 40, 100)
+    use(r, 1, 200)
+    r.retire(1)
+    r.claim_chunk(2, 400)
+    use(r, 2, 600)  # others used 560 bytes past lane 0's used mark
+    assert r.give_back_idle(2, pin_limit=500)  # the last chunk: back (all used)
+    assert r.claim_pos == 600
+    assert r.give_back_idle(0, pin_limit=500)  # pins the ring by more than the limit
+    assert r.chunk_of(0)[2] == 0
+    assert zero(name, 40, 60)
+    assert r.accounting().wasted == 60
+    assert r.release_pos == 600
+    # the last chunk claimed always goes back at once
+    r.claim_chunk(3, 50)
+    assert r.give_back_idle(3, pin_limit=10**9)
+    assert r.claim_pos == 600 and r.accounting().wasted == 60
+
+
+def test_claim_chunk_claims_nothing_below_min_take(make):
+    r = make()
+    r.append(0, key(100))
+    assert r.claim_chunk(0, 500, min_take=101) == (0, 0)
+    assert r.claim_pos == 0 and r.chunk_of(0)[2] == 0
+    assert r.claim_chunk(0, 500, reserve=20, min_take=81) == (0, 0)
+    assert r.claim_chunk(0, 500, reserve=20, min_take=80) == (0, 80)
+    assert r.accounting().wasted == 0
 
 
 def test_reset_lanes_wipes_every_held_chunk_whole(make, name):
@@ -256,15 +323,17 @@ def test_claim_chunk_without_key_returns_nothing(make):
 def test_claim_chunk_gives_up_the_previous_chunk(make, name):
     r = filled(make)
     r.claim_chunk(0, 100)
+    r.claim_chunk(1, 100)
     use(r, 0, 40)
-    assert r.claim_chunk(0, 100) == (100, 100)
-    assert zero(name, 0, 100)  # the unused rest [40, 100) too
+    assert r.claim_chunk(0, 100) == (200, 100)
+    assert zero(name, 0, 100)  # the unused rest [40, 100) too: lane 1 claimed past it
     assert r.release_pos == 100
     # also when no new key is there: the old chunk is given up all the same
     r.claim_chunk(0, CAP)
+    use(r, 0, CAP)
     assert r.claim_chunk(0, 10) == (CAP, 0)
     assert r.chunk_of(0)[2] == 0
-    assert r.release_pos == CAP
+    assert r.release_pos == 100  # lane 1 still holds [100, 200)
 
 
 class FailingCursorFile(CursorFile):
@@ -459,6 +528,7 @@ def test_append_only_below_free_pos_plus_capacity(make):
         r.append(CAP, b"\x01")
     r.claim_chunk(0, 100)
     r.claim_chunk(1, 100)
+    use(r, 1, 200)
     r.retire(1)  # lane 0 still holds [0, 100): nothing can be freed
     assert r.free_pos == 0
     with pytest.raises(RingError, match="do not fit"):
@@ -514,3 +584,56 @@ def test_giving_up_a_half_published_chunk_never_wipes_unclaimed_key(make, name):
     r.retire(1, dead=True)
     assert at(name, 100, 500) == key(600)[100:600]  # still there, still claimable
     assert r.claim_chunk(2, 500) == (100, 500)
+
+
+# ---- accounting: a random schedule of a ring's users -------------------------------------
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.sampled_from(["append", "claim", "use", "retire", "dead",
+                                             "idle", "skip", "reset"]),
+                          st.integers(0, 3), st.integers(1, 300)), max_size=60))
+def test_every_byte_is_accounted_for_and_none_is_used_twice(tmp_path_factory, ops):
+    name = f"qkdnet-acct{os.getpid()}-{uuid4().hex[:8]}"
+    cf = CursorFile(tmp_path_factory.mktemp("acct") / "c")
+    r = KeyRing.create_or_attach(name, 4096, BLOCK, ROLE_ENC, cf)
+    used: set[int] = set()
+    lanes = [0, 1, 2, CONTROL_LANE]
+    try:
+        for op, li, n in ops:
+            lane = lanes[li]
+            if op == "append":
+                free = r.capacity - (r.write_pos - r.free_pos)
+                if free:
+                    r.append(r.write_pos, key(min(n, free), n))
+            elif op == "claim":
+                r.claim_chunk(lane, n, reserve=n % 7, min_take=n % 5 + 1,
+                              if_top=bool(n % 2))
+            elif op == "use":  # as a worker: the next bytes of its chunk, each once
+                start, u, end = r.chunk_of(lane)
+                if end:
+                    upto = min(end, u + n)
+                    assert not used & set(range(u, upto)), "a byte used twice"
+                    used |= set(range(u, upto))
+                    r.wipe_used(u, upto - u)
+                    r.set_used(lane, upto)
+            elif op == "retire":
+                r.retire(lane)
+            elif op == "dead":  # its holder was killed: nothing of its chunk used again
+                start, u, end = r.chunk_of(lane)
+                used |= set(range(start, end))
+                r.retire(lane, dead=True)
+            elif op == "idle":
+                r.give_back_idle(lane, pin_limit=n * 5)
+            elif op == "skip":
+                r.skip_to(r.write_pos + n % 3 * 50)
+            elif op == "reset":
+                for _, lane_ in enumerate(lanes):
+                    start, u, end = r.chunk_of(lane_)
+                    used |= set(range(start, end))
+                r.reset_lanes()
+            acct = r.accounting()
+            assert acct.balance == 0, (op, acct)
+            assert r.free_pos <= r.release_pos <= r.claim_pos <= r.write_pos
+    finally:
+        r.close()
+        KeyRing.unlink(name)

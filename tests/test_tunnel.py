@@ -21,7 +21,7 @@ from control import emulation, paths
 from control.config import parse_topology
 from dataplane import wire
 from dataplane.bpf.guard import DROP_REASONS
-from dataplane.limits import CONTROL_RESERVE, LINK_DEAD_S
+from dataplane.limits import LINK_DEAD_S
 from dataplane.ring import CONTROL_LANE, KeyRing
 from dataplane.tun import VNET_HDR_LEN
 from dataplane.worker import AUDIT_ACCEPTED, AUDIT_CLAIM, AUDIT_SENT, read_audit
@@ -426,16 +426,15 @@ def test_killed_worker_and_node_never_reuse_a_pad_position(tmp_path, prefix, mon
     accepted = [(p, n) for recs in receiver.values() for k, p, n in recs
                 if k == AUDIT_ACCEPTED]
     assert len(sent) > 100 and len(accepted) > 100
-    _assert_disjoint(claims, "two claims")
+    # Claims may overlap: the rest of the last claim is handed back unused and claimed
+    # again. What must never overlap is what was sent, and all of it was claimed.
     _assert_disjoint(sent, "two sent datagrams")
     _assert_disjoint(accepted, "two accepted datagrams")
     sent_set = set(sent)
     assert all(a in sent_set for a in accepted), "accepted a datagram nobody sent"
-    claim_starts = sorted(claims)
     for p, n in sent:
-        i = max(i for i, (s, _) in enumerate(claim_starts) if s <= p)
-        s, m = claim_starts[i]
-        assert p + n <= s + m, f"datagram at {p} outside the claim it came from"
+        assert any(s <= p and p + n <= s + m for s, m in claims), \
+            f"datagram at {p} outside every claim"
 
 
 # ---- routing around a cut link ------------------------------------------------------------
@@ -486,12 +485,13 @@ def test_no_key_drops_packets_counts_them_and_takes_the_link_down(tmp_path, pref
                    > before["drop_tx_nokey"], 3, "no-key drops to be counted")
         assert 0 < len(got) < len(burst)
         assert set(got) <= set(burst), "a packet arrived altered"
-        # The drops were real exhaustion: what is left is the keepalives' reserve.
+        # The drops were real exhaustion: what is left is the control traffic's reserve.
         enc = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
         left = enc.write_pos - enc.claim_pos
         enc.close()
-        assert left < CONTROL_RESERVE + wire.pad_len(VNET_HDR_LEN + 8000 + 28)
-        # Without key beyond the keepalive reserve the link is down for routing.
+        reserve = topo.link("A-B").sizes.reserve_bulk
+        assert reserve // 2 <= left < reserve + wire.pad_len(VNET_HDR_LEN + 8000 + 28)
+        # Without key beyond that reserve the link is down for routing.
         wait_until(lambda: tunnel_state(prefix, "A", "A-B")["reason"] == "no key", 5,
                    "the link to be reported without key")
         wait_until(lambda: "B" not in router_state(prefix, "A")["routes"], 3,

@@ -1,0 +1,96 @@
+"""Sizes derived from a link's key rate, for every size the topology file leaves out (pure).
+
+Real QKD links give 1-100 Mb/s of key, the emulator 1 Gb/s or more: one set of fixed
+sizes cannot serve both. A 1 MiB key block takes 8 s to arrive at 1 Mb/s (the link would
+look dead between blocks), a 1 MiB claim would hold all of a slow ring's key for one
+worker, and a 64 MiB store would take a quarter of an hour to fill. So each size is a
+span of time at the link's rate, rounded to a power of two and clamped:
+
+| size | time at the rate | bounds |
+| --- | --- | --- |
+| key block (what the source delivers, one agreement decision) | 50 ms of the link | 4 KiB - 1 MiB |
+| ring (per direction and link end) | 2 s of the link | 4 - 256 MiB |
+| largest claim of an OTP worker | 10 ms of the link | 4 KiB - 1 MiB, at most ring/256 |
+| reserve for control traffic (bulk leaves it) | 50 ms of the link | 64 KiB - 1 MiB |
+| reserve for keepalives alone | - | 64 KiB, at most ring/64 |
+| global key block | 250 ms of the slowest link | 4 KiB - 1 MiB |
+| global key window (sent, unacknowledged) | 1 s of the slowest link | 2 blocks - 16 MiB |
+| high watermark (low: half of it) | 32 s of the slowest link | 1 - 64 MiB |
+
+A rate of 0 (as fast as the source can) sizes as 1 Gb/s does: the sizes qkdnet always had
+for the emulator. Each size set in the topology file wins over its derived value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dataplane.limits import CONTROL_RESERVE, LINK_DEAD_S, MIN_CHUNK
+
+KIB, MIB = 1 << 10, 1 << 20
+UNLIMITED_MBPS = 1000.0  # what a rate of 0 (as fast as possible) sizes as
+
+
+def pow2_floor(n: float) -> int:
+    """The largest power of two not above ``n`` (1 for anything below 2)."""
+    return 1 << max(0, int(n).bit_length() - 1) if n >= 1 else 1
+
+
+def clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, v))
+
+
+def bytes_per_s(rate_mbps: float) -> float:
+    return (rate_mbps if rate_mbps > 0 else UNLIMITED_MBPS) * 1e6 / 8
+
+
+@dataclass(frozen=True)
+class LinkSizes:
+    """A link's sizes, every one resolved."""
+
+    block_size: int
+    ring_capacity: int
+    chunk: int  # the largest claim of an OTP worker
+    reserve_bulk: int  # ENC key bulk packets leave in the ring
+    reserve_control: int  # ENC key control packets leave (for the keepalives)
+    pin_limit: int  # key used past a worker's kept range before it must give it back
+    key_dead_s: float  # no key for this long (and only the reserve left): the link is down
+
+
+def link_sizes(rate_mbps: float, ratio: tuple[int, int], block_size: int | None = None,
+               ring_capacity: int | None = None, chunk: int | None = None) -> LinkSizes:
+    """Every size of a link; the ones given (set in the topology file) are kept."""
+    bps = bytes_per_s(rate_mbps)
+    block = block_size or clamp(pow2_floor(bps * 0.05), 4 * KIB, MIB)
+    ring = ring_capacity or clamp(pow2_floor(bps * 2), 4 * MIB, 256 * MIB)
+    ring = max(ring, block)
+    chunk = chunk or clamp(pow2_floor(bps * 0.01), MIN_CHUNK, min(MIB, max(MIN_CHUNK,
+                                                                            ring // 256)))
+    keepalive = min(CONTROL_RESERVE, ring // 64)
+    control = clamp(pow2_floor(bps * 0.05), 64 * KIB, MIB)
+    # A direction gets its share of the rate; blocks of it arrive that often.
+    share = min(s for s in ratio if s) / sum(ratio)
+    block_interval = block / (bps * share)
+    return LinkSizes(block_size=block, ring_capacity=ring, chunk=chunk,
+                     reserve_bulk=min(keepalive + control, ring // 8),
+                     reserve_control=keepalive, pin_limit=ring // 2,
+                     key_dead_s=max(LINK_DEAD_S, 4 * block_interval))
+
+
+@dataclass(frozen=True)
+class GkmSizes:
+    block_size: int
+    window: int
+    low_watermark: int
+    high_watermark: int
+
+
+def gkm_sizes(slowest_mbps: float, block_size: int | None = None, window: int | None = None,
+              low: int | None = None, high: int | None = None) -> GkmSizes:
+    """The global key manager's sizes from the slowest link's rate; given ones kept."""
+    bps = bytes_per_s(slowest_mbps)
+    block = block_size or clamp(pow2_floor(bps * 0.25), 4 * KIB, MIB)
+    window = window or clamp(pow2_floor(bps), 2 * block, 16 * MIB)
+    high = high or max(clamp(pow2_floor(bps * 32), MIB, 64 * MIB), (low or 0) + 2 * block)
+    low = low or high // 2
+    return GkmSizes(block_size=block, window=window, low_watermark=low, high_watermark=high)

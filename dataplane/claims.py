@@ -1,0 +1,73 @@
+"""How much ENC key a worker claims at once, and which of its held ranges a packet uses
+(pure: no ring, no clock of its own).
+
+A claim takes the ring's lock, so a worker under load claims in chunks; but a chunk's
+unused rest is key that nobody else can use while the worker holds it (and that is lost
+if it has to be given up). So a claim is sized to the traffic: about what the worker used
+in the last ``horizon_s``, as a whole number of the current packet's pads (a stream of
+equal packets then uses its chunks to the byte), never more than ``max_chunk`` (which
+the link's key rate bounds: see control.config.derived_sizes) and never less than the
+packet. A worker sending one packet now and then claims exactly that packet's pad.
+
+A worker holds up to a few ranges, each on a lane of its own (lanes are the replay unit
+on the wire: positions only grow within one). A packet that does not fit the rest of
+one range takes a new one and the rest stays for later, smaller packets, instead of
+being wiped: :func:`pick_range` chooses the lowest range the packet fits, so the ring's
+release point moves as early as it can.
+"""
+
+from __future__ import annotations
+
+CLAIM_HORIZON_S = 0.01  # a claim covers about this much of the worker's recent traffic
+SMOOTHING = 0.5  # weight of the newest rate sample
+
+
+class ClaimSizer:
+    """The size of a worker's next claim from its recent use of key."""
+
+    def __init__(self, max_chunk: int, horizon_s: float = CLAIM_HORIZON_S):
+        self.max_chunk = max_chunk
+        self.horizon_s = horizon_s
+        self.rate = 0.0  # bytes per second, smoothed
+        self._mark: float | None = None
+        self._since = 0
+
+    def used(self, nbytes: int) -> None:
+        self._since += nbytes
+
+    def size(self, need: int, now: float) -> int:
+        """Bytes to claim for a packet needing ``need``, at time ``now`` (seconds)."""
+        if self._mark is not None and now > self._mark:
+            sample = self._since / (now - self._mark)
+            self.rate = sample if self.rate == 0.0 else \
+                SMOOTHING * sample + (1 - SMOOTHING) * self.rate
+        self._mark, self._since = now, 0
+        target = min(self.max_chunk, int(self.rate * self.horizon_s))
+        return need * max(1, target // need)
+
+
+def pick_range(held: dict[int, list[int]], need: int) -> int | None:
+    """The lane whose range [cur, end) fits ``need`` bytes and starts lowest, or None."""
+    best = None
+    for lane, (cur, end) in held.items():
+        if end - cur >= need and (best is None or cur < held[best][0]):
+            best = lane
+    return best
+
+
+def lane_to_claim(held: dict[int, list[int]], lanes: list[int], claim_pos: int
+                  ) -> tuple[int, bool]:
+    """The lane a new claim goes on, and whether its range is the last one claimed.
+
+    Preferred: a lane whose range ends at ``claim_pos`` (the new claim continues it, so its
+    rest is not left behind); then a lane holding nothing (rests stay for small packets);
+    else the lane of the lowest range, which is given up (its rest wasted unless it is
+    the last claimed).
+    """
+    for lane, (_, end) in held.items():
+        if end == claim_pos:
+            return lane, True
+    for lane in lanes:
+        if lane not in held:
+            return lane, False
+    return min(held, key=lambda lane: held[lane][0]), False
