@@ -34,7 +34,7 @@ from bench.runs import median_run
 from bench.topology import line
 from control import emulation, paths
 from control.config import Topology, parse_topology
-from control.status import read_status
+from control.statefile import read_status
 from dataplane.ring import KeyRing, RingError
 from dataplane.stats import STEPS_RX, STEPS_TX, LinkStats
 from dataplane.tun import MAX_MTU

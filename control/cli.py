@@ -578,21 +578,35 @@ def profile(
 def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples/triangle.toml"),
          phase: Annotated[float, typer.Option(min=1.0, max=600.0,
                                               help="seconds of each stream phase")] = 8.0,
-         rate: Annotated[float, typer.Option(min=1.0, max=100_000.0,
-                                             help="TCP stream rate, Mb/s")] = 200.0,
+         rate: Annotated[float | None, typer.Option(
+             min=0.1, max=100_000.0, help="TCP stream rate, Mb/s [default: 200, or a fifth "
+                                          "of --key-rate]")] = None,
+         key_rate: Annotated[float | None, typer.Option(
+             min=0.5, max=100_000.0, help="every link's QKD key rate, Mb/s, sizes derived "
+                                          "from it [default: the file's]")] = None,
          as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False,
          ) -> None:
     """The paper's three nodes: keys through the key API, a TCP stream through the OTP
     tunnels, the direct link cut and restored; exit 0 when every claim held."""
     need_root()
-    from control.demo import report_json, run_demo
+    import shutil
+    import tempfile
 
+    from control.demo import at_key_rate, report_json, run_demo, stream_rate_for
+
+    tmp = Path(tempfile.mkdtemp(prefix="qkdnet-demo-"))
     try:
+        if key_rate is not None:
+            config = at_key_rate(config, key_rate, tmp)
+        if rate is None:
+            rate = 200.0 if key_rate is None else stream_rate_for(key_rate)
         code, rep = run_demo(load(config), err if as_json else out, phase_s=phase,
                              rate_mbps=rate)
     except ValueError as e:
         err.print(f"[red]{e}[/red]", highlight=False)
         raise typer.Exit(2) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if as_json:
         print(report_json(rep))
     raise typer.Exit(code)

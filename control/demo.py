@@ -23,8 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import tomli_w
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -119,6 +122,41 @@ class DemoReport:
         if self.leftovers:
             out.append("left behind: " + ", ".join(self.leftovers))
         return out
+
+
+def num(x: float) -> str:
+    """A figure with as many decimals as a small one needs (0.4, 3.1, 120)."""
+    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.1f}" if abs(x) >= 0.1 else f"{x:.2f}"
+
+
+# ---- the network at another key rate ------------------------------------------------------
+
+SIZE_KEYS = {"defaults": ("block_size", "ring_capacity"),
+             "dataplane": ("chunk_size",),
+             "gkm": ("block_size", "low_watermark", "high_watermark", "window")}
+
+
+def at_key_rate(path: Path, rate_mbps: float, out_dir: Path) -> Path:
+    """A copy of the topology file ``path`` in ``out_dir`` with every link at
+    ``rate_mbps`` and every size left to follow the rate (control.sizing)."""
+    data = tomllib.loads(path.read_text())
+    data.setdefault("defaults", {})["key_rate_mbps"] = rate_mbps
+    for section, keys in SIZE_KEYS.items():
+        for k in keys:
+            data.get(section, {}).pop(k, None)
+    for lk in data.get("links", []):
+        for k in ("key_rate_mbps", "block_size", "ring_capacity"):
+            lk.pop(k, None)
+    out = out_dir / path.name
+    out.write_text(f"# {path} with every link at {rate_mbps:g} Mb/s, sizes from the rate\n"
+                   + tomli_w.dumps(data))
+    return out
+
+
+def stream_rate_for(rate_mbps: float) -> float:
+    """The demo stream's default rate on links of ``rate_mbps``: a fifth of a link, so
+    that it and the global key restocking both fit a direction's share during the cut."""
+    return max(0.1, rate_mbps / 5)
 
 
 # ---- reading the network's state ------------------------------------------------------------
@@ -287,10 +325,10 @@ class Watch:
                     f"global key {self.src}->{self.dst}", "stored"):
             t.add_column(col)
         t.add_row(phase, _route(snap, self.src, self.dst),
-                  f"{self.rate_mbps:,.0f} Mb/s, {got / 1e6:,.0f} MB",
-                  f"{relay.get('acked_bytes', 0) / (1 << 20):,.0f} MiB relayed, "
-                  f"{relay.get('rate_bps', 0) / 1e6:,.0f} Mb/s",
-                  f"{_usable(snap, self.src, self.dst) / (1 << 20):,.0f} MiB")
+                  f"{num(self.rate_mbps)} Mb/s, {num(got / 1e6)} MB",
+                  f"{num(relay.get('acked_bytes', 0) / (1 << 20))} MiB relayed, "
+                  f"{num(relay.get('rate_bps', 0) / 1e6)} Mb/s",
+                  f"{num(_usable(snap, self.src, self.dst) / (1 << 20))} MiB")
         return t
 
     def until(self, phase: str, seconds: float, done=None) -> tuple[bool, dict]:
@@ -372,7 +410,7 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
                              STREAM_PORT, rate_mbps * 1e6)
         watch.stream = stream
         console.print(f"3. TCP stream {src} -> {dst} through the OTP tunnels, paced at "
-                      f"{rate_mbps:,.0f} Mb/s")
+                      f"{num(rate_mbps)} Mb/s")
         snap = _phase(rep, watch, "direct", _mark(watch), phase_s)
 
         low = topo.gkm.low_watermark
@@ -391,15 +429,22 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
         key_bytes = min(topo.api.max_key_size // 8, topo.gkm.block_size)
         rep.keys_detour = saes.exchange(take, key_bytes)
         k = rep.keys_detour
-        console.print(f"   {master.id} took {k.nbytes / (1 << 20):,.0f} MiB of key ({k.keys} "
+        console.print(f"   {master.id} took {num(k.nbytes / (1 << 20))} MiB of key ({k.keys} "
                       f"keys), below the low watermark; {slave.id} fetched them: "
                       f"{'identical' if k.identical else '[red]DIFFERENT[/red]'}; "
                       f"the store refills through {via}")
-        # The phase lasts until the store is refilled through via and the stream has
-        # resumed through it (TCP's retransmission backoff may take a few seconds).
-        snap = _phase(rep, watch, "cut", cut_mark, phase_s, lambda s: _usable(s, src, dst)
-                      >= low and _relay(s, src, dst).get("acked_bytes", 0) > relayed0
-                      and watch.received() > on_detour)
+        # The phase lasts until what was taken is restocked through via (or the store is
+        # back at the low watermark: on slow links a store may still be filling at the
+        # cut) and the stream has resumed through via (TCP's retransmission backoff may
+        # take a few seconds).
+        taken = rep.keys_detour.nbytes
+
+        def restocked(s: dict) -> bool:
+            relayed = _relay(s, src, dst).get("acked_bytes", 0) - relayed0
+            return relayed > 0 and (_usable(s, src, dst) >= low or relayed >= taken) \
+                and watch.received() > on_detour
+
+        snap = _phase(rep, watch, "cut", cut_mark, phase_s, restocked)
         rep.restocked_during_cut = rep.phases[-1].relayed_bytes
         rep.stream_on_detour = watch.received() - on_detour if ok else 0
 
@@ -416,7 +461,7 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
         rep.stream = stream.finish()
         stream = None
         s = rep.stream
-        console.print(f"6. stream ended: {s.sent / 1e6:,.0f} MB sent, {s.received / 1e6:,.0f} "
+        console.print(f"6. stream ended: {num(s.sent / 1e6)} MB sent, {num(s.received / 1e6)} "
                       f"MB received, " + ("identical (length and SHA-256)" if s.intact
                                           else f"[red]NOT intact[/red] {s.error}"))
     except _Stop:
@@ -471,8 +516,8 @@ def summary_table(rep: DemoReport) -> Table:
         t.add_column(col, justify="right" if col != "phase" else "left")
     for p in rep.phases:
         t.add_row(p.name, p.route, f"{p.seconds:.1f}",
-                  f"{p.stream_bytes * 8 / max(p.seconds, 1e-9) / 1e6:,.0f} Mb/s",
-                  f"{p.relayed_bytes / (1 << 20):,.0f} MiB")
+                  f"{num(p.stream_bytes * 8 / max(p.seconds, 1e-9) / 1e6)} Mb/s",
+                  f"{num(p.relayed_bytes / (1 << 20))} MiB")
     return t
 
 
@@ -488,7 +533,7 @@ def _end(rep: DemoReport, console: Console, t_start: float) -> tuple[int, DemoRe
     console.print(f"[green]demo passed[/green] in {took:.0f} s: keys identical at both SAEs "
                   f"before and during the cut, the stream intact through the cut "
                   f"(rerouted in {rep.reroute_s:.1f} s, back in {rep.restore_s:.1f} s), "
-                  f"{rep.restocked_during_cut / (1 << 20):,.0f} MiB of global key relayed "
+                  f"{num(rep.restocked_during_cut / (1 << 20))} MiB of global key relayed "
                   f"through {rep.via}")
     return 0, rep
 

@@ -12,7 +12,14 @@ One process per node, one thread, one ZeroMQ poll loop:
    the kernel routes it through the tunnels, every hop OTP-encrypted, relays included.
 3. The destination's ROUTER socket (on its node address) checks who sent it, stores the
    blocks in its DEC store, synced, and only then acknowledges (ACK).
-4. The origin marks acknowledged blocks usable; the rest are resent with backoff.
+4. The origin marks acknowledged blocks usable; the rest are resent on a new connection,
+   or after the time the path needs to deliver what is in flight (control.pacing).
+
+Blocks leave no faster than the key on their path can carry (a token bucket at a share of
+the slowest hop's key rate, from the router's path), with about a second of that rate in
+flight. Reservations travel on a second connection per destination, marked DSCP CS6 like
+everything the ROUTER sends back, so the tunnels give them key before bulk and they never
+wait behind a window of blocks.
 5. Keys are taken over a Unix socket (``control.gkm_client``), one request at a time.
 
 A kill -9 anywhere leaves pending blocks that are resent with the same bytes after the
@@ -34,7 +41,7 @@ import zmq
 import zmq.utils.monitor
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from control import gkm_client, paths
+from control import gkm_client, pacing, paths
 from control.address import wait_for_address
 from control.config import Topology
 from control.gkm_wire import (
@@ -53,8 +60,10 @@ from control.gkm_wire import (
 )
 from control.keystore import BlockState, KeyStore, StoreError
 from control.relay import Outbox, RateMeter, Restock
-from control.statefile import write_json
-from dataplane.limits import MAX_GLOBAL_BLOCK, MAX_RELAY_BLOCKS
+from control.routing import LinkEnds, shortest_paths
+from control.statefile import read_status, write_json
+from dataplane.classify import TOS_CONTROL
+from dataplane.limits import MAX_GLOBAL_BLOCK, MAX_RELAY_BLOCKS, RELAY_RETRY_MAX_S, RELAY_RETRY_S
 
 log = logging.getLogger("qkdnet.gkm")
 PUBLISH_S = 0.5
@@ -65,7 +74,8 @@ RECEIVE_BATCH = 16 << 20      # bytes of arrived messages stored with one synced
 RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after this
 RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to confirm
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
-HEARTBEAT_MS = 500
+HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
+HEARTBEAT_TIMEOUT_MS = 30_000  # a ping answered later than this: the connection is dead
 MAX_TAKE_KEYS = 1 << 20       # keys one local request may take
 PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no restocking
 CRASH_ENV = "QKDNET_GKM_CRASH"  # tests: "point=probability,..." kills this process there
@@ -117,8 +127,14 @@ class Destination:
                                gkm_spec.block_size)
         self.rate = RateMeter()
         self.data: dict[int, bytes] = {}  # bytes of pending blocks, for (re)sending
-        self.sock: zmq.Socket | None = None
+        self.sock: zmq.Socket | None = None  # blocks
         self.monitor: zmq.Socket | None = None
+        self.ctl: zmq.Socket | None = None  # reservations, marked as control traffic
+        self.ctl_monitor: zmq.Socket | None = None
+        self.path: list[tuple[str, str]] = []  # (link, node it leaves from), first hop first
+        self.path_rate = float("inf")  # bytes/s of key the path carries our way
+        self.window = gkm_spec.window
+        self.pacer = pacing.Pacer(float("inf"), gkm_spec.block_size)
         self.connected = False
         self.ever_connected = False
         self.not_connected_sends = 0
@@ -146,6 +162,11 @@ class GlobalKeyManager:
         self.ctx = zmq.Context()
         self.dests = {d: Destination(d, topo.node(d).id, str(topo.node(d).address), self.spec)
                       for d in dests}
+        # Until the router says which way key goes: the shortest path over every link.
+        self.link_ends = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
+        planned = shortest_paths(self.link_ends, {lk.name for lk in topo.links}, node)
+        for d in self.dests.values():
+            self._set_path(d, planned.get(d.name, []))
         self.origins = set(origins)
         self.crash = CrashPoints(os.environ.get(CRASH_ENV))
         self.stop = False
@@ -170,12 +191,39 @@ class GlobalKeyManager:
 
     # ---- sockets ------------------------------------------------------------------------
 
+    def _set_path(self, d: Destination, path: list[tuple[str, str]]) -> None:
+        """Pace ``d``'s blocks to the key rate of ``path`` (unchanged when no path is
+        known: the last one, or the planned one, is the best guess)."""
+        if not path or path == d.path:
+            return
+        links = {lk.name: lk for lk in self.topo.links}
+        hops = [pacing.Hop(links[name].key_rate_mbps, links[name].ratio, frm == links[name].a)
+                for name, frm in path if name in links]
+        rate = pacing.path_rate(hops)
+        d.path, d.path_rate = path, rate
+        d.window = pacing.window(self.spec.window, self.spec.block_size, rate)
+        pace = rate * pacing.PACE_SHARE
+        d.pacer.set_rate(pace, max(self.spec.block_size, int(pace * pacing.BURST_S))
+                         if pace != float("inf") else self.spec.block_size)
+        d.outbox.retry_s = pacing.resend_after(d.window, rate, None, RELAY_RETRY_S)
+        d.outbox.retry_max_s = max(RELAY_RETRY_MAX_S, 2 * d.outbox.retry_s)
+
+    def _follow_routes(self) -> None:
+        """The paths the router installed (router.json), for pacing."""
+        routes = (read_status(self.dir / "router.json") or {}).get("routes", {})
+        for d in self.dests.values():
+            path = routes.get(d.name, {}).get("path")
+            if isinstance(path, list) and all(isinstance(h, list) and len(h) == 2
+                                              for h in path):
+                self._set_path(d, [(str(a), str(b)) for a, b in path])
+
     def _bind(self) -> None:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
-        self.router.setsockopt(zmq.HEARTBEAT_TIMEOUT, 4 * HEARTBEAT_MS)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Everything it sends is an answer (ACK, RESERVED) or a TCP acknowledgement of
+        # blocks: control traffic, which the tunnels give key before bulk.
+        self.router.setsockopt(zmq.TOS, TOS_CONTROL)
         endpoint = f"tcp://{self.node.address}:{self.topo.ports.relay}"
         # The router module may not have added the node address yet.
         if wait_for_address(str(self.node.address), lambda: self.stop,
@@ -188,24 +236,28 @@ class GlobalKeyManager:
         self.api.bind(f"ipc://{sock}")
         os.chmod(sock, 0o600)  # keys are handed out here: the node's own processes only
         for d in self.dests.values():
-            s = self.ctx.socket(zmq.DEALER)
-            for opt, v in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 64),
-                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 1000),
-                           (zmq.HEARTBEAT_IVL, HEARTBEAT_MS),
-                           (zmq.HEARTBEAT_TIMEOUT, 4 * HEARTBEAT_MS),
-                           (zmq.CONNECT_TIMEOUT, 2000)):
-                s.setsockopt(opt, v)
-            d.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED
-                                             | zmq.EVENT_DISCONNECTED)
-            s.connect(f"tcp://{d.address}:{self.topo.ports.relay}")
-            d.sock = s
+            d.sock, d.monitor = self._dealer(d, tos=0)
+            d.ctl, d.ctl_monitor = self._dealer(d, tos=TOS_CONTROL)
+
+    def _dealer(self, d: Destination, tos: int) -> tuple[zmq.Socket, zmq.Socket]:
+        s = self.ctx.socket(zmq.DEALER)
+        for opt, v in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 64),
+                       (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 1000),
+                       (zmq.HEARTBEAT_IVL, HEARTBEAT_MS),
+                       (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS),
+                       (zmq.CONNECT_TIMEOUT, 2000), (zmq.TOS, tos)):
+            s.setsockopt(opt, v)
+        monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        s.connect(f"tcp://{d.address}:{self.topo.ports.relay}")
+        return s, monitor
 
     def close(self) -> None:
         for d in self.dests.values():
-            if d.sock is not None:
-                d.sock.disable_monitor()
-                d.monitor.close(0)
-                d.sock.close(0)
+            for sock, monitor in ((d.sock, d.monitor), (d.ctl, d.ctl_monitor)):
+                if sock is not None:
+                    sock.disable_monitor()
+                    monitor.close(0)
+                    sock.close(0)
         for s in ("router", "api"):
             if hasattr(self, s):
                 getattr(self, s).close(0)
@@ -398,7 +450,7 @@ class GlobalKeyManager:
         for at in range(0, len(todo), MAX_RESERVE_BATCH):
             batch = todo[at:at + MAX_RESERVE_BATCH]
             try:
-                d.sock.send_multipart([unacked[r] for r in batch], flags=zmq.NOBLOCK)
+                d.ctl.send_multipart([unacked[r] for r in batch], flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
             d.reserve_next = max(d.reserve_next, batch[-1] + 1)
@@ -418,7 +470,7 @@ class GlobalKeyManager:
             return
         st = self.store.enc[d.name]
         want = d.restock.blocks_to_make(st.usable_bytes(), st.pending_bytes(), now)
-        room = (self.spec.window - d.outbox.pending_bytes) // self.spec.block_size
+        room = (d.window - d.outbox.pending_bytes) // self.spec.block_size
         count = min(want, room, max(1, GENERATE_BATCH // self.spec.block_size))
         if count <= 0:
             return
@@ -430,8 +482,10 @@ class GlobalKeyManager:
         self.crash("origin.stored")
 
     def send_due(self, d: Destination, now: float) -> None:
-        while True:
-            seqs = d.outbox.due(now, SEND_BATCH, MAX_RELAY_BLOCKS)
+        while d.pacer.allows(self.spec.block_size, now):
+            budget = max(self.spec.block_size, int(d.pacer.tokens)) \
+                if d.pacer.rate != float("inf") else SEND_BATCH
+            seqs = d.outbox.due(now, min(SEND_BATCH, budget), MAX_RELAY_BLOCKS)
             if not seqs:
                 return
             frames = encode_blocks(Blocks(self.node.id, d.id,
@@ -442,7 +496,18 @@ class GlobalKeyManager:
                 d.outbox.unsent(seqs, now)
                 d.not_connected_sends += 1
                 return
+            d.pacer.spend(sum(len(d.data[s]) for s in seqs), now)
             self.crash("origin.sent")
+
+    def on_ctl_monitor(self, d: Destination) -> None:
+        """A new control connection: reservations sent on the old one may be lost."""
+        while True:
+            try:
+                ev = zmq.utils.monitor.recv_monitor_message(d.ctl_monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                d.reserve_due = 0.0
 
     def on_monitor(self, d: Destination) -> None:
         while True:
@@ -567,6 +632,10 @@ class GlobalKeyManager:
                     "pending_blocks": len(d.outbox.pending),
                     "conflicts": d.outbox.conflicts,
                     "ack_delay_ms": None if d.outbox.srtt is None else 1000 * d.outbox.srtt,
+                    "path": [name for name, _ in d.path],
+                    "path_rate_bps": None if d.path_rate == float("inf")
+                    else 8 * d.path_rate,
+                    "window": d.window, "resend_after_s": d.outbox.retry_s,
                     "filling": d.restock.filling, "last_error": d.last_error,
                     "last_fill": None if fill is None else {
                         "bytes": fill.bytes, "seconds": fill.seconds,
@@ -602,18 +671,19 @@ class GlobalKeyManager:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.api, zmq.POLLIN)
         for d in self.dests.values():
-            poller.register(d.sock, zmq.POLLIN)
-            poller.register(d.monitor, zmq.POLLIN)
-        by_sock = {d.sock: d for d in self.dests.values()}
+            for sock in (d.sock, d.monitor, d.ctl, d.ctl_monitor):
+                poller.register(sock, zmq.POLLIN)
+        by_sock = {s: d for d in self.dests.values() for s in (d.sock, d.ctl)}
         by_mon = {d.monitor: d for d in self.dests.values()}
+        by_ctl_mon = {d.ctl_monitor: d for d in self.dests.values()}
         next_publish = 0.0
         log.info("gkm %s: relay on %s:%d, originating for %s, receiving from %s",
                  self.node.name, self.node.address, self.topo.ports.relay,
                  ", ".join(self.dests) or "-", ", ".join(sorted(self.origins)) or "-")
         while not self.stop:
             now = time.monotonic()
-            nearest = min((d.outbox.next_due() for d in self.dests.values()),
-                          default=now + 0.05)
+            nearest = min((max(d.outbox.next_due(), d.pacer.next_at(self.spec.block_size, now))
+                           for d in self.dests.values()), default=now + 0.05)
             held = [d.reserve_held + RESERVE_HOLD_S for d in self.dests.values()
                     if d.reserve_held]
             timeout = max(0.0, min(0.05, nearest - now, *(h - now for h in held)))
@@ -646,6 +716,8 @@ class GlobalKeyManager:
                             break
                 elif sock in by_mon:
                     self.on_monitor(by_mon[sock])
+                elif sock in by_ctl_mon:
+                    self.on_ctl_monitor(by_ctl_mon[sock])
             now = time.monotonic()
             for d in self.dests.values():
                 self.restock(d, now)
@@ -655,6 +727,7 @@ class GlobalKeyManager:
                 self.expire_waiting(now)
             if now >= next_publish:
                 self.paused = self.pause_flag.exists()
+                self._follow_routes()
                 self._report(now)
                 write_json(self.dir / "gkm.json", self.status())
                 next_publish = now + PUBLISH_S

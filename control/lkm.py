@@ -391,7 +391,22 @@ class LinkKeyManager:
                     "bytes_skipped_ba": c.bytes_skipped[BA],
                     "rate_bps": self.rate_bps},
             "rings": rings,
+            "accounting": self.accounting(),
         }
+
+    def accounting(self) -> dict:
+        """Where this link end's key went (invariant 8): from the source into the rings,
+        discarded or still undecided (this process's counters), and per direction from
+        the ring's own words (see dataplane.ring.KeyAccount)."""
+        c = self.machine.counters
+        out: dict = {"source": {"in": c.bytes_in, "discarded": c.bytes_discarded,
+                                "pending": self.machine.pending.nbytes,
+                                "stored": {DIRS[d]: c.bytes_stored[d] for d in (AB, BA)}}}
+        for d, ring in self.rings.items():
+            a = ring.accounting()
+            out[DIRS[d]] = {**asdict(a), "used_pad": a.used_pad, "used_mac": a.used_mac,
+                            "balance": a.balance}
+        return out
 
     def _publish(self, now: float) -> None:
         t0, b0 = self._rate_mark

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from control.accounting import link_end
 from control.config import Topology
 from control.status import STALE_AFTER_S, collect_node
 
@@ -31,6 +32,13 @@ SPECS: dict[str, tuple[str, str]] = {
     "qkdnet_local_key_rate_bits_per_second": ("gauge", "QKD key taken from the link, recent rate"),
     "qkdnet_local_key_stored_bytes_total": ("counter", "QKD key stored per ring direction"),
     "qkdnet_local_key_discarded_bytes_total": ("counter", "QKD key discarded (rings full)"),
+    "qkdnet_local_key_used_bytes_total": (
+        "counter", "local key per link end and direction by use: pad, mac (one-time MAC "
+                   "keys), control (keepalives), wasted (claimed and wiped unused), "
+                   "released (DEC, after use)"),
+    "qkdnet_local_key_ring_in_bytes_total": ("counter", "local key written to the ring"),
+    "qkdnet_local_key_ring_stored_bytes": ("gauge", "local key in the ring, not yet used"),
+    "qkdnet_local_key_pending_bytes": ("gauge", "local key from the source, undecided"),
     "qkdnet_agreement_synced": ("gauge", "1 when the link's key agreement is in sync"),
     "qkdnet_key_source_up": ("gauge", "1 when the link's QKD key source delivers"),
     "qkdnet_link_up": ("gauge", "1 when the link's OTP tunnel is up (and its status fresh)"),
@@ -92,6 +100,18 @@ def _lkm(node: str, link: str, st: dict, now: float) -> Iterator[Sample]:
                key[f"bytes_stored_{direction}"])
     yield ("qkdnet_local_key_discarded_bytes_total", {"node": node, "link": link},
            key["bytes_discarded"])
+    if "accounting" in st:
+        end = link_end(st["accounting"])
+        yield "qkdnet_local_key_pending_bytes", {"node": node, "link": link}, end.pending
+        for d in end.directions:
+            lb = {"node": node, "link": link, "direction": d.direction, "role": d.role}
+            yield "qkdnet_local_key_ring_in_bytes_total", lb, d.key_in
+            yield "qkdnet_local_key_ring_stored_bytes", lb, d.stored
+            uses = {"control": d.used_control, "wasted": d.wasted}
+            uses |= ({"pad": d.used_pad, "mac": d.used_mac} if d.role == "enc"
+                     else {"released": d.released, "pad": d.used_pad, "mac": d.used_mac})
+            for use, v in uses.items():
+                yield "qkdnet_local_key_used_bytes_total", {**lb, "use": use}, v
     yield "qkdnet_agreement_synced", peer, float(st["agreement"]["synced"])
     yield "qkdnet_key_source_up", {"node": node, "link": link}, float(st["source"]["up"])
 

@@ -22,7 +22,8 @@ from rich.table import Table
 
 from control import emulation, paths
 from control.config import ConfigError, Topology, load_topology
-from control.status import STALE_AFTER_S, read_status
+from control.statefile import read_status
+from control.status import STALE_AFTER_S
 from dataplane.bpf.profile import STAGES, Profiler
 from dataplane.stats import STEPS_RX, STEPS_TX, LinkStats
 

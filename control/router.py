@@ -22,7 +22,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from control import paths
 from control.config import Topology
-from control.routing import LinkEnds, LinkStateDb, next_hops
+from control.routing import LinkEnds, LinkStateDb, shortest_paths
 from control.statefile import write_json
 from dataplane.limits import LSA_MAX_AGE_S
 
@@ -99,14 +99,15 @@ class Router:
         self.db.originate(self.node, local, time.time_ns() // 1000, now)
         self.db.expire(now)
         up = self.db.up_links(self.node, local)
-        hops = next_hops(self.links, up, self.node)
-        self._apply(ip, hops)
+        paths_now = shortest_paths(self.links, up, self.node)
+        self._apply(ip, {dst: path[0][0] for dst, path in paths_now.items()})
         write_json(self.dir / "lsdb.json", {"entries": self.db.export()})
         write_json(self.dir / "router.json", {
             "node": self.node, "address": self.addr, "updated": time.time(),
             "links_up": sorted(up), "changes": self.changes,
             "routes": {dst: {"address": str(self.topo.node(dst).address), "via": link,
-                             "dev": f"otp{self.mine[link].index}"}
+                             "dev": f"otp{self.mine[link].index}",
+                             "path": [[name, frm] for name, frm in paths_now.get(dst, [])]}
                        for dst, link in sorted(self.installed.items())}})
 
     def _apply(self, ip: IPRoute, hops: dict[str, str]) -> None:

@@ -88,23 +88,29 @@ class LinkStateDb:
         return up
 
 
-def next_hops(links: list[LinkEnds], up: set[str], src: str) -> dict[str, str]:
-    """For every node reachable from ``src``: the link of the first hop (BFS in hops,
-    neighbours in link-index order)."""
+def shortest_paths(links: list[LinkEnds], up: set[str], src: str
+                   ) -> dict[str, list[tuple[str, str]]]:
+    """For every node reachable from ``src``: its path as (link, node it leaves from)
+    pairs, first hop first (BFS in hops, neighbours in link-index order, so every node
+    computes the same tree)."""
     adj: dict[str, list[tuple[int, str, str]]] = {}
     for lk in links:
         if lk.name in up:
             adj.setdefault(lk.a, []).append((lk.index, lk.b, lk.name))
             adj.setdefault(lk.b, []).append((lk.index, lk.a, lk.name))
-    first: dict[str, str] = {}
+    paths: dict[str, list[tuple[str, str]]] = {}
     seen = {src}
-    queue: deque[tuple[str, str | None]] = deque([(src, None)])
+    queue: deque[tuple[str, list[tuple[str, str]]]] = deque([(src, [])])
     while queue:
-        node, via = queue.popleft()
+        node, path = queue.popleft()
         for _, nb, name in sorted(adj.get(node, [])):
             if nb not in seen:
                 seen.add(nb)
-                hop = via or name
-                first[nb] = hop
-                queue.append((nb, hop))
-    return first
+                paths[nb] = [*path, (name, node)]
+                queue.append((nb, paths[nb]))
+    return paths
+
+
+def next_hops(links: list[LinkEnds], up: set[str], src: str) -> dict[str, str]:
+    """For every node reachable from ``src``: the link of the first hop."""
+    return {dst: path[0][0] for dst, path in shortest_paths(links, up, src).items()}

@@ -12,3 +12,11 @@ def write_json(path: Path, obj: object) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj))
     os.replace(tmp, path)
+
+
+def read_status(path: Path) -> dict | None:
+    """A status file, or None when it is missing or half-written."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from control import paths
 from control.config import Topology
-from control.status import read_status
+from control.statefile import read_status
 from dataplane.bpf.guard import DROP_REASONS, REASONS, read_counts
 from dataplane.stats import LinkStats
 

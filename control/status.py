@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 from rich import box
 from rich.console import Group
 from rich.table import Table
 
 from control import paths
+from control.accounting import link_end
 from control.config import Topology
+from control.statefile import read_status
 from dataplane.bpf.guard import DROP_REASONS
 
 STALE_AFTER_S = 3.0
-
-
-def read_status(p: Path) -> dict | None:
-    """A module's status file, or None when it is missing or half-written."""
-    try:
-        return json.loads(p.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def collect_node(topo: Topology, node: str, now: float) -> dict:
@@ -133,8 +125,41 @@ def render_routes(snapshot: dict) -> Table:
     return t
 
 
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.0f}"
+
+
+def render_accounting(snapshot: dict) -> Table:
+    """Every byte of local key per link end and direction (invariant 8)."""
+    t = Table(title="key accounting per link end and direction (KiB; ENC: in = stored + "
+                    "pad + MAC + keepalives + wasted; DEC: in = stored + released + wiped)",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("link", "node", "dir", "in", "stored", "pad", "MAC", "keepalives",
+                "released", "wasted", "waste/used", "discarded", "balance"):
+        t.add_column(col, justify="left" if col in ("link", "node", "dir") else "right",
+                     no_wrap=True)
+    for node, info in snapshot["nodes"].items():
+        for link, st in info["links"].items():
+            if st is None or "accounting" not in st:
+                continue
+            end = link_end(st["accounting"])
+            for i, d in enumerate((end.enc, end.dec)):
+                ratio = d.waste_ratio
+                ok = d.balance == 0 and (i or end.source_balance == 0)
+                t.add_row(link if i == 0 else "", node if i == 0 else "",
+                          f"{d.direction} {d.role.upper()}", _kib(d.key_in), _kib(d.stored),
+                          _kib(d.used_pad) if d.role == "enc" else "-",
+                          _kib(d.used_mac) if d.role == "enc" else "-",
+                          _kib(d.used_control), _kib(d.released) if d.role == "dec" else "-",
+                          _kib(d.wasted), "-" if ratio is None else f"{100 * ratio:.2f}%",
+                          _kib(end.discarded) if i == 0 else "",
+                          "ok" if ok else f"[yellow]{d.balance:+,} B[/yellow]")
+    return t
+
+
 def render(snapshot: dict) -> Group:
-    parts = [render_keys(snapshot), render_tunnels(snapshot), render_routes(snapshot)]
+    parts = [render_keys(snapshot), render_accounting(snapshot), render_tunnels(snapshot),
+             render_routes(snapshot)]
     if any(info.get("gkm") for info in snapshot["nodes"].values()):
         parts.append(render_global(snapshot))
     return Group(*parts)

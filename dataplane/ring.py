@@ -614,8 +614,16 @@ class KeyRing:
     # ---- accounting (invariant 8) -------------------------------------------------------
 
     def accounting(self) -> KeyAccount:
-        """Where this ring's key went (see :class:`KeyAccount`); a snapshot without the
-        lock, exact at a quiet moment."""
+        """Where this ring's key went (see :class:`KeyAccount`). Under the ring lock, so
+        no claim or give-up is half seen: the ENC balance is exact whenever the writer
+        is not mid-append (the key manager, which publishes it, never is)."""
+        self._lock()
+        try:
+            return self._accounting_locked()
+        finally:
+            self._unlock()
+
+    def _accounting_locked(self) -> KeyAccount:
         h = self._hdr
         counts = h[LANE_COUNT_BASE:LANE_COUNT_BASE + MAX_LANES]
         datagrams = int(counts[:CONTROL_LANE].sum())

@@ -76,3 +76,24 @@ def test_the_demo_shortened_shows_what_it_claims(tmp_path, prefix):
     assert s is not None and s.intact and s.sent == s.received > 0
     assert leftovers(prefix) == []
     assert "demo passed" in out and "nothing left behind" in out
+
+
+def test_the_demo_at_another_key_rate_runs_every_link_at_it_with_derived_sizes(tmp_path):
+    from control.config import load_topology
+    from control.demo import at_key_rate, num, stream_rate_for
+    from control.sizing import gkm_sizes, link_sizes
+
+    src = Path(__file__).parent.parent / "examples" / "triangle.toml"
+    topo = load_topology(at_key_rate(src, 10, tmp_path))
+    original = load_topology(src)
+    assert [lk.name for lk in topo.links] == [lk.name for lk in original.links]
+    for lk, orig in zip(topo.links, original.links, strict=True):
+        assert lk.key_rate_mbps == 10 and lk.ratio == orig.ratio  # (A-C keeps its 3:1)
+        assert lk.sizes == link_sizes(10, orig.ratio)
+    g = gkm_sizes(10)
+    assert (topo.gkm.block_size, topo.gkm.window, topo.gkm.high_watermark) == \
+        (g.block_size, g.window, g.high_watermark)
+    assert topo.saes == original.saes and topo.prefix == original.prefix
+    assert stream_rate_for(10) == 2 and stream_rate_for(0.1) == 0.1
+    assert [num(x) for x in (0.04, 0.4, 3.14, 120.6, 1234.0)] == \
+        ["0.04", "0.4", "3.1", "121", "1,234"]

@@ -172,11 +172,16 @@ def _node_pids(prefix: str, node: str) -> list[int]:
     return emulation._pids_in_netns(paths.netns_name(prefix, node))
 
 
-def _kill_node(prefix: str, node: str) -> None:
-    for pid in _node_pids(prefix, node):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not _node_pids(prefix, node), 15, f"node {node}'s processes to exit")
+def _kill_node(prefix: str, node: str) -> bool:
+    """Kill -9 every process of the node, again until none is left: one forked while the
+    first kills went out (a restart) must not survive. True when none is left."""
+    def gone() -> bool:
+        pids = _node_pids(prefix, node)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return not pids
+    return wait_until(gone, 60, f"node {node}'s processes to exit")
 
 
 def _start_node(topo, man, node: str) -> None:

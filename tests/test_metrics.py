@@ -55,7 +55,16 @@ def snapshot() -> dict:
             "key": {"bytes_in": 5 * MIB, "rate_bps": 1e9, "bytes_stored_ab": 2 * MIB,
                     "bytes_stored_ba": MIB, "bytes_discarded": 2 * MIB},
             "rings": {"ab": {"role": "enc", "fill": MIB, "capacity": 32 * MIB},
-                      "ba": {"role": "dec", "fill": 3 * MIB, "capacity": 32 * MIB}}}},
+                      "ba": {"role": "dec", "fill": 3 * MIB, "capacity": 32 * MIB}},
+            "accounting": {
+                "source": {"in": 5 * MIB, "discarded": 2 * MIB, "pending": 0,
+                           "stored": {"ab": 2 * MIB, "ba": MIB}},
+                "ab": {"role": "enc", "key_in": 2 * MIB, "stored": MIB, "used_pad": 900_000,
+                       "used_mac": 320, "used_control": 1000, "wasted": 147_256,
+                       "released": 0, "balance": 0},
+                "ba": {"role": "dec", "key_in": MIB, "stored": 3 * MIB, "used_pad": 10,
+                       "used_mac": 0, "used_control": 0, "wasted": 7, "released": 5,
+                       "balance": 1}}}},
         "tunnels": {"A-B": tunnel_file()},
         "router": {"node": "A", "updated": NOW, "routes": {"B": {"via": "A-B"}}},
         "gkm": {"node": "A", "updated": NOW, "received_bytes": 64 * MIB,
@@ -97,6 +106,14 @@ def test_rings_and_local_key():
     assert value(got, "qkdnet_local_key_stored_bytes_total", link="A-B", direction="ba") == MIB
     assert value(got, "qkdnet_agreement_synced", **peer) == 1
     assert value(got, "qkdnet_key_source_up", link="A-B") == 1
+    enc = {"link": "A-B", "direction": "ab", "role": "enc"}
+    assert value(got, "qkdnet_local_key_ring_in_bytes_total", **enc) == 2 * MIB
+    assert value(got, "qkdnet_local_key_ring_stored_bytes", **enc) == MIB
+    for use, v in (("pad", 900_000), ("mac", 320), ("control", 1000), ("wasted", 147_256)):
+        assert value(got, "qkdnet_local_key_used_bytes_total", **enc, use=use) == v
+    dec = {"link": "A-B", "direction": "ba", "role": "dec"}
+    assert value(got, "qkdnet_local_key_used_bytes_total", **dec, use="released") == 5
+    assert value(got, "qkdnet_local_key_pending_bytes", link="A-B") == 0
 
 
 def test_tunnel_counters_drops_and_guard():

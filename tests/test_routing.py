@@ -354,3 +354,25 @@ def test_next_hops_do_not_depend_on_the_list_order(g, rnd):
     shuffled = list(links)
     rnd.shuffle(shuffled)
     assert next_hops(shuffled, up, src) == next_hops(links, up, src)
+
+
+def test_shortest_paths_walk_the_links_from_the_source_to_each_destination():
+    from control.routing import shortest_paths
+
+    paths = shortest_paths(TRIANGLE, {"L0", "L1"}, "A")  # A-C cut: C via B
+    assert paths == {"B": [("L0", "A")], "C": [("L0", "A"), ("L1", "B")]}
+    ring = [LinkEnds(f"L{i}", i, f"N{i}", f"N{(i + 1) % 6}") for i in range(6)]
+    up = {lk.name for lk in ring}
+    for src in ("N0", "N3"):
+        got = shortest_paths(ring, up, src)
+        assert {d: p[0][0] for d, p in got.items()} == next_hops(ring, up, src)
+        by_name = {lk.name: lk for lk in ring}
+        for dst, path in got.items():
+            at = src
+            for name, frm in path:  # each hop leaves from where the last one arrived
+                lk = by_name[name]
+                assert frm == at and at in (lk.a, lk.b)
+                at = lk.b if at == lk.a else lk.a
+            assert at == dst
+            i, j = int(src[1:]), int(dst[1:])
+            assert len(path) == min((i - j) % 6, (j - i) % 6)
