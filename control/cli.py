@@ -158,6 +158,7 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
     """Run the QKD link emulator of one link (Unix sockets under the network's run dir)."""
     from control.emulator import run_emulator
     from control.logs import setup_logging
+    from dataplane.private import set_private_umask
 
     topo = load(config)
     lk = topo.link(link)
@@ -166,6 +167,7 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
                   f"not from the emulator[/red]")
         raise typer.Exit(2)
     os.environ["QKDNET_NODE"] = f"emulator {lk.name}"
+    set_private_umask()  # its sockets hand out key: its owner's alone
     setup_logging()
     socks = (paths.emulator_socket(topo.prefix, lk.name, lk.a),
              paths.emulator_socket(topo.prefix, lk.name, lk.b))

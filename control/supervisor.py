@@ -25,6 +25,7 @@ from pathlib import Path
 from control import paths
 from control.config import Topology, load_topology
 from control.statefile import write_json
+from dataplane.private import private_dir, set_private_umask
 
 log = logging.getLogger("qkdnet.node")
 PR_SET_PDEATHSIG = 1
@@ -84,8 +85,8 @@ class Supervisor:
     def __init__(self, topo: Topology, node: str, state_dir: Path | None = None):
         self.topo = topo
         self.node = topo.node(node).name
-        self.dir = paths.node_dir(topo.prefix, node)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_dir(paths.node_dir(topo.prefix, node))
+        private_dir(state_dir or paths.state_dir(topo.prefix, node))  # rings' cursors, stores
         self.ctx = mp.get_context("fork")
         sd = str(state_dir) if state_dir else None
         from control.router import router_main
@@ -200,6 +201,7 @@ class Supervisor:
 
 def run_node(config: Path, node: str, state_dir: Path | None = None,
              netns: str | None = None) -> None:
+    set_private_umask()  # whatever the node and its modules make is theirs alone
     topo = load_topology(config)
     if netns:
         from pyroute2 import netns as pnetns
