@@ -236,3 +236,6 @@ def test_everything_a_running_node_made_is_its_owners_alone(tmp_path, prefix):
     assert {"gkm.sock", "state.json", "CURRENT", "a1.key", "A.key", "A-B.key"} <= names, \
         sorted(names)
     assert any(n.endswith("-ab") for n in names) and kinds["socket"] >= 3
+    # The CA key is not among the files the nodes read.
+    assert not (topo.api.pki / "ca.key").exists()
+    assert (run / "pki-ca" / "ca.key").exists()
