@@ -181,7 +181,7 @@ def test_status_reports_the_real_store(net):
     assert doc == {"source_KME_ID": "A", "target_KME_ID": "B", "master_SAE_ID": "a1",
                    "slave_SAE_ID": "b1", "key_size": 256, "stored_key_count": usable // 32,
                    "max_key_count": 32 * MIB // 32, "max_key_per_request": 1024,
-                   "max_key_size": 8 * MIB, "min_key_size": 8, "max_SAE_ID_count": 8}
+                   "max_key_size": 8 * MIB, "min_key_size": 8, "max_SAE_ID_count": 1}
     net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=3&size=1024")
     assert net.call("a1", "GET", f"{BASE}/b2/status")[1]["stored_key_count"] == \
         (usable - 3 * 128) // 32
@@ -232,7 +232,7 @@ def test_default_number_and_size(net):
     assert status == 200 and [len(k) for _, k in _keys(doc)] == [32]
 
 
-def test_additional_slaves_may_fetch_each_key_once(net):
+def test_the_slave_and_each_additional_slave_fetch_the_same_keys_once(net):
     net.stock()
     status, doc = net.call("a1", "POST", f"{BASE}/b1/enc_keys", json.dumps(
         {"number": 2, "size": 256, "additional_slave_SAE_IDs": ["b2"],
@@ -243,7 +243,19 @@ def test_additional_slaves_may_fetch_each_key_once(net):
         {"key_IDs": [{"key_ID": k0}]}).encode()) == (200, {"keys": [
             {"key_ID": k0, "key": base64.b64encode(v0).decode()}]})
     assert _keys(net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={k1}")[1]) == [(k1, v1)]
-    assert net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={k0}")[0] == 400  # gone
+    # The other listed SAE gets the same keys too, whoever came first ...
+    assert _keys(net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={k0}")[1]) == [(k0, v0)]
+    status, doc = net.call("b2", "POST", f"{BASE}/a1/dec_keys", json.dumps(
+        {"key_IDs": [{"key_ID": k1}]}).encode())
+    assert status == 200 and _keys(doc) == [(k1, v1)]
+    # ... and each of them once.
+    for sae, kid in (("b1", k0), ("b1", k1), ("b2", k0), ("b2", k1)):
+        status, doc = net.call(sae, "GET", f"{BASE}/a1/dec_keys?key_ID={kid}")
+        assert status == 400, (sae, doc)
+        assert doc["message"] == "one or more keys specified are not found on KME"
+    # Status says how many additional slaves a request can name: the SAEs at the
+    # slave's node other than the slave (b2 for b1), not merely the configured 8.
+    assert net.call("a1", "GET", f"{BASE}/b2/status")[1]["max_SAE_ID_count"] == 1
 
 
 # ---- refusals -------------------------------------------------------------------------------
@@ -327,6 +339,8 @@ BAD = [  # method, path, body, what the message says
     ("POST", f"{BASE}/b1/enc_keys", b'{"number": "2"}', "number must be an integer"),
     ("POST", f"{BASE}/b1/enc_keys?number=2", b"{}", "in the JSON body"),
     ("POST", f"{BASE}/b1/enc_keys", b'{"additional_slave_SAE_IDs": ["zz"]}', "not known"),
+    ("POST", f"{BASE}/b1/enc_keys", b'{"additional_slave_SAE_IDs": ["b1"]}',
+     "named in additional_slave_SAE_IDs too"),
     ("POST", f"{BASE}/b1/enc_keys", b" " * (1 << 20) + b"{}", "larger than"),
     ("GET", f"{BASE}/nobody/enc_keys", None, "slave SAE 'nobody' is not known"),
     ("GET", f"{BASE}/a2/enc_keys", None, "attached to this node too"),
