@@ -5,7 +5,9 @@
 own worker pool); per node the router, the Prometheus endpoint, the global key manager
 and, when SAEs are attached to the node, the key API (which runs Sanic's worker
 processes). A crashed child is restarted with backoff; SIGTERM/SIGINT stops every child
-within seconds. The state of every module is published in ``state.json`` beside the
+within seconds. No module starts before the namespace is safe for it
+(:func:`control.router.prepare_node`); a node whose routes cannot be installed does not
+start at all. The state of every module is published in ``state.json`` beside the
 modules' own status files.
 """
 
@@ -207,4 +209,13 @@ def run_node(config: Path, node: str, state_dir: Path | None = None,
         from pyroute2 import netns as pnetns
 
         pnetns.setns(netns)
+    from control.router import SetupError, prepare_node
+
+    try:  # before any module: no service may see the node address before this holds
+        prepare_node(topo, node)
+    except SetupError as e:
+        log.error("node %s: %s; the node does not start", node, e)
+        raise SystemExit(f"node {node}: {e}; the node does not start") from None
+    log.info("node %s: node_net %s unreachable, forwarding off on the underlay, then "
+             "address %s: starting the modules", node, topo.node_net, topo.node(node).address)
     Supervisor(topo, node, state_dir).run()
