@@ -1,7 +1,8 @@
 """The key API service: ETSI GS QKD 014 V1.1.1 on Sanic, HTTPS only, mutual TLS.
 
-One service per node, on the node's address and ``[ports] api``, in Sanic's multi-worker
-mode (``[api] workers`` processes sharing the listening socket). The calling SAE is the
+One service per node, on the node's address and ``[ports] api``: ``[api] workers``
+processes sharing one listening socket, each running Sanic in single-process mode, forked
+and kept running by :mod:`api.pool` (a killed worker is replaced at once). The calling SAE is the
 subject CN of its client certificate, which must be signed by the network's CA
 (``qkdctl pki init``); a connection without a certificate is accepted so that it can be
 told 401 in JSON, one with a certificate from another CA fails its TLS handshake.
@@ -15,7 +16,9 @@ become 400, anything unexpected 503.
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
+import signal
+import socket
 import ssl
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -30,6 +33,8 @@ from api import requests as etsi
 from api.gkm_link import GkmLink
 from api.kme import Kme, key_container_parts, store_refusal
 from api.pki import PkiLayout
+from api.pool import WorkerPool, bind_listener
+from control import paths
 from control.address import wait_for_address
 from control.config import Topology
 from control.keystore import StoreError
@@ -210,26 +215,40 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
     return app
 
 
+def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket) -> None:
+    """One worker: Sanic in single-process mode on the shared listening socket. SIGTERM
+    (from the manager, or the kernel when the manager dies) finishes what is in flight."""
+    from control.supervisor import die_with_parent
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Sanic installs its own when it serves
+        signal.signal(sig, signal.SIG_DFL)
+    die_with_parent()
+    if os.getppid() != manager:  # the manager died before the line above took effect
+        raise SystemExit(0)
+    app.prepare(sock=sock, ssl=ctx, single_process=True, access_log=False, motd=False)
+    Sanic.serve_single(app)
+
+
 def serve(topo: Topology, node: str) -> None:
     """Run the node's key API until SIGTERM/SIGINT; requests in flight then get
     ``[api] graceful_shutdown_s`` to finish."""
     spec = topo.node(node)
     ctx = server_context(topo.api.pki, node)
     app = make_app(topo, node)
-    # Workers are forked from this process (the app and TLS context are inherited; each
-    # worker opens its own ZeroMQ socket when it starts). The node's module process may
-    # have a start method set already, which Sanic would refuse to change.
-    multiprocessing.set_start_method("fork", force=True)
-    Sanic.start_method = "fork"
-    Sanic.START_METHOD_SET = True
     # The router adds the node's address; binding before it has would fail the module.
     if not wait_for_address(str(spec.address)):
         raise SystemExit(f"key API {node}: the node address {spec.address} never appeared")
-    app.prepare(host=str(spec.address), port=topo.ports.api, ssl=ctx,
-                workers=topo.api.workers, access_log=False, motd=False)
+    sock = bind_listener(str(spec.address), topo.ports.api)
     log.info("key API %s: https://%s:%d%s, %d worker(s)", node, spec.address,
              topo.ports.api, BASE, topo.api.workers)
-    Sanic.serve(primary=app)
+    # Workers are forked from this process: the app and TLS context are inherited, each
+    # worker opens its own line to the key manager when it starts.
+    manager = os.getpid()
+    pool = WorkerPool(topo.api.workers,
+                      lambda s: _worker(app, ctx, manager, s), sock,
+                      paths.node_dir(topo.prefix, node) / "api.json",
+                      grace_s=topo.api.graceful_shutdown_s + 1.0)
+    pool.run()
 
 
 def api_main(config_path: str, node: str) -> None:

@@ -33,6 +33,7 @@ log = logging.getLogger("qkdnet.node")
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 3.0
 MAX_BACKOFF_S = 5.0
+STABLE_S = 10.0  # a module that ran this long before it exited restarts without delay
 
 
 def die_with_parent() -> None:
@@ -78,6 +79,8 @@ class Module:
     started_at: float = 0.0
     next_start: float = 0.0
     last_exit: int | None = None
+    quick_exits: int = 0  # exits in a row, each soon after its start
+    last_restart: float | None = None  # wall clock
     history: list[float] = field(default_factory=list)
     first_to_stop: bool = False  # the key API: stopped (gracefully) before the rest
     stop_grace: float = STOP_GRACE_S
@@ -138,7 +141,9 @@ class Supervisor:
     def _start(self, m: Module) -> None:
         m.proc = self.ctx.Process(target=m.target, args=m.args, name=m.name, daemon=False)
         m.proc.start()
-        m.started_at = time.time()
+        m.started_at = time.monotonic()
+        if m.restarts:
+            m.last_restart = time.time()
         log.info("node %s: started %s (pid %d)", self.node, m.name, m.proc.pid)
 
     def _check(self, now: float) -> None:
@@ -147,7 +152,11 @@ class Supervisor:
                 m.last_exit = m.proc.exitcode
                 m.proc = None
                 m.restarts += 1
-                backoff = min(MAX_BACKOFF_S, 0.25 * 2 ** min(m.restarts, 5))
+                # Back off only a module that keeps failing at once: one that had been
+                # running (the key API killed, say) is back within half a second.
+                m.quick_exits = m.quick_exits + 1 if now - m.started_at < STABLE_S else 1
+                backoff = 0.0 if m.quick_exits == 1 else \
+                    min(MAX_BACKOFF_S, 0.25 * 2 ** min(m.quick_exits - 1, 5))
                 m.next_start = now + backoff
                 log.warning("node %s: %s exited with %s; restarting in %.1f s", self.node,
                             m.name, m.last_exit, backoff)
@@ -160,7 +169,8 @@ class Supervisor:
             "stopping": self.stopping,
             "modules": [{"name": m.name, "pid": m.proc.pid if m.proc else None,
                          "alive": bool(m.proc and m.proc.is_alive()),
-                         "restarts": m.restarts, "last_exit": m.last_exit}
+                         "restarts": m.restarts, "last_exit": m.last_exit,
+                         "last_restart": m.last_restart}
                         for m in self.modules],
         }
 

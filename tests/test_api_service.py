@@ -32,7 +32,7 @@ from api.pki import PkiLayout
 from control import emulation, paths
 from control.gkm import PAUSE_FLAG
 from control.gkm_client import GkmClient
-from tests.nsutil import wait_until
+from tests.nsutil import QKDCTL, wait_until
 from tests.test_tunnel import make_net
 
 pytestmark = pytest.mark.netns
@@ -512,6 +512,57 @@ def test_sanic_workers_and_a_graceful_shutdown_that_loses_nothing(net):
     wait_until(lambda: _answers(net), 60, "the restarted API")
     log = (paths.log_dir(net.prefix) / "node-A.log").read_text()
     assert "api exited with 0" in log
+
+
+def _api_file(prefix: str, node: str) -> dict:
+    return json.loads((paths.node_dir(prefix, node) / "api.json").read_text())
+
+
+def _status_api(prefix: str, node: str) -> dict:
+    """What `qkdctl status --json` says of a node's key API."""
+    cfg = json.loads(paths.manifest_path(prefix).read_text())["config"]
+    out = subprocess.run([QKDCTL, "status", cfg, "--json"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["nodes"][node]["api"]
+
+
+def test_killed_workers_and_manager_are_replaced_and_status_shows_it(net):
+    """kill -9 of one worker, of every worker, of the manager: each time the API serves
+    again on its own (Sanic's manager used to leave killed workers dead, and with all of
+    them gone nothing answered while status said up), and status counts the restarts."""
+    wait_until(lambda: _api_file(net.prefix, "A")["state"] == "serving", 30, "A's API")
+    before = _api_file(net.prefix, "A")
+    assert before["workers_alive"] == before["workers"] == 2
+    workers = [w["pid"] for w in before["slots"]]
+    # One worker.
+    os.kill(workers[0], signal.SIGKILL)
+    wait_until(lambda: (f := _api_file(net.prefix, "A"))["restarts"] == before["restarts"] + 1
+               and f["state"] == "serving", 30, "the killed worker replaced")
+    assert _answers(net)
+    # Every worker: nothing serves until the manager forks them again.
+    now = _api_file(net.prefix, "A")
+    for w in now["slots"]:
+        os.kill(w["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    wait_until(lambda: _answers(net), 60, "the API serving again after every worker died")
+    took = time.monotonic() - t0
+    after = wait_until(lambda: (f := _api_file(net.prefix, "A"))["restarts"]
+                       == before["restarts"] + 3 and f, 10, "the restarts published")
+    assert set(w["pid"] for w in after["slots"]).isdisjoint(workers)
+    seen = _status_api(net.prefix, "A")
+    assert seen["restarts"] == after["restarts"] and seen["last_restart"] >= time.time() - 60
+    # The manager: the node's supervisor starts another, whose workers serve.
+    manager = _module_pid(net.prefix, "A", "api")
+    restarts = _status_api(net.prefix, "A")["module_restarts"]
+    os.kill(manager, signal.SIGKILL)
+    wait_until(lambda: _module_pid(net.prefix, "A", "api") not in (None, manager)
+               and _api_file(net.prefix, "A")["pid"] != manager
+               and _answers(net), 60, "a new manager serving")
+    seen = _status_api(net.prefix, "A")
+    assert seen["module_restarts"] == restarts + 1 and seen["state"] == "serving"
+    assert seen["module_last_restart"] >= time.time() - 60
+    assert took < 60  # (the design aims at about a second; the deadline is for busy hosts)
 
 
 def test_the_readme_curl_calls_work(net):
