@@ -15,11 +15,9 @@ import time
 import pytest
 
 from control import emulation, paths
-from control.agreement_msgs import NONCE_LEN, FrameCodec, Hello
+from control.agreement_msgs import NONCE_LEN, FrameCodec, Hello, ProtocolError
 from tests.conftest import write_topology
 from tests.nsutil import InNetns, wait_until
-
-pytestmark = pytest.mark.netns
 
 
 def lkm(prefix: str, node: str) -> dict | None:
@@ -66,6 +64,32 @@ def flood(src: str, dst: str, port: int, seconds: float) -> dict:
     return counts
 
 
+def test_frames_of_another_connection_or_direction_are_refused():
+    """What makes a candidate's first frame proof of the peer: it must be sealed under
+    the link key for this connection's nonces, in the follower's direction, in order."""
+    key = secrets.token_bytes(32)
+    lead_n, foll_n = secrets.token_bytes(NONCE_LEN), secrets.token_bytes(NONCE_LEN)
+    hello = Hello(1, (5, 6), (0, 0))
+    follower = FrameCodec(key, b"F", foll_n, lead_n)
+    frame = follower.seal(hello)
+    assert FrameCodec(key, b"L", lead_n, foll_n).feed(frame) == [hello]
+    cases = {
+        "replayed into a new connection": FrameCodec(key, b"L", secrets.token_bytes(16),
+                                                     foll_n),
+        "under another key": FrameCodec(secrets.token_bytes(32), b"L", lead_n, foll_n),
+        "reflected to its sender": FrameCodec(key, b"F", foll_n, lead_n),
+    }
+    for what, codec in cases.items():
+        with pytest.raises(ProtocolError, match="authentication failed"):
+            codec.feed(frame)
+            pytest.fail(what)
+    leader = FrameCodec(key, b"L", lead_n, foll_n)
+    leader.feed(frame)
+    with pytest.raises(ProtocolError, match="authentication failed|counter"):
+        leader.feed(frame)  # the same frame again on the same connection
+
+
+@pytest.mark.netns
 def test_a_connection_flood_from_the_peers_address_changes_nothing(tmp_path, prefix):
     topo = write_topology(tmp_path, prefix, rate=100, capacity="64MiB")
     emulation.net_up(topo)
