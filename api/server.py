@@ -15,11 +15,14 @@ become 400, anything unexpected 503.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import mmap
 import os
 import signal
 import socket
 import ssl
+import time
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -32,6 +35,7 @@ from sanic.response import json as json_response
 from api import requests as etsi
 from api.gkm_link import GkmLink
 from api.kme import Kme, key_container_parts, store_refusal
+from api.limits import SaeLimiter, SaeLimits, buffer_size
 from api.pki import PkiLayout
 from api.pool import WorkerPool, bind_listener
 from control import paths
@@ -124,8 +128,41 @@ def _parse(request: Request, from_query, from_body, limits: etsi.Limits):
     return from_body(request.body, limits)
 
 
-def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
+class _ProcessLock:
+    """A POSIX record lock on a file: the kernel drops it when its holder dies, so a
+    worker killed while holding it blocks no one."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_: object) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
+def sae_limiter(topo: Topology, node: str, shared: bool = False) -> SaeLimiter:
+    """The per-SAE limits of ``node``'s key API; ``shared``: in memory the workers forked
+    after this share (every worker counts against the same limits)."""
+    a = topo.api
+    limits = SaeLimits(requests_per_s=a.sae_requests_per_s, store_share=a.sae_store_share,
+                       share_window_s=a.sae_share_window_s,
+                       store_bytes=topo.gkm.high_watermark)
+    saes = sorted(s.id for s in topo.saes if s.node == node)
+    peers = sorted(n for n in topo.nodes if n != node)
+    if not shared:
+        return SaeLimiter(limits, saes, peers)
+    fd = os.memfd_create("qkdnet-api-limits")
+    size = max(buffer_size(saes, peers), 16)
+    os.ftruncate(fd, size)
+    return SaeLimiter(limits, saes, peers, memoryview(mmap.mmap(fd, size)), _ProcessLock(fd))
+
+
+def make_app(topo: Topology, node: str, name: str | None = None,
+             limiter: SaeLimiter | None = None) -> Sanic:
     kme = Kme.from_topology(topo, node)
+    sae_limits = limiter or sae_limiter(topo, node)
     app = Sanic(name or f"qkdnet_{topo.prefix}_{node}", configure_logging=False)
     app.config.REQUEST_MAX_SIZE = etsi.MAX_BODY + 1024
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = topo.api.graceful_shutdown_s
@@ -151,10 +188,16 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
     def caller(request: Request) -> str:
         return kme.caller(_peer_cn(request))
 
+    def admitted(request: Request) -> str:
+        """The calling SAE, if it may make one more request now."""
+        sae = caller(request)
+        sae_limits.admit(sae, time.monotonic())
+        return sae
+
     # The handlers raise ApiError for every refusal; _any_error below answers it.
     @app.get(f"{BASE}/<slave:str>/status")
     async def status(request: Request, slave: str) -> HTTPResponse:
-        master = caller(request)
+        master = admitted(request)
         etsi.check_path_sae(slave)
         if _query(request):
             raise etsi.bad("status takes no query parameters")
@@ -164,19 +207,26 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
 
     @app.route(f"{BASE}/<slave:str>/enc_keys", methods=["GET", "POST"])
     async def enc_keys(request: Request, slave: str) -> HTTPResponse | None:
-        master = caller(request)
+        master = admitted(request)
         etsi.check_path_sae(slave)
         req = _parse(request, etsi.enc_keys_get, etsi.enc_keys_post, kme.limits)
         kme.check_enc(req)
         peer = kme.slave_node(slave, req.additional_slave_sae_ids)
-        ids, keys = await _from_gkm(request.app.ctx.gkm.take_enc_for(
-            peer, req.number, req.size_bytes, [slave, *req.additional_slave_sae_ids],
-            master), on_dec=False)
+        nbytes = req.number * req.size_bytes
+        sae_limits.take_share(master, peer, nbytes, time.monotonic())
+        try:
+            ids, keys = await request.app.ctx.gkm.take_enc_for(
+                peer, req.number, req.size_bytes, [slave, *req.additional_slave_sae_ids],
+                master)
+        except StoreError as e:
+            if e.kind != "unreachable":  # nothing was taken: not counted against the SAE
+                sae_limits.refund(master, peer, nbytes, time.monotonic())
+            raise store_refusal(e.kind, str(e), on_dec=False) from None
         return await _send_keys(request, ids, keys)
 
     @app.route(f"{BASE}/<master:str>/dec_keys", methods=["GET", "POST"])
     async def dec_keys(request: Request, master: str) -> HTTPResponse | None:
-        slave = caller(request)
+        slave = admitted(request)
         etsi.check_path_sae(master)
         req = _parse(request, etsi.dec_keys_get, etsi.dec_keys_post, kme.limits)
         keys = await _from_gkm(request.app.ctx.gkm.take_dec(
@@ -234,11 +284,11 @@ def serve(topo: Topology, node: str) -> None:
     ``[api] graceful_shutdown_s`` to finish."""
     spec = topo.node(node)
     ctx = server_context(topo.api.pki, node)
-    app = make_app(topo, node)
     # The router adds the node's address; binding before it has would fail the module.
     if not wait_for_address(str(spec.address)):
         raise SystemExit(f"key API {node}: the node address {spec.address} never appeared")
     sock = bind_listener(str(spec.address), topo.ports.api)
+    app = make_app(topo, node, limiter=sae_limiter(topo, node, shared=True))
     log.info("key API %s: https://%s:%d%s, %d worker(s)", node, spec.address,
              topo.ports.api, BASE, topo.api.workers)
     # Workers are forked from this process: the app and TLS context are inherited, each
