@@ -26,10 +26,18 @@ class Monitor:
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "ip", "-o", "monitor",
                                       "route", "address"], stdout=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
-        # Listening once an event of our own shows up (no fixed sleep).
-        subprocess.run(["ip", "netns", "exec", ns, "ip", "route", "add", "unreachable",
-                        "192.0.2.77/32"], check=True)
-        wait_until(lambda: self.first("192.0.2.77") is not None, 10, "ip monitor")
+        # Listening once an event of our own shows up (no fixed sleep); one made before
+        # it listened is lost, so make them until one is seen.
+        self._probes = 0
+        wait_until(self._probe, 60, "ip monitor", step=0.5)
+
+    def _probe(self) -> bool:
+        if self.first("192.0.2.") is not None:
+            return True
+        self._probes += 1
+        subprocess.run(["ip", "netns", "exec", self.ns, "ip", "route", "add", "unreachable",
+                        f"192.0.2.{self._probes}/32"], check=True)
+        return False
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
