@@ -212,7 +212,7 @@ def _recorded(man: Manifest | None) -> list[int]:
 
 
 def _pids_in_netns(ns: str) -> list[int]:
-    """Identities of the processes inside namespace ``ns``."""
+    """The processes inside namespace ``ns``."""
     try:
         target = os.stat(f"/run/netns/{ns}").st_ino
     except FileNotFoundError:
@@ -222,14 +222,14 @@ def _pids_in_netns(ns: str) -> list[int]:
         if p.name.isdigit():
             with contextlib.suppress(OSError):
                 if os.stat(p / "ns" / "net").st_ino == target:
-                    pids.append(process_identity(int(p.name)))
-    return [i for i in pids if i]
+                    pids.append(int(p.name))
+    return pids
 
 
 def _pids_of_network(prefix: str, config: str | None) -> list[int]:
-    """Identities of the qkdnet processes started for this network, found by their
-    command line: a process spawned just before 'net up' was killed may be in no manifest
-    and not yet inside its namespace."""
+    """qkdnet processes started for this network, found by their command line: a process
+    spawned just before 'net up' was killed may be in no manifest and not yet inside its
+    namespace."""
     pids = []
     cfg = config.encode() if config else None
     ns_prefix = f"{prefix}-".encode()
@@ -241,8 +241,20 @@ def _pids_of_network(prefix: str, config: str | None) -> list[int]:
                     continue
                 netns = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == b"--netns"]
                 if (cfg and cfg in cmd) or any(n.startswith(ns_prefix) for n in netns):
-                    pids.append(process_identity(int(p.name)))
-    return [i for i in pids if i]
+                    pids.append(int(p.name))
+    return pids
+
+
+def _identities(pids: list[int]) -> list[int]:
+    """Identities (pid and start time) of processes just found, so that each is signalled
+    only while it is still the one found."""
+    return [i for i in (process_identity(p) for p in pids) if i]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie child of ours is reaped and counts as gone)."""
+    ident = process_identity(pid)
+    return bool(ident) and is_alive(ident)
 
 
 def _is_ours(pid: int) -> bool:
@@ -285,13 +297,13 @@ def net_down(prefix: str) -> list[str]:
     # order (the key API lets requests in flight finish); whatever is left, after.
     first = _recorded(man)
     _stop_pids(first, _grace_of(man.config if man else None))
-    pids = list(first) + _pids_of_network(prefix, man.config if man else None)
+    pids = list(first) + _identities(_pids_of_network(prefix, man.config if man else None))
     namespaces = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
     if man:
         namespaces = sorted(set(namespaces) | {ns for ns in man.namespaces
                                                if ns in pnetns.listnetns()})
     for ns in namespaces:
-        pids += _pids_in_netns(ns)
+        pids += _identities(_pids_in_netns(ns))
     _stop_pids(pids)
     removed += [f"process {i & 0xFFFFFF}" for i in sorted(set(pids))]
     for attempt in range(3):
