@@ -27,6 +27,9 @@ PRIVATE_UMASK = 0o077
 class NotPrivateError(OSError):
     """A file or directory that is not this process's own; refused, nothing written."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the message alone, without "[Errno N]"
+
 
 def _why_not_private(st: os.stat_result, want_dir: bool) -> str | None:
     kind_ok = stat.S_ISDIR(st.st_mode) if want_dir else stat.S_ISREG(st.st_mode)
