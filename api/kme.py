@@ -68,6 +68,8 @@ class Kme:
         slaves, who must be attached to the same node)."""
         node = self._remote(slave, "slave")
         for extra in additional:
+            if extra == slave:
+                raise bad(f"slave SAE {slave} is named in additional_slave_SAE_IDs too")
             other = self._remote(extra, "additional slave")
             if other != node:
                 raise bad(f"additional slave SAE {extra} is attached to node {other}, not "
@@ -101,8 +103,16 @@ class Kme:
             "max_key_per_request": lim.max_key_per_request,
             "max_key_size": lim.max_key_size,
             "min_key_size": lim.min_key_size,
-            "max_SAE_ID_count": lim.max_sae_id_count,
+            "max_SAE_ID_count": self.max_sae_id_count(slave),
         }
+
+    def max_sae_id_count(self, slave: str) -> int:
+        """How many additional_slave_SAE_IDs a request for ``slave`` can name and have
+        served: the configured count, but no more than the other SAEs attached to the
+        slave's node (each additional slave fetches from that node's KME)."""
+        node = self.sae_nodes.get(slave)
+        others = sum(1 for s, n in self.sae_nodes.items() if n == node and s != slave)
+        return min(self.limits.max_sae_id_count, others)
 
 
 SMALL_PART = 16 << 10  # pieces of an answer below this are joined before sending

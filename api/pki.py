@@ -1,12 +1,19 @@
-"""`qkdctl pki init`: the certificates the key API's mutual TLS needs (module 4 groundwork).
+"""`qkdctl pki init`: the certificates the key API's mutual TLS needs.
 
 One private CA per network; per node a server certificate (its name and node address as
 subject alternative names, for the HTTPS key API); per SAE a client certificate whose
 subject Common Name is the SAE ID: the key API takes the SAE ID from that field of the
 verified client certificate, and from nowhere else.
 
+The CA's private key is not among the nodes' files: it goes to a directory of its own
+(default ``<DIR>-ca`` beside the PKI directory ``DIR``), which no node reads, so that it
+can be moved offline; whoever holds it can mint any SAE's identity. The nodes read only
+``DIR`` (the CA certificate, their own certificate and key).
+
 Keys are ECDSA P-256: small, fast TLS handshakes, and what every TLS 1.2+ client speaks.
-Private keys are written with mode 0600 and never overwritten unless asked (``force``).
+Private keys are written with mode 0600, certificates 0644, directories 0700, each file
+whole (a temporary file, then rename); nothing is overwritten unless asked (``force``),
+which also narrows the modes of what is there already.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from control.config import Topology
+from dataplane.private import NotPrivateError, private_dir, write_private
 
 VALID_DAYS = 825  # the longest validity common TLS clients accept for a leaf
 
@@ -31,9 +39,15 @@ class PkiError(Exception):
     """The PKI was not (re)written; the message says why and what to do."""
 
 
+def default_ca_dir(root: Path) -> Path:
+    """Where the CA key goes unless told: beside the PKI directory, not inside it."""
+    return root.parent / f"{root.name}-ca"
+
+
 @dataclass(frozen=True)
 class PkiLayout:
     root: Path
+    ca_dir: Path | None = None  # the CA key's directory; default: default_ca_dir(root)
 
     @property
     def ca_cert(self) -> Path:
@@ -41,6 +55,11 @@ class PkiLayout:
 
     @property
     def ca_key(self) -> Path:
+        return (self.ca_dir or default_ca_dir(self.root)) / "ca.key"
+
+    @property
+    def legacy_ca_key(self) -> Path:
+        """Where an older version kept the CA key: among the nodes' files."""
         return self.root / "ca.key"
 
     def node(self, name: str) -> tuple[Path, Path]:
@@ -55,17 +74,29 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+    write_private(path, key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), 0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _own_dir(path: Path, force: bool) -> Path:
+    """A 0700 directory of ours; with ``force`` an existing one of ours is narrowed to
+    0700 whatever its mode, and the private keys in it to 0600."""
+    if force and path.is_dir() and not path.is_symlink() and \
+            path.stat().st_uid == os.geteuid():
+        os.chmod(path, 0o700)
+        for f in path.iterdir():
+            if f.suffix == ".key" and f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o600)
+    try:
+        return private_dir(path)
+    except NotPrivateError as e:
+        raise PkiError(f"{e} (--force narrows the modes of a directory of this user)"
+                       ) from None
 
 
 def _name(cn: str, network: str) -> x509.Name:
@@ -82,15 +113,22 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int
             .not_valid_after(now + dt.timedelta(days=days)))
 
 
-def init_pki(root: Path, topo: Topology, force: bool = False, days: int = VALID_DAYS
-             ) -> PkiLayout:
-    """Write a CA, one server certificate per node and one client certificate per SAE."""
-    lay = PkiLayout(Path(root))
-    if lay.ca_key.exists() and not force:
-        raise PkiError(f"{lay.root} already holds a CA ({lay.ca_key}); keep it, or pass "
+def init_pki(root: Path, topo: Topology, force: bool = False, days: int = VALID_DAYS,
+             ca_dir: Path | None = None) -> PkiLayout:
+    """Write a CA (its key in ``ca_dir``, default :func:`default_ca_dir`), one server
+    certificate per node and one client certificate per SAE."""
+    lay = PkiLayout(Path(root), Path(ca_dir) if ca_dir is not None else None)
+    if lay.ca_key.parent.resolve() == lay.root.resolve():
+        raise PkiError(f"the CA key would be among the nodes' files in {lay.root}: give "
+                       f"--ca-dir another directory (default {default_ca_dir(lay.root)})")
+    held = [p for p in (lay.ca_cert, lay.ca_key, lay.legacy_ca_key) if p.exists()]
+    if held and not force:
+        raise PkiError(f"{lay.root} already holds a CA ({held[0]}); keep it, or pass "
                        f"--force to replace every certificate and key in it")
     if not topo.saes:
         raise PkiError(f"{topo.path} names no SAEs: add [[saes]] entries (id, node)")
+    for d in (lay.root, lay.root / "nodes", lay.root / "saes", lay.ca_key.parent):
+        _own_dir(d, force)
     ca_key = _key()
     ca_name = _name(f"qkdnet {topo.name} CA", topo.name)
     ca = (_builder(ca_name, ca_name, ca_key.public_key(), days)
@@ -105,6 +143,8 @@ def init_pki(root: Path, topo: Topology, force: bool = False, days: int = VALID_
           .sign(ca_key, hashes.SHA256()))
     _write_key(lay.ca_key, ca_key)
     _write_cert(lay.ca_cert, ca)
+    _write_cert(lay.ca_key.parent / "ca.crt", ca)  # with its key, to issue more later
+    lay.legacy_ca_key.unlink(missing_ok=True)
 
     def leaf(cn: str, usage, sans: list[x509.GeneralName] | None) -> tuple[x509.Certificate,
                                                                           ec.EllipticCurvePrivateKey]:

@@ -1,7 +1,8 @@
 """The key API service: ETSI GS QKD 014 V1.1.1 on Sanic, HTTPS only, mutual TLS.
 
-One service per node, on the node's address and ``[ports] api``, in Sanic's multi-worker
-mode (``[api] workers`` processes sharing the listening socket). The calling SAE is the
+One service per node, on the node's address and ``[ports] api``: ``[api] workers``
+processes sharing one listening socket, each running Sanic in single-process mode, forked
+and kept running by :mod:`api.pool` (a killed worker is replaced at once). The calling SAE is the
 subject CN of its client certificate, which must be signed by the network's CA
 (``qkdctl pki init``); a connection without a certificate is accepted so that it can be
 told 401 in JSON, one with a certificate from another CA fails its TLS handshake.
@@ -14,9 +15,14 @@ become 400, anything unexpected 503.
 
 from __future__ import annotations
 
+import fcntl
 import logging
-import multiprocessing
+import mmap
+import os
+import signal
+import socket
 import ssl
+import time
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -29,7 +35,10 @@ from sanic.response import json as json_response
 from api import requests as etsi
 from api.gkm_link import GkmLink
 from api.kme import Kme, key_container_parts, store_refusal
+from api.limits import SaeLimiter, SaeLimits, buffer_size
 from api.pki import PkiLayout
+from api.pool import WorkerPool, bind_listener
+from control import paths
 from control.address import wait_for_address
 from control.config import Topology
 from control.keystore import StoreError
@@ -119,8 +128,41 @@ def _parse(request: Request, from_query, from_body, limits: etsi.Limits):
     return from_body(request.body, limits)
 
 
-def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
+class _ProcessLock:
+    """A POSIX record lock on a file: the kernel drops it when its holder dies, so a
+    worker killed while holding it blocks no one."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *_: object) -> None:
+        fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
+def sae_limiter(topo: Topology, node: str, shared: bool = False) -> SaeLimiter:
+    """The per-SAE limits of ``node``'s key API; ``shared``: in memory the workers forked
+    after this share (every worker counts against the same limits)."""
+    a = topo.api
+    limits = SaeLimits(requests_per_s=a.sae_requests_per_s, store_share=a.sae_store_share,
+                       share_window_s=a.sae_share_window_s,
+                       store_bytes=topo.gkm.high_watermark)
+    saes = sorted(s.id for s in topo.saes if s.node == node)
+    peers = sorted(n for n in topo.nodes if n != node)
+    if not shared:
+        return SaeLimiter(limits, saes, peers)
+    fd = os.memfd_create("qkdnet-api-limits")
+    size = max(buffer_size(saes, peers), 16)
+    os.ftruncate(fd, size)
+    return SaeLimiter(limits, saes, peers, memoryview(mmap.mmap(fd, size)), _ProcessLock(fd))
+
+
+def make_app(topo: Topology, node: str, name: str | None = None,
+             limiter: SaeLimiter | None = None) -> Sanic:
     kme = Kme.from_topology(topo, node)
+    sae_limits = limiter or sae_limiter(topo, node)
     app = Sanic(name or f"qkdnet_{topo.prefix}_{node}", configure_logging=False)
     app.config.REQUEST_MAX_SIZE = etsi.MAX_BODY + 1024
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = topo.api.graceful_shutdown_s
@@ -146,10 +188,16 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
     def caller(request: Request) -> str:
         return kme.caller(_peer_cn(request))
 
+    def admitted(request: Request) -> str:
+        """The calling SAE, if it may make one more request now."""
+        sae = caller(request)
+        sae_limits.admit(sae, time.monotonic())
+        return sae
+
     # The handlers raise ApiError for every refusal; _any_error below answers it.
     @app.get(f"{BASE}/<slave:str>/status")
     async def status(request: Request, slave: str) -> HTTPResponse:
-        master = caller(request)
+        master = admitted(request)
         etsi.check_path_sae(slave)
         if _query(request):
             raise etsi.bad("status takes no query parameters")
@@ -159,19 +207,26 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
 
     @app.route(f"{BASE}/<slave:str>/enc_keys", methods=["GET", "POST"])
     async def enc_keys(request: Request, slave: str) -> HTTPResponse | None:
-        master = caller(request)
+        master = admitted(request)
         etsi.check_path_sae(slave)
         req = _parse(request, etsi.enc_keys_get, etsi.enc_keys_post, kme.limits)
         kme.check_enc(req)
         peer = kme.slave_node(slave, req.additional_slave_sae_ids)
-        ids, keys = await _from_gkm(request.app.ctx.gkm.take_enc_for(
-            peer, req.number, req.size_bytes, [slave, *req.additional_slave_sae_ids],
-            master), on_dec=False)
+        nbytes = req.number * req.size_bytes
+        sae_limits.take_share(master, peer, nbytes, time.monotonic())
+        try:
+            ids, keys = await request.app.ctx.gkm.take_enc_for(
+                peer, req.number, req.size_bytes, [slave, *req.additional_slave_sae_ids],
+                master)
+        except StoreError as e:
+            if e.kind != "unreachable":  # nothing was taken: not counted against the SAE
+                sae_limits.refund(master, peer, nbytes, time.monotonic())
+            raise store_refusal(e.kind, str(e), on_dec=False) from None
         return await _send_keys(request, ids, keys)
 
     @app.route(f"{BASE}/<master:str>/dec_keys", methods=["GET", "POST"])
     async def dec_keys(request: Request, master: str) -> HTTPResponse | None:
-        slave = caller(request)
+        slave = admitted(request)
         etsi.check_path_sae(master)
         req = _parse(request, etsi.dec_keys_get, etsi.dec_keys_post, kme.limits)
         keys = await _from_gkm(request.app.ctx.gkm.take_dec(
@@ -210,26 +265,40 @@ def make_app(topo: Topology, node: str, name: str | None = None) -> Sanic:
     return app
 
 
+def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket) -> None:
+    """One worker: Sanic in single-process mode on the shared listening socket. SIGTERM
+    (from the manager, or the kernel when the manager dies) finishes what is in flight."""
+    from control.supervisor import die_with_parent
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Sanic installs its own when it serves
+        signal.signal(sig, signal.SIG_DFL)
+    die_with_parent()
+    if os.getppid() != manager:  # the manager died before the line above took effect
+        raise SystemExit(0)
+    app.prepare(sock=sock, ssl=ctx, single_process=True, access_log=False, motd=False)
+    Sanic.serve_single(app)
+
+
 def serve(topo: Topology, node: str) -> None:
     """Run the node's key API until SIGTERM/SIGINT; requests in flight then get
     ``[api] graceful_shutdown_s`` to finish."""
     spec = topo.node(node)
     ctx = server_context(topo.api.pki, node)
-    app = make_app(topo, node)
-    # Workers are forked from this process (the app and TLS context are inherited; each
-    # worker opens its own ZeroMQ socket when it starts). The node's module process may
-    # have a start method set already, which Sanic would refuse to change.
-    multiprocessing.set_start_method("fork", force=True)
-    Sanic.start_method = "fork"
-    Sanic.START_METHOD_SET = True
     # The router adds the node's address; binding before it has would fail the module.
     if not wait_for_address(str(spec.address)):
         raise SystemExit(f"key API {node}: the node address {spec.address} never appeared")
-    app.prepare(host=str(spec.address), port=topo.ports.api, ssl=ctx,
-                workers=topo.api.workers, access_log=False, motd=False)
+    sock = bind_listener(str(spec.address), topo.ports.api)
+    app = make_app(topo, node, limiter=sae_limiter(topo, node, shared=True))
     log.info("key API %s: https://%s:%d%s, %d worker(s)", node, spec.address,
              topo.ports.api, BASE, topo.api.workers)
-    Sanic.serve(primary=app)
+    # Workers are forked from this process: the app and TLS context are inherited, each
+    # worker opens its own line to the key manager when it starts.
+    manager = os.getpid()
+    pool = WorkerPool(topo.api.workers,
+                      lambda s: _worker(app, ctx, manager, s), sock,
+                      paths.node_dir(topo.prefix, node) / "api.json",
+                      grace_s=topo.api.graceful_shutdown_s + 1.0)
+    pool.run()
 
 
 def api_main(config_path: str, node: str) -> None:

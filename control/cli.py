@@ -158,6 +158,7 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
     """Run the QKD link emulator of one link (Unix sockets under the network's run dir)."""
     from control.emulator import run_emulator
     from control.logs import setup_logging
+    from dataplane.private import set_private_umask
 
     topo = load(config)
     lk = topo.link(link)
@@ -166,6 +167,7 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
                   f"not from the emulator[/red]")
         raise typer.Exit(2)
     os.environ["QKDNET_NODE"] = f"emulator {lk.name}"
+    set_private_umask()  # its sockets hand out key: its owner's alone
     setup_logging()
     socks = (paths.emulator_socket(topo.prefix, lk.name, lk.a),
              paths.emulator_socket(topo.prefix, lk.name, lk.b))
@@ -178,19 +180,25 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
 @pki_app.command("init")
 def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the PKI")],
              config: ConfigOpt,
-             force: Annotated[bool, typer.Option(help="replace an existing CA")] = False
+             ca_dir: Annotated[Path | None, typer.Option(
+                 help="where the CA key goes (no node reads it; default DIR-ca beside DIR)"
+             )] = None,
+             force: Annotated[bool, typer.Option(
+                 help="replace an existing CA and every certificate; narrow the modes of "
+                      "what is there (directories 0700, keys 0600)")] = False
              ) -> None:
     """A CA, a server certificate per node, a client certificate per SAE (CN = SAE ID)."""
     from api.pki import PkiError, init_pki
 
     topo = load(config)
     try:
-        lay = init_pki(directory, topo, force=force)
+        lay = init_pki(directory, topo, force=force, ca_dir=ca_dir)
     except PkiError as e:
         err.print(f"[red]{e}[/red]", highlight=False)
         raise typer.Exit(1) from None
     out.print(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
-              f"nodes/, {len(topo.saes)} SAE certificate(s) in saes/ (keys mode 0600)",
+              f"nodes/, {len(topo.saes)} SAE certificate(s) in saes/ (keys mode 0600); "
+              f"the CA key in {lay.ca_key} (no node needs it: keep it offline)",
               highlight=False)
 
 

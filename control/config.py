@@ -365,7 +365,7 @@ class ApiSection(_Strict):
     """The key API (module 4): ETSI GS QKD 014 over HTTPS with mutual TLS, per node."""
 
     workers: int = Field(0, ge=0, le=MAX_API_WORKERS,
-                         description="Sanic worker processes per node; 0 = cores")
+                         description="key API worker processes per node; 0 = cores")
     key_size: int = Field(256, description="bits; the size of a key when none is asked")
     max_key_per_request: int = Field(1024, ge=1, le=MAX_RELAY_BLOCKS,
                                      description="most keys one request may ask for")
@@ -375,6 +375,16 @@ class ApiSection(_Strict):
                                                "default: made by net up in the run dir")
     graceful_shutdown_s: float = Field(10.0, ge=1.0, le=120.0,
                                        description="requests in flight may finish this long")
+    sae_requests_per_s: float = Field(
+        0.0, ge=0.0, le=1e6, description="requests per second one SAE may make to its "
+                                         "KME (bursts of one second's worth; beyond: 503); "
+                                         "0 = no limit")
+    sae_store_share: float = Field(
+        1.0, gt=0.0, le=1.0, description="share of a pair's store (its high watermark) one "
+                                         "SAE may take at once, refilled over "
+                                         "sae_share_window_s (beyond: 503); 1 = no limit")
+    sae_share_window_s: float = Field(10.0, gt=0.0, le=86400.0,
+                                      description="seconds over which an SAE's share refills")
 
     @field_validator("key_size")
     @classmethod
@@ -526,6 +536,9 @@ class ApiSpec:
     max_key_per_request: int
     max_sae_id_count: int
     graceful_shutdown_s: float
+    sae_requests_per_s: float = 0.0
+    sae_store_share: float = 1.0
+    sae_share_window_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -799,7 +812,9 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                   max_key_size=8 * min(MAX_API_KEY_BYTES, g.block_size),
                   max_key_per_request=a.max_key_per_request,
                   max_sae_id_count=a.max_sae_id_count,
-                  graceful_shutdown_s=a.graceful_shutdown_s)
+                  graceful_shutdown_s=a.graceful_shutdown_s,
+                  sae_requests_per_s=a.sae_requests_per_s, sae_store_share=a.sae_store_share,
+                  sae_share_window_s=a.sae_share_window_s)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
                     dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm, api=api,

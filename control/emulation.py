@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -26,7 +26,9 @@ from pyroute2 import netns as pnetns
 from control import paths
 from control.agreement_msgs import AUTH_KEY_LEN
 from control.config import ConfigError, Topology, load_topology
+from control.procs import is_alive, process_identity, send_signal
 from dataplane.limits import MAX_UNDERLAY_MTU
+from dataplane.private import private_dir, private_umask, write_private
 from dataplane.ring import KeyRing
 
 STOP_GRACE_S = 5.0
@@ -47,13 +49,14 @@ class Manifest:
     namespaces: list[str]
     pids: dict[str, int]
     created: float
+    # pid and start time of each process in ``pids``: net down signals only those still
+    # running, never a later process that got a recorded pid
+    idents: dict[str, int] = field(default_factory=dict)
 
     def save(self) -> None:
         p = paths.manifest_path(self.prefix)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=1))
-        os.replace(tmp, p)
+        private_dir(p.parent)
+        write_private(p, json.dumps(self.__dict__, indent=1).encode())
 
     @classmethod
     def load(cls, prefix: str) -> Manifest | None:
@@ -115,10 +118,8 @@ def _write_link_keys(topo: Topology) -> None:
         if lk.auth_key_file is not None:
             continue
         p = paths.link_key_path(topo.prefix, lk.name)
-        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(AUTH_KEY_LEN))
+        private_dir(p.parent)
+        write_private(p, secrets.token_bytes(AUTH_KEY_LEN))
 
 
 def _ensure_pki(topo: Topology) -> None:
@@ -152,45 +153,66 @@ def _spawn(args: list[str], log: Path) -> int:
 
 
 def net_up(topo: Topology, start: bool = True) -> Manifest:
-    """Create the network (and start its emulators and nodes unless ``start`` is False)."""
+    """Create the network (and start its emulators and nodes unless ``start`` is False).
+    Everything it makes (run directory, keys, certificates, logs) is its owner's alone."""
     if paths.manifest_path(topo.prefix).exists():
         raise NetError(f"a network with prefix {topo.prefix!r} exists already: "
                        f"run 'qkdctl net down --prefix {topo.prefix}' first")
     man = Manifest(prefix=topo.prefix, config=str(topo.path.resolve()),
                    namespaces=[paths.netns_name(topo.prefix, n) for n in topo.nodes],
                    pids={}, created=time.time())
-    man.save()  # first, so that a crash below is still cleaned up by net down
-    try:
-        _create_namespaces(topo, man)
-        _write_link_keys(topo)
-        _ensure_pki(topo)
-        if start:
-            start_processes(topo, man)
-    except BaseException:
-        net_down(topo.prefix)
-        raise
+    with private_umask():
+        man.save()  # first, so that a crash below is still cleaned up by net down
+        try:
+            _create_namespaces(topo, man)
+            _write_link_keys(topo)
+            _ensure_pki(topo)
+            if start:
+                start_processes(topo, man)
+        except BaseException:
+            net_down(topo.prefix)
+            raise
     return man
 
 
 def start_processes(topo: Topology, man: Manifest) -> None:
     cfg = man.config
     logs = paths.log_dir(topo.prefix)
-    for lk in topo.links:
-        if lk.source.kind != "emulator":  # a real device or key files feed this link
-            continue
-        man.pids[f"emulator:{lk.name}"] = _spawn(
-            ["emulator", "run", "--config", cfg, "--link", lk.name],
-            logs / f"emulator-{lk.name}.log")
-        man.save()
-    for node in topo.nodes:
-        man.pids[f"node:{node}"] = _spawn(
-            ["node", "run", "--config", cfg, "--node", node,
-             "--netns", paths.netns_name(topo.prefix, node)],
-            logs / f"node-{node}.log")
-        man.save()
+    with private_umask():  # the log files; the processes set their own umask
+        for lk in topo.links:
+            if lk.source.kind != "emulator":  # a real device or key files feed this link
+                continue
+            _record(man, f"emulator:{lk.name}", _spawn(
+                ["emulator", "run", "--config", cfg, "--link", lk.name],
+                logs / f"emulator-{lk.name}.log"))
+        for node in topo.nodes:
+            _record(man, f"node:{node}", _spawn(
+                ["node", "run", "--config", cfg, "--node", node,
+                 "--netns", paths.netns_name(topo.prefix, node)],
+                logs / f"node-{node}.log"))
+
+
+def _record(man: Manifest, name: str, pid: int) -> None:
+    man.pids[name] = pid
+    man.idents[name] = process_identity(pid)
+    man.save()
+
+
+def _recorded(man: Manifest | None) -> list[int]:
+    """Identities of the processes the manifest names that still run. A manifest of an
+    older version has pids only: those are trusted only if they run qkdnet."""
+    out = []
+    for name, pid in (man.pids.items() if man else []):
+        ident = man.idents.get(name) if man else None
+        if ident is None and _is_ours(pid):
+            ident = process_identity(pid)
+        if ident and is_alive(ident):
+            out.append(ident)
+    return out
 
 
 def _pids_in_netns(ns: str) -> list[int]:
+    """The processes inside namespace ``ns``."""
     try:
         target = os.stat(f"/run/netns/{ns}").st_ino
     except FileNotFoundError:
@@ -223,24 +245,20 @@ def _pids_of_network(prefix: str, config: str | None) -> list[int]:
     return pids
 
 
+def _identities(pids: list[int]) -> list[int]:
+    """Identities (pid and start time) of processes just found, so that each is signalled
+    only while it is still the one found."""
+    return [i for i in (process_identity(p) for p in pids) if i]
+
+
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            return False
-    return True
+    """Whether ``pid`` runs (a zombie child of ours is reaped and counts as gone)."""
+    ident = process_identity(pid)
+    return bool(ident) and is_alive(ident)
 
 
 def _is_ours(pid: int) -> bool:
-    """Only signal processes that run qkdnet (a recorded pid may have been reused)."""
+    """Whether a pid from a manifest without identities runs qkdnet at all."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -248,18 +266,18 @@ def _is_ours(pid: int) -> bool:
     return b"control.cli" in cmd or b"qkdctl" in cmd or b"multiprocessing" in cmd
 
 
-def _stop_pids(pids: list[int], grace_s: float = STOP_GRACE_S) -> None:
-    pids = [p for p in pids if p != os.getpid() and _alive(p)]
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGTERM)
+def _stop_pids(idents: list[int], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM, then after ``grace_s`` SIGKILL, to the identified processes (pid and
+    start time) that still run; a pid that now names another process is left alone."""
+    idents = [i for i in set(idents) if i & 0xFFFFFF != os.getpid() and is_alive(i)]
+    for i in idents:
+        send_signal(i, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(is_alive(i) for i in idents):
         time.sleep(0.05)
-    for p in pids:
-        if _alive(p):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
+    for i in idents:
+        if is_alive(i):
+            send_signal(i, signal.SIGKILL)
 
 
 def _grace_of(config: str | None) -> float:
@@ -277,17 +295,17 @@ def net_down(prefix: str) -> list[str]:
     man = Manifest.load(prefix)
     # The node supervisors and emulators first, each given time to stop its modules in
     # order (the key API lets requests in flight finish); whatever is left, after.
-    first = [p for p in (man.pids.values() if man else []) if _is_ours(p)]
+    first = _recorded(man)
     _stop_pids(first, _grace_of(man.config if man else None))
-    pids = list(first) + _pids_of_network(prefix, man.config if man else None)
+    pids = list(first) + _identities(_pids_of_network(prefix, man.config if man else None))
     namespaces = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
     if man:
         namespaces = sorted(set(namespaces) | {ns for ns in man.namespaces
                                                if ns in pnetns.listnetns()})
     for ns in namespaces:
-        pids += _pids_in_netns(ns)
-    _stop_pids(sorted(set(pids)))
-    removed += [f"process {p}" for p in sorted(set(pids))]
+        pids += _identities(_pids_in_netns(ns))
+    _stop_pids(pids)
+    removed += [f"process {i & 0xFFFFFF}" for i in sorted(set(pids))]
     for attempt in range(3):
         for ns in namespaces:
             with contextlib.suppress(FileNotFoundError, OSError):
@@ -325,6 +343,7 @@ def net_status(prefix: str) -> dict:
         "prefix": prefix,
         "config": man.config if man else None,
         "namespaces": {ns: ns in present for ns in (man.namespaces if man else [])},
-        "processes": {k: _alive(p) for k, p in (man.pids.items() if man else [])},
+        "processes": {k: is_alive(man.idents.get(k) or process_identity(p))
+                      for k, p in (man.pids.items() if man else [])},
         "rings": len(paths.ring_names_of_network(prefix)),
     }

@@ -27,6 +27,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from dataplane.limits import EMULATOR_QUEUE_BLOCKS
+from dataplane.private import private_dir
 
 HELLO = struct.Struct(">8sQQ")
 MAGIC = b"QKDEMU01"
@@ -70,7 +71,7 @@ class _End(threading.Thread):
         self._stop = stop
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)  # whoever reaches these sockets gets the link's key
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         os.chmod(path, 0o600)

@@ -9,7 +9,8 @@ from ``peer``. Keys inside a column family:
     n            ENC: next block number to generate (u64)
     c            ENC: carving cursor (block u64, offset u32)
     r<key id:16> DEC: a key reserved here: master SAE ("*" any), then the SAEs that may
-                 fetch it once, newline-separated
+                 fetch it once, newline-separated; one that has fetched it is kept,
+                 marked (a NUL byte before its name), until all have and the entry goes
 
 Every change is one write batch, so a crash leaves all of it or none. Writes that others
 rely on are synced before anyone hears of them: a received block before it is
@@ -87,6 +88,34 @@ def _read_cursor(cf) -> Cursor:
 def _uuid_bytes(kid: str) -> bytes:
     """A key ID's 16 bytes: every spelling of one UUID names one reservation."""
     return uuid.UUID(str(kid)).bytes
+
+
+SERVED = b"\x00"  # before an SAE's name in a reservation record: it has had the key
+
+
+def reservation_record(master: str, saes: tuple[str, ...]) -> bytes:
+    """A DEC key's reservation: its master SAE ("*": any), then each SAE that may fetch
+    it (the slave and the additional slaves), each named once."""
+    return b"\n".join(x.encode() for x in (master or "*", *dict.fromkeys(saes)))
+
+
+def deliver_from_record(record: bytes, kid: str, sae: str, master: str | None
+                        ) -> bytes | None:
+    """The reservation after ``sae`` has fetched the key: every SAE it names gets the
+    same key, once each (invariant 5), and the last one's fetch ends the reservation
+    (None). StoreError, with nothing changed, if ``sae`` may not have it."""
+    names = record.split(b"\n")
+    if master is not None and names[0] not in (b"*", master.encode()):
+        raise StoreError("unknown", f"key ID {kid} was not issued to master SAE {master}")
+    me = sae.encode()
+    if SERVED + me in names[1:]:
+        raise StoreError("unknown", f"key ID {kid} was already delivered to SAE {sae}")
+    if me not in names[1:]:
+        raise StoreError("forbidden", f"key ID {kid} belongs to another SAE")
+    rest = [SERVED + n if n == me else n for n in names[1:]]
+    if all(n.startswith(SERVED) for n in rest):
+        return None
+    return b"\n".join([names[0], *rest])
 
 
 @dataclass
@@ -598,8 +627,7 @@ class KeyStore:
         if not saes:
             self._cancel(st, cf, h, key_ids, rseq)
             return
-        # The record: the master SAE ("*": any), then each SAE that may fetch the key.
-        owner = b"\n".join(x.encode() for x in (master or "*", *saes))
+        owner = reservation_record(master, saes)
         cur = st.cursor
         new: list[tuple[bytes, KeySlice]] = []
         for kid in key_ids:
@@ -673,9 +701,10 @@ class KeyStore:
 
     def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str | None = None
                  ) -> list[bytes]:
-        """The keys' bytes, each delivered once and only to the SAE it was reserved for
-        (and, when ``master`` is given, only if that master SAE took it); refused whole
-        (nothing delivered) if any key is not deliverable."""
+        """The keys' bytes, each delivered once to each SAE it was reserved for (the slave
+        and any additional slaves: the same bytes to each), to no one else, and, when
+        ``master`` is given, only if that master SAE took it; refused whole (nothing
+        delivered) if any key is not deliverable."""
         with self.lock:
             st = self._dec_state(peer)
             cf = self._cf("dec", peer)
@@ -690,27 +719,25 @@ class KeyStore:
                 if owner is None:
                     raise StoreError("unknown", f"key ID {kid} is unknown or already "
                                                 "delivered")
-                names = owner.split(b"\n")
-                if master is not None and names[0] not in (b"*", master.encode()):
-                    raise StoreError("unknown", f"key ID {kid} was not issued to master SAE "
-                                                f"{master}")
-                if sae.encode() not in names[1:]:
-                    raise StoreError("forbidden", f"key ID {kid} belongs to another SAE")
-                slices.append((rid, s))
+                slices.append((rid, s, deliver_from_record(owner, kid, sae, master)))
             wb = WriteBatch(raw_mode=True)
             out = []
             data: dict[int, bytes] = {}
-            for rid, s in slices:
+            for rid, s, left in slices:
                 if s.seq not in data:
                     data[s.seq] = self._block("dec", peer, s.seq)
                 out.append(data[s.seq][s.offset:s.offset + s.size])
-                wb.delete(rid, h)
-            for _, s in slices:
-                st.drop_outstanding(s.seq)
+                if left is None:  # the last SAE named: the key is used up here
+                    wb.delete(rid, h)
+                else:  # in the same synced batch: one delivery per key and SAE
+                    wb.put(rid, left, h)
+            for _, s, left in slices:
+                if left is None:
+                    st.drop_outstanding(s.seq)
             self._free_done(st, wb, h)
             self._durable(wb)
             st.delivered_keys += len(slices)
-            st.delivered_bytes += sum(s.size for _, s in slices)
+            st.delivered_bytes += sum(s.size for _, s, _ in slices)
             return out
 
     # ---- inspection -----------------------------------------------------------------------

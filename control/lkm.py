@@ -8,6 +8,11 @@ file that `qkdctl status` and the supervisor read.
 Locking: this process is the only writer of both rings' write cursors; OTP workers only
 claim and release (see :mod:`dataplane.ring`), so the rings need no lock here.
 
+The leader listens; a new connection from the follower's address is only a candidate
+(:class:`Candidate`, served without blocking) until it delivers a frame authenticated for
+its own fresh nonces. Only then does it replace the live session: a connection anyone can
+open from a spoofed or shared address never costs a resync, and so never skipped key.
+
 A source whose two ends must talk (the ETSI 014 source: the leader's device names the
 keys, the follower's fetches them) has the optional hooks of :class:`NotingSource`; the
 shell carries its notes over the agreement channel, which authenticates them, and keeps
@@ -24,7 +29,7 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +52,9 @@ log = logging.getLogger("qkdnet.lkm")
 DIRS = {AB: "ab", BA: "ba"}
 STATUS_INTERVAL_S = 0.5
 RECONNECT_S = 1.0
+CANDIDATE_TIMEOUT_S = 5.0  # a new connection must authenticate within this
+MAX_CANDIDATES = 16        # new connections authenticating at once; the oldest goes first
+ACCEPT_BATCH = 64          # connections accepted per loop, so a flood cannot starve it
 
 
 def load_link_key(path: Path) -> bytes:
@@ -76,6 +84,19 @@ class NotingSource(Protocol):
         """The agreement's state, every loop: whether the ends are in session and how
         many of this end's blocks await a decision (a leader source paces on it)."""
         ...
+
+
+@dataclass(eq=False)
+class Candidate:
+    """A new agreement connection that has not yet proven it is the peer's: our nonce
+    sent, theirs and a first authentic frame awaited, without blocking the loop."""
+
+    sock: socket.socket
+    mine: bytes
+    deadline: float
+    theirs: bytes = b""
+    codec: FrameCodec | None = None
+    buffered: list[Message] = field(default_factory=list)
 
 
 @dataclass
@@ -130,6 +151,8 @@ class LinkKeyManager:
         self.listener: socket.socket | None = None
         self.peer_sock: socket.socket | None = None
         self.codec: FrameCodec | None = None
+        self.candidates: list[Candidate] = []
+        self.refused_connections = 0  # new connections that never authenticated
         self.source_up = False
         self.source_reading = False
         self.source_error = ""
@@ -257,7 +280,7 @@ class LinkKeyManager:
                     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     s.bind(self._peer_addr())
-                    s.listen(4)
+                    s.listen(MAX_CANDIDATES)
                     s.setblocking(False)
                 except OSError as e:
                     s.close()
@@ -282,25 +305,95 @@ class LinkKeyManager:
             return
         self._carry_out(self.machine.on_connect(self.released()))  # type: ignore[union-attr]
 
-    def _accept(self) -> None:
+    def _accept(self, now: float) -> None:
+        """New connections become candidates; the live session is not touched."""
         assert self.listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                s, addr = self.listener.accept()
+            except OSError:
+                return
+            if addr[0] != str(self.cfg.link.underlay_b.ip):
+                self._refuse_candidate(None, s, f"from {addr[0]}, not the peer's address")
+                continue
+            s.setblocking(False)
+            c = Candidate(s, secrets.token_bytes(NONCE_LEN), now + CANDIDATE_TIMEOUT_S)
+            try:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.send(c.mine)  # 16 bytes into a fresh socket's empty buffer
+            except OSError as e:
+                self._refuse_candidate(None, s, f"send failed: {e}")
+                continue
+            if len(self.candidates) >= MAX_CANDIDATES:
+                self._refuse_candidate(self.candidates[0], None, "too many at once")
+            self.candidates.append(c)
+            self.sel.register(s, selectors.EVENT_READ, c)
+
+    def _refuse_candidate(self, c: Candidate | None, s: socket.socket | None,
+                          why: str) -> None:
+        """Close a connection that did not prove to be the peer's; said once in a while
+        (a flood would otherwise flood the log too)."""
+        if c is not None:
+            self.candidates.remove(c)
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(c.sock)
+            s = c.sock
+        if s is not None:
+            with contextlib.suppress(OSError):
+                s.close()
+        self.refused_connections += 1
+        n = self.refused_connections
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th, ...
+            log.warning("link %s: refused an agreement connection (%s); %d so far",
+                        self.cfg.link.name, why, n)
+
+    def _on_candidate(self, c: Candidate, now: float) -> None:
+        """Read what a candidate sent: the peer's nonce, then frames. The first authentic
+        frame makes it the session; anything unauthentic closes it."""
         try:
-            s, addr = self.listener.accept()
-        except OSError:
+            data = c.sock.recv(1 << 16)
+        except BlockingIOError:
             return
-        if addr[0] != str(self.cfg.link.underlay_b.ip):
-            log.warning("link %s: refused agreement connection from %s", self.cfg.link.name,
-                        addr[0])
-            s.close()
+        except OSError as e:
+            self._refuse_candidate(c, None, f"receive failed: {e}")
             return
-        s.settimeout(2.0)
+        if not data:
+            self._refuse_candidate(c, None, "closed before it authenticated")
+            return
+        if c.codec is None:
+            need = NONCE_LEN - len(c.theirs)
+            c.theirs += data[:need]
+            data = data[need:]
+            if len(c.theirs) < NONCE_LEN:
+                return
+            c.codec = FrameCodec(self.cfg.auth_key, b"L", c.mine, c.theirs)
+        try:
+            c.buffered += c.codec.feed(data)
+        except ProtocolError as e:
+            self._refuse_candidate(c, None, f"refused a frame: {e}")
+            return
+        if c.buffered:
+            self._promote(c, now)
+
+    def _promote(self, c: Candidate, now: float) -> None:
+        """An authenticated candidate replaces the live session (the peer reconnected:
+        its end of the old connection is gone, even if ours has not noticed)."""
+        self.candidates.remove(c)
+        self.sel.unregister(c.sock)
+        for other in list(self.candidates):  # older attempts of the same peer, or noise
+            self._refuse_candidate(other, None, "superseded by an authenticated one")
         if self.peer_sock is not None:
-            self._drop_peer("replaced by a new connection")
-        try:
-            self._start_session(s)
-        except (OSError, ProtocolError) as e:
-            s.close()
-            self.peer_error = str(e)
+            self._drop_peer("replaced by a new authenticated connection")
+        assert c.codec is not None
+        c.sock.setblocking(True)
+        c.sock.settimeout(5.0)
+        self._install(c.sock, c.codec)
+        self._deliver(c.buffered, now)
+
+    def _expire_candidates(self, now: float) -> None:
+        for c in [c for c in self.candidates if now > c.deadline]:
+            self._refuse_candidate(c, None, f"not authenticated within "
+                                            f"{CANDIDATE_TIMEOUT_S:.0f} s")
 
     def _start_session(self, s: socket.socket) -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -312,9 +405,12 @@ class LinkKeyManager:
             if not chunk:
                 raise ProtocolError("peer closed during handshake")
             theirs += chunk
-        self.codec = FrameCodec(self.cfg.auth_key, b"L" if self.is_leader else b"F",
-                                mine, theirs)
         s.settimeout(5.0)
+        self._install(s, FrameCodec(self.cfg.auth_key, b"L" if self.is_leader else b"F",
+                                    mine, theirs))
+
+    def _install(self, s: socket.socket, codec: FrameCodec) -> None:
+        self.codec = codec
         self.peer_sock = s
         self.peer_error = ""
         self.sel.register(s, selectors.EVENT_READ, "peer")
@@ -351,6 +447,10 @@ class LinkKeyManager:
         except ProtocolError as e:
             self._drop_peer(f"refused a frame: {e}")
             return
+        self._deliver(msgs, now)
+
+    def _deliver(self, msgs: list[Message], now: float) -> None:
+        """Authentic messages of the live session, to the source or the agreement."""
         for m in msgs:
             if isinstance(m, KeyIds):  # for the source, not the agreement
                 if self.notes is not None:
@@ -382,7 +482,8 @@ class LinkKeyManager:
             "agreement": {"connected": self.peer_sock is not None,
                           "synced": self.machine.synced, "session": self.machine.sync,
                           "resyncs": c.resyncs, "error": self.peer_error,
-                          "pending_blocks": len(self.machine.pending)},
+                          "pending_blocks": len(self.machine.pending),
+                          "refused_connections": self.refused_connections},
             "key": {"blocks_in": c.blocks_in, "bytes_in": c.bytes_in,
                     "bytes_stored_ab": c.bytes_stored[AB], "bytes_stored_ba": c.bytes_stored[BA],
                     "bytes_discarded": c.bytes_discarded,
@@ -437,8 +538,11 @@ class LinkKeyManager:
                     elif key.data == "peer" and self.peer_sock is not None:
                         self._on_peer(now)
                     elif key.data == "listen":
-                        self._accept()
+                        self._accept(now)
+                    elif isinstance(key.data, Candidate) and key.data in self.candidates:
+                        self._on_candidate(key.data, now)
                 now = time.monotonic()
+                self._expire_candidates(now)
                 self._carry_out(self.machine.on_tick(self.released(), now))
                 self._exchange_notes()
                 if now - self._last_status >= STATUS_INTERVAL_S:
@@ -455,6 +559,8 @@ class LinkKeyManager:
 
     def close(self) -> None:
         self._drop_peer("key manager stopping")
+        for c in list(self.candidates):
+            self._refuse_candidate(c, None, "key manager stopping")
         if self.listener is not None:
             with contextlib.suppress(OSError):
                 self.listener.close()

@@ -65,6 +65,9 @@ SPECS: dict[str, tuple[str, str]] = {
     "qkdnet_relay_retries_total": ("counter", "global key blocks sent again"),
     "qkdnet_relay_connected": ("gauge", "1 when the relay to the peer is connected"),
     "qkdnet_relay_state": ("gauge", "1 for the relay's current state"),
+    "qkdnet_api_serving": ("gauge", "1 when every key API worker runs (and its manager)"),
+    "qkdnet_api_workers_alive": ("gauge", "key API worker processes alive"),
+    "qkdnet_api_worker_restarts_total": ("counter", "key API workers forked again"),
 }
 RELAY_STATES = ("ok", "retrying", "unreachable")
 
@@ -176,6 +179,15 @@ def _gkm(node: str, st: dict, now: float) -> Iterator[Sample]:
                 yield "qkdnet_relay_state", {**lb, "state": s}, float(relay["state"] == s)
 
 
+def _api(node: str, st: dict, now: float) -> Iterator[Sample]:
+    yield _stale(node, "api", "", st, now)
+    n = {"node": node}
+    fresh = now - st["updated"] <= STALE_AFTER_S
+    yield "qkdnet_api_serving", n, float(fresh and st["state"] == "serving")
+    yield "qkdnet_api_workers_alive", n, st["workers_alive"] if fresh else 0
+    yield "qkdnet_api_worker_restarts_total", n, st["restarts"]
+
+
 def _sources(node: str, snap: dict, now: float) -> Iterator[tuple[str, Iterator[Sample]]]:
     """(file, its samples, not yet computed) for each file the snapshot holds."""
     if st := snap.get("supervisor"):
@@ -190,6 +202,8 @@ def _sources(node: str, snap: dict, now: float) -> Iterator[tuple[str, Iterator[
         yield "router.json", _router(node, st, now)
     if st := snap.get("gkm"):
         yield "gkm.json", _gkm(node, st, now)
+    if st := snap.get("api"):
+        yield "api.json", _api(node, st, now)
 
 
 def families(node: str, snap: dict, now: float) -> list[Metric]:

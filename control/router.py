@@ -1,19 +1,25 @@
 """The router of one node: keeps the node's routes over its OTP tunnels current.
 
-A thin shell around :mod:`control.routing`, running in the node's namespace. At start it
-gives the node its address (a /32 on the namespace's own loopback) and turns on IP forwarding in
-the namespace, so the node relays: a packet arriving from one tunnel leaves through the
-next, decrypted with one link's key and encrypted with the next one's (the paper's key
-routing). Every ROUTE_INTERVAL_S it reads its tunnel managers' link views and the
-link-state entries they heard, merges them, installs the shortest-path routes with
-pyroute2 (only the changes) and writes ``lsdb.json`` for the keepalives to carry on.
+A thin shell around :mod:`control.routing`, running in the node's namespace. Before
+anything of the node runs (the supervisor calls :func:`prepare_namespace`, and the router
+again at each start) the namespace gets, in this order: an ``unreachable`` route for
+``node_net`` (so no packet to a node address ever leaves in clear along another route),
+forwarding off on the underlay, the node's address (a /32 on the namespace's own
+loopback), and IP forwarding on, so the node relays: a packet arriving from one tunnel
+leaves through the next, decrypted with one link's key and encrypted with the next one's
+(the paper's key routing). Every ROUTE_INTERVAL_S it reads its tunnel managers' link
+views and the link-state entries they heard, merges them, installs the shortest-path
+routes with pyroute2 (only the changes) and writes ``lsdb.json`` for the keepalives to
+carry on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -37,31 +43,60 @@ def _sysctl(name: str, value: str) -> None:
         Path("/proc/sys", *name.split(".")).write_text(value)
 
 
-def setup_node_address(address: str) -> None:
+RTN_UNREACHABLE = 7
+
+
+class SetupError(Exception):
+    """The namespace could not be made safe for the node; nothing of it may start."""
+
+
+def _unreachable_installed(ip: IPRoute, net: ipaddress.IPv4Network) -> bool:
+    return any(r["type"] == RTN_UNREACHABLE and r["dst_len"] == net.prefixlen
+               and r.get_attr("RTA_DST") == str(net.network_address)
+               for r in ip.get_routes(family=socket.AF_INET))
+
+
+def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str) -> None:
+    """Make the node's namespace safe, then give it its address. In this order, because a
+    service binds the node address as soon as it exists: first ``node_net`` unreachable,
+    so a node address with no tunnel route fails fast instead of leaking in clear along
+    some less specific route; then forwarding off on the underlay (IPv4 decides by the
+    input device's flag), so nothing arriving there is routed into a tunnel; only then
+    the address, and forwarding on. SetupError if the route cannot be installed."""
+    net = ipaddress.IPv4Network(node_net)
     with IPRoute() as ip:
+        try:
+            ip.route("replace", dst=node_net, type="unreachable")
+        except NetlinkError as e:
+            raise SetupError(f"cannot install the unreachable route for node_net {node_net}: "
+                             f"{e.args[1] if len(e.args) > 1 else e}") from None
+        if not _unreachable_installed(ip, net):
+            raise SetupError(f"the unreachable route for node_net {node_net} is not in "
+                             f"the main table after installing it")
+        for under in underlay_addresses:
+            for a in ip.get_addr(address=under):
+                link = ip.get_links(a["index"])[0]
+                _sysctl(f"net.ipv4.conf.{link.get_attr('IFLA_IFNAME')}.forwarding", "0")
         idx = ip.link_lookup(ifname=NODE_IFNAME)[0]
         have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)}
-        if address not in have:
-            ip.addr("add", index=idx, address=address, prefixlen=32)
-        ip.link("set", index=idx, state="up")
+        try:
+            if address not in have:
+                ip.addr("add", index=idx, address=address, prefixlen=32)
+            ip.link("set", index=idx, state="up")
+        except NetlinkError as e:
+            raise SetupError(f"cannot add the node address {address}: "
+                             f"{e.args[1] if len(e.args) > 1 else e}") from None
     # Namespace-local sysctls (this process runs inside the node's namespace).
     _sysctl("net.ipv4.ip_forward", "1")
     for scope in ("all", "default"):
         _sysctl(f"net.ipv4.conf.{scope}.rp_filter", "0")
 
 
-def close_underlay(underlay_addresses: list[str], node_net: str) -> None:
-    """Forward only between OTP tunnels: nothing that arrives on the untrusted underlay is
-    routed into a tunnel (IPv4 decides by the input device's forwarding flag), and a node
-    address with no route through a tunnel is unreachable rather than sent in clear along
-    some less specific route."""
-    with IPRoute() as ip:
-        for address in underlay_addresses:
-            for a in ip.get_addr(address=address):
-                link = ip.get_links(a["index"])[0]
-                _sysctl(f"net.ipv4.conf.{link.get_attr('IFLA_IFNAME')}.forwarding", "0")
-        with contextlib.suppress(NetlinkError):
-            ip.route("replace", dst=node_net, type="unreachable")
+def prepare_node(topo: Topology, node: str) -> None:
+    """:func:`prepare_namespace` for ``node`` of ``topo``."""
+    prepare_namespace(str(topo.node(node).address),
+                      [str(lk.underlay_of(node).ip) for lk in topo.links_of(node)],
+                      str(topo.node_net))
 
 
 class Router:
@@ -142,9 +177,7 @@ class Router:
                     ip.route("del", dst=f"{node.address}/32")
 
     def run(self) -> None:
-        setup_node_address(self.addr)
-        close_underlay([str(lk.underlay_of(self.node).ip) for lk in self.mine.values()],
-                       str(self.topo.node_net))
+        prepare_node(self.topo, self.node)  # again: a restarted router finds it as it was
         with IPRoute() as ip:
             self.forget_old_routes(ip)
             while not self.stop:

@@ -1,17 +1,17 @@
 """Status files that node processes publish and `qkdctl status` reads: written whole and
-atomically (temporary file, then rename), so a reader never sees half a file."""
+atomically (temporary file, then rename), so a reader never sees half a file, and never
+through a link planted at either name; readable by the node's owner alone."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from dataplane.private import write_private
 
 
 def write_json(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_private(path, json.dumps(obj).encode())
 
 
 def read_status(path: Path) -> dict | None:

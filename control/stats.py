@@ -48,7 +48,7 @@ def collect(topo: Topology) -> dict:
                     ls = LinkStats(paths.stats_name(topo.prefix, node, lk.name))
                     end["workers"] = ls.totals()
                     ls.close()
-                except FileNotFoundError:
+                except OSError:  # not there (yet), or not the node's own file
                     end["workers"] = st.get("counters")
             ends.append(end)
     return {"network": topo.name, "prefix": topo.prefix, "time": time.time(), "ends": ends}

@@ -32,8 +32,16 @@ def collect_node(topo: Topology, node: str, now: float) -> dict:
     gkm = read_status(d / "gkm.json")
     if gkm is not None:
         gkm["stale"] = now - gkm["updated"] > STALE_AFTER_S
+    api = read_status(d / "api.json")
+    if api is not None:
+        api["stale"] = now - api["updated"] > STALE_AFTER_S
+        module = next((m for m in (state or {}).get("modules", []) if m["name"] == "api"),
+                      None)
+        if module is not None:  # the manager's own restarts, by the supervisor
+            api["module_restarts"] = module["restarts"]
+            api["module_last_restart"] = module.get("last_restart")
     return {"supervisor": state, "links": links, "tunnels": tunnels,
-            "router": router, "gkm": gkm,
+            "router": router, "gkm": gkm, "api": api,
             "running": bool(state and not state["stopping"]
                             and now - state["updated"] < STALE_AFTER_S)}
 
@@ -162,7 +170,44 @@ def render(snapshot: dict) -> Group:
              render_routes(snapshot)]
     if any(info.get("gkm") for info in snapshot["nodes"].values()):
         parts.append(render_global(snapshot))
+    if any(info.get("api") for info in snapshot["nodes"].values()):
+        parts.append(render_api(snapshot))
     return Group(*parts)
+
+
+def api_state(api: dict) -> str:
+    """The key API of a node in a word: serving only while every worker runs and its
+    manager publishes; otherwise what is missing."""
+    if api["stale"]:
+        return "[red]down[/red] (manager not running)"
+    if api["state"] == "serving":
+        return "serving"
+    color = "red" if api["state"] == "down" else "yellow"
+    return f"[{color}]{api['state']}[/{color}]"
+
+
+def _ago(t: float | None, now: float) -> str:
+    return "-" if not t else f"{now - t:,.0f} s ago"
+
+
+def render_api(snapshot: dict) -> Table:
+    t = Table(title="key API per node (restarts: of its workers by the API's manager, of "
+                    "the manager by the node)", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False)
+    for col in ("node", "state", "workers", "restarts", "last restart", "manager restarts"):
+        t.add_column(col, justify="left" if col in ("node", "state") else "right",
+                     no_wrap=True)
+    now = snapshot["time"]
+    for node, info in snapshot["nodes"].items():
+        api = info.get("api")
+        if not api:
+            continue
+        last = max((x for x in (api.get("last_restart"), api.get("module_last_restart"))
+                    if x), default=None)
+        t.add_row(node, api_state(api), f"{api['workers_alive']}/{api['workers']}",
+                  f"{api['restarts']:,}", _ago(last, now),
+                  f"{api.get('module_restarts', 0):,}")
+    return t
 
 
 def render_global(snapshot: dict) -> Table:

@@ -5,7 +5,9 @@
 own worker pool); per node the router, the Prometheus endpoint, the global key manager
 and, when SAEs are attached to the node, the key API (which runs Sanic's worker
 processes). A crashed child is restarted with backoff; SIGTERM/SIGINT stops every child
-within seconds. The state of every module is published in ``state.json`` beside the
+within seconds. No module starts before the namespace is safe for it
+(:func:`control.router.prepare_node`); a node whose routes cannot be installed does not
+start at all. The state of every module is published in ``state.json`` beside the
 modules' own status files.
 """
 
@@ -25,11 +27,13 @@ from pathlib import Path
 from control import paths
 from control.config import Topology, load_topology
 from control.statefile import write_json
+from dataplane.private import private_dir, set_private_umask
 
 log = logging.getLogger("qkdnet.node")
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 3.0
 MAX_BACKOFF_S = 5.0
+STABLE_S = 10.0  # a module that ran this long before it exited restarts without delay
 
 
 def die_with_parent() -> None:
@@ -75,6 +79,8 @@ class Module:
     started_at: float = 0.0
     next_start: float = 0.0
     last_exit: int | None = None
+    quick_exits: int = 0  # exits in a row, each soon after its start
+    last_restart: float | None = None  # wall clock
     history: list[float] = field(default_factory=list)
     first_to_stop: bool = False  # the key API: stopped (gracefully) before the rest
     stop_grace: float = STOP_GRACE_S
@@ -84,8 +90,8 @@ class Supervisor:
     def __init__(self, topo: Topology, node: str, state_dir: Path | None = None):
         self.topo = topo
         self.node = topo.node(node).name
-        self.dir = paths.node_dir(topo.prefix, node)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_dir(paths.node_dir(topo.prefix, node))
+        private_dir(state_dir or paths.state_dir(topo.prefix, node))  # rings' cursors, stores
         self.ctx = mp.get_context("fork")
         sd = str(state_dir) if state_dir else None
         from control.router import router_main
@@ -135,7 +141,9 @@ class Supervisor:
     def _start(self, m: Module) -> None:
         m.proc = self.ctx.Process(target=m.target, args=m.args, name=m.name, daemon=False)
         m.proc.start()
-        m.started_at = time.time()
+        m.started_at = time.monotonic()
+        if m.restarts:
+            m.last_restart = time.time()
         log.info("node %s: started %s (pid %d)", self.node, m.name, m.proc.pid)
 
     def _check(self, now: float) -> None:
@@ -144,7 +152,11 @@ class Supervisor:
                 m.last_exit = m.proc.exitcode
                 m.proc = None
                 m.restarts += 1
-                backoff = min(MAX_BACKOFF_S, 0.25 * 2 ** min(m.restarts, 5))
+                # Back off only a module that keeps failing at once: one that had been
+                # running (the key API killed, say) is back within half a second.
+                m.quick_exits = m.quick_exits + 1 if now - m.started_at < STABLE_S else 1
+                backoff = 0.0 if m.quick_exits == 1 else \
+                    min(MAX_BACKOFF_S, 0.25 * 2 ** min(m.quick_exits - 1, 5))
                 m.next_start = now + backoff
                 log.warning("node %s: %s exited with %s; restarting in %.1f s", self.node,
                             m.name, m.last_exit, backoff)
@@ -157,7 +169,8 @@ class Supervisor:
             "stopping": self.stopping,
             "modules": [{"name": m.name, "pid": m.proc.pid if m.proc else None,
                          "alive": bool(m.proc and m.proc.is_alive()),
-                         "restarts": m.restarts, "last_exit": m.last_exit}
+                         "restarts": m.restarts, "last_exit": m.last_exit,
+                         "last_restart": m.last_restart}
                         for m in self.modules],
         }
 
@@ -200,9 +213,19 @@ class Supervisor:
 
 def run_node(config: Path, node: str, state_dir: Path | None = None,
              netns: str | None = None) -> None:
+    set_private_umask()  # whatever the node and its modules make is theirs alone
     topo = load_topology(config)
     if netns:
         from pyroute2 import netns as pnetns
 
         pnetns.setns(netns)
+    from control.router import SetupError, prepare_node
+
+    try:  # before any module: no service may see the node address before this holds
+        prepare_node(topo, node)
+    except SetupError as e:
+        log.error("node %s: %s; the node does not start", node, e)
+        raise SystemExit(f"node {node}: {e}; the node does not start") from None
+    log.info("node %s: node_net %s unreachable, forwarding off on the underlay, then "
+             "address %s: starting the modules", node, topo.node_net, topo.node(node).address)
     Supervisor(topo, node, state_dir).run()

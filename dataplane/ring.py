@@ -85,6 +85,7 @@ from pathlib import Path
 import numpy as np
 
 from dataplane.limits import RING_HEADER_SIZE
+from dataplane.private import NotPrivateError, open_private
 
 MAGIC = int.from_bytes(b"QKDRING1", "little")
 VERSION = 3
@@ -229,7 +230,10 @@ class KeyRing:
         """
         path = SHM_DIR / name
         size = RING_HEADER_SIZE + capacity
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # never a file or link another user planted under our name
+            fd = open_private(path, create=True)
+        except NotPrivateError as e:
+            raise RingError(str(e)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             st = os.fstat(fd)
@@ -271,9 +275,11 @@ class KeyRing:
     def attach(cls, name: str, cursor_file: CursorFile | None = None) -> KeyRing:
         path = SHM_DIR / name
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = open_private(path)
         except FileNotFoundError:
             raise RingError(f"ring {name} does not exist (is the node running?)") from None
+        except NotPrivateError as e:
+            raise RingError(str(e)) from None
         size = os.fstat(fd).st_size
         if size <= RING_HEADER_SIZE:
             os.close(fd)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataplane.private import open_private
 from dataplane.ring import MAX_LANES
 from dataplane.wire import RX_DROPS, TX_DROPS
 
@@ -36,8 +37,8 @@ SHM_DIR = Path("/dev/shm")
 class LinkStats:
     def __init__(self, name: str, create: bool = False):
         path = SHM_DIR / name
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        self._fd = os.open(path, flags, 0o600)
+        # Never a file another user planted: the workers' pids recorded here get signalled.
+        self._fd = open_private(path, create=create)
         if os.fstat(self._fd).st_size < SIZE:
             if not create:
                 os.close(self._fd)

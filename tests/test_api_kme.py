@@ -88,6 +88,7 @@ def test_keys_live_with_the_slaves_node(kme):
     assert kme.master_node("c1") == "C"
     for args, words in ((("nobody",), "not known"), (("a2",), "attached to this node too"),
                         (("b1", ["c1"]), "attached to node C, not to B"),
+                        (("b1", ["b2", "b1"]), "named in additional_slave_SAE_IDs too"),
                         (("b1", ["zz"]), "additional slave SAE 'zz' is not known")):
         with pytest.raises(ApiError, match=words) as e:
             kme.slave_node(*args)
@@ -99,7 +100,17 @@ def test_status_counts_keys_of_the_default_size(kme):
     assert s == {"source_KME_ID": "A", "target_KME_ID": "B", "master_SAE_ID": "a1",
                  "slave_SAE_ID": "b1", "key_size": 512, "stored_key_count": 1000 // 64,
                  "max_key_count": (64 << 20) // 64, "max_key_per_request": 100,
-                 "max_key_size": 8 << 20, "min_key_size": 8, "max_SAE_ID_count": 3}
+                 "max_key_size": 8 << 20, "min_key_size": 8, "max_SAE_ID_count": 1}
+
+
+def test_max_sae_id_count_is_what_a_request_can_have_served(kme):
+    """Additional slaves must share the slave's node: b1 can name b2 only, c1 no one,
+    whatever the configured count (3 here)."""
+    assert kme.status("a1", "b2", "B", 0)["max_SAE_ID_count"] == 1
+    assert kme.status("a1", "c1", "C", 0)["max_SAE_ID_count"] == 0
+    topo = parse_topology(TOPO + "".join(f'[[saes]]\nid = "b{i}"\nnode = "B"\n'
+                                         for i in range(3, 9)))
+    assert Kme.from_topology(topo, "A").status("a1", "b1", "B", 0)["max_SAE_ID_count"] == 3
 
 
 def test_one_answer_carries_at_most_64_MiB_of_key(kme):

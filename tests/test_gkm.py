@@ -417,6 +417,8 @@ def test_keys_taken_for_slaves_are_reserved_at_their_node_first(tmp_path, prefix
         with pytest.raises(StoreError, match="another SAE"):
             b.take_dec("A", ids[1:2], "sae-x")
         assert b.take_dec("A", ids[1:], "sae-c") == [k for _, k in keys[1:]]
+        assert b.take_dec("A", ids[:1], "sae-c") == [keys[0][1]]  # the same key, to each
+        assert b.take_dec("A", ids[1:], "sae-b") == [k for _, k in keys[1:]]
         with pytest.raises(StoreError, match="already delivered"):
             b.take_dec("A", ids[:1], "sae-c")
         # Used-up blocks leave B's DEC store once their keys are delivered.

@@ -9,9 +9,17 @@ import signal
 import threading
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from control.carving import KeySlice, decode
-from control.keystore import BlockState, KeyStore, StoreError
+from control.keystore import (
+    BlockState,
+    KeyStore,
+    StoreError,
+    deliver_from_record,
+    reservation_record,
+)
 
 A, B = 1, 2
 
@@ -341,8 +349,9 @@ def test_reservations_travel_numbered_and_apply_once_in_order(tmp_path):
     assert d.apply_reservation("A", m2) == ReserveStatus.APPLIED
     assert d.take_dec("A", [str(k1[0][0].key_id)], "sae-2") == [k1[0][1]]
     assert d.take_dec("A", [str(k2[0][0].key_id)], "sae-3") == [k2[0][1]]  # an additional
+    assert d.take_dec("A", [str(k2[0][0].key_id)], "sae-2") == [k2[0][1]]  # ... and the slave
     with pytest.raises(StoreError, match="already delivered"):
-        d.take_dec("A", [str(k2[0][0].key_id)], "sae-2")  # ... once, to one of them
+        d.take_dec("A", [str(k2[0][0].key_id)], "sae-2")  # once each
     # The origin forgets acknowledged ones; a restart resends what is left.
     o.reservation_acked("B", r1)
     o.close()
@@ -434,3 +443,63 @@ def test_dec_blocks_behind_the_cursor_are_freed_exactly_when_their_last_key_goes
     assert 4 not in st.done()  # not behind the cursor yet: it may still be carved
     st.add_block(2, 128)  # a late resend of a freed block, behind the cursor
     assert 2 in st.done()
+
+
+# ---- one key, several SAEs (ETSI 014 additional_slave_SAE_IDs) --------------------------------
+
+@given(named=st.lists(st.sampled_from(["s1", "s2", "s3", "s4"]), min_size=1, max_size=6),
+       fetches=st.lists(st.sampled_from(["s1", "s2", "s3", "s4", "s5"]), max_size=20),
+       master=st.sampled_from(["", "m"]))
+def test_every_named_sae_gets_the_key_once_and_no_one_else(named, fetches, master):
+    """The reservation record alone (no I/O): whatever the order of fetches, each SAE it
+    names gets the key exactly once (a name given twice, once), any other SAE never, and
+    the record ends with the last of them."""
+    record: bytes | None = reservation_record(master, tuple(named))
+    got = []
+    for sae in fetches:
+        if record is None:
+            break  # the key is gone: the store says "unknown or already delivered"
+        try:
+            record = deliver_from_record(record, "k", sae, "m" if master else None)
+            got.append(sae)
+        except StoreError as e:
+            assert (e.kind == "forbidden") == (sae not in named), (sae, e)
+            assert (e.kind == "unknown") == (sae in got)
+    assert len(got) == len(set(got)) and set(got) <= set(named)
+    assert (record is None) == (set(got) == set(named))
+    if master:
+        with pytest.raises(StoreError, match="not issued to master SAE x"):
+            deliver_from_record(reservation_record(master, tuple(named)), "k", named[0], "x")
+
+
+def test_additional_slaves_each_fetch_the_same_keys_once(tmp_path):
+    from control.gkm_wire import parse
+
+    o, d = _pair_with_keys(tmp_path, nblocks=2, size=128)
+    keys, r = o.take_enc_reserved("B", 2, 64, ("b1", "b2", "b3"), "a1")
+    assert d.apply_reservation("A", parse([o.enc["B"].unacked[r]])).name == "APPLIED"
+    ids = [str(k.key_id) for k, _ in keys]
+    want = [k for _, k in keys]
+    assert d.take_dec("A", ids, "b2", master="a1") == want
+    with pytest.raises(StoreError, match="already delivered to SAE b2") as e:
+        d.take_dec("A", ids[:1], "b2", master="a1")
+    assert e.value.kind == "unknown"
+    with pytest.raises(StoreError, match="another SAE") as e:
+        d.take_dec("A", ids[:1], "b9", master="a1")
+    assert e.value.kind == "forbidden"
+    del e  # its traceback holds views of the database open
+    # Who has had which key survives a restart (it is in the same synced batch).
+    d.close()
+    d = dest(tmp_path)
+    with pytest.raises(StoreError, match="already delivered to SAE b2"):
+        d.take_dec("A", ids, "b2")
+    assert d.take_dec("A", ids[1:], "b1") == want[1:]
+    assert d.take_dec("A", ids[:1], "b3") == want[:1]
+    assert d.summary()["dec"]["A"]["reserved_keys"] == 2  # b1 and b3 still to come
+    assert d.take_dec("A", ids[:1], "b1") == want[:1]
+    assert d.take_dec("A", ids[1:], "b3") == want[1:]
+    assert d.summary()["dec"]["A"]["reserved_keys"] == 0
+    assert 0 not in d.dec["A"].blocks  # the last SAE's fetch freed the block
+    with pytest.raises(StoreError, match="no such key") as e:
+        d.take_dec("A", ids[:1], "b1")
+    assert e.value.kind == "unknown"

@@ -74,6 +74,8 @@ def snapshot() -> dict:
                     "dec": {"stored": 64 * MIB, "delivered_bytes": 32},
                     "relay": {"state": "retrying", "connected": True, "rate_bps": 8e8,
                               "acked_bytes": 60 * MIB, "retries": 6}}}},
+        "api": {"updated": NOW, "state": "degraded", "workers_alive": 1, "workers": 2,
+                "restarts": 5},
     }
 
 
@@ -159,6 +161,19 @@ def test_global_key_relay_and_modules():
     assert value(got, "qkdnet_routes") == 1
 
 
+def test_the_key_api_is_serving_only_with_every_worker_and_a_live_manager():
+    snap = snapshot()
+    got = samples(snap)
+    assert value(got, "qkdnet_api_serving") == 0  # one of two workers is being replaced
+    assert value(got, "qkdnet_api_workers_alive") == 1
+    assert value(got, "qkdnet_api_worker_restarts_total") == 5
+    snap["api"].update(state="serving", workers_alive=2)
+    assert value(samples(snap), "qkdnet_api_serving") == 1
+    got = samples(snap, NOW + 10)  # its manager stopped publishing: not serving
+    assert value(got, "qkdnet_api_serving") == 0
+    assert value(got, "qkdnet_status_stale", source="api", link="") == 1
+
+
 def test_names_units_and_types_in_the_exposition():
     """Every family is declared, prefixed, and exposed under the name it was declared with
     (counters end in _total); the text parses back."""
@@ -187,7 +202,8 @@ def test_fresh_sources_are_not_stale_and_old_ones_are():
     got = samples(snapshot())
     stale = {dict(k[1])["source"] + dict(k[1])["link"]: v for k, v in got.items()
              if k[0] == "qkdnet_status_stale"}
-    assert stale == {"supervisor": 0, "lkmA-B": 0, "tunnelA-B": 0, "router": 0, "gkm": 0}
+    assert stale == {"supervisor": 0, "lkmA-B": 0, "tunnelA-B": 0, "router": 0, "gkm": 0,
+                     "api": 0}
     snap = snapshot()
     snap["tunnels"]["A-B"] = tunnel_file(updated=NOW - STALE_AFTER_S - 1)
     got = samples(snap)

@@ -3,6 +3,7 @@ real mutual-TLS handshake (Python's ssl, over a socket pair) accepts exactly the
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import stat
@@ -115,3 +116,45 @@ def test_cli_pki_init(tmp_path):
     r = CliRunner().invoke(app, ["pki", "init", str(tmp_path / "p"), "--config",
                                  str(EXAMPLES / "triangle.toml")])
     assert r.exit_code == 1 and "already holds a CA" in r.output
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_the_ca_key_stays_out_of_the_files_nodes_read(pki, tmp_path):
+    from api.server import server_context
+
+    topo, lay = pki
+    root = tmp_path / "pki"
+    assert sorted(p.name for p in root.iterdir()) == ["ca.crt", "nodes", "saes"]
+    assert lay.ca_key == tmp_path / "pki-ca" / "ca.key" and _mode(lay.ca_key) == 0o600
+    for d in (root, root / "nodes", root / "saes", lay.ca_key.parent):
+        assert _mode(d) == 0o700
+    assert _mode(lay.ca_cert) == 0o644 and _mode(lay.node("A")[0]) == 0o644
+    server_context(root, "A")  # a node needs nothing of the CA's but its certificate
+    with pytest.raises(PkiError, match="among the nodes' files"):
+        init_pki(root, topo, force=True, ca_dir=root)
+    other = init_pki(tmp_path / "p2", topo, ca_dir=tmp_path / "offline")
+    assert other.ca_key == tmp_path / "offline" / "ca.key" and other.ca_key.exists()
+    assert not (tmp_path / "p2-ca").exists()
+
+
+def test_force_narrows_modes_and_moves_an_old_ca_key_out(pki, tmp_path):
+    topo, lay = pki
+    root = lay.root
+    key = lay.sae("SAE-A")[1]
+    for p in (root, root / "saes", lay.ca_key.parent):
+        os.chmod(p, 0o775)
+    os.chmod(key, 0o644)
+    legacy = root / "ca.key"  # where an older version kept it
+    legacy.write_bytes(lay.ca_key.read_bytes())
+    with pytest.raises(PkiError, match="already holds a CA"):
+        init_pki(root, topo)
+    r = CliRunner().invoke(app, ["pki", "init", str(root), "--config",
+                                 str(EXAMPLES / "triangle.toml"), "--force"])
+    assert r.exit_code == 0, r.output
+    assert not legacy.exists()
+    for p in (root, root / "saes", lay.ca_key.parent):
+        assert _mode(p) == 0o700
+    assert _mode(key) == 0o600 and _mode(lay.ca_key) == 0o600

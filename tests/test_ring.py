@@ -254,6 +254,7 @@ def test_attach_to_missing_ring_raises(name):
 
 def test_attach_to_uninitialised_ring_raises(name):
     (SHM_DIR / name).write_bytes(b"")
+    os.chmod(SHM_DIR / name, 0o600)  # the node's own, only not initialised
     with pytest.raises(RingError, match="not initialised"):
         KeyRing.attach(name)
     (SHM_DIR / name).write_bytes(bytes(RING_HEADER_SIZE + CAP))

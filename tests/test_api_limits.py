@@ -1,0 +1,211 @@
+"""Per-SAE limits of the key API: the pure buckets (request rate, share of a pair's
+store), the same limits shared by forked worker processes, and the share end to end
+through the HTTPS API on a real network."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import multiprocessing as mp
+import ssl
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from api.limits import SaeLimiter, SaeLimits
+from api.pki import PkiLayout
+from api.requests import ApiError
+from api.server import sae_limiter
+from control import paths
+from control.config import parse_topology
+from control.gkm_client import GkmClient
+from tests.nsutil import wait_until
+
+KIB = 1 << 10
+
+
+def test_an_sae_calling_too_fast_is_refused_and_others_are_not():
+    lim = SaeLimiter(SaeLimits(requests_per_s=5), ["a1", "a2"], ["B"])
+    for _ in range(5):  # a burst of one second's worth
+        lim.admit("a1", 100.0)
+    with pytest.raises(ApiError, match="too many requests from SAE a1") as e:
+        lim.admit("a1", 100.0)
+    assert e.value.status == 503 and "nothing was taken" in e.value.message
+    lim.admit("a2", 100.0)  # another SAE's bucket
+    lim.admit("a1", 100.2)  # a fifth of a second later: one more
+    with pytest.raises(ApiError):
+        lim.admit("a1", 100.2)
+    lim.admit("zz", 100.2)  # not an SAE of this node: the caller check refuses it first
+    unlimited = SaeLimiter(SaeLimits(), ["a1"], ["B"])
+    for _ in range(1000):
+        unlimited.admit("a1", 1.0)
+
+
+def test_an_sae_takes_at_most_its_share_of_a_pairs_store():
+    lim = SaeLimiter(SaeLimits(store_share=0.25, share_window_s=10, store_bytes=1000),
+                     ["a1", "a2"], ["B", "C"])
+    lim.take_share("a1", "B", 200, 0.0)
+    with pytest.raises(ApiError, match="SAE a1 has taken its share of the keys for node B"):
+        lim.take_share("a1", "B", 100, 0.0)
+    lim.take_share("a2", "B", 250, 0.0)  # the others' keys are still there for them
+    lim.take_share("a1", "C", 250, 0.0)  # and another pair's
+    lim.refund("a1", "B", 200, 0.0)      # a take the store refused: given back
+    lim.take_share("a1", "B", 250, 0.0)
+    with pytest.raises(ApiError):
+        lim.take_share("a1", "B", 1, 0.0)
+    lim.take_share("a1", "B", 25, 1.0)   # refilled over the window: 25 B per second
+
+
+def test_over_any_window_an_sae_gets_at_most_twice_its_share():
+    lim = SaeLimiter(SaeLimits(store_share=0.1, share_window_s=5, store_bytes=10_000),
+                     ["a1"], ["B"])
+    got, t = 0, 0.0
+    while t < 5.0:  # a greedy SAE, asking every 10 ms
+        try:
+            lim.take_share("a1", "B", 64, t)
+            got += 64
+        except ApiError:
+            pass
+        t += 0.01
+    assert 1000 <= got <= 2000
+
+
+def _hammer(lim: SaeLimiter, start, n: int, q) -> None:
+    start.wait()
+    ok = 0
+    for _ in range(n):
+        try:
+            lim.admit("a1", 50.0)  # one instant for all: no refill
+            ok += 1
+        except ApiError:
+            pass
+    q.put(ok)
+
+
+def test_forked_workers_share_one_limit():
+    """The key API's workers are forked after the limiter is made: what one admits, the
+    others see (a limit per worker would let each SAE through once per worker)."""
+    topo = parse_topology(NET.format(prefix="tlim").replace("sae_store_share = 0.25",
+                                                           "sae_requests_per_s = 20"))
+    lim = sae_limiter(topo, "A", shared=True)
+    ctx = mp.get_context("fork")
+    start, q = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(lim, start, 30, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    total = sum(q.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(10)
+    assert total == 20  # one bucket of one second's worth, across all four
+
+
+# ---- end to end ----------------------------------------------------------------------------
+
+NET = """
+[network]
+name = "test-limits"
+prefix = "{prefix}"
+[defaults]
+key_rate_mbps = 400
+block_size = "256KiB"
+ring_capacity = "32MiB"
+[ports]
+agreement = 7501
+[dataplane]
+workers = 1
+[gkm]
+block_size = "256KiB"
+low_watermark = "2MiB"
+high_watermark = "4MiB"
+window = "1MiB"
+pairs = [["A", "B"]]
+[api]
+workers = 2
+sae_store_share = 0.25
+sae_share_window_s = 600
+[[nodes]]
+name = "A"
+[[nodes]]
+name = "B"
+[[links]]
+a = "A"
+b = "B"
+underlay = ["10.213.1.1/30", "10.213.1.2/30"]
+source = {{ generator = "aes-ctr" }}
+[[saes]]
+id = "a1"
+node = "A"
+[[saes]]
+id = "a2"
+node = "A"
+[[saes]]
+id = "b1"
+node = "B"
+"""
+
+
+@pytest.mark.netns
+def test_one_sae_cannot_drain_a_pair_for_the_others(tmp_path, prefix):
+    from control import emulation
+    from tests.nsutil import routes_complete
+
+    path = tmp_path / "net.toml"
+    path.write_text(NET.format(prefix=prefix))
+    topo = parse_topology(path.read_text(), path)
+    emulation.net_up(topo)
+    wait_until(lambda: routes_complete(prefix, ["A", "B"]), 40, "routes")
+    pki = PkiLayout(topo.api.pki)
+    pool = ThreadPoolExecutor(4, initializer=_enter, initargs=(paths.netns_name(prefix, "A"),))
+
+    def call(sae: str, path: str) -> tuple[int, dict]:
+        def go():
+            ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+            ctx.load_cert_chain(*pki.sae(sae))
+            c = http.client.HTTPSConnection(str(topo.node("A").address), topo.ports.api,
+                                            context=ctx, timeout=30)
+            try:
+                c.request("GET", path)
+                r = c.getresponse()
+                return r.status, json.loads(r.read())
+            finally:
+                c.close()
+        return pool.submit(go).result(60)
+
+    def enc() -> dict:
+        c = GkmClient(prefix, "A")
+        try:
+            return c.summary()["peers"]["B"]["enc"]
+        finally:
+            c.close()
+
+    def answers() -> bool:
+        try:
+            return call("a1", "/api/v1/keys/b1/status")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, 60, "A's key API")
+        wait_until(lambda: enc()["usable"] >= 3 << 20, 60, "A's store for B")
+        # a1 takes its share (a quarter of the 4 MiB store) ...
+        status, doc = call("a1", "/api/v1/keys/b1/enc_keys?number=4&size=2097152")
+        assert status == 200 and sum(len(base64.b64decode(k["key"]))
+                                     for k in doc["keys"]) == 1 << 20
+        # ... and is refused more, with nothing taken, while a2 is still served.
+        before = enc()["taken_keys"]
+        status, doc = call("a1", "/api/v1/keys/b1/enc_keys?number=1&size=524288")
+        assert status == 503 and "taken its share" in doc["message"], doc
+        assert enc()["taken_keys"] == before
+        status, doc = call("a2", "/api/v1/keys/b1/enc_keys?number=1&size=524288")
+        assert status == 200 and len(base64.b64decode(doc["keys"][0]["key"])) == 64 * KIB
+        assert call("a1", "/api/v1/keys/b1/status")[0] == 200  # no rate limit set
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _enter(ns: str) -> None:
+    from pyroute2 import netns
+
+    netns.setns(ns)  # this thread only: its sockets live in the node's namespace

@@ -1,0 +1,93 @@
+"""A node's start-up order, for real in a namespace: ``node_net`` is unreachable before the
+node address exists and before any module runs, and a node whose route cannot be
+installed does not start at all."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+
+import pytest
+
+from control import emulation, paths
+from tests.conftest import write_topology
+from tests.nsutil import QKDCTL, wait_until
+
+pytestmark = pytest.mark.netns
+
+
+class Monitor:
+    """``ip monitor route address`` in a namespace, its lines collected as they come."""
+
+    def __init__(self, ns: str):
+        self.ns = ns
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "ip", "-o", "monitor",
+                                      "route", "address"], stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        # Listening once an event of our own shows up (no fixed sleep); one made before
+        # it listened is lost, so make them until one is seen.
+        self._probes = 0
+        wait_until(self._probe, 60, "ip monitor", step=0.5)
+
+    def _probe(self) -> bool:
+        if self.first("192.0.2.") is not None:
+            return True
+        self._probes += 1
+        subprocess.run(["ip", "netns", "exec", self.ns, "ip", "route", "add", "unreachable",
+                        f"192.0.2.{self._probes}/32"], check=True)
+        return False
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def first(self, *words: str) -> int | None:
+        return next((i for i, line in enumerate(self.lines)
+                     if all(w in line for w in words)), None)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_node_net_is_unreachable_before_the_node_address_and_any_module(tmp_path, prefix):
+    topo = write_topology(tmp_path, prefix)
+    man = emulation.net_up(topo, start=False)
+    mon = Monitor(paths.netns_name(prefix, "A"))
+    try:
+        emulation.start_processes(topo, man)
+        address = f"{topo.node('A').address}/32"
+        wait_until(lambda: mon.first("inet", address) is not None, 40, "A's node address")
+        route = mon.first("unreachable", str(topo.node_net))
+        assert route is not None and route < mon.first("inet", address), mon.lines
+    finally:
+        mon.close()
+    # And the supervisor started no module before the namespace was ready.
+    log = paths.log_dir(prefix) / "node-A.log"
+    wait_until(lambda: log.exists() and "started router" in log.read_text(), 30,
+               "the modules to start")
+    msgs = [json.loads(line)["message"] for line in log.read_text().splitlines()]
+    ready = next(i for i, m in enumerate(msgs) if "unreachable" in m)
+    assert ready < next(i for i, m in enumerate(msgs) if "started" in m), msgs
+
+
+def test_a_node_whose_route_cannot_be_installed_does_not_start(tmp_path, prefix):
+    topo = write_topology(tmp_path, prefix)
+    emulation.net_up(topo, start=False)
+    ns = paths.netns_name(prefix, "A")
+    # In a user namespace of its own the node has no CAP_NET_ADMIN over its network
+    # namespace: the kernel refuses the route (and everything else that needs it).
+    res = subprocess.run(["ip", "netns", "exec", ns, "unshare", "-Ur", QKDCTL, "node", "run",
+                          "--config", str(topo.path), "--node", "A"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "cannot install the unreachable route for node_net" in res.stderr, res.stderr
+    assert "the node does not start" in res.stderr
+    assert "started" not in res.stderr  # no module ran
+    assert not list(paths.node_dir(prefix, "A").glob("*.json"))
+    addrs = subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "addr", "show", "lo"],
+                           capture_output=True, text=True).stdout
+    assert str(topo.node("A").address) not in addrs
