@@ -262,6 +262,7 @@ def stats(config: Annotated[Path | None, typer.Argument(help="topology TOML file
         return
     try:
         with Live(Group(*(render(s) for s in snaps)), console=out, auto_refresh=False) as live:
+            err.print(f"refreshing every {interval:g} s; Ctrl-C to stop", highlight=False)
             while True:
                 time.sleep(interval)
                 new = [collect(t) for t in topos]

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -137,9 +138,17 @@ def test_guard_passes_traffic_is_replaced_after_a_crash_and_gone_after_stop(tmp_
                               "--prefix", prefix, "--watch", "--interval", "0.3"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "COLUMNS": "200"})
-    time.sleep(2.0)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(watch.stderr), daemon=True)
+    reader.start()
+    wait_until(lambda: any("Ctrl-C to stop" in line for line in said), 60,
+               "stats --watch to be refreshing")
+    time.sleep(1.0)  # a few refreshes
     watch.send_signal(signal.SIGINT)  # Ctrl-C: a clean end, no traceback
-    w_out, w_err = watch.communicate(timeout=10)
+    w_out = watch.stdout.read()
+    watch.wait(10)
+    reader.join(10)
+    w_err = "".join(said)
     assert watch.returncode == 0 and "Traceback" not in w_err, w_err
     assert "pkt/s" in w_out and "dropped" in w_out
     assert f"{st['mode']}, 3 dropped" in qkdctl("status", "--prefix", prefix, width=250)
