@@ -102,7 +102,7 @@ def shm_copy(block: int, capacity: int, seconds: float = 1.0) -> dict:
     """Bytes per second copied, ``block`` at a time, round a /dev/shm mapping of
     ``capacity`` bytes."""
     capacity -= capacity % block
-    path = SHM / f"qkdnet-bench-copy-{uuid.uuid4().hex[:8]}"
+    path = SHM / f"qkbench-copy-{uuid.uuid4().hex[:8]}"  # not a ring: no qkdnet- name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
