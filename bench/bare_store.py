@@ -45,41 +45,48 @@ def _blocks(total: int, block: int) -> list[bytes]:
 def store_write(total: int, block: int = 1 << 20, batch: int = SEND_BATCH,
                 root: Path | None = None) -> dict:
     """Bytes per second made durable in a bare RocksDB store, ``batch`` bytes a write."""
-    from rocksdict import Rdict, WriteBatch, WriteOptions
-
     d = _scratch(root)
     try:
-        cf_name = "dec.bench"
-        db = Rdict(str(d / "db"), _options(), column_families={cf_name: _options()})
-        try:
-            cf = db.get_column_family(cf_name)
-            h = db.get_column_family_handle(cf_name)
-            synced, no_wal = WriteOptions(), WriteOptions()
-            synced.sync = True
-            no_wal.disable_wal = True
-            blocks = _blocks(total, block)
-            per = max(1, batch // block)
-            t0 = time.perf_counter()
-            for at in range(0, len(blocks), per):
-                wb = WriteBatch(raw_mode=True)
-                part = blocks[at:at + per]
-                for seq, data in enumerate(part, at):
-                    wb.put(b"b" + _U64.pack(seq), data, h)
-                    wb.put(b"m" + _U64.pack(seq), _META.pack(len(data), 1), h)
-                if sum(len(b) for b in part) >= BULK_WRITE:
-                    db.write(wb, no_wal)
-                    cf.flush(True)
-                else:
-                    db.write(wb, synced)
-            el = time.perf_counter() - t0
-            del cf
-        finally:
-            db.close()
-        nbytes = len(blocks) * block
-        return {"bytes": nbytes, "block": block, "batch": per * block, "seconds": el,
-                "gbps": nbytes * 8 / el / 1e9}
+        return _fill_store(d / "db", _blocks(total, block), block, max(1, batch // block))
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _fill_store(path: Path, blocks: list[bytes], block: int, per: int) -> dict:
+    """The timed writes; every RocksDB object is released before this returns (a handle
+    left alive closes the database later and writes its manifest into a removed
+    directory)."""
+    from rocksdict import Rdict, WriteBatch, WriteOptions
+
+    cf_name = "dec.bench"
+    db = Rdict(str(path), _options(), column_families={cf_name: _options()})
+    try:
+        cf = db.get_column_family(cf_name)
+        h = db.get_column_family_handle(cf_name)
+        synced, no_wal = WriteOptions(), WriteOptions()
+        synced.sync = True
+        no_wal.disable_wal = True
+        t0 = time.perf_counter()
+        for at in range(0, len(blocks), per):
+            wb = WriteBatch(raw_mode=True)
+            part = blocks[at:at + per]
+            for seq, data in enumerate(part, at):
+                wb.put(b"b" + _U64.pack(seq), data, h)
+                wb.put(b"m" + _U64.pack(seq), _META.pack(len(data), 1), h)
+            if sum(len(b) for b in part) >= BULK_WRITE:
+                db.write(wb, no_wal)
+                cf.flush(True)
+            else:
+                db.write(wb, synced)
+            del wb
+        el = time.perf_counter() - t0
+        del cf, h  # as KeyStore.close: the views first, then the database
+    finally:
+        db.close()
+        del db
+    nbytes = len(blocks) * block
+    return {"bytes": nbytes, "block": block, "batch": per * block, "seconds": el,
+            "gbps": nbytes * 8 / el / 1e9}
 
 
 def disk_write(total: int, block: int = 1 << 20, batch: int = SEND_BATCH,
