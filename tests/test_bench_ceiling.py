@@ -119,3 +119,20 @@ def test_best_rate_takes_the_fastest_window():
     rate = best_rate(step, 1000, window=1.0, windows=3, clock=lambda: now[0])
     assert rate == pytest.approx(8 * 1000 * 8 / 1e9)
     assert next(costs, None) is None  # every window ended as soon as it was full
+
+
+def test_calibration_records_each_figure_and_a_failed_step_without_stopping(monkeypatch):
+    from bench import calibrate
+
+    def no_iperf(seconds: float) -> float:
+        raise iperf.IperfError("iperf3 a->b: no iperf3")
+
+    monkeypatch.setattr(calibrate, "memcpy_gbps", lambda: 50.0)
+    monkeypatch.setattr(calibrate, "poly1305_gbps", lambda: (20.0, "openssl-evp"))
+    monkeypatch.setattr(calibrate, "xor_gbps", lambda: 80.0)
+    monkeypatch.setattr(calibrate, "veth_tcp_gbps", no_iperf)
+    out = calibrate.run()
+    assert (out["memcpy_gbps"], out["poly1305_gbps"], out["xor_gbps"]) == (50.0, 20.0, 80.0)
+    assert out["poly1305_backend"] == "openssl-evp" and out["veth_tcp_gbps"] is None
+    assert out["errors"] == {"veth_tcp_gbps": "IperfError: iperf3 a->b: no iperf3"}
+    assert len(out["load_before"]) == 3 and out["seconds"] >= 0
