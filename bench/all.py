@@ -1,5 +1,7 @@
 """`qkdctl bench all`: every benchmark of issues 1/6 to 6/6 in one run, one table against
-the paper, the raw results as one JSON and the plots, with a progress bar.
+the paper and each bench's ceiling measured in the same run, the raw results as one JSON
+and the plots, with a progress bar. A short calibration of the machine (``bench.calibrate``)
+runs first and is kept in the JSON, so runs on two machines can be compared.
 
 The benches are the registry ``REGISTRY``: one ``Bench`` entry each (its ``run`` named as
 "module:function", imported when it runs; its settings for a full and a quick run; the
@@ -40,6 +42,7 @@ from rich.progress import (
 from bench.summary import (
     Row,
     api_rows,
+    calibration_line,
     generic_rows,
     gkm_rows,
     guard_rows,
@@ -82,27 +85,29 @@ class Bench:
 
 
 MIB = 1 << 20
-# Full: about 13 minutes on the 2-core VM, by the quick run's timings (the single commands'
-# defaults take longer: one MTU fewer and 1 s iperf3 runs for the OTP tunnel, fewer keys
-# per key API pull, a smaller store for the global key manager). Quick (5 minutes on the
-# VM under load): two points per sweep, one short run each; a smoke test, not a figure.
-# ``estimate_s`` (full, quick) only weighs the overall progress bar.
+# Full: about 15 minutes on the 2-core VM, by the quick run's timings, the ceilings
+# included (the single commands' defaults take longer: one MTU fewer and 1 s iperf3 runs
+# for the OTP tunnel, fewer keys per key API pull, a smaller store for the global key
+# manager). Quick (6 minutes on the VM under load): two points per sweep, one short run
+# each; a smoke test, not a figure. ``estimate_s`` (full, quick) only weighs the overall
+# progress bar.
 REGISTRY: tuple[Bench, ...] = (
     Bench("lkm", "local key manager", "bench.lkm:run", lkm_rows,
-          full={"seconds": 10.0}, quick={"seconds": 3.0}, estimate_s=(30, 15)),
+          full={"seconds": 10.0}, quick={"seconds": 3.0}, estimate_s=(45, 20)),
     Bench("otp", "OTP tunnel", "bench.otp:run", otp_rows,
           full={"mtus": (1500, 9000, 32000, 65449), "repeat": 3, "seconds": 1.0},
           quick={"mtus": (1500, 65449), "repeat": 1, "seconds": 1.0},
-          plot="otp-mtu", estimate_s=(240, 105)),
+          plot="otp-mtu", estimate_s=(280, 115)),
     Bench("gkm", "global key manager", "bench.gkm:run", gkm_rows,
           full={"store": 128 * MIB, "repeat": 3},
           quick={"sizes": (16 << 10, MIB), "store": 64 * MIB, "repeat": 1},
-          plot="gkm-size", estimate_s=(170, 45)),
+          plot="gkm-size", estimate_s=(175, 50)),
     Bench("api", "key API", "bench.api:run", api_rows,
-          full={"keys": 8192, "store_max": 1 << 30, "repeat": 3, "baseline_s": 2.0},
+          full={"keys": 8192, "store_max": 1 << 30, "repeat": 3, "baseline_s": 2.0,
+                "ceiling_s": 2.0},
           quick={"sizes": (256, 8 * MIB), "keys": 2048, "store_max": 256 * MIB, "repeat": 1,
-                 "baseline_s": 1.0},
-          plot="api-size", estimate_s=(170, 35)),
+                 "baseline_s": 1.0, "ceiling_s": 1.0},
+          plot="api-size", estimate_s=(210, 45)),
     Bench("guard", "XDP guard", "bench.guard:run", guard_rows,
           full={"repeat": 3, "seconds": 1.0}, quick={"repeat": 1, "seconds": 1.0},
           estimate_s=(75, 35)),
@@ -322,12 +327,15 @@ def summary_rows(outcomes: list[Outcome]) -> list[Row]:
 
 
 def report(outcomes: list[Outcome], *, quick: bool, started: dt.datetime, seconds: float,
-           machine_info: dict, log_path: str | None = None) -> dict:
-    """The JSON of the run: when, where, each bench's settings and full result, the table."""
+           machine_info: dict, log_path: str | None = None,
+           calibration: dict | None = None) -> dict:
+    """The JSON of the run: when, where (the machine and its calibration), each bench's
+    settings and full result, the table."""
     return {
         "bench": "all", "date": started.date().isoformat(),
         "started": started.isoformat(timespec="seconds"), "seconds": round(seconds, 1),
         "profile": "quick" if quick else "full", "machine": machine_info,
+        "calibration": calibration,
         "ok": all(o.ok for o in outcomes),
         "interrupted": any(o.interrupted for o in outcomes), "log": log_path,
         "benches": {o.bench.name: o.to_dict() for o in outcomes},
@@ -342,11 +350,19 @@ def exit_code(outcomes: list[Outcome]) -> int:
     return 0 if outcomes and all(o.ok for o in outcomes) else 1
 
 
+def calibrate(console: Console) -> dict:
+    from bench.calibrate import run
+
+    return run(console)
+
+
 def main(*, quick: bool, out_dir: Path, only: list[str] | None, record: bool,
          as_json: bool, out: Console, err: Console, results_md: Path = RESULTS_MD,
          registry: tuple[Bench, ...] = REGISTRY,
-         loader: Callable[[str], Callable[..., dict]] = load) -> int:
-    """`qkdctl bench all`: run, print the table (or the JSON), write the results."""
+         loader: Callable[[str], Callable[..., dict]] = load,
+         calibration: Callable[[Console], dict] = calibrate) -> int:
+    """`qkdctl bench all`: calibrate, run, print the table (or the JSON), write the
+    results."""
     benches = select(only, registry)  # refused before anything runs
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -359,17 +375,26 @@ def main(*, quick: bool, out_dir: Path, only: list[str] | None, record: bool,
              f"{', '.join(b.name for b in benches)}; {info['cores']} cores, load "
              f"{info['load_before'][0]:.1f}; bench output in {log_path}", highlight=False)
     t0 = time.monotonic()
+    try:
+        with _interrupt_once(ui):  # its scratch namespaces go in its own finally
+            cal = calibration(ui)
+    except KeyboardInterrupt:
+        ui.print("[yellow]interrupted while calibrating: nothing written[/yellow]")
+        return 130
+    ui.print(f"calibration ({cal.get('seconds', 0):.0f} s): {calibration_line(cal)}",
+             highlight=False)
     with open(log_path, "w") as log:
         outcomes = run_all(benches, quick=quick, out_dir=out_dir, console=ui, log=log,
                            suffix="-quick" if quick else "", loader=loader)
     data = report(outcomes, quick=quick, started=started, seconds=time.monotonic() - t0,
-                  machine_info=info, log_path=str(log_path))
+                  machine_info=info, log_path=str(log_path), calibration=cal)
     interrupted = data["interrupted"]
     if not interrupted:  # a partial run would replace a whole one of the same day
         json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
     title = (f"qkdnet against the paper ({data['date']}, {'quick' if quick else 'full'} "
              f"run, {data['seconds'] / 60:.1f} min)")
     ui.print(rich_table(summary_rows(outcomes), title))
+    ui.print(f"machine calibration, same run: {calibration_line(cal)}", highlight=False)
     if interrupted:
         ui.print("[yellow]interrupted: nothing written[/yellow]")
     else:

@@ -16,6 +16,11 @@ the measurement is the API's cost, not QKD emulation's). Then:
 
 Every enc_keys answer here includes the reservation round trip to B (invariant 5): the
 key goes out only after B has stored who may fetch it.
+
+Ceiling in the same run (``bench.bare_api``): the same ``clients`` pull for
+``ceiling_s`` seconds from a bare Sanic HTTPS endpoint with mutual TLS (same TLS context,
+same workers, same address) that answers a constant key container of the same size.
+The targets compare requests/s (one key each) at 256-bit keys and bytes/s at 1 MiB.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bench import bare_api
 from bench.api_load import Pull, pull_dec, pull_enc, run_in
+from bench.ceiling import TARGETS, meets, verdict_line, vs
 from bench.otp import BenchError, Net
-from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
 from bench.topology import line
 from control import paths
@@ -39,7 +46,6 @@ from control.gkm import PAUSE_FLAG
 from control.gkm_client import GkmClient
 
 PAPER = {"mbps_at_1MB": 971.0}
-FLOOR = {"gbps_at_1MiB": 4.0, "keys_per_s_at_256bit": 2000.0}
 DEFAULT_SIZES = (256, 8 << 10, 8 << 16, 8 << 20)  # bits: 256 bit, 1 KiB, 64 KiB, 1 MiB
 BLOCK = 1 << 20
 TEMPLATE = """
@@ -83,6 +89,7 @@ class ApiNet(Net):
     def __init__(self, store_max: int, workers: int, ring: str, console: Console):
         super().__init__(console, ring=ring, low=store_max - BLOCK, high=store_max,
                          workers=workers)
+        self.bare_port = self.topo.ports.api + 1  # the ceiling's endpoint, beside the KME
 
     def up(self) -> None:
         for node in self.topo.nodes:  # every key manager starts paused
@@ -185,8 +192,21 @@ def _errors(pulls: list[Pull], what: str) -> None:
         raise BenchError(f"{what}: {len(bad)} client(s) failed: {bad[0]}")
 
 
+def pull_bare(net: ApiNet, bits: int, clients: int, seconds: float) -> tuple[int, int, float]:
+    """keys, bytes and time of ``clients`` keep-alive pulls of the bare endpoint."""
+    t0 = time.time() + 1.0
+    pulls = run_in(net.ns("A"), [(pull_enc, (str(net.topo.api.pki), "SAE-A", net.addr("A"),
+                                             net.bare_port, "SAE-B", bits, 1, t0,
+                                             t0 + seconds, True))] * clients, seconds + 60)
+    _errors(pulls, "bare endpoint pull")
+    stopped = [p.stop_status for p in pulls if p.stop_status]
+    if stopped:
+        raise BenchError(f"the bare endpoint answered {stopped[0]}")
+    return _rate(pulls)
+
+
 def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
-            console: Console) -> dict:
+            console: Console, ceiling_s: float = 3.0) -> dict:
     pki, port = str(net.topo.api.pki), net.topo.ports.api
     stored = net.stock(store)
     # The baseline: a new mutual-TLS connection per request.
@@ -226,6 +246,7 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
     mismatch = [k for k in digests.keys() & d_digests.keys() if digests[k] != d_digests[k]]
     if mismatch:
         raise BenchError(f"key {mismatch[0]}: the slave's bytes differ from the master's")
+    c_keys, c_bytes, c_t = pull_bare(net, bits, clients, ceiling_s)
     point = {
         "bits": bits, "size": size_name(bits), "clients": clients, "stored_bytes": stored,
         "stored_after_baseline": stored_after_base, "left_bytes": left,
@@ -236,21 +257,27 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
         "compared_keys": len(digests.keys() & d_digests.keys()),
         "baseline_keys": b_keys, "baseline_seconds": b_t, "baseline_keys_per_s": b_keys / b_t,
         "baseline_gbps": b_bytes * 8 / b_t / 1e9,
+        "ceiling_keys": c_keys, "ceiling_seconds": c_t, "ceiling_keys_per_s": c_keys / c_t,
+        "ceiling_gbps": c_bytes * 8 / c_t / 1e9,
     }
     point["ratio_vs_baseline"] = point["keys_per_s"] / max(point["baseline_keys_per_s"], 1e-9)
+    point["ratio_vs_ceiling"] = vs(point["keys_per_s"], point["ceiling_keys_per_s"])
     console.print(f"    {size_name(bits):>8}: {keys} keys in {t:.2f} s = "
                   f"{point['keys_per_s']:,.0f} keys/s, {point['gbps']:.2f} Gb/s; dec_keys "
                   f"{point['dec_keys_per_s']:,.0f} keys/s; conventional "
                   f"{point['baseline_keys_per_s']:,.0f} keys/s "
-                  f"(x{point['ratio_vs_baseline']:.1f}); {point['compared_keys']} keys "
-                  f"compared with the slave's")
+                  f"(x{point['ratio_vs_baseline']:.1f}); bare endpoint "
+                  f"{point['ceiling_keys_per_s']:,.0f} keys/s (ours x"
+                  f"{point['ratio_vs_ceiling']:.2f}); {point['compared_keys']} keys compared "
+                  f"with the slave's")
     return point
 
 
 def run(sizes: tuple[int, ...] = DEFAULT_SIZES, keys: int = 32768,
         store_max: int = 2 << 30, clients: int = 32, workers: int = 1,
         baseline_s: float = 3.0, ring: str = "1GiB", repeat: int = 3,
-        plot_path: Path | None = None, console: Console | None = None) -> dict:
+        ceiling_s: float = 3.0, plot_path: Path | None = None,
+        console: Console | None = None) -> dict:
     console = console or Console()
     for bits in sizes:
         if bits % 8 or not 8 <= bits <= 8 * BLOCK:
@@ -266,11 +293,14 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, keys: int = 32768,
         console.print("  bringing up ...")
         net.up()
         net.pause_key(True)
-        for bits in sizes:
-            size = bits // 8
-            store = min(store_max, max(BLOCK, -(-keys * size // BLOCK) * BLOCK))
-            points.append(median_run([measure(net, bits, store, clients, baseline_s, console)
-                                      for _ in range(repeat)], "keys_per_s"))
+        with bare_api.endpoint(net.ns("A"), net.topo.api.pki, "A", net.addr("A"),
+                               net.bare_port, workers, paths.log_dir(net.prefix) / "bare-api.log"):
+            for bits in sizes:
+                size = bits // 8
+                store = min(store_max, max(BLOCK, -(-keys * size // BLOCK) * BLOCK))
+                points.append(median_run([measure(net, bits, store, clients, baseline_s,
+                                                  console, ceiling_s)
+                                          for _ in range(repeat)], "keys_per_s"))
     finally:
         with contextlib.suppress(Exception):
             net.down()
@@ -287,28 +317,34 @@ def summarize(points: list[dict], sizes: tuple[int, ...], clients: int, workers:
               plot_path: Path | None, console: Console) -> dict:
     t = Table(title="key API: pull until the store is empty (cf. the paper's Section IV.E)")
     for col in ("key size", "keys", "enc keys/s", "enc Gb/s", "dec keys/s", "dec Gb/s",
-                "conventional keys/s", "ours / conventional"):
+                "conventional keys/s", "ours / conventional", "bare endpoint keys/s",
+                "ours / bare"):
         t.add_column(col, justify="right")
     for p in points:
+        r = p.get("ratio_vs_ceiling")
         t.add_row(p["size"], f"{p['keys']:,}", f"{p['keys_per_s']:,.0f}", f"{p['gbps']:.3f}",
                   f"{p['dec_keys_per_s']:,.0f}", f"{p['dec_gbps']:.3f}",
-                  f"{p['baseline_keys_per_s']:,.0f}", f"{p['ratio_vs_baseline']:.1f}")
+                  f"{p['baseline_keys_per_s']:,.0f}", f"{p['ratio_vs_baseline']:.1f}",
+                  f"{p['ceiling_keys_per_s']:,.0f}" if "ceiling_keys_per_s" in p else "-",
+                  f"{r:.2f}" if r is not None else "-")
     console.print(t)
     top, small = _at(points, 8 << 20), _at(points, 256)
     gbps = top["gbps"] if top else None
     kps = small["keys_per_s"] if small else None
     result = {
         "bench": "api", "machine": f"{os.uname().nodename} {os.cpu_count()} cores",
-        "paper": PAPER, "floor": FLOOR, "clients": clients, "workers": workers,
+        "paper": PAPER, "floor": TARGETS["api"], "clients": clients, "workers": workers,
         "gbps_at_1MiB": gbps, "keys_per_s_at_256bit": kps,
         "baseline_gbps_at_1MiB": top["baseline_gbps"] if top else None,
         "ratio_vs_paper": gbps * 1000 / PAPER["mbps_at_1MB"] if gbps else None,
         "ratio_vs_baseline_at_1MiB": top["ratio_vs_baseline"] if top else None,
-        "meets_floor": bool(gbps is not None and kps is not None
-                            and gbps >= FLOOR["gbps_at_1MiB"]
-                            and kps >= FLOOR["keys_per_s_at_256bit"]),
+        "ceiling_requests_per_s_at_256bit": small.get("ceiling_keys_per_s") if small else None,
+        "ceiling_gbps_at_1MiB": top.get("ceiling_gbps") if top else None,
         "points": points,
     }
+    result["ratio_256bit_vs_ceiling"] = vs(kps, result["ceiling_requests_per_s_at_256bit"])
+    result["ratio_1MiB_vs_ceiling"] = vs(gbps, result["ceiling_gbps_at_1MiB"])
+    result["meets_floor"] = meets(result, "api")
     rows = []
     if top:
         rows.append(("key API, 1 MB keys, enc_keys", "971 Mb/s", f"{gbps:.2f} Gb/s",
@@ -319,12 +355,13 @@ def summarize(points: list[dict], sizes: tuple[int, ...], clients: int, workers:
                      f"{top['baseline_gbps']:.2f} Gb/s",
                      f"{top['baseline_gbps'] * 1000 / PAPER['mbps_at_1MB']:.1f}"))
     console.print(paper_table(rows))
-    if small:
-        console.print(f"256-bit keys: {kps:,.0f} keys/s (floor "
-                      f"{FLOOR['keys_per_s_at_256bit']:,.0f})")
-    console.print(f"floors ({FLOOR['gbps_at_1MiB']} Gb/s at 1 MiB, "
-                  f"{FLOOR['keys_per_s_at_256bit']:,.0f} keys/s at 256 bit): "
-                  + verdict(result["meets_floor"]))
+    if small and result["ceiling_requests_per_s_at_256bit"]:
+        console.print(f"256-bit keys: {kps:,.0f} keys/s, the bare endpoint "
+                      f"{result['ceiling_requests_per_s_at_256bit']:,.0f} requests/s")
+    if top and result["ceiling_gbps_at_1MiB"]:
+        console.print(f"1 MiB keys: {gbps:.2f} Gb/s, the bare endpoint "
+                      f"{result['ceiling_gbps_at_1MiB']:.2f} Gb/s")
+    console.print(verdict_line(result, "api"))
     return finish(result, console, plot_path, lambda out: plot(points, sizes, out))
 
 
@@ -333,8 +370,9 @@ def plot(points: list[dict], sizes: tuple[int, ...], out: Path) -> Path:
     for field, style, label in (("gbps", "-o", "enc_keys, keep-alive"),
                                 ("dec_gbps", "-s", "dec_keys, keep-alive"),
                                 ("baseline_gbps", "x--", "conventional: new connection "
-                                                          "per request")):
-        pts = sorted((p["bits"], p[field] * 1000) for p in points)
+                                                          "per request"),
+                                ("ceiling_gbps", "^:", "bare Sanic endpoint (ceiling)")):
+        pts = sorted((p["bits"], p[field] * 1000) for p in points if field in p)
         ax.plot([b for b, _ in pts], [v for _, v in pts], style, label=label)
     ax.plot([8 << 20], [PAPER["mbps_at_1MB"]], "k*", ms=10, label="paper: 971 Mb/s at 1 MB")
     log_axes(ax, list(sizes), [size_name(s) for s in sizes])

@@ -13,15 +13,18 @@ A point that ran out of key says so (`key_limited`).
 
 Modes: *proposed* (key claimed in 1 MiB chunks per worker, wiped as used, large MTU) and
 *conventional* (the paper's baseline: key taken from the store and removed per packet).
+
+Ceiling in the same run (``bench.bare_underlay``): after each point of the first mode, the
+same iperf3 runs over the bare underlay of the same path, A - B or A - B - C through B's
+kernel forwarding, with the point's MTU as the route's path MTU. The targets are ratios
+of it at the largest MTU.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -29,18 +32,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
+from bench import bare_underlay, iperf
+from bench.ceiling import TARGETS, meets, verdict_line, vs
+from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
 from bench.topology import line
 from control import emulation, paths
 from control.config import Topology, parse_topology
 from control.statefile import read_status
+from dataplane.limits import MAX_UNDERLAY_MTU
 from dataplane.ring import KeyRing, RingError
 from dataplane.stats import STEPS_RX, STEPS_TX, LinkStats
 from dataplane.tun import MAX_MTU
 
 PAPER = {"direct_mbps": 185.0, "relay_mbps": 123.0, "conventional_mbps": 3.92}
-FLOOR = {"direct_gbps": 4.0, "relay_gbps": 2.0}
+PATHS = {"direct": ("A", "B"), "relay": ("A", "B", "C")}
 DEFAULT_MTUS = (1500, 9000, 16000, 32000, MAX_MTU)
 STEP_NAMES = {"t_tx_read": "receive (TUN read)", "t_tx_key": "key read and remove",
               "t_tx_crypto": "XOR and MAC", "t_tx_send": "send (UDP)",
@@ -160,41 +166,29 @@ class Net:
         return out
 
     def iperf(self, src: str, dst: str, seconds: float, streams: int = 1) -> dict:
-        """One iperf3 run; a run that hangs (seen rarely: a client that never finishes)
-        is abandoned and run again with a fresh server, twice at most."""
-        for attempt in range(3):
-            try:
-                return self._iperf_once(src, dst, seconds, streams)
-            except subprocess.TimeoutExpired:
-                self.console.print(f"  iperf3 {src}->{dst} hung (attempt {attempt + 1} of 3)")
-        raise BenchError(f"iperf3 {src}->{dst} hung three times; logs in "
-                         f"{paths.log_dir(self.prefix)}")
+        """One iperf3 run between the node addresses (through the tunnels)."""
+        return self._iperf(self.ns(src), self.addr(src), self.ns(dst), self.addr(dst),
+                           seconds, streams)
 
-    def _iperf_once(self, src: str, dst: str, seconds: float, streams: int) -> dict:
-        server = subprocess.Popen(["ip", "netns", "exec", self.ns(dst), "iperf3", "-s", "-1",
-                                   "-B", self.addr(dst)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+    def iperf_bare(self, nodes: tuple[str, ...], seconds: float, streams: int = 1,
+                   mtu: int | None = None) -> dict:
+        """One iperf3 run over the bare underlay along ``nodes``, no tunnel (the ceiling):
+        between underlay addresses, through the middle nodes' forwarding; with a path MTU
+        of ``mtu`` if given."""
+        netns = {n: self.ns(n) for n in self.topo.nodes}
+        with bare_underlay.path(self.topo, netns, nodes, mtu) as (src, dst):
+            return self._iperf(self.ns(nodes[0]), src, self.ns(nodes[-1]), dst, seconds,
+                               streams)
+
+    def _iperf(self, src_ns: str, src: str, dst_ns: str, dst: str, seconds: float,
+               streams: int) -> dict:
+        def hung(attempt: int) -> None:
+            self.console.print(f"  iperf3 {src}->{dst} hung (attempt {attempt + 1} of 3)")
+
         try:
-            for _ in range(50):
-                res = subprocess.run(["ip", "netns", "exec", self.ns(src), "iperf3", "-c",
-                                      self.addr(dst), "-B", self.addr(src), "-t", str(seconds),
-                                      "-P", str(streams), "-J"], capture_output=True, text=True,
-                                     timeout=seconds + 30)
-                data = json.loads(res.stdout or "{}")
-                if "error" in data and "connect" in data["error"]:
-                    time.sleep(0.1)  # the server is not listening yet
-                    continue
-                if "error" in data:
-                    raise BenchError(f"iperf3 {src}->{dst}: {data['error']}")
-                s = data["end"]["sum_received"]
-                return {"gbps": s["bits_per_second"] / 1e9, "bytes": s["bytes"],
-                        "seconds": s["seconds"],
-                        "retransmits": data["end"]["sum_sent"].get("retransmits", 0)}
-            raise BenchError(f"iperf3 server in {self.ns(dst)} never answered")
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                server.kill()
-            server.wait(5)
+            return iperf.run(src_ns, src, dst_ns, dst, seconds, streams, on_hang=hung)
+        except iperf.IperfError as e:
+            raise BenchError(f"{e}; logs in {paths.log_dir(self.prefix)}") from None
 
     def down(self) -> None:
         with contextlib.suppress(Exception):
@@ -232,7 +226,16 @@ def run_point(net: Net, path: str, mtu: int, seconds: float, streams: int = 1) -
     }
 
 
-def plot(points: list[dict], out: Path) -> Path:
+def run_ceiling(net: Net, path: str, mtu: int, seconds: float, streams: int,
+                repeat: int) -> dict:
+    """The median of ``repeat`` iperf3 runs over the bare underlay of ``path`` with the
+    tunnel's MTU as the path MTU (a route's, so TCP sends segments the size the tunnel
+    carries): the same TCP work without the tunnel."""
+    runs = [net.iperf_bare(PATHS[path], seconds, streams, mtu) for _ in range(repeat)]
+    return {"path": path, "mtu": mtu, "underlay_mtu": MAX_UNDERLAY_MTU, **median_run(runs)}
+
+
+def plot(points: list[dict], out: Path, ceilings: list[dict] | None = None) -> Path:
     fig, ax = figure()
     for mode, style in (("proposed", "-o"), ("conventional", "--s")):
         for path in ("direct", "relay"):
@@ -241,6 +244,11 @@ def plot(points: list[dict], out: Path) -> Path:
             if pts:
                 ax.plot([m for m, _ in pts], [v for _, v in pts], style,
                         label=f"{mode}, {'direct' if path == 'direct' else 'via relay'}")
+    for path, style in (("direct", "k:^"), ("relay", "k:v")):
+        pts = sorted((c["mtu"], c["gbps"] * 1000) for c in ceilings or [] if c["path"] == path)
+        if pts:
+            ax.plot([m for m, _ in pts], [v for _, v in pts], style, lw=0.8,
+                    label=f"bare underlay (ceiling), {path}")
     ax.axhline(PAPER["direct_mbps"], color="grey", lw=0.8, ls=":")
     ax.text(1500, PAPER["direct_mbps"] * 1.08, "paper: 185 Mb/s direct", fontsize=8)
     ax.axhline(PAPER["conventional_mbps"], color="grey", lw=0.8, ls=":")
@@ -263,6 +271,7 @@ def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int
                   f"{workers} worker(s) per link "
                   f"end, {os.cpu_count()} cores, rings {capacity}")
     points: list[dict] = []
+    ceilings: list[dict] = []
     for mode in modes:
         net = Net(console, mode=mode, workers=workers, capacity=capacity)
         try:
@@ -278,9 +287,15 @@ def run(mtus: tuple[int, ...] = DEFAULT_MTUS, seconds: float = 1.5, workers: int
                                   f"(median of {repeat}: "
                                   f"{', '.join(f'{g:.2f}' for g in p['runs_gbps'])})"
                                   + ("  (ran out of key)" if p["key_limited"] else ""))
+                    if mode == modes[0]:  # the ceiling once, in the first network
+                        c = run_ceiling(net, path, mtu, seconds, streams, repeat)
+                        ceilings.append(c)
+                        console.print(f"  {'bare':12} {path:6} MTU {mtu:5}: {c['gbps']:6.2f} "
+                                      f"Gb/s (underlay, no tunnel; median of {repeat}: "
+                                      f"{', '.join(f'{g:.2f}' for g in c['runs_gbps'])})")
         finally:
             net.down()
-    result = summarize(points, mtus, workers, plot_path, console)
+    result = summarize(points, mtus, workers, plot_path, console, ceilings)
     result.update(seconds=seconds, repeat=repeat, streams=streams, ring_capacity=capacity)
     return result
 
@@ -292,7 +307,8 @@ def _best(points: list[dict], mode: str, path: str, mtu: int | None = None) -> d
 
 
 def summarize(points: list[dict], mtus: tuple[int, ...], workers: int,
-              plot_path: Path | None, console: Console) -> dict:
+              plot_path: Path | None, console: Console,
+              ceilings: list[dict] | None = None) -> dict:
     top = max(mtus)
     direct = _best(points, "proposed", "direct", top)
     relay = _best(points, "proposed", "relay", top)
@@ -300,18 +316,26 @@ def summarize(points: list[dict], mtus: tuple[int, ...], workers: int,
     conv_relay = _best(points, "conventional", "relay", 1500) if 1500 in mtus else None
     d_gbps = direct["gbps"] if direct else 0.0
     r_gbps = relay["gbps"] if relay else 0.0
+    ceil = {c["path"]: c["gbps"] for c in ceilings or [] if c["mtu"] == top}
+    for p in points:  # each point beside the bare underlay at its MTU, where measured
+        c = next((c for c in ceilings or [] if (c["path"], c["mtu"]) == (p["path"], p["mtu"])),
+                 None)
+        p["ratio_vs_ceiling"] = vs(p["gbps"], c["gbps"]) if c else None
     result = {
         "bench": "otp", "machine": f"{os.uname().nodename} {os.cpu_count()} cores",
-        "workers": workers, "paper": PAPER, "floor": FLOOR,
+        "workers": workers, "paper": PAPER, "floor": TARGETS["otp"],
         "direct_gbps": d_gbps, "relay_gbps": r_gbps,
         "baseline_gbps": conv["gbps"] if conv else None,
         "baseline_relay_gbps": conv_relay["gbps"] if conv_relay else None,
         "ratio_direct_vs_paper": d_gbps * 1000 / PAPER["direct_mbps"],
         "ratio_relay_vs_paper": r_gbps * 1000 / PAPER["relay_mbps"],
         "ratio_vs_baseline": d_gbps / conv["gbps"] if conv and conv["gbps"] else None,
-        "meets_floor": d_gbps >= FLOOR["direct_gbps"] and r_gbps >= FLOOR["relay_gbps"],
-        "points": points,
+        "ceiling_direct_gbps": ceil.get("direct"), "ceiling_relay_gbps": ceil.get("relay"),
+        "ratio_direct_vs_ceiling": vs(d_gbps if direct else None, ceil.get("direct")),
+        "ratio_relay_vs_ceiling": vs(r_gbps if relay else None, ceil.get("relay")),
+        "points": points, "ceiling_points": ceilings or [],
     }
+    result["meets_floor"] = meets(result, "otp")
     t = Table(title="OTP tunnel, iperf3 TCP (Gb/s) against MTU — cf. paper Fig. 5")
     t.add_column("mode / path")
     for m in mtus:
@@ -321,6 +345,12 @@ def summarize(points: list[dict], mtus: tuple[int, ...], workers: int,
             row = [_best(points, mode, path, m) for m in mtus]
             if any(row):
                 t.add_row(f"{mode}, {path}", *(f"{p['gbps']:.2f}" if p else "-" for p in row))
+    for path in ("direct", "relay"):
+        row = [next((c for c in ceilings or [] if c["path"] == path and c["mtu"] == m), None)
+               for m in mtus]
+        if any(row):
+            t.add_row(f"bare underlay (ceiling), {path}",
+                      *(f"{c['gbps']:.2f}" if c else "-" for c in row))
     console.print(t)
     s = Table(title="time per packet and step, direct (us) — cf. paper Table I")
     s.add_column("step")
@@ -343,6 +373,9 @@ def summarize(points: list[dict], mtus: tuple[int, ...], workers: int,
     if result["ratio_vs_baseline"]:
         console.print(f"proposed / conventional measured in this run: "
                       f"{result['ratio_vs_baseline']:.1f}x")
-    console.print(f"floors (direct {FLOOR['direct_gbps']} Gb/s, relay {FLOOR['relay_gbps']} "
-                  f"Gb/s): " + verdict(result["meets_floor"]))
-    return finish(result, console, plot_path, lambda out: plot(points, out))
+    for path, g in (("direct", d_gbps), ("relay", r_gbps)):
+        if ceil.get(path):
+            console.print(f"{path}: {g:.2f} Gb/s through the tunnel, {ceil[path]:.2f} Gb/s over "
+                          f"the bare underlay (same run): {g / ceil[path]:.2f} of the ceiling")
+    console.print(verdict_line(result, "otp"))
+    return finish(result, console, plot_path, lambda out: plot(points, out, ceilings))

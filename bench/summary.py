@@ -1,12 +1,16 @@
 """The one table of `qkdctl bench all`: each bench's result dict turned into rows of
-module, the paper's figure, ours, the ratio, and the conventional baseline measured in the
-same run with its ratio. Pure: no I/O, so the table is tested with made-up results, and
-RESULTS.md is rebuilt from the JSON through the same rows."""
+module, the paper's figure, ours, the ratio, the conventional baseline measured in the
+same run with its ratio, and the ceiling measured in the same run (what the machine does
+at best for the same work) with ours over it and the target for that ratio. Pure: no I/O,
+so the table is tested with made-up results, and RESULTS.md is rebuilt from the JSON
+through the same rows."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from bench.ceiling import TARGETS
 
 BPS, KEYS = "b/s", "keys/s"
 
@@ -53,7 +57,10 @@ def fmt_ratio(r: float | None) -> str:
 @dataclass(frozen=True)
 class Row:
     """One figure of the table. ``baseline`` is ours, measured in the same run the
-    conventional way (``baseline_name``); ``paper_baseline`` the paper's own, if any."""
+    conventional way (``baseline_name``); ``paper_baseline`` the paper's own, if any.
+    ``ceiling`` is the same work without our code in the way, measured in the same run
+    (``ceiling_name``); ``target`` the least ours / ceiling should be. A row without a
+    target is judged by ``floor_met`` (the bench's own criterion), if at all."""
 
     module: str
     figure: str = ""
@@ -64,6 +71,9 @@ class Row:
     paper_baseline: Quantity | None = None
     floor_met: bool | None = None
     error: str | None = None
+    ceiling: Quantity | None = None
+    ceiling_name: str = ""
+    target: float | None = None
 
     @property
     def ratio_vs_paper(self) -> float | None:
@@ -73,27 +83,49 @@ class Row:
     def ratio_vs_baseline(self) -> float | None:
         return ratio(self.ours, self.baseline)
 
+    @property
+    def ratio_vs_ceiling(self) -> float | None:
+        return ratio(self.ours, self.ceiling)
+
+    @property
+    def met(self) -> bool | None:
+        """The target met (None: no ceiling measured); without one, ``floor_met``."""
+        if self.target is None:
+            return self.floor_met
+        r = self.ratio_vs_ceiling
+        return None if r is None else r >= self.target
+
+    def _with_name(self, q: Quantity | None, name: str, sep: str, extra: str = "") -> str:
+        text = str(q) if q is not None else "-"
+        inside = "; ".join(x for x in (name, extra) if x)
+        return text + (f"{sep}({inside})" if inside else "")
+
+    def target_cell(self) -> str:
+        if self.target is None:
+            return "-" if self.floor_met is None else ("met" if self.floor_met else "not met")
+        verdict = {None: "no ceiling", True: "met", False: "not met"}[self.met]
+        return f">= {self.target:.2f}x: {verdict}"
+
     def cells(self, sep: str = " ") -> tuple[str, ...]:
-        """module, figure, paper, ours, x paper, conventional baseline, x baseline, floor;
-        ``sep`` goes between the baseline's figure and what it is."""
+        """module, figure, paper, ours, x paper, conventional baseline, x baseline,
+        ceiling, x ceiling, target; ``sep`` goes between a figure and what it is."""
         if self.error is not None:
-            return (self.module, f"FAILED: {self.error}", "-", "-", "-", "-", "-", "-")
+            return (self.module, f"FAILED: {self.error}", *("-",) * (len(COLUMNS) - 2))
         base = "-"
         if self.baseline is not None or self.paper_baseline is not None:
-            base = str(self.baseline) if self.baseline is not None else "-"
-            if self.baseline_name:
-                base += f"{sep}({self.baseline_name}"
-                base += f"; paper {self.paper_baseline})" if self.paper_baseline else ")"
-            elif self.paper_baseline:
-                base += f"{sep}(paper {self.paper_baseline})"
-        floor = "-" if self.floor_met is None else ("met" if self.floor_met else "not met")
+            paper = f"paper {self.paper_baseline}" if self.paper_baseline else ""
+            base = self._with_name(self.baseline, self.baseline_name, sep, paper)
+        ceil = "-" if self.ceiling is None else self._with_name(self.ceiling,
+                                                                self.ceiling_name, sep)
         return (self.module, self.figure, str(self.paper) if self.paper else "-",
                 str(self.ours) if self.ours else "-", fmt_ratio(self.ratio_vs_paper), base,
-                fmt_ratio(self.ratio_vs_baseline), floor)
+                fmt_ratio(self.ratio_vs_baseline), ceil, fmt_ratio(self.ratio_vs_ceiling),
+                self.target_cell())
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(ratio_vs_paper=self.ratio_vs_paper, ratio_vs_baseline=self.ratio_vs_baseline)
+        d.update(ratio_vs_paper=self.ratio_vs_paper, ratio_vs_baseline=self.ratio_vs_baseline,
+                 ratio_vs_ceiling=self.ratio_vs_ceiling, target_met=self.met)
         return d
 
     @classmethod
@@ -105,14 +137,15 @@ class Row:
                    ours=q(d.get("ours")), baseline=q(d.get("baseline")),
                    baseline_name=d.get("baseline_name", ""),
                    paper_baseline=q(d.get("paper_baseline")), floor_met=d.get("floor_met"),
-                   error=d.get("error"))
+                   error=d.get("error"), ceiling=q(d.get("ceiling")),
+                   ceiling_name=d.get("ceiling_name", ""), target=d.get("target"))
 
 
 COLUMNS = ("module", "figure", "paper", "ours", "x paper", "conventional baseline (same run)",
-           "x baseline", "floor")
+           "x baseline", "ceiling (same run)", "x ceiling", "target (x ceiling)")
 # the rich table's narrower headers (the markdown has room for the long ones)
 SHORT = ("module", "figure", "paper", "ours", "x paper", "baseline (same run)", "x base",
-         "floor")
+         "ceiling (same run)", "x ceil", "target")
 
 
 # ---- rows per bench: the JSON fields each bench documents in bench/README.md ---------------
@@ -120,48 +153,62 @@ SHORT = ("module", "figure", "paper", "ours", "x paper", "baseline (same run)", 
 def lkm_rows(r: dict) -> list[Row]:
     return [Row("local key manager", "key into rings, 1 MiB blocks", mbps(r["paper_mbps"]),
                 gbps(r["ours_gbps"]), gbps(r.get("baseline_gbps")), "4 KiB blocks",
-                floor_met=r.get("meets_floor"))]
+                ceiling=gbps(r.get("ceiling_source_gbps")),
+                ceiling_name="key source alone", target=TARGETS["lkm"]["ratio_vs_ceiling"])]
 
 
 def otp_rows(r: dict) -> list[Row]:
     paper = r.get("paper", {})
     mtus = [p["mtu"] for p in r.get("points", []) if p.get("mode") == "proposed"]
     top = f"MTU {max(mtus)}" if mtus else "largest MTU"
+    t = TARGETS["otp"]
     return [
         Row("OTP tunnel", f"direct, {top}", mbps(paper.get("direct_mbps", 185.0)),
             gbps(r["direct_gbps"]), gbps(r.get("baseline_gbps")),
             "per-packet removal, MTU 1500", mbps(paper.get("conventional_mbps", 3.92)),
-            floor_met=r.get("meets_floor")),
+            ceiling=gbps(r.get("ceiling_direct_gbps")), ceiling_name="bare underlay",
+            target=t["ratio_direct_vs_ceiling"]),
         Row("OTP tunnel", f"via one relay, {top}", mbps(paper.get("relay_mbps", 123.0)),
             gbps(r["relay_gbps"]), gbps(r.get("baseline_relay_gbps")),
-            "per-packet removal, MTU 1500", mbps(3.81)),
+            "per-packet removal, MTU 1500", mbps(3.81),
+            ceiling=gbps(r.get("ceiling_relay_gbps")),
+            ceiling_name="bare underlay, kernel forwarding", target=t["ratio_relay_vs_ceiling"]),
     ]
 
 
 def gkm_rows(r: dict) -> list[Row]:
     paper = r.get("paper", {}).get("mbps_at_1MB", 85.0)
+    store = gbps(r.get("ceiling_store_gbps"))
     rows = [Row("global key manager", "1 MiB keys, direct", mbps(paper),
                 gbps(r["direct_gbps_at_1MiB"]), gbps(r.get("baseline_gbps_at_1MiB")),
-                "stop and wait", floor_met=r.get("meets_floor"))]
+                "stop and wait", ceiling=store, ceiling_name="bare RocksDB store",
+                target=TARGETS["gkm"]["ratio_vs_ceiling"])]
     if r.get("relay_gbps_at_1MiB") is not None:
         rows.append(Row("global key manager", "1 MiB keys, via one relay",
-                        ours=gbps(r["relay_gbps_at_1MiB"])))
+                        ours=gbps(r["relay_gbps_at_1MiB"]), ceiling=store,
+                        ceiling_name="bare RocksDB store"))
     return rows
 
 
 def api_rows(r: dict) -> list[Row]:
     paper = r.get("paper", {}).get("mbps_at_1MB", 971.0)
+    t = TARGETS["api"]
     rows = []
     if r.get("gbps_at_1MiB") is not None:
         rows.append(Row("key API", "enc_keys, 1 MiB keys", mbps(paper), gbps(r["gbps_at_1MiB"]),
                         gbps(r.get("baseline_gbps_at_1MiB")), "new TLS connection per key",
-                        floor_met=r.get("meets_floor")))
+                        ceiling=gbps(r.get("ceiling_gbps_at_1MiB")),
+                        ceiling_name="bare Sanic endpoint", target=t["ratio_1MiB_vs_ceiling"]))
     small = next((p for p in r.get("points", []) if p.get("bits") == 256), None)
     if small is not None:
+        ceil = small.get("ceiling_keys_per_s")
         rows.append(Row("key API", "enc_keys, 256-bit keys", None,
                         Quantity(small["keys_per_s"], KEYS),
                         Quantity(small["baseline_keys_per_s"], KEYS),
-                        "new TLS connection per key"))
+                        "new TLS connection per key",
+                        ceiling=None if ceil is None else Quantity(ceil, KEYS),
+                        ceiling_name="bare Sanic endpoint, one key a request",
+                        target=t["ratio_256bit_vs_ceiling"]))
     return rows or [Row("key API", "no 1 MiB or 256-bit point in this run")]
 
 
@@ -192,13 +239,15 @@ def relay_rows(r: dict) -> list[Row]:
 
 def generic_rows(module: str) -> Callable[[dict], list[Row]]:
     """Rows for a bench without its own: the common field names (``paper_mbps``,
-    ``ours_gbps``, ``baseline_gbps``, ``meets_floor``) where it has them."""
+    ``ours_gbps``, ``baseline_gbps``, ``ceiling_gbps``, ``meets_floor``) where it has
+    them."""
 
     def rows(r: dict) -> list[Row]:
         ours = next((r[k] for k in ("ours_gbps", "gbps", "direct_gbps") if k in r), None)
         return [Row(module, r.get("figure", "see the JSON"), mbps(r.get("paper_mbps")),
                     gbps(ours), gbps(r.get("baseline_gbps")), r.get("baseline_name", ""),
-                    floor_met=r.get("meets_floor"))]
+                    floor_met=r.get("meets_floor"), ceiling=gbps(r.get("ceiling_gbps")),
+                    ceiling_name=r.get("ceiling_name", ""))]
 
     return rows
 
@@ -213,6 +262,28 @@ def rows_of(module: str, result: dict | None, error: str | None,
         return rows(result)
     except (KeyError, TypeError, ValueError) as e:
         return [Row(module, error=f"result unreadable ({type(e).__name__}: {e})")]
+
+
+CALIBRATION = (("memcpy_gbps", "memory copy"), ("poly1305_gbps", "Poly1305"),
+               ("xor_gbps", "XOR"), ("veth_tcp_gbps", "veth TCP"))
+
+
+def calibration_line(cal: dict | None) -> str:
+    """The machine's calibration of the run in one line (the figures, in the order of
+    ``CALIBRATION``; a step that failed says so)."""
+    if not cal:
+        return "no calibration in this run"
+    parts = []
+    for key, name in CALIBRATION:
+        v = cal.get(key)
+        if v is None:
+            parts.append(f"{name} failed" if key in cal.get("errors", {}) else f"{name} -")
+        else:
+            extra = f" ({cal['poly1305_backend']})" if key == "poly1305_gbps" and \
+                cal.get("poly1305_backend") else ""
+            parts.append(f"{name} {gbps(v)}{extra}")
+    load = cal.get("load_before")
+    return ", ".join(parts) + (f"; load average {load[0]:.1f}" if load else "")
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -231,12 +302,12 @@ def rich_table(rows: list[Row], title: str):
     t = Table(title=title)
     for c in SHORT:
         t.add_column(c, justify="right" if c.startswith("x ") else "left",
-                     no_wrap=c in ("paper", "ours", "x paper", "x base", "floor"))
+                     no_wrap=c in ("paper", "ours", "x paper", "x base", "x ceil"))
     for r in rows:
         cells = [Text(c) for c in r.cells(sep="\n")]
         if r.error is not None:
             cells[1].stylize("red")
-        elif r.floor_met is False:
+        elif r.met is False:
             cells[-1].stylize("red")
         t.add_row(*cells)
     return t

@@ -417,6 +417,8 @@ def bench_api(
     baseline_seconds: Annotated[float, typer.Option(help="conventional pull time per size")]
     = 3.0,
     repeat: Annotated[int, typer.Option(min=1, help="pulls per size; the median counts")] = 3,
+    ceiling_seconds: Annotated[float, typer.Option(
+        help="pull time per size from the bare Sanic endpoint (the ceiling)")] = 3.0,
     plot: Annotated[Path, typer.Option(help="PNG plot")] = Path("bench/results/api-size.png"),
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -443,8 +445,8 @@ def bench_api(
         raise typer.BadParameter("must be 1 MiB to 4 GiB", param_hint="--store")
     sz = tuple(bits(v) for v in size) if size else DEFAULT_SIZES
     result = _bench(run, sizes=sz, keys=keys, store_max=store_b, clients=clients,
-                    workers=workers, baseline_s=baseline_seconds, repeat=repeat, plot_path=plot,
-                    console=err if as_json else out)
+                    workers=workers, baseline_s=baseline_seconds, repeat=repeat,
+                    ceiling_s=ceiling_seconds, plot_path=plot, console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
 
@@ -488,6 +490,21 @@ def bench_relay(
                     repeat=repeat, plot_path=plot, console=err if as_json else out)
     if as_json:
         print(json.dumps(result))
+
+
+@bench_app.command("calibrate")
+def bench_calibrate(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The machine's calibration (memory copy, Poly1305, XOR, veth TCP between two scratch
+    namespaces), as 'bench all' records it: to compare runs on two machines."""
+    need_root()
+    from bench.calibrate import run
+    from bench.summary import calibration_line
+
+    result = run(err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        out.print(calibration_line(result), highlight=False)
 
 
 @bench_app.command("all")

@@ -20,6 +20,7 @@ from bench.summary import (
     Quantity,
     Row,
     api_rows,
+    calibration_line,
     fmt_ratio,
     gbps,
     gkm_rows,
@@ -67,11 +68,12 @@ def test_ratios_are_none_where_they_mean_nothing():
 
 
 def test_rows_match_what_each_bench_computed_itself():
-    lkm = recorded("2026-11-26-lkm.json")
+    lkm = recorded("2026-11-26-lkm.json")  # before ceilings: the target cannot be judged
     (r,) = lkm_rows(lkm)
     assert r.ratio_vs_paper == pytest.approx(lkm["ratio_vs_paper"])
     assert r.ratio_vs_baseline == pytest.approx(lkm["ratio_vs_baseline"])
-    assert r.floor_met is True
+    assert r.ceiling is None and r.target == 0.5 and r.met is None
+    assert r.cells()[-3:] == ("-", "-", ">= 0.50x: no ceiling")
 
     otp = recorded("2026-11-26-otp.json")
     direct, relay = otp_rows(otp)
@@ -92,7 +94,7 @@ def test_rows_match_what_each_bench_computed_itself():
     big, small = api_rows(api)
     assert big.ratio_vs_paper == pytest.approx(api["ratio_vs_paper"])
     assert big.ratio_vs_baseline == pytest.approx(api["ratio_vs_baseline_at_1MiB"])
-    assert big.floor_met is False and big.cells()[-1] == "not met"
+    assert big.met is None and big.cells()[-1] == ">= 0.50x: no ceiling"
     assert small.ours == Quantity(api["keys_per_s_at_256bit"], KEYS)
     assert small.ratio_vs_baseline > 1
 
@@ -100,6 +102,52 @@ def test_rows_match_what_each_bench_computed_itself():
     (g,) = guard_rows(guard)
     assert g.paper is None
     assert g.ratio_vs_baseline == pytest.approx(guard["ratio_gbps_on_vs_off"])
+    assert g.target is None and g.met is True and g.cells()[-1] == "met"  # its own criterion
+
+
+def test_rows_carry_each_ceiling_and_judge_its_target_as_the_bench_did():
+    lkm = recorded("2026-12-02-lkm-ceiling.json")
+    (r,) = lkm_rows(lkm)
+    assert r.ratio_vs_ceiling == pytest.approx(lkm["ratio_vs_ceiling"])
+    assert r.met is lkm["meets_floor"]
+    assert r.ceiling_name == "key source alone"
+
+    otp = recorded("2026-12-02-otp-ceiling.json")
+    direct, relay = otp_rows(otp)
+    assert direct.ratio_vs_ceiling == pytest.approx(otp["ratio_direct_vs_ceiling"])
+    assert relay.ratio_vs_ceiling == pytest.approx(otp["ratio_relay_vs_ceiling"])
+    assert (direct.target, relay.target) == (0.5, 0.25)
+    assert (direct.met and relay.met) is otp["meets_floor"]
+
+    gkm = recorded("2026-12-02-gkm-ceiling.json")
+    d, via = gkm_rows(gkm)
+    assert d.ratio_vs_ceiling == pytest.approx(gkm["ratio_vs_ceiling"])
+    assert d.met is gkm["meets_floor"] and d.target == 0.7
+    assert via.ceiling == d.ceiling and via.target is None and via.met is None
+
+    api = recorded("2026-12-02-api-ceiling.json")
+    big, small = api_rows(api)
+    assert big.ratio_vs_ceiling == pytest.approx(api["ratio_1MiB_vs_ceiling"])
+    assert small.ratio_vs_ceiling == pytest.approx(api["ratio_256bit_vs_ceiling"])
+    assert small.ceiling.unit == KEYS and big.ceiling.unit == "b/s"
+    assert (big.met and small.met) is api["meets_floor"]
+
+
+def test_the_target_cell_says_the_target_and_whether_it_was_met():
+    def row(ours: float, ceiling: float | None, target: float | None = 0.5, floor=None):
+        return Row("m", "f", ours=gbps(ours), ceiling=gbps(ceiling), ceiling_name="bare",
+                   target=target, floor_met=floor)
+
+    assert row(1.0, 2.0).met is True and row(1.0, 2.0).cells()[-1] == ">= 0.50x: met"
+    assert row(0.99, 2.0).met is False and row(0.99, 2.0).cells()[-1] == ">= 0.50x: not met"
+    assert row(1.0, None).met is None
+    assert row(1.0, 2.0, target=None, floor=False).met is False  # no target: its own floor
+    assert row(1.0, 2.0, target=None).cells()[-1] == "-"
+    assert row(1.0, 4.0).cells()[7:9] == ("4.00 Gb/s (bare)", "0.25x")
+    assert row(1.0, 4.0).cells(sep="\n")[7] == "4.00 Gb/s\n(bare)"
+    d = row(1.0, 4.0).to_dict()
+    assert d["ratio_vs_ceiling"] == 0.25 and d["target_met"] is False
+    assert Row("m", error="x").cells() == ("m", "FAILED: x", *("-",) * 8)
 
 
 def test_relay_rows_compare_the_most_hops_with_one_hop_of_the_same_run():
@@ -135,17 +183,31 @@ def test_markdown_table_has_a_cell_per_column_and_escapes_pipes():
     md = markdown_table([Row("a|b", "fig", mbps(1), gbps(1)), Row("c", error="x | y")])
     lines = md.splitlines()
     assert len(lines) == 4
-    assert all(ln.replace("\\|", "").count("|") == 9 for ln in lines)
+    assert all(ln.replace("\\|", "").count("|") == 11 for ln in lines)
     assert "a\\|b" in lines[2] and "FAILED: x \\| y" in lines[3]
 
 
 # ---- RESULTS.md ----------------------------------------------------------------------------
+
+CALIBRATION = {"memcpy_gbps": 92.3, "poly1305_gbps": 19.04, "poly1305_backend": "openssl-evp",
+               "xor_gbps": 85.6, "veth_tcp_gbps": None, "load_before": [1.25, 1.0, 0.5],
+               "errors": {"veth_tcp_gbps": "IperfError: no iperf3"}, "seconds": 4.2}
+
+
+def test_calibration_line_names_each_figure_and_what_failed():
+    line = calibration_line(CALIBRATION)
+    assert line == ("memory copy 92.30 Gb/s, Poly1305 19.04 Gb/s (openssl-evp), XOR 85.60 "
+                    "Gb/s, veth TCP failed; load average 1.2")
+    assert calibration_line(None) == "no calibration in this run"
+    assert calibration_line({"memcpy_gbps": 1.5}).startswith("memory copy 1.50 Gb/s, Poly1305 -")
+
 
 def fake_report(**over) -> dict:
     data = {"date": "2026-11-28", "seconds": 693.0, "profile": "full",
             "machine": {"cpu_model": "AMD EPYC 7B13", "cores": 2, "memory_bytes": 24 << 30,
                         "kernel": "6.18.44", "os": "Debian GNU/Linux 12 (bookworm)",
                         "python": "3.11.7"},
+            "calibration": CALIBRATION,
             "benches": {"lkm": {"ok": True, "result": {"plot": None}},
                         "otp": {"ok": True, "result": {"plot": "/x/bench/results/otp-mtu.png"}},
                         "gkm": {"ok": False, "result": None}},
@@ -160,6 +222,7 @@ def test_section_names_machine_table_failures_and_files():
     assert s.startswith(record.BEGIN) and s.endswith(record.END)
     assert "AMD EPYC 7B13, 2 cores, 24 GiB, kernel 6.18.44" in s
     assert "took 11 min 33 s" in s
+    assert "Calibration (same run, best short windows): memory copy 92.30 Gb/s" in s
     assert "| local key manager | key into rings, 1 MiB blocks | 414 Mb/s | 6.44 Gb/s | 15.6x" in s
     assert "FAILED: store not full" in s and "Failed: gkm" in s
     assert "`bench/results/2026-11-28.json`" in s and "`bench/results/otp-mtu.png`" in s
@@ -325,13 +388,14 @@ def test_every_bench_passing_exits_zero_and_main_writes_json_and_records(tmp_pat
     md.write_text("# Benchmark results\n\n## Old section\nkept\n")
     code = ball.main(quick=False, out_dir=tmp_path / "res", only=["one", "three"],
                      record=True, as_json=False, out=quiet(), err=quiet(), results_md=md,
-                     registry=registry, loader=loader)
+                     registry=registry, loader=loader, calibration=lambda c: CALIBRATION)
     assert code == 0 and calls == ["one", "three"]
     (js,) = (tmp_path / "res").glob("*.json")
     data = json.loads(js.read_text())
     assert js.name == f"{data['date']}.json"
     assert set(data["benches"]) == {"one", "three"}
     assert data["machine"]["cores"] == os.cpu_count() and data["machine"]["kernel"]
+    assert data["calibration"] == CALIBRATION
     text = md.read_text()
     assert text.index(record.BEGIN) < text.index("## Old section") and "kept" in text
     assert "module one" in text and "module three" in text
@@ -343,9 +407,23 @@ def test_quick_run_without_record_leaves_results_md_alone(tmp_path):
     md.write_text("# r\n")
     code = ball.main(quick=True, out_dir=tmp_path, only=None, record=False, as_json=False,
                      out=quiet(), err=quiet(), results_md=md, registry=registry,
-                     loader=loader)
+                     loader=loader, calibration=lambda c: CALIBRATION)
     assert code == 0 and md.read_text() == "# r\n"
     assert [p.name.endswith("-quick.json") for p in tmp_path.glob("*.json")] == [True]
+
+
+def test_an_interrupt_while_calibrating_runs_no_bench_and_writes_nothing(tmp_path):
+    calls: list[str] = []
+    registry, loader = fake_registry(calls)
+
+    def calibration(console: Console) -> dict:
+        raise KeyboardInterrupt
+
+    code = ball.main(quick=True, out_dir=tmp_path, only=None, record=True, as_json=False,
+                     out=quiet(), err=quiet(), results_md=tmp_path / "RESULTS.md",
+                     registry=registry, loader=loader, calibration=calibration)
+    assert code == 130 and calls == []
+    assert not list(tmp_path.glob("*.json")) and not (tmp_path / "RESULTS.md").exists()
 
 
 # ---- pieces ----------------------------------------------------------------------------------
