@@ -46,6 +46,7 @@ from bench.summary import (
     generic_rows,
     gkm_rows,
     guard_rows,
+    keyrate_rows,
     lkm_rows,
     otp_rows,
     relay_rows,
@@ -113,6 +114,10 @@ REGISTRY: tuple[Bench, ...] = (
           estimate_s=(75, 35)),
     Bench("relay", "global key relay", "bench.relay:run", relay_rows,
           quick={"hops": (1, 8), "repeat": 1}, plot="relay-hops", estimate_s=(130, 80)),
+    Bench("keyrate", "key economy", "bench.keyrate:run", keyrate_rows,
+          full={"rates": (1.0, 10.0, 100.0, 1000.0), "baseline_rate": 10.0},
+          quick={"rates": (10.0, 1000.0), "baseline_rate": None},
+          plot="keyrate", estimate_s=(330, 110)),
 )
 
 

@@ -173,9 +173,9 @@ def measure(rate: float, mode: str, console: Console, first_timeout: float = 120
 def run(rates: tuple[float, ...] = DEFAULT_RATES, baseline_rate: float | None = 10.0,
         plot_path: Path | None = None, console: Console | None = None) -> dict:
     console = console or Console()
-    console.print(f"[bold]bench keyrate[/bold]: the triangle at {', '.join(f'{r:g}' for r in rates)}"
-                  f" Mb/s per link, sizes from the rate; global key A->B; {os.cpu_count()} "
-                  "cores")
+    listed = ", ".join(f"{r:g}" for r in rates)
+    console.print(f"[bold]bench keyrate[/bold]: the triangle at {listed} Mb/s per link, "
+                  f"sizes from the rate; global key A->B; {os.cpu_count()} cores")
     points = []
     for rate in rates:
         console.print(f"  {rate:g} Mb/s: bringing up, first key, fill, idle ...")
@@ -193,6 +193,18 @@ def run(rates: tuple[float, ...] = DEFAULT_RATES, baseline_rate: float | None = 
         console.print(f"    fill {baseline['fill_mbps']:.2f} Mb/s, efficiency "
                       f"{baseline['efficiency'] or 0:.3f}")
     return summarize(points, baseline, plot_path, console)
+
+
+def parse_rates(text: str) -> tuple[float, ...]:
+    """'1,10,100' -> (1.0, 10.0, 100.0): distinct rates from 0.5 to 10,000 Mb/s."""
+    try:
+        rates = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BenchError(f"expected rates in Mb/s separated by commas, got {text!r}") from None
+    if not rates or len(set(rates)) != len(rates) \
+            or not all(0.5 <= r <= 10_000 for r in rates):
+        raise BenchError("give distinct rates from 0.5 to 10000 Mb/s, e.g. 1,10,100,1000")
+    return rates
 
 
 def _at(points: list[dict], rate: float) -> dict | None:

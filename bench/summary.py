@@ -237,6 +237,32 @@ def relay_rows(r: dict) -> list[Row]:
     return rows
 
 
+def keyrate_rows(r: dict) -> list[Row]:
+    """Global key fill per QKD key rate: the ceiling is the key the direction gets (a fill
+    cannot exceed it); the baseline, at its one rate, the conventional dataplane's fill;
+    each row is judged by its own floor (efficiency, the fill at 1 Mb/s, idle spend)."""
+    floor = r.get("floor", {})
+    base = r.get("baseline") or {}
+    rows = []
+    for p in sorted(r.get("points", []), key=lambda p: p["rate_mbps"]):
+        rate = p["rate_mbps"]
+        eff, idle = p.get("efficiency"), p.get("idle_burn_kbps")
+        met = idle is not None and idle <= floor.get("idle_burn_kbps", float("inf"))
+        if rate in (10.0, 100.0):
+            met = met and eff is not None and eff >= floor.get(
+                f"efficiency_at_{rate:g}mbps", 0.0)
+        if rate == 1.0:
+            met = met and p["fill_mbps"] >= floor.get("fill_mbps_at_1mbps", 0.0)
+        same = base.get("rate_mbps") == rate
+        rows.append(Row("key economy", f"global key fill, {rate:g} Mb/s links (efficiency "
+                                       f"{eff or 0:.3f}, idle {idle or 0:.1f} kb/s/link)",
+                        None, mbps(p["fill_mbps"]), mbps(base["fill_mbps"]) if same else None,
+                        "conventional dataplane" if same else "", floor_met=met,
+                        ceiling=mbps(p.get("ceiling_mbps")),
+                        ceiling_name="the direction's key"))
+    return rows or [Row("key economy", error="no key rate measured")]
+
+
 def generic_rows(module: str) -> Callable[[dict], list[Row]]:
     """Rows for a bench without its own: the common field names (``paper_mbps``,
     ``ours_gbps``, ``baseline_gbps``, ``ceiling_gbps``, ``meets_floor``) where it has

@@ -507,6 +507,31 @@ def bench_calibrate(as_json: Annotated[bool, typer.Option("--json")] = False) ->
         out.print(calibration_line(result), highlight=False)
 
 
+@bench_app.command("keyrate")
+def bench_keyrate(
+    rates: Annotated[str, typer.Option(help="QKD key rates per link, Mb/s, comma-separated")]
+    = "1,10,100,1000",
+    baseline: Annotated[float | None, typer.Option(
+        help="rate at which the conventional dataplane is measured too; 0: none")] = 10.0,
+    plot: Annotated[Path, typer.Option(help="PNG plot")] = Path("bench/results/keyrate.png"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Key economy: per QKD key rate, global key fill, its efficiency (global key over the
+    link's key spent for it), idle key spent per link and time to first global key."""
+    need_root()
+    from bench.keyrate import parse_rates, run
+    from bench.otp import BenchError
+
+    try:
+        r = parse_rates(rates)
+    except BenchError as e:
+        raise typer.BadParameter(str(e), param_hint="--rates") from None
+    result = _bench(run, rates=r, baseline_rate=baseline or None, plot_path=plot,
+                    console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
 @bench_app.command("all")
 def bench_all(
     quick: Annotated[bool, typer.Option(help="a smoke run of a few minutes: short runs, "

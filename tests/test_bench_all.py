@@ -281,9 +281,10 @@ def test_record_puts_the_same_table_in_a_readme_with_markers_only(tmp_path):
 
 def test_registry_names_every_bench_once_with_its_rows():
     names = [b.name for b in ball.REGISTRY]
-    assert names == ["lkm", "otp", "gkm", "api", "guard", "relay"]
+    assert names == ["lkm", "otp", "gkm", "api", "guard", "relay", "keyrate"]
     assert len(set(names)) == len(names)
-    assert {b.plot for b in ball.REGISTRY} >= {"otp-mtu", "gkm-size", "api-size", "relay-hops"}
+    assert {b.plot for b in ball.REGISTRY} >= {"otp-mtu", "gkm-size", "api-size", "relay-hops",
+                                               "keyrate"}
     for b in ball.REGISTRY:
         mod, _, fn = b.target.partition(":")
         assert (RESULTS.parent / f"{mod.split('.')[-1]}.py").exists() and fn == "run"
@@ -468,3 +469,27 @@ def test_median_run_picks_the_middle_and_lists_every_run_in_rank_order():
     assert by_keys["n"] == 1 and by_keys["runs_keys_per_s"] == [10, 30, 50]
     assert by_keys["runs_gbps"] == [2.0, 3.0, 1.0]
     assert "runs_gbps" not in runs[0]  # the runs themselves are left as they were
+
+
+def test_keyrate_rows_judge_each_rate_by_its_floor():
+    from bench.summary import keyrate_rows
+
+    floor = {"efficiency_at_10mbps": 0.8, "efficiency_at_100mbps": 0.8,
+             "fill_mbps_at_1mbps": 0.3, "idle_burn_kbps": 16.0}
+
+    def pt(rate, fill, eff, idle):
+        return {"rate_mbps": rate, "fill_mbps": fill, "efficiency": eff,
+                "idle_burn_kbps": idle, "ceiling_mbps": rate / 2}
+
+    r = {"floor": floor, "baseline": {"rate_mbps": 10.0, "fill_mbps": 3.0},
+         "points": [pt(10.0, 4.4, 0.95, 10.1), pt(1.0, 0.2, 0.9, 9.0),
+                    pt(100.0, 40.0, 0.7, 10.0), pt(1000.0, 600.0, 0.99, 30.0)]}
+    rows = keyrate_rows(r)
+    assert [row.figure.split(",")[1].strip().split(" ")[0] for row in rows] == \
+        ["1", "10", "100", "1000"]
+    assert [row.met for row in rows] == [False, True, False, False]  # fill, -, eff, idle
+    ten = rows[1]
+    assert ten.ratio_vs_baseline == pytest.approx(4.4 / 3.0)
+    assert ten.ratio_vs_ceiling == pytest.approx(4.4 / 5.0)
+    assert rows[0].baseline is None
+    assert keyrate_rows({"points": []})[0].error
