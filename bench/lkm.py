@@ -73,7 +73,8 @@ class _Rings:
             for r in list(self.rings.values()):
                 with contextlib.suppress(RingError):
                     if r.is_enc:  # as an OTP worker on a lane of its own would
-                        r.claim_chunk(BENCH_LANE, r.capacity)
+                        pos, n = r.claim_chunk(BENCH_LANE, r.capacity)
+                        r.set_used(BENCH_LANE, pos + n)  # all of it used: none handed back
                         r.retire(BENCH_LANE)
                     else:
                         r.release(r.write_pos)
