@@ -4,7 +4,10 @@
 Three kinds in turn, as an attacker on the underlay could send them to a link end's tunnel
 ports: from its own (foreign) address; from the peer's address (spoofed, raw socket) with
 a malformed header; from the peer's address with a well-formed header naming a key position
-the receiver has long passed (a replay of old traffic). Prints one JSON line: what it sent.
+the receiver has long passed (a replay of old traffic). With ``--ahead-ring``, one kind
+instead: well-formed, from the peer's address, naming key just beyond what the receiver
+has stored (positions an attacker reads off the underlay, where headers are clear): a
+worker that waited for such key would stall. Prints one JSON line: what it sent.
 """
 
 from __future__ import annotations
@@ -43,6 +46,49 @@ def stale_datagram(size: int, link: int, direction: int, lane: int) -> bytes:
     return buf.tobytes()
 
 
+def ahead_datagram(size: int, link: int, direction: int, lane: int, pos: int) -> bytes:
+    """Well-formed framing naming key at ``pos`` with a random tag."""
+    n = max(0, size - wire.OVERHEAD)
+    buf = np.zeros(wire.datagram_len(n), dtype=np.uint8)
+    wire.HEADER.pack_into(buf, 0, wire.VERSION, 0, direction, lane, link, 0, pos, 0, n, 0)
+    buf[wire.HEADER_LEN + n:] = np.frombuffer(os.urandom(wire.TAG_LEN), np.uint8)
+    return buf.tobytes()
+
+
+def flood_ahead(a, raw: socket.socket, ports: list[int]) -> dict:
+    """Datagrams naming the key just beyond the receiving ring's write position, on every
+    lane of every worker port, following the ring as key is stored."""
+    from dataplane.ring import CONTROL_LANE, KeyRing
+
+    ring = KeyRing.attach(a.ahead_ring)
+    lanes = [(lane, ports[lane % len(ports)]) for lane in range(CONTROL_LANE)]
+    sent, errors, built, batch = 0, 0, -1, []
+    start = time.monotonic()
+    end = start + a.seconds
+    try:
+        while (now := time.monotonic()) < end:
+            if a.pps and sent > (now - start) * a.pps:  # paced: at most pps a second
+                time.sleep(0.001)
+                continue
+            w = ring.write_pos
+            if w != built:  # (built once per position: the flood's own CPU stays small)
+                batch = [spoofed(a.peer, a.dst, 40000, port,
+                                 ahead_datagram(a.size, a.link, a.direction, lane,
+                                                w + 4096 * (1 + k)))
+                         for k, (lane, port) in enumerate(lanes)]
+                built = w
+            for data in batch:
+                try:
+                    raw.sendto(data, (a.dst, 0))
+                except OSError:
+                    errors += 1
+                    continue
+                sent += 1
+    finally:
+        ring.close()
+    return {"sent": {"ahead": sent}, "errors": errors}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, required=True)
@@ -54,11 +100,18 @@ def main() -> None:
     ap.add_argument("--link", type=int, default=0)
     ap.add_argument("--direction", type=int, default=0)
     ap.add_argument("--size", type=int, default=128, help="UDP payload bytes")
+    ap.add_argument("--ahead-ring", help="the receiver's DEC ring: flood key just beyond it")
+    ap.add_argument("--pps", type=float, default=0.0, help="at most this many a second (0: "
+                                                          "as fast as it can)")
     a = ap.parse_args()
     plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     plain.bind((a.src, 0))
     raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     ports = [a.port_lo + 1 + i for i in range(a.ports)]
+    if a.ahead_ring:
+        out = flood_ahead(a, raw, ports)
+        print(json.dumps({**out, "seconds": a.seconds, "size": a.size}))
+        return
     junk = os.urandom(a.size)
     kinds = []
     for i, port in enumerate(ports):

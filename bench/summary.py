@@ -213,9 +213,14 @@ def api_rows(r: dict) -> list[Row]:
 
 
 def guard_rows(r: dict) -> list[Row]:
-    return [Row("XDP guard", "iperf3 under a forged flood", None,
+    rows = [Row("XDP guard", "iperf3 under a forged flood", None,
                 gbps(r["flood_gbps_on"]), gbps(r["flood_gbps_off"]), "guard off",
                 floor_met=r.get("guard_helps"))]
+    if "ahead_gbps" in r:
+        rows.append(Row("XDP guard", "iperf3 under a flood naming key ahead", None,
+                        gbps(r["ahead_gbps"]), gbps(r["clean_gbps_on"]), "no flood",
+                        floor_met=r.get("ahead_holds")))
+    return rows
 
 
 def relay_rows(r: dict) -> list[Row]:

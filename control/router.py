@@ -56,6 +56,35 @@ def _unreachable_installed(ip: IPRoute, net: ipaddress.IPv4Network) -> bool:
                for r in ip.get_routes(family=socket.AF_INET))
 
 
+UNDERLAY_RULE_PREF = 10  # "from an underlay to a node address: drop", before ...
+LOCAL_RULE_PREF = 100  # ... the lookup of local addresses, moved here from 0
+RT_TABLE_LOCAL = 255
+FR_ACT_BLACKHOLE = 6
+
+
+def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
+                             net: ipaddress.IPv4Network) -> None:
+    """Packets that arrive on an underlay interface for a node address are dropped: node
+    addresses are reachable only through the OTP tunnels (the relay, the key API and the
+    metrics listen there, and trust what comes from a node address). With reverse-path
+    filtering off, the kernel would deliver such a packet locally; a policy rule for each
+    underlay interface, consulted before the local table, drops it instead. The local
+    table's rule moves from priority 0 to LOCAL_RULE_PREF (added there first, so local
+    delivery never stops). The XDP guard drops the same packets earlier where it runs."""
+    rules = ip.get_rules(family=socket.AF_INET)
+    prefs = {(r.get_attr("FRA_PRIORITY") or 0, r.get_attr("FRA_TABLE") or r["table"],
+              r.get_attr("FRA_IIFNAME"), r["action"]) for r in rules}
+    for ifname in underlays:
+        if (UNDERLAY_RULE_PREF, 0, ifname, FR_ACT_BLACKHOLE) not in prefs:
+            ip.rule("add", priority=UNDERLAY_RULE_PREF, iifname=ifname,
+                    dst=str(net.network_address), dst_len=net.prefixlen,
+                    action=FR_ACT_BLACKHOLE)
+    if not any(p == LOCAL_RULE_PREF and t == RT_TABLE_LOCAL for p, t, _, _ in prefs):
+        ip.rule("add", priority=LOCAL_RULE_PREF, table=RT_TABLE_LOCAL)
+    if any(p == 0 and t == RT_TABLE_LOCAL for p, t, _, _ in prefs):
+        ip.rule("del", priority=0, table=RT_TABLE_LOCAL)
+
+
 def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str) -> None:
     """Make the node's namespace safe, then give it its address. In this order, because a
     service binds the node address as soon as it exists: first ``node_net`` unreachable,
@@ -73,10 +102,15 @@ def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str
         if not _unreachable_installed(ip, net):
             raise SetupError(f"the unreachable route for node_net {node_net} is not in "
                              f"the main table after installing it")
-        for under in underlay_addresses:
-            for a in ip.get_addr(address=under):
-                link = ip.get_links(a["index"])[0]
-                _sysctl(f"net.ipv4.conf.{link.get_attr('IFLA_IFNAME')}.forwarding", "0")
+        underlays = [ip.get_links(a["index"])[0].get_attr("IFLA_IFNAME")
+                     for under in underlay_addresses for a in ip.get_addr(address=under)]
+        for ifname in underlays:
+            _sysctl(f"net.ipv4.conf.{ifname}.forwarding", "0")
+        try:
+            _close_underlay_to_nodes(ip, underlays, net)
+        except NetlinkError as e:
+            raise SetupError(f"cannot close the underlay to node addresses (policy rules): "
+                             f"{e.args[1] if len(e.args) > 1 else e}") from None
         idx = ip.link_lookup(ifname=NODE_IFNAME)[0]
         have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)}
         try:

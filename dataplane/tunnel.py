@@ -36,7 +36,14 @@ from control import paths
 from control.config import DataplaneSpec, LinkSpec, Topology
 from control.statefile import write_json
 from dataplane import wire
-from dataplane.bpf.guard import RELEASE_SLOT, Guard, GuardError, GuardSpec, route_ifindex
+from dataplane.bpf.guard import (
+    RELEASE_SLOT,
+    STORED_SLOT,
+    Guard,
+    GuardError,
+    GuardSpec,
+    route_ifindex,
+)
 from dataplane.limits import KEEPALIVE_S, LINK_DEAD_S, LSDB_REFRESH_S, RELEASE_GRACE_S
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
 from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
@@ -77,6 +84,7 @@ class TunnelConfig:
     lsdb_path: Path
     audit_dir: Path | None
     guard_off: str | None = None  # why the node runs without the XDP guard (None: try it)
+    node_net: str = "0.0.0.0/32"  # node addresses: reachable through the tunnels only
 
     @classmethod
     def from_topology(cls, topo: Topology, node: str, link: LinkSpec,
@@ -103,10 +111,11 @@ class TunnelConfig:
             status_path=ndir / f"tun-{link.name}.json",
             lsa_path=ndir / f"lsa-{link.name}.json",
             lsdb_path=ndir / "lsdb.json",
-            audit_dir=Path(audit) if audit else None, guard_off=guard_off)
+            audit_dir=Path(audit) if audit else None, guard_off=guard_off,
+            node_net=str(topo.node_net))
 
     def guard_spec(self) -> GuardSpec:
-        return GuardSpec(peer_ip=self.peer_ip, port_lo=self.port_base,
+        return GuardSpec(peer_ip=self.peer_ip, port_lo=self.port_base, node_net=self.node_net,
                          workers=self.dp.workers, link=self.link.index,
                          direction=self.dec_dir)
 
@@ -265,7 +274,7 @@ class TunnelManager:
         self.started = time.time()
         self.guard: Guard | None = None
         self.guard_off = cfg.guard_off
-        self._floors_seen = (-1, -1)
+        self._floors_seen = (-1, -1, -1)
         self._lsdb_sent: list = []
         self._lsdb_sent_at = -LSDB_REFRESH_S
 
@@ -319,11 +328,13 @@ class TunnelManager:
                              f"([dataplane] guard = \"require\") but off: {self.guard_off}")
 
     def _publish_floors(self, dec: KeyRing) -> None:
-        """The control lane's and the release floors (the workers keep their lanes')."""
-        seen = (dec.lane_next(CONTROL_LANE), dec.release_pos)
+        """The control lane's and the release floors, and how far key is stored (the
+        workers keep their lanes' floors)."""
+        seen = (dec.lane_next(CONTROL_LANE), dec.release_pos, dec.write_pos)
         if self.guard is not None and seen != self._floors_seen:
             self.guard.floors.set(CONTROL_LANE, seen[0])
             self.guard.floors.set(RELEASE_SLOT, seen[1])
+            self.guard.floors.set(STORED_SLOT, seen[2])
             self._floors_seen = seen
 
     def guard_status(self) -> dict:
@@ -411,12 +422,14 @@ class TunnelManager:
 
     def _watch_key(self, enc: KeyRing, now: float) -> None:
         w = enc.write_pos
-        if w != self._write_seen or w - enc.claim_pos > self.cfg.link.sizes.reserve_bulk:
+        # "Key there" = room for one more full-size packet beyond the control reserve.
+        room = self.cfg.link.sizes.reserve_bulk + wire.pad_len(self.cfg.dp.mtu)
+        if w != self._write_seen or w - enc.claim_pos >= room:
             self.last_key = now
         self._write_seen = w
 
     def link_state(self, now: float) -> tuple[bool, str]:
-        # No key: none arrived and only the control reserve is left (data cannot go)
+        # No key: none arrived and no full packet fits beyond the control reserve
         # for key_dead_s (a few blocks' time at the link's rate), or not even a keepalive
         # could go for LINK_DEAD_S.
         if now - self.last_key > self.cfg.link.sizes.key_dead_s \

@@ -3,9 +3,11 @@
 Egress: packet from its TUN queue -> next bytes of the chunk of ENC key it holds -> XOR and
 one-time MAC (:mod:`dataplane.wire`) -> UDP to the peer's worker of the same lane.
 Ingress: datagram -> framing checks -> lane/replay/age checks -> MAC verify -> XOR with the
-DEC bytes the datagram names -> TUN. Nothing unauthenticated or replayed reaches the TUN,
-and nothing leaves without fresh key: with no key, a packet waits a bounded time and is
-dropped (counted), never sent in clear.
+DEC bytes the datagram names -> TUN. A datagram naming key not stored here yet is parked
+(dataplane.parking) and looked at again each loop, never waited for: no datagram anyone
+can send from the peer's address stalls the worker. Nothing unauthenticated or replayed
+reaches the TUN, and nothing leaves without fresh key: with no key, a packet waits a
+bounded time and is dropped (counted), never sent in clear.
 
 Lanes are the replay unit on the wire: within one, positions only grow. Worker *i* of a
 pool of *W* owns lanes i, i+W, i+2W, ... (at most MAX_SUBLANES): it sends on them, each
@@ -41,6 +43,7 @@ from dataplane.bpf.syscall import ArrayMap
 from dataplane.claims import ClaimSizer, lane_to_claim, pick_range
 from dataplane.classify import is_control
 from dataplane.limits import IDLE_RETIRE_S, MAX_KEY_LAG, MAX_SUBLANES
+from dataplane.parking import PARK_SLOTS, ParkingLot, ParkPacer
 from dataplane.ring import CONTROL_LANE, CursorFile, KeyRing, RingError
 from dataplane.stats import IDX, W_PEER_WORKERS, W_PID_BASE, LinkStats, new_counters
 from dataplane.tun import open_queue, vnet_header_ok
@@ -48,11 +51,13 @@ from dataplane.tun import open_queue, vnet_header_ok
 log = logging.getLogger("qkdnet.worker")
 SOCK_BUF = 8 << 20
 BATCH = 64  # packets handled per readiness event before polling again
+PARK_POLL_MS = 5  # while datagrams wait for key: how often an idle worker looks again
 FLUSH_S = 0.1
 AUDIT = struct.Struct("<BQQ")
 AUDIT_CLAIM, AUDIT_SENT, AUDIT_ACCEPTED = 1, 2, 3
 CLAIMS = IDX["claims"]
 DROP_RX_LANE = IDX["drop_rx_lane"]
+DROP_RX_NOKEY = IDX["drop_rx_nokey"]
 DROP_RX_OLD = IDX["drop_rx_old"]
 DROP_RX_TUN = IDX["drop_rx_tun"]
 DROP_RX_SOURCE = IDX["drop_rx_source"]
@@ -159,6 +164,11 @@ class Worker:
         self.tmv = memoryview(self.tbuf)
         self.rbuf = np.zeros(wire.MAX_DATAGRAM + 64, dtype=np.uint8)
         self.rmv = memoryview(self.rbuf)
+        self.lot = ParkingLot(PARK_SLOTS)
+        self.park_pacer = ParkPacer()
+        self.park_buf = np.zeros((PARK_SLOTS, wire.MAX_DATAGRAM + 64), dtype=np.uint8)
+        self.park_write = -1  # DEC write_pos when the parked datagrams were last looked at
+        self.park_due = float("inf")  # ... and the earliest of their deadlines
         self.tbuf_addr = self.tbuf.ctypes.data
         self.rbuf_addr = self.rbuf.ctypes.data
         self.lanes = cfg.send_lanes()
@@ -190,6 +200,7 @@ class Worker:
         # The last reserve bytes are for control traffic and keepalives (enforced under
         # the ring lock): a busy link that runs dry must still carry what keeps it alive.
         reserve = cfg.reserve_control if control else cfg.reserve_bulk
+        races = 0
         while True:
             if enc.write_pos - enc.claim_pos >= need + reserve:
                 size = need if cfg.conventional or control else self.sizer.size(need, now)
@@ -197,7 +208,10 @@ class Worker:
                 pos, take = enc.claim_chunk(lane, size, reserve=reserve, min_take=need,
                                             if_top=top)
                 self.c[CLAIMS] += 1
-                if pos >= 0:  # (-1: that range is not the last claimed any more: retry)
+                if pos < 0 and races < 4:  # another worker claimed past our range first:
+                    races += 1  # at once again, on another lane
+                    continue
+                if pos >= 0:
                     self.held.pop(lane, None)  # given up by the claim in any case
                     if take:
                         self.audit(AUDIT_CLAIM, pos, take)
@@ -293,26 +307,19 @@ class Worker:
     # ---- ingress -----------------------------------------------------------------------
 
     def _verdict(self, hdr: wire.Header) -> str:
-        dec, cfg = self.dec, self.cfg
-        deadline = None
-        while True:
-            v = wire.acceptance(hdr, lane_next=dec.lane_next(hdr.lane),
-                                release_pos=dec.release_pos, write_pos=dec.write_pos,
-                                capacity=dec.capacity)
-            if v != wire.WAIT:
-                return v
-            if hdr.pos + hdr.pad_len > dec.write_pos + MAX_KEY_LAG:
-                return "ahead"  # far beyond what the agreement could still be delivering
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + cfg.key_wait_s
-            if now >= deadline or self.stop:
-                return "nokey"
-            time.sleep(0.0002)
+        dec = self.dec
+        v = wire.acceptance(hdr, lane_next=dec.lane_next(hdr.lane),
+                            release_pos=dec.release_pos, write_pos=dec.write_pos,
+                            capacity=dec.capacity)
+        if v == wire.WAIT and hdr.pos + hdr.pad_len > dec.write_pos + MAX_KEY_LAG:
+            return "ahead"  # far beyond what the agreement could still be delivering
+        return v
 
     def ingress(self) -> None:
-        cfg, c, dec, rbuf = self.cfg, self.c, self.dec, self.rbuf
+        cfg, c, rbuf = self.cfg, self.c, self.rbuf
         clock = time.perf_counter_ns
+        if self.lot:  # key may have come for what waits: it goes before what follows
+            self.unpark(time.monotonic())
         for _ in range(BATCH):
             t0 = clock()
             try:
@@ -334,50 +341,101 @@ class Worker:
                 c[DROP_RX_LANE] += 1
                 continue
             v = self._verdict(hdr)
+            if v == wire.WAIT:
+                self._park(hdr, n)
+                continue
             if v != wire.ACCEPT:
                 c[IDX[f"drop_rx_{v}"]] += 1
                 continue
-            try:
-                pad, pad_addr = dec.locate(hdr.pos, hdr.pad_len)
-            except RingError:
-                c[DROP_RX_OLD] += 1
+            if self.lot:  # earlier datagrams of its lane whose key came with its own first
+                self._unpark(self.lot.before(hdr.lane, hdr.pos), time.monotonic())
+            self._deliver(rbuf, self.rbuf_addr, hdr, t0, t1)
+
+    def _park(self, hdr: wire.Header, n: int) -> None:
+        """Keep a datagram whose key is not here yet; the loop looks at it again. At most
+        PARK_PPS a second: a flood of them costs the worker a bounded share of its time."""
+        now = time.monotonic()
+        if not self.park_pacer.allow(now):
+            self.c[DROP_RX_NOKEY] += 1
+            return
+        p, out = self.lot.park(hdr, n, now + self.cfg.key_wait_s)
+        if out is not None:
+            self.c[DROP_RX_NOKEY] += 1
+        if p is None:
+            self.c[DROP_RX_NOKEY] += 1
+            return
+        self.park_buf[p.slot, :n] = self.rbuf[:n]
+        self.park_due = min(self.park_due, p.deadline)
+
+    def unpark(self, now: float) -> None:
+        """Deliver parked datagrams whose key has come and drop those whose wait is over;
+        nothing to do (and nothing done) while no key arrived and no wait ran out."""
+        w = self.dec.write_pos
+        if w == self.park_write and now < self.park_due:
+            return
+        self._unpark(self.lot.in_order(), now)
+        self.park_write, self.park_due = w, self.lot.earliest_deadline()
+
+    def _unpark(self, parked: list, now: float) -> None:
+        clock = time.perf_counter_ns
+        for p in parked:
+            v = self._verdict(p.hdr)
+            if v == wire.WAIT and now < p.deadline:
                 continue
-            t2 = clock()
-            try:
-                payload = wire.open_(rbuf, hdr, pad, addrs=(self.rbuf_addr, pad_addr))
-            except wire.WireError as e:
-                c[IDX[f"drop_rx_{e.reason}"]] += 1
-                continue
-            end = hdr.pos + hdr.pad_len
-            dec.set_lane_next(hdr.lane, end)  # before delivery: one delivery per key
-            dec.count_accepted(hdr.lane, hdr.pad_len)
-            if not vnet_header_ok(payload):
-                c[DROP_RX_VNET] += 1
-                continue
-            if dec.release_pos > hdr.pos:  # wiped while we used it
-                c[DROP_RX_OLD] += 1
-                continue
-            if pad.flags.owndata:  # a copy (the range wrapped)
-                pad[:] = 0
-            if self.audit.fd is not None:
-                self.audit(AUDIT_ACCEPTED, hdr.pos, hdr.pad_len)
-            t3 = clock()
-            try:
-                os.write(self.tun, payload)
-            except OSError:
-                c[DROP_RX_TUN] += 1
-                continue
-            t4 = clock()
-            if hdr.release > self.release_seen + self.release_step:
-                self.release_seen = hdr.release
-                dec.announce_release(cfg.lane, hdr.release)  # the manager frees it
-            c[RX_PKTS] += 1
-            c[RX_BYTES] += hdr.length
-            c[RX_KEY] += hdr.pad_len
-            c[T_RX_RECV] += t1 - t0
-            c[T_RX_KEY] += t2 - t1
-            c[T_RX_CRYPTO] += t3 - t2
-            c[T_RX_WRITE] += t4 - t3
+            self.lot.leave(p)
+            if v == wire.ACCEPT:
+                t = clock()
+                buf = self.park_buf[p.slot]
+                self._deliver(buf, buf.ctypes.data, p.hdr, t, t)
+            else:
+                self.c[DROP_RX_NOKEY if v == wire.WAIT else IDX[f"drop_rx_{v}"]] += 1
+
+    def _deliver(self, buf: np.ndarray, buf_addr: int, hdr: wire.Header, t0: int,
+                 t1: int) -> None:
+        """MAC verify, decrypt and write to the TUN one datagram whose key is here."""
+        cfg, c, dec = self.cfg, self.c, self.dec
+        clock = time.perf_counter_ns
+        try:
+            pad, pad_addr = dec.locate(hdr.pos, hdr.pad_len)
+        except RingError:
+            c[DROP_RX_OLD] += 1
+            return
+        t2 = clock()
+        try:
+            payload = wire.open_(buf, hdr, pad, addrs=(buf_addr, pad_addr))
+        except wire.WireError as e:
+            c[IDX[f"drop_rx_{e.reason}"]] += 1
+            return
+        end = hdr.pos + hdr.pad_len
+        dec.set_lane_next(hdr.lane, end)  # before delivery: one delivery per key
+        dec.count_accepted(hdr.lane, hdr.pad_len)
+        if not vnet_header_ok(payload):
+            c[DROP_RX_VNET] += 1
+            return
+        if dec.release_pos > hdr.pos:  # wiped while we used it
+            c[DROP_RX_OLD] += 1
+            return
+        if pad.flags.owndata:  # a copy (the range wrapped)
+            pad[:] = 0
+        if self.audit.fd is not None:
+            self.audit(AUDIT_ACCEPTED, hdr.pos, hdr.pad_len)
+        t3 = clock()
+        try:
+            os.write(self.tun, payload)
+        except OSError:
+            c[DROP_RX_TUN] += 1
+            return
+        t4 = clock()
+        if hdr.release > self.release_seen + self.release_step:
+            self.release_seen = hdr.release
+            dec.announce_release(cfg.lane, hdr.release)  # the manager frees it
+        c[RX_PKTS] += 1
+        c[RX_BYTES] += hdr.length
+        c[RX_KEY] += hdr.pad_len
+        c[T_RX_RECV] += t1 - t0
+        c[T_RX_KEY] += t2 - t1
+        c[T_RX_CRYPTO] += t3 - t2
+        c[T_RX_WRITE] += t4 - t3
 
     # ---- loop --------------------------------------------------------------------------
 
@@ -406,10 +464,12 @@ class Worker:
         poller.register(self.tun, select.POLLIN)
         poller.register(self.sock.fileno(), select.POLLIN)
         sock_fd = self.sock.fileno()
-        next_flush = 0.0
+        next_flush = next_idle = 0.0
         try:
             while not self.stop:
-                events = poller.poll(IDLE_RETIRE_S * 1000)
+                # While datagrams wait for key and nothing arrives, look again every
+                # PARK_POLL_MS (with traffic, every ingress batch looks first).
+                events = poller.poll(PARK_POLL_MS if self.lot else IDLE_RETIRE_S * 1000)
                 for fd, _ in events:
                     try:
                         if fd == self.tun:
@@ -424,7 +484,10 @@ class Worker:
                             log.exception("link %s lane %d: packet lost: %s", cfg.link_name,
                                           cfg.lane, e)
                 now = time.monotonic()
-                if self.held and now - self.last_tx > IDLE_RETIRE_S:
+                if self.lot:
+                    self.unpark(now)
+                if self.held and now - self.last_tx > IDLE_RETIRE_S and now >= next_idle:
+                    next_idle = now + IDLE_RETIRE_S  # (the loop may turn far more often)
                     for lane in list(self.held):  # idle: the last claim goes back at once
                         if self.enc.give_back_idle(lane, cfg.pin_limit):
                             del self.held[lane]

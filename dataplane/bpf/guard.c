@@ -1,10 +1,14 @@
 /* qkdnet XDP guard: drops, before the kernel builds an skb, the UDP datagrams to a link's
  * tunnel ports that the workers would refuse anyway (dataplane/wire.py parse and
  * acceptance): from an address that is not the link's peer, malformed, or naming a key
- * position the receiver has already passed. Everything else passes; the MAC check in user
- * space stays the authority. One build serves every link end (guard.py caches it): the
+ * position the receiver has already passed; and any packet for a node address, which is
+ * reachable only through the tunnels. Datagrams naming key beyond what the receiver has
+ * stored (which only the MAC, whose key has not come, can judge) pass at a bounded rate:
+ * a flood of them cannot take the workers' time. Everything else passes; the MAC check
+ * in user space stays the authority. One build serves every link end (guard.py caches it): the
  * link end's own values are in the map `config`, filled before the program is attached.
- * -D constants: N_LANES, CONTROL_LANE, OVERHEAD, N_REASONS and the reason indices R_*.
+ * -D constants: N_LANES, CONTROL_LANE, OVERHEAD, MAC_KEY_LEN, N_REASONS, the reason indices
+ * R_*, AHEAD_INTERVAL_NS and AHEAD_BURST_NS.
  * Loaded with BPF_F_XDP_HAS_FRAGS: a 64 KiB datagram spans several buffers, so the header
  * is read with bpf_xdp_load_bytes, never assumed to be in the first one.
  */
@@ -15,7 +19,9 @@
 #include <linux/udp.h>
 
 BPF_PERCPU_ARRAY(counters, u64, 2 * N_REASONS); /* [2r] packets, [2r+1] bytes */
-BPF_ARRAY(floors, u64, N_LANES + 1);            /* lowest position per lane; [N_LANES]: release */
+BPF_ARRAY(floors, u64, N_LANES + 2);  /* lowest position per lane; [N_LANES]: release;
+                                         [N_LANES + 1]: key stored (0: not known) */
+BPF_ARRAY(ahead, u64, 1);  /* when the next datagram naming key beyond the stored may pass */
 
 struct guard_config {
     u32 peer_ip;  /* network order */
@@ -23,6 +29,8 @@ struct guard_config {
     u32 workers;  /* this end's pool size */
     u32 link;     /* the link's index */
     u32 dir;      /* direction of the datagrams this end receives */
+    u32 node_net; /* network order; node addresses are (daddr & node_mask) == node_net */
+    u32 node_mask;
 };
 BPF_ARRAY(config, struct guard_config, 1);
 
@@ -59,7 +67,11 @@ int qkd_guard(struct xdp_md *ctx)
     if ((void *)(eth + 1) > end || eth->h_proto != __builtin_bswap16(ETH_P_IP))
         return verdict(ctx, R_OTHER, XDP_PASS);
     struct iphdr *ip = (void *)(eth + 1);
-    if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP || ip->ihl < 5)
+    if ((void *)(ip + 1) > end)
+        return verdict(ctx, R_OTHER, XDP_PASS);
+    if ((ip->daddr & c->node_mask) == c->node_net)  /* node addresses: tunnels only */
+        return verdict(ctx, R_NODE, XDP_DROP);
+    if (ip->protocol != IPPROTO_UDP || ip->ihl < 5)
         return verdict(ctx, R_OTHER, XDP_PASS);
     if (ip->frag_off & __builtin_bswap16(0x1fff))  /* a later fragment: no UDP header */
         return verdict(ctx, R_OTHER, XDP_PASS);
@@ -97,5 +109,19 @@ int qkd_guard(struct xdp_md *ctx)
     floor = floors.lookup(&release_slot);
     if (floor && pos < *floor)
         return verdict(ctx, R_STALE, XDP_DROP);
+    /* key beyond what is stored (the mark lags a little: genuine datagrams pass too, well
+     * within the rate): the generic cell rate algorithm, one deadline for the link end */
+    u32 stored_slot = N_LANES + 1;
+    floor = floors.lookup(&stored_slot);
+    if (floor && *floor && pos + MAC_KEY_LEN + __builtin_bswap32(h.length) > *floor) {
+        u64 *tat = ahead.lookup(&zero);
+        if (tat) {
+            u64 now = bpf_ktime_get_ns();
+            u64 t = *tat > now ? *tat : now;
+            if (t - now > AHEAD_BURST_NS)
+                return verdict(ctx, R_AHEAD, XDP_DROP);
+            *tat = t + AHEAD_INTERVAL_NS;
+        }
+    }
     return verdict(ctx, R_PASS, XDP_PASS);
 }

@@ -18,6 +18,7 @@ import base64
 import contextlib
 import hashlib
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -36,17 +37,23 @@ from dataplane.ring import CONTROL_LANE, MAX_LANES
 log = logging.getLogger("qkdnet.guard")
 SOURCE = Path(__file__).with_name("guard.c")
 CACHE_DIR = Path(os.environ.get("QKDNET_BPF_CACHE", "/var/cache/qkdnet/bpf"))
-REASONS = ("pass", "other", "source", "malformed", "stale")
+REASONS = ("pass", "other", "source", "malformed", "stale", "node", "ahead")
 """pass: tunnel datagrams let through; other: not tunnel traffic (untouched); the rest are
-drops: not from the peer, malformed header, a key position already passed."""
-DROP_REASONS = ("source", "malformed", "stale")
-N_FLOORS = MAX_LANES + 1
+drops: not from the peer, malformed header, a key position already passed, any packet for
+a node address (those are reachable only through the tunnels), and datagrams naming key
+beyond what is stored above AHEAD_PPS."""
+DROP_REASONS = ("source", "malformed", "stale", "node", "ahead")
+N_FLOORS = MAX_LANES + 2
 RELEASE_SLOT = MAX_LANES
-CONFIG = struct.Struct("=IIIII")  # struct guard_config
+STORED_SLOT = MAX_LANES + 1  # the receiving ring's write position (0: not known yet)
+AHEAD_PPS = 5_000  # datagrams naming key not stored yet let through per second ...
+AHEAD_BURST = 1_000  # ... after a burst of this many
+CONFIG = struct.Struct("=IIIIIII")  # struct guard_config
 MAPS = {  # name: (type, value size, entries), as declared in guard.c
     "counters": (syscall.BPF_MAP_TYPE_PERCPU_ARRAY, 8, 2 * len(REASONS)),
     "floors": (syscall.BPF_MAP_TYPE_ARRAY, 8, N_FLOORS),
     "config": (syscall.BPF_MAP_TYPE_ARRAY, CONFIG.size, 1),
+    "ahead": (syscall.BPF_MAP_TYPE_ARRAY, 8, 1),
 }
 BUILD_TIMEOUT_S = 60.0
 MIN_KERNEL = (5, 18)  # BPF_F_XDP_HAS_FRAGS and bpf_xdp_load_bytes
@@ -66,15 +73,25 @@ class GuardSpec:
     workers: int
     link: int
     direction: int  # of the datagrams this end receives
+    node_net: str = "0.0.0.0/32"  # packets to it are dropped ("0.0.0.0/32": none)
 
     def config_value(self) -> bytes:
-        peer = int.from_bytes(socket.inet_aton(self.peer_ip), sys.byteorder)  # as a u32 load
-        return CONFIG.pack(peer, self.port_lo, self.workers, self.link, self.direction)
+        def u32(a: str) -> int:  # network order, as the program loads it
+            return int.from_bytes(socket.inet_aton(a), sys.byteorder)
+
+        net = ipaddress.IPv4Network(self.node_net)
+        return CONFIG.pack(u32(self.peer_ip), self.port_lo, self.workers, self.link,
+                           self.direction, u32(str(net.network_address)),
+                           u32(str(net.netmask)))
 
 
 def cflags() -> list[str]:
+    interval = 10**9 // AHEAD_PPS
     consts = {"N_LANES": MAX_LANES, "CONTROL_LANE": CONTROL_LANE, "OVERHEAD": wire.OVERHEAD,
-              "N_REASONS": len(REASONS), **{f"R_{r.upper()}": i for i, r in enumerate(REASONS)}}
+              "MAC_KEY_LEN": wire.MAC_KEY_LEN, "N_REASONS": len(REASONS),
+              **{f"R_{r.upper()}": i for i, r in enumerate(REASONS)},
+              "AHEAD_INTERVAL_NS": f"{interval}ULL",
+              "AHEAD_BURST_NS": f"{interval * AHEAD_BURST}ULL"}
     return [f"-D{k}={v}" for k, v in consts.items()]
 
 

@@ -1,0 +1,132 @@
+"""What an attacker on the underlay, or any process that can send from the peer's
+underlay address, cannot do to a running link (threat model in docs/design.md)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from bench.flood import ahead_datagram
+from control import paths
+from dataplane.ring import CONTROL_LANE, KeyRing
+from tests.nsutil import InNetns, tunnel_state, wait_until
+from tests.test_tunnel import addr, make_net, ns, send_tcp
+
+pytestmark = pytest.mark.netns
+
+
+def flood_ahead(src: str, dst: str, port_lo: int, workers: int, link: int, ring: str,
+                seconds: float) -> int:
+    """From the peer's own underlay address: well-formed datagrams naming key just beyond
+    what the receiver has stored, on every lane, following its ring. Returns how many."""
+    r = KeyRing.attach(ring)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    sent, end = 0, time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            w = r.write_pos
+            for lane in range(CONTROL_LANE):
+                s.sendto(ahead_datagram(200, link, 0, lane, w + 4096 * (1 + lane)),
+                         (dst, port_lo + 1 + lane % workers))
+                sent += 1
+            time.sleep(0.005)
+    finally:
+        r.close()
+    return sent
+
+
+@pytest.mark.parametrize("guard", ["auto", "off"])
+def test_datagrams_naming_key_ahead_of_the_ring_do_not_stall_the_workers(tmp_path, prefix,
+                                                                        guard):
+    """Each such datagram used to hold a worker for key_wait_ms before it could be checked:
+    a trickle of them from the peer's address stopped the link. Now they are parked."""
+    topo, man = make_net(tmp_path, prefix, two=True, key_rate=100, guard=guard)
+    link = topo.link("A-B")
+    wait_until(lambda: (tunnel_state(prefix, "B", "A-B") or {}).get("up")
+               and tunnel_state(prefix, "A", "A-B")["enc_available"] > 16 << 20, 60,
+               "the link up with key for the transfer")
+    # No new key meanwhile: the room A's traffic frees in B's ring stays empty, so the
+    # forged positions just beyond B's key are ones the agreement could still fill (B
+    # cannot tell them from genuine datagrams that came before their key).
+    emulator = man.pids["emulator:A-B"]
+    os.kill(emulator, signal.SIGSTOP)
+    def refused() -> int:  # by the workers (the guard cannot tell these from genuine ones)
+        c = tunnel_state(prefix, "B", "A-B")["counters"]
+        return sum(v for k, v in c.items() if k.startswith("drop_rx_"))
+
+    before = refused()
+    flood = InNetns(ns(prefix, "A"), flood_ahead, str(link.underlay_a.ip),
+                    str(link.underlay_b.ip), topo.ports.tunnel, topo.dataplane.workers,
+                    link.index, paths.ring_name(prefix, "B", "A-B", "ab"), 12.0)
+    try:
+        time.sleep(1.0)  # the flood at full rate first
+        t0 = time.monotonic()
+        data = os.urandom(8 << 20)
+        got = send_tcp(topo, "A", "B", data)
+        took = time.monotonic() - t0
+        sent = flood.result(60)
+    finally:
+        flood.kill()
+        os.kill(emulator, signal.SIGCONT)
+    assert got["bytes"] == len(data)
+    assert sent > 10_000, "the flood did not run"
+    assert took < 10.0, f"8 MiB took {took:.1f} s under the flood"
+    # Dropped at once while B's ring is full (beyond what it can hold: ahead), else parked
+    # and dropped when their key never came (nokey) or came and their MAC failed. (The
+    # counters reach the status file a flush later.)
+    wait_until(lambda: refused() - before > sent // 2, 10, "the forged datagrams refused")
+
+
+def _via_underlay(ns_name: str, src: str, dst: str, gateway: str) -> None:
+    """In ``ns_name``: packets from ``src`` to ``dst`` go out over the underlay to
+    ``gateway`` (a neighbour that routes node addresses the wrong way)."""
+    for cmd in (["ip", "-n", ns_name, "route", "add", f"{dst}/32", "via", gateway,
+                 "table", "77"],
+                ["ip", "-n", ns_name, "rule", "add", "from", src, "lookup", "77", "pref", "5"]):
+        subprocess.run(cmd, check=True, capture_output=True)
+
+
+def _ping(ns_name: str, src: str, dst: str) -> bool:
+    return subprocess.run(["ip", "netns", "exec", ns_name, "ping", "-n", "-q", "-c", "2",
+                           "-i", "0.2", "-W", "1", "-I", src, dst],
+                          capture_output=True).returncode == 0
+
+
+def _connects(src: str, dst: str, port: int) -> bool:
+    s = socket.socket()
+    s.settimeout(2.0)
+    s.bind((src, 0))
+    try:
+        s.connect((dst, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("guard", ["auto", "off"])
+def test_node_addresses_are_not_reachable_over_the_underlay(tmp_path, prefix, guard):
+    """A neighbour that sends to a node address over the underlay (not through the tunnel)
+    reaches nothing: the XDP guard drops it where it runs, a policy rule of the node's
+    namespace in any case. Through the tunnel the same address answers."""
+    topo, _ = make_net(tmp_path, prefix, two=True, guard=guard)
+    na, link = ns(prefix, "A"), topo.link("A-B")
+    a_ul, b_ul, b_node = str(link.underlay_a.ip), str(link.underlay_b.ip), addr(topo, "B")
+    assert _ping(na, addr(topo, "A"), b_node)  # through the tunnel: fine
+    _via_underlay(na, a_ul, b_node, b_ul)
+    assert _ping(na, a_ul, b_ul)  # the underlay itself works
+    assert not _ping(na, a_ul, b_node), "a node address answered over the underlay"
+    port = topo.metrics.port  # B's metrics endpoint listens on its node address
+    assert InNetns(na, _connects, addr(topo, "A"), b_node, port).result(30) is True
+    assert InNetns(na, _connects, a_ul, b_node, port).result(30) is False
+    g = (tunnel_state(prefix, "B", "A-B") or {}).get("guard") or {}
+    if guard == "auto" and g.get("state") == "on":
+        wait_until(lambda: tunnel_state(prefix, "B", "A-B")["guard"]["counts"]["node"]
+                   ["packets"] >= 2, 5, "the guard to count the dropped packets")
