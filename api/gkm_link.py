@@ -5,6 +5,12 @@ flight at once, each tagged with a request id frame that the manager sends back
 unchanged (the protocol is ``control.gkm_client``'s). The manager serves every worker's
 requests one batch at a time with one sync per batch, which is what keeps the stores
 consistent across Sanic's worker processes: no worker opens the stores itself.
+
+A take carries its deadline, a little before this side gives up: the manager takes
+nothing for a request it reads later (it was held up), and cancels a reservation whose
+confirmation comes later, so a request answered 503 here has taken nothing anywhere. An
+answer that still arrives after this side gave up has its keys cancelled at the slave's
+node (they went to no one).
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import struct
+import time
+from collections import OrderedDict
 
 import zmq
 import zmq.asyncio
@@ -24,7 +33,10 @@ from control.keystore import StoreError
 # The manager answers a take for a remote slave within its reservation wait (5 s), so a
 # request without an answer after this long is lost (the manager restarted).
 TIMEOUT_S = 15.0
+ANSWER_MARGIN_S = 2.0  # the manager must have answered this long before we give up
+GAVE_UP_KEPT = 4096    # takes given up on, remembered to cancel a late answer's keys
 _RID = struct.Struct(">Q")
+log = logging.getLogger("qkdnet.api")
 
 
 class GkmLink:
@@ -37,6 +49,7 @@ class GkmLink:
         self.sock.connect(self.endpoint)
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future] = {}
+        self.gave_up: OrderedDict[int, str] = OrderedDict()  # request id -> peer node
         self.reader: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -58,21 +71,49 @@ class GkmLink:
             frames = await self.sock.recv_multipart(copy=False)
             if len(frames) < 3 or len(frames[0]) != _RID.size:
                 continue
-            fut = self.waiting.pop(_RID.unpack(frames[0].bytes)[0], None)
+            rid = _RID.unpack(frames[0].bytes)[0]
+            fut = self.waiting.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(frames[2:])
+            elif rid in self.gave_up:
+                await self._cancel_late(self.gave_up.pop(rid), frames[2])
+
+    async def _cancel_late(self, peer: str, head_frame) -> None:
+        """An answer to a take whose caller was already told it failed: its keys went to
+        no one, so the slave's node must not hand them out either."""
+        try:
+            head = json.loads(head_frame.bytes)
+        except ValueError:
+            return
+        ids = head.get("key_ids") if head.get("ok") else None
+        if not ids:
+            return
+        log.warning("key API: the key manager answered a take after it had been refused "
+                    "(503); its %d key(s) for node %s are cancelled", len(ids), peer)
+        await self.sock.send_multipart([_RID.pack(next(self.ids)), b"", json.dumps(
+            {"op": "cancel", "peer": peer, "key_ids": ids}).encode()])
 
     async def call(self, op: str, **args) -> tuple[dict, memoryview]:
         rid = next(self.ids)
         fut = asyncio.get_running_loop().create_future()
         self.waiting[rid] = fut
+        if op in ("take_enc", "take_dec"):
+            args["deadline"] = time.monotonic() + max(self.timeout_s / 2,
+                                                      self.timeout_s - ANSWER_MARGIN_S)
         try:
             await self.sock.send_multipart([_RID.pack(rid), b"",
                                             json.dumps({"op": op, **args}).encode()])
-            frames = await asyncio.wait_for(fut, self.timeout_s)
+            frames = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
-            raise StoreError("busy", f"the global key manager did not answer within "
-                                     f"{self.timeout_s:.0f} s") from None
+            if not fut.done():  # (an answer that came with the timeout is kept)
+                if op == "take_enc":  # its answer, if it ever comes, goes to no one
+                    self.gave_up[rid] = args["peer"]
+                    while len(self.gave_up) > GAVE_UP_KEPT:
+                        self.gave_up.popitem(last=False)
+                raise StoreError("busy", f"the global key manager did not answer within "
+                                         f"{self.timeout_s:.0f} s; nothing was taken") \
+                    from None
+            frames = fut.result()
         finally:
             self.waiting.pop(rid, None)
         head = json.loads(frames[0].bytes)

@@ -21,11 +21,14 @@ node_app = typer.Typer(help="Run a key management node.", no_args_is_help=True)
 emu_app = typer.Typer(help="QKD link emulator.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks against the paper's figures.", no_args_is_help=True)
 pki_app = typer.Typer(help="Certificates for the key API's mutual TLS.", no_args_is_help=True)
+keys_app = typer.Typer(help="Keys of the global key managers' relay (CurveZMQ).",
+                       no_args_is_help=True)
 app.add_typer(net_app, name="net")
 app.add_typer(node_app, name="node")
 app.add_typer(emu_app, name="emulator")
 app.add_typer(bench_app, name="bench")
 app.add_typer(pki_app, name="pki")
+app.add_typer(keys_app, name="keys")
 
 out = Console()
 if not out.is_terminal:  # logs and pipes: keep tables whole rather than 80 columns wide
@@ -199,6 +202,32 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the 
     out.print(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
               f"nodes/, {len(topo.saes)} SAE certificate(s) in saes/ (keys mode 0600); "
               f"the CA key in {lay.ca_key} (no node needs it: keep it offline)",
+              highlight=False)
+
+
+# ---- relay keys ----------------------------------------------------------------------------
+
+@keys_app.command("init")
+def keys_init(directory: Annotated[Path, typer.Argument(help="where to write the keys")],
+              config: ConfigOpt,
+              force: Annotated[bool, typer.Option(
+                  help="replace the keys of every node, not only the missing ones")] = False
+              ) -> None:
+    """A CURVE keypair per node that keeps global key: <node>.key_secret (give it to that
+    node alone) and <node>.key (its public key, for every node it exchanges key with)."""
+    from control.relay_keys import RelayKeyError, write_relay_keys
+    from dataplane.private import NotPrivateError
+
+    topo = load(config)
+    try:
+        made = write_relay_keys(directory, topo.gkm.nodes(), force=force)
+    except (RelayKeyError, NotPrivateError) as e:
+        err.print(f"[red]{e}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    kept = len(topo.gkm.nodes()) - len(made)
+    out.print(f"{directory}: new keys for {', '.join(made) or 'no node'}"
+              f"{f', {kept} kept' if kept else ''} (mode 0600); give each node its own "
+              f"<node>.key_secret and the others' <node>.key, and set [gkm] keys",
               highlight=False)
 
 

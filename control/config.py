@@ -344,6 +344,10 @@ class GkmSection(_Strict):
                                                   "acknowledged; default: 1 s of the slowest "
                                                   "link's key (2 blocks - 16 MiB); the relay "
                                                   "also paces to its path's key rate")
+    keys: Path | None = Field(None, description="the relay's CURVE keys (qkdctl keys init): "
+                                                "<node>.key_secret of this node, <node>.key "
+                                                "of each peer; default: made by net up in "
+                                                "the run dir")
 
     @field_validator("block_size")
     @classmethod
@@ -515,6 +519,7 @@ class GkmSpec:
     high_watermark: int
     window: int
     pairs: tuple[tuple[str, str], ...]
+    keys: Path = Path("relay-keys")  # the relay's CURVE keys (control.relay_keys)
 
     def destinations_of(self, node: str) -> list[str]:
         """The nodes this node originates global key for (it fills its ENC stores)."""
@@ -523,6 +528,10 @@ class GkmSpec:
     def origins_of(self, node: str) -> list[str]:
         """The nodes whose global key this node receives (its DEC stores)."""
         return [o for o, d in self.pairs if d == node]
+
+    def nodes(self) -> list[str]:
+        """The nodes that keep global key with some other node (each needs relay keys)."""
+        return sorted({n for pair in self.pairs for n in pair})
 
 
 @dataclass(frozen=True)
@@ -799,8 +808,14 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
     else:
         unordered = list(raw.gkm.pairs)
     ordered = tuple(p for x, y in unordered for p in ((x, y), (y, x)))
+    keys = raw.gkm.keys
+    if keys is None:
+        keys = paths.network_dir(raw.network.prefix) / "relay-keys"
+    elif not keys.is_absolute():
+        keys = (path.parent / keys).resolve()
     gkm = GkmSpec(block_size=g.block_size, low_watermark=g.low_watermark,
-                  high_watermark=g.high_watermark, window=g.window, pairs=ordered)
+                  high_watermark=g.high_watermark, window=g.window, pairs=ordered,
+                  keys=keys)
     a = raw.api
     pki = a.pki
     if pki is None:

@@ -122,6 +122,25 @@ def _write_link_keys(topo: Topology) -> None:
         write_private(p, secrets.token_bytes(AUTH_KEY_LEN))
 
 
+def _ensure_relay_keys(topo: Topology) -> None:
+    """The global key relay's CURVE keys: made in ``[gkm] keys`` (default: the run dir)
+    when there is none there yet; an existing set must cover every node that keeps
+    global key."""
+    from control.relay_keys import secret_path, write_relay_keys
+
+    nodes = topo.gkm.nodes()
+    if not nodes:
+        return
+    d = topo.gkm.keys
+    if not any(secret_path(d, n).exists() for n in nodes):
+        write_relay_keys(d, nodes)
+        return
+    missing = [str(secret_path(d, n)) for n in nodes if not secret_path(d, n).exists()]
+    if missing:
+        raise NetError(f"the relay keys in {d} lack {missing[0]} (and {len(missing) - 1} "
+                       f"more): run 'qkdctl keys init {d} --config {topo.path}'")
+
+
 def _ensure_pki(topo: Topology) -> None:
     """The key API's certificates: made in ``[api] pki`` (default: the run dir) when
     there is no CA there yet; an existing PKI must cover every node with SAEs and every
@@ -166,6 +185,7 @@ def net_up(topo: Topology, start: bool = True) -> Manifest:
         try:
             _create_namespaces(topo, man)
             _write_link_keys(topo)
+            _ensure_relay_keys(topo)
             _ensure_pki(topo)
             if start:
                 start_processes(topo, man)

@@ -10,8 +10,9 @@ One process per node, one thread, one ZeroMQ poll loop:
 2. Store each new block in the ENC store as *pending*, then send it (BLOCKS) from a
    DEALER socket connected to the destination's node address inside the OTP network:
    the kernel routes it through the tunnels, every hop OTP-encrypted, relays included.
-3. The destination's ROUTER socket (on its node address) checks who sent it, stores the
-   blocks in its DEC store, synced, and only then acknowledges (ACK).
+3. The destination's ROUTER socket (on its node address) knows who sent it: every relay
+   connection is CurveZMQ, the origin proven by its key (``control.relay_auth``); it
+   stores the blocks in its DEC store, synced, and only then acknowledges (ACK).
 4. The origin marks acknowledged blocks usable; the rest are resent on a new connection,
    or after the time the path needs to deliver what is in flight (control.pacing).
 
@@ -29,6 +30,7 @@ Status goes to ``gkm.json`` for `qkdctl status`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +45,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from control import gkm_client, pacing, paths
 from control.address import wait_for_address
+from control.carving import CarveError, decode
 from control.config import Topology
 from control.gkm_wire import (
     MAX_RESERVE_BATCH,
@@ -60,10 +63,18 @@ from control.gkm_wire import (
 )
 from control.keystore import BlockState, KeyStore, StoreError
 from control.relay import Outbox, RateMeter, Restock
+from control.relay_auth import ZAP_ENDPOINT, secure_dealer, secure_router, zap_reply
+from control.relay_keys import RelayKeyError, load_relay_keys
 from control.routing import LinkEnds, shortest_paths
 from control.statefile import read_status, write_json
 from dataplane.classify import TOS_CONTROL
-from dataplane.limits import MAX_GLOBAL_BLOCK, MAX_RELAY_BLOCKS, RELAY_RETRY_MAX_S, RELAY_RETRY_S
+from dataplane.limits import (
+    MAX_GLOBAL_BLOCK,
+    MAX_RELAY_BLOCKS,
+    MIN_BLOCKS_AHEAD,
+    RELAY_RETRY_MAX_S,
+    RELAY_RETRY_S,
+)
 
 log = logging.getLogger("qkdnet.gkm")
 PUBLISH_S = 0.5
@@ -76,9 +87,13 @@ RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to 
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
 HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
 HEARTBEAT_TIMEOUT_MS = 30_000  # a ping answered later than this: the connection is dead
+REDIAL_S = 1.0                # a connection whose handshake failed is dialled again after
+                              # this (libzmq gives up on it after an authentication failure)
 MAX_TAKE_KEYS = 1 << 20       # keys one local request may take
 PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no restocking
 CRASH_ENV = "QKDNET_GKM_CRASH"  # tests: "point=probability,..." kills this process there
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 def random_blocks(count: int, size: int) -> list[bytes]:
@@ -95,6 +110,17 @@ def _bounded_int(req: dict, name: str, limit: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
         raise StoreError("bad", f"{name} must be an integer from 1 to {limit}")
     return v
+
+
+def _deadline(req: dict) -> float | None:
+    """When the taker stops waiting for the answer (``time.monotonic()``, CLOCK_MONOTONIC:
+    one clock for every process of the host), if it said."""
+    v = req.get("deadline")
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e12:
+        raise StoreError("bad", "deadline must be a time.monotonic() value")
+    return float(v)
 
 
 class CrashPoints:
@@ -143,6 +169,7 @@ class Destination:
         self.reserve_due = 0.0   # 0: resend every unacknowledged reservation now
         self.reserve_next = 0
         self.reserve_held = 0.0  # when the oldest new, unsent reservation was made (0: none)
+        self.redial: dict[str, float] = {}  # "sock"/"ctl" -> when to dial it again
 
 
 class GlobalKeyManager:
@@ -156,10 +183,24 @@ class GlobalKeyManager:
         self.by_id = {n.id: n for n in topo.nodes.values()}
         dests = self.spec.destinations_of(node)
         origins = self.spec.origins_of(node)
+        if not zmq.has("curve"):
+            raise SystemExit(f"gkm {node}: this libzmq has no CURVE (pyzmq's wheels bundle "
+                             f"it): the relay cannot authenticate its peers")
+        try:
+            self.keys = load_relay_keys(self.spec.keys, node, [*dests, *origins])
+        except RelayKeyError as e:
+            raise SystemExit(f"gkm {node}: {e}") from None
+        # The ZAP handler's table: the nodes that may send here, each from its address.
+        self.admitted = {key: (name, str(topo.node(name).address))
+                         for key, name in self.keys.raw_peers().items() if name in origins}
+        # Blocks may run ahead of the highest held by the origin's window, not more.
+        self.ahead = max(MIN_BLOCKS_AHEAD, 4 * (self.spec.window // self.spec.block_size))
         self.store = KeyStore(sdir / "gkm", self.node.id,
                               {d: topo.node(d).id for d in dests},
                               {o: topo.node(o).id for o in origins})
-        self.ctx = zmq.Context()
+        self.ctx = zmq.Context()  # the local key socket
+        # The relay's sockets apart: libzmq asks the ZAP handler of a socket's own context.
+        self.relay_ctx = zmq.Context()
         self.dests = {d: Destination(d, topo.node(d).id, str(topo.node(d).address), self.spec)
                       for d in dests}
         # Until the router says which way key goes: the shortest path over every link.
@@ -176,6 +217,8 @@ class GlobalKeyManager:
         self.received_blocks = 0
         self.received_bytes = 0
         self.refused_messages = 0
+        self.refused_connections = 0
+        self.late_requests = 0
         self.last_refusal = ""
         self.waiting: dict[tuple[str, int], tuple[list[bytes], list[bytes], float]] = {}
         now = time.monotonic()
@@ -188,6 +231,10 @@ class GlobalKeyManager:
             if d.data:
                 log.info("gkm %s: %d pending block(s) for %s to resend", node,
                          len(d.data), d.name)
+            cancelled = self.store.cancel_unanswered(d.name)
+            if cancelled:
+                log.info("gkm %s: %d reservation(s) for %s whose taker was never answered "
+                         "(a restart): cancelled", node, len(cancelled), d.name)
 
     # ---- sockets ------------------------------------------------------------------------
 
@@ -218,7 +265,12 @@ class GlobalKeyManager:
                 self._set_path(d, [(str(a), str(b)) for a, b in path])
 
     def _bind(self) -> None:
-        self.router = self.ctx.socket(zmq.ROUTER)
+        # The ZAP handler first: a CURVE server without one would admit any client key.
+        self.zap = self.relay_ctx.socket(zmq.REP)
+        self.zap.setsockopt(zmq.LINGER, 0)
+        self.zap.bind(ZAP_ENDPOINT)
+        self.router = self.relay_ctx.socket(zmq.ROUTER)
+        secure_router(self.router, self.keys)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # Everything it sends is an answer (ACK, RESERVED) or a TCP acknowledgement of
@@ -240,14 +292,16 @@ class GlobalKeyManager:
             d.ctl, d.ctl_monitor = self._dealer(d, tos=TOS_CONTROL)
 
     def _dealer(self, d: Destination, tos: int) -> tuple[zmq.Socket, zmq.Socket]:
-        s = self.ctx.socket(zmq.DEALER)
+        s = self.relay_ctx.socket(zmq.DEALER)
+        secure_dealer(s, self.keys, d.name)
         for opt, v in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 64),
                        (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 1000),
                        (zmq.HEARTBEAT_IVL, HEARTBEAT_MS),
                        (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS),
                        (zmq.CONNECT_TIMEOUT, 2000), (zmq.TOS, tos)):
             s.setsockopt(opt, v)
-        monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                                       | HANDSHAKE_FAILED)
         s.connect(f"tcp://{d.address}:{self.topo.ports.relay}")
         return s, monitor
 
@@ -258,18 +312,37 @@ class GlobalKeyManager:
                     sock.disable_monitor()
                     monitor.close(0)
                     sock.close(0)
-        for s in ("router", "api"):
+        for s in ("router", "zap", "api"):
             if hasattr(self, s):
                 getattr(self, s).close(0)
         self.ctx.term()
+        self.relay_ctx.term()
         self.store.close()
 
     # ---- the destination's side ---------------------------------------------------------
 
-    def _refuse(self, why: str) -> None:
-        self.refused_messages += 1
+    def on_zap(self) -> None:
+        """Answer libzmq's questions about connecting relay clients: only the nodes that
+        send global key here, each with its own key from its own address."""
+        for _ in range(64):
+            try:
+                frames = self.zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            decision = zap_reply(frames, self.admitted)
+            self.zap.send_multipart(decision.reply)
+            if decision.node is None:
+                self._refuse(decision.reason, connection=True)
+
+    def _refuse(self, why: str, connection: bool = False) -> None:
+        """Count a refused message (or connection) and log why, once per new reason."""
+        if connection:
+            self.refused_connections += 1
+        else:
+            self.refused_messages += 1
         if why != self.last_refusal:
-            log.warning("gkm %s: relay message refused: %s", self.node.name, why)
+            log.warning("gkm %s: relay %s refused: %s", self.node.name,
+                        "connection" if connection else "message", why)
         self.last_refusal = why
 
     def on_blocks(self, messages: list[list[zmq.Frame]]) -> None:
@@ -307,6 +380,10 @@ class GlobalKeyManager:
                 self._refuse(f"blocks from {origin.name} for node id {msg.destination}: not "
                              f"a pair this node keeps")
                 accepted.append((ident, msg, None))
+            elif self.store.dec[origin.name].beyond_reach(msg.blocks[-1][0], self.ahead):
+                self._refuse(f"blocks from {origin.name} numbered up to {msg.blocks[-1][0]}: "
+                             f"more than {self.ahead} past the highest held; refused")
+                accepted.append((ident, msg, None))
             else:
                 accepted.append((ident, msg, origin.name))
         statuses: dict[int, list[AckStatus]] = {}
@@ -342,12 +419,17 @@ class GlobalKeyManager:
             out.append([ident, *encode_ack(ack)])
 
     def _sender(self, origin_id: int, frame: zmq.Frame):
-        """The node a message claims to come from, if it came from that node's address
-        (node addresses are reachable only through the tunnels); else refused, None."""
+        """The node a message comes from: the one its connection proved to be (its CURVE
+        key, admitted by the ZAP handler as that node's User-Id), which must be the node
+        the message names, at that node's address; else refused, None."""
         origin = self.by_id.get(origin_id)
-        peer_addr = frame.get("Peer-Address")
-        if origin is None or peer_addr != str(origin.address):
-            self._refuse(f"a message claiming origin id {origin_id} came from {peer_addr}")
+        try:
+            user, peer_addr = frame.get("User-Id"), frame.get("Peer-Address")
+        except zmq.ZMQError:  # no such property: not an authenticated connection
+            user = peer_addr = None
+        if origin is None or user != origin.name or peer_addr != str(origin.address):
+            self._refuse(f"a message claiming origin id {origin_id} came from node {user} "
+                         f"at {peer_addr}")
             return None
         return origin
 
@@ -367,8 +449,8 @@ class GlobalKeyManager:
                           origin.name, type(e).__name__)
                 return None
             if status == ReserveStatus.REFUSED:
-                log.error("gkm %s: reservation %d from %s names keys that cannot be "
-                          "reserved; skipped", self.node.name, msg.rseq, origin.name)
+                log.error("gkm %s: refused from %s (skipped): %s", self.node.name,
+                          origin.name, self.store.dec[origin.name].last_refused)
         return encode_reserved(Reserved(msg.origin, self.node.id, msg.rseq, status))[0]
 
     # ---- the origin's side --------------------------------------------------------------
@@ -415,8 +497,13 @@ class GlobalKeyManager:
         if msg.status == ReserveStatus.GAP:
             d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
             return
+        key = (d.name, msg.rseq)
+        if key in self.waiting and time.monotonic() >= self.waiting[key][2]:
+            self._give_up(key)  # the taker has stopped waiting: the keys go to no one
+            self.store.reservation_acked(d.name, msg.rseq)
+            return
         self.store.reservation_acked(d.name, msg.rseq)
-        waiting = self.waiting.pop((d.name, msg.rseq), None)
+        waiting = self.waiting.pop(key, None)
         if waiting is None:
             return
         envelope, reply, _ = waiting
@@ -456,14 +543,21 @@ class GlobalKeyManager:
             d.reserve_next = max(d.reserve_next, batch[-1] + 1)
 
     def expire_waiting(self, now: float) -> None:
-        for key, (envelope, _, deadline) in list(self.waiting.items()):
+        for key, (_, _, deadline) in list(self.waiting.items()):
             if now >= deadline:
-                del self.waiting[key]
-                self.store.cancel_reservation(*key)
-                self.api.send_multipart([*envelope, json.dumps({
-                    "ok": False, "kind": "unreachable",
-                    "error": f"node {key[0]} did not confirm the reservation within "
-                             f"{RESERVE_WAIT_S:.0f} s; the keys were not handed out"}).encode()])
+                self._give_up(key)
+
+    def _give_up(self, key: tuple[str, int]) -> None:
+        """The taker of reservation ``key`` is answered "unreachable" and never gets the
+        keys, so they are cancelled at the slave's node too: a numbered cancellation
+        follows the reservation there (invariant 5: no SAE gets a refused key)."""
+        envelope, _, _ = self.waiting.pop(key)
+        self.store.cancel_reservation(*key)
+        self.api.send_multipart([*envelope, json.dumps({
+            "ok": False, "kind": "unreachable",
+            "error": f"node {key[0]} did not confirm the reservation in time (at most "
+                     f"{RESERVE_WAIT_S:.0f} s); the keys were not handed out and their "
+                     f"reservation is cancelled"}).encode()])
 
     def restock(self, d: Destination, now: float) -> None:
         if not d.ever_connected or self.paused:
@@ -508,6 +602,8 @@ class GlobalKeyManager:
                 return
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 d.reserve_due = 0.0
+            elif ev["event"] & HANDSHAKE_FAILED:
+                self._handshake_failed(d, "ctl")
 
     def on_monitor(self, d: Destination) -> None:
         while True:
@@ -516,6 +612,8 @@ class GlobalKeyManager:
             except zmq.Again:
                 return
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if d.last_error.startswith("no authenticated connection"):
+                    d.last_error = ""
                 d.connected = d.ever_connected = True
                 log.info("gkm %s: connected to %s", self.node.name, d.name)
                 # Whatever was sent on the old connection may be lost: resend soon.
@@ -523,6 +621,28 @@ class GlobalKeyManager:
                 d.reserve_due = 0.0
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 d.connected = False
+            elif ev["event"] & HANDSHAKE_FAILED:
+                self._handshake_failed(d, "sock")
+
+    def _handshake_failed(self, d: Destination, which: str) -> None:
+        """Say why once; dial again soon: libzmq ends a connection whose handshake failed
+        for good, and the destination's key manager may be back (or rekeyed) later."""
+        why = (f"no authenticated connection to {d.name}: it refused this node's relay key, "
+               f"or the server there does not hold {d.name}'s key (from {self.spec.keys})")
+        if d.last_error != why:
+            log.error("gkm %s: %s", self.node.name, why)
+        d.last_error = why
+        d.redial.setdefault(which, time.monotonic() + REDIAL_S)
+
+    def redial(self, d: Destination, now: float) -> None:
+        for which, due in list(d.redial.items()):
+            if now >= due:
+                del d.redial[which]
+                sock = d.sock if which == "sock" else d.ctl
+                endpoint = f"tcp://{d.address}:{self.topo.ports.relay}"
+                with contextlib.suppress(zmq.ZMQError):  # gone already: fine
+                    sock.disconnect(endpoint)
+                sock.connect(endpoint)
 
     # ---- keys for local clients ---------------------------------------------------------
 
@@ -545,6 +665,16 @@ class GlobalKeyManager:
             for d in self.dests.values():
                 self.send_reservations(d, now)
 
+    def _late(self, req: dict) -> float | None:
+        """The taker's deadline; StoreError if it has passed: the taker has given up (it
+        was told its request failed), so nothing may be taken for it."""
+        deadline = _deadline(req)
+        if deadline is not None and time.monotonic() >= deadline:
+            self.late_requests += 1
+            raise StoreError("busy", "the request reached the key manager after its taker "
+                                     "had stopped waiting; nothing was taken")
+        return deadline
+
     def _answer(self, frames: list[bytes]) -> list[bytes] | None:
         # The envelope: the REQ/DEALER identity frames up to and including the empty
         # delimiter (a DEALER client adds a request id before it), sent back unchanged.
@@ -557,7 +687,9 @@ class GlobalKeyManager:
                 reply.append(data)
             if "rseq" in head:  # answered once the slave's node has the reservation
                 key = (str(req["peer"]), head["rseq"])
-                self.waiting[key] = (envelope, reply, time.monotonic() + RESERVE_WAIT_S)
+                deadline = min(time.monotonic() + RESERVE_WAIT_S,
+                               _deadline(req) or float("inf"))
+                self.waiting[key] = (envelope, reply, deadline)
                 return None
         except StoreError as e:
             reply = [json.dumps({"ok": False, "kind": e.kind, "error": str(e)}).encode()]
@@ -568,6 +700,8 @@ class GlobalKeyManager:
 
     def _serve(self, req: dict) -> tuple[dict, bytes | None]:
         op = req["op"]
+        if op in ("take_enc", "take_dec"):
+            self._late(req)
         if op == "take_enc":
             number = _bounded_int(req, "number", MAX_TAKE_KEYS)
             size = _bounded_int(req, "size", MAX_GLOBAL_BLOCK - 1)
@@ -595,6 +729,23 @@ class GlobalKeyManager:
             keys = self.store.take_dec(str(req["peer"]), [str(k) for k in req["key_ids"]],
                                        str(req["sae"]), None if master is None else str(master))
             return {"sizes": [len(k) for k in keys]}, b"".join(keys)
+        if op == "cancel":  # keys whose taker gave up after they were taken
+            peer = str(req["peer"])
+            ids = req["key_ids"]
+            if peer not in self.dests or not isinstance(ids, list) or \
+                    not 0 < len(ids) <= MAX_RELAY_BLOCKS:
+                raise StoreError("bad", f"cancel names a peer and 1 to {MAX_RELAY_BLOCKS} "
+                                        f"key IDs")
+            try:
+                slices = [decode(str(k)) for k in ids]
+            except CarveError as e:
+                raise StoreError("bad", f"cancel: {e}") from None
+            if any((s.origin, s.destination) != (self.node.id, self.dests[peer].id)
+                   for s in slices):
+                raise StoreError("bad", f"cancel: a key ID of another pair than "
+                                        f"{self.node.name} -> {peer}")
+            self.store.cancel_keys(peer, [s.key_id.bytes for s in slices])
+            return {"cancelled": len(slices)}, None
         if op == "stock":  # what a Status answer needs, cheaply
             peer = str(req["peer"])
             st = self.store.enc.get(peer)
@@ -648,7 +799,9 @@ class GlobalKeyManager:
                 "block_size": spec.block_size, "window": spec.window,
                 "received_blocks": self.received_blocks,
                 "received_bytes": self.received_bytes,
-                "refused_messages": self.refused_messages, "db": stores["db"], "peers": peers}
+                "refused_messages": self.refused_messages,
+                "refused_connections": self.refused_connections,
+                "late_requests": self.late_requests, "db": stores["db"], "peers": peers}
 
     def _report(self, now: float) -> None:
         """Say it once when a destination stops acknowledging, and when it is back."""
@@ -668,6 +821,7 @@ class GlobalKeyManager:
     def run(self) -> None:
         self._bind()
         poller = zmq.Poller()
+        poller.register(self.zap, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.api, zmq.POLLIN)
         for d in self.dests.values():
@@ -688,7 +842,9 @@ class GlobalKeyManager:
                     if d.reserve_held]
             timeout = max(0.0, min(0.05, nearest - now, *(h - now for h in held)))
             for sock, _ in poller.poll(timeout * 1000):
-                if sock is self.router:
+                if sock is self.zap:
+                    self.on_zap()
+                elif sock is self.router:
                     batch, size = [], 0
                     while len(batch) < 256 and size < RECEIVE_BATCH:
                         try:
@@ -720,6 +876,8 @@ class GlobalKeyManager:
                     self.on_ctl_monitor(by_ctl_mon[sock])
             now = time.monotonic()
             for d in self.dests.values():
+                if d.redial:
+                    self.redial(d, now)
                 self.restock(d, now)
                 self.send_due(d, now)
                 self.send_reservations(d, now)

@@ -9,12 +9,16 @@ Request: one JSON frame ``{"op": ..., ...}``. Reply: a JSON frame ``{"ok": true,
 plus, for takes, one frame with the keys' bytes concatenated in order; or
 ``{"ok": false, "kind": "short"|"unknown"|"forbidden"|"bad"|"busy", "error": "..."}``.
 The key API's workers use the same protocol from asyncio (``api.gkm_link``), several
-requests in flight on one DEALER socket, each tagged with a request id frame.
+requests in flight on one DEALER socket, each tagged with a request id frame. Takes carry
+``deadline`` (``time.monotonic()``, a little before the caller gives up): the manager
+takes nothing for a request it reads later. ``{"op": "cancel", "peer", "key_ids"}`` gives
+back keys whose taker gave up after they were taken (cancelled at the slave's node).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import zmq
@@ -23,6 +27,7 @@ from control import paths
 from control.keystore import StoreError
 
 DEFAULT_TIMEOUT_S = 10.0
+ANSWER_MARGIN_S = 2.0  # a take's deadline: this long before the client gives up
 
 
 def socket_path(prefix: str, node: str) -> Path:
@@ -63,6 +68,9 @@ class GkmClient:
 
     def call(self, op: str, **args) -> tuple[dict, bytes]:
         sock = self._socket()
+        if op in ("take_enc", "take_dec"):  # the manager takes nothing after this
+            args["deadline"] = time.monotonic() + max(self.timeout_ms / 2000,
+                                                      self.timeout_ms / 1000 - ANSWER_MARGIN_S)
         try:
             sock.send(json.dumps({"op": op, **args}).encode())
             frames = sock.recv_multipart()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from rocksdict import AccessType, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
-from control.carving import CarveError, Cursor, KeySlice, carve, decode
+from control.carving import MAX_BLOCK, CarveError, Cursor, KeySlice, carve, decode
 
 if TYPE_CHECKING:
     from control.gkm_wire import ReserveStatus
@@ -201,6 +201,8 @@ class DecState:
     delivered_bytes: int = 0
     delivered_keys: int = 0
     freed_blocks: int = 0
+    top: int = -1  # the highest block number held since the store was opened
+    last_refused: str = ""  # why the last reservation was refused, for status
 
     @property
     def reserved(self) -> int:
@@ -214,15 +216,32 @@ class DecState:
 
     def move_cursor(self, cur: Cursor) -> None:
         """Advance the reservation cursor, noting the blocks it passed (each block once
-        over the store's life, however the cursor moves)."""
-        passed = [s for s in range(self.cursor.seq, cur.seq) if s in self.blocks]
+        over the store's life, however the cursor moves). The cost is the smaller of the
+        numbers passed and the blocks held, so no jump makes it spin."""
+        lo, hi = self.cursor.seq, cur.seq
+        if hi - lo <= len(self.blocks):
+            passed = [s for s in range(lo, hi) if s in self.blocks]
+        else:
+            passed = [s for s in self.blocks if lo <= s < hi]
         self.behind.update(passed)
         self.freeable.update(s for s in passed if not self.outstanding.get(s))
         self.cursor = cur
 
+    def reach(self) -> tuple[int, int]:
+        """The furthest the origin's carving cursor can honestly be: the origin carves
+        only blocks this node acknowledged, so at most the end of the highest block held
+        (or this node's own cursor, if the blocks behind it are gone)."""
+        return max((self.cursor.seq, self.cursor.offset), (self.top + 1, 0))
+
+    def beyond_reach(self, seq: int, ahead: int) -> bool:
+        """Whether a block numbered ``seq`` is further ahead of what this node holds
+        than an origin's window of blocks in flight can be (``ahead`` blocks)."""
+        return seq > max(self.top, self.cursor.seq) + ahead
+
     def add_block(self, seq: int, size: int) -> None:
         self.blocks[seq] = size
         self.stored_total += size
+        self.top = max(self.top, seq)
         if seq < self.cursor.seq:
             self.behind.add(seq)
             if not self.outstanding.get(seq):
@@ -469,17 +488,26 @@ class KeyStore:
         """The taker of reservation ``rseq`` gave up before the slave's node confirmed:
         queue a numbered cancellation of the same keys (applied after it, in order), so
         they do not stay reserved for ever. Returns its number (None: nothing to do)."""
-        from control.gkm_wire import Reserve, encode_reserve, parse
+        from control.gkm_wire import parse
+
+        with self.lock:
+            raw = self.enc[peer].unacked.get(rseq)
+            if raw is None:
+                return None
+            return self.cancel_keys(peer, list(parse([raw]).key_ids))
+
+    def cancel_keys(self, peer: str, key_ids: list[bytes]) -> int:
+        """Queue a numbered cancellation (a RESERVE naming no SAE) of these keys'
+        reservations at ``peer``, applied there after every reservation queued before it:
+        for keys whose taker never got them. Durable before it returns; its number."""
+        from control.gkm_wire import Reserve, encode_reserve
 
         with self.lock:
             st = self.enc[peer]
-            raw = st.unacked.get(rseq)
-            if raw is None:
-                return None
-            orig = parse([raw])
             new = st.next_rseq
-            msg = encode_reserve(Reserve(self.node_id, st.peer_id, new, orig.carved_to, (),
-                                         orig.key_ids))[0]
+            msg = encode_reserve(Reserve(self.node_id, st.peer_id, new,
+                                         (st.cursor.seq, st.cursor.offset), (),
+                                         tuple(key_ids)))[0]
             h = self._handle("enc", peer)
             wb = WriteBatch(raw_mode=True)
             wb.put(_seq_key(b"q", new), msg, h)
@@ -488,6 +516,19 @@ class KeyStore:
             st.unacked[new] = msg
             st.next_rseq = new + 1
             return new
+
+    def cancel_unanswered(self, peer: str) -> list[int]:
+        """At start: a reservation not yet acknowledged by ``peer`` has a taker that was
+        never answered (takers hear only after the acknowledgement) and never will be,
+        since the process that held it is gone. Cancel each that is not cancelled yet;
+        returns the cancellations' numbers."""
+        from control.gkm_wire import parse
+
+        with self.lock:
+            msgs = {r: parse([raw]) for r, raw in self.enc[peer].unacked.items()}
+            cancelled = {k for m in msgs.values() if not m.saes for k in m.key_ids}
+            return [self.cancel_keys(peer, list(m.key_ids)) for _, m in sorted(msgs.items())
+                    if m.saes and not set(m.key_ids) <= cancelled]
 
     def reservation_acked(self, peer: str, rseq: int) -> None:
         with self.lock:
@@ -615,7 +656,8 @@ class KeyStore:
             try:
                 self._reserve(st, peer, ids, msg.saes, Cursor(*msg.carved_to), msg.rseq,
                               msg.master)
-            except StoreError:  # skip it, or every later reservation would wait forever
+            except StoreError as e:  # skip it, or every later one would wait forever
+                st.last_refused = f"reservation {msg.rseq}: {e}"
                 self._reserve(st, peer, [], (), None, msg.rseq, "")
                 return ReserveStatus.REFUSED
             return ReserveStatus.APPLIED
@@ -627,6 +669,11 @@ class KeyStore:
         if not saes:
             self._cancel(st, cf, h, key_ids, rseq)
             return
+        if carved_to is not None and ((carved_to.seq, carved_to.offset) > st.reach()
+                                      or carved_to.offset > MAX_BLOCK):
+            raise StoreError("bad", f"carved to block {carved_to.seq} at "
+                                    f"{carved_to.offset}: beyond the end of the blocks "
+                                    f"held here (block {st.top})")
         owner = reservation_record(master, saes)
         cur = st.cursor
         new: list[tuple[bytes, KeySlice]] = []
@@ -756,7 +803,7 @@ class KeyStore:
                        "delivered_bytes": s.delivered_bytes,
                        "reserve_cursor": [s.cursor.seq, s.cursor.offset],
                        "reservations_applied": s.next_rseq,
-                       "freed_blocks": s.freed_blocks}
+                       "freed_blocks": s.freed_blocks, "last_refused": s.last_refused}
                    for p, s in self.dec.items()}
             return {"enc": enc, "dec": dec, "db": self.background()}
 

@@ -65,6 +65,8 @@ SPECS: dict[str, tuple[str, str]] = {
     "qkdnet_relay_retries_total": ("counter", "global key blocks sent again"),
     "qkdnet_relay_connected": ("gauge", "1 when the relay to the peer is connected"),
     "qkdnet_relay_state": ("gauge", "1 for the relay's current state"),
+    "qkdnet_relay_refused_total": ("counter", "relay messages and connections refused "
+                                              "(not from an admitted node's key manager)"),
     "qkdnet_api_serving": ("gauge", "1 when every key API worker runs (and its manager)"),
     "qkdnet_api_workers_alive": ("gauge", "key API worker processes alive"),
     "qkdnet_api_worker_restarts_total": ("counter", "key API workers forked again"),
@@ -161,6 +163,8 @@ def _gkm(node: str, st: dict, now: float) -> Iterator[Sample]:
     yield "qkdnet_global_key_received_bytes_total", n, st["received_bytes"]
     yield "qkdnet_global_key_low_watermark_bytes", n, st["watermarks"]["low"]
     yield "qkdnet_global_key_high_watermark_bytes", n, st["watermarks"]["high"]
+    for kind in ("message", "connection"):
+        yield "qkdnet_relay_refused_total", {**n, "kind": kind}, st.get(f"refused_{kind}s", 0)
     for peer, p in st["peers"].items():
         lb = {"node": node, "peer": peer}
         if enc := p.get("enc"):

@@ -33,6 +33,11 @@ MAX_RELAY_BLOCKS = 4096             # ... and in number
 RELAY_RETRY_S = 2.0                 # first resend of an unacknowledged block (a safety net:
                                     # a new connection resends everything at once)
 RELAY_RETRY_MAX_S = 8.0             # backoff cap between resends
+MAX_RELAY_FRAME = MAX_GLOBAL_BLOCK + (1 << 16)  # one frame into a relay ROUTER (a block, or
+                                    # a RESERVE: at most 131 KiB), with CURVE's overhead
+MAX_RELAY_REPLY_FRAME = 1 << 16     # one frame into a relay DEALER (an ACK: at most 37 KiB)
+MIN_BLOCKS_AHEAD = 1 << 16          # a received block's number may pass the highest held by
+                                    # this many, or 4 windows of blocks if more
 
 # Key API (module 4)
 MAX_API_WORKERS = 32                # Sanic worker processes per node

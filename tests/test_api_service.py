@@ -32,6 +32,7 @@ from api.pki import PkiLayout
 from control import emulation, paths
 from control.gkm import PAUSE_FLAG
 from control.gkm_client import GkmClient
+from control.keystore import StoreError
 from tests.nsutil import QKDCTL, wait_until
 from tests.test_tunnel import make_net
 
@@ -589,6 +590,130 @@ def test_the_readme_curl_calls_work(net):
     assert run(cmds[1])["slave_SAE_ID"] == "b1"
     doc = run(cmds[2])
     assert run(cmds[3], KEY_ID=doc["keys"][0]["key_ID"]) == doc
+
+
+# ---- refused requests take nothing (issue 16, item 9) ---------------------------------------
+
+def _next_ids(n: Net, number: int, size: int) -> list[str]:
+    """The key IDs A's next take of ``number`` keys of ``size`` bytes for B cuts (from its
+    carving cursor; the cursor's block has room for them, or the next block has)."""
+    from control.carving import KeySlice
+
+    seq, offset = n.gkm("A")["peers"]["B"]["enc"]["cursor"]
+    if offset + number * size > n.topo.gkm.block_size:
+        seq, offset = seq + 1, 0
+    a, b = n.topo.node("A").id, n.topo.node("B").id
+    return [str(KeySlice(a, b, seq, offset + i * size, size).key_id) for i in range(number)]
+
+
+def _dec(n: Net, ids: list[str]):
+    """dec_keys by b1 for keys of a1 (POST: several key IDs)."""
+    body = json.dumps({"key_IDs": [{"key_ID": k} for k in ids]}).encode()
+    return n.call("b1", "POST", f"{BASE}/a1/dec_keys", body)
+
+
+def test_a_503_for_an_unconfirmed_reservation_leaves_nothing_the_slave_can_fetch(net):
+    """The slave's key manager is held (SIGSTOP): the master's enc_keys gets 503 after its
+    keys were carved and reserved. Once the slave's node hears the reservation, the
+    cancellation that follows it reaches it too: dec_keys for those key IDs is refused,
+    while the node is held, while it catches up and after, and no key is delivered."""
+    net.stock()
+    ids = _next_ids(net, 2, 32)
+    before = net.gkm("B")["peers"]["A"]["dec"]
+    gkm_b = _module_pid(net.prefix, "B", "gkm")
+    tries: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def fetch() -> None:  # the slave SAE, knowing the (predictable) key IDs, keeps asking
+        while not stop.is_set():
+            status, doc = _dec(net, ids)
+            tries.append((status, doc.get("message", "")))
+
+    os.kill(gkm_b, signal.SIGSTOP)
+    try:
+        status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=2&size=256")
+        assert status == 503 and "did not confirm the reservation" in doc["message"], doc
+        fetcher = threading.Thread(target=fetch)
+        fetcher.start()
+    finally:
+        os.kill(gkm_b, signal.SIGCONT)
+    try:
+        wait_until(lambda: net.gkm("A")["peers"]["B"]["enc"]["unacked_reservations"] == 0
+                   and net.gkm("B")["peers"]["A"]["dec"]["reservations_applied"]
+                   == before["reservations_applied"] + 2, 30,
+                   "the reservation and its cancellation to reach B")
+        wait_until(lambda: len(tries) >= 3, 60, "the slave to try a few times")
+    finally:
+        stop.set()
+        fetcher.join(60)
+    assert tries and all(st == 400 and "not found on KME" in m for st, m in tries), tries
+    status, doc = _dec(net, ids)
+    assert status == 400 and "not found on KME" in doc["message"], doc
+    after = net.gkm("B")["peers"]["A"]["dec"]
+    assert after["delivered_keys"] == before["delivered_keys"]
+    assert after["reserved_keys"] == before["reserved_keys"]
+    # The refused request's keys are gone for good: the next request gets other keys.
+    status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=2&size=256")
+    assert status == 200 and not {k for k, _ in _keys(doc)} & set(ids)
+
+
+def test_a_503_while_the_masters_key_manager_is_held_takes_nothing(net):
+    """The master's key manager is held past the key API's wait (its requests queue): the
+    API answers 503, and the request, read late, takes nothing: no key carved, nothing
+    reserved at the slave's node, the next request gets those very keys."""
+    net.stock()
+    ids = _next_ids(net, 2, 32)
+    before = net.gkm("A")
+    gkm_a = _module_pid(net.prefix, "A", "gkm")
+    os.kill(gkm_a, signal.SIGSTOP)
+    try:
+        status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=2&size=256")
+    finally:
+        os.kill(gkm_a, signal.SIGCONT)
+    assert status == 503 and "did not answer" in doc["message"], doc
+
+    def handled() -> bool:  # the held request has been read: refused, or (before) served
+        now = net.gkm("A")
+        return now.get("late_requests", 0) > before.get("late_requests", 0) or \
+            now["peers"]["B"]["enc"]["taken_keys"] != before["peers"]["B"]["enc"]["taken_keys"]
+
+    wait_until(handled, 30, "A's key manager to read the held request")
+    after = net.gkm("A")
+    assert after["peers"]["B"]["enc"]["taken_keys"] == before["peers"]["B"]["enc"]["taken_keys"]
+    assert after["late_requests"] == before["late_requests"] + 1
+    status, doc = _dec(net, ids)
+    assert status == 400 and "not found on KME" in doc["message"], doc  # nothing reserved
+    status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=2&size=256")
+    assert status == 200 and [k for k, _ in _keys(doc)] == ids
+    status, doc = _dec(net, ids)
+    assert status == 200 and [k for k, _ in _keys(doc)] == ids
+
+
+def test_keys_given_back_after_a_late_answer_are_refused_at_the_slave(net):
+    """What a key API worker does with an answer that came after it had answered 503:
+    the keys go back to the master's key manager, which cancels them at the slave's node."""
+    net.stock()
+    before = net.gkm("B")["peers"]["A"]["dec"]
+    a = GkmClient(net.prefix, "A")
+    try:
+        keys = a.take_enc_for("B", 2, 32, ["b1"], "a1")  # confirmed: reserved at B
+        ids = [k for k, _ in keys]
+        assert a.call("cancel", peer="B", key_ids=ids)[0]["cancelled"] == 2
+        from control.carving import KeySlice
+
+        theirs = KeySlice(net.topo.node("B").id, net.topo.node("A").id, 0, 0, 32)
+        with pytest.raises(StoreError, match="a key ID of another pair"):
+            a.call("cancel", peer="B", key_ids=[str(theirs.key_id)])
+        with pytest.raises(StoreError, match="not a key ID of this network"):
+            a.call("cancel", peer="B", key_ids=[str(uuid.uuid4())])
+    finally:
+        a.close()
+    wait_until(lambda: net.gkm("A")["peers"]["B"]["enc"]["unacked_reservations"] == 0
+               and net.gkm("B")["peers"]["A"]["dec"]["reservations_applied"]
+               == before["reservations_applied"] + 2, 30, "the cancellation to reach B")
+    status, doc = _dec(net, ids)
+    assert status == 400 and "not found on KME" in doc["message"], doc
+    assert net.gkm("B")["peers"]["A"]["dec"]["delivered_keys"] == before["delivered_keys"]
 
 
 def test_no_key_reaches_a_log_or_status_file(net):

@@ -541,6 +541,19 @@ def test_gkm_explicit_pairs_and_none():
     assert parse_topology(gkm("pairs = []")).gkm.pairs == ()
 
 
+def test_gkm_relay_keys_default_to_the_run_dir_and_resolve_against_the_file(tmp_path):
+    from control import paths
+
+    t = parse_topology(BASE)
+    assert t.gkm.keys == paths.network_dir("tt") / "relay-keys"
+    assert t.gkm.nodes() == ["A", "B", "C"]
+    assert parse_topology(gkm("pairs = []")).gkm.nodes() == []
+    (tmp_path / "net.toml").write_text(gkm('keys = "relay"'))
+    assert load_topology(tmp_path / "net.toml").gkm.keys == (tmp_path / "relay").resolve()
+    assert parse_topology(gkm('keys = "/etc/qkdnet/relay"')).gkm.keys == \
+        Path("/etc/qkdnet/relay")
+
+
 @pytest.mark.parametrize("section, field, phrase", [
     ('block_size = "31B"', "gkm.block_size", "between 32 B and 16 MiB"),
     ('block_size = "17MiB"', "gkm.block_size", "between 32 B and 16 MiB"),

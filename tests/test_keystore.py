@@ -503,3 +503,89 @@ def test_additional_slaves_each_fetch_the_same_keys_once(tmp_path):
     with pytest.raises(StoreError, match="no such key") as e:
         d.take_dec("A", ids[:1], "b1")
     assert e.value.kind == "unknown"
+
+
+# ---- counters an origin sends are bounded by what this node holds -----------------------------
+
+def test_a_carving_cursor_beyond_the_blocks_held_is_refused_at_once(tmp_path):
+    """A RESERVE whose carved_to runs past the highest block held (2**40 - 1 at most on the
+    wire) is refused and skipped in its order, nothing moves, and it costs no scan of the
+    numbers it would pass; the reservation after it still applies."""
+    import time
+
+    from control.carving import MAX_SEQ, Cursor
+    from control.gkm_wire import Reserve, ReserveStatus, parse
+
+    o, d = _pair_with_keys(tmp_path, nblocks=3, size=128)
+    assert d.dec["A"].reach() == (3, 0)
+    kid = KeySlice(A, B, 0, 0, 64).key_id.bytes
+    start = time.monotonic()
+    for rseq, carved in enumerate([(MAX_SEQ, 0), (3, 1), (2, 1 << 24 | 1)]):
+        msg = Reserve(A, B, rseq, carved, ("evil",), (kid,))
+        assert d.apply_reservation("A", msg) == ReserveStatus.REFUSED
+        assert "beyond the end of the blocks held here" in d.dec["A"].last_refused
+    assert time.monotonic() - start < 1.0
+    dec = d.summary()["dec"]["A"]
+    assert dec["reserve_cursor"] == [0, 0] and dec["reserved_keys"] == 0
+    assert dec["reservations_applied"] == 3 and "evil" not in str(d.dec["A"].outstanding)
+    # The origin's own reservations, numbered after them, still apply; its cursor may end
+    # exactly at the end of the last block held.
+    for _ in range(3):
+        o.take_enc_reserved("B", 1, 64, ("sae-2",))
+    keys, _ = o.take_enc_reserved("B", 3, 64, ("sae-2",))  # to the end of block 2
+    assert o.enc["B"].cursor == Cursor(3, 0)
+    for rseq in sorted(o.enc["B"].unacked):
+        m = parse([o.enc["B"].unacked[rseq]])
+        m = Reserve(m.origin, m.destination, rseq + 3, m.carved_to, m.saes, m.key_ids)
+        assert d.apply_reservation("A", m) == ReserveStatus.APPLIED, d.dec["A"].last_refused
+    assert d.take_dec("A", [str(keys[-1][0].key_id)], "sae-2") == [keys[-1][1]]
+
+
+def test_a_long_jump_of_the_reservation_cursor_costs_the_blocks_held_not_the_numbers():
+    import time
+
+    from control.carving import MAX_SEQ, Cursor
+    from control.keystore import DecState
+
+    st = DecState("A", 1)
+    for seq in (0, 5, 9):
+        st.add_block(seq, 128)
+    assert st.top == 9 and not st.beyond_reach(9 + 100, 100) and st.beyond_reach(110, 100)
+    start = time.monotonic()
+    st.move_cursor(Cursor(MAX_SEQ, 0))
+    assert time.monotonic() - start < 0.5
+    assert sorted(st.done()) == [0, 5, 9]
+    assert not st.beyond_reach(MAX_SEQ, 0)  # the cursor itself counts as held
+
+
+def test_keys_whose_taker_gave_up_late_are_cancelled_at_the_slaves_node(tmp_path):
+    """After the slave's node confirmed (the taker's answer was lost or late), and after a
+    restart of the origin with reservations still unconfirmed."""
+    from control.gkm_wire import ReserveStatus, parse
+
+    o, d = _pair_with_keys(tmp_path, nblocks=2, size=128)
+    keys, r0 = o.take_enc_reserved("B", 2, 32, ("sae-2",))
+    assert d.apply_reservation("A", parse([o.enc["B"].unacked[r0]])) == ReserveStatus.APPLIED
+    o.reservation_acked("B", r0)
+    r1 = o.cancel_keys("B", [k.key_id.bytes for k, _ in keys])
+    assert d.apply_reservation("A", parse([o.enc["B"].unacked[r1]])) == ReserveStatus.APPLIED
+    o.reservation_acked("B", r1)
+    ids = [str(k.key_id) for k, _ in keys]
+    with pytest.raises(StoreError, match="unknown or already delivered"):
+        d.take_dec("A", ids[:1], "sae-2")
+    # Two takes still unconfirmed when the origin stops: cancelled once each at its start.
+    later, r2 = o.take_enc_reserved("B", 1, 32, ("sae-2",))
+    _, r3 = o.take_enc_reserved("B", 1, 32, ("sae-2",))
+    o.close()
+    o = origin(tmp_path)
+    cancels = o.cancel_unanswered("B")
+    assert len(cancels) == 2 and o.cancel_unanswered("B") == []  # not twice
+    for r in sorted(o.enc["B"].unacked):
+        assert d.apply_reservation("A", parse([o.enc["B"].unacked[r]])) == \
+            ReserveStatus.APPLIED
+        o.reservation_acked("B", r)
+    assert r3 == r2 + 1 and not o.enc["B"].unacked
+    with pytest.raises(StoreError, match="no such key stored") as e:  # block 0: freed
+        d.take_dec("A", [str(later[0][0].key_id)], "sae-2")
+    assert e.value.kind == "unknown"
+    assert d.summary()["dec"]["A"]["reserved_keys"] == 0
