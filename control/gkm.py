@@ -84,6 +84,8 @@ GENERATE_BATCH = 16 << 20     # bytes generated and stored in one write
 RECEIVE_BATCH = 16 << 20      # bytes of arrived messages stored with one synced write
 RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after this
 RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to confirm
+HOLD_UNCONFIRMED_S = 10.0     # a dec request for keys not yet confirmed waits at most this
+MAX_HELD = 4096               # ... and at most this many such requests wait
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
 HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
 HEARTBEAT_TIMEOUT_MS = 30_000  # a ping answered later than this: the connection is dead
@@ -219,6 +221,12 @@ class GlobalKeyManager:
         self.refused_messages = 0
         self.refused_connections = 0
         self.late_requests = 0
+        # dec_keys requests for keys reserved here but not yet confirmed by the master's
+        # node: (envelope, request, deadline), answered once a confirmation or a
+        # cancellation is applied, or "busy" at their deadline.
+        self.held: list[tuple[list[bytes], bytes, float]] = []
+        self.held_total = 0
+        self.recheck_held = False
         self.last_refusal = ""
         self.waiting: dict[tuple[str, int], tuple[list[bytes], list[bytes], float]] = {}
         now = time.monotonic()
@@ -354,6 +362,8 @@ class GlobalKeyManager:
             self._receive(messages, out)
         for frames in out:
             self.router.send_multipart(frames)
+        if self.recheck_held:
+            self.retry_held()
 
     def _receive(self, messages: list[list[zmq.Frame]], out: list[list]) -> None:
         accepted: list[tuple[zmq.Frame, Blocks, str | None]] = []
@@ -451,6 +461,8 @@ class GlobalKeyManager:
             if status == ReserveStatus.REFUSED:
                 log.error("gkm %s: refused from %s (skipped): %s", self.node.name,
                           origin.name, self.store.dec[origin.name].last_refused)
+            elif status == ReserveStatus.APPLIED and not msg.saes and self.held:
+                self.recheck_held = True  # a confirmation or cancellation
         return encode_reserved(Reserved(msg.origin, self.node.id, msg.rseq, status))[0]
 
     # ---- the origin's side --------------------------------------------------------------
@@ -467,8 +479,7 @@ class GlobalKeyManager:
             self._refuse(f"unexpected message on the connection to {d.name}")
             return
         if isinstance(msgs[0], Reserved):
-            for m in msgs:
-                self.on_reserved(d, m)
+            self.on_reserved(d, msgs)
             return
         msg = msgs[0]
         self.crash("origin.acked")
@@ -493,24 +504,40 @@ class GlobalKeyManager:
         if any(st == AckStatus.REFUSED for _, st in msg.results):
             d.last_error = f"{d.name} does not keep global key from this node (config?)"
 
-    def on_reserved(self, d: Destination, msg: Reserved) -> None:
-        if msg.status == ReserveStatus.GAP:
-            d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
-            return
-        key = (d.name, msg.rseq)
-        if key in self.waiting and time.monotonic() >= self.waiting[key][2]:
-            self._give_up(key)  # the taker has stopped waiting: the keys go to no one
-            self.store.reservation_acked(d.name, msg.rseq)
-            return
-        self.store.reservation_acked(d.name, msg.rseq)
-        waiting = self.waiting.pop(key, None)
-        if waiting is None:
-            return
-        envelope, reply, _ = waiting
-        if msg.status == ReserveStatus.REFUSED:
-            reply = [json.dumps({"ok": False, "kind": "bad", "error":
-                                 f"node {d.name} refused the reservation"}).encode()]
-        self.api.send_multipart([*envelope, *reply], copy=False)
+    def on_reserved(self, d: Destination, msgs: list[Reserved]) -> None:
+        """Answers to reservations (and to confirmations and cancellations). A taker
+        still waiting is answered once a confirmation of its keys is durably queued: the
+        slave's node lets its SAEs fetch them only after that confirmation, so keys whose
+        taker is answered "unreachable" (and whose cancellation follows instead) reach no
+        SAE, even one that guessed their IDs."""
+        confirmed, answers = [], []
+        now = time.monotonic()
+        for msg in msgs:
+            if msg.status == ReserveStatus.GAP:
+                d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
+                continue
+            key = (d.name, msg.rseq)
+            if key in self.waiting and now >= self.waiting[key][2]:
+                self._give_up(key)  # the taker has stopped waiting: the keys go to no one
+                self.store.reservation_acked(d.name, msg.rseq)
+                continue
+            waiting = self.waiting.pop(key, None)
+            if waiting is None or msg.status == ReserveStatus.REFUSED:
+                self.store.reservation_acked(d.name, msg.rseq)
+            if waiting is None:
+                continue
+            envelope, reply, _ = waiting
+            if msg.status == ReserveStatus.REFUSED:
+                reply = [json.dumps({"ok": False, "kind": "bad", "error":
+                                     f"node {d.name} refused the reservation"}).encode()]
+            else:
+                confirmed.append(msg.rseq)
+            answers.append([*envelope, *reply])
+        if confirmed:
+            self.store.confirm_acked(d.name, confirmed)
+            self.send_reservations(d, now)
+        for frames in answers:
+            self.api.send_multipart(frames, copy=False)
 
     def send_reservations(self, d: Destination, now: float) -> None:
         """Unacknowledged reservations go out in order: new ones at once; all of them
@@ -558,6 +585,46 @@ class GlobalKeyManager:
             "error": f"node {key[0]} did not confirm the reservation in time (at most "
                      f"{RESERVE_WAIT_S:.0f} s); the keys were not handed out and their "
                      f"reservation is cancelled"}).encode()])
+
+    def _hold(self, envelope: list[bytes], body: bytes, req: dict,
+              held_until: float | None) -> bool:
+        """Keep a dec request for keys not yet confirmed until the master's node confirms
+        or cancels them (the confirmation is usually a round trip behind the
+        reservation, and the slave SAE may ask in between); False: too many held."""
+        if held_until is None:
+            if len(self.held) >= MAX_HELD:
+                return False
+            self.held_total += 1
+            held_until = min(time.monotonic() + HOLD_UNCONFIRMED_S,
+                             _deadline(req) or float("inf"))
+        self.held.append((envelope, body, held_until))
+        return True
+
+    def retry_held(self) -> None:
+        """A confirmation or cancellation was applied: answer the held requests it
+        decides, with one sync."""
+        self.recheck_held = False
+        held, self.held = self.held, []
+        answers = []
+        with self.store.group():
+            for envelope, body, until in held:
+                answer = self._answer([*envelope, body], held_until=until)
+                if answer is not None:
+                    answers.append(answer)
+        for frames in answers:
+            self.api.send_multipart(frames, copy=False)
+
+    def expire_held(self, now: float) -> None:
+        due = [h for h in self.held if now >= h[2]]
+        if not due:
+            return
+        self.held = [h for h in self.held if now < h[2]]
+        for envelope, _, _ in due:
+            self.api.send_multipart([*envelope, json.dumps({
+                "ok": False, "kind": "busy",
+                "error": "the keys are reserved here, but the master's key manager has "
+                         "not yet confirmed that its SAE got them (nor cancelled them); "
+                         "nothing was delivered, try again"}).encode()])
 
     def restock(self, d: Destination, now: float) -> None:
         if not d.ever_connected or self.paused:
@@ -675,7 +742,8 @@ class GlobalKeyManager:
                                      "had stopped waiting; nothing was taken")
         return deadline
 
-    def _answer(self, frames: list[bytes]) -> list[bytes] | None:
+    def _answer(self, frames: list[bytes], held_until: float | None = None
+                ) -> list[bytes] | None:
         # The envelope: the REQ/DEALER identity frames up to and including the empty
         # delimiter (a DEALER client adds a request id before it), sent back unchanged.
         envelope, body = frames[:-1], frames[-1]
@@ -692,6 +760,8 @@ class GlobalKeyManager:
                 self.waiting[key] = (envelope, reply, deadline)
                 return None
         except StoreError as e:
+            if e.kind == "pending" and self._hold(envelope, body, req, held_until):
+                return None
             reply = [json.dumps({"ok": False, "kind": e.kind, "error": str(e)}).encode()]
         except Exception as e:  # a bad request must never stop the key manager
             reply = [json.dumps({"ok": False, "kind": "bad",
@@ -801,7 +871,9 @@ class GlobalKeyManager:
                 "received_bytes": self.received_bytes,
                 "refused_messages": self.refused_messages,
                 "refused_connections": self.refused_connections,
-                "late_requests": self.late_requests, "db": stores["db"], "peers": peers}
+                "late_requests": self.late_requests,
+                "held_unconfirmed": len(self.held), "held_unconfirmed_total": self.held_total,
+                "db": stores["db"], "peers": peers}
 
     def _report(self, now: float) -> None:
         """Say it once when a destination stops acknowledging, and when it is back."""
@@ -883,6 +955,8 @@ class GlobalKeyManager:
                 self.send_reservations(d, now)
             if self.waiting:
                 self.expire_waiting(now)
+            if self.held:
+                self.expire_held(now)
             if now >= next_publish:
                 self.paused = self.pause_flag.exists()
                 self._follow_routes()

@@ -7,7 +7,8 @@ to the destination's node address, so the kernel routes it through the OTP tunne
 BLOCKS  origin -> destination   frame 0: header + (seq, size) per block; then one frame
                                 per block with its bytes (sent without copying)
 ACK     destination -> origin   frame 0: header + (seq, status) per block
-RESERVE origin -> destination   which SAEs may fetch which keys (none: cancel), numbered
+RESERVE origin -> destination   which SAEs may fetch which keys (none: cancel; "=": the
+                                master got them, they may be fetched now), numbered
 RESERVED destination -> origin  applied, duplicate, or a gap before it
 
 RESERVE and RESERVED are one frame each; several may travel as the frames of one
@@ -39,6 +40,7 @@ from dataplane.limits import (
 MAGIC = b"QKGK"
 VERSION = 1
 _HEADER = struct.Struct(">4sBBHHI")  # magic, version, type, origin, destination, count
+CONFIRM = "="                         # the one "SAE ID" of a confirmation
 MAX_RESERVE_BATCH = 256              # RESERVE or RESERVED frames in one message
 _BLOCK = struct.Struct(">QI")         # seq, size
 _ACK = struct.Struct(">QB")           # seq, status
@@ -87,9 +89,11 @@ class Ack:
 class Reserve:
     """The master's node tells the slave's node which keys which SAEs may fetch, in the
     origin's carving order (``rseq`` numbers them per pair), and how far it has carved.
-    No SAEs: cancel these keys' reservations (their taker never got them). ``master`` is
-    the master SAE that took them ("" = any: a reservation made by hand); on the wire it
-    is the first of the SAE IDs, "*" standing for any."""
+    No SAEs: cancel these keys' reservations (their taker never got them). ``confirm``:
+    their taker got them, so the SAEs may fetch them from now on (a reservation alone
+    is not fetchable: the taker may yet be refused). ``master`` is the master SAE that
+    took them ("" = any: a reservation made by hand); on the wire it is the first of the
+    SAE IDs, "*" standing for any; a confirmation names the one ID "=" instead."""
 
     origin: int
     destination: int
@@ -98,6 +102,7 @@ class Reserve:
     saes: tuple[str, ...]
     key_ids: tuple[bytes, ...]  # 16 bytes each
     master: str = ""
+    confirm: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,10 @@ def encode_reserve(msg: Reserve) -> list[bytes]:
     if len(msg.saes) > 254 or len(msg.key_ids) > MAX_RELAY_BLOCKS:
         raise RelayWireError("a RESERVE names at most 254 SAEs and at most "
                              f"{MAX_RELAY_BLOCKS} keys")
+    if msg.confirm and msg.saes:
+        raise RelayWireError("a confirmation names no SAE")
     head = _header(MsgType.RESERVE, msg.origin, msg.destination, len(msg.key_ids))
-    names = [msg.master or "*", *msg.saes] if msg.saes else []
+    names = [msg.master or "*", *msg.saes] if msg.saes else [CONFIRM] if msg.confirm else []
     encoded = [x.encode() for x in names]
     if any(not 0 < len(e) < 256 for e in encoded):
         raise RelayWireError("SAE IDs are 1-255 bytes")
@@ -150,6 +157,8 @@ def _parse_reserve(origin: int, destination: int, count: int, body: bytes) -> Re
     if len(body) - at != 16 * count:
         raise RelayWireError(f"RESERVE: {len(body) - at} B of key IDs for {count} keys")
     keys = tuple(body[at + 16 * i:at + 16 * (i + 1)] for i in range(count))
+    if saes == [CONFIRM]:
+        return Reserve(origin, destination, rseq, (cseq, coff), (), keys, confirm=True)
     if len(saes) == 1:
         raise RelayWireError("RESERVE: a master SAE and no slave SAE")
     master = "" if not saes or saes[0] == "*" else saes[0]

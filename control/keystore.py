@@ -10,7 +10,9 @@ from ``peer``. Keys inside a column family:
     c            ENC: carving cursor (block u64, offset u32)
     r<key id:16> DEC: a key reserved here: master SAE ("*" any), then the SAEs that may
                  fetch it once, newline-separated; one that has fetched it is kept,
-                 marked (a NUL byte before its name), until all have and the entry goes
+                 marked (a NUL byte before its name), until all have and the entry goes;
+                 a 0x01 byte before it all: not fetchable until the master's node
+                 confirms that the master got the key (a later RESERVE, "=")
 
 Every change is one write batch, so a crash leaves all of it or none. Writes that others
 rely on are synced before anyone hears of them: a received block before it is
@@ -46,6 +48,7 @@ CACHED_BLOCKS = 4     # blocks kept in memory for takes that cut many keys from 
 _META = struct.Struct(">IB")
 _U64 = struct.Struct(">Q")
 _CURSOR = struct.Struct(">QI")
+UNCONFIRMED = b"\x01"  # a DEC reservation's prefix until the master's node confirms it
 
 
 class BlockState(IntEnum):
@@ -500,22 +503,51 @@ class KeyStore:
         """Queue a numbered cancellation (a RESERVE naming no SAE) of these keys'
         reservations at ``peer``, applied there after every reservation queued before it:
         for keys whose taker never got them. Durable before it returns; its number."""
-        from control.gkm_wire import Reserve, encode_reserve
+        with self.lock:
+            return self._queue(peer, [], [key_ids], confirm=False)[0]
+
+    def confirm_acked(self, peer: str, rseqs: list[int]) -> list[int]:
+        """``peer`` applied reservations ``rseqs`` and their takers are about to be
+        answered: forget them and, in the same synced batch, queue numbered
+        confirmations of their keys, which make them fetchable at ``peer`` (a taker is
+        answered only after this returns, so a crash cannot lose a confirmation whose
+        taker got its keys). Returns the confirmations' numbers."""
+        from control.gkm_wire import parse
+        from dataplane.limits import MAX_RELAY_BLOCKS
 
         with self.lock:
             st = self.enc[peer]
-            new = st.next_rseq
-            msg = encode_reserve(Reserve(self.node_id, st.peer_id, new,
-                                         (st.cursor.seq, st.cursor.offset), (),
-                                         tuple(key_ids)))[0]
-            h = self._handle("enc", peer)
-            wb = WriteBatch(raw_mode=True)
-            wb.put(_seq_key(b"q", new), msg, h)
-            wb.put(b"Q", _U64.pack(new + 1), h)
-            self._durable(wb)
-            st.unacked[new] = msg
-            st.next_rseq = new + 1
-            return new
+            done = [r for r in rseqs if r in st.unacked]
+            ids = [k for r in done for k in parse([st.unacked[r]]).key_ids]
+            return self._queue(peer, done, [ids[at:at + MAX_RELAY_BLOCKS]
+                                            for at in range(0, len(ids), MAX_RELAY_BLOCKS)],
+                               confirm=True)
+
+    def _queue(self, peer: str, acked: list[int], groups: list[list[bytes]],
+               confirm: bool) -> list[int]:
+        """In one synced batch: forget the acknowledged reservations ``acked`` and queue
+        one numbered cancellation (or confirmation) per group of key IDs."""
+        from control.gkm_wire import Reserve, encode_reserve
+
+        st = self.enc[peer]
+        h = self._handle("enc", peer)
+        wb = WriteBatch(raw_mode=True)
+        for r in acked:
+            wb.delete(_seq_key(b"q", r), h)
+        msgs = {}
+        for new, key_ids in enumerate(groups, start=st.next_rseq):
+            msgs[new] = encode_reserve(Reserve(self.node_id, st.peer_id, new,
+                                               (st.cursor.seq, st.cursor.offset), (),
+                                               tuple(key_ids), confirm=confirm))[0]
+            wb.put(_seq_key(b"q", new), msgs[new], h)
+        if msgs:
+            wb.put(b"Q", _U64.pack(max(msgs) + 1), h)
+        self._durable(wb)
+        for r in acked:
+            st.unacked.pop(r, None)
+        st.unacked.update(msgs)
+        st.next_rseq += len(msgs)
+        return list(msgs)
 
     def cancel_unanswered(self, peer: str) -> list[int]:
         """At start: a reservation not yet acknowledged by ``peer`` has a taker that was
@@ -526,7 +558,8 @@ class KeyStore:
 
         with self.lock:
             msgs = {r: parse([raw]) for r, raw in self.enc[peer].unacked.items()}
-            cancelled = {k for m in msgs.values() if not m.saes for k in m.key_ids}
+            cancelled = {k for m in msgs.values() if not m.saes and not m.confirm
+                         for k in m.key_ids}
             return [self.cancel_keys(peer, list(m.key_ids)) for _, m in sorted(msgs.items())
                     if m.saes and not set(m.key_ids) <= cancelled]
 
@@ -653,6 +686,9 @@ class KeyStore:
             if msg.rseq > st.next_rseq:
                 return ReserveStatus.GAP
             ids = [str(uuid.UUID(bytes=bytes(k))) for k in msg.key_ids]
+            if msg.confirm:
+                self._confirm(st, peer, ids, msg.rseq)
+                return ReserveStatus.APPLIED
             try:
                 self._reserve(st, peer, ids, msg.saes, Cursor(*msg.carved_to), msg.rseq,
                               msg.master)
@@ -675,13 +711,15 @@ class KeyStore:
                                     f"{carved_to.offset}: beyond the end of the blocks "
                                     f"held here (block {st.top})")
         owner = reservation_record(master, saes)
+        if rseq is not None:  # from the master's node: fetchable once it confirms
+            owner = UNCONFIRMED + owner
         cur = st.cursor
         new: list[tuple[bytes, KeySlice]] = []
         for kid in key_ids:
             s = self._dec_slice(st, kid)
             rid = b"r" + _uuid_bytes(kid)
             if (s.seq, s.offset) < (cur.seq, cur.offset):
-                if cf.get(rid) == owner:
+                if cf.get(rid) in (owner, owner.removeprefix(UNCONFIRMED)):
                     continue  # the same reservation again
                 raise StoreError("unknown", f"key ID {kid} is already reserved or "
                                             "delivered, or overlaps a key that is")
@@ -716,6 +754,21 @@ class KeyStore:
             wb.put(b"E", _U64.pack(rseq + 1), h)
             st.next_rseq = rseq + 1
         self._free_done(st, wb, h)
+        self._durable(wb)
+
+    def _confirm(self, st: DecState, peer: str, key_ids: list[str], rseq: int) -> None:
+        """The master's node answered the taker of these keys: its SAEs may fetch them.
+        A key no longer reserved (cancelled, or never) stays so."""
+        cf = self._cf("dec", peer)
+        h = self._handle("dec", peer)
+        wb = WriteBatch(raw_mode=True)
+        for kid in key_ids:
+            rid = b"r" + _uuid_bytes(kid)
+            owner = cf.get(rid)
+            if owner is not None and owner.startswith(UNCONFIRMED):
+                wb.put(rid, owner[len(UNCONFIRMED):], h)
+        wb.put(b"E", _U64.pack(rseq + 1), h)
+        st.next_rseq = rseq + 1
         self._durable(wb)
 
     def _dec_state(self, peer: str) -> DecState:
@@ -759,14 +812,22 @@ class KeyStore:
             decoded = [self._dec_slice(st, kid) for kid in key_ids]
             if len(set(decoded)) != len(decoded):
                 raise StoreError("bad", "a key ID is named twice")
-            slices = []
+            slices, unconfirmed = [], []
             for kid, s in zip(key_ids, decoded, strict=True):
                 rid = b"r" + _uuid_bytes(kid)
                 owner = cf.get(rid)
                 if owner is None:
                     raise StoreError("unknown", f"key ID {kid} is unknown or already "
                                                 "delivered")
-                slices.append((rid, s, deliver_from_record(owner, kid, sae, master)))
+                pending = owner.startswith(UNCONFIRMED)
+                left = deliver_from_record(owner.removeprefix(UNCONFIRMED), kid, sae, master)
+                if pending:
+                    unconfirmed.append(kid)
+                slices.append((rid, s, left))
+            if unconfirmed:
+                more = f" and {len(unconfirmed) - 1} more" if len(unconfirmed) > 1 else ""
+                raise StoreError("pending", f"key ID {unconfirmed[0]}{more}: not yet "
+                                 f"confirmed by the master's key manager")
             wb = WriteBatch(raw_mode=True)
             out = []
             data: dict[int, bytes] = {}

@@ -710,7 +710,8 @@ def test_keys_given_back_after_a_late_answer_are_refused_at_the_slave(net):
         a.close()
     wait_until(lambda: net.gkm("A")["peers"]["B"]["enc"]["unacked_reservations"] == 0
                and net.gkm("B")["peers"]["A"]["dec"]["reservations_applied"]
-               == before["reservations_applied"] + 2, 30, "the cancellation to reach B")
+               == before["reservations_applied"] + 3, 30,
+               "the reservation, its confirmation and the cancellation to reach B")
     status, doc = _dec(net, ids)
     assert status == 400 and "not found on KME" in doc["message"], doc
     assert net.gkm("B")["peers"]["A"]["dec"]["delivered_keys"] == before["delivered_keys"]

@@ -435,8 +435,9 @@ def test_keys_taken_for_slaves_are_reserved_at_their_node_first(tmp_path, prefix
             assert e.value.kind == "unreachable"
         finally:
             run_in_netns(paths.netns_name(prefix, "A"), set_link, "ul0", True)
-        # The reservation and its cancellation reach B in order when the path is back.
-        wait_until(lambda: b.summary()["peers"]["A"]["dec"]["reservations_applied"] == 4
+        # The reservation and its cancellation reach B in order when the path is back
+        # (after the two earlier reservations, each with its confirmation).
+        wait_until(lambda: b.summary()["peers"]["A"]["dec"]["reservations_applied"] == 6
                    and a.summary()["peers"]["B"]["enc"]["unacked_reservations"] == 0, 30,
                    "the late reservation and its cancellation to reach B")
         assert b.summary()["peers"]["A"]["dec"]["reserved_keys"] == 0

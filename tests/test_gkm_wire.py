@@ -139,6 +139,12 @@ def test_reserve_round_trip_and_refusals():
         parse([only_master])
     cancel = Reserve(1, 2, 8, (3, 64), (), m.key_ids)  # no SAEs: a cancellation
     assert parse(encode_reserve(cancel)) == cancel
+    confirm = Reserve(1, 2, 9, (3, 64), (), m.key_ids, confirm=True)
+    assert parse(encode_reserve(confirm)) == confirm and confirm != cancel
+    with pytest.raises(RelayWireError, match="a confirmation names no SAE"):
+        encode_reserve(Reserve(1, 2, 9, (3, 64), ("b",), m.key_ids, confirm=True))
+    named_eq = Reserve(1, 2, 9, (3, 64), ("b",), m.key_ids, master="=")  # an SAE called "="
+    assert parse(encode_reserve(named_eq)) == named_eq
     with pytest.raises(RelayWireError, match="unknown RESERVED status 9"):
         parse([encode_reserved(r)[0][:-1] + b"\x09"])
 

@@ -259,6 +259,16 @@ def _pair_with_keys(tmp_path, nblocks: int = 3, size: int = 256):
     return o, d
 
 
+def _apply_confirmed(o, d, r: int) -> None:
+    """Reservation ``r`` applied at the slave's node, then its confirmation (its taker
+    was answered): what the key managers do over the relay."""
+    from control.gkm_wire import parse
+
+    assert d.apply_reservation("A", parse([o.enc["B"].unacked[r]])).name == "APPLIED"
+    for c in o.confirm_acked("B", [r]):
+        assert d.apply_reservation("A", parse([o.enc["B"].unacked[c]])).name == "APPLIED"
+
+
 def test_a_delivered_or_reserved_key_can_never_be_reserved_again(tmp_path):
     o, d = _pair_with_keys(tmp_path)
     keys = o.take_enc("B", 4, 64)
@@ -347,20 +357,41 @@ def test_reservations_travel_numbered_and_apply_once_in_order(tmp_path):
     assert d.apply_reservation("A", m1) == ReserveStatus.APPLIED
     assert d.apply_reservation("A", m1) == ReserveStatus.DUPLICATE
     assert d.apply_reservation("A", m2) == ReserveStatus.APPLIED
+    # Reserved is not fetchable: the taker may yet be refused. Its taker is answered once
+    # the confirmation is queued (here: for r1 only), and the confirmation makes it so.
+    with pytest.raises(StoreError, match="not yet confirmed") as e:
+        d.take_dec("A", [str(k1[0][0].key_id)], "sae-2")
+    assert e.value.kind == "pending"
+    del e  # (its traceback holds the store open)
+    with pytest.raises(StoreError, match="belongs to another SAE"):
+        d.take_dec("A", [str(k1[0][0].key_id)], "sae-9")  # ... and says so only to its SAEs
+    (c1,) = o.confirm_acked("B", [r1])
+    assert c1 == 2 and sorted(o.enc["B"].unacked) == [1, 2]
+    m3 = parse([o.enc["B"].unacked[c1]])
+    assert m3.confirm and m3.key_ids == m1.key_ids
+    assert d.apply_reservation("A", m3) == ReserveStatus.APPLIED
     assert d.take_dec("A", [str(k1[0][0].key_id)], "sae-2") == [k1[0][1]]
-    assert d.take_dec("A", [str(k2[0][0].key_id)], "sae-3") == [k2[0][1]]  # an additional
-    assert d.take_dec("A", [str(k2[0][0].key_id)], "sae-2") == [k2[0][1]]  # ... and the slave
-    with pytest.raises(StoreError, match="already delivered"):
-        d.take_dec("A", [str(k2[0][0].key_id)], "sae-2")  # once each
-    # The origin forgets acknowledged ones; a restart resends what is left.
-    o.reservation_acked("B", r1)
+    with pytest.raises(StoreError, match="not yet confirmed"):
+        d.take_dec("A", [str(k2[0][0].key_id)], "sae-3")
+    # A restart keeps the confirmation queued (its taker may have been answered) and
+    # resends what is left; the slave's node keeps what it applied.
     o.close()
     o = origin(tmp_path)
-    assert sorted(o.enc["B"].unacked) == [1] and o.enc["B"].next_rseq == 2
+    assert sorted(o.enc["B"].unacked) == [1, 2] and o.enc["B"].next_rseq == 3
+    assert o.cancel_unanswered("B") == [3]  # r2's taker is gone; the confirmation stays
+    assert parse([o.enc["B"].unacked[3]]).key_ids == m2.key_ids
     d.close()
     d = dest(tmp_path)
-    assert d.dec["A"].next_rseq == 2
+    assert d.dec["A"].next_rseq == 3
     assert d.take_dec("A", [str(k1[1][0].key_id)], "sae-2") == [k1[1][1]]
+    (c2,) = o.confirm_acked("B", [r2])  # (as if r2 were answered in time after all)
+    assert d.apply_reservation("A", parse([o.enc["B"].unacked[c2]])) == ReserveStatus.GAP
+    assert d.apply_reservation("A", parse([o.enc["B"].unacked[3]])) == ReserveStatus.APPLIED
+    # ... a confirmation after the cancellation brings nothing back.
+    assert d.apply_reservation("A", parse([o.enc["B"].unacked[c2]])) == \
+        ReserveStatus.APPLIED
+    with pytest.raises(StoreError, match="unknown or already delivered"):
+        d.take_dec("A", [str(k2[0][0].key_id)], "sae-2")
 
 
 def test_a_reservation_whose_taker_gave_up_is_cancelled_in_order(tmp_path):
@@ -382,11 +413,10 @@ def test_a_reservation_whose_taker_gave_up_is_cancelled_in_order(tmp_path):
 
 
 def test_a_key_goes_only_to_the_slave_naming_the_master_that_took_it(tmp_path):
-    from control.gkm_wire import parse
 
     o, d = _pair_with_keys(tmp_path, nblocks=2, size=128)
     keys, r = o.take_enc_reserved("B", 2, 64, ("sae-2",), "sae-m")
-    assert d.apply_reservation("A", parse([o.enc["B"].unacked[r]])).name == "APPLIED"
+    _apply_confirmed(o, d, r)
     kid = str(keys[0][0].key_id)
     with pytest.raises(StoreError, match="not issued to master SAE sae-x") as e:
         d.take_dec("A", [kid], "sae-2", master="sae-x")
@@ -473,11 +503,10 @@ def test_every_named_sae_gets_the_key_once_and_no_one_else(named, fetches, maste
 
 
 def test_additional_slaves_each_fetch_the_same_keys_once(tmp_path):
-    from control.gkm_wire import parse
 
     o, d = _pair_with_keys(tmp_path, nblocks=2, size=128)
     keys, r = o.take_enc_reserved("B", 2, 64, ("b1", "b2", "b3"), "a1")
-    assert d.apply_reservation("A", parse([o.enc["B"].unacked[r]])).name == "APPLIED"
+    _apply_confirmed(o, d, r)
     ids = [str(k.key_id) for k, _ in keys]
     want = [k for _, k in keys]
     assert d.take_dec("A", ids, "b2", master="a1") == want
@@ -538,6 +567,11 @@ def test_a_carving_cursor_beyond_the_blocks_held_is_refused_at_once(tmp_path):
         m = parse([o.enc["B"].unacked[rseq]])
         m = Reserve(m.origin, m.destination, rseq + 3, m.carved_to, m.saes, m.key_ids)
         assert d.apply_reservation("A", m) == ReserveStatus.APPLIED, d.dec["A"].last_refused
+    for rseq in o.confirm_acked("B", sorted(o.enc["B"].unacked)):
+        m = parse([o.enc["B"].unacked[rseq]])
+        m = Reserve(m.origin, m.destination, rseq + 3, m.carved_to, (), m.key_ids,
+                    confirm=True)
+        assert d.apply_reservation("A", m) == ReserveStatus.APPLIED
     assert d.take_dec("A", [str(keys[-1][0].key_id)], "sae-2") == [keys[-1][1]]
 
 
