@@ -68,7 +68,7 @@ class _End(threading.Thread):
         self.connected = False
         self.dropped = 0
         self._both = both
-        self._stop = stop
+        self._halt = stop
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         private_dir(path.parent)  # whoever reaches these sockets gets the link's key
@@ -79,7 +79,7 @@ class _End(threading.Thread):
         self.listener.settimeout(0.2)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 conn, _ = self.listener.accept()
             except TimeoutError:
@@ -97,7 +97,7 @@ class _End(threading.Thread):
                     self.connected = True
                     self._both.notify_all()
                 try:
-                    while not self._stop.is_set():
+                    while not self._halt.is_set():
                         try:
                             head, data = self.q.get(timeout=0.2)
                         except queue.Empty:
@@ -123,7 +123,7 @@ class _End(threading.Thread):
                 self.q.put((head, data), block=wait, timeout=0.2 if wait else None)
                 return
             except queue.Full:
-                if not wait or not self.connected or self._stop.is_set():
+                if not wait or not self.connected or self._halt.is_set():
                     self.dropped += 1
                     return
 

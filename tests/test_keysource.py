@@ -140,3 +140,27 @@ def test_an_unexpected_exception_is_reported_not_fatal():
             src.read_blocks()
     finally:
         src.close()
+
+
+def test_the_emulator_stops_cleanly_when_told(tmp_path):
+    """Its link-end threads are joined on the way out; a thread attribute shadowed by the
+    stop event once made that join raise (TypeError), so the emulator died with a
+    traceback instead of returning."""
+    from control.emulator import run_emulator
+
+    socks = (tmp_path / "a.sock", tmp_path / "b.sock")
+    stop, made, failed = threading.Event(), [], []
+
+    def serve() -> None:
+        try:
+            made.append(run_emulator(socks, 10.0, 4096, "urandom", stop))
+        except BaseException as e:  # noqa: BLE001 - what the test looks for
+            failed.append(e)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    wait_until(lambda: all(p.exists() for p in socks), 30, "the emulator's sockets")
+    stop.set()
+    t.join(30)
+    assert not t.is_alive() and not failed and made == [0], failed
+    assert not any(p.exists() for p in socks)  # no leftovers
