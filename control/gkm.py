@@ -84,7 +84,8 @@ GENERATE_BATCH = 16 << 20     # bytes generated and stored in one write
 RECEIVE_BATCH = 16 << 20      # bytes of arrived messages stored with one synced write
 RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after this
 RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to confirm
-HOLD_UNCONFIRMED_S = 10.0     # a dec request for keys not yet confirmed waits at most this
+HOLD_UNCONFIRMED_S = 10.0     # a dec request for keys not yet confirmed waits this (or to
+                              # its deadline)
 MAX_HELD = 4096               # ... and at most this many such requests wait
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
 HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
@@ -595,8 +596,7 @@ class GlobalKeyManager:
             if len(self.held) >= MAX_HELD:
                 return False
             self.held_total += 1
-            held_until = min(time.monotonic() + HOLD_UNCONFIRMED_S,
-                             _deadline(req) or float("inf"))
+            held_until = _deadline(req) or time.monotonic() + HOLD_UNCONFIRMED_S
         self.held.append((envelope, body, held_until))
         return True
 
