@@ -89,6 +89,30 @@ def flood_ahead(a, raw: socket.socket, ports: list[int]) -> dict:
     return {"sent": {"ahead": sent}, "errors": errors}
 
 
+def flood_stale(a, raw: socket.socket, ports: list[int]) -> dict:
+    """Well-formed replays of released key positions only, paced like the flood naming key
+    ahead: the guard drops each at first sight, so this is what a flood of that rate costs
+    the machine (the flood process, A's forwarding, the XDP program) without any of the
+    workers' handling: the control beside the ahead point."""
+    batch = [spoofed(a.peer, a.dst, 40000, port, stale_datagram(a.size, a.link, a.direction, i))
+             for i, port in enumerate(ports)]
+    sent, errors = 0, 0
+    start = time.monotonic()
+    end = start + a.seconds
+    while (now := time.monotonic()) < end:
+        if a.pps and sent > (now - start) * a.pps:
+            time.sleep(0.001)
+            continue
+        for data in batch * max(1, 16 // len(batch)):
+            try:
+                raw.sendto(data, (a.dst, 0))
+            except OSError:
+                errors += 1
+                continue
+            sent += 1
+    return {"sent": {"stale": sent}, "errors": errors}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, required=True)
@@ -103,6 +127,8 @@ def main() -> None:
     ap.add_argument("--ahead-ring", help="the receiver's DEC ring: flood key just beyond it")
     ap.add_argument("--pps", type=float, default=0.0, help="at most this many a second (0: "
                                                           "as fast as it can)")
+    ap.add_argument("--stale-only", action="store_true",
+                    help="only replays of released positions (paced by --pps)")
     a = ap.parse_args()
     plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     plain.bind((a.src, 0))
@@ -110,6 +136,10 @@ def main() -> None:
     ports = [a.port_lo + 1 + i for i in range(a.ports)]
     if a.ahead_ring:
         out = flood_ahead(a, raw, ports)
+        print(json.dumps({**out, "seconds": a.seconds, "size": a.size}))
+        return
+    if a.stale_only:
+        out = flood_stale(a, raw, ports)
         print(json.dumps({**out, "seconds": a.seconds, "size": a.size}))
         return
     junk = os.urandom(a.size)

@@ -98,7 +98,8 @@ class GuardNet(Net):
             if r.returncode:
                 raise BenchError(f"attacker setup: {' '.join(cmd)}: {r.stderr.strip()}")
 
-    def flood(self, seconds: float, size: int, ahead: bool = False) -> subprocess.Popen:
+    def flood(self, seconds: float, size: int, ahead: bool = False,
+              stale: bool = False) -> subprocess.Popen:
         link = self.topo.link("A-B")
         ring = paths.ring_name(self.prefix, "B", "A-B", "ab")  # B's DEC ring of A's key
         return subprocess.Popen(
@@ -108,7 +109,8 @@ class GuardNet(Net):
              "--port-lo", str(self.topo.ports.tunnel), "--ports",
              str(self.topo.dataplane.workers), "--link", str(link.index), "--direction", "0",
              "--size", str(size),
-             *(["--ahead-ring", ring, "--pps", str(AHEAD_FLOOD_PPS)] if ahead else [])],
+             *(["--ahead-ring", ring, "--pps", str(AHEAD_FLOOD_PPS)] if ahead else []),
+             *(["--stale-only", "--pps", str(AHEAD_FLOOD_PPS)] if stale else [])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=Path(__file__).resolve().parents[1])
 
@@ -133,18 +135,21 @@ def guard_drops(tun: dict) -> dict[str, int]:
 
 
 def run_point(net: GuardNet, flood: bool, seconds: float, size: int,
-              ahead: bool = False) -> dict:
+              ahead: bool = False, stale: bool = False) -> dict:
     net.fill()
     tun = net.b_tunnel()
     pids = [w["pid"] for w in tun["workers"] if w["pid"]]
-    proc = net.flood(seconds + 1.5, size, ahead) if flood else None
+    proc = net.flood(seconds + 1.5, size, ahead, stale) if flood else None
+    flood_cpu = 0.0
     try:
         if proc is not None:
             time.sleep(0.5)  # the flood at full rate before iperf3 starts
         c0, g0, t0 = net.counters()[("B", "A-B")], guard_drops(tun), time.monotonic()
         cpu0 = worker_cpu_s(pids)
+        f0 = worker_cpu_s([proc.pid]) if proc is not None else 0.0
         r = net.iperf("A", "B", seconds)
         cpu = worker_cpu_s(pids) - cpu0
+        flood_cpu = worker_cpu_s([proc.pid]) - f0 if proc is not None else 0.0
         dt = time.monotonic() - t0
         time.sleep(0.6)  # the guard's counters reach B's status file
         c1, g1 = net.counters()[("B", "A-B")], guard_drops(net.b_tunnel())
@@ -157,7 +162,8 @@ def run_point(net: GuardNet, flood: bool, seconds: float, size: int,
             sent = json.loads(out.strip().splitlines()[-1])
     worker_drops = {k[len("drop_rx_"):]: c1[k] - c0[k] for k in c1
                     if k.startswith("drop_rx_") and c1[k] - c0[k]}
-    return {"flood": flood, "ahead": ahead, "gbps": r["gbps"], "worker_cpu_per_s": cpu / dt,
+    return {"flood": flood, "ahead": ahead, "stale": stale, "gbps": r["gbps"],
+            "worker_cpu_per_s": cpu / dt, "flood_cpu_per_s": flood_cpu / dt,
             "flood_pps": sum(sent["sent"].values()) / sent["seconds"] if sent else 0.0,
             "flood_sent": sent["sent"] if sent else None,
             "xdp_drops": {k: g1[k] - g0[k] for k in g1},
@@ -167,6 +173,7 @@ def run_point(net: GuardNet, flood: bool, seconds: float, size: int,
 def _median(runs: list[dict]) -> dict:
     p = median_run(runs)
     p["worker_cpu_per_s"] = statistics.median(x["worker_cpu_per_s"] for x in runs)
+    p["flood_cpu_per_s"] = statistics.median(x["flood_cpu_per_s"] for x in runs)
     return p
 
 
@@ -191,11 +198,13 @@ def run(seconds: float = 1.5, repeat: int = 3, size: int = 128, workers: int = 0
                 raise BenchError(f"the guard did not attach: {g.get('reason')} "
                                  f"(qkdctl doctor tells why)")
             modes[state] = g.get("mode", "-")
-            kinds = [(False, False), (True, False)] + ([(True, True)] if state == "on" else [])
-            for flood, ahead in kinds:
-                p = _median([run_point(net, flood, seconds, size, ahead)
+            kinds = [("clean", False, False, False), ("flood", True, False, False)]
+            if state == "on":
+                kinds += [("stale", True, False, True), ("ahead", True, True, False)]
+            for name, flood, ahead, stale in kinds:
+                p = _median([run_point(net, flood, seconds, size, ahead, stale)
                              for _ in range(repeat)])
-                key = f"{state}_{'ahead' if ahead else 'flood' if flood else 'clean'}"
+                key = f"{state}_{name}"
                 points[key] = p
                 console.print(
                     f"  guard {state:3} {key.split('_')[1]:5}: "
@@ -233,18 +242,25 @@ def summarize(points: dict[str, dict], modes: dict[str, str], workers: int, seco
         result["ratio_ahead_vs_clean"] = ahead["gbps"] / clean if clean else None
         result["ahead_holds"] = bool(result["ratio_ahead_vs_clean"]
                                      and result["ratio_ahead_vs_clean"] >= AHEAD_FLOOR)
+    stale = points.get("on_stale")
+    if stale is not None and ahead is not None:
+        clean = points["on_clean"]["gbps"]
+        result["ratio_stale_vs_clean"] = stale["gbps"] / clean if clean else None
+        result["ratio_ahead_vs_stale"] = ahead["gbps"] / stale["gbps"] \
+            if stale["gbps"] else None
     t = Table(title=f"XDP guard ({modes.get('on', '-')} mode) under a forged-datagram flood: "
                     "legitimate iperf3 A->B and B's OTP workers")
-    for col in ("guard", "flood", "Gb/s", "worker CPU s/s", "flood pkt/s", "dropped in XDP",
-                "dropped by workers"):
+    for col in ("guard", "flood", "Gb/s", "worker CPU s/s", "flood pkt/s", "flood CPU s/s",
+                "dropped in XDP", "dropped by workers"):
         t.add_column(col, justify="left" if col in ("guard", "flood") else "right")
-    for key in ("on_clean", "off_clean", "on_flood", "off_flood", "on_ahead"):
+    for key in ("on_clean", "off_clean", "on_flood", "off_flood", "on_stale", "on_ahead"):
         if key not in points:
             continue
         p = points[key]
         state, fl = key.split("_")
         t.add_row(state, fl, f"{p['gbps']:.2f}", f"{p['worker_cpu_per_s']:.2f}",
                   f"{p['flood_pps']:,.0f}" if p["flood"] else "-",
+                  f"{p['flood_cpu_per_s']:.2f}" if p["flood"] else "-",
                   f"{sum(p['xdp_drops'].values()):,}", f"{sum(p['worker_drops'].values()):,}")
     console.print(t)
     if ratio_gbps is not None and ratio_cpu is not None:
@@ -259,4 +275,9 @@ def summarize(points: dict[str, dict], modes: dict[str, str], workers: int, seco
         console.print(f"under a flood naming key ahead of the ring: "
                       f"{result['ratio_ahead_vs_clean'] or 0:.2f} of the clean throughput "
                       f"(at least {AHEAD_FLOOR}): " + verdict(result["ahead_holds"]))
+        if result.get("ratio_ahead_vs_stale") is not None:
+            console.print(f"the same rate of replays the guard drops at first sight: "
+                          f"{result['ratio_stale_vs_clean']:.2f} of clean; ahead / that: "
+                          f"{result['ratio_ahead_vs_stale']:.2f} (what the workers' "
+                          f"parking costs beyond the flood's own cost to the machine)")
     return result

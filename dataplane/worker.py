@@ -169,6 +169,7 @@ class Worker:
         self.park_buf = np.zeros((PARK_SLOTS, wire.MAX_DATAGRAM + 64), dtype=np.uint8)
         self.park_write = -1  # DEC write_pos when the parked datagrams were last looked at
         self.park_due = float("inf")  # ... and the earliest of their deadlines
+        self.park_min_end = float("inf")  # ... and the lowest end of the key they name
         self.tbuf_addr = self.tbuf.ctypes.data
         self.rbuf_addr = self.rbuf.ctypes.data
         self.lanes = cfg.send_lanes()
@@ -366,15 +367,20 @@ class Worker:
             return
         self.park_buf[p.slot, :n] = self.rbuf[:n]
         self.park_due = min(self.park_due, p.deadline)
+        self.park_min_end = min(self.park_min_end, hdr.pos + hdr.pad_len)
 
     def unpark(self, now: float) -> None:
         """Deliver parked datagrams whose key has come and drop those whose wait is over;
-        nothing to do (and nothing done) while no key arrived and no wait ran out."""
+        nothing to do (and nothing done) while no wait ran out and the key that came
+        completes none of them: under a flood naming key far ahead, key arrives all the
+        time, and looking at every parked datagram each time cost the workers dearly."""
         w = self.dec.write_pos
-        if w == self.park_write and now < self.park_due:
+        if now < self.park_due and (w == self.park_write or w < self.park_min_end):
             return
         self._unpark(self.lot.in_order(), now)
         self.park_write, self.park_due = w, self.lot.earliest_deadline()
+        self.park_min_end = min((p.hdr.pos + p.hdr.pad_len for p in self.lot.parked),
+                                default=float("inf"))
 
     def _unpark(self, parked: list, now: float) -> None:
         clock = time.perf_counter_ns
