@@ -272,7 +272,8 @@ def stats(config: Annotated[Path | None, typer.Argument(help="topology TOML file
           ) -> None:
     """Per link end, interface and reason: packets and bytes the XDP guard dropped or
     passed (from its BPF maps), and the OTP workers' own counters."""
-    import time
+    import signal
+    import threading
 
     from rich.console import Group
     from rich.live import Live
@@ -289,17 +290,19 @@ def stats(config: Annotated[Path | None, typer.Argument(help="topology TOML file
         for s in snaps:
             out.print(render(s))
         return
-    try:
-        with Live(Group(*(render(s) for s in snaps)), console=out, auto_refresh=False) as live:
-            err.print(f"refreshing every {interval:g} s; Ctrl-C to stop", highlight=False)
-            while True:
-                time.sleep(interval)
-                new = [collect(t) for t in topos]
-                live.update(Group(*(render(n, rates(o, n))
-                                    for o, n in zip(snaps, new, strict=True))), refresh=True)
-                snaps = new
-    except KeyboardInterrupt:
-        pass
+    # Ctrl-C (or SIGTERM) sets a flag the loop checks between refreshes, rather than
+    # raising KeyboardInterrupt wherever the interpreter happens to be (inside rich's
+    # rendering or a map read), so the end is always the same clean one.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with Live(Group(*(render(s) for s in snaps)), console=out, auto_refresh=False) as live:
+        err.print(f"refreshing every {interval:g} s; Ctrl-C to stop", highlight=False)
+        while not stop.wait(interval):
+            new = [collect(t) for t in topos]
+            live.update(Group(*(render(n, rates(o, n))
+                                for o, n in zip(snaps, new, strict=True))), refresh=True)
+            snaps = new
 
 
 # ---- bench and demo ----------------------------------------------------------------------
