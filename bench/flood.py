@@ -62,28 +62,20 @@ def flood_ahead(a, raw: socket.socket, ports: list[int]) -> dict:
 
     ring = KeyRing.attach(a.ahead_ring)
     lanes = [(lane, ports[lane % len(ports)]) for lane in range(CONTROL_LANE)]
-    sent, errors, built, batch = 0, 0, -1, []
-    start = time.monotonic()
-    end = start + a.seconds
+    built: list = [-1, []]  # (write position, its batch): built once per position, so the
+    # flood's own CPU stays small
+
+    def batch() -> list[bytes]:
+        w = ring.write_pos
+        if w != built[0]:
+            built[:] = [w, [spoofed(a.peer, a.dst, 40000, port,
+                                    ahead_datagram(a.size, a.link, a.direction, lane,
+                                                   w + 4096 * (1 + k)))
+                            for k, (lane, port) in enumerate(lanes)]]
+        return built[1]
+
     try:
-        while (now := time.monotonic()) < end:
-            if a.pps and sent > (now - start) * a.pps:  # paced: at most pps a second
-                time.sleep(0.001)
-                continue
-            w = ring.write_pos
-            if w != built:  # (built once per position: the flood's own CPU stays small)
-                batch = [spoofed(a.peer, a.dst, 40000, port,
-                                 ahead_datagram(a.size, a.link, a.direction, lane,
-                                                w + 4096 * (1 + k)))
-                         for k, (lane, port) in enumerate(lanes)]
-                built = w
-            for data in batch:
-                try:
-                    raw.sendto(data, (a.dst, 0))
-                except OSError:
-                    errors += 1
-                    continue
-                sent += 1
+        sent, errors = _paced(a, raw, batch)
     finally:
         ring.close()
     return {"sent": {"ahead": sent}, "errors": errors}
@@ -94,8 +86,15 @@ def flood_stale(a, raw: socket.socket, ports: list[int]) -> dict:
     ahead: the guard drops each at first sight, so this is what a flood of that rate costs
     the machine (the flood process, A's forwarding, the XDP program) without any of the
     workers' handling: the control beside the ahead point."""
-    batch = [spoofed(a.peer, a.dst, 40000, port, stale_datagram(a.size, a.link, a.direction, i))
+    stale = [spoofed(a.peer, a.dst, 40000, port, stale_datagram(a.size, a.link, a.direction, i))
              for i, port in enumerate(ports)]
+    sent, errors = _paced(a, raw, lambda: stale * max(1, 16 // len(stale)))
+    return {"sent": {"stale": sent}, "errors": errors}
+
+
+def _paced(a, raw: socket.socket, batch) -> tuple[int, int]:
+    """Send ``batch()`` again and again for ``a.seconds``, at most ``a.pps`` a second;
+    (sent, send errors)."""
     sent, errors = 0, 0
     start = time.monotonic()
     end = start + a.seconds
@@ -103,14 +102,14 @@ def flood_stale(a, raw: socket.socket, ports: list[int]) -> dict:
         if a.pps and sent > (now - start) * a.pps:
             time.sleep(0.001)
             continue
-        for data in batch * max(1, 16 // len(batch)):
+        for data in batch():
             try:
                 raw.sendto(data, (a.dst, 0))
-            except OSError:
+            except OSError:  # ENOBUFS under load: counted, the flood goes on
                 errors += 1
                 continue
             sent += 1
-    return {"sent": {"stale": sent}, "errors": errors}
+    return sent, errors
 
 
 def main() -> None:
