@@ -167,7 +167,6 @@ class Worker:
         self.lot = ParkingLot(PARK_SLOTS)
         self.park_pacer = ParkPacer()
         self.park_buf = np.zeros((PARK_SLOTS, wire.MAX_DATAGRAM + 64), dtype=np.uint8)
-        self.park_write = -1  # DEC write_pos when the parked datagrams were last looked at
         self.park_due = float("inf")  # ... and the earliest of their deadlines
         self.park_min_end = float("inf")  # ... and the lowest end of the key they name
         self.tbuf_addr = self.tbuf.ctypes.data
@@ -375,10 +374,11 @@ class Worker:
         completes none of them: under a flood naming key far ahead, key arrives all the
         time, and looking at every parked datagram each time cost the workers dearly."""
         w = self.dec.write_pos
-        if now < self.park_due and (w == self.park_write or w < self.park_min_end):
+        # (after a look, every datagram left ends beyond the write position it saw)
+        if now < self.park_due and w < self.park_min_end:
             return
         self._unpark(self.lot.in_order(), now)
-        self.park_write, self.park_due = w, self.lot.earliest_deadline()
+        self.park_due = self.lot.earliest_deadline()
         self.park_min_end = min((p.hdr.pos + p.hdr.pad_len for p in self.lot.parked),
                                 default=float("inf"))
 
