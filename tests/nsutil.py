@@ -183,14 +183,18 @@ def routes_complete(prefix: str, nodes: list[str]) -> bool:
     return True
 
 
-def wait_until(cond: Callable[[], object], timeout: float, what: str, step: float = 0.1):
+def wait_until(cond: Callable[[], object], timeout: float, what: str | Callable[[], str],
+               step: float = 0.1):
+    """``cond()``'s first true value within ``timeout``; else AssertionError naming
+    ``what`` (a callable: asked then, to say what it saw)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = cond()
         if v:
             return v
         time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout} s waiting for "
+                         f"{what() if callable(what) else what}")
 
 
 def write(path: Path, text: str) -> Path:
