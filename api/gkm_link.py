@@ -30,8 +30,8 @@ import zmq.asyncio
 from control.gkm_client import socket_path, split_keys
 from control.keystore import StoreError
 
-# The manager answers a take for a remote slave within its reservation wait (5 s), so a
-# request without an answer after this long is lost (the manager restarted).
+# The manager answers a take by the deadline the take carries (ANSWER_MARGIN_S before
+# this), so a request without an answer after this long is lost (the manager restarted).
 TIMEOUT_S = 15.0
 ANSWER_MARGIN_S = 2.0  # the manager must have answered this long before we give up
 GAVE_UP_KEPT = 4096    # takes given up on, remembered to cancel a late answer's keys

@@ -82,8 +82,10 @@ UNREACHABLE_AFTER_S = 5.0
 SEND_BATCH = 4 << 20          # bytes of blocks per BLOCKS message
 GENERATE_BATCH = 16 << 20     # bytes generated and stored in one write
 RECEIVE_BATCH = 16 << 20      # bytes of arrived messages stored with one synced write
-RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after this
-RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to confirm
+RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after this, then
+                              # backing off to RELAY_RETRY_MAX_S while none is answered
+RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to confirm,
+                              # or to its own deadline while the router has a path there
 HOLD_UNCONFIRMED_S = 10.0     # a dec request for keys not yet confirmed waits this (or to
                               # its deadline)
 MAX_HELD = 4096               # ... and at most this many such requests wait
@@ -172,6 +174,8 @@ class Destination:
         self.reserve_due = 0.0   # 0: resend every unacknowledged reservation now
         self.reserve_next = 0
         self.reserve_held = 0.0  # when the oldest new, unsent reservation was made (0: none)
+        self.reserve_retry = RESERVE_RETRY_S  # next resend's delay (grows while unanswered)
+        self.routed = True  # the router has a route there (assumed until it says)
         self.redial: dict[str, float] = {}  # "sock"/"ctl" -> when to dial it again
 
 
@@ -229,7 +233,10 @@ class GlobalKeyManager:
         self.held_total = 0
         self.recheck_held = False
         self.last_refusal = ""
-        self.waiting: dict[tuple[str, int], tuple[list[bytes], list[bytes], float]] = {}
+        # Takes answered once the slave's node confirms: (envelope, reply, when to give
+        # up if no path is routed there, when to give up anyway).
+        self.waiting: dict[tuple[str, int],
+                           tuple[list[bytes], list[bytes], float, float]] = {}
         now = time.monotonic()
         for d in self.dests.values():
             for seq in self.store.pending(d.name):
@@ -268,6 +275,7 @@ class GlobalKeyManager:
         """The paths the router installed (router.json), for pacing."""
         routes = (read_status(self.dir / "router.json") or {}).get("routes", {})
         for d in self.dests.values():
+            d.routed = d.name in routes
             path = routes.get(d.name, {}).get("path")
             if isinstance(path, list) and all(isinstance(h, list) and len(h) == 2
                                               for h in path):
@@ -513,12 +521,13 @@ class GlobalKeyManager:
         SAE, even one that guessed their IDs."""
         confirmed, answers = [], []
         now = time.monotonic()
+        d.reserve_retry = RESERVE_RETRY_S  # the connection answers
         for msg in msgs:
             if msg.status == ReserveStatus.GAP:
                 d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
                 continue
             key = (d.name, msg.rseq)
-            if key in self.waiting and now >= self.waiting[key][2]:
+            if key in self.waiting and now >= self.waiting[key][3]:
                 self._give_up(key)  # the taker has stopped waiting: the keys go to no one
                 self.store.reservation_acked(d.name, msg.rseq)
                 continue
@@ -527,7 +536,7 @@ class GlobalKeyManager:
                 self.store.reservation_acked(d.name, msg.rseq)
             if waiting is None:
                 continue
-            envelope, reply, _ = waiting
+            envelope, reply, _, _ = waiting
             if msg.status == ReserveStatus.REFUSED:
                 reply = [json.dumps({"ok": False, "kind": "bad", "error":
                                      f"node {d.name} refused the reservation"}).encode()]
@@ -548,7 +557,10 @@ class GlobalKeyManager:
             return
         if now >= d.reserve_due:
             todo = sorted(unacked)
-            d.reserve_due = now + RESERVE_RETRY_S
+            # A live connection delivers what it was given (resending it spends key for
+            # nothing): the resend is a safety net, backing off while nothing answers.
+            d.reserve_due = now + d.reserve_retry
+            d.reserve_retry = min(2 * d.reserve_retry, RELAY_RETRY_MAX_S)
         else:
             todo = sorted(s for s in unacked if s >= d.reserve_next)
             if not todo:
@@ -571,21 +583,27 @@ class GlobalKeyManager:
             d.reserve_next = max(d.reserve_next, batch[-1] + 1)
 
     def expire_waiting(self, now: float) -> None:
-        for key, (_, _, deadline) in list(self.waiting.items()):
-            if now >= deadline:
+        """A taker is answered "unreachable" at its deadline, or after RESERVE_WAIT_S if
+        the router has no path to the slave's node: on a loaded machine a confirmation
+        may take longer than RESERVE_WAIT_S over a path that is there (and after a key
+        manager's restart the reservation is resent on the new connection), while with
+        no path it cannot come."""
+        for key, (_, _, soft, hard) in list(self.waiting.items()):
+            if now >= hard or now >= soft and not self.dests[key[0]].routed:
                 self._give_up(key)
 
     def _give_up(self, key: tuple[str, int]) -> None:
         """The taker of reservation ``key`` is answered "unreachable" and never gets the
         keys, so they are cancelled at the slave's node too: a numbered cancellation
         follows the reservation there (invariant 5: no SAE gets a refused key)."""
-        envelope, _, _ = self.waiting.pop(key)
+        envelope, _, _, _ = self.waiting.pop(key)
         self.store.cancel_reservation(*key)
         self.api.send_multipart([*envelope, json.dumps({
             "ok": False, "kind": "unreachable",
-            "error": f"node {key[0]} did not confirm the reservation in time (at most "
-                     f"{RESERVE_WAIT_S:.0f} s); the keys were not handed out and their "
-                     f"reservation is cancelled"}).encode()])
+            "error": f"node {key[0]} did not confirm the reservation in time (its "
+                     f"taker's deadline, or {RESERVE_WAIT_S:.0f} s with no route there); "
+                     f"the keys were not handed out and their reservation is "
+                     f"cancelled"}).encode()])
 
     def _hold(self, envelope: list[bytes], body: bytes, req: dict,
               held_until: float | None) -> bool:
@@ -755,9 +773,9 @@ class GlobalKeyManager:
                 reply.append(data)
             if "rseq" in head:  # answered once the slave's node has the reservation
                 key = (str(req["peer"]), head["rseq"])
-                deadline = min(time.monotonic() + RESERVE_WAIT_S,
-                               _deadline(req) or float("inf"))
-                self.waiting[key] = (envelope, reply, deadline)
+                soft = time.monotonic() + RESERVE_WAIT_S
+                hard = _deadline(req) or soft
+                self.waiting[key] = (envelope, reply, min(soft, hard), hard)
                 return None
         except StoreError as e:
             if e.kind == "pending" and self._hold(envelope, body, req, held_until):

@@ -30,12 +30,14 @@ from control import paths
 from control.config import Topology
 from control.routing import LinkEnds, LinkStateDb, shortest_paths
 from control.statefile import write_json
-from dataplane.limits import LSA_MAX_AGE_S
+from dataplane.limits import LINK_DEAD_MAX_S, LSA_MAX_AGE_S
+from dataplane.worker import same_process_alive
 
 log = logging.getLogger("qkdnet.router")
 ROUTE_INTERVAL_S = 0.2
 NODE_IFNAME = "lo"  # the namespace's own loopback
-STALE_STATUS_S = 2.0
+STALE_STATUS_S = 2.0  # a link end's status older than this counts only if its manager
+STALE_STATUS_MAX_S = LINK_DEAD_MAX_S + 2.0  # still runs (held up, not dead); never older
 
 
 def _sysctl(name: str, value: str) -> None:
@@ -147,13 +149,21 @@ class Router:
         self.changes = 0
 
     def local_states(self) -> dict[str, bool]:
+        """Each own link's state by its tunnel manager. A status that stopped being
+        refreshed means down at once if the manager is gone, and only after
+        STALE_STATUS_MAX_S if it is merely held up (a busy machine): its workers go on
+        carrying traffic meanwhile."""
         states = {}
         now = time.time()
         for name in self.mine:
             try:
                 st = json.loads((self.dir / f"tun-{name}.json").read_text())
-                states[name] = bool(st.get("up")) and now - st.get("updated", 0) < STALE_STATUS_S
-            except (OSError, ValueError):
+                age = now - float(st.get("updated", 0))
+                ident = st.get("ident")
+                states[name] = bool(st.get("up")) and (
+                    age < STALE_STATUS_S or age < STALE_STATUS_MAX_S
+                    and isinstance(ident, int) and same_process_alive(ident))
+            except (OSError, ValueError, TypeError):
                 states[name] = False
         return states
 

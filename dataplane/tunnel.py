@@ -8,8 +8,10 @@ giving back the dead worker's key chunk first (its rest is never used: invariant
 
 Its own lane (CONTROL_LANE) carries keepalives through the link's own one-time pad every
 KEEPALIVE_S: the peer's pool size and the node's link-state database, which the router
-floods on (:mod:`control.routing`). A link end is up while a keepalive arrived within
-LINK_DEAD_S and key has arrived (or more than the keepalives' reserve was there) within
+floods on (:mod:`control.routing`). A link end is up while its peer's keepalives arrive
+(:mod:`dataplane.liveness`: silent past an adaptive timeout of LINK_DEAD_S to
+LINK_DEAD_MAX_S means down, our own stalls excused, and up again only after a few timely
+keepalives) and key has arrived (or more than the keepalives' reserve was there) within
 LINK_DEAD_S: "a link is down when its peer stops answering or it has no key". A link
 whose key arrives slower than traffic drops packets (counted) but stays up; one whose key
 stopped goes down, so routes avoid it.
@@ -18,6 +20,7 @@ stopped goes down, so routes avoid it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -45,10 +48,17 @@ from dataplane.bpf.guard import (
     route_ifindex,
 )
 from dataplane.limits import KEEPALIVE_S, LINK_DEAD_S, LSDB_REFRESH_S, RELEASE_GRACE_S
+from dataplane.liveness import PeerLiveness
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
 from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
 from dataplane.tun import create_persistent
-from dataplane.worker import WorkerConfig, same_process_alive, send_lanes, worker_main
+from dataplane.worker import (
+    WorkerConfig,
+    process_identity,
+    same_process_alive,
+    send_lanes,
+    worker_main,
+)
 
 log = logging.getLogger("qkdnet.tunnel")
 STATUS_INTERVAL_S = 0.5
@@ -267,11 +277,13 @@ class TunnelManager:
         self.ctx = mp.get_context("fork")
         self.slots = [WorkerSlot(i) for i in range(cfg.dp.workers)]
         self.last_heard = 0.0
+        self.liveness = PeerLiveness()  # the verdict on the peer, from its keepalives
         self.last_sent = 0.0  # when a keepalive last found key and went out
         self.last_key = 0.0  # when key last arrived, or more than the reserve was there
         self._write_seen = -1
         self.peer_workers = 0
         self.started = time.time()
+        self.ident = process_identity(os.getpid())  # the router tells a stalled manager
         self.guard: Guard | None = None
         self.guard_off = cfg.guard_off
         self._floors_seen = (-1, -1, -1)
@@ -413,6 +425,7 @@ class TunnelManager:
             log.warning("link %s: keepalive refused: %s", self.cfg.link.name, e)
             return
         self.last_heard = time.monotonic()
+        self.liveness.heard(self.last_heard)
         self.peer_workers = workers
         stats.set_link_word(W_PEER_WORKERS, workers)
         if lsdb is not None:
@@ -435,11 +448,9 @@ class TunnelManager:
         if now - self.last_key > self.cfg.link.sizes.key_dead_s \
                 or now - self.last_sent > LINK_DEAD_S:
             return False, "no key"
-        if self.last_heard == 0.0:
-            return False, "waiting for peer"
-        if now - self.last_heard > LINK_DEAD_S:
-            return False, "peer silent"
-        return True, "up"
+        if self.liveness.alive(now):
+            return True, "up"
+        return False, "peer silent" if self.liveness.downs else "waiting for peer"
 
     def _publish(self, stats: LinkStats, chan: ControlChannel, enc: KeyRing, dec: KeyRing,
                  now: float) -> None:
@@ -448,13 +459,15 @@ class TunnelManager:
         ec, dc = enc.cursors(), dec.cursors()
         write_json(self.cfg.status_path, {
             "link": self.cfg.link.name, "node": self.cfg.node, "peer": self.cfg.peer,
-            "pid": os.getpid(), "updated": time.time(), "up": up, "reason": reason,
+            "pid": os.getpid(), "ident": self.ident, "updated": time.time(), "up": up,
+            "reason": reason,
             "tun": self.cfg.tun, "mtu": self.cfg.dp.mtu, "mode": self.cfg.dp.mode,
             "workers": [{"lane": s.lane, "pid": s.proc.pid if s.proc else None,
                          "alive": bool(s.proc and s.proc.is_alive()),
                          "restarts": s.restarts} for s in self.slots],
             "peer_workers": self.peer_workers,
             "heard_ago_s": round(now - self.last_heard, 3) if self.last_heard else None,
+            "liveness": dataclasses.asdict(self.liveness.stats()),
             "enc_available": ec.write_pos - ec.claim_pos, "dec_fill": dc.fill,
             "counters": stats.totals(), "control_drops": chan.drops,
             "guard": self.guard_status(),
@@ -477,6 +490,10 @@ class TunnelManager:
         try:
             while not self.stop:
                 now = time.monotonic()
+                stalled = self.liveness.tick(now)
+                if stalled:  # we were not running: nobody's silence, nor our own sends
+                    self.last_sent += stalled if self.last_sent else 0.0
+                    self.last_key += stalled if self.last_key else 0.0
                 self._check_workers(enc, now)
                 for payload in chan.receive():
                     self._on_keepalive(payload, stats)

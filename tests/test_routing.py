@@ -376,3 +376,32 @@ def test_shortest_paths_walk_the_links_from_the_source_to_each_destination():
             assert at == dst
             i, j = int(src[1:]), int(dst[1:])
             assert len(path) == min((i - j) % 6, (j - i) % 6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(graphs(), st.data())
+def test_ends_that_disagree_about_their_link_never_make_a_loop(g, data):
+    """Every router has the same link-state database, but some links are up at one end
+    only (one end hears the other, not the other way round): each router counts its own
+    links by its own view, the others' by both ends. Following the routers' first hops
+    still never loops: a packet arrives or meets a router without a route."""
+    nodes, links, _, _ = g
+    db = LinkStateDb(links)
+    views: dict[tuple[str, str], bool] = {}
+    for lk in links:
+        for end in {lk.a, lk.b}:
+            views[lk.name, end] = data.draw(st.booleans())
+            db.merge([[lk.name, end, 1, views[lk.name, end]]], 0.0)
+    hops = {}
+    for n in nodes:
+        local = {lk.name: views[lk.name, n] for lk in links if n in (lk.a, lk.b)}
+        hops[n] = next_hops(links, db.up_links(n, local), n)
+    by_name = {lk.name: lk for lk in links}
+    for s in nodes:
+        for t in nodes:
+            at, seen = s, [s]
+            while at != t and t in hops[at]:
+                lk = by_name[hops[at][t]]
+                at = lk.b if lk.a == at else lk.a
+                seen.append(at)
+                assert len(seen) <= len(nodes), f"loop {seen} to {t}"

@@ -42,8 +42,13 @@ def qkdctl(*args: str) -> str:
     return res.stdout
 
 
+LOOPS: list[list[str]] = []  # loops seen while following routes (reported on a timeout)
+
+
 def route(topo: Topology, src: str, dst: str) -> list[str]:
-    """The nodes a packet from ``src`` to ``dst`` crosses, following each router's route."""
+    """The nodes a packet from ``src`` to ``dst`` crosses, following each router's route
+    ([] if some router has none just now, or the routes read form a loop: routers read
+    one after another may be caught mid-change; a loop that persists fails the wait)."""
     nodes = [src]
     while nodes[-1] != dst:
         via = ((router_state(topo.prefix, nodes[-1]) or {}).get("routes", {}).get(dst)
@@ -51,8 +56,20 @@ def route(topo: Topology, src: str, dst: str) -> list[str]:
         if via is None:
             return []  # no route just now (a link seen down for a moment)
         nodes.append(topo.link(via).peer_of(nodes[-1]))
-        assert len(nodes) <= len(topo.nodes), f"routing loop: {nodes}"
+        if len(nodes) > len(topo.nodes):
+            LOOPS.append(nodes)
+            return []
     return nodes
+
+
+def wait_route(topo: Topology, src: str, dst: str, hops: int, timeout: float) -> list[str]:
+    """``src``'s route to ``dst`` over ``hops`` links, within ``timeout``."""
+    LOOPS.clear()
+    try:
+        return wait_until(lambda: (p := route(topo, src, dst)) and len(p) - 1 == hops and p,
+                          timeout, f"{src}'s route to {dst} over {hops} hops")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; loops seen: {len(LOOPS)}, last {LOOPS[-1:]}") from None
 
 
 def wait_routes(topo: Topology, timeout: float = 90) -> None:
@@ -137,9 +154,8 @@ def relays_key(topo: Topology, master: str, slave: str, hops: int) -> None:
         wait_until(lambda o=o, d=d: gkm_peer(topo.prefix, o, d).get("enc", {}).get("usable")
                    == high and gkm_peer(topo.prefix, d, o).get("dec", {}).get("stored")
                    == high, 90, f"{o}'s global key store for {d} full and stored at {d}")
-    path = wait_until(lambda: (p := route(topo, a, b)) and len(p) - 1 == hops and p, 10,
-                      f"{a}'s route to {b} over {hops} hops")
-    wait_until(lambda: len(route(topo, b, a)) - 1 == hops, 10, f"{b}'s route to {a}")
+    path = wait_route(topo, a, b, hops, 30)
+    wait_route(topo, b, a, hops, 30)
     for here, nxt in zip(path[1:-1], path[2:], strict=False):
         assert not (paths.node_dir(topo.prefix, here) / "gkm.json").exists(), \
             f"relay {here} runs a global key manager"

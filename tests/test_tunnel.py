@@ -467,6 +467,35 @@ def test_cut_link_reroutes_via_the_third_node_and_comes_back(tmp_path, prefix):
     assert ping(na, addr(topo, "B"), src=addr(topo, "A"))
 
 
+def test_a_stall_of_both_link_ends_takes_no_link_down(tmp_path, prefix):
+    """Both tunnel managers of a link held for 2.5 s (what an overloaded machine does to
+    them, and a SIGSTOP): neither end declares the other silent, because each excuses
+    the time it did not run itself; a fixed 1-s rule took the link down on waking."""
+    topo, _ = make_net(tmp_path, prefix, two=True)
+    ends = [("A", "A-B"), ("B", "A-B")]
+    wait_until(lambda: all((tunnel_state(prefix, n, lk) or {}).get("up") for n, lk in ends),
+               30, "the link up at both ends")
+    before = {n: tunnel_state(prefix, n, lk)["liveness"] for n, lk in ends}
+    pids = [tunnel_state(prefix, n, lk)["pid"] for n, lk in ends]
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        stalled_at = time.time()
+        time.sleep(2.5)  # the fault injected is a time span
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    # Both have run for a while since (a fresh status written 1.5 s after waking).
+    wait_until(lambda: all((tunnel_state(prefix, n, lk) or {}).get("updated", 0)
+                           > stalled_at + 4.0 for n, lk in ends), 30, "status after waking")
+    for n, lk in ends:
+        st = tunnel_state(prefix, n, lk)
+        assert st["up"], f"{n}'s end: {st['reason']}"
+        assert st["liveness"]["downs"] == before[n]["downs"], f"{n} took its peer for dead"
+        assert st["liveness"]["stalls"] > before[n]["stalls"]
+        assert st["liveness"]["stalled_s"] >= before[n]["stalled_s"] + 1.5
+
+
 # ---- key exhaustion -----------------------------------------------------------------------
 
 def test_no_key_drops_packets_counts_them_and_takes_the_link_down(tmp_path, prefix):
