@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from sanic import Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import BadURL, SanicException, URITooLong
 from sanic.request import Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
@@ -159,11 +159,27 @@ def sae_limiter(topo: Topology, node: str, shared: bool = False) -> SaeLimiter:
     return SaeLimiter(limits, saes, peers, memoryview(mmap.mmap(fd, size)), _ProcessLock(fd))
 
 
+class _Request(Request):
+    """Sanic's request, but one whose URL cannot be parsed (a tab, a NUL, over 64 KiB)
+    still gets an answer: Sanic refuses it (BadURL, a 400), then builds a stand-in
+    request with the same URL for its error handling, which failed the same way, and the
+    connection was dropped without an answer. The stand-in gets the URL "*" instead."""
+
+    def __init__(self, url_bytes: bytes, *args, **kwargs):
+        try:
+            super().__init__(url_bytes, *args, **kwargs)
+        except (BadURL, URITooLong):
+            if kwargs.get("method") != "NONE":  # a real request: refused, as Sanic does
+                raise
+            super().__init__(b"*", *args, **kwargs)
+
+
 def make_app(topo: Topology, node: str, name: str | None = None,
              limiter: SaeLimiter | None = None) -> Sanic:
     kme = Kme.from_topology(topo, node)
     sae_limits = limiter or sae_limiter(topo, node)
-    app = Sanic(name or f"qkdnet_{topo.prefix}_{node}", configure_logging=False)
+    app = Sanic(name or f"qkdnet_{topo.prefix}_{node}", configure_logging=False,
+                request_class=_Request)
     app.config.REQUEST_MAX_SIZE = etsi.MAX_BODY + 1024
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = topo.api.graceful_shutdown_s
     app.config.KEEP_ALIVE_TIMEOUT = 75

@@ -524,6 +524,70 @@ def bench_relay(
         print(json.dumps(result))
 
 
+@bench_app.command("soak")
+def bench_soak(
+    minutes: Annotated[float, typer.Option(help="how long the triangle runs")] = 60.0,
+    key_rate: Annotated[float, typer.Option(help="QKD key rate per link, Mb/s")] = 100.0,
+    sample: Annotated[float, typer.Option(help="seconds between samples")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The triangle under a steady tunnel stream, key pulls and restocking for MINUTES,
+    sampling every process's memory and descriptors and the key stores' disk use."""
+    need_root()
+    from bench.soak import report, run
+
+    result = _bench(run, minutes=minutes, rate=key_rate, sample_s=sample,
+                    console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        report(result, out)
+
+
+@bench_app.command("fuzz")
+def bench_fuzz(
+    requests: Annotated[int, typer.Option(min=1, help="requests to send")] = 100_000,
+    clients: Annotated[int, typer.Option(min=1, max=64, help="client processes")] = 8,
+    seed: Annotated[int, typer.Option(help="seed of the request generator")] = 1,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The running key API under fuzzed requests (methods, paths, queries, bodies,
+    headers, slow and cut connections): only 200, 400, 401 and 503, no restart, and the
+    store drops by exactly the keys handed out."""
+    need_root()
+    from bench.fuzz import report, run
+
+    result = _bench(run, requests=requests, clients=clients, seed=seed,
+                    console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        report(result, out)
+    if not result["meets"]:
+        raise typer.Exit(1)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    config: Annotated[Path, typer.Argument(help="topology TOML file (examples/ring32.toml)")],
+    timeout: Annotated[float, typer.Option(help="seconds each stage may take")] = 600.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A shipped network comes up here, relays global key between its first key pair's
+    SAEs through the key API, and goes down leaving nothing; each stage timed."""
+    need_root()
+    from bench.scale import report, run
+
+    load(config)  # a clear error for a bad file, before anything starts
+    result = _bench(run, config=config, timeout=timeout, console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        report(result, out)
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
 @bench_app.command("calibrate")
 def bench_calibrate(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The machine's calibration (memory copy, Poly1305, XOR, veth TCP between two scratch

@@ -6,21 +6,18 @@ nothing. The shipped 3x3 grid comes up and relays key between opposite corners."
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import json
-import re
-import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
-from pyroute2 import netns as pnetns
 
-from control import emulation, paths
-from control.config import Topology, load_topology, parse_topology
+from bench.scale import api, copy_as, gkm_peer, leftovers, processes_of, wait_route, wait_routes
+from control import paths
+from control.config import Topology, parse_topology
 from control.routing import LinkEnds, next_hops
-from tests.nsutil import QKDCTL, router_state, run_in_netns, wait_until
+from tests.nsutil import QKDCTL, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 API = "/api/v1/keys"
@@ -28,77 +25,13 @@ API = "/api/v1/keys"
 
 def example_as(tmp_path: Path, name: str, prefix: str) -> Topology:
     """The shipped example, unchanged but for its prefix (each run its own)."""
-    text, n = re.subn(r'^prefix = "[a-z0-9]+"', f'prefix = "{prefix}"',
-                      (EXAMPLES / name).read_text(), count=1, flags=re.M)
-    assert n == 1, f"examples/{name} names no prefix"
-    path = tmp_path / name
-    path.write_text(text)
-    return load_topology(path)
+    return copy_as(EXAMPLES / name, prefix, tmp_path)
 
 
 def qkdctl(*args: str) -> str:
     res = subprocess.run([QKDCTL, *args], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
-
-
-LOOPS: list[list[str]] = []  # loops seen while following routes (reported on a timeout)
-
-
-def route(topo: Topology, src: str, dst: str) -> list[str]:
-    """The nodes a packet from ``src`` to ``dst`` crosses, following each router's route
-    ([] if some router has none just now, or the routes read form a loop: routers read
-    one after another may be caught mid-change; a loop that persists fails the wait)."""
-    nodes = [src]
-    while nodes[-1] != dst:
-        via = ((router_state(topo.prefix, nodes[-1]) or {}).get("routes", {}).get(dst)
-               or {}).get("via")
-        if via is None:
-            return []  # no route just now (a link seen down for a moment)
-        nodes.append(topo.link(via).peer_of(nodes[-1]))
-        if len(nodes) > len(topo.nodes):
-            LOOPS.append(nodes)
-            return []
-    return nodes
-
-
-def wait_route(topo: Topology, src: str, dst: str, hops: int, timeout: float) -> list[str]:
-    """``src``'s route to ``dst`` over ``hops`` links, within ``timeout``."""
-    LOOPS.clear()
-    try:
-        return wait_until(lambda: (p := route(topo, src, dst)) and len(p) - 1 == hops and p,
-                          timeout, f"{src}'s route to {dst} over {hops} hops")
-    except AssertionError as e:
-        raise AssertionError(f"{e}; loops seen: {len(LOOPS)}, last {LOOPS[-1:]}") from None
-
-
-def wait_routes(topo: Topology, timeout: float = 90) -> None:
-    """Every node has had a route to every other (not necessarily all at the same moment:
-    on an overloaded machine a late keepalive takes a link down for a second); says what
-    each node lacks if not in time."""
-    seen: set[str] = set()
-
-    def complete() -> bool:
-        seen.update(n for n in set(topo.nodes) - seen
-                    if len((router_state(topo.prefix, n) or {}).get("routes", {}))
-                    == len(topo.nodes) - 1)
-        return len(seen) == len(topo.nodes)
-
-    try:
-        wait_until(complete, timeout, "every node's route to every other")
-    except AssertionError as e:
-        lacks = {n: sorted(set(topo.nodes) - {n} - set((router_state(topo.prefix, n) or
-                                                        {}).get("routes", {})))
-                 for n in set(topo.nodes) - seen}
-        raise AssertionError(f"{e}; missing routes: {lacks}") from None
-
-
-def gkm_peer(prefix: str, node: str, peer: str) -> dict:
-    try:
-        st = json.loads((paths.node_dir(prefix, node) / "gkm.json").read_text())
-        return st["peers"][peer]
-    except (OSError, ValueError, KeyError):
-        return {}
 
 
 def tunnel_tx(prefix: str, node: str, link: str) -> int:
@@ -109,39 +42,8 @@ def tunnel_tx(prefix: str, node: str, link: str) -> int:
         return 0
 
 
-def https_get(pki: str, sae: str, host: str, port: int, path: str) -> tuple[int, dict]:
-    """One request of SAE ``sae`` (its certificate, mutual TLS) to a KME; runs inside the
-    SAE's node namespace."""
-    ctx = ssl.create_default_context(cafile=f"{pki}/ca.crt")
-    ctx.load_cert_chain(f"{pki}/saes/{sae}.crt", f"{pki}/saes/{sae}.key")
-    c = http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
-    try:
-        c.request("GET", path)
-        r = c.getresponse()
-        return r.status, json.loads(r.read())
-    finally:
-        c.close()
-
-
-def api(topo: Topology, sae: str, path: str) -> tuple[int, dict]:
-    node = topo.sae_node(sae)
-    return run_in_netns(paths.netns_name(topo.prefix, node), https_get, str(topo.api.pki), sae,
-                        str(topo.node(node).address), topo.ports.api, path, timeout=60)
-
-
-def processes_of(topo: Topology) -> list[int]:
-    pids = []
-    for node in topo.nodes:
-        pids += emulation._pids_in_netns(paths.netns_name(topo.prefix, node))
-    man = emulation.Manifest.load(topo.prefix)
-    return sorted(set(pids) | set(man.pids.values() if man else ()))
-
-
 def assert_nothing_left(topo: Topology, pids: list[int]) -> None:
-    assert [ns for ns in pnetns.listnetns() if ns.startswith(topo.prefix + "-")] == []
-    assert not paths.network_dir(topo.prefix).exists()
-    assert paths.ring_names_of_network(topo.prefix) == []
-    assert [p for p in pids if emulation._alive(p)] == []
+    assert leftovers(topo, pids) == []
 
 
 def relays_key(topo: Topology, master: str, slave: str, hops: int) -> None:
@@ -181,7 +83,7 @@ def _up_relay_down(topo, master: str, slave: str, hops: int) -> None:
     pids: list[int] = []
     try:
         qkdctl("net", "up", str(topo.path))
-        wait_routes(topo)
+        wait_routes(topo, 90)
         pids = processes_of(topo)
         relays_key(topo, master, slave, hops=hops)
     finally:
