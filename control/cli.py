@@ -588,6 +588,26 @@ def bench_scale(
         raise typer.Exit(1)
 
 
+@bench_app.command("chaos")
+def bench_chaos(
+    injections: Annotated[int, typer.Option(min=1, help="faults to inject")] = 1000,
+    key_rate: Annotated[float, typer.Option(help="QKD key rate per link, Mb/s")] = 100.0,
+    seed: Annotated[int, typer.Option(help="seed of the fault sequence")] = 1,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Faults at random into the triangle (kill -9 of every module kind, SIGSTOP stalls,
+    link cuts) while SAEs take keys at A and fetch them at C; a ledger of every key."""
+    need_root()
+    from bench.chaos import report, run
+
+    result = _bench(run, injections=injections, rate=key_rate, seed=seed,
+                    console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        report(result, out)
+
+
 @bench_app.command("calibrate")
 def bench_calibrate(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The machine's calibration (memory copy, Poly1305, XOR, veth TCP between two scratch
