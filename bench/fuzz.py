@@ -8,7 +8,8 @@ cut off before the end, and read each answer. Afterwards:
 - every answer's status is one of 200, 400, 401 and 503 (the standard's four), and a
   request cut off is answered by nothing;
 - no node process was restarted and the key API's workers are the same processes;
-- A's store for B dropped by exactly the key the 200 answers carried, and B holds a
+- A's store for B took exactly the keys the 200 answers carried (it drops by those and
+  by block rests too small for a request, which carving skips), and B holds a
   reservation for exactly those keys (nothing taken for a refused or cut request);
 - the KME still serves a plain request.
 """
@@ -94,7 +95,7 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
     """Runs inside A's namespace: ``count`` cases drawn from ``seed``; what came back."""
     rng = random.Random(seed)
     statuses: Counter = Counter()
-    out = {"statuses": statuses, "keys": 0, "key_bytes": 0, "cut": 0, "closed": 0,
+    out = {"statuses": statuses, "keys": 0, "key_bytes": 0, "bound": 0, "cut": 0, "closed": 0,
            "bad_answers": 0, "examples": []}
     ctxs = {w: _context(pki, w) for w in ("master", "other", "none")}
     conn: dict[str, ssl.SSLSocket] = {}
@@ -143,9 +144,11 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
         if status == 200 and case.method != "HEAD":
             try:
                 doc = json.loads(body)
-                for k in doc.get("keys", []):
-                    out["keys"] += 1
-                    out["key_bytes"] += len(base64.b64decode(k["key"], validate=True))
+                sizes = [len(base64.b64decode(k["key"], validate=True))
+                         for k in doc.get("keys", [])]
+                out["keys"] += len(sizes)
+                out["key_bytes"] += sum(sizes)
+                out["bound"] += max(sizes, default=0)
             except (ValueError, KeyError, TypeError):
                 out["bad_answers"] += 1
         if keep and case.valid and status in (200, 503):
@@ -192,7 +195,7 @@ def run(requests: int = 100_000, clients: int = 8, seed: int = 1,
         console.print(f"fuzz: {requests:,} requests from {clients} clients at A's KME")
         net.up()
         net.stock(32 << 20)
-        usable0, reserved0 = net.enc()["usable"], net.reserved_at_b()
+        enc0, reserved0 = net.enc(), net.reserved_at_b()
         modules0, workers0 = net.restarts(), net.api_workers()
         per = [requests // clients + (i < requests % clients) for i in range(clients)]
         t0 = time.monotonic()
@@ -210,7 +213,7 @@ def run(requests: int = 100_000, clients: int = 8, seed: int = 1,
         keys = sum(r["keys"] for r in results)
         key_bytes = sum(r["key_bytes"] for r in results)
         time.sleep(1.0)  # B's summary reflects the last reservations
-        usable1, reserved1 = net.enc()["usable"], net.reserved_at_b()
+        enc1, reserved1 = net.enc(), net.reserved_at_b()
         modules1, workers1 = net.restarts(), net.api_workers()
         net.wait_api(30)  # still serving
         logs = paths.log_dir(net.prefix)
@@ -225,16 +228,24 @@ def run(requests: int = 100_000, clients: int = 8, seed: int = 1,
         "closed_without_answer": sum(r["closed"] for r in results),
         "bad_answers": sum(r["bad_answers"] for r in results),
         "keys_handed_out": keys, "key_bytes_handed_out": key_bytes,
-        "store_drop_bytes": usable0 - usable1, "reserved_at_b_added": reserved1 - reserved0,
+        "store_drop_bytes": enc0["usable"] - enc1["usable"],
+        "taken_keys": enc1["taken_keys"] - enc0["taken_keys"],
+        "taken_bytes": enc1["taken_bytes"] - enc0["taken_bytes"],
+        "reserved_at_b_added": reserved1 - reserved0,
         "restarted": sorted(k for k in modules1 if modules1[k] != modules0.get(k)),
         "api_workers_same": workers0 == workers1 and bool(workers0),
         "examples": [e for r in results for e in r["examples"]][:2 * MAX_EXAMPLES],
         "logs": str(logs),
     }
+    # Keys never span blocks: a block's rest too small for a request is skipped (at most
+    # one rest per answer that took key, each smaller than that answer's keys).
+    out["carving_skipped_bytes"] = out["store_drop_bytes"] - key_bytes
+    out["carving_bound_bytes"] = sum(r["bound"] for r in results)
     out["meets"] = (not out["unexpected_statuses"] and not out["restarted"]
                     and out["api_workers_same"] and out["bad_answers"] == 0
-                    and out["store_drop_bytes"] == key_bytes
-                    and out["reserved_at_b_added"] == keys)
+                    and out["taken_keys"] == keys and out["taken_bytes"] == key_bytes
+                    and out["reserved_at_b_added"] == keys
+                    and 0 <= out["store_drop_bytes"] - key_bytes < out["carving_bound_bytes"])
     return out
 
 
@@ -246,8 +257,9 @@ def report(r: dict, console: Console) -> None:
         f"  unexpected statuses: {r['unexpected_statuses'] or 'none'}; restarted: "
         f"{r['restarted'] or 'nothing'}; key API workers the same: {r['api_workers_same']}\n"
         f"  handed out {r['keys_handed_out']:,} keys ({r['key_bytes_handed_out']:,} B); "
-        f"A's store dropped {r['store_drop_bytes']:,} B; B reserved "
-        f"{r['reserved_at_b_added']:,} keys\n"
+        f"A's store took {r['taken_keys']:,} keys ({r['taken_bytes']:,} B) and dropped "
+        f"{r['store_drop_bytes']:,} B (block rests skipped by carving: "
+        f"{r['carving_skipped_bytes']:,} B); B reserved {r['reserved_at_b_added']:,} keys\n"
         f"  {'[green]meets[/green]' if r['meets'] else '[red]fails[/red]'}", highlight=False)
     for e in r["examples"]:
         console.print(f"  example: {e}", highlight=False, markup=False)
