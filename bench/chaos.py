@@ -36,7 +36,7 @@ from rich.console import Console
 
 from bench.ledger import Ledger
 from bench.otp import BenchError, Net
-from bench.topology import line
+from bench.topology import line, saes
 from control import emulation, paths
 from control.statefile import read_status
 
@@ -56,13 +56,7 @@ key_rate_mbps = {rate}
 pairs = [["A", "C"]]
 [api]
 workers = 2
-[[saes]]
-id = "SAE-A"
-node = "A"
-[[saes]]
-id = "SAE-C"
-node = "C"
-""" + line("ABC", 210, closed=True)
+""" + saes(("SAE-A", "A"), ("SAE-C", "C")) + line("ABC", 210, closed=True)
 
 _ctx = mp.get_context("fork")
 
@@ -154,7 +148,6 @@ class Flow:
     """What the events say, kept by one thread of the bench."""
     ledger: Ledger = field(default_factory=Ledger)
     obtained_at: dict[str, float] = field(default_factory=dict)
-    last_flow: float = 0.0  # the latest fetch of a key obtained after ...
     flows: list[tuple[float, float]] = field(default_factory=list)  # (obtained, fetched)
     errors: dict[str, int] = field(default_factory=dict)
     refusals: dict[str, int] = field(default_factory=dict)

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -186,10 +190,6 @@ def _mem_available() -> int:
 
 
 def run(config: Path, timeout: float = 600.0, console: Console | None = None) -> dict:
-    import subprocess
-    import sys
-    import tempfile
-
     console = console or Console(stderr=True)
     tmp = Path(tempfile.mkdtemp(prefix="qkdnet-scale-"))
     topo = copy_as(config, "bc" + uuid.uuid4().hex[:6], tmp)
@@ -246,8 +246,6 @@ def run(config: Path, timeout: float = 600.0, console: Console | None = None) ->
                        timeout=timeout)
         out["down_s"] = round(time.monotonic() - t1, 1)
         left = leftovers(topo, pids)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     out["leftovers"] = left
     out["ok"] = not left and out.get("keys_exchanged") == 4

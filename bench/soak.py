@@ -31,7 +31,8 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.otp import BenchError, Net
-from bench.topology import line
+from bench.scale import gkm_peer, wait_until
+from bench.topology import line, saes
 from control import emulation, paths
 from control.config import Sae
 from control.demo import Saes
@@ -49,13 +50,7 @@ key_rate_mbps = {rate}
 [gkm]
 low_watermark = "{low}"
 high_watermark = "{high}"
-[[saes]]
-id = "SAE-A"
-node = "A"
-[[saes]]
-id = "SAE-C"
-node = "C"
-""" + line("ABC", 209, closed=True)
+""" + saes(("SAE-A", "A"), ("SAE-C", "C")) + line("ABC", 209, closed=True)
 
 
 @dataclass
@@ -182,16 +177,10 @@ class SoakNet(Net):
 
     def wait_stocked(self, origin: str, dest: str, nbytes: int, timeout: float) -> None:
         """Until ``origin``'s store for ``dest`` holds ``nbytes`` of usable key."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = read_status(paths.node_dir(self.prefix, origin) / "gkm.json") or {}
-            usable = (((st.get("peers") or {}).get(dest) or {}).get("enc") or {}).get("usable")
-            if (usable or 0) >= nbytes:
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(f"{origin}'s store for {dest} not stocked within "
-                                 f"{timeout:.0f} s; logs in {paths.log_dir(self.prefix)}")
-            time.sleep(0.2)
+        wait_until(lambda: (gkm_peer(self.prefix, origin, dest).get("enc", {})
+                            .get("usable") or 0) >= nbytes, timeout,
+                   f"{origin}'s store for {dest} to be stocked; logs in "
+                   f"{paths.log_dir(self.prefix)}")
 
     def stores_high(self) -> int:
         """Global key the stores may hold at most: each ordered pair's high watermark,

@@ -18,3 +18,8 @@ def line(names: Sequence[str], net: int, closed: bool = False,
                    f'underlay = ["10.{net}.{i}.1/30", "10.{net}.{i}.2/30"]\n{extra(i)}'
                    'source = {{ kind = "emulator", generator = "aes-ctr" }}\n')
     return "".join(out)
+
+
+def saes(*placed: tuple[str, str]) -> str:
+    """``[[saes]]`` entries, (SAE ID, node) each, as TOML for a str.format template."""
+    return "".join(f'[[saes]]\nid = "{sae}"\nnode = "{node}"\n' for sae, node in placed)

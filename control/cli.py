@@ -319,6 +319,19 @@ def _bench(run, **kwargs) -> dict:
         raise typer.Exit(1) from None
 
 
+def _bench_and_report(run, report, as_json: bool, verdict: str | None = None,
+                      **kwargs) -> None:
+    """A bench with its own report: JSON on stdout, or the report; exit status 1 when
+    ``verdict`` names a result field that is false."""
+    result = _bench(run, console=err if as_json else out, **kwargs)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        report(result, out)
+    if verdict is not None and not result[verdict]:
+        raise typer.Exit(1)
+
+
 @bench_app.command("lkm")
 def bench_lkm(seconds: Annotated[float, typer.Option(help="measuring time")] = 10.0,
               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
@@ -536,12 +549,7 @@ def bench_soak(
     need_root()
     from bench.soak import report, run
 
-    result = _bench(run, minutes=minutes, rate=key_rate, sample_s=sample,
-                    console=err if as_json else out)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        report(result, out)
+    _bench_and_report(run, report, as_json, minutes=minutes, rate=key_rate, sample_s=sample)
 
 
 @bench_app.command("fuzz")
@@ -557,14 +565,8 @@ def bench_fuzz(
     need_root()
     from bench.fuzz import report, run
 
-    result = _bench(run, requests=requests, clients=clients, seed=seed,
-                    console=err if as_json else out)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        report(result, out)
-    if not result["meets"]:
-        raise typer.Exit(1)
+    _bench_and_report(run, report, as_json, "meets", requests=requests, clients=clients,
+                      seed=seed)
 
 
 @bench_app.command("scale")
@@ -579,13 +581,7 @@ def bench_scale(
     from bench.scale import report, run
 
     load(config)  # a clear error for a bad file, before anything starts
-    result = _bench(run, config=config, timeout=timeout, console=err if as_json else out)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        report(result, out)
-    if not result["ok"]:
-        raise typer.Exit(1)
+    _bench_and_report(run, report, as_json, "ok", config=config, timeout=timeout)
 
 
 @bench_app.command("chaos")
@@ -600,12 +596,7 @@ def bench_chaos(
     need_root()
     from bench.chaos import report, run
 
-    result = _bench(run, injections=injections, rate=key_rate, seed=seed,
-                    console=err if as_json else out)
-    if as_json:
-        print(json.dumps(result))
-    else:
-        report(result, out)
+    _bench_and_report(run, report, as_json, injections=injections, rate=key_rate, seed=seed)
 
 
 @bench_app.command("calibrate")
