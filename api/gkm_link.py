@@ -11,6 +11,17 @@ nothing for a request it reads later (it was held up), and cancels a reservation
 confirmation comes later, so a request answered 503 here has taken nothing anywhere. An
 answer that still arrives after this side gave up has its keys cancelled at the slave's
 node (they went to no one).
+
+A dec take names its *holder* (this worker's process identity and the request's
+number): the manager hands the keys and counts them delivered only when the worker says
+its answer was written (:meth:`GkmLink.answered`); an answer that was not, or whose
+worker died, leaves its keys fetchable by the same SAE for a while (see
+``control.keystore.Handing``).
+
+When the manager's process goes away (the socket disconnects), requests waiting on it
+are not left to time out: reads and dec takes are sent again, to the manager that
+replaces it (a dec take again is the same handing); an enc take is refused at once,
+nothing taken (a late answer's keys are cancelled as above).
 """
 
 from __future__ import annotations
@@ -20,21 +31,25 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import struct
 import time
 from collections import OrderedDict
 
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 
 from control.gkm_client import socket_path, split_keys
 from control.keystore import StoreError
+from control.procs import process_identity
 
 # The manager answers a take by the deadline the take carries (ANSWER_MARGIN_S before
 # this), so a request without an answer after this long is lost (the manager restarted).
 TIMEOUT_S = 15.0
 ANSWER_MARGIN_S = 2.0  # the manager must have answered this long before we give up
 GAVE_UP_KEPT = 4096    # takes given up on, remembered to cancel a late answer's keys
+RESENDABLE = ("take_dec", "stock", "summary", "digests")  # the same again is harmless
 _RID = struct.Struct(">Q")
 log = logging.getLogger("qkdnet.api")
 
@@ -47,19 +62,30 @@ class GkmLink:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(self.endpoint)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.ids = itertools.count(1)
+        self.identity = process_identity(os.getpid())
         self.waiting: dict[int, asyncio.Future] = {}
+        self.sent: dict[int, tuple[str, list[bytes]]] = {}  # waiting: (op, frames)
         self.gave_up: OrderedDict[int, str] = OrderedDict()  # request id -> peer node
         self.reader: asyncio.Task | None = None
+        self.watcher: asyncio.Task | None = None
+        self.restarts_seen = 0
 
     def start(self) -> None:
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self.reader = loop.create_task(self._read())
+        self.watcher = loop.create_task(self._watch())
 
     async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.reader
+        for task in (self.reader, self.watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self.monitor.close(0)
         for fut in self.waiting.values():
             if not fut.done():
                 fut.set_exception(StoreError("busy", "the key API is shutting down"))
@@ -78,6 +104,32 @@ class GkmLink:
             elif rid in self.gave_up:
                 await self._cancel_late(self.gave_up.pop(rid), frames[2])
 
+    async def _watch(self) -> None:
+        """The manager's process went away: what waits on it is sent again or refused."""
+        while True:
+            event = zmq.utils.monitor.parse_monitor_message(
+                await self.monitor.recv_multipart())
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            self.restarts_seen += 1
+            for rid, (op, frames) in list(self.sent.items()):
+                fut = self.waiting.get(rid)
+                if fut is None or fut.done():
+                    continue
+                if op in RESENDABLE:
+                    await self.sock.send_multipart(frames)
+                    continue
+                if op == "take_enc":
+                    self._give_up(rid, json.loads(frames[2])["peer"])
+                fut.set_exception(StoreError(
+                    "busy", "the node's global key manager restarted while serving the "
+                            "request; nothing was taken"))
+
+    def _give_up(self, rid: int, peer: str) -> None:
+        self.gave_up[rid] = peer
+        while len(self.gave_up) > GAVE_UP_KEPT:
+            self.gave_up.popitem(last=False)
+
     async def _cancel_late(self, peer: str, head_frame) -> None:
         """An answer to a take whose caller was already told it failed: its keys went to
         no one, so the slave's node must not hand them out either."""
@@ -93,29 +145,29 @@ class GkmLink:
         await self.sock.send_multipart([_RID.pack(next(self.ids)), b"", json.dumps(
             {"op": "cancel", "peer": peer, "key_ids": ids}).encode()])
 
-    async def call(self, op: str, **args) -> tuple[dict, memoryview]:
-        rid = next(self.ids)
+    async def call(self, op: str, rid: int | None = None, **args) -> tuple[dict, memoryview]:
+        rid = next(self.ids) if rid is None else rid
         fut = asyncio.get_running_loop().create_future()
         self.waiting[rid] = fut
         if op in ("take_enc", "take_dec"):
             args["deadline"] = time.monotonic() + max(self.timeout_s / 2,
                                                       self.timeout_s - ANSWER_MARGIN_S)
+        frames = [_RID.pack(rid), b"", json.dumps({"op": op, **args}).encode()]
+        self.sent[rid] = (op, frames)
         try:
-            await self.sock.send_multipart([_RID.pack(rid), b"",
-                                            json.dumps({"op": op, **args}).encode()])
+            await self.sock.send_multipart(frames)
             frames = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
             if not fut.done():  # (an answer that came with the timeout is kept)
                 if op == "take_enc":  # its answer, if it ever comes, goes to no one
-                    self.gave_up[rid] = args["peer"]
-                    while len(self.gave_up) > GAVE_UP_KEPT:
-                        self.gave_up.popitem(last=False)
+                    self._give_up(rid, args["peer"])
                 raise StoreError("busy", f"the global key manager did not answer within "
                                          f"{self.timeout_s:.0f} s; nothing was taken") \
                     from None
             frames = fut.result()
         finally:
             self.waiting.pop(rid, None)
+            self.sent.pop(rid, None)
         head = json.loads(frames[0].bytes)
         if not head.get("ok"):
             raise StoreError(head.get("kind", "bad"), head.get("error", "refused"))
@@ -128,10 +180,27 @@ class GkmLink:
         return head["key_ids"], split_keys([size] * number, data)
 
     async def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str
-                       ) -> list[memoryview]:
-        head, data = await self.call("take_dec", peer=peer, key_ids=key_ids, sae=sae,
-                                     master=master)
-        return split_keys(head["sizes"], data)
+                       ) -> tuple[list[memoryview], int]:
+        """The keys, handed to ``sae`` in an answer this worker must then report written
+        or lost (:meth:`answered`) under the returned token."""
+        token = next(self.ids)
+        try:
+            head, data = await self.call("take_dec", rid=token, peer=peer, key_ids=key_ids,
+                                         sae=sae, master=master,
+                                         holder=[self.identity, token])
+        except BaseException:  # refused, timed out, or its connection gone: if the
+            await self.answered(peer, key_ids, sae, token, False)  # keys were handed,
+            raise                                                  # they are free again
+        return split_keys(head["sizes"], data), token
+
+    async def answered(self, peer: str, key_ids: list[str], sae: str, token: int,
+                       written: bool) -> None:
+        """Tell the manager whether the answer of take_dec ``token`` was written; not
+        waited for (a word lost with the manager leaves the handing to expire)."""
+        with contextlib.suppress(zmq.ZMQError):
+            await self.sock.send_multipart([_RID.pack(next(self.ids)), b"", json.dumps(
+                {"op": "answered", "peer": peer, "key_ids": key_ids, "sae": sae,
+                 "holder": [self.identity, token], "written": written}).encode()])
 
     async def stock(self, peer: str) -> dict:
         return (await self.call("stock", peer=peer))[0]

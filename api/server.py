@@ -15,6 +15,7 @@ become 400, anything unexpected 503.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import mmap
@@ -27,7 +28,7 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from sanic import Sanic
-from sanic.exceptions import BadURL, SanicException, URITooLong
+from sanic.exceptions import BadURL, RequestCancelled, SanicException, ServerError, URITooLong
 from sanic.request import Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
@@ -46,6 +47,7 @@ from control.keystore import StoreError
 log = logging.getLogger("qkdnet.api")
 BASE = "/api/v1/keys"
 JSON = "application/json"
+WRITE_WAIT_S = 30.0  # a dec_keys answer not taken by the connection in this long: lost
 
 
 def server_context(pki: Path, node: str) -> ssl.SSLContext:
@@ -99,6 +101,30 @@ async def _send_keys(request: Request, key_ids: list[str], keys: list) -> HTTPRe
     for p in parts:
         await response.send(p)
     return None
+
+
+async def _write_keys(request: Request, key_ids: list[str], keys: list) -> bool:
+    """Send the key container and wait until the connection has taken all of it (handed
+    to the kernel, which delivers it even if this process dies now); False if the
+    connection went away first: then the SAE did not get the keys."""
+    parts = key_container_parts(key_ids, keys)
+    response = await request.respond(
+        content_type=JSON, headers={"content-length": str(sum(len(p) for p in parts))})
+    try:
+        for p in parts:
+            await response.send(p)
+        await response.eof()
+    except (RequestCancelled, ServerError, ConnectionError):
+        return False
+    transport = request.transport
+    inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+    deadline = time.monotonic() + WRITE_WAIT_S
+    while transport.get_write_buffer_size() or (
+            inner is not None and inner.get_write_buffer_size()):
+        if transport.is_closing() or time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.002)
+    return True
 
 
 def _query(request: Request) -> dict[str, list[str]]:
@@ -245,9 +271,15 @@ def make_app(topo: Topology, node: str, name: str | None = None,
         slave = admitted(request)
         etsi.check_path_sae(master)
         req = _parse(request, etsi.dec_keys_get, etsi.dec_keys_post, kme.limits)
-        keys = await _from_gkm(request.app.ctx.gkm.take_dec(
-            kme.master_node(master), list(req.key_ids), slave, master), on_dec=True)
-        return await _send_keys(request, list(req.key_ids), keys)
+        peer, ids = kme.master_node(master), list(req.key_ids)
+        keys, token = await _from_gkm(request.app.ctx.gkm.take_dec(
+            peer, ids, slave, master), on_dec=True)
+        written = False
+        try:
+            written = await _write_keys(request, ids, keys)
+        finally:  # delivered only if written; else the same SAE may fetch them again
+            await request.app.ctx.gkm.answered(peer, ids, slave, token, written)
+        return None
 
     @app.exception(Exception)
     async def _any_error(request: Request, exc: Exception) -> HTTPResponse:

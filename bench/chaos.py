@@ -277,7 +277,7 @@ def _inject(net: ChaosNet, kind: str, rng: random.Random) -> tuple[str, float] |
 
 
 def run(injections: int = 1000, rate: float = 100.0, seed: int = 1,
-        console: Console | None = None) -> dict:
+        console: Console | None = None, kinds: tuple[str, ...] = KINDS) -> dict:
     console = console or Console(stderr=True)
     if injections < 1:
         raise BenchError("--injections must be at least 1")
@@ -314,7 +314,7 @@ def run(injections: int = 1000, rate: float = 100.0, seed: int = 1,
         console.print(f"  keys flowing after {time.monotonic() - t_start:.1f} s")
         i = 0
         while i < injections:
-            kind = rng.choice(KINDS)
+            kind = rng.choice(kinds)
             t0 = time.monotonic()
             fault = _inject(net, kind, rng)
             if fault is None:
@@ -372,6 +372,7 @@ def run(injections: int = 1000, rate: float = 100.0, seed: int = 1,
     finite = sorted(r for r in recoveries if r != float("inf"))
     out = {
         "bench": "chaos", "injections": sum(counts.values()), "by_kind": counts,
+        "kinds_drawn": list(kinds),
         "seed": seed, "key_rate_mbps": rate, **rep,
         "max_recovery_s": round(max(recoveries), 2) if recoveries else None,
         "median_recovery_s": round(finite[len(finite) // 2], 2) if finite else None,
@@ -382,7 +383,7 @@ def run(injections: int = 1000, rate: float = 100.0, seed: int = 1,
     }
     if out["max_recovery_s"] == float("inf"):
         out["max_recovery_s"] = None
-    out["meets_floor"] = (out["injections"] >= FLOOR["injections"]
+    out["meets_floor"] = (out["injections"] >= FLOOR["injections"] and set(kinds) == set(KINDS)
                           and rep["mismatched"] == rep["duplicated"] == rep["reused"]
                           == rep["orphans"] == 0 and not out["not_recovered"]
                           and (out["max_recovery_s"] or 0) <= FLOOR["max_recovery_s"])

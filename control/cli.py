@@ -589,14 +589,21 @@ def bench_chaos(
     injections: Annotated[int, typer.Option(min=1, help="faults to inject")] = 1000,
     key_rate: Annotated[float, typer.Option(help="QKD key rate per link, Mb/s")] = 100.0,
     seed: Annotated[int, typer.Option(help="seed of the fault sequence")] = 1,
+    kinds: Annotated[str, typer.Option(help="fault kinds to draw from, comma-separated "
+                                            "(default: all of them)")] = "",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Faults at random into the triangle (kill -9 of every module kind, SIGSTOP stalls,
     link cuts) while SAEs take keys at A and fetch them at C; a ledger of every key."""
     need_root()
-    from bench.chaos import report, run
+    from bench.chaos import KINDS, report, run
 
-    _bench_and_report(run, report, as_json, injections=injections, rate=key_rate, seed=seed)
+    chosen = tuple(k.strip() for k in kinds.split(",") if k.strip()) or KINDS
+    if unknown := [k for k in chosen if k not in KINDS]:
+        raise typer.BadParameter(f"unknown fault kind(s) {', '.join(unknown)}; the kinds: "
+                                 f"{', '.join(KINDS)}", param_hint="--kinds")
+    _bench_and_report(run, report, as_json, injections=injections, rate=key_rate, seed=seed,
+                      kinds=chosen)
 
 
 @bench_app.command("calibrate")

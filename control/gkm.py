@@ -62,6 +62,7 @@ from control.gkm_wire import (
     parse_batch,
 )
 from control.keystore import BlockState, KeyStore, StoreError
+from control.procs import is_alive
 from control.relay import Outbox, RateMeter, Restock
 from control.relay_auth import ZAP_ENDPOINT, secure_dealer, secure_router, zap_reply
 from control.relay_keys import RelayKeyError, load_relay_keys
@@ -115,6 +116,18 @@ def _bounded_int(req: dict, name: str, limit: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
         raise StoreError("bad", f"{name} must be an integer from 1 to {limit}")
     return v
+
+
+def _holder(req: dict) -> tuple[int, int] | None:
+    """A take_dec's holder: the key API worker's process identity and its number for the
+    request (None: an older client, whose takes are final at once)."""
+    h = req.get("holder")
+    if h is None:
+        return None
+    if not (isinstance(h, list) and len(h) == 2
+            and all(isinstance(x, int) and 0 <= x < 1 << 63 for x in h)):
+        raise StoreError("bad", "holder is [process identity, request number]")
+    return h[0], h[1]
 
 
 def _deadline(req: dict) -> float | None:
@@ -815,8 +828,18 @@ class GlobalKeyManager:
         if op == "take_dec":
             master = req.get("master")
             keys = self.store.take_dec(str(req["peer"]), [str(k) for k in req["key_ids"]],
-                                       str(req["sae"]), None if master is None else str(master))
+                                       str(req["sae"]), None if master is None else str(master),
+                                       holder=_holder(req), alive=is_alive)
             return {"sizes": [len(k) for k in keys]}, b"".join(keys)
+        if op == "answered":  # a key API worker's word on an answer of its take_dec
+            ids, holder = req["key_ids"], _holder(req)
+            if not isinstance(ids, list) or not 0 < len(ids) <= MAX_TAKE_KEYS or \
+                    holder is None:
+                raise StoreError("bad", "answered names key IDs and their holder")
+            settled = self.store.answer_written(str(req["peer"]), [str(k) for k in ids],
+                                                str(req["sae"]), holder,
+                                                bool(req.get("written")))
+            return {"settled": settled}, None
         if op == "cancel":  # keys whose taker gave up after they were taken
             peer = str(req["peer"])
             ids = req["key_ids"]
@@ -976,6 +999,7 @@ class GlobalKeyManager:
             if self.held:
                 self.expire_held(now)
             if now >= next_publish:
+                self.store.expire_handed()
                 self.paused = self.pause_flag.exists()
                 self._follow_routes()
                 self._report(now)

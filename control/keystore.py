@@ -27,9 +27,10 @@ from __future__ import annotations
 import hashlib
 import struct
 import threading
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -49,6 +50,8 @@ _META = struct.Struct(">IB")
 _U64 = struct.Struct(">Q")
 _CURSOR = struct.Struct(">QI")
 UNCONFIRMED = b"\x01"  # a DEC reservation's prefix until the master's node confirms it
+HANDED_KEEP_S = 60.0   # keys in an answer never confirmed written stay fetchable this long
+_HANDING = struct.Struct(">QQdB")  # holder's process identity, its token, when, lost
 
 
 class BlockState(IntEnum):
@@ -119,6 +122,37 @@ def deliver_from_record(record: bytes, kid: str, sae: str, master: str | None
     if all(n.startswith(SERVED) for n in rest):
         return None
     return b"\n".join([names[0], *rest])
+
+
+@dataclass(frozen=True)
+class Handing:
+    """A DEC key handed to one SAE in an answer that is not yet known to be written: the
+    key API worker writing it (``holder``, a process identity) confirms it once the
+    answer is on the connection, or reports it ``lost``."""
+    holder: int
+    token: int  # the holder's number for the request
+    at: float   # wall clock, so that it survives a restart of the key manager
+    lost: bool = False
+
+    def pack(self) -> bytes:
+        return _HANDING.pack(self.holder, self.token, self.at, self.lost)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Handing:
+        holder, token, at, lost = _HANDING.unpack(raw)
+        return cls(holder, token, at, bool(lost))
+
+
+def may_hand_again(prev: Handing, holder: int, token: int, holder_alive: bool) -> bool:
+    """Whether a key handed to an SAE in an unconfirmed answer may be handed to it again:
+    when the same request is asked again (its holder resends it to a restarted key
+    manager), or when that answer is lost (reported so, or its holder died). Not while a
+    live holder may still be writing it: that would be a second delivery."""
+    return (prev.holder, prev.token) == (holder, token) or prev.lost or not holder_alive
+
+
+def _handed_key(kid: str, sae: str) -> bytes:
+    return b"h" + _uuid_bytes(kid) + sae.encode()
 
 
 @dataclass
@@ -206,6 +240,8 @@ class DecState:
     freed_blocks: int = 0
     top: int = -1  # the highest block number held since the store was opened
     last_refused: str = ""  # why the last reservation was refused, for status
+    handed: dict[bytes, Handing] = field(default_factory=dict)  # h-key -> unconfirmed
+    answers_expired: int = 0  # handings never confirmed, ended after HANDED_KEEP_S
 
     @property
     def reserved(self) -> int:
@@ -401,6 +437,7 @@ class KeyStore:
         st.next_rseq = _read_u64(cf, b"E")
         for key, _ in _scan(cf, b"r"):
             st.add_outstanding(decode(uuid.UUID(bytes=key)).seq)
+        st.handed = {b"h" + key: Handing.unpack(value) for key, value in _scan(cf, b"h")}
         return st
 
     # ---- the origin's side ----------------------------------------------------------------
@@ -799,12 +836,19 @@ class KeyStore:
             raise StoreError("unknown", f"key ID {kid}: no such key stored here")
         return s
 
-    def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str | None = None
-                 ) -> list[bytes]:
+    def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str | None = None,
+                 holder: tuple[int, int] | None = None,
+                 alive: Callable[[int], bool] = lambda _: True) -> list[bytes]:
         """The keys' bytes, each delivered once to each SAE it was reserved for (the slave
         and any additional slaves: the same bytes to each), to no one else, and, when
         ``master`` is given, only if that master SAE took it; refused whole (nothing
-        delivered) if any key is not deliverable."""
+        delivered) if any key is not deliverable.
+
+        Without ``holder`` the delivery is final here. With it (the key API worker's
+        process identity and its number for the request) the keys are *handed*: they
+        count as delivered once the holder confirms its answer written
+        (:meth:`answer_written`), and may be handed to the same SAE again while that
+        answer is lost (see :func:`may_hand_again`) or for HANDED_KEEP_S at most."""
         with self.lock:
             st = self._dec_state(peer)
             cf = self._cf("dec", peer)
@@ -812,7 +856,7 @@ class KeyStore:
             decoded = [self._dec_slice(st, kid) for kid in key_ids]
             if len(set(decoded)) != len(decoded):
                 raise StoreError("bad", "a key ID is named twice")
-            slices, unconfirmed = [], []
+            slices, unconfirmed, in_flight = [], [], []
             for kid, s in zip(key_ids, decoded, strict=True):
                 rid = b"r" + _uuid_bytes(kid)
                 owner = cf.get(rid)
@@ -823,18 +867,36 @@ class KeyStore:
                 left = deliver_from_record(owner.removeprefix(UNCONFIRMED), kid, sae, master)
                 if pending:
                     unconfirmed.append(kid)
+                prev = st.handed.get(_handed_key(kid, sae))
+                if prev is not None and (holder is None or not may_hand_again(
+                        prev, *holder, alive(prev.holder))):
+                    in_flight.append(kid)
                 slices.append((rid, s, left))
             if unconfirmed:
                 more = f" and {len(unconfirmed) - 1} more" if len(unconfirmed) > 1 else ""
                 raise StoreError("pending", f"key ID {unconfirmed[0]}{more}: not yet "
                                  f"confirmed by the master's key manager")
+            if in_flight:
+                more = f" and {len(in_flight) - 1} more" if len(in_flight) > 1 else ""
+                raise StoreError("busy", f"key ID {in_flight[0]}{more}: an answer to SAE "
+                                 f"{sae} carrying it is being written on another "
+                                 f"connection; nothing was taken")
             wb = WriteBatch(raw_mode=True)
             out = []
             data: dict[int, bytes] = {}
-            for rid, s, left in slices:
+            for _, s, _ in slices:
                 if s.seq not in data:
                     data[s.seq] = self._block("dec", peer, s.seq)
                 out.append(data[s.seq][s.offset:s.offset + s.size])
+            if holder is not None:  # delivered once the holder confirms its answer
+                now = time.time()
+                for kid in key_ids:
+                    hk = _handed_key(kid, sae)
+                    st.handed[hk] = Handing(holder[0], holder[1], now)
+                    wb.put(hk, st.handed[hk].pack(), h)
+                self._durable(wb)
+                return out
+            for rid, _, left in slices:
                 if left is None:  # the last SAE named: the key is used up here
                     wb.delete(rid, h)
                 else:  # in the same synced batch: one delivery per key and SAE
@@ -847,6 +909,84 @@ class KeyStore:
             st.delivered_keys += len(slices)
             st.delivered_bytes += sum(s.size for _, s, _ in slices)
             return out
+
+    def answer_written(self, peer: str, key_ids: list[str], sae: str,
+                       holder: tuple[int, int], written: bool) -> int:
+        """The holder's word on its answer carrying these keys to ``sae``: written (the
+        keys are delivered: each SAE's fetch ends, the last one's ends the key) or lost
+        (they may be handed to ``sae`` again). Only the handing's own holder and request
+        count; returns how many keys it settled. Not synced: a word lost in a crash
+        leaves the handing to end after HANDED_KEEP_S, as delivered."""
+        with self.lock:
+            st = self._dec_state(peer)
+            h = self._handle("dec", peer)
+            wb = WriteBatch(raw_mode=True)
+            done, lost = [], 0
+            for kid in key_ids:
+                try:
+                    hk = _handed_key(kid, sae)
+                except (ValueError, TypeError):
+                    continue
+                prev = st.handed.get(hk)
+                if prev is None or (prev.holder, prev.token) != tuple(holder):
+                    continue
+                if written:
+                    done.append((kid, hk))
+                else:
+                    st.handed[hk] = Handing(prev.holder, prev.token, prev.at, lost=True)
+                    wb.put(hk, st.handed[hk].pack(), h)
+                    lost += 1
+            self._end_handings(st, peer, wb, done)
+            self.db.write(wb, self.unsynced)
+            return len(done) + lost
+
+    def expire_handed(self, now: float | None = None) -> int:
+        """End the handings older than HANDED_KEEP_S as deliveries (their answers were
+        never confirmed, nor asked for again); returns how many ended."""
+        now = time.time() if now is None else now
+        ended = 0
+        with self.lock:
+            for peer, st in self.dec.items():
+                old = [hk for hk, x in st.handed.items() if now - x.at > HANDED_KEEP_S]
+                if not old:
+                    continue
+                wb = WriteBatch(raw_mode=True)
+                done = [(str(uuid.UUID(bytes=hk[1:17])), hk) for hk in old]
+                self._end_handings(st, peer, wb, done)
+                self.db.write(wb, self.unsynced)
+                st.answers_expired += len(old)
+                ended += len(old)
+        return ended
+
+    def _end_handings(self, st: DecState, peer: str, wb: WriteBatch,
+                      done: list[tuple[str, bytes]]) -> None:
+        """Count handings as deliveries: the SAE's fetch is recorded in the key's
+        reservation (the last SAE's ends the key), the handing removed."""
+        cf = self._cf("dec", peer)
+        h = self._handle("dec", peer)
+        records: dict[bytes, bytes | None] = {}
+        for kid, hk in done:
+            st.handed.pop(hk, None)
+            wb.delete(hk, h)
+            rid = b"r" + hk[1:17]
+            owner = records[rid] if rid in records else cf.get(rid)
+            if owner is None:
+                continue  # cancelled meanwhile
+            try:
+                left = deliver_from_record(owner.removeprefix(UNCONFIRMED), kid,
+                                           hk[17:].decode(), None)
+            except StoreError:
+                continue
+            records[rid] = left
+            s = decode(kid)
+            if left is None:
+                wb.delete(rid, h)
+                st.drop_outstanding(s.seq)
+            else:
+                wb.put(rid, left, h)
+            st.delivered_keys += 1
+            st.delivered_bytes += s.size
+        self._free_done(st, wb, h)
 
     # ---- inspection -----------------------------------------------------------------------
 
@@ -864,7 +1004,9 @@ class KeyStore:
                        "delivered_bytes": s.delivered_bytes,
                        "reserve_cursor": [s.cursor.seq, s.cursor.offset],
                        "reservations_applied": s.next_rseq,
-                       "freed_blocks": s.freed_blocks, "last_refused": s.last_refused}
+                       "freed_blocks": s.freed_blocks, "last_refused": s.last_refused,
+                       "handed_unconfirmed": len(s.handed),
+                       "answers_expired": s.answers_expired}
                    for p, s in self.dec.items()}
             return {"enc": enc, "dec": dec, "db": self.background()}
 

@@ -5,6 +5,7 @@ from inside the nodes' namespaces with certificates from `qkdctl pki init`'s lay
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import http.client
 import json
@@ -31,8 +32,9 @@ from hypothesis import strategies as st
 from api.pki import PkiLayout
 from control import emulation, paths
 from control.gkm import PAUSE_FLAG
-from control.gkm_client import GkmClient
+from control.gkm_client import GkmClient, split_keys
 from control.keystore import StoreError
+from control.procs import process_identity
 from tests.nsutil import QKDCTL, wait_until
 from tests.test_tunnel import make_net
 
@@ -414,6 +416,8 @@ def test_50_concurrent_enc_keys_and_racing_dec_keys_deliver_each_key_once(net):
     for kid, sae, (status, doc) in out:
         if status == 200:
             delivered.setdefault(kid, []).append((sae, _keys(doc)))
+        elif status == 503:  # the twin request's answer was being written just then
+            assert sae == issued[kid][0] and "being written" in doc["message"], doc
         else:
             assert status in (400, 401), doc
     assert set(delivered) == set(issued)
@@ -687,6 +691,94 @@ def test_a_503_while_the_masters_key_manager_is_held_takes_nothing(net):
     assert status == 200 and [k for k, _ in _keys(doc)] == ids
     status, doc = _dec(net, ids)
     assert status == 200 and [k for k, _ in _keys(doc)] == ids
+
+
+def test_a_dec_keys_answer_never_written_leaves_its_keys_to_their_sae_alone(net):
+    """Keys handed in an answer whose writer (a key API worker) dies before it says the
+    answer was written: the same SAE may fetch them again, no one else may, and once an
+    answer is written they are delivered and gone (issue 17: lost answers)."""
+    net.stock()
+    status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=2&size=256")
+    assert status == 200, doc
+    keys = _keys(doc)
+    ids = [k for k, _ in keys]
+    before = net.gkm("B")["peers"]["A"]["dec"]
+    writer = subprocess.Popen(["sleep", "600"])  # stands for the worker writing the answer
+    b = GkmClient(net.prefix, "B")
+    try:
+        head, data = b.call("take_dec", peer="A", key_ids=ids, sae="b1", master="a1",
+                            holder=[process_identity(writer.pid), 1])
+        assert split_keys(head["sizes"], data) == [k for _, k in keys]
+        assert net.gkm("B")["peers"]["A"]["dec"]["handed_unconfirmed"] == \
+            before["handed_unconfirmed"] + 2
+        # While its writer lives, no second answer: not to b1 itself, not to b2.
+        status, doc = _dec(net, ids)
+        assert status == 503 and "being written on another connection" in doc["message"]
+        body = json.dumps({"key_IDs": [{"key_ID": k} for k in ids]}).encode()
+        status, doc = net.call("b2", "POST", f"{BASE}/a1/dec_keys", body)
+        assert status == 401, doc
+        writer.kill()  # ... it dies without a word: its answer is lost
+        writer.wait()
+        status, doc = net.call("b2", "POST", f"{BASE}/a1/dec_keys", body)
+        assert status == 401, doc
+        status, doc = _dec(net, ids)
+        assert status == 200 and _keys(doc) == keys
+        wait_until(lambda: (d := net.gkm("B")["peers"]["A"]["dec"])["delivered_keys"]
+                   == before["delivered_keys"] + 2
+                   and d["handed_unconfirmed"] == before["handed_unconfirmed"], 30,
+                   "the written answer to count as the delivery")
+        status, doc = _dec(net, ids)
+        assert status == 400 and "not found on KME" in doc["message"], doc
+    finally:
+        writer.kill()
+        writer.wait()
+        b.close()
+
+
+def _queued_at(prefix: str, node: str, pid: int) -> bool:
+    """Bytes wait unread on one of ``pid``'s Unix sockets (a held process's requests)."""
+    out = subprocess.run(["ip", "netns", "exec", paths.netns_name(prefix, node), "ss",
+                          "-xpnH"], capture_output=True, text=True).stdout
+    return any(f"pid={pid}," in line and int(line.split()[2]) > 0
+               for line in out.splitlines() if len(line.split()) > 2)
+
+
+@pytest.mark.parametrize("kind", ["dec", "enc"])
+def test_requests_waiting_on_a_killed_key_manager_are_not_left_to_time_out(net, kind):
+    """kill -9 of a node's global key manager while a request waits on it: the key API
+    does not wait out its 15-s timeout for an answer that died with the process. A
+    dec_keys goes to the restarted manager and is answered 200; an enc_keys is refused
+    at once, having taken nothing (the next take cuts the very same keys)."""
+    net.stock()
+    if kind == "dec":
+        status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=2&size=256")
+        assert status == 200, doc
+        keys = _keys(doc)
+        node, request = "B", lambda: _dec(net, [k for k, _ in keys])
+    else:
+        ids = _next_ids(net, 2, 32)
+        node, request = "A", lambda: net.call("a1", "GET",
+                                              f"{BASE}/b1/enc_keys?number=2&size=256")
+    gkm = _module_pid(net.prefix, node, "gkm")
+    os.kill(gkm, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as ex:
+            answer = ex.submit(request)
+            wait_until(lambda: _queued_at(net.prefix, node, gkm), 30,
+                       f"the request queued at {node}'s held key manager")
+            os.kill(gkm, signal.SIGKILL)
+            status, doc = answer.result(60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(gkm, signal.SIGCONT)
+    if kind == "dec":
+        assert status == 200 and _keys(doc) == keys, doc
+        return
+    assert status == 503 and "restarted" in doc["message"], doc
+    wait_until(lambda: _module_pid(net.prefix, node, "gkm") != gkm and _answers(net), 60,
+               "A's key manager restarted")
+    status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=2&size=256")
+    assert status == 200 and [k for k, _ in _keys(doc)] == ids, doc
 
 
 def test_keys_given_back_after_a_late_answer_are_refused_at_the_slave(net):

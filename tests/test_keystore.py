@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 
 from control.carving import KeySlice, decode
 from control.keystore import (
+    HANDED_KEEP_S,
     BlockState,
+    Handing,
     KeyStore,
     StoreError,
     deliver_from_record,
+    may_hand_again,
     reservation_record,
 )
 
@@ -623,3 +626,110 @@ def test_keys_whose_taker_gave_up_late_are_cancelled_at_the_slaves_node(tmp_path
         d.take_dec("A", [str(later[0][0].key_id)], "sae-2")
     assert e.value.kind == "unknown"
     assert d.summary()["dec"]["A"]["reserved_keys"] == 0
+
+
+# ---- answers that may be lost: handed keys -----------------------------------------------
+
+def _reserved(tmp_path, saes=("sae-2",), n=3):
+    o, d = origin(tmp_path), dest(tmp_path)
+    blocks = [os.urandom(256)]
+    seqs = fill(o, blocks)
+    d.store_received("A", list(zip(seqs, blocks, strict=True)))
+    keys = o.take_enc("B", n, 64)
+    ids = [str(k.key_id) for k, _ in keys]
+    d._reserve(d.dec["A"], "A", ids, tuple(saes), None, None, "")
+    return o, d, ids, [k for _, k in keys]
+
+
+def test_may_hand_again_only_the_same_request_or_a_lost_answer():
+    prev = Handing(holder=7, token=3, at=0.0)
+    assert may_hand_again(prev, 7, 3, holder_alive=True)       # the same request again
+    assert not may_hand_again(prev, 7, 4, holder_alive=True)   # another, while writing
+    assert not may_hand_again(prev, 8, 3, holder_alive=True)   # another worker, same
+    assert may_hand_again(prev, 8, 1, holder_alive=False)      # its writer died
+    assert may_hand_again(Handing(7, 3, 0.0, lost=True), 8, 1, holder_alive=True)
+    assert Handing.unpack(Handing(2**40, 5, 1.5, True).pack()) == Handing(2**40, 5, 1.5, True)
+
+
+def test_a_handed_key_is_delivered_only_once_its_answer_is_written(tmp_path):
+    o, d, ids, keys = _reserved(tmp_path)
+    alive = {7: True, 8: True}
+    assert d.take_dec("A", ids[:2], "sae-2", holder=(7, 1), alive=alive.get) == keys[:2]
+    assert d.summary()["dec"]["A"]["handed_unconfirmed"] == 2
+    assert d.summary()["dec"]["A"]["delivered_keys"] == 0
+    # While worker 7 may still be writing it, no second answer (not even to sae-2) ...
+    with pytest.raises(StoreError, match="being written") as e:
+        d.take_dec("A", ids[1:2], "sae-2", holder=(8, 1), alive=alive.get)
+    assert e.value.kind == "busy"
+    del e
+    with pytest.raises(StoreError, match="another SAE"):  # ... and none to anyone else
+        d.take_dec("A", ids[:1], "sae-9", holder=(8, 2), alive=alive.get)
+    # ... but the same request again (worker 7 resends it to a restarted manager) is.
+    assert d.take_dec("A", ids[:2], "sae-2", holder=(7, 1), alive=alive.get) == keys[:2]
+    # A word from another holder or for another request settles nothing.
+    assert d.answer_written("A", ids[:2], "sae-2", (8, 1), True) == 0
+    assert d.answer_written("A", ids[:2], "sae-2", (7, 9), True) == 0
+    assert d.answer_written("A", ids[:2], "sae-2", (7, 1), True) == 2
+    s = d.summary()["dec"]["A"]
+    assert (s["handed_unconfirmed"], s["delivered_keys"], s["reserved_keys"]) == (0, 2, 1)
+    with pytest.raises(StoreError, match="unknown or already delivered"):
+        d.take_dec("A", ids[:1], "sae-2", holder=(7, 2), alive=alive.get)
+    o.close()
+    d.close()
+
+
+def test_a_lost_answer_leaves_its_keys_to_the_same_sae(tmp_path):
+    o, d, ids, keys = _reserved(tmp_path)
+    alive = {7: True, 8: True}
+    d.take_dec("A", ids[:1], "sae-2", holder=(7, 1), alive=alive.get)
+    assert d.answer_written("A", ids[:1], "sae-2", (7, 1), False) == 1  # connection gone
+    with pytest.raises(StoreError, match="another SAE"):
+        d.take_dec("A", ids[:1], "sae-9", holder=(8, 1), alive=alive.get)
+    assert d.take_dec("A", ids[:1], "sae-2", holder=(8, 1), alive=alive.get) == keys[:1]
+    # The worker holding the next answer dies before it says anything (kill -9).
+    alive[8] = False
+    assert d.take_dec("A", ids[:1], "sae-2", holder=(7, 2), alive=alive.get) == keys[:1]
+    d.answer_written("A", ids[:1], "sae-2", (7, 2), True)
+    assert d.summary()["dec"]["A"]["delivered_keys"] == 1
+    o.close()
+    d.close()
+
+
+def test_handings_survive_a_restart_and_expire_as_deliveries(tmp_path):
+    o, d, ids, keys = _reserved(tmp_path)
+    d.take_dec("A", ids, "sae-2", holder=(7, 1), alive=lambda _: True)
+    t0 = d.dec["A"].handed[next(iter(d.dec["A"].handed))].at
+    d.close()
+    d = dest(tmp_path)
+    assert len(d.dec["A"].handed) == 3
+    with pytest.raises(StoreError, match="being written"):  # worker 7 still runs
+        d.take_dec("A", ids[:1], "sae-2", holder=(9, 1), alive=lambda _: True)
+    d.close()  # (the exception's traceback would keep it open)
+    d = dest(tmp_path)
+    assert d.expire_handed(now=t0 + 1.0) == 0
+    assert d.expire_handed(now=t0 + HANDED_KEEP_S + 1.0) == 3
+    s = d.summary()["dec"]["A"]
+    assert (s["answers_expired"], s["delivered_keys"], s["reserved_keys"]) == (3, 3, 0)
+    d.close()
+    d = dest(tmp_path)
+    assert not d.dec["A"].handed
+    with pytest.raises(StoreError, match="unknown or already delivered"):
+        d.take_dec("A", ids[:1], "sae-2", holder=(9, 2), alive=lambda _: False)
+    o.close()
+    d.close()
+
+
+def test_a_multicast_key_is_handed_to_each_sae_once(tmp_path):
+    o, d, ids, keys = _reserved(tmp_path, saes=("sae-2", "sae-3"))
+    alive = lambda _: True  # noqa: E731
+    assert d.take_dec("A", ids[:1], "sae-2", holder=(7, 1), alive=alive) == keys[:1]
+    assert d.take_dec("A", ids[:1], "sae-3", holder=(8, 1), alive=alive) == keys[:1]
+    d.answer_written("A", ids[:1], "sae-3", (8, 1), True)
+    d.answer_written("A", ids[:1], "sae-2", (7, 1), True)
+    s = d.summary()["dec"]["A"]
+    assert (s["delivered_keys"], s["reserved_keys"]) == (2, 2)  # the key ended, 2 left
+    for sae in ("sae-2", "sae-3"):
+        with pytest.raises(StoreError, match="unknown or already delivered"):
+            d.take_dec("A", ids[:1], sae, holder=(9, 1), alive=alive)
+    o.close()
+    d.close()
