@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -48,6 +50,7 @@ from dataplane.tun import MAX_MTU
 PAPER = {"direct_mbps": 185.0, "relay_mbps": 123.0, "conventional_mbps": 3.92}
 PATHS = {"direct": ("A", "B"), "relay": ("A", "B", "C")}
 DEFAULT_MTUS = (1500, 9000, 16000, 32000, MAX_MTU)
+KEPT_LOGS = Path("/var/tmp/qkdnet-bench-logs")  # a failed bench's network logs, kept
 STEP_NAMES = {"t_tx_read": "receive (TUN read)", "t_tx_key": "key read and remove",
               "t_tx_crypto": "XOR and MAC", "t_tx_send": "send (UDP)",
               "t_rx_recv": "receive (UDP)", "t_rx_key": "checks and key lookup",
@@ -191,6 +194,13 @@ class Net:
             raise BenchError(f"{e}; logs in {paths.log_dir(self.prefix)}") from None
 
     def down(self) -> None:
+        """Take the network down; when an exception is on its way out (the bench
+        failed), first copy the network's logs to KEPT_LOGS, since down removes them."""
+        if sys.exc_info()[0] is not None:
+            kept = KEPT_LOGS / self.prefix
+            with contextlib.suppress(OSError):
+                shutil.copytree(paths.log_dir(self.prefix), kept, dirs_exist_ok=True)
+                self.console.print(f"  the network's logs are kept in {kept}")
         with contextlib.suppress(Exception):
             self.pause_key(False)
         emulation.net_down(self.prefix)

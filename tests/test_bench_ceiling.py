@@ -4,6 +4,7 @@ report, and the calibration's rate helper."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -136,3 +137,34 @@ def test_calibration_records_each_figure_and_a_failed_step_without_stopping(monk
     assert out["poly1305_backend"] == "openssl-evp" and out["veth_tcp_gbps"] is None
     assert out["errors"] == {"veth_tcp_gbps": "IperfError: iperf3 a->b: no iperf3"}
     assert len(out["load_before"]) == 3 and out["seconds"] >= 0
+
+
+def test_a_failed_bench_keeps_its_networks_logs_and_a_clean_one_does_not(tmp_path,
+                                                                         monkeypatch):
+    """Taking a bench network down removes its run directory with the logs; when the
+    bench is failing (an exception on its way out), the logs are copied out first."""
+    from rich.console import Console
+
+    from bench import otp
+    from control import paths
+
+    monkeypatch.setattr(otp, "KEPT_LOGS", tmp_path / "kept")
+    for failing in (False, True):
+        net = otp.Net(Console(file=io.StringIO()), mode="proposed", workers=1,
+                      capacity="1MiB")
+        logs = paths.log_dir(net.prefix)
+        logs.mkdir(parents=True)
+        (logs / "node-A.log").write_text("what went wrong\n")
+        if failing:
+            with pytest.raises(RuntimeError):
+                try:
+                    raise RuntimeError("the bench failed")
+                finally:
+                    net.down()
+        else:
+            net.down()
+        assert not logs.exists()
+        kept = tmp_path / "kept" / net.prefix / "node-A.log"
+        assert kept.exists() == failing
+        if failing:
+            assert kept.read_text() == "what went wrong\n"
