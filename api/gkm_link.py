@@ -14,9 +14,9 @@ node (they went to no one).
 
 A dec take names its *holder* (this worker's process identity and the request's
 number): the manager hands the keys and counts them delivered only when the worker says
-its answer was written (:meth:`GkmLink.answered`); an answer that was not, or whose
-worker died, leaves its keys fetchable by the same SAE for a while (see
-``control.keystore.Handing``).
+the SAE's side acknowledged the whole answer (:meth:`GkmLink.settle`, with
+``api.delivery``); an answer that was lost, or whose worker died, leaves its keys to the
+same SAE (see ``control.keystore.Handing``).
 
 When the manager's process goes away (the socket disconnects), requests waiting on it
 are not left to time out: reads and dec takes are sent again, to the manager that
@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import struct
 import time
 from collections import OrderedDict
@@ -49,7 +50,9 @@ from control.procs import process_identity
 TIMEOUT_S = 15.0
 ANSWER_MARGIN_S = 2.0  # the manager must have answered this long before we give up
 GAVE_UP_KEPT = 4096    # takes given up on, remembered to cancel a late answer's keys
-RESENDABLE = ("take_dec", "stock", "summary", "digests")  # the same again is harmless
+# The same again is harmless: reads, a dec take (the same handing), a word on an answer.
+RESENDABLE = ("take_dec", "answered", "stock", "summary", "digests")
+DELIVERY_WAIT_S = 30.0  # an answer the SAE's side has not acknowledged by then: lost
 _RID = struct.Struct(">Q")
 log = logging.getLogger("qkdnet.api")
 
@@ -63,13 +66,16 @@ class GkmLink:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(self.endpoint)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.ids = itertools.count(1)
-        self.identity = process_identity(os.getpid())
+        # Request numbers start at random: a take's holder is (process, number), and two
+        # links in one process must not name the same one.
+        self.ids = itertools.count(random.randrange(1, 1 << 62))
+        self.identity = process_identity(os.getpid())  # 0 if unknown: takes are final
         self.waiting: dict[int, asyncio.Future] = {}
         self.sent: dict[int, tuple[str, list[bytes]]] = {}  # waiting: (op, frames)
         self.gave_up: OrderedDict[int, str] = OrderedDict()  # request id -> peer node
         self.reader: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
+        self.settling: set[asyncio.Task] = set()
         self.restarts_seen = 0
 
     def start(self) -> None:
@@ -78,7 +84,9 @@ class GkmLink:
         self.watcher = loop.create_task(self._watch())
 
     async def close(self) -> None:
-        for task in (self.reader, self.watcher):
+        if self.settling:  # words on answers still on their way (a short while)
+            await asyncio.wait(self.settling, timeout=2.0)
+        for task in (self.reader, self.watcher, *self.settling):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -107,23 +115,39 @@ class GkmLink:
     async def _watch(self) -> None:
         """The manager's process went away: what waits on it is sent again or refused."""
         while True:
-            event = zmq.utils.monitor.parse_monitor_message(
-                await self.monitor.recv_multipart())
-            if event["event"] != zmq.EVENT_DISCONNECTED:
+            try:
+                event = zmq.utils.monitor.parse_monitor_message(
+                    await self.monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self.restarts_seen += 1
+                    await self._after_restart()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never stop watching
+                log.exception("key API: handling the key manager's restart")
+
+    async def _after_restart(self) -> None:
+        for rid, (op, frames) in list(self.sent.items()):
+            fut = self.waiting.get(rid)
+            if fut is None or fut.done():
                 continue
-            self.restarts_seen += 1
-            for rid, (op, frames) in list(self.sent.items()):
-                fut = self.waiting.get(rid)
-                if fut is None or fut.done():
-                    continue
-                if op in RESENDABLE:
-                    await self.sock.send_multipart(frames)
-                    continue
-                if op == "take_enc":
-                    self._give_up(rid, json.loads(frames[2])["peer"])
-                fut.set_exception(StoreError(
-                    "busy", "the node's global key manager restarted while serving the "
-                            "request; nothing was taken"))
+            if op in RESENDABLE:
+                await self._send(frames)
+                continue
+            if op == "take_enc":
+                self._give_up(rid, json.loads(frames[2])["peer"])
+            fut.set_exception(StoreError(
+                "busy", "the node's global key manager restarted while serving the "
+                        "request; nothing was taken"))
+
+    async def _send(self, frames: list[bytes]) -> None:
+        """Send, waiting at most the timeout (the DEALER's queue is full while the
+        manager is away long)."""
+        try:
+            await asyncio.wait_for(self.sock.send_multipart(frames), self.timeout_s)
+        except TimeoutError:
+            raise StoreError("busy", "the global key manager is not taking requests; "
+                                     "nothing was taken") from None
 
     def _give_up(self, rid: int, peer: str) -> None:
         self.gave_up[rid] = peer
@@ -155,7 +179,7 @@ class GkmLink:
         frames = [_RID.pack(rid), b"", json.dumps({"op": op, **args}).encode()]
         self.sent[rid] = (op, frames)
         try:
-            await self.sock.send_multipart(frames)
+            await self._send(frames)
             frames = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
             if not fut.done():  # (an answer that came with the timeout is kept)
@@ -180,27 +204,44 @@ class GkmLink:
         return head["key_ids"], split_keys([size] * number, data)
 
     async def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str
-                       ) -> tuple[list[memoryview], int]:
-        """The keys, handed to ``sae`` in an answer this worker must then report written
-        or lost (:meth:`answered`) under the returned token."""
+                       ) -> tuple[list[memoryview], int | None]:
+        """The keys, handed to ``sae`` in an answer whose fate this worker must then
+        report under the returned token (:meth:`settle`); token None: the take was final
+        (this process's identity is unknown)."""
+        if not self.identity:
+            head, data = await self.call("take_dec", peer=peer, key_ids=key_ids, sae=sae,
+                                         master=master)
+            return split_keys(head["sizes"], data), None
         token = next(self.ids)
         try:
             head, data = await self.call("take_dec", rid=token, peer=peer, key_ids=key_ids,
                                          sae=sae, master=master,
                                          holder=[self.identity, token])
-        except BaseException:  # refused, timed out, or its connection gone: if the
-            await self.answered(peer, key_ids, sae, token, False)  # keys were handed,
-            raise                                                  # they are free again
+        except BaseException:  # refused, timed out, or its connection gone: nobody gets
+            self.settle(peer, key_ids, sae, token, None)  # what may have been handed
+            raise
         return split_keys(head["sizes"], data), token
 
-    async def answered(self, peer: str, key_ids: list[str], sae: str, token: int,
-                       written: bool) -> None:
-        """Tell the manager whether the answer of take_dec ``token`` was written; not
-        waited for (a word lost with the manager leaves the handing to expire)."""
-        with contextlib.suppress(zmq.ZMQError):
-            await self.sock.send_multipart([_RID.pack(next(self.ids)), b"", json.dumps(
-                {"op": "answered", "peer": peer, "key_ids": key_ids, "sae": sae,
-                 "holder": [self.identity, token], "written": written}).encode()])
+    def settle(self, peer: str, key_ids: list[str], sae: str, token: int | None,
+               transport: asyncio.BaseTransport | None) -> None:
+        """Report, in the background, what became of the answer of dec take ``token``:
+        delivered once the SAE's side has acknowledged all of it on ``transport``, lost
+        if that connection goes first (or no answer was sent: ``transport`` None)."""
+        if token is None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._settle(peer, key_ids, sae, token, transport))
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
+
+    async def _settle(self, peer: str, key_ids: list[str], sae: str, token: int,
+                      transport: asyncio.BaseTransport | None) -> None:
+        from api.delivery import delivered
+
+        written = transport is not None and await delivered(transport, DELIVERY_WAIT_S)
+        with contextlib.suppress(StoreError):  # (a handing not settled ends by itself)
+            await self.call("answered", peer=peer, key_ids=key_ids, sae=sae,
+                            holder=[self.identity, token], written=written)
 
     async def stock(self, peer: str) -> dict:
         return (await self.call("stock", peer=peer))[0]

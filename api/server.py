@@ -15,7 +15,6 @@ become 400, anything unexpected 503.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 import mmap
@@ -47,7 +46,6 @@ from control.keystore import StoreError
 log = logging.getLogger("qkdnet.api")
 BASE = "/api/v1/keys"
 JSON = "application/json"
-WRITE_WAIT_S = 30.0  # a dec_keys answer not taken by the connection in this long: lost
 
 
 def server_context(pki: Path, node: str) -> ssl.SSLContext:
@@ -104,9 +102,9 @@ async def _send_keys(request: Request, key_ids: list[str], keys: list) -> HTTPRe
 
 
 async def _write_keys(request: Request, key_ids: list[str], keys: list) -> bool:
-    """Send the key container and wait until the connection has taken all of it (handed
-    to the kernel, which delivers it even if this process dies now); False if the
-    connection went away first: then the SAE did not get the keys."""
+    """Send the key container whole; False if the connection went away first (the SAE
+    did not get the keys). Whether the bytes then reach the SAE is
+    :func:`api.delivery.delivered`'s to tell."""
     parts = key_container_parts(key_ids, keys)
     response = await request.respond(
         content_type=JSON, headers={"content-length": str(sum(len(p) for p in parts))})
@@ -116,14 +114,6 @@ async def _write_keys(request: Request, key_ids: list[str], keys: list) -> bool:
         await response.eof()
     except (RequestCancelled, ServerError, ConnectionError):
         return False
-    transport = request.transport
-    inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
-    deadline = time.monotonic() + WRITE_WAIT_S
-    while transport.get_write_buffer_size() or (
-            inner is not None and inner.get_write_buffer_size()):
-        if transport.is_closing() or time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.002)
     return True
 
 
@@ -272,13 +262,13 @@ def make_app(topo: Topology, node: str, name: str | None = None,
         etsi.check_path_sae(master)
         req = _parse(request, etsi.dec_keys_get, etsi.dec_keys_post, kme.limits)
         peer, ids = kme.master_node(master), list(req.key_ids)
-        keys, token = await _from_gkm(request.app.ctx.gkm.take_dec(
-            peer, ids, slave, master), on_dec=True)
-        written = False
+        gkm = request.app.ctx.gkm
+        keys, token = await _from_gkm(gkm.take_dec(peer, ids, slave, master), on_dec=True)
+        sent = False
         try:
-            written = await _write_keys(request, ids, keys)
-        finally:  # delivered only if written; else the same SAE may fetch them again
-            await request.app.ctx.gkm.answered(peer, ids, slave, token, written)
+            sent = await _write_keys(request, ids, keys)
+        finally:  # delivered once the SAE's side has it all; else it may fetch them again
+            gkm.settle(peer, ids, slave, token, request.transport if sent else None)
         return None
 
     @app.exception(Exception)

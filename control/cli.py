@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +30,19 @@ app.add_typer(emu_app, name="emulator")
 app.add_typer(bench_app, name="bench")
 app.add_typer(pki_app, name="pki")
 app.add_typer(keys_app, name="keys")
+
+
+
+@bench_app.callback()
+def _bench_signals() -> None:
+    """A benchmark stopped by SIGTERM, or by SIGINT when started in the background (where
+    the shell ignores it), unwinds like Ctrl-C: its network is taken down, nothing left."""
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
 
 out = Console()
 if not out.is_terminal:  # logs and pipes: keep tables whole rather than 80 columns wide
@@ -604,6 +618,22 @@ def bench_chaos(
                                  f"{', '.join(KINDS)}", param_hint="--kinds")
     _bench_and_report(run, report, as_json, injections=injections, rate=key_rate, seed=seed,
                       kinds=chosen)
+
+
+@bench_app.command("reroute")
+def bench_reroute(
+    cuts: Annotated[int, typer.Option(min=1, help="times link A-B is cut")] = 20,
+    key_rate: Annotated[float, typer.Option(help="QKD key rate per link, Mb/s")] = 100.0,
+    settle: Annotated[bool, typer.Option(help="before each cut, wait for the link's "
+                                              "keepalive timeout to settle")] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """How fast routes move off a cut link, and back: the triangle, link A-B cut again
+    and again; floor 2 s to reroute on an idle machine."""
+    need_root()
+    from bench.reroute import report, run
+
+    _bench_and_report(run, report, as_json, cuts=cuts, rate=key_rate, settle=settle)
 
 
 @bench_app.command("calibrate")

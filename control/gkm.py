@@ -37,6 +37,7 @@ import os
 import random
 import signal
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import zmq
@@ -90,6 +91,7 @@ RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to 
 HOLD_UNCONFIRMED_S = 10.0     # a dec request for keys not yet confirmed waits this (or to
                               # its deadline)
 MAX_HELD = 4096               # ... and at most this many such requests wait
+MAX_ENDED_TAKES = 8192        # dec takes whose taker gave up, remembered to refuse them
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
 HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
 HEARTBEAT_TIMEOUT_MS = 30_000  # a ping answered later than this: the connection is dead
@@ -125,8 +127,8 @@ def _holder(req: dict) -> tuple[int, int] | None:
     if h is None:
         return None
     if not (isinstance(h, list) and len(h) == 2
-            and all(isinstance(x, int) and 0 <= x < 1 << 63 for x in h)):
-        raise StoreError("bad", "holder is [process identity, request number]")
+            and all(isinstance(x, int) and 0 < x < 1 << 63 for x in h)):
+        raise StoreError("bad", "holder is [process identity, request number], both > 0")
     return h[0], h[1]
 
 
@@ -243,6 +245,7 @@ class GlobalKeyManager:
         # node: (envelope, request, deadline), answered once a confirmation or a
         # cancellation is applied, or "busy" at their deadline.
         self.held: list[tuple[list[bytes], bytes, float]] = []
+        self.ended_takes: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.held_total = 0
         self.recheck_held = False
         self.last_refusal = ""
@@ -827,18 +830,26 @@ class GlobalKeyManager:
             return {}, None
         if op == "take_dec":
             master = req.get("master")
+            holder = _holder(req)
+            if holder is not None and holder in self.ended_takes:
+                raise StoreError("busy", "the request's taker has stopped waiting for it; "
+                                         "nothing was taken")
             keys = self.store.take_dec(str(req["peer"]), [str(k) for k in req["key_ids"]],
                                        str(req["sae"]), None if master is None else str(master),
-                                       holder=_holder(req), alive=is_alive)
+                                       holder=holder, alive=is_alive)
             return {"sizes": [len(k) for k in keys]}, b"".join(keys)
         if op == "answered":  # a key API worker's word on an answer of its take_dec
             ids, holder = req["key_ids"], _holder(req)
             if not isinstance(ids, list) or not 0 < len(ids) <= MAX_TAKE_KEYS or \
                     holder is None:
                 raise StoreError("bad", "answered names key IDs and their holder")
+            written = bool(req.get("written"))
             settled = self.store.answer_written(str(req["peer"]), [str(k) for k in ids],
-                                                str(req["sae"]), holder,
-                                                bool(req.get("written")))
+                                                str(req["sae"]), holder, written)
+            if not written and not settled:  # a take not served yet (held for its keys'
+                self.ended_takes[holder] = None  # confirmation): never serve it now
+                while len(self.ended_takes) > MAX_ENDED_TAKES:
+                    self.ended_takes.popitem(last=False)
             return {"settled": settled}, None
         if op == "cancel":  # keys whose taker gave up after they were taken
             peer = str(req["peer"])
@@ -999,7 +1010,7 @@ class GlobalKeyManager:
             if self.held:
                 self.expire_held(now)
             if now >= next_publish:
-                self.store.expire_handed()
+                self.store.expire_handed(alive=is_alive)
                 self.paused = self.pause_flag.exists()
                 self._follow_routes()
                 self._report(now)

@@ -242,6 +242,7 @@ class DecState:
     last_refused: str = ""  # why the last reservation was refused, for status
     handed: dict[bytes, Handing] = field(default_factory=dict)  # h-key -> unconfirmed
     answers_expired: int = 0  # handings never confirmed, ended after HANDED_KEEP_S
+    answers_given_back: int = 0  # ... lost ones, their keys back to their reservations
 
     @property
     def reserved(self) -> int:
@@ -940,23 +941,36 @@ class KeyStore:
             self.db.write(wb, self.unsynced)
             return len(done) + lost
 
-    def expire_handed(self, now: float | None = None) -> int:
-        """End the handings older than HANDED_KEEP_S as deliveries (their answers were
-        never confirmed, nor asked for again); returns how many ended."""
+    def expire_handed(self, now: float | None = None,
+                      alive: Callable[[int], bool] = lambda _: True) -> tuple[int, int]:
+        """End the handings older than HANDED_KEEP_S: one whose answer is known lost
+        (reported so, or its holder died) gives its key back to its reservation (the SAE
+        may still fetch it, as a key never fetched); one whose live holder never said a
+        word (its word lost with a restart of this process) ends as a delivery. Returns
+        (given back, ended as deliveries)."""
         now = time.time() if now is None else now
-        ended = 0
+        back = ended = 0
         with self.lock:
             for peer, st in self.dec.items():
-                old = [hk for hk, x in st.handed.items() if now - x.at > HANDED_KEEP_S]
+                old = [(hk, x) for hk, x in st.handed.items() if now - x.at > HANDED_KEEP_S]
                 if not old:
                     continue
+                h = self._handle("dec", peer)
                 wb = WriteBatch(raw_mode=True)
-                done = [(str(uuid.UUID(bytes=hk[1:17])), hk) for hk in old]
+                done = []
+                for hk, x in old:
+                    if x.lost or not alive(x.holder):
+                        del st.handed[hk]
+                        wb.delete(hk, h)
+                        back += 1
+                    else:
+                        done.append((str(uuid.UUID(bytes=hk[1:17])), hk))
                 self._end_handings(st, peer, wb, done)
                 self.db.write(wb, self.unsynced)
-                st.answers_expired += len(old)
-                ended += len(old)
-        return ended
+                st.answers_expired += len(done)
+                st.answers_given_back += len(old) - len(done)
+                ended += len(done)
+        return back, ended
 
     def _end_handings(self, st: DecState, peer: str, wb: WriteBatch,
                       done: list[tuple[str, bytes]]) -> None:
@@ -1006,7 +1020,8 @@ class KeyStore:
                        "reservations_applied": s.next_rseq,
                        "freed_blocks": s.freed_blocks, "last_refused": s.last_refused,
                        "handed_unconfirmed": len(s.handed),
-                       "answers_expired": s.answers_expired}
+                       "answers_expired": s.answers_expired,
+                       "answers_given_back": s.answers_given_back}
                    for p, s in self.dec.items()}
             return {"enc": enc, "dec": dec, "db": self.background()}
 

@@ -87,3 +87,63 @@ def test_an_answer_in_time_is_kept_and_nothing_is_given_back(manager):
             await link.close()
 
     assert asyncio.run(run()) == [["k"], [b"abcd"]]
+
+
+def _rebind(ctx: zmq.Context, old: zmq.Socket, prefix: str) -> zmq.Socket:
+    """The manager's process gone and another in its place: a new socket on the path."""
+    old.close(0)
+    path = gkm_client.socket_path(prefix, "A")
+    path.unlink(missing_ok=True)
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(f"ipc://{path}")
+    return sock
+
+
+def _recv(sock: zmq.Socket, timeout_s: float = 30.0) -> list[bytes]:
+    assert sock.poll(int(timeout_s * 1000)), "no request came"
+    return sock.recv_multipart()
+
+
+def test_a_manager_gone_mid_request_gets_dec_takes_again_and_refuses_enc_takes(manager):
+    """When the manager's process goes away, what waits on it does not wait out the
+    timeout: a dec take is sent again, unchanged (the same holder: the same handing), to
+    the manager that replaces it; an enc take is refused at once, nothing taken."""
+    prefix, sock = manager
+    ctx = zmq.Context()
+
+    async def run() -> None:
+        nonlocal sock
+        link = GkmLink(prefix, "A", timeout_s=60.0)
+        link.start()
+        try:
+            dec = asyncio.ensure_future(link.take_dec("B", ["k1"], "b1", "a1"))
+            enc = asyncio.ensure_future(link.take_enc_for("B", 1, 4, ["b1"], "a1"))
+            got = [await asyncio.to_thread(_recv, sock) for _ in range(2)]
+            first = {json.loads(f[-1])["op"]: f for f in got}
+            t0 = time.monotonic()
+            sock = _rebind(ctx, sock, prefix)
+            with pytest.raises(StoreError, match="restarted while serving") as e:
+                await enc
+            assert e.value.kind == "busy" and time.monotonic() - t0 < 30
+            again = await asyncio.to_thread(_recv, sock)
+            assert again[-1] == first["take_dec"][-1] and again[-3] == first["take_dec"][-3]
+            req = json.loads(again[-1])
+            assert req["holder"][0] == link.identity > 0
+            sock.send_multipart([*again[:-1], json.dumps({"ok": True, "sizes": [4]}).encode(),
+                                 b"abcd"])
+            keys, token = await dec
+            assert [bytes(k) for k in keys] == [b"abcd"] and token == req["holder"][1]
+            # No answer was sent for it: the take is reported lost, in the background.
+            link.settle("B", ["k1"], "b1", token, None)
+            word = json.loads((await asyncio.to_thread(_recv, sock))[-1])
+            assert word == {"op": "answered", "peer": "B", "key_ids": ["k1"], "sae": "b1",
+                            "holder": [link.identity, token], "written": False}
+        finally:
+            await link.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        sock.close(0)
+        ctx.destroy(0)

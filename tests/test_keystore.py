@@ -706,8 +706,9 @@ def test_handings_survive_a_restart_and_expire_as_deliveries(tmp_path):
         d.take_dec("A", ids[:1], "sae-2", holder=(9, 1), alive=lambda _: True)
     d.close()  # (the exception's traceback would keep it open)
     d = dest(tmp_path)
-    assert d.expire_handed(now=t0 + 1.0) == 0
-    assert d.expire_handed(now=t0 + HANDED_KEEP_S + 1.0) == 3
+    assert d.expire_handed(now=t0 + 1.0) == (0, 0)
+    # Worker 7 lives and never said a word (lost with a restart): delivered, as it was.
+    assert d.expire_handed(now=t0 + HANDED_KEEP_S + 1.0, alive=lambda _: True) == (0, 3)
     s = d.summary()["dec"]["A"]
     assert (s["answers_expired"], s["delivered_keys"], s["reserved_keys"]) == (3, 3, 0)
     d.close()
@@ -731,5 +732,24 @@ def test_a_multicast_key_is_handed_to_each_sae_once(tmp_path):
     for sae in ("sae-2", "sae-3"):
         with pytest.raises(StoreError, match="unknown or already delivered"):
             d.take_dec("A", ids[:1], sae, holder=(9, 1), alive=alive)
+    o.close()
+    d.close()
+
+
+def test_a_lost_handing_expires_back_to_its_reservation(tmp_path):
+    """A handing known lost (reported, or its worker dead) does not turn into a delivery
+    when it expires: the key is the SAE's to fetch, as if never fetched."""
+    o, d, ids, keys = _reserved(tmp_path)
+    alive = {7: True, 8: True}
+    d.take_dec("A", ids[:1], "sae-2", holder=(7, 1), alive=alive.get)
+    d.answer_written("A", ids[:1], "sae-2", (7, 1), False)
+    d.take_dec("A", ids[1:2], "sae-2", holder=(8, 1), alive=alive.get)
+    alive[8] = False
+    t0 = max(x.at for x in d.dec["A"].handed.values())
+    assert d.expire_handed(now=t0 + HANDED_KEEP_S + 1.0, alive=alive.get) == (2, 0)
+    s = d.summary()["dec"]["A"]
+    assert (s["handed_unconfirmed"], s["answers_given_back"], s["delivered_keys"],
+            s["reserved_keys"]) == (0, 2, 0, 3)
+    assert d.take_dec("A", ids[:2], "sae-2", holder=(9, 1), alive=lambda _: True) == keys[:2]
     o.close()
     d.close()
