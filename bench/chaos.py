@@ -28,6 +28,7 @@ import os
 import queue
 import random
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -239,17 +240,22 @@ class ChaosNet(Net):
         return (f"{node} {name}", mods[name]) if name in mods else None
 
     def cut(self, link: str, seconds: float) -> None:
-        from pyroute2 import IPRoute
-
+        """Link ``link``'s underlay at its first end down for ``seconds``, then up (ip(8):
+        pyroute2's namespace helper now and then found no interface here)."""
         lk = self.topo.link(link)
         ifname = emulation.underlay_ifname(lk.index)
-        with IPRoute(netns=self.ns(lk.a)) as ip:
-            idx = ip.link_lookup(ifname=ifname)[0]
-            ip.link("set", index=idx, state="down")
-            try:
-                time.sleep(seconds)
-            finally:
-                ip.link("set", index=idx, state="up")
+
+        def set_state(state: str) -> None:
+            cmd = ["ip", "-n", self.ns(lk.a), "link", "set", ifname, state]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            if r.returncode:
+                raise BenchError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+        set_state("down")
+        try:
+            time.sleep(seconds)
+        finally:
+            set_state("up")
 
 
 def _inject(net: ChaosNet, kind: str, rng: random.Random) -> tuple[str, float] | None:

@@ -37,7 +37,13 @@ app.add_typer(keys_app, name="keys")
 def _bench_signals() -> None:
     """A benchmark stopped by SIGTERM, or by SIGINT when started in the background (where
     the shell ignores it), unwinds like Ctrl-C: its network is taken down, nothing left."""
+    main = os.getpid()
+
     def stop(signum: int, _frame: object) -> None:
+        if os.getpid() != main:  # a forked helper (pyroute2's namespace child, ...):
+            signal.signal(signum, signal.SIG_DFL)  # the signal does what it always did
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
