@@ -96,7 +96,7 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
     rng = random.Random(seed)
     statuses: Counter = Counter()
     out = {"statuses": statuses, "keys": 0, "key_bytes": 0, "bound": 0, "cut": 0, "closed": 0,
-           "bad_answers": 0, "examples": []}
+           "closed_sending": 0, "bad_answers": 0, "examples": []}
     ctxs = {w: _context(pki, w) for w in ("master", "other", "none")}
     conn: dict[str, ssl.SSLSocket] = {}
 
@@ -107,6 +107,7 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
     for _ in range(count):
         case = draw(rng)
         tls = conn.pop(case.who, None)
+        still_sending = False  # the KME closed while this request was still on its way
         try:
             if tls is None or case.send == "cut":
                 if tls is not None:
@@ -118,7 +119,9 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
                 if case.send == "cut":
                     raise
                 # The KME may answer before the request ends (a line, header or body
-                # over its limits) and close: its answer is still there to read.
+                # over its limits) and close: its answer is still there to read, unless
+                # the close met bytes still arriving and the reset discarded it.
+                still_sending = True
             if case.send == "cut":
                 out["cut"] += 1
                 tls.close()
@@ -128,12 +131,14 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
             if tls is not None:
                 tls.close()
             out["closed"] += 1
+            out["closed_sending"] += still_sending or case.send == "slow"
             if len(out["examples"]) < MAX_EXAMPLES:
                 out["examples"].append(f"{type(e).__name__}: {str(e)[:80]} after "
                                        f"{case.raw[:60]!r}")
             continue
         if status == 0:
             out["closed"] += 1
+            out["closed_sending"] += still_sending or case.send == "slow"
             tls.close()
             if len(out["examples"]) < MAX_EXAMPLES:
                 out["examples"].append(f"closed without an answer: {case.raw[:100]!r}")
@@ -226,6 +231,10 @@ def run(requests: int = 100_000, clients: int = 8, seed: int = 1,
         "unexpected_statuses": {str(k): v for k, v in statuses.items() if k not in ALLOWED},
         "answered": sum(statuses.values()), "cut": sum(r["cut"] for r in results),
         "closed_without_answer": sum(r["closed"] for r in results),
+        # ... of them, requests the KME refused early, before they had all arrived (sent
+        # slowly, or the send failed): its close met bytes still coming, and TCP's reset
+        # discarded the answer it had sent.
+        "closed_while_sending": sum(r["closed_sending"] for r in results),
         "bad_answers": sum(r["bad_answers"] for r in results),
         "keys_handed_out": keys, "key_bytes_handed_out": key_bytes,
         "store_drop_bytes": enc0["usable"] - enc1["usable"],

@@ -656,9 +656,10 @@ class GlobalKeyManager:
         for envelope, _, _ in due:
             self.api.send_multipart([*envelope, json.dumps({
                 "ok": False, "kind": "busy",
-                "error": "the keys are reserved here, but the master's key manager has "
-                         "not yet confirmed that its SAE got them (nor cancelled them); "
-                         "nothing was delivered, try again"}).encode()])
+                "error": "the keys are reserved here but not deliverable yet (the master's "
+                         "key manager has not confirmed them, or an answer carrying them "
+                         "is still on its way to this SAE); nothing was delivered, try "
+                         "again"}).encode()])
 
     def restock(self, d: Destination, now: float) -> None:
         if not d.ever_connected or self.paused:
@@ -794,7 +795,8 @@ class GlobalKeyManager:
                 self.waiting[key] = (envelope, reply, min(soft, hard), hard)
                 return None
         except StoreError as e:
-            if e.kind == "pending" and self._hold(envelope, body, req, held_until):
+            if e.kind in ("pending", "delivering") and \
+                    self._hold(envelope, body, req, held_until):
                 return None
             reply = [json.dumps({"ok": False, "kind": e.kind, "error": str(e)}).encode()]
         except Exception as e:  # a bad request must never stop the key manager
@@ -850,6 +852,8 @@ class GlobalKeyManager:
                 self.ended_takes[holder] = None  # confirmation): never serve it now
                 while len(self.ended_takes) > MAX_ENDED_TAKES:
                     self.ended_takes.popitem(last=False)
+            if settled:  # a request held while these keys were being delivered: decide it
+                self.recheck_held = True
             return {"settled": settled}, None
         if op == "cancel":  # keys whose taker gave up after they were taken
             peer = str(req["peer"])
@@ -1011,6 +1015,8 @@ class GlobalKeyManager:
                 self.expire_held(now)
             if now >= next_publish:
                 self.store.expire_handed(alive=is_alive)
+                if self.held:  # a holder that died settles nothing: look again
+                    self.retry_held()
                 self.paused = self.pause_flag.exists()
                 self._follow_routes()
                 self._report(now)

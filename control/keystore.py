@@ -879,8 +879,8 @@ class KeyStore:
                                  f"confirmed by the master's key manager")
             if in_flight:
                 more = f" and {len(in_flight) - 1} more" if len(in_flight) > 1 else ""
-                raise StoreError("busy", f"key ID {in_flight[0]}{more}: an answer to SAE "
-                                 f"{sae} carrying it is being written on another "
+                raise StoreError("delivering", f"key ID {in_flight[0]}{more}: an answer to "
+                                 f"SAE {sae} carrying it is being delivered on another "
                                  f"connection; nothing was taken")
             wb = WriteBatch(raw_mode=True)
             out = []

@@ -658,9 +658,9 @@ def test_a_handed_key_is_delivered_only_once_its_answer_is_written(tmp_path):
     assert d.summary()["dec"]["A"]["handed_unconfirmed"] == 2
     assert d.summary()["dec"]["A"]["delivered_keys"] == 0
     # While worker 7 may still be writing it, no second answer (not even to sae-2) ...
-    with pytest.raises(StoreError, match="being written") as e:
+    with pytest.raises(StoreError, match="being delivered") as e:
         d.take_dec("A", ids[1:2], "sae-2", holder=(8, 1), alive=alive.get)
-    assert e.value.kind == "busy"
+    assert e.value.kind == "delivering"  # (the key manager holds such a request)
     del e
     with pytest.raises(StoreError, match="another SAE"):  # ... and none to anyone else
         d.take_dec("A", ids[:1], "sae-9", holder=(8, 2), alive=alive.get)
@@ -702,7 +702,7 @@ def test_handings_survive_a_restart_and_expire_as_deliveries(tmp_path):
     d.close()
     d = dest(tmp_path)
     assert len(d.dec["A"].handed) == 3
-    with pytest.raises(StoreError, match="being written"):  # worker 7 still runs
+    with pytest.raises(StoreError, match="being delivered"):  # worker 7 still runs
         d.take_dec("A", ids[:1], "sae-2", holder=(9, 1), alive=lambda _: True)
     d.close()  # (the exception's traceback would keep it open)
     d = dest(tmp_path)
