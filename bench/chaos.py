@@ -239,23 +239,23 @@ class ChaosNet(Net):
             name = kind
         return (f"{node} {name}", mods[name]) if name in mods else None
 
-    def cut(self, link: str, seconds: float) -> None:
-        """Link ``link``'s underlay at its first end down for ``seconds``, then up (ip(8):
-        pyroute2's namespace helper now and then found no interface here)."""
+    def set_underlay(self, link: str, up: bool) -> None:
+        """Link ``link``'s underlay interface at its first end down or up (ip(8): pyroute2's
+        namespace helper now and then found no interface here)."""
         lk = self.topo.link(link)
-        ifname = emulation.underlay_ifname(lk.index)
+        cmd = ["ip", "-n", self.ns(lk.a), "link", "set", emulation.underlay_ifname(lk.index),
+               "up" if up else "down"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if r.returncode:
+            raise BenchError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
-        def set_state(state: str) -> None:
-            cmd = ["ip", "-n", self.ns(lk.a), "link", "set", ifname, state]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-            if r.returncode:
-                raise BenchError(f"{' '.join(cmd)}: {r.stderr.strip()}")
-
-        set_state("down")
+    def cut(self, link: str, seconds: float) -> None:
+        """Link ``link``'s underlay down for ``seconds``, then up."""
+        self.set_underlay(link, False)
         try:
             time.sleep(seconds)
         finally:
-            set_state("up")
+            self.set_underlay(link, True)
 
 
 def _inject(net: ChaosNet, kind: str, rng: random.Random) -> tuple[str, float] | None:

@@ -19,7 +19,6 @@ Coming back takes longer on purpose: a link is up again only after
 from __future__ import annotations
 
 import statistics
-import subprocess
 import time
 
 from rich.console import Console
@@ -81,18 +80,6 @@ class RerouteNet(ChaosNet):
                 if not (st or {}).get("up"):
                     return False
         return True
-
-    def set_underlay(self, link: str, up: bool) -> None:
-        """Link ``link``'s underlay interface at its first end down or up (ip(8): one
-        short process, no namespace helper to go wrong between cuts)."""
-        from control import emulation
-
-        lk = self.topo.link(link)
-        cmd = ["ip", "-n", self.ns(lk.a), "link", "set", emulation.underlay_ifname(lk.index),
-               "up" if up else "down"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        if r.returncode:
-            raise BenchError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
 
 def _wait(cond, t0: float, limit: float, what: str) -> float:
