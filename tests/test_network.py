@@ -114,13 +114,24 @@ def test_rings_at_both_ends_hold_identical_key(tmp_path, prefix):
     wait_until(lambda: all((s := lkm_status(prefix, n)) and s["agreement"]["synced"]
                            and s["key"]["bytes_stored_ba"] > 0 for n in "AB"),
                30, "both ends to agree and store key")
-    time.sleep(2.0)
+    # Enough key in both directions that "little key left" below means a fault.
+    wait_until(lambda: (s := lkm_status(prefix, "A"))
+               and min(s["key"]["bytes_stored_ab"], s["key"]["bytes_stored_ba"]) >= 8 << 20,
+               60, "8 MiB of key each way")
     os.kill(man.pids["emulator:A-B"], signal.SIGTERM)
+    killed = time.time()
 
-    def settled():
-        a, b = lkm_status(prefix, "A"), lkm_status(prefix, "B")
-        return a and b and all(a["rings"][d]["write_pos"] == b["rings"][d]["write_pos"]
-                               for d in ("ab", "ba"))
+    def ring_ends(node: str) -> tuple[int, int]:
+        return tuple(ring_bytes(prefix, node, d)[1] for d in ("ab", "ba"))  # type: ignore
+
+    def settled() -> bool:
+        # Both ends' status written after the source went away, neither holding an
+        # undecided block, and the rings themselves (not a status snapshot) at one end.
+        sts = [lkm_status(prefix, n) for n in "AB"]
+        if not all(s and s["updated"] > killed and s["agreement"]["pending_blocks"] == 0
+                   for s in sts):
+            return False
+        return ring_ends("A") == ring_ends("B")
     wait_until(settled, 10, "both ends to apply every decision")
     total = 0
     for d in ("ab", "ba"):

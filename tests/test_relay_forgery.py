@@ -62,10 +62,20 @@ def _forge(src: str, dst: str, port: int, server_key: bytes,
                 s.curve_serverkey = server_key
                 s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
             s.connect(f"tcp://{src}:0;{dst}:{port}")
-            for m in messages:
-                s.send_multipart(m)
             socks.append(s)
+        # A DEALER with no live pipe blocks in send (the relay drops both handshakes and
+        # the pipe comes and goes with each reconnect): send without blocking, for a while.
         end = time.monotonic() + seconds
+        for s in socks:
+            for m in messages:
+                while True:
+                    try:
+                        s.send_multipart(m, flags=zmq.NOBLOCK)
+                        break
+                    except zmq.Again:
+                        if time.monotonic() > end:
+                            break
+                        time.sleep(0.01)
         while time.monotonic() < end:
             for s in socks:
                 while s.poll(0):
