@@ -127,12 +127,18 @@ class Net:
 
     def fill(self, min_fill: float = 0.9, timeout: float = 40.0) -> float:
         """Let key flow until every ring is at least ``min_fill`` full; returns the
-        lowest fill reached."""
+        lowest share of a ring's capacity still available to its users.
+
+        Full means the writer has filled the room it has: key used but not yet freed
+        counts (a worker's kept range may hold an ENC ring's release point back by up to
+        its pin limit, half the ring, and the peer's DEC ring follows that release), so
+        a ring whose release point is pinned is as full as it gets well below
+        ``min_fill`` of key available, and waiting for more only ran out the timeout."""
         self.pause_key(False)
         deadline = time.monotonic() + timeout
         low = 0.0
         while time.monotonic() < deadline:
-            fills = []
+            fills, rooms = [], []
             for name in paths.ring_names_of_network(self.prefix):
                 if name.endswith("-stats"):
                     continue
@@ -141,13 +147,28 @@ class Net:
                     c = r.cursors()
                     avail = c.write_pos - (c.claim_pos if r.is_enc else c.release_pos)
                     fills.append(avail / c.capacity)
+                    rooms.append((c.write_pos - r.free_pos) / c.capacity)
                     r.close()
             low = min(fills) if fills else 0.0
-            if fills and low >= min_fill:
+            if rooms and min(rooms) >= min_fill:
                 break
             time.sleep(0.2)
         self.pause_key(True)
         return low
+
+    def dry_rings(self, below: float = 0.01) -> list[str]:
+        """ENC rings with less than ``below`` of their capacity left unclaimed."""
+        dry = []
+        for name in paths.ring_names_of_network(self.prefix):
+            if name.endswith("-stats"):
+                continue
+            with contextlib.suppress(RingError):
+                r = KeyRing.attach(name)
+                c = r.cursors()
+                if r.is_enc and c.write_pos - c.claim_pos < below * c.capacity:
+                    dry.append(name)
+                r.close()
+        return dry
 
     def set_mtu(self, mtu: int) -> None:
         from pyroute2 import IPRoute
@@ -186,6 +207,13 @@ class Net:
     def _iperf(self, src_ns: str, src: str, dst_ns: str, dst: str, seconds: float,
                streams: int) -> dict:
         def hung(attempt: int) -> None:
+            dry = self.dry_rings()
+            if dry:  # key is paused during a run: a run that spends it all cannot go on
+                raise BenchError(
+                    f"iperf3 {src}->{dst} hung with no key left in {', '.join(dry)}: a run "
+                    f"spent all the key its rings held (capacity "
+                    f"{self.topo.links[0].ring_capacity:,} B); give a larger ring or a "
+                    f"shorter run")
             self.console.print(f"  iperf3 {src}->{dst} hung (attempt {attempt + 1} of 3)")
 
         try:
