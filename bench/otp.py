@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -75,6 +76,18 @@ pairs = []  # no global key: this network measures or tests other modules
 class BenchError(Exception):
     pass
 
+
+
+@dataclass(frozen=True)
+class RingLevel:
+    """How full a key ring is: ``available`` to its users (unclaimed in an ENC ring,
+    unreleased in a DEC ring) and ``room_used`` (written and not yet freed: the writer
+    can add only the rest), both shares of its capacity."""
+
+    name: str
+    is_enc: bool
+    available: float
+    room_used: float
 
 class Net:
     """One bench network: brings it up, feeds and pauses key, runs iperf3 points.
@@ -138,19 +151,9 @@ class Net:
         deadline = time.monotonic() + timeout
         low = 0.0
         while time.monotonic() < deadline:
-            fills, rooms = [], []
-            for name in paths.ring_names_of_network(self.prefix):
-                if name.endswith("-stats"):
-                    continue
-                with contextlib.suppress(RingError):
-                    r = KeyRing.attach(name)
-                    c = r.cursors()
-                    avail = c.write_pos - (c.claim_pos if r.is_enc else c.release_pos)
-                    fills.append(avail / c.capacity)
-                    rooms.append((c.write_pos - r.free_pos) / c.capacity)
-                    r.close()
-            low = min(fills) if fills else 0.0
-            if rooms and min(rooms) >= min_fill:
+            rings = self.ring_levels()
+            low = min((r.available for r in rings), default=0.0)
+            if rings and min(r.room_used for r in rings) >= min_fill:
                 break
             time.sleep(0.2)
         self.pause_key(True)
@@ -158,17 +161,22 @@ class Net:
 
     def dry_rings(self, below: float = 0.01) -> list[str]:
         """ENC rings with less than ``below`` of their capacity left unclaimed."""
-        dry = []
+        return [r.name for r in self.ring_levels() if r.is_enc and r.available < below]
+
+    def ring_levels(self) -> list[RingLevel]:
+        """Every key ring of the network, as shares of its capacity."""
+        out = []
         for name in paths.ring_names_of_network(self.prefix):
             if name.endswith("-stats"):
                 continue
             with contextlib.suppress(RingError):
                 r = KeyRing.attach(name)
                 c = r.cursors()
-                if r.is_enc and c.write_pos - c.claim_pos < below * c.capacity:
-                    dry.append(name)
+                avail = c.write_pos - (c.claim_pos if r.is_enc else c.release_pos)
+                out.append(RingLevel(name, r.is_enc, avail / c.capacity,
+                                     (c.write_pos - r.free_pos) / c.capacity))
                 r.close()
-        return dry
+        return out
 
     def set_mtu(self, mtu: int) -> None:
         from pyroute2 import IPRoute
