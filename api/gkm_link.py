@@ -238,10 +238,16 @@ class GkmLink:
                       transport: asyncio.BaseTransport | None) -> None:
         from api.delivery import delivered
 
+        t0 = time.monotonic()
         written = transport is not None and await delivered(transport, DELIVERY_WAIT_S)
-        with contextlib.suppress(StoreError):  # (a handing not settled ends by itself)
+        try:
             await self.call("answered", peer=peer, key_ids=key_ids, sae=sae,
                             holder=[self.identity, token], written=written)
+        except StoreError as e:  # a handing not settled ends by itself (HANDED_KEEP_S):
+            # until then the SAE's next fetch of these keys waits, and may get a 503
+            log.warning("key API: the word on dec take %d (%s after %.1f s) did not reach "
+                        "the key manager: %s", token, "delivered" if written else "lost",
+                        time.monotonic() - t0, e)
 
     async def stock(self, peer: str) -> dict:
         return (await self.call("stock", peer=peer))[0]

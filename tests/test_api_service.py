@@ -223,7 +223,7 @@ def test_the_slave_gets_the_masters_keys_byte_for_byte_once(net, form):
     assert got == issued
     # Once only.
     status, doc = net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={issued[0][0]}")
-    assert status == 400
+    assert status == 400, doc
     assert doc["message"] == "one or more keys specified are not found on KME"
 
 
