@@ -77,7 +77,6 @@ class BenchError(Exception):
     pass
 
 
-
 @dataclass(frozen=True)
 class RingLevel:
     """How full a key ring is: ``available`` to its users (unclaimed in an ENC ring,
@@ -88,6 +87,7 @@ class RingLevel:
     is_enc: bool
     available: float
     room_used: float
+
 
 class Net:
     """One bench network: brings it up, feeds and pauses key, runs iperf3 points.
@@ -218,10 +218,9 @@ class Net:
             dry = self.dry_rings()
             if dry:  # key is paused during a run: a run that spends it all cannot go on
                 raise BenchError(
-                    f"iperf3 {src}->{dst} hung with no key left in {', '.join(dry)}: a run "
-                    f"spent all the key its rings held (capacity "
-                    f"{self.topo.links[0].ring_capacity:,} B); give a larger ring or a "
-                    f"shorter run")
+                    f"iperf3 {src}->{dst} hung with no key left in {', '.join(dry)}: the "
+                    f"run spent all the key its rings held (key is paused during runs); "
+                    f"give a larger ring or a shorter run")
             self.console.print(f"  iperf3 {src}->{dst} hung (attempt {attempt + 1} of 3)")
 
         try:
