@@ -14,7 +14,7 @@ import socket
 import ssl
 import time
 
-from control.memory import keep_freed_memory
+from control.core.memory import keep_freed_memory
 
 
 def client_context(pki: str, sae: str) -> ssl.SSLContext:

@@ -2,7 +2,7 @@
 
 One ZeroMQ DEALER per worker process on the manager's Unix socket; many requests in
 flight at once, each tagged with a request id frame that the manager sends back
-unchanged (the protocol is ``control.gkm_client``'s). The manager serves every worker's
+unchanged (the protocol is ``control.gkm.client``'s). The manager serves every worker's
 requests one batch at a time with one sync per batch, which is what keeps the stores
 consistent across Sanic's worker processes: no worker opens the stores itself.
 
@@ -16,7 +16,7 @@ A dec take names its *holder* (this worker's process identity and the request's
 number): the manager hands the keys and counts them delivered only when the worker says
 the SAE's side acknowledged the whole answer (:meth:`GkmLink.settle`, with
 ``api.delivery``); an answer that was lost, or whose worker died, leaves its keys to the
-same SAE (see ``control.keystore.Handing``).
+same SAE (see ``control.gkm.store.Handing``).
 
 When the manager's process goes away (the socket disconnects), requests waiting on it
 are not left to time out: reads and dec takes are sent again, to the manager that
@@ -41,9 +41,8 @@ import zmq
 import zmq.asyncio
 import zmq.utils.monitor
 
-from control.gkm_client import socket_path, split_keys
-from control.keystore import StoreError
-from control.procs import process_identity
+from control.core.procs import process_identity
+from control.gkm.client import StoreError, socket_path, split_keys
 
 # The manager answers a take by the deadline the take carries (ANSWER_MARGIN_S before
 # this), so a request without an answer after this long is lost (the manager restarted).

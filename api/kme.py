@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pybase64
 
 from api.requests import ApiError, EncKeysRequest, Limits, bad
-from control.config import Topology
+from control.core.config import Topology
 from dataplane.limits import MAX_API_REQUEST_BYTES
 
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from control.config import Topology
+from control.core.config import Topology
 from dataplane.private import NotPrivateError, private_dir, write_private
 
 VALID_DAYS = 825  # the longest validity common TLS clients accept for a leaf

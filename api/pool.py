@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from control.procs import process_identity, send_signal
-from control.statefile import write_json
+from control.core.procs import process_identity, send_signal
+from control.core.statefile import write_json
 
 log = logging.getLogger("qkdnet.api")
 QUICK_EXIT_S = 2.0       # a worker that dies sooner than this after its start crash-loops

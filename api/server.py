@@ -38,10 +38,10 @@ from api.kme import Kme, key_container_parts, store_refusal
 from api.limits import SaeLimiter, SaeLimits, buffer_size
 from api.pki import PkiLayout
 from api.pool import WorkerPool, bind_listener
-from control import paths
-from control.address import wait_for_address
-from control.config import Topology
-from control.keystore import StoreError
+from control.core import paths
+from control.core.address import wait_for_address
+from control.core.config import Topology
+from control.gkm.client import StoreError
 
 log = logging.getLogger("qkdnet.api")
 BASE = "/api/v1/keys"
@@ -205,8 +205,8 @@ def make_app(topo: Topology, node: str, name: str | None = None,
 
     @app.before_server_start
     async def _open(app: Sanic) -> None:
-        from control.memory import keep_freed_memory
-        from control.supervisor import die_with_parent
+        from control.core.lifecycle import die_with_parent
+        from control.core.memory import keep_freed_memory
 
         die_with_parent()
         keep_freed_memory()
@@ -306,7 +306,7 @@ def make_app(topo: Topology, node: str, name: str | None = None,
 def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket) -> None:
     """One worker: Sanic in single-process mode on the shared listening socket. SIGTERM
     (from the manager, or the kernel when the manager dies) finishes what is in flight."""
-    from control.supervisor import die_with_parent
+    from control.core.lifecycle import die_with_parent
 
     for sig in (signal.SIGTERM, signal.SIGINT):  # Sanic installs its own when it serves
         signal.signal(sig, signal.SIG_DFL)
@@ -340,9 +340,9 @@ def serve(topo: Topology, node: str) -> None:
 
 
 def api_main(config_path: str, node: str) -> None:
-    from control.config import load_topology
-    from control.logs import setup_logging
-    from control.supervisor import die_with_parent
+    from control.core.config import load_topology
+    from control.core.lifecycle import die_with_parent
+    from control.core.logs import setup_logging
 
     die_with_parent()
     setup_logging()

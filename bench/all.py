@@ -244,7 +244,8 @@ def leftover_networks(manifests: list[tuple[str, str, float]], since: float,
 
 def _remove_leftovers(since: float) -> list[str]:
     """After an interrupt: networks a bench made and did not get to remove."""
-    from control import emulation, paths
+    from control.core import paths
+    from control.tools import emulation
 
     mans = [(p, m.config, m.created) for p in emulation.known_prefixes()
             if (m := emulation.Manifest.load(p)) is not None]

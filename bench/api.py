@@ -41,9 +41,9 @@ from bench.otp import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
 from bench.topology import line
-from control import paths
-from control.gkm import PAUSE_FLAG
-from control.gkm_client import GkmClient
+from control.core import paths
+from control.gkm.client import GkmClient
+from control.gkm.manager import PAUSE_FLAG
 
 PAPER = {"mbps_at_1MB": 971.0}
 DEFAULT_SIZES = (256, 8 << 10, 8 << 16, 8 << 20)  # bits: 256 bit, 1 KiB, 64 KiB, 1 MiB

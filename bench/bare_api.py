@@ -51,8 +51,8 @@ def make_app(name: str = "qkdnet_bare_api") -> Sanic:
 
     @app.before_server_start
     async def _open(app: Sanic) -> None:
-        from control.memory import keep_freed_memory
-        from control.supervisor import die_with_parent
+        from control.core.lifecycle import die_with_parent
+        from control.core.memory import keep_freed_memory
 
         die_with_parent()
         keep_freed_memory()

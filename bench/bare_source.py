@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from control import paths
-from control.emulator import run_emulator
-from control.keysource import EmulatorSource, SourceUnavailable
+from control.core import paths
+from control.lkm.emulator import run_emulator
+from control.lkm.source import EmulatorSource, SourceUnavailable
 
 SHM = Path("/dev/shm")
 

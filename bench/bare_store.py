@@ -21,9 +21,9 @@ import time
 import uuid
 from pathlib import Path
 
-from control import paths
-from control.gkm import SEND_BATCH
-from control.keystore import BULK_WRITE, _options
+from control.core import paths
+from control.gkm.manager import SEND_BATCH
+from control.gkm.store import BULK_WRITE, _options
 
 _META = struct.Struct(">IB")  # the key store's block metadata: size, state
 _U64 = struct.Struct(">Q")

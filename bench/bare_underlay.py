@@ -13,8 +13,8 @@ import contextlib
 import subprocess
 from collections.abc import Iterator, Sequence
 
-from control.config import LinkSpec, Topology
-from control.emulation import underlay_ifname
+from control.core.config import LinkSpec, Topology
+from control.tools.emulation import underlay_ifname
 
 
 def link_between(topo: Topology, a: str, b: str) -> LinkSpec:

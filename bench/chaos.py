@@ -38,8 +38,9 @@ from rich.console import Console
 from bench.ledger import Ledger
 from bench.otp import BenchError, Net
 from bench.topology import line, saes
-from control import emulation, paths
-from control.statefile import read_status
+from control.core import paths
+from control.core.statefile import read_status
+from control.tools import emulation
 
 KINDS = ("api-worker", "api", "gkm", "lkm", "tunnel", "otp-worker", "router", "metrics",
          "stall", "cut")

@@ -30,9 +30,9 @@ from api.client import run_in_netns
 from bench.api import ApiNet
 from bench.fuzz_cases import Case, draw
 from bench.otp import BenchError
-from control import paths
-from control.gkm_client import GkmClient
-from control.statefile import read_status
+from control.core import paths
+from control.core.statefile import read_status
+from control.gkm.client import GkmClient
 
 ALLOWED = {200, 400, 401, 503}
 ANSWER_TIMEOUT_S = 60.0

@@ -39,8 +39,9 @@ from bench.otp import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
 from bench.topology import line
-from control import emulation, paths
-from control.gkm import PAUSE_FLAG
+from control.core import paths
+from control.gkm.manager import PAUSE_FLAG
+from control.tools import emulation
 
 PAPER = {"mbps_at_1MB": 85.0}
 DEFAULT_SIZES = (1 << 10, 16 << 10, 256 << 10, 1 << 20)
@@ -136,7 +137,7 @@ class GkmNet(Net):
 
     def drain(self, origin: str, dest: str) -> None:
         """Take every usable key of the pair at once, as an application would."""
-        from control.gkm_client import GkmClient
+        from control.gkm.client import GkmClient
 
         c = GkmClient(self.prefix, origin, timeout_s=60)
         try:

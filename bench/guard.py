@@ -39,7 +39,7 @@ from bench.otp import BenchError, Net
 from bench.plotting import verdict
 from bench.runs import median_run
 from bench.topology import line
-from control import paths
+from control.core import paths
 from dataplane.bpf.guard import DROP_REASONS
 
 TEMPLATE = """

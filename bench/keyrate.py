@@ -2,7 +2,7 @@
 
 Real QKD links give 1-100 Mb/s (the emulator's 1 Gb/s is a stress setting), so key, not
 CPU, is what global key is made of. Per QKD rate, the triangle A, B, C with every link at
-that rate and every size derived from it (control.sizing), global key kept for the pair
+that rate and every size derived from it (control.core.sizing), global key kept for the pair
 A-B only, B's key manager paused, so on link A-B nothing but A->B global key, its
 acknowledgements, the keepalives and the relay's heartbeats spends key:
 
@@ -34,10 +34,10 @@ from bench.gkm import GkmNet
 from bench.otp import BenchError
 from bench.plotting import figure, finish, log_axes, save, verdict
 from bench.topology import line
-from control import paths
-from control.accounting import link_end
-from control.gkm import PAUSE_FLAG
-from control.statefile import read_status
+from control.core import paths
+from control.core.statefile import read_status
+from control.gkm.manager import PAUSE_FLAG
+from control.lkm.accounting import link_end
 
 FLOOR = {"efficiency_at_10mbps": 0.8, "efficiency_at_100mbps": 0.8,
          "fill_mbps_at_1mbps": 0.3, "idle_burn_kbps": 16.0}
@@ -70,7 +70,7 @@ class KeyrateNet(GkmNet):
         self.started = 0.0
 
     def up(self) -> None:
-        from control import emulation
+        from control.tools import emulation
 
         man = emulation.net_up(self.topo, start=False)
         d = paths.node_dir(self.prefix, "B")

@@ -30,8 +30,9 @@ from rich.progress import BarColumn, Progress, TextColumn
 from bench import bare_source
 from bench.ceiling import TARGETS, meets, verdict_line, vs
 from bench.topology import line
-from control import emulation, paths
-from control.config import parse_topology
+from control.core import paths
+from control.core.config import parse_topology
+from control.tools import emulation
 from dataplane.ring import CONTROL_LANE, KeyRing, RingError
 
 BENCH_LANE = CONTROL_LANE - 1  # a worker lane the bench's 2-worker tunnels never use

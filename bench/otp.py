@@ -40,9 +40,10 @@ from bench.ceiling import TARGETS, meets, verdict_line, vs
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
 from bench.topology import line
-from control import emulation, paths
-from control.config import Topology, parse_topology
-from control.statefile import read_status
+from control.core import paths
+from control.core.config import Topology, parse_topology
+from control.core.statefile import read_status
+from control.tools import emulation
 from dataplane.limits import MAX_UNDERLAY_MTU
 from dataplane.ring import KeyRing, RingError
 from dataplane.stats import STEPS_RX, STEPS_TX, LinkStats

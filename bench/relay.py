@@ -28,7 +28,7 @@ from bench.gkm import GkmNet
 from bench.otp import BenchError
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
 from bench.topology import line
-from control import paths
+from control.core import paths
 
 PAPER = {"mbps_at_1MB": 85.0}  # the paper's global key manager, 1 MB keys, one link
 DEFAULT_HOPS = (1, 2, 4, 8)

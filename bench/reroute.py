@@ -26,8 +26,8 @@ from rich.console import Console
 from bench.chaos import ChaosNet
 from bench.otp import BenchError
 from bench.topology import line
-from control import paths
-from control.statefile import read_status
+from control.core import paths
+from control.core.statefile import read_status
 from dataplane.limits import LINK_DEAD_S, UP_AFTER_KEEPALIVES
 
 FLOOR_S = 2.0

@@ -25,9 +25,10 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.otp import BenchError
-from control import emulation, paths
-from control.config import Topology, load_topology
-from control.statefile import read_status
+from control.core import paths
+from control.core.config import Topology, load_topology
+from control.core.statefile import read_status
+from control.tools import emulation
 
 API = "/api/v1/keys"
 LOOPS: list[list[str]] = []  # loops seen while following routes (reported on a timeout)
@@ -200,7 +201,7 @@ def run(config: Path, timeout: float = 600.0, console: Console | None = None) ->
     slave = next((s.id for s in topo.saes if s.node == b), None)
     if master is None or slave is None:
         raise BenchError(f"{config}: no SAE at {a} or at {b}, the first key pair")
-    qkdctl = [sys.executable, "-m", "control.cli"]
+    qkdctl = [sys.executable, "-m", "control.tools.cli"]
     console.print(f"scale: {config.name}: {len(topo.nodes)} nodes, {len(topo.links)} links; "
                   f"global key {a} <-> {b}; prefix {topo.prefix}")
     mem0 = _mem_available()

@@ -33,11 +33,12 @@ from rich.console import Console
 from bench.otp import BenchError, Net
 from bench.scale import gkm_peer, wait_until
 from bench.topology import line, saes
-from control import emulation, paths
-from control.config import Sae
-from control.demo import Saes
-from control.demo_stream import PacedStream
-from control.statefile import read_status
+from control.core import paths
+from control.core.config import Sae
+from control.core.statefile import read_status
+from control.tools import emulation
+from control.tools.demo import Saes
+from control.tools.demo_stream import PacedStream
 
 FLOOR = {"rss_growth_pct": 5.0, "fd_growth": 4, "errors": 0}
 STREAM_PORT = 5299
@@ -152,7 +153,7 @@ class SoakNet(Net):
         return emulation._pids_of_network(self.prefix, str(self.cfg))
 
     def sample(self, t: float) -> Sample:
-        from dataplane.worker import process_identity
+        from control.core.procs import process_identity
 
         s = Sample(t=t, anon={}, rss={}, fds={})
         modules = {}

@@ -6,7 +6,7 @@ unused rest is key that nobody else can use while the worker holds it (and that 
 if it has to be given up). So a claim is sized to the traffic: about what the worker used
 in the last ``horizon_s``, as a whole number of the current packet's pads (a stream of
 equal packets then uses its chunks to the byte), never more than ``max_chunk`` (which
-the link's key rate bounds: see control.config.derived_sizes) and never less than the
+the link's key rate bounds: see control.core.config.derived_sizes) and never less than the
 packet. A worker sending one packet now and then claims exactly that packet's pad.
 
 A worker holds up to a few ranges, each on a lane of its own (lanes are the replay unit

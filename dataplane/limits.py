@@ -8,6 +8,7 @@ MAX_PENDING_BLOCKS = 65536          # blocks an end holds while their fate is un
 MAX_PENDING_BYTES = 256 << 20       # ... and their total size
 PENDING_BLOCK_TIMEOUT_S = 5.0       # an undecided block older than this is discarded
 MAX_AGREEMENT_FRAME = 1 << 20       # largest agreement message on the wire
+MAX_KEYS_PER_NOTE = 1024            # device keys one block may be made of (one enc_keys call)
 EMULATOR_QUEUE_BLOCKS = 64          # blocks the emulator buffers per slow end, then drops
 MAX_UNDERLAY_MTU = 65535            # veth MTU of the emulated underlay
 MAX_WORKERS = 63                    # OTP workers per link end (ring lanes 0..62; 63 = control)

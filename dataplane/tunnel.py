@@ -8,7 +8,7 @@ giving back the dead worker's key chunk first (its rest is never used: invariant
 
 Its own lane (CONTROL_LANE) carries keepalives through the link's own one-time pad every
 KEEPALIVE_S: the peer's pool size and the node's link-state database, which the router
-floods on (:mod:`control.routing`). A link end is up while its peer's keepalives arrive
+floods on (:mod:`control.routing.linkstate`). A link end is up while its peer's keepalives arrive
 (:mod:`dataplane.liveness`: silent past an adaptive timeout of LINK_DEAD_S to
 LINK_DEAD_MAX_S means down, our own stalls excused, and up again only after a few timely
 keepalives) and key has arrived (or more than the keepalives' reserve was there) within
@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 from pyroute2 import IPRoute
 
-from control import paths
-from control.config import DataplaneSpec, LinkSpec, Topology
-from control.statefile import write_json
+from control.core import paths
+from control.core.config import DataplaneSpec, LinkSpec, Topology
+from control.core.procs import process_identity, same_process_alive
+from control.core.statefile import write_json
 from dataplane import wire
 from dataplane.bpf.guard import (
     RELEASE_SLOT,
@@ -52,13 +53,7 @@ from dataplane.liveness import PeerLiveness
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
 from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
 from dataplane.tun import create_persistent
-from dataplane.worker import (
-    WorkerConfig,
-    process_identity,
-    same_process_alive,
-    send_lanes,
-    worker_main,
-)
+from dataplane.worker import WorkerConfig, send_lanes, worker_main
 
 log = logging.getLogger("qkdnet.tunnel")
 STATUS_INTERVAL_S = 0.5
@@ -527,9 +522,9 @@ class TunnelManager:
 def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None,
                 guard_off: str | None = None) -> None:
     """Entry point of the tunnel manager process (forked by the node supervisor)."""
-    from control.config import load_topology
-    from control.logs import setup_logging
-    from control.supervisor import die_with_parent, run_until_stopped
+    from control.core.config import load_topology
+    from control.core.lifecycle import die_with_parent, run_until_stopped
+    from control.core.logs import setup_logging
 
     die_with_parent()
     setup_logging()

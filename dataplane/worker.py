@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from control.core.procs import process_identity
 from dataplane import wire
 from dataplane.bpf.syscall import ArrayMap
 from dataplane.claims import ClaimSizer, lane_to_claim, pick_range
@@ -507,30 +508,9 @@ class Worker:
             self.flush()
 
 
-def process_identity(pid: int) -> int:
-    """pid and start time in one word, so that a recorded worker is never confused with a
-    later process that reuses its pid."""
-    try:
-        start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return (start << 24) | pid
-
-
-def same_process_alive(identity: int) -> bool:
-    """The recorded process still runs (a zombie does not: it holds nothing any more)."""
-    pid = identity & 0xFFFFFF
-    if pid == 0 or process_identity(pid) != identity:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def worker_main(cfg: WorkerConfig) -> None:
     """Entry point of a worker process (forked by the tunnel manager)."""
-    from control.supervisor import die_with_parent, run_until_stopped
+    from control.core.lifecycle import die_with_parent, run_until_stopped
 
     die_with_parent()
     for fd in cfg.close_fds:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from control import emulation
-from control.config import Topology, parse_topology
+from control.core.config import Topology, parse_topology
+from control.tools import emulation
 
 TWO_NODES = """
 [network]

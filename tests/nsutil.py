@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from control import paths
+from control.core import paths
 
 _ctx = mp.get_context("fork")
 QKDCTL = str(Path(sys.executable).with_name("qkdctl"))  # the venv's command, as users run it

@@ -1,10 +1,10 @@
-"""control.address: modules wait for the node address instead of failing to bind it."""
+"""control.core.address: modules wait for the node address instead of failing to bind it."""
 
 from __future__ import annotations
 
 import time
 
-from control.address import wait_for_address
+from control.core.address import wait_for_address
 
 
 def test_a_local_address_is_there_at_once_and_a_foreign_one_never():

@@ -16,7 +16,7 @@ from collections import deque
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from control.agreement import (
+from control.lkm.agreement import (
     AB,
     BA,
     Dropped,
@@ -27,7 +27,7 @@ from control.agreement import (
     SplitPolicy,
     Store,
 )
-from control.agreement_msgs import Decide, Decision, Fate, Sync, decode, encode
+from control.lkm.messages import Decide, Decision, Fate, Sync, decode, encode
 
 LEADER, FOLLOWER = 0, 1
 ENC_END = {AB: LEADER, BA: FOLLOWER}  # which end encrypts with each direction's key

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from control import emulation, paths
-from control.agreement_msgs import NONCE_LEN, FrameCodec, Hello, ProtocolError
+from control.core import paths
+from control.lkm.messages import NONCE_LEN, FrameCodec, Hello, ProtocolError
+from control.tools import emulation
 from tests.conftest import write_topology
 from tests.nsutil import InNetns, wait_until
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from api.kme import Kme, key_container, key_container_parts, store_refusal
 from api.requests import ApiError, EncKeysRequest, Limits
-from control.config import parse_topology
+from control.core.config import parse_topology
 
 TOPO = """
 [network]

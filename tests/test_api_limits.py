@@ -17,9 +17,9 @@ from api.limits import SaeLimiter, SaeLimits
 from api.pki import PkiLayout
 from api.requests import ApiError
 from api.server import sae_limiter
-from control import paths
-from control.config import parse_topology
-from control.gkm_client import GkmClient
+from control.core import paths
+from control.core.config import parse_topology
+from control.gkm.client import GkmClient
 from tests.nsutil import wait_until
 
 KIB = 1 << 10
@@ -148,7 +148,7 @@ node = "B"
 
 @pytest.mark.netns
 def test_one_sae_cannot_drain_a_pair_for_the_others(tmp_path, prefix):
-    from control import emulation
+    from control.tools import emulation
     from tests.nsutil import routes_complete
 
     path = tmp_path / "net.toml"

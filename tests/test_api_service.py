@@ -30,11 +30,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from api.pki import PkiLayout
-from control import emulation, paths
-from control.gkm import PAUSE_FLAG
-from control.gkm_client import GkmClient, split_keys
-from control.keystore import StoreError
-from control.procs import process_identity
+from control.core import paths
+from control.core.procs import process_identity
+from control.gkm.client import GkmClient, split_keys
+from control.gkm.manager import PAUSE_FLAG
+from control.gkm.store import StoreError
+from control.tools import emulation
 from tests.nsutil import QKDCTL, wait_until
 from tests.test_tunnel import make_net
 
@@ -601,7 +602,7 @@ def test_the_readme_curl_calls_work(net):
 def _next_ids(n: Net, number: int, size: int) -> list[str]:
     """The key IDs A's next take of ``number`` keys of ``size`` bytes for B cuts (from its
     carving cursor; the cursor's block has room for them, or the next block has)."""
-    from control.carving import KeySlice
+    from control.gkm.carving import KeySlice
 
     seq, offset = n.gkm("A")["peers"]["B"]["enc"]["cursor"]
     if offset + number * size > n.topo.gkm.block_size:
@@ -794,7 +795,7 @@ def test_keys_given_back_after_a_late_answer_are_refused_at_the_slave(net):
         keys = a.take_enc_for("B", 2, 32, ["b1"], "a1")  # confirmed: reserved at B
         ids = [k for k, _ in keys]
         assert a.call("cancel", peer="B", key_ids=ids)[0]["cancelled"] == 2
-        from control.carving import KeySlice
+        from control.gkm.carving import KeySlice
 
         theirs = KeySlice(net.topo.node("B").id, net.topo.node("A").id, 0, 0, 32)
         with pytest.raises(StoreError, match="a key ID of another pair"):

@@ -310,7 +310,7 @@ def test_settings_quick_or_full_and_the_plot_in_the_results_dir(tmp_path):
 def test_unknown_bench_is_refused_before_anything_runs():
     from typer.testing import CliRunner
 
-    from control.cli import app
+    from control.tools.cli import app
 
     r = CliRunner().invoke(app, ["bench", "all", "--only", "nope"])
     assert r.exit_code == 2

@@ -13,7 +13,7 @@ import pytest
 from bench import bare_underlay, ceiling, iperf
 from bench.calibrate import best_rate
 from bench.otp import TEMPLATE
-from control.config import parse_topology
+from control.core.config import parse_topology
 
 # ---- targets --------------------------------------------------------------------------------
 
@@ -146,7 +146,7 @@ def test_a_failed_bench_keeps_its_networks_logs_and_a_clean_one_does_not(tmp_pat
     from rich.console import Console
 
     from bench import otp
-    from control import paths
+    from control.core import paths
 
     monkeypatch.setattr(otp, "KEPT_LOGS", tmp_path / "kept")
     for failing in (False, True):

@@ -1,4 +1,4 @@
-"""Carving application keys from global key blocks, and key IDs (control/carving.py)."""
+"""Carving application keys from global key blocks, and key IDs (control/gkm/carving.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control.carving import (
+from control.gkm.carving import (
     MAX_BLOCK,
     MAX_NODE_ID,
     MAX_SEQ,

@@ -1,4 +1,4 @@
-"""Tests of the topology configuration (control/config.py): the shipped examples load with
+"""Tests of the topology configuration (control/core/config.py): the shipped examples load with
 every default resolved, and every kind of mistake is refused with the field to fix."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from control.config import ConfigError, load_topology, parse_ratio, parse_size, parse_topology
+from control.core.config import ConfigError, load_topology, parse_ratio, parse_size, parse_topology
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -542,7 +542,7 @@ def test_gkm_explicit_pairs_and_none():
 
 
 def test_gkm_relay_keys_default_to_the_run_dir_and_resolve_against_the_file(tmp_path):
-    from control import paths
+    from control.core import paths
 
     t = parse_topology(BASE)
     assert t.gkm.keys == paths.network_dir("tt") / "relay-keys"

@@ -1,4 +1,4 @@
-"""The topology file reference (control.config_doc) is generated from the config models,
+"""The topology file reference (control.tools.config_doc) is generated from the config models,
 covers every key the parser accepts, and the README's copy is the current one."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from control import config as cfg
-from control.config_doc import readme_section, reference, type_name, with_reference
+from control.core import config as cfg
+from control.tools.config_doc import readme_section, reference, type_name, with_reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -54,6 +54,6 @@ def test_the_readme_carries_the_current_reference():
     text = README.read_text()
     assert readme_section(text) == reference(), \
         "README's reference is stale: run .venv/bin/python -c \"from pathlib import Path; " \
-        "from control.config_doc import with_reference as w; p = Path('README.md'); " \
+        "from control.tools.config_doc import with_reference as w; p = Path('README.md'); " \
         "p.write_text(w(p.read_text()))\""
     assert with_reference(text) == text

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from control.config import parse_topology
-from control.demo import DemoReport, KeyCheck, Phase, run_demo
-from control.demo_stream import StreamResult
-from control.emulation import leftovers
+from control.core.config import parse_topology
+from control.tools.demo import DemoReport, KeyCheck, Phase, run_demo
+from control.tools.demo_stream import StreamResult
+from control.tools.emulation import leftovers
 
 TRIANGLE = Path(__file__).resolve().parent.parent / "examples" / "triangle.toml"
 
@@ -79,9 +79,9 @@ def test_the_demo_shortened_shows_what_it_claims(tmp_path, prefix):
 
 
 def test_the_demo_at_another_key_rate_runs_every_link_at_it_with_derived_sizes(tmp_path):
-    from control.config import load_topology
-    from control.demo import at_key_rate, num, stream_rate_for
-    from control.sizing import gkm_sizes, link_sizes
+    from control.core.config import load_topology
+    from control.core.sizing import gkm_sizes, link_sizes
+    from control.tools.demo import at_key_rate, num, stream_rate_for
 
     src = Path(__file__).parent.parent / "examples" / "triangle.toml"
     topo = load_topology(at_key_rate(src, 10, tmp_path))

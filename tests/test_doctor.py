@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from rich.console import Console
 
-from control import doctor
+from control.tools import doctor
 from dataplane.bpf import syscall
 from tests.nsutil import QKDCTL
 

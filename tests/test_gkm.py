@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from control import emulation, paths
-from control.carving import decode
-from control.gkm import CRASH_ENV
-from control.gkm_client import GkmClient
-from control.keystore import StoreError
+from control.core import paths
+from control.gkm.carving import decode
+from control.gkm.client import GkmClient
+from control.gkm.manager import CRASH_ENV
+from control.gkm.store import StoreError
+from control.tools import emulation
 from tests.nsutil import routes_complete, run_in_netns, set_link, wait_until
 from tests.test_tunnel import make_net as tunnel_net
 
@@ -140,7 +141,7 @@ def test_two_and_three_nodes_fill_to_the_high_watermark_with_identical_keys(tmp_
     # Status shows it per peer.
     from typer.testing import CliRunner
 
-    from control.cli import app
+    from control.tools.cli import app
 
     res = CliRunner().invoke(app, ["status", str(topo.path)])
     assert res.exit_code == 0, res.output
@@ -386,7 +387,7 @@ def test_concurrent_takers_in_threads_and_processes_never_share_a_key(tmp_path, 
     pid = gkm_state(prefix, "A")["pid"]
     import zmq
 
-    from control.gkm_client import socket_path
+    from control.gkm.client import socket_path
 
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)

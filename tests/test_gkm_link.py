@@ -15,8 +15,9 @@ import pytest
 import zmq
 
 from api.gkm_link import GkmLink
-from control import gkm_client, paths
-from control.keystore import StoreError
+from control.core import paths
+from control.gkm import client as gkm_client
+from control.gkm.store import StoreError
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control.gkm_wire import (
+from control.gkm.wire import (
     Ack,
     AckStatus,
     Blocks,
@@ -117,7 +117,7 @@ def test_receive_status_is_idempotent_by_bytes():
 def test_reserve_round_trip_and_refusals():
     import os
 
-    from control.gkm_wire import Reserve, Reserved, ReserveStatus, encode_reserve, encode_reserved
+    from control.gkm.wire import Reserve, Reserved, ReserveStatus, encode_reserve, encode_reserved
 
     m = Reserve(1, 2, 7, (3, 64), ("sae-a", "b"), (os.urandom(16), os.urandom(16)))
     assert parse(encode_reserve(m)) == m  # no master: any
@@ -152,7 +152,7 @@ def test_reserve_round_trip_and_refusals():
 def test_reservations_travel_several_to_a_message_and_are_refused_whole():
     import os
 
-    from control.gkm_wire import (
+    from control.gkm.wire import (
         MAX_RESERVE_BATCH,
         Reserve,
         Reserved,

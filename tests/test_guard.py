@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from control.config import parse_topology
+from control.core.config import parse_topology
 from dataplane.bpf import guard as g
 from dataplane.bpf import syscall
 from tests.nsutil import (

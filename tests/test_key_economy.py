@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from control import emulation, paths
-from control.accounting import LinkEnd, link_end
-from control.config import parse_topology
-from control.demo import Saes
+from control.core import paths
+from control.core.config import parse_topology
+from control.lkm.accounting import LinkEnd, link_end
+from control.tools import emulation
+from control.tools.demo import Saes
 from tests.nsutil import routes_complete, run_in_netns, udp_send_all, wait_until
 from tests.test_tunnel import addr, ns, send_tcp
 

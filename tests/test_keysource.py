@@ -1,4 +1,4 @@
-"""Tests of the key source base for blocking protocols (control.keysource.FetchingSource):
+"""Tests of the key source base for blocking protocols (control.lkm.source.FetchingSource):
 blocks arrive whole and in order through the pipe, a paused reader pauses the fetching, and
 a failure is reported after the blocks fetched before it."""
 
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from control.keysource import FetchingSource, SourceUnavailable
+from control.lkm.source import FetchingSource, SourceUnavailable
 from tests.nsutil import wait_until
 
 
@@ -146,7 +146,7 @@ def test_the_emulator_stops_cleanly_when_told(tmp_path):
     """Its link-end threads are joined on the way out; a thread attribute shadowed by the
     stop event once made that join raise (TypeError), so the emulator died with a
     traceback instead of returning."""
-    from control.emulator import run_emulator
+    from control.lkm.emulator import run_emulator
 
     socks = (tmp_path / "a.sock", tmp_path / "b.sock")
     stop, made, failed = threading.Event(), [], []

@@ -1,4 +1,4 @@
-"""The ETSI GS QKD 014 key source (control/keysource_etsi.py).
+"""The ETSI GS QKD 014 key source (control/lkm/source_etsi.py).
 
 Pure parts driven directly: the config, the KeyIds note on the authenticated channel, the
 checks of the devices' answers, the follower's note queue, the backoff. Then end to end:
@@ -25,8 +25,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control import emulation, paths
-from control.agreement_msgs import (
+from control.core import paths
+from control.core.config import ConfigError, EmulatorSource, Etsi014Source, parse_topology
+from control.lkm.messages import (
     MAX_KEYS_PER_NOTE,
     FrameCodec,
     KeyIds,
@@ -34,8 +35,7 @@ from control.agreement_msgs import (
     decode,
     encode,
 )
-from control.config import ConfigError, EmulatorSource, Etsi014Source, parse_topology
-from control.keysource_etsi import (
+from control.lkm.source_etsi import (
     Backoff,
     BadAnswer,
     NotEnoughKey,
@@ -48,6 +48,7 @@ from control.keysource_etsi import (
     parse_dec_keys,
     parse_enc_keys,
 )
+from control.tools import emulation
 from dataplane.ring import KeyRing
 from tests.nsutil import InNetns, wait_until
 
@@ -331,8 +332,8 @@ source = {{ kind = "etsi014", keys_per_call = {n}, key_size = {bits}, poll_inter
 
 def _run_end(config: str, node: str, state_dir: str, log_file: str) -> None:
     """One link end's key manager, as the node runs it (inside the device's namespace)."""
-    from control.config import load_topology
-    from control.lkm import EndConfig, LinkKeyManager
+    from control.core.config import load_topology
+    from control.lkm.link_end import EndConfig, LinkKeyManager
 
     logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -1,4 +1,4 @@
-"""Key files over SSH/SFTP (control.keysource_sftp): the pure parts (names, order, config)
+"""Key files over SSH/SFTP (control.lkm.source_sftp): the pure parts (names, order, config)
 directly, then against real OpenSSH servers started here on loopback, each with its own
 host key, authorized_keys and sshd_config: one server per QKD device.
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from control import paths
-from control.config import ConfigError, parse_topology
-from control.keysource import SourceUnavailable, make_source
-from control.keysource_sftp import (
+from control.core import paths
+from control.core.config import ConfigError, parse_topology
+from control.lkm.source import SourceUnavailable, make_source
+from control.lkm.source_sftp import (
     MAX_ID,
     Backoff,
     Entry,
@@ -457,8 +457,8 @@ def test_source_reports_an_unreachable_device_and_a_refused_client_key(tmp_path,
 
 LKM = """
 import logging, sys
-from control.config import load_topology
-from control.lkm import EndConfig, LinkKeyManager
+from control.core.config import load_topology
+from control.lkm.link_end import EndConfig, LinkKeyManager
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 topo = load_topology(sys.argv[1])

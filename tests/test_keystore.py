@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control.carving import KeySlice, decode
-from control.keystore import (
+from control.gkm.carving import KeySlice, decode
+from control.gkm.store import (
     HANDED_KEEP_S,
     BlockState,
     Handing,
@@ -265,7 +265,7 @@ def _pair_with_keys(tmp_path, nblocks: int = 3, size: int = 256):
 def _apply_confirmed(o, d, r: int) -> None:
     """Reservation ``r`` applied at the slave's node, then its confirmation (its taker
     was answered): what the key managers do over the relay."""
-    from control.gkm_wire import parse
+    from control.gkm.wire import parse
 
     assert d.apply_reservation("A", parse([o.enc["B"].unacked[r]])).name == "APPLIED"
     for c in o.confirm_acked("B", [r]):
@@ -348,7 +348,7 @@ def test_a_conflicting_block_loses_its_bytes_and_is_skipped(tmp_path):
 
 
 def test_reservations_travel_numbered_and_apply_once_in_order(tmp_path):
-    from control.gkm_wire import ReserveStatus, parse
+    from control.gkm.wire import ReserveStatus, parse
 
     o, d = _pair_with_keys(tmp_path, nblocks=4, size=128)
     k1, r1 = o.take_enc_reserved("B", 2, 64, ("sae-2",))
@@ -398,7 +398,7 @@ def test_reservations_travel_numbered_and_apply_once_in_order(tmp_path):
 
 
 def test_a_reservation_whose_taker_gave_up_is_cancelled_in_order(tmp_path):
-    from control.gkm_wire import ReserveStatus, parse
+    from control.gkm.wire import ReserveStatus, parse
 
     o, d = _pair_with_keys(tmp_path, nblocks=2, size=64)
     keys, r0 = o.take_enc_reserved("B", 1, 64, ("sae-2",))  # block 0 whole
@@ -452,8 +452,8 @@ def test_a_group_of_takes_is_durable_together_and_visible_inside(tmp_path):
 def test_dec_blocks_behind_the_cursor_are_freed_exactly_when_their_last_key_goes():
     """The index of freeable blocks (kept up to date, not found by scanning every block
     behind the cursor at each reservation)."""
-    from control.carving import Cursor
-    from control.keystore import DecState
+    from control.gkm.carving import Cursor
+    from control.gkm.store import DecState
 
     st = DecState("A", 1)
     for seq in range(5):
@@ -545,8 +545,8 @@ def test_a_carving_cursor_beyond_the_blocks_held_is_refused_at_once(tmp_path):
     numbers it would pass; the reservation after it still applies."""
     import time
 
-    from control.carving import MAX_SEQ, Cursor
-    from control.gkm_wire import Reserve, ReserveStatus, parse
+    from control.gkm.carving import MAX_SEQ, Cursor
+    from control.gkm.wire import Reserve, ReserveStatus, parse
 
     o, d = _pair_with_keys(tmp_path, nblocks=3, size=128)
     assert d.dec["A"].reach() == (3, 0)
@@ -581,8 +581,8 @@ def test_a_carving_cursor_beyond_the_blocks_held_is_refused_at_once(tmp_path):
 def test_a_long_jump_of_the_reservation_cursor_costs_the_blocks_held_not_the_numbers():
     import time
 
-    from control.carving import MAX_SEQ, Cursor
-    from control.keystore import DecState
+    from control.gkm.carving import MAX_SEQ, Cursor
+    from control.gkm.store import DecState
 
     st = DecState("A", 1)
     for seq in (0, 5, 9):
@@ -598,7 +598,7 @@ def test_a_long_jump_of_the_reservation_cursor_costs_the_blocks_held_not_the_num
 def test_keys_whose_taker_gave_up_late_are_cancelled_at_the_slaves_node(tmp_path):
     """After the slave's node confirmed (the taker's answer was lost or late), and after a
     restart of the origin with reservations still unconfirmed."""
-    from control.gkm_wire import ReserveStatus, parse
+    from control.gkm.wire import ReserveStatus, parse
 
     o, d = _pair_with_keys(tmp_path, nblocks=2, size=128)
     keys, r0 = o.take_enc_reserved("B", 2, 32, ("sae-2",))

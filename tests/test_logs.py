@@ -1,4 +1,4 @@
-"""Structured logs (control.logs): one JSON object per line with the fields a log store
+"""Structured logs (control.core.logs): one JSON object per line with the fields a log store
 needs, and no key bytes even when a module passes bytes to the logger by mistake."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from control.logs import redact, setup_logging
+from control.core.logs import redact, setup_logging
 
 KEY = bytes(range(7, 7 + 48))
 

@@ -1,4 +1,4 @@
-"""Tests of the Prometheus metrics (control/metrics.py, control/metrics_server.py): the pure
+"""Tests of the Prometheus metrics (control/node/metrics.py, metrics_server.py): the pure
 conversion of a node's status snapshot, and a real node's endpoint scraped from inside its
 namespace."""
 
@@ -17,10 +17,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from control import paths
-from control.config import parse_topology
-from control.metrics import SPECS, families, node_registry
-from control.status import STALE_AFTER_S
+from control.core import paths
+from control.core.config import parse_topology
+from control.node.metrics import SPECS, families, node_registry
+from control.node.status import STALE_AFTER_S
 from tests.conftest import TWO_NODES
 from tests.nsutil import ping, run_in_netns, tunnel_state, wait_until
 from tests.test_tunnel import addr, make_net, ns
@@ -44,7 +44,7 @@ def tunnel_file(updated: float = NOW) -> dict:
 
 
 def snapshot() -> dict:
-    """A node's snapshot as control.status.collect_node gives it (fields trimmed)."""
+    """A node's snapshot as control.node.status.collect_node gives it (fields trimmed)."""
     return {
         "supervisor": {"node": "A", "updated": NOW, "stopping": False, "modules": [
             {"name": "lkm:A-B", "pid": 1, "alive": True, "restarts": 0, "last_exit": None},

@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pnetns
 
-from control import emulation, paths
-from control.emulation import leftovers
-from control.status import collect
+from control.core import paths
+from control.node.status import collect
+from control.tools import emulation
+from control.tools.emulation import leftovers
 from dataplane.ring import KeyRing
 from tests.conftest import write_topology
 from tests.nsutil import wait_until
 
 pytestmark = pytest.mark.netns
-QKDCTL = [sys.executable, "-m", "control.cli"]
+QKDCTL = [sys.executable, "-m", "control.tools.cli"]
 
 
 def host_links() -> set[str]:

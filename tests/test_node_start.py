@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from control import emulation, paths
+from control.core import paths
+from control.tools import emulation
 from tests.conftest import write_topology
 from tests.nsutil import QKDCTL, wait_until
 

@@ -1,4 +1,4 @@
-"""Tests of control/pacing.py: global key relay paced by the key of its path."""
+"""Tests of control/gkm/pacing.py: global key relay paced by the key of its path."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from control.pacing import Hop, Pacer, path_rate, resend_after, window
+from control.gkm.pacing import Hop, Pacer, path_rate, resend_after, window
 
 
 def test_path_rate_is_the_slowest_hop_in_its_direction():

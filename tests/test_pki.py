@@ -16,8 +16,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
 from api.pki import PkiError, init_pki, sae_id_of
-from control.cli import app
-from control.config import load_topology
+from control.core.config import load_topology
+from control.tools.cli import app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -16,12 +16,13 @@ from uuid import uuid4
 
 import pytest
 
-from control import emulation, paths
-from control.statefile import write_json
+from control.core import paths
+from control.core.procs import process_identity
+from control.core.statefile import write_json
+from control.tools import emulation
 from dataplane.private import NotPrivateError, open_private, private_dir
 from dataplane.ring import ROLE_ENC, SHM_DIR, CursorFile, KeyRing, RingError
 from dataplane.stats import SIZE, LinkStats
-from dataplane.worker import process_identity
 from tests.nsutil import wait_until
 
 OTHER_UID = 65534  # nobody
@@ -148,9 +149,9 @@ def test_private_dirs(tmp_path):
 # ---- recorded process ids ------------------------------------------------------------------
 
 def _sleeper(*extra: str) -> subprocess.Popen:
-    """A process that looks like qkdnet's (its command line names control.cli)."""
+    """A process that looks like qkdnet's (its command line names control.tools.cli)."""
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
-                             "control.cli", "node", "run", *extra])
+                             "control.tools.cli", "node", "run", *extra])
 
 
 @pytest.mark.netns

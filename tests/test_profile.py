@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from control import profile as prof
-from control.profile import NotRunning
+from control.tools import profile as prof
+from control.tools.profile import NotRunning
 from dataplane.bpf.profile import STAGES, ProfileError, log2_buckets, slot_range, stage_table
 from tests.conftest import write_topology
 from tests.nsutil import QKDCTL

@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control.relay import Outbox, RateMeter, Restock
+from control.gkm.relay import Outbox, RateMeter, Restock
 
 MIB = 1 << 20
 

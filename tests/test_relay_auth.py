@@ -12,7 +12,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-from control.relay_auth import (
+from control.gkm.relay_auth import (
     DOMAIN,
     ZAP_ENDPOINT,
     ZAP_VERSION,
@@ -20,7 +20,7 @@ from control.relay_auth import (
     secure_router,
     zap_reply,
 )
-from control.relay_keys import (
+from control.gkm.relay_keys import (
     RelayKeyError,
     load_relay_keys,
     public_path,
@@ -248,7 +248,7 @@ def test_a_frame_over_the_cap_drops_the_connection_and_nothing_arrives(keys):
 def test_qkdctl_keys_init_makes_a_pair_per_node_that_keeps_global_key(tmp_path):
     from typer.testing import CliRunner
 
-    from control.cli import app
+    from control.tools.cli import app
 
     cfg = tmp_path / "net.toml"
     cfg.write_text("""[network]

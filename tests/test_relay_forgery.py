@@ -2,7 +2,7 @@
 process that sends from a node's own address, and a process in a node's namespace that
 takes over the relay port, are not that node's key manager and gain nothing. Every
 relay connection is CurveZMQ: the destination admits an origin by its key
-(``control.relay_auth``), the origin talks only to a server holding the destination's."""
+(``control.gkm.relay_auth``), the origin talks only to a server holding the destination's."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import time
 import pytest
 import zmq
 
-from control import paths
-from control.carving import MAX_SEQ, KeySlice
-from control.gkm_client import GkmClient
-from control.gkm_wire import (
+from control.core import paths
+from control.gkm.carving import MAX_SEQ, KeySlice
+from control.gkm.client import GkmClient
+from control.gkm.relay_keys import public_path
+from control.gkm.store import StoreError
+from control.gkm.wire import (
     Ack,
     AckStatus,
     Blocks,
@@ -30,8 +32,6 @@ from control.gkm_wire import (
     encode_reserved,
     parse_batch,
 )
-from control.keystore import StoreError
-from control.relay_keys import public_path
 from tests.nsutil import InNetns, run_in_netns, wait_until
 from tests.test_gkm import assert_same_blocks, client_call, enc, full, gkm_state, make_net
 

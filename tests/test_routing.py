@@ -1,4 +1,4 @@
-"""Tests of the link-state routing (control/routing.py): the entry database and the BFS
+"""Tests of the link-state routing (control/routing/linkstate.py): the entry database and the BFS
 first hops. Pure; graphs are checked against an independent all-pairs shortest path."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control.routing import LinkEnds, LinkStateDb, next_hops
+from control.routing.linkstate import LinkEnds, LinkStateDb, next_hops
 
 INF = float("inf")
 
@@ -357,7 +357,7 @@ def test_next_hops_do_not_depend_on_the_list_order(g, rnd):
 
 
 def test_shortest_paths_walk_the_links_from_the_source_to_each_destination():
-    from control.routing import shortest_paths
+    from control.routing.linkstate import shortest_paths
 
     paths = shortest_paths(TRIANGLE, {"L0", "L1"}, "A")  # A-C cut: C via B
     assert paths == {"B": [("L0", "A")], "C": [("L0", "A"), ("L1", "B")]}

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from bench.scale import api, copy_as, gkm_peer, leftovers, processes_of, wait_route, wait_routes
-from control import paths
-from control.config import Topology, parse_topology
-from control.routing import LinkEnds, next_hops
+from control.core import paths
+from control.core.config import Topology, parse_topology
+from control.routing.linkstate import LinkEnds, next_hops
 from tests.nsutil import QKDCTL, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

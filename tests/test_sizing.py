@@ -1,10 +1,10 @@
-"""Tests of control/sizing.py: sizes that follow a link's key rate."""
+"""Tests of control/core/sizing.py: sizes that follow a link's key rate."""
 
 from __future__ import annotations
 
 import pytest
 
-from control.sizing import KIB, MIB, gkm_sizes, link_sizes, pow2_floor
+from control.core.sizing import KIB, MIB, gkm_sizes, link_sizes, pow2_floor
 
 
 def test_pow2_floor():

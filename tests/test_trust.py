@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bench.flood import ahead_datagram
-from control import paths
+from control.core import paths
 from dataplane.ring import CONTROL_LANE, KeyRing
 from tests.nsutil import InNetns, tunnel_state, wait_until
 from tests.test_tunnel import addr, make_net, ns, send_tcp

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from control import emulation, paths
-from control.config import parse_topology
+from control.core import paths
+from control.core.config import parse_topology
+from control.tools import emulation
 from dataplane import wire
 from dataplane.bpf.guard import DROP_REASONS
 from dataplane.limits import LINK_DEAD_S

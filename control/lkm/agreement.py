@@ -5,7 +5,7 @@ Both ends receive the same numbered key blocks from their key source. One end, t
 discard — and tells the *follower*, which applies exactly that (invariant 2). Neither end
 infers a fate from its own state.
 
-Protocol (messages in :mod:`control.agreement_msgs`; ``sync`` numbers one session):
+Protocol (messages in :mod:`control.lkm.messages`; ``sync`` numbers one session):
 
 1. On connecting, the follower sends ``Hello(sync, write_pos, released)``. The leader takes
    for each direction ``start = max(own write_pos, follower's write_pos)``, skips its own
@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from control.agreement_msgs import AB, BA, Decide, Decision, Fate, Have, Hello, Message, Sync
+from control.lkm.messages import AB, BA, Decide, Decision, Fate, Have, Hello, Message, Sync
 from dataplane.limits import MAX_PENDING_BLOCKS, MAX_PENDING_BYTES, PENDING_BLOCK_TIMEOUT_S
 
 SWEEP_INTERVAL_S = 0.1

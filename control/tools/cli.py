@@ -12,8 +12,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from control import emulation, paths
-from control.config import ConfigError, Topology, load_topology
+from control.core import paths
+from control.core.config import ConfigError, Topology, load_topology
+from control.tools import emulation
 
 app = typer.Typer(help="qkdnet: key management for QKD networks.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -87,7 +88,7 @@ def check(config: Annotated[Path | None, typer.Argument(help="topology TOML file
           ) -> None:
     """Validate a topology file and summarise it (or print the file format's reference)."""
     if reference:
-        from control.config_doc import reference as ref
+        from control.tools.config_doc import reference as ref
 
         print(ref(), end="")
         return
@@ -161,8 +162,8 @@ def node_run(config: ConfigOpt, node: Annotated[str, typer.Option(help="node nam
              state_dir: Annotated[Path | None, typer.Option(help="durable state")] = None
              ) -> None:
     """Run a node's modules; restart crashed ones; stop on SIGTERM/SIGINT."""
-    from control.logs import setup_logging
-    from control.supervisor import run_node
+    from control.core.logs import setup_logging
+    from control.node.supervisor import run_node
 
     topo = load(config)
     if node not in topo.nodes:
@@ -179,8 +180,8 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
                  rate_mbps: Annotated[float | None, typer.Option(help="override key rate")] = None
                  ) -> None:
     """Run the QKD link emulator of one link (Unix sockets under the network's run dir)."""
-    from control.emulator import run_emulator
-    from control.logs import setup_logging
+    from control.core.logs import setup_logging
+    from control.lkm.emulator import run_emulator
     from dataplane.private import set_private_umask
 
     topo = load(config)
@@ -235,7 +236,7 @@ def keys_init(directory: Annotated[Path, typer.Argument(help="where to write the
               ) -> None:
     """A CURVE keypair per node that keeps global key: <node>.key_secret (give it to that
     node alone) and <node>.key (its public key, for every node it exchanges key with)."""
-    from control.relay_keys import RelayKeyError, write_relay_keys
+    from control.gkm.relay_keys import RelayKeyError, write_relay_keys
     from dataplane.private import NotPrivateError
 
     topo = load(config)
@@ -259,7 +260,7 @@ def status(config: Annotated[Path | None, typer.Argument(help="topology TOML fil
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False
            ) -> None:
     """Per link end: key, agreement, tunnel traffic, XDP guard and drops; routes per node."""
-    from control.status import collect, render
+    from control.node.status import collect, render
 
     snaps = [collect(t) for t in _topologies(config, prefix)]
     if as_json:
@@ -298,7 +299,7 @@ def stats(config: Annotated[Path | None, typer.Argument(help="topology TOML file
     from rich.console import Group
     from rich.live import Live
 
-    from control.stats import collect, rates, render
+    from control.tools.stats import collect, rates, render
 
     need_root()  # the guard's maps are opened by id: CAP_BPF
     topos = _topologies(config, prefix)
@@ -432,7 +433,7 @@ def bench_gkm(
     """Global key manager: time to fill a store, per key size, direct and via a relay."""
     need_root()
     from bench.gkm import DEFAULT_SIZES, run
-    from control.config import parse_size
+    from control.core.config import parse_size
     from dataplane.limits import MAX_GLOBAL_BLOCK, MIN_GLOBAL_BLOCK
 
     def sizes(values: list[str], name: str) -> tuple[int, ...]:
@@ -490,7 +491,7 @@ def bench_api(
     """Key API: keys pulled over HTTPS (mutual TLS) until the store is empty, per size."""
     need_root()
     from bench.api import DEFAULT_SIZES, run
-    from control.config import parse_size
+    from control.core.config import parse_size
 
     def bits(value: str) -> int:
         try:
@@ -535,7 +536,7 @@ def bench_relay(
     need_root()
     from bench.otp import BenchError
     from bench.relay import DEFAULT_HOPS, check, run
-    from control.config import parse_size
+    from control.core.config import parse_size
 
     try:
         store_b, ring_b = parse_size(store), parse_size(ring)
@@ -737,7 +738,7 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="a JSON list")] 
     each with its fix; exit status 1 if a required check fails."""
     from dataclasses import asdict  # no need_root(): without root it runs and says so
 
-    from control.doctor import passed, render, run_checks, summary
+    from control.tools.doctor import passed, render, run_checks, summary
 
     checks = run_checks()
     if as_json:
@@ -760,7 +761,7 @@ def profile(
     """Per-stage syscall latency of a running node's OTP workers (bcc probes, no restart),
     the paper's Table I from their counters, and where their time goes."""
     need_root()
-    from control.profile import NotRunning, profile_node, render, running_topology
+    from control.tools.profile import NotRunning, profile_node, render, running_topology
     from dataplane.bpf.profile import ProfileError
 
     try:
@@ -793,7 +794,7 @@ def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples
     import shutil
     import tempfile
 
-    from control.demo import at_key_rate, report_json, run_demo, stream_rate_for
+    from control.tools.demo import at_key_rate, report_json, run_demo, stream_rate_for
 
     tmp = Path(tempfile.mkdtemp(prefix="qkdnet-demo-"))
     try:

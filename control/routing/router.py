@@ -1,6 +1,6 @@
 """The router of one node: keeps the node's routes over its OTP tunnels current.
 
-A thin shell around :mod:`control.routing`, running in the node's namespace. Before
+A thin shell around :mod:`control.routing.linkstate`, running in the node's namespace. Before
 anything of the node runs (the supervisor calls :func:`prepare_namespace`, and the router
 again at each start) the namespace gets, in this order: an ``unreachable`` route for
 ``node_net`` (so no packet to a node address ever leaves in clear along another route),
@@ -26,12 +26,12 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from control import paths
-from control.config import Topology
-from control.routing import LinkEnds, LinkStateDb, shortest_paths
-from control.statefile import write_json
+from control.core import paths
+from control.core.config import Topology
+from control.core.procs import same_process_alive
+from control.core.statefile import write_json
+from control.routing.linkstate import LinkEnds, LinkStateDb, shortest_paths
 from dataplane.limits import LINK_DEAD_MAX_S, LSA_MAX_AGE_S
-from dataplane.worker import same_process_alive
 
 log = logging.getLogger("qkdnet.router")
 ROUTE_INTERVAL_S = 0.2
@@ -231,9 +231,9 @@ class Router:
 
 
 def router_main(config_path: str, node: str) -> None:
-    from control.config import load_topology
-    from control.logs import setup_logging
-    from control.supervisor import die_with_parent, run_until_stopped
+    from control.core.config import load_topology
+    from control.core.lifecycle import die_with_parent, run_until_stopped
+    from control.core.logs import setup_logging
 
     die_with_parent()
     setup_logging()

@@ -1,6 +1,6 @@
 """A node's status files as Prometheus metric families.
 
-The node's modules already publish their state as JSON files (``control.status``); this
+The node's modules already publish their state as JSON files (``control.node.status``); this
 turns one node's snapshot of them into metrics, afresh at each scrape, so the dataplane
 counts nothing twice and pays nothing for being watched. ``families`` is pure (snapshot and
 clock in, families out); ``NodeCollector`` reads the files when Prometheus asks.
@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from control.accounting import link_end
-from control.config import Topology
-from control.status import STALE_AFTER_S, collect_node
+from control.core.config import Topology
+from control.lkm.accounting import link_end
+from control.node.status import STALE_AFTER_S, collect_node
 
 log = logging.getLogger("qkdnet.metrics")
 
@@ -211,7 +211,7 @@ def _sources(node: str, snap: dict, now: float) -> Iterator[tuple[str, Iterator[
 
 
 def families(node: str, snap: dict, now: float) -> list[Metric]:
-    """Metric families of one node's snapshot (``control.status.collect_node``). A source
+    """Metric families of one node's snapshot (``control.node.status.collect_node``). A source
     whose file is missing or not in the expected shape adds nothing (said in the log)."""
     fams: dict[str, Metric] = {}
     for what, source in _sources(node, snap, now):

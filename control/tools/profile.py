@@ -20,10 +20,11 @@ from rich.console import Console, Group
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from control import emulation, paths
-from control.config import ConfigError, Topology, load_topology
-from control.statefile import read_status
-from control.status import STALE_AFTER_S
+from control.core import paths
+from control.core.config import ConfigError, Topology, load_topology
+from control.core.statefile import read_status
+from control.node.status import STALE_AFTER_S
+from control.tools import emulation
 from dataplane.bpf.profile import STAGES, Profiler
 from dataplane.stats import STEPS_RX, STEPS_TX, LinkStats
 

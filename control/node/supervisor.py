@@ -6,7 +6,7 @@ own worker pool); per node the router, the Prometheus endpoint, the global key m
 and, when SAEs are attached to the node, the key API (which runs Sanic's worker
 processes). A crashed child is restarted with backoff; SIGTERM/SIGINT stops every child
 within seconds. No module starts before the namespace is safe for it
-(:func:`control.router.prepare_node`); a node whose routes cannot be installed does not
+(:func:`control.routing.router.prepare_node`); a node whose routes cannot be installed does not
 start at all. The state of every module is published in ``state.json`` beside the
 modules' own status files.
 """
@@ -14,51 +14,29 @@ modules' own status files.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing as mp
 import os
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from control import paths
-from control.config import Topology, load_topology
-from control.statefile import write_json
+from control.core import paths
+from control.core.config import Topology, load_topology
+from control.core.lifecycle import die_with_parent
+from control.core.statefile import write_json
 from dataplane.private import private_dir, set_private_umask
 
 log = logging.getLogger("qkdnet.node")
-PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 3.0
 MAX_BACKOFF_S = 5.0
 STABLE_S = 10.0  # a module that ran this long before it exited restarts without delay
 
 
-def die_with_parent() -> None:
-    """Ask the kernel to SIGTERM this process when its parent exits; and no core dumps:
-    a node process holds key in memory (invariant 6)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    with contextlib.suppress(OSError, ValueError):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def run_until_stopped(module) -> None:
-    """Run a module object's ``run()`` until SIGTERM or SIGINT sets its ``stop`` flag (it
-    checks the flag in its loop and ends cleanly)."""
-    def on_signal(*_: object) -> None:
-        module.stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    module.run()
-
-
 def _lkm_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:
-    from control.lkm import EndConfig, LinkKeyManager
-    from control.logs import setup_logging
+    from control.core.logs import setup_logging
+    from control.lkm.link_end import EndConfig, LinkKeyManager
 
     die_with_parent()
     setup_logging()
@@ -94,7 +72,7 @@ class Supervisor:
         private_dir(state_dir or paths.state_dir(topo.prefix, node))  # rings' cursors, stores
         self.ctx = mp.get_context("fork")
         sd = str(state_dir) if state_dir else None
-        from control.router import router_main
+        from control.routing.router import router_main
         from dataplane.tunnel import tunnel_main
 
         cfg = str(topo.path)
@@ -106,11 +84,11 @@ class Supervisor:
                                 (cfg, node, lk.name, sd, guard_off)) for lk in links]
         self.modules.append(Module("router", router_main, (cfg, node)))
         if topo.metrics.enabled:
-            from control.metrics_server import metrics_main
+            from control.node.metrics_server import metrics_main
 
             self.modules.append(Module("metrics", metrics_main, (cfg, node)))
         if topo.gkm.destinations_of(node) or topo.gkm.origins_of(node):
-            from control.gkm import gkm_main
+            from control.gkm.manager import gkm_main
 
             self.modules.append(Module("gkm", gkm_main, (cfg, node, sd)))
             if any(s.node == node for s in topo.saes):
@@ -219,7 +197,7 @@ def run_node(config: Path, node: str, state_dir: Path | None = None,
         from pyroute2 import netns as pnetns
 
         pnetns.setns(netns)
-    from control.router import SetupError, prepare_node
+    from control.routing.router import SetupError, prepare_node
 
     try:  # before any module: no service may see the node address before this holds
         prepare_node(topo, node)

@@ -8,10 +8,10 @@ from rich import box
 from rich.console import Group
 from rich.table import Table
 
-from control import paths
-from control.accounting import link_end
-from control.config import Topology
-from control.statefile import read_status
+from control.core import paths
+from control.core.config import Topology
+from control.core.statefile import read_status
+from control.lkm.accounting import link_end
 from dataplane.bpf.guard import DROP_REASONS
 
 STALE_AFTER_S = 3.0

@@ -18,11 +18,11 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from control.emulator import BLOCK_HEAD, HELLO, MAGIC
+from control.lkm.emulator import BLOCK_HEAD, HELLO, MAGIC
 from dataplane.limits import MAX_BLOCK_SIZE
 
 if TYPE_CHECKING:
-    from control.config import LinkSpec, Topology
+    from control.core.config import LinkSpec, Topology
 
 Block = tuple[tuple[int, int], bytearray]
 
@@ -261,15 +261,15 @@ def make_source(topo: Topology, node: str, link: LinkSpec) -> KeySource:
     """The key source the link's config names, for the end at ``node``."""
     kind = link.source.kind
     if kind == "emulator":
-        from control import paths
+        from control.core import paths
         return EmulatorSource(paths.emulator_socket(topo.prefix, link.name, node))
     if kind == "sftp":
-        from control.keysource_sftp import SftpSource
+        from control.lkm.source_sftp import SftpSource
         cfg = link.source
         end = cfg.a if node == link.a else cfg.b  # type: ignore[union-attr]
         return SftpSource(end, max_size=link.block_size, base_dir=topo.path.parent,
                           poll_s=cfg.poll_ms / 1000)  # type: ignore[union-attr]
     if kind == "etsi014":
-        from control.keysource_etsi import make_etsi_source
+        from control.lkm.source_etsi import make_etsi_source
         return make_etsi_source(topo, node, link)
     raise ValueError(f"link {link.name}: unknown key source kind {kind!r}")

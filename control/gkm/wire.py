@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from control.carving import MAX_NODE_ID, MAX_SEQ
+from control.gkm.carving import MAX_NODE_ID, MAX_SEQ
 from dataplane.limits import (
     MAX_GLOBAL_BLOCK,
     MAX_RELAY_BLOCKS,

@@ -1,7 +1,7 @@
 """Who may speak on the global key relay: CurveZMQ on every relay socket, and the ZAP
 decision of the destination's ROUTER, without I/O.
 
-Every key manager has one CURVE keypair (``control.relay_keys``). Its DEALERs connect
+Every key manager has one CURVE keypair (``control.gkm.relay_keys``). Its DEALERs connect
 with that keypair and the destination's public key, so the handshake proves both ends:
 the destination knows the client holds an origin's secret key, the origin knows it talks
 to the destination's key manager (ACK and RESERVED come back authenticated). Every
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from control.relay_keys import RelayKeys
+from control.gkm.relay_keys import RelayKeys
 from dataplane.limits import MAX_RELAY_FRAME, MAX_RELAY_REPLY_FRAME
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks, in the server's context

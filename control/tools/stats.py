@@ -13,9 +13,9 @@ import time
 from rich import box
 from rich.table import Table
 
-from control import paths
-from control.config import Topology
-from control.statefile import read_status
+from control.core import paths
+from control.core.config import Topology
+from control.core.statefile import read_status
 from dataplane.bpf.guard import DROP_REASONS, REASONS, read_counts
 from dataplane.stats import LinkStats
 

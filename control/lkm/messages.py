@@ -26,14 +26,13 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from dataplane.limits import MAX_AGREEMENT_FRAME
+from dataplane.limits import MAX_AGREEMENT_FRAME, MAX_KEYS_PER_NOTE
 
 AB, BA = 0, 1
 VERSION = 1
 TAG_LEN = 32
 NONCE_LEN = 16
 AUTH_KEY_LEN = 32
-MAX_KEYS_PER_NOTE = 1024  # device keys one block may be made of (one enc_keys call)
 KEY_ID_LEN = 36  # a UUID in its canonical text form
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                       r"[0-9a-fA-F]{12}")

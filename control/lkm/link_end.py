@@ -1,4 +1,4 @@
-"""Local key manager for one link end: a thin I/O shell around :mod:`control.agreement`.
+"""Local key manager for one link end: a thin I/O shell around :mod:`control.lkm.agreement`.
 
 One process per link end. It reads blocks from the key source, talks to the peer's key
 manager over the underlay (TCP, frames authenticated by :class:`FrameCodec`), carries out
@@ -33,9 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from control import paths
-from control.agreement import AB, BA, Dropped, Follower, Leader, Send, SkipTo, Store
-from control.agreement_msgs import (
+from control.core import paths
+from control.core.config import LinkSpec, Topology
+from control.core.statefile import write_json
+from control.lkm.agreement import AB, BA, Dropped, Follower, Leader, Send, SkipTo, Store
+from control.lkm.messages import (
     AUTH_KEY_LEN,
     NONCE_LEN,
     FrameCodec,
@@ -43,9 +45,7 @@ from control.agreement_msgs import (
     Message,
     ProtocolError,
 )
-from control.config import LinkSpec, Topology
-from control.keysource import KeySource, SourceUnavailable, make_source
-from control.statefile import write_json
+from control.lkm.source import KeySource, SourceUnavailable, make_source
 from dataplane.ring import ROLE_DEC, ROLE_ENC, CursorFile, KeyRing, RingError
 
 log = logging.getLogger("qkdnet.lkm")

@@ -32,10 +32,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from control import emulation, paths
-from control.config import Sae, Topology
-from control.demo_stream import PacedStream, StreamResult
-from control.status import collect, render
+from control.core import paths
+from control.core.config import Sae, Topology
+from control.node.status import collect, render
+from control.tools import emulation
+from control.tools.demo_stream import PacedStream, StreamResult
 
 STREAM_PORT = 5301
 DONE_WAIT_S = 15.0  # a phase waits at most this long (or 3 phases) for what it shows
@@ -138,7 +139,7 @@ SIZE_KEYS = {"defaults": ("block_size", "ring_capacity"),
 
 def at_key_rate(path: Path, rate_mbps: float, out_dir: Path) -> Path:
     """A copy of the topology file ``path`` in ``out_dir`` with every link at
-    ``rate_mbps`` and every size left to follow the rate (control.sizing)."""
+    ``rate_mbps`` and every size left to follow the rate (control.core.sizing)."""
     data = tomllib.loads(path.read_text())
     data.setdefault("defaults", {})["key_rate_mbps"] = rate_mbps
     for section, keys in SIZE_KEYS.items():

@@ -1,5 +1,5 @@
 """The global key manager of one node (module 3): a thin shell of sockets and a database
-around :mod:`control.relay`, :mod:`control.gkm_wire` and :mod:`control.keystore`.
+around :mod:`control.gkm.relay`, :mod:`control.gkm.wire` and :mod:`control.gkm.store`.
 
 One process per node, one thread, one ZeroMQ poll loop:
 
@@ -11,17 +11,17 @@ One process per node, one thread, one ZeroMQ poll loop:
    DEALER socket connected to the destination's node address inside the OTP network:
    the kernel routes it through the tunnels, every hop OTP-encrypted, relays included.
 3. The destination's ROUTER socket (on its node address) knows who sent it: every relay
-   connection is CurveZMQ, the origin proven by its key (``control.relay_auth``); it
+   connection is CurveZMQ, the origin proven by its key (``control.gkm.relay_auth``); it
    stores the blocks in its DEC store, synced, and only then acknowledges (ACK).
 4. The origin marks acknowledged blocks usable; the rest are resent on a new connection,
-   or after the time the path needs to deliver what is in flight (control.pacing).
+   or after the time the path needs to deliver what is in flight (control.gkm.pacing).
 
 Blocks leave no faster than the key on their path can carry (a token bucket at a share of
 the slowest hop's key rate, from the router's path), with about a second of that rate in
 flight. Reservations travel on a second connection per destination, marked DSCP CS6 like
 everything the ROUTER sends back, so the tunnels give them key before bulk and they never
 wait behind a window of blocks.
-5. Keys are taken over a Unix socket (``control.gkm_client``), one request at a time.
+5. Keys are taken over a Unix socket (``control.gkm.client``), one request at a time.
 
 A kill -9 anywhere leaves pending blocks that are resent with the same bytes after the
 restart; the destination answers a block it already holds with DUPLICATE (invariant 4).
@@ -44,11 +44,19 @@ import zmq
 import zmq.utils.monitor
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from control import gkm_client, pacing, paths
-from control.address import wait_for_address
-from control.carving import CarveError, decode
-from control.config import Topology
-from control.gkm_wire import (
+from control.core import paths
+from control.core.address import wait_for_address
+from control.core.config import Topology
+from control.core.procs import is_alive
+from control.core.statefile import read_status, write_json
+from control.gkm import client as gkm_client
+from control.gkm import pacing
+from control.gkm.carving import CarveError, decode
+from control.gkm.relay import Outbox, RateMeter, Restock
+from control.gkm.relay_auth import ZAP_ENDPOINT, secure_dealer, secure_router, zap_reply
+from control.gkm.relay_keys import RelayKeyError, load_relay_keys
+from control.gkm.store import BlockState, KeyStore, StoreError
+from control.gkm.wire import (
     MAX_RESERVE_BATCH,
     Ack,
     AckStatus,
@@ -62,13 +70,7 @@ from control.gkm_wire import (
     encode_reserved,
     parse_batch,
 )
-from control.keystore import BlockState, KeyStore, StoreError
-from control.procs import is_alive
-from control.relay import Outbox, RateMeter, Restock
-from control.relay_auth import ZAP_ENDPOINT, secure_dealer, secure_router, zap_reply
-from control.relay_keys import RelayKeyError, load_relay_keys
-from control.routing import LinkEnds, shortest_paths
-from control.statefile import read_status, write_json
+from control.routing.linkstate import LinkEnds, shortest_paths
 from dataplane.classify import TOS_CONTROL
 from dataplane.limits import (
     MAX_GLOBAL_BLOCK,
@@ -1025,10 +1027,10 @@ class GlobalKeyManager:
 
 
 def gkm_main(config_path: str, node: str, state_dir: str | None) -> None:
-    from control.config import load_topology
-    from control.logs import setup_logging
-    from control.memory import keep_freed_memory
-    from control.supervisor import die_with_parent, run_until_stopped
+    from control.core.config import load_topology
+    from control.core.lifecycle import die_with_parent, run_until_stopped
+    from control.core.logs import setup_logging
+    from control.core.memory import keep_freed_memory
 
     die_with_parent()
     setup_logging()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import zmq
 
-from control import paths
-from control.keystore import StoreError
+from control.core import paths
+from control.gkm.errors import StoreError
 
 DEFAULT_TIMEOUT_S = 10.0
 ANSWER_MARGIN_S = 2.0  # a take's deadline: this long before the client gives up

@@ -13,7 +13,7 @@ file under another name and renames it into place when it is complete, so a list
 3. removes it from the device, and only once the removal is confirmed hands the block to
    the key manager: a restart can lose a block but never deliver one twice.
 
-All SSH work, connecting included, runs in :class:`~control.keysource.FetchingSource`'s
+All SSH work, connecting included, runs in :class:`~control.lkm.source.FetchingSource`'s
 thread, so a device that does not answer never stalls the key manager's loop. A lost
 connection is reported to the key manager, which keeps running on stored key; reconnects
 back off from 1 s to 30 s (:class:`Backoff`).
@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from control.keysource import Block, FetchingSource, SourceUnavailable
+from control.lkm.source import Block, FetchingSource, SourceUnavailable
 
 if TYPE_CHECKING:
     import paramiko
 
-    from control.config import SftpEnd
+    from control.core.config import SftpEnd
 
 log = logging.getLogger("qkdnet.keysource.sftp")
 

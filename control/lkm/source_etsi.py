@@ -41,12 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
-from control.agreement_msgs import KeyIds, Message, check_key_id
-from control.keysource import Block, FetchingSource, SourceUnavailable
+from control.lkm.messages import KeyIds, Message, check_key_id
+from control.lkm.source import Block, FetchingSource, SourceUnavailable
 from dataplane.limits import PENDING_BLOCK_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from control.config import Etsi014End, Etsi014Source, LinkSpec, Topology
+    from control.core.config import Etsi014End, Etsi014Source, LinkSpec, Topology
 
 log = logging.getLogger("qkdnet.keysource.etsi")
 BASE_PATH = "/api/v1/keys"

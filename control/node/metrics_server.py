@@ -13,9 +13,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
-from control.address import wait_for_address
-from control.config import Topology, load_topology
-from control.metrics import node_registry
+from control.core.address import wait_for_address
+from control.core.config import Topology, load_topology
+from control.node.metrics import node_registry
 
 log = logging.getLogger("qkdnet.metrics")
 POLL_S = 0.5  # how soon a stop request is noticed
@@ -59,8 +59,8 @@ class MetricsServer:
 
 
 def metrics_main(config_path: str, node: str) -> None:
-    from control.logs import setup_logging
-    from control.supervisor import die_with_parent, run_until_stopped
+    from control.core.lifecycle import die_with_parent, run_until_stopped
+    from control.core.logs import setup_logging
 
     die_with_parent()
     setup_logging()

@@ -19,7 +19,7 @@ rely on are synced before anyone hears of them: a received block before it is
 acknowledged (invariant 4), a take before its keys are returned (a taken key never comes
 back). A pending block is written before it is sent, not synced (see ``add_pending``).
 Only the GKM process opens the database (RocksDB locks it); other processes take keys
-through it (``control.gkm_client``). One lock serialises takers within the process.
+through it (``control.gkm.client``). One lock serialises takers within the process.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ from typing import TYPE_CHECKING
 
 from rocksdict import AccessType, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
-from control.carving import MAX_BLOCK, CarveError, Cursor, KeySlice, carve, decode
+from control.gkm.carving import MAX_BLOCK, CarveError, Cursor, KeySlice, carve, decode
+from control.gkm.errors import StoreError
 
 if TYPE_CHECKING:
-    from control.gkm_wire import ReserveStatus
+    from control.gkm.wire import ReserveStatus
 
 BULK_WRITE = 1 << 20  # a batch of blocks this large is flushed rather than logged
 CACHED_BLOCKS = 4     # blocks kept in memory for takes that cut many keys from one block
@@ -58,14 +59,6 @@ class BlockState(IntEnum):
     PENDING = 0   # ENC: stored here, not yet acknowledged by the destination
     USABLE = 1    # ENC: acknowledged; DEC: stored
     CONFLICT = 2  # ENC: the destination holds other bytes under this number: never used
-
-
-class StoreError(Exception):
-    """A request refused whole; nothing changed. ``kind`` says why, for the caller."""
-
-    def __init__(self, kind: str, message: str):
-        self.kind = kind  # "short" (not enough key), "unknown", "forbidden", "bad"
-        super().__init__(message)
 
 
 def _seq_key(tag: bytes, seq: int) -> bytes:
@@ -529,7 +522,7 @@ class KeyStore:
         """The taker of reservation ``rseq`` gave up before the slave's node confirmed:
         queue a numbered cancellation of the same keys (applied after it, in order), so
         they do not stay reserved for ever. Returns its number (None: nothing to do)."""
-        from control.gkm_wire import parse
+        from control.gkm.wire import parse
 
         with self.lock:
             raw = self.enc[peer].unacked.get(rseq)
@@ -550,7 +543,7 @@ class KeyStore:
         confirmations of their keys, which make them fetchable at ``peer`` (a taker is
         answered only after this returns, so a crash cannot lose a confirmation whose
         taker got its keys). Returns the confirmations' numbers."""
-        from control.gkm_wire import parse
+        from control.gkm.wire import parse
         from dataplane.limits import MAX_RELAY_BLOCKS
 
         with self.lock:
@@ -565,7 +558,7 @@ class KeyStore:
                confirm: bool) -> list[int]:
         """In one synced batch: forget the acknowledged reservations ``acked`` and queue
         one numbered cancellation (or confirmation) per group of key IDs."""
-        from control.gkm_wire import Reserve, encode_reserve
+        from control.gkm.wire import Reserve, encode_reserve
 
         st = self.enc[peer]
         h = self._handle("enc", peer)
@@ -592,7 +585,7 @@ class KeyStore:
         never answered (takers hear only after the acknowledgement) and never will be,
         since the process that held it is gone. Cancel each that is not cancelled yet;
         returns the cancellations' numbers."""
-        from control.gkm_wire import parse
+        from control.gkm.wire import parse
 
         with self.lock:
             msgs = {r: parse([raw]) for r, raw in self.enc[peer].unacked.items()}
@@ -648,7 +641,7 @@ class KeyStore:
                 wb.delete(_seq_key(b"m", seq), h)
             rseq = None
             if saes:
-                from control.gkm_wire import Reserve, encode_reserve
+                from control.gkm.wire import Reserve, encode_reserve
 
                 rseq = st.next_rseq
                 msg = encode_reserve(Reserve(self.node_id, st.peer_id, rseq,
@@ -675,7 +668,7 @@ class KeyStore:
                        ) -> list[str]:
         """Store blocks from ``peer`` durably; per block 'stored', 'duplicate' (same bytes
         held already) or 'conflict' (other bytes held: kept, the new ones refused)."""
-        from control.gkm_wire import AckStatus, receive_status
+        from control.gkm.wire import AckStatus, receive_status
 
         with self.lock:
             st = self.dec[peer]
@@ -715,7 +708,7 @@ class KeyStore:
 
     def apply_reservation(self, peer: str, msg) -> ReserveStatus:
         """A RESERVE from ``peer``, applied in its numbered order exactly once."""
-        from control.gkm_wire import ReserveStatus
+        from control.gkm.wire import ReserveStatus
 
         with self.lock:
             st = self._dec_state(peer)

@@ -2,7 +2,7 @@
 
 A recorded pid may belong to another process by the time it is read: the one recorded
 exited and the kernel gave its pid to something else. So a process is named by its
-identity (pid and start time, :func:`dataplane.worker.process_identity`) and signalled
+identity (pid and start time, :func:`process_identity`) and signalled
 through a pidfd opened *before* the identity is checked: the signal reaches the process
 that was checked, or none.
 """
@@ -14,9 +14,28 @@ import os
 import signal
 from pathlib import Path
 
-from dataplane.worker import process_identity, same_process_alive
+__all__ = ["is_alive", "process_identity", "same_process_alive", "send_signal"]
 
-__all__ = ["is_alive", "process_identity", "send_signal"]
+
+def process_identity(pid: int) -> int:
+    """pid and start time in one word, so that a recorded worker is never confused with a
+    later process that reuses its pid."""
+    try:
+        start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return (start << 24) | pid
+
+
+def same_process_alive(identity: int) -> bool:
+    """The recorded process still runs (a zombie does not: it holds nothing any more)."""
+    pid = identity & 0xFFFFFF
+    if pid == 0 or process_identity(pid) != identity:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def is_alive(identity: int) -> bool:

@@ -28,15 +28,15 @@ from pydantic import (
     model_validator,
 )
 
-from control import paths
-from control.agreement_msgs import MAX_KEYS_PER_NOTE
-from control.sizing import GkmSizes, LinkSizes, gkm_sizes, link_sizes
+from control.core import paths
+from control.core.sizing import GkmSizes, LinkSizes, gkm_sizes, link_sizes
 from dataplane.limits import (
     CONVENTIONAL_MTU,
     MAX_API_KEY_BYTES,
     MAX_API_WORKERS,
     MAX_BLOCK_SIZE,
     MAX_GLOBAL_BLOCK,
+    MAX_KEYS_PER_NOTE,
     MAX_RELAY_BLOCKS,
     MAX_RING_CAPACITY,
     MAX_SAE_IDS,
@@ -519,7 +519,7 @@ class GkmSpec:
     high_watermark: int
     window: int
     pairs: tuple[tuple[str, str], ...]
-    keys: Path = Path("relay-keys")  # the relay's CURVE keys (control.relay_keys)
+    keys: Path = Path("relay-keys")  # the relay's CURVE keys (control.gkm.relay_keys)
 
     def destinations_of(self, node: str) -> list[str]:
         """The nodes this node originates global key for (it fills its ENC stores)."""

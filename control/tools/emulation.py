@@ -23,10 +23,10 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2 import netns as pnetns
 
-from control import paths
-from control.agreement_msgs import AUTH_KEY_LEN
-from control.config import ConfigError, Topology, load_topology
-from control.procs import is_alive, process_identity, send_signal
+from control.core import paths
+from control.core.config import ConfigError, Topology, load_topology
+from control.core.procs import is_alive, process_identity, send_signal
+from control.lkm.messages import AUTH_KEY_LEN
 from dataplane.limits import MAX_UNDERLAY_MTU
 from dataplane.private import private_dir, private_umask, write_private
 from dataplane.ring import KeyRing
@@ -126,7 +126,7 @@ def _ensure_relay_keys(topo: Topology) -> None:
     """The global key relay's CURVE keys: made in ``[gkm] keys`` (default: the run dir)
     when there is none there yet; an existing set must cover every node that keeps
     global key."""
-    from control.relay_keys import secret_path, write_relay_keys
+    from control.gkm.relay_keys import secret_path, write_relay_keys
 
     nodes = topo.gkm.nodes()
     if not nodes:
@@ -165,7 +165,7 @@ def _ensure_pki(topo: Topology) -> None:
 def _spawn(args: list[str], log: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "control.cli", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "control.tools.cli", *args],
                                 stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     return proc.pid
@@ -257,7 +257,7 @@ def _pids_of_network(prefix: str, config: str | None) -> list[int]:
         if p.name.isdigit():
             with contextlib.suppress(OSError):
                 cmd = (p / "cmdline").read_bytes().split(b"\0")
-                if b"control.cli" not in cmd:
+                if b"control.tools.cli" not in cmd:
                     continue
                 netns = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == b"--netns"]
                 if (cfg and cfg in cmd) or any(n.startswith(ns_prefix) for n in netns):
@@ -283,7 +283,7 @@ def _is_ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"control.cli" in cmd or b"qkdctl" in cmd or b"multiprocessing" in cmd
+    return b"control.tools.cli" in cmd or b"qkdctl" in cmd or b"multiprocessing" in cmd
 
 
 def _stop_pids(idents: list[int], grace_s: float = STOP_GRACE_S) -> None:
