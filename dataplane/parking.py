@@ -3,7 +3,7 @@
 
 The leader of a link stores each key block before the follower does, so a datagram may
 arrive before the key it names: it cannot be authenticated yet (its one-time MAC key is in
-that key). A worker that waited for such key, as it used to, could be stalled by anyone
+that key). A worker that waited for such key could be stalled by anyone
 who can send from the peer's address: well-formed datagrams naming positions just ahead
 of the ring each held the worker for up to `key_wait_ms`, and nothing it received
 meanwhile was served. So they are parked instead: copied into one of a few slots, the

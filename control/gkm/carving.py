@@ -1,4 +1,4 @@
-"""Carving application keys out of global key blocks, without I/O (module 3 groundwork).
+"""Carving application keys out of global key blocks, without I/O.
 
 Global key travels between two nodes in numbered blocks: block ``seq`` of the ordered pair
 (origin -> destination) holds the same bytes in the origin's ENC store and in the
