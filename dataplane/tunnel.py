@@ -36,7 +36,9 @@ import numpy as np
 from pyroute2 import IPRoute
 
 from control.core import paths
-from control.core.config import DataplaneSpec, LinkSpec, Topology
+from control.core.config import DataplaneSpec, LinkSpec, Topology, load_topology
+from control.core.lifecycle import die_with_parent, run_until_stopped
+from control.core.logs import setup_logging
 from control.core.procs import process_identity, same_process_alive
 from control.core.statefile import write_json
 from dataplane import wire
@@ -522,9 +524,6 @@ class TunnelManager:
 def tunnel_main(config_path: str, node: str, link: str, state_dir: str | None,
                 guard_off: str | None = None) -> None:
     """Entry point of the tunnel manager process (forked by the node supervisor)."""
-    from control.core.config import load_topology
-    from control.core.lifecycle import die_with_parent, run_until_stopped
-    from control.core.logs import setup_logging
 
     die_with_parent()
     setup_logging()

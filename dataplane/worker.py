@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from control.core.lifecycle import die_with_parent, run_until_stopped
 from control.core.procs import process_identity
 from dataplane import wire
 from dataplane.bpf.syscall import ArrayMap
@@ -510,7 +511,6 @@ class Worker:
 
 def worker_main(cfg: WorkerConfig) -> None:
     """Entry point of a worker process (forked by the tunnel manager)."""
-    from control.core.lifecycle import die_with_parent, run_until_stopped
 
     die_with_parent()
     for fd in cfg.close_fds:

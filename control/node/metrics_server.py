@@ -15,6 +15,8 @@ from prometheus_client import make_wsgi_app
 
 from control.core.address import wait_for_address
 from control.core.config import Topology, load_topology
+from control.core.lifecycle import die_with_parent, run_until_stopped
+from control.core.logs import setup_logging
 from control.node.metrics import node_registry
 
 log = logging.getLogger("qkdnet.metrics")
@@ -59,8 +61,6 @@ class MetricsServer:
 
 
 def metrics_main(config_path: str, node: str) -> None:
-    from control.core.lifecycle import die_with_parent, run_until_stopped
-    from control.core.logs import setup_logging
 
     die_with_parent()
     setup_logging()

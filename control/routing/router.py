@@ -27,7 +27,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from control.core import paths
-from control.core.config import Topology
+from control.core.config import Topology, load_topology
+from control.core.lifecycle import die_with_parent, run_until_stopped
+from control.core.logs import setup_logging
 from control.core.procs import same_process_alive
 from control.core.statefile import write_json
 from control.routing.linkstate import LinkEnds, LinkStateDb, shortest_paths
@@ -231,9 +233,6 @@ class Router:
 
 
 def router_main(config_path: str, node: str) -> None:
-    from control.core.config import load_topology
-    from control.core.lifecycle import die_with_parent, run_until_stopped
-    from control.core.logs import setup_logging
 
     die_with_parent()
     setup_logging()
