@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from bench.harness import BenchError, Net
 from bench.ledger import Ledger
-from bench.otp import BenchError, Net
 from bench.topology import line, saes
 from control.core import paths
 from control.core.statefile import read_status

@@ -35,7 +35,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.otp import BenchError, Net
+from bench.harness import BenchError, Net
 from bench.plotting import verdict
 from bench.runs import median_run
 from bench.topology import line

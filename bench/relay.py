@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.gkm import GkmNet
-from bench.otp import BenchError
+from bench.harness import BenchError
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
 from bench.topology import line
 from control.core import paths

@@ -24,7 +24,7 @@ import time
 from rich.console import Console
 
 from bench.chaos import ChaosNet
-from bench.otp import BenchError
+from bench.harness import BenchError
 from bench.topology import line
 from control.core import paths
 from control.core.statefile import read_status

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench.otp import BenchError, Net
-from bench.scale import gkm_peer, wait_until
+from bench.harness import BenchError, Net, wait_until
+from bench.scale import gkm_peer
 from bench.topology import line, saes
 from control.core import paths
 from control.core.config import Sae
