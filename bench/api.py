@@ -40,7 +40,7 @@ from bench.ceiling import TARGETS, meets, verdict_line, vs
 from bench.harness import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 from control.gkm.client import GkmClient
 from control.gkm.manager import PAUSE_FLAG
@@ -70,7 +70,7 @@ node = "A"
 [[saes]]
 id = "SAE-B"
 node = "B"
-""" + line("AB", 206)
+""" + template(line("AB", 206))
 
 
 def size_name(bits: int) -> str:

@@ -38,7 +38,7 @@ from bench.ceiling import TARGETS, meets, verdict_line, vs
 from bench.harness import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 from control.gkm.manager import PAUSE_FLAG
 
@@ -58,7 +58,7 @@ low_watermark = {low}
 high_watermark = {high}
 window = {window}
 pairs = [["A", "B"], ["A", "C"]]
-""" + line("ABC", 205)
+""" + template(line("ABC", 205))
 
 
 class GkmNet(Net):

@@ -33,7 +33,7 @@ from rich.table import Table
 from bench.gkm import GkmNet
 from bench.harness import BenchError
 from bench.plotting import figure, finish, log_axes, save, verdict
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 from control.core.statefile import read_status
 from control.gkm.manager import PAUSE_FLAG
@@ -55,7 +55,7 @@ mode = "{mode}"
 [gkm]
 high_watermark = "{high}"
 pairs = [["A", "B"]]
-""" + line("ABC", 207, closed=True)
+""" + template(line("ABC", 207, closed=True))
 
 
 class KeyrateNet(GkmNet):

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from bench import bare_source
 from bench.ceiling import TARGETS, meets, verdict_line, vs
 from bench.harness import Net
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 from dataplane.ring import CONTROL_LANE, KeyRing, RingError
 
@@ -47,7 +47,7 @@ block_size = {block}
 ring_capacity = {capacity}
 [gkm]
 pairs = []  # no global key: this network measures or tests other modules
-""" + line("AB", 203)
+""" + template(line("AB", 203))
 
 
 class LkmNet(Net):

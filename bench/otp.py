@@ -32,7 +32,7 @@ from bench.ceiling import TARGETS, meets, verdict_line, vs
 from bench.harness import Net
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
-from bench.topology import line
+from bench.topology import line, template
 from dataplane.limits import MAX_UNDERLAY_MTU
 from dataplane.stats import STEPS_RX, STEPS_TX
 from dataplane.tun import MAX_MTU
@@ -58,7 +58,7 @@ mode = "{mode}"
 workers = {workers}
 [gkm]
 pairs = []  # no global key: this network measures or tests other modules
-""" + line("ABC", 204)
+""" + template(line("ABC", 204))
 
 
 class OtpNet(Net):
