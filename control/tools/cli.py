@@ -670,8 +670,8 @@ def bench_keyrate(
     """Key economy: per QKD key rate, global key fill, its efficiency (global key over the
     link's key spent for it), idle key spent per link and time to first global key."""
     need_root()
-    from bench.keyrate import parse_rates, run
     from bench.harness import BenchError
+    from bench.keyrate import parse_rates, run
 
     try:
         r = parse_rates(rates)
