@@ -37,10 +37,10 @@ from rich.table import Table
 from bench import bare_api
 from bench.api_load import Pull, pull_dec, pull_enc, run_in
 from bench.ceiling import TARGETS, meets, verdict_line, vs
-from bench.otp import BenchError, Net
+from bench.harness import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 from control.gkm.client import GkmClient
 from control.gkm.manager import PAUSE_FLAG
@@ -70,7 +70,7 @@ node = "A"
 [[saes]]
 id = "SAE-B"
 node = "B"
-""" + line("AB", 206)
+""" + template(line("AB", 206))
 
 
 def size_name(bits: int) -> str:
@@ -92,11 +92,7 @@ class ApiNet(Net):
         self.bare_port = self.topo.ports.api + 1  # the ceiling's endpoint, beside the KME
 
     def up(self) -> None:
-        for node in self.topo.nodes:  # every key manager starts paused
-            d = paths.node_dir(self.prefix, node)
-            d.mkdir(parents=True, exist_ok=True)
-            (d / PAUSE_FLAG).touch()
-        super().up()
+        super().up(paused_gkm=self.topo.nodes)  # every key manager starts paused
         self.wait_api()
 
     def wait_api(self, timeout: float = 60.0) -> None:

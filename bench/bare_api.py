@@ -105,7 +105,7 @@ def endpoint(ns: str, pki: Path, node: str, host: str, port: int, workers: int,
     """The bare endpoint in namespace ``ns`` for the block's time; its process group is
     stopped after, even on failure or Ctrl-C."""
     from bench.api_load import run_in
-    from bench.otp import BenchError
+    from bench.harness import BenchError
 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:

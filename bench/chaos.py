@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from bench.harness import BenchError, Net
 from bench.ledger import Ledger
-from bench.otp import BenchError, Net
-from bench.topology import line, saes
+from bench.topology import line, saes, template
 from control.core import paths
 from control.core.statefile import read_status
 from control.tools import emulation
@@ -58,7 +58,7 @@ key_rate_mbps = {rate}
 pairs = [["A", "C"]]
 [api]
 workers = 2
-""" + saes(("SAE-A", "A"), ("SAE-C", "C")) + line("ABC", 210, closed=True)
+""" + template(saes(("SAE-A", "A"), ("SAE-C", "C")), line("ABC", 210, closed=True))
 
 _ctx = mp.get_context("fork")
 

@@ -29,7 +29,7 @@ from rich.console import Console
 from api.client import run_in_netns
 from bench.api import ApiNet
 from bench.fuzz_cases import Case, draw
-from bench.otp import BenchError
+from bench.harness import BenchError
 from control.core import paths
 from control.core.statefile import read_status
 from control.gkm.client import GkmClient

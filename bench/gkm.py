@@ -35,13 +35,12 @@ from rich.table import Table
 
 from bench import bare_store
 from bench.ceiling import TARGETS, meets, verdict_line, vs
-from bench.otp import BenchError, Net
+from bench.harness import BenchError, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 from control.gkm.manager import PAUSE_FLAG
-from control.tools import emulation
 
 PAPER = {"mbps_at_1MB": 85.0}
 DEFAULT_SIZES = (1 << 10, 16 << 10, 256 << 10, 1 << 20)
@@ -59,7 +58,7 @@ low_watermark = {low}
 high_watermark = {high}
 window = {window}
 pairs = [["A", "B"], ["A", "C"]]
-""" + line("ABC", 205)
+""" + template(line("ABC", 205))
 
 
 class GkmNet(Net):
@@ -74,19 +73,7 @@ class GkmNet(Net):
         self.store = store
 
     def up(self) -> None:
-        man = emulation.net_up(self.topo, start=False)
-        for node in self.topo.nodes:
-            d = paths.node_dir(self.prefix, node)
-            d.mkdir(parents=True, exist_ok=True)
-            (d / PAUSE_FLAG).touch()
-        emulation.start_processes(self.topo, man)
-        self.emulators = [p for k, p in man.pids.items() if k.startswith("emulator:")]
-        deadline = time.monotonic() + 60
-        while not self._ready():
-            if time.monotonic() > deadline:
-                raise BenchError(f"network not ready within 60 s; logs in "
-                                 f"{paths.log_dir(self.prefix)}")
-            time.sleep(0.3)
+        super().up(paused_gkm=self.topo.nodes)
 
     def gkm(self, node: str) -> dict:
         try:

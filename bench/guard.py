@@ -35,10 +35,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench.otp import BenchError, Net
+from bench.harness import BenchError, Net
 from bench.plotting import verdict
 from bench.runs import median_run
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 from dataplane.bpf.guard import DROP_REASONS
 
@@ -55,7 +55,7 @@ workers = {workers}
 guard = "{guard}"
 [gkm]
 pairs = []
-""" + line("AB", 207)
+""" + template(line("AB", 207))
 ATTACKER_NET = ("10.207.9.1", "10.207.9.2")  # the attacker, and A's side of its veth
 AHEAD_FLOOR = 0.8  # legitimate throughput under the flood naming key ahead, over clean
 # The flood naming key ahead is paced: the flood process shares the machine's cores with

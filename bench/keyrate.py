@@ -31,9 +31,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.gkm import GkmNet
-from bench.otp import BenchError
+from bench.harness import BenchError
 from bench.plotting import figure, finish, log_axes, save, verdict
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 from control.core.statefile import read_status
 from control.gkm.manager import PAUSE_FLAG
@@ -55,7 +55,7 @@ mode = "{mode}"
 [gkm]
 high_watermark = "{high}"
 pairs = [["A", "B"]]
-""" + line("ABC", 207, closed=True)
+""" + template(line("ABC", 207, closed=True))
 
 
 class KeyrateNet(GkmNet):
@@ -67,18 +67,9 @@ class KeyrateNet(GkmNet):
     def __init__(self, rate: float, mode: str, high: int, console: Console):
         super(GkmNet, self).__init__(console, rate=rate, mode=mode, high=high)
         self.rate = rate
-        self.started = 0.0
 
     def up(self) -> None:
-        from control.tools import emulation
-
-        man = emulation.net_up(self.topo, start=False)
-        d = paths.node_dir(self.prefix, "B")
-        d.mkdir(parents=True, exist_ok=True)
-        (d / PAUSE_FLAG).touch()
-        self.started = time.monotonic()
-        emulation.start_processes(self.topo, man)
-        self.emulators = [p for k, p in man.pids.items() if k.startswith("emulator:")]
+        super(GkmNet, self).up(paused_gkm=("B",), ready=False)  # sets ``started``
 
     def pause_gkm(self, node: str) -> None:
         d = paths.node_dir(self.prefix, node)

@@ -22,17 +22,15 @@ import contextlib
 import os
 import threading
 import time
-import uuid
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from bench import bare_source
 from bench.ceiling import TARGETS, meets, verdict_line, vs
-from bench.topology import line
+from bench.harness import Net
+from bench.topology import line, template
 from control.core import paths
-from control.core.config import parse_topology
-from control.tools import emulation
 from dataplane.ring import CONTROL_LANE, KeyRing, RingError
 
 BENCH_LANE = CONTROL_LANE - 1  # a worker lane the bench's 2-worker tunnels never use
@@ -49,7 +47,14 @@ block_size = {block}
 ring_capacity = {capacity}
 [gkm]
 pairs = []  # no global key: this network measures or tests other modules
-""" + line("AB", 203)
+""" + template(line("AB", 203))
+
+
+class LkmNet(Net):
+    """A - B, one link, nothing but its key managers' work to measure."""
+
+    TEMPLATE = TEMPLATE
+    TAG = "bl"
 
 
 class _Rings:
@@ -95,14 +100,11 @@ class _Rings:
 
 
 def measure(block: int, seconds: float, console: Console, label: str) -> dict:
-    prefix = "bl" + uuid.uuid4().hex[:6]
-    cfg = paths.RUN_ROOT / f"bench-{prefix}.toml"
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(TEMPLATE.format(prefix=prefix, block=block, capacity=RING_CAPACITY))
-    topo = parse_topology(cfg.read_text(), cfg)
+    net = LkmNet(console, block=block, capacity=RING_CAPACITY)
+    prefix = net.prefix
     rings = _Rings(prefix)
     try:
-        emulation.net_up(topo)
+        net.up(ready=False)
         rings.thread.start()
         deadline = time.monotonic() + 20
         while rings.stored_at_a() <= 0:
@@ -126,8 +128,7 @@ def measure(block: int, seconds: float, console: Console, label: str) -> dict:
         return {"block_size": block, "seconds": t1 - t0, "bytes": b1 - b0, "gbps": gbps}
     finally:
         rings.close()
-        emulation.net_down(prefix)
-        cfg.unlink(missing_ok=True)
+        net.down()
 
 
 def run(seconds: float = 10.0, console: Console | None = None) -> dict:

@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.gkm import GkmNet
-from bench.otp import BenchError
+from bench.harness import BenchError
 from bench.plotting import figure, finish, log_axes, paper_table, save, verdict
-from bench.topology import line
+from bench.topology import line, template
 from control.core import paths
 
 PAPER = {"mbps_at_1MB": 85.0}  # the paper's global key manager, 1 MB keys, one link
@@ -62,9 +62,9 @@ def ring_topology(nodes: int, net: int, measured: int) -> str:
     equally short paths take the lower link index, so N(1+h) -> N1 crosses the first h
     links): three quarters of their key goes that way (b -> a), so refilling is quicker;
     the other links carry only keepalives and get small rings."""
-    return line([f"N{i}" for i in range(1, nodes + 1)], net, closed=True,
-                extra=lambda i: 'ratio = "1:3"\n' if i <= measured
-                else f'ring_capacity = "{IDLE_RING}"\n')
+    return template(line([f"N{i}" for i in range(1, nodes + 1)], net, closed=True,
+                         extra=lambda i: {"ratio": "1:3"} if i <= measured
+                         else {"ring_capacity": IDLE_RING}))
 
 
 def origin_of(hops: int) -> str:

@@ -24,8 +24,8 @@ import time
 from rich.console import Console
 
 from bench.chaos import ChaosNet
-from bench.otp import BenchError
-from bench.topology import line
+from bench.harness import BenchError
+from bench.topology import line, template
 from control.core import paths
 from control.core.statefile import read_status
 from dataplane.limits import LINK_DEAD_S, UP_AFTER_KEEPALIVES
@@ -41,7 +41,7 @@ prefix = "{prefix}"
 key_rate_mbps = {rate}
 [gkm]
 pairs = []
-""" + line("ABC", 216, closed=True)
+""" + template(line("ABC", 216, closed=True))
 
 
 class RerouteNet(ChaosNet):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench.otp import BenchError
+from bench.harness import BenchError, wait_until
 from control.core import paths
 from control.core.config import Topology, load_topology
 from control.core.statefile import read_status
@@ -64,16 +64,6 @@ def route(topo: Topology, src: str, dst: str) -> list[str]:
             LOOPS.append(nodes)
             return []
     return nodes
-
-
-def wait_until(cond, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def wait_route(topo: Topology, src: str, dst: str, hops: int | None, timeout: float

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bench.otp import BenchError, Net
-from bench.scale import gkm_peer, wait_until
-from bench.topology import line, saes
+from bench.harness import BenchError, Net, wait_until
+from bench.scale import gkm_peer
+from bench.topology import line, saes, template
 from control.core import paths
 from control.core.config import Sae
 from control.core.statefile import read_status
@@ -51,7 +51,7 @@ key_rate_mbps = {rate}
 [gkm]
 low_watermark = "{low}"
 high_watermark = "{high}"
-""" + saes(("SAE-A", "A"), ("SAE-C", "C")) + line("ABC", 209, closed=True)
+""" + template(saes(("SAE-A", "A"), ("SAE-C", "C")), line("ABC", 209, closed=True))
 
 
 @dataclass

@@ -14,32 +14,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from bench.topology import line, network, render
 from control.core.config import Topology, parse_topology
 from control.tools import emulation
-
-TWO_NODES = """
-[network]
-name = "test-two"
-prefix = "{prefix}"
-[defaults]
-key_rate_mbps = {rate}
-block_size = "{block}"
-ring_capacity = "{capacity}"
-ratio = "{ratio}"
-[ports]
-agreement = 7301
-[gkm]
-pairs = []  # no global key: this network measures or tests other modules
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.209.1.1/30", "10.209.1.2/30"]
-"""
-
 
 # Property tests run on busy and slow machines too (CI, a fresh VM 2-3x slower than a
 # developer's): no per-example deadline, and no health check that times input generation.
@@ -67,11 +44,22 @@ def prefix():
     emulation.net_down(p)
 
 
+def two_nodes(prefix: str, *, rate: float = 200, block: str = "64KiB",
+              capacity: str = "4MiB", ratio: str = "1:1") -> str:
+    """TOML of A - B (underlay 10.209.1.0/30, the default key source), no global key."""
+    return render(network("test-two", prefix,
+                          defaults={"key_rate_mbps": rate, "block_size": block,
+                                    "ring_capacity": capacity, "ratio": ratio},
+                          ports={"agreement": 7301},
+                          gkm={"pairs": []}),  # this network tests other modules
+                  line("AB", 209, source=None))
+
+
 def write_topology(tmp_path: Path, prefix: str, *, rate: float = 200, block: str = "64KiB",
                    capacity: str = "4MiB", ratio: str = "1:1") -> Topology:
+    """``two_nodes`` written to ``tmp_path`` and parsed."""
     path = tmp_path / f"{prefix}.toml"
-    path.write_text(TWO_NODES.format(prefix=prefix, rate=rate, block=block,
-                                     capacity=capacity, ratio=ratio))
+    path.write_text(two_nodes(prefix, rate=rate, block=block, capacity=capacity, ratio=ratio))
     return parse_topology(path.read_text(), path)
 
 

@@ -12,48 +12,14 @@ from hypothesis import strategies as st
 
 from api.kme import Kme, key_container, key_container_parts, store_refusal
 from api.requests import ApiError, EncKeysRequest, Limits
+from bench.topology import line, network, render, saes
 from control.core.config import parse_topology
 
-TOPO = """
-[network]
-name = "k"
-prefix = "kme"
-[gkm]
-high_watermark = "64MiB"
-[api]
-key_size = 512
-max_key_per_request = 100
-max_sae_id_count = 3
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.1.1.1/30", "10.1.1.2/30"]
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.1.2.1/30", "10.1.2.2/30"]
-[[saes]]
-id = "a1"
-node = "A"
-[[saes]]
-id = "a2"
-node = "A"
-[[saes]]
-id = "b1"
-node = "B"
-[[saes]]
-id = "b2"
-node = "B"
-[[saes]]
-id = "c1"
-node = "C"
-"""
+TOPO = render(
+    network("k", "kme", gkm={"high_watermark": "64MiB"},
+            api={"key_size": 512, "max_key_per_request": 100, "max_sae_id_count": 3}),
+    line("ABC", 1, source=None),
+    saes(("a1", "A"), ("a2", "A"), ("b1", "B"), ("b2", "B"), ("c1", "C")))
 
 
 @pytest.fixture
@@ -108,8 +74,7 @@ def test_max_sae_id_count_is_what_a_request_can_have_served(kme):
     whatever the configured count (3 here)."""
     assert kme.status("a1", "b2", "B", 0)["max_SAE_ID_count"] == 1
     assert kme.status("a1", "c1", "C", 0)["max_SAE_ID_count"] == 0
-    topo = parse_topology(TOPO + "".join(f'[[saes]]\nid = "b{i}"\nnode = "B"\n'
-                                         for i in range(3, 9)))
+    topo = parse_topology(TOPO + render(saes(*((f"b{i}", "B") for i in range(3, 9)))))
     assert Kme.from_topology(topo, "A").status("a1", "b1", "B", 0)["max_SAE_ID_count"] == 3
 
 

@@ -9,7 +9,9 @@ import http.client
 import json
 import multiprocessing as mp
 import ssl
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
 
 import pytest
 
@@ -17,6 +19,7 @@ from api.limits import SaeLimiter, SaeLimits
 from api.pki import PkiLayout
 from api.requests import ApiError
 from api.server import sae_limiter
+from bench.topology import line, network, render, saes
 from control.core import paths
 from control.core.config import parse_topology
 from control.gkm.client import GkmClient
@@ -86,8 +89,7 @@ def _hammer(lim: SaeLimiter, start, n: int, q) -> None:
 def test_forked_workers_share_one_limit():
     """The key API's workers are forked after the limiter is made: what one admits, the
     others see (a limit per worker would let each SAE through once per worker)."""
-    topo = parse_topology(NET.format(prefix="tlim").replace("sae_store_share = 0.25",
-                                                           "sae_requests_per_s = 20"))
+    topo = parse_topology(net("tlim", limits={"sae_requests_per_s": 20}))
     lim = sae_limiter(topo, "A", shared=True)
     ctx = mp.get_context("fork")
     start, q = ctx.Event(), ctx.Queue()
@@ -103,47 +105,20 @@ def test_forked_workers_share_one_limit():
 
 # ---- end to end ----------------------------------------------------------------------------
 
-NET = """
-[network]
-name = "test-limits"
-prefix = "{prefix}"
-[defaults]
-key_rate_mbps = 400
-block_size = "256KiB"
-ring_capacity = "32MiB"
-[ports]
-agreement = 7501
-[dataplane]
-workers = 1
-[gkm]
-block_size = "256KiB"
-low_watermark = "2MiB"
-high_watermark = "4MiB"
-window = "1MiB"
-pairs = [["A", "B"]]
-[api]
-workers = 2
-sae_store_share = 0.25
-sae_share_window_s = 600
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.213.1.1/30", "10.213.1.2/30"]
-source = {{ generator = "aes-ctr" }}
-[[saes]]
-id = "a1"
-node = "A"
-[[saes]]
-id = "a2"
-node = "A"
-[[saes]]
-id = "b1"
-node = "B"
-"""
+def net(prefix: str, limits: Mapping[str, object] = MappingProxyType(
+        {"sae_store_share": 0.25})) -> str:
+    """A - B with global key between them, two SAEs at A and one at B, the per-SAE
+    ``limits`` in [api]."""
+    return render(
+        network("test-limits", prefix,
+                defaults={"key_rate_mbps": 400, "block_size": "256KiB",
+                          "ring_capacity": "32MiB"},
+                ports={"agreement": 7501}, dataplane={"workers": 1},
+                gkm={"block_size": "256KiB", "low_watermark": "2MiB",
+                     "high_watermark": "4MiB", "window": "1MiB", "pairs": [["A", "B"]]},
+                api={"workers": 2, **limits, "sae_share_window_s": 600}),
+        line("AB", 213, source={"generator": "aes-ctr"}),
+        saes(("a1", "A"), ("a2", "A"), ("b1", "B")))
 
 
 @pytest.mark.netns
@@ -152,7 +127,7 @@ def test_one_sae_cannot_drain_a_pair_for_the_others(tmp_path, prefix):
     from tests.nsutil import routes_complete
 
     path = tmp_path / "net.toml"
-    path.write_text(NET.format(prefix=prefix))
+    path.write_text(net(prefix))
     topo = parse_topology(path.read_text(), path)
     emulation.net_up(topo)
     wait_until(lambda: routes_complete(prefix, ["A", "B"]), 40, "routes")

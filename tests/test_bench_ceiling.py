@@ -145,12 +145,12 @@ def test_a_failed_bench_keeps_its_networks_logs_and_a_clean_one_does_not(tmp_pat
     bench is failing (an exception on its way out), the logs are copied out first."""
     from rich.console import Console
 
-    from bench import otp
+    from bench import harness, otp
     from control.core import paths
 
-    monkeypatch.setattr(otp, "KEPT_LOGS", tmp_path / "kept")
+    monkeypatch.setattr(harness, "KEPT_LOGS", tmp_path / "kept")
     for failing in (False, True):
-        net = otp.Net(Console(file=io.StringIO()), mode="proposed", workers=1,
+        net = otp.OtpNet(Console(file=io.StringIO()), mode="proposed", workers=1,
                       capacity="1MiB")
         logs = paths.log_dir(net.prefix)
         logs.mkdir(parents=True)

@@ -28,7 +28,7 @@ from tests.nsutil import (
     udp_send_all,
     wait_until,
 )
-from tests.test_tunnel import NET, addr, make_net, ns
+from tests.test_tunnel import addr, make_net, net_text, ns
 
 
 def _ld_map(fd: int, dst: int = 1) -> bytes:
@@ -181,7 +181,7 @@ def test_required_guard_that_cannot_run_keeps_the_tunnel_down(tmp_path, prefix):
     instead of running unguarded."""
     from dataplane.tunnel import TunnelConfig, TunnelManager
 
-    text = NET.format(prefix=prefix).replace("workers = 2\n", 'workers = 2\nguard = "require"\n')
+    text = net_text(prefix, key_wait_ms=None, guard="require")
     topo = parse_topology(text, tmp_path / "net.toml")
     assert topo.dataplane.guard == "require"
     cfg = TunnelConfig.from_topology(topo, "A", topo.link("A-B"), guard_off="not root (test)")

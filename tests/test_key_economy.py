@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.topology import line, network, render, saes, triangle
 from control.core import paths
 from control.core.config import parse_topology
 from control.lkm.accounting import LinkEnd, link_end
@@ -23,61 +24,18 @@ pytestmark = pytest.mark.netns
 
 IDLE_BUDGET_BPS = 16_000  # per link, both directions: what an idle link may spend
 
-TWO = """
-[network]
-name = "test-economy"
-prefix = "{prefix}"
-[defaults]
-key_rate_mbps = {rate}
-[ports]
-agreement = 7501
-[gkm]
-pairs = []
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.212.1.1/30", "10.212.1.2/30"]
-"""
+def two(prefix: str, rate: float) -> str:
+    """A - B at ``rate`` Mb/s, no global key."""
+    return render(network("test-economy", prefix, defaults={"key_rate_mbps": rate},
+                          ports={"agreement": 7501}, gkm={"pairs": []}),
+                  line("AB", 212, source=None))
 
-TRIANGLE = """
-[network]
-name = "test-metro"
-prefix = "{prefix}"
-[defaults]
-key_rate_mbps = {rate}
-[ports]
-agreement = 7511
-[api]
-workers = 1
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.213.1.1/30", "10.213.1.2/30"]
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.213.2.1/30", "10.213.2.2/30"]
-[[links]]
-a = "A"
-b = "C"
-underlay = ["10.213.3.1/30", "10.213.3.2/30"]
-[[saes]]
-id = "SAE-A"
-node = "A"
-[[saes]]
-id = "SAE-C"
-node = "C"
-"""
+
+def metro(prefix: str, rate: float) -> str:
+    """The triangle at ``rate`` Mb/s per link, an SAE at A and one at C."""
+    return render(network("test-metro", prefix, defaults={"key_rate_mbps": rate},
+                          ports={"agreement": 7511}, api={"workers": 1}),
+                  triangle(213, source=None), saes(("SAE-A", "A"), ("SAE-C", "C")))
 
 
 def up(tmp_path: Path, text: str, prefix: str):
@@ -139,7 +97,7 @@ def wasted_and_used(snap) -> tuple[int, int]:
 
 
 def test_every_byte_is_accounted_for_after_bulk_sparse_and_idle(tmp_path, prefix):
-    topo = up(tmp_path, TWO.format(prefix=prefix, rate=50), prefix)
+    topo = up(tmp_path, two(prefix, 50), prefix)
     wait_until(lambda: all(e.enc.stored > 1 << 20 for e in ends(topo).values()), 60,
                "key in both rings")
     base = settled(topo)
@@ -188,7 +146,7 @@ def test_global_key_reaches_applications_at_real_key_rates(tmp_path, prefix, rat
     """The triangle with every link at 1 or 10 Mb/s and every size derived from that: every
     ordered pair gets global key, and SAEs at A and C get identical keys through the
     ETSI GS QKD 014 API; no key is wasted doing it."""
-    topo = up(tmp_path, TRIANGLE.format(prefix=prefix, rate=rate), prefix)
+    topo = up(tmp_path, metro(prefix, rate), prefix)
 
     def gkm(node: str) -> dict:
         return json.loads((paths.node_dir(prefix, node) / "gkm.json").read_text())

@@ -21,7 +21,7 @@ from control.core import paths
 from control.core.config import parse_topology
 from control.node.metrics import SPECS, families, node_registry
 from control.node.status import STALE_AFTER_S
-from tests.conftest import TWO_NODES
+from tests.conftest import two_nodes
 from tests.nsutil import ping, run_in_netns, tunnel_state, wait_until
 from tests.test_tunnel import addr, make_net, ns
 
@@ -242,8 +242,7 @@ def test_a_file_of_unexpected_shape_is_left_out_alone():
 def test_the_collector_reads_the_files_at_each_scrape(tmp_path, monkeypatch):
     """No files: nothing; a file written later shows at the next scrape."""
     monkeypatch.setattr(paths, "RUN_ROOT", tmp_path)
-    topo = parse_topology(TWO_NODES.format(prefix="tm", rate=1, block="64KiB",
-                                           capacity="1MiB", ratio="1:1"), tmp_path / "t.toml")
+    topo = parse_topology(two_nodes("tm", rate=1, capacity="1MiB"), tmp_path / "t.toml")
     reg = node_registry(topo, "A")
     assert b"qkdnet_" not in generate_latest(reg)
     d = paths.node_dir("tm", "A")

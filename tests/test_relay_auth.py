@@ -12,6 +12,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from bench.topology import line, network, render
 from control.gkm.relay_auth import (
     DOMAIN,
     ZAP_ENDPOINT,
@@ -251,26 +252,8 @@ def test_qkdctl_keys_init_makes_a_pair_per_node_that_keeps_global_key(tmp_path):
     from control.tools.cli import app
 
     cfg = tmp_path / "net.toml"
-    cfg.write_text("""[network]
-name = "t"
-prefix = "tt"
-[gkm]
-pairs = [["A", "B"]]
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.9.1.1/30", "10.9.1.2/30"]
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.9.2.1/30", "10.9.2.2/30"]
-""")
+    cfg.write_text(render(network("t", "tt", gkm={"pairs": [["A", "B"]]}),
+                          line("ABC", 9, source=None)))
     d = tmp_path / "relay-keys"
     r = CliRunner().invoke(app, ["keys", "init", str(d), "--config", str(cfg)])
     assert r.exit_code == 0, r.output

@@ -145,7 +145,7 @@ def test_bench_relay_routes_each_hop_count_over_the_first_links_with_large_rings
 
 
 def test_bench_relay_refuses_hop_counts_the_ring_cannot_hold():
-    from bench.otp import BenchError
+    from bench.harness import BenchError
     from bench.relay import check
 
     check((1, 2, 4, 8), 16)

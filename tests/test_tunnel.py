@@ -12,11 +12,13 @@ import signal
 import struct
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench import topology
 from control.core import paths
 from control.core.config import parse_topology
 from control.tools import emulation
@@ -46,66 +48,33 @@ from tests.nsutil import (
 
 pytestmark = pytest.mark.netns
 
-NET = """
-[network]
-name = "test-otp"
-prefix = "{prefix}"
-[defaults]
-key_rate_mbps = 400
-block_size = "256KiB"
-ring_capacity = "32MiB"
-[ports]
-agreement = 7401
-[dataplane]
-workers = 2
-chunk_size = "256KiB"
-[gkm]
-pairs = []  # no global key: this network measures or tests other modules
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.211.1.1/30", "10.211.1.2/30"]
-source = {{ generator = "aes-ctr" }}
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.211.2.1/30", "10.211.2.2/30"]
-source = {{ generator = "aes-ctr" }}
-"""
-TRIANGLE_EXTRA = """
-[[links]]
-a = "A"
-b = "C"
-underlay = ["10.211.3.1/30", "10.211.3.2/30"]
-source = { generator = "aes-ctr" }
-"""
+def net_text(prefix: str, *, triangle: bool = False, two: bool = False, ring: str = "32MiB",
+             key_wait_ms: int | None = 100, gkm: str | None = None, key_rate: int = 400,
+             extra: str = "", guard: str | None = "auto") -> str:
+    """TOML of A - B - C (``two``: A - B; ``triangle``: A-C too), each link an unthrottled
+    AES-CTR emulator and its underlay in 10.211.<i>.0/30, two workers per link end;
+    ``gkm``: the [gkm] section's TOML (by default no global key); ``extra``: TOML appended
+    (SAEs, [api]); ``key_wait_ms``, ``guard``: None leaves the setting out."""
+    source = {"generator": "aes-ctr"}
+    graph = (topology.triangle(211, source=source) if triangle
+             else topology.line("AB" if two else "ABC", 211, source=source))
+    dataplane = {"workers": 2, "key_wait_ms": key_wait_ms, "guard": guard,
+                 "chunk_size": "256KiB"}
+    net = topology.network(
+        "test-otp", prefix,
+        defaults={"key_rate_mbps": key_rate, "block_size": "256KiB", "ring_capacity": ring},
+        ports={"agreement": 7401},
+        dataplane={k: v for k, v in dataplane.items() if v is not None},
+        gkm=tomllib.loads(gkm) if gkm is not None else {"pairs": []})
+    return topology.render(net, graph) + extra
 
 
 def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = False,
              ring: str = "32MiB", key_wait_ms: int = 100, gkm: str | None = None,
              key_rate: int = 400, extra: str = "", guard: str = "auto"):
-    """Bring up A - B - C (or A - B, or the triangle); ``gkm`` replaces the [gkm] section
-    (which by default keeps no global key); ``extra`` is appended (SAEs, [api])."""
-    text = NET.format(prefix=prefix).replace('ring_capacity = "32MiB"',
-                                             f'ring_capacity = "{ring}"')
-    text = text.replace("workers = 2\n", f"workers = 2\nkey_wait_ms = {key_wait_ms}\n"
-                                         f"guard = \"{guard}\"\n")
-    text = text.replace("key_rate_mbps = 400", f"key_rate_mbps = {key_rate}")
-    if gkm is not None:
-        text = text[:text.index("[gkm]")] + "[gkm]\n" + gkm + "\n" + \
-            text[text.index("[[nodes]]"):]
-    if two:  # A - B only
-        text = text[:text.index('[[nodes]]\nname = "C"')] + \
-            text[text.index("[[links]]"):text.index('[[links]]\na = "B"')]
-    if triangle:
-        text += TRIANGLE_EXTRA
-    text += extra
+    """Bring up ``net_text``'s network and wait for every node's routes."""
+    text = net_text(prefix, triangle=triangle, two=two, ring=ring, key_wait_ms=key_wait_ms,
+                    gkm=gkm, key_rate=key_rate, extra=extra, guard=guard)
     path = tmp_path / f"{prefix}.toml"
     path.write_text(text)
     topo = parse_topology(text, path)

@@ -331,7 +331,7 @@ def stats(config: Annotated[Path | None, typer.Argument(help="topology TOML file
 def _bench(run, **kwargs) -> dict:
     """Run a benchmark; its own failures become one clear line and exit status 1 (the
     benchmark has removed its network by then)."""
-    from bench.otp import BenchError
+    from bench.harness import BenchError
 
     try:
         return run(**kwargs)
@@ -534,7 +534,7 @@ def bench_relay(
 ) -> None:
     """Relay: global key over 1, 2, 4, 8 hops of a 16-node ring, against hop count."""
     need_root()
-    from bench.otp import BenchError
+    from bench.harness import BenchError
     from bench.relay import DEFAULT_HOPS, check, run
     from control.core.config import parse_size
 
@@ -670,8 +670,8 @@ def bench_keyrate(
     """Key economy: per QKD key rate, global key fill, its efficiency (global key over the
     link's key spent for it), idle key spent per link and time to first global key."""
     need_root()
+    from bench.harness import BenchError
     from bench.keyrate import parse_rates, run
-    from bench.otp import BenchError
 
     try:
         r = parse_rates(rates)
