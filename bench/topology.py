@@ -79,7 +79,9 @@ def merge(*parts: Part) -> dict[str, Any]:
 
 def render(*parts: Part) -> str:
     """The TOML text of ``merge(*parts)``: a ``[section]`` per dict, a ``[[name]]`` per
-    table of a list of dicts (tables within them inline), in the parts' order."""
+    table of a list of dicts (tables within them inline), in the parts' order. Written here,
+    not by tomli-w: tomli-w writes a list of small tables as an inline array, which lands
+    in the section above it when a bench appends this text to its own template."""
     data = merge(*parts)
     out = [f"{k} = {_value(v)}\n" for k, v in data.items() if not _is_table(v)]
     for key, v in data.items():
