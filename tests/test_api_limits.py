@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from api.etsi import ApiError
 from api.limits import SaeLimiter, SaeLimits
 from api.pki import PkiLayout
-from api.requests import ApiError
 from api.server import sae_limiter
 from control.core import paths
 from control.core.config import parse_topology
