@@ -1,10 +1,15 @@
-"""A minimal HTTPS client for SAEs: the demo's and `bench api`'s calls of the key API.
+"""The HTTPS client of an SAE calling a KME (ETSI GS QKD 014): the demo's and the benches'
+calls of our key API, and the link key source that is an SAE of its own QKD device.
 
-``Conn`` is HTTP/1.1 with keep-alive over ``ssl.SSLObject``: it reads the socket 1 MiB at
-a time (one syscall for many TLS records; http.client makes one or two per record and
+``KmeClient`` makes the calls ``api.etsi`` builds, over one keep-alive connection: opened
+when first needed, replaced once per call when the KME had closed it while idle, and
+any other failure (refused, TLS, timeout, a malformed or cut-off answer) a ``NoAnswer``.
+``Conn`` is that connection: HTTP/1.1 over ``ssl.SSLObject``; it reads the socket 1 MiB
+at a time (one syscall for many TLS records; http.client makes one or two per record and
 parses headers with email.parser) and decrypts straight into the answer's buffer. It
-needs a Content-Length, which the key API always sends. ``run_in_netns`` runs calls in
-processes that entered a node's network namespace, where the node's KME listens.
+reads bodies by Content-Length (what the key API sends), chunked, or up to the close.
+``run_in_netns`` runs calls in processes that entered a node's network namespace, where
+the node's KME listens.
 """
 
 from __future__ import annotations
@@ -13,96 +18,314 @@ import multiprocessing as mp
 import socket
 import ssl
 import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
+from api import etsi
 from control.core.memory import keep_freed_memory
 
+MAX_ANSWER = 256 << 20  # bytes of one answer's body; 64 MiB of key is ~90 MB of JSON
+_HEAD_BUF = 1 << 16     # bytes of a response's status line and headers, at most
 
-def client_context(pki: str, sae: str) -> ssl.SSLContext:
-    """Verify the KME against the network's CA; present the SAE's certificate."""
-    ctx = ssl.create_default_context(cafile=f"{pki}/ca.crt")
-    ctx.load_cert_chain(f"{pki}/saes/{sae}.crt", f"{pki}/saes/{sae}.key")
+
+class TlsFilesError(Exception):
+    """A CA or certificate file that cannot be loaded; the message names it."""
+
+
+class RemoteClosed(ConnectionResetError):
+    """The server closed the connection before any byte of the answer: most often a
+    kept-alive connection it closed while idle (a new connection may well work)."""
+
+
+class MalformedResponse(ConnectionError):
+    """Bytes that are not an HTTP/1.1 answer this client reads; the connection is closed."""
+
+
+class NoAnswer(ConnectionError):
+    """No whole answer came from the KME; the message says what failed."""
+
+
+def tls_context(ca: str | Path, cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """TLS 1.2 or newer, the KME verified against ``ca``, our certificate shown."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as e:
+        raise TlsFilesError(f"cannot load the CA file {ca}: {e}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as e:
+        raise TlsFilesError(f"cannot load the client certificate {cert} with key {key}: "
+                            f"{e}") from None
     return ctx
 
 
-class Conn:
-    """One keep-alive HTTPS connection issuing GETs, one at a time."""
+def client_context(pki: str, sae: str) -> ssl.SSLContext:
+    """``tls_context`` of SAE ``sae`` in a qkdnet PKI folder (``qkdctl pki init``)."""
+    return tls_context(f"{pki}/ca.crt", f"{pki}/saes/{sae}.crt", f"{pki}/saes/{sae}.key")
 
-    def __init__(self, host: str, port: int, ctx: ssl.SSLContext):
+
+class Conn:
+    """One keep-alive HTTPS connection issuing requests one at a time. Any failure while
+    reading an answer closes it."""
+
+    def __init__(self, host: str, port: int, ctx: ssl.SSLContext, timeout: float = 60.0):
         self.host = host
-        self.sock = socket.create_connection((host, port), timeout=60)
+        h = f"[{host}]" if ":" in host else host
+        self.authority = h if port == 443 else f"{h}:{port}"
+        self.closed = False
+        self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self.inc, self.out, server_hostname=host)
         self.raw = bytearray(1 << 20)
-        self.head = bytearray(1 << 16)
-        self.have = 0  # decrypted bytes in ``head`` not yet consumed
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._fill()
-        self._flush()
+        self.head = bytearray(_HEAD_BUF)
+        self.pos = self.have = 0  # head[pos:have]: decrypted bytes not yet consumed
+        self._answered = False    # a byte of the current answer has arrived
+        try:
+            while True:
+                try:
+                    self.tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    if not self._fill():
+                        raise ConnectionError("the server closed the connection during "
+                                              "the TLS handshake") from None
+            self._flush()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
+        self.closed = True
         self.sock.close()
+
+    # ---- bytes in and out -----------------------------------------------------------------
 
     def _flush(self) -> None:
         data = self.out.read()
         if data:
             self.sock.sendall(data)
 
-    def _fill(self) -> None:
+    def _fill(self) -> bool:
+        """Encrypted bytes from the socket into TLS; False at the end of the stream."""
         n = self.sock.recv_into(self.raw)
-        if not n:
-            raise ConnectionError("the server closed the connection")
-        self.inc.write(memoryview(self.raw)[:n])
+        if n:
+            self.inc.write(memoryview(self.raw)[:n])
+        return bool(n)
 
     def _read_into(self, view: memoryview) -> int:
+        """Decrypted bytes into ``view``; 0 at the end of the stream."""
         while True:
             try:
-                n = self.tls.read(len(view), view)
+                return self.tls.read(len(view), view)
             except ssl.SSLWantReadError:
                 self._flush()
-                self._fill()
-                continue
+                if not self._fill():
+                    return 0
+            except ssl.SSLZeroReturnError:
+                return 0
+
+    def _closed_early(self) -> ConnectionError:
+        if not self._answered:
+            return RemoteClosed("the server closed the connection without an answer")
+        return ConnectionError("the server closed the connection mid-answer")
+
+    def _more(self) -> None:
+        """More decrypted bytes into the head buffer."""
+        if self.pos == self.have:
+            self.pos = self.have = 0
+        elif self.have == len(self.head):
+            if self.pos == 0:
+                raise MalformedResponse(f"a response line longer than {_HEAD_BUF} bytes")
+            n = self.have - self.pos
+            self.head[:n] = self.head[self.pos:self.have]
+            self.pos, self.have = 0, n
+        n = self._read_into(memoryview(self.head)[self.have:])
+        if not n:
+            raise self._closed_early()
+        self._answered = True
+        self.have += n
+
+    def _line(self) -> bytes:
+        while (end := self.head.find(b"\r\n", self.pos, self.have)) < 0:
+            self._more()
+        line = bytes(self.head[self.pos:end])
+        self.pos = end + 2
+        return line
+
+    def _exact(self, view: memoryview) -> None:
+        """Fill ``view`` from what is buffered, then from the connection."""
+        got = min(len(view), self.have - self.pos)
+        view[:got] = self.head[self.pos:self.pos + got]
+        self.pos += got
+        while got < len(view):
+            n = self._read_into(view[got:])
             if not n:
-                raise ConnectionError("the server closed the connection")
-            return n
+                raise self._closed_early()
+            got += n
+
+    # ---- one request ------------------------------------------------------------------------
 
     def get(self, path: str) -> tuple[int, bytearray]:
         return self.request("GET", path)
 
-    def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytearray]:
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+    def request(self, method: str, path: str, body: bytes | None = None
+                ) -> tuple[int, bytearray]:
+        """(status, body) of one request; a JSON ``body`` when given (POST: always)."""
+        if self.closed:
+            raise ConnectionError("the connection is closed")
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.authority}\r\n"
+                f"Accept-Encoding: identity\r\n")
         if body or method == "POST":
+            body = body or b""
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        self.tls.write(head.encode() + b"\r\n" + body)
-        self._flush()
-        hv = memoryview(self.head)
-        while (end := self.head.find(b"\r\n\r\n", 0, self.have)) < 0:
-            if self.have == len(self.head):
-                raise ValueError("response headers larger than 64 KiB")
-            self.have += self._read_into(hv[self.have:])
-        lines = bytes(self.head[:end]).decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        fields = dict(line.split(":", 1) for line in lines[1:])
-        fields = {k.strip().lower(): v.strip() for k, v in fields.items()}
-        length = int(fields["content-length"])
-        body = bytearray(length)
-        start = end + 4
-        got = min(length, self.have - start)
-        body[:got] = self.head[start:start + got]
-        rest = self.have - start - got
-        self.head[:rest] = self.head[start + got:self.have]
-        self.have = rest
-        bv = memoryview(body)
-        while got < length:
-            got += self._read_into(bv[got:])
-        if fields.get("connection", "").lower() == "close":
+        self._answered = self.have > self.pos
+        try:
+            self.tls.write(head.encode() + b"\r\n" + (body or b""))
+            self._flush()
+            status, fields, keep = self._read_head()
+            answer = self._read_body(status, fields)
+        except BaseException:
             self.close()
-        return status, body
+            raise
+        if not keep or self.closed:
+            self.close()
+        return status, answer
+
+    def _read_head(self) -> tuple[int, dict[str, str], bool]:
+        """The status, the header fields (lower-case names) and whether the connection
+        stays open; interim (1xx) answers are skipped."""
+        while True:
+            line = self._line().decode("latin-1")
+            parts = line.split(None, 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or \
+                    not (len(parts[1]) == 3 and parts[1].isdigit()):
+                raise MalformedResponse(f"not an HTTP/1.x status line: {line[:80]!r}")
+            status = int(parts[1])
+            fields: dict[str, str] = {}
+            while line := self._line().decode("latin-1"):
+                name, sep, value = line.partition(":")
+                if not sep:
+                    raise MalformedResponse(f"not a header field: {line[:80]!r}")
+                name = name.strip().lower()
+                fields[name] = f"{fields[name]}, {value.strip()}" if name in fields \
+                    else value.strip()
+            if 100 <= status < 200:
+                continue
+            conn = fields.get("connection", "").lower()
+            keep = "close" not in conn and (parts[0] != "HTTP/1.0" or "keep-alive" in conn)
+            return status, fields, keep
+
+    def _read_body(self, status: int, fields: dict[str, str]) -> bytearray:
+        coding = fields.get("transfer-encoding", "identity").lower()
+        if coding != "identity":
+            if coding.rsplit(",", 1)[-1].strip() != "chunked":
+                raise MalformedResponse(f"transfer-encoding {coding[:40]!r} is not read here")
+            return self._read_chunked()
+        if "content-length" in fields:
+            text = fields["content-length"]
+            if not text.isdigit() or int(text) > MAX_ANSWER:
+                raise MalformedResponse(f"content-length {text[:40]!r}")
+            body = bytearray(int(text))
+            self._exact(memoryview(body))
+            return body
+        if status in (204, 304):
+            return bytearray()
+        return self._read_to_close()
+
+    def _read_chunked(self) -> bytearray:
+        body = bytearray()
+        while True:
+            size_text = self._line().split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise MalformedResponse(f"chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                while self._line():  # trailer fields, ignored
+                    pass
+                return body
+            if size < 0 or len(body) + size > MAX_ANSWER:
+                raise MalformedResponse(f"chunked answer larger than {MAX_ANSWER} bytes")
+            start = len(body)
+            body += bytes(size)
+            self._exact(memoryview(body)[start:])
+            if self._line():
+                raise MalformedResponse("no line end after a chunk")
+
+    def _read_to_close(self) -> bytearray:
+        body = bytearray(self.head[self.pos:self.have])
+        self.pos = self.have = 0
+        buf = bytearray(1 << 16)
+        while n := self._read_into(memoryview(buf)):
+            body += buf[:n]
+            if len(body) > MAX_ANSWER:
+                raise MalformedResponse(f"answer larger than {MAX_ANSWER} bytes")
+        self.close()
+        return body
+
+
+class KmeClient:
+    """An SAE's calls of one KME at ``url`` (https://host[:port][/path]), with ``ctx``
+    (``tls_context``); ``timeout`` bounds the connect and each wait for bytes."""
+
+    def __init__(self, url: str, ctx: ssl.SSLContext, timeout: float = 60.0):
+        u = urlsplit(url)
+        self.url = url
+        self.host = u.hostname or ""
+        self.port = u.port or 443
+        self.prefix = u.path.rstrip("/")
+        self.ctx = ctx
+        self.timeout = timeout
+        self._conn: Conn | None = None
+        self.retried = False  # the last call's first try got no answer
+
+    def call(self, call: etsi.Call) -> tuple[int, bytes]:
+        """(status, body) of one request; NoAnswer when no whole answer came.
+
+        A kept-alive connection the KME closed while idle fails at once: that case is
+        tried once more on a new connection (a KME that died fails again there).
+        """
+        for attempt in (1, 2):
+            self.retried = attempt == 2
+            reused = self._conn is not None
+            try:
+                if self._conn is None:
+                    self._conn = Conn(self.host, self.port, self.ctx, self.timeout)
+                status, body = self._conn.request(call.method, self.prefix + call.path,
+                                                  call.body)
+                if self._conn.closed:
+                    self._conn = None
+                return status, body
+            except OSError as e:
+                self.close()
+                stale = isinstance(e, (ConnectionResetError, BrokenPipeError))
+                if not (reused and stale and attempt == 1):
+                    raise NoAnswer(f"{type(e).__name__}: {e}") from None
+        raise AssertionError("unreachable")
+
+    def status(self, slave: str) -> dict:
+        """Get status; raises NoAnswer, or etsi's NotEnoughKey, Refused, BadAnswer."""
+        return etsi.parse_status(*self.call(etsi.status_call(slave)))
+
+    def enc_keys(self, slave: str, number: int, size: int,
+                 additional_slave_sae_ids: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
+        """Get key: ``number`` (key_ID, key) pairs of ``size`` bits, checked whole."""
+        status, body = self.call(etsi.enc_keys_call(slave, number, size,
+                                                    additional_slave_sae_ids))
+        return etsi.parse_enc_keys(status, body, number, size // 8)
+
+    def dec_keys(self, master: str, key_ids: tuple[str, ...], size: int) -> list[bytes]:
+        """Get key with key IDs: the keys of ``size`` bits, in the order of ``key_ids``."""
+        status, body = self.call(etsi.dec_keys_call(master, key_ids))
+        return etsi.parse_dec_keys(status, body, key_ids, size // 8)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _child(ns: str, fn, args: tuple, conn) -> None:

@@ -1,5 +1,6 @@
 """What one node's KME answers, without I/O: who is calling, where the keys live, the
-Status body, the key container, and which store refusal becomes which status code.
+Status body, and which store refusal becomes which status code (the key container is
+``api.etsi``'s).
 
 The Sanic handlers (``api.server``) are a thin shell: they take the caller's certificate
 CN, the path and the query or body, ask the global key manager, and hand what came back
@@ -11,9 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import pybase64
-
-from api.requests import ApiError, EncKeysRequest, Limits, bad
+from api.etsi import ApiError, EncKeysRequest, Limits, bad
 from control.core.config import Topology
 from dataplane.limits import MAX_API_REQUEST_BYTES
 
@@ -113,36 +112,6 @@ class Kme:
         node = self.sae_nodes.get(slave)
         others = sum(1 for s, n in self.sae_nodes.items() if n == node and s != slave)
         return min(self.limits.max_sae_id_count, others)
-
-
-SMALL_PART = 16 << 10  # pieces of an answer below this are joined before sending
-
-
-def key_container_parts(key_ids: list[str], keys: Iterable[bytes | memoryview]
-                        ) -> list[bytes]:
-    """The Key container as JSON, in pieces to send one after the other (large keys'
-    base64 is not copied again to join it), built directly: a 1 MiB key is 1.4 MB of
-    base64 (pybase64: SIMD, ~20x the standard library here), and json.dumps would scan it
-    again for characters to escape (base64 has none; key IDs are UUIDs)."""
-    out: list[bytes] = []
-    small = [b'{"keys":[']
-    for i, (kid, key) in enumerate(zip(key_ids, keys, strict=True)):
-        small += (b'{"key_ID":"' if not i else b',{"key_ID":"', kid.encode(), b'","key":"')
-        b64 = pybase64.b64encode(key)
-        if len(b64) >= SMALL_PART:
-            out += (b"".join(small), b64)
-            small = []
-        else:
-            small.append(b64)
-        small.append(b'"}')
-    small.append(b"]}")
-    out.append(b"".join(small))
-    return out
-
-
-def key_container(key_ids: list[str], keys: Iterable[bytes | memoryview]) -> bytes:
-    """The Key container as one JSON byte string."""
-    return b"".join(key_container_parts(key_ids, keys))
 
 
 # The global key manager's refusals (StoreError kinds), as the standard's status codes.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from api.requests import ApiError
+from api.etsi import ApiError
 
 _F = struct.Struct("<dd")  # spent, last update
 

@@ -7,10 +7,10 @@ subject CN of its client certificate, which must be signed by the network's CA
 (``qkdctl pki init``); a connection without a certificate is accepted so that it can be
 told 401 in JSON, one with a certificate from another CA fails its TLS handshake.
 
-Handlers are thin: validation is ``api.requests``, the answers ``api.kme``, the keys come
-from the node's global key manager over ``api.gkm_link``. Only the four status codes of
-the standard leave this service, each with a JSON body: Sanic's own 404, 405 and 413
-become 400, anything unexpected 503.
+Handlers are thin: request parsing and the key container are ``api.etsi``, the answers
+``api.kme``, the keys come from the node's global key manager over ``api.gkm_link``. Only
+the four status codes of the standard leave this service, each with a JSON body: Sanic's
+own 404, 405 and 413 become 400, anything unexpected 503.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from sanic.request import Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
-from api import requests as etsi
+from api import etsi
 from api.gkm_link import GkmLink
-from api.kme import Kme, key_container_parts, store_refusal
+from api.kme import Kme, store_refusal
 from api.limits import SaeLimiter, SaeLimits, buffer_size
 from api.pki import PkiLayout
 from api.pool import WorkerPool, bind_listener
@@ -44,7 +44,7 @@ from control.core.config import Topology
 from control.gkm.client import StoreError
 
 log = logging.getLogger("qkdnet.api")
-BASE = "/api/v1/keys"
+BASE = etsi.BASE_PATH
 JSON = "application/json"
 
 
@@ -91,7 +91,7 @@ async def _send_keys(request: Request, key_ids: list[str], keys: list) -> HTTPRe
     """200 with the key container: one body when small; else sent in pieces under a
     Content-Length, so that megabytes of base64 are not copied to be joined (Sanic would
     also copy a whole body once more to put the headers in front)."""
-    parts = key_container_parts(key_ids, keys)
+    parts = etsi.key_container_parts(key_ids, keys)
     if len(parts) == 1:
         return HTTPResponse(parts[0], content_type=JSON)
     response = await request.respond(
@@ -105,7 +105,7 @@ async def _write_keys(request: Request, key_ids: list[str], keys: list) -> bool:
     """Send the key container whole; False if the connection went away first (the SAE
     did not get the keys). Whether the bytes then reach the SAE is
     :func:`api.delivery.delivered`'s to tell."""
-    parts = key_container_parts(key_ids, keys)
+    parts = etsi.key_container_parts(key_ids, keys)
     response = await request.respond(
         content_type=JSON, headers={"content-length": str(sum(len(p) for p in parts))})
     try:

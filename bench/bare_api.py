@@ -31,7 +31,7 @@ from sanic import Sanic
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
-from api.kme import key_container_parts
+from api.etsi import key_container_parts
 from api.server import BASE, JSON, server_context
 
 KEY_ID = str(uuid.UUID(int=1))

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.kme import Kme, key_container, key_container_parts, store_refusal
-from api.requests import ApiError, EncKeysRequest, Limits
+from api.etsi import ApiError, EncKeysRequest, Limits, key_container, key_container_parts
+from api.kme import Kme, store_refusal
 from bench.topology import line, network, render, saes
 from control.core.config import parse_topology
 

@@ -15,9 +15,9 @@ from types import MappingProxyType
 
 import pytest
 
+from api.etsi import ApiError
 from api.limits import SaeLimiter, SaeLimits
 from api.pki import PkiLayout
-from api.requests import ApiError
 from api.server import sae_limiter
 from bench.topology import line, network, render, saes
 from control.core import paths

@@ -1,7 +1,8 @@
 """The ETSI GS QKD 014 key source (control/lkm/source_etsi.py).
 
 Pure parts driven directly: the config, the KeyIds note on the authenticated channel, the
-checks of the devices' answers, the follower's note queue, the backoff. Then end to end:
+Status check, the follower's note queue, the backoff (the requests and the answers' checks
+are api.etsi's: tests/test_api_etsi.py). Then end to end:
 a qkdnet network (two nodes, emulated link, global key managers, key APIs over HTTPS
 with mutual TLS) stands in for the two QKD devices, and the two ends of a second link run
 their key managers inside the device nodes' namespaces with ETSI sources pointing at
@@ -22,9 +23,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from api.etsi import BadAnswer
 from control.core import paths
 from control.core.config import ConfigError, EmulatorSource, Etsi014Source, parse_topology
 from control.lkm.messages import (
@@ -35,19 +35,7 @@ from control.lkm.messages import (
     decode,
     encode,
 )
-from control.lkm.source_etsi import (
-    Backoff,
-    BadAnswer,
-    NotEnoughKey,
-    NoteQueue,
-    RecentIds,
-    Refused,
-    check_status,
-    dec_request,
-    enc_request,
-    parse_dec_keys,
-    parse_enc_keys,
-)
+from control.lkm.source_etsi import Backoff, NoteQueue, RecentIds, check_status, join_keys
 from control.tools import emulation
 from dataplane.ring import KeyRing
 from tests.nsutil import InNetns, wait_until
@@ -161,79 +149,7 @@ def test_key_ids_travel_authenticated_and_bad_ones_are_refused():
         encode(KeyIds((1, 2), ()))
 
 
-# ---- the devices' answers ---------------------------------------------------------------
-
-def _container(keys: list[tuple[str, bytes]]) -> bytes:
-    return json.dumps({"keys": [{"key_ID": k, "key": base64.b64encode(v).decode()}
-                                for k, v in keys]}).encode()
-
-
-def _keys(n: int, size: int = 32) -> list[tuple[str, bytes]]:
-    return [(str(uuid.uuid4()), os.urandom(size)) for _ in range(n)]
-
-
-def test_requests_are_the_standards_json():
-    assert json.loads(enc_request(4, 256)) == {"number": 4, "size": 256}
-    assert json.loads(dec_request(("x", "y"))) == {"key_IDs": [{"key_ID": "x"},
-                                                               {"key_ID": "y"}]}
-
-
-def test_enc_keys_answer_taken_whole_or_not_at_all():
-    keys = _keys(3)
-    assert parse_enc_keys(200, _container(keys), 3, 32) == keys
-    with pytest.raises(NotEnoughKey, match="not enough"):
-        parse_enc_keys(503, b'{"message": "not enough key material"}', 3, 32)
-    with pytest.raises(Refused, match="HTTP 401: who are you") as e:
-        parse_enc_keys(401, b'{"message": "who are you"}', 3, 32)
-    assert e.value.status == 401
-    with pytest.raises(Refused, match="no ETSI error message"):
-        parse_enc_keys(400, b"<html>", 3, 32)
-    k0 = keys[0]
-    bad = {
-        "truncated": _container(keys)[:-5],
-        "too few": _container(keys[:2]),
-        "too many": _container(keys + _keys(1)),
-        "short key": _container([k0, keys[1], (keys[2][0], keys[2][1][:31])]),
-        "repeated id": _container([k0, keys[1], (k0[0], keys[2][1])]),
-        "not a uuid": _container([("nope", k0[1]), *keys[1:]]),
-        "bad base64": _container(keys).replace(b'"key": "', b'"key": "!', 1),
-        "no keys": b'{"key_container_extension": {}}',
-        "not an object": b"[1, 2, 3]",
-        "entry not an object": b'{"keys": [1, 2, 3]}',
-    }
-    for what, body in bad.items():
-        with pytest.raises(BadAnswer):
-            parse_enc_keys(200, body, 3, 32)
-            pytest.fail(what)
-
-
-def test_dec_keys_answer_in_the_order_of_the_note():
-    keys = _keys(4)
-    ids = tuple(k for k, _ in keys)
-    shuffled = [keys[2], keys[0], keys[3], keys[1]]
-    assert parse_dec_keys(200, _container(shuffled), ids, 32) == b"".join(v for _, v in keys)
-    for body in (_container(keys[:3]), _container(keys[:3] + _keys(1)),
-                 _container(keys[:3] + keys[:1])):
-        with pytest.raises(BadAnswer):
-            parse_dec_keys(200, body, ids, 32)
-    with pytest.raises(Refused, match="not found"):
-        parse_dec_keys(400, b'{"message": "one or more keys specified are not found on KME"}',
-                       ids, 32)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300) | st.recursive(
-    st.none() | st.integers() | st.text(max_size=40) | st.booleans(),
-    lambda c: st.lists(c, max_size=4) | st.dictionaries(
-        st.sampled_from(["keys", "key_ID", "key", "x"]), c, max_size=3),
-    max_leaves=10).map(lambda d: json.dumps(d).encode()))
-def test_a_fuzzed_answer_is_refused_or_exactly_what_was_asked(body):
-    try:
-        keys = parse_enc_keys(200, body, 2, 4)
-    except BadAnswer:
-        return
-    assert len(keys) == 2 and all(len(v) == 4 for _, v in keys)
-
+# ---- the device's Status, one block from the keys -------------------------------------
 
 def test_status_limits_against_the_config():
     doc = {"max_key_per_request": 128, "max_key_size": 1024, "min_key_size": 64}
@@ -243,6 +159,10 @@ def test_status_limits_against_the_config():
     assert len(problems) == 2 and "at most 128 keys" in problems[0]
     assert "smallest is 64" in check_status(doc, 1, 8)[0]
     assert check_status([], 1, 8) == ["the device's Status answer is not a JSON object"]
+
+
+def test_a_block_is_its_keys_one_after_the_other():
+    assert join_keys([b"ab", b"", b"cde"]) == bytearray(b"abcde")
 
 
 # ---- follower's notes, backoff, repeated IDs ---------------------------------------------

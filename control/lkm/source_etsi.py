@@ -20,28 +20,28 @@ refusing device makes the key manager reopen the source every second and run on 
 key meanwhile. The leader fetches only while the agreement is synced and few blocks are
 undecided, so a follower whose device is down does not drain the leader's.
 
-The answer checks, the follower's queue of notes and the backoff are I/O-free (tested
-directly); the HTTPS calls are a thin shell on :class:`FetchingSource`'s thread.
+The requests and the answer checks are ``api.etsi``'s, the HTTPS client ``api.client``'s
+(the same ones our own SAEs use). The Status check, the follower's queue of notes, the
+repeated-ID check and the backoff here are I/O-free (tested directly); the calls are a
+thin shell on :class:`FetchingSource`'s thread.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import http.client
 import json
 import logging
 import secrets
-import ssl
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlsplit
 
-from control.lkm.messages import KeyIds, Message, check_key_id
+from api import etsi
+from api.client import KmeClient, NoAnswer, TlsFilesError, tls_context
+from api.etsi import BadAnswer, NotEnoughKey, Refused
+from control.lkm.messages import KeyIds, Message
 from control.lkm.source import Block, FetchingSource, SourceUnavailable
 from dataplane.limits import PENDING_BLOCK_TIMEOUT_S
 
@@ -49,111 +49,16 @@ if TYPE_CHECKING:
     from control.core.config import Etsi014End, Etsi014Source, LinkSpec, Topology
 
 log = logging.getLogger("qkdnet.keysource.etsi")
-BASE_PATH = "/api/v1/keys"
 WINDOW_BLOCKS = 8          # blocks the leader lets be undecided before it asks for more
 MAX_NOTES = 256            # notes the follower holds; older ones are dropped
 RECENT_IDS = 1 << 16       # key IDs remembered to refuse a repeated one
-MAX_ERROR_TEXT = 200       # characters of a device's error message kept for logs
 MAX_BACKOFF_S = 2.0        # longest wait between asks when the device has no key
 
 
 # ---- the I/O-free parts -----------------------------------------------------------------
 
-class NotEnoughKey(Exception):
-    """503: the device has no key for us now; ask again later."""
-
-
-class Refused(Exception):
-    """400, 401 or another status: the device will not do what we asked."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-
-
-class BadAnswer(Exception):
-    """A 200 whose body is not what the standard and our request say; its keys unused."""
-
-
-def error_text(body: bytes) -> str:
-    """The ``message`` of an ETSI Error body, shortened, printable; else a placeholder."""
-    try:
-        msg = json.loads(body)["message"]
-    except (ValueError, KeyError, TypeError):
-        return "(no ETSI error message)"
-    if not isinstance(msg, str):
-        return "(no ETSI error message)"
-    return "".join(c if c.isprintable() else "?" for c in msg[:MAX_ERROR_TEXT])
-
-
-def _raise_for_status(status: int, body: bytes) -> None:
-    if status == 200:
-        return
-    if status == 503:
-        raise NotEnoughKey(error_text(body))
-    raise Refused(status, error_text(body))
-
-
-def enc_request(number: int, size_bits: int) -> bytes:
-    return json.dumps({"number": number, "size": size_bits}).encode()
-
-
-def dec_request(key_ids: tuple[str, ...]) -> bytes:
-    return json.dumps({"key_IDs": [{"key_ID": k} for k in key_ids]}).encode()
-
-
-def _container(body: bytes, number: int) -> list:
-    try:
-        doc = json.loads(body)
-    except ValueError as e:
-        raise BadAnswer(f"not JSON: {e}") from None
-    keys = doc.get("keys") if isinstance(doc, dict) else None
-    if not isinstance(keys, list):
-        raise BadAnswer("no 'keys' array in the key container")
-    if len(keys) != number:
-        raise BadAnswer(f"{len(keys)} keys, asked for {number}")
-    return keys
-
-
-def _key(entry: object, key_bytes: int) -> tuple[str, bytes]:
-    if not isinstance(entry, dict):
-        raise BadAnswer("a key entry is not an object")
-    try:
-        kid = check_key_id(entry.get("key_ID"))
-        raw = entry.get("key")
-        if not isinstance(raw, str):
-            raise ValueError("no 'key' string")
-        key = base64.b64decode(raw, validate=True)
-    except (ValueError, binascii.Error) as e:
-        raise BadAnswer(f"bad key entry: {e}") from None
-    if len(key) != key_bytes:
-        raise BadAnswer(f"key {kid} has {len(key) * 8} bits, asked for {key_bytes * 8}")
-    return kid, key
-
-
-def parse_enc_keys(status: int, body: bytes, number: int, key_bytes: int
-                   ) -> list[tuple[str, bytes]]:
-    """The (key_ID, key) pairs of an ``enc_keys`` answer: exactly ``number`` keys of
-    ``key_bytes`` each, distinct UUIDs; raises NotEnoughKey, Refused or BadAnswer."""
-    _raise_for_status(status, body)
-    keys = [_key(e, key_bytes) for e in _container(body, number)]
-    if len({k for k, _ in keys}) != len(keys):
-        raise BadAnswer("the same key_ID twice in one answer")
-    return keys
-
-
-def parse_dec_keys(status: int, body: bytes, key_ids: tuple[str, ...], key_bytes: int
-                   ) -> bytearray:
-    """The block a ``dec_keys`` answer makes: its keys in the order of ``key_ids``, which
-    it must hold exactly (any order, each once)."""
-    _raise_for_status(status, body)
-    got = dict(_key(e, key_bytes) for e in _container(body, len(key_ids)))
-    if set(got) != set(key_ids) or len(got) != len(key_ids):
-        raise BadAnswer("the keys answered are not the keys asked for")
-    return join_keys([got[k] for k in key_ids])
-
-
 def join_keys(keys: list[bytes]) -> bytearray:
+    """One block: the keys one after the other."""
     out = bytearray(sum(len(k) for k in keys))
     pos = 0
     for k in keys:
@@ -278,74 +183,41 @@ class NoteQueue:
 # ---- the shell: HTTPS to the device --------------------------------------------------------
 
 class Device:
-    """One keep-alive HTTPS connection to a KME with this end's client certificate."""
+    """This end's device: its KME URL, the certificate files, and the client while open."""
 
     def __init__(self, end: Etsi014End, base_dir: Path, timeout: float):
         self.url = end.kme
-        u = urlsplit(end.kme)
-        self.host = u.hostname or ""
-        self.port = u.port or 443
-        self.prefix = u.path.rstrip("/") + BASE_PATH
         self.timeout = timeout
         self.files = {name: p if p.is_absolute() else (base_dir / p)
                       for name, p in (("cert", end.cert), ("key", end.key), ("ca", end.ca))}
-        self._ctx: ssl.SSLContext | None = None
-        self._conn: http.client.HTTPSConnection | None = None
-        self.retried = False  # the last call's first try got no answer
-
-    def context(self) -> ssl.SSLContext:
-        """TLS 1.2 or newer, the device verified against ``ca``, our certificate shown."""
-        f = self.files
-        try:
-            ctx = ssl.create_default_context(cafile=str(f["ca"]))
-        except (OSError, ssl.SSLError) as e:
-            raise SourceUnavailable(f"cannot load the CA file {f['ca']}: {e}") from None
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(str(f["cert"]), str(f["key"]))
-        except (OSError, ssl.SSLError) as e:
-            raise SourceUnavailable(f"cannot load the client certificate {f['cert']} with "
-                                    f"key {f['key']}: {e}") from None
-        return ctx
+        self.client: KmeClient | None = None
 
     def open(self) -> None:
-        self._ctx = self.context()
+        """Load the certificate files (nothing that blocks); connect on the first call."""
+        f = self.files
+        try:
+            ctx = tls_context(f["ca"], f["cert"], f["key"])
+        except TlsFilesError as e:
+            raise SourceUnavailable(str(e)) from None
+        self.close()
+        self.client = KmeClient(self.url, ctx, self.timeout)
 
-    def call(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        """(status, body) of one request; SourceUnavailable when no whole answer came.
+    @property
+    def retried(self) -> bool:
+        """The last call's first try got no answer (it may have reached the device)."""
+        return self.client is not None and self.client.retried
 
-        A kept-alive connection the device closed while idle fails at once: that case
-        is tried once more on a new connection (a device that died fails again there).
-        """
-        assert self._ctx is not None
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        for attempt in (1, 2):
-            self.retried = attempt == 2
-            reused = self._conn is not None
-            try:
-                if self._conn is None:
-                    self._conn = http.client.HTTPSConnection(self.host, self.port,
-                                                             context=self._ctx,
-                                                             timeout=self.timeout)
-                self._conn.request(method, self.prefix + path, body=body, headers=headers)
-                r = self._conn.getresponse()
-                data = r.read()
-                if r.will_close:
-                    self.close()
-                return r.status, data
-            except (OSError, http.client.HTTPException) as e:
-                self.close()
-                stale = isinstance(e, (http.client.RemoteDisconnected, ConnectionResetError,
-                                       BrokenPipeError))
-                if not (reused and stale and attempt == 1):
-                    raise SourceUnavailable(f"device {self.url}: {type(e).__name__}: {e}"
-                                            ) from None
-        raise AssertionError("unreachable")
+    def call(self, call: etsi.Call) -> tuple[int, bytes]:
+        """(status, body) of one request; SourceUnavailable when no whole answer came."""
+        assert self.client is not None
+        try:
+            return self.client.call(call)
+        except NoAnswer as e:
+            raise SourceUnavailable(f"device {self.url}: {e}") from None
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self.client is not None:
+            self.client.close()
 
 
 class _EtsiSource(FetchingSource):
@@ -400,23 +272,22 @@ class _EtsiSource(FetchingSource):
         with self._lock:
             self.counters[name] += n
 
-    def _request(self, method: str, path: str, body: bytes | None = None
-                 ) -> tuple[int, bytes]:
+    def _request(self, call: etsi.Call) -> tuple[int, bytes]:
         try:
             if not self._checked:
                 self._check_status()
             self._count("calls")
-            return self.device.call(method, path, body)
+            return self.device.call(call)
         except SourceUnavailable:
             self._count("device_errors")
             raise
 
     def _check_status(self) -> None:
         """Once per connection: the device answers, and its limits allow our config."""
-        status, body = self.device.call("GET", f"/{quote(self.peer_sae, safe='')}/status")
+        status, body = self.device.call(etsi.status_call(self.peer_sae))
         if status == 401:
             raise SourceUnavailable(f"device {self.device.url} refused our certificate: "
-                                    f"{error_text(body)}")
+                                    f"{etsi.error_text(body)}")
         if status == 200:
             try:
                 doc = json.loads(body)
@@ -473,11 +344,10 @@ class EtsiLeaderSource(_EtsiSource):
             self._wake_fetch.wait(0.2)
             self._wake_fetch.clear()
             return []
-        path = f"/{quote(self.peer_sae, safe='')}/enc_keys"
-        status, body = self._request("POST", path,
-                                     enc_request(self.cfg.keys_per_call, self.cfg.key_size))
+        status, body = self._request(etsi.enc_keys_call(self.peer_sae, self.cfg.keys_per_call,
+                                                        self.cfg.key_size))
         try:
-            keys = parse_enc_keys(status, body, self.cfg.keys_per_call, self.key_bytes)
+            keys = etsi.parse_enc_keys(status, body, self.cfg.keys_per_call, self.key_bytes)
             ids = [k for k, _ in keys]
             self.recent.check(ids)
         except NotEnoughKey as e:
@@ -546,15 +416,14 @@ class EtsiFollowerSource(_EtsiSource):
             self.recent.check(ids)
         except BadAnswer as e:
             return self._skip(item, f"the leader named a key again ({e})")
-        path = f"/{quote(self.peer_sae, safe='')}/dec_keys"
         try:
-            status, body = self._request("POST", path, dec_request(ids))
+            status, body = self._request(etsi.dec_keys_call(self.peer_sae, ids))
         except SourceUnavailable:
             item.lost = True  # the note stays: the keys may still be at the device
             raise
         item.lost |= self.device.retried  # its first try may have reached the device
         try:
-            data = parse_dec_keys(status, body, ids, self.key_bytes)
+            data = join_keys(etsi.parse_dec_keys(status, body, ids, self.key_bytes))
         except NotEnoughKey as e:
             return self._wait_for_key(e)
         except Refused as e:

@@ -196,27 +196,22 @@ def wait_for_key(topo: Topology, timeout: float) -> bool:
 
 # ---- the key API, from inside the SAEs' namespaces ----------------------------------------
 
+def _kme(pki: str, sae: str, host: str, port: int):
+    from api.client import KmeClient, client_context
+
+    return KmeClient(f"https://{host}:{port}", client_context(pki, sae))
+
+
 def _take_keys(pki: str, sae: str, host: str, port: int, slave: str, nbytes: int,
                key_bytes: int) -> dict:
     """enc_keys until ``nbytes`` are taken: the key IDs and the keys' digest."""
-    import base64
-
-    import orjson
-
-    from api.client import Conn, client_context
-
-    c = Conn(host, port, client_context(pki, sae))
+    c = _kme(pki, sae, host, port)
     ids, h, taken = [], hashlib.sha256(), 0
     try:
         while taken < nbytes:
             n = max(1, min(8, -(-(nbytes - taken) // key_bytes)))
-            body = orjson.dumps({"number": n, "size": key_bytes * 8})
-            status, data = c.request("POST", f"/api/v1/keys/{slave}/enc_keys", body)
-            if status != 200:
-                raise RuntimeError(f"enc_keys answered {status}: {data[:200]!r}")
-            for k in orjson.loads(data)["keys"]:
-                ids.append(k["key_ID"])
-                key = base64.b64decode(k["key"])
+            for kid, key in c.enc_keys(slave, n, key_bytes * 8):
+                ids.append(kid)
                 h.update(key)
                 taken += len(key)
     finally:
@@ -225,37 +220,29 @@ def _take_keys(pki: str, sae: str, host: str, port: int, slave: str, nbytes: int
 
 
 def _fetch_keys(pki: str, sae: str, host: str, port: int, master: str,
-                ids: list[str]) -> dict:
+                ids: list[str], key_bytes: int) -> dict:
     """dec_keys for ``ids`` in order: their digest; then one ID again (must be refused)."""
-    import base64
+    from api import etsi
 
-    import orjson
-
-    from api.client import Conn, client_context
-
-    c = Conn(host, port, client_context(pki, sae))
+    c = _kme(pki, sae, host, port)
     h, got = hashlib.sha256(), 0
     try:
         for i in range(0, len(ids), 8):
-            body = orjson.dumps({"key_IDs": [{"key_ID": k} for k in ids[i:i + 8]]})
-            status, data = c.request("POST", f"/api/v1/keys/{master}/dec_keys", body)
-            if status != 200:
-                raise RuntimeError(f"dec_keys answered {status}: {data[:200]!r}")
-            for k in orjson.loads(data)["keys"]:
-                h.update(base64.b64decode(k["key"]))
+            for key in c.dec_keys(master, tuple(ids[i:i + 8]), key_bytes * 8):
+                h.update(key)
                 got += 1
-        again, _ = c.request("GET", f"/api/v1/keys/{master}/dec_keys?key_ID={ids[0]}")
+        again, _ = c.call(etsi.dec_keys_call(master, ids[:1], post=False))
     finally:
         c.close()
     return {"keys": got, "sha256": h.hexdigest(), "again": again}
 
 
 def _status(pki: str, sae: str, host: str, port: int, slave: str) -> int:
-    from api.client import Conn, client_context
+    from api import etsi
 
-    c = Conn(host, port, client_context(pki, sae))
+    c = _kme(pki, sae, host, port)
     try:
-        return c.request("GET", f"/api/v1/keys/{slave}/status")[0]
+        return c.call(etsi.status_call(slave))[0]
     finally:
         c.close()
 
@@ -290,7 +277,7 @@ class Saes:
 
     def exchange(self, nbytes: int, key_bytes: int) -> KeyCheck:
         took = self._in(self.master, _take_keys, self.slave.id, nbytes, key_bytes)
-        got = self._in(self.slave, _fetch_keys, self.master.id, took["ids"])
+        got = self._in(self.slave, _fetch_keys, self.master.id, took["ids"], key_bytes)
         return KeyCheck(keys=len(took["ids"]), nbytes=took["bytes"],
                         identical=got["keys"] == len(took["ids"])
                         and got["sha256"] == took["sha256"],
