@@ -13,12 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from control.gkm.carving import KeySlice, decode
-from control.gkm.store import (
+from control.gkm.errors import StoreError
+from control.gkm.store import KeyStore
+from control.gkm.store_rules import (
     HANDED_KEEP_S,
     BlockState,
     Handing,
-    KeyStore,
-    StoreError,
     deliver_from_record,
     may_hand_again,
     reservation_record,
@@ -453,7 +453,7 @@ def test_dec_blocks_behind_the_cursor_are_freed_exactly_when_their_last_key_goes
     """The index of freeable blocks (kept up to date, not found by scanning every block
     behind the cursor at each reservation)."""
     from control.gkm.carving import Cursor
-    from control.gkm.store import DecState
+    from control.gkm.store_rules import DecState
 
     st = DecState("A", 1)
     for seq in range(5):
@@ -582,7 +582,7 @@ def test_a_long_jump_of_the_reservation_cursor_costs_the_blocks_held_not_the_num
     import time
 
     from control.gkm.carving import MAX_SEQ, Cursor
-    from control.gkm.store import DecState
+    from control.gkm.store_rules import DecState
 
     st = DecState("A", 1)
     for seq in (0, 5, 9):
