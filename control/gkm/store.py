@@ -207,6 +207,14 @@ class KeyStore:
             self._cache.move_to_end(k)
         return data
 
+    def _blocks(self, kind: str, peer: str, slices: list[KeySlice]) -> dict[int, bytes]:
+        """The bytes of the blocks these slices lie in, each read once."""
+        data: dict[int, bytes] = {}
+        for s in slices:
+            if s.seq not in data:
+                data[s.seq] = self._block(kind, peer, s.seq)
+        return data
+
     def _evict(self, kind: str, peer: str, seq: int) -> None:
         self._cache.pop((kind, peer, seq), None)
 
@@ -291,8 +299,8 @@ class KeyStore:
         with self.lock:
             st = rules.enc_store(self.enc, peer)
             t = rules.take(st, self.node_id, number, size, saes, master)
-            out = [(s, self._block("enc", peer, s.seq)[s.offset:s.offset + s.size])
-                   for s in t.slices]
+            data = self._blocks("enc", peer, t.slices)
+            out = [(s, data[s.seq][s.offset:s.offset + s.size]) for s in t.slices]
             self._durable("enc", peer, t.writes)
             st.apply_take(t)
             return out, t.rseq
@@ -429,8 +437,8 @@ class KeyStore:
             st = rules.dec_store(self.dec, peer)
             fetches = rules.delivery(st, self.node_id, key_ids, sae, master, holder, alive,
                                      self._lookup("dec", peer))
-            out = [self._block("dec", peer, f.slice.seq)[f.slice.offset:
-                                                         f.slice.offset + f.slice.size]
+            data = self._blocks("dec", peer, [f.slice for f in fetches])
+            out = [data[f.slice.seq][f.slice.offset:f.slice.offset + f.slice.size]
                    for f in fetches]
             if holder is not None:  # delivered once the holder confirms its answer
                 self._durable("dec", peer, st.hand(key_ids, sae, holder, time.time()))
