@@ -242,7 +242,8 @@ def test_the_database_is_locked_to_one_process(tmp_path):
     p = ctx.Process(target=_open_second, args=(tmp_path, q))
     p.start()
     p.join(60)
-    assert "open in another process" in q.get(timeout=5)
+    got = q.get(timeout=5)
+    assert got.startswith("busy: ") and "open in another process" in got
     held.close()
 
 
@@ -251,7 +252,7 @@ def _open_second(tmp_path, q) -> None:
         origin(tmp_path)
         q.put("opened")
     except StoreError as e:
-        q.put(str(e))
+        q.put(f"{e.kind}: {e}")
 
 
 def _pair_with_keys(tmp_path, nblocks: int = 3, size: int = 256):
