@@ -37,6 +37,10 @@ class CarveError(ValueError):
     """A request or key ID refused whole; nothing changed."""
 
 
+class NotEnoughKey(CarveError):
+    """Fewer usable bytes than the keys asked for; nothing was cut."""
+
+
 @dataclass(frozen=True)
 class KeySlice:
     origin: int
@@ -108,7 +112,7 @@ def carve(cursor: Cursor, block_sizes: dict[int, int], number: int, size: int, *
 
     ``block_sizes`` maps the sequence numbers of the blocks usable now (acknowledged by
     the destination, invariant 4) to their sizes. Either every key is cut and the new
-    cursor returned, or CarveError says there is not enough key and nothing changes.
+    cursor returned, or NotEnoughKey says there is not enough key and nothing changes.
     """
     if number < 1 or size < 1:
         raise CarveError("number and size must be positive")
@@ -119,7 +123,7 @@ def carve(cursor: Cursor, block_sizes: dict[int, int], number: int, size: int, *
             if seq not in block_sizes:
                 later = [s for s in block_sizes if s > seq]
                 if not later:
-                    raise CarveError(f"not enough key: {len(out)} of {number} keys of "
+                    raise NotEnoughKey(f"not enough key: {len(out)} of {number} keys of "
                                      f"{size} B available")
                 seq, offset = min(later), 0
                 continue

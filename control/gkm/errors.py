@@ -1,12 +1,76 @@
 """The global key manager's refusals, shared by the store, the manager and every client on
-the node (the key API, the demo): a request is refused whole and nothing changes."""
+the node (the key API, the demo): a request is refused whole and nothing changes.
+
+Each refusal has a ``kind``, the word the manager's replies carry and the key API maps to a
+status code (``api/kme.py``). The key stores raise one subclass per kind, so callers tell
+refusals apart by type or by ``kind``, never by their message. A refusal read off the wire
+is a plain :class:`StoreError` carrying the kind named there.
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class StoreError(Exception):
     """A request refused whole; nothing changed. ``kind`` says why, for the caller."""
 
     def __init__(self, kind: str, message: str):
-        self.kind = kind  # "short" (not enough key), "unknown", "forbidden", "bad"
+        self.kind = kind
         super().__init__(message)
+
+
+class _KindError(StoreError):
+    """A refusal whose class names its kind: constructed from the message alone."""
+
+    KIND: ClassVar[str]
+
+    def __init__(self, message: str):
+        super().__init__(self.KIND, message)
+
+
+class ShortError(_KindError):
+    """Not enough usable key for the request (the key API answers 503)."""
+
+    KIND = "short"
+
+
+class UnknownError(_KindError):
+    """No such key, peer or store here, or a key already delivered (or not issued to the
+    master SAE named)."""
+
+    KIND = "unknown"
+
+
+class ForbiddenError(_KindError):
+    """The key exists but is reserved for other SAEs."""
+
+    KIND = "forbidden"
+
+
+class BadRequest(_KindError):
+    """The request itself is malformed or impossible (a key ID named twice, keys larger
+    than any block, a reservation beyond the blocks held)."""
+
+    KIND = "bad"
+
+
+class BusyError(_KindError):
+    """The store or the key manager cannot serve now (another process holds the store, a
+    taker's deadline passed)."""
+
+    KIND = "busy"
+
+
+class PendingError(_KindError):
+    """The key's reservation is not yet confirmed by the master's key manager."""
+
+    KIND = "pending"
+
+
+class DeliveringError(_KindError):
+    """An answer carrying the key to the same SAE is being written on another connection;
+    handing it again now could deliver it twice."""
+
+    KIND = "delivering"
+
