@@ -128,7 +128,7 @@ class CrashPoints:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class Destination:
+class OutboundPair:
     """What the origin keeps per destination: socket, outbox, restock rule, meters."""
 
     def __init__(self, name: str, node_id: int, address: str, gkm_spec):
@@ -189,7 +189,7 @@ class GlobalKeyManager:
         self.ctx = zmq.Context()  # the local key socket
         # The relay's sockets apart: libzmq asks the ZAP handler of a socket's own context.
         self.relay_ctx = zmq.Context()
-        self.dests = {d: Destination(d, topo.node(d).id, str(topo.node(d).address), self.spec)
+        self.dests = {d: OutboundPair(d, topo.node(d).id, str(topo.node(d).address), self.spec)
                       for d in dests}
         # Until the router says which way key goes: the shortest path over every link.
         self.link_ends = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
@@ -237,7 +237,7 @@ class GlobalKeyManager:
 
     # ---- sockets ------------------------------------------------------------------------
 
-    def _set_path(self, d: Destination, path: list[tuple[str, str]]) -> None:
+    def _set_path(self, d: OutboundPair, path: list[tuple[str, str]]) -> None:
         """Pace ``d``'s blocks to the key rate of ``path`` (unchanged when no path is
         known: the last one, or the planned one, is the best guess)."""
         if not path or path == d.path:
@@ -291,7 +291,7 @@ class GlobalKeyManager:
             d.sock, d.monitor = self._dealer(d, tos=0)
             d.ctl, d.ctl_monitor = self._dealer(d, tos=TOS_CONTROL)
 
-    def _dealer(self, d: Destination, tos: int) -> tuple[zmq.Socket, zmq.Socket]:
+    def _dealer(self, d: OutboundPair, tos: int) -> tuple[zmq.Socket, zmq.Socket]:
         s = self.relay_ctx.socket(zmq.DEALER)
         secure_dealer(s, self.keys, d.name)
         for opt, v in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 64),
@@ -379,7 +379,7 @@ class GlobalKeyManager:
 
     # ---- the origin's side --------------------------------------------------------------
 
-    def on_reply(self, d: Destination, frames: list[zmq.Frame]) -> None:
+    def on_reply(self, d: OutboundPair, frames: list[zmq.Frame]) -> None:
         """An ACK of blocks, or one or more RESERVED, on the connection to ``d``."""
         try:
             msgs = parse_batch([f.buffer for f in frames])
@@ -404,7 +404,7 @@ class GlobalKeyManager:
         if acked.error is not None:
             d.last_error = acked.error
 
-    def on_reserved(self, d: Destination, msgs: list[Reserved]) -> None:
+    def on_reserved(self, d: OutboundPair, msgs: list[Reserved]) -> None:
         """Answers to reservations (and to confirmations and cancellations), as
         ``control.gkm.origin.on_reserved`` decides: a waiting taker is answered only
         after the confirmation of its keys is durably queued."""
@@ -429,7 +429,7 @@ class GlobalKeyManager:
         for frames in replies:
             self.api.send_multipart(frames, copy=False)
 
-    def send_reservations(self, d: Destination, now: float) -> None:
+    def send_reservations(self, d: OutboundPair, now: float) -> None:
         """Unacknowledged reservations go out in order: new ones at once; all of them
         again after a new connection, a GAP, or RESERVE_RETRY_S without an answer."""
         unacked = self.store.enc[d.name].unacked
@@ -514,7 +514,7 @@ class GlobalKeyManager:
                         "is still on its way to this SAE); nothing was delivered, try "
                         "again")])
 
-    def restock(self, d: Destination, now: float) -> None:
+    def restock(self, d: OutboundPair, now: float) -> None:
         if not d.ever_connected or self.paused:
             return
         st = self.store.enc[d.name]
@@ -530,7 +530,7 @@ class GlobalKeyManager:
             d.outbox.add(seq, len(data), now)
         self.crash("origin.stored")
 
-    def send_due(self, d: Destination, now: float) -> None:
+    def send_due(self, d: OutboundPair, now: float) -> None:
         while d.pacer.allows(self.spec.block_size, now):
             budget = max(self.spec.block_size, int(d.pacer.tokens)) \
                 if d.pacer.rate != float("inf") else SEND_BATCH
@@ -548,7 +548,7 @@ class GlobalKeyManager:
             d.pacer.spend(sum(len(d.data[s]) for s in seqs), now)
             self.crash("origin.sent")
 
-    def on_ctl_monitor(self, d: Destination) -> None:
+    def on_ctl_monitor(self, d: OutboundPair) -> None:
         """A new control connection: reservations sent on the old one may be lost."""
         while True:
             try:
@@ -560,7 +560,7 @@ class GlobalKeyManager:
             elif ev["event"] & HANDSHAKE_FAILED:
                 self._handshake_failed(d, "ctl")
 
-    def on_monitor(self, d: Destination) -> None:
+    def on_monitor(self, d: OutboundPair) -> None:
         while True:
             try:
                 ev = zmq.utils.monitor.recv_monitor_message(d.monitor, zmq.NOBLOCK)
@@ -579,7 +579,7 @@ class GlobalKeyManager:
             elif ev["event"] & HANDSHAKE_FAILED:
                 self._handshake_failed(d, "sock")
 
-    def _handshake_failed(self, d: Destination, which: str) -> None:
+    def _handshake_failed(self, d: OutboundPair, which: str) -> None:
         """Say why once; dial again soon: libzmq ends a connection whose handshake failed
         for good, and the destination's key manager may be back (or rekeyed) later."""
         why = (f"no authenticated connection to {d.name}: it refused this node's relay key, "
@@ -589,7 +589,7 @@ class GlobalKeyManager:
         d.last_error = why
         d.redial.setdefault(which, time.monotonic() + REDIAL_S)
 
-    def redial(self, d: Destination, now: float) -> None:
+    def redial(self, d: OutboundPair, now: float) -> None:
         for which, due in list(d.redial.items()):
             if now >= due:
                 del d.redial[which]
