@@ -59,7 +59,7 @@ class GkmClient:
             self.sock.close(0)
             self.sock = None
 
-    def _deadline(self) -> float:
+    def deadline(self) -> float:
         """A take's deadline: the manager takes nothing after it."""
         return time.monotonic() + max(self.timeout_ms / 2000,
                                       self.timeout_ms / 1000 - ANSWER_MARGIN_S)
@@ -77,7 +77,7 @@ class GkmClient:
         return decode_answer(frames[0]), frames[1] if len(frames) > 1 else b""
 
     def take_enc(self, peer: str, number: int, size: int) -> list[tuple[str, bytes]]:
-        head, data = self.call(take.take_enc(peer, number, size, self._deadline()))
+        head, data = self.call(take.take_enc(peer, number, size, self.deadline()))
         return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
 
     def take_enc_for(self, peer: str, number: int, size: int, slaves: list[str],
@@ -85,7 +85,7 @@ class GkmClient:
         """Keys for an application (``master``) whose slave SAEs are at ``peer``: returned
         only once ``peer`` has stored that these SAEs, and only they, may fetch them
         there (and only naming this master, when given)."""
-        head, data = self.call(take.take_enc(peer, number, size, self._deadline(),
+        head, data = self.call(take.take_enc(peer, number, size, self.deadline(),
                                              slaves, master))
         return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
 
@@ -94,7 +94,7 @@ class GkmClient:
 
     def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str | None = None
                  ) -> list[bytes]:
-        head, data = self.call(take.take_dec(peer, key_ids, sae, master, self._deadline()))
+        head, data = self.call(take.take_dec(peer, key_ids, sae, master, self.deadline()))
         return split_keys(head["sizes"], data)
 
     def summary(self) -> dict:
