@@ -2,7 +2,8 @@
 
 One ZeroMQ DEALER per worker process on the manager's Unix socket; many requests in
 flight at once, each tagged with a request id frame that the manager sends back
-unchanged (the protocol is ``control.gkm.client``'s). The manager serves every worker's
+unchanged (the requests and answers are ``control.gkm.take``'s, through
+``control.gkm.client``). The manager serves every worker's
 requests one batch at a time with one sync per batch, which is what keeps the stores
 consistent across Sanic's worker processes: no worker opens the stores itself.
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import random
@@ -42,7 +42,15 @@ import zmq.asyncio
 import zmq.utils.monitor
 
 from control.core.procs import process_identity
-from control.gkm.client import StoreError, socket_path, split_keys
+from control.gkm.client import (
+    Request,
+    StoreError,
+    decode_answer,
+    socket_path,
+    split_keys,
+    take,
+    taken_key_ids,
+)
 
 # The manager answers a take by the deadline the take carries (ANSWER_MARGIN_S before
 # this), so a request without an answer after this long is lost (the manager restarted).
@@ -70,7 +78,7 @@ class GkmLink:
         self.ids = itertools.count(random.randrange(1, 1 << 62))
         self.identity = process_identity(os.getpid())  # 0 if unknown: takes are final
         self.waiting: dict[int, asyncio.Future] = {}
-        self.sent: dict[int, tuple[str, list[bytes]]] = {}  # waiting: (op, frames)
+        self.sent: dict[int, tuple[Request, list[bytes]]] = {}  # waiting: what, frames
         self.gave_up: OrderedDict[int, str] = OrderedDict()  # request id -> peer node
         self.reader: asyncio.Task | None = None
         self.watcher: asyncio.Task | None = None
@@ -126,15 +134,15 @@ class GkmLink:
                 log.exception("key API: handling the key manager's restart")
 
     async def _after_restart(self) -> None:
-        for rid, (op, frames) in list(self.sent.items()):
+        for rid, (request, frames) in list(self.sent.items()):
             fut = self.waiting.get(rid)
             if fut is None or fut.done():
                 continue
-            if op in RESENDABLE:
+            if request.op in RESENDABLE:
                 await self._send(frames)
                 continue
-            if op == "take_enc":
-                self._give_up(rid, json.loads(frames[2])["peer"])
+            if request.op == "take_enc":
+                self._give_up(rid, request.peer)
             fut.set_exception(StoreError(
                 "busy", "the node's global key manager restarted while serving the "
                         "request; nothing was taken"))
@@ -156,34 +164,32 @@ class GkmLink:
     async def _cancel_late(self, peer: str, head_frame) -> None:
         """An answer to a take whose caller was already told it failed: its keys went to
         no one, so the slave's node must not hand them out either."""
-        try:
-            head = json.loads(head_frame.bytes)
-        except ValueError:
-            return
-        ids = head.get("key_ids") if head.get("ok") else None
+        ids = taken_key_ids(head_frame.bytes)
         if not ids:
             return
         log.warning("key API: the key manager answered a take after it had been refused "
                     "(503); its %d key(s) for node %s are cancelled", len(ids), peer)
-        await self.sock.send_multipart([_RID.pack(next(self.ids)), b"", json.dumps(
-            {"op": "cancel", "peer": peer, "key_ids": ids}).encode()])
+        await self.sock.send_multipart([_RID.pack(next(self.ids)), b"",
+                                        take.cancel(peer, ids).body])
 
-    async def call(self, op: str, rid: int | None = None, **args) -> tuple[dict, memoryview]:
+    def _deadline(self) -> float:
+        """A take's deadline: the manager must have answered by then."""
+        return time.monotonic() + max(self.timeout_s / 2, self.timeout_s - ANSWER_MARGIN_S)
+
+    async def call(self, request: Request, rid: int | None = None
+                   ) -> tuple[dict, memoryview]:
         rid = next(self.ids) if rid is None else rid
         fut = asyncio.get_running_loop().create_future()
         self.waiting[rid] = fut
-        if op in ("take_enc", "take_dec"):
-            args["deadline"] = time.monotonic() + max(self.timeout_s / 2,
-                                                      self.timeout_s - ANSWER_MARGIN_S)
-        frames = [_RID.pack(rid), b"", json.dumps({"op": op, **args}).encode()]
-        self.sent[rid] = (op, frames)
+        frames = [_RID.pack(rid), b"", request.body]
+        self.sent[rid] = (request, frames)
         try:
             await self._send(frames)
             frames = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError:
             if not fut.done():  # (an answer that came with the timeout is kept)
-                if op == "take_enc":  # its answer, if it ever comes, goes to no one
-                    self._give_up(rid, args["peer"])
+                if request.op == "take_enc":  # its answer, if it ever comes, goes to
+                    self._give_up(rid, request.peer)  # no one
                 raise StoreError("busy", f"the global key manager did not answer within "
                                          f"{self.timeout_s:.0f} s; nothing was taken") \
                     from None
@@ -191,15 +197,13 @@ class GkmLink:
         finally:
             self.waiting.pop(rid, None)
             self.sent.pop(rid, None)
-        head = json.loads(frames[0].bytes)
-        if not head.get("ok"):
-            raise StoreError(head.get("kind", "bad"), head.get("error", "refused"))
+        head = decode_answer(frames[0].bytes)
         return head, frames[1].buffer if len(frames) > 1 else memoryview(b"")
 
     async def take_enc_for(self, peer: str, number: int, size: int, slaves: list[str],
                            master: str) -> tuple[list[str], list[memoryview]]:
-        head, data = await self.call("take_enc", peer=peer, number=number, size=size,
-                                     slaves=slaves, master=master)
+        head, data = await self.call(take.take_enc(peer, number, size, self._deadline(),
+                                                   slaves, master))
         return head["key_ids"], split_keys([size] * number, data)
 
     async def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str
@@ -208,14 +212,14 @@ class GkmLink:
         report under the returned token (:meth:`settle`); token None: the take was final
         (this process's identity is unknown)."""
         if not self.identity:
-            head, data = await self.call("take_dec", peer=peer, key_ids=key_ids, sae=sae,
-                                         master=master)
+            head, data = await self.call(take.take_dec(peer, key_ids, sae, master,
+                                                       self._deadline()))
             return split_keys(head["sizes"], data), None
         token = next(self.ids)
         try:
-            head, data = await self.call("take_dec", rid=token, peer=peer, key_ids=key_ids,
-                                         sae=sae, master=master,
-                                         holder=[self.identity, token])
+            head, data = await self.call(
+                take.take_dec(peer, key_ids, sae, master, self._deadline(),
+                              holder=(self.identity, token)), rid=token)
         except BaseException:  # refused, timed out, or its connection gone: nobody gets
             self.settle(peer, key_ids, sae, token, None)  # what may have been handed
             raise
@@ -240,8 +244,8 @@ class GkmLink:
         t0 = time.monotonic()
         written = transport is not None and await delivered(transport, DELIVERY_WAIT_S)
         try:
-            await self.call("answered", peer=peer, key_ids=key_ids, sae=sae,
-                            holder=[self.identity, token], written=written)
+            await self.call(take.answered(peer, key_ids, sae, (self.identity, token),
+                                          written))
         except StoreError as e:  # a handing not settled ends by itself (HANDED_KEEP_S):
             # until then the SAE's next fetch of these keys waits, and may get a 503
             log.warning("key API: the word on dec take %d (%s after %.1f s) did not reach "
@@ -249,4 +253,4 @@ class GkmLink:
                         time.monotonic() - t0, e)
 
     async def stock(self, peer: str) -> dict:
-        return (await self.call("stock", peer=peer))[0]
+        return (await self.call(take.stock(peer)))[0]

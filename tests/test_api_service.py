@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from api.pki import PkiLayout
 from control.core import paths
 from control.core.procs import process_identity
+from control.gkm import take
 from control.gkm.client import GkmClient, split_keys
 from control.gkm.manager import PAUSE_FLAG
 from control.gkm.store import StoreError
@@ -707,8 +708,8 @@ def test_a_dec_keys_answer_never_written_leaves_its_keys_to_their_sae_alone(net)
     writer = subprocess.Popen(["sleep", "600"])  # stands for the worker writing the answer
     b = GkmClient(net.prefix, "B")
     try:
-        head, data = b.call("take_dec", peer="A", key_ids=ids, sae="b1", master="a1",
-                            holder=[process_identity(writer.pid), 1])
+        head, data = b.call(take.take_dec("A", ids, "b1", "a1", b.deadline(),
+                                          holder=(process_identity(writer.pid), 1)))
         assert split_keys(head["sizes"], data) == [k for _, k in keys]
         assert net.gkm("B")["peers"]["A"]["dec"]["handed_unconfirmed"] == \
             before["handed_unconfirmed"] + 2
@@ -794,14 +795,14 @@ def test_keys_given_back_after_a_late_answer_are_refused_at_the_slave(net):
     try:
         keys = a.take_enc_for("B", 2, 32, ["b1"], "a1")  # confirmed: reserved at B
         ids = [k for k, _ in keys]
-        assert a.call("cancel", peer="B", key_ids=ids)[0]["cancelled"] == 2
+        assert a.call(take.cancel("B", ids))[0]["cancelled"] == 2
         from control.gkm.carving import KeySlice
 
         theirs = KeySlice(net.topo.node("B").id, net.topo.node("A").id, 0, 0, 32)
         with pytest.raises(StoreError, match="a key ID of another pair"):
-            a.call("cancel", peer="B", key_ids=[str(theirs.key_id)])
+            a.call(take.cancel("B", [str(theirs.key_id)]))
         with pytest.raises(StoreError, match="not a key ID of this network"):
-            a.call("cancel", peer="B", key_ids=[str(uuid.uuid4())])
+            a.call(take.cancel("B", [str(uuid.uuid4())]))
     finally:
         a.close()
     wait_until(lambda: net.gkm("A")["peers"]["B"]["enc"]["unacked_reservations"] == 0

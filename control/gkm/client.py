@@ -5,26 +5,28 @@ key API's workers, `qkdctl` and tests ask it over a ZeroMQ REQ socket on a Unix 
 (``<node dir>/gkm.sock``). The manager serves requests one at a time, which is what makes
 two concurrent takers never receive the same key; each take is durable before the reply.
 
-Request: one JSON frame ``{"op": ..., ...}``. Reply: a JSON frame ``{"ok": true, ...}``
-plus, for takes, one frame with the keys' bytes concatenated in order; or
-``{"ok": false, "kind": "short"|"unknown"|"forbidden"|"bad"|"busy", "error": "..."}``.
-The key API's workers use the same protocol from asyncio (``api.gkm_link``), several
-requests in flight on one DEALER socket, each tagged with a request id frame. Takes carry
-``deadline`` (``time.monotonic()``, a little before the caller gives up): the manager
-takes nothing for a request it reads later. ``{"op": "cancel", "peer", "key_ids"}`` gives
-back keys whose taker gave up after they were taken (cancelled at the slave's node).
+The requests and answers are ``control.gkm.take``'s (re-exported here for the key API,
+whose layer sees this module only): this module is their transport. The key API's
+workers use the same protocol from asyncio (``api.gkm_link``), several requests in
+flight on one DEALER socket, each tagged with a request id frame. Takes carry a deadline
+a little before the caller gives up: the manager takes nothing for a request it reads
+later.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import zmq
 
 from control.core import paths
+from control.gkm import take
 from control.gkm.errors import StoreError
+from control.gkm.take import Request, decode_answer, split_keys, taken_key_ids
+
+__all__ = ["DEFAULT_TIMEOUT_S", "GkmClient", "Request", "StoreError", "decode_answer",
+           "socket_path", "split_keys", "take", "taken_key_ids"]
 
 DEFAULT_TIMEOUT_S = 10.0
 ANSWER_MARGIN_S = 2.0  # a take's deadline: this long before the client gives up
@@ -32,15 +34,6 @@ ANSWER_MARGIN_S = 2.0  # a take's deadline: this long before the client gives up
 
 def socket_path(prefix: str, node: str) -> Path:
     return paths.node_dir(prefix, node) / "gkm.sock"
-
-
-def split_keys(sizes: list[int], data):
-    """Consecutive keys of ``sizes`` out of ``data`` (bytes, or a memoryview: no copy)."""
-    out, at = [], 0
-    for n in sizes:
-        out.append(data[at:at + n])
-        at += n
-    return out
 
 
 class GkmClient:
@@ -66,26 +59,25 @@ class GkmClient:
             self.sock.close(0)
             self.sock = None
 
-    def call(self, op: str, **args) -> tuple[dict, bytes]:
+    def deadline(self) -> float:
+        """A take's deadline: the manager takes nothing after it."""
+        return time.monotonic() + max(self.timeout_ms / 2000,
+                                      self.timeout_ms / 1000 - ANSWER_MARGIN_S)
+
+    def call(self, request: Request) -> tuple[dict, bytes]:
         sock = self._socket()
-        if op in ("take_enc", "take_dec"):  # the manager takes nothing after this
-            args["deadline"] = time.monotonic() + max(self.timeout_ms / 2000,
-                                                      self.timeout_ms / 1000 - ANSWER_MARGIN_S)
         try:
-            sock.send(json.dumps({"op": op, **args}).encode())
+            sock.send(request.body)
             frames = sock.recv_multipart()
         except zmq.Again:
             self.close()  # a REQ socket that missed its reply cannot be reused
             raise StoreError("busy", f"the global key manager did not answer within "
                                      f"{self.timeout_ms / 1000:.0f} s ({self.endpoint})") \
                 from None
-        head = json.loads(frames[0])
-        if not head.get("ok"):
-            raise StoreError(head.get("kind", "bad"), head.get("error", "refused"))
-        return head, frames[1] if len(frames) > 1 else b""
+        return decode_answer(frames[0]), frames[1] if len(frames) > 1 else b""
 
     def take_enc(self, peer: str, number: int, size: int) -> list[tuple[str, bytes]]:
-        head, data = self.call("take_enc", peer=peer, number=number, size=size)
+        head, data = self.call(take.take_enc(peer, number, size, self.deadline()))
         return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
 
     def take_enc_for(self, peer: str, number: int, size: int, slaves: list[str],
@@ -93,22 +85,21 @@ class GkmClient:
         """Keys for an application (``master``) whose slave SAEs are at ``peer``: returned
         only once ``peer`` has stored that these SAEs, and only they, may fetch them
         there (and only naming this master, when given)."""
-        head, data = self.call("take_enc", peer=peer, number=number, size=size,
-                               slaves=slaves, master=master)
+        head, data = self.call(take.take_enc(peer, number, size, self.deadline(),
+                                             slaves, master))
         return list(zip(head["key_ids"], split_keys([size] * number, data), strict=True))
 
     def reserve(self, peer: str, key_ids: list[str], sae: str) -> None:
-        self.call("reserve", peer=peer, key_ids=key_ids, sae=sae)
+        self.call(take.reserve(peer, key_ids, sae))
 
     def take_dec(self, peer: str, key_ids: list[str], sae: str, master: str | None = None
                  ) -> list[bytes]:
-        head, data = self.call("take_dec", peer=peer, key_ids=key_ids, sae=sae,
-                               master=master)
+        head, data = self.call(take.take_dec(peer, key_ids, sae, master, self.deadline()))
         return split_keys(head["sizes"], data)
 
     def summary(self) -> dict:
-        return self.call("summary")[0]["summary"]
+        return self.call(take.summary())[0]["summary"]
 
     def digests(self, kind: str, peer: str) -> dict[int, tuple[str, str]]:
-        head, _ = self.call("digests", kind=kind, peer=peer)
+        head, _ = self.call(take.digests(kind, peer))
         return {int(k): tuple(v) for k, v in head["digests"].items()}

@@ -1,5 +1,9 @@
-"""The global key manager of one node (module 3): a thin shell of sockets and a database
-around :mod:`control.gkm.relay`, :mod:`control.gkm.wire` and :mod:`control.gkm.store`.
+"""The global key manager of one node (module 3): a thin shell of sockets, timers and a
+database around its I/O-free cores: :mod:`control.gkm.destination` (which arrived blocks
+and reservations are kept, and the answers), :mod:`control.gkm.origin` (what the answers
+to this node's blocks and reservations come to), :mod:`control.gkm.relay` (outbox,
+restocking), :mod:`control.gkm.take` (the local take protocol), :mod:`control.gkm.wire`
+and :mod:`control.gkm.store`.
 
 One process per node, one thread, one ZeroMQ poll loop:
 
@@ -31,7 +35,6 @@ Status goes to ``gkm.json`` for `qkdctl status`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -50,30 +53,25 @@ from control.core.config import Topology
 from control.core.procs import is_alive
 from control.core.statefile import read_status, write_json
 from control.gkm import client as gkm_client
-from control.gkm import pacing
-from control.gkm.carving import CarveError, decode
+from control.gkm import origin, pacing, take
+from control.gkm.destination import Arrived, Inbox, Node, Proof
+from control.gkm.errors import StoreError
+from control.gkm.origin import Fate, Takers
 from control.gkm.relay import Outbox, RateMeter, Restock
 from control.gkm.relay_auth import ZAP_ENDPOINT, secure_dealer, secure_router, zap_reply
 from control.gkm.relay_keys import RelayKeyError, load_relay_keys
-from control.gkm.store import BlockState, KeyStore, StoreError
+from control.gkm.store import BlockState, KeyStore
 from control.gkm.wire import (
     MAX_RESERVE_BATCH,
-    Ack,
-    AckStatus,
     Blocks,
     RelayWireError,
-    Reserve,
     Reserved,
-    ReserveStatus,
-    encode_ack,
     encode_blocks,
-    encode_reserved,
     parse_batch,
 )
 from control.routing.linkstate import LinkEnds, shortest_paths
 from dataplane.classify import TOS_CONTROL
 from dataplane.limits import (
-    MAX_GLOBAL_BLOCK,
     MAX_RELAY_BLOCKS,
     MIN_BLOCKS_AHEAD,
     RELAY_RETRY_MAX_S,
@@ -88,8 +86,6 @@ GENERATE_BATCH = 16 << 20     # bytes generated and stored in one write
 RECEIVE_BATCH = 16 << 20      # bytes of arrived messages stored with one synced write
 RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after this, then
                               # backing off to RELAY_RETRY_MAX_S while none is answered
-RESERVE_WAIT_S = 5.0          # a taker waits this long for the slave's node to confirm,
-                              # or to its own deadline while the router has a path there
 HOLD_UNCONFIRMED_S = 10.0     # a dec request for keys not yet confirmed waits this (or to
                               # its deadline)
 MAX_HELD = 4096               # ... and at most this many such requests wait
@@ -99,7 +95,6 @@ HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels,
 HEARTBEAT_TIMEOUT_MS = 30_000  # a ping answered later than this: the connection is dead
 REDIAL_S = 1.0                # a connection whose handshake failed is dialled again after
                               # this (libzmq gives up on it after an authentication failure)
-MAX_TAKE_KEYS = 1 << 20       # keys one local request may take
 PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no restocking
 CRASH_ENV = "QKDNET_GKM_CRASH"  # tests: "point=probability,..." kills this process there
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -113,36 +108,6 @@ def random_blocks(count: int, size: int) -> list[bytes]:
     stream = Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), None).encryptor()
     data = stream.update(bytes(count * size))
     return [data[i * size:(i + 1) * size] for i in range(count)]
-
-
-def _bounded_int(req: dict, name: str, limit: int) -> int:
-    v = req.get(name)
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
-        raise StoreError("bad", f"{name} must be an integer from 1 to {limit}")
-    return v
-
-
-def _holder(req: dict) -> tuple[int, int] | None:
-    """A take_dec's holder: the key API worker's process identity and its number for the
-    request (None: an older client, whose takes are final at once)."""
-    h = req.get("holder")
-    if h is None:
-        return None
-    if not (isinstance(h, list) and len(h) == 2
-            and all(isinstance(x, int) and 0 < x < 1 << 63 for x in h)):
-        raise StoreError("bad", "holder is [process identity, request number], both > 0")
-    return h[0], h[1]
-
-
-def _deadline(req: dict) -> float | None:
-    """When the taker stops waiting for the answer (``time.monotonic()``, CLOCK_MONOTONIC:
-    one clock for every process of the host), if it said."""
-    v = req.get("deadline")
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e12:
-        raise StoreError("bad", "deadline must be a time.monotonic() value")
-    return float(v)
 
 
 class CrashPoints:
@@ -163,7 +128,7 @@ class CrashPoints:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-class Destination:
+class OutboundPair:
     """What the origin keeps per destination: socket, outbox, restock rule, meters."""
 
     def __init__(self, name: str, node_id: int, address: str, gkm_spec):
@@ -204,7 +169,6 @@ class GlobalKeyManager:
         self.dir = paths.node_dir(topo.prefix, node)
         self.dir.mkdir(parents=True, exist_ok=True)
         sdir = state_dir or paths.state_dir(topo.prefix, node)
-        self.by_id = {n.id: n for n in topo.nodes.values()}
         dests = self.spec.destinations_of(node)
         origins = self.spec.origins_of(node)
         if not zmq.has("curve"):
@@ -225,7 +189,7 @@ class GlobalKeyManager:
         self.ctx = zmq.Context()  # the local key socket
         # The relay's sockets apart: libzmq asks the ZAP handler of a socket's own context.
         self.relay_ctx = zmq.Context()
-        self.dests = {d: Destination(d, topo.node(d).id, str(topo.node(d).address), self.spec)
+        self.dests = {d: OutboundPair(d, topo.node(d).id, str(topo.node(d).address), self.spec)
                       for d in dests}
         # Until the router says which way key goes: the shortest path over every link.
         self.link_ends = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
@@ -234,12 +198,14 @@ class GlobalKeyManager:
             self._set_path(d, planned.get(d.name, []))
         self.origins = set(origins)
         self.crash = CrashPoints(os.environ.get(CRASH_ENV))
+        # The destination's rules: which arrived blocks and reservations are kept.
+        self.inbox = Inbox(self.node.id, node, {n.id: Node(n.name, str(n.address))
+                                                for n in topo.nodes.values()},
+                           self.origins, self.ahead, self.store, self.crash)
         self.stop = False
         self.pause_flag = self.dir / PAUSE_FLAG
         self.paused = self.pause_flag.exists()
         self.started = time.time()
-        self.received_blocks = 0
-        self.received_bytes = 0
         self.refused_messages = 0
         self.refused_connections = 0
         self.late_requests = 0
@@ -248,13 +214,12 @@ class GlobalKeyManager:
         # cancellation is applied, or "busy" at their deadline.
         self.held: list[tuple[list[bytes], bytes, float]] = []
         self.ended_takes: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.here = take.Here(node, self.node.id, {d.name: d.id for d in self.dests.values()},
+                              self.ended_takes)
         self.held_total = 0
         self.recheck_held = False
         self.last_refusal = ""
-        # Takes answered once the slave's node confirms: (envelope, reply, when to give
-        # up if no path is routed there, when to give up anyway).
-        self.waiting: dict[tuple[str, int],
-                           tuple[list[bytes], list[bytes], float, float]] = {}
+        self.takers = Takers()  # takes answered once the slave's node confirms
         now = time.monotonic()
         for d in self.dests.values():
             for seq in self.store.pending(d.name):
@@ -272,7 +237,7 @@ class GlobalKeyManager:
 
     # ---- sockets ------------------------------------------------------------------------
 
-    def _set_path(self, d: Destination, path: list[tuple[str, str]]) -> None:
+    def _set_path(self, d: OutboundPair, path: list[tuple[str, str]]) -> None:
         """Pace ``d``'s blocks to the key rate of ``path`` (unchanged when no path is
         known: the last one, or the planned one, is the best guess)."""
         if not path or path == d.path:
@@ -326,7 +291,7 @@ class GlobalKeyManager:
             d.sock, d.monitor = self._dealer(d, tos=0)
             d.ctl, d.ctl_monitor = self._dealer(d, tos=TOS_CONTROL)
 
-    def _dealer(self, d: Destination, tos: int) -> tuple[zmq.Socket, zmq.Socket]:
+    def _dealer(self, d: OutboundPair, tos: int) -> tuple[zmq.Socket, zmq.Socket]:
         s = self.relay_ctx.socket(zmq.DEALER)
         secure_dealer(s, self.keys, d.name)
         for opt, v in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 64),
@@ -383,17 +348,8 @@ class GlobalKeyManager:
     def on_blocks(self, messages: list[list[zmq.Frame]]) -> None:
         """Store what several BLOCKS and RESERVE messages carry with one sync (group
         commit), then answer each: fewer syncs when messages arrive faster than one sync,
-        and no answer before what it confirms is durable."""
-        out: list[list] = []
-        with self.store.group():
-            self._receive(messages, out)
-        for frames in out:
-            self.router.send_multipart(frames)
-        if self.recheck_held:
-            self.retry_held()
-
-    def _receive(self, messages: list[list[zmq.Frame]], out: list[list]) -> None:
-        accepted: list[tuple[zmq.Frame, Blocks, str | None]] = []
+        and no answer before what it confirms is durable (``Inbox.receive``)."""
+        arrived = []
         for frames in messages:
             ident, rest = frames[0], frames[1:]
             try:
@@ -401,173 +357,79 @@ class GlobalKeyManager:
             except RelayWireError as e:
                 self._refuse(str(e))
                 continue
-            if isinstance(msgs[0], Reserve):  # their answers go back together too
-                answers = [a for m in msgs if (a := self.on_reserve(rest[0], m)) is not None]
-                if answers:
-                    out.append([ident, *answers])
-                continue
-            msg = msgs[0]
-            if not isinstance(msg, Blocks):
-                self._refuse("an acknowledgement arrived at the relay port")
-                continue
-            origin = self._sender(msg.origin, rest[0])
-            if origin is None:
-                continue
-            if msg.destination != self.node.id or origin.name not in self.origins:
-                self._refuse(f"blocks from {origin.name} for node id {msg.destination}: not "
-                             f"a pair this node keeps")
-                accepted.append((ident, msg, None))
-            elif self.store.dec[origin.name].beyond_reach(msg.blocks[-1][0], self.ahead):
-                self._refuse(f"blocks from {origin.name} numbered up to {msg.blocks[-1][0]}: "
-                             f"more than {self.ahead} past the highest held; refused")
-                accepted.append((ident, msg, None))
-            else:
-                accepted.append((ident, msg, origin.name))
-        statuses: dict[int, list[AckStatus]] = {}
-        for name in {o for _, _, o in accepted if o is not None}:
-            mine = [(i, m) for i, (_, m, o) in enumerate(accepted) if o == name]
-            self.crash("dest.received")
-            try:
-                flat = self.store.store_received(name, [b for _, m in mine for b in m.blocks])
-            except Exception as e:  # e.g. a full disk: no ACK, the origin resends later
-                log.error("gkm %s: cannot store blocks from %s: %s", self.node.name, name,
-                          type(e).__name__)
-                for i, _ in mine:
-                    statuses[i] = []
-                continue
-            self.crash("dest.stored")
-            at = 0
-            for i, m in mine:
-                statuses[i] = flat[at:at + len(m.blocks)]
-                at += len(m.blocks)
-                for (_, data), st in zip(m.blocks, statuses[i], strict=True):
-                    if st == AckStatus.STORED:
-                        self.received_blocks += 1
-                        self.received_bytes += len(data)
-                    elif st == AckStatus.CONFLICT:
-                        log.error("gkm %s: block from %s held with other bytes: refused",
-                                  self.node.name, name)
-        for i, (ident, msg, _) in enumerate(accepted):
-            sts = statuses.get(i, [AckStatus.REFUSED] * len(msg.blocks))
-            if not sts:
-                continue  # not stored: no answer
-            ack = Ack(msg.origin, self.node.id,
-                      tuple((seq, st) for (seq, _), st in zip(msg.blocks, sts, strict=True)))
-            out.append([ident, *encode_ack(ack)])
+            arrived.append(Arrived(ident, msgs, self._proof(rest[0])))
+        outcome = self.inbox.receive(arrived)
+        for why in outcome.refusals:
+            self._refuse(why)
+        if outcome.settled and self.held:
+            self.recheck_held = True
+        for frames in outcome.answers:
+            self.router.send_multipart(frames)
+        if self.recheck_held:
+            self.retry_held()
 
-    def _sender(self, origin_id: int, frame: zmq.Frame):
-        """The node a message comes from: the one its connection proved to be (its CURVE
-        key, admitted by the ZAP handler as that node's User-Id), which must be the node
-        the message names, at that node's address; else refused, None."""
-        origin = self.by_id.get(origin_id)
+    @staticmethod
+    def _proof(frame: zmq.Frame) -> Proof:
+        """Who a relay connection proved to be: the node name the ZAP handler admitted
+        its CURVE key as (User-Id), and its address (None: not authenticated)."""
         try:
-            user, peer_addr = frame.get("User-Id"), frame.get("Peer-Address")
+            return frame.get("User-Id"), frame.get("Peer-Address")
         except zmq.ZMQError:  # no such property: not an authenticated connection
-            user = peer_addr = None
-        if origin is None or user != origin.name or peer_addr != str(origin.address):
-            self._refuse(f"a message claiming origin id {origin_id} came from node {user} "
-                         f"at {peer_addr}")
-            return None
-        return origin
-
-    def on_reserve(self, head: zmq.Frame, msg: Reserve) -> bytes | None:
-        """Apply a reservation; the RESERVED frame to send once it is durable (None:
-        no answer, the origin resends)."""
-        origin = self._sender(msg.origin, head)
-        if origin is None:
-            return None
-        if msg.destination != self.node.id or origin.name not in self.origins:
-            status = ReserveStatus.REFUSED
-        else:
-            try:
-                status = self.store.apply_reservation(origin.name, msg)
-            except Exception as e:  # e.g. a full disk: no answer, the origin resends
-                log.error("gkm %s: cannot store a reservation from %s: %s", self.node.name,
-                          origin.name, type(e).__name__)
-                return None
-            if status == ReserveStatus.REFUSED:
-                log.error("gkm %s: refused from %s (skipped): %s", self.node.name,
-                          origin.name, self.store.dec[origin.name].last_refused)
-            elif status == ReserveStatus.APPLIED and not msg.saes and self.held:
-                self.recheck_held = True  # a confirmation or cancellation
-        return encode_reserved(Reserved(msg.origin, self.node.id, msg.rseq, status))[0]
+            return None, None
 
     # ---- the origin's side --------------------------------------------------------------
 
-    def on_reply(self, d: Destination, frames: list[zmq.Frame]) -> None:
+    def on_reply(self, d: OutboundPair, frames: list[zmq.Frame]) -> None:
         """An ACK of blocks, or one or more RESERVED, on the connection to ``d``."""
         try:
             msgs = parse_batch([f.buffer for f in frames])
         except RelayWireError as e:
             self._refuse(str(e))
             return
-        if any(not isinstance(m, Ack | Reserved) or m.origin != self.node.id
-               or m.destination != d.id for m in msgs):
+        if not origin.fits(msgs, self.node.id, d.id):
             self._refuse(f"unexpected message on the connection to {d.name}")
             return
         if isinstance(msgs[0], Reserved):
             self.on_reserved(d, msgs)
             return
-        msg = msgs[0]
         self.crash("origin.acked")
-        now = time.monotonic()
-        ok = [seq for seq, st in msg.results
-              if st in (AckStatus.STORED, AckStatus.DUPLICATE) and seq in d.outbox.pending]
-        bad = [seq for seq, st in msg.results
-               if st == AckStatus.CONFLICT and seq in d.outbox.pending]
-        if ok:
-            self.store.mark(d.name, ok, BlockState.USABLE)
-            for seq in ok:
-                n = d.outbox.acked(seq, now)
-                d.rate.add(n, now)
-                d.restock.acked(n)
-                d.data.pop(seq, None)
-        if bad:
-            self.store.mark(d.name, bad, BlockState.CONFLICT)
-            for seq in bad:
-                d.outbox.conflict(seq, now)
-                d.data.pop(seq, None)
-            d.last_error = f"{len(bad)} block(s) held with other bytes by {d.name}: unused"
-        if any(st == AckStatus.REFUSED for _, st in msg.results):
-            d.last_error = f"{d.name} does not keep global key from this node (config?)"
+        acked = origin.on_ack(d.name, msgs[0], d.outbox, d.rate, d.restock,
+                               time.monotonic())
+        if acked.usable:
+            self.store.mark(d.name, acked.usable, BlockState.USABLE)
+        if acked.conflict:
+            self.store.mark(d.name, acked.conflict, BlockState.CONFLICT)
+        for seq in (*acked.usable, *acked.conflict):
+            d.data.pop(seq, None)
+        if acked.error is not None:
+            d.last_error = acked.error
 
-    def on_reserved(self, d: Destination, msgs: list[Reserved]) -> None:
-        """Answers to reservations (and to confirmations and cancellations). A taker
-        still waiting is answered once a confirmation of its keys is durably queued: the
-        slave's node lets its SAEs fetch them only after that confirmation, so keys whose
-        taker is answered "unreachable" (and whose cancellation follows instead) reach no
-        SAE, even one that guessed their IDs."""
-        confirmed, answers = [], []
+    def on_reserved(self, d: OutboundPair, msgs: list[Reserved]) -> None:
+        """Answers to reservations (and to confirmations and cancellations), as
+        ``control.gkm.origin.on_reserved`` decides: a waiting taker is answered only
+        after the confirmation of its keys is durably queued."""
         now = time.monotonic()
         d.reserve_retry = RESERVE_RETRY_S  # the connection answers
-        for msg in msgs:
-            if msg.status == ReserveStatus.GAP:
-                d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
-                continue
-            key = (d.name, msg.rseq)
-            if key in self.waiting and now >= self.waiting[key][3]:
-                self._give_up(key)  # the taker has stopped waiting: the keys go to no one
-                self.store.reservation_acked(d.name, msg.rseq)
-                continue
-            waiting = self.waiting.pop(key, None)
-            if waiting is None or msg.status == ReserveStatus.REFUSED:
-                self.store.reservation_acked(d.name, msg.rseq)
-            if waiting is None:
-                continue
-            envelope, reply, _, _ = waiting
-            if msg.status == ReserveStatus.REFUSED:
-                reply = [json.dumps({"ok": False, "kind": "bad", "error":
-                                     f"node {d.name} refused the reservation"}).encode()]
-            else:
-                confirmed.append(msg.rseq)
-            answers.append([*envelope, *reply])
-        if confirmed:
-            self.store.confirm_acked(d.name, confirmed)
+        plan = origin.on_reserved(d.name, msgs, self.takers, now)
+        if plan.resend:
+            d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
+        replies = []
+        for step in plan.steps:
+            if step.fate == Fate.GIVE_UP:  # the keys go to no one
+                self._give_up((d.name, step.rseq), step.waiting)
+            if step.fate != Fate.CONFIRM:
+                self.store.reservation_acked(d.name, step.rseq)
+            if step.fate == Fate.REFUSED:
+                replies.append([*step.waiting.envelope, *origin.refused_answer(d.name)])
+            elif step.fate == Fate.CONFIRM:
+                replies.append([*step.waiting.envelope, *step.waiting.reply])
+        if plan.confirmed:
+            self.store.confirm_acked(d.name, plan.confirmed)
             self.send_reservations(d, now)
-        for frames in answers:
+        for frames in replies:
             self.api.send_multipart(frames, copy=False)
 
-    def send_reservations(self, d: Destination, now: float) -> None:
+    def send_reservations(self, d: OutboundPair, now: float) -> None:
         """Unacknowledged reservations go out in order: new ones at once; all of them
         again after a new connection, a GAP, or RESERVE_RETRY_S without an answer."""
         unacked = self.store.enc[d.name].unacked
@@ -601,29 +463,19 @@ class GlobalKeyManager:
             d.reserve_next = max(d.reserve_next, batch[-1] + 1)
 
     def expire_waiting(self, now: float) -> None:
-        """A taker is answered "unreachable" at its deadline, or after RESERVE_WAIT_S if
-        the router has no path to the slave's node: on a loaded machine a confirmation
-        may take longer than RESERVE_WAIT_S over a path that is there (and after a key
-        manager's restart the reservation is resent on the new connection), while with
-        no path it cannot come."""
-        for key, (_, _, soft, hard) in list(self.waiting.items()):
-            if now >= hard or now >= soft and not self.dests[key[0]].routed:
-                self._give_up(key)
+        """Takers past their deadline, or with no route to the slave's node, are given
+        up (``Takers.overdue``)."""
+        for key in self.takers.overdue(now, lambda name: self.dests[name].routed):
+            self._give_up(key, self.takers.pop(key))
 
-    def _give_up(self, key: tuple[str, int]) -> None:
+    def _give_up(self, key: tuple[str, int], waiting: origin.Waiting) -> None:
         """The taker of reservation ``key`` is answered "unreachable" and never gets the
         keys, so they are cancelled at the slave's node too: a numbered cancellation
         follows the reservation there (invariant 5: no SAE gets a refused key)."""
-        envelope, _, _, _ = self.waiting.pop(key)
         self.store.cancel_reservation(*key)
-        self.api.send_multipart([*envelope, json.dumps({
-            "ok": False, "kind": "unreachable",
-            "error": f"node {key[0]} did not confirm the reservation in time (its "
-                     f"taker's deadline, or {RESERVE_WAIT_S:.0f} s with no route there); "
-                     f"the keys were not handed out and their reservation is "
-                     f"cancelled"}).encode()])
+        self.api.send_multipart([*waiting.envelope, *origin.gave_up_answer(key[0])])
 
-    def _hold(self, envelope: list[bytes], body: bytes, req: dict,
+    def _hold(self, envelope: list[bytes], body: bytes, deadline: float | None,
               held_until: float | None) -> bool:
         """Keep a dec request for keys not yet confirmed until the master's node confirms
         or cancels them (the confirmation is usually a round trip behind the
@@ -632,7 +484,7 @@ class GlobalKeyManager:
             if len(self.held) >= MAX_HELD:
                 return False
             self.held_total += 1
-            held_until = _deadline(req) or time.monotonic() + HOLD_UNCONFIRMED_S
+            held_until = deadline or time.monotonic() + HOLD_UNCONFIRMED_S
         self.held.append((envelope, body, held_until))
         return True
 
@@ -656,14 +508,13 @@ class GlobalKeyManager:
             return
         self.held = [h for h in self.held if now < h[2]]
         for envelope, _, _ in due:
-            self.api.send_multipart([*envelope, json.dumps({
-                "ok": False, "kind": "busy",
-                "error": "the keys are reserved here but not deliverable yet (the master's "
-                         "key manager has not confirmed them, or an answer carrying them "
-                         "is still on its way to this SAE); nothing was delivered, try "
-                         "again"}).encode()])
+            self.api.send_multipart([*envelope, *take.encode_refusal(
+                "busy", "the keys are reserved here but not deliverable yet (the master's "
+                        "key manager has not confirmed them, or an answer carrying them "
+                        "is still on its way to this SAE); nothing was delivered, try "
+                        "again")])
 
-    def restock(self, d: Destination, now: float) -> None:
+    def restock(self, d: OutboundPair, now: float) -> None:
         if not d.ever_connected or self.paused:
             return
         st = self.store.enc[d.name]
@@ -679,7 +530,7 @@ class GlobalKeyManager:
             d.outbox.add(seq, len(data), now)
         self.crash("origin.stored")
 
-    def send_due(self, d: Destination, now: float) -> None:
+    def send_due(self, d: OutboundPair, now: float) -> None:
         while d.pacer.allows(self.spec.block_size, now):
             budget = max(self.spec.block_size, int(d.pacer.tokens)) \
                 if d.pacer.rate != float("inf") else SEND_BATCH
@@ -697,7 +548,7 @@ class GlobalKeyManager:
             d.pacer.spend(sum(len(d.data[s]) for s in seqs), now)
             self.crash("origin.sent")
 
-    def on_ctl_monitor(self, d: Destination) -> None:
+    def on_ctl_monitor(self, d: OutboundPair) -> None:
         """A new control connection: reservations sent on the old one may be lost."""
         while True:
             try:
@@ -709,7 +560,7 @@ class GlobalKeyManager:
             elif ev["event"] & HANDSHAKE_FAILED:
                 self._handshake_failed(d, "ctl")
 
-    def on_monitor(self, d: Destination) -> None:
+    def on_monitor(self, d: OutboundPair) -> None:
         while True:
             try:
                 ev = zmq.utils.monitor.recv_monitor_message(d.monitor, zmq.NOBLOCK)
@@ -728,7 +579,7 @@ class GlobalKeyManager:
             elif ev["event"] & HANDSHAKE_FAILED:
                 self._handshake_failed(d, "sock")
 
-    def _handshake_failed(self, d: Destination, which: str) -> None:
+    def _handshake_failed(self, d: OutboundPair, which: str) -> None:
         """Say why once; dial again soon: libzmq ends a connection whose handshake failed
         for good, and the destination's key manager may be back (or rekeyed) later."""
         why = (f"no authenticated connection to {d.name}: it refused this node's relay key, "
@@ -738,7 +589,7 @@ class GlobalKeyManager:
         d.last_error = why
         d.redial.setdefault(which, time.monotonic() + REDIAL_S)
 
-    def redial(self, d: Destination, now: float) -> None:
+    def redial(self, d: OutboundPair, now: float) -> None:
         for which, due in list(d.redial.items()):
             if now >= due:
                 del d.redial[which]
@@ -769,127 +620,77 @@ class GlobalKeyManager:
             for d in self.dests.values():
                 self.send_reservations(d, now)
 
-    def _late(self, req: dict) -> float | None:
-        """The taker's deadline; StoreError if it has passed: the taker has given up (it
-        was told its request failed), so nothing may be taken for it."""
-        deadline = _deadline(req)
-        if deadline is not None and time.monotonic() >= deadline:
-            self.late_requests += 1
-            raise StoreError("busy", "the request reached the key manager after its taker "
-                                     "had stopped waiting; nothing was taken")
-        return deadline
-
     def _answer(self, frames: list[bytes], held_until: float | None = None
                 ) -> list[bytes] | None:
+        """Serve one local request; the answer to send (None: sent later, when the
+        slave's node has the reservation or the held request is decided)."""
         # The envelope: the REQ/DEALER identity frames up to and including the empty
         # delimiter (a DEALER client adds a request id before it), sent back unchanged.
         envelope, body = frames[:-1], frames[-1]
+        req = None
         try:
-            req = json.loads(body)
+            req = take.parse_request(body, time.monotonic(), self.here)
             head, data = self._serve(req)
-            reply = [json.dumps({"ok": True, **head}).encode()]
-            if data is not None:
-                reply.append(data)
+            reply = take.encode_answer(head, data)
             if "rseq" in head:  # answered once the slave's node has the reservation
-                key = (str(req["peer"]), head["rseq"])
-                soft = time.monotonic() + RESERVE_WAIT_S
-                hard = _deadline(req) or soft
-                self.waiting[key] = (envelope, reply, min(soft, hard), hard)
+                self.takers.wait((req.peer, head["rseq"]), envelope, reply,
+                                 time.monotonic(), req.deadline)
                 return None
         except StoreError as e:
-            if e.kind in ("pending", "delivering") and \
-                    self._hold(envelope, body, req, held_until):
+            if isinstance(e, take.LateRequest):
+                self.late_requests += 1
+            if e.kind in ("pending", "delivering") and isinstance(req, take.TakeDec) and \
+                    self._hold(envelope, body, req.deadline, held_until):
                 return None
-            reply = [json.dumps({"ok": False, "kind": e.kind, "error": str(e)}).encode()]
+            reply = take.refusal(e)
         except Exception as e:  # a bad request must never stop the key manager
-            reply = [json.dumps({"ok": False, "kind": "bad",
-                                 "error": f"malformed request ({type(e).__name__})"}).encode()]
+            reply = take.refusal(take.malformed(e))
         return [*envelope, *reply]
 
-    def _serve(self, req: dict) -> tuple[dict, bytes | None]:
-        op = req["op"]
-        if op in ("take_enc", "take_dec"):
-            self._late(req)
-        if op == "take_enc":
-            number = _bounded_int(req, "number", MAX_TAKE_KEYS)
-            size = _bounded_int(req, "size", MAX_GLOBAL_BLOCK - 1)
-            slaves = req.get("slaves")
-            if slaves is not None:
-                if not isinstance(slaves, list) or not slaves or \
-                        not all(isinstance(x, str) and x and "\n" not in x for x in slaves):
-                    raise StoreError("bad", "slaves must be a list of SAE IDs")
-                master = req.get("master", "")
-                if not isinstance(master, str) or "\n" in master:
-                    raise StoreError("bad", "master must be an SAE ID")
-                keys, rseq = self.store.take_enc_reserved(str(req["peer"]), number, size,
-                                                          tuple(slaves), master)
+    def _serve(self, req: take.Parsed) -> tuple[dict, bytes | None]:
+        """What a request (read and checked) does to the store, and its answer."""
+        if isinstance(req, take.TakeEnc):
+            if req.slaves is not None:
+                keys, rseq = self.store.take_enc_reserved(req.peer, req.number, req.size,
+                                                          req.slaves, req.master)
                 return ({"key_ids": [str(s.key_id) for s, _ in keys], "rseq": rseq},
                         b"".join(k for _, k in keys))
-            keys = self.store.take_enc(str(req["peer"]), number, size)
+            keys = self.store.take_enc(req.peer, req.number, req.size)
             return ({"key_ids": [str(s.key_id) for s, _ in keys]},
                     b"".join(k for _, k in keys))
-        if op == "reserve":
-            self.store.reserve(str(req["peer"]), [str(k) for k in req["key_ids"]],
-                               str(req["sae"]))
+        if isinstance(req, take.Reserve):
+            self.store.reserve(req.peer, req.key_ids, req.sae)
             return {}, None
-        if op == "take_dec":
-            master = req.get("master")
-            holder = _holder(req)
-            if holder is not None and holder in self.ended_takes:
-                raise StoreError("busy", "the request's taker has stopped waiting for it; "
-                                         "nothing was taken")
-            keys = self.store.take_dec(str(req["peer"]), [str(k) for k in req["key_ids"]],
-                                       str(req["sae"]), None if master is None else str(master),
-                                       holder=holder, alive=is_alive)
+        if isinstance(req, take.TakeDec):
+            keys = self.store.take_dec(req.peer, req.key_ids, req.sae, req.master,
+                                       holder=req.holder, alive=is_alive)
             return {"sizes": [len(k) for k in keys]}, b"".join(keys)
-        if op == "answered":  # a key API worker's word on an answer of its take_dec
-            ids, holder = req["key_ids"], _holder(req)
-            if not isinstance(ids, list) or not 0 < len(ids) <= MAX_TAKE_KEYS or \
-                    holder is None:
-                raise StoreError("bad", "answered names key IDs and their holder")
-            written = bool(req.get("written"))
-            settled = self.store.answer_written(str(req["peer"]), [str(k) for k in ids],
-                                                str(req["sae"]), holder, written)
-            if not written and not settled:  # a take not served yet (held for its keys'
-                self.ended_takes[holder] = None  # confirmation): never serve it now
+        if isinstance(req, take.Answered):  # a key API worker's word on a dec take
+            settled = self.store.answer_written(req.peer, req.key_ids, req.sae, req.holder,
+                                                req.written)
+            if not req.written and not settled:  # a take not served yet (held for its
+                self.ended_takes[req.holder] = None  # keys' confirmation): never serve it
                 while len(self.ended_takes) > MAX_ENDED_TAKES:
                     self.ended_takes.popitem(last=False)
             if settled:  # a request held while these keys were being delivered: decide it
                 self.recheck_held = True
             return {"settled": settled}, None
-        if op == "cancel":  # keys whose taker gave up after they were taken
-            peer = str(req["peer"])
-            ids = req["key_ids"]
-            if peer not in self.dests or not isinstance(ids, list) or \
-                    not 0 < len(ids) <= MAX_RELAY_BLOCKS:
-                raise StoreError("bad", f"cancel names a peer and 1 to {MAX_RELAY_BLOCKS} "
-                                        f"key IDs")
-            try:
-                slices = [decode(str(k)) for k in ids]
-            except CarveError as e:
-                raise StoreError("bad", f"cancel: {e}") from None
-            if any((s.origin, s.destination) != (self.node.id, self.dests[peer].id)
-                   for s in slices):
-                raise StoreError("bad", f"cancel: a key ID of another pair than "
-                                        f"{self.node.name} -> {peer}")
-            self.store.cancel_keys(peer, [s.key_id.bytes for s in slices])
-            return {"cancelled": len(slices)}, None
-        if op == "stock":  # what a Status answer needs, cheaply
-            peer = str(req["peer"])
-            st = self.store.enc.get(peer)
+        if isinstance(req, take.Cancel):  # keys whose taker gave up after they were taken
+            self.store.cancel_keys(req.peer, [s.key_id.bytes for s in req.slices])
+            return {"cancelled": len(req.slices)}, None
+        if isinstance(req, take.Stock):  # what a Status answer needs, cheaply
+            st = self.store.enc.get(req.peer)
             if st is None:
-                raise StoreError("unknown", f"no global key is kept for node {peer!r}")
+                raise StoreError("unknown", f"no global key is kept for node {req.peer!r}")
             return {"usable": st.usable_bytes(), "high_watermark": self.spec.high_watermark,
                     "block_size": self.spec.block_size}, None
-        if op == "summary":
+        if isinstance(req, take.Summary):
             return {"summary": self.status()}, None
-        if op == "digests":
-            kind, peer = str(req["kind"]), str(req["peer"])
-            if (kind, peer) not in [("enc", p) for p in self.store.enc] + \
-                    [("dec", p) for p in self.store.dec]:
-                raise StoreError("unknown", f"no {kind} store for {peer!r}")
-            return {"digests": self.store.digests(kind, peer)}, None
-        raise StoreError("bad", f"unknown operation {op!r}")
+        assert isinstance(req, take.Digests)
+        if (req.kind, req.peer) not in [("enc", p) for p in self.store.enc] + \
+                [("dec", p) for p in self.store.dec]:
+            raise StoreError("unknown", f"no {req.kind} store for {req.peer!r}")
+        return {"digests": self.store.digests(req.kind, req.peer)}, None
 
     # ---- status -------------------------------------------------------------------------
 
@@ -925,8 +726,8 @@ class GlobalKeyManager:
                 "started": self.started, "paused": self.paused,
                 "watermarks": {"low": spec.low_watermark, "high": spec.high_watermark},
                 "block_size": spec.block_size, "window": spec.window,
-                "received_blocks": self.received_blocks,
-                "received_bytes": self.received_bytes,
+                "received_blocks": self.inbox.received_blocks,
+                "received_bytes": self.inbox.received_bytes,
                 "refused_messages": self.refused_messages,
                 "refused_connections": self.refused_connections,
                 "late_requests": self.late_requests,
@@ -1011,7 +812,7 @@ class GlobalKeyManager:
                 self.restock(d, now)
                 self.send_due(d, now)
                 self.send_reservations(d, now)
-            if self.waiting:
+            if self.takers:
                 self.expire_waiting(now)
             if self.held:
                 self.expire_held(now)

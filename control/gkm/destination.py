@@ -1,0 +1,208 @@
+"""The destination's side of global key relay, without sockets (module 3): where an arrived
+key block's fate is decided.
+
+Given the BLOCKS and RESERVE messages that arrived (parsed by ``control.gkm.wire``) and
+the node each connection proved to be (its CURVE key, admitted by the ZAP handler as that
+node's User-Id, and its address), :class:`Inbox` decides which are refused and why,
+hands the rest to the store, and from what the store reports builds the ACK and RESERVED
+answers. Everything a batch stores is synced once, together (group commit), and the
+answers are returned only after that: no answer before what it confirms is durable
+(invariant 4). A block or reservation the store could not keep gets no answer: the origin
+sends it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from control.gkm.wire import (
+    Ack,
+    AckStatus,
+    Blocks,
+    Reserve,
+    Reserved,
+    ReserveStatus,
+    encode_ack,
+    encode_reserved,
+)
+
+log = logging.getLogger("qkdnet.gkm")
+
+Proof = tuple[str | None, str | None]  # (User-Id, Peer-Address) of the connection
+Message = Blocks | Ack | Reserve | Reserved
+
+
+class DecIndex(Protocol):
+    last_refused: str
+
+    def beyond_reach(self, seq: int, ahead: int) -> bool: ...
+
+
+class ReceivingStore(Protocol):
+    """What :class:`Inbox` needs of the node's key store (``KeyStore``)."""
+
+    dec: Mapping[str, DecIndex]
+
+    def group(self) -> AbstractContextManager[None]: ...
+
+    def store_received(self, peer: str, blocks: list[tuple[int, bytes | memoryview]]
+                       ) -> list[AckStatus]: ...
+
+    def apply_reservation(self, peer: str, msg: Reserve) -> ReserveStatus: ...
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+
+
+@dataclass
+class Arrived:
+    """One message from a relay connection: the routing identity to answer to (opaque
+    here), what it carries, and who the connection proved to be."""
+
+    ident: Any
+    msgs: list[Message]
+    proof: Proof
+
+
+@dataclass
+class Outcome:
+    """What a batch of arrived messages comes to, once what it stored is durable."""
+
+    answers: list[list[Any]] = field(default_factory=list)  # [ident, *frames] each
+    refusals: list[str] = field(default_factory=list)       # why, in order
+    settled: bool = False  # a confirmation or cancellation was applied: held dec
+                           # requests may now be decided
+
+
+def _no_crash(point: str) -> None:
+    pass
+
+
+@dataclass
+class Inbox:
+    """The destination's rules for one node. ``nodes`` maps node ids to names and
+    addresses; ``origins`` are the nodes that send global key here; ``ahead`` is how far
+    past the highest block held a block may be numbered."""
+
+    node_id: int
+    node_name: str
+    nodes: Mapping[int, Node]
+    origins: Collection[str]
+    ahead: int
+    store: ReceivingStore
+    crash: Callable[[str], None] = _no_crash
+    received_blocks: int = 0
+    received_bytes: int = 0
+
+    def sender(self, origin_id: int, proof: Proof, out: Outcome) -> str | None:
+        """The node a message comes from: the one its connection proved to be, which
+        must be the node the message names, at that node's address; else refused."""
+        origin = self.nodes.get(origin_id)
+        user, peer_addr = proof
+        if origin is None or user != origin.name or peer_addr != origin.address:
+            out.refusals.append(f"a message claiming origin id {origin_id} came from node "
+                                f"{user} at {peer_addr}")
+            return None
+        return origin.name
+
+    def receive(self, arrived: list[Arrived]) -> Outcome:
+        """Decide, store with one sync, and answer a batch of arrived messages."""
+        out = Outcome()
+        with self.store.group():
+            self._receive(arrived, out)
+        return out
+
+    def _receive(self, arrived: list[Arrived], out: Outcome) -> None:
+        accepted: list[tuple[Any, Blocks, str | None]] = []
+        for a in arrived:
+            if isinstance(a.msgs[0], Reserve):  # their answers go back together too
+                answers = [r for m in a.msgs
+                           if isinstance(m, Reserve)
+                           and (r := self.reserve(m, a.proof, out)) is not None]
+                if answers:
+                    out.answers.append([a.ident, *answers])
+                continue
+            msg = a.msgs[0]
+            if not isinstance(msg, Blocks):
+                out.refusals.append("an acknowledgement arrived at the relay port")
+                continue
+            origin = self.sender(msg.origin, a.proof, out)
+            if origin is None:
+                continue
+            if msg.destination != self.node_id or origin not in self.origins:
+                out.refusals.append(f"blocks from {origin} for node id {msg.destination}: "
+                                    f"not a pair this node keeps")
+                accepted.append((a.ident, msg, None))
+            elif self.store.dec[origin].beyond_reach(msg.blocks[-1][0], self.ahead):
+                out.refusals.append(f"blocks from {origin} numbered up to "
+                                    f"{msg.blocks[-1][0]}: more than {self.ahead} past the "
+                                    f"highest held; refused")
+                accepted.append((a.ident, msg, None))
+            else:
+                accepted.append((a.ident, msg, origin))
+        statuses = dict(self._store_blocks(accepted))
+        for i, (ident, msg, _) in enumerate(accepted):
+            sts = statuses.get(i, [AckStatus.REFUSED] * len(msg.blocks))
+            if not sts:
+                continue  # not stored: no answer
+            ack = Ack(msg.origin, self.node_id,
+                      tuple((seq, st) for (seq, _), st in zip(msg.blocks, sts, strict=True)))
+            out.answers.append([ident, *encode_ack(ack)])
+
+    def _store_blocks(self, accepted: list[tuple[Any, Blocks, str | None]]
+                      ) -> Iterator[tuple[int, list[AckStatus]]]:
+        """Each origin's accepted blocks stored in one call; per message its statuses
+        (an empty list: not stored, no answer)."""
+        for name in {o for _, _, o in accepted if o is not None}:
+            mine = [(i, m) for i, (_, m, o) in enumerate(accepted) if o == name]
+            self.crash("dest.received")
+            try:
+                flat = self.store.store_received(name, [b for _, m in mine for b in m.blocks])
+            except Exception as e:  # e.g. a full disk: no ACK, the origin resends later
+                log.error("gkm %s: cannot store blocks from %s: %s", self.node_name, name,
+                          type(e).__name__)
+                for i, _ in mine:
+                    yield i, []
+                continue
+            self.crash("dest.stored")
+            at = 0
+            for i, m in mine:
+                sts = flat[at:at + len(m.blocks)]
+                at += len(m.blocks)
+                for (_, data), st in zip(m.blocks, sts, strict=True):
+                    if st == AckStatus.STORED:
+                        self.received_blocks += 1
+                        self.received_bytes += len(data)
+                    elif st == AckStatus.CONFLICT:
+                        log.error("gkm %s: block from %s held with other bytes: refused",
+                                  self.node_name, name)
+                yield i, sts
+
+    def reserve(self, msg: Reserve, proof: Proof, out: Outcome) -> bytes | None:
+        """Apply a reservation; the RESERVED frame to send once it is durable (None: no
+        answer, the origin resends)."""
+        origin = self.sender(msg.origin, proof, out)
+        if origin is None:
+            return None
+        if msg.destination != self.node_id or origin not in self.origins:
+            status = ReserveStatus.REFUSED
+        else:
+            try:
+                status = self.store.apply_reservation(origin, msg)
+            except Exception as e:  # e.g. a full disk: no answer, the origin resends
+                log.error("gkm %s: cannot store a reservation from %s: %s", self.node_name,
+                          origin, type(e).__name__)
+                return None
+            if status == ReserveStatus.REFUSED:
+                log.error("gkm %s: refused from %s (skipped): %s", self.node_name, origin,
+                          self.store.dec[origin].last_refused)
+            elif status == ReserveStatus.APPLIED and not msg.saes:
+                out.settled = True  # a confirmation or cancellation
+        return encode_reserved(Reserved(msg.origin, self.node_id, msg.rseq, status))[0]

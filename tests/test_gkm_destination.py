@@ -1,0 +1,216 @@
+"""The destination's decisions (control/gkm/destination.py), driven without sockets: a
+real KeyStore in a tmp dir (or a fake where the store must fail), arrived messages built
+with control.gkm.wire, and the proof each connection gave."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from control.gkm.destination import Arrived, Inbox, Node
+from control.gkm.store import BlockState, KeyStore
+from control.gkm.wire import (
+    Ack,
+    AckStatus,
+    Blocks,
+    Reserve,
+    Reserved,
+    ReserveStatus,
+    parse,
+    parse_batch,
+)
+
+A, B, C = 1, 2, 3
+NODES = {A: Node("A", "10.0.0.1"), B: Node("B", "10.0.0.2"), C: Node("C", "10.0.0.3")}
+FROM_A = ("A", "10.0.0.1")
+AHEAD = 8
+
+
+def inbox(store, origins=("A",)) -> Inbox:
+    return Inbox(B, "B", NODES, set(origins), AHEAD, store)
+
+
+def dest(tmp_path) -> KeyStore:
+    return KeyStore(tmp_path / "b", B, {}, {"A": A})
+
+
+def blocks(*seqs: int, data: bytes | None = None, origin: int = A,
+           destination: int = B) -> Blocks:
+    return Blocks(origin, destination, tuple((s, data or os.urandom(64)) for s in seqs))
+
+
+def acks(out) -> list[list[tuple[int, AckStatus]]]:
+    """Each answer's (seq, status) list, in order."""
+    got = []
+    for ident, *frames in out.answers:
+        msg = parse(frames)
+        assert isinstance(msg, Ack) and msg.destination == B
+        got.append((ident, list(msg.results)))
+    return got
+
+
+def test_new_blocks_are_stored_and_acknowledged_stored(tmp_path):
+    store = dest(tmp_path)
+    box = inbox(store)
+    msg = blocks(0, 1)
+    out = box.receive([Arrived(b"id", [msg], FROM_A)])
+    assert acks(out) == [(b"id", [(0, AckStatus.STORED), (1, AckStatus.STORED)])]
+    assert out.refusals == []
+    assert store.block("dec", "A", 1) == msg.blocks[1][1]
+    assert (box.received_blocks, box.received_bytes) == (2, 128)
+    store.close()
+
+
+def test_a_resend_is_duplicate_and_other_bytes_are_a_conflict(tmp_path):
+    store = dest(tmp_path)
+    box = inbox(store)
+    first = blocks(0, 1)
+    box.receive([Arrived(b"id", [first], FROM_A)])
+    again = Blocks(A, B, (first.blocks[0], (1, os.urandom(64))))
+    out = box.receive([Arrived(b"id", [again], FROM_A)])
+    assert acks(out) == [(b"id", [(0, AckStatus.DUPLICATE), (1, AckStatus.CONFLICT)])]
+    assert store.block("dec", "A", 1) == first.blocks[1][1]  # the first bytes kept
+    assert box.received_blocks == 2  # neither counts again
+    store.close()
+
+
+def test_blocks_from_a_node_other_than_the_one_proven_are_refused_unanswered(tmp_path):
+    store = dest(tmp_path)
+    box = inbox(store, origins=("A", "C"))
+    out = box.receive([Arrived(b"c", [blocks(0)], ("C", "10.0.0.1")),      # C claims A
+                       Arrived(b"x", [blocks(0)], ("A", "10.9.9.9")),      # wrong address
+                       Arrived(b"y", [blocks(0)], (None, None)),          # no proof
+                       Arrived(b"z", [blocks(0, origin=9)], FROM_A)])    # unknown node
+    assert out.answers == []
+    assert out.refusals == [
+        "a message claiming origin id 1 came from node C at 10.0.0.1",
+        "a message claiming origin id 1 came from node A at 10.9.9.9",
+        "a message claiming origin id 1 came from node None at None",
+        "a message claiming origin id 9 came from node A at 10.0.0.1"]
+    assert store.block("dec", "A", 0) is None
+    store.close()
+
+
+def test_blocks_of_a_pair_not_kept_here_are_answered_refused(tmp_path):
+    store = dest(tmp_path)
+    box = inbox(store)
+    out = box.receive([
+        Arrived(b"1", [blocks(0, destination=C)], FROM_A),  # for another node
+        Arrived(b"2", [blocks(0, origin=C)], ("C", "10.0.0.3"))])  # C sends none here
+    assert acks(out) == [(b"1", [(0, AckStatus.REFUSED)]), (b"2", [(0, AckStatus.REFUSED)])]
+    assert out.refusals == ["blocks from A for node id 3: not a pair this node keeps",
+                            "blocks from C for node id 2: not a pair this node keeps"]
+    assert store.block("dec", "A", 0) is None
+    store.close()
+
+
+def test_blocks_too_far_ahead_are_refused(tmp_path):
+    store = dest(tmp_path)
+    box = inbox(store)
+    out = box.receive([Arrived(b"id", [blocks(AHEAD + 1)], FROM_A)])
+    assert acks(out) == [(b"id", [(AHEAD + 1, AckStatus.REFUSED)])]
+    assert out.refusals == [f"blocks from A numbered up to {AHEAD + 1}: more than {AHEAD} "
+                            f"past the highest held; refused"]
+    out = box.receive([Arrived(b"id", [blocks(AHEAD)], FROM_A)])  # just within reach
+    assert acks(out) == [(b"id", [(AHEAD, AckStatus.STORED)])]
+    store.close()
+
+
+def test_an_acknowledgement_at_the_relay_port_is_refused(tmp_path):
+    store = dest(tmp_path)
+    out = inbox(store).receive([Arrived(b"id", [Ack(A, B, ((0, AckStatus.STORED),))],
+                                        FROM_A)])
+    assert out.answers == [] and out.refusals == [
+        "an acknowledgement arrived at the relay port"]
+    store.close()
+
+
+class FailingStore:
+    """A store whose disk is full: nothing is kept. Records the group commit."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.dec = {"A": self}
+        self.last_refused = ""
+
+    @contextlib.contextmanager
+    def group(self):
+        self.events.append("group")
+        yield
+        self.events.append("sync")
+
+    def beyond_reach(self, seq: int, ahead: int) -> bool:
+        return False
+
+    def store_received(self, peer, blocks):
+        self.events.append(f"store {peer} {[s for s, _ in blocks]}")
+        raise OSError("no space left on device")
+
+    def apply_reservation(self, peer, msg):
+        raise OSError("no space left on device")
+
+
+def test_what_the_store_could_not_keep_gets_no_answer():
+    store = FailingStore()
+    box = inbox(store)
+    reserve = [Reserve(A, B, 0, (0, 0), ("sae-1",), (os.urandom(16),))]
+    out = box.receive([Arrived(b"1", [blocks(0)], FROM_A),
+                       Arrived(b"2", [blocks(1, 2)], FROM_A),
+                       Arrived(b"3", reserve, FROM_A)])
+    assert out.answers == [] and box.received_blocks == 0
+    # Both messages' blocks went to the store in one call, inside one group commit.
+    assert store.events == ["group", "store A [0, 1, 2]", "sync"]
+
+
+def _origin_reserves(tmp_path, n: int) -> tuple[KeyStore, KeyStore, list[bytes]]:
+    """An origin's queued RESERVE frames for keys both ends hold (real KeyStores)."""
+    o = KeyStore(tmp_path / "a", A, {"B": B}, {})
+    d = dest(tmp_path)
+    data = [os.urandom(256) for _ in range(2)]
+    seqs = o.add_pending("B", data)
+    o.mark("B", seqs, BlockState.USABLE)
+    d.store_received("A", list(zip(seqs, data, strict=True)))
+    for i in range(n):
+        o.take_enc_reserved("B", 1, 32, (f"sae-{i}",))
+    return o, d, [o.enc["B"].unacked[r] for r in sorted(o.enc["B"].unacked)]
+
+
+def reserved(out) -> list[list[tuple[int, ReserveStatus]]]:
+    got = []
+    for _, *frames in out.answers:
+        msgs = parse_batch(frames)
+        assert all(isinstance(m, Reserved) and (m.origin, m.destination) == (A, B)
+                   for m in msgs)
+        got.append([(m.rseq, m.status) for m in msgs])
+    return got
+
+
+def test_reservations_are_applied_in_order_and_a_gap_is_answered_gap(tmp_path):
+    o, d, frames = _origin_reserves(tmp_path, 3)
+    box = inbox(d)
+    # 0 and 2 arrive, 1 is lost: 2 waits for it (GAP), and is applied after it.
+    out = box.receive([Arrived(b"id", parse_batch([frames[0], frames[2]]), FROM_A)])
+    assert reserved(out) == [[(0, ReserveStatus.APPLIED), (2, ReserveStatus.GAP)]]
+    assert not out.settled  # reservations, not confirmations
+    out = box.receive([Arrived(b"id", parse_batch(frames), FROM_A)])
+    assert reserved(out) == [[(0, ReserveStatus.DUPLICATE), (1, ReserveStatus.APPLIED),
+                              (2, ReserveStatus.APPLIED)]]
+    # A confirmation applied may decide held dec requests.
+    (c,) = o.confirm_acked("B", [0])
+    out = box.receive([Arrived(b"id", [parse([o.enc["B"].unacked[c]])], FROM_A)])
+    assert reserved(out) == [[(c, ReserveStatus.APPLIED)]] and out.settled
+    o.close()
+    d.close()
+
+
+def test_reservations_from_an_unproven_or_foreign_sender(tmp_path):
+    o, d, frames = _origin_reserves(tmp_path, 1)
+    box = inbox(d, origins=("C",))  # A sends no key here
+    out = box.receive([Arrived(b"x", parse_batch(frames), ("C", "10.0.0.3")),
+                       Arrived(b"y", parse_batch(frames), FROM_A)])
+    assert out.refusals == ["a message claiming origin id 1 came from node C at 10.0.0.3"]
+    assert reserved(out) == [[(0, ReserveStatus.REFUSED)]]
+    assert out.answers[0][0] == b"y"
+    assert d.dec["A"].next_rseq == 0  # nothing applied
+    o.close()
+    d.close()
