@@ -43,6 +43,7 @@ import zmq.utils.monitor
 
 from control.core.procs import process_identity
 from control.gkm.client import (
+    BusyError,
     Request,
     StoreError,
     decode_answer,
@@ -103,7 +104,7 @@ class GkmLink:
         self.monitor.close(0)
         for fut in self.waiting.values():
             if not fut.done():
-                fut.set_exception(StoreError("busy", "the key API is shutting down"))
+                fut.set_exception(BusyError("the key API is shutting down"))
         self.sock.close(0)
         self.ctx.term()
 
@@ -153,7 +154,7 @@ class GkmLink:
         try:
             await asyncio.wait_for(self.sock.send_multipart(frames), self.timeout_s)
         except TimeoutError:
-            raise StoreError("busy", "the global key manager is not taking requests; "
+            raise BusyError("the global key manager is not taking requests; "
                                      "nothing was taken") from None
 
     def _give_up(self, rid: int, peer: str) -> None:
@@ -190,7 +191,7 @@ class GkmLink:
             if not fut.done():  # (an answer that came with the timeout is kept)
                 if request.op == "take_enc":  # its answer, if it ever comes, goes to
                     self._give_up(rid, request.peer)  # no one
-                raise StoreError("busy", f"the global key manager did not answer within "
+                raise BusyError(f"the global key manager did not answer within "
                                          f"{self.timeout_s:.0f} s; nothing was taken") \
                     from None
             frames = fut.result()

@@ -10,7 +10,7 @@ import pytest
 
 from control.gkm import take
 from control.gkm.carving import KeySlice
-from control.gkm.errors import StoreError
+from control.gkm.errors import KINDS, StoreError
 from dataplane.limits import MAX_GLOBAL_BLOCK, MAX_RELAY_BLOCKS
 
 A, B = 1, 2
@@ -164,7 +164,11 @@ def test_answers_round_trip_and_refusals_raise_their_kind():
         with pytest.raises(StoreError) as got:
             take.decode_answer(head)
         assert (got.value.kind, str(got.value)) == (e.kind, str(e))
+        assert type(got.value) is KINDS[e.kind]  # its kind's class again, off the wire
         assert take.taken_key_ids(head) == []
+    with pytest.raises(StoreError) as got:  # a kind this code does not know: kept as said
+        take.decode_answer(b'{"ok": false, "kind": "new", "error": "x"}')
+    assert type(got.value) is StoreError and got.value.kind == "new"
     with pytest.raises(StoreError) as got:  # a head that says nothing: refused, "bad"
         take.decode_answer(b'{"ok": false}')
     assert (got.value.kind, str(got.value)) == ("bad", "refused")

@@ -22,11 +22,11 @@ import zmq
 
 from control.core import paths
 from control.gkm import take
-from control.gkm.errors import StoreError
+from control.gkm.errors import BusyError, StoreError
 from control.gkm.take import Request, decode_answer, split_keys, taken_key_ids
 
-__all__ = ["DEFAULT_TIMEOUT_S", "GkmClient", "Request", "StoreError", "decode_answer",
-           "socket_path", "split_keys", "take", "taken_key_ids"]
+__all__ = ["DEFAULT_TIMEOUT_S", "BusyError", "GkmClient", "Request", "StoreError",
+           "decode_answer", "socket_path", "split_keys", "take", "taken_key_ids"]
 
 DEFAULT_TIMEOUT_S = 10.0
 ANSWER_MARGIN_S = 2.0  # a take's deadline: this long before the client gives up
@@ -71,7 +71,7 @@ class GkmClient:
             frames = sock.recv_multipart()
         except zmq.Again:
             self.close()  # a REQ socket that missed its reply cannot be reused
-            raise StoreError("busy", f"the global key manager did not answer within "
+            raise BusyError(f"the global key manager did not answer within "
                                      f"{self.timeout_ms / 1000:.0f} s ({self.endpoint})") \
                 from None
         return decode_answer(frames[0]), frames[1] if len(frames) > 1 else b""

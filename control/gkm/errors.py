@@ -2,9 +2,10 @@
 the node (the key API, the demo): a request is refused whole and nothing changes.
 
 Each refusal has a ``kind``, the word the manager's replies carry and the key API maps to a
-status code (``api/kme.py``). The key stores raise one subclass per kind, so callers tell
-refusals apart by type or by ``kind``, never by their message. A refusal read off the wire
-is a plain :class:`StoreError` carrying the kind named there.
+status code (``api/kme.py``). There is one subclass per kind, so callers tell refusals
+apart by type or by ``kind``, never by their message; a refusal read off the wire becomes
+its kind's class again (:func:`refused`), or a plain :class:`StoreError` for a kind this
+code does not know.
 """
 
 from __future__ import annotations
@@ -74,3 +75,13 @@ class DeliveringError(_KindError):
 
     KIND = "delivering"
 
+
+KINDS: dict[str, type[_KindError]] = {c.KIND: c for c in (
+    ShortError, UnknownError, ForbiddenError, BadRequest, BusyError, PendingError,
+    DeliveringError)}
+
+
+def refused(kind: str, message: str) -> StoreError:
+    """The refusal of ``kind`` with ``message``, as its class."""
+    cls = KINDS.get(kind)
+    return cls(message) if cls is not None else StoreError(kind, message)

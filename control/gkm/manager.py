@@ -55,7 +55,7 @@ from control.core.statefile import read_status, write_json
 from control.gkm import client as gkm_client
 from control.gkm import origin, pacing, take
 from control.gkm.destination import Arrived, Inbox, Node, Proof
-from control.gkm.errors import StoreError
+from control.gkm.errors import StoreError, UnknownError
 from control.gkm.origin import Fate, Takers
 from control.gkm.relay import Outbox, RateMeter, Restock
 from control.gkm.relay_auth import ZAP_ENDPOINT, secure_dealer, secure_router, zap_reply
@@ -681,7 +681,7 @@ class GlobalKeyManager:
         if isinstance(req, take.Stock):  # what a Status answer needs, cheaply
             st = self.store.enc.get(req.peer)
             if st is None:
-                raise StoreError("unknown", f"no global key is kept for node {req.peer!r}")
+                raise UnknownError(f"no global key is kept for node {req.peer!r}")
             return {"usable": st.usable_bytes(), "high_watermark": self.spec.high_watermark,
                     "block_size": self.spec.block_size}, None
         if isinstance(req, take.Summary):
@@ -689,7 +689,7 @@ class GlobalKeyManager:
         assert isinstance(req, take.Digests)
         if (req.kind, req.peer) not in [("enc", p) for p in self.store.enc] + \
                 [("dec", p) for p in self.store.dec]:
-            raise StoreError("unknown", f"no {req.kind} store for {req.peer!r}")
+            raise UnknownError(f"no {req.kind} store for {req.peer!r}")
         return {"digests": self.store.digests(req.kind, req.peer)}, None
 
     # ---- status -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control.gkm.carving import CarveError, KeySlice, decode
-from control.gkm.errors import StoreError
+from control.gkm.errors import BadRequest, BusyError, StoreError, refused
 from dataplane.limits import MAX_GLOBAL_BLOCK, MAX_RELAY_BLOCKS
 
 MAX_TAKE_KEYS = 1 << 20       # keys one local request may take
@@ -173,18 +173,18 @@ class Here:
     ended: Container[Holder] = field(default_factory=frozenset)
 
 
-class LateRequest(StoreError):
+class LateRequest(BusyError):
     """A take read after its taker had stopped waiting: nothing may be taken for it."""
 
     def __init__(self) -> None:
-        super().__init__("busy", "the request reached the key manager after its taker had "
-                                 "stopped waiting; nothing was taken")
+        super().__init__("the request reached the key manager after its taker had "
+                         "stopped waiting; nothing was taken")
 
 
 def bounded_int(req: dict, name: str, limit: int) -> int:
     v = req.get(name)
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
-        raise StoreError("bad", f"{name} must be an integer from 1 to {limit}")
+        raise BadRequest(f"{name} must be an integer from 1 to {limit}")
     return v
 
 
@@ -195,7 +195,7 @@ def holder_of(req: dict) -> Holder | None:
         return None
     if not (isinstance(h, list) and len(h) == 2
             and all(isinstance(x, int) and 0 < x < 1 << 63 for x in h)):
-        raise StoreError("bad", "holder is [process identity, request number], both > 0")
+        raise BadRequest("holder is [process identity, request number], both > 0")
     return h[0], h[1]
 
 
@@ -205,13 +205,13 @@ def deadline_of(req: dict) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e12:
-        raise StoreError("bad", "deadline must be a time.monotonic() value")
+        raise BadRequest("deadline must be a time.monotonic() value")
     return float(v)
 
 
 def malformed(e: BaseException) -> StoreError:
     """The refusal of a request that could not be read or served for want of a field."""
-    return StoreError("bad", f"malformed request ({type(e).__name__})")
+    return BadRequest(f"malformed request ({type(e).__name__})")
 
 
 def parse_request(body: bytes, now: float, here: Here) -> Parsed:
@@ -240,10 +240,10 @@ def _parse(req: dict, now: float, here: Here) -> Parsed:
             return TakeEnc(str(req["peer"]), number, size, deadline)
         if not isinstance(slaves, list) or not slaves or \
                 not all(isinstance(x, str) and x and "\n" not in x for x in slaves):
-            raise StoreError("bad", "slaves must be a list of SAE IDs")
+            raise BadRequest("slaves must be a list of SAE IDs")
         master = req.get("master", "")
         if not isinstance(master, str) or "\n" in master:
-            raise StoreError("bad", "master must be an SAE ID")
+            raise BadRequest("master must be an SAE ID")
         return TakeEnc(str(req["peer"]), number, size, deadline, tuple(slaves), master)
     if op == "reserve":
         return Reserve(str(req["peer"]), [str(k) for k in req["key_ids"]], str(req["sae"]))
@@ -251,14 +251,14 @@ def _parse(req: dict, now: float, here: Here) -> Parsed:
         master = req.get("master")
         holder = holder_of(req)
         if holder is not None and holder in here.ended:
-            raise StoreError("busy", "the request's taker has stopped waiting for it; "
+            raise BusyError("the request's taker has stopped waiting for it; "
                                      "nothing was taken")
         return TakeDec(str(req["peer"]), [str(k) for k in req["key_ids"]], str(req["sae"]),
                        None if master is None else str(master), holder, deadline)
     if op == "answered":
         ids, holder = req["key_ids"], holder_of(req)
         if not isinstance(ids, list) or not 0 < len(ids) <= MAX_TAKE_KEYS or holder is None:
-            raise StoreError("bad", "answered names key IDs and their holder")
+            raise BadRequest("answered names key IDs and their holder")
         written = bool(req.get("written"))
         return Answered(str(req["peer"]), [str(k) for k in ids], str(req["sae"]), holder,
                         written)
@@ -267,15 +267,15 @@ def _parse(req: dict, now: float, here: Here) -> Parsed:
         ids = req["key_ids"]
         if peer not in here.destinations or not isinstance(ids, list) or \
                 not 0 < len(ids) <= MAX_RELAY_BLOCKS:
-            raise StoreError("bad", f"cancel names a peer and 1 to {MAX_RELAY_BLOCKS} "
+            raise BadRequest(f"cancel names a peer and 1 to {MAX_RELAY_BLOCKS} "
                                     f"key IDs")
         try:
             slices = [decode(str(k)) for k in ids]
         except CarveError as e:
-            raise StoreError("bad", f"cancel: {e}") from None
+            raise BadRequest(f"cancel: {e}") from None
         if any((s.origin, s.destination) != (here.node_id, here.destinations[peer])
                for s in slices):
-            raise StoreError("bad", f"cancel: a key ID of another pair than "
+            raise BadRequest(f"cancel: a key ID of another pair than "
                                     f"{here.node} -> {peer}")
         return Cancel(peer, slices)
     if op == "stock":
@@ -284,7 +284,7 @@ def _parse(req: dict, now: float, here: Here) -> Parsed:
         return Summary()
     if op == "digests":
         return Digests(str(req["kind"]), str(req["peer"]))
-    raise StoreError("bad", f"unknown operation {op!r}")
+    raise BadRequest(f"unknown operation {op!r}")
 
 
 # ---- answers --------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def decode_answer(head: bytes) -> dict:
     """An answer's head; a refusal is raised as StoreError with its kind."""
     doc = json.loads(head)
     if not doc.get("ok"):
-        raise StoreError(doc.get("kind", "bad"), doc.get("error", "refused"))
+        raise refused(doc.get("kind", "bad"), doc.get("error", "refused"))
     return doc
 
 
