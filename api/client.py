@@ -65,6 +65,11 @@ def client_context(pki: str, sae: str) -> ssl.SSLContext:
     return tls_context(f"{pki}/ca.crt", f"{pki}/saes/{sae}.crt", f"{pki}/saes/{sae}.key")
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only (str.isdigit also takes superscripts, which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 class Conn:
     """One keep-alive HTTPS connection issuing requests one at a time. Any failure while
     reading an answer closes it."""
@@ -201,7 +206,7 @@ class Conn:
             line = self._line().decode("latin-1")
             parts = line.split(None, 2)
             if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or \
-                    not (len(parts[1]) == 3 and parts[1].isdigit()):
+                    not (len(parts[1]) == 3 and _decimal(parts[1])):
                 raise MalformedResponse(f"not an HTTP/1.x status line: {line[:80]!r}")
             status = int(parts[1])
             fields: dict[str, str] = {}
@@ -226,7 +231,7 @@ class Conn:
             return self._read_chunked()
         if "content-length" in fields:
             text = fields["content-length"]
-            if not text.isdigit() or int(text) > MAX_ANSWER:
+            if not (len(text) <= 12 and _decimal(text)) or int(text) > MAX_ANSWER:
                 raise MalformedResponse(f"content-length {text[:40]!r}")
             body = bytearray(int(text))
             self._exact(memoryview(body))
@@ -299,7 +304,7 @@ class KmeClient:
                 if self._conn.closed:
                     self._conn = None
                 return status, body
-            except OSError as e:
+            except (OSError, ValueError) as e:  # ValueError: no answer we could read
                 self.close()
                 stale = isinstance(e, (ConnectionResetError, BrokenPipeError))
                 if not (reused and stale and attempt == 1):
