@@ -252,7 +252,7 @@ def _parse(req: dict, now: float, here: Here) -> Parsed:
         holder = holder_of(req)
         if holder is not None and holder in here.ended:
             raise BusyError("the request's taker has stopped waiting for it; "
-                                     "nothing was taken")
+                            "nothing was taken")
         return TakeDec(str(req["peer"]), [str(k) for k in req["key_ids"]], str(req["sae"]),
                        None if master is None else str(master), holder, deadline)
     if op == "answered":
