@@ -221,13 +221,15 @@ class Net:
         self.cfg.unlink(missing_ok=True)
 
 
-def wait_until(cond: Callable[[], T], timeout: float, what: str, step: float = 0.2) -> T:
-    """``cond()``'s first truthy value, polled every ``step`` s; BenchError naming ``what``
-    after ``timeout`` s."""
+def wait_until(cond: Callable[[], T], timeout: float, what: str | Callable[[], str],
+               step: float = 0.2, error: type[Exception] = BenchError) -> T:
+    """``cond()``'s first truthy value, polled every ``step`` s; after ``timeout`` s,
+    ``error`` naming ``what`` (a callable: asked then, to say what it saw)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = cond()
         if v:
             return v
         time.sleep(step)
-    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise error(f"timed out after {timeout:g} s waiting for "
+                f"{what() if callable(what) else what}")

@@ -3,8 +3,9 @@
 Real QKD links give 1-100 Mb/s (the emulator's 1 Gb/s is a stress setting), so key, not
 CPU, is what global key is made of. Per QKD rate, the triangle A, B, C with every link at
 that rate and every size derived from it (control.core.sizing), global key kept for the pair
-A-B only, B's key manager paused, so on link A-B nothing but A->B global key, its
-acknowledgements, the keepalives and the relay's heartbeats spends key:
+A-B only, B's key manager paused, routed by hops (so it stays on link A-B), so on link A-B
+nothing but A->B global key, its acknowledgements, the keepalives and the relay's
+heartbeats spends key:
 
 - *time to first global key*: from starting the nodes to A's first usable block for B;
 - *fill*: global key acknowledged A->B per second, measured over a window of the fill
@@ -55,6 +56,8 @@ mode = "{mode}"
 [gkm]
 high_watermark = "{high}"
 pairs = [["A", "B"]]
+[routing]
+metric = "hops"  # the pair's key stays on link A-B, whose economy this measures
 """ + template(line("ABC", 207, closed=True))
 
 

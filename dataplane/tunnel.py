@@ -386,16 +386,17 @@ class TunnelManager:
     # ---- keepalives --------------------------------------------------------------------
 
     def _keepalive_payload(self, now: float) -> bytes:
-        """Our pool size, and the link-state database when its links' states changed or
-        every LSDB_REFRESH_S (entries expire after LSA_MAX_AGE_S): the keepalives' pads
-        are most of what an idle link spends, so they carry no more than they must."""
+        """Our pool size, and the link-state database when its links' states or costs
+        changed or every LSDB_REFRESH_S (entries expire after LSA_MAX_AGE_S): the
+        keepalives' pads are most of what an idle link spends, so they carry no more than
+        they must."""
         body: dict = {"node": self.cfg.node, "workers": self.cfg.dp.workers}
         try:
             lsdb = json.loads(self.cfg.lsdb_path.read_text()).get("entries", [])
         except (OSError, ValueError):
             lsdb = []
-        states = sorted((str(e[0]), str(e[1]), bool(e[3])) for e in lsdb
-                        if isinstance(e, list) and len(e) == 4)
+        states = sorted((str(e[0]), str(e[1]), bool(e[3]), e[4] if len(e) == 5 else 1)
+                        for e in lsdb if isinstance(e, list) and len(e) in (4, 5))
         if states != self._lsdb_sent or now - self._lsdb_sent_at >= LSDB_REFRESH_S:
             self._lsdb_sent, self._lsdb_sent_at = states, now
             body["lsdb"] = lsdb
@@ -466,6 +467,7 @@ class TunnelManager:
             "heard_ago_s": round(now - self.last_heard, 3) if self.last_heard else None,
             "liveness": dataclasses.asdict(self.liveness.stats()),
             "enc_available": ec.write_pos - ec.claim_pos, "dec_fill": dc.fill,
+            "enc_stored": enc.accounting().stored, "enc_capacity": ec.capacity,
             "counters": stats.totals(), "control_drops": chan.drops,
             "guard": self.guard_status(),
         })

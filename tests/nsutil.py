@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import harness
 from control.core import paths
 
 _ctx = mp.get_context("fork")
@@ -185,16 +186,8 @@ def routes_complete(prefix: str, nodes: list[str]) -> bool:
 
 def wait_until(cond: Callable[[], object], timeout: float, what: str | Callable[[], str],
                step: float = 0.1):
-    """``cond()``'s first true value within ``timeout``; else AssertionError naming
-    ``what`` (a callable: asked then, to say what it saw)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for "
-                         f"{what() if callable(what) else what}")
+    """The benches' ``wait_until``, failing the test (AssertionError) after ``timeout``."""
+    return harness.wait_until(cond, timeout, what, step, error=AssertionError)
 
 
 def write(path: Path, text: str) -> Path:

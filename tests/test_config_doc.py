@@ -21,7 +21,8 @@ def test_every_key_of_every_section_is_documented():
     tables = [set(re.findall(r"^\| `([a-z_]+)` \|", part, re.M))
               for part in ref.split("#### ")[1:]]
     models = [cfg.NetworkSection, cfg.Ports, cfg.LinkDefaults, cfg.DataplaneSection,
-              cfg.GkmSection, cfg.ApiSection, cfg.MetricsSection, cfg.Node, cfg.Link, cfg.Sae,
+              cfg.GkmSection, cfg.ApiSection, cfg.MetricsSection, cfg.RoutingSection, cfg.Node,
+              cfg.Link, cfg.Sae,
               cfg.EmulatorSource, cfg.SftpSource, cfg.SftpEnd, cfg.Etsi014Source,
               cfg.Etsi014End]
     nested = {"a", "b"}  # a source's per-end tables, documented as tables of their own

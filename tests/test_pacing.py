@@ -59,3 +59,24 @@ def test_unlimited_and_stopped_pacers():
     q = Pacer(0.0, 1)
     q.spend(1, 0.0)
     assert not q.allows(1, 100.0) and q.next_at(1, 100.0) == math.inf
+
+
+def test_a_one_link_paths_stock_above_the_floor_may_go_at_once_beyond_the_burst():
+    from control.gkm.pacing import STOCK_FLOOR, spendable_stock
+
+    assert spendable_stock(4 << 20, 4 << 20) == int((1 - STOCK_FLOOR) * (4 << 20))
+    assert spendable_stock(int(STOCK_FLOOR * 1000), 1000) == 0
+    assert spendable_stock(0, 1000) == 0
+    p = Pacer(rate=1000.0, burst=100)
+    p.spend(100, now=0.0)
+    p.credit(5000)
+    assert p.allows(4000, now=0.0) and p.tokens == 5000  # credited now, beyond the burst
+    p.spend(4000, now=0.0)
+    assert p.tokens == 1000  # above the burst: no refill on top of it
+    assert p.next_at(100, now=1.0) == 1.0
+    p.spend(1000, now=1.0)
+    assert p.tokens == 0 and p.next_at(100, now=1.0) == 1.1  # back to the rate
+    p.credit(10)
+    assert p.tokens == 10  # a credit tops the bucket up to it ...
+    p.credit(5)
+    assert p.tokens == 10  # ... and never takes tokens away

@@ -28,7 +28,7 @@ def db(links=TRIANGLE, max_age_s: float = 3.0) -> LinkStateDb:
 def test_merge_takes_new_entries_and_counts_changes():
     d = db()
     assert d.merge([["L0", "A", 5, True], ["L0", "B", 7, False]], now=1.0) == 2
-    assert d.entries == {("L0", "A"): (5, True, 1.0), ("L0", "B"): (7, False, 1.0)}
+    assert d.entries == {("L0", "A"): (5, True, 1.0, 1), ("L0", "B"): (7, False, 1.0, 1)}
     assert d.export() == [["L0", "A", 5, True], ["L0", "B", 7, False]]
 
 
@@ -36,13 +36,13 @@ def test_merge_keeps_the_higher_seq():
     d = db()
     d.merge([["L0", "A", 5, True]], now=1.0)
     assert d.merge([["L0", "A", 4, False]], now=2.0) == 0  # older: ignored
-    assert d.entries[("L0", "A")] == (5, True, 1.0)
+    assert d.entries[("L0", "A")] == (5, True, 1.0, 1)
     assert d.merge([["L0", "A", 5, False]], now=2.0) == 0  # same seq: ignored
-    assert d.entries[("L0", "A")] == (5, True, 1.0)
+    assert d.entries[("L0", "A")] == (5, True, 1.0, 1)
     assert d.merge([["L0", "A", 6, True]], now=3.0) == 0  # newer, same state: refreshed
-    assert d.entries[("L0", "A")] == (6, True, 3.0)
+    assert d.entries[("L0", "A")] == (6, True, 3.0, 1)
     assert d.merge([["L0", "A", 9, False]], now=4.0) == 1  # newer, other state
-    assert d.entries[("L0", "A")] == (9, False, 4.0)
+    assert d.entries[("L0", "A")] == (9, False, 4.0, 1)
 
 
 def test_merge_order_does_not_matter_for_the_result():
@@ -95,7 +95,7 @@ def test_merge_of_a_malformed_entry_does_not_overwrite_a_good_one():
     d = db()
     d.merge([["L0", "A", 1, True]], now=0.0)
     assert d.merge([["L0", "A", True, False], ["L0", "A", 2, 0]], now=1.0) == 0
-    assert d.entries[("L0", "A")] == (1, True, 0.0)
+    assert d.entries[("L0", "A")] == (1, True, 0.0, 1)
 
 
 def test_merge_ignores_what_is_not_a_list():
@@ -405,3 +405,117 @@ def test_ends_that_disagree_about_their_link_never_make_a_loop(g, data):
                 at = lk.b if lk.a == at else lk.a
                 seen.append(at)
                 assert len(seen) <= len(nodes), f"loop {seen} to {t}"
+
+
+# ---- costs (metric "key") ----------------------------------------------------------------
+
+def test_entries_carry_a_cost_exported_only_where_it_is_not_1():
+    d = db()
+    assert d.merge([["L2", "A", 5, True, 9], ["L2", "C", 5, True]], now=0.0) == 2
+    assert d.entries[("L2", "A")] == (5, True, 0.0, 9)
+    assert d.export() == [["L2", "A", 5, True, 9], ["L2", "C", 5, True]]
+    assert d.merge([["L2", "A", 6, True, 1]], now=1.0) == 1  # the cost changed: a change
+    assert d.export() == [["L2", "A", 6, True], ["L2", "C", 5, True]]
+    d.originate("C", {"L2": True}, 7, 2.0, costs={"L2": 3})
+    assert d.export()[-1] == ["L2", "C", 7, True, 3]
+
+
+def test_an_entry_with_a_bad_cost_is_ignored():
+    d = db()
+    for cost in (0, -1, 65, 2.0, True, "3", None):
+        assert d.merge([["L0", "A", 1, True, cost]], now=0.0) == 0
+    assert d.merge([["L0", "A", 1, True, 2, 9]], now=0.0) == 0  # six fields
+    assert d.entries == {}
+
+
+def test_a_link_costs_the_higher_of_its_ends_and_a_node_judges_its_own_end():
+    d = db()
+    d.merge([["L2", "A", 1, True, 4], ["L2", "C", 1, True, 2]], now=0.0)
+    assert d.link_cost("L2") == 4
+    assert d.link_cost("L2", "A", {"L2": 1}) == 2  # A's own view: its end is fine again
+    assert d.link_cost("L0") == 1  # nothing heard: 1
+    assert d.costs({"L0", "L2"}) == {"L0": 1, "L2": 4}
+
+
+def test_a_dear_link_is_routed_around_and_a_tie_goes_to_the_lower_indices():
+    up = {"L0", "L1", "L2"}
+    assert next_hops(TRIANGLE, up, "A", {"L2": 3}) == {"B": "L0", "C": "L0"}
+    assert next_hops(TRIANGLE, up, "C", {"L2": 3}) == {"A": "L1", "B": "L1"}
+    # cost 2 ties with the two hops via B: the path whose first link index is lower wins
+    assert next_hops(TRIANGLE, up, "A", {"L2": 2})["C"] == "L0"
+    assert next_hops(TRIANGLE, up, "C", {"L2": 2})["A"] == "L1"
+    assert next_hops(TRIANGLE, up, "A", {"L0": 2})["C"] == "L2"
+
+
+def weighted_pairs(nodes: list[str], links: list[LinkEnds], up: set[str],
+                   costs: dict[str, int]) -> dict:
+    """Floyd-Warshall least costs over the up links."""
+    d = {(u, v): (0 if u == v else INF) for u in nodes for v in nodes}
+    for lk in links:
+        if lk.name in up and lk.a != lk.b:
+            c = costs.get(lk.name, 1)
+            d[lk.a, lk.b] = d[lk.b, lk.a] = min(d[lk.a, lk.b], c)
+    for k in nodes:
+        for i in nodes:
+            for j in nodes:
+                if d[i, k] + d[k, j] < d[i, j]:
+                    d[i, j] = d[i, k] + d[k, j]
+    return d
+
+
+@st.composite
+def costed_graphs(draw):
+    nodes, links, up, src = draw(graphs())
+    costs = {lk.name: draw(st.integers(1, 64)) for lk in links}
+    return nodes, links, up, src, costs
+
+
+@settings(max_examples=300, deadline=None)
+@given(costed_graphs())
+def test_paths_are_least_cost_and_following_first_hops_never_loops(g):
+    from control.routing.linkstate import shortest_paths
+
+    nodes, links, up, src, costs = g
+    dist = weighted_pairs(nodes, links, up, costs)
+    by_name = {lk.name: lk for lk in links}
+    paths = shortest_paths(links, up, src, costs)
+    assert set(paths) == {v for v in nodes if v != src and dist[src, v] < INF}
+    for v, path in paths.items():
+        assert sum(costs[name] for name, _ in path) == dist[src, v]
+    for s in nodes:  # hop by hop, each router by its own tree: arrives, at the least cost
+        for t in nodes:
+            if s == t or dist[s, t] == INF:
+                continue
+            node, paid = s, 0
+            for _ in range(len(nodes)):
+                lk = by_name[next_hops(links, up, node, costs)[t]]
+                paid += costs[lk.name]
+                node = lk.b if node == lk.a else lk.a
+                if node == t:
+                    break
+            assert node == t and paid == dist[s, t]
+
+
+@settings(max_examples=200, deadline=None)
+@given(graphs())
+def test_with_every_cost_1_the_tree_is_the_hop_metrics(g):
+    from control.routing.linkstate import shortest_paths
+
+    nodes, links, up, src = g
+    assert shortest_paths(links, up, src, {lk.name: 1 for lk in links}) == \
+        shortest_paths(links, up, src)
+    # the same tree as breadth-first search in link-index order
+    adj: dict[str, list] = {}
+    for lk in links:
+        if lk.name in up:
+            adj.setdefault(lk.a, []).append((lk.index, lk.b, lk.name))
+            adj.setdefault(lk.b, []).append((lk.index, lk.a, lk.name))
+    bfs, seen, queue = {}, {src}, [(src, [])]
+    while queue:
+        node, path = queue.pop(0)
+        for _, nb, name in sorted(adj.get(node, [])):
+            if nb not in seen:
+                seen.add(nb)
+                bfs[nb] = [*path, (name, node)]
+                queue.append((nb, bfs[nb]))
+    assert shortest_paths(links, up, src) == bfs

@@ -447,6 +447,16 @@ class MetricsSection(_Strict):
     port: int = Field(9464, ge=1, le=65535, description="on the node address")
 
 
+class RoutingSection(_Strict):
+    """How the routers choose each node's path over the OTP links."""
+
+    metric: Literal["hops", "key"] = Field(
+        "key", description='"key": a link whose ENC ring runs dry costs more (the time its '
+        'key rate needs to refill it) until it has refilled, so traffic goes around it; with '
+        'every ring stocked it routes exactly as "hops". "hops": fewest links, whatever '
+        "their key")
+
+
 class TopologyFile(_Strict):
     network: NetworkSection
     ports: Ports = Ports()
@@ -455,6 +465,7 @@ class TopologyFile(_Strict):
     gkm: GkmSection = GkmSection()
     api: ApiSection = ApiSection()
     metrics: MetricsSection = MetricsSection()
+    routing: RoutingSection = RoutingSection()
     nodes: list[Node] = Field(min_length=2)
     links: list[Link] = Field(min_length=1)
     saes: list[Sae] = []
@@ -571,6 +582,7 @@ class Topology:
     gkm: GkmSpec
     api: ApiSpec
     metrics: MetricsSection
+    routing: RoutingSection
 
     def sae_node(self, sae_id: str) -> str | None:
         """The node an SAE is attached to (its KME), None if no such SAE."""
@@ -833,7 +845,7 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
                     dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm, api=api,
-                    metrics=raw.metrics)
+                    metrics=raw.metrics, routing=raw.routing)
 
 
 def parse_topology(text: str, path: Path | str = "<string>") -> Topology:

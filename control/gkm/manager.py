@@ -255,7 +255,8 @@ class GlobalKeyManager:
         d.outbox.retry_max_s = max(RELAY_RETRY_MAX_S, 2 * d.outbox.retry_s)
 
     def _follow_routes(self) -> None:
-        """The paths the router installed (router.json), for pacing."""
+        """The paths the router installed (router.json), for pacing; under the key metric,
+        a one-link path's stored key for its pair to spend at once (pacing.spendable_stock)."""
         routes = (read_status(self.dir / "router.json") or {}).get("routes", {})
         for d in self.dests.values():
             d.routed = d.name in routes
@@ -263,6 +264,11 @@ class GlobalKeyManager:
             if isinstance(path, list) and all(isinstance(h, list) and len(h) == 2
                                               for h in path):
                 self._set_path(d, [(str(a), str(b)) for a, b in path])
+            if self.topo.routing.metric == "key" and len(d.path) == 1 and d.routed:
+                tun = read_status(self.dir / f"tun-{d.path[0][0]}.json") or {}
+                stored, capacity = tun.get("enc_stored"), tun.get("enc_capacity")
+                if tun.get("up") and isinstance(stored, int) and isinstance(capacity, int):
+                    d.pacer.credit(pacing.spendable_stock(stored, capacity))
 
     def _bind(self) -> None:
         # The ZAP handler first: a CURVE server without one would admit any client key.

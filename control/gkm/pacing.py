@@ -7,6 +7,15 @@ get dropped, are sent again, and the queue delays everything behind it (reservat
 acknowledgements) past their timeouts. So the origin paces each pair to a share of the
 path's key rate, keeps no more in flight than that rate carries in about a second, and
 gives a block that long (and the queue ahead of it) before it counts it as lost.
+
+Under ``[routing] metric = "key"`` a pair whose path is one link may also spend, at once,
+the key that link's ENC ring holds beyond ``STOCK_FLOOR`` of its capacity
+(``spendable_stock``): stored key is there to be used. Spending it down past the share
+at which the link counts as running dry (routing.linkcost) makes the routers take the
+pair's traffic around the link while it refills, so a slow link lends its stock and the
+faster paths carry the rest; the floor leaves an eighth of the ring to the traffic that
+shares the link. Paths of more links are paced to their key rate alone: the origin does
+not know the stock of the links beyond its own.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from dataclasses import dataclass
 PACE_SHARE = 0.9  # of the path's key rate; the rest is for keepalives and control traffic
 IN_FLIGHT_S = 1.0  # a pair keeps at most this much of its path's key rate unacknowledged
 BURST_S = 0.25  # the pacer lets this much of its rate go at once
+STOCK_FLOOR = 0.125  # key metric: a one-link path's stock may be spent down to this share
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,12 @@ def resend_after(in_flight: int, rate: float, srtt: float | None, floor: float) 
     return max(floor, 2 * drain + (4 * srtt if srtt else 0.0))
 
 
+def spendable_stock(stored: int, capacity: int) -> int:
+    """Bytes of a one-link path's stored key that a pair may send at once (key metric):
+    what the ENC ring holds above STOCK_FLOOR of its capacity."""
+    return max(0, stored - int(STOCK_FLOOR * capacity))
+
+
 class Pacer:
     """A token bucket: ``rate`` bytes per second, ``burst`` at once at most."""
 
@@ -72,9 +88,13 @@ class Pacer:
         self.tokens = min(self.tokens, float(burst))
 
     def _fill(self, now: float) -> None:
-        if self.stamp is not None and self.rate != float("inf"):
+        if self.stamp is not None and self.rate != float("inf") and self.tokens < self.burst:
             self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+
+    def credit(self, nbytes: int) -> None:
+        """Let ``nbytes`` go at once, beyond the burst: key already stored for them."""
+        self.tokens = max(self.tokens, float(nbytes))
 
     def allows(self, nbytes: int, now: float) -> bool:
         """May ``nbytes`` go now? A message larger than the burst goes once the bucket is

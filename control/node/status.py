@@ -88,26 +88,39 @@ def guard_state(st: dict) -> str:
     return f"{g['mode']}, {dropped:,} dropped"
 
 
+def link_cost(router: dict | None, link: str) -> str:
+    """A link's cost as this node's router counts it, and "dry" where this end's ENC ring
+    ran dry (its cost is raised until the ring refills)."""
+    if not router:
+        return "-"
+    cost = router.get("costs", {}).get(link)
+    if cost is None:
+        return "-"
+    own = router.get("own_costs", {}).get(link, 1)
+    return f"{cost} dry" if own > 1 else str(cost)
+
+
 def render_tunnels(snapshot: dict) -> Table:
     t = Table(title="OTP tunnels per link end (out = encrypted and sent, in = received "
                     "and delivered; MB)", title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False)
-    for col in ("link", "node", "tun", "state", "workers", "pkts out", "out", "pkts in", "in",
-                "key used", "drops", "XDP guard"):
+    for col in ("link", "node", "tun", "state", "cost", "workers", "pkts out", "out",
+                "pkts in", "in", "key used", "drops", "XDP guard"):
         t.add_column(col, justify="right" if col in ("pkts out", "out", "pkts in", "in",
                                                      "key used") else "left",
                      no_wrap=col != "XDP guard")
     for node, info in snapshot["nodes"].items():
         for link, st in info.get("tunnels", {}).items():
             if st is None:
-                t.add_row(link, node, "-", "not running", "", "", "", "", "", "", "", "")
+                t.add_row(link, node, "-", "not running", "", "", "", "", "", "", "", "", "")
                 continue
             c = st["counters"]
             state = "up" if st["up"] and not st["stale"] else f"[red]{st['reason']}[/red]"
             if st["stale"]:
                 state = "[red]stopped[/red]"
             alive = sum(w["alive"] for w in st["workers"])
-            t.add_row(link, node, st["tun"], state, f"{alive}/{len(st['workers'])}",
+            t.add_row(link, node, st["tun"], state, link_cost(info.get("router"), link),
+                      f"{alive}/{len(st['workers'])}",
                       f"{c['tx_pkts']:,}", f"{c['tx_bytes'] / 1e6:,.1f}", f"{c['rx_pkts']:,}",
                       f"{c['rx_bytes'] / 1e6:,.1f}", f"{(c['tx_key'] + c['rx_key']) / 1e6:,.1f}",
                       _drops(c), guard_state(st))

@@ -8,9 +8,10 @@ forwarding off on the underlay, the node's address (a /32 on the namespace's own
 loopback), and IP forwarding on, so the node relays: a packet arriving from one tunnel
 leaves through the next, decrypted with one link's key and encrypted with the next one's
 (the paper's key routing). Every ROUTE_INTERVAL_S it reads its tunnel managers' link
-views and the link-state entries they heard, merges them, installs the shortest-path
-routes with pyroute2 (only the changes) and writes ``lsdb.json`` for the keepalives to
-carry on.
+views (up or down, and under ``[routing] metric = "key"`` the key each ENC ring holds,
+which sets the cost its end advertises: routing.linkcost) and the link-state entries they
+heard, merges them, installs the least-cost routes with pyroute2 (only the changes) and
+writes ``lsdb.json`` for the keepalives to carry on.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from control.core import paths
-from control.core.config import Topology, load_topology
+from control.core.config import LinkSpec, Topology, load_topology
 from control.core.lifecycle import die_with_parent, run_until_stopped
 from control.core.logs import setup_logging
 from control.core.procs import same_process_alive
 from control.core.statefile import write_json
+from control.routing.linkcost import EndCost
 from control.routing.linkstate import LinkEnds, LinkStateDb, shortest_paths
 from dataplane.limits import LINK_DEAD_MAX_S, LSA_MAX_AGE_S
 
@@ -137,6 +139,14 @@ def prepare_node(topo: Topology, node: str) -> None:
                       str(topo.node_net))
 
 
+def _send_rate(link: LinkSpec, node: str) -> float:
+    """Bytes per second of key for ``node``'s sending direction of ``link`` (0: no limit)."""
+    if link.key_rate_mbps <= 0:
+        return 0.0
+    share = link.ratio[0 if node == link.a else 1] / sum(link.ratio)
+    return link.key_rate_mbps * 1e6 / 8 * share
+
+
 class Router:
     def __init__(self, topo: Topology, node: str):
         self.topo = topo
@@ -146,6 +156,10 @@ class Router:
         self.links = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
         self.mine = {lk.name: lk for lk in topo.links_of(node)}
         self.db = LinkStateDb(self.links)
+        self.metric = topo.routing.metric
+        self.end_costs = {name: EndCost(lk.sizes.ring_capacity, _send_rate(lk, node))
+                          for name, lk in self.mine.items()}
+        self.own_costs: dict[str, int] = {name: 1 for name in self.mine}
         self.installed: dict[str, str] = {}  # destination node -> link
         self.stop = False
         self.changes = 0
@@ -154,7 +168,8 @@ class Router:
         """Each own link's state by its tunnel manager. A status that stopped being
         refreshed means down at once if the manager is gone, and only after
         STALE_STATUS_MAX_S if it is merely held up (a busy machine): its workers go on
-        carrying traffic meanwhile."""
+        carrying traffic meanwhile. Under the key metric, each own end's cost follows the
+        key its ENC ring holds (kept as it was while the status cannot be read)."""
         states = {}
         now = time.time()
         for name in self.mine:
@@ -165,6 +180,9 @@ class Router:
                 states[name] = bool(st.get("up")) and (
                     age < STALE_STATUS_S or age < STALE_STATUS_MAX_S
                     and isinstance(ident, int) and same_process_alive(ident))
+                stored = st.get("enc_stored")
+                if self.metric == "key" and isinstance(stored, int) and states[name]:
+                    self.own_costs[name] = self.end_costs[name].update(stored)
             except (OSError, ValueError, TypeError):
                 states[name] = False
         return states
@@ -177,15 +195,18 @@ class Router:
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 if time.time() - lsa.stat().st_mtime < LSA_MAX_AGE_S:  # a live neighbour's
                     self.db.merge(json.loads(lsa.read_text()).get("lsdb"), now)
-        self.db.originate(self.node, local, time.time_ns() // 1000, now)
+        self.db.originate(self.node, local, time.time_ns() // 1000, now, self.own_costs)
         self.db.expire(now)
         up = self.db.up_links(self.node, local)
-        paths_now = shortest_paths(self.links, up, self.node)
+        costs = self.db.costs(up, self.node, self.own_costs)
+        paths_now = shortest_paths(self.links, up, self.node, costs)
         self._apply(ip, {dst: path[0][0] for dst, path in paths_now.items()})
         write_json(self.dir / "lsdb.json", {"entries": self.db.export()})
         write_json(self.dir / "router.json", {
             "node": self.node, "address": self.addr, "updated": time.time(),
-            "links_up": sorted(up), "changes": self.changes,
+            "metric": self.metric, "links_up": sorted(up), "changes": self.changes,
+            "costs": {name: costs[name] for name in sorted(costs)},
+            "own_costs": dict(sorted(self.own_costs.items())),
             "routes": {dst: {"address": str(self.topo.node(dst).address), "via": link,
                              "dev": f"otp{self.mine[link].index}",
                              "path": [[name, frm] for name, frm in paths_now.get(dst, [])]}

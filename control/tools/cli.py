@@ -643,6 +643,23 @@ def bench_reroute(
     _bench_and_report(run, report, as_json, cuts=cuts, rate=key_rate, settle=settle)
 
 
+@bench_app.command("routing")
+def bench_routing(
+    key_rate: Annotated[float, typer.Option(help="key rate of A-B and B-C, Mb/s; A-C gets "
+                                                 "a tenth")] = 80.0,
+    store: Annotated[int, typer.Option(min=2, help="A's store for C, MiB (the fill)")] = 16,
+    repeat: Annotated[int, typer.Option(min=1, help="runs per metric")] = 3,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Global key over a slow link: the triangle with A-C at a tenth of the others' key
+    rate, A's store for C filled while routing by hops, then by key; target: key at least
+    1.5x hops."""
+    need_root()
+    from bench.routing import report, run
+
+    _bench_and_report(run, report, as_json, rate=key_rate, store_mib=store, repeat=repeat)
+
+
 @bench_app.command("calibrate")
 def bench_calibrate(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The machine's calibration (memory copy, Poly1305, XOR, veth TCP between two scratch
