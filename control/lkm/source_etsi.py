@@ -237,8 +237,10 @@ class _EtsiSource(FetchingSource):
         self._checked = False
         self._lock = threading.Lock()
         self._wake_fetch = threading.Event()
+        # reconnects: calls answered on a new connection after the device had closed the
+        # kept-alive one (it restarted, or timed the connection out while idle)
         self.counters = {"calls": 0, "blocks": 0, "bytes": 0, "no_key": 0,
-                         "bad_answers": 0, "device_errors": 0}
+                         "bad_answers": 0, "device_errors": 0, "reconnects": 0}
 
     # FetchingSource hooks
     def connect(self) -> None:
@@ -277,7 +279,10 @@ class _EtsiSource(FetchingSource):
             if not self._checked:
                 self._check_status()
             self._count("calls")
-            return self.device.call(call)
+            answer = self.device.call(call)
+            if self.device.retried:
+                self._count("reconnects")
+            return answer
         except SourceUnavailable:
             self._count("device_errors")
             raise
