@@ -285,12 +285,14 @@ def test_unreachable_nodes_are_absent():
 
 # ---- next_hops: random graphs ---------------------------------------------------------
 
-def all_pairs(nodes: list[str], links: list[LinkEnds], up: set[str]) -> dict:
-    """Floyd-Warshall hop distances over the up links."""
+def all_pairs(nodes: list[str], links: list[LinkEnds], up: set[str],
+              costs: dict[str, int] | None = None) -> dict:
+    """Floyd-Warshall least costs over the up links (each link 1 unless ``costs`` says)."""
     d = {(u, v): (0 if u == v else INF) for u in nodes for v in nodes}
     for lk in links:
         if lk.name in up and lk.a != lk.b:
-            d[lk.a, lk.b] = d[lk.b, lk.a] = 1
+            c = (costs or {}).get(lk.name, 1)
+            d[lk.a, lk.b] = d[lk.b, lk.a] = min(d[lk.a, lk.b], c)
     for k in nodes:
         for i in nodes:
             for j in nodes:
@@ -447,22 +449,6 @@ def test_a_dear_link_is_routed_around_and_a_tie_goes_to_the_lower_indices():
     assert next_hops(TRIANGLE, up, "A", {"L0": 2})["C"] == "L2"
 
 
-def weighted_pairs(nodes: list[str], links: list[LinkEnds], up: set[str],
-                   costs: dict[str, int]) -> dict:
-    """Floyd-Warshall least costs over the up links."""
-    d = {(u, v): (0 if u == v else INF) for u in nodes for v in nodes}
-    for lk in links:
-        if lk.name in up and lk.a != lk.b:
-            c = costs.get(lk.name, 1)
-            d[lk.a, lk.b] = d[lk.b, lk.a] = min(d[lk.a, lk.b], c)
-    for k in nodes:
-        for i in nodes:
-            for j in nodes:
-                if d[i, k] + d[k, j] < d[i, j]:
-                    d[i, j] = d[i, k] + d[k, j]
-    return d
-
-
 @st.composite
 def costed_graphs(draw):
     nodes, links, up, src = draw(graphs())
@@ -476,7 +462,7 @@ def test_paths_are_least_cost_and_following_first_hops_never_loops(g):
     from control.routing.linkstate import shortest_paths
 
     nodes, links, up, src, costs = g
-    dist = weighted_pairs(nodes, links, up, costs)
+    dist = all_pairs(nodes, links, up, costs)
     by_name = {lk.name: lk for lk in links}
     paths = shortest_paths(links, up, src, costs)
     assert set(paths) == {v for v in nodes if v != src and dist[src, v] < INF}
