@@ -468,6 +468,7 @@ class TunnelManager:
             "liveness": dataclasses.asdict(self.liveness.stats()),
             "enc_available": ec.write_pos - ec.claim_pos, "dec_fill": dc.fill,
             "enc_stored": enc.accounting().stored, "enc_capacity": ec.capacity,
+            "enc_room_used": ec.write_pos - enc.free_pos,
             "counters": stats.totals(), "control_drops": chan.drops,
             "guard": self.guard_status(),
         })

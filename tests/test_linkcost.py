@@ -40,3 +40,14 @@ def test_hysteresis_a_dry_link_is_dear_until_it_holds_the_high_share():
 
 def test_an_empty_ring_of_no_capacity_is_dry():
     assert EndCost(capacity=0, key_bytes_per_s=1.0).update(0) > 1
+
+
+def test_a_ring_with_no_room_left_counts_as_refilled_once_it_holds_half():
+    """A worker's kept range may pin up to half the ring (used, not yet freed): the ring is
+    then full below HIGH_SHARE, and waiting longer would keep the link dry for ever."""
+    end = EndCost(capacity=1000, key_bytes_per_s=10.0)
+    assert end.update(200) > 1
+    assert end.update(600, room_used=1000) == 1  # full, and at least half held: refilled
+    end.update(200)
+    assert end.update(400, room_used=1000) > 1  # full but under half: still dry
+    assert end.update(600, room_used=800) > 1  # room left: wait for HIGH_SHARE

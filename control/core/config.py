@@ -451,10 +451,11 @@ class RoutingSection(_Strict):
     """How the routers choose each node's path over the OTP links."""
 
     metric: Literal["hops", "key"] = Field(
-        "key", description='"key": a link whose ENC ring runs dry costs more (the time its '
+        "hops", description='"key": a link whose ENC ring runs dry costs more (the time its '
         'key rate needs to refill it) until it has refilled, so traffic goes around it; with '
-        'every ring stocked it routes exactly as "hops". "hops": fewest links, whatever '
-        "their key")
+        'every ring stocked it routes exactly as "hops". "hops" (the default while "key" is '
+        "new: a network's rings start empty, and its first seconds' routes follow which "
+        "fills first): fewest links, whatever their key")
 
 
 class TopologyFile(_Strict):

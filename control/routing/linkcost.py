@@ -20,7 +20,9 @@ import math
 from dataclasses import dataclass
 
 LOW_SHARE = 0.25   # an ENC ring under this share of its capacity: the link is running dry
-HIGH_SHARE = 0.75  # ... and it counts as refilled at this share again
+HIGH_SHARE = 0.75  # ... and it counts as refilled at this share again,
+FULL_SHARE = 0.95  # or once the ring has no room left (a worker's kept range may pin up to
+HELD_SHARE = 0.5   # half of it, used) while it holds at least this share
 MIN_PENALTY = 2    # a dry link costs at least 1 + this: more than a detour of two hops
 MAX_COST = 64      # the cost of the driest, slowest link
 
@@ -42,10 +44,12 @@ class EndCost:
     key_bytes_per_s: float  # the key rate of this end's sending direction
     dry: bool = False
 
-    def update(self, available: int) -> int:
-        """The cost with the ring holding ``available`` bytes not yet claimed."""
+    def update(self, available: int, room_used: int | None = None) -> int:
+        """The cost with the ring holding ``available`` bytes of key, ``room_used`` of its
+        capacity written and not yet freed (a pinned ring is full below HIGH_SHARE)."""
         share = available / self.capacity if self.capacity > 0 else 0.0
-        if self.dry and share >= HIGH_SHARE:
+        full = room_used is not None and room_used >= FULL_SHARE * self.capacity
+        if self.dry and (share >= HIGH_SHARE or full and share >= HELD_SHARE):
             self.dry = False
         elif not self.dry and share < LOW_SHARE:
             self.dry = True

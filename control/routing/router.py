@@ -182,7 +182,9 @@ class Router:
                     and isinstance(ident, int) and same_process_alive(ident))
                 stored = st.get("enc_stored")
                 if self.metric == "key" and isinstance(stored, int) and states[name]:
-                    self.own_costs[name] = self.end_costs[name].update(stored)
+                    room = st.get("enc_room_used")
+                    self.own_costs[name] = self.end_costs[name].update(
+                        stored, room if isinstance(room, int) else None)
             except (OSError, ValueError, TypeError):
                 states[name] = False
         return states
