@@ -46,10 +46,30 @@ def assert_nothing_left(topo: Topology, pids: list[int]) -> None:
     assert leftovers(topo, pids) == []
 
 
+def layers(topo: Topology, origin: str) -> list[set[str]]:
+    """The nodes by their hop distance from ``origin`` (breadth first)."""
+    out, seen = [{origin}], {origin}
+    while True:
+        nxt = {lk.peer_of(n) for n in out[-1] for lk in topo.links_of(n)} - seen
+        if not nxt:
+            return out
+        out.append(nxt)
+        seen |= nxt
+
+
+def forward_bytes(topo: Topology, origin: str, depth: int) -> int:
+    """Bytes the tunnels from distance ``depth`` to ``depth + 1`` (from ``origin``) sent
+    outward: every path from ``origin`` crosses that cut forward at least once, whichever
+    relays the routers chose then (with ties, a route may move while routes converge)."""
+    lay = layers(topo, origin)
+    return sum(tunnel_tx(topo.prefix, n, lk.name) for n in lay[depth]
+               for lk in topo.links_of(n) if lk.peer_of(n) in lay[depth + 1])
+
+
 def relays_key(topo: Topology, master: str, slave: str, hops: int) -> None:
-    """Global key between the SAEs' nodes crossed ``hops`` links (each relay forwarded the
-    whole store between OTP tunnels and keeps no global key of its own) and both SAEs
-    get the same key through their own KMEs."""
+    """Global key between the SAEs' nodes crossed ``hops`` links (the relays forwarded
+    the whole store between OTP tunnels and keep no global key of their own) and both
+    SAEs get the same key through their own KMEs."""
     a, b = topo.sae_node(master), topo.sae_node(slave)
     high = topo.gkm.high_watermark
     for o, d in ((a, b), (b, a)):
@@ -58,12 +78,17 @@ def relays_key(topo: Topology, master: str, slave: str, hops: int) -> None:
                    == high, 90, f"{o}'s global key store for {d} full and stored at {d}")
     path = wait_route(topo, a, b, hops, 30)
     wait_route(topo, b, a, hops, 30)
-    for here, nxt in zip(path[1:-1], path[2:], strict=False):
-        assert not (paths.node_dir(topo.prefix, here) / "gkm.json").exists(), \
-            f"relay {here} runs a global key manager"
-        link = next(lk.name for lk in topo.links_of(here) if lk.peer_of(here) == nxt)
-        wait_until(lambda h=here, lk=link: tunnel_tx(topo.prefix, h, lk) >= high, 5,
-                   f"{here} forwarding {a}'s global key on {link}")
+    for relay in path[1:-1]:
+        assert not (paths.node_dir(topo.prefix, relay) / "gkm.json").exists(), \
+            f"relay {relay} runs a global key manager"
+    # Each store crossed every cut between its origin and destination: layer by layer,
+    # the relays at that distance sent at least the whole store outward.
+    for o in (a, b):
+        assert len(layers(topo, o)) == hops + 1
+        for depth in range(hops):
+            wait_until(lambda o=o, d=depth: forward_bytes(topo, o, d) >= high, 60,
+                       lambda o=o, d=depth: f"{o}'s global key sent outward from hop {d}"
+                       f" to {d + 1} (so far {forward_bytes(topo, o, d)} of {high} B)")
     # Keys through the ETSI 014 API, over mutual TLS, both ways round.
     for m, s in ((master, slave), (slave, master)):
         wait_until(lambda m=m, s=s: api(topo, m, f"{API}/{s}/status")[0] == 200, 60,
