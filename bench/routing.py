@@ -8,12 +8,20 @@ A-C has stored, A-C runs dry, and the rest goes through B until A-C has refilled
 run starts on a fresh network whose rings are stocked (A's global key manager paused until
 then). The figure: the fill's rate, key over hops (``ratio_key_vs_hops``, target 1.5);
 beside it the key rate of each path, the ceiling a fill over that path alone can reach.
+
+Then multipath relay on the shipped 3x3 grid (``examples/grid9.toml``): A1's store for C3,
+opposite corners, filled from empty with ``[gkm] paths = 1`` (whole blocks over one
+4-hop path) and with ``paths = 2`` (two XOR shares over two node-disjoint 4-hop paths:
+twice the link key and twice the tunnel work per block). The figure: k = 2 over k = 1
+(``ratio_k2_vs_k1``, target 0.4).
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -25,6 +33,8 @@ from control.gkm.manager import PAUSE_FLAG
 
 MIB = 1 << 20
 TARGET = 1.5
+TARGET_K2 = 0.4
+GRID = Path(__file__).resolve().parent.parent / "examples" / "grid9.toml"
 STOCKED = 0.75  # a run starts once A's A-C ring holds this share of its capacity
 
 
@@ -59,6 +69,62 @@ class RoutingNet(Net):
         return int((st.get("counters") or {}).get("tx_bytes", 0))
 
 
+def _grid_template(paths_k: int, high: int) -> str:
+    """The shipped grid with its prefix a template field, ``paths`` = ``paths_k`` and the
+    high watermark ``high`` (the fill to time)."""
+    text = GRID.read_text().replace("{", "{{").replace("}", "}}")
+    text, n = re.subn(r'^prefix = "[a-z0-9]+"', 'prefix = "{prefix}"', text, count=1,
+                      flags=re.M)
+    text, m = re.subn(r'^high_watermark = .*$', f'high_watermark = {high}\npaths = {paths_k}',
+                      text, count=1, flags=re.M)
+    if n != 1 or m != 1:
+        raise BenchError(f"{GRID}: no prefix or no [gkm] high_watermark to set")
+    return text
+
+
+class GridNet(RoutingNet):
+    TAG = "bg"
+
+    def __init__(self, console: Console, paths_k: int, high: int):
+        self.TEMPLATE = _grid_template(paths_k, high)
+        Net.__init__(self, console)
+
+    def peer(self) -> dict:
+        return (self.node_status("A1", "gkm.json").get("peers") or {}).get("C3") or {}
+
+    def stocked(self) -> bool:
+        """Every link end's ENC ring holds half its capacity."""
+        return all(int(self.node_status(n, f"tun-{lk.name}.json").get("enc_stored", 0))
+                   >= 0.5 * lk.sizes.ring_capacity
+                   for lk in self.topo.links for n in (lk.a, lk.b))
+
+
+def grid_fill_once(console: Console, paths_k: int, high: int, timeout: float) -> dict:
+    net = GridNet(console, paths_k, high)
+    try:
+        net.up(paused_gkm=["A1", "C3"])
+        wait_until(net.stocked, 120, "every ring of the grid half stocked")
+        if paths_k > 1:
+            wait_until(lambda: len((net.node_status("A1", "router.json").get("multipath")
+                                    or {}).get("A1>C3", {}).get("paths", [])) == paths_k,
+                       60, f"{paths_k} disjoint paths A1 -> C3")
+        t0 = time.monotonic()
+        (paths.node_dir(net.prefix, "A1") / PAUSE_FLAG).unlink()
+        wait_until(lambda: (net.peer().get("enc") or {}).get("usable") == high
+                   and not net.peer()["enc"]["pending"], timeout,
+                   f"A1's store for C3 full ({high >> 20} MiB) with {paths_k} path(s)",
+                   step=0.05)
+        seconds = time.monotonic() - t0
+        relay = net.peer().get("relay") or {}
+        return {"paths": paths_k, "seconds": round(seconds, 3),
+                "fill_mbps": round(high * 8 / seconds / 1e6, 3),
+                "retries": relay.get("retries"),
+                "routes": (relay.get("paths") or {}).get("links") or [relay.get("path")],
+                "path_rate_mbps": relay.get("path_rate_bps", 0) / 1e6}
+    finally:
+        net.down()
+
+
 def fill_once(console: Console, rate: float, high: int, metric: str,
               timeout: float) -> dict:
     net = RoutingNet(console, rate, high, metric)
@@ -84,7 +150,8 @@ def fill_once(console: Console, rate: float, high: int, metric: str,
 
 
 def run(rate: float = 80.0, store_mib: int = 16, repeat: int = 3,
-        console: Console | None = None) -> dict:
+        console: Console | None = None, grid_store_mib: int = 16,
+        parts: str = "triangle,grid") -> dict:
     console = console or Console(stderr=True)
     if repeat < 1 or store_mib < 2 or rate <= 0:
         raise BenchError("--repeat must be at least 1, --store at least 2 MiB and the key "
@@ -97,8 +164,11 @@ def run(rate: float = 80.0, store_mib: int = 16, repeat: int = 3,
     console.print(f"routing: A -> C global key fill of {store_mib} MiB on the triangle, "
                   f"A-B and B-C at {rate:g} Mb/s of key, A-C at {rate / 10:g}; routing by "
                   f"hops, then by key, {repeat} run(s) each, alternating", highlight=False)
+    wanted = {x.strip() for x in parts.split(",")}
+    if not wanted or wanted - {"triangle", "grid"}:
+        raise BenchError(f"--parts names triangle and/or grid, not {parts!r}")
     runs: dict[str, list[dict]] = {"hops": [], "key": []}
-    for i in range(repeat):
+    for i in range(repeat if "triangle" in wanted else 0):
         for metric in ("hops", "key"):
             r = fill_once(console, rate, high, metric, timeout)
             runs[metric].append(r)
@@ -106,8 +176,24 @@ def run(rate: float = 80.0, store_mib: int = 16, repeat: int = 3,
                           f"({r['seconds']:.1f} s; {r['via_b_bytes'] / MIB:.1f} MiB through "
                           f"B; {r['route_changes_at_a']} route changes at A)",
                           highlight=False)
-    med = {m: statistics.median(r["fill_mbps"] for r in rs) for m, rs in runs.items()}
+    med = {m: statistics.median(r["fill_mbps"] for r in rs) if rs else 0.0
+           for m, rs in runs.items()}
     ratio = med["key"] / med["hops"] if med["hops"] else None
+    grid_high = grid_store_mib * MIB
+    console.print(f"routing: grid9 A1 -> C3 global key fill of {grid_store_mib} MiB, one "
+                  f"path against two XOR shares over node-disjoint paths, {repeat} run(s) "
+                  f"each, alternating", highlight=False)
+    grid: dict[int, list[dict]] = {1: [], 2: []}
+    for i in range(repeat if "grid" in wanted else 0):
+        for k in (1, 2):
+            r = grid_fill_once(console, k, grid_high, 300.0)
+            grid[k].append(r)
+            console.print(f"  run {i + 1}/{repeat}, {k} path(s): {r['fill_mbps']:.2f} Mb/s "
+                          f"({r['seconds']:.1f} s, {r['retries']} resends; paths "
+                          f"{r['routes']})", highlight=False)
+    gmed = {k: statistics.median(r["fill_mbps"] for r in rs) if rs else 0.0
+            for k, rs in grid.items()}
+    k2 = gmed[2] / gmed[1] if gmed[1] else None
     return {
         "bench": "routing", "key_rate_mbps": rate, "slow_link_mbps": rate / 10,
         "store_bytes": high, "repeat": repeat, "runs": runs,
@@ -115,17 +201,31 @@ def run(rate: float = 80.0, store_mib: int = 16, repeat: int = 3,
         "ratio_key_vs_hops": round(ratio, 3) if ratio else None,
         "ceiling_direct_mbps": round(direct, 3), "ceiling_via_b_mbps": round(via_b, 3),
         "target": TARGET, "meets_target": bool(ratio and ratio >= TARGET),
+        "grid_store_bytes": grid_high, "grid_runs": {str(k): v for k, v in grid.items()},
+        "grid_k1_fill_mbps": round(gmed[1], 3), "grid_k2_fill_mbps": round(gmed[2], 3),
+        "ratio_k2_vs_k1": round(k2, 3) if k2 else None, "target_k2": TARGET_K2,
+        "meets_target_k2": bool(k2 and k2 >= TARGET_K2),
     }
 
 
 def report(r: dict, console: Console) -> None:
-    ok = "[green]meets[/green]" if r["meets_target"] else "[red]misses[/red]"
-    console.print(
-        f"routing: A -> C global key fill of {r['store_bytes'] >> 20} MiB, A-C at "
-        f"{r['slow_link_mbps']:g} Mb/s of key, A-B and B-C at {r['key_rate_mbps']:g}\n"
-        f"  by hops: {r['hops_fill_mbps']:.2f} Mb/s (the paced key rate over A-C alone: "
-        f"{r['ceiling_direct_mbps']:.2f})\n"
-        f"  by key:  {r['key_fill_mbps']:.2f} Mb/s (through B alone: "
-        f"{r['ceiling_via_b_mbps']:.2f})\n"
-        f"  key over hops: {r['ratio_key_vs_hops']} (target {r['target']:g}): {ok}",
-        highlight=False)
+    if r["runs"]["hops"]:
+        ok = "[green]meets[/green]" if r["meets_target"] else "[red]misses[/red]"
+        console.print(
+            f"routing: A -> C global key fill of {r['store_bytes'] >> 20} MiB, A-C at "
+            f"{r['slow_link_mbps']:g} Mb/s of key, A-B and B-C at {r['key_rate_mbps']:g}\n"
+            f"  by hops: {r['hops_fill_mbps']:.2f} Mb/s (the paced key rate over A-C alone: "
+            f"{r['ceiling_direct_mbps']:.2f})\n"
+            f"  by key:  {r['key_fill_mbps']:.2f} Mb/s (through B alone: "
+            f"{r['ceiling_via_b_mbps']:.2f})\n"
+            f"  key over hops: {r['ratio_key_vs_hops']} (target {r['target']:g}): {ok}",
+            highlight=False)
+    if r.get("grid_runs", {}).get("1"):
+        ok2 = "[green]meets[/green]" if r["meets_target_k2"] else "[red]misses[/red]"
+        console.print(
+            f"multipath: grid9 A1 -> C3 global key fill of {r['grid_store_bytes'] >> 20} "
+            f"MiB\n"
+            f"  1 path:  {r['grid_k1_fill_mbps']:.2f} Mb/s\n"
+            f"  2 paths: {r['grid_k2_fill_mbps']:.2f} Mb/s (two XOR shares, node-disjoint)\n"
+            f"  2 over 1: {r['ratio_k2_vs_k1']} (target {r['target_k2']:g}): {ok2}",
+            highlight=False)

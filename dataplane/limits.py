@@ -34,6 +34,7 @@ MAX_GLOBAL_BLOCK = 16 << 20         # largest global key block (key IDs address 
 MAX_STORE = 64 << 30                # global key one store may be asked to hold
 MAX_RELAY_MESSAGE = 16 << 20        # blocks carried by one relay message, in bytes
 MAX_RELAY_BLOCKS = 4096             # ... and in number
+MAX_PATHS = 4                       # node-disjoint paths (XOR shares) a global key block takes
 RELAY_RETRY_S = 2.0                 # first resend of an unacknowledged block (a safety net:
                                     # a new connection resends everything at once)
 RELAY_RETRY_MAX_S = 8.0             # backoff cap between resends

@@ -73,7 +73,10 @@ def snapshot() -> dict:
                     "enc": {"usable": 60 * MIB, "pending": 4 * MIB, "taken_bytes": 96},
                     "dec": {"stored": 64 * MIB, "delivered_bytes": 32},
                     "relay": {"state": "retrying", "connected": True, "rate_bps": 8e8,
-                              "acked_bytes": 60 * MIB, "retries": 6}}}},
+                              "acked_bytes": 60 * MIB, "retries": 6,
+                              "paths": {"wanted": 2, "up": 1, "using": 1,
+                                        "policy": "fewer", "degraded_blocks": 40,
+                                        "shares_sent": 100, "links": [["A-B"]]}}}}},
         "api": {"updated": NOW, "state": "degraded", "workers_alive": 1, "workers": 2,
                 "restarts": 5},
     }
@@ -307,3 +310,14 @@ def test_a_node_serves_its_metrics_on_its_address(tmp_path, prefix):
 def metrics_module(prefix: str) -> dict:
     state = json.loads((paths.node_dir(prefix, "A") / "state.json").read_text())
     return next(m for m in state["modules"] if m["name"] == "metrics")
+
+
+def test_multipath_relay_paths_and_degraded_blocks():
+    snap = snapshot()
+    got = samples(snap)
+    assert value(got, "qkdnet_relay_paths_up", peer="B") == 1
+    assert value(got, "qkdnet_relay_paths_wanted", peer="B") == 2
+    assert value(got, "qkdnet_relay_paths_used", peer="B") == 1
+    assert value(got, "qkdnet_relay_degraded_blocks_total", peer="B") == 40
+    snap["gkm"]["peers"]["B"]["relay"]["paths"] = None  # single-path relay: none
+    assert "qkdnet_relay_paths_up" not in names(samples(snap))

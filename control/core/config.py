@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -37,6 +37,7 @@ from dataplane.limits import (
     MAX_BLOCK_SIZE,
     MAX_GLOBAL_BLOCK,
     MAX_KEYS_PER_NOTE,
+    MAX_PATHS,
     MAX_RELAY_BLOCKS,
     MAX_RING_CAPACITY,
     MAX_SAE_IDS,
@@ -348,6 +349,16 @@ class GkmSection(_Strict):
                                                 "<node>.key_secret of this node, <node>.key "
                                                 "of each peer; default: made by net up in "
                                                 "the run dir")
+    paths: int = Field(1, ge=1, le=MAX_PATHS,
+                       description="node-disjoint paths per ordered pair: each block leaves "
+                                   "as this many XOR shares, one per path, so no single "
+                                   "relay node can learn it (1: the whole block on the "
+                                   "least-cost path)")
+    paths_policy: Literal["wait", "fewer"] = Field(
+        "wait", description='with fewer disjoint paths up than "paths": "wait" (the '
+        "default: no block is relayed with less protection than asked) sends nothing until "
+        'they are back; "fewer" sends over as many as there are (one: the whole block), '
+        "counting such blocks in status and metrics")
 
     @field_validator("block_size")
     @classmethod
@@ -532,6 +543,12 @@ class GkmSpec:
     window: int
     pairs: tuple[tuple[str, str], ...]
     keys: Path = Path("relay-keys")  # the relay's CURVE keys (control.gkm.relay_keys)
+    paths: int = 1                   # node-disjoint paths (XOR shares) per block
+    paths_policy: str = "wait"       # fewer disjoint paths up: "wait" or "fewer"
+    # Per ordered pair, with paths > 1: the destination's share addresses, one per path
+    # (inside node_net, from its top down), which the routers route along that path only.
+    share_addresses: dict[tuple[str, str], tuple[ipaddress.IPv4Address, ...]] = \
+        field(default_factory=dict)
 
     def destinations_of(self, node: str) -> list[str]:
         """The nodes this node originates global key for (it fills its ENC stores)."""
@@ -540,6 +557,11 @@ class GkmSpec:
     def origins_of(self, node: str) -> list[str]:
         """The nodes whose global key this node receives (its DEC stores)."""
         return [o for o, d in self.pairs if d == node]
+
+    def addresses_at(self, node: str) -> list[ipaddress.IPv4Address]:
+        """The share addresses ``node`` holds (it is their pairs' destination)."""
+        return [a for (_, d), addrs in self.share_addresses.items() if d == node
+                for a in addrs]
 
     def nodes(self) -> list[str]:
         """The nodes that keep global key with some other node (each needs relay keys)."""
@@ -676,6 +698,13 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
                          f"overlaps network.node_net {raw.network.node_net}"))
     if len(raw.nodes) > raw.network.node_net.num_addresses - 2:
         problems.append(("network.node_net", "too small for the number of nodes"))
+    if raw.gkm.paths > 1:
+        n = len(raw.nodes)
+        pairs = n * (n - 1) if raw.gkm.pairs == "all" else 2 * len(raw.gkm.pairs)
+        if n + pairs * raw.gkm.paths > raw.network.node_net.num_addresses - 2:
+            problems.append(("gkm.paths", f"network.node_net {raw.network.node_net} is too "
+                                          f"small for {n} nodes and {raw.gkm.paths} share "
+                                          f"addresses for each of {pairs} ordered pairs"))
     seen_pairs: dict[frozenset[str], int] = {}
     link_names: dict[str, int] = {}
     all_ul: dict[ipaddress.IPv4Address, str] = {}
@@ -784,6 +813,19 @@ def _gkm_sizes(raw: TopologyFile) -> GkmSizes:
                      g.low_watermark, g.high_watermark)
 
 
+def share_addresses(net: ipaddress.IPv4Network, pairs: tuple[tuple[str, str], ...],
+                    k: int, taken: set[ipaddress.IPv4Address]
+                    ) -> dict[tuple[str, str], tuple[ipaddress.IPv4Address, ...]]:
+    """``k`` addresses per ordered pair (none when ``k`` is 1), from the top of ``net``
+    down, skipping the nodes' own: every node resolves the same ones from the same file.
+    Inside node_net, they have its protections (unreachable unless routed, never from an
+    underlay)."""
+    if k < 2:
+        return {}
+    free = (a for a in reversed(list(net.hosts())) if a not in taken)
+    return {pair: tuple(next(free) for _ in range(k)) for pair in pairs}
+
+
 def _resolve(path: Path, raw: TopologyFile) -> Topology:
     d = raw.defaults
     # Nodes without an explicit id or address get the lowest ones nobody asked for.
@@ -828,7 +870,10 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
         keys = (path.parent / keys).resolve()
     gkm = GkmSpec(block_size=g.block_size, low_watermark=g.low_watermark,
                   high_watermark=g.high_watermark, window=g.window, pairs=ordered,
-                  keys=keys)
+                  keys=keys, paths=raw.gkm.paths, paths_policy=raw.gkm.paths_policy,
+                  share_addresses=share_addresses(raw.network.node_net, ordered,
+                                                  raw.gkm.paths,
+                                                  {n.address for n in nodes.values()}))
     a = raw.api
     pki = a.pki
     if pki is None:

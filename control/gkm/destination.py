@@ -9,6 +9,10 @@ answers. Everything a batch stores is synced once, together (group commit), and 
 answers are returned only after that: no answer before what it confirms is durable
 (invariant 4). A block or reservation the store could not keep gets no answer: the origin
 sends it again.
+
+Multipath relay: SHARES of a block, one per path, wait in a :class:`ShareBuffer` until
+all of one send have arrived; the block they XOR to is then stored like one that came
+whole, and acknowledged on the connection whose share completed it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from control.gkm.shares import ShareBuffer
 from control.gkm.wire import (
     Ack,
     AckStatus,
@@ -26,6 +31,7 @@ from control.gkm.wire import (
     Reserve,
     Reserved,
     ReserveStatus,
+    Shares,
     encode_ack,
     encode_reserved,
 )
@@ -33,7 +39,7 @@ from control.gkm.wire import (
 log = logging.getLogger("qkdnet.gkm")
 
 Proof = tuple[str | None, str | None]  # (User-Id, Peer-Address) of the connection
-Message = Blocks | Ack | Reserve | Reserved
+Message = Blocks | Shares | Ack | Reserve | Reserved
 
 
 class DecIndex(Protocol):
@@ -100,6 +106,7 @@ class Inbox:
     crash: Callable[[str], None] = _no_crash
     received_blocks: int = 0
     received_bytes: int = 0
+    shares: ShareBuffer = field(default_factory=ShareBuffer)
 
     def sender(self, origin_id: int, proof: Proof, out: Outcome) -> str | None:
         """The node a message comes from: the one its connection proved to be, which
@@ -112,15 +119,23 @@ class Inbox:
             return None
         return origin.name
 
-    def receive(self, arrived: list[Arrived]) -> Outcome:
-        """Decide, store with one sync, and answer a batch of arrived messages."""
+    def receive(self, arrived: list[Arrived], now: float = 0.0) -> Outcome:
+        """Decide, store with one sync, and answer a batch of arrived messages (``now``
+        dates shares held for the rest of their set)."""
         out = Outcome()
         with self.store.group():
-            self._receive(arrived, out)
+            self._receive(arrived, out, now)
         return out
 
-    def _receive(self, arrived: list[Arrived], out: Outcome) -> None:
-        accepted: list[tuple[Any, Blocks, str | None]] = []
+    def _combine(self, origin: str, msg: Shares, now: float) -> Blocks | None:
+        """The blocks whose last share ``msg`` brought, as if they had come whole."""
+        done = [(seq, block) for seq, data in msg.blocks
+                if (block := self.shares.add(origin, msg.nonce, msg.index, msg.count, seq,
+                                             data, now)) is not None]
+        return Blocks(msg.origin, msg.destination, tuple(done)) if done else None
+
+    def _receive(self, arrived: list[Arrived], out: Outcome, now: float) -> None:
+        accepted: list[tuple[Any, Blocks | Shares, str | None]] = []
         for a in arrived:
             if isinstance(a.msgs[0], Reserve):  # their answers go back together too
                 answers = [r for m in a.msgs
@@ -130,7 +145,7 @@ class Inbox:
                     out.answers.append([a.ident, *answers])
                 continue
             msg = a.msgs[0]
-            if not isinstance(msg, Blocks):
+            if not isinstance(msg, Blocks | Shares):
                 out.refusals.append("an acknowledgement arrived at the relay port")
                 continue
             origin = self.sender(msg.origin, a.proof, out)
@@ -145,6 +160,10 @@ class Inbox:
                                     f"{msg.blocks[-1][0]}: more than {self.ahead} past the "
                                     f"highest held; refused")
                 accepted.append((a.ident, msg, None))
+            elif isinstance(msg, Shares):
+                whole = self._combine(origin, msg, now)
+                if whole is not None:
+                    accepted.append((a.ident, whole, origin))
             else:
                 accepted.append((a.ident, msg, origin))
         statuses = dict(self._store_blocks(accepted))
@@ -156,7 +175,7 @@ class Inbox:
                       tuple((seq, st) for (seq, _), st in zip(msg.blocks, sts, strict=True)))
             out.answers.append([ident, *encode_ack(ack)])
 
-    def _store_blocks(self, accepted: list[tuple[Any, Blocks, str | None]]
+    def _store_blocks(self, accepted: list[tuple[Any, Blocks | Shares, str | None]]
                       ) -> Iterator[tuple[int, list[AckStatus]]]:
         """Each origin's accepted blocks stored in one call; per message its statuses
         (an empty list: not stored, no answer)."""

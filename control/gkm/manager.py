@@ -27,6 +27,13 @@ everything the ROUTER sends back, so the tunnels give them key before bulk and t
 wait behind a window of blocks.
 5. Keys are taken over a Unix socket (``control.gkm.client``), one request at a time.
 
+Multipath relay (``[gkm] paths`` = k > 1): each send of blocks leaves as k SHARES
+messages (``control.gkm.shares``), one DEALER per share address of the destination,
+each of which the routers route along its own node-disjoint path; the destination
+stores the XOR once all k arrived, then acknowledges. With fewer paths up,
+``paths_policy`` decides: "wait" sends nothing, "fewer" sends as many shares as there
+are paths and counts those blocks (``degraded_blocks``).
+
 A kill -9 anywhere leaves pending blocks that are resent with the same bytes after the
 restart; the destination answers a block it already holds with DUPLICATE (invariant 4).
 Status goes to ``gkm.json`` for `qkdctl status`.
@@ -53,7 +60,7 @@ from control.core.config import Topology
 from control.core.procs import is_alive
 from control.core.statefile import read_status, write_json
 from control.gkm import client as gkm_client
-from control.gkm import origin, pacing, take
+from control.gkm import origin, pacing, shares, take
 from control.gkm.destination import Arrived, Inbox, Node, Proof
 from control.gkm.errors import StoreError, UnknownError
 from control.gkm.origin import Fate, Takers
@@ -66,7 +73,9 @@ from control.gkm.wire import (
     Blocks,
     RelayWireError,
     Reserved,
+    Shares,
     encode_blocks,
+    encode_shares,
     parse_batch,
 )
 from control.routing.linkstate import LinkEnds, shortest_paths
@@ -131,7 +140,8 @@ class CrashPoints:
 class OutboundPair:
     """What the origin keeps per destination: socket, outbox, restock rule, meters."""
 
-    def __init__(self, name: str, node_id: int, address: str, gkm_spec):
+    def __init__(self, name: str, node_id: int, address: str, gkm_spec,
+                 pair: tuple[str, str] = ("", "")):
         self.name = name
         self.id = node_id
         self.address = address
@@ -140,8 +150,18 @@ class OutboundPair:
                                gkm_spec.block_size)
         self.rate = RateMeter()
         self.data: dict[int, bytes] = {}  # bytes of pending blocks, for (re)sending
-        self.sock: zmq.Socket | None = None  # blocks
-        self.monitor: zmq.Socket | None = None
+        # Where blocks go: the node address, or (multipath) one share address per path.
+        self.addresses = [str(a) for a in gkm_spec.share_addresses.get(pair, ())] \
+            or [address]
+        self.socks: list[zmq.Socket] = []  # blocks (or shares), one per address
+        self.monitors: list[zmq.Socket] = []
+        self.sock_up: list[bool] = []
+        self.wanted = gkm_spec.paths
+        self.policy = gkm_spec.paths_policy
+        self.paths_up = 1 if self.wanted == 1 else 0  # disjoint paths the router has
+        self.share_paths: list[list[tuple[str, str]]] = []
+        self.degraded_blocks = 0  # blocks sent as fewer shares than wanted ("fewer")
+        self.shares_sent = 0
         self.ctl: zmq.Socket | None = None  # reservations, marked as control traffic
         self.ctl_monitor: zmq.Socket | None = None
         self.path: list[tuple[str, str]] = []  # (link, node it leaves from), first hop first
@@ -158,7 +178,16 @@ class OutboundPair:
         self.reserve_held = 0.0  # when the oldest new, unsent reservation was made (0: none)
         self.reserve_retry = RESERVE_RETRY_S  # next resend's delay (grows while unanswered)
         self.routed = True  # the router has a route there (assumed until it says)
-        self.redial: dict[str, float] = {}  # "sock"/"ctl" -> when to dial it again
+        self.redial: dict[str, float] = {}  # "sock<i>"/"ctl" -> when to dial it again
+
+    def shares_now(self) -> int:
+        """How many shares (paths) a send uses now: ``wanted`` when that many disjoint
+        paths are up; fewer under the "fewer" policy; 0: wait."""
+        if self.wanted == 1:
+            return 1
+        if self.paths_up >= self.wanted:
+            return self.wanted
+        return self.paths_up if self.policy == "fewer" else 0
 
 
 class GlobalKeyManager:
@@ -189,7 +218,8 @@ class GlobalKeyManager:
         self.ctx = zmq.Context()  # the local key socket
         # The relay's sockets apart: libzmq asks the ZAP handler of a socket's own context.
         self.relay_ctx = zmq.Context()
-        self.dests = {d: OutboundPair(d, topo.node(d).id, str(topo.node(d).address), self.spec)
+        self.dests = {d: OutboundPair(d, topo.node(d).id, str(topo.node(d).address), self.spec,
+                                      (node, d))
                       for d in dests}
         # Until the router says which way key goes: the shortest path over every link.
         self.link_ends = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
@@ -237,15 +267,22 @@ class GlobalKeyManager:
 
     # ---- sockets ------------------------------------------------------------------------
 
-    def _set_path(self, d: OutboundPair, path: list[tuple[str, str]]) -> None:
-        """Pace ``d``'s blocks to the key rate of ``path`` (unchanged when no path is
-        known: the last one, or the planned one, is the best guess)."""
-        if not path or path == d.path:
-            return
+    def _path_rate(self, path: list[tuple[str, str]]) -> float:
         links = {lk.name: lk for lk in self.topo.links}
-        hops = [pacing.Hop(links[name].key_rate_mbps, links[name].ratio, frm == links[name].a)
-                for name, frm in path if name in links]
-        rate = pacing.path_rate(hops)
+        return pacing.path_rate([pacing.Hop(links[name].key_rate_mbps, links[name].ratio,
+                                            frm == links[name].a)
+                                 for name, frm in path if name in links])
+
+    def _set_path(self, d: OutboundPair, path: list[tuple[str, str]],
+                  more: list[list[tuple[str, str]]] | None = None) -> None:
+        """Pace ``d``'s blocks to the key rate of ``path`` (unchanged when no path is
+        known: the last one, or the planned one, is the best guess); with ``more``
+        paths (multipath: one share on each), to the slowest of them all."""
+        if not path or path == d.path and not more:
+            return
+        rate = min(self._path_rate(p) for p in [path, *(more or [])])
+        if path == d.path and rate == d.path_rate:
+            return
         d.path, d.path_rate = path, rate
         d.window = pacing.window(self.spec.window, self.spec.block_size, rate)
         pace = rate * pacing.PACE_SHARE
@@ -257,9 +294,14 @@ class GlobalKeyManager:
     def _follow_routes(self) -> None:
         """The paths the router installed (router.json), for pacing; under the key metric,
         a one-link path's stored key for its pair to spend at once (pacing.spendable_stock)."""
-        routes = (read_status(self.dir / "router.json") or {}).get("routes", {})
+        router = read_status(self.dir / "router.json") or {}
+        routes = router.get("routes", {})
         for d in self.dests.values():
             d.routed = d.name in routes
+            if d.wanted > 1:
+                self._follow_shares(d, (router.get("multipath") or {})
+                                    .get(f"{self.node.name}>{d.name}") or {})
+                continue
             path = routes.get(d.name, {}).get("path")
             if isinstance(path, list) and all(isinstance(h, list) and len(h) == 2
                                               for h in path):
@@ -269,6 +311,22 @@ class GlobalKeyManager:
                 stored, capacity = tun.get("enc_stored"), tun.get("enc_capacity")
                 if tun.get("up") and isinstance(stored, int) and isinstance(capacity, int):
                     d.pacer.credit(pacing.spendable_stock(stored, capacity))
+
+    def _follow_shares(self, d: OutboundPair, entry: dict) -> None:
+        """The disjoint paths the router found for this pair: how many shares a send
+        may use, and the pace of the slowest path used."""
+        found = entry.get("paths")
+        if not isinstance(found, list):
+            return
+        got = [[(str(a), str(b)) for a, b in p] for p in found
+               if isinstance(p, list) and all(isinstance(h, list) and len(h) == 2 for h in p)]
+        if d.paths_up != len(got):
+            log.info("gkm %s: %d of %d disjoint paths to %s", self.node.name, len(got),
+                     d.wanted, d.name)
+        d.paths_up, d.share_paths = len(got), got
+        used = got[:max(1, d.shares_now())]
+        if used:
+            self._set_path(d, used[0], used[1:])
 
     def _bind(self) -> None:
         # The ZAP handler first: a CURVE server without one would admit any client key.
@@ -287,6 +345,8 @@ class GlobalKeyManager:
         if wait_for_address(str(self.node.address), lambda: self.stop,
                             timeout_s=float("inf"), poll_s=0.2):
             self.router.bind(endpoint)
+            for a in self.spec.addresses_at(self.node.name):  # multipath: shares arrive
+                self.router.bind(f"tcp://{a}:{self.topo.ports.relay}")  # at these
         self.api = self.ctx.socket(zmq.ROUTER)
         self.api.setsockopt(zmq.LINGER, 0)
         sock = gkm_client.socket_path(self.topo.prefix, self.node.name)
@@ -294,10 +354,15 @@ class GlobalKeyManager:
         self.api.bind(f"ipc://{sock}")
         os.chmod(sock, 0o600)  # keys are handed out here: the node's own processes only
         for d in self.dests.values():
-            d.sock, d.monitor = self._dealer(d, tos=0)
+            for a in d.addresses:
+                sock, monitor = self._dealer(d, tos=0, address=a)
+                d.socks.append(sock)
+                d.monitors.append(monitor)
+                d.sock_up.append(False)
             d.ctl, d.ctl_monitor = self._dealer(d, tos=TOS_CONTROL)
 
-    def _dealer(self, d: OutboundPair, tos: int) -> tuple[zmq.Socket, zmq.Socket]:
+    def _dealer(self, d: OutboundPair, tos: int, address: str | None = None
+                ) -> tuple[zmq.Socket, zmq.Socket]:
         s = self.relay_ctx.socket(zmq.DEALER)
         secure_dealer(s, self.keys, d.name)
         for opt, v in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 64),
@@ -308,12 +373,13 @@ class GlobalKeyManager:
             s.setsockopt(opt, v)
         monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
                                        | HANDSHAKE_FAILED)
-        s.connect(f"tcp://{d.address}:{self.topo.ports.relay}")
+        s.connect(f"tcp://{address or d.address}:{self.topo.ports.relay}")
         return s, monitor
 
     def close(self) -> None:
         for d in self.dests.values():
-            for sock, monitor in ((d.sock, d.monitor), (d.ctl, d.ctl_monitor)):
+            for sock, monitor in (*zip(d.socks, d.monitors, strict=True),
+                                  (d.ctl, d.ctl_monitor)):
                 if sock is not None:
                     sock.disable_monitor()
                     monitor.close(0)
@@ -364,7 +430,7 @@ class GlobalKeyManager:
                 self._refuse(str(e))
                 continue
             arrived.append(Arrived(ident, msgs, self._proof(rest[0])))
-        outcome = self.inbox.receive(arrived)
+        outcome = self.inbox.receive(arrived, time.monotonic())
         for why in outcome.refusals:
             self._refuse(why)
         if outcome.settled and self.held:
@@ -537,22 +603,47 @@ class GlobalKeyManager:
         self.crash("origin.stored")
 
     def send_due(self, d: OutboundPair, now: float) -> None:
+        n = d.shares_now()
+        if n == 0:
+            return  # multipath, policy "wait": fewer disjoint paths than wanted
         while d.pacer.allows(self.spec.block_size, now):
             budget = max(self.spec.block_size, int(d.pacer.tokens)) \
                 if d.pacer.rate != float("inf") else SEND_BATCH
             seqs = d.outbox.due(now, min(SEND_BATCH, budget), MAX_RELAY_BLOCKS)
             if not seqs:
                 return
-            frames = encode_blocks(Blocks(self.node.id, d.id,
-                                          tuple((s, d.data[s]) for s in seqs)))
-            try:
-                d.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self._send(d, seqs, n):
                 d.outbox.unsent(seqs, now)
                 d.not_connected_sends += 1
                 return
             d.pacer.spend(sum(len(d.data[s]) for s in seqs), now)
             self.crash("origin.sent")
+
+    def _send(self, d: OutboundPair, seqs: list[int], n: int) -> bool:
+        """Blocks ``seqs`` whole (one path), or as ``n`` shares of one new send, each
+        to its share address; False: a socket had no connection (resent later, as a
+        new send: shares already sent of this one are never completed)."""
+        if d.wanted == 1:
+            frames = encode_blocks(Blocks(self.node.id, d.id,
+                                          tuple((s, d.data[s]) for s in seqs)))
+            try:
+                d.socks[0].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            return True
+        nonce = int.from_bytes(os.urandom(8), "big")
+        parts = shares.split([d.data[s] for s in seqs], n)
+        for i, part in enumerate(parts):
+            frames = encode_shares(Shares(self.node.id, d.id, nonce, i, n,
+                                          tuple(zip(seqs, part, strict=True))))
+            try:
+                d.socks[i].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+        d.shares_sent += n * len(seqs)
+        if n < d.wanted:
+            d.degraded_blocks += len(seqs)
+        return True
 
     def on_ctl_monitor(self, d: OutboundPair) -> None:
         """A new control connection: reservations sent on the old one may be lost."""
@@ -566,24 +657,28 @@ class GlobalKeyManager:
             elif ev["event"] & HANDSHAKE_FAILED:
                 self._handshake_failed(d, "ctl")
 
-    def on_monitor(self, d: OutboundPair) -> None:
+    def on_monitor(self, d: OutboundPair, i: int) -> None:
+        """Events of ``d``'s data socket ``i`` (its only one, or the one to share
+        address ``i``)."""
         while True:
             try:
-                ev = zmq.utils.monitor.recv_monitor_message(d.monitor, zmq.NOBLOCK)
+                ev = zmq.utils.monitor.recv_monitor_message(d.monitors[i], zmq.NOBLOCK)
             except zmq.Again:
                 return
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if d.last_error.startswith("no authenticated connection"):
                     d.last_error = ""
-                d.connected = d.ever_connected = True
-                log.info("gkm %s: connected to %s", self.node.name, d.name)
+                d.sock_up[i] = d.connected = d.ever_connected = True
+                log.info("gkm %s: connected to %s%s", self.node.name, d.name,
+                         f" (share address {d.addresses[i]})" if d.wanted > 1 else "")
                 # Whatever was sent on the old connection may be lost: resend soon.
                 d.outbox.resend_all(time.monotonic())
                 d.reserve_due = 0.0
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
-                d.connected = False
+                d.sock_up[i] = False
+                d.connected = any(d.sock_up)
             elif ev["event"] & HANDSHAKE_FAILED:
-                self._handshake_failed(d, "sock")
+                self._handshake_failed(d, f"sock{i}")
 
     def _handshake_failed(self, d: OutboundPair, which: str) -> None:
         """Say why once; dial again soon: libzmq ends a connection whose handshake failed
@@ -599,8 +694,12 @@ class GlobalKeyManager:
         for which, due in list(d.redial.items()):
             if now >= due:
                 del d.redial[which]
-                sock = d.sock if which == "sock" else d.ctl
-                endpoint = f"tcp://{d.address}:{self.topo.ports.relay}"
+                if which == "ctl":
+                    sock, address = d.ctl, d.address
+                else:
+                    i = int(which.removeprefix("sock"))
+                    sock, address = d.socks[i], d.addresses[i]
+                endpoint = f"tcp://{address}:{self.topo.ports.relay}"
                 with contextlib.suppress(zmq.ZMQError):  # gone already: fine
                     sock.disconnect(endpoint)
                 sock.connect(endpoint)
@@ -719,6 +818,11 @@ class GlobalKeyManager:
                     "conflicts": d.outbox.conflicts,
                     "ack_delay_ms": None if d.outbox.srtt is None else 1000 * d.outbox.srtt,
                     "path": [name for name, _ in d.path],
+                    "paths": None if d.wanted == 1 else {
+                        "wanted": d.wanted, "up": d.paths_up, "using": d.shares_now(),
+                        "policy": d.policy, "degraded_blocks": d.degraded_blocks,
+                        "shares_sent": d.shares_sent,
+                        "links": [[name for name, _ in p] for p in d.share_paths]},
                     "path_rate_bps": None if d.path_rate == float("inf")
                     else 8 * d.path_rate,
                     "window": d.window, "resend_after_s": d.outbox.retry_s,
@@ -733,6 +837,7 @@ class GlobalKeyManager:
                 "watermarks": {"low": spec.low_watermark, "high": spec.high_watermark},
                 "block_size": spec.block_size, "window": spec.window,
                 "received_blocks": self.inbox.received_blocks,
+                "shares": self.inbox.shares.summary(),
                 "received_bytes": self.inbox.received_bytes,
                 "refused_messages": self.refused_messages,
                 "refused_connections": self.refused_connections,
@@ -762,10 +867,10 @@ class GlobalKeyManager:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.api, zmq.POLLIN)
         for d in self.dests.values():
-            for sock in (d.sock, d.monitor, d.ctl, d.ctl_monitor):
+            for sock in (*d.socks, *d.monitors, d.ctl, d.ctl_monitor):
                 poller.register(sock, zmq.POLLIN)
-        by_sock = {s: d for d in self.dests.values() for s in (d.sock, d.ctl)}
-        by_mon = {d.monitor: d for d in self.dests.values()}
+        by_sock = {s: d for d in self.dests.values() for s in (*d.socks, d.ctl)}
+        by_mon = {m: (d, i) for d in self.dests.values() for i, m in enumerate(d.monitors)}
         by_ctl_mon = {d.ctl_monitor: d for d in self.dests.values()}
         next_publish = 0.0
         log.info("gkm %s: relay on %s:%d, originating for %s, receiving from %s",
@@ -808,7 +913,7 @@ class GlobalKeyManager:
                         except zmq.Again:
                             break
                 elif sock in by_mon:
-                    self.on_monitor(by_mon[sock])
+                    self.on_monitor(*by_mon[sock])
                 elif sock in by_ctl_mon:
                     self.on_ctl_monitor(by_ctl_mon[sock])
             now = time.monotonic()
@@ -823,6 +928,7 @@ class GlobalKeyManager:
             if self.held:
                 self.expire_held(now)
             if now >= next_publish:
+                self.inbox.shares.expire(now)
                 self.store.expire_handed(alive=is_alive)
                 if self.held:  # a holder that died settles nothing: look again
                     self.retry_held()

@@ -10,6 +10,14 @@ ACK     destination -> origin   frame 0: header + (seq, status) per block
 RESERVE origin -> destination   which SAEs may fetch which keys (none: cancel; "=": the
                                 master got them, they may be fetched now), numbered
 RESERVED destination -> origin  applied, duplicate, or a gap before it
+SHARES  origin -> destination   as BLOCKS, but each frame one XOR share of its block
+                                (multipath relay, ``[gkm] paths``): frame 0 also says the
+                                send's nonce, which share this is and how many there are
+
+SHARES go to the destination's share addresses, one per node-disjoint path; the
+destination XORs a block's shares of one nonce once all have arrived, stores the block
+and only then acknowledges it (ACK, as for BLOCKS). Each send draws fresh shares under a
+new nonce, so shares of two sends are never combined.
 
 RESERVE and RESERVED are one frame each; several may travel as the frames of one
 multipart message (at most MAX_RESERVE_BATCH, RESERVEs in increasing number), so that the
@@ -32,6 +40,7 @@ from enum import IntEnum
 from control.gkm.carving import MAX_NODE_ID, MAX_SEQ
 from dataplane.limits import (
     MAX_GLOBAL_BLOCK,
+    MAX_PATHS,
     MAX_RELAY_BLOCKS,
     MAX_RELAY_MESSAGE,
     MIN_GLOBAL_BLOCK,
@@ -44,6 +53,7 @@ CONFIRM = "="                         # the one "SAE ID" of a confirmation
 MAX_RESERVE_BATCH = 256              # RESERVE or RESERVED frames in one message
 _BLOCK = struct.Struct(">QI")         # seq, size
 _ACK = struct.Struct(">QB")           # seq, status
+_SHARE = struct.Struct(">QBB")        # nonce, share index, shares
 
 
 class MsgType(IntEnum):
@@ -51,6 +61,7 @@ class MsgType(IntEnum):
     ACK = 2
     RESERVE = 3
     RESERVED = 4
+    SHARES = 5
 
 
 class AckStatus(IntEnum):
@@ -76,6 +87,18 @@ class Blocks:
     origin: int
     destination: int
     blocks: tuple[tuple[int, bytes | memoryview], ...]  # (seq, bytes), seq ascending
+
+
+@dataclass(frozen=True)
+class Shares:
+    """Share ``index`` of ``count`` of each block, all of one send (``nonce``)."""
+
+    origin: int
+    destination: int
+    nonce: int
+    index: int
+    count: int
+    blocks: tuple[tuple[int, bytes | memoryview], ...]  # (seq, share bytes), seq ascending
 
 
 @dataclass(frozen=True)
@@ -180,6 +203,23 @@ def encode_blocks(msg: Blocks) -> list[bytes | memoryview]:
     return [head + index, *(data for _, data in msg.blocks)]
 
 
+def encode_shares(msg: Shares) -> list[bytes | memoryview]:
+    """The frames of a SHARES message: the index (after the nonce and share number), then
+    each share as it is."""
+    _check_share(msg.index, msg.count)
+    _check_blocks([(seq, len(data)) for seq, data in msg.blocks])
+    head = _header(MsgType.SHARES, msg.origin, msg.destination, len(msg.blocks))
+    index = b"".join(_BLOCK.pack(seq, len(data)) for seq, data in msg.blocks)
+    return [head + _SHARE.pack(msg.nonce, msg.index, msg.count) + index,
+            *(data for _, data in msg.blocks)]
+
+
+def _check_share(index: int, count: int) -> None:
+    if not 1 <= count <= MAX_PATHS or not 0 <= index < count:
+        raise RelayWireError(f"share {index} of {count}: a block has 1 to {MAX_PATHS} "
+                             f"shares, numbered from 0")
+
+
 def encode_ack(msg: Ack) -> list[bytes]:
     head = _header(MsgType.ACK, msg.origin, msg.destination, len(msg.results))
     return [head + b"".join(_ACK.pack(seq, int(st)) for seq, st in msg.results)]
@@ -205,7 +245,24 @@ def _check_blocks(index: list[tuple[int, int]]) -> None:
                              f"{MAX_RELAY_MESSAGE})")
 
 
-def parse(frames: list[bytes | memoryview]) -> Blocks | Ack | Reserve | Reserved:
+def _indexed_blocks(name: str, count: int, body: bytes, frames: list[bytes | memoryview]
+                    ) -> tuple[tuple[int, bytes | memoryview], ...]:
+    """(seq, bytes) of a BLOCKS or SHARES message whose index is ``body``."""
+    if len(body) != count * _BLOCK.size:
+        raise RelayWireError(f"{name} index of {len(body)} B for {count} blocks")
+    index = [_BLOCK.unpack_from(body, i * _BLOCK.size) for i in range(count)]
+    _check_blocks(index)
+    if len(frames) != 1 + count:
+        raise RelayWireError(f"{name} of {count} blocks has {1 + count} frames, got "
+                             f"{len(frames)}")
+    for (seq, size), data in zip(index, frames[1:], strict=True):
+        if len(data) != size:
+            raise RelayWireError(f"block {seq} is {len(data)} B, the index says {size} B")
+    return tuple((seq, data) for (seq, _), data in zip(index, frames[1:], strict=True))
+
+
+def parse(frames: list[bytes | memoryview]
+          ) -> Blocks | Shares | Ack | Reserve | Reserved:
     """One relay message from its frames; RelayWireError says why it is refused."""
     if not frames or len(frames[0]) < _HEADER.size:
         raise RelayWireError("message shorter than its header")
@@ -218,20 +275,15 @@ def parse(frames: list[bytes | memoryview]) -> Blocks | Ack | Reserve | Reserved
     if not (0 < origin <= MAX_NODE_ID and 0 < destination <= MAX_NODE_ID):
         raise RelayWireError("node id 0 in header")
     body = head[_HEADER.size:]
+    if kind == MsgType.SHARES:
+        if len(body) < _SHARE.size:
+            raise RelayWireError("SHARES shorter than its share header")
+        nonce, share, shares = _SHARE.unpack_from(body)
+        _check_share(share, shares)
+        blocks = _indexed_blocks("SHARES", count, body[_SHARE.size:], frames)
+        return Shares(origin, destination, nonce, share, shares, blocks)
     if kind == MsgType.BLOCKS:
-        if len(body) != count * _BLOCK.size:
-            raise RelayWireError(f"BLOCKS index of {len(body)} B for {count} blocks")
-        index = [_BLOCK.unpack_from(body, i * _BLOCK.size) for i in range(count)]
-        _check_blocks(index)
-        if len(frames) != 1 + count:
-            raise RelayWireError(f"BLOCKS of {count} blocks has {1 + count} frames, got "
-                                 f"{len(frames)}")
-        for (seq, size), data in zip(index, frames[1:], strict=True):
-            if len(data) != size:
-                raise RelayWireError(f"block {seq} is {len(data)} B, the index says {size} B")
-        return Blocks(origin, destination,
-                      tuple((seq, data) for (seq, _), data in zip(index, frames[1:],
-                                                                   strict=True)))
+        return Blocks(origin, destination, _indexed_blocks("BLOCKS", count, body, frames))
     if kind == MsgType.ACK:
         if len(frames) != 1:
             raise RelayWireError(f"ACK has 1 frame, got {len(frames)}")
@@ -261,7 +313,7 @@ def parse(frames: list[bytes | memoryview]) -> Blocks | Ack | Reserve | Reserved
 
 
 def parse_batch(frames: list[bytes | memoryview]
-                ) -> list[Blocks | Ack | Reserve | Reserved]:
+                ) -> list[Blocks | Shares | Ack | Reserve | Reserved]:
     """The messages one multipart message carries: several RESERVE (or RESERVED) frames,
     each a whole message, or one message of any type. Refused whole, as ``parse``."""
     if len(frames) > 1 and len(frames[0]) >= _HEADER.size:

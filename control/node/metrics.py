@@ -65,6 +65,12 @@ SPECS: dict[str, tuple[str, str]] = {
     "qkdnet_relay_retries_total": ("counter", "global key blocks sent again"),
     "qkdnet_relay_connected": ("gauge", "1 when the relay to the peer is connected"),
     "qkdnet_relay_state": ("gauge", "1 for the relay's current state"),
+    "qkdnet_relay_paths_up": ("gauge", "node-disjoint paths to the peer the routers "
+                                       "found (multipath relay)"),
+    "qkdnet_relay_paths_wanted": ("gauge", "node-disjoint paths asked for ([gkm] paths)"),
+    "qkdnet_relay_paths_used": ("gauge", "paths (shares) a send uses now; 0: waiting"),
+    "qkdnet_relay_degraded_blocks_total": ("counter", "blocks sent as fewer shares than "
+                                                      "asked for (paths_policy fewer)"),
     "qkdnet_relay_refused_total": ("counter", "relay messages and connections refused "
                                               "(not from an admitted node's key manager)"),
     "qkdnet_api_serving": ("gauge", "1 when every key API worker runs (and its manager)"),
@@ -181,6 +187,11 @@ def _gkm(node: str, st: dict, now: float) -> Iterator[Sample]:
             yield "qkdnet_relay_connected", lb, float(relay["connected"])
             for s in RELAY_STATES:
                 yield "qkdnet_relay_state", {**lb, "state": s}, float(relay["state"] == s)
+            if mp := relay.get("paths"):
+                yield "qkdnet_relay_paths_up", lb, mp["up"]
+                yield "qkdnet_relay_paths_wanted", lb, mp["wanted"]
+                yield "qkdnet_relay_paths_used", lb, mp["using"]
+                yield "qkdnet_relay_degraded_blocks_total", lb, mp["degraded_blocks"]
 
 
 def _api(node: str, st: dict, now: float) -> Iterator[Sample]:

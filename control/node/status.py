@@ -223,13 +223,25 @@ def render_api(snapshot: dict) -> Table:
     return t
 
 
+def _paths(relay: dict | None) -> str:
+    """Multipath relay: disjoint paths up of those wanted, and blocks sent as fewer
+    shares ("1/2, 40 degraded"); "-" for single-path relay."""
+    mp = relay and relay.get("paths")
+    if not mp:
+        return "-"
+    text = f"{mp['up']}/{mp['wanted']}"
+    if mp["degraded_blocks"]:
+        text += f", {mp['degraded_blocks']:,} degraded"
+    return text if mp["up"] >= mp["wanted"] else f"[yellow]{text}[/yellow]"
+
+
 def render_global(snapshot: dict) -> Table:
     t = Table(title="global key per peer (MiB; ENC = usable key originated here for the peer, "
                     "pending = not yet acknowledged; DEC = received from the peer)",
               title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("node", "peer", "ENC", "pending", "DEC", "low-high", "relay", "Mb/s",
-                "retries", "last fill"):
+    for col in ("node", "peer", "ENC", "pending", "DEC", "low-high", "relay", "paths",
+                "Mb/s", "retries", "last fill"):
         t.add_column(col, justify="left" if col in ("node", "peer", "relay") else "right",
                      no_wrap=True)
     for node, info in snapshot["nodes"].items():
@@ -250,10 +262,13 @@ def render_global(snapshot: dict) -> Table:
                     relay["state"], f"[red]{relay['state']}[/red]")
                 if relay["state"] == "ok" and relay["filling"]:
                     state = "filling"
+                if (mp := relay.get("paths")) and mp["using"] == 0:
+                    state = "[yellow]waiting for paths[/yellow]"
             fill = relay and relay.get("last_fill")
             t.add_row(node, peer, _mib(enc["usable"]) if enc else "-",
                       _mib(enc["pending"]) if enc else "-",
                       _mib(dec["stored"]) if dec else "-", wm if enc else "-", state,
+                      _paths(relay),
                       f"{relay['rate_bps'] / 1e6:,.0f}" if relay else "-",
                       f"{relay['retries']:,}" if relay else "-",
                       f"{fill['bytes'] * 8 / fill['seconds'] / 1e6:,.0f} Mb/s"

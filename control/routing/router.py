@@ -12,6 +12,13 @@ views (up or down, and under ``[routing] metric = "key"`` the key each ENC ring 
 which sets the cost its end advertises: routing.linkcost) and the link-state entries they
 heard, merges them, installs the least-cost routes with pyroute2 (only the changes) and
 writes ``lsdb.json`` for the keepalives to carry on.
+
+Multipath relay (``[gkm] paths`` = k > 1): every router computes, from the same database,
+the same k node-disjoint paths of every ordered pair (routing.multipath), and routes
+each of the destination's share addresses along its own path only: a node routes the
+addresses of the paths it lies on, and no other, so a share sent to one can never leave
+its path (elsewhere it meets node_net's unreachable route). The destination holds its
+share addresses as it holds its node address.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from control.core.procs import same_process_alive
 from control.core.statefile import write_json
 from control.routing.linkcost import EndCost
 from control.routing.linkstate import LinkEnds, LinkStateDb, shortest_paths
+from control.routing.multipath import disjoint_paths, next_link, path_nodes
 from dataplane.limits import LINK_DEAD_MAX_S, LSA_MAX_AGE_S
 
 log = logging.getLogger("qkdnet.router")
@@ -91,13 +99,15 @@ def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
         ip.rule("del", priority=0, table=RT_TABLE_LOCAL)
 
 
-def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str) -> None:
+def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str,
+                      share_addresses: tuple[str, ...] = ()) -> None:
     """Make the node's namespace safe, then give it its address. In this order, because a
     service binds the node address as soon as it exists: first ``node_net`` unreachable,
     so a node address with no tunnel route fails fast instead of leaking in clear along
     some less specific route; then forwarding off on the underlay (IPv4 decides by the
     input device's flag), so nothing arriving there is routed into a tunnel; only then
-    the address, and forwarding on. SetupError if the route cannot be installed."""
+    the address (and the node's share addresses, for multipath relay), and forwarding
+    on. SetupError if the route cannot be installed."""
     net = ipaddress.IPv4Network(node_net)
     with IPRoute() as ip:
         try:
@@ -120,8 +130,9 @@ def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str
         idx = ip.link_lookup(ifname=NODE_IFNAME)[0]
         have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)}
         try:
-            if address not in have:
-                ip.addr("add", index=idx, address=address, prefixlen=32)
+            for a in (address, *share_addresses):
+                if a not in have:
+                    ip.addr("add", index=idx, address=a, prefixlen=32)
             ip.link("set", index=idx, state="up")
         except NetlinkError as e:
             raise SetupError(f"cannot add the node address {address}: "
@@ -136,7 +147,7 @@ def prepare_node(topo: Topology, node: str) -> None:
     """:func:`prepare_namespace` for ``node`` of ``topo``."""
     prepare_namespace(str(topo.node(node).address),
                       [str(lk.underlay_of(node).ip) for lk in topo.links_of(node)],
-                      str(topo.node_net))
+                      str(topo.node_net), tuple(str(a) for a in topo.gkm.addresses_at(node)))
 
 
 def _send_rate(link: LinkSpec, node: str) -> float:
@@ -161,6 +172,9 @@ class Router:
                           for name, lk in self.mine.items()}
         self.own_costs: dict[str, int] = {name: 1 for name in self.mine}
         self.installed: dict[str, str] = {}  # destination node -> link
+        self.share_routes: dict[str, str] = {}  # share address -> link
+        self._multipath_key: tuple | None = None
+        self.multipath: dict[str, dict] = {}  # "origin>destination" -> its paths
         self.stop = False
         self.changes = 0
 
@@ -203,6 +217,7 @@ class Router:
         costs = self.db.costs(up, self.node, self.own_costs)
         paths_now = shortest_paths(self.links, up, self.node, costs)
         self._apply(ip, {dst: path[0][0] for dst, path in paths_now.items()})
+        self._apply_shares(ip, self._share_hops(up, costs))
         write_json(self.dir / "lsdb.json", {"entries": self.db.export()})
         write_json(self.dir / "router.json", {
             "node": self.node, "address": self.addr, "updated": time.time(),
@@ -212,7 +227,55 @@ class Router:
             "routes": {dst: {"address": str(self.topo.node(dst).address), "via": link,
                              "dev": f"otp{self.mine[link].index}",
                              "path": [[name, frm] for name, frm in paths_now.get(dst, [])]}
-                       for dst, link in sorted(self.installed.items())}})
+                       for dst, link in sorted(self.installed.items())},
+            "multipath": self.multipath,
+            "share_routes": dict(sorted(self.share_routes.items()))})
+
+    def _share_hops(self, up: set[str], costs: dict[str, int]) -> dict[str, str]:
+        """Each share address this node routes, and the link to its next hop: every
+        ordered pair's disjoint paths, recomputed only when the links or costs change."""
+        g = self.topo.gkm
+        if g.paths < 2:
+            return {}
+        key = (frozenset(up), tuple(sorted(costs.items())))
+        if key != self._multipath_key:
+            self._multipath_key = key
+            links = {lk.name: lk for lk in self.links}
+            self.multipath = {}
+            for (o, d), addrs in g.share_addresses.items():
+                found = disjoint_paths(self.links, up, o, d, g.paths, costs)
+                self.multipath[f"{o}>{d}"] = {
+                    "wanted": g.paths, "addresses": [str(a) for a in addrs],
+                    "paths": [[[name, frm] for name, frm in p] for p in found],
+                    "nodes": [path_nodes(o, p, links) for p in found]}
+        hops = {}
+        for entry in self.multipath.values():
+            for addr, p in zip(entry["addresses"], entry["paths"], strict=False):
+                link = next_link([(name, frm) for name, frm in p], self.node)
+                if link is not None:
+                    hops[addr] = link
+        return hops
+
+    def _apply_shares(self, ip: IPRoute, hops: dict[str, str]) -> None:
+        """Route each share address this node lies on the path of, and no other."""
+        for addr, link in hops.items():
+            if self.share_routes.get(addr) == link:
+                continue
+            dev = ip.link_lookup(ifname=f"otp{self.mine[link].index}")
+            if not dev:
+                continue
+            try:
+                ip.route("replace", dst=f"{addr}/32", oif=dev[0], prefsrc=self.addr)
+            except NetlinkError as e:
+                log.warning("node %s: share route to %s via %s: %s", self.node, addr, link, e)
+                continue
+            self.share_routes[addr] = link
+            self.changes += 1
+        for addr in [a for a in self.share_routes if a not in hops]:
+            with contextlib.suppress(NetlinkError):
+                ip.route("del", dst=f"{addr}/32")
+            del self.share_routes[addr]
+            self.changes += 1
 
     def _apply(self, ip: IPRoute, hops: dict[str, str]) -> None:
         for dst, link in hops.items():
@@ -244,6 +307,10 @@ class Router:
             if node.name != self.node:
                 with contextlib.suppress(NetlinkError):
                     ip.route("del", dst=f"{node.address}/32")
+        for (_, d), addrs in self.topo.gkm.share_addresses.items():
+            for a in addrs if d != self.node else ():
+                with contextlib.suppress(NetlinkError):
+                    ip.route("del", dst=f"{a}/32")
 
     def run(self) -> None:
         prepare_node(self.topo, self.node)  # again: a restarted router finds it as it was

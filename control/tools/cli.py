@@ -649,15 +649,21 @@ def bench_routing(
                                                  "a tenth")] = 80.0,
     store: Annotated[int, typer.Option(min=2, help="A's store for C, MiB (the fill)")] = 16,
     repeat: Annotated[int, typer.Option(min=1, help="runs per metric")] = 3,
+    grid_store: Annotated[int, typer.Option(min=2, help="A1's store for C3 on the grid, "
+                                                        "MiB (the multipath fill)")] = 16,
+    parts: Annotated[str, typer.Option(help="triangle (key-aware routing), grid "
+                                            "(multipath relay), or both")] = "triangle,grid",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Global key over a slow link: the triangle with A-C at a tenth of the others' key
-    rate, A's store for C filled while routing by hops, then by key; target: key at least
-    1.5x hops."""
+    rate, A's store for C filled while routing by hops, then by key (target: key at least
+    1.5x hops); and multipath relay: the 3x3 grid's opposite corners filled over one path,
+    then as two XOR shares over two node-disjoint paths (target: at least 0.4x)."""
     need_root()
     from bench.routing import report, run
 
-    _bench_and_report(run, report, as_json, rate=key_rate, store_mib=store, repeat=repeat)
+    _bench_and_report(run, report, as_json, rate=key_rate, store_mib=store, repeat=repeat,
+                      grid_store_mib=grid_store, parts=parts)
 
 
 @bench_app.command("calibrate")
