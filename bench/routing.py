@@ -161,12 +161,13 @@ def run(rate: float = 80.0, store_mib: int = 16, repeat: int = 3,
     via_b = rate / 2 * 0.9
     # hops: the fill crosses A-C at its paced rate; give it twice that long
     timeout = 2 * high * 8 / (direct * 1e6) + 60
-    console.print(f"routing: A -> C global key fill of {store_mib} MiB on the triangle, "
-                  f"A-B and B-C at {rate:g} Mb/s of key, A-C at {rate / 10:g}; routing by "
-                  f"hops, then by key, {repeat} run(s) each, alternating", highlight=False)
     wanted = {x.strip() for x in parts.split(",")}
     if not wanted or wanted - {"triangle", "grid"}:
         raise BenchError(f"--parts names triangle and/or grid, not {parts!r}")
+    if "triangle" in wanted:
+        console.print(f"routing: A -> C global key fill of {store_mib} MiB on the triangle, "
+                      f"A-B and B-C at {rate:g} Mb/s of key, A-C at {rate / 10:g}; routing by "
+                      f"hops, then by key, {repeat} run(s) each, alternating", highlight=False)
     runs: dict[str, list[dict]] = {"hops": [], "key": []}
     for i in range(repeat if "triangle" in wanted else 0):
         for metric in ("hops", "key"):
@@ -180,9 +181,10 @@ def run(rate: float = 80.0, store_mib: int = 16, repeat: int = 3,
            for m, rs in runs.items()}
     ratio = med["key"] / med["hops"] if med["hops"] else None
     grid_high = grid_store_mib * MIB
-    console.print(f"routing: grid9 A1 -> C3 global key fill of {grid_store_mib} MiB, one "
-                  f"path against two XOR shares over node-disjoint paths, {repeat} run(s) "
-                  f"each, alternating", highlight=False)
+    if "grid" in wanted:
+        console.print(f"routing: grid9 A1 -> C3 global key fill of {grid_store_mib} MiB, "
+                      f"one path against two XOR shares over node-disjoint paths, {repeat} "
+                      f"run(s) each, alternating", highlight=False)
     grid: dict[int, list[dict]] = {1: [], 2: []}
     for i in range(repeat if "grid" in wanted else 0):
         for k in (1, 2):
