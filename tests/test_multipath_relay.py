@@ -3,7 +3,7 @@ namespaces, tunnels, routers and key managers. A1's global key for C3 leaves as 
 shares over two node-disjoint paths that every router agrees on; each relay carries one
 share only; both SAEs get the same keys through their KMEs; with one of A1's two links
 cut only one disjoint path is left and the default policy ("wait") sends nothing until
-the link is back."""
+the link is back, while "fewer" sends over the one path left and counts those blocks."""
 
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ API = "/api/v1/keys"
 KEY_BITS = 256 * 1024 * 8  # one key per 256 KiB global key block
 
 
-def grid(tmp_path, prefix: str) -> Topology:
+def grid(tmp_path, prefix: str, policy: str = "wait") -> Topology:
     topo = copy_as(EXAMPLES / "grid9.toml", prefix, tmp_path)
-    text, n = re.subn(r"^\[gkm\]$", "[gkm]\npaths = 2", topo.path.read_text(), flags=re.M)
+    text, n = re.subn(r"^\[gkm\]$", f'[gkm]\npaths = 2\npaths_policy = "{policy}"',
+                      topo.path.read_text(), flags=re.M)
     assert n == 1
     topo.path.write_text(text)
     return copy_as(topo.path, prefix, tmp_path)
@@ -65,16 +66,22 @@ def set_underlay(topo: Topology, link: str, up: bool) -> None:
                    check=True, timeout=30)
 
 
+def start(topo: Topology) -> None:
+    """The grid up with C3's key manager paused: only A1 originates, so every relayed
+    byte going outward is A1's."""
+    man = emulation.net_up(topo, start=False)
+    flag = paths.node_dir(topo.prefix, "C3") / PAUSE_FLAG
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.touch()
+    emulation.start_processes(topo, man)
+    wait_routes(topo, 90)
+
+
 def test_two_shares_cross_disjoint_relays_and_the_wait_policy_holds(tmp_path, prefix):
     topo = grid(tmp_path, prefix)
     assert topo.gkm.paths == 2 and topo.gkm.paths_policy == "wait"
     high, block = topo.gkm.high_watermark, topo.gkm.block_size
-    man = emulation.net_up(topo, start=False)
-    flag = paths.node_dir(prefix, "C3") / PAUSE_FLAG
-    flag.parent.mkdir(parents=True, exist_ok=True)
-    flag.touch()  # only A1 originates: every relayed byte going outward is A1's
-    emulation.start_processes(topo, man)
-    wait_routes(topo, 90)
+    start(topo)
 
     # Every router computes the same two paths; they share no relay.
     def agreed():
@@ -151,4 +158,39 @@ def test_two_shares_cross_disjoint_relays_and_the_wait_policy_holds(tmp_path, pr
     r = relay_of(topo)
     assert r["paths"]["up"] == 2 and r["paths"]["shares_sent"] > sent_before
     assert r["paths"]["degraded_blocks"] == 0
+    emulation.net_down(prefix)
+
+
+def test_the_fewer_policy_sends_over_the_one_path_left_and_counts_it(tmp_path, prefix):
+    topo = grid(tmp_path, prefix, "fewer")
+    high, block = topo.gkm.high_watermark, topo.gkm.block_size
+    start(topo)
+    wait_until(lambda: gkm_peer(prefix, "A1", "C3").get("enc", {}).get("usable") == high
+               and relay_of(topo).get("paths", {}).get("up") == 2, 120,
+               lambda: f"A1's store for C3 full, two paths: {relay_of(topo)}")
+    assert relay_of(topo)["paths"]["degraded_blocks"] == 0
+    set_underlay(topo, "A1-A2", False)
+    try:
+        wait_until(lambda: relay_of(topo)["paths"]["up"] == 1
+                   and relay_of(topo)["paths"]["using"] == 1, 60,
+                   lambda: f"A1 sees one disjoint path and uses it: {relay_of(topo)}")
+        acked = relay_of(topo)["acked_bytes"]
+        keys = take(topo, 10)
+        refill = len(keys) * block
+        wait_until(lambda: relay_of(topo)["acked_bytes"] >= acked + refill, 120,
+                   lambda: f"A1's store refilled over one path: {relay_of(topo)}")
+        r = relay_of(topo)
+        assert r["paths"]["degraded_blocks"] >= refill // block, r
+        shown = Console(width=220, record=True)
+        shown.print(render_global(collect(topo)))
+        text = shown.export_text()
+        assert f"1/2, {r['paths']['degraded_blocks']:,} degraded" in text, text
+    finally:
+        set_underlay(topo, "A1-A2", True)
+    # The store holds 6 blocks that came as two shares, then the 10 that came whole over
+    # one path: the last keys of the next 15 are cut from those, and C3 has them too.
+    more = take(topo, 15)
+    for k in more[-2:]:
+        status, dec = api(topo, "SAE-C3", f"{API}/SAE-A1/dec_keys?key_ID={k['key_ID']}")
+        assert status == 200 and dec["keys"] == [k], dec
     emulation.net_down(prefix)
