@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from bench.topology import network, render, triangle
 from control.core.config import ConfigError, parse_topology, share_addresses
 from control.gkm.destination import Arrived, Inbox, Node
 from control.gkm.shares import ShareBuffer, split, xor
@@ -146,38 +147,15 @@ def test_shares_from_a_node_other_than_the_one_proven_are_refused(tmp_path):
 
 # ---- config and policy ------------------------------------------------------------------
 
-GRID = """
-[network]
-name = "g"
-prefix = "gt"
-node_net = "10.88.0.0/28"
-[gkm]
-pairs = [["A", "C"]]
-paths = {paths}
-{policy}
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.201.1.1/30", "10.201.1.2/30"]
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.201.2.1/30", "10.201.2.2/30"]
-[[links]]
-a = "A"
-b = "C"
-underlay = ["10.201.3.1/30", "10.201.3.2/30"]
-"""
+def tri(paths: int, policy: str | None = None, node_net: str = "10.88.0.0/28") -> str:
+    """The triangle A, B, C with global key between A and C over ``paths`` paths."""
+    gkm = {"pairs": [["A", "C"]], "paths": paths} | ({"paths_policy": policy} if policy else {})
+    return render(network("g", "gt"), {"network": {"node_net": node_net}, "gkm": gkm},
+                  triangle(201))
 
 
 def test_share_addresses_come_from_the_top_of_node_net_and_never_a_node_address():
-    topo = parse_topology(GRID.format(paths=2, policy=""))
+    topo = parse_topology(tri(2))
     assert topo.gkm.paths == 2 and topo.gkm.paths_policy == "wait"
     got = topo.gkm.share_addresses
     assert got == {("A", "C"): (ipaddress.IPv4Address("10.88.0.14"),
@@ -190,17 +168,17 @@ def test_share_addresses_come_from_the_top_of_node_net_and_never_a_node_address(
     taken = {ipaddress.IPv4Address("10.88.0.14")}
     assert share_addresses(ipaddress.IPv4Network("10.88.0.0/28"), (("A", "C"),), 2,
                            taken)[("A", "C")][0] == ipaddress.IPv4Address("10.88.0.13")
-    assert parse_topology(GRID.format(paths=1, policy="")).gkm.share_addresses == {}
+    assert parse_topology(tri(1)).gkm.share_addresses == {}
 
 
 def test_paths_and_their_policy_are_checked():
     with pytest.raises(ConfigError, match="gkm.paths"):
-        parse_topology(GRID.format(paths=5, policy=""))
+        parse_topology(tri(5))
     with pytest.raises(ConfigError, match="paths_policy"):
-        parse_topology(GRID.format(paths=2, policy='paths_policy = "sometimes"'))
+        parse_topology(tri(2, "sometimes"))
     with pytest.raises(ConfigError, match="too small"):  # 3 nodes + 2 pairs x 2 > 6
-        parse_topology(GRID.format(paths=2, policy="").replace("/28", "/29"))
-    parse_topology(GRID.format(paths=4, policy=""))  # 3 + 2 x 4 <= 14
+        parse_topology(tri(2, node_net="10.88.0.0/29"))
+    parse_topology(tri(4))  # 3 + 2 x 4 <= 14
 
 
 @pytest.mark.parametrize(("wanted", "policy", "up", "using"), [
@@ -209,8 +187,7 @@ def test_paths_and_their_policy_are_checked():
 def test_how_many_shares_a_send_uses(wanted, policy, up, using):
     from control.gkm.manager import OutboundPair
 
-    topo = parse_topology(GRID.format(paths=max(2, wanted),
-                                      policy=f'paths_policy = "{policy}"'))
+    topo = parse_topology(tri(max(2, wanted), policy))
     d = OutboundPair("C", 3, "10.88.0.3", topo.gkm, ("A", "C"))
     d.wanted, d.paths_up = wanted, up
     assert d.shares_now() == using

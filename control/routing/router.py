@@ -258,8 +258,20 @@ class Router:
 
     def _apply_shares(self, ip: IPRoute, hops: dict[str, str]) -> None:
         """Route each share address this node lies on the path of, and no other."""
-        for addr, link in hops.items():
-            if self.share_routes.get(addr) == link:
+        self._sync(ip, {addr: (addr, link) for addr, link in hops.items()},
+                   self.share_routes, "share ")
+
+    def _apply(self, ip: IPRoute, hops: dict[str, str]) -> None:
+        """Route each node in ``hops`` via its link (only the changes)."""
+        self._sync(ip, {dst: (str(self.topo.node(dst).address), link)
+                        for dst, link in hops.items()}, self.installed, "")
+
+    def _sync(self, ip: IPRoute, want: dict[str, tuple[str, str]],
+              installed: dict[str, str], what: str) -> None:
+        """Make ``installed`` (key -> link) what ``want`` (key -> (address, link)) says:
+        a /32 route per key via its link's TUN, from the node address; the others gone."""
+        for key, (addr, link) in want.items():
+            if installed.get(key) == link:
                 continue
             dev = ip.link_lookup(ifname=f"otp{self.mine[link].index}")
             if not dev:
@@ -267,38 +279,21 @@ class Router:
             try:
                 ip.route("replace", dst=f"{addr}/32", oif=dev[0], prefsrc=self.addr)
             except NetlinkError as e:
-                log.warning("node %s: share route to %s via %s: %s", self.node, addr, link, e)
+                log.warning("node %s: %sroute to %s via %s: %s", self.node, what, key, link, e)
                 continue
-            self.share_routes[addr] = link
+            log.info("node %s: %sroute to %s via link %s", self.node, what, key, link)
+            installed[key] = link
             self.changes += 1
-        for addr in [a for a in self.share_routes if a not in hops]:
+        for key in [k for k in installed if k not in want]:
             with contextlib.suppress(NetlinkError):
-                ip.route("del", dst=f"{addr}/32")
-            del self.share_routes[addr]
+                ip.route("del", dst=f"{self._address_of(key)}/32")
+            log.info("node %s: no %sroute to %s", self.node, what, key)
+            del installed[key]
             self.changes += 1
 
-    def _apply(self, ip: IPRoute, hops: dict[str, str]) -> None:
-        for dst, link in hops.items():
-            if self.installed.get(dst) == link:
-                continue
-            dev = ip.link_lookup(ifname=f"otp{self.mine[link].index}")
-            if not dev:
-                continue
-            try:
-                ip.route("replace", dst=f"{self.topo.node(dst).address}/32", oif=dev[0],
-                         prefsrc=self.addr)
-            except NetlinkError as e:
-                log.warning("node %s: route to %s via %s: %s", self.node, dst, link, e)
-                continue
-            log.info("node %s: route to %s via link %s", self.node, dst, link)
-            self.installed[dst] = link
-            self.changes += 1
-        for dst in [d for d in self.installed if d not in hops]:
-            with contextlib.suppress(NetlinkError):
-                ip.route("del", dst=f"{self.topo.node(dst).address}/32")
-            log.info("node %s: no route to %s", self.node, dst)
-            del self.installed[dst]
-            self.changes += 1
+    def _address_of(self, key: str) -> str:
+        """The address a route's key stands for: a node's, or a share address itself."""
+        return str(self.topo.node(key).address) if key in self.topo.nodes else key
 
     def forget_old_routes(self, ip: IPRoute) -> None:
         """Remove routes a previous router of this node left (after a crash): this one
