@@ -180,3 +180,25 @@ def test_rate_meter_counts_the_last_seconds():
     assert m.rate(1.5) == 1000.0
     assert m.rate(2.5) == 500.0
     assert m.rate(10.0) == 0.0 and m.total == 2000
+
+
+def test_no_resend_while_acknowledgements_keep_coming_then_resent_once_they_stop():
+    """A window sent at once over a slow path: its last blocks are acknowledged long
+    after the timeout, but every ACK shows the stream moving, so nothing is resent (each
+    resend would spend key on every hop); a block whose ACK never comes is resent one
+    timeout after the last ACK; a new connection resends at once."""
+    ob = Outbox(retry_s=1.0, retry_max_s=8.0)
+    for seq in range(8):
+        ob.add(seq, MIB, 0.0)
+    assert ob.due(0.0, 8 * MIB, 100) == list(range(8))
+    t = 0.0
+    for seq in range(7):  # block 7's ACK never comes
+        t += 0.6
+        assert ob.due(t, 8 * MIB, 100) == [], t
+        ob.acked(seq, t)
+    assert ob.retries == 0 and list(ob.pending) == [7]
+    assert ob.due(t + 0.9, 8 * MIB, 100) == []
+    assert ob.due(t + ob.timeout(1) + 0.01, 8 * MIB, 100) == [7]
+    assert ob.retries == 1
+    ob.resend_all(t + 5.0)
+    assert ob.due(t + 5.0, 8 * MIB, 100) == [7]

@@ -5,7 +5,10 @@ Per ordered pair (origin -> destination) the origin keeps:
 - ``Outbox``: blocks stored durably as *pending* and not yet acknowledged. Each is sent,
   then resent with exponential backoff until the destination acknowledges it; the resend
   timeout adapts to the measured acknowledgement delay (Karn's rule: resent blocks do not
-  count), so a slow path is not flooded with copies.
+  count), so a slow path is not flooded with copies. As TCP restarts its timer on every
+  acknowledgement, a block is not resent while acknowledgements keep coming on the same
+  connection (``progress``): the stream is moving and the block is queued behind others
+  in it, not lost; a resend there would spend link key on every hop for nothing.
 - ``Restock``: the fill rule between the watermarks with hysteresis: once the pair's key
   (usable plus pending) falls under the low watermark, make blocks until usable key
   reaches the high one; each such fill is timed (the paper's measure).
@@ -46,6 +49,7 @@ class Outbox:
     conflicts: int = 0
     srtt: float | None = None
     last_ack: float | None = None
+    progress: float | None = None  # the last acknowledgement on this connection
     oldest_since: float | None = None  # when the oldest unacknowledged block was sent
     _heap: list[tuple[float, int]] = field(default_factory=list)
 
@@ -86,6 +90,11 @@ class Outbox:
         while (top := self._top()) is not None and top[0] <= now:
             seq = top[1]
             p = self.pending[seq]
+            if p.attempts and self.progress is not None and \
+                    (moving := self.progress + self.timeout(p.attempts)) > now:
+                heapq.heappop(self._heap)  # still queued in a stream that moves
+                self._schedule(seq, p, moving)
+                continue
             if out and (total + p.size > max_bytes or len(out) >= max_blocks):
                 break
             heapq.heappop(self._heap)
@@ -116,6 +125,7 @@ class Outbox:
 
     def resend_all(self, now: float) -> None:
         """A new connection: what was sent on the old one may be lost, send it again."""
+        self.progress = None
         self._heap = []
         for seq, p in self.pending.items():
             self._schedule(seq, p, now)
@@ -133,7 +143,7 @@ class Outbox:
         if p is None:
             return 0
         self.acked_blocks += 1
-        self.last_ack = now
+        self.last_ack = self.progress = now
         if p.attempts == 1 and p.first_sent is not None:
             sample = now - p.first_sent
             self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
