@@ -13,7 +13,7 @@ import pytest
 from bench.topology import network, render, triangle
 from control.core.config import ConfigError, parse_topology, share_addresses
 from control.gkm.destination import Arrived, Inbox, Node
-from control.gkm.shares import ShareBuffer, split, xor
+from control.gkm.shares import SET_OVERHEAD, ShareBuffer, split, xor
 from control.gkm.store import KeyStore
 from control.gkm.wire import (
     Ack,
@@ -56,30 +56,49 @@ def test_fewer_than_all_shares_say_nothing_of_the_block():
     assert one[2][0] != two[2][0]
 
 
-def test_the_buffer_completes_a_set_of_one_send_only():
+def test_the_buffer_combines_the_shares_of_one_send_and_a_newer_send_replaces_it():
     buf = ShareBuffer()
     block = os.urandom(48)
     s1, s2 = split([block], 2), split([block], 2)
     assert buf.add("A", 1, 0, 2, 7, s1[0][0], now=0) is None
-    assert buf.add("A", 2, 1, 2, 7, s2[1][0], now=0) is None  # another send's share
-    assert buf.add("A", 1, 0, 2, 7, s1[0][0], now=0) is None  # a copy: nothing new
-    assert buf.held_bytes == 96
-    assert buf.add("A", 1, 1, 2, 7, s1[1][0], now=1) == block
-    assert buf.held_bytes == 48 and buf.completed == 1
-    assert buf.add("A", 2, 0, 2, 7, s2[0][0], now=1) == block  # the second send, too
+    assert buf.held_bytes == SET_OVERHEAD + 48
+    assert buf.add("A", 2, 1, 2, 7, s2[1][0], now=0) is None  # a resend: replaces send 1
+    assert buf.dropped_sets == 1 and buf.held_bytes == SET_OVERHEAD + 48
+    assert buf.add("A", 2, 1, 2, 7, s2[1][0], now=0) is None  # a copy: nothing new
+    assert buf.add("A", 2, 0, 2, 7, s2[0][0], now=1) == block
+    assert buf.held_bytes == 0 and buf.completed == 1 and buf.sets == {}
 
 
-def test_the_buffer_refuses_a_share_that_disagrees_and_drops_old_or_excess_sets():
-    buf = ShareBuffer(hold_s=10, max_bytes=100)
+def test_a_share_that_disagrees_with_its_send_is_refused_with_its_message():
+    buf = ShareBuffer()
     buf.add("A", 1, 0, 2, 1, bytes(40), now=0)
-    assert buf.add("A", 1, 1, 3, 1, bytes(40), now=0) is None  # another count
-    assert buf.refused == 1 and buf.sets == {} and buf.held_bytes == 0
-    buf.add("A", 5, 0, 2, 2, bytes(40), now=0)
-    buf.add("A", 5, 0, 2, 3, bytes(40), now=5)
-    buf.add("A", 5, 0, 2, 4, bytes(40), now=5)  # 120 B > 100: the oldest set goes
-    assert [k[1] for k in buf.sets] == [3, 4] and buf.held_bytes == 80
-    assert buf.expire(now=16) == 2 and buf.held_bytes == 0
-    assert buf.dropped_sets == 3
+    assert buf.check("A", 1, 3, [(1, bytes(40))]) is not None  # another count
+    assert buf.check("A", 1, 2, [(1, bytes(32))]) is not None  # another size
+    assert buf.check("A", 2, 3, [(1, bytes(40))]) is None      # another send: fine
+    assert buf.check("B", 1, 3, [(1, bytes(40))]) is None      # another origin
+    assert buf.refused == 2
+
+
+def test_the_buffer_is_bounded_per_origin_in_bytes_with_bookkeeping_and_in_time():
+    buf = ShareBuffer(hold_s=10, max_bytes=4 * (SET_OVERHEAD + 40), max_sets=3)
+    for seq in range(5):  # A: at most 3 partial sets, its oldest go first
+        buf.add("A", 9, 0, 2, seq, bytes(40), now=seq)
+    assert list(buf.sets["A"]) == [2, 3, 4] and buf.dropped_sets == 2
+    buf.add("B", 9, 0, 2, 0, bytes(40), now=5)
+    buf.add("B", 9, 0, 2, 1, bytes(40), now=5)  # 5 sets > 4 sets' bytes: the oldest
+    assert list(buf.sets["A"]) == [3, 4] and list(buf.sets["B"]) == [0, 1]
+    assert buf.held_bytes == 4 * (SET_OVERHEAD + 40)
+    assert buf.expire(now=14.5) == 2 and buf.held_bytes == 2 * (SET_OVERHEAD + 40)
+    assert buf.expire(now=16) == 2 and buf.held_bytes == 0 and buf.sets == {}
+
+
+def test_many_tiny_partial_sets_cost_their_bookkeeping():
+    """32-byte shares under fresh nonces: bounded by sets per origin, and each set
+    counts its bookkeeping, so the byte bound holds for what they really take."""
+    buf = ShareBuffer(max_sets=64)
+    for seq in range(10_000):
+        buf.add("A", seq, 0, 2, seq, bytes(32), now=0)
+    assert len(buf.sets["A"]) == 64 and buf.held_bytes == 64 * (SET_OVERHEAD + 32)
 
 
 # ---- wire -------------------------------------------------------------------------------
@@ -154,20 +173,19 @@ def tri(paths: int, policy: str | None = None, node_net: str = "10.88.0.0/28") -
                   triangle(201))
 
 
-def test_share_addresses_come_from_the_top_of_node_net_and_never_a_node_address():
+def test_share_addresses_one_per_link_of_the_origin_from_the_top_of_node_net():
     topo = parse_topology(tri(2))
     assert topo.gkm.paths == 2 and topo.gkm.paths_policy == "wait"
     got = topo.gkm.share_addresses
-    assert got == {("A", "C"): (ipaddress.IPv4Address("10.88.0.14"),
-                                ipaddress.IPv4Address("10.88.0.13")),
-                   ("C", "A"): (ipaddress.IPv4Address("10.88.0.12"),
-                                ipaddress.IPv4Address("10.88.0.11"))}
-    assert topo.gkm.addresses_at("A") == list(got[("C", "A")])
-    assert not {a for addrs in got.values() for a in addrs} & \
+    ip = ipaddress.IPv4Address
+    assert got == {("A", "C"): {"A-B": ip("10.88.0.14"), "A-C": ip("10.88.0.13")},
+                   ("C", "A"): {"B-C": ip("10.88.0.12"), "A-C": ip("10.88.0.11")}}
+    assert topo.gkm.addresses_at("A") == list(got[("C", "A")].values())
+    assert not {a for addrs in got.values() for a in addrs.values()} & \
         {n.address for n in topo.nodes.values()}
-    taken = {ipaddress.IPv4Address("10.88.0.14")}
     assert share_addresses(ipaddress.IPv4Network("10.88.0.0/28"), (("A", "C"),), 2,
-                           taken)[("A", "C")][0] == ipaddress.IPv4Address("10.88.0.13")
+                           {ip("10.88.0.14")}, {"A": ["A-B"]}) == \
+        {("A", "C"): {"A-B": ip("10.88.0.13")}}
     assert parse_topology(tri(1)).gkm.share_addresses == {}
 
 
@@ -176,9 +194,9 @@ def test_paths_and_their_policy_are_checked():
         parse_topology(tri(5))
     with pytest.raises(ConfigError, match="paths_policy"):
         parse_topology(tri(2, "sometimes"))
-    with pytest.raises(ConfigError, match="too small"):  # 3 nodes + 2 pairs x 2 > 6
+    with pytest.raises(ConfigError, match="too small"):  # 3 nodes + 2 pairs x 2 links > 6
         parse_topology(tri(2, node_net="10.88.0.0/29"))
-    parse_topology(tri(4))  # 3 + 2 x 4 <= 14
+    parse_topology(tri(4))  # 3 + 4 <= 14
 
 
 @pytest.mark.parametrize(("wanted", "policy", "up", "using"), [
@@ -191,4 +209,20 @@ def test_how_many_shares_a_send_uses(wanted, policy, up, using):
     d = OutboundPair("C", 3, "10.88.0.3", topo.gkm, ("A", "C"))
     d.wanted, d.paths_up = wanted, up
     assert d.shares_now() == using
-    assert d.addresses == [str(a) for a in topo.gkm.share_addresses[("A", "C")]]
+    assert d.addresses == [str(a) for a in topo.gkm.share_addresses[("A", "C")].values()]
+    assert d.slot == {"A-B": 0, "A-C": 1}
+
+
+def test_shares_of_the_wrong_size_or_disagreeing_are_refused_whole(tmp_path):
+    store = KeyStore(tmp_path / "b", B, {}, {"A": A})
+    box = Inbox(B, "B", NODES, {"A"}, 8, store, block_size=64)
+    out = box.receive([Arrived(b"x", [Shares(A, B, 1, 0, 2, ((0, os.urandom(32)),))],
+                               FROM_A)], now=0)
+    assert out.answers == [] and "64 B" in out.refusals[0]
+    first = Shares(A, B, 1, 0, 2, ((0, os.urandom(64)), (1, os.urandom(64))))
+    box.receive([Arrived(b"x", [first], FROM_A)], now=0)
+    bad = Shares(A, B, 1, 1, 3, ((0, os.urandom(64)), (1, os.urandom(64))))
+    out = box.receive([Arrived(b"x", [bad], FROM_A)], now=0)
+    assert out.answers == [] and "refused" in out.refusals[0]
+    assert box.shares.summary()["partial_sets"] == 2  # the first send's shares stay
+    store.close()

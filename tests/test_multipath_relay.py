@@ -158,6 +158,7 @@ def test_two_shares_cross_disjoint_relays_and_the_wait_policy_holds(tmp_path, pr
     r = relay_of(topo)
     assert r["paths"]["up"] == 2 and r["paths"]["shares_sent"] > sent_before
     assert r["paths"]["degraded_blocks"] == 0
+    assert r["paths"]["renewed"] >= 1  # the cut path's connection was made anew
     emulation.net_down(prefix)
 
 

@@ -505,3 +505,15 @@ def test_with_every_cost_1_the_tree_is_the_hop_metrics(g):
                 bfs[nb] = [*path, (name, node)]
                 queue.append((nb, bfs[nb]))
     assert shortest_paths(links, up, src) == bfs
+
+
+def test_a_share_route_waits_its_hold_and_a_quarantine_after_another_of_its_pair():
+    from control.routing.router import SHARE_HOLD_S, SHARE_QUARANTINE_S, share_ready
+
+    assert not share_ready(10.0, 10.0 - SHARE_HOLD_S + 0.1, None, "a1")
+    assert share_ready(10.0, 10.0 - SHARE_HOLD_S, None, "a1")
+    # this node carried the pair's other share address until 5 s ago: not yet
+    assert not share_ready(10.0, 0.0, ("a0", 5.0), "a1")
+    assert share_ready(5.0 + SHARE_QUARANTINE_S, 0.0, ("a0", 5.0), "a1")
+    # the same address again (its next hop moved): the hold alone
+    assert share_ready(10.0, 0.0, ("a1", 9.9), "a1")

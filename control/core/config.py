@@ -545,9 +545,10 @@ class GkmSpec:
     keys: Path = Path("relay-keys")  # the relay's CURVE keys (control.gkm.relay_keys)
     paths: int = 1                   # node-disjoint paths (XOR shares) per block
     paths_policy: str = "wait"       # fewer disjoint paths up: "wait" or "fewer"
-    # Per ordered pair, with paths > 1: the destination's share addresses, one per path
-    # (inside node_net, from its top down), which the routers route along that path only.
-    share_addresses: dict[tuple[str, str], tuple[ipaddress.IPv4Address, ...]] = \
+    # Per ordered pair, with paths > 1: the destination's share addresses, one per link
+    # of the origin (inside node_net, from its top down): the routers route each along
+    # the disjoint path that leaves the origin by that link, and along no other.
+    share_addresses: dict[tuple[str, str], dict[str, ipaddress.IPv4Address]] = \
         field(default_factory=dict)
 
     def destinations_of(self, node: str) -> list[str]:
@@ -561,7 +562,7 @@ class GkmSpec:
     def addresses_at(self, node: str) -> list[ipaddress.IPv4Address]:
         """The share addresses ``node`` holds (it is their pairs' destination)."""
         return [a for (_, d), addrs in self.share_addresses.items() if d == node
-                for a in addrs]
+                for a in addrs.values()]
 
     def nodes(self) -> list[str]:
         """The nodes that keep global key with some other node (each needs relay keys)."""
@@ -700,11 +701,15 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         problems.append(("network.node_net", "too small for the number of nodes"))
     if raw.gkm.paths > 1:
         n = len(raw.nodes)
-        pairs = n * (n - 1) if raw.gkm.pairs == "all" else 2 * len(raw.gkm.pairs)
-        if n + pairs * raw.gkm.paths > raw.network.node_net.num_addresses - 2:
+        degree = {x: sum(x in (lk.a, lk.b) for lk in raw.links) for x in names}
+        pairs = [(x, y) for x in names for y in names if x != y] \
+            if raw.gkm.pairs == "all" else [p for x, y in raw.gkm.pairs for p in
+                                             ((x, y), (y, x))]
+        need = sum(degree.get(o, 0) for o, _ in pairs)
+        if n + need > raw.network.node_net.num_addresses - 2:
             problems.append(("gkm.paths", f"network.node_net {raw.network.node_net} is too "
-                                          f"small for {n} nodes and {raw.gkm.paths} share "
-                                          f"addresses for each of {pairs} ordered pairs"))
+                                          f"small for {n} nodes and {need} share addresses "
+                                          f"(one per ordered pair and link of its origin)"))
     seen_pairs: dict[frozenset[str], int] = {}
     link_names: dict[str, int] = {}
     all_ul: dict[ipaddress.IPv4Address, str] = {}
@@ -814,16 +819,21 @@ def _gkm_sizes(raw: TopologyFile) -> GkmSizes:
 
 
 def share_addresses(net: ipaddress.IPv4Network, pairs: tuple[tuple[str, str], ...],
-                    k: int, taken: set[ipaddress.IPv4Address]
-                    ) -> dict[tuple[str, str], tuple[ipaddress.IPv4Address, ...]]:
-    """``k`` addresses per ordered pair (none when ``k`` is 1), from the top of ``net``
-    down, skipping the nodes' own: every node resolves the same ones from the same file.
-    Inside node_net, they have its protections (unreachable unless routed, never from an
-    underlay)."""
+                    k: int, taken: set[ipaddress.IPv4Address],
+                    links_of: dict[str, list[str]]
+                    ) -> dict[tuple[str, str], dict[str, ipaddress.IPv4Address]]:
+    """Per ordered pair, an address per link of its origin (``links_of``, in link
+    order; none when ``k`` is 1), from the top of ``net`` down, skipping the nodes' own:
+    every node resolves the same ones from the same file. A path keeps its address for
+    as long as it leaves the origin by the same link, whatever happens to the others.
+    Inside node_net, they have its protections (unreachable unless routed, never from
+    an underlay)."""
     if k < 2:
         return {}
-    free = (a for a in reversed(list(net.hosts())) if a not in taken)
-    return {pair: tuple(next(free) for _ in range(k)) for pair in pairs}
+    top = int(net.broadcast_address) - 1  # counted down without listing a large net
+    free = (a for i in range(top, int(net.network_address), -1)
+            if (a := ipaddress.IPv4Address(i)) not in taken)
+    return {(o, d): {link: next(free) for link in links_of.get(o, [])} for o, d in pairs}
 
 
 def _resolve(path: Path, raw: TopologyFile) -> Topology:
@@ -871,9 +881,10 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
     gkm = GkmSpec(block_size=g.block_size, low_watermark=g.low_watermark,
                   high_watermark=g.high_watermark, window=g.window, pairs=ordered,
                   keys=keys, paths=raw.gkm.paths, paths_policy=raw.gkm.paths_policy,
-                  share_addresses=share_addresses(raw.network.node_net, ordered,
-                                                  raw.gkm.paths,
-                                                  {n.address for n in nodes.values()}))
+                  share_addresses=share_addresses(
+                      raw.network.node_net, ordered, raw.gkm.paths,
+                      {n.address for n in nodes.values()},
+                      {n: [lk.name for lk in links if n in (lk.a, lk.b)] for n in nodes}))
     a = raw.api
     pki = a.pki
     if pki is None:

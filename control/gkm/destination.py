@@ -107,6 +107,7 @@ class Inbox:
     received_blocks: int = 0
     received_bytes: int = 0
     shares: ShareBuffer = field(default_factory=ShareBuffer)
+    block_size: int = 0  # every share is one block's size (0: not checked)
 
     def sender(self, origin_id: int, proof: Proof, out: Outcome) -> str | None:
         """The node a message comes from: the one its connection proved to be, which
@@ -127,8 +128,19 @@ class Inbox:
             self._receive(arrived, out, now)
         return out
 
-    def _combine(self, origin: str, msg: Shares, now: float) -> Blocks | None:
-        """The blocks whose last share ``msg`` brought, as if they had come whole."""
+    def _combine(self, origin: str, msg: Shares, now: float, out: Outcome
+                 ) -> Blocks | None:
+        """The blocks whose last share ``msg`` brought, as if they had come whole; a
+        message with a share of the wrong size, or one that disagrees with its send's
+        other shares, is refused whole."""
+        if self.block_size and any(len(d) != self.block_size for _, d in msg.blocks):
+            out.refusals.append(f"shares from {origin} that are not {self.block_size} B "
+                                f"blocks: refused")
+            return None
+        why = self.shares.check(origin, msg.nonce, msg.count, msg.blocks)
+        if why is not None:
+            out.refusals.append(f"shares from {origin} refused: {why}")
+            return None
         done = [(seq, block) for seq, data in msg.blocks
                 if (block := self.shares.add(origin, msg.nonce, msg.index, msg.count, seq,
                                              data, now)) is not None]
@@ -161,7 +173,7 @@ class Inbox:
                                     f"highest held; refused")
                 accepted.append((a.ident, msg, None))
             elif isinstance(msg, Shares):
-                whole = self._combine(origin, msg, now)
+                whole = self._combine(origin, msg, now, out)
                 if whole is not None:
                     accepted.append((a.ident, whole, origin))
             else:

@@ -102,6 +102,8 @@ MAX_ENDED_TAKES = 8192        # dec takes whose taker gave up, remembered to ref
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
 HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
 HEARTBEAT_TIMEOUT_MS = 30_000  # a ping answered later than this: the connection is dead
+RENEW_HOLD_S = 3.0            # multipath: after the paths moved, no new send for this long
+                              # (every router has learned the move by then)
 REDIAL_S = 1.0                # a connection whose handshake failed is dialled again after
                               # this (libzmq gives up on it after an authentication failure)
 PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no restocking
@@ -151,8 +153,10 @@ class OutboundPair:
         self.rate = RateMeter()
         self.data: dict[int, bytes] = {}  # bytes of pending blocks, for (re)sending
         # Where blocks go: the node address, or (multipath) one share address per path.
-        self.addresses = [str(a) for a in gkm_spec.share_addresses.get(pair, ())] \
-            or [address]
+        mine = gkm_spec.share_addresses.get(pair, {})
+        self.addresses = [str(a) for a in mine.values()] or [address]
+        self.slot = {link: i for i, link in enumerate(mine)}  # origin's link -> socket
+        self.path_slots: list[int] = [0]  # per path in use, the socket its shares take
         self.socks: list[zmq.Socket] = []  # blocks (or shares), one per address
         self.monitors: list[zmq.Socket] = []
         self.sock_up: list[bool] = []
@@ -162,6 +166,8 @@ class OutboundPair:
         self.share_paths: list[list[tuple[str, str]]] = []
         self.degraded_blocks = 0  # blocks sent as fewer shares than wanted ("fewer")
         self.shares_sent = 0
+        self.renewed = 0  # times the paths moved and the share connections were renewed
+        self.hold_until = 0.0  # no send before this (the paths just moved)
         self.ctl: zmq.Socket | None = None  # reservations, marked as control traffic
         self.ctl_monitor: zmq.Socket | None = None
         self.path: list[tuple[str, str]] = []  # (link, node it leaves from), first hop first
@@ -231,7 +237,11 @@ class GlobalKeyManager:
         # The destination's rules: which arrived blocks and reservations are kept.
         self.inbox = Inbox(self.node.id, node, {n.id: Node(n.name, str(n.address))
                                                 for n in topo.nodes.values()},
-                           self.origins, self.ahead, self.store, self.crash)
+                           self.origins, self.ahead, self.store, self.crash,
+                           block_size=self.spec.block_size)
+        # Partial sets of shares an origin may have waiting: four windows of blocks.
+        self.inbox.shares.max_sets = max(shares.MIN_SETS_PER_ORIGIN,
+                                         4 * (self.spec.window // self.spec.block_size))
         self.stop = False
         self.pause_flag = self.dir / PAUSE_FLAG
         self.paused = self.pause_flag.exists()
@@ -323,10 +333,49 @@ class GlobalKeyManager:
         if d.paths_up != len(got):
             log.info("gkm %s: %d of %d disjoint paths to %s", self.node.name, len(got),
                      d.wanted, d.name)
+        before = {d.slot.get(p[0][0]): p for p in d.share_paths if p}
+        after = {d.slot.get(p[0][0]): p for p in got if p}
+        moved = sorted(i for i in set(before) | set(after)
+                       if i is not None and before.get(i) != after.get(i) and before)
+        if moved:
+            self._renew_shares(d, moved)
         d.paths_up, d.share_paths = len(got), got
+        d.path_slots = [d.slot[p[0][0]] for p in got if p and p[0][0] in d.slot]
         used = got[:max(1, d.shares_now())]
         if used:
             self._set_path(d, used[0], used[1:])
+
+    def _renew_shares(self, d: OutboundPair, slots: list[int]) -> None:
+        """The paths of share addresses ``slots`` moved (or went): new connections to
+        them, and every pending block sent again as a new send. Closing the old sockets
+        drops what waited in them, so no share of an older send leaves along a new path
+        (the routers hold a moved share route back meanwhile: control.routing.router)."""
+        if not hasattr(self, "poller"):
+            return
+        for i in slots:
+            address = d.addresses[i]
+            old, mon = d.socks[i], d.monitors[i]
+            for sock in (old, mon):
+                self.poller.unregister(sock)
+            self.by_sock.pop(old, None)
+            self.by_mon.pop(mon, None)
+            old.disable_monitor()
+            mon.close(0)
+            old.close(0)
+            d.socks[i], d.monitors[i] = self._dealer(d, tos=0, address=address)
+            d.sock_up[i] = False
+            self.poller.register(d.socks[i], zmq.POLLIN)
+            self.poller.register(d.monitors[i], zmq.POLLIN)
+            self.by_sock[d.socks[i]] = d
+            self.by_mon[d.monitors[i]] = (d, i)
+            d.redial.pop(f"sock{i}", None)
+        d.connected = any(d.sock_up)
+        d.renewed += 1
+        now = time.monotonic()
+        d.hold_until = now + RENEW_HOLD_S
+        d.outbox.resend_all(now)
+        log.info("gkm %s: the paths to %s moved: new connections, pending blocks sent "
+                 "again as new shares", self.node.name, d.name)
 
     def _bind(self) -> None:
         # The ZAP handler first: a CURVE server without one would admit any client key.
@@ -604,8 +653,8 @@ class GlobalKeyManager:
 
     def send_due(self, d: OutboundPair, now: float) -> None:
         n = d.shares_now()
-        if n == 0:
-            return  # multipath, policy "wait": fewer disjoint paths than wanted
+        if n == 0 or now < d.hold_until:
+            return  # multipath: fewer disjoint paths than wanted ("wait"), or they moved
         while d.pacer.allows(self.spec.block_size, now):
             budget = max(self.spec.block_size, int(d.pacer.tokens)) \
                 if d.pacer.rate != float("inf") else SEND_BATCH
@@ -631,13 +680,18 @@ class GlobalKeyManager:
             except zmq.Again:
                 return False
             return True
+        # All or none: a send whose shares cannot all leave now is not begun (a share
+        # sent alone spends its path's key on a set that never completes).
+        socks = [d.socks[i] for i in d.path_slots[:n]]
+        if len(socks) < n or not all(s.getsockopt(zmq.EVENTS) & zmq.POLLOUT for s in socks):
+            return False
         nonce = int.from_bytes(os.urandom(8), "big")
         parts = shares.split([d.data[s] for s in seqs], n)
         for i, part in enumerate(parts):
             frames = encode_shares(Shares(self.node.id, d.id, nonce, i, n,
                                           tuple(zip(seqs, part, strict=True))))
             try:
-                d.socks[i].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                socks[i].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
         d.shares_sent += n * len(seqs)
@@ -821,6 +875,7 @@ class GlobalKeyManager:
                     "paths": None if d.wanted == 1 else {
                         "wanted": d.wanted, "up": d.paths_up, "using": d.shares_now(),
                         "policy": d.policy, "degraded_blocks": d.degraded_blocks,
+                        "connected": sum(d.sock_up), "renewed": d.renewed,
                         "shares_sent": d.shares_sent,
                         "links": [[name for name, _ in p] for p in d.share_paths]},
                     "path_rate_bps": None if d.path_rate == float("inf")
@@ -862,15 +917,16 @@ class GlobalKeyManager:
 
     def run(self) -> None:
         self._bind()
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.zap, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.api, zmq.POLLIN)
         for d in self.dests.values():
             for sock in (*d.socks, *d.monitors, d.ctl, d.ctl_monitor):
                 poller.register(sock, zmq.POLLIN)
-        by_sock = {s: d for d in self.dests.values() for s in (*d.socks, d.ctl)}
-        by_mon = {m: (d, i) for d in self.dests.values() for i, m in enumerate(d.monitors)}
+        self.by_sock = by_sock = {s: d for d in self.dests.values() for s in (*d.socks, d.ctl)}
+        self.by_mon = by_mon = {m: (d, i) for d in self.dests.values()
+                                for i, m in enumerate(d.monitors)}
         by_ctl_mon = {d.ctl_monitor: d for d in self.dests.values()}
         next_publish = 0.0
         log.info("gkm %s: relay on %s:%d, originating for %s, receiving from %s",

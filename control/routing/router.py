@@ -18,7 +18,12 @@ the same k node-disjoint paths of every ordered pair (routing.multipath), and ro
 each of the destination's share addresses along its own path only: a node routes the
 addresses of the paths it lies on, and no other, so a share sent to one can never leave
 its path (elsewhere it meets node_net's unreachable route). The destination holds its
-share addresses as it holds its node address.
+share addresses as it holds its node address. A pair's paths are numbered by their first
+link (a cost change that keeps them keeps their addresses), and a share route is broken
+at once but made only after SHARE_HOLD_S, and only SHARE_QUARANTINE_S after this node
+last routed another share address of the same pair: whatever of an older send is still
+in flight when the paths change is dropped, never carried along a new path through a
+node that carried another of its shares.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ ROUTE_INTERVAL_S = 0.2
 NODE_IFNAME = "lo"  # the namespace's own loopback
 STALE_STATUS_S = 2.0  # a link end's status older than this counts only if its manager
 STALE_STATUS_MAX_S = LINK_DEAD_MAX_S + 2.0  # still runs (held up, not dead); never older
+SHARE_HOLD_S = 2.0         # a new or moved share route waits this before it is made
+SHARE_QUARANTINE_S = 10.0  # ... and this after the node last routed another address of
+                           # the same pair (old sends' data has drained by then)
+ORPHAN_RETRIES = "1"       # TCP retries of a closed connection's data (per namespace)
 
 
 def _sysctl(name: str, value: str) -> None:
@@ -139,6 +148,9 @@ def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str
                              f"{e.args[1] if len(e.args) > 1 else e}") from None
     # Namespace-local sysctls (this process runs inside the node's namespace).
     _sysctl("net.ipv4.ip_forward", "1")
+    # A closed connection's unsent data dies within seconds, not minutes (a relay's old
+    # sends must not outlive SHARE_QUARANTINE_S, see above).
+    _sysctl("net.ipv4.tcp_orphan_retries", ORPHAN_RETRIES)
     for scope in ("all", "default"):
         _sysctl(f"net.ipv4.conf.{scope}.rp_filter", "0")
 
@@ -148,6 +160,16 @@ def prepare_node(topo: Topology, node: str) -> None:
     prepare_namespace(str(topo.node(node).address),
                       [str(lk.underlay_of(node).ip) for lk in topo.links_of(node)],
                       str(topo.node_net), tuple(str(a) for a in topo.gkm.addresses_at(node)))
+
+
+def share_ready(now: float, wanted_since: float, left: tuple[str, float] | None,
+                address: str) -> bool:
+    """Whether a share route for ``address``, wanted since ``wanted_since``, may be made:
+    wanted for SHARE_HOLD_S, and SHARE_QUARANTINE_S past the node's last route for
+    another address of the same pair (``left``: that address and when it went)."""
+    if now - wanted_since < SHARE_HOLD_S:
+        return False
+    return left is None or left[0] == address or now - left[1] >= SHARE_QUARANTINE_S
 
 
 def _send_rate(link: LinkSpec, node: str) -> float:
@@ -173,6 +195,10 @@ class Router:
         self.own_costs: dict[str, int] = {name: 1 for name in self.mine}
         self.installed: dict[str, str] = {}  # destination node -> link
         self.share_routes: dict[str, str] = {}  # share address -> link
+        self.share_wanted: dict[str, tuple[str, float]] = {}  # address -> (link, since)
+        self.share_left: dict[str, tuple[str, float]] = {}  # pair -> (address, when)
+        self.share_pair = {str(a): f"{o}>{d}" for (o, d), addrs
+                           in topo.gkm.share_addresses.items() for a in addrs.values()}
         self._multipath_key: tuple | None = None
         self.multipath: dict[str, dict] = {}  # "origin>destination" -> its paths
         self.stop = False
@@ -217,7 +243,7 @@ class Router:
         costs = self.db.costs(up, self.node, self.own_costs)
         paths_now = shortest_paths(self.links, up, self.node, costs)
         self._apply(ip, {dst: path[0][0] for dst, path in paths_now.items()})
-        self._apply_shares(ip, self._share_hops(up, costs))
+        self._apply_shares(ip, self._share_hops(up, costs), now)
         write_json(self.dir / "lsdb.json", {"entries": self.db.export()})
         write_json(self.dir / "router.json", {
             "node": self.node, "address": self.addr, "updated": time.time(),
@@ -242,10 +268,12 @@ class Router:
             self._multipath_key = key
             links = {lk.name: lk for lk in self.links}
             self.multipath = {}
+            index = {lk.name: lk.index for lk in self.links}
             for (o, d), addrs in g.share_addresses.items():
-                found = disjoint_paths(self.links, up, o, d, g.paths, costs)
+                found = sorted(disjoint_paths(self.links, up, o, d, g.paths, costs),
+                               key=lambda p: index[p[0][0]])  # numbered by first link
                 self.multipath[f"{o}>{d}"] = {
-                    "wanted": g.paths, "addresses": [str(a) for a in addrs],
+                    "wanted": g.paths, "addresses": [str(addrs[p[0][0]]) for p in found],
                     "paths": [[[name, frm] for name, frm in p] for p in found],
                     "nodes": [path_nodes(o, p, links) for p in found]}
         hops = {}
@@ -256,10 +284,21 @@ class Router:
                     hops[addr] = link
         return hops
 
-    def _apply_shares(self, ip: IPRoute, hops: dict[str, str]) -> None:
-        """Route each share address this node lies on the path of, and no other."""
-        self._sync(ip, {addr: (addr, link) for addr, link in hops.items()},
-                   self.share_routes, "share ")
+    def _apply_shares(self, ip: IPRoute, hops: dict[str, str], now: float) -> None:
+        """Route each share address this node lies on the path of, and no other: a route
+        no longer wanted (or via another link now) goes at once; a new one is made once
+        wanted for SHARE_HOLD_S, and not before SHARE_QUARANTINE_S after this node's route
+        for another address of the same pair went (``share_ready``)."""
+        self.share_wanted = {a: w if (w := self.share_wanted.get(a)) and w[0] == link
+                             else (link, now) for a, link in hops.items()}
+        want = {a: (a, link) for a, link in hops.items()
+                if self.share_routes.get(a) == link
+                or share_ready(now, self.share_wanted[a][1],
+                               self.share_left.get(self.share_pair[a]), a)}
+        for a in self.share_routes:  # the origin sends every share: no quarantine there
+            if a not in want and not self.share_pair[a].startswith(f"{self.node}>"):
+                self.share_left[self.share_pair[a]] = (a, now)
+        self._sync(ip, want, self.share_routes, "share ")
 
     def _apply(self, ip: IPRoute, hops: dict[str, str]) -> None:
         """Route each node in ``hops`` via its link (only the changes)."""
@@ -303,7 +342,7 @@ class Router:
                 with contextlib.suppress(NetlinkError):
                     ip.route("del", dst=f"{node.address}/32")
         for (_, d), addrs in self.topo.gkm.share_addresses.items():
-            for a in addrs if d != self.node else ():
+            for a in addrs.values() if d != self.node else ():
                 with contextlib.suppress(NetlinkError):
                     ip.route("del", dst=f"{a}/32")
 
