@@ -104,10 +104,10 @@ def grid_fill_once(console: Console, paths_k: int, high: int, timeout: float) ->
     try:
         net.up(paused_gkm=["A1", "C3"])
         wait_until(net.stocked, 120, "every ring of the grid half stocked")
-        if paths_k > 1:
-            wait_until(lambda: len((net.node_status("A1", "router.json").get("multipath")
-                                    or {}).get("A1>C3", {}).get("paths", [])) == paths_k,
-                       60, f"{paths_k} disjoint paths A1 -> C3")
+        if paths_k > 1:  # and connected: the share routes wait out their hold first
+            wait_until(lambda: ((net.peer().get("relay") or {}).get("paths") or {})
+                       .get("connected") == paths_k, 60,
+                       f"{paths_k} disjoint paths A1 -> C3, connected")
         t0 = time.monotonic()
         (paths.node_dir(net.prefix, "A1") / PAUSE_FLAG).unlink()
         wait_until(lambda: (net.peer().get("enc") or {}).get("usable") == high
