@@ -52,8 +52,8 @@ def _template(rate: float, high: int, metric: str) -> str:
 class RoutingNet(Net):
     TAG = "bq"
 
-    def __init__(self, console: Console, rate: float, high: int, metric: str):
-        self.TEMPLATE = _template(rate, high, metric)
+    def __init__(self, console: Console, template: str):
+        self.TEMPLATE = template
         super().__init__(console)
 
     def node_status(self, node: str, name: str) -> dict:
@@ -85,10 +85,6 @@ def _grid_template(paths_k: int, high: int) -> str:
 class GridNet(RoutingNet):
     TAG = "bg"
 
-    def __init__(self, console: Console, paths_k: int, high: int):
-        self.TEMPLATE = _grid_template(paths_k, high)
-        Net.__init__(self, console)
-
     def peer(self) -> dict:
         return (self.node_status("A1", "gkm.json").get("peers") or {}).get("C3") or {}
 
@@ -100,7 +96,7 @@ class GridNet(RoutingNet):
 
 
 def grid_fill_once(console: Console, paths_k: int, high: int, timeout: float) -> dict:
-    net = GridNet(console, paths_k, high)
+    net = GridNet(console, _grid_template(paths_k, high))
     try:
         net.up(paused_gkm=["A1", "C3"])
         wait_until(net.stocked, 120, "every ring of the grid half stocked")
@@ -127,7 +123,7 @@ def grid_fill_once(console: Console, paths_k: int, high: int, timeout: float) ->
 
 def fill_once(console: Console, rate: float, high: int, metric: str,
               timeout: float) -> dict:
-    net = RoutingNet(console, rate, high, metric)
+    net = RoutingNet(console, _template(rate, high, metric))
     try:
         net.up(paused_gkm=["A"])
         cap = net.topo.link("A-C").sizes.ring_capacity

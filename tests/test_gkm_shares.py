@@ -207,7 +207,7 @@ def test_how_many_shares_a_send_uses(wanted, policy, up, using):
 
     topo = parse_topology(tri(max(2, wanted), policy))
     d = OutboundPair("C", 3, "10.88.0.3", topo.gkm, ("A", "C"))
-    d.wanted, d.paths_up = wanted, up
+    d.wanted, d.share_paths = wanted, [[("A-C", "A")]] * up
     assert d.shares_now() == using
     assert d.addresses == [str(a) for a in topo.gkm.share_addresses[("A", "C")].values()]
     assert d.slot == {"A-B": 0, "A-C": 1}

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from bench.scale import api, copy_as, gkm_peer, wait_routes
 from control.core import paths
-from control.core.config import Topology
+from control.core.config import Topology, load_topology
 from control.gkm.manager import PAUSE_FLAG
 from control.node.status import collect, render_global
 from control.tools import emulation
@@ -29,12 +29,13 @@ KEY_BITS = 256 * 1024 * 8  # one key per 256 KiB global key block
 
 
 def grid(tmp_path, prefix: str, policy: str = "wait") -> Topology:
+    """The shipped grid under ``prefix``, with two paths per pair and ``policy``."""
     topo = copy_as(EXAMPLES / "grid9.toml", prefix, tmp_path)
     text, n = re.subn(r"^\[gkm\]$", f'[gkm]\npaths = 2\npaths_policy = "{policy}"',
                       topo.path.read_text(), flags=re.M)
     assert n == 1
     topo.path.write_text(text)
-    return copy_as(topo.path, prefix, tmp_path)
+    return load_topology(topo.path)
 
 
 def multipath(topo: Topology, node: str) -> dict:

@@ -156,14 +156,12 @@ class OutboundPair:
         mine = gkm_spec.share_addresses.get(pair, {})
         self.addresses = [str(a) for a in mine.values()] or [address]
         self.slot = {link: i for i, link in enumerate(mine)}  # origin's link -> socket
-        self.path_slots: list[int] = [0]  # per path in use, the socket its shares take
         self.socks: list[zmq.Socket] = []  # blocks (or shares), one per address
         self.monitors: list[zmq.Socket] = []
         self.sock_up: list[bool] = []
         self.wanted = gkm_spec.paths
         self.policy = gkm_spec.paths_policy
-        self.paths_up = 1 if self.wanted == 1 else 0  # disjoint paths the router has
-        self.share_paths: list[list[tuple[str, str]]] = []
+        self.share_paths: list[list[tuple[str, str]]] = []  # the router's disjoint paths
         self.degraded_blocks = 0  # blocks sent as fewer shares than wanted ("fewer")
         self.shares_sent = 0
         self.renewed = 0  # times the paths moved and the share connections were renewed
@@ -174,7 +172,6 @@ class OutboundPair:
         self.path_rate = float("inf")  # bytes/s of key the path carries our way
         self.window = gkm_spec.window
         self.pacer = pacing.Pacer(float("inf"), gkm_spec.block_size)
-        self.connected = False
         self.ever_connected = False
         self.not_connected_sends = 0
         self.last_error = ""
@@ -185,6 +182,22 @@ class OutboundPair:
         self.reserve_retry = RESERVE_RETRY_S  # next resend's delay (grows while unanswered)
         self.routed = True  # the router has a route there (assumed until it says)
         self.redial: dict[str, float] = {}  # "sock<i>"/"ctl" -> when to dial it again
+
+    @property
+    def connected(self) -> bool:
+        """Some data socket has a connection (multipath: one of the share addresses)."""
+        return any(self.sock_up)
+
+    @property
+    def paths_up(self) -> int:
+        """Disjoint paths to the destination the router has (single-path relay: 1)."""
+        return 1 if self.wanted == 1 else len(self.share_paths)
+
+    @property
+    def path_slots(self) -> list[int]:
+        """Per disjoint path, in the router's order, the socket its shares take: the one
+        to the share address of the origin's link it leaves by."""
+        return [self.slot[p[0][0]] for p in self.share_paths if p and p[0][0] in self.slot]
 
     def shares_now(self) -> int:
         """How many shares (paths) a send uses now: ``wanted`` when that many disjoint
@@ -227,6 +240,7 @@ class GlobalKeyManager:
         self.dests = {d: OutboundPair(d, topo.node(d).id, str(topo.node(d).address), self.spec,
                                       (node, d))
                       for d in dests}
+        self.links_by_name = {lk.name: lk for lk in topo.links}
         # Until the router says which way key goes: the shortest path over every link.
         self.link_ends = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
         planned = shortest_paths(self.link_ends, {lk.name for lk in topo.links}, node)
@@ -278,7 +292,7 @@ class GlobalKeyManager:
     # ---- sockets ------------------------------------------------------------------------
 
     def _path_rate(self, path: list[tuple[str, str]]) -> float:
-        links = {lk.name: lk for lk in self.topo.links}
+        links = self.links_by_name
         return pacing.path_rate([pacing.Hop(links[name].key_rate_mbps, links[name].ratio,
                                             frm == links[name].a)
                                  for name, frm in path if name in links])
@@ -339,8 +353,7 @@ class GlobalKeyManager:
                        if i is not None and before.get(i) != after.get(i) and before)
         if moved:
             self._renew_shares(d, moved)
-        d.paths_up, d.share_paths = len(got), got
-        d.path_slots = [d.slot[p[0][0]] for p in got if p and p[0][0] in d.slot]
+        d.share_paths = got
         used = got[:max(1, d.shares_now())]
         if used:
             self._set_path(d, used[0], used[1:])
@@ -369,7 +382,6 @@ class GlobalKeyManager:
             self.by_sock[d.socks[i]] = d
             self.by_mon[d.monitors[i]] = (d, i)
             d.redial.pop(f"sock{i}", None)
-        d.connected = any(d.sock_up)
         d.renewed += 1
         now = time.monotonic()
         d.hold_until = now + RENEW_HOLD_S
@@ -722,7 +734,7 @@ class GlobalKeyManager:
             if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 if d.last_error.startswith("no authenticated connection"):
                     d.last_error = ""
-                d.sock_up[i] = d.connected = d.ever_connected = True
+                d.sock_up[i] = d.ever_connected = True
                 log.info("gkm %s: connected to %s%s", self.node.name, d.name,
                          f" (share address {d.addresses[i]})" if d.wanted > 1 else "")
                 # Whatever was sent on the old connection may be lost: resend soon.
@@ -730,7 +742,6 @@ class GlobalKeyManager:
                 d.reserve_due = 0.0
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 d.sock_up[i] = False
-                d.connected = any(d.sock_up)
             elif ev["event"] & HANDSHAKE_FAILED:
                 self._handshake_failed(d, f"sock{i}")
 

@@ -200,6 +200,7 @@ class Router:
         self.share_pair = {str(a): f"{o}>{d}" for (o, d), addrs
                            in topo.gkm.share_addresses.items() for a in addrs.values()}
         self._multipath_key: tuple | None = None
+        self._share_next: dict[str, str] = {}  # share address -> link, for that key
         self.multipath: dict[str, dict] = {}  # "origin>destination" -> its paths
         self.stop = False
         self.changes = 0
@@ -264,25 +265,22 @@ class Router:
         if g.paths < 2:
             return {}
         key = (frozenset(up), tuple(sorted(costs.items())))
-        if key != self._multipath_key:
-            self._multipath_key = key
-            links = {lk.name: lk for lk in self.links}
-            self.multipath = {}
-            index = {lk.name: lk.index for lk in self.links}
-            for (o, d), addrs in g.share_addresses.items():
-                found = sorted(disjoint_paths(self.links, up, o, d, g.paths, costs),
-                               key=lambda p: index[p[0][0]])  # numbered by first link
-                self.multipath[f"{o}>{d}"] = {
-                    "wanted": g.paths, "addresses": [str(addrs[p[0][0]]) for p in found],
-                    "paths": [[[name, frm] for name, frm in p] for p in found],
-                    "nodes": [path_nodes(o, p, links) for p in found]}
-        hops = {}
-        for entry in self.multipath.values():
-            for addr, p in zip(entry["addresses"], entry["paths"], strict=False):
-                link = next_link([(name, frm) for name, frm in p], self.node)
-                if link is not None:
-                    hops[addr] = link
-        return hops
+        if key == self._multipath_key:
+            return self._share_next
+        self._multipath_key = key
+        links = {lk.name: lk for lk in self.links}
+        self.multipath, self._share_next = {}, {}
+        for (o, d), addrs in g.share_addresses.items():
+            found = sorted(disjoint_paths(self.links, up, o, d, g.paths, costs),
+                           key=lambda p: links[p[0][0]].index)  # numbered by first link
+            for p in found:
+                if (link := next_link(p, self.node)) is not None:
+                    self._share_next[str(addrs[p[0][0]])] = link
+            self.multipath[f"{o}>{d}"] = {
+                "wanted": g.paths, "addresses": [str(addrs[p[0][0]]) for p in found],
+                "paths": [[[name, frm] for name, frm in p] for p in found],
+                "nodes": [path_nodes(o, p, links) for p in found]}
+        return self._share_next
 
     def _apply_shares(self, ip: IPRoute, hops: dict[str, str], now: float) -> None:
         """Route each share address this node lies on the path of, and no other: a route
