@@ -41,6 +41,10 @@ class BenchError(Exception):
     """A bench could not measure what it set out to; the message says why."""
 
 
+class KeyDry(BenchError):
+    """A run spent all the key its rings held (key is paused during runs)."""
+
+
 @dataclass(frozen=True)
 class RingLevel:
     """How full a key ring is: ``available`` to its users (unclaimed in an ENC ring,
@@ -196,7 +200,7 @@ class Net:
         def hung(attempt: int) -> None:
             dry = self.dry_rings()
             if dry:  # key is paused during a run: a run that spends it all cannot go on
-                raise BenchError(
+                raise KeyDry(
                     f"iperf3 {src}->{dst} hung with no key left in {', '.join(dry)}: the "
                     f"run spent all the key its rings held (key is paused during runs); "
                     f"give a larger ring or a shorter run")

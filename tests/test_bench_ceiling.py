@@ -168,3 +168,43 @@ def test_a_failed_bench_keeps_its_networks_logs_and_a_clean_one_does_not(tmp_pat
         assert kept.exists() == failing
         if failing:
             assert kept.read_text() == "what went wrong\n"
+
+
+def test_an_otp_run_that_spends_all_its_key_is_refilled_and_run_again():
+    """A full ring may offer only half its capacity (a kept range pins its release
+    point), so a fast run can spend it all: the point refills and runs again, and fails
+    only when every attempt ran dry."""
+    from rich.console import Console
+
+    from bench import otp
+    from bench.harness import KeyDry
+
+    class Net:  # the calls run_point makes, recorded; iperf runs dry ``dry`` times
+        def __init__(self, dry: int):
+            self.dry, self.fills = dry, 0
+            self.console = Console(file=io.StringIO())
+
+        def set_mtu(self, mtu):
+            pass
+
+        def fill(self):
+            self.fills += 1
+            return 0.5
+
+        def counters(self):
+            return {k: {f: 0 for f in ("tx_pkts", "rx_pkts", "tx_key", "drop_tx_nokey",
+                                      *otp.STEPS_TX, *otp.STEPS_RX)}
+                    for k in (("A", "A-B"), ("B", "A-B"))}
+
+        def iperf(self, src, dst, seconds, streams):
+            if self.dry:
+                self.dry -= 1
+                raise KeyDry("no key left")
+            return {"gbps": 5.0, "bytes": 1, "seconds": 1.0, "retransmits": 0}
+
+    net = Net(dry=otp.DRY_RETRIES)
+    p = otp.run_point(net, "direct", 65449, 1.0)
+    assert p["gbps"] == 5.0 and p["dry_retries"] == otp.DRY_RETRIES
+    assert net.fills == otp.DRY_RETRIES + 1  # a refill before every attempt
+    with pytest.raises(KeyDry):
+        otp.run_point(Net(dry=otp.DRY_RETRIES + 1), "direct", 65449, 1.0)
