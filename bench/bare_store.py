@@ -8,12 +8,18 @@ skip the log and are flushed to a synced table; smaller ones go through a synced
 Only the bytes and the per-block metadata entry are written: no message, no
 acknowledgement, no index.
 
+*Both ends' stores*: the bare store written twice at once, in two processes, each with the
+whole of the bytes: what a relay between two nodes on this one machine must at least do,
+since each key byte is made durable at its origin and at its destination, on the same
+disk and cores (a reference beside the single store, which the target is set against).
+
 *Disk*: the same bytes written to a file, ``block`` at a time, with one ``fdatasync`` per
 batch: what the disk does with the same sync pattern and no database.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shutil
 import struct
@@ -80,13 +86,45 @@ def _fill_store(path: Path, blocks: list[bytes], block: int, per: int) -> dict:
                 db.write(wb, synced)
             del wb
         el = time.perf_counter() - t0
+        span = (time.time() - el, time.time())  # wall clock: a pair's runs are compared
         del cf, h  # as KeyStore.close: the views first, then the database
     finally:
         db.close()
         del db
     nbytes = len(blocks) * block
     return {"bytes": nbytes, "block": block, "batch": per * block, "seconds": el,
-            "gbps": nbytes * 8 / el / 1e9}
+            "gbps": nbytes * 8 / el / 1e9, "span": span}
+
+
+def _pair_member(total: int, block: int, batch: int, root: Path | None, barrier,
+                 out) -> None:
+    barrier.wait()
+    out.put(store_write(total, block, batch, root))
+
+
+def store_write_pair(total: int, block: int = 1 << 20, batch: int = SEND_BATCH,
+                     root: Path | None = None) -> dict:
+    """Bytes per second made durable in two bare stores at once (each gets all of them):
+    the rate is ``total`` over the time from the first store's start to the last one's
+    end."""
+    ctx = mp.get_context("spawn")  # no fork of a process that may hold threads
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_pair_member, args=(total, block, batch, root, barrier, out))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        runs = [out.get(timeout=600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    el = max(r["span"][1] for r in runs) - min(r["span"][0] for r in runs)
+    nbytes = runs[0]["bytes"]
+    return {"bytes": nbytes, "block": block, "batch": runs[0]["batch"], "seconds": el,
+            "gbps": nbytes * 8 / el / 1e9, "stores_gbps": [r["gbps"] for r in runs],
+            "spans": [r["span"] for r in runs]}
 
 
 def disk_write(total: int, block: int = 1 << 20, batch: int = SEND_BATCH,

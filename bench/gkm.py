@@ -18,8 +18,10 @@ in the same run.
 
 Ceiling in the same run (``bench.bare_store``): the same bytes (the store's size, 1 MiB
 blocks) written to a bare RocksDB store with the key store's options and the durability
-of received blocks, in the same filesystem, no relay; and, for reference, the disk's own
-synced write rate. The target is a ratio of the first.
+of received blocks, in the same filesystem, no relay; and, for reference, the same
+written to two such stores at once (a fill makes each byte durable at both ends, which
+here share one disk and two cores) and the disk's own synced write rate. The target is a
+ratio of the first.
 """
 
 from __future__ import annotations
@@ -194,10 +196,13 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, store: int = 256 << 20,
 
 
 def measure_ceilings(store: int, repeat: int, console: Console) -> dict[str, dict]:
-    """The bare store's and the disk's synced write rates for ``store`` bytes of 1 MiB
-    blocks, medians of ``repeat``, in the key stores' filesystem."""
+    """The bare store's, two bare stores' at once and the disk's synced write rates for
+    ``store`` bytes of 1 MiB blocks, medians of ``repeat``, in the key stores'
+    filesystem."""
     out = {}
     for name, fn, what in (("store", bare_store.store_write, "bare RocksDB store"),
+                           ("two_stores", bare_store.store_write_pair,
+                            "two bare stores at once (both ends' on this machine)"),
                            ("disk", bare_store.disk_write, "disk, write + fdatasync")):
         out[name] = median_run([fn(store, 1 << 20) for _ in range(repeat)])
         console.print(f"  ceiling, {what}, {_size(store)} in 1 MiB blocks: "
@@ -234,6 +239,7 @@ def summarize(points: list[dict], sizes: tuple[int, ...], store: int, window: in
     ceilings = ceilings or {}
     c_store = ceilings["store"]["gbps"] if "store" in ceilings else None
     c_disk = ceilings["disk"]["gbps"] if "disk" in ceilings else None
+    c_two = ceilings["two_stores"]["gbps"] if "two_stores" in ceilings else None
     result = {
         "bench": "gkm", "machine": f"{os.uname().nodename} {os.cpu_count()} cores",
         "paper": PAPER, "floor": TARGETS["gkm"], "store_bytes": store, "window_bytes": window,
@@ -247,6 +253,8 @@ def summarize(points: list[dict], sizes: tuple[int, ...], store: int, window: in
         "ratio_vs_ceiling": vs(d_gbps if top else None, c_store),
         "ratio_relay_vs_ceiling": vs(top_relay["gbps"] if top_relay else None, c_store),
         "ratio_vs_disk": vs(d_gbps if top else None, c_disk),
+        "ceiling_two_stores_gbps": c_two,
+        "ratio_vs_two_stores": vs(d_gbps if top else None, c_two),
         "points": points, "ceilings": ceilings,
     }
     result["meets_floor"] = meets(result, "gkm")
@@ -265,6 +273,10 @@ def summarize(points: list[dict], sizes: tuple[int, ...], store: int, window: in
     if c_store:
         console.print(f"1 MiB keys, direct: {d_gbps:.2f} Gb/s filled, {c_store:.2f} Gb/s into a "
                       f"bare store, {c_disk or 0:.2f} Gb/s to the disk (same run)")
+    if c_two:
+        console.print(f"  for reference: {c_two:.2f} Gb/s into two bare stores at once, what "
+                      f"both ends' stores on this machine can take: "
+                      f"{result['ratio_vs_two_stores']:.2f} of it")
     console.print(verdict_line(result, "gkm"))
     return finish(result, console, plot_path, lambda out: plot(points, sizes, out))
 

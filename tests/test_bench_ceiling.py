@@ -208,3 +208,18 @@ def test_an_otp_run_that_spends_all_its_key_is_refilled_and_run_again():
     assert net.fills == otp.DRY_RETRIES + 1  # a refill before every attempt
     with pytest.raises(KeyDry):
         otp.run_point(Net(dry=otp.DRY_RETRIES + 1), "direct", 65449, 1.0)
+
+
+def test_two_bare_stores_are_written_at_once_each_with_all_the_bytes(tmp_path):
+    """The reference for a fill, whose bytes are made durable at both ends: two stores
+    written in two processes at the same time; the rate counts the bytes once, over the
+    span from the first start to the last end, and nothing is left in the scratch root."""
+    from bench import bare_store
+
+    r = bare_store.store_write_pair(8 << 20, 1 << 20, 4 << 20, root=tmp_path)
+    assert r["bytes"] == 8 << 20 and len(r["stores_gbps"]) == 2
+    (s0, e0), (s1, e1) = r["spans"]
+    assert r["seconds"] == pytest.approx(max(e0, e1) - min(s0, s1))
+    for (s, e), g in zip(r["spans"], r["stores_gbps"], strict=True):  # each wrote it all
+        assert (e - s) == pytest.approx(r["bytes"] * 8 / g / 1e9, rel=1e-3, abs=1e-3)
+    assert list(tmp_path.iterdir()) == []
