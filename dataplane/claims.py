@@ -9,13 +9,6 @@ equal packets then uses its chunks to the byte), never more than ``max_chunk`` (
 the link's key rate bounds: see control.core.config.derived_sizes) and never less than the
 packet. A worker sending one packet now and then claims exactly that packet's pad.
 
-Control packets (bare TCP acknowledgements, relay acknowledgements: dataplane.classify)
-may take key from the ring's control reserve, which bulk leaves alone. While the ring holds
-key above that reserve, a control packet claims like bulk (a sized claim that leaves the
-reserve whole), so a stream's acknowledgements share claims too; only within the reserve
-does it claim exactly its own pad, so that no rest of reserve key is left for a bulk
-packet to use (:func:`claim_terms`).
-
 A worker holds up to a few ranges, each on a lane of its own (lanes are the replay unit
 on the wire: positions only grow within one). A packet that does not fit the rest of
 one range takes a new one and the rest stays for later, smaller packets, instead of
@@ -51,20 +44,6 @@ class ClaimSizer:
         self._mark, self._since = now, 0
         target = min(self.max_chunk, int(self.rate * self.horizon_s))
         return need * max(1, target // need)
-
-
-def claim_terms(need: int, sized: int, control: bool, room: int, reserve_bulk: int,
-                reserve_control: int) -> tuple[int, int]:
-    """(bytes to claim, bytes to leave unclaimed) for a packet needing ``need``, with
-    ``room`` bytes unclaimed in the ring and ``sized`` the sizer's claim for it.
-
-    Why control packets claim like bulk above the reserve: a TCP receiver sends about one
-    bare acknowledgement per two or three segments; claiming each on its own took the
-    ring's lock for every one of them, in the worker that also receives the stream.
-    """
-    if control and room < need + reserve_bulk:
-        return need, reserve_control
-    return sized, reserve_bulk
 
 
 def pick_range(held: dict[int, list[int]], need: int) -> int | None:

@@ -42,7 +42,7 @@ from control.core.lifecycle import die_with_parent, run_until_stopped
 from control.core.procs import process_identity
 from dataplane import wire
 from dataplane.bpf.syscall import ArrayMap
-from dataplane.claims import ClaimSizer, claim_terms, lane_to_claim, pick_range
+from dataplane.claims import ClaimSizer, lane_to_claim, pick_range
 from dataplane.classify import is_control
 from dataplane.limits import IDLE_RETIRE_S, MAX_KEY_LAG, MAX_SUBLANES
 from dataplane.parking import PARK_SLOTS, ParkingLot, ParkPacer
@@ -199,24 +199,19 @@ class Worker:
         cfg, enc = self.cfg, self.enc
         now = time.monotonic()
         deadline = now + (0.0 if self.dry else cfg.key_wait_s)
-        sized = need if cfg.conventional else self.sizer.size(need, now)
+        # The last reserve bytes are for control traffic and keepalives (enforced under
+        # the ring lock): a busy link that runs dry must still carry what keeps it alive.
+        reserve = cfg.reserve_control if control else cfg.reserve_bulk
         races = 0
         while True:
-            # The last reserve bytes are for control traffic and keepalives (enforced
-            # under the ring lock): a busy link that runs dry must still carry what keeps
-            # it alive. Above them control packets claim like bulk (claim_terms).
-            size, reserve = claim_terms(need, sized, control, enc.write_pos - enc.claim_pos,
-                                        cfg.reserve_bulk, cfg.reserve_control)
             if enc.write_pos - enc.claim_pos >= need + reserve:
+                size = need if cfg.conventional or control else self.sizer.size(need, now)
                 lane, top = lane_to_claim(self.held, self.lanes, enc.claim_pos)
                 pos, take = enc.claim_chunk(lane, size, reserve=reserve, min_take=need,
                                             if_top=top)
                 self.c[CLAIMS] += 1
-                if races < 4 and (pos < 0 or (control and not take and size > need)):
-                    # another worker claimed past our range first, or a control packet's
-                    # sized claim met the bulk reserve: at once again (on another lane;
-                    # exactly the packet's pad)
-                    races += 1
+                if pos < 0 and races < 4:  # another worker claimed past our range first:
+                    races += 1  # at once again, on another lane
                     continue
                 if pos >= 0:
                     self.held.pop(lane, None)  # given up by the claim in any case

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataplane.claims import ClaimSizer, claim_terms, lane_to_claim, pick_range
+from dataplane.claims import ClaimSizer, lane_to_claim, pick_range
 
 MTU_PAD = 65_491  # a full-size packet's pad
 
@@ -52,15 +52,3 @@ def test_a_new_claim_continues_the_last_range_else_takes_a_free_lane_else_the_lo
     full = {1: [40, 50], 3: [10, 20], 5: [70, 80], 7: [90, 95]}
     assert lane_to_claim(full, lanes, 200) == (3, False)  # the lowest range goes
     assert lane_to_claim({}, lanes, 0) == (1, False)
-
-
-def test_control_packets_claim_like_bulk_above_the_reserve_and_exactly_within_it():
-    need, sized, bulk, control = 94, 94 * 30, 10_000, 2_000
-    # plenty of key: an acknowledgement shares a sized claim that leaves the reserve whole
-    assert claim_terms(need, sized, True, 1 << 20, bulk, control) == (sized, bulk)
-    assert claim_terms(need, sized, False, 1 << 20, bulk, control) == (sized, bulk)
-    # within the bulk reserve: exactly its own pad, down to the keepalives' share
-    assert claim_terms(need, sized, True, bulk + need - 1, bulk, control) == (need, control)
-    assert claim_terms(need, sized, True, bulk + need, bulk, control) == (sized, bulk)
-    # bulk never reaches into the reserve, whatever the room
-    assert claim_terms(need, sized, False, bulk - 1, bulk, control) == (sized, bulk)
