@@ -53,6 +53,22 @@ def forward_tx(topo: Topology, dist: dict[str, int]) -> dict[str, int]:
                    if dist[lk.peer_of(n)] > dist[n]) for n in topo.nodes}
 
 
+def settled_forward_tx(topo: Topology, dist: dict[str, int], block: int) -> dict[str, int]:
+    """``forward_tx`` once no node's count moves by a block between two reads a second
+    apart: the tunnel managers write their counters every half second, so right after a
+    fill is acknowledged a relay's count may still lack the fill's last bytes, which a
+    count taken then would put on the next window."""
+    last: dict[str, int] = {}
+
+    def steady() -> dict[str, int] | None:
+        nonlocal last
+        now, prev = forward_tx(topo, dist), last
+        last = now
+        return now if prev and all(now[n] - prev[n] < block for n in now) else None
+
+    return wait_until(steady, 60, lambda: f"the tunnels' counters to settle: {last}", step=1.0)
+
+
 def take(topo: Topology, number: int) -> list[dict]:
     status, body = api(topo, "SAE-A1", f"{API}/SAE-C3/enc_keys?number={number}"
                                        f"&size={KEY_BITS}")
@@ -106,7 +122,7 @@ def test_two_shares_cross_disjoint_relays_and_the_wait_policy_holds(tmp_path, pr
 
     # A refill, counted: each relay sends on the one share it carries, and no other.
     dist = {n: ord(n[0]) - ord("A") + int(n[1]) - 1 for n in topo.nodes}  # hops from A1
-    before = forward_tx(topo, dist)
+    before = settled_forward_tx(topo, dist, block)
     acked = relay_of(topo)["acked_bytes"]
     keys = take(topo, 10)  # 2.5 MiB: under the low watermark, so A1 restocks to high
     refill = len(keys) * block
