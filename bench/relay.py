@@ -121,7 +121,7 @@ def _mib(n: int) -> str:
 
 
 def run(hops: tuple[int, ...] = DEFAULT_HOPS, nodes: int = NODES, block: int = 1 << 20,
-        store: int = 32 << 20, window: int = 16 << 20, ring: str = "48MiB",
+        store: int = 32 << 20, window: int = 16 << 20, ring: str = "96MiB",
         workers: int = 1, repeat: int = 3, timeout: float = 120.0,
         plot_path: Path | None = None, console: Console | None = None) -> dict:
     console = console or Console()

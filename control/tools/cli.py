@@ -524,8 +524,9 @@ def bench_relay(
     nodes: Annotated[int, typer.Option(min=3, max=64, help="nodes in the ring")] = 16,
     store: Annotated[str, typer.Option(help="global key filled per point (1 MiB blocks)")]
     = "32MiB",
-    ring: Annotated[str, typer.Option(help="ring capacity per link direction (holds a "
-                                           "point's key)")] = "48MiB",
+    ring: Annotated[str, typer.Option(help="ring capacity per link direction of the "
+                                           "measured links (a kept range can pin half a "
+                                           "ring: hold a point's key in half)")] = "96MiB",
     workers: Annotated[int, typer.Option(min=1, help="OTP workers per link end")] = 1,
     repeat: Annotated[int, typer.Option(min=1, help="fills per point; the median counts")]
     = 3,
