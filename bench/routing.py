@@ -26,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.harness import BenchError, Net, wait_until
+from bench.scale import with_prefix
 from bench.topology import network, template, triangle
 from control.core import paths
 from control.core.statefile import read_status
@@ -72,13 +73,12 @@ class RoutingNet(Net):
 def _grid_template(paths_k: int, high: int) -> str:
     """The shipped grid with its prefix a template field, ``paths`` = ``paths_k`` and the
     high watermark ``high`` (the fill to time)."""
-    text = GRID.read_text().replace("{", "{{").replace("}", "}}")
-    text, n = re.subn(r'^prefix = "[a-z0-9]+"', 'prefix = "{prefix}"', text, count=1,
-                      flags=re.M)
+    text = with_prefix(GRID.read_text().replace("{", "{{").replace("}", "}}"),
+                       "{prefix}", GRID)
     text, m = re.subn(r'^high_watermark = .*$', f'high_watermark = {high}\npaths = {paths_k}',
                       text, count=1, flags=re.M)
-    if n != 1 or m != 1:
-        raise BenchError(f"{GRID}: no prefix or no [gkm] high_watermark to set")
+    if m != 1:
+        raise BenchError(f"{GRID}: no [gkm] high_watermark to set")
     return text
 
 

@@ -34,14 +34,19 @@ API = "/api/v1/keys"
 LOOPS: list[list[str]] = []  # loops seen while following routes (reported on a timeout)
 
 
-def copy_as(src: Path, prefix: str, out_dir: Path) -> Topology:
-    """The network file ``src`` unchanged but for its prefix (each run its own)."""
-    text, n = re.subn(r'^prefix = "[a-z0-9]+"', f'prefix = "{prefix}"', src.read_text(),
-                      count=1, flags=re.M)
+def with_prefix(text: str, prefix: str, src: Path) -> str:
+    """The network file text ``text`` (of ``src``) with its prefix set to ``prefix``."""
+    text, n = re.subn(r'^prefix = "[a-z0-9]+"', f'prefix = "{prefix}"', text, count=1,
+                      flags=re.M)
     if n != 1:
         raise BenchError(f"{src} names no prefix")
+    return text
+
+
+def copy_as(src: Path, prefix: str, out_dir: Path) -> Topology:
+    """The network file ``src`` unchanged but for its prefix (each run its own)."""
     path = out_dir / src.name
-    path.write_text(text)
+    path.write_text(with_prefix(src.read_text(), prefix, src))
     return load_topology(path)
 
 

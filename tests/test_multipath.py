@@ -8,7 +8,7 @@ import random
 import pytest
 
 from control.routing.linkstate import LinkEnds, shortest_paths
-from control.routing.multipath import disjoint_paths, max_disjoint, next_link, path_nodes
+from control.routing.multipath import disjoint_paths, next_link, path_nodes
 
 # examples/grid9.toml's links in file order
 GRID_PAIRS = [("A1", "A2"), ("A2", "A3"), ("B1", "B2"), ("B2", "B3"), ("C1", "C2"),
@@ -25,6 +25,11 @@ TRAP = [LinkEnds("sa", 0, "s", "a"), LinkEnds("ab", 1, "a", "b"), LinkEnds("bt",
 
 def names(links: list[LinkEnds]) -> set[str]:
     return {lk.name for lk in links}
+
+
+def max_disjoint(links: list[LinkEnds], up: set[str], src: str, dst: str) -> int:
+    """How many node-disjoint paths from src to dst there are at most."""
+    return len(disjoint_paths(links, up, src, dst, k=len(links) + 1))
 
 
 def cost_of(path, costs=None) -> int:

@@ -21,7 +21,7 @@ from control.gkm.manager import PAUSE_FLAG
 from control.node.status import collect, render_global
 from control.tools import emulation
 from tests.nsutil import router_state, wait_until
-from tests.test_scale import EXAMPLES, tunnel_tx
+from tests.test_scale import EXAMPLES, layers, tunnel_tx
 
 pytestmark = pytest.mark.netns
 API = "/api/v1/keys"
@@ -121,7 +121,7 @@ def test_two_shares_cross_disjoint_relays_and_the_wait_policy_holds(tmp_path, pr
     assert r["paths"]["degraded_blocks"] == 0 and r["paths"]["shares_sent"] >= 2 * high // block
 
     # A refill, counted: each relay sends on the one share it carries, and no other.
-    dist = {n: ord(n[0]) - ord("A") + int(n[1]) - 1 for n in topo.nodes}  # hops from A1
+    dist = {n: d for d, layer in enumerate(layers(topo, "A1")) for n in layer}
     before = settled_forward_tx(topo, dist, block)
     acked = relay_of(topo)["acked_bytes"]
     keys = take(topo, 10)  # 2.5 MiB: under the low watermark, so A1 restocks to high

@@ -52,7 +52,6 @@ from pathlib import Path
 
 import zmq
 import zmq.utils.monitor
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from control.core import paths
 from control.core.address import wait_for_address
@@ -116,8 +115,7 @@ def random_blocks(count: int, size: int) -> list[bytes]:
     """``count`` fresh global key blocks: a ChaCha20 keystream under a key drawn from
     os.urandom for each call (a CSPRNG of the kind the kernel's own generator is, but
     several times faster here; see docs/design.md)."""
-    stream = Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), None).encryptor()
-    data = stream.update(bytes(count * size))
+    data = shares.random_bytes(count * size)
     return [data[i * size:(i + 1) * size] for i in range(count)]
 
 
@@ -302,7 +300,7 @@ class GlobalKeyManager:
         """Pace ``d``'s blocks to the key rate of ``path`` (unchanged when no path is
         known: the last one, or the planned one, is the best guess); with ``more``
         paths (multipath: one share on each), to the slowest of them all."""
-        if not path or path == d.path and not more:
+        if not path:
             return
         rate = min(self._path_rate(p) for p in [path, *(more or [])])
         if path == d.path and rate == d.path_rate:
@@ -363,8 +361,6 @@ class GlobalKeyManager:
         them, and every pending block sent again as a new send. Closing the old sockets
         drops what waited in them, so no share of an older send leaves along a new path
         (the routers hold a moved share route back meanwhile: control.routing.router)."""
-        if not hasattr(self, "poller"):
-            return
         for i in slots:
             address = d.addresses[i]
             old, mon = d.socks[i], d.monitors[i]

@@ -26,8 +26,10 @@ MIN_SETS_PER_ORIGIN = 64          # partial sets one origin may have waiting (at
 
 
 def random_bytes(n: int) -> bytes:
-    """``n`` uniformly random bytes: a ChaCha20 keystream under a fresh os.urandom key
-    (as the blocks themselves are made: control.gkm.manager.random_blocks)."""
+    """``n`` uniformly random bytes: a ChaCha20 keystream under a key drawn from
+    os.urandom for each call (a CSPRNG of the kind the kernel's own generator is, but
+    several times faster here; see docs/design.md). Global key blocks are made so too
+    (control.gkm.manager.random_blocks)."""
     return Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), None).encryptor() \
         .update(bytes(n))
 

@@ -195,11 +195,16 @@ def _header(kind: MsgType, origin: int, destination: int, count: int) -> bytes:
     return _HEADER.pack(MAGIC, VERSION, kind, origin, destination, count)
 
 
+def _index(blocks: tuple[tuple[int, bytes | memoryview], ...]) -> bytes:
+    """The (seq, size) index of a BLOCKS or SHARES message, checked."""
+    _check_blocks([(seq, len(data)) for seq, data in blocks])
+    return b"".join(_BLOCK.pack(seq, len(data)) for seq, data in blocks)
+
+
 def encode_blocks(msg: Blocks) -> list[bytes | memoryview]:
     """The frames of a BLOCKS message: the index, then each block as it is."""
-    _check_blocks([(seq, len(data)) for seq, data in msg.blocks])
+    index = _index(msg.blocks)
     head = _header(MsgType.BLOCKS, msg.origin, msg.destination, len(msg.blocks))
-    index = b"".join(_BLOCK.pack(seq, len(data)) for seq, data in msg.blocks)
     return [head + index, *(data for _, data in msg.blocks)]
 
 
@@ -207,9 +212,8 @@ def encode_shares(msg: Shares) -> list[bytes | memoryview]:
     """The frames of a SHARES message: the index (after the nonce and share number), then
     each share as it is."""
     _check_share(msg.index, msg.count)
-    _check_blocks([(seq, len(data)) for seq, data in msg.blocks])
+    index = _index(msg.blocks)
     head = _header(MsgType.SHARES, msg.origin, msg.destination, len(msg.blocks))
-    index = b"".join(_BLOCK.pack(seq, len(data)) for seq, data in msg.blocks)
     return [head + _SHARE.pack(msg.nonce, msg.index, msg.count) + index,
             *(data for _, data in msg.blocks)]
 

@@ -174,11 +174,6 @@ def disjoint_paths(links: list[LinkEnds], up: set[str], src: str, dst: str, k: i
                   key=lambda p: (path_cost(p, costs), tuple(index[name] for name, _ in p)))
 
 
-def max_disjoint(links: list[LinkEnds], up: set[str], src: str, dst: str) -> int:
-    """How many node-disjoint paths from src to dst there are at most."""
-    return len(disjoint_paths(links, up, src, dst, k=len(links) + 1))
-
-
 def path_nodes(src: str, path: Path, links: dict[str, LinkEnds]) -> list[str]:
     """The nodes along ``path``, src first, dst last."""
     nodes = [src]
