@@ -474,6 +474,18 @@ def test_no_key_drops_packets_counts_them_and_takes_the_link_down(tmp_path, pref
     emulator = man.pids["emulator:A-B"]
     os.kill(emulator, signal.SIGSTOP)  # no more key on this link
     try:
+        # Blocks the key managers had already read still arrive: wait until A's ring
+        # stops growing, so that what is left after the burst is measured against it.
+        seen: list[int] = []
+
+        def settled() -> bool:
+            enc = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
+            seen.append(enc.write_pos)
+            enc.close()
+            return len(seen) > 1 and seen[-1] == seen[-2]
+
+        wait_until(settled, 30, lambda: f"A's ENC ring to stop growing: {seen[-3:]}",
+                   step=1.0)
         before = tunnel_state(prefix, "A", "A-B")["counters"]
         listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 4.0)
         time.sleep(0.3)
