@@ -1,8 +1,9 @@
 """The key API worker's line to its node's global key manager, from asyncio.
 
-One ZeroMQ DEALER per worker process on the manager's Unix socket; many requests in
-flight at once, each tagged with a request id frame that the manager sends back
-unchanged (the requests and answers are ``control.gkm.take``'s, through
+One ZeroMQ DEALER per worker process on the manager's Unix socket, read from the event
+loop's own reader (not zmq.asyncio: see ``docs/design.md``, "Workers and shared stores");
+many requests in flight at once, each tagged with a request id frame that the manager
+sends back unchanged (the requests and answers are ``control.gkm.take``'s, through
 ``control.gkm.client``). The manager serves every worker's
 requests one batch at a time with one sync per batch, which is what keeps the stores
 consistent across Sanic's worker processes: no worker opens the stores itself.
@@ -38,9 +39,9 @@ import time
 from collections import OrderedDict
 
 import zmq
-import zmq.asyncio
 import zmq.utils.monitor
 
+from control.core import zmq_frames
 from control.core.procs import process_identity
 from control.gkm.client import (
     BusyError,
@@ -65,11 +66,18 @@ _RID = struct.Struct(">Q")
 log = logging.getLogger("qkdnet.api")
 
 
+class _TimedOut(Exception):
+    """A request's answer did not come within the link's timeout."""
+
+
 class GkmLink:
     def __init__(self, prefix: str, node: str, timeout_s: float = TIMEOUT_S):
         self.endpoint = f"ipc://{socket_path(prefix, node)}"
         self.timeout_s = timeout_s
-        self.ctx = zmq.asyncio.Context()
+        # Plain sockets on the event loop's own reader (add_reader on their descriptors)
+        # rather than zmq.asyncio's: that machinery (a future, a timer and several
+        # callbacks per message) cost a worker more per request than Sanic and TLS did.
+        self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(self.endpoint)
@@ -81,24 +89,31 @@ class GkmLink:
         self.waiting: dict[int, asyncio.Future] = {}
         self.sent: dict[int, tuple[Request, list[bytes]]] = {}  # waiting: what, frames
         self.gave_up: OrderedDict[int, str] = OrderedDict()  # request id -> peer node
-        self.reader: asyncio.Task | None = None
-        self.watcher: asyncio.Task | None = None
-        self.settling: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.room = asyncio.Event()  # set when the socket takes sends again
+        self.draining = False
+        self.settling: set[asyncio.Task] = set()  # background work: words, restarts
         self.restarts_seen = 0
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.reader = loop.create_task(self._read())
-        self.watcher = loop.create_task(self._watch())
+        self.loop = asyncio.get_running_loop()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.loop.add_reader(self.sock.FD, self._drain)
+        self.loop.add_reader(self.monitor.FD, self._on_monitor)
+        self._drain()
+        self._on_monitor()
 
     async def close(self) -> None:
         if self.settling:  # words on answers still on their way (a short while)
             await asyncio.wait(self.settling, timeout=2.0)
-        for task in (self.reader, self.watcher, *self.settling):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        for task in list(self.settling):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.loop is not None:
+            self.loop.remove_reader(self.sock.FD)
+            self.loop.remove_reader(self.monitor.FD)
         with contextlib.suppress(zmq.ZMQError):
             self.sock.disable_monitor()
         self.monitor.close(0)
@@ -108,54 +123,91 @@ class GkmLink:
         self.sock.close(0)
         self.ctx.term()
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            if len(frames) < 3 or len(frames[0]) != _RID.size:
-                continue
-            rid = _RID.unpack(frames[0].bytes)[0]
-            fut = self.waiting.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(frames[2:])
-            elif rid in self.gave_up:
-                await self._cancel_late(self.gave_up.pop(rid), frames[2])
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
 
-    async def _watch(self) -> None:
+    def _drain(self) -> None:
+        """Read every answer there is. A ZeroMQ socket's descriptor only signals that its
+        state may have changed (edge-triggered): read until EVENTS says nothing is left,
+        and look again after each send (a send can take the signal)."""
+        if self.draining or self.sock.closed:
+            return
+        self.draining = True
+        try:
+            while True:
+                events = self.sock.getsockopt(zmq.EVENTS)  # an int
+                if events & zmq_frames.POLLOUT and not self.room.is_set():
+                    self.room.set()
+                if not events & zmq_frames.POLLIN:
+                    return
+                try:
+                    frames = zmq_frames.recv(self.sock, zmq_frames.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+                self._on_answer(frames)
+        finally:
+            self.draining = False
+
+    def _on_answer(self, frames: list) -> None:
+        if len(frames) < 3 or len(frames[0]) != _RID.size:
+            return
+        rid = _RID.unpack(frames[0].bytes)[0]
+        fut = self.waiting.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(frames[2:])
+        elif rid in self.gave_up:
+            self._background(self._cancel_late(self.gave_up.pop(rid), frames[2]))
+
+    def _on_monitor(self) -> None:
         """The manager's process went away: what waits on it is sent again or refused."""
-        while True:
+        while not self.monitor.closed and \
+                self.monitor.getsockopt(zmq.EVENTS) & zmq_frames.POLLIN:
             try:
-                event = zmq.utils.monitor.parse_monitor_message(
-                    await self.monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    self.restarts_seen += 1
-                    await self._after_restart()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never stop watching
-                log.exception("key API: handling the key manager's restart")
+                event = zmq.utils.monitor.recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.restarts_seen += 1
+                self._background(self._after_restart())
 
     async def _after_restart(self) -> None:
-        for rid, (request, frames) in list(self.sent.items()):
-            fut = self.waiting.get(rid)
-            if fut is None or fut.done():
-                continue
-            if request.op in RESENDABLE:
-                await self._send(frames)
-                continue
-            if request.op == "take_enc":
-                self._give_up(rid, request.peer)
-            fut.set_exception(StoreError(
-                "busy", "the node's global key manager restarted while serving the "
-                        "request; nothing was taken"))
+        try:
+            for rid, (request, frames) in list(self.sent.items()):
+                fut = self.waiting.get(rid)
+                if fut is None or fut.done():
+                    continue
+                if request.op in RESENDABLE:
+                    await self._send(frames)
+                    continue
+                if request.op == "take_enc":
+                    self._give_up(rid, request.peer)
+                fut.set_exception(StoreError(
+                    "busy", "the node's global key manager restarted while serving the "
+                            "request; nothing was taken"))
+        except Exception:  # never stop watching
+            log.exception("key API: handling the key manager's restart")
 
     async def _send(self, frames: list[bytes]) -> None:
-        """Send, waiting at most the timeout (the DEALER's queue is full while the
-        manager is away long)."""
-        try:
-            await asyncio.wait_for(self.sock.send_multipart(frames), self.timeout_s)
-        except TimeoutError:
-            raise BusyError("the global key manager is not taking requests; "
-                                     "nothing was taken") from None
+        """Send at once; while the socket takes nothing (the DEALER's queue is full while
+        the manager is away long), wait for room, at most the timeout."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                zmq_frames.send(self.sock, frames, zmq_frames.NOBLOCK)
+                break
+            except zmq.Again:
+                self.room.clear()
+                self._drain()  # room may have come already
+                left = deadline - time.monotonic()
+                try:
+                    await asyncio.wait_for(self.room.wait(), max(0.0, min(left, 0.1)))
+                except TimeoutError:
+                    if left <= 0.1:
+                        raise BusyError("the global key manager is not taking requests; "
+                                        "nothing was taken") from None
+        self._drain()
 
     def _give_up(self, rid: int, peer: str) -> None:
         self.gave_up[rid] = peer
@@ -170,32 +222,40 @@ class GkmLink:
             return
         log.warning("key API: the key manager answered a take after it had been refused "
                     "(503); its %d key(s) for node %s are cancelled", len(ids), peer)
-        await self.sock.send_multipart([_RID.pack(next(self.ids)), b"",
-                                        take.cancel(peer, ids).body])
+        await self._send([_RID.pack(next(self.ids)), b"", take.cancel(peer, ids).body])
 
     def _deadline(self) -> float:
         """A take's deadline: the manager must have answered by then."""
         return time.monotonic() + max(self.timeout_s / 2, self.timeout_s - ANSWER_MARGIN_S)
 
+    def _expire(self, rid: int) -> None:
+        fut = self.waiting.get(rid)
+        if fut is not None and not fut.done():
+            fut.set_exception(_TimedOut())
+
     async def call(self, request: Request, rid: int | None = None
                    ) -> tuple[dict, memoryview]:
         rid = next(self.ids) if rid is None else rid
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self.waiting[rid] = fut
         frames = [_RID.pack(rid), b"", request.body]
         self.sent[rid] = (request, frames)
+        timer = loop.call_later(self.timeout_s, self._expire, rid)
         try:
             await self._send(frames)
-            frames = await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
-        except TimeoutError:
-            if not fut.done():  # (an answer that came with the timeout is kept)
-                if request.op == "take_enc":  # its answer, if it ever comes, goes to
-                    self._give_up(rid, request.peer)  # no one
-                raise BusyError(f"the global key manager did not answer within "
-                                         f"{self.timeout_s:.0f} s; nothing was taken") \
-                    from None
-            frames = fut.result()
+            frames = await fut
+        except _TimedOut:
+            if request.op == "take_enc":  # its answer, if it ever comes, goes to no one
+                self._give_up(rid, request.peer)
+            raise BusyError(f"the global key manager did not answer within "
+                            f"{self.timeout_s:.0f} s; nothing was taken") from None
+        except asyncio.CancelledError:  # the request was dropped (its SAE went away):
+            if request.op == "take_enc" and not (fut.done() and not fut.cancelled()):
+                self._give_up(rid, request.peer)  # a late answer's keys go to no one
+            raise
         finally:
+            timer.cancel()
             self.waiting.pop(rid, None)
             self.sent.pop(rid, None)
         head = decode_answer(frames[0].bytes)
@@ -233,10 +293,7 @@ class GkmLink:
         if that connection goes first (or no answer was sent: ``transport`` None)."""
         if token is None:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._settle(peer, key_ids, sae, token, transport))
-        self.settling.add(task)
-        task.add_done_callback(self.settling.discard)
+        self._background(self._settle(peer, key_ids, sae, token, transport))
 
     async def _settle(self, peer: str, key_ids: list[str], sae: str, token: int,
                       transport: asyncio.BaseTransport | None) -> None:

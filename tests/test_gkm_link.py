@@ -148,3 +148,27 @@ def test_a_manager_gone_mid_request_gets_dec_takes_again_and_refuses_enc_takes(m
     finally:
         sock.close(0)
         ctx.destroy(0)
+
+
+def test_a_take_whose_request_is_dropped_has_its_late_keys_cancelled(manager):
+    """The SAE's request went away (its handler cancelled) while the take waited: the
+    answer's keys, when it comes, go to no one, so they are cancelled at the slave's node."""
+    prefix, sock = manager
+    ids = [str(uuid.uuid4())]
+
+    async def run() -> dict:
+        link = GkmLink(prefix, "A", timeout_s=60.0)
+        link.start()
+        try:
+            task = asyncio.ensure_future(link.take_enc_for("B", 1, 32, ["b1"], "a1"))
+            frames = await asyncio.to_thread(_recv, sock)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            sock.send_multipart([*frames[:-1], json.dumps(
+                {"ok": True, "key_ids": ids, "rseq": 0}).encode(), bytes(32)])
+            return json.loads((await asyncio.to_thread(_recv, sock))[-1])
+        finally:
+            await link.close()
+
+    assert asyncio.run(run()) == {"op": "cancel", "peer": "B", "key_ids": ids}

@@ -56,34 +56,44 @@ def test_every_request_reads_back_as_built():
     assert parse(take.digests("dec", "B")) == take.Digests("dec", "B")
 
 
-def test_requests_keep_their_bytes_and_name_their_op_and_peer():
-    """The frames clients sent before the codec existed, byte for byte."""
+def _compact(doc: dict) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def test_requests_are_compact_json_and_name_their_op_and_peer():
+    """The frames as the manager has always read them (the same fields, in the same
+    order), written without spaces."""
     r = take.take_enc("B", 3, 32, 1.5, ["s1"], "m")
     assert (r.op, r.peer) == ("take_enc", "B")
-    assert r.body == json.dumps({"op": "take_enc", "peer": "B", "number": 3, "size": 32,
-                                 "slaves": ["s1"], "master": "m", "deadline": 1.5}).encode()
-    assert take.take_dec("B", ["k"], "s", "m", 1.5, (5, 6)).body == json.dumps(
+    assert r.body == _compact({"op": "take_enc", "peer": "B", "number": 3, "size": 32,
+                               "slaves": ["s1"], "master": "m", "deadline": 1.5})
+    assert take.take_dec("B", ["k"], "s", "m", 1.5, (5, 6)).body == _compact(
         {"op": "take_dec", "peer": "B", "key_ids": ["k"], "sae": "s", "master": "m",
-         "holder": [5, 6], "deadline": 1.5}).encode()
-    assert take.take_dec("B", ["k"], "s", None, 1.5).body == json.dumps(
+         "holder": [5, 6], "deadline": 1.5})
+    assert take.take_dec("B", ["k"], "s", None, 1.5).body == _compact(
         {"op": "take_dec", "peer": "B", "key_ids": ["k"], "sae": "s", "master": None,
-         "deadline": 1.5}).encode()
-    assert take.answered("B", ["k"], "s", (5, 6), False).body == json.dumps(
+         "deadline": 1.5})
+    assert take.answered("B", ["k"], "s", (5, 6), False).body == _compact(
         {"op": "answered", "peer": "B", "key_ids": ["k"], "sae": "s", "holder": [5, 6],
-         "written": False}).encode()
-    assert take.cancel("B", ["k"]).body == b'{"op": "cancel", "peer": "B", "key_ids": ["k"]}'
-    assert take.summary().body == b'{"op": "summary"}' and take.summary().peer == ""
-    assert take.digests("enc", "B").body == b'{"op": "digests", "kind": "enc", "peer": "B"}'
+         "written": False})
+    assert take.cancel("B", ["k"]).body == b'{"op":"cancel","peer":"B","key_ids":["k"]}'
+    assert take.summary().body == b'{"op":"summary"}' and take.summary().peer == ""
+    assert take.digests("enc", "B").body == b'{"op":"digests","kind":"enc","peer":"B"}'
+    # A deadline keeps every digit of its time.monotonic() value.
+    t = 123456.78901234567
+    assert json.loads(take.take_enc("B", 1, 1, t).body)["deadline"] == t
 
 
 @pytest.mark.parametrize(("req", "message"), [
-    (b"[" * 100_000, "malformed request (RecursionError)"),
-    (b"\xff", "malformed request (UnicodeDecodeError)"),
+    (b"[" * 100_000, "malformed request (JSONDecodeError)"),
+    (b"\xff", "malformed request (JSONDecodeError)"),
+    (b'{"op": "take_enc", "peer": "B", "number": NaN, "size": 32}',
+     "malformed request (JSONDecodeError)"),
     (b"{", "malformed request (JSONDecodeError)"),
     (b"{}", "malformed request (KeyError)"),
     (b"[1]", "malformed request (TypeError)"),
     ({"op": "nothing"}, "unknown operation 'nothing'"),
-    ({"op": "take_enc", "peer": "B", "number": float("inf"), "size": 32},
+    ({"op": "take_enc", "peer": "B", "number": 1.5, "size": 32},
      f"number must be an integer from 1 to {take.MAX_TAKE_KEYS}"),
     ({"op": "take_enc", "peer": "B", "number": True, "size": 32},
      f"number must be an integer from 1 to {take.MAX_TAKE_KEYS}"),
@@ -156,7 +166,7 @@ def test_answers_round_trip_and_refusals_raise_their_kind():
     frames = take.encode_answer({"key_ids": ["k1"], "rseq": 3}, b"keys")
     assert frames[1] == b"keys"
     assert take.decode_answer(frames[0]) == {"ok": True, "key_ids": ["k1"], "rseq": 3}
-    assert take.encode_answer({"settled": True}) == [b'{"ok": true, "settled": true}']
+    assert take.encode_answer({"settled": True}) == [b'{"ok":true,"settled":true}']
     assert take.taken_key_ids(frames[0]) == ["k1"]
     for e in (StoreError("short", "not enough key"), take.LateRequest(),
               take.malformed(KeyError("op"))):

@@ -53,7 +53,7 @@ from pathlib import Path
 import zmq
 import zmq.utils.monitor
 
-from control.core import paths
+from control.core import paths, zmq_frames
 from control.core.address import wait_for_address
 from control.core.config import Topology
 from control.core.procs import is_alive
@@ -493,7 +493,7 @@ class GlobalKeyManager:
         if outcome.settled and self.held:
             self.recheck_held = True
         for frames in outcome.answers:
-            self.router.send_multipart(frames)
+            zmq_frames.send(self.router, frames)
         if self.recheck_held:
             self.retry_held()
 
@@ -508,8 +508,9 @@ class GlobalKeyManager:
 
     # ---- the origin's side --------------------------------------------------------------
 
-    def on_reply(self, d: OutboundPair, frames: list[zmq.Frame]) -> None:
-        """An ACK of blocks, or one or more RESERVED, on the connection to ``d``."""
+    def on_reply(self, d: OutboundPair, frames: list[zmq.Frame], out: list[list]) -> None:
+        """An ACK of blocks, or one or more RESERVED, on the connection to ``d``; answers
+        to takers go to ``out``, to be sent once this turn's writes are synced."""
         try:
             msgs = parse_batch([f.buffer for f in frames])
         except RelayWireError as e:
@@ -519,7 +520,7 @@ class GlobalKeyManager:
             self._refuse(f"unexpected message on the connection to {d.name}")
             return
         if isinstance(msgs[0], Reserved):
-            self.on_reserved(d, msgs)
+            self.on_reserved(d, msgs, out)
             return
         self.crash("origin.acked")
         acked = origin.on_ack(d.name, msgs[0], d.outbox, d.rate, d.restock,
@@ -533,30 +534,28 @@ class GlobalKeyManager:
         if acked.error is not None:
             d.last_error = acked.error
 
-    def on_reserved(self, d: OutboundPair, msgs: list[Reserved]) -> None:
+    def on_reserved(self, d: OutboundPair, msgs: list[Reserved], out: list[list]) -> None:
         """Answers to reservations (and to confirmations and cancellations), as
         ``control.gkm.origin.on_reserved`` decides: a waiting taker is answered only
-        after the confirmation of its keys is durably queued."""
+        after the confirmation of its keys is durably queued. Called inside the turn's
+        group commit (:meth:`serve_local`): the answers go to ``out``, and the queued
+        confirmations out to ``d``, only after its sync."""
         now = time.monotonic()
         d.reserve_retry = RESERVE_RETRY_S  # the connection answers
         plan = origin.on_reserved(d.name, msgs, self.takers, now)
         if plan.resend:
             d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
-        replies = []
         for step in plan.steps:
             if step.fate == Fate.GIVE_UP:  # the keys go to no one
-                self._give_up((d.name, step.rseq), step.waiting)
+                self._give_up((d.name, step.rseq), step.waiting, out)
             if step.fate != Fate.CONFIRM:
                 self.store.reservation_acked(d.name, step.rseq)
             if step.fate == Fate.REFUSED:
-                replies.append([*step.waiting.envelope, *origin.refused_answer(d.name)])
+                out.append([*step.waiting.envelope, *origin.refused_answer(d.name)])
             elif step.fate == Fate.CONFIRM:
-                replies.append([*step.waiting.envelope, *step.waiting.reply])
+                out.append([*step.waiting.envelope, *step.waiting.reply])
         if plan.confirmed:
             self.store.confirm_acked(d.name, plan.confirmed)
-            self.send_reservations(d, now)
-        for frames in replies:
-            self.api.send_multipart(frames, copy=False)
 
     def send_reservations(self, d: OutboundPair, now: float) -> None:
         """Unacknowledged reservations go out in order: new ones at once; all of them
@@ -586,7 +585,7 @@ class GlobalKeyManager:
         for at in range(0, len(todo), MAX_RESERVE_BATCH):
             batch = todo[at:at + MAX_RESERVE_BATCH]
             try:
-                d.ctl.send_multipart([unacked[r] for r in batch], flags=zmq.NOBLOCK)
+                zmq_frames.send(d.ctl, [unacked[r] for r in batch], zmq_frames.NOBLOCK)
             except zmq.Again:
                 break
             d.reserve_next = max(d.reserve_next, batch[-1] + 1)
@@ -597,12 +596,18 @@ class GlobalKeyManager:
         for key in self.takers.overdue(now, lambda name: self.dests[name].routed):
             self._give_up(key, self.takers.pop(key))
 
-    def _give_up(self, key: tuple[str, int], waiting: origin.Waiting) -> None:
+    def _give_up(self, key: tuple[str, int], waiting: origin.Waiting,
+                 out: list[list] | None = None) -> None:
         """The taker of reservation ``key`` is answered "unreachable" and never gets the
         keys, so they are cancelled at the slave's node too: a numbered cancellation
-        follows the reservation there (invariant 5: no SAE gets a refused key)."""
+        follows the reservation there (invariant 5: no SAE gets a refused key). The
+        answer goes to ``out`` inside a group commit, else at once (the write is synced)."""
         self.store.cancel_reservation(*key)
-        self.api.send_multipart([*waiting.envelope, *origin.gave_up_answer(key[0])])
+        answer = [*waiting.envelope, *origin.gave_up_answer(key[0])]
+        if out is None:
+            zmq_frames.send(self.api, answer)
+        else:
+            out.append(answer)
 
     def _hold(self, envelope: list[bytes], body: bytes, deadline: float | None,
               held_until: float | None) -> bool:
@@ -629,7 +634,7 @@ class GlobalKeyManager:
                 if answer is not None:
                     answers.append(answer)
         for frames in answers:
-            self.api.send_multipart(frames, copy=False)
+            zmq_frames.send(self.api, frames, copy=False)
 
     def expire_held(self, now: float) -> None:
         due = [h for h in self.held if now >= h[2]]
@@ -637,7 +642,7 @@ class GlobalKeyManager:
             return
         self.held = [h for h in self.held if now < h[2]]
         for envelope, _, _ in due:
-            self.api.send_multipart([*envelope, *take.encode_refusal(
+            zmq_frames.send(self.api, [*envelope, *take.encode_refusal(
                 "busy", "the keys are reserved here but not deliverable yet (the master's "
                         "key manager has not confirmed them, or an answer carrying them "
                         "is still on its way to this SAE); nothing was delivered, try "
@@ -684,7 +689,7 @@ class GlobalKeyManager:
             frames = encode_blocks(Blocks(self.node.id, d.id,
                                           tuple((s, d.data[s]) for s in seqs)))
             try:
-                d.socks[0].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                zmq_frames.send(d.socks[0], frames, zmq_frames.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
             return True
@@ -699,7 +704,7 @@ class GlobalKeyManager:
             frames = encode_shares(Shares(self.node.id, d.id, nonce, i, n,
                                           tuple(zip(seqs, part, strict=True))))
             try:
-                socks[i].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                zmq_frames.send(socks[i], frames, zmq_frames.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
         d.shares_sent += n * len(seqs)
@@ -767,24 +772,28 @@ class GlobalKeyManager:
 
     # ---- keys for local clients ---------------------------------------------------------
 
-    def on_requests(self, requests: list[list[bytes]]) -> None:
-        """Serve a batch of local requests with one sync (group commit: see
-        KeyStore.group), then answer them; a take for slave SAEs is answered later, once
-        the slave's node has applied its reservation."""
-        answers, waiting = [], False
+    def serve_local(self, requests: list[list[bytes]],
+                    replies: list[tuple[OutboundPair, list[zmq.Frame]]]) -> None:
+        """One turn's local requests and the slaves' nodes' replies, with one sync
+        (group commit: see KeyStore.group): the takes, and the confirmations of the
+        reservations just applied, become durable together; then the takers are answered
+        and the new reservations and confirmations go out. A take for slave SAEs is
+        answered later, once the slave's node has applied its reservation. (One sync
+        instead of one for each: a key API take waits for three in a row, and a synced
+        write holds the interpreter while the disk works.)"""
+        answers: list[list] = []
         with self.store.group():
+            for d, frames in replies:
+                self.on_reply(d, frames, answers)
             for frames in requests:
                 answer = self._answer(frames)
-                if answer is None:
-                    waiting = True
-                else:
+                if answer is not None:
                     answers.append(answer)
         for frames in answers:
-            self.api.send_multipart(frames, copy=False)
-        if waiting:
-            now = time.monotonic()
-            for d in self.dests.values():
-                self.send_reservations(d, now)
+            zmq_frames.send(self.api, frames, copy=False)
+        now = time.monotonic()
+        for d in self.dests.values():
+            self.send_reservations(d, now)
 
     def _answer(self, frames: list[bytes], held_until: float | None = None
                 ) -> list[bytes] | None:
@@ -946,6 +955,8 @@ class GlobalKeyManager:
             held = [d.reserve_held + RESERVE_HOLD_S for d in self.dests.values()
                     if d.reserve_held]
             timeout = max(0.0, min(0.05, nearest - now, *(h - now for h in held)))
+            requests: list[list[bytes]] = []
+            replies: list[tuple[OutboundPair, list[zmq.Frame]]] = []
             for sock, _ in poller.poll(timeout * 1000):
                 if sock is self.zap:
                     self.on_zap()
@@ -953,32 +964,33 @@ class GlobalKeyManager:
                     batch, size = [], 0
                     while len(batch) < 256 and size < RECEIVE_BATCH:
                         try:
-                            batch.append(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
+                            batch.append(zmq_frames.recv(self.router, zmq_frames.NOBLOCK,
+                                                         copy=False))
                         except zmq.Again:
                             break
                         size += sum(len(f) for f in batch[-1])
                     if batch:
                         self.on_blocks(batch)
                 elif sock is self.api:
-                    requests = []
                     for _ in range(256):
                         try:
-                            requests.append(self.api.recv_multipart(zmq.NOBLOCK))
+                            requests.append(zmq_frames.recv(self.api, zmq_frames.NOBLOCK))
                         except zmq.Again:
                             break
-                    if requests:
-                        self.on_requests(requests)
                 elif sock in by_sock:
                     d = by_sock[sock]
                     for _ in range(1024):
                         try:
-                            self.on_reply(d, sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                            replies.append((d, zmq_frames.recv(sock, zmq_frames.NOBLOCK,
+                                                               copy=False)))
                         except zmq.Again:
                             break
                 elif sock in by_mon:
                     self.on_monitor(*by_mon[sock])
                 elif sock in by_ctl_mon:
                     self.on_ctl_monitor(by_ctl_mon[sock])
+            if requests or replies:
+                self.serve_local(requests, replies)
             now = time.monotonic()
             for d in self.dests.values():
                 if d.redial:

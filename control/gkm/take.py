@@ -4,7 +4,9 @@ answer is written and read back.
 
 A request is one JSON frame ``{"op": ..., ...}``; an answer is a JSON head
 ``{"ok": true, ...}`` plus, for takes, one frame with the keys' bytes concatenated in
-order, or ``{"ok": false, "kind": ..., "error": ...}``. The transport (a REQ socket in
+order, or ``{"ok": false, "kind": ..., "error": ...}``. JSON through orjson: a key API
+request is read and written several times on its way, and the json module's share of
+that was larger than the key store's. The transport (a REQ socket in
 ``control.gkm.client``, a DEALER with request id frames in ``api.gkm_link``, the
 manager's ROUTER) only moves these frames.
 
@@ -17,10 +19,11 @@ manager cannot read or that breaks a rule is refused whole with kind "bad".
 
 from __future__ import annotations
 
-import json
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from control.gkm.carving import CarveError, KeySlice, decode
 from control.gkm.errors import BadRequest, BusyError, StoreError, refused
@@ -45,7 +48,7 @@ class Request:
 
 
 def _request(op: str, about: str = "", **args: Any) -> Request:
-    return Request(op, about, json.dumps({"op": op, **args}).encode())
+    return Request(op, about, orjson.dumps({"op": op, **args}))
 
 
 def take_enc(peer: str, number: int, size: int, deadline: float,
@@ -218,7 +221,7 @@ def parse_request(body: bytes, now: float, here: Here) -> Parsed:
     """Read and check one request, in the order the rules are applied; StoreError with
     its kind if refused (:class:`LateRequest` if its deadline is past at ``now``)."""
     try:
-        return _parse(json.loads(body), now, here)
+        return _parse(orjson.loads(body), now, here)
     except StoreError:
         raise
     except Exception as e:  # a bad request must never stop the key manager
@@ -291,7 +294,7 @@ def _parse(req: dict, now: float, here: Here) -> Parsed:
 
 def encode_answer(head: dict, data: bytes | None = None) -> list[bytes]:
     """A request served: the head, and the keys' bytes if there are any."""
-    reply = [json.dumps({"ok": True, **head}).encode()]
+    reply = [orjson.dumps({"ok": True, **head}, option=orjson.OPT_NON_STR_KEYS)]
     if data is not None:
         reply.append(data)
     return reply
@@ -299,7 +302,7 @@ def encode_answer(head: dict, data: bytes | None = None) -> list[bytes]:
 
 def encode_refusal(kind: str, error: str) -> list[bytes]:
     """A request refused whole, nothing taken."""
-    return [json.dumps({"ok": False, "kind": kind, "error": error}).encode()]
+    return [orjson.dumps({"ok": False, "kind": kind, "error": error})]
 
 
 def refusal(e: StoreError) -> list[bytes]:
@@ -308,7 +311,7 @@ def refusal(e: StoreError) -> list[bytes]:
 
 def decode_answer(head: bytes) -> dict:
     """An answer's head; a refusal is raised as StoreError with its kind."""
-    doc = json.loads(head)
+    doc = orjson.loads(head)
     if not doc.get("ok"):
         raise refused(doc.get("kind", "bad"), doc.get("error", "refused"))
     return doc
@@ -318,7 +321,7 @@ def taken_key_ids(head: bytes) -> list[str]:
     """The key IDs an answer hands out (none if it is a refusal or cannot be read): what
     to give back when the answer comes after its taker gave up."""
     try:
-        doc = json.loads(head)
+        doc = orjson.loads(head)
     except ValueError:
         return []
     return (doc.get("key_ids") if doc.get("ok") else None) or []
