@@ -219,6 +219,9 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
                                              bits, 1, t0, t0 + 600, True))] * clients, 660)
     _errors(pulls, "enc_keys pull")
     keys, nbytes, t = _rate(pulls)
+    if not keys:  # every client refused at once: a figure of 0 would hide why
+        raise BenchError(f"no key was handed out: the KME answered {pulls[0].stop_status} "
+                         f"({pulls[0].stop_message}); logs in {paths.log_dir(net.prefix)}")
     not_503 = [p.stop_status for p in pulls if p.stop_status != 503]
     if not_503:
         raise BenchError(f"a client stopped on status {not_503[0]}, not 503 (store empty)")
