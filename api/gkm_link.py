@@ -90,15 +90,14 @@ class GkmLink:
         self.sent: dict[int, tuple[Request, list[bytes]]] = {}  # waiting: what, frames
         self.gave_up: OrderedDict[int, str] = OrderedDict()  # request id -> peer node
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.room = asyncio.Event()  # set when the socket takes sends again
+        self.room = asyncio.Event()  # set while the socket takes sends
+        self.room.set()
         self.draining = False
         self.settling: set[asyncio.Task] = set()  # background work: words, restarts
         self.restarts_seen = 0
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.room = asyncio.Event()
-        self.room.set()
         self.loop.add_reader(self.sock.FD, self._drain)
         self.loop.add_reader(self.monitor.FD, self._on_monitor)
         self._drain()
