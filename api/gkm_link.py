@@ -250,8 +250,12 @@ class GkmLink:
             raise BusyError(f"the global key manager did not answer within "
                             f"{self.timeout_s:.0f} s; nothing was taken") from None
         except asyncio.CancelledError:  # the request was dropped (its SAE went away):
-            if request.op == "take_enc" and not (fut.done() and not fut.cancelled()):
-                self._give_up(rid, request.peer)  # a late answer's keys go to no one
+            if request.op == "take_enc":  # the take's keys go to no one
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    # answered already, but it will not be sent: cancel them now
+                    self._background(self._cancel_late(request.peer, fut.result()[0]))
+                else:  # cancelled when the answer comes
+                    self._give_up(rid, request.peer)
             raise
         finally:
             timer.cancel()

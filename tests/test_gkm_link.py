@@ -172,3 +172,32 @@ def test_a_take_whose_request_is_dropped_has_its_late_keys_cancelled(manager):
             await link.close()
 
     assert asyncio.run(run()) == {"op": "cancel", "peer": "B", "key_ids": ids}
+
+
+def test_a_take_answered_but_dropped_before_its_handler_ran_has_its_keys_cancelled(manager):
+    """The answer arrived, but the request was dropped before its handler resumed to
+    send it: those keys go to no one either, and are cancelled at once."""
+    prefix, sock = manager
+    ids = [str(uuid.uuid4())]
+
+    async def run() -> dict:
+        link = GkmLink(prefix, "A", timeout_s=60.0)
+        link.start()
+        try:
+            task = asyncio.ensure_future(link.take_enc_for("B", 1, 32, ["b1"], "a1"))
+            frames = await asyncio.to_thread(_recv, sock)
+            sock.send_multipart([*frames[:-1], json.dumps(
+                {"ok": True, "key_ids": ids, "rseq": 0}).encode(), bytes(32)])
+            deadline = time.monotonic() + 30
+            while link.waiting and time.monotonic() < deadline:  # read it without
+                link._drain()  # letting the handler run
+                time.sleep(0.01)
+            assert not link.waiting, "the answer never came"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return json.loads((await asyncio.to_thread(_recv, sock))[-1])
+        finally:
+            await link.close()
+
+    assert asyncio.run(run()) == {"op": "cancel", "peer": "B", "key_ids": ids}
