@@ -150,11 +150,15 @@ def test_a_manager_gone_mid_request_gets_dec_takes_again_and_refuses_enc_takes(m
         ctx.destroy(0)
 
 
-def test_a_take_whose_request_is_dropped_has_its_late_keys_cancelled(manager):
-    """The SAE's request went away (its handler cancelled) while the take waited: the
-    answer's keys, when it comes, go to no one, so they are cancelled at the slave's node."""
-    prefix, sock = manager
+def _dropped_take(prefix: str, sock: zmq.Socket, answer_first: bool) -> None:
+    """A take whose request is dropped (its handler cancelled) before its answer comes,
+    or (``answer_first``) once the answer has been read but before the handler resumed;
+    the link must then send the manager a cancellation of the take's keys."""
     ids = [str(uuid.uuid4())]
+
+    def answer(frames: list[bytes]) -> None:
+        sock.send_multipart([*frames[:-1], json.dumps(
+            {"ok": True, "key_ids": ids, "rseq": 0}).encode(), bytes(32)])
 
     async def run() -> dict:
         link = GkmLink(prefix, "A", timeout_s=60.0)
@@ -162,42 +166,32 @@ def test_a_take_whose_request_is_dropped_has_its_late_keys_cancelled(manager):
         try:
             task = asyncio.ensure_future(link.take_enc_for("B", 1, 32, ["b1"], "a1"))
             frames = await asyncio.to_thread(_recv, sock)
+            if answer_first:
+                answer(frames)
+                deadline = time.monotonic() + 30
+                while link.waiting and time.monotonic() < deadline:  # read it without
+                    link._drain()  # letting the handler run
+                    time.sleep(0.01)
+                assert not link.waiting, "the answer never came"
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            sock.send_multipart([*frames[:-1], json.dumps(
-                {"ok": True, "key_ids": ids, "rseq": 0}).encode(), bytes(32)])
+            if not answer_first:
+                answer(frames)
             return json.loads((await asyncio.to_thread(_recv, sock))[-1])
         finally:
             await link.close()
 
     assert asyncio.run(run()) == {"op": "cancel", "peer": "B", "key_ids": ids}
+
+
+def test_a_take_whose_request_is_dropped_has_its_late_keys_cancelled(manager):
+    """The SAE's request went away (its handler cancelled) while the take waited: the
+    answer's keys, when it comes, go to no one, so they are cancelled at the slave's node."""
+    _dropped_take(*manager, answer_first=False)
 
 
 def test_a_take_answered_but_dropped_before_its_handler_ran_has_its_keys_cancelled(manager):
     """The answer arrived, but the request was dropped before its handler resumed to
     send it: those keys go to no one either, and are cancelled at once."""
-    prefix, sock = manager
-    ids = [str(uuid.uuid4())]
-
-    async def run() -> dict:
-        link = GkmLink(prefix, "A", timeout_s=60.0)
-        link.start()
-        try:
-            task = asyncio.ensure_future(link.take_enc_for("B", 1, 32, ["b1"], "a1"))
-            frames = await asyncio.to_thread(_recv, sock)
-            sock.send_multipart([*frames[:-1], json.dumps(
-                {"ok": True, "key_ids": ids, "rseq": 0}).encode(), bytes(32)])
-            deadline = time.monotonic() + 30
-            while link.waiting and time.monotonic() < deadline:  # read it without
-                link._drain()  # letting the handler run
-                time.sleep(0.01)
-            assert not link.waiting, "the answer never came"
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            return json.loads((await asyncio.to_thread(_recv, sock))[-1])
-        finally:
-            await link.close()
-
-    assert asyncio.run(run()) == {"op": "cancel", "peer": "B", "key_ids": ids}
+    _dropped_take(*manager, answer_first=True)
