@@ -122,6 +122,14 @@ class ApiNet(Net):
         finally:
             c.close()
 
+    def served_ahead(self) -> int:
+        """Keys A's key manager has served from keys reserved ahead of demand for B."""
+        c = GkmClient(self.prefix, "A", timeout_s=60)
+        try:
+            return c.summary()["peers"]["B"].get("ahead", {}).get("served_keys", 0)
+        finally:
+            c.close()
+
     def stock(self, target: int, timeout: float = 180.0) -> int:
         """Fill A's store for B to exactly ``target`` bytes (a whole number of blocks):
         release A's key manager (and the emulators: the OTP tunnel carries the fill),
@@ -214,6 +222,7 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
     b_keys, b_bytes, b_t = _rate(base)
     stored_after_base = net.enc()["usable"]
     # Ours: keep-alive connections, pulled until the store is empty.
+    ahead_before = net.served_ahead()
     t0 = time.time() + 1.0
     pulls = run_in(net.ns("A"), [(pull_enc, (pki, "SAE-A", net.addr("A"), port, "SAE-B",
                                              bits, 1, t0, t0 + 600, True))] * clients, 660)
@@ -226,6 +235,7 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
     if not_503:
         raise BenchError(f"a client stopped on status {not_503[0]}, not 503 (store empty)")
     left = net.enc()["usable"]
+    ahead = net.served_ahead() - ahead_before
     ids = [k for p in pulls for k in p.key_ids]
     if len(set(ids)) != len(ids):
         raise BenchError("the same key ID was handed out twice")
@@ -250,7 +260,7 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
         "bits": bits, "size": size_name(bits), "clients": clients, "stored_bytes": stored,
         "stored_after_baseline": stored_after_base, "left_bytes": left,
         "keys": keys, "seconds": t, "keys_per_s": keys / t, "gbps": nbytes * 8 / t / 1e9,
-        "requests": sum(p.requests for p in pulls),
+        "requests": sum(p.requests for p in pulls), "served_ahead_keys": ahead,
         "dec_keys": d_keys, "dec_seconds": d_t, "dec_keys_per_s": d_keys / d_t,
         "dec_gbps": d_bytes * 8 / d_t / 1e9,
         "compared_keys": len(digests.keys() & d_digests.keys()),
@@ -262,7 +272,8 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
     point["ratio_vs_baseline"] = point["keys_per_s"] / max(point["baseline_keys_per_s"], 1e-9)
     point["ratio_vs_ceiling"] = vs(point["keys_per_s"], point["ceiling_keys_per_s"])
     console.print(f"    {size_name(bits):>8}: {keys} keys in {t:.2f} s = "
-                  f"{point['keys_per_s']:,.0f} keys/s, {point['gbps']:.2f} Gb/s; dec_keys "
+                  f"{point['keys_per_s']:,.0f} keys/s, {point['gbps']:.2f} Gb/s "
+                  f"({ahead} reserved ahead); dec_keys "
                   f"{point['dec_keys_per_s']:,.0f} keys/s; conventional "
                   f"{point['baseline_keys_per_s']:,.0f} keys/s "
                   f"(x{point['ratio_vs_baseline']:.1f}); bare endpoint "

@@ -360,6 +360,13 @@ class GkmSection(_Strict):
         'they are back; "fewer" sends over as many as there are (one: the whole block), '
         "counting such blocks in status and metrics")
 
+    reserve_ahead_s: float = Field(
+        0.1, ge=0.0, le=10.0,
+        description="for a master SAE that keeps taking keys of one size for the same "
+        "slaves, keys reserved at the slave's node ahead of demand, this many seconds of "
+        "it (at least 16 keys' worth, at most 64 KiB per pair; cancelled after 60 s "
+        "unused): a take is then one local sync and no round trip. 0: never")
+
     @field_validator("block_size")
     @classmethod
     def _block(cls, v: int | None) -> int | None:
@@ -545,6 +552,7 @@ class GkmSpec:
     keys: Path = Path("relay-keys")  # the relay's CURVE keys (control.gkm.relay_keys)
     paths: int = 1                   # node-disjoint paths (XOR shares) per block
     paths_policy: str = "wait"       # fewer disjoint paths up: "wait" or "fewer"
+    reserve_ahead_s: float = 0.1     # seconds of a pair's demand reserved ahead (0: none)
     # Per ordered pair, with paths > 1: the destination's share addresses, one per link
     # of the origin (inside node_net, from its top down): the routers route each along
     # the disjoint path that leaves the origin by that link, and along no other.
@@ -881,6 +889,7 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
     gkm = GkmSpec(block_size=g.block_size, low_watermark=g.low_watermark,
                   high_watermark=g.high_watermark, window=g.window, pairs=ordered,
                   keys=keys, paths=raw.gkm.paths, paths_policy=raw.gkm.paths_policy,
+                  reserve_ahead_s=raw.gkm.reserve_ahead_s,
                   share_addresses=share_addresses(
                       raw.network.node_net, ordered, raw.gkm.paths,
                       {n.address for n in nodes.values()},

@@ -47,6 +47,7 @@ import os
 import random
 import signal
 import time
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 
@@ -60,6 +61,7 @@ from control.core.procs import is_alive
 from control.core.statefile import read_status, write_json
 from control.gkm import client as gkm_client
 from control.gkm import origin, pacing, shares, take
+from control.gkm.ahead import AHEAD_IDLE_S, Ahead
 from control.gkm.destination import Arrived, Inbox, Node, Proof
 from control.gkm.errors import StoreError, UnknownError
 from control.gkm.origin import Fate, Takers
@@ -273,7 +275,10 @@ class GlobalKeyManager:
         self.last_refusal = ""
         self.takers = Takers()  # takes answered once the slave's node confirms
         now = time.monotonic()
+        self.ahead = Ahead(self.spec.reserve_ahead_s)  # keys reserved ahead of demand
         for d in self.dests.values():
+            self.ahead.restore(d.name, self.store.ahead_records(d.name),
+                               set(self.store.enc[d.name].unacked), now)
             for seq in self.store.pending(d.name):
                 data = self.store.block("enc", d.name, seq)
                 if data is not None:
@@ -282,7 +287,7 @@ class GlobalKeyManager:
             if d.data:
                 log.info("gkm %s: %d pending block(s) for %s to resend", node,
                          len(d.data), d.name)
-            cancelled = self.store.cancel_unanswered(d.name)
+            cancelled = self.store.cancel_unanswered(d.name, keep=self.ahead.rseqs(d.name))
             if cancelled:
                 log.info("gkm %s: %d reservation(s) for %s whose taker was never answered "
                          "(a restart): cancelled", node, len(cancelled), d.name)
@@ -546,6 +551,10 @@ class GlobalKeyManager:
         if plan.resend:
             d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
         for step in plan.steps:
+            if step.fate == Fate.FORGET and self.ahead.owns(d.name, step.rseq):
+                dropped = self.ahead.acked(d.name, step.rseq, step.refused, now)
+                if dropped:  # refused there: nothing to cancel, nobody to tell
+                    self.store.forget_ahead(d.name, dropped)
             if step.fate == Fate.GIVE_UP:  # the keys go to no one
                 self._give_up((d.name, step.rseq), step.waiting, out)
             if step.fate != Fate.CONFIRM:
@@ -789,6 +798,8 @@ class GlobalKeyManager:
                 answer = self._answer(frames)
                 if answer is not None:
                     answers.append(answer)
+            if requests:
+                self.reserve_ahead(time.monotonic())
         for frames in answers:
             zmq_frames.send(self.api, frames, copy=False)
         now = time.monotonic()
@@ -826,6 +837,14 @@ class GlobalKeyManager:
         """What a request (read and checked) does to the store, and its answer."""
         if isinstance(req, take.TakeEnc):
             if req.slaves is not None:
+                pool = (req.peer, req.master, req.slaves, req.size)
+                self.ahead.note(pool, req.number, time.monotonic())
+                ready = self.ahead.ready(pool, req.number)
+                if ready is not None:  # reserved ahead: one sync, answered at once
+                    self.store.take_ahead(req.peer, [kid for kid, _ in ready])
+                    self.ahead.served(pool, ready)
+                    return ({"key_ids": [str(uuid.UUID(bytes=kid)) for kid, _ in ready]},
+                            b"".join(k for _, k in ready))
                 keys, rseq = self.store.take_enc_reserved(req.peer, req.number, req.size,
                                                           req.slaves, req.master)
                 return ({"key_ids": [str(s.key_id) for s, _ in keys], "rseq": rseq},
@@ -867,6 +886,32 @@ class GlobalKeyManager:
             raise UnknownError(f"no {req.kind} store for {req.peer!r}")
         return {"digests": self.store.digests(req.kind, req.peer)}, None
 
+    def reserve_ahead(self, now: float) -> None:
+        """Refill the pools of keys reserved ahead whose pair's demand asks for it
+        (``control.gkm.ahead``); inside the turn's group commit, so the reservations
+        leave with the turn's answers. A pool the store cannot fill now waits for the
+        next take."""
+        for pool, number in self.ahead.wanting(now):
+            peer, master, slaves, size = pool
+            d = self.dests.get(peer)
+            if d is None or not d.routed:
+                continue
+            try:
+                rseq, keys = self.store.reserve_ahead(peer, number, size, slaves, master)
+            except StoreError:  # not enough key (or none of that size) now
+                continue
+            self.ahead.reserving(pool, rseq, keys)
+
+    def close_idle_pools(self, now: float) -> None:
+        """Pools of keys reserved ahead that nobody took from for a while: their keys
+        are cancelled at both nodes (``control.gkm.ahead``)."""
+        for pool in self.ahead.idle(now):
+            key_ids = self.ahead.close(pool)
+            self.store.cancel_ahead(pool[0], key_ids)
+            log.info("gkm %s: %d key(s) reserved ahead for %s at %s unused for %.0f s: "
+                     "cancelled", self.node.name, len(key_ids), pool[1] or "-", pool[0],
+                     AHEAD_IDLE_S)
+
     # ---- status -------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -902,6 +947,7 @@ class GlobalKeyManager:
                         "bytes": fill.bytes, "seconds": fill.seconds,
                         "ended_ago_s": now - fill.ended},
                 }
+                entry["ahead"] = self.ahead.summary(name)
             peers[name] = entry
         return {"node": self.node.name, "pid": os.getpid(), "updated": time.time(),
                 "started": self.started, "paused": self.paused,
@@ -1005,6 +1051,7 @@ class GlobalKeyManager:
             if now >= next_publish:
                 self.inbox.shares.expire(now)
                 self.store.expire_handed(alive=is_alive)
+                self.close_idle_pools(now)
                 if self.held:  # a holder that died settles nothing: look again
                     self.retry_held()
                 self.paused = self.pause_flag.exists()

@@ -125,6 +125,7 @@ class Step:
     rseq: int
     fate: Fate
     waiting: Waiting | None = None
+    refused: bool = False  # FORGET: the slave's node refused it (no taker to tell)
 
 
 @dataclass
@@ -156,7 +157,8 @@ def on_reserved(dest: str, msgs: Sequence[Reserved], takers: Takers, now: float
         if w is not None and now >= w.hard:
             plan.steps.append(Step(msg.rseq, Fate.GIVE_UP, takers.pop(key)))
         elif w is None:
-            plan.steps.append(Step(msg.rseq, Fate.FORGET))
+            plan.steps.append(Step(msg.rseq, Fate.FORGET,
+                                   refused=msg.status == ReserveStatus.REFUSED))
         elif msg.status == ReserveStatus.REFUSED:
             plan.steps.append(Step(msg.rseq, Fate.REFUSED, takers.pop(key)))
         else:

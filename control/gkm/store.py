@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING
 from rocksdict import AccessType, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
 from control.gkm import store_rules as rules
-from control.gkm.carving import Cursor, KeySlice
+from control.gkm.carving import Cursor, KeySlice, decode
 from control.gkm.errors import BusyError, StoreError
 from control.gkm.store_rules import (
+    AHEAD,
     BLOCK,
     HANDED,
     META,
@@ -44,6 +45,7 @@ from control.gkm.store_rules import (
     Writes,
     seq_key,
 )
+from dataplane.limits import MAX_RELAY_BLOCKS
 
 if TYPE_CHECKING:
     from control.gkm.wire import ReserveStatus
@@ -340,14 +342,80 @@ class KeyStore:
         st.apply_queued(acked, msgs)
         return list(msgs)
 
-    def cancel_unanswered(self, peer: str) -> list[int]:
+    def cancel_unanswered(self, peer: str, keep: Collection[int] = ()) -> list[int]:
         """At start: a reservation not yet acknowledged by ``peer`` has a taker that was
         never answered (takers hear only after the acknowledgement) and never will be,
-        since the process that held it is gone. Cancel each that is not cancelled yet;
-        returns the cancellations' numbers."""
+        since the process that held it is gone. Cancel each that is not cancelled yet,
+        except those numbered in ``keep`` (made ahead of demand: no taker waits on
+        them); returns the cancellations' numbers."""
         with self.lock:
             return [self.cancel_keys(peer, key_ids)
-                    for key_ids in rules.unanswered(self.enc[peer])]
+                    for key_ids in rules.unanswered(self.enc[peer], keep)]
+
+    # ---- keys reserved ahead of demand (control.gkm.ahead) ---------------------------------
+
+    def reserve_ahead(self, peer: str, number: int, size: int, slaves: tuple[str, ...],
+                      master: str) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Cut ``number`` keys as :meth:`take_enc_reserved` does, and keep them here (an
+        ``a`` record each, in the same synced batch as the take and its reservation)
+        until they are handed out or cancelled. Returns the reservation's number and the
+        keys (ID, bytes) in carving order."""
+        with self.lock:
+            st = rules.enc_store(self.enc, peer)
+            t = rules.take(st, self.node_id, number, size, slaves, master)
+            assert t.rseq is not None
+            data = self._blocks("enc", peer, t.slices)
+            keys = [(s.key_id.bytes, data[s.seq][s.offset:s.offset + s.size])
+                    for s in t.slices]
+            for kid, key in keys:
+                t.writes.put(AHEAD + kid, rules.ahead_record(t.rseq, master, slaves, key))
+            self._durable("enc", peer, t.writes)
+            st.apply_take(t)
+            return t.rseq, keys
+
+    def take_ahead(self, peer: str, key_ids: list[bytes]) -> int:
+        """Hand out keys reserved ahead: in one synced batch, forget their records and
+        queue the numbered confirmation that makes them fetchable at ``peer`` (the taker
+        is answered only after this returns, as after :meth:`confirm_acked`). Returns
+        the confirmation's number."""
+        return self._drop_ahead(peer, key_ids, confirm=True)[0]
+
+    def cancel_ahead(self, peer: str, key_ids: list[bytes]) -> list[int]:
+        """Keys reserved ahead that nobody will get: forget them and, in the same synced
+        batch, queue their numbered cancellation (applied at ``peer`` after their
+        reservation, in order). Returns the cancellations' numbers."""
+        return self._drop_ahead(peer, key_ids, confirm=False)
+
+    def forget_ahead(self, peer: str, key_ids: list[bytes]) -> None:
+        """Keys reserved ahead whose reservation ``peer`` refused: nothing is reserved
+        there, so nothing to cancel; forget them (lost, never reused)."""
+        with self.lock:
+            w = Writes()
+            for kid in key_ids:
+                w.delete(AHEAD + kid)
+            self._durable("enc", peer, w)
+
+    def _drop_ahead(self, peer: str, key_ids: list[bytes], confirm: bool) -> list[int]:
+        with self.lock:
+            st = rules.enc_store(self.enc, peer)
+            groups = [key_ids[at:at + MAX_RELAY_BLOCKS]
+                      for at in range(0, len(key_ids), MAX_RELAY_BLOCKS)]
+            msgs, writes = rules.queued(st, self.node_id, [], groups, confirm)
+            for kid in key_ids:
+                writes.delete(AHEAD + kid)
+            self._durable("enc", peer, writes)
+            st.apply_queued([], msgs)
+            return list(msgs)
+
+    def ahead_records(self, peer: str) -> list[tuple[bytes, int, str, tuple[str, ...],
+                                                     bytes]]:
+        """Every key held ahead for ``peer``: (ID, reservation number, master, slaves,
+        bytes), in carving order."""
+        with self.lock:
+            recs = [(bytes(k), *rules.read_ahead(v))
+                    for k, v in _scan(self._cf("enc", peer), AHEAD)]
+        return sorted(recs, key=lambda r: (r[1], decode(uuid.UUID(bytes=r[0])).seq,
+                                           decode(uuid.UUID(bytes=r[0])).offset))
 
     def reservation_acked(self, peer: str, rseq: int) -> None:
         with self.lock:

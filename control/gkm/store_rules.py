@@ -17,6 +17,9 @@ Records in a store's column family (``enc.<peer>``: blocks this node originated 
     c            ENC: carving cursor; DEC: reservation cursor (block u64, offset u32)
     Q            ENC: next reservation number (u64)
     q<rseq:8>    ENC: a numbered RESERVE message the peer has not acknowledged yet
+    a<key id:16> ENC: a key reserved ahead of demand (control.gkm.ahead), not handed out
+                 yet: its reservation's number (u64), the length of the names (u16),
+                 the master SAE then the slave SAEs newline-separated, the key's bytes
     E            DEC: next reservation number to apply (u64)
     r<key id:16> DEC: a key reserved here: master SAE ("*" any), then the SAEs that may
                  fetch it once, newline-separated; one that has fetched it is kept,
@@ -31,7 +34,7 @@ from __future__ import annotations
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -61,6 +64,7 @@ UNCONFIRMED = b"\x01"  # a DEC reservation's prefix until the master's node conf
 SERVED = b"\x00"       # before an SAE's name in a reservation record: it has had the key
 
 BLOCK, META, QUEUED, RESERVED, HANDED = b"b", b"m", b"q", b"r", b"h"  # record tags
+AHEAD = b"a"
 NEXT_BLOCK = b"n"
 CURSOR = b"c"
 NEXT_RESERVE = b"Q"  # ENC: the number of the next reservation sent
@@ -70,6 +74,7 @@ _META = struct.Struct(">IB")
 _U64 = struct.Struct(">Q")
 _CURSOR = struct.Struct(">QI")
 _HANDING = struct.Struct(">QQdB")  # holder's process identity, its token, when, lost
+_AHEAD = struct.Struct(">QH")  # reservation number, length of the names
 
 Lookup = Callable[[bytes], bytes | None]
 """A record's value in the store (None: absent), as of before the writes being made."""
@@ -117,6 +122,19 @@ def pack_cursor(cur: Cursor) -> bytes:
 def read_cursor(raw: bytes | None) -> Cursor:
     """A cursor record; the start when absent."""
     return Cursor(*_CURSOR.unpack(raw)) if raw else Cursor(0, 0)
+
+
+def ahead_record(rseq: int, master: str, slaves: tuple[str, ...], data: bytes) -> bytes:
+    """An ENC key reserved ahead of demand, as kept until it is handed out."""
+    names = "\n".join((master, *slaves)).encode()
+    return _AHEAD.pack(rseq, len(names)) + names + data
+
+
+def read_ahead(raw: bytes) -> tuple[int, str, tuple[str, ...], bytes]:
+    """(reservation number, master, slaves, key bytes) of an :func:`ahead_record`."""
+    rseq, n = _AHEAD.unpack_from(raw)
+    master, *slaves = raw[_AHEAD.size:_AHEAD.size + n].decode().split("\n")
+    return rseq, master, tuple(slaves), bytes(raw[_AHEAD.size + n:])
 
 
 def key_id_bytes(kid: str) -> bytes:
@@ -422,10 +440,11 @@ def confirmations(st: EncState, rseqs: list[int]) -> tuple[list[int], list[list[
     return done, [ids[at:at + MAX_RELAY_BLOCKS] for at in range(0, len(ids), MAX_RELAY_BLOCKS)]
 
 
-def unanswered(st: EncState) -> list[list[bytes]]:
+def unanswered(st: EncState, keep: Collection[int] = ()) -> list[list[bytes]]:
     """The key IDs of each reservation the peer has not acknowledged and no queued
-    cancellation covers yet, in order: their takers were never answered."""
-    msgs = {r: parse([raw]) for r, raw in st.unacked.items()}
+    cancellation covers yet, in order: their takers were never answered. Those numbered
+    in ``keep`` (made ahead of demand, with no taker) are not counted."""
+    msgs = {r: parse([raw]) for r, raw in st.unacked.items() if r not in keep}
     cancelled = {k for m in msgs.values() if not m.saes and not m.confirm for k in m.key_ids}
     return [list(m.key_ids) for _, m in sorted(msgs.items())
             if m.saes and not set(m.key_ids) <= cancelled]

@@ -1,0 +1,213 @@
+"""Keys reserved ahead of demand, without I/O: for a master SAE that keeps asking for keys
+of one size for the same slaves, the origin carves a few keys in advance and has the
+slave's node reserve them (unconfirmed, so not fetchable), so that the next take for
+that pair is served from them with one local sync and no round trip: the take queues
+the keys' confirmation, as a take answered after its own reservation does.
+
+Per pool, keyed by (peer node, master, slaves, key size):
+
+- *demand*: the keys taken in the last :data:`RATE_WINDOW_S`. The pool aims at
+  ``ahead_s`` seconds of it (a refill leaves when less than that is held, for twice
+  that), and only when that is at least :data:`MIN_AHEAD_KEYS` keys: an occasional
+  request never leaves keys reserved for it. At most :data:`MAX_AHEAD_BYTES` and one
+  RESERVE message (``MAX_RELAY_BLOCKS`` keys) are held per pool.
+- *reserving*: keys whose reservation the slave's node has not acknowledged; *ready*:
+  acknowledged, in carving order. Only ready keys are served: a slave SAE asking for a
+  key whose reservation has not arrived would be told it does not exist.
+- A pool that nobody took from for :data:`AHEAD_IDLE_S` is closed: its keys are cancelled
+  at both nodes (lost, counted, never reused). That is the whole cost of reserving
+  ahead: at most a pool's keys each time a pair's demand stops, nothing while it lasts.
+
+The shell (``control.gkm.manager``) keeps the keys durably (``control.gkm.store``,
+``a`` records) and rebuilds the pools from them at start; a restart keeps them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from dataplane.limits import MAX_RELAY_BLOCKS
+
+RATE_WINDOW_S = 1.0        # demand is what was taken over this long
+MIN_AHEAD_KEYS = 16        # below this many keys of demand per ahead_s: no pool
+MAX_AHEAD_BYTES = 64 << 10  # key held ahead per pool, at most
+AHEAD_IDLE_S = 60.0        # a pool nobody took from for this long is cancelled
+
+PoolKey = tuple[str, str, tuple[str, ...], int]
+"""(peer node, master SAE, slave SAEs in the order asked, key size in bytes)."""
+
+Key = tuple[bytes, bytes]
+"""A key held ahead: its 16-byte ID and its bytes."""
+
+
+@dataclass
+class Pool:
+    ready: OrderedDict[bytes, bytes] = field(default_factory=OrderedDict)
+    reserving: dict[int, list[Key]] = field(default_factory=dict)  # rseq -> keys
+    taken: deque[tuple[float, int]] = field(default_factory=deque)  # (when, keys)
+    demand: int = 0    # keys in ``taken``
+    last: float = 0.0  # the last take for this pool (0: none since start)
+    barred_until: float = 0.0  # the peer refused a reservation ahead: none before this
+
+    @property
+    def held(self) -> int:
+        return len(self.ready) + sum(len(k) for k in self.reserving.values())
+
+
+@dataclass
+class AheadCounts:
+    served: int = 0          # keys handed out from pools
+    reserved: int = 0        # keys reserved ahead
+    cancelled: int = 0       # keys cancelled with idle pools or refused by the peer
+    cancelled_bytes: int = 0
+
+
+class Ahead:
+    """Every pool of one node's origin side, and the rule of when to refill one."""
+
+    def __init__(self, ahead_s: float):
+        self.ahead_s = ahead_s
+        self.pools: dict[PoolKey, Pool] = {}
+        self.by_rseq: dict[tuple[str, int], PoolKey] = {}
+        self.counts: dict[str, AheadCounts] = {}
+
+    def _counts(self, peer: str) -> AheadCounts:
+        return self.counts.setdefault(peer, AheadCounts())
+
+    # -- demand and service
+
+    def note(self, key: PoolKey, number: int, now: float) -> None:
+        """A take of ``number`` keys for the pool's pair (served from it or not)."""
+        if self.ahead_s <= 0 or max_keys(key[3]) < MIN_AHEAD_KEYS:
+            return
+        pool = self.pools.setdefault(key, Pool())
+        pool.taken.append((now, number))
+        pool.demand += number
+        pool.last = now
+        _forget_old(pool, now)
+
+    def ready(self, key: PoolKey, number: int) -> list[Key] | None:
+        """``number`` ready keys in carving order, or None if the pool has fewer (the take
+        goes the long way); nothing changes until :meth:`served`."""
+        pool = self.pools.get(key)
+        if pool is None or len(pool.ready) < number:
+            return None
+        it = iter(pool.ready.items())
+        return [next(it) for _ in range(number)]
+
+    def served(self, key: PoolKey, keys: list[Key]) -> None:
+        """These keys (from :meth:`ready`) are durably handed out."""
+        pool = self.pools[key]
+        for kid, _ in keys:
+            del pool.ready[kid]
+        self._counts(key[0]).served += len(keys)
+
+    def wanted(self, key: PoolKey, now: float) -> int:
+        """How many keys to reserve ahead for ``key`` now (0: none)."""
+        pool = self.pools.get(key)
+        if pool is None:
+            return 0
+        _forget_old(pool, now)
+        target = min(math.ceil(pool.demand * self.ahead_s / RATE_WINDOW_S),
+                     max_keys(key[3]))
+        if target < MIN_AHEAD_KEYS or pool.held >= target or now < pool.barred_until:
+            return 0
+        return min(2 * target, max_keys(key[3])) - pool.held
+
+    def wanting(self, now: float) -> list[tuple[PoolKey, int]]:
+        return [(k, n) for k in self.pools if (n := self.wanted(k, now)) > 0]
+
+    # -- reservations
+
+    def reserving(self, key: PoolKey, rseq: int, keys: list[Key]) -> None:
+        """Keys just reserved ahead for ``key`` under reservation ``rseq``."""
+        self.pools.setdefault(key, Pool()).reserving[rseq] = keys
+        self.by_rseq[(key[0], rseq)] = key
+        self._counts(key[0]).reserved += len(keys)
+
+    def owns(self, peer: str, rseq: int) -> bool:
+        return (peer, rseq) in self.by_rseq
+
+    def acked(self, peer: str, rseq: int, refused: bool, now: float) -> list[bytes]:
+        """The peer's answer to a reservation made ahead: applied, its keys are ready;
+        refused, they are dropped (nothing is reserved there) and the pool reserves
+        nothing ahead for AHEAD_IDLE_S (a refusal that would repeat must not spend key at
+        the pace of refills). Returns the IDs of keys to drop from the store ([] when
+        applied or not ours)."""
+        key = self.by_rseq.pop((peer, rseq), None)
+        if key is None:
+            return []
+        pool = self.pools[key]
+        keys = pool.reserving.pop(rseq, [])
+        if refused:
+            self._lost(key, keys)
+            pool.barred_until = now + AHEAD_IDLE_S
+            return [kid for kid, _ in keys]
+        pool.ready.update(keys)
+        return []
+
+    # -- closing
+
+    def idle(self, now: float) -> list[PoolKey]:
+        """Pools nobody took from for AHEAD_IDLE_S (since start, for restored ones) that
+        hold keys, to :meth:`close`; those that hold none are forgotten here."""
+        quiet = [k for k, p in self.pools.items() if now - p.last >= AHEAD_IDLE_S]
+        for k in quiet:
+            if not self.pools[k].held:
+                del self.pools[k]
+        return [k for k in quiet if k in self.pools]
+
+    def close(self, key: PoolKey) -> list[bytes]:
+        """Close a pool: the IDs of every key it held, to cancel at both nodes."""
+        pool = self.pools.pop(key)
+        keys = [*pool.ready.items(), *(k for ks in pool.reserving.values() for k in ks)]
+        for rseq in pool.reserving:
+            self.by_rseq.pop((key[0], rseq), None)
+        self._lost(key, keys)
+        return [kid for kid, _ in keys]
+
+    def _lost(self, key: PoolKey, keys: list[Key]) -> None:
+        c = self._counts(key[0])
+        c.cancelled += len(keys)
+        c.cancelled_bytes += sum(len(data) for _, data in keys)
+
+    # -- restart
+
+    def restore(self, peer: str, records: list[tuple[bytes, int, str, tuple[str, ...],
+                                                       bytes]],
+                unacked: set[int], now: float) -> None:
+        """Pools from the store's records (key ID, rseq, master, slaves, bytes), in
+        carving order; reservations still unacknowledged are reserving again."""
+        for kid, rseq, master, slaves, data in records:
+            key = (peer, master, slaves, len(data))
+            pool = self.pools.setdefault(key, Pool(last=now))
+            if rseq in unacked:
+                pool.reserving.setdefault(rseq, []).append((kid, data))
+                self.by_rseq[(peer, rseq)] = key
+            else:
+                pool.ready[kid] = data
+
+    def rseqs(self, peer: str) -> set[int]:
+        """Reservations made ahead for ``peer`` still unacknowledged: not a taker's (at
+        start, only takers' unanswered reservations are cancelled)."""
+        return {r for p, r in self.by_rseq if p == peer}
+
+    def summary(self, peer: str) -> dict:
+        pools = [p for k, p in self.pools.items() if k[0] == peer and p.held]
+        c = self._counts(peer)
+        return {"pools": len(pools), "ready_keys": sum(len(p.ready) for p in pools),
+                "reserving_keys": sum(p.held - len(p.ready) for p in pools),
+                "served_keys": c.served, "reserved_keys": c.reserved,
+                "cancelled_keys": c.cancelled, "cancelled_bytes": c.cancelled_bytes}
+
+
+def max_keys(size: int) -> int:
+    """The most keys of ``size`` bytes one pool holds."""
+    return min(MAX_RELAY_BLOCKS, MAX_AHEAD_BYTES // max(1, size))
+
+
+def _forget_old(pool: Pool, now: float) -> None:
+    while pool.taken and now - pool.taken[0][0] > RATE_WINDOW_S:
+        pool.demand -= pool.taken.popleft()[1]
