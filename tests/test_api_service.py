@@ -43,11 +43,14 @@ from tests.test_tunnel import make_net
 pytestmark = pytest.mark.netns
 MIB = 1 << 20
 BASE = "/api/v1/keys"
+# No keys reserved ahead of demand here: these tests pin the exact keys a request takes
+# and the messages it sends (keys reserved ahead: tests/test_api_ahead.py).
 GKM = """block_size = "1MiB"
 low_watermark = "24MiB"
 high_watermark = "32MiB"
 window = "8MiB"
-pairs = [["A", "B"]]"""
+pairs = [["A", "B"]]
+reserve_ahead_s = 0"""
 EXTRA = """
 [api]
 workers = 2
@@ -812,45 +815,6 @@ def test_keys_given_back_after_a_late_answer_are_refused_at_the_slave(net):
     status, doc = _dec(net, ids)
     assert status == 400 and "not found on KME" in doc["message"], doc
     assert net.gkm("B")["peers"]["A"]["dec"]["delivered_keys"] == before["delivered_keys"]
-
-
-def test_a_master_that_keeps_asking_is_served_from_keys_reserved_ahead(net):
-    """[gkm] reserve_ahead_s: a pair's steady demand has keys reserved at the slave's node
-    ahead of it, and the master is served from them (one local sync, no round trip); the
-    slave still gets each key once, byte for byte, and no other SAE gets it. (a2 -> b2:
-    no other test of this module takes for that pair, so none sees its pool.)"""
-    net.stock()
-    issued: list[tuple[str, bytes]] = []
-
-    def pull(_):
-        status, doc = net.call("a2", "GET", f"{BASE}/b2/enc_keys?number=32&size=256")
-        assert status == 200, doc
-        return _keys(doc)
-
-    def ahead() -> dict:
-        return net.gkm("A")["peers"]["B"]["ahead"]
-
-    deadline = time.monotonic() + 120
-    with ThreadPoolExecutor(4) as ex:  # some hundreds of keys a second, even when busy
-        while ahead()["served_keys"] < 256:
-            assert time.monotonic() < deadline, f"nothing served ahead: {ahead()}"
-            for keys in ex.map(pull, range(16)):
-                issued += keys
-    state = ahead()
-    assert state["reserved_keys"] >= state["served_keys"] >= 256 and state["pools"] == 1
-    assert state["cancelled_keys"] == 0
-    assert len({k for k, _ in issued}) == len(issued)
-    assert len({v for _, v in issued}) == len(issued)
-    for at in range(0, len(issued), 256):
-        chunk = issued[at:at + 256]
-        body = json.dumps({"key_IDs": [{"key_ID": k} for k, _ in chunk]}).encode()
-        status, doc = net.call("b1", "POST", f"{BASE}/a2/dec_keys", body)
-        assert status == 401, doc  # another slave: refused whole
-        status, doc = net.call("b2", "POST", f"{BASE}/a2/dec_keys", body)
-        assert status == 200, doc
-        assert _keys(doc) == chunk
-    status, doc = net.call("b2", "GET", f"{BASE}/a2/dec_keys?key_ID={issued[-1][0]}")
-    assert status == 400 and "not found on KME" in doc["message"], doc
 
 
 def test_no_key_reaches_a_log_or_status_file(net):

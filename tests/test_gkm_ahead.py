@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from control.gkm import ahead
-from control.gkm.ahead import AHEAD_IDLE_S, MIN_AHEAD_KEYS, Ahead, max_keys
+from control.gkm.ahead import AHEAD_IDLE_S, MIN_POOL_KEYS, Ahead, max_keys
 from control.gkm.errors import StoreError
 from control.gkm.store import KeyStore
 from control.gkm.store_rules import BlockState, ahead_record, read_ahead
@@ -22,12 +22,18 @@ def _keys(n: int, start: int = 0) -> list[tuple[bytes, bytes]]:
     return [(i.to_bytes(16, "big"), os.urandom(32)) for i in range(start, start + n)]
 
 
-def test_an_occasional_request_reserves_nothing_ahead():
+def test_an_occasional_request_reserves_nothing_ahead_however_large():
     a = Ahead(0.1)
-    for t in range(100):  # 10 keys a second: 1 key of demand per 0.1 s
-        a.note(POOL, 1, t / 10)
+    for t in range(100):  # 10 takes a second: 1 expected per 0.1 s, 2 needed
+        a.note(POOL, 10, t / 10)
         assert a.wanted(POOL, t / 10) == 0
     assert a.ready(POOL, 1) is None
+    big = ("B", "sae-m", ("sae-t",), 32)
+    a.note(big, 4000, 0.0)  # one large request
+    assert a.wanted(big, 0.0) == 0
+    for t in range(20):  # 20 takes a second of one key each: a small pool
+        a.note(big, 1, 2.0 + t / 20)
+    assert a.wanted(big, 2.95) == 4
 
 
 def test_steady_demand_refills_to_twice_its_share_and_no_more():
@@ -52,13 +58,28 @@ def test_a_pool_holds_at_most_its_byte_cap_and_one_message():
     assert max_keys(32) == ahead.MAX_AHEAD_BYTES // 32
     assert max_keys(1) == 4096  # one RESERVE message
     big = ("B", "m", ("s",), 8192)
-    assert max_keys(8192) < MIN_AHEAD_KEYS
+    assert max_keys(8192) < MIN_POOL_KEYS
     a = Ahead(10.0)
     for i in range(10_000):
         a.note(POOL, 1, i / 10_000)
         a.note(big, 1, i / 10_000)
     assert a.wanted(POOL, 1.0) == max_keys(32)
     assert a.wanted(big, 1.0) == 0 and big not in a.pools  # large keys: never ahead
+
+
+def test_a_pool_holds_enough_for_its_largest_take_and_ignores_takes_it_could_not_serve():
+    a = Ahead(0.1)
+    for i in range(40):  # 40 takes a second, the largest 100 keys
+        a.note(POOL, 100 if i == 5 else 1, i / 40)
+    assert a.wanted(POOL, 0.99) == 200  # not 2 x ceil(139 x 0.1): the take of 100 counts
+    a.reserving(POOL, 1, _keys(200))
+    a.acked("B", 1, refused=False, now=1.0)
+    assert a.ready(POOL, 100) is not None
+    huge = max_keys(32) + 1  # more than any pool holds: never served, not its demand
+    for i in range(40):
+        a.note(("B", "m", ("s",), 32), huge, i / 40)
+    assert a.wanted(("B", "m", ("s",), 32), 0.99) == 0
+    assert ("B", "m", ("s",), 32) not in a.pools
 
 
 def test_a_refused_reservation_drops_its_keys_and_bars_the_pool_for_a_while():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from control.gkm.destination import Arrived, Inbox, Node
+from control.gkm.destination import MAX_HELD, MAX_HELD_PER_SAE, Arrived, Inbox, Node, may_hold
 from control.gkm.store import BlockState, KeyStore
 from control.gkm.wire import (
     Ack,
@@ -214,3 +214,14 @@ def test_reservations_from_an_unproven_or_foreign_sender(tmp_path):
     assert d.dec["A"].next_rseq == 0  # nothing applied
     o.close()
     d.close()
+
+
+def test_one_sae_holds_at_most_its_share_of_the_requests_waiting_for_confirmation():
+    assert may_hold([], "s1")
+    mine = ["s1"] * (MAX_HELD_PER_SAE - 1)
+    assert may_hold(mine, "s1")
+    assert not may_hold([*mine, "s1"], "s1")  # s1 at its share
+    assert may_hold([*mine, "s1"], "s2")      # ... the others still wait
+    others = [f"s{i % 7 + 2}" for i in range(MAX_HELD - MAX_HELD_PER_SAE)]
+    assert not may_hold([*mine, "s1", *others], "s9")  # all of them: nobody
+    assert may_hold([*mine, *others], "s9")

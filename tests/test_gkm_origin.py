@@ -84,6 +84,16 @@ def test_reserved_answers_confirm_refuse_give_up_forget_and_resend():
     assert plan.confirmed == [0] and not plan.resend
 
 
+def test_a_refusal_nobody_waits_for_says_so_for_the_keys_reserved_ahead():
+    """A reservation made ahead of demand has no taker: its answer is FORGET, and whether
+    the slave's node refused it (its keys are then dropped, not served) goes with it."""
+    plan = origin.on_reserved("B", [Reserved(A, B, 4, ReserveStatus.REFUSED),
+                                    Reserved(A, B, 5, ReserveStatus.APPLIED),
+                                    Reserved(A, B, 6, ReserveStatus.DUPLICATE)], Takers(), 1.0)
+    assert [(s.rseq, s.fate, s.refused) for s in plan.steps] == [
+        (4, Fate.FORGET, True), (5, Fate.FORGET, False), (6, Fate.FORGET, False)]
+
+
 def test_answers_of_another_destination_concern_none_of_its_takers():
     t = takers(t0=None)
     plan = origin.on_reserved("C", [Reserved(A, 3, 0, ReserveStatus.APPLIED)], t, 1.0)

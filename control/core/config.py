@@ -363,9 +363,10 @@ class GkmSection(_Strict):
     reserve_ahead_s: float = Field(
         0.1, ge=0.0, le=10.0,
         description="for a master SAE that keeps taking keys of one size for the same "
-        "slaves, keys reserved at the slave's node ahead of demand, this many seconds of "
-        "it (at least 16 keys' worth, at most 64 KiB per pair; cancelled after 60 s "
-        "unused): a take is then one local sync and no round trip. 0: never")
+        "slaves at least twice in this long, keys reserved at the slave's node ahead of "
+        "demand, this many seconds of it (keys up to 4 KiB, at most 64 KiB per pair; "
+        "cancelled after 60 s unused): a take is then one local sync and no round trip. "
+        "0: never")
 
     @field_validator("block_size")
     @classmethod

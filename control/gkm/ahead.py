@@ -6,11 +6,15 @@ the keys' confirmation, as a take answered after its own reservation does.
 
 Per pool, keyed by (peer node, master, slaves, key size):
 
-- *demand*: the keys taken in the last :data:`RATE_WINDOW_S`. The pool aims at
-  ``ahead_s`` seconds of it (a refill leaves when less than that is held, for twice
-  that), and only when that is at least :data:`MIN_AHEAD_KEYS` keys: an occasional
-  request never leaves keys reserved for it. At most :data:`MAX_AHEAD_BYTES` and one
-  RESERVE message (``MAX_RELAY_BLOCKS`` keys) are held per pool.
+- *demand*: the takes and keys taken in the last :data:`RATE_WINDOW_S`. The pool aims at
+  ``ahead_s`` seconds of the keys, and at least the largest take of the window (a refill
+  leaves when less than that is held, for twice that), and only when at least
+  :data:`MIN_AHEAD_REQUESTS` takes are expected in those ``ahead_s``: an occasional
+  request, however large, never leaves keys reserved for it.
+  At most :data:`MAX_AHEAD_BYTES` and one RESERVE message (``MAX_RELAY_BLOCKS`` keys) are
+  held per pool, and keys so large that fewer than :data:`MIN_POOL_KEYS` fit are never
+  reserved ahead (their take costs its bytes, not its round trip); a take of more keys
+  than a pool holds does not count as its demand, since no pool could serve it.
 - *reserving*: keys whose reservation the slave's node has not acknowledged; *ready*:
   acknowledged, in carving order. Only ready keys are served: a slave SAE asking for a
   key whose reservation has not arrived would be told it does not exist.
@@ -31,7 +35,8 @@ from dataclasses import dataclass, field
 from dataplane.limits import MAX_RELAY_BLOCKS
 
 RATE_WINDOW_S = 1.0        # demand is what was taken over this long
-MIN_AHEAD_KEYS = 16        # below this many keys of demand per ahead_s: no pool
+MIN_AHEAD_REQUESTS = 2     # takes expected within ahead_s, at least, for a pool to fill
+MIN_POOL_KEYS = 16         # keys of a size a pool must be able to hold (so <= 4 KiB)
 MAX_AHEAD_BYTES = 64 << 10  # key held ahead per pool, at most
 AHEAD_IDLE_S = 60.0        # a pool nobody took from for this long is cancelled
 
@@ -47,6 +52,8 @@ class Pool:
     ready: OrderedDict[bytes, bytes] = field(default_factory=OrderedDict)
     reserving: dict[int, list[Key]] = field(default_factory=dict)  # rseq -> keys
     taken: deque[tuple[float, int]] = field(default_factory=deque)  # (when, keys)
+    largest: deque[tuple[float, int]] = field(default_factory=deque)  # the window's
+    #   largest take first: each entry larger than every later one (a sliding maximum)
     demand: int = 0    # keys in ``taken``
     last: float = 0.0  # the last take for this pool (0: none since start)
     barred_until: float = 0.0  # the peer refused a reservation ahead: none before this
@@ -80,10 +87,14 @@ class Ahead:
 
     def note(self, key: PoolKey, number: int, now: float) -> None:
         """A take of ``number`` keys for the pool's pair (served from it or not)."""
-        if self.ahead_s <= 0 or max_keys(key[3]) < MIN_AHEAD_KEYS:
+        if self.ahead_s <= 0 or max_keys(key[3]) < MIN_POOL_KEYS or \
+                number > max_keys(key[3]):  # no pool could serve that take: not its demand
             return
         pool = self.pools.setdefault(key, Pool())
         pool.taken.append((now, number))
+        while pool.largest and pool.largest[-1][1] <= number:
+            pool.largest.pop()
+        pool.largest.append((now, number))
         pool.demand += number
         pool.last = now
         _forget_old(pool, now)
@@ -110,9 +121,13 @@ class Ahead:
         if pool is None:
             return 0
         _forget_old(pool, now)
-        target = min(math.ceil(pool.demand * self.ahead_s / RATE_WINDOW_S),
-                     max_keys(key[3]))
-        if target < MIN_AHEAD_KEYS or pool.held >= target or now < pool.barred_until:
+        if len(pool.taken) * self.ahead_s / RATE_WINDOW_S < MIN_AHEAD_REQUESTS or \
+                now < pool.barred_until:
+            return 0
+        # At least the largest recent take, which the pool must be able to serve whole.
+        target = min(max(math.ceil(pool.demand * self.ahead_s / RATE_WINDOW_S),
+                         pool.largest[0][1]), max_keys(key[3]))
+        if pool.held >= target:
             return 0
         return min(2 * target, max_keys(key[3])) - pool.held
 
@@ -211,3 +226,5 @@ def max_keys(size: int) -> int:
 def _forget_old(pool: Pool, now: float) -> None:
     while pool.taken and now - pool.taken[0][0] > RATE_WINDOW_S:
         pool.demand -= pool.taken.popleft()[1]
+    while pool.largest and now - pool.largest[0][0] > RATE_WINDOW_S:
+        pool.largest.popleft()

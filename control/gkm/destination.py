@@ -18,7 +18,7 @@ whole, and acknowledged on the connection whose share completed it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +37,21 @@ from control.gkm.wire import (
 )
 
 log = logging.getLogger("qkdnet.gkm")
+MAX_HELD = 4096                   # dec requests waiting for their keys' confirmation
+MAX_HELD_PER_SAE = MAX_HELD // 4  # ... of them from one SAE
+
+
+def may_hold(held_saes: Iterable[str], sae: str) -> bool:
+    """Whether a dec request of ``sae`` for keys reserved here but not confirmed yet may
+    wait for the confirmation, given the SAEs of the requests waiting: MAX_HELD in all,
+    MAX_HELD_PER_SAE of one SAE. Keys reserved ahead of demand stay unconfirmed until
+    their master takes them, so one slave asking for them early and often must not
+    crowd out the others' requests (each of which is refused "busy" beyond the limits)."""
+    waiting = mine = 0
+    for s in held_saes:
+        waiting += 1
+        mine += s == sae
+    return waiting < MAX_HELD and mine < MAX_HELD_PER_SAE
 
 Proof = tuple[str | None, str | None]  # (User-Id, Peer-Address) of the connection
 Message = Blocks | Shares | Ack | Reserve | Reserved

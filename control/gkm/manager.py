@@ -62,7 +62,7 @@ from control.core.statefile import read_status, write_json
 from control.gkm import client as gkm_client
 from control.gkm import origin, pacing, shares, take
 from control.gkm.ahead import AHEAD_IDLE_S, Ahead
-from control.gkm.destination import Arrived, Inbox, Node, Proof
+from control.gkm.destination import Arrived, Inbox, Node, Proof, may_hold
 from control.gkm.errors import StoreError, UnknownError
 from control.gkm.origin import Fate, Takers
 from control.gkm.relay import Outbox, RateMeter, Restock
@@ -98,7 +98,7 @@ RESERVE_RETRY_S = 2.0         # unanswered reservations are sent again after thi
                               # backing off to RELAY_RETRY_MAX_S while none is answered
 HOLD_UNCONFIRMED_S = 10.0     # a dec request for keys not yet confirmed waits this (or to
                               # its deadline)
-MAX_HELD = 4096               # ... and at most this many such requests wait
+                              # (how many may wait: destination.may_hold)
 MAX_ENDED_TAKES = 8192        # dec takes whose taker gave up, remembered to refuse them
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
 HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
@@ -266,7 +266,7 @@ class GlobalKeyManager:
         # dec_keys requests for keys reserved here but not yet confirmed by the master's
         # node: (envelope, request, deadline), answered once a confirmation or a
         # cancellation is applied, or "busy" at their deadline.
-        self.held: list[tuple[list[bytes], bytes, float]] = []
+        self.held: list[tuple[list[bytes], bytes, float, str]] = []  # ..., the SAE
         self.ended_takes: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.here = take.Here(node, self.node.id, {d.name: d.id for d in self.dests.values()},
                               self.ended_takes)
@@ -275,9 +275,9 @@ class GlobalKeyManager:
         self.last_refusal = ""
         self.takers = Takers()  # takes answered once the slave's node confirms
         now = time.monotonic()
-        self.ahead = Ahead(self.spec.reserve_ahead_s)  # keys reserved ahead of demand
+        self.pools = Ahead(self.spec.reserve_ahead_s)  # keys reserved ahead of demand
         for d in self.dests.values():
-            self.ahead.restore(d.name, self.store.ahead_records(d.name),
+            self.pools.restore(d.name, self.store.ahead_records(d.name),
                                set(self.store.enc[d.name].unacked), now)
             for seq in self.store.pending(d.name):
                 data = self.store.block("enc", d.name, seq)
@@ -287,7 +287,7 @@ class GlobalKeyManager:
             if d.data:
                 log.info("gkm %s: %d pending block(s) for %s to resend", node,
                          len(d.data), d.name)
-            cancelled = self.store.cancel_unanswered(d.name, keep=self.ahead.rseqs(d.name))
+            cancelled = self.store.cancel_unanswered(d.name, keep=self.pools.rseqs(d.name))
             if cancelled:
                 log.info("gkm %s: %d reservation(s) for %s whose taker was never answered "
                          "(a restart): cancelled", node, len(cancelled), d.name)
@@ -551,8 +551,8 @@ class GlobalKeyManager:
         if plan.resend:
             d.reserve_due = 0.0  # an earlier one was lost: resend all, in order
         for step in plan.steps:
-            if step.fate == Fate.FORGET and self.ahead.owns(d.name, step.rseq):
-                dropped = self.ahead.acked(d.name, step.rseq, step.refused, now)
+            if step.fate == Fate.FORGET and self.pools.owns(d.name, step.rseq):
+                dropped = self.pools.acked(d.name, step.rseq, step.refused, now)
                 if dropped:  # refused there: nothing to cancel, nobody to tell
                     self.store.forget_ahead(d.name, dropped)
             if step.fate == Fate.GIVE_UP:  # the keys go to no one
@@ -618,17 +618,17 @@ class GlobalKeyManager:
         else:
             out.append(answer)
 
-    def _hold(self, envelope: list[bytes], body: bytes, deadline: float | None,
+    def _hold(self, envelope: list[bytes], body: bytes, sae: str, deadline: float | None,
               held_until: float | None) -> bool:
         """Keep a dec request for keys not yet confirmed until the master's node confirms
         or cancels them (the confirmation is usually a round trip behind the
         reservation, and the slave SAE may ask in between); False: too many held."""
         if held_until is None:
-            if len(self.held) >= MAX_HELD:
+            if not may_hold([h[3] for h in self.held], sae):
                 return False
             self.held_total += 1
             held_until = deadline or time.monotonic() + HOLD_UNCONFIRMED_S
-        self.held.append((envelope, body, held_until))
+        self.held.append((envelope, body, held_until, sae))
         return True
 
     def retry_held(self) -> None:
@@ -638,7 +638,7 @@ class GlobalKeyManager:
         held, self.held = self.held, []
         answers = []
         with self.store.group():
-            for envelope, body, until in held:
+            for envelope, body, until, _ in held:
                 answer = self._answer([*envelope, body], held_until=until)
                 if answer is not None:
                     answers.append(answer)
@@ -650,7 +650,7 @@ class GlobalKeyManager:
         if not due:
             return
         self.held = [h for h in self.held if now < h[2]]
-        for envelope, _, _ in due:
+        for envelope, *_ in due:
             zmq_frames.send(self.api, [*envelope, *take.encode_refusal(
                 "busy", "the keys are reserved here but not deliverable yet (the master's "
                         "key manager has not confirmed them, or an answer carrying them "
@@ -826,7 +826,7 @@ class GlobalKeyManager:
             if isinstance(e, take.LateRequest):
                 self.late_requests += 1
             if e.kind in ("pending", "delivering") and isinstance(req, take.TakeDec) and \
-                    self._hold(envelope, body, req.deadline, held_until):
+                    self._hold(envelope, body, req.sae, req.deadline, held_until):
                 return None
             reply = take.refusal(e)
         except Exception as e:  # a bad request must never stop the key manager
@@ -838,11 +838,11 @@ class GlobalKeyManager:
         if isinstance(req, take.TakeEnc):
             if req.slaves is not None:
                 pool = (req.peer, req.master, req.slaves, req.size)
-                self.ahead.note(pool, req.number, time.monotonic())
-                ready = self.ahead.ready(pool, req.number)
+                self.pools.note(pool, req.number, time.monotonic())
+                ready = self.pools.ready(pool, req.number)
                 if ready is not None:  # reserved ahead: one sync, answered at once
                     self.store.take_ahead(req.peer, [kid for kid, _ in ready])
-                    self.ahead.served(pool, ready)
+                    self.pools.served(pool, ready)
                     return ({"key_ids": [str(uuid.UUID(bytes=kid)) for kid, _ in ready]},
                             b"".join(k for _, k in ready))
                 keys, rseq = self.store.take_enc_reserved(req.peer, req.number, req.size,
@@ -891,7 +891,7 @@ class GlobalKeyManager:
         (``control.gkm.ahead``); inside the turn's group commit, so the reservations
         leave with the turn's answers. A pool the store cannot fill now waits for the
         next take."""
-        for pool, number in self.ahead.wanting(now):
+        for pool, number in self.pools.wanting(now):
             peer, master, slaves, size = pool
             d = self.dests.get(peer)
             if d is None or not d.routed:
@@ -900,13 +900,17 @@ class GlobalKeyManager:
                 rseq, keys = self.store.reserve_ahead(peer, number, size, slaves, master)
             except StoreError:  # not enough key (or none of that size) now
                 continue
-            self.ahead.reserving(pool, rseq, keys)
+            except Exception:  # the turn's takes are durable: their answers must go out
+                log.exception("gkm %s: reserving keys ahead for %s failed", self.node.name,
+                              peer)
+                continue
+            self.pools.reserving(pool, rseq, keys)
 
     def close_idle_pools(self, now: float) -> None:
         """Pools of keys reserved ahead that nobody took from for a while: their keys
         are cancelled at both nodes (``control.gkm.ahead``)."""
-        for pool in self.ahead.idle(now):
-            key_ids = self.ahead.close(pool)
+        for pool in self.pools.idle(now):
+            key_ids = self.pools.close(pool)
             self.store.cancel_ahead(pool[0], key_ids)
             log.info("gkm %s: %d key(s) reserved ahead for %s at %s unused for %.0f s: "
                      "cancelled", self.node.name, len(key_ids), pool[1] or "-", pool[0],
@@ -947,7 +951,7 @@ class GlobalKeyManager:
                         "bytes": fill.bytes, "seconds": fill.seconds,
                         "ended_ago_s": now - fill.ended},
                 }
-                entry["ahead"] = self.ahead.summary(name)
+                entry["ahead"] = self.pools.summary(name)
             peers[name] = entry
         return {"node": self.node.name, "pid": os.getpid(), "updated": time.time(),
                 "started": self.started, "paused": self.paused,

@@ -1,0 +1,143 @@
+"""Keys reserved ahead of demand (`[gkm] reserve_ahead_s`, on by default), end to end: two
+nodes in namespaces with their OTP tunnel, key managers and key APIs over mutual TLS; a
+master that keeps asking is served from keys its pair has reserved at the slave's node,
+and a kill -9 of its key manager keeps them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from control.tools import emulation
+from tests.nsutil import wait_until
+from tests.test_api_service import BASE, EXTRA, Net, _answers, _module_pid
+from tests.test_tunnel import make_net
+
+pytestmark = pytest.mark.netns
+
+GKM = """block_size = "1MiB"
+low_watermark = "24MiB"
+high_watermark = "32MiB"
+window = "8MiB"
+pairs = [["A", "B"]]"""
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    prefix = "t" + uuid.uuid4().hex[:7]
+    try:
+        topo, _ = make_net(tmp_path_factory.mktemp("ahead"), prefix, two=True, gkm=GKM,
+                           key_rate=2000, extra=EXTRA)
+        n = Net(topo)
+        wait_until(lambda: _answers(n), 60, "both key APIs")
+        n.stock()
+        yield n
+        n.close()
+    finally:
+        emulation.net_down(prefix)
+
+
+def _ahead(net: Net) -> dict:
+    return net.gkm("A")["peers"]["B"]["ahead"]
+
+
+def _pull_until(net: Net, served: int, timeout: float = 120.0) -> list[tuple[str, bytes]]:
+    """a1 asks for 32 keys of 256 bits at a time, four requests at once (some hundreds
+    of keys a second even on a busy machine), until ``served`` keys came from keys
+    reserved ahead since this process's key manager started."""
+    import base64
+
+    def pull(_):
+        status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=32&size=256")
+        assert status == 200, doc
+        return [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]]
+
+    issued: list[tuple[str, bytes]] = []
+    deadline = time.monotonic() + timeout
+    with ThreadPoolExecutor(4) as ex:
+        while _ahead(net)["served_keys"] < served:
+            assert time.monotonic() < deadline, f"not served ahead: {_ahead(net)}"
+            for keys in ex.map(pull, range(16)):
+                issued += keys
+    return issued
+
+
+def _slave_gets_each_once(net: Net, issued: list[tuple[str, bytes]]) -> None:
+    """b1 fetches every key, byte for byte, once; b2 (another slave) gets none."""
+    import base64
+
+    assert len({k for k, _ in issued}) == len(issued)
+    for at in range(0, len(issued), 256):
+        chunk = issued[at:at + 256]
+        body = json.dumps({"key_IDs": [{"key_ID": k} for k, _ in chunk]}).encode()
+        status, doc = net.call("b2", "POST", f"{BASE}/a1/dec_keys", body)
+        assert status == 401, doc  # another slave: refused whole
+        status, doc = net.call("b1", "POST", f"{BASE}/a1/dec_keys", body)
+        assert status == 200, doc
+        assert [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]] == chunk
+    status, doc = net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={issued[-1][0]}")
+    assert status == 400 and "not found on KME" in doc["message"], doc
+
+
+def settled(net: Net) -> None:
+    """Every reservation and confirmation A sent has been acknowledged by B."""
+    wait_until(lambda: not _ahead(net)["reserving_keys"]
+               and not net.gkm("A")["peers"]["B"]["enc"]["unacked_reservations"], 30,
+               "A's reservations and confirmations acknowledged by B")
+
+
+def test_a_master_that_keeps_asking_is_served_from_keys_reserved_ahead(net):
+    """Its pair's steady demand has keys reserved at the slave's node ahead of it, and the
+    master is served from them (one local sync, no round trip); the slave still gets each
+    key once, byte for byte, and no other SAE gets it."""
+    issued = _pull_until(net, 256)
+    state = _ahead(net)
+    assert state["reserved_keys"] >= state["served_keys"] >= 256
+    assert state["cancelled_keys"] == 0
+    assert len({v for _, v in issued}) == len(issued)
+    _slave_gets_each_once(net, issued)
+
+
+def test_keys_reserved_ahead_survive_a_kill_9_of_the_key_manager(net):
+    """kill -9 of the master's key manager while its pool holds keys, some of them under
+    a reservation the slave's node has not answered (its key manager held with
+    SIGSTOP): the restarted one cancels only takers' unanswered reservations, not this
+    one, has the same keys reserved ahead, serves them, and the slave gets every key
+    handed out before and after once."""
+    import base64
+
+    issued = _pull_until(net, _ahead(net)["served_keys"] + 64)
+    settled(net)
+    b_gkm = _module_pid(net.prefix, "B", "gkm")
+    a_gkm = _module_pid(net.prefix, "A", "gkm")
+    os.kill(b_gkm, signal.SIGSTOP)
+    try:
+        # One request at a time, each served from the pool, until a refill has left.
+        deadline = time.monotonic() + 60
+        while not _ahead(net)["reserving_keys"]:
+            assert _ahead(net)["ready_keys"] >= 32 and time.monotonic() < deadline, \
+                f"no refill while keys were ready: {_ahead(net)}"
+            status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=32&size=256")
+            assert status == 200, doc
+            issued += [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]]
+        state = _ahead(net)
+        held = state["ready_keys"] + state["reserving_keys"]
+        os.kill(a_gkm, signal.SIGKILL)
+        wait_until(lambda: _module_pid(net.prefix, "A", "gkm") != a_gkm
+                   and _ahead(net)["pools"] == 1, 60, "A's key manager restarted")
+        state = _ahead(net)
+        assert (state["ready_keys"] + state["reserving_keys"], state["served_keys"]) == \
+            (held, 0)
+        assert state["reserving_keys"] > 0  # restored as reserving: still unanswered
+    finally:
+        os.kill(b_gkm, signal.SIGCONT)
+    settled(net)
+    assert _ahead(net)["ready_keys"] == held and _ahead(net)["cancelled_keys"] == 0
+    issued += _pull_until(net, held)
+    _slave_gets_each_once(net, issued)
