@@ -9,15 +9,12 @@ import json
 import os
 import signal
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from control.tools import emulation
 from tests.nsutil import wait_until
-from tests.test_api_service import BASE, EXTRA, Net, _answers, _module_pid
-from tests.test_tunnel import make_net
+from tests.test_api_service import BASE, Net, _module_pid, running_net
 
 pytestmark = pytest.mark.netns
 
@@ -30,17 +27,8 @@ pairs = [["A", "B"]]"""
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
-    prefix = "t" + uuid.uuid4().hex[:7]
-    try:
-        topo, _ = make_net(tmp_path_factory.mktemp("ahead"), prefix, two=True, gkm=GKM,
-                           key_rate=2000, extra=EXTRA)
-        n = Net(topo)
-        wait_until(lambda: _answers(n), 60, "both key APIs")
-        n.stock()
+    with running_net(tmp_path_factory, GKM) as n:
         yield n
-        n.close()
-    finally:
-        emulation.net_down(prefix)
 
 
 def _ahead(net: Net) -> dict:

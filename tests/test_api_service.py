@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
@@ -148,11 +149,13 @@ class Net:
             p.shutdown(wait=False, cancel_futures=True)
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
+@contextlib.contextmanager
+def running_net(tmp_path_factory, gkm: str = GKM) -> Iterator[Net]:
+    """This module's network with ``gkm`` as its [gkm] section, up and stocked; down at
+    the end, whatever happened."""
     prefix = "t" + uuid.uuid4().hex[:7]
     try:
-        topo, _ = make_net(tmp_path_factory.mktemp("api"), prefix, two=True, gkm=GKM,
+        topo, _ = make_net(tmp_path_factory.mktemp("api"), prefix, two=True, gkm=gkm,
                            key_rate=2000, extra=EXTRA)
         n = Net(topo)
         wait_until(lambda: _answers(n), 60, "both key APIs")
@@ -161,6 +164,12 @@ def net(tmp_path_factory):
         n.close()
     finally:
         emulation.net_down(prefix)
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    with running_net(tmp_path_factory) as n:
+        yield n
 
 
 def _answers(n: Net) -> bool:

@@ -45,6 +45,20 @@ def pull(net: ApiNet, port: int) -> float:
     return sum(p.keys for p in pulls) / SECONDS
 
 
+def start(net: ApiNet, procs: list[subprocess.Popen]) -> tuple[subprocess.Popen, int]:
+    """On bench api's network (up): the key manager that answers at once, and the real
+    key API app in one worker process beside it; returns the worker and its port."""
+    net.pause_key(True)
+    sock = str(paths.node_dir(net.prefix, "A") / "fake-gkm.sock")
+    procs.append(subprocess.Popen([sys.executable, str(HERE / "fake_gkm.py"), sock]))
+    port = net.bare_port + 1
+    worker = subprocess.Popen(["ip", "netns", "exec", net.ns("A"), sys.executable,
+                               str(HERE / "api_worker.py"), str(net.cfg), net.addr("A"),
+                               str(port), sock])
+    procs.append(worker)
+    return worker, port
+
+
 def main(rounds: int = 3) -> None:
     console = Console()
     net = ApiNet(64 << 20, 1, "64MiB", console)
@@ -52,14 +66,7 @@ def main(rounds: int = 3) -> None:
     out = []
     try:
         net.up()
-        net.pause_key(True)
-        sock = str(paths.node_dir(net.prefix, "A") / "fake-gkm.sock")
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "fake_gkm.py"), sock]))
-        port = net.bare_port + 1
-        worker = subprocess.Popen(["ip", "netns", "exec", net.ns("A"), sys.executable,
-                                   str(HERE / "api_worker.py"), str(net.cfg), net.addr("A"),
-                                   str(port), sock])
-        procs.append(worker)
+        worker, port = start(net, procs)
         with bare_api.endpoint(net.ns("A"), net.topo.api.pki, "A", net.addr("A"),
                                net.bare_port, 1, paths.log_dir(net.prefix) / "bare.log"):
             time.sleep(3)
@@ -80,4 +87,5 @@ def main(rounds: int = 3) -> None:
     (HERE / "worker_alone.json").write_text(json.dumps(out, indent=1))
 
 
-main()
+if __name__ == "__main__":
+    main()

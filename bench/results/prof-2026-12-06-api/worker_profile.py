@@ -22,6 +22,9 @@ from bench.api import ApiNet
 from bench.api_load import pull_enc, run_in
 from control.core import paths
 
+sys.path.insert(0, str(Path(__file__).parent))
+from worker_alone import start  # noqa: E402  (this folder's sibling script)
+
 HERE = Path(__file__).parent
 SECONDS = 8.0
 HZ = os.sysconf("SC_CLK_TCK")
@@ -46,14 +49,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     try:
         net.up()
-        net.pause_key(True)
-        sock = str(paths.node_dir(net.prefix, "A") / "fake-gkm.sock")
-        procs.append(subprocess.Popen([sys.executable, str(HERE / "fake_gkm.py"), sock]))
-        port = net.bare_port + 1
-        worker = subprocess.Popen(["ip", "netns", "exec", net.ns("A"), sys.executable,
-                                   str(HERE / "api_worker.py"), str(net.cfg), net.addr("A"),
-                                   str(port), sock])
-        procs.append(worker)
+        worker, port = start(net, procs)
         bare = len(sys.argv) > 2 and sys.argv[2] == "bare"
         with bare_api.endpoint(net.ns("A"), net.topo.api.pki, "A", net.addr("A"),
                                net.bare_port, 1, paths.log_dir(net.prefix) / "bare.log"):
