@@ -6,7 +6,8 @@ innermost Python frame) and each of the worker's threads' CPU per request from /
 (py-spy does not see ZeroMQ's I/O thread, which has no Python frames).
 Run from the repository root:
 .venv/bin/python bench/results/prof-2026-12-06-api/worker_profile.py [out-prefix [bare]]
-("bare": the same for the bare Sanic endpoint, bench.bare_api, instead of the worker)
+("bare": the same for the bare Sanic endpoint, bench.bare_api, instead of the worker;
+PERF=1 in the environment: perf records the same process, kernel stacks too, as OUT.perf)
 """
 import collections
 import os
@@ -79,6 +80,10 @@ def main() -> None:
                                     "--duration", str(int(SECONDS)), "--nonblocking",
                                     "--output", f"{out}.txt"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if os.environ.get("PERF"):  # also the kernel's share, by call chain
+                perf = subprocess.Popen(["perf", "record", "-g", "-F", "999", "-p", str(pid),
+                                         "-o", f"{out}.perf", "--", "sleep", str(SECONDS)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before = threads(pid)
             t0 = time.time() + 0.5
             pulls = run_in(net.ns("A"), [(pull_enc, (str(net.topo.api.pki), "SAE-A",
@@ -86,6 +91,8 @@ def main() -> None:
                                                      t0 + SECONDS, True))] * 32, 60)
             after = threads(pid)
             spy.wait(60)
+            if os.environ.get("PERF"):
+                perf.wait(60)
         requests = sum(p.keys for p in pulls)
         console.print(f"{requests / SECONDS:,.0f} requests/s; the server's threads, CPU "
                       f"per request:")
