@@ -553,11 +553,19 @@ def test_a_carving_cursor_beyond_the_blocks_held_is_refused_at_once(tmp_path):
     assert d.dec["A"].reach() == (3, 0)
     kid = KeySlice(A, B, 0, 0, 64).key_id.bytes
     start = time.monotonic()
+    refused = []
     for rseq, carved in enumerate([(MAX_SEQ, 0), (3, 1), (2, 1 << 24 | 1)]):
         msg = Reserve(A, B, rseq, carved, ("evil",), (kid,))
         assert d.apply_reservation("A", msg) == ReserveStatus.REFUSED
         assert "beyond the end of the blocks held here" in d.dec["A"].last_refused
+        refused.append(msg)
     assert time.monotonic() - start < 1.0
+    # Sent again (its answer was lost): refused again, also after a restart, not the
+    # DUPLICATE the origin would take for applied.
+    d.close()
+    d = dest(tmp_path)
+    for msg in refused:
+        assert d.apply_reservation("A", msg) == ReserveStatus.REFUSED
     dec = d.summary()["dec"]["A"]
     assert dec["reserve_cursor"] == [0, 0] and dec["reserved_keys"] == 0
     assert dec["reservations_applied"] == 3 and "evil" not in str(d.dec["A"].outstanding)

@@ -459,8 +459,9 @@ class KeyStore:
 
         with self.lock:
             st = rules.dec_store(self.dec, peer)
-            if msg.rseq < st.next_rseq:
-                return ReserveStatus.DUPLICATE
+            if msg.rseq < st.next_rseq:  # a resend: answered as the first time
+                refused = self._cf("dec", peer).get(seq_key(rules.REFUSED_HERE, msg.rseq))
+                return ReserveStatus.DUPLICATE if refused is None else ReserveStatus.REFUSED
             if msg.rseq > st.next_rseq:
                 return ReserveStatus.GAP
             ids = [str(uuid.UUID(bytes=bytes(k))) for k in msg.key_ids]
@@ -473,7 +474,8 @@ class KeyStore:
                               msg.master)
             except StoreError as e:  # skip it, or every later one would wait forever
                 st.last_refused = f"reservation {msg.rseq}: {e}"
-                self._reserve(st, peer, [], (), None, msg.rseq, "")
+                self._durable("dec", peer, st.cancel([], msg.rseq, self._lookup("dec", peer),
+                                                     refused=True))
                 return ReserveStatus.REFUSED
             return ReserveStatus.APPLIED
 

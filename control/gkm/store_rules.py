@@ -21,6 +21,9 @@ Records in a store's column family (``enc.<peer>``: blocks this node originated 
                  yet: its reservation's number (u64), the length of the names (u16),
                  the master SAE then the slave SAEs newline-separated, the key's bytes
     E            DEC: next reservation number to apply (u64)
+    x<rseq:8>    DEC: a reservation refused here (skipped in its order): a resend of it
+                 is answered REFUSED again, not DUPLICATE, which the origin would read
+                 as applied (empty value)
     r<key id:16> DEC: a key reserved here: master SAE ("*" any), then the SAEs that may
                  fetch it once, newline-separated; one that has fetched it is kept,
                  marked (a NUL byte before its name), until all have and the entry goes;
@@ -65,6 +68,7 @@ SERVED = b"\x00"       # before an SAE's name in a reservation record: it has ha
 
 BLOCK, META, QUEUED, RESERVED, HANDED = b"b", b"m", b"q", b"r", b"h"  # record tags
 AHEAD = b"a"
+REFUSED_HERE = b"x"
 NEXT_BLOCK = b"n"
 CURSOR = b"c"
 NEXT_RESERVE = b"Q"  # ENC: the number of the next reservation sent
@@ -587,10 +591,14 @@ class DecState:
         self.free_done(w)
         return w
 
-    def cancel(self, key_ids: list[str], rseq: int | None, record: Lookup) -> Writes:
+    def cancel(self, key_ids: list[str], rseq: int | None, record: Lookup,
+               refused: bool = False) -> Writes:
         """Drop the reservations of keys whose taker never got them (not delivered); a
-        key not reserved stays so."""
+        key not reserved stays so. ``refused``: reservation ``rseq`` is skipped as
+        refused, and remembered so."""
         w = Writes()
+        if refused and rseq is not None:
+            w.put(seq_key(REFUSED_HERE, rseq), b"")
         for kid in key_ids:
             rid = reservation_key(kid)
             if record(rid) is not None:
