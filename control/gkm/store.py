@@ -297,12 +297,20 @@ class KeyStore:
         return out, rseq
 
     def _take(self, peer: str, number: int, size: int, saes: tuple[str, ...],
-              master: str = "") -> tuple[list[tuple[KeySlice, bytes]], int | None]:
+              master: str = "", ahead: bool = False
+              ) -> tuple[list[tuple[KeySlice, bytes]], int | None]:
+        """A take, durable; with ``ahead``, each key also kept as an ``a`` record in the
+        same batch (:meth:`reserve_ahead`)."""
         with self.lock:
             st = rules.enc_store(self.enc, peer)
             t = rules.take(st, self.node_id, number, size, saes, master)
             data = self._blocks("enc", peer, t.slices)
             out = [(s, data[s.seq][s.offset:s.offset + s.size]) for s in t.slices]
+            if ahead:
+                assert t.rseq is not None
+                for s, key in out:
+                    t.writes.put(AHEAD + s.key_id.bytes,
+                                 rules.ahead_record(t.rseq, master, saes, key))
             self._durable("enc", peer, t.writes)
             st.apply_take(t)
             return out, t.rseq
@@ -360,18 +368,9 @@ class KeyStore:
         ``a`` record each, in the same synced batch as the take and its reservation)
         until they are handed out or cancelled. Returns the reservation's number and the
         keys (ID, bytes) in carving order."""
-        with self.lock:
-            st = rules.enc_store(self.enc, peer)
-            t = rules.take(st, self.node_id, number, size, slaves, master)
-            assert t.rseq is not None
-            data = self._blocks("enc", peer, t.slices)
-            keys = [(s.key_id.bytes, data[s.seq][s.offset:s.offset + s.size])
-                    for s in t.slices]
-            for kid, key in keys:
-                t.writes.put(AHEAD + kid, rules.ahead_record(t.rseq, master, slaves, key))
-            self._durable("enc", peer, t.writes)
-            st.apply_take(t)
-            return t.rseq, keys
+        out, rseq = self._take(peer, number, size, slaves, master, ahead=True)
+        assert rseq is not None
+        return rseq, [(s.key_id.bytes, key) for s, key in out]
 
     def take_ahead(self, peer: str, key_ids: list[bytes]) -> int:
         """Hand out keys reserved ahead: in one synced batch, forget their records and
@@ -389,17 +388,16 @@ class KeyStore:
     def forget_ahead(self, peer: str, key_ids: list[bytes]) -> None:
         """Keys reserved ahead whose reservation ``peer`` refused: nothing is reserved
         there, so nothing to cancel; forget them (lost, never reused)."""
-        with self.lock:
-            w = Writes()
-            for kid in key_ids:
-                w.delete(AHEAD + kid)
-            self._durable("enc", peer, w)
+        self._drop_ahead(peer, key_ids, confirm=False, tell=False)
 
-    def _drop_ahead(self, peer: str, key_ids: list[bytes], confirm: bool) -> list[int]:
+    def _drop_ahead(self, peer: str, key_ids: list[bytes], confirm: bool,
+                    tell: bool = True) -> list[int]:
+        """Forget keys held ahead and, with ``tell``, queue their numbered confirmation
+        (or cancellation) in the same synced batch; the messages' numbers."""
         with self.lock:
             st = rules.enc_store(self.enc, peer)
             groups = [key_ids[at:at + MAX_RELAY_BLOCKS]
-                      for at in range(0, len(key_ids), MAX_RELAY_BLOCKS)]
+                      for at in range(0, len(key_ids), MAX_RELAY_BLOCKS)] if tell else []
             msgs, writes = rules.queued(st, self.node_id, [], groups, confirm)
             for kid in key_ids:
                 writes.delete(AHEAD + kid)
@@ -414,8 +412,11 @@ class KeyStore:
         with self.lock:
             recs = [(bytes(k), *rules.read_ahead(v))
                     for k, v in _scan(self._cf("enc", peer), AHEAD)]
-        return sorted(recs, key=lambda r: (r[1], decode(uuid.UUID(bytes=r[0])).seq,
-                                           decode(uuid.UUID(bytes=r[0])).offset))
+        def carving_order(r: tuple) -> tuple[int, int, int]:
+            where = decode(uuid.UUID(bytes=r[0]))
+            return r[1], where.seq, where.offset
+
+        return sorted(recs, key=carving_order)
 
     def reservation_acked(self, peer: str, rseq: int) -> None:
         with self.lock:
