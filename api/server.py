@@ -34,6 +34,7 @@ from sanic.response import json as json_response
 
 from api import etsi
 from api.gkm_link import GkmLink
+from api.hand_keeper import HandKeeper, wipe
 from api.kme import Kme, store_refusal
 from api.limits import SaeLimiter, SaeLimits, buffer_size
 from api.pki import PkiLayout
@@ -212,9 +213,12 @@ def make_app(topo: Topology, node: str, name: str | None = None,
         keep_freed_memory()
         app.ctx.gkm = GkmLink(topo.prefix, node)
         app.ctx.gkm.start()
+        app.ctx.hand = HandKeeper(app.ctx.gkm, topo.gkm.reserve_ahead_s)
+        app.ctx.hand.start()
 
     @app.after_server_stop
     async def _close(app: Sanic) -> None:
+        await app.ctx.hand.close()
         await app.ctx.gkm.close()
 
     def caller(request: Request) -> str:
@@ -246,10 +250,16 @@ def make_app(topo: Topology, node: str, name: str | None = None,
         peer = kme.slave_node(slave, req.additional_slave_sae_ids)
         nbytes = req.number * req.size_bytes
         sae_limits.take_share(master, peer, nbytes, time.monotonic())
+        slaves = [slave, *req.additional_slave_sae_ids]
+        held = request.app.ctx.hand.serve(peer, master, slaves, req.size_bytes, req.number)
+        if held is not None:  # taken ahead into this worker's hand: no round trip
+            try:
+                return await _send_keys(request, *held)
+            finally:
+                wipe(held[1])
         try:
             ids, keys = await request.app.ctx.gkm.take_enc_for(
-                peer, req.number, req.size_bytes, [slave, *req.additional_slave_sae_ids],
-                master)
+                peer, req.number, req.size_bytes, slaves, master)
         except StoreError as e:
             if e.kind != "unreachable":  # nothing was taken: not counted against the SAE
                 sae_limits.refund(master, peer, nbytes, time.monotonic())

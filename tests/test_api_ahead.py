@@ -5,14 +5,16 @@ and a kill -9 of its key manager keeps them."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pytest
 
+from control.core import paths
 from tests.nsutil import wait_until
 from tests.test_api_service import BASE, Net, _module_pid, running_net
 
@@ -39,8 +41,6 @@ def _pull_until(net: Net, served: int, timeout: float = 120.0) -> list[tuple[str
     """a1 asks for 32 keys of 256 bits at a time, four requests at once (some hundreds
     of keys a second even on a busy machine), until ``served`` keys came from keys
     reserved ahead since this process's key manager started."""
-    import base64
-
     def pull(_):
         status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=32&size=256")
         assert status == 200, doc
@@ -58,8 +58,6 @@ def _pull_until(net: Net, served: int, timeout: float = 120.0) -> list[tuple[str
 
 def _slave_gets_each_once(net: Net, issued: list[tuple[str, bytes]]) -> None:
     """b1 fetches every key, byte for byte, once; b2 (another slave) gets none."""
-    import base64
-
     assert len({k for k, _ in issued}) == len(issued)
     for at in range(0, len(issued), 256):
         chunk = issued[at:at + 256]
@@ -98,8 +96,6 @@ def test_keys_reserved_ahead_survive_a_kill_9_of_the_key_manager(net):
     SIGSTOP): the restarted one cancels only takers' unanswered reservations, not this
     one, has the same keys reserved ahead, serves them, and the slave gets every key
     handed out before and after once."""
-    import base64
-
     issued = _pull_until(net, _ahead(net)["served_keys"] + 64)
     settled(net)
     b_gkm = _module_pid(net.prefix, "B", "gkm")
@@ -129,3 +125,72 @@ def test_keys_reserved_ahead_survive_a_kill_9_of_the_key_manager(net):
     assert _ahead(net)["ready_keys"] == held and _ahead(net)["cancelled_keys"] == 0
     issued += _pull_until(net, held)
     _slave_gets_each_once(net, issued)
+
+
+def _steady_ones(net: Net, seconds: float) -> list[tuple[str, bytes]]:
+    """a1 asks for one 256-bit key at a time, eight requests at once, for ``seconds``
+    (hundreds of requests a second even on a busy machine: a steady demand)."""
+    def pull(_):
+        status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=1&size=256")
+        assert status == 200, doc
+        return [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]]
+
+    issued: list[tuple[str, bytes]] = []
+    end = time.monotonic() + seconds
+    with ThreadPoolExecutor(8) as ex:
+        while time.monotonic() < end or len(issued) < 200:
+            for keys in ex.map(pull, range(32)):
+                issued += keys
+    return issued
+
+
+def _held_at_b(net: Net) -> int:
+    """Keys B holds for A, reserved and not delivered, beyond those A's pools hold
+    ahead (unconfirmed): keys taken at A that no slave has fetched."""
+    state = _ahead(net)
+    return net.gkm("B")["peers"]["A"]["dec"]["reserved_keys"] - \
+        state["ready_keys"] - state["reserving_keys"]
+
+
+def test_a_worker_answers_from_its_hand_without_its_key_manager(net):
+    """After a steady demand, the master's key API worker holds keys for the pair in its
+    hand: with A's key manager stopped (SIGSTOP) requests are still answered, which no
+    request that asks the key manager can be; the slave gets each key once."""
+    issued = _steady_ones(net, 3.0)
+    a_gkm = _module_pid(net.prefix, "A", "gkm")
+    os.kill(a_gkm, signal.SIGSTOP)
+    try:
+        # Several at once, one key each: any that meets an empty hand waits for the key
+        # manager (refused after the link's timeout, or answered once it runs again).
+        with ThreadPoolExecutor(8) as ex:
+            futures = [ex.submit(net.call, "a1", "GET",
+                                 f"{BASE}/b1/enc_keys?number=1&size=256")
+                       for _ in range(8)]
+            status, doc = next(as_completed(futures, timeout=60)).result()
+            assert status == 200, doc  # answered with the key manager stopped
+            os.kill(a_gkm, signal.SIGCONT)
+            answers = [f.result(60) for f in futures]
+    finally:
+        os.kill(a_gkm, signal.SIGCONT)
+    issued += [(k["key_ID"], base64.b64decode(k["key"]))
+               for status, doc in answers if status == 200 for k in doc["keys"]]
+    settled(net)
+    _slave_gets_each_once(net, issued)
+
+
+def test_hands_are_given_back_when_the_api_stops(net):
+    """Keys held in the workers' hands reach no application when the key API stops: they
+    are cancelled at both nodes, so B keeps only the keys A's pools hold ahead."""
+    issued = _steady_ones(net, 2.0)
+    settled(net)
+    _slave_gets_each_once(net, issued)
+    held = _held_at_b(net)
+    assert held > 0  # in the workers' hands: taken, confirmed at B, not handed out
+    api = _module_pid(net.prefix, "A", "api")
+    os.kill(api, signal.SIGTERM)  # the workers stop gracefully, giving their hands back
+    wait_until(lambda: _module_pid(net.prefix, "A", "api") not in (None, api), 60,
+               "the key API restarted")
+    settled(net)
+    wait_until(lambda: _held_at_b(net) == 0, 30, f"B to drop the {held} key(s) given back")
+    log = (paths.log_dir(net.prefix) / "node-A.log").read_text()
+    assert "given back at stop or when idle" in log

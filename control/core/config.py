@@ -365,8 +365,10 @@ class GkmSection(_Strict):
         description="for a master SAE that keeps taking keys of one size for the same "
         "slaves at least twice in this long, keys reserved at the slave's node ahead of "
         "demand, this many seconds of it (keys up to 4 KiB, at most 64 KiB per pair; "
-        "cancelled after 60 s unused): a take is then one local sync and no round trip. "
-        "0: never")
+        "cancelled after 60 s unused): a take is then one local sync and no round trip; "
+        "and as many taken ahead into each key API worker's hand (keys up to 2 KiB, at "
+        "most 32 KiB per pair and worker; given back when the worker stops or after 60 s "
+        "unused), which answers requests without asking the key manager. 0: never")
 
     @field_validator("block_size")
     @classmethod

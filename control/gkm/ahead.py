@@ -6,11 +6,10 @@ the keys' confirmation, as a take answered after its own reservation does.
 
 Per pool, keyed by (peer node, master, slaves, key size):
 
-- *demand*: the takes and keys taken in the last :data:`RATE_WINDOW_S`. The pool aims at
-  ``ahead_s`` seconds of the keys, and at least the largest take of the window (a refill
-  leaves when less than that is held, for twice that), and only when at least
-  :data:`MIN_AHEAD_REQUESTS` takes are expected in those ``ahead_s``: an occasional
-  request, however large, never leaves keys reserved for it.
+- *demand* (``control.core.demand``): the pool aims at ``ahead_s`` seconds of the pair's
+  recent takes, and at least its largest recent take (a refill leaves when less than
+  that is held, for twice that), and only when enough takes are expected in those
+  ``ahead_s``: an occasional request, however large, never leaves keys reserved for it.
   At most :data:`MAX_AHEAD_BYTES` and one RESERVE message (``MAX_RELAY_BLOCKS`` keys) are
   held per pool, and keys so large that fewer than :data:`MIN_POOL_KEYS` fit are never
   reserved ahead (their take costs its bytes, not its round trip); a take of more keys
@@ -28,14 +27,12 @@ The shell (``control.gkm.manager``) keeps the keys durably (``control.gkm.store`
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from control.core.demand import Demand
 from dataplane.limits import MAX_RELAY_BLOCKS
 
-RATE_WINDOW_S = 1.0        # demand is what was taken over this long
-MIN_AHEAD_REQUESTS = 2     # takes expected within ahead_s, at least, for a pool to fill
 MIN_POOL_KEYS = 16         # keys of a size a pool must be able to hold (so <= 4 KiB)
 MAX_AHEAD_BYTES = 64 << 10  # key held ahead per pool, at most
 AHEAD_IDLE_S = 60.0        # a pool nobody took from for this long is cancelled
@@ -51,11 +48,7 @@ Key = tuple[bytes, bytes]
 class Pool:
     ready: OrderedDict[bytes, bytes] = field(default_factory=OrderedDict)
     reserving: dict[int, list[Key]] = field(default_factory=dict)  # rseq -> keys
-    taken: deque[tuple[float, int]] = field(default_factory=deque)  # (when, keys)
-    largest: deque[tuple[float, int]] = field(default_factory=deque)  # the window's
-    #   largest take first: each entry larger than every later one (a sliding maximum)
-    demand: int = 0    # keys in ``taken``
-    last: float = 0.0  # the last take for this pool (0: none since start)
+    demand: Demand = field(default_factory=Demand)
     barred_until: float = 0.0  # the peer refused a reservation ahead: none before this
 
     @property
@@ -90,14 +83,7 @@ class Ahead:
         if self.ahead_s <= 0 or max_keys(key[3]) < MIN_POOL_KEYS or \
                 number > max_keys(key[3]):  # no pool could serve that take: not its demand
             return
-        pool = self.pools.setdefault(key, Pool())
-        pool.taken.append((now, number))
-        while pool.largest and pool.largest[-1][1] <= number:
-            pool.largest.pop()
-        pool.largest.append((now, number))
-        pool.demand += number
-        pool.last = now
-        _forget_old(pool, now)
+        self.pools.setdefault(key, Pool()).demand.note(number, now)
 
     def ready(self, key: PoolKey, number: int) -> list[Key] | None:
         """``number`` ready keys in carving order, or None if the pool has fewer (the take
@@ -118,15 +104,9 @@ class Ahead:
     def wanted(self, key: PoolKey, now: float) -> int:
         """How many keys to reserve ahead for ``key`` now (0: none)."""
         pool = self.pools.get(key)
-        if pool is None:
+        if pool is None or now < pool.barred_until:
             return 0
-        _forget_old(pool, now)
-        if len(pool.taken) * self.ahead_s / RATE_WINDOW_S < MIN_AHEAD_REQUESTS or \
-                now < pool.barred_until:
-            return 0
-        # At least the largest recent take, which the pool must be able to serve whole.
-        target = min(max(math.ceil(pool.demand * self.ahead_s / RATE_WINDOW_S),
-                         pool.largest[0][1]), max_keys(key[3]))
+        target = pool.demand.target(self.ahead_s, max_keys(key[3]), now)
         if pool.held >= target:
             return 0
         return min(2 * target, max_keys(key[3])) - pool.held
@@ -168,7 +148,7 @@ class Ahead:
     def idle(self, now: float) -> list[PoolKey]:
         """Pools nobody took from for AHEAD_IDLE_S (since start, for restored ones) that
         hold keys, to :meth:`close`; those that hold none are forgotten here."""
-        quiet = [k for k, p in self.pools.items() if now - p.last >= AHEAD_IDLE_S]
+        quiet = [k for k, p in self.pools.items() if now - p.demand.last >= AHEAD_IDLE_S]
         for k in quiet:
             if not self.pools[k].held:
                 del self.pools[k]
@@ -197,7 +177,7 @@ class Ahead:
         carving order; reservations still unacknowledged are reserving again."""
         for kid, rseq, master, slaves, data in records:
             key = (peer, master, slaves, len(data))
-            pool = self.pools.setdefault(key, Pool(last=now))
+            pool = self.pools.setdefault(key, Pool(demand=Demand(last=now)))
             if rseq in unacked:
                 pool.reserving.setdefault(rseq, []).append((kid, data))
                 self.by_rseq[(peer, rseq)] = key
@@ -221,10 +201,3 @@ class Ahead:
 def max_keys(size: int) -> int:
     """The most keys of ``size`` bytes one pool holds."""
     return min(MAX_RELAY_BLOCKS, MAX_AHEAD_BYTES // max(1, size))
-
-
-def _forget_old(pool: Pool, now: float) -> None:
-    while pool.taken and now - pool.taken[0][0] > RATE_WINDOW_S:
-        pool.demand -= pool.taken.popleft()[1]
-    while pool.largest and now - pool.largest[0][0] > RATE_WINDOW_S:
-        pool.largest.popleft()

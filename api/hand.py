@@ -1,0 +1,142 @@
+"""Keys in a key API worker's hand, without I/O: for a master SAE that keeps asking for
+keys of one size for the same slaves, the worker takes keys for that pair from its key
+manager ahead of the requests (one take of many keys), and answers the next requests from
+them without asking the key manager at all.
+
+A key API worker's cost per request was, above all, its round trip to the key manager
+(the wait, the wake-ups, ZeroMQ on both sides): for 256-bit keys, more than the rest of
+the request (TLS, HTTP, the container). A take for the hand is an ordinary enc take
+(``control.gkm.take``): answered only once the slave's node holds the keys and their
+confirmation is durably queued, so a key handed out from the hand is as delivered as one
+taken for its request, and goes out once: the hand is this process's alone and a key
+leaves it for one request.
+
+Per hand, keyed by (peer node, master, slaves, key size):
+
+- *demand* (``control.core.demand``): a hand aims at ``ahead_s`` seconds of the pair's
+  recent requests (at least its largest), only when enough are expected in that time;
+  below its aim it is refilled, one take at a time, up to twice that.
+- At most :data:`HAND_MAX_BYTES` per hand, and keys so large that fewer than
+  :data:`MIN_HAND_KEYS` fit never go in a hand (their request costs its bytes, not its
+  round trip); a request for more keys than a hand may hold does not count as demand.
+- A refill refused (no key now, the slave's node unreachable) pauses that hand for
+  :data:`REFUSED_PAUSE_S`: requests go the long way and get the refusal themselves.
+- A hand nobody asked from for :data:`HAND_IDLE_S` is given back: its keys are cancelled at
+  both nodes, as keys whose taker gave up are. So is every hand when the worker stops.
+
+The cost in key: keys a worker held when it was killed (at most a hand's per pair) reach
+no application; they are confirmed at the slave's node, where nobody will ask for them.
+A stop or an idle hand gives its keys back, counted (``HandCounts.given_back_bytes``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from control.core.demand import Demand
+
+HAND_MAX_BYTES = 32 << 10  # key held per hand, at most
+HAND_MAX_KEYS = 1024       # and keys
+MIN_HAND_KEYS = 16         # keys of a size a hand must be able to hold (so <= 2 KiB)
+HAND_IDLE_S = 60.0         # a hand nobody asked from for this long is given back
+REFUSED_PAUSE_S = 1.0      # a refused refill: none again for this long
+
+PairKey = tuple[str, str, tuple[str, ...], int]
+"""(peer node, master SAE, slave SAEs in the order asked, key size in bytes)."""
+
+HeldKey = tuple[str, bytearray]
+"""A key in hand: its ID (text) and its bytes (wiped when handed out or given back)."""
+
+
+@dataclass
+class Held:
+    keys: deque[HeldKey] = field(default_factory=deque)
+    demand: Demand = field(default_factory=Demand)
+    filling: bool = False      # a take for this hand is on its way
+    paused_until: float = 0.0  # a refill was refused: none before this
+
+
+@dataclass
+class HandCounts:
+    served: int = 0            # keys handed out from hands
+    taken: int = 0             # keys taken into hands
+    given_back: int = 0        # keys given back (idle hands, stop)
+    given_back_bytes: int = 0
+
+
+def max_keys(size: int) -> int:
+    """The most keys of ``size`` bytes one hand holds."""
+    return min(HAND_MAX_KEYS, HAND_MAX_BYTES // max(1, size))
+
+
+class Hand:
+    """Every hand of one key API worker, and the rule of when to refill one."""
+
+    def __init__(self, ahead_s: float):
+        self.ahead_s = ahead_s
+        self.hands: dict[PairKey, Held] = {}
+        self.counts = HandCounts()
+
+    def note(self, pair: PairKey, number: int, now: float) -> None:
+        """A request for ``number`` keys for the pair (served from the hand or not)."""
+        most = max_keys(pair[3])
+        if self.ahead_s <= 0 or most < MIN_HAND_KEYS or number > most:
+            return
+        self.hands.setdefault(pair, Held()).demand.note(number, now)
+
+    def take(self, pair: PairKey, number: int) -> list[HeldKey] | None:
+        """``number`` keys out of the hand, oldest first, or None if it holds fewer (the
+        request goes the long way)."""
+        held = self.hands.get(pair)
+        if held is None or len(held.keys) < number:
+            return None
+        self.counts.served += number
+        return [held.keys.popleft() for _ in range(number)]
+
+    def wanted(self, pair: PairKey, now: float) -> int:
+        """How many keys to take into the pair's hand now (0: none)."""
+        held = self.hands.get(pair)
+        if held is None or held.filling or now < held.paused_until:
+            return 0
+        most = max_keys(pair[3])
+        target = held.demand.target(self.ahead_s, most, now)
+        if len(held.keys) >= target:
+            return 0
+        return min(2 * target, most) - len(held.keys)
+
+    def filling(self, pair: PairKey) -> None:
+        self.hands.setdefault(pair, Held()).filling = True
+
+    def filled(self, pair: PairKey, keys: list[HeldKey]) -> None:
+        """The take for the pair's hand brought ``keys``."""
+        held = self.hands.setdefault(pair, Held())
+        held.filling = False
+        held.keys.extend(keys)
+        self.counts.taken += len(keys)
+
+    def refused(self, pair: PairKey, now: float) -> None:
+        """The take for the pair's hand was refused (or given up): nothing came."""
+        held = self.hands.setdefault(pair, Held())
+        held.filling = False
+        held.paused_until = now + REFUSED_PAUSE_S
+
+    def idle(self, now: float) -> list[tuple[PairKey, list[HeldKey]]]:
+        """Hands nobody asked from for HAND_IDLE_S: their keys, to give back (the hands
+        are forgotten; one being filled waits for its take)."""
+        quiet = [p for p, h in self.hands.items()
+                 if now - h.demand.last >= HAND_IDLE_S and not h.filling]
+        return [(p, keys) for p in quiet if (keys := self._drop(p))]
+
+    def empty(self) -> list[tuple[PairKey, list[HeldKey]]]:
+        """Every hand's keys, to give back (the worker stops)."""
+        return [(p, keys) for p in list(self.hands) if (keys := self._drop(p))]
+
+    def _drop(self, pair: PairKey) -> list[HeldKey]:
+        keys = list(self.hands.pop(pair).keys)
+        self.counts.given_back += len(keys)
+        self.counts.given_back_bytes += sum(len(k) for _, k in keys)
+        return keys
+
+    def held_keys(self) -> int:
+        return sum(len(h.keys) for h in self.hands.values())

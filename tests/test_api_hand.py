@@ -1,0 +1,106 @@
+"""A key API worker's hand (api.hand) and the demand that sizes it (control.core.demand):
+pure rules, no I/O."""
+
+from __future__ import annotations
+
+from api.hand import (
+    HAND_IDLE_S,
+    HAND_MAX_BYTES,
+    MIN_HAND_KEYS,
+    REFUSED_PAUSE_S,
+    Hand,
+    max_keys,
+)
+from control.core.demand import Demand
+
+PAIR = ("B", "a1", ("b1",), 32)
+
+
+def _keys(n: int, start: int = 0) -> list:
+    return [(f"id-{i}", bytearray([i % 256]) * 32) for i in range(start, start + n)]
+
+
+def _steady(hand: Hand, pair=PAIR, number: int = 1, per_s: int = 100, t0: float = 0.0,
+            seconds: float = 1.0) -> float:
+    t = t0
+    for _ in range(int(per_s * seconds)):
+        t += 1 / per_s
+        hand.note(pair, number, t)
+    return t
+
+
+def test_demand_aims_at_its_seconds_and_at_least_its_largest_take():
+    d = Demand()
+    for i in range(100):  # 100 takes of 3 keys in one second, and one of 40
+        d.note(3, i / 100)
+    d.note(40, 0.995)
+    assert d.target(0.1, 10_000, 1.0) == max(-(-340 // 10), 40) == 40
+    assert d.target(0.5, 10_000, 1.0) == 170
+    assert d.target(0.5, 64, 1.0) == 64                   # capped
+    assert d.target(0.1, 10_000, 2.5) == 0                # the window has passed
+    assert d.target(0.0, 10_000, 1.0) == 0                # off
+
+
+def test_demand_too_thin_holds_nothing():
+    d = Demand()
+    for i in range(15):  # 15 takes a second: 1.5 expected in 0.1 s, fewer than 2
+        d.note(500, i / 15)
+    assert d.target(0.1, 10_000, 1.0) == 0
+    assert d.target(0.2, 10_000, 1.0) == 1500  # 3 expected in 0.2 s: 0.2 s of 7,500
+
+
+def test_a_hand_fills_for_steady_demand_and_serves_whole_requests_in_order():
+    hand = Hand(0.1)
+    assert hand.take(PAIR, 1) is None and hand.wanted(PAIR, 0.0) == 0
+    now = _steady(hand)
+    assert hand.wanted(PAIR, now) == 20  # 10 keys aimed at, refilled to twice that
+    hand.filling(PAIR)
+    assert hand.wanted(PAIR, now) == 0   # one take at a time
+    hand.filled(PAIR, _keys(20))
+    assert [k for k, _ in hand.take(PAIR, 3)] == ["id-0", "id-1", "id-2"]
+    assert hand.take(PAIR, 18) is None   # fewer than asked: the long way, nothing taken
+    assert len(hand.take(PAIR, 17)) == 17
+    assert hand.counts.served == 20 and hand.counts.taken == 20
+    assert hand.take(("B", "a1", ("b2",), 32), 1) is None  # another slave: not this hand
+
+
+def test_a_refused_refill_pauses_the_hand():
+    hand = Hand(0.1)
+    now = _steady(hand)
+    hand.filling(PAIR)
+    hand.refused(PAIR, now)
+    assert hand.wanted(PAIR, now + REFUSED_PAUSE_S / 2) == 0
+    later = _steady(hand, t0=now, seconds=REFUSED_PAUSE_S)  # the demand goes on
+    assert hand.wanted(PAIR, later) == 20
+
+
+def test_sizes_no_hand_can_serve_are_not_demand():
+    hand = Hand(0.1)
+    big = ("B", "a1", ("b1",), HAND_MAX_BYTES // MIN_HAND_KEYS + 1)  # < 16 fit
+    now = _steady(hand, big)
+    assert hand.wanted(big, now) == 0 and big not in hand.hands
+    assert max_keys(32) == 1024 and max_keys(2048) == 16
+    now = _steady(hand, number=max_keys(32) + 1)  # more than a hand holds
+    assert hand.wanted(PAIR, now) == 0
+    assert Hand(0.0).wanted(PAIR, _steady(Hand(0.0))) == 0  # reserve_ahead_s = 0: off
+
+
+def test_idle_hands_and_every_hand_at_stop_are_given_back_counted():
+    hand = Hand(0.1)
+    now = _steady(hand)
+    hand.filled(PAIR, _keys(20))
+    other = ("B", "a2", ("b1",), 32)
+    hand.note(other, 1, now + HAND_IDLE_S / 2)
+    hand.filled(other, _keys(5, 100))
+    assert hand.idle(now + HAND_IDLE_S - 1) == []
+    ((pair, keys),) = hand.idle(now + HAND_IDLE_S)
+    assert pair == PAIR and [k for k, _ in keys] == [f"id-{i}" for i in range(20)]
+    assert PAIR not in hand.hands and hand.held_keys() == 5
+    filling = ("B", "a3", ("b1",), 32)
+    hand.filling(filling)  # a hand being filled waits for its take
+    ((pair, keys),) = hand.idle(now + 10 * HAND_IDLE_S)
+    assert pair == other and len(keys) == 5 and filling in hand.hands
+    hand.filled(filling, _keys(3, 200))
+    assert [(p, len(k)) for p, k in hand.empty()] == [(filling, 3)]
+    assert hand.hands == {} and hand.empty() == []
+    assert (hand.counts.given_back, hand.counts.given_back_bytes) == (28, 28 * 32)
