@@ -26,7 +26,9 @@ Per hand, keyed by (peer node, master, slaves, key size):
 
 The cost in key: keys a worker held when it was killed (at most a hand's per pair) reach
 no application; they are confirmed at the slave's node, where nobody will ask for them.
-A stop or an idle hand gives its keys back, counted (``HandCounts.given_back_bytes``).
+A stop or an idle hand gives its keys back. Both are counted (``api.hand_counts``: the
+counts live in memory shared with the API's manager, which counts a dead worker's held
+keys as lost).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from api.hand_counts import HandCounts
 from control.core.demand import Demand
 
 HAND_MAX_BYTES = 32 << 10  # key held per hand, at most
@@ -57,14 +60,6 @@ class Held:
     paused_until: float = 0.0  # a refill was refused: none before this
 
 
-@dataclass
-class HandCounts:
-    served: int = 0            # keys handed out from hands
-    taken: int = 0             # keys taken into hands
-    given_back: int = 0        # keys given back (idle hands, stop)
-    given_back_bytes: int = 0
-
-
 def max_keys(size: int) -> int:
     """The most keys of ``size`` bytes one hand holds."""
     return min(HAND_MAX_KEYS, HAND_MAX_BYTES // max(1, size))
@@ -73,10 +68,10 @@ def max_keys(size: int) -> int:
 class Hand:
     """Every hand of one key API worker, and the rule of when to refill one."""
 
-    def __init__(self, ahead_s: float):
+    def __init__(self, ahead_s: float, counts: HandCounts | None = None):
         self.ahead_s = ahead_s
         self.hands: dict[PairKey, Held] = {}
-        self.counts = HandCounts()
+        self.counts = counts if counts is not None else HandCounts()
 
     def note(self, pair: PairKey, number: int, now: float) -> None:
         """A request for ``number`` keys for the pair (served from the hand or not)."""
@@ -91,8 +86,10 @@ class Hand:
         held = self.hands.get(pair)
         if held is None or len(held.keys) < number:
             return None
-        self.counts.served += number
-        return [held.keys.popleft() for _ in range(number)]
+        keys = [held.keys.popleft() for _ in range(number)]
+        self.counts.add(served=number, held_keys=-number,
+                        held_bytes=-sum(len(k) for _, k in keys))
+        return keys
 
     def wanted(self, pair: PairKey, now: float) -> int:
         """How many keys to take into the pair's hand now (0: none)."""
@@ -113,7 +110,8 @@ class Hand:
         held = self.hands.setdefault(pair, Held())
         held.filling = False
         held.keys.extend(keys)
-        self.counts.taken += len(keys)
+        nbytes = sum(len(k) for _, k in keys)
+        self.counts.add(taken=len(keys), held_keys=len(keys), held_bytes=nbytes)
 
     def refused(self, pair: PairKey, now: float) -> None:
         """The take for the pair's hand was refused (or given up): nothing came."""
@@ -134,8 +132,9 @@ class Hand:
 
     def _drop(self, pair: PairKey) -> list[HeldKey]:
         keys = list(self.hands.pop(pair).keys)
-        self.counts.given_back += len(keys)
-        self.counts.given_back_bytes += sum(len(k) for _, k in keys)
+        nbytes = sum(len(k) for _, k in keys)
+        self.counts.add(given_back=len(keys), given_back_bytes=nbytes,
+                        held_keys=-len(keys), held_bytes=-nbytes)
         return keys
 
     def held_keys(self) -> int:

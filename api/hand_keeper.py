@@ -11,6 +11,7 @@ import time
 
 from api.gkm_link import GkmLink
 from api.hand import HAND_IDLE_S, Hand, HeldKey, PairKey
+from api.hand_counts import HandCounts
 from control.gkm.client import StoreError, take
 
 GIVE_BACK_WAIT_S = 5.0  # a give-back not answered by then is left (logged)
@@ -23,9 +24,9 @@ def wipe(keys: list[bytearray]) -> None:
 
 
 class HandKeeper:
-    def __init__(self, gkm: GkmLink, ahead_s: float):
+    def __init__(self, gkm: GkmLink, ahead_s: float, counts: HandCounts | None = None):
         self.gkm = gkm
-        self.hand = Hand(ahead_s)
+        self.hand = Hand(ahead_s, counts)
         self.refills: set[asyncio.Task] = set()
         self.sweeper: asyncio.Task | None = None
 
@@ -71,8 +72,11 @@ class HandKeeper:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(HAND_IDLE_S / 12)
-            for pair, keys in self.hand.idle(time.monotonic()):
-                await self._give_back(pair, keys)
+            try:
+                for pair, keys in self.hand.idle(time.monotonic()):
+                    await self._give_back(pair, keys)
+            except Exception:  # never stop sweeping
+                log.exception("key API: giving back an idle hand")
 
     async def _give_back(self, pair: PairKey, keys: list[HeldKey]) -> None:
         peer = pair[0]
@@ -98,5 +102,5 @@ class HandKeeper:
             await self._give_back(pair, keys)
         if hands:
             c = self.hand.counts
-            log.info("key API: %d key(s) served from workers' hands; %d (%d B) given "
+            log.info("key API: %d key(s) served from this worker's hands; %d (%d B) given "
                      "back at stop or when idle", c.served, c.given_back, c.given_back_bytes)

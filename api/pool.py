@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from api.hand_counts import HandTable
 from control.core.procs import process_identity, send_signal
 from control.core.statefile import write_json
 
@@ -91,13 +92,15 @@ def bind_listener(host: str, port: int, backlog: int = 1024,
 
 @dataclass(eq=False)
 class WorkerPool:
-    """``size`` worker processes running ``target(sock)``, kept at that number."""
+    """``size`` worker processes running ``target(sock, slot index)``, kept at that
+    number; ``hands``: their hand counts (``api.hand_counts``), one row per slot."""
 
     size: int
-    target: Callable[[socket.socket], None]
+    target: Callable[[socket.socket, int], None]
     sock: socket.socket
     status_path: Path
     grace_s: float
+    hands: HandTable | None = None
     slots: list[Slot] = field(default_factory=list)
     stop: bool = False
     restarts: int = 0
@@ -109,7 +112,7 @@ class WorkerPool:
         self._ctx = mp.get_context("fork")
 
     def _fork(self, slot: Slot, now: float) -> None:
-        slot.proc = self._ctx.Process(target=self.target, args=(self.sock,),
+        slot.proc = self._ctx.Process(target=self.target, args=(self.sock, slot.index),
                                       name=f"api-worker-{slot.index}", daemon=False)
         slot.proc.start()
         slot.started, slot.started_wall = now, time.time()
@@ -125,6 +128,11 @@ class WorkerPool:
             slot.proc = None
             slot.quick_exits = slot.quick_exits + 1 if now - slot.started < QUICK_EXIT_S else 1
             slot.next_start = now + restart_delay(slot.quick_exits)
+            lost = self.hands.worker_ended(slot.index) if self.hands is not None else 0
+            if lost:
+                log.warning("key API worker %d (pid %d) ended holding %d key(s) taken "
+                            "ahead in its hands: they reach no application", slot.index,
+                            p.pid, lost)
             if not self.stop:
                 log.warning("key API worker %d (pid %d) exited with %s; forking it again "
                             "in %.2f s", slot.index, p.pid, slot.last_exit,
@@ -145,10 +153,13 @@ class WorkerPool:
         alive = sum(w["alive"] for w in workers)
         state = ("stopping" if self.stop else "serving" if alive == self.size
                  else "degraded" if alive else "down")
-        return {"pid": os.getpid(), "updated": time.time(), "started": self.started,
-                "state": state, "workers_alive": alive, "workers": self.size,
-                "restarts": self.restarts, "last_restart": self.last_restart,
-                "slots": workers}
+        out = {"pid": os.getpid(), "updated": time.time(), "started": self.started,
+               "state": state, "workers_alive": alive, "workers": self.size,
+               "restarts": self.restarts, "last_restart": self.last_restart,
+               "slots": workers}
+        if self.hands is not None:
+            out["hands"] = self.hands.totals()
+        return out
 
     def publish(self) -> None:
         with contextlib.suppress(OSError):

@@ -34,6 +34,7 @@ from sanic.response import json as json_response
 
 from api import etsi
 from api.gkm_link import GkmLink
+from api.hand_counts import HandCounts, HandTable
 from api.hand_keeper import HandKeeper, wipe
 from api.kme import Kme, store_refusal
 from api.limits import SaeLimiter, SaeLimits, buffer_size
@@ -213,7 +214,8 @@ def make_app(topo: Topology, node: str, name: str | None = None,
         keep_freed_memory()
         app.ctx.gkm = GkmLink(topo.prefix, node)
         app.ctx.gkm.start()
-        app.ctx.hand = HandKeeper(app.ctx.gkm, topo.gkm.reserve_ahead_s)
+        app.ctx.hand = HandKeeper(app.ctx.gkm, topo.gkm.reserve_ahead_s,
+                                  getattr(app.ctx, "hand_counts", None))
         app.ctx.hand.start()
 
     @app.after_server_stop
@@ -313,9 +315,11 @@ def make_app(topo: Topology, node: str, name: str | None = None,
     return app
 
 
-def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket) -> None:
+def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket,
+            hand_counts: HandCounts) -> None:
     """One worker: Sanic in single-process mode on the shared listening socket. SIGTERM
-    (from the manager, or the kernel when the manager dies) finishes what is in flight."""
+    (from the manager, or the kernel when the manager dies) finishes what is in flight.
+    Its hands count in ``hand_counts``, its slot's row of the manager's table."""
     from control.core.lifecycle import die_with_parent
 
     for sig in (signal.SIGTERM, signal.SIGINT):  # Sanic installs its own when it serves
@@ -323,6 +327,7 @@ def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket) 
     die_with_parent()
     if os.getppid() != manager:  # the manager died before the line above took effect
         raise SystemExit(0)
+    app.ctx.hand_counts = hand_counts
     app.prepare(sock=sock, ssl=ctx, single_process=True, access_log=False, motd=False)
     Sanic.serve_single(app)
 
@@ -342,10 +347,11 @@ def serve(topo: Topology, node: str) -> None:
     # Workers are forked from this process: the app and TLS context are inherited, each
     # worker opens its own line to the key manager when it starts.
     manager = os.getpid()
+    hands = HandTable(topo.api.workers)
     pool = WorkerPool(topo.api.workers,
-                      lambda s: _worker(app, ctx, manager, s), sock,
+                      lambda s, i: _worker(app, ctx, manager, s, hands.row(i)), sock,
                       paths.node_dir(topo.prefix, node) / "api.json",
-                      grace_s=topo.api.graceful_shutdown_s + 1.0)
+                      grace_s=topo.api.graceful_shutdown_s + 1.0, hands=hands)
     pool.run()
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from control.core import paths
 from tests.nsutil import wait_until
-from tests.test_api_service import BASE, Net, _module_pid, running_net
+from tests.test_api_service import BASE, Net, _api_file, _module_pid, running_net
 
 pytestmark = pytest.mark.netns
 
@@ -186,6 +186,8 @@ def test_hands_are_given_back_when_the_api_stops(net):
     _slave_gets_each_once(net, issued)
     held = _held_at_b(net)
     assert held > 0  # in the workers' hands: taken, confirmed at B, not handed out
+    wait_until(lambda: _hands(net)["held_keys"] == held, 30,
+               f"the API's manager to count the {held} key(s) in hands")
     api = _module_pid(net.prefix, "A", "api")
     os.kill(api, signal.SIGTERM)  # the workers stop gracefully, giving their hands back
     wait_until(lambda: _module_pid(net.prefix, "A", "api") not in (None, api), 60,
@@ -194,3 +196,31 @@ def test_hands_are_given_back_when_the_api_stops(net):
     wait_until(lambda: _held_at_b(net) == 0, 30, f"B to drop the {held} key(s) given back")
     log = (paths.log_dir(net.prefix) / "node-A.log").read_text()
     assert "given back at stop or when idle" in log
+
+
+def _hands(net: Net) -> dict:
+    return _api_file(net.prefix, "A")["hands"]
+
+
+def test_a_worker_killed_with_keys_in_hand_counts_them_lost(net):
+    """kill -9 of every key API worker while their hands hold keys: those keys are
+    confirmed at B and reach no application; the API's manager counts them lost, to the
+    key, and the workers forked again serve."""
+    issued = _steady_ones(net, 2.0)
+    settled(net)
+    _slave_gets_each_once(net, issued)
+    held = _held_at_b(net)
+    assert held > 0
+    wait_until(lambda: _hands(net)["held_keys"] == held, 30,
+               f"the API's manager to count the {held} key(s) in hands")
+    before = _hands(net)
+    workers = [w["pid"] for w in _api_file(net.prefix, "A")["slots"]]
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: (h := _hands(net))["lost_keys"] == before["lost_keys"] + held
+               and h["held_keys"] == 0, 30, "the lost keys counted")
+    assert _hands(net)["lost_bytes"] == before["lost_bytes"] + 32 * held
+    assert _held_at_b(net) == held  # still at B: nobody gave them back
+    wait_until(lambda: _api_file(net.prefix, "A")["workers_alive"] == 2, 60,
+               "the workers forked again")
+    _slave_gets_each_once(net, _steady_ones(net, 0.5))

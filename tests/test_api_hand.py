@@ -11,6 +11,7 @@ from api.hand import (
     Hand,
     max_keys,
 )
+from api.hand_counts import HandTable
 from control.core.demand import Demand
 
 PAIR = ("B", "a1", ("b1",), 32)
@@ -104,3 +105,26 @@ def test_idle_hands_and_every_hand_at_stop_are_given_back_counted():
     assert [(p, len(k)) for p, k in hand.empty()] == [(filling, 3)]
     assert hand.hands == {} and hand.empty() == []
     assert (hand.counts.given_back, hand.counts.given_back_bytes) == (28, 28 * 32)
+
+
+def test_hand_counts_rows_are_shared_with_the_manager_and_a_dead_workers_held_keys_lost():
+    import os
+
+    table = HandTable(2)
+    pid = os.fork()
+    if pid == 0:  # a worker, forked after the table: counts in its slot's row
+        try:
+            hand = Hand(0.1, table.row(1))
+            hand.filled(PAIR, _keys(20))
+            hand.take(PAIR, 5)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    got = table.totals()
+    assert (got["taken_keys"], got["served_keys"], got["held_keys"], got["held_bytes"]) == \
+        (20, 5, 15, 15 * 32)
+    assert table.worker_ended(1) == 15  # it died holding 15 keys: lost
+    got = table.totals()
+    assert (got["held_keys"], got["lost_keys"], got["lost_bytes"]) == (0, 15, 15 * 32)
+    assert (got["taken_keys"], got["served_keys"]) == (20, 5)  # kept after it ended
+    assert table.row(1).get()["taken_keys"] == 0  # the slot's next worker starts at 0

@@ -78,7 +78,10 @@ def snapshot() -> dict:
                                         "policy": "fewer", "degraded_blocks": 40,
                                         "shares_sent": 100, "links": [["A-B"]]}}}}},
         "api": {"updated": NOW, "state": "degraded", "workers_alive": 1, "workers": 2,
-                "restarts": 5},
+                "restarts": 5,
+                "hands": {"served_keys": 900, "taken_keys": 1200, "given_back_keys": 100,
+                          "given_back_bytes": 3200, "held_keys": 150, "held_bytes": 4800,
+                          "lost_keys": 50, "lost_bytes": 1600}},
     }
 
 
@@ -170,6 +173,10 @@ def test_the_key_api_is_serving_only_with_every_worker_and_a_live_manager():
     assert value(got, "qkdnet_api_serving") == 0  # one of two workers is being replaced
     assert value(got, "qkdnet_api_workers_alive") == 1
     assert value(got, "qkdnet_api_worker_restarts_total") == 5
+    assert value(got, "qkdnet_api_hand_keys") == 150
+    assert value(got, "qkdnet_api_hand_served_keys_total") == 900
+    assert value(got, "qkdnet_api_hand_given_back_bytes_total") == 3200
+    assert value(got, "qkdnet_api_hand_lost_bytes_total") == 1600
     snap["api"].update(state="serving", workers_alive=2)
     assert value(samples(snap), "qkdnet_api_serving") == 1
     got = samples(snap, NOW + 10)  # its manager stopped publishing: not serving

@@ -76,6 +76,13 @@ SPECS: dict[str, tuple[str, str]] = {
     "qkdnet_api_serving": ("gauge", "1 when every key API worker runs (and its manager)"),
     "qkdnet_api_workers_alive": ("gauge", "key API worker processes alive"),
     "qkdnet_api_worker_restarts_total": ("counter", "key API workers forked again"),
+    "qkdnet_api_hand_keys": ("gauge", "keys the key API workers hold taken ahead in their "
+                                      "hands"),
+    "qkdnet_api_hand_served_keys_total": ("counter", "keys handed out from workers' hands"),
+    "qkdnet_api_hand_given_back_bytes_total": ("counter", "key given back from idle or "
+                                                          "stopping workers' hands"),
+    "qkdnet_api_hand_lost_bytes_total": ("counter", "key held in the hands of workers "
+                                                    "that died: it reaches no application"),
 }
 RELAY_STATES = ("ok", "retrying", "unreachable")
 
@@ -201,6 +208,11 @@ def _api(node: str, st: dict, now: float) -> Iterator[Sample]:
     yield "qkdnet_api_serving", n, float(fresh and st["state"] == "serving")
     yield "qkdnet_api_workers_alive", n, st["workers_alive"] if fresh else 0
     yield "qkdnet_api_worker_restarts_total", n, st["restarts"]
+    if hands := st.get("hands"):
+        yield "qkdnet_api_hand_keys", n, hands["held_keys"]
+        yield "qkdnet_api_hand_served_keys_total", n, hands["served_keys"]
+        yield "qkdnet_api_hand_given_back_bytes_total", n, hands["given_back_bytes"]
+        yield "qkdnet_api_hand_lost_bytes_total", n, hands["lost_bytes"]
 
 
 def _sources(node: str, snap: dict, now: float) -> Iterator[tuple[str, Iterator[Sample]]]:

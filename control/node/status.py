@@ -207,7 +207,8 @@ def render_api(snapshot: dict) -> Table:
     t = Table(title="key API per node (restarts: of its workers by the API's manager, of "
                     "the manager by the node)", title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False)
-    for col in ("node", "state", "workers", "restarts", "last restart", "manager restarts"):
+    for col in ("node", "state", "workers", "restarts", "last restart", "manager restarts",
+                "keys in hands", "served from hands", "lost in hands"):
         t.add_column(col, justify="left" if col in ("node", "state") else "right",
                      no_wrap=True)
     now = snapshot["time"]
@@ -217,9 +218,12 @@ def render_api(snapshot: dict) -> Table:
             continue
         last = max((x for x in (api.get("last_restart"), api.get("module_last_restart"))
                     if x), default=None)
+        hands = api.get("hands") or {}
         t.add_row(node, api_state(api), f"{api['workers_alive']}/{api['workers']}",
                   f"{api['restarts']:,}", _ago(last, now),
-                  f"{api.get('module_restarts', 0):,}")
+                  f"{api.get('module_restarts', 0):,}",
+                  f"{hands.get('held_keys', 0):,}", f"{hands.get('served_keys', 0):,}",
+                  f"{hands.get('lost_bytes', 0):,} B")
     return t
 
 

@@ -1,0 +1,89 @@
+"""The key API workers' hand counts, shared with their manager: one row of counters per
+worker slot in memory mapped before the workers are forked, so that the manager can
+publish the totals (``api.json``: ``qkdctl status``, metrics) and count what a worker
+held in its hands when it died (keys that reach no application: lost, never reused).
+
+A row is written by its worker alone (plain stores of whole 64-bit words) and read by the
+manager, which folds a dead worker's row into its totals before the slot's next worker
+starts: no lock is needed."""
+
+from __future__ import annotations
+
+import mmap
+
+FIELDS = ("served_keys", "taken_keys", "given_back_keys", "given_back_bytes", "held_keys",
+          "held_bytes")
+_WORD = 8
+
+
+class HandCounts:
+    """One worker's counters, in a row of a shared table (or a private one)."""
+
+    __slots__ = ("_row",)
+
+    def __init__(self, row: memoryview | None = None):
+        self._row = row if row is not None else \
+            memoryview(bytearray(len(FIELDS) * _WORD)).cast("Q")
+
+    def add(self, served: int = 0, taken: int = 0, given_back: int = 0,
+            given_back_bytes: int = 0, held_keys: int = 0, held_bytes: int = 0) -> None:
+        r = self._row
+        for i, v in enumerate((served, taken, given_back, given_back_bytes, held_keys,
+                               held_bytes)):
+            if v:
+                r[i] += v
+
+    def get(self) -> dict[str, int]:
+        return dict(zip(FIELDS, self._row.tolist(), strict=True))
+
+    def clear(self) -> None:
+        for i in range(len(FIELDS)):
+            self._row[i] = 0
+
+    # the counts a Hand reads back
+    served = property(lambda self: self._row[0])
+    taken = property(lambda self: self._row[1])
+    given_back = property(lambda self: self._row[2])
+    given_back_bytes = property(lambda self: self._row[3])
+    held_keys = property(lambda self: self._row[4])
+    held_bytes = property(lambda self: self._row[5])
+
+
+class HandTable:
+    """Every slot's row, in anonymous shared memory (inherited by forked workers), and
+    the totals of the rows of workers that have ended."""
+
+    def __init__(self, slots: int):
+        self._map = mmap.mmap(-1, max(1, slots) * len(FIELDS) * _WORD)  # MAP_SHARED
+        self._words = memoryview(self._map).cast("Q")
+        self.slots = slots
+        self.ended = dict.fromkeys(FIELDS, 0)
+        self.lost_keys = 0
+        self.lost_bytes = 0
+
+    def row(self, slot: int) -> HandCounts:
+        n = len(FIELDS)
+        return HandCounts(self._words[slot * n:(slot + 1) * n])
+
+    def worker_ended(self, slot: int) -> int:
+        """Fold an ended worker's row into the totals; what it still held is lost (a
+        worker that stops gracefully has given its hands back). Returns the keys lost."""
+        row = self.row(slot)
+        got = row.get()
+        for k in ("served_keys", "taken_keys", "given_back_keys", "given_back_bytes"):
+            self.ended[k] += got[k]
+        self.lost_keys += got["held_keys"]
+        self.lost_bytes += got["held_bytes"]
+        row.clear()
+        return got["held_keys"]
+
+    def totals(self) -> dict[str, int]:
+        """Everything so far: ended workers' counts and the live rows'; keys held now;
+        keys lost with workers that died holding them."""
+        out = dict(self.ended)
+        out["held_keys"] = out["held_bytes"] = 0
+        for s in range(self.slots):
+            for k, v in self.row(s).get().items():
+                out[k] += v
+        out["lost_keys"], out["lost_bytes"] = self.lost_keys, self.lost_bytes
+        return out
