@@ -19,16 +19,19 @@ Per hand, keyed by (peer node, master, slaves, key size):
 - At most :data:`HAND_MAX_BYTES` per hand, and keys so large that fewer than
   :data:`MIN_HAND_KEYS` fit never go in a hand (their request costs its bytes, not its
   round trip); a request for more keys than a hand may hold does not count as demand.
+- At most :data:`MAX_HANDS_PER_MASTER` hands hold keys for one master in a worker (its
+  key sizes and slave sets): a master cannot have key held for it without end by asking
+  for ever new sizes; nor is the demand of more than :data:`MAX_PAIRS` pairs followed.
 - A refill refused (no key now, the slave's node unreachable) pauses that hand for
   :data:`REFUSED_PAUSE_S`: requests go the long way and get the refusal themselves.
 - A hand nobody asked from for :data:`HAND_IDLE_S` is given back: its keys are cancelled at
   both nodes, as keys whose taker gave up are. So is every hand when the worker stops.
 
 The cost in key: keys a worker held when it was killed (at most a hand's per pair) reach
-no application; they are confirmed at the slave's node, where nobody will ask for them.
-A stop or an idle hand gives its keys back. Both are counted (``api.hand_counts``: the
-counts live in memory shared with the API's manager, which counts a dead worker's held
-keys as lost).
+no application; they are confirmed at the slave's node, where nobody will ask for them;
+so do keys whose give-back fails. A stop or an idle hand gives its keys back. All are
+counted (``api.hand_counts``: the counts live in memory shared with the API's manager,
+which counts a dead worker's held keys as lost).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ HAND_MAX_KEYS = 1024       # and keys
 MIN_HAND_KEYS = 16         # keys of a size a hand must be able to hold (so <= 2 KiB)
 HAND_IDLE_S = 60.0         # a hand nobody asked from for this long is given back
 REFUSED_PAUSE_S = 1.0      # a refused refill: none again for this long
+MAX_HANDS_PER_MASTER = 4   # hands holding keys for one master SAE in a worker, at most
+MAX_PAIRS = 256            # pairs whose demand a worker follows, at most
 
 PairKey = tuple[str, str, tuple[str, ...], int]
 """(peer node, master SAE, slave SAEs in the order asked, key size in bytes)."""
@@ -78,7 +83,12 @@ class Hand:
         most = max_keys(pair[3])
         if self.ahead_s <= 0 or most < MIN_HAND_KEYS or number > most:
             return
-        self.hands.setdefault(pair, Held()).demand.note(number, now)
+        held = self.hands.get(pair)
+        if held is None:
+            if len(self.hands) >= MAX_PAIRS:
+                return
+            held = self.hands[pair] = Held()
+        held.demand.note(number, now)
 
     def take(self, pair: PairKey, number: int) -> list[HeldKey] | None:
         """``number`` keys out of the hand, oldest first, or None if it holds fewer (the
@@ -87,7 +97,7 @@ class Hand:
         if held is None or len(held.keys) < number:
             return None
         keys = [held.keys.popleft() for _ in range(number)]
-        self.counts.add(served=number, held_keys=-number,
+        self.counts.add(served_keys=number, held_keys=-number,
                         held_bytes=-sum(len(k) for _, k in keys))
         return keys
 
@@ -95,6 +105,9 @@ class Hand:
         """How many keys to take into the pair's hand now (0: none)."""
         held = self.hands.get(pair)
         if held is None or held.filling or now < held.paused_until:
+            return 0
+        if not held.keys and sum(1 for p, h in self.hands.items() if p[1] == pair[1]
+                                 and (h.keys or h.filling)) >= MAX_HANDS_PER_MASTER:
             return 0
         most = max_keys(pair[3])
         target = held.demand.target(self.ahead_s, most, now)
@@ -111,7 +124,7 @@ class Hand:
         held.filling = False
         held.keys.extend(keys)
         nbytes = sum(len(k) for _, k in keys)
-        self.counts.add(taken=len(keys), held_keys=len(keys), held_bytes=nbytes)
+        self.counts.add(taken_keys=len(keys), held_keys=len(keys), held_bytes=nbytes)
 
     def refused(self, pair: PairKey, now: float) -> None:
         """The take for the pair's hand was refused (or given up): nothing came."""
@@ -121,7 +134,8 @@ class Hand:
 
     def idle(self, now: float) -> list[tuple[PairKey, list[HeldKey]]]:
         """Hands nobody asked from for HAND_IDLE_S: their keys, to give back (the hands
-        are forgotten; one being filled waits for its take)."""
+        are forgotten; one being filled waits for its take). The keys count as held until
+        :meth:`given_back` or :meth:`lost`."""
         quiet = [p for p, h in self.hands.items()
                  if now - h.demand.last >= HAND_IDLE_S and not h.filling]
         return [(p, keys) for p in quiet if (keys := self._drop(p))]
@@ -131,11 +145,19 @@ class Hand:
         return [(p, keys) for p in list(self.hands) if (keys := self._drop(p))]
 
     def _drop(self, pair: PairKey) -> list[HeldKey]:
-        keys = list(self.hands.pop(pair).keys)
+        return list(self.hands.pop(pair).keys)
+
+    def given_back(self, keys: list[HeldKey]) -> None:
+        """Keys of a dropped hand, cancelled at both nodes."""
         nbytes = sum(len(k) for _, k in keys)
-        self.counts.add(given_back=len(keys), given_back_bytes=nbytes,
+        self.counts.add(given_back_keys=len(keys), given_back_bytes=nbytes,
                         held_keys=-len(keys), held_bytes=-nbytes)
-        return keys
+
+    def lost(self, keys: list[HeldKey]) -> None:
+        """Keys of a dropped hand whose cancellation failed: they reach no application."""
+        nbytes = sum(len(k) for _, k in keys)
+        self.counts.add(lost_keys=len(keys), lost_bytes=nbytes, held_keys=-len(keys),
+                        held_bytes=-nbytes)
 
     def held_keys(self) -> int:
         return sum(len(h.keys) for h in self.hands.values())

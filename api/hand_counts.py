@@ -3,17 +3,19 @@ worker slot in memory mapped before the workers are forked, so that the manager 
 publish the totals (``api.json``: ``qkdctl status``, metrics) and count what a worker
 held in its hands when it died (keys that reach no application: lost, never reused).
 
-A row is written by its worker alone (plain stores of whole 64-bit words) and read by the
-manager, which folds a dead worker's row into its totals before the slot's next worker
-starts: no lock is needed."""
+A row is written by its worker alone (plain stores of whole 64-bit words, one row a
+64-byte cache line) and read by the manager, which folds a dead worker's row into its
+totals before the slot's next worker starts: no lock is needed."""
 
 from __future__ import annotations
 
 import mmap
 
-FIELDS = ("served_keys", "taken_keys", "given_back_keys", "given_back_bytes", "held_keys",
-          "held_bytes")
+FIELDS = ("served_keys", "taken_keys", "given_back_keys", "given_back_bytes", "lost_keys",
+          "lost_bytes", "held_keys", "held_bytes")
+_AT = {name: i for i, name in enumerate(FIELDS)}
 _WORD = 8
+HELD = ("held_keys", "held_bytes")
 
 
 class HandCounts:
@@ -23,15 +25,16 @@ class HandCounts:
 
     def __init__(self, row: memoryview | None = None):
         self._row = row if row is not None else \
-            memoryview(bytearray(len(FIELDS) * _WORD)).cast("Q")
+            memoryview(bytearray(len(FIELDS) * _WORD)).cast("q")
 
-    def add(self, served: int = 0, taken: int = 0, given_back: int = 0,
-            given_back_bytes: int = 0, held_keys: int = 0, held_bytes: int = 0) -> None:
+    def add(self, **counts: int) -> None:
+        """Add to the named counters (``FIELDS``; held ones may go down)."""
         r = self._row
-        for i, v in enumerate((served, taken, given_back, given_back_bytes, held_keys,
-                               held_bytes)):
-            if v:
-                r[i] += v
+        for name, v in counts.items():
+            r[_AT[name]] += v
+
+    def __getitem__(self, name: str) -> int:
+        return self._row[_AT[name]]
 
     def get(self) -> dict[str, int]:
         return dict(zip(FIELDS, self._row.tolist(), strict=True))
@@ -40,14 +43,6 @@ class HandCounts:
         for i in range(len(FIELDS)):
             self._row[i] = 0
 
-    # the counts a Hand reads back
-    served = property(lambda self: self._row[0])
-    taken = property(lambda self: self._row[1])
-    given_back = property(lambda self: self._row[2])
-    given_back_bytes = property(lambda self: self._row[3])
-    held_keys = property(lambda self: self._row[4])
-    held_bytes = property(lambda self: self._row[5])
-
 
 class HandTable:
     """Every slot's row, in anonymous shared memory (inherited by forked workers), and
@@ -55,11 +50,9 @@ class HandTable:
 
     def __init__(self, slots: int):
         self._map = mmap.mmap(-1, max(1, slots) * len(FIELDS) * _WORD)  # MAP_SHARED
-        self._words = memoryview(self._map).cast("Q")
+        self._words = memoryview(self._map).cast("q")
         self.slots = slots
         self.ended = dict.fromkeys(FIELDS, 0)
-        self.lost_keys = 0
-        self.lost_bytes = 0
 
     def row(self, slot: int) -> HandCounts:
         n = len(FIELDS)
@@ -70,20 +63,19 @@ class HandTable:
         worker that stops gracefully has given its hands back). Returns the keys lost."""
         row = self.row(slot)
         got = row.get()
-        for k in ("served_keys", "taken_keys", "given_back_keys", "given_back_bytes"):
-            self.ended[k] += got[k]
-        self.lost_keys += got["held_keys"]
-        self.lost_bytes += got["held_bytes"]
+        for k in FIELDS:
+            if k not in HELD:
+                self.ended[k] += got[k]
+        self.ended["lost_keys"] += got["held_keys"]
+        self.ended["lost_bytes"] += got["held_bytes"]
         row.clear()
         return got["held_keys"]
 
     def totals(self) -> dict[str, int]:
         """Everything so far: ended workers' counts and the live rows'; keys held now;
-        keys lost with workers that died holding them."""
-        out = dict(self.ended)
-        out["held_keys"] = out["held_bytes"] = 0
+        keys lost (with workers that died holding them, or whose give-back failed)."""
+        out = {k: 0 if k in HELD else v for k, v in self.ended.items()}
         for s in range(self.slots):
             for k, v in self.row(s).get().items():
                 out[k] += v
-        out["lost_keys"], out["lost_bytes"] = self.lost_keys, self.lost_bytes
         return out

@@ -14,7 +14,8 @@ from api.hand import HAND_IDLE_S, Hand, HeldKey, PairKey
 from api.hand_counts import HandCounts
 from control.gkm.client import StoreError, take
 
-GIVE_BACK_WAIT_S = 5.0  # a give-back not answered by then is left (logged)
+GIVE_BACK_WAIT_S = 2.0  # at most this long for a give-back's answer, and at stop for
+#   refills in flight (a worker stopping has graceful_shutdown_s + 1 s in all)
 log = logging.getLogger("qkdnet.api")
 
 
@@ -28,7 +29,9 @@ class HandKeeper:
         self.gkm = gkm
         self.hand = Hand(ahead_s, counts)
         self.refills: set[asyncio.Task] = set()
+        self.giving: set[asyncio.Task] = set()  # give-backs on their way
         self.sweeper: asyncio.Task | None = None
+        self.stopping = False  # the worker is draining: no refills
 
     def start(self) -> None:
         if self.hand.ahead_s > 0:
@@ -43,14 +46,18 @@ class HandKeeper:
         now = time.monotonic()
         self.hand.note(pair, number, now)
         got = self.hand.take(pair, number)
-        if (n := self.hand.wanted(pair, now)) > 0:
+        if not self.stopping and (n := self.hand.wanted(pair, now)) > 0:
             self.hand.filling(pair)
-            task = asyncio.get_running_loop().create_task(self._refill(pair, n))
-            self.refills.add(task)
-            task.add_done_callback(self.refills.discard)
+            self._task(self.refills, self._refill(pair, n))
         if got is None:
             return None
         return [kid for kid, _ in got], [k for _, k in got]
+
+    @staticmethod
+    def _task(tasks: set[asyncio.Task], coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _refill(self, pair: PairKey, number: int) -> None:
         peer, master, slaves, size = pair
@@ -72,35 +79,50 @@ class HandKeeper:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(HAND_IDLE_S / 12)
-            try:
-                for pair, keys in self.hand.idle(time.monotonic()):
-                    await self._give_back(pair, keys)
-            except Exception:  # never stop sweeping
-                log.exception("key API: giving back an idle hand")
+            for pair, keys in self.hand.idle(time.monotonic()):
+                # A task of its own: stopping the sweeper cannot cut a give-back short.
+                self._task(self.giving, self._give_back(pair, keys))
 
     async def _give_back(self, pair: PairKey, keys: list[HeldKey]) -> None:
+        """Cancel a dropped hand's keys at both nodes; counted given back once the key
+        manager has answered, lost if it could not be asked (they reach no application
+        either way)."""
         peer = pair[0]
         try:
             await asyncio.wait_for(self.gkm.call(take.cancel(peer, [k for k, _ in keys])),
                                    GIVE_BACK_WAIT_S)
-        except (StoreError, TimeoutError) as e:
+            self.hand.given_back(keys)
+        except BaseException as e:
+            self.hand.lost(keys)
             log.warning("key API: %d key(s) held for node %s could not be given back "
                         "(%s); they reach no application", len(keys), peer,
                         type(e).__name__)
+            if not isinstance(e, Exception):
+                raise
         finally:
             wipe([k for _, k in keys])
 
     async def close(self) -> None:
-        """Stop refilling and give every hand back."""
-        for task in [self.sweeper, *self.refills]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        hands = self.hand.empty()
-        for pair, keys in hands:
-            await self._give_back(pair, keys)
-        if hands:
-            c = self.hand.counts
+        """Stop refilling, let refills on their way land (briefly), give every hand
+        back."""
+        self.stopping = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweeper
+        if self.refills:
+            await asyncio.wait(set(self.refills), timeout=GIVE_BACK_WAIT_S)
+        for task in list(self.refills):  # unanswered still: the link cancels a late answer
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for pair, keys in self.hand.empty():
+            self._task(self.giving, self._give_back(pair, keys))
+        if self.giving:
+            await asyncio.wait(set(self.giving), timeout=GIVE_BACK_WAIT_S + 0.5)
+        c = self.hand.counts
+        if c["taken_keys"]:
             log.info("key API: %d key(s) served from this worker's hands; %d (%d B) given "
-                     "back at stop or when idle", c.served, c.given_back, c.given_back_bytes)
+                     "back at stop or when idle, %d (%d B) lost", c["served_keys"],
+                     c["given_back_keys"], c["given_back_bytes"], c["lost_keys"],
+                     c["lost_bytes"])

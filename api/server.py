@@ -218,10 +218,16 @@ def make_app(topo: Topology, node: str, name: str | None = None,
                                   getattr(app.ctx, "hand_counts", None))
         app.ctx.hand.start()
 
+    @app.before_server_stop
+    async def _stopping(app: Sanic) -> None:
+        app.ctx.hand.stopping = True  # requests in flight finish, without refills
+
     @app.after_server_stop
     async def _close(app: Sanic) -> None:
-        await app.ctx.hand.close()
-        await app.ctx.gkm.close()
+        try:
+            await app.ctx.hand.close()
+        finally:
+            await app.ctx.gkm.close()
 
     def caller(request: Request) -> str:
         return kme.caller(_peer_cn(request))
@@ -311,7 +317,7 @@ def make_app(topo: Topology, node: str, name: str | None = None,
             msg = f"bad request: {str(exc)[:120]}"
         return _error(etsi.bad(msg))
 
-    del status, enc_keys, dec_keys, _open, _close, _any_error
+    del status, enc_keys, dec_keys, _open, _stopping, _close, _any_error
     return app
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from api.hand import (
     HAND_IDLE_S,
     HAND_MAX_BYTES,
+    MAX_HANDS_PER_MASTER,
+    MAX_PAIRS,
     MIN_HAND_KEYS,
     REFUSED_PAUSE_S,
     Hand,
@@ -61,7 +63,8 @@ def test_a_hand_fills_for_steady_demand_and_serves_whole_requests_in_order():
     assert [k for k, _ in hand.take(PAIR, 3)] == ["id-0", "id-1", "id-2"]
     assert hand.take(PAIR, 18) is None   # fewer than asked: the long way, nothing taken
     assert len(hand.take(PAIR, 17)) == 17
-    assert hand.counts.served == 20 and hand.counts.taken == 20
+    assert (hand.counts["served_keys"], hand.counts["taken_keys"]) == (20, 20)
+    assert hand.counts["held_keys"] == 0
     assert hand.take(("B", "a1", ("b2",), 32), 1) is None  # another slave: not this hand
 
 
@@ -97,14 +100,41 @@ def test_idle_hands_and_every_hand_at_stop_are_given_back_counted():
     ((pair, keys),) = hand.idle(now + HAND_IDLE_S)
     assert pair == PAIR and [k for k, _ in keys] == [f"id-{i}" for i in range(20)]
     assert PAIR not in hand.hands and hand.held_keys() == 5
+    assert hand.counts["held_keys"] == 25  # held until the give-back is answered
+    hand.given_back(keys)
     filling = ("B", "a3", ("b1",), 32)
     hand.filling(filling)  # a hand being filled waits for its take
     ((pair, keys),) = hand.idle(now + 10 * HAND_IDLE_S)
     assert pair == other and len(keys) == 5 and filling in hand.hands
+    hand.lost(keys)  # its give-back failed
     hand.filled(filling, _keys(3, 200))
-    assert [(p, len(k)) for p, k in hand.empty()] == [(filling, 3)]
+    ((pair, keys),) = hand.empty()
+    assert (pair, len(keys)) == (filling, 3)
+    hand.given_back(keys)
     assert hand.hands == {} and hand.empty() == []
-    assert (hand.counts.given_back, hand.counts.given_back_bytes) == (28, 28 * 32)
+    c = hand.counts.get()
+    assert (c["given_back_keys"], c["given_back_bytes"], c["lost_keys"], c["lost_bytes"],
+            c["held_keys"], c["held_bytes"]) == (23, 23 * 32, 5, 5 * 32, 0, 0)
+
+
+def test_a_master_gets_a_few_hands_however_many_sizes_it_asks_for():
+    hand = Hand(0.1)
+    now = 0.0
+    sizes = [32 + 8 * i for i in range(MAX_HANDS_PER_MASTER + 2)]
+    for _ in range(100):  # each size asked for 100 times a second
+        now += 0.01
+        for size in sizes:
+            hand.note(("B", "a1", ("b1",), size), 1, now)
+    wanting = [size for size in sizes if hand.wanted(("B", "a1", ("b1",), size), now)]
+    assert len(wanting) == len(sizes)  # none holds keys yet
+    for size in sizes[:MAX_HANDS_PER_MASTER]:
+        hand.filled(("B", "a1", ("b1",), size), _keys(1))
+    assert hand.wanted(("B", "a1", ("b1",), sizes[-1]), now) == 0  # four hold keys
+    other = ("B", "a2", ("b1",), 32)  # another master is not held back by a1
+    assert hand.wanted(other, _steady(hand, other, t0=now, seconds=0.3)) > 0
+    for i in range(MAX_PAIRS + 10):  # the demand of a bounded number of pairs is followed
+        hand.note(("B", f"m{i}", ("b1",), 32), 1, now)
+    assert len(hand.hands) == MAX_PAIRS
 
 
 def test_hand_counts_rows_are_shared_with_the_manager_and_a_dead_workers_held_keys_lost():
