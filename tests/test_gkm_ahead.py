@@ -139,6 +139,28 @@ def test_nothing_is_reserved_ahead_when_it_is_off():
     assert a.wanting(1.0) == [] and a.pools == {}
 
 
+def test_a_master_gets_a_few_pools_however_many_sizes_it_asks_for():
+    a = Ahead(0.1)
+    sizes = [32 + 8 * i for i in range(ahead.MAX_POOLS_PER_MASTER + 2)]
+    now = 0.0
+    for _ in range(100):  # each size taken 100 times a second
+        now += 0.01
+        for size in sizes:
+            a.note(("B", "sae-m", ("sae-s",), size), 1, now)
+    for rseq, size in enumerate(sizes[:ahead.MAX_POOLS_PER_MASTER]):
+        key = ("B", "sae-m", ("sae-s",), size)
+        assert a.wanted(key, now) > 0
+        a.reserving(key, rseq, _keys(1, rseq))
+    assert a.wanted(("B", "sae-m", ("sae-s",), sizes[-1]), now) == 0  # eight hold keys
+    other = ("B", "sae-n", ("sae-s",), 32)  # another master is not held back
+    for i in range(30):
+        a.note(other, 1, now + i / 100)
+    assert a.wanted(other, now + 0.3) > 0
+    for i in range(ahead.MAX_FOLLOWED + 10):  # a bounded number of pools is followed
+        a.note(("B", f"m{i}", ("sae-s",), 32), 1, now)
+    assert len(a.pools) == ahead.MAX_FOLLOWED
+
+
 def test_the_record_reads_back_what_was_written():
     data = os.urandom(32)
     assert read_ahead(ahead_record(9, "sae-m", ("s1", "s2"), data)) == \

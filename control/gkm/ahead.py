@@ -14,6 +14,9 @@ Per pool, keyed by (peer node, master, slaves, key size):
   held per pool, and keys so large that fewer than :data:`MIN_POOL_KEYS` fit are never
   reserved ahead (their take costs its bytes, not its round trip); a take of more keys
   than a pool holds does not count as its demand, since no pool could serve it.
+- At most :data:`MAX_POOLS_PER_MASTER` pools hold keys for one master (its key sizes and
+  slave sets): a master cannot have key reserved for it without end by asking for ever new
+  sizes; nor is the demand of more than :data:`MAX_FOLLOWED` pools followed.
 - *reserving*: keys whose reservation the slave's node has not acknowledged; *ready*:
   acknowledged, in carving order. Only ready keys are served: a slave SAE asking for a
   key whose reservation has not arrived would be told it does not exist.
@@ -36,6 +39,8 @@ from dataplane.limits import MAX_RELAY_BLOCKS
 MIN_POOL_KEYS = 16         # keys of a size a pool must be able to hold (so <= 4 KiB)
 MAX_AHEAD_BYTES = 64 << 10  # key held ahead per pool, at most
 AHEAD_IDLE_S = 60.0        # a pool nobody took from for this long is cancelled
+MAX_POOLS_PER_MASTER = 8   # pools holding keys for one master SAE, at most
+MAX_FOLLOWED = 1024        # pools whose demand is followed, at most
 
 PoolKey = tuple[str, str, tuple[str, ...], int]
 """(peer node, master SAE, slave SAEs in the order asked, key size in bytes)."""
@@ -83,7 +88,12 @@ class Ahead:
         if self.ahead_s <= 0 or max_keys(key[3]) < MIN_POOL_KEYS or \
                 number > max_keys(key[3]):  # no pool could serve that take: not its demand
             return
-        self.pools.setdefault(key, Pool()).demand.note(number, now)
+        pool = self.pools.get(key)
+        if pool is None:
+            if len(self.pools) >= MAX_FOLLOWED:
+                return
+            pool = self.pools[key] = Pool()
+        pool.demand.note(number, now)
 
     def ready(self, key: PoolKey, number: int) -> list[Key] | None:
         """``number`` ready keys in carving order, or None if the pool has fewer (the take
@@ -105,6 +115,9 @@ class Ahead:
         """How many keys to reserve ahead for ``key`` now (0: none)."""
         pool = self.pools.get(key)
         if pool is None or now < pool.barred_until:
+            return 0
+        if not pool.held and sum(1 for k, p in self.pools.items() if k[1] == key[1]
+                                 and p.held) >= MAX_POOLS_PER_MASTER:
             return 0
         target = pool.demand.target(self.ahead_s, max_keys(key[3]), now)
         if pool.held >= target:
