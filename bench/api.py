@@ -130,6 +130,14 @@ class ApiNet(Net):
         finally:
             c.close()
 
+    def served_from_hands(self) -> int:
+        """Keys A's key API workers have handed out from their hands (keys taken ahead)."""
+        try:
+            doc = json.loads((paths.node_dir(self.prefix, "A") / "api.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        return (doc.get("hands") or {}).get("served_keys", 0)
+
     def stock(self, target: int, timeout: float = 180.0) -> int:
         """Fill A's store for B to exactly ``target`` bytes (a whole number of blocks):
         release A's key manager (and the emulators: the OTP tunnel carries the fill),
@@ -222,7 +230,7 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
     b_keys, b_bytes, b_t = _rate(base)
     stored_after_base = net.enc()["usable"]
     # Ours: keep-alive connections, pulled until the store is empty.
-    ahead_before = net.served_ahead()
+    ahead_before, hands_before = net.served_ahead(), net.served_from_hands()
     t0 = time.time() + 1.0
     pulls = run_in(net.ns("A"), [(pull_enc, (pki, "SAE-A", net.addr("A"), port, "SAE-B",
                                              bits, 1, t0, t0 + 600, True))] * clients, 660)
@@ -236,6 +244,8 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
         raise BenchError(f"a client stopped on status {not_503[0]}, not 503 (store empty)")
     left = net.enc()["usable"]
     ahead = net.served_ahead() - ahead_before
+    time.sleep(0.6)  # the API's manager publishes its workers' counts twice a second
+    from_hands = net.served_from_hands() - hands_before
     ids = [k for p in pulls for k in p.key_ids]
     if len(set(ids)) != len(ids):
         raise BenchError("the same key ID was handed out twice")
@@ -261,6 +271,7 @@ def measure(net: ApiNet, bits: int, store: int, clients: int, baseline_s: float,
         "stored_after_baseline": stored_after_base, "left_bytes": left,
         "keys": keys, "seconds": t, "keys_per_s": keys / t, "gbps": nbytes * 8 / t / 1e9,
         "requests": sum(p.requests for p in pulls), "served_ahead_keys": ahead,
+        "served_from_hands_keys": from_hands,
         "dec_keys": d_keys, "dec_seconds": d_t, "dec_keys_per_s": d_keys / d_t,
         "dec_gbps": d_bytes * 8 / d_t / 1e9,
         "compared_keys": len(digests.keys() & d_digests.keys()),
