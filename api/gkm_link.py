@@ -104,6 +104,8 @@ class GkmLink:
         self._on_monitor()
 
     async def close(self) -> None:
+        if self.sock.closed:  # closed already (a shutdown run again after a signal)
+            return
         if self.settling:  # words on answers still on their way (a short while)
             await asyncio.wait(self.settling, timeout=2.0)
         for task in list(self.settling):

@@ -328,3 +328,16 @@ def test_multipath_relay_paths_and_degraded_blocks():
     assert value(got, "qkdnet_relay_degraded_blocks_total", peer="B") == 40
     snap["gkm"]["peers"]["B"]["relay"]["paths"] = None  # single-path relay: none
     assert "qkdnet_relay_paths_up" not in names(samples(snap))
+
+
+def test_the_status_table_shows_the_key_api_workers_hands():
+    from rich.console import Console
+
+    from control.node.status import render_api
+
+    api = {**snapshot()["api"], "stale": False}
+    console = Console(width=120, record=True)
+    console.print(render_api({"time": NOW, "nodes": {"A": {"api": api}}}))
+    row = next(line for line in console.export_text().splitlines()
+               if line.lstrip().startswith("A "))
+    assert row.split()[-4:] == ["150", "900", "1,600", "B"]  # held, from hands, lost

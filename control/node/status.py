@@ -205,10 +205,11 @@ def _ago(t: float | None, now: float) -> str:
 
 def render_api(snapshot: dict) -> Table:
     t = Table(title="key API per node (restarts: of its workers by the API's manager, of "
-                    "the manager by the node)", title_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False)
+                    "the manager by the node; hands: keys the workers took ahead, held now, "
+                    "handed out, lost with workers that died)", title_justify="left",
+              box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("node", "state", "workers", "restarts", "last restart", "manager restarts",
-                "keys in hands", "served from hands", "lost in hands"):
+                "hands", "from hands", "lost"):
         t.add_column(col, justify="left" if col in ("node", "state") else "right",
                      no_wrap=True)
     now = snapshot["time"]
