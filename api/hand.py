@@ -40,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from api.hand_counts import HandCounts
-from control.core.demand import Demand
+from control.core.demand import Demand, followed
 
 HAND_MAX_BYTES = 32 << 10  # key held per hand, at most
 HAND_MAX_KEYS = 1024       # and keys
@@ -83,12 +83,8 @@ class Hand:
         most = max_keys(pair[3])
         if self.ahead_s <= 0 or most < MIN_HAND_KEYS or number > most:
             return
-        held = self.hands.get(pair)
-        if held is None:
-            if len(self.hands) >= MAX_PAIRS:
-                return
-            held = self.hands[pair] = Held()
-        held.demand.note(number, now)
+        if (held := followed(self.hands, pair, Held, MAX_PAIRS)) is not None:
+            held.demand.note(number, now)
 
     def take(self, pair: PairKey, number: int) -> list[HeldKey] | None:
         """``number`` keys out of the hand, oldest first, or None if it holds fewer (the

@@ -41,19 +41,21 @@ def _pull_until(net: Net, served: int, timeout: float = 120.0) -> list[tuple[str
     """a1 asks for 32 keys of 256 bits at a time, four requests at once (some hundreds
     of keys a second even on a busy machine), until ``served`` keys came from keys
     reserved ahead since this process's key manager started."""
-    def pull(_):
-        status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=32&size=256")
-        assert status == 200, doc
-        return [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]]
-
     issued: list[tuple[str, bytes]] = []
     deadline = time.monotonic() + timeout
     with ThreadPoolExecutor(4) as ex:
         while _ahead(net)["served_keys"] < served:
             assert time.monotonic() < deadline, f"not served ahead: {_ahead(net)}"
-            for keys in ex.map(pull, range(16)):
+            for keys in ex.map(lambda _: _enc(net, 32), range(16)):
                 issued += keys
     return issued
+
+
+def _enc(net: Net, number: int) -> list[tuple[str, bytes]]:
+    """One enc_keys of a1 for b1: ``number`` keys of 256 bits, (ID, bytes) each."""
+    status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number={number}&size=256")
+    assert status == 200, doc
+    return [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]]
 
 
 def _slave_gets_each_once(net: Net, issued: list[tuple[str, bytes]]) -> None:
@@ -107,9 +109,7 @@ def test_keys_reserved_ahead_survive_a_kill_9_of_the_key_manager(net):
         while not _ahead(net)["reserving_keys"]:
             assert _ahead(net)["ready_keys"] >= 32 and time.monotonic() < deadline, \
                 f"no refill while keys were ready: {_ahead(net)}"
-            status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=32&size=256")
-            assert status == 200, doc
-            issued += [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]]
+            issued += _enc(net, 32)
         state = _ahead(net)
         held = state["ready_keys"] + state["reserving_keys"]
         os.kill(a_gkm, signal.SIGKILL)
@@ -130,16 +130,11 @@ def test_keys_reserved_ahead_survive_a_kill_9_of_the_key_manager(net):
 def _steady_ones(net: Net, seconds: float) -> list[tuple[str, bytes]]:
     """a1 asks for one 256-bit key at a time, eight requests at once, for ``seconds``
     (hundreds of requests a second even on a busy machine: a steady demand)."""
-    def pull(_):
-        status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=1&size=256")
-        assert status == 200, doc
-        return [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]]
-
     issued: list[tuple[str, bytes]] = []
     end = time.monotonic() + seconds
     with ThreadPoolExecutor(8) as ex:
         while time.monotonic() < end or len(issued) < 200:
-            for keys in ex.map(pull, range(32)):
+            for keys in ex.map(lambda _: _enc(net, 1), range(32)):
                 issued += keys
     return issued
 

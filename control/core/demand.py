@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 RATE_WINDOW_S = 1.0     # demand is what was taken over this long
 MIN_AHEAD_REQUESTS = 2  # takes expected within ahead_s, at least, for keys to be held
@@ -51,3 +55,12 @@ class Demand:
             self.keys -= self.taken.popleft()[1]
         while self.largest and now - self.largest[0][0] > RATE_WINDOW_S:
             self.largest.popleft()
+
+
+def followed(table: dict, key: object, new: Callable[[], T], most: int) -> T | None:
+    """The entry that follows ``key``'s demand in ``table``, made if the table has room
+    for one more (at most ``most``: whoever asks cannot grow it without end)."""
+    entry = table.get(key)
+    if entry is None and len(table) < most:
+        entry = table[key] = new()
+    return entry

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from control.core.demand import Demand
+from control.core.demand import Demand, followed
 from dataplane.limits import MAX_RELAY_BLOCKS
 
 MIN_POOL_KEYS = 16         # keys of a size a pool must be able to hold (so <= 4 KiB)
@@ -88,12 +88,8 @@ class Ahead:
         if self.ahead_s <= 0 or max_keys(key[3]) < MIN_POOL_KEYS or \
                 number > max_keys(key[3]):  # no pool could serve that take: not its demand
             return
-        pool = self.pools.get(key)
-        if pool is None:
-            if len(self.pools) >= MAX_FOLLOWED:
-                return
-            pool = self.pools[key] = Pool()
-        pool.demand.note(number, now)
+        if (pool := followed(self.pools, key, Pool, MAX_FOLLOWED)) is not None:
+            pool.demand.note(number, now)
 
     def ready(self, key: PoolKey, number: int) -> list[Key] | None:
         """``number`` ready keys in carving order, or None if the pool has fewer (the take
