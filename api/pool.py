@@ -199,4 +199,5 @@ class WorkerPool:
             if s.proc.is_alive():
                 s.proc.kill()
                 s.proc.join(1.0)
+        self._reap(time.monotonic())  # a worker killed past its grace: its hands lost
         self.publish()
