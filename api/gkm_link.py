@@ -95,6 +95,7 @@ class GkmLink:
         self.draining = False
         self.settling: set[asyncio.Task] = set()  # background work: words, restarts
         self.restarts_seen = 0
+        self.closing = False
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -104,8 +105,9 @@ class GkmLink:
         self._on_monitor()
 
     async def close(self) -> None:
-        if self.sock.closed:  # closed already (a shutdown run again after a signal)
+        if self.closing:  # closing or closed already (a shutdown run again after a signal)
             return
+        self.closing = True
         if self.settling:  # words on answers still on their way (a short while)
             await asyncio.wait(self.settling, timeout=2.0)
         for task in list(self.settling):

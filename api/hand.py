@@ -21,7 +21,8 @@ Per hand, keyed by (peer node, master, slaves, key size):
   round trip); a request for more keys than a hand may hold does not count as demand.
 - At most :data:`MAX_HANDS_PER_MASTER` hands hold keys for one master in a worker (its
   key sizes and slave sets): a master cannot have key held for it without end by asking
-  for ever new sizes; nor is the demand of more than :data:`MAX_PAIRS` pairs followed.
+  for ever new sizes; nor is the demand of more than :data:`MAX_PAIRS` pairs followed,
+  nor :data:`MAX_PAIRS_PER_MASTER` of one master's.
 - A refill refused (no key now, the slave's node unreachable) pauses that hand for
   :data:`REFUSED_PAUSE_S`: requests go the long way and get the refusal themselves.
 - A hand nobody asked from for :data:`HAND_IDLE_S` is given back: its keys are cancelled at
@@ -49,6 +50,7 @@ HAND_IDLE_S = 60.0         # a hand nobody asked from for this long is given bac
 REFUSED_PAUSE_S = 1.0      # a refused refill: none again for this long
 MAX_HANDS_PER_MASTER = 4   # hands holding keys for one master SAE in a worker, at most
 MAX_PAIRS = 256            # pairs whose demand a worker follows, at most
+MAX_PAIRS_PER_MASTER = 32  # and for one master SAE
 
 PairKey = tuple[str, str, tuple[str, ...], int]
 """(peer node, master SAE, slave SAEs in the order asked, key size in bytes)."""
@@ -83,7 +85,8 @@ class Hand:
         most = max_keys(pair[3])
         if self.ahead_s <= 0 or most < MIN_HAND_KEYS or number > most:
             return
-        if (held := followed(self.hands, pair, Held, MAX_PAIRS)) is not None:
+        if (held := followed(self.hands, pair, Held, MAX_PAIRS,
+                             MAX_PAIRS_PER_MASTER)) is not None:
             held.demand.note(number, now)
 
     def take(self, pair: PairKey, number: int) -> list[HeldKey] | None:
@@ -148,6 +151,11 @@ class Hand:
         nbytes = sum(len(k) for _, k in keys)
         self.counts.add(given_back_keys=len(keys), given_back_bytes=nbytes,
                         held_keys=-len(keys), held_bytes=-nbytes)
+
+    def abandoned(self, pair: PairKey, number: int) -> None:
+        """A take for the pair's hand given up unanswered at stop: its keys, if it took
+        any, reach no application; counted lost, as many as were asked."""
+        self.counts.add(lost_keys=number, lost_bytes=number * pair[3])
 
     def lost(self, keys: list[HeldKey]) -> None:
         """Keys of a dropped hand whose cancellation failed: they reach no application."""

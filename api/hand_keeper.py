@@ -14,8 +14,8 @@ from api.hand import HAND_IDLE_S, Hand, HeldKey, PairKey
 from api.hand_counts import HandCounts
 from control.gkm.client import StoreError, take
 
-GIVE_BACK_WAIT_S = 2.0  # at most this long for a give-back's answer, and at stop for
-#   refills in flight (a worker stopping has graceful_shutdown_s + 1 s in all)
+GIVE_BACK_WAIT_S = 1.5  # at most this long for a give-back's answer
+REFILL_WAIT_S = 1.0     # at stop, for refills in flight (api.server.STOP_EXTRA_S in all)
 log = logging.getLogger("qkdnet.api")
 
 
@@ -32,6 +32,8 @@ class HandKeeper:
         self.giving: set[asyncio.Task] = set()  # give-backs on their way
         self.sweeper: asyncio.Task | None = None
         self.stopping = False  # the worker is draining: no refills
+        self.closed = False
+        self.asked: dict[asyncio.Task, tuple[PairKey, int]] = {}  # refills: what for
 
     def start(self) -> None:
         if self.hand.ahead_s > 0:
@@ -48,16 +50,19 @@ class HandKeeper:
         got = self.hand.take(pair, number)
         if not self.stopping and (n := self.hand.wanted(pair, now)) > 0:
             self.hand.filling(pair)
-            self._task(self.refills, self._refill(pair, n))
+            task = self._task(self.refills, self._refill(pair, n))
+            self.asked[task] = (pair, n)
+            task.add_done_callback(self.asked.pop)
         if got is None:
             return None
         return [kid for kid, _ in got], [k for _, k in got]
 
     @staticmethod
-    def _task(tasks: set[asyncio.Task], coro) -> None:
+    def _task(tasks: set[asyncio.Task], coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        return task
 
     async def _refill(self, pair: PairKey, number: int) -> None:
         peer, master, slaves, size = pair
@@ -104,18 +109,25 @@ class HandKeeper:
 
     async def close(self) -> None:
         """Stop refilling, let refills on their way land (briefly), give every hand
-        back."""
-        self.stopping = True
+        back. A refill still unanswered is given up: the link cancels its keys if the
+        answer comes while it is open; they are counted lost, as many as were asked
+        (at most: the key manager may have taken none)."""
+        if self.closed:  # closing or closed already (a shutdown run again)
+            return
+        self.closed = self.stopping = True
         if self.sweeper is not None:
             self.sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.sweeper
         if self.refills:
-            await asyncio.wait(set(self.refills), timeout=GIVE_BACK_WAIT_S)
-        for task in list(self.refills):  # unanswered still: the link cancels a late answer
+            await asyncio.wait(set(self.refills), timeout=REFILL_WAIT_S)
+        for task in list(self.refills):  # unanswered still: given up
+            pair, number = self.asked.get(task, (None, 0))
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if pair is not None:
+                self.hand.abandoned(pair, number)
         for pair, keys in self.hand.empty():
             self._task(self.giving, self._give_back(pair, keys))
         if self.giving:

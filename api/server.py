@@ -321,6 +321,12 @@ def make_app(topo: Topology, node: str, name: str | None = None,
     return app
 
 
+# A worker stopping has graceful_shutdown_s to drain its requests, then this long to give
+# its hands back and close its line to the key manager (api.hand_keeper: at most 1 s for
+# refills in flight, 1.5 s for the give-backs; api.gkm_link: 2 s for words on answers).
+STOP_EXTRA_S = 5.0
+
+
 def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket,
             hand_counts: HandCounts) -> None:
     """One worker: Sanic in single-process mode on the shared listening socket. SIGTERM
@@ -357,7 +363,7 @@ def serve(topo: Topology, node: str) -> None:
     pool = WorkerPool(topo.api.workers,
                       lambda s, i: _worker(app, ctx, manager, s, hands.row(i)), sock,
                       paths.node_dir(topo.prefix, node) / "api.json",
-                      grace_s=topo.api.graceful_shutdown_s + 1.0, hands=hands)
+                      grace_s=topo.api.graceful_shutdown_s + STOP_EXTRA_S, hands=hands)
     pool.run()
 
 

@@ -8,6 +8,7 @@ from api.hand import (
     HAND_MAX_BYTES,
     MAX_HANDS_PER_MASTER,
     MAX_PAIRS,
+    MAX_PAIRS_PER_MASTER,
     MIN_HAND_KEYS,
     REFUSED_PAUSE_S,
     Hand,
@@ -158,3 +159,12 @@ def test_hand_counts_rows_are_shared_with_the_manager_and_a_dead_workers_held_ke
     assert (got["held_keys"], got["lost_keys"], got["lost_bytes"]) == (0, 15, 15 * 32)
     assert (got["taken_keys"], got["served_keys"]) == (20, 5)  # kept after it ended
     assert table.row(1).get()["taken_keys"] == 0  # the slot's next worker starts at 0
+
+
+def test_one_master_cannot_fill_a_workers_followed_pairs_for_the_others():
+    hand = Hand(0.1)
+    for i in range(MAX_PAIRS_PER_MASTER + 20):  # ever new sizes
+        hand.note(("B", "a1", ("b1",), 32 + 8 * i), 1, 0.0)
+    assert len(hand.hands) == MAX_PAIRS_PER_MASTER
+    hand.note(("B", "a2", ("b1",), 32), 1, 0.0)
+    assert ("B", "a2", ("b1",), 32) in hand.hands

@@ -161,6 +161,27 @@ def test_a_master_gets_a_few_pools_however_many_sizes_it_asks_for():
     assert len(a.pools) == ahead.MAX_FOLLOWED
 
 
+def test_one_turn_cannot_start_more_pools_for_a_master_than_it_may_hold():
+    a = Ahead(0.1)
+    keys = [("B", "sae-m", ("sae-s",), 32 + 8 * i) for i in range(20)]
+    now = 0.0
+    for _ in range(100):  # twenty sizes, each taken 100 times a second
+        now += 0.01
+        for key in keys:
+            a.note(key, 1, now)
+    picked = a.wanting(now)
+    assert len(picked) == ahead.MAX_POOLS_PER_MASTER
+
+
+def test_one_master_cannot_fill_the_followed_pools_for_the_others():
+    a = Ahead(0.1)
+    for i in range(ahead.MAX_FOLLOWED_PER_MASTER + 50):  # ever new sizes
+        a.note(("B", "sae-m", ("sae-s",), 32 + 8 * i), 1, 0.0)
+    assert len(a.pools) == ahead.MAX_FOLLOWED_PER_MASTER
+    a.note(("B", "sae-n", ("sae-s",), 32), 1, 0.0)
+    assert ("B", "sae-n", ("sae-s",), 32) in a.pools
+
+
 def test_the_record_reads_back_what_was_written():
     data = os.urandom(32)
     assert read_ahead(ahead_record(9, "sae-m", ("s1", "s2"), data)) == \

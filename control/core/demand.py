@@ -57,10 +57,14 @@ class Demand:
             self.largest.popleft()
 
 
-def followed(table: dict, key: object, new: Callable[[], T], most: int) -> T | None:
+def followed(table: dict, key: tuple, new: Callable[[], T], most: int,
+             most_per_owner: int) -> T | None:
     """The entry that follows ``key``'s demand in ``table``, made if the table has room
-    for one more (at most ``most``: whoever asks cannot grow it without end)."""
+    for one more: at most ``most`` entries, and ``most_per_owner`` with the same owner
+    (``key[1]``, the master SAE), so that whoever asks cannot grow it without end nor
+    fill it for everyone else."""
     entry = table.get(key)
-    if entry is None and len(table) < most:
+    if entry is None and len(table) < most and \
+            sum(1 for k in table if k[1] == key[1]) < most_per_owner:
         entry = table[key] = new()
     return entry

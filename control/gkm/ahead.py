@@ -16,7 +16,8 @@ Per pool, keyed by (peer node, master, slaves, key size):
   than a pool holds does not count as its demand, since no pool could serve it.
 - At most :data:`MAX_POOLS_PER_MASTER` pools hold keys for one master (its key sizes and
   slave sets): a master cannot have key reserved for it without end by asking for ever new
-  sizes; nor is the demand of more than :data:`MAX_FOLLOWED` pools followed.
+  sizes; nor is the demand of more than :data:`MAX_FOLLOWED` pools followed, nor
+  :data:`MAX_FOLLOWED_PER_MASTER` of one master's.
 - *reserving*: keys whose reservation the slave's node has not acknowledged; *ready*:
   acknowledged, in carving order. Only ready keys are served: a slave SAE asking for a
   key whose reservation has not arrived would be told it does not exist.
@@ -30,7 +31,7 @@ The shell (``control.gkm.manager``) keeps the keys durably (``control.gkm.store`
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from control.core.demand import Demand, followed
@@ -41,6 +42,7 @@ MAX_AHEAD_BYTES = 64 << 10  # key held ahead per pool, at most
 AHEAD_IDLE_S = 60.0        # a pool nobody took from for this long is cancelled
 MAX_POOLS_PER_MASTER = 8   # pools holding keys for one master SAE, at most
 MAX_FOLLOWED = 1024        # pools whose demand is followed, at most
+MAX_FOLLOWED_PER_MASTER = 64  # and for one master SAE
 
 PoolKey = tuple[str, str, tuple[str, ...], int]
 """(peer node, master SAE, slave SAEs in the order asked, key size in bytes)."""
@@ -88,7 +90,8 @@ class Ahead:
         if self.ahead_s <= 0 or max_keys(key[3]) < MIN_POOL_KEYS or \
                 number > max_keys(key[3]):  # no pool could serve that take: not its demand
             return
-        if (pool := followed(self.pools, key, Pool, MAX_FOLLOWED)) is not None:
+        if (pool := followed(self.pools, key, Pool, MAX_FOLLOWED,
+                             MAX_FOLLOWED_PER_MASTER)) is not None:
             pool.demand.note(number, now)
 
     def ready(self, key: PoolKey, number: int) -> list[Key] | None:
@@ -107,13 +110,14 @@ class Ahead:
             del pool.ready[kid]
         self._counts(key[0]).served += len(keys)
 
-    def wanted(self, key: PoolKey, now: float) -> int:
-        """How many keys to reserve ahead for ``key`` now (0: none)."""
+    def wanted(self, key: PoolKey, now: float, holding: Counter | None = None) -> int:
+        """How many keys to reserve ahead for ``key`` now (0: none); ``holding``: the
+        pools holding keys per master, if known."""
         pool = self.pools.get(key)
         if pool is None or now < pool.barred_until:
             return 0
-        if not pool.held and sum(1 for k, p in self.pools.items() if k[1] == key[1]
-                                 and p.held) >= MAX_POOLS_PER_MASTER:
+        if not pool.held and (holding if holding is not None else self._holding())[
+                key[1]] >= MAX_POOLS_PER_MASTER:
             return 0
         target = pool.demand.target(self.ahead_s, max_keys(key[3]), now)
         if pool.held >= target:
@@ -121,7 +125,18 @@ class Ahead:
         return min(2 * target, max_keys(key[3])) - pool.held
 
     def wanting(self, now: float) -> list[tuple[PoolKey, int]]:
-        return [(k, n) for k in self.pools if (n := self.wanted(k, now)) > 0]
+        """Every pool to refill now, and by how much: the pools one master may hold
+        count the ones picked in this turn too."""
+        holding, out = self._holding(), []
+        for k, pool in self.pools.items():
+            if (n := self.wanted(k, now, holding)) > 0:
+                if not pool.held:
+                    holding[k[1]] += 1
+                out.append((k, n))
+        return out
+
+    def _holding(self) -> Counter:
+        return Counter(k[1] for k, p in self.pools.items() if p.held)
 
     # -- reservations
 

@@ -81,8 +81,9 @@ SPECS: dict[str, tuple[str, str]] = {
     "qkdnet_api_hand_served_keys_total": ("counter", "keys handed out from workers' hands"),
     "qkdnet_api_hand_given_back_bytes_total": ("counter", "key given back from idle or "
                                                           "stopping workers' hands"),
-    "qkdnet_api_hand_lost_bytes_total": ("counter", "key held in the hands of workers "
-                                                    "that died: it reaches no application"),
+    "qkdnet_api_hand_lost_bytes_total": ("counter", "key taken into workers' hands that "
+                                                    "reaches no application (held by a "
+                                                    "worker that died, or not given back)"),
 }
 RELAY_STATES = ("ok", "retrying", "unreachable")
 

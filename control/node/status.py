@@ -206,8 +206,8 @@ def _ago(t: float | None, now: float) -> str:
 def render_api(snapshot: dict) -> Table:
     t = Table(title="key API per node (restarts: of its workers by the API's manager, of "
                     "the manager by the node; hands: keys the workers took ahead, held now, "
-                    "handed out, lost with workers that died)", title_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False)
+                    "handed out, lost: held by workers that died or not given back)",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("node", "state", "workers", "restarts", "last restart", "manager restarts",
                 "hands", "from hands", "lost"):
         t.add_column(col, justify="left" if col in ("node", "state") else "right",

@@ -92,10 +92,13 @@ class Supervisor:
 
             self.modules.append(Module("gkm", gkm_main, (cfg, node, sd)))
             if any(s.node == node for s in topo.saes):
-                from api.server import api_main
+                from api.server import STOP_EXTRA_S, api_main
 
+                # The API's manager gives its workers graceful_shutdown_s + STOP_EXTRA_S
+                # (the drain, then their hands given back), then reaps them.
                 self.modules.append(Module("api", api_main, (cfg, node), first_to_stop=True,
-                                           stop_grace=topo.api.graceful_shutdown_s + 2))
+                                           stop_grace=topo.api.graceful_shutdown_s
+                                           + STOP_EXTRA_S + 2))
         self.stopping = False
 
     def _guard_off(self, topo: Topology) -> str | None:
