@@ -162,6 +162,3 @@ class Hand:
         nbytes = sum(len(k) for _, k in keys)
         self.counts.add(lost_keys=len(keys), lost_bytes=nbytes, held_keys=-len(keys),
                         held_bytes=-nbytes)
-
-    def held_keys(self) -> int:
-        return sum(len(h.keys) for h in self.hands.values())

@@ -28,12 +28,12 @@ class HandKeeper:
     def __init__(self, gkm: GkmLink, ahead_s: float, counts: HandCounts | None = None):
         self.gkm = gkm
         self.hand = Hand(ahead_s, counts)
-        self.refills: set[asyncio.Task] = set()
+        self.refills: dict[asyncio.Task, tuple[PairKey, int]] = {}  # on their way: for
+        #   which hand, how many keys
         self.giving: set[asyncio.Task] = set()  # give-backs on their way
         self.sweeper: asyncio.Task | None = None
         self.stopping = False  # the worker is draining: no refills
         self.closed = False
-        self.asked: dict[asyncio.Task, tuple[PairKey, int]] = {}  # refills: what for
 
     def start(self) -> None:
         if self.hand.ahead_s > 0:
@@ -50,19 +50,19 @@ class HandKeeper:
         got = self.hand.take(pair, number)
         if not self.stopping and (n := self.hand.wanted(pair, now)) > 0:
             self.hand.filling(pair)
-            task = self._task(self.refills, self._refill(pair, n))
-            self.asked[task] = (pair, n)
-            task.add_done_callback(self.asked.pop)
+            task = asyncio.get_running_loop().create_task(self._refill(pair, n))
+            self.refills[task] = (pair, n)
+            task.add_done_callback(self.refills.pop)
         if got is None:
             return None
         return [kid for kid, _ in got], [k for _, k in got]
 
-    @staticmethod
-    def _task(tasks: set[asyncio.Task], coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return task
+    def _give_back_soon(self, pair: PairKey, keys: list[HeldKey]) -> None:
+        """Give a dropped hand back in a task of its own (stopping the sweeper cannot cut
+        it short; :meth:`close` waits for it)."""
+        task = asyncio.get_running_loop().create_task(self._give_back(pair, keys))
+        self.giving.add(task)
+        task.add_done_callback(self.giving.discard)
 
     async def _refill(self, pair: PairKey, number: int) -> None:
         peer, master, slaves, size = pair
@@ -85,8 +85,7 @@ class HandKeeper:
         while True:
             await asyncio.sleep(HAND_IDLE_S / 12)
             for pair, keys in self.hand.idle(time.monotonic()):
-                # A task of its own: stopping the sweeper cannot cut a give-back short.
-                self._task(self.giving, self._give_back(pair, keys))
+                self._give_back_soon(pair, keys)
 
     async def _give_back(self, pair: PairKey, keys: list[HeldKey]) -> None:
         """Cancel a dropped hand's keys at both nodes; counted given back once the key
@@ -121,15 +120,13 @@ class HandKeeper:
                 await self.sweeper
         if self.refills:
             await asyncio.wait(set(self.refills), timeout=REFILL_WAIT_S)
-        for task in list(self.refills):  # unanswered still: given up
-            pair, number = self.asked.get(task, (None, 0))
-            task.cancel()
+        for task, (pair, number) in list(self.refills.items()):  # unanswered still:
+            task.cancel()                                          # given up
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            if pair is not None:
-                self.hand.abandoned(pair, number)
+            self.hand.abandoned(pair, number)
         for pair, keys in self.hand.empty():
-            self._task(self.giving, self._give_back(pair, keys))
+            self._give_back_soon(pair, keys)
         if self.giving:
             await asyncio.wait(set(self.giving), timeout=GIVE_BACK_WAIT_S + 0.5)
         c = self.hand.counts

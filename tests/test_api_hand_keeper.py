@@ -94,7 +94,7 @@ def test_a_refill_unanswered_at_stop_is_given_up_and_counted_lost():
         keeper = HandKeeper(line, 0.1)
         assert await _steady(keeper) == []  # the requests went the long way
         assert len(keeper.refills) == 1  # one take at a time
-        asked = sum(n for _, n in keeper.asked.values())
+        asked = sum(n for _, n in keeper.refills.values())
         t0 = time.monotonic()
         await keeper.close()
         assert time.monotonic() - t0 < REFILL_WAIT_S + 1.0
