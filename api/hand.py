@@ -41,7 +41,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from api.hand_counts import HandCounts
-from control.core.demand import Demand, followed
+from control.core.demand import Demand, followed, to_take
 
 HAND_MAX_BYTES = 32 << 10  # key held per hand, at most
 HAND_MAX_KEYS = 1024       # and keys
@@ -89,6 +89,27 @@ class Hand:
                              MAX_PAIRS_PER_MASTER)) is not None:
             held.demand.note(number, now)
 
+    def serve(self, pair: PairKey, number: int, now: float
+              ) -> tuple[list[HeldKey] | None, int]:
+        """A request for ``number`` keys for the pair: :meth:`note`, :meth:`take` and
+        :meth:`wanted` in one pass, as every request makes it (the keys or None, and how
+        many keys to take into the hand now)."""
+        size = pair[3]
+        most = min(HAND_MAX_KEYS, HAND_MAX_BYTES // max(1, size))
+        held = self.hands.get(pair)
+        if self.ahead_s > 0 and most >= MIN_HAND_KEYS and number <= most:
+            if held is None:
+                held = followed(self.hands, pair, Held, MAX_PAIRS, MAX_PAIRS_PER_MASTER)
+            if held is not None:
+                held.demand.note(number, now)
+        if held is None:
+            return None, 0
+        keys, got = held.keys, None
+        if len(keys) >= number:
+            got = [keys.popleft() for _ in range(number)]
+            self.counts.served(number, sum(len(k) for _, k in got))
+        return got, self._wanted(pair, held, most, now)
+
     def take(self, pair: PairKey, number: int) -> list[HeldKey] | None:
         """``number`` keys out of the hand, oldest first, or None if it holds fewer (the
         request goes the long way)."""
@@ -96,23 +117,22 @@ class Hand:
         if held is None or len(held.keys) < number:
             return None
         keys = [held.keys.popleft() for _ in range(number)]
-        self.counts.add(served_keys=number, held_keys=-number,
-                        held_bytes=-sum(len(k) for _, k in keys))
+        self.counts.served(number, sum(len(k) for _, k in keys))
         return keys
 
     def wanted(self, pair: PairKey, now: float) -> int:
         """How many keys to take into the pair's hand now (0: none)."""
         held = self.hands.get(pair)
-        if held is None or held.filling or now < held.paused_until:
+        return 0 if held is None else self._wanted(pair, held, max_keys(pair[3]), now)
+
+    def _wanted(self, pair: PairKey, held: Held, most: int, now: float) -> int:
+        if held.filling or now < held.paused_until:
             return 0
-        if not held.keys and sum(1 for p, h in self.hands.items() if p[1] == pair[1]
-                                 and (h.keys or h.filling)) >= MAX_HANDS_PER_MASTER:
+        have = len(held.keys)
+        if not have and sum(1 for p, h in self.hands.items() if p[1] == pair[1]
+                            and (h.keys or h.filling)) >= MAX_HANDS_PER_MASTER:
             return 0
-        most = max_keys(pair[3])
-        target = held.demand.target(self.ahead_s, most, now)
-        if len(held.keys) >= target:
-            return 0
-        return min(2 * target, most) - len(held.keys)
+        return to_take(held.demand, have, self.ahead_s, most, now)
 
     def filling(self, pair: PairKey) -> None:
         self.hands.setdefault(pair, Held()).filling = True

@@ -16,6 +16,7 @@ FIELDS = ("served_keys", "taken_keys", "given_back_keys", "given_back_bytes", "l
 _AT = {name: i for i, name in enumerate(FIELDS)}
 _WORD = 8
 HELD = ("held_keys", "held_bytes")
+_SERVED, _HELD_KEYS, _HELD_BYTES = _AT["served_keys"], _AT["held_keys"], _AT["held_bytes"]
 
 
 class HandCounts:
@@ -32,6 +33,14 @@ class HandCounts:
         r = self._row
         for name, v in counts.items():
             r[_AT[name]] += v
+
+    def served(self, keys: int, nbytes: int) -> None:
+        """``keys`` keys of ``nbytes`` in all left the hand for a request (every request
+        served from a hand counts this: no keyword lookups)."""
+        r = self._row
+        r[_SERVED] += keys
+        r[_HELD_KEYS] -= keys
+        r[_HELD_BYTES] -= nbytes
 
     def __getitem__(self, name: str) -> int:
         return self._row[_AT[name]]

@@ -39,16 +39,13 @@ class HandKeeper:
         if self.hand.ahead_s > 0:
             self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
-    def serve(self, peer: str, master: str, slaves: list[str], size: int, number: int
+    def serve(self, pair: PairKey, number: int
               ) -> tuple[list[str], list[bytearray]] | None:
         """The request's keys from the pair's hand (the caller wipes them once they are
         in the answer), or None: the request goes the long way. Starts a refill when the
         pair's demand asks for one."""
-        pair = (peer, master, tuple(slaves), size)
-        now = time.monotonic()
-        self.hand.note(pair, number, now)
-        got = self.hand.take(pair, number)
-        if not self.stopping and (n := self.hand.wanted(pair, now)) > 0:
+        got, n = self.hand.serve(pair, number, time.monotonic())
+        if n > 0 and not self.stopping:
             self.hand.filling(pair)
             task = asyncio.get_running_loop().create_task(self._refill(pair, n))
             self.refills[task] = (pair, n)

@@ -40,6 +40,7 @@ from api.kme import Kme, store_refusal
 from api.limits import SaeLimiter, SaeLimits, buffer_size
 from api.pki import PkiLayout
 from api.pool import WorkerPool, bind_listener
+from api.request_memo import RequestMemo, plan
 from control.core import paths
 from control.core.address import wait_for_address
 from control.core.config import Topology
@@ -249,17 +250,21 @@ def make_app(topo: Topology, node: str, name: str | None = None,
         stock = await _from_gkm(request.app.ctx.gkm.stock(peer), on_dec=False)
         return json_response(kme.status(master, slave, peer, stock["usable"]))
 
+    memo = RequestMemo()
+
     @app.route(f"{BASE}/<slave:str>/enc_keys", methods=["GET", "POST"])
     async def enc_keys(request: Request, slave: str) -> HTTPResponse | None:
         master = admitted(request)
-        etsi.check_path_sae(slave)
-        req = _parse(request, etsi.enc_keys_get, etsi.enc_keys_post, kme.limits)
-        kme.check_enc(req)
-        peer = kme.slave_node(slave, req.additional_slave_sae_ids)
-        nbytes = req.number * req.size_bytes
-        sae_limits.take_share(master, peer, nbytes, time.monotonic())
-        slaves = [slave, *req.additional_slave_sae_ids]
-        held = request.app.ctx.hand.serve(peer, master, slaves, req.size_bytes, req.number)
+        key = memo.key(master, slave, request.method, request.query_string, request.body)
+        p = memo.get(key)
+        if p is None:  # not asked before in these words: checked
+            etsi.check_path_sae(slave)
+            req = _parse(request, etsi.enc_keys_get, etsi.enc_keys_post, kme.limits)
+            kme.check_enc(req)
+            p = plan(req, master, slave, kme.slave_node(slave, req.additional_slave_sae_ids))
+            memo.put(key, p)
+        sae_limits.take_share(master, p.peer, p.nbytes, time.monotonic())
+        held = request.app.ctx.hand.serve(p.pair, p.req.number)
         if held is not None:  # taken ahead into this worker's hand: no round trip
             try:
                 return await _send_keys(request, *held)
@@ -267,10 +272,10 @@ def make_app(topo: Topology, node: str, name: str | None = None,
                 wipe(held[1])
         try:
             ids, keys = await request.app.ctx.gkm.take_enc_for(
-                peer, req.number, req.size_bytes, slaves, master)
+                p.peer, p.req.number, p.req.size_bytes, p.slaves, master)
         except StoreError as e:
             if e.kind != "unreachable":  # nothing was taken: not counted against the SAE
-                sae_limits.refund(master, peer, nbytes, time.monotonic())
+                sae_limits.refund(master, p.peer, p.nbytes, time.monotonic())
             raise store_refusal(e.kind, str(e), on_dec=False) from None
         return await _send_keys(request, ids, keys)
 

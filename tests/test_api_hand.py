@@ -15,7 +15,7 @@ from api.hand import (
     max_keys,
 )
 from api.hand_counts import HandTable
-from control.core.demand import Demand
+from control.core.demand import REFILL_SHARE, Demand, to_take
 
 PAIR = ("B", "a1", ("b1",), 32)
 
@@ -51,6 +51,46 @@ def test_demand_too_thin_holds_nothing():
         d.note(500, i / 15)
     assert d.target(0.1, 10_000, 1.0) == 0
     assert d.target(0.2, 10_000, 1.0) == 1500  # 3 expected in 0.2 s: 0.2 s of 7,500
+
+
+def test_near_its_cap_a_refill_waits_for_a_quarter_missing():
+    """An aim at (or near) the most held refilled at once took a few keys at a time, one
+    take each (a thousand takes a second at 12,000 requests a second)."""
+    d = Demand()
+    for i in range(12_000):  # 12,000 takes of one key in a second: 1,200 aimed at
+        d.note(1, i / 12_000)
+    most = 1024
+    assert d.target(0.1, most, 1.0) == most
+    low = most - most // REFILL_SHARE
+    assert to_take(d, most - 1, 0.1, most, 1.0) == 0        # one key short: not yet
+    assert to_take(d, low, 0.1, most, 1.0) == 0
+    assert to_take(d, low - 1, 0.1, most, 1.0) == most - low + 1  # up to the cap
+    # Below the cap's reach the aim is the mark, as before: refilled to twice it.
+    thin = Demand()
+    for i in range(100):
+        thin.note(1, i / 100)
+    assert to_take(thin, 9, 0.1, most, 1.0) == 11 and to_take(thin, 10, 0.1, most, 1.0) == 0
+    # A take too large for what that mark leaves is still served whole.
+    big = Demand()
+    for i in range(100):
+        big.note(1000, i / 100)
+    assert to_take(big, 900, 0.1, most, 1.0) == most - 900 > 0
+
+
+def test_serve_is_note_take_and_wanted_in_one():
+    one, three = Hand(0.1), Hand(0.1)
+    answers = []
+    for i in range(300):
+        now = i / 100
+        if i % 25 == 0:
+            for h in (one, three):
+                h.filled(PAIR, _keys(12, i))
+        got, n = one.serve(PAIR, 1, now)
+        three.note(PAIR, 1, now)
+        assert (got, n) == (three.take(PAIR, 1), three.wanted(PAIR, now))
+        answers.append(got is None)
+    assert one.counts.get() == three.counts.get()
+    assert True in answers and False in answers  # served from the hand, and not
 
 
 def test_a_hand_fills_for_steady_demand_and_serves_whole_requests_in_order():

@@ -13,7 +13,7 @@ import time
 from api.hand_keeper import REFILL_WAIT_S, HandKeeper
 from control.gkm.errors import BusyError
 
-PAIR = ("B", "a1", ["b1"], 32)
+PAIR = ("B", "a1", ("b1",), 32)
 
 
 class Line:
@@ -45,7 +45,7 @@ async def _steady(keeper: HandKeeper, seconds: float = 0.3) -> list:
     served = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        got = keeper.serve(*PAIR, 1)
+        got = keeper.serve(PAIR, 1)
         if got is not None:
             served += got[0]
         await asyncio.sleep(0.005)
@@ -65,7 +65,7 @@ def test_a_stop_gives_every_hand_back_once_counted():
         assert len(line.cancelled) == 1 and len(line.cancelled[0]) == held
         assert not set(line.cancelled[0]) & set(served)
         assert (c["given_back_keys"], c["held_keys"], c["lost_keys"]) == (held, 0, 0)
-        assert keeper.serve(*PAIR, 1) is None  # stopped: nothing in hand, no refill
+        assert keeper.serve(PAIR, 1) is None  # stopped: nothing in hand, no refill
 
     asyncio.run(go())
 

@@ -21,6 +21,7 @@ T = TypeVar("T")
 
 RATE_WINDOW_S = 1.0     # demand is what was taken over this long
 MIN_AHEAD_REQUESTS = 2  # takes expected within ahead_s, at least, for keys to be held
+REFILL_SHARE = 4        # near the most held, a refill waits for 1/this of it missing
 
 
 @dataclass
@@ -50,11 +51,31 @@ class Demand:
         return min(max(math.ceil(self.keys * ahead_s / RATE_WINDOW_S),
                        self.largest[0][1]), most)
 
+    def largest_take(self) -> int:
+        """The window's largest take (as of the last :meth:`note` or :meth:`target`)."""
+        return self.largest[0][1] if self.largest else 0
+
     def _forget_old(self, now: float) -> None:
         while self.taken and now - self.taken[0][0] > RATE_WINDOW_S:
             self.keys -= self.taken.popleft()[1]
         while self.largest and now - self.largest[0][0] > RATE_WINDOW_S:
             self.largest.popleft()
+
+
+def to_take(demand: Demand, have: int, ahead_s: float, most: int, now: float) -> int:
+    """Keys to add to the ``have`` held ahead now (0: none): below the aim
+    (:meth:`Demand.target`), up to twice the aim, at most ``most``.
+
+    When the aim is near ``most`` that would take a few keys at a time, each one a take
+    of its own (at 12,000 requests a second, a hand whose aim was its cap was refilled a
+    thousand times a second): then a refill waits until 1/:data:`REFILL_SHARE` of
+    ``most`` is missing, or the largest recent take no longer fits.
+    """
+    target = demand.target(ahead_s, most, now)
+    low = min(target, max(most - most // REFILL_SHARE, demand.largest_take()))
+    if have >= low:
+        return 0
+    return min(2 * target, most) - have
 
 
 def followed(table: dict, key: tuple, new: Callable[[], T], most: int,

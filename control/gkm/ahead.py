@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-from control.core.demand import Demand, followed
+from control.core.demand import Demand, followed, to_take
 from dataplane.limits import MAX_RELAY_BLOCKS
 
 MIN_POOL_KEYS = 16         # keys of a size a pool must be able to hold (so <= 4 KiB)
@@ -119,10 +119,7 @@ class Ahead:
         if not pool.held and (holding if holding is not None else self._holding())[
                 key[1]] >= MAX_POOLS_PER_MASTER:
             return 0
-        target = pool.demand.target(self.ahead_s, max_keys(key[3]), now)
-        if pool.held >= target:
-            return 0
-        return min(2 * target, max_keys(key[3])) - pool.held
+        return to_take(pool.demand, pool.held, self.ahead_s, max_keys(key[3]), now)
 
     def wanting(self, now: float) -> list[tuple[PoolKey, int]]:
         """Every pool to refill now, and by how much: the pools one master may hold
