@@ -15,7 +15,9 @@ Per hand, keyed by (peer node, master, slaves, key size):
 
 - *demand* (``control.core.demand``): a hand aims at ``ahead_s`` seconds of the pair's
   recent requests (at least its largest), only when enough are expected in that time;
-  below its aim it is refilled, one take at a time, up to twice that.
+  below its aim it is refilled, one take at a time, up to twice that (at most the
+  hand's cap; an aim near the cap waits until a quarter of it is missing:
+  ``control.core.demand.to_take``).
 - At most :data:`HAND_MAX_BYTES` per hand, and keys so large that fewer than
   :data:`MIN_HAND_KEYS` fit never go in a hand (their request costs its bytes, not its
   round trip); a request for more keys than a hand may hold does not count as demand.

@@ -12,8 +12,9 @@ kept: a bad request is checked, and refused, every time. Per-request state (the 
 rate and share limits, the keys themselves) is never kept either.
 
 Bounded: requests longer than :data:`MEMO_MAX_INPUT` bytes are not kept, and at most
-:data:`MEMO_MAX` are; when it is full it starts over, so a caller sending ever new
-requests costs only its own checks.
+:data:`MEMO_PER_CALLER` per caller (the callers are the node's SAEs, whose certificates
+were checked first); when a caller's are full they start over, so a caller sending ever
+new requests costs its own checks, not anyone else's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from api.etsi import EncKeysRequest
 
-MEMO_MAX = 256         # requests kept, at most (then the memo starts over)
+MEMO_PER_CALLER = 32   # requests kept per caller, at most (then its own start over)
 MEMO_MAX_INPUT = 1024  # bytes of query string and body, at most, for a request kept
 
 MemoKey = tuple[str, str, str, str, bytes]
@@ -51,11 +52,11 @@ def plan(req: EncKeysRequest, master: str, slave: str, peer: str) -> EncPlan:
 
 
 class RequestMemo:
-    """Valid requests' plans by what they were checked from."""
+    """Valid requests' plans by caller, then by what they were checked from."""
 
-    def __init__(self, most: int = MEMO_MAX):
-        self.most = most
-        self.plans: dict[MemoKey, EncPlan] = {}
+    def __init__(self, per_caller: int = MEMO_PER_CALLER):
+        self.per_caller = per_caller
+        self.plans: dict[str, dict[MemoKey, EncPlan]] = {}
         self.hits = 0
 
     @staticmethod
@@ -68,7 +69,9 @@ class RequestMemo:
         return (caller, slave, method, query, body)
 
     def get(self, key: MemoKey | None) -> EncPlan | None:
-        p = self.plans.get(key) if key is not None else None
+        if key is None or (mine := self.plans.get(key[0])) is None:
+            return None
+        p = mine.get(key)
         if p is not None:
             self.hits += 1
         return p
@@ -76,6 +79,7 @@ class RequestMemo:
     def put(self, key: MemoKey | None, p: EncPlan) -> None:
         if key is None:
             return
-        if len(self.plans) >= self.most:
-            self.plans.clear()
-        self.plans[key] = p
+        mine = self.plans.setdefault(key[0], {})
+        if len(mine) >= self.per_caller:
+            mine.clear()
+        mine[key] = p

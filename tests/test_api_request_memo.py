@@ -29,12 +29,15 @@ def test_kept_under_everything_it_was_checked_from():
         assert memo.get(memo.key(*other)) is None, other
 
 
-def test_long_requests_are_not_kept_and_a_full_memo_starts_over():
-    memo = RequestMemo(most=3)
+def test_long_requests_are_not_kept_and_a_callers_full_memo_starts_over_alone():
+    memo = RequestMemo(per_caller=3)
     assert memo.key("a1", "b1", "POST", "", b"x" * (MEMO_MAX_INPUT + 1)) is None
     memo.put(None, plan(EncKeysRequest(1, 256), "a1", "b1", "B"))
     assert memo.get(None) is None and not memo.plans
+    other = memo.key("a2", "b1", "GET", "number=1&size=256", b"")
+    memo.put(other, plan(EncKeysRequest(1, 256), "a2", "b1", "B"))
     keys = [memo.key("a1", "b1", "GET", f"number={n}&size=256", b"") for n in range(1, 5)]
-    for n, k in enumerate(keys, 1):
+    for n, k in enumerate(keys, 1):  # a1 asks ever new things
         memo.put(k, plan(EncKeysRequest(n, 256), "a1", "b1", "B"))
-    assert len(memo.plans) == 1 and memo.get(keys[3]).req.number == 4
+    assert len(memo.plans["a1"]) == 1 and memo.get(keys[3]).req.number == 4
+    assert memo.get(other) is not None  # a2's is still kept

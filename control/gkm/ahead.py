@@ -8,7 +8,8 @@ Per pool, keyed by (peer node, master, slaves, key size):
 
 - *demand* (``control.core.demand``): the pool aims at ``ahead_s`` seconds of the pair's
   recent takes, and at least its largest recent take (a refill leaves when less than
-  that is held, for twice that), and only when enough takes are expected in those
+  that is held, for twice that; an aim near the pool's cap waits until a quarter of it
+  is missing: ``control.core.demand.to_take``), and only when enough takes are expected in those
   ``ahead_s``: an occasional request, however large, never leaves keys reserved for it.
   At most :data:`MAX_AHEAD_BYTES` and one RESERVE message (``MAX_RELAY_BLOCKS`` keys) are
   held per pool, and keys so large that fewer than :data:`MIN_POOL_KEYS` fit are never
