@@ -69,7 +69,7 @@ def _slave_gets_each_once(net: Net, issued: list[tuple[str, bytes]]) -> None:
         status, doc = net.call("b1", "POST", f"{BASE}/a1/dec_keys", body)
         assert status == 200, doc
         assert [(k["key_ID"], base64.b64decode(k["key"])) for k in doc["keys"]] == chunk
-    status, doc = net.call("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={issued[-1][0]}")
+    status, doc = net.call_settled("b1", "GET", f"{BASE}/a1/dec_keys?key_ID={issued[-1][0]}")
     assert status == 400 and "not found on KME" in doc["message"], doc
 
 
