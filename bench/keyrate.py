@@ -12,7 +12,9 @@ heartbeats spends key:
   that follows (the store's high watermark is set out of reach, so it fills throughout);
 - *efficiency*: global key acknowledged over the local key link A-B used in both
   directions (pads, MAC keys, keepalives, waste) in that window, from the rings' own
-  accounting (invariant 8): the share of QKD key that became global key;
+  accounting (invariant 8): the share of QKD key that became global key. Each counter
+  is taken as a rate between the times its own process published it, so the three
+  processes' publishing clocks do not skew the ratio;
 - *idle*: local key a link spends per second once every key manager is paused and nothing
   flows (keepalives and heartbeats), the most of the three links.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.table import Table
@@ -43,7 +46,10 @@ from control.lkm.accounting import link_end
 FLOOR = {"efficiency_at_10mbps": 0.8, "efficiency_at_100mbps": 0.8,
          "fill_mbps_at_1mbps": 0.3, "idle_burn_kbps": 16.0}
 DEFAULT_RATES = (1.0, 10.0, 100.0, 1000.0)
-WINDOW_S = {1.0: 20.0, 10.0: 15.0, 100.0: 10.0}  # fill measured this long (else 4 s)
+# The fill is measured this long (else 4 s): the global key in flight at its two ends (at
+# most the relay's window, 1 s of the link's key, 16 MiB at most) moves the efficiency
+# by up to that window over the key spent.
+WINDOW_S = {1.0: 20.0, 10.0: 30.0, 100.0: 30.0, 1000.0: 10.0}
 IDLE_S = 15.0
 TEMPLATE = """
 [network]
@@ -59,6 +65,30 @@ pairs = [["A", "B"]]
 [routing]
 metric = "hops"  # the pair's key stays on link A-B, whose economy this measures
 """ + template(line("ABC", 207, closed=True))
+
+
+class Sample(NamedTuple):
+    """A counter's value and the wall-clock time (s) its process published it."""
+
+    at: float
+    value: int
+
+
+def rate_between(a: Sample, b: Sample) -> float:
+    """The counter's rate (per second) between two samples, each at its own publication
+    time: the global key manager and each link end publish on their own clocks (every
+    0.5-1 s), so taking two readings at one moment mixes counts up to a second apart
+    (which once read an efficiency of 1.13, above what is possible)."""
+    if b.at <= a.at:
+        raise BenchError("a status was not republished during the window")
+    return (b.value - a.value) / (b.at - a.at)
+
+
+def spread(unacked: int, link_key: int) -> float | None:
+    """How far the efficiency may be off: acknowledgements trail the key the link spent
+    by what was sent and not yet acknowledged (at most the relay's window), at either
+    end of the measuring window."""
+    return unacked / link_key if link_key > 0 else None
 
 
 class KeyrateNet(GkmNet):
@@ -81,18 +111,32 @@ class KeyrateNet(GkmNet):
     def relay(self) -> dict:
         return ((self.gkm("A").get("peers") or {}).get("B") or {}).get("relay") or {}
 
-    def link_used(self, link: str) -> int:
-        """Local key link ``link`` has spent so far, both directions, from its two ends'
-        ENC accounting (used and wasted)."""
-        total = 0
+    def acked(self) -> tuple[Sample, int]:
+        """Global key acknowledged A->B so far, at the moment A's manager published it,
+        and what was then sent and not yet acknowledged (at most the relay's window)."""
+        st = self.gkm("A")
+        relay = ((st.get("peers") or {}).get("B") or {}).get("relay") or {}
+        gkm = self.topo.gkm
+        unacked = min(gkm.window, int(relay.get("pending_blocks", 0)) * gkm.block_size)
+        return Sample(float(st.get("updated", 0.0)), int(relay.get("acked_bytes", 0))), \
+            unacked
+
+    def link_ends_used(self, link: str) -> list[Sample]:
+        """Local key each end of ``link`` has spent so far (its ENC direction: used and
+        wasted), at the moment that end's key manager published it."""
+        samples = []
         lk = self.topo.link(link)
         for node in (lk.a, lk.b):
             st = read_status(paths.node_dir(self.prefix, node) / f"lkm-{link}.json")
             if st is None or "accounting" not in st:
                 raise BenchError(f"no accounting from {node}'s key manager of {link}")
             enc = link_end(st["accounting"]).enc
-            total += enc.used + enc.wasted
-        return total
+            samples.append(Sample(float(st["updated"]), enc.used + enc.wasted))
+        return samples
+
+    def link_used(self, link: str) -> int:
+        """Local key link ``link`` has spent so far, both directions."""
+        return sum(s.value for s in self.link_ends_used(link))
 
     def fresh_accounting(self) -> None:
         """Wait until every key manager has published since now."""
@@ -126,12 +170,12 @@ def measure(rate: float, mode: str, console: Console, first_timeout: float = 120
         first = time.monotonic() - net.started
         time.sleep(3.0)  # past the start: the store's first blocks, the rings' first fill
         net.fresh_accounting()
-        acked0, used0, t0 = net.relay().get("acked_bytes", 0), net.link_used("A-B"), \
+        (acked0, unacked0), ends0, t0 = net.acked(), net.link_ends_used("A-B"), \
             time.monotonic()
         time.sleep(window)
         net.fresh_accounting()
         relay = net.relay()
-        acked1, used1, t1 = relay.get("acked_bytes", 0), net.link_used("A-B"), \
+        (acked1, unacked1), ends1, t1 = net.acked(), net.link_ends_used("A-B"), \
             time.monotonic()
         if relay.get("filling") is False:
             raise BenchError(f"the store filled within the window at {rate:g} Mb/s: the "
@@ -151,12 +195,16 @@ def measure(rate: float, mode: str, console: Console, first_timeout: float = 120
     lk = net.topo.link("A-B")
     ceiling = lk.key_rate_mbps * lk.ratio[0] / sum(lk.ratio)
     seconds = t1 - t0
-    fill = (acked1 - acked0) * 8 / seconds / 1e6
+    acked_bps = rate_between(acked0, acked1)
+    spent_bps = sum(rate_between(a, b) for a, b in zip(ends0, ends1, strict=True))
+    fill = acked_bps * 8 / 1e6
+    link_key = sum(b.value - a.value for a, b in zip(ends0, ends1, strict=True))
     return {"rate_mbps": rate, "mode": mode, "first_key_s": round(first, 2),
             "fill_mbps": fill, "ceiling_mbps": ceiling,
             "ratio_vs_ceiling": fill / ceiling if ceiling else None,
-            "efficiency": (acked1 - acked0) / (used1 - used0) if used1 > used0 else None,
-            "acked_bytes": acked1 - acked0, "link_key_bytes": used1 - used0,
+            "efficiency": acked_bps / spent_bps if spent_bps > 0 else None,
+            "efficiency_spread": spread(max(unacked0, unacked1), link_key),
+            "acked_bytes": acked1.value - acked0.value, "link_key_bytes": link_key,
             "window_s": round(seconds, 2), "retries": relay.get("retries", 0),
             "idle_kbps": {k: round(v, 2) for k, v in idle.items()},
             "idle_burn_kbps": max(idle.values()),
@@ -177,7 +225,8 @@ def run(rates: tuple[float, ...] = DEFAULT_RATES, baseline_rate: float | None = 
         points.append(p)
         console.print(f"    first key {p['first_key_s']:.1f} s, fill {p['fill_mbps']:.2f} Mb/s"
                       f" ({100 * (p['ratio_vs_ceiling'] or 0):.0f} % of the direction's "
-                      f"{p['ceiling_mbps']:g} Mb/s), efficiency {p['efficiency'] or 0:.3f}, "
+                      f"{p['ceiling_mbps']:g} Mb/s), efficiency {p['efficiency'] or 0:.3f}"
+                      f" (±{p['efficiency_spread'] or 0:.3f}), "
                       f"idle {p['idle_burn_kbps']:.1f} kb/s per link, {p['retries']} retries")
     baseline = None
     if baseline_rate is not None:
@@ -214,7 +263,8 @@ def summarize(points: list[dict], baseline: dict | None, plot_path: Path | None,
     for p in points:
         t.add_row(f"{p['rate_mbps']:g} Mb/s", f"{p['first_key_s']:.1f} s",
                   f"{p['fill_mbps']:.2f}", f"{p['ratio_vs_ceiling'] or 0:.2f}",
-                  f"{p['efficiency'] or 0:.3f}", f"{p['idle_burn_kbps']:.1f}",
+                  f"{p['efficiency'] or 0:.3f} ±{p.get('efficiency_spread') or 0:.3f}",
+                  f"{p['idle_burn_kbps']:.1f}",
                   str(p["retries"]))
     console.print(t)
 

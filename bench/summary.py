@@ -259,8 +259,11 @@ def keyrate_rows(r: dict) -> list[Row]:
         if rate == 1.0:
             met = met and p["fill_mbps"] >= floor.get("fill_mbps_at_1mbps", 0.0)
         same = base.get("rate_mbps") == rate
+        spread = p.get("efficiency_spread")
         rows.append(Row("key economy", f"global key fill, {rate:g} Mb/s links (efficiency "
-                                       f"{eff or 0:.3f}, idle {idle or 0:.1f} kb/s/link)",
+                                       f"{eff or 0:.3f}"
+                                       + (f" ±{spread:.3f}" if spread else "")
+                                       + f", idle {idle or 0:.1f} kb/s/link)",
                         None, mbps(p["fill_mbps"]), mbps(base["fill_mbps"]) if same else None,
                         "conventional dataplane" if same else "", floor_met=met,
                         ceiling=mbps(p.get("ceiling_mbps")),

@@ -492,4 +492,28 @@ def test_keyrate_rows_judge_each_rate_by_its_floor():
     assert ten.ratio_vs_baseline == pytest.approx(4.4 / 3.0)
     assert ten.ratio_vs_ceiling == pytest.approx(4.4 / 5.0)
     assert rows[0].baseline is None
+    assert "efficiency 0.950," in ten.figure  # no spread measured: none shown
+    r["points"][0]["efficiency_spread"] = 0.0123
+    assert "efficiency 0.950 ±0.012," in keyrate_rows(r)[1].figure
     assert keyrate_rows({"points": []})[0].error
+
+
+def test_keyrate_takes_each_counter_as_a_rate_between_its_own_publications():
+    from bench.harness import BenchError
+    from bench.keyrate import Sample, rate_between
+
+    # Global key at 90 B/s, published at 0.0 and 10.5; the link's key at 100 B/s,
+    # published at 0.8 and 10.0: read at one moment, 945 / 920 would be above 1.
+    acked = rate_between(Sample(0.0, 0), Sample(10.5, 945))
+    spent = rate_between(Sample(0.8, 80), Sample(10.0, 1000))
+    assert acked == pytest.approx(90.0)
+    assert acked / spent == pytest.approx(0.9)
+    with pytest.raises(BenchError, match="not republished"):
+        rate_between(Sample(3.0, 5), Sample(3.0, 5))
+
+
+def test_keyrate_efficiency_spread_is_the_key_unacknowledged_over_the_key_spent():
+    from bench.keyrate import spread
+
+    assert spread(16 << 20, 800 << 20) == pytest.approx(0.02)
+    assert spread(16 << 20, 0) is None
