@@ -206,7 +206,8 @@ class Worker:
         while True:
             if enc.write_pos - enc.claim_pos >= need + reserve:
                 size = need if cfg.conventional or control else self.sizer.size(need, now)
-                lane, top = lane_to_claim(self.held, self.lanes, enc.claim_pos)
+                lane, top = lane_to_claim(self.held, self.lanes, enc.claim_pos,
+                                          self.sizer.smallest)
                 pos, take = enc.claim_chunk(lane, size, reserve=reserve, min_take=need,
                                             if_top=top)
                 self.c[CLAIMS] += 1
