@@ -85,9 +85,10 @@ def rate_between(a: Sample, b: Sample) -> float:
 
 
 def spread(unacked: int, link_key: int) -> float | None:
-    """How far the efficiency may be off: acknowledgements trail the key the link spent
-    by what was sent and not yet acknowledged (at most the relay's window), at either
-    end of the measuring window."""
+    """A bound on what acknowledgements trailing the key spent can move the efficiency
+    by: what was sent and not yet acknowledged (at most the relay's window), at either
+    end of the measuring window. (Not the error of a fill still ramping up, which the
+    rates' slightly different intervals would add: the window starts 3 s into the fill.)"""
     return unacked / link_key if link_key > 0 else None
 
 
@@ -116,10 +117,12 @@ class KeyrateNet(GkmNet):
         and what was then sent and not yet acknowledged (at most the relay's window)."""
         st = self.gkm("A")
         relay = ((st.get("peers") or {}).get("B") or {}).get("relay") or {}
+        if "updated" not in st or "acked_bytes" not in relay:
+            raise BenchError(f"no relay A->B in A's global key manager status "
+                             f"({paths.node_dir(self.prefix, 'A') / 'gkm.json'})")
         gkm = self.topo.gkm
         unacked = min(gkm.window, int(relay.get("pending_blocks", 0)) * gkm.block_size)
-        return Sample(float(st.get("updated", 0.0)), int(relay.get("acked_bytes", 0))), \
-            unacked
+        return Sample(float(st["updated"]), int(relay["acked_bytes"])), unacked
 
     def link_ends_used(self, link: str) -> list[Sample]:
         """Local key each end of ``link`` has spent so far (its ENC direction: used and
@@ -139,14 +142,15 @@ class KeyrateNet(GkmNet):
         return sum(s.value for s in self.link_ends_used(link))
 
     def fresh_accounting(self) -> None:
-        """Wait until every key manager has published since now."""
+        """Wait until every local key manager, and A's global key manager, has published
+        since now."""
         t0 = time.time()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             files = [paths.node_dir(self.prefix, n) / f"lkm-{lk.name}.json"
                      for lk in self.topo.links for n in (lk.a, lk.b)]
-            sts = [read_status(f) for f in files]
-            if all(s and s["updated"] > t0 for s in sts):
+            sts = [read_status(f) for f in files] + [self.gkm("A")]
+            if all(s and s.get("updated", 0) > t0 for s in sts):
                 return
             time.sleep(0.1)
         raise BenchError("key managers stopped publishing their status")
@@ -226,7 +230,7 @@ def run(rates: tuple[float, ...] = DEFAULT_RATES, baseline_rate: float | None = 
         console.print(f"    first key {p['first_key_s']:.1f} s, fill {p['fill_mbps']:.2f} Mb/s"
                       f" ({100 * (p['ratio_vs_ceiling'] or 0):.0f} % of the direction's "
                       f"{p['ceiling_mbps']:g} Mb/s), efficiency {p['efficiency'] or 0:.3f}"
-                      f" (±{p['efficiency_spread'] or 0:.3f}), "
+                      f"{_pm(p.get('efficiency_spread'))}, "
                       f"idle {p['idle_burn_kbps']:.1f} kb/s per link, {p['retries']} retries")
     baseline = None
     if baseline_rate is not None:
@@ -236,6 +240,10 @@ def run(rates: tuple[float, ...] = DEFAULT_RATES, baseline_rate: float | None = 
         console.print(f"    fill {baseline['fill_mbps']:.2f} Mb/s, efficiency "
                       f"{baseline['efficiency'] or 0:.3f}")
     return summarize(points, baseline, plot_path, console)
+
+
+def _pm(spread_: float | None) -> str:
+    return f" ±{spread_:.3f}" if spread_ else ""
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -263,7 +271,7 @@ def summarize(points: list[dict], baseline: dict | None, plot_path: Path | None,
     for p in points:
         t.add_row(f"{p['rate_mbps']:g} Mb/s", f"{p['first_key_s']:.1f} s",
                   f"{p['fill_mbps']:.2f}", f"{p['ratio_vs_ceiling'] or 0:.2f}",
-                  f"{p['efficiency'] or 0:.3f} ±{p.get('efficiency_spread') or 0:.3f}",
+                  f"{p['efficiency'] or 0:.3f}{_pm(p.get('efficiency_spread'))}",
                   f"{p['idle_burn_kbps']:.1f}",
                   str(p["retries"]))
     console.print(t)
