@@ -95,7 +95,8 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
     """Runs inside A's namespace: ``count`` cases drawn from ``seed``; what came back."""
     rng = random.Random(seed)
     statuses: Counter = Counter()
-    out = {"statuses": statuses, "keys": 0, "key_bytes": 0, "bound": 0, "cut": 0, "closed": 0,
+    out = {"statuses": statuses, "keys": 0, "key_bytes": 0, "bound": 0, "cut": 0,
+           "cut_by_kme": 0, "closed": 0,
            "closed_sending": 0, "bad_answers": 0, "examples": []}
     ctxs = {w: _context(pki, w) for w in ("master", "other", "none")}
     conn: dict[str, ssl.SSLSocket] = {}
@@ -106,18 +107,23 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
 
     for _ in range(count):
         case = draw(rng)
-        tls = conn.pop(case.who, None)
+        tls = conn_reused = conn.pop(case.who, None)
         still_sending = False  # the KME closed while this request was still on its way
+        stage = "connecting"
         try:
             if tls is None or case.send == "cut":
                 if tls is not None:
                     tls.close()
                 tls = connect(case.who)
+            stage = "sending" if tls is not conn_reused else "sending on a reused connection"
             try:
                 _send(tls, case, rng)
             except (OSError, ssl.SSLError):
-                if case.send == "cut":
-                    raise
+                if case.send == "cut":  # refused and closed by the KME before its end:
+                    out["cut"] += 1  # a cut request all the same (no answer was awaited)
+                    out["cut_by_kme"] += 1
+                    tls.close()
+                    continue
                 # The KME may answer before the request ends (a line, header or body
                 # over its limits) and close: its answer is still there to read, unless
                 # the close met bytes still arriving and the reset discarded it.
@@ -126,6 +132,7 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
                 out["cut"] += 1
                 tls.close()
                 continue
+            stage = "reading" if tls is not conn_reused else "reading on a reused connection"
             status, body, keep = _read_answer(tls, case.method == "HEAD")
         except (OSError, ssl.SSLError, ValueError, IndexError) as e:
             if tls is not None:
@@ -133,8 +140,8 @@ def fuzz_client(pki: str, host: str, port: int, seed: int, count: int) -> dict:
             out["closed"] += 1
             out["closed_sending"] += still_sending or case.send == "slow"
             if len(out["examples"]) < MAX_EXAMPLES:
-                out["examples"].append(f"{type(e).__name__}: {str(e)[:80]} after "
-                                       f"{case.raw[:60]!r}")
+                out["examples"].append(f"{type(e).__name__} {stage} ({case.send}): "
+                                       f"{str(e)[:80]} after {case.raw[:60]!r}")
             continue
         if status == 0:
             out["closed"] += 1
@@ -241,6 +248,9 @@ def run(requests: int = 100_000, clients: int = 8, seed: int = 1,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "unexpected_statuses": {str(k): v for k, v in statuses.items() if k not in ALLOWED},
         "answered": sum(statuses.values()), "cut": sum(r["cut"] for r in results),
+        # ... of them, cut requests the KME had already refused and closed before the
+        # client's part of them was all sent (a line or header over its limits, say)
+        "cut_closed_by_kme": sum(r["cut_by_kme"] for r in results),
         "closed_without_answer": sum(r["closed"] for r in results),
         # ... of them, requests the KME refused early, before they had all arrived (sent
         # slowly, or the send failed): its close met bytes still coming, and TCP's reset
@@ -272,7 +282,8 @@ def run(requests: int = 100_000, clients: int = 8, seed: int = 1,
 def report(r: dict, console: Console) -> None:
     console.print(
         f"fuzz: {r['requests']:,} requests in {r['seconds']} s ({r['requests_per_s']}/s): "
-        f"answers {r['statuses']}, {r['cut']:,} cut off by the client, "
+        f"answers {r['statuses']}, {r['cut']:,} cut off by the client "
+        f"({r['cut_closed_by_kme']:,} of them refused and closed by the KME first), "
         f"{r['closed_without_answer']:,} closed by the KME without an answer\n"
         f"  unexpected statuses: {r['unexpected_statuses'] or 'none'}; restarted: "
         f"{r['restarted'] or 'nothing'}; key API workers the same: {r['api_workers_same']}\n"

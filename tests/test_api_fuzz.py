@@ -24,8 +24,11 @@ def test_fuzzed_requests_get_only_the_standards_answers_and_take_only_what_they_
     # fixed yet: a request the KME refuses at its first line (a bad method, say) and
     # closes while bytes of it are still unread, or still arriving (sent slowly): the
     # close is then a reset, which discards the 400 it sent. One such request came in
-    # two of three suite runs; 5 in 100,000 in the long run.
+    # two of three suite runs; 5 in 100,000 in the long run. (A request the client cuts
+    # off that the KME refused and closed first counts as cut: no answer was awaited. On
+    # a busy machine 2-5 a run did, and failed this bound as "closed without answer".)
     assert r["closed_without_answer"] <= 3, r["examples"]
+    assert 0 <= r["cut_closed_by_kme"] <= r["cut"]
     assert r["restarted"] == [] and r["api_workers_same"]
     assert r["bad_answers"] == 0
     # The store took exactly the keys handed out (it drops by them and by block rests too
