@@ -84,39 +84,37 @@ class Hand:
 
     def note(self, pair: PairKey, number: int, now: float) -> None:
         """A request for ``number`` keys for the pair (served from the hand or not)."""
-        most = max_keys(pair[3])
+        self._note(pair, number, now, max_keys(pair[3]))
+
+    def _note(self, pair: PairKey, number: int, now: float, most: int) -> Held | None:
+        """The pair's hand (None: it has none), with the request counted in its demand
+        when a hand may serve requests of that size (and the tables have room)."""
         if self.ahead_s <= 0 or most < MIN_HAND_KEYS or number > most:
-            return
-        if (held := followed(self.hands, pair, Held, MAX_PAIRS,
-                             MAX_PAIRS_PER_MASTER)) is not None:
+            return self.hands.get(pair)
+        held = followed(self.hands, pair, Held, MAX_PAIRS, MAX_PAIRS_PER_MASTER)
+        if held is not None:
             held.demand.note(number, now)
+        return held
 
     def serve(self, pair: PairKey, number: int, now: float
               ) -> tuple[list[HeldKey] | None, int]:
         """A request for ``number`` keys for the pair: :meth:`note`, :meth:`take` and
         :meth:`wanted` in one pass, as every request makes it (the keys or None, and how
         many keys to take into the hand now)."""
-        size = pair[3]
-        most = min(HAND_MAX_KEYS, HAND_MAX_BYTES // max(1, size))
-        held = self.hands.get(pair)
-        if self.ahead_s > 0 and most >= MIN_HAND_KEYS and number <= most:
-            if held is None:
-                held = followed(self.hands, pair, Held, MAX_PAIRS, MAX_PAIRS_PER_MASTER)
-            if held is not None:
-                held.demand.note(number, now)
+        most = max_keys(pair[3])
+        held = self._note(pair, number, now, most)
         if held is None:
             return None, 0
-        keys, got = held.keys, None
-        if len(keys) >= number:
-            got = [keys.popleft() for _ in range(number)]
-            self.counts.served(number, sum(len(k) for _, k in got))
-        return got, self._wanted(pair, held, most, now)
+        return self._take(held, number), self._wanted(pair, held, most, now)
 
     def take(self, pair: PairKey, number: int) -> list[HeldKey] | None:
         """``number`` keys out of the hand, oldest first, or None if it holds fewer (the
         request goes the long way)."""
         held = self.hands.get(pair)
-        if held is None or len(held.keys) < number:
+        return None if held is None else self._take(held, number)
+
+    def _take(self, held: Held, number: int) -> list[HeldKey] | None:
+        if len(held.keys) < number:
             return None
         keys = [held.keys.popleft() for _ in range(number)]
         self.counts.served(number, sum(len(k) for _, k in keys))

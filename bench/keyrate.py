@@ -109,14 +109,16 @@ class KeyrateNet(GkmNet):
         d = paths.node_dir(self.prefix, node)
         (d / PAUSE_FLAG).touch()
 
-    def relay(self) -> dict:
-        return ((self.gkm("A").get("peers") or {}).get("B") or {}).get("relay") or {}
+    def relay(self, status: dict | None = None) -> dict:
+        """The relay A->B in A's global key manager status (read now if not given)."""
+        st = self.gkm("A") if status is None else status
+        return ((st.get("peers") or {}).get("B") or {}).get("relay") or {}
 
     def acked(self) -> tuple[Sample, int]:
         """Global key acknowledged A->B so far, at the moment A's manager published it,
         and what was then sent and not yet acknowledged (at most the relay's window)."""
         st = self.gkm("A")
-        relay = ((st.get("peers") or {}).get("B") or {}).get("relay") or {}
+        relay = self.relay(st)
         if "updated" not in st or "acked_bytes" not in relay:
             raise BenchError(f"no relay A->B in A's global key manager status "
                              f"({paths.node_dir(self.prefix, 'A') / 'gkm.json'})")
