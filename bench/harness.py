@@ -180,23 +180,25 @@ class Net:
                 st.close()
         return out
 
-    def iperf(self, src: str, dst: str, seconds: float, streams: int = 1) -> dict:
-        """One iperf3 run between the node addresses (through the tunnels)."""
+    def iperf(self, src: str, dst: str, seconds: float, streams: int = 1, procs: int = 1,
+              nbytes: int | None = None) -> dict:
+        """One iperf3 run between the node addresses (through the tunnels); ``procs`` and
+        ``nbytes`` as in ``bench.iperf.once``."""
         return self._iperf(self.ns(src), self.addr(src), self.ns(dst), self.addr(dst),
-                           seconds, streams)
+                           seconds, streams, procs, nbytes)
 
     def iperf_bare(self, nodes: tuple[str, ...], seconds: float, streams: int = 1,
-                   mtu: int | None = None) -> dict:
+                   mtu: int | None = None, procs: int = 1) -> dict:
         """One iperf3 run over the bare underlay along ``nodes``, no tunnel (the ceiling):
         between underlay addresses, through the middle nodes' forwarding; with a path MTU
         of ``mtu`` if given."""
         netns = {n: self.ns(n) for n in self.topo.nodes}
         with bare_underlay.path(self.topo, netns, nodes, mtu) as (src, dst):
             return self._iperf(self.ns(nodes[0]), src, self.ns(nodes[-1]), dst, seconds,
-                               streams)
+                               streams, procs)
 
     def _iperf(self, src_ns: str, src: str, dst_ns: str, dst: str, seconds: float,
-               streams: int) -> dict:
+               streams: int, procs: int = 1, nbytes: int | None = None) -> dict:
         def hung(attempt: int) -> None:
             dry = self.dry_rings()
             if dry:  # key is paused during a run: a run that spends it all cannot go on
@@ -207,7 +209,8 @@ class Net:
             self.console.print(f"  iperf3 {src}->{dst} hung (attempt {attempt + 1} of 3)")
 
         try:
-            return iperf.run(src_ns, src, dst_ns, dst, seconds, streams, on_hang=hung)
+            return iperf.run(src_ns, src, dst_ns, dst, seconds, streams, on_hang=hung,
+                             procs=procs, nbytes=nbytes)
         except iperf.IperfError as e:
             raise BenchError(f"{e}; logs in {paths.log_dir(self.prefix)}") from None
 

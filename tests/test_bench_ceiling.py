@@ -98,9 +98,10 @@ def test_paths_need_links_and_two_nodes(line_abc):
 def test_iperf_report_gives_the_received_rate_and_raises_its_error():
     report = {"end": {"sum_received": {"bits_per_second": 4.5e9, "bytes": 562500000,
                                        "seconds": 1.0},
-                      "sum_sent": {"retransmits": 3}}}
+                      "sum_sent": {"retransmits": 3, "bytes": 563000000}}}
     assert iperf.parse(json.dumps(report), "a->b") == {"gbps": 4.5, "bytes": 562500000,
-                                                       "seconds": 1.0, "retransmits": 3}
+                                                       "seconds": 1.0, "retransmits": 3,
+                                                       "bytes_sent": 563000000}
     with pytest.raises(iperf.IperfError, match="iperf3 a->b: unable to connect"):
         iperf.parse(json.dumps({"error": "unable to connect to server"}), "a->b")
     with pytest.raises(json.JSONDecodeError):

@@ -394,6 +394,43 @@ def bench_otp(
         print(json.dumps(result))
 
 
+@bench_app.command("scaling")
+def bench_scaling(
+    workers: Annotated[list[int] | None, typer.Option(
+        help="pool sizes, workers per link end (repeat the option); default 1 2 4 8 16")]
+    = None,
+    seconds: Annotated[float, typer.Option(min=0.5, help="iperf3 time per bare-underlay "
+                                                         "run (tunnel runs send a share "
+                                                         "of their rings' key)")] = 2.0,
+    repeat: Annotated[int, typer.Option(min=1, help="runs per point; the median counts")] = 3,
+    ring: Annotated[str, typer.Option(help="ring capacity per link direction")] = "4GiB",
+    plot: Annotated[Path, typer.Option(help="PNG plot of the curve")] = Path(
+        "bench/results/otp-scaling.png"),
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """OTP worker pool scaling: direct throughput with 1..16 workers per link end, 2
+    iperf3 streams per worker, beside the bare underlay under the same load."""
+    need_root()
+    from bench.scaling import DEFAULT_WORKERS, run
+    from control.core.config import parse_size
+    from dataplane.limits import MAX_WORKERS
+
+    sizes = tuple(workers or DEFAULT_WORKERS)
+    bad = [w for w in sizes if not 1 <= w <= MAX_WORKERS]
+    if bad:
+        raise typer.BadParameter(f"must be 1 to {MAX_WORKERS}, not {bad}",
+                                 param_hint="--workers")
+    try:
+        if parse_size(ring) < 64 << 20:
+            raise ValueError("at least 64MiB")
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--ring") from None
+    result = _bench(run, workers=sizes, seconds=seconds, repeat=repeat, capacity=ring,
+                    plot_path=plot, console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
 @bench_app.command("guard")
 def bench_guard(
     seconds: Annotated[float, typer.Option(help="iperf3 time per run")] = 1.5,
