@@ -11,11 +11,13 @@ import secrets
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
 from control.core import paths
-from control.lkm.messages import NONCE_LEN, FrameCodec, Hello, ProtocolError
+from control.lkm.link_end import load_link_key
+from control.lkm.messages import AUTH_KEY_LEN, NONCE_LEN, FrameCodec, Hello, ProtocolError
 from control.tools import emulation
 from tests.conftest import write_topology
 from tests.nsutil import InNetns, wait_until
@@ -91,6 +93,28 @@ def test_frames_of_another_connection_or_direction_are_refused():
 
 
 @pytest.mark.netns
+def test_a_link_key_file_others_could_read_or_a_link_to_one_is_refused(tmp_path):
+    path = tmp_path / "ab.key"
+    key = secrets.token_bytes(AUTH_KEY_LEN)
+    path.write_bytes(key)
+    path.chmod(0o644)
+    with pytest.raises(SystemExit, match="mode 0644 .*chmod 600"):
+        load_link_key(path)
+    path.chmod(0o600)
+    assert load_link_key(path) == key
+    link = tmp_path / "link.key"
+    link.symlink_to(path)
+    with pytest.raises(SystemExit, match="symbolic link"):
+        load_link_key(link)
+    with pytest.raises(SystemExit, match="not a regular file"):
+        load_link_key(Path("/dev/null"))
+    path.write_bytes(key + b"\n")
+    with pytest.raises(SystemExit, match="exactly 32 bytes, has 33"):
+        load_link_key(path)
+    with pytest.raises(SystemExit, match="missing"):
+        load_link_key(tmp_path / "none.key")
+
+
 def test_a_connection_flood_from_the_peers_address_changes_nothing(tmp_path, prefix):
     topo = write_topology(tmp_path, prefix, rate=100, capacity="64MiB")
     emulation.net_up(topo)

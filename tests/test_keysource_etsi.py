@@ -325,6 +325,7 @@ def test_two_link_ends_on_qkdnets_key_api_agree_and_survive_a_killed_device(tmp_
         t_up = time.monotonic() - t0
         lk = topo.links[0]
         (tmp_path / "link.key").write_bytes(secrets.token_bytes(32))
+        (tmp_path / "link.key").chmod(0o600)  # a secret: refused if others may read it
         cfg = tmp_path / "etsi.toml"
         cfg.write_text(ETSI_LINK.format(
             prefix=link, ula=lk.underlay_a, ulb=lk.underlay_b, n=KEYS_PER_CALL, bits=KEY_BITS,

@@ -447,8 +447,9 @@ class Link(_Strict):
     source: SourceConfig = Field(EmulatorSource(), description="where the link's key comes "
                                                                "from")
     auth_key_file: Path | None = Field(
-        None, description="32-byte key authenticating the agreement channel; default: made "
-                          "by net up")
+        None, description="32-byte key authenticating the agreement channel, a regular "
+                          "file of the node's user with mode 0600 (anything else is "
+                          "refused); default: made by net up")
 
     _block = field_validator("block_size")(check_block_size)
     _cap = field_validator("ring_capacity")(check_ring_capacity)
