@@ -7,8 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 
+import pytest
+
 from control.gkm.destination import MAX_HELD, MAX_HELD_PER_SAE, Arrived, Inbox, Node, may_hold
+from control.gkm.errors import StoreFailed
 from control.gkm.store import BlockState, KeyStore
+from control.gkm.store_rules import RESERVED
 from control.gkm.wire import (
     Ack,
     AckStatus,
@@ -183,6 +187,66 @@ def reserved(out) -> list[list[tuple[int, ReserveStatus]]]:
                    for m in msgs)
         got.append([(m.rseq, m.status) for m in msgs])
     return got
+
+
+class FailingWrites:
+    """A store's database whose next write fails as a full disk's would (rocksdict raises
+    a bare Exception with RocksDB's status text); everything else is the real one."""
+
+    def __init__(self, db):
+        self.db, self.fail = db, 1
+
+    def write(self, *args):
+        if self.fail:
+            self.fail -= 1
+            raise Exception("IO error: No space left on device")
+        return self.db.write(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+def test_a_reservation_whose_write_failed_is_never_answered_from_memory(tmp_path):
+    o, d, frames = _origin_reserves(tmp_path, 2)
+    box = inbox(d)
+    d.db = FailingWrites(d.db)
+    # The rules move the index (next reservation number, outstanding keys) as they make
+    # their writes: the write fails after the index said "applied".
+    out = box.receive([Arrived(b"id", parse_batch(frames[:1]), FROM_A)])
+    assert reserved(out) == [] and d.failed  # no answer: the origin resends
+    # The resend must not be answered DUPLICATE from that index (the master would get keys
+    # the slave's node never recorded), nor may the next reservation be applied on it.
+    out = box.receive([Arrived(b"id", parse_batch(frames), FROM_A)])
+    assert reserved(out) == []
+    with pytest.raises(StoreFailed, match="a write failed earlier"):
+        d.store_received("A", [(9, os.urandom(64))])
+    # The key manager stops on it (test_gkm: run); its restart reads the disk, which never
+    # had the reservation: the resend is applied, both in order, both recorded.
+    d.db = d.db.db
+    d.close()
+    d = dest(tmp_path)
+    assert d.dec["A"].next_rseq == 0
+    out = inbox(d).receive([Arrived(b"id", parse_batch(frames), FROM_A)])
+    assert reserved(out) == [[(0, ReserveStatus.APPLIED), (1, ReserveStatus.APPLIED)]]
+    for m in parse_batch(frames):
+        assert d._cf("dec", "A").get(RESERVED + bytes(m.key_ids[0])) is not None
+
+
+def test_a_group_commit_whose_sync_failed_leaves_the_store_failed(tmp_path):
+    d = dest(tmp_path)
+
+    class FailingSync(FailingWrites):
+        def flush_wal(self, *args):
+            raise Exception("IO error: fsync failed")
+
+    d.db = FailingSync(d.db)
+    d.db.fail = 0
+    with pytest.raises(StoreFailed, match="fsync failed"), d.group():
+        d.store_received("A", [(0, os.urandom(64))])  # small: logged, synced at the end
+    assert d.failed
+    with pytest.raises(StoreFailed):
+        d.take_dec("A", [], "sae-1")
+    d.db = d.db.db
 
 
 def test_reservations_are_applied_in_order_and_a_gap_is_answered_gap(tmp_path):

@@ -21,6 +21,14 @@ class StoreError(Exception):
         super().__init__(message)
 
 
+class StoreFailed(Exception):
+    """The key store could not write (a full or failing disk). Not a refusal: the rules
+    had already changed the in-memory index when the write failed, so nothing this
+    process holds in memory may be answered from any more. The store refuses every later
+    write and every answer drawn from that index, and the key manager stops, to be
+    restarted by its node from what the disk holds."""
+
+
 class _KindError(StoreError):
     """A refusal whose class names its kind: constructed from the message alone."""
 

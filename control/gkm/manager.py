@@ -63,7 +63,7 @@ from control.gkm import client as gkm_client
 from control.gkm import origin, pacing, shares, take
 from control.gkm.ahead import AHEAD_IDLE_S, Ahead
 from control.gkm.destination import Arrived, Inbox, Node, Proof, may_hold
-from control.gkm.errors import StoreError, UnknownError
+from control.gkm.errors import StoreError, StoreFailed, UnknownError
 from control.gkm.origin import Fate, Takers
 from control.gkm.relay import Outbox, RateMeter, Restock
 from control.gkm.relay_auth import ZAP_ENDPOINT, secure_dealer, secure_router, zap_reply
@@ -829,6 +829,8 @@ class GlobalKeyManager:
                     self._hold(envelope, body, req.sae, req.deadline, held_until):
                 return None
             reply = take.refusal(e)
+        except StoreFailed as e:  # the disk, not the request: 503; the loop stops after
+            reply = take.refusal(StoreError("failed", str(e)))
         except Exception as e:  # a bad request must never stop the key manager
             reply = take.refusal(take.malformed(e))
         return [*envelope, *reply]
@@ -1063,6 +1065,17 @@ class GlobalKeyManager:
                 self._report(now)
                 write_json(self.dir / "gkm.json", self.status())
                 next_publish = now + PUBLISH_S
+            if self.store.failed is not None:
+                self.stop_on_failed_store()
+
+    def stop_on_failed_store(self) -> None:
+        """A write to the key store failed (a full or failing disk): the in-memory index
+        may now be ahead of the disk, so nothing may be answered from it. Stop; the node
+        restarts this key manager, which reads the store again, and the origins resend
+        whatever went unanswered."""
+        log.critical("gkm %s: the key store could not write (%s): stopping, to be "
+                     "restarted from what the disk holds", self.node.name, self.store.failed)
+        raise SystemExit(f"gkm {self.node.name}: key store write failed: {self.store.failed}")
 
 
 def gkm_main(config_path: str, node: str, state_dir: str | None) -> None:
@@ -1078,5 +1091,7 @@ def gkm_main(config_path: str, node: str, state_dir: str | None) -> None:
                            Path(state_dir) if state_dir else None)
     try:
         run_until_stopped(gkm)
+    except StoreFailed:  # raised out of a turn (a group commit's sync, a restock): stop
+        gkm.stop_on_failed_store()
     finally:
         gkm.close()

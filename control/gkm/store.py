@@ -30,7 +30,7 @@ from rocksdict import AccessType, DBCompressionType, Options, Rdict, WriteBatch,
 
 from control.gkm import store_rules as rules
 from control.gkm.carving import Cursor, KeySlice, decode
-from control.gkm.errors import BusyError, StoreError
+from control.gkm.errors import BusyError, StoreError, StoreFailed
 from control.gkm.store_rules import (
     AHEAD,
     BLOCK,
@@ -106,6 +106,7 @@ class KeyStore:
         self.no_wal.disable_wal = True
         self._deferred = False  # inside group(): durable writes wait for one sync
         self._dirty = False
+        self.failed: str | None = None  # why a write failed; then every write is refused
         self._cache: OrderedDict[tuple[str, str, int], bytes] = OrderedDict()
         self._cfs: dict[str, Rdict] = {}
         self.enc = {p: self._load_enc(p, i) for p, i in enc_peers.items()}
@@ -132,7 +133,29 @@ class KeyStore:
                 self._deferred = outer
                 if not outer and self._dirty:
                     self._dirty = False
-                    self.db.flush_wal(True)
+                    self._write(self.db.flush_wal, True)
+
+    # ---- failing --------------------------------------------------------------------------
+
+    def _write(self, fn: Callable[..., object], *args: object) -> None:
+        """Every write to RocksDB goes through here. The rules change the in-memory index
+        as they make their writes, so once a write fails that index may say what the
+        disk does not (a reservation applied, a block forgotten): the store is then
+        *failed* and refuses every later write and answer (StoreFailed) until the process
+        is restarted and reads the disk again."""
+        self.check_usable()
+        try:
+            fn(*args)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {e}"[:300]
+            raise StoreFailed(f"key store {self.path}: a write failed ({self.failed})") \
+                from e
+
+    def check_usable(self) -> None:
+        """StoreFailed once a write has failed."""
+        if self.failed is not None:
+            raise StoreFailed(f"key store {self.path}: a write failed earlier "
+                              f"({self.failed}); restart to read the disk again")
 
     # ---- writing ----------------------------------------------------------------------------
 
@@ -153,14 +176,14 @@ class KeyStore:
         """Write, synced before return (inside group(): synced when the group ends)."""
         wb = self._batch(kind, peer, writes)
         if self._deferred:
-            self.db.write(wb, self.unsynced)
+            self._write(self.db.write, wb, self.unsynced)
             self._dirty = True
         else:
-            self.db.write(wb, self.synced)
+            self._write(self.db.write, wb, self.synced)
 
     def _unsynced(self, kind: str, peer: str, writes: Writes) -> None:
         """Write, not synced: for changes a crash may lose (see each caller)."""
-        self.db.write(self._batch(kind, peer, writes), self.unsynced)
+        self._write(self.db.write, self._batch(kind, peer, writes), self.unsynced)
 
     def _write_blocks(self, kind: str, peer: str, writes: Writes, nbytes: int,
                       sync: bool) -> None:
@@ -170,8 +193,8 @@ class KeyStore:
         Small batches go through the log (synced when ``sync``), which is cheaper than a
         flush for a few KiB. Either way the write is durable on return when ``sync``."""
         if nbytes >= BULK_WRITE:
-            self.db.write(self._batch(kind, peer, writes), self.no_wal)
-            self._cf(kind, peer).flush(True)
+            self._write(self.db.write, self._batch(kind, peer, writes), self.no_wal)
+            self._write(self._cf(kind, peer).flush, True)
         elif sync:
             self._durable(kind, peer, writes)
         else:
@@ -459,6 +482,7 @@ class KeyStore:
         from control.gkm.wire import ReserveStatus
 
         with self.lock:
+            self.check_usable()  # the index may be ahead of the disk: no answer from it
             st = rules.dec_store(self.dec, peer)
             if msg.rseq < st.next_rseq:  # a resend: answered as the first time
                 refused = self._cf("dec", peer).get(seq_key(rules.REFUSED_HERE, msg.rseq))
