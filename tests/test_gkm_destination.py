@@ -9,7 +9,16 @@ import os
 
 import pytest
 
-from control.gkm.destination import MAX_HELD, MAX_HELD_PER_SAE, Arrived, Inbox, Node, may_hold
+from control.gkm.destination import (
+    MAX_HELD,
+    MAX_HELD_KEYS,
+    MAX_HELD_KEYS_PER_SAE,
+    MAX_HELD_PER_SAE,
+    Arrived,
+    Inbox,
+    Node,
+    may_hold,
+)
 from control.gkm.errors import StoreFailed
 from control.gkm.store import BlockState, KeyStore
 from control.gkm.store_rules import RESERVED
@@ -261,8 +270,11 @@ def test_reservations_are_applied_in_order_and_a_gap_is_answered_gap(tmp_path):
                               (2, ReserveStatus.APPLIED)]]
     # A confirmation applied may decide held dec requests.
     (c,) = o.confirm_acked("B", [0])
-    out = box.receive([Arrived(b"id", [parse([o.enc["B"].unacked[c]])], FROM_A)])
-    assert reserved(out) == [[(c, ReserveStatus.APPLIED)]] and out.settled
+    confirmation = parse([o.enc["B"].unacked[c]])
+    out = box.receive([Arrived(b"id", [confirmation], FROM_A)])
+    assert reserved(out) == [[(c, ReserveStatus.APPLIED)]]
+    # ... those naming its keys, and only those are looked at again
+    assert out.settled == {bytes(k) for k in confirmation.key_ids} and len(out.settled) == 1
     o.close()
     d.close()
 
@@ -280,12 +292,32 @@ def test_reservations_from_an_unproven_or_foreign_sender(tmp_path):
     d.close()
 
 
+def _keys(n: int, start: int = 0) -> frozenset[bytes]:
+    return frozenset(i.to_bytes(16, "big") for i in range(start, start + n))
+
+
 def test_one_sae_holds_at_most_its_share_of_the_requests_waiting_for_confirmation():
-    assert may_hold([], "s1")
-    mine = ["s1"] * (MAX_HELD_PER_SAE - 1)
-    assert may_hold(mine, "s1")
-    assert not may_hold([*mine, "s1"], "s1")  # s1 at its share
-    assert may_hold([*mine, "s1"], "s2")      # ... the others still wait
-    others = [f"s{i % 7 + 2}" for i in range(MAX_HELD - MAX_HELD_PER_SAE)]
-    assert not may_hold([*mine, "s1", *others], "s9")  # all of them: nobody
-    assert may_hold([*mine, *others], "s9")
+    one = _keys(1)
+    assert may_hold([], "s1", one)
+    mine = [("s1", _keys(1, i + 1)) for i in range(MAX_HELD_PER_SAE - 1)]
+    assert may_hold(mine, "s1", one)
+    at_share = [*mine, ("s1", _keys(1, 10_000))]
+    assert not may_hold(at_share, "s1", one)  # s1 at its share
+    assert may_hold(at_share, "s2", one)      # ... the others still wait
+    others = [(f"s{i % 7 + 2}", _keys(1, 20_000 + i)) for i in range(MAX_HELD - MAX_HELD_PER_SAE)]
+    assert not may_hold([*at_share, *others], "s9", one)  # all of them: nobody
+    assert may_hold([*mine, *others], "s9", one)
+
+
+def test_what_waits_is_bounded_by_the_key_ids_it_names_and_an_sae_waits_for_a_key_once():
+    big = _keys(MAX_HELD_KEYS_PER_SAE)  # one request naming as many keys as one SAE may
+    assert may_hold([], "s1", big)
+    assert not may_hold([("s1", big)], "s1", _keys(1, 1 << 20))  # s1's key share is full
+    # The same keys asked again by the same SAE do not wait twice: repeating one large
+    # request is what made every re-check of the held requests cost seconds.
+    assert not may_hold([("s1", _keys(4))], "s1", _keys(1, 3))
+    assert may_hold([("s1", _keys(4))], "s2", _keys(1, 3))  # another slave of those keys
+    full = [(f"s{i}", _keys(MAX_HELD_KEYS_PER_SAE, i << 20)) for i in range(4)]
+    assert sum(len(k) for _, k in full) == MAX_HELD_KEYS
+    assert not may_hold(full, "s9", one := _keys(1, 1 << 30))  # all key IDs taken
+    assert may_hold(full[:3], "s9", one)

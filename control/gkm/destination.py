@@ -37,21 +37,37 @@ from control.gkm.wire import (
 )
 
 log = logging.getLogger("qkdnet.gkm")
-MAX_HELD = 4096                   # dec requests waiting for their keys' confirmation
+MAX_HELD = 1024                   # dec requests waiting for their keys' confirmation
 MAX_HELD_PER_SAE = MAX_HELD // 4  # ... of them from one SAE
+MAX_HELD_KEYS = 4096              # the key IDs they name, in all: what re-checking them
+MAX_HELD_KEYS_PER_SAE = MAX_HELD_KEYS // 4  # costs (a few us each), and of one SAE
 
 
-def may_hold(held_saes: Iterable[str], sae: str) -> bool:
-    """Whether a dec request of ``sae`` for keys reserved here but not confirmed yet may
-    wait for the confirmation, given the SAEs of the requests waiting: MAX_HELD in all,
-    MAX_HELD_PER_SAE of one SAE. Keys reserved ahead of demand stay unconfirmed until
-    their master takes them, so one slave asking for them early and often must not
-    crowd out the others' requests (each of which is refused "busy" beyond the limits)."""
-    waiting = mine = 0
-    for s in held_saes:
+def may_hold(held: Iterable[tuple[str, frozenset[bytes]]], sae: str,
+             keys: frozenset[bytes]) -> bool:
+    """Whether a dec request of ``sae`` for ``keys`` (reserved here, not deliverable yet)
+    may wait for them, given the requests waiting, (SAE, key IDs) each.
+
+    A waiting request is read and checked again whenever its keys may have changed, on
+    the key manager's one thread, so what may wait is bounded by what that costs: in
+    requests and in key IDs, in all and per SAE, and an SAE waits for a key once (a
+    second request of its own naming a key it already waits for is refused "busy"; else
+    one SAE could repeat one request naming 1,024 keys a thousand times and stall the
+    node's key manager with its re-checks). Keys reserved ahead of demand stay
+    unconfirmed until their master takes them, so one slave asking early and often must
+    not crowd out the others' requests either."""
+    waiting = mine = n_keys = my_keys = 0
+    for s, ks in held:
         waiting += 1
-        mine += s == sae
-    return waiting < MAX_HELD and mine < MAX_HELD_PER_SAE
+        n_keys += len(ks)
+        if s == sae:
+            if not ks.isdisjoint(keys):
+                return False
+            mine += 1
+            my_keys += len(ks)
+    return (waiting < MAX_HELD and mine < MAX_HELD_PER_SAE
+            and n_keys + len(keys) <= MAX_HELD_KEYS
+            and my_keys + len(keys) <= MAX_HELD_KEYS_PER_SAE)
 
 Proof = tuple[str | None, str | None]  # (User-Id, Peer-Address) of the connection
 Message = Blocks | Shares | Ack | Reserve | Reserved
@@ -98,8 +114,8 @@ class Outcome:
 
     answers: list[list[Any]] = field(default_factory=list)  # [ident, *frames] each
     refusals: list[str] = field(default_factory=list)       # why, in order
-    settled: bool = False  # a confirmation or cancellation was applied: held dec
-                           # requests may now be decided
+    settled: set[bytes] = field(default_factory=set)  # key IDs a confirmation or a
+    # cancellation applied here decided: the held dec requests naming them may be answered
 
 
 def _no_crash(point: str) -> None:
@@ -250,5 +266,5 @@ class Inbox:
                 log.error("gkm %s: refused from %s (skipped): %s", self.node_name, origin,
                           self.store.dec[origin].last_refused)
             elif status == ReserveStatus.APPLIED and not msg.saes:
-                out.settled = True  # a confirmation or cancellation
+                out.settled.update(bytes(k) for k in msg.key_ids)  # confirmed or cancelled
         return encode_reserved(Reserved(msg.origin, self.node_id, msg.rseq, status))[0]

@@ -263,15 +263,17 @@ class GlobalKeyManager:
         self.refused_messages = 0
         self.refused_connections = 0
         self.late_requests = 0
-        # dec_keys requests for keys reserved here but not yet confirmed by the master's
-        # node: (envelope, request, deadline), answered once a confirmation or a
-        # cancellation is applied, or "busy" at their deadline.
-        self.held: list[tuple[list[bytes], bytes, float, str]] = []  # ..., the SAE
+        # dec_keys requests for keys reserved here but not deliverable yet (not confirmed
+        # by the master's node, or on their way to this SAE in an earlier answer):
+        # (envelope, request, deadline, SAE, key IDs), answered once a confirmation,
+        # cancellation or settled answer decides one of their keys, or "busy" at their
+        # deadline.
+        self.held: list[tuple[list[bytes], bytes, float, str, frozenset[bytes]]] = []
         self.ended_takes: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.here = take.Here(node, self.node.id, {d.name: d.id for d in self.dests.values()},
                               self.ended_takes)
         self.held_total = 0
-        self.recheck_held = False
+        self.touched: set[bytes] = set()  # key IDs decided since the held were looked at
         self.last_refusal = ""
         self.takers = Takers()  # takes answered once the slave's node confirms
         now = time.monotonic()
@@ -496,11 +498,11 @@ class GlobalKeyManager:
         for why in outcome.refusals:
             self._refuse(why)
         if outcome.settled and self.held:
-            self.recheck_held = True
+            self.touched |= outcome.settled
         for frames in outcome.answers:
             zmq_frames.send(self.router, frames)
-        if self.recheck_held:
-            self.retry_held()
+        if self.touched:
+            self.retry_held(self.touched)
 
     @staticmethod
     def _proof(frame: zmq.Frame) -> Proof:
@@ -618,27 +620,38 @@ class GlobalKeyManager:
         else:
             out.append(answer)
 
-    def _hold(self, envelope: list[bytes], body: bytes, sae: str, deadline: float | None,
+    def _hold(self, envelope: list[bytes], body: bytes, req: take.TakeDec,
               held_until: float | None) -> bool:
         """Keep a dec request for keys not yet confirmed until the master's node confirms
         or cancels them (the confirmation is usually a round trip behind the
-        reservation, and the slave SAE may ask in between); False: too many held."""
+        reservation, and the slave SAE may ask in between), or for keys on their way to
+        this SAE until that answer is settled; False: it may not wait
+        (``destination.may_hold``)."""
+        keys = frozenset(uuid.UUID(k).bytes for k in req.key_ids)
         if held_until is None:
-            if not may_hold([h[3] for h in self.held], sae):
+            if not may_hold(((h[3], h[4]) for h in self.held), req.sae, keys):
                 return False
             self.held_total += 1
-            held_until = deadline or time.monotonic() + HOLD_UNCONFIRMED_S
-        self.held.append((envelope, body, held_until, sae))
+            held_until = req.deadline or time.monotonic() + HOLD_UNCONFIRMED_S
+        self.held.append((envelope, body, held_until, req.sae, keys))
         return True
 
-    def retry_held(self) -> None:
-        """A confirmation or cancellation was applied: answer the held requests it
-        decides, with one sync."""
-        self.recheck_held = False
-        held, self.held = self.held, []
+    def retry_held(self, touched: set[bytes] | None = None) -> None:
+        """Answer the held requests that may now be decided, with one sync: those naming
+        a key of ``touched`` (key IDs a confirmation, cancellation or settled answer
+        decided; emptied), or all of them (None: the periodic look, for a holder that
+        died and settles nothing). Only those are read and checked again: the others'
+        keys have not changed."""
+        if touched is None:
+            held, self.held = self.held, []
+        else:
+            held = [h for h in self.held if not h[4].isdisjoint(touched)]
+            if held:
+                self.held = [h for h in self.held if h[4].isdisjoint(touched)]
+            touched.clear()
         answers = []
         with self.store.group():
-            for envelope, body, until, _ in held:
+            for envelope, body, until, *_ in held:
                 answer = self._answer([*envelope, body], held_until=until)
                 if answer is not None:
                     answers.append(answer)
@@ -826,7 +839,7 @@ class GlobalKeyManager:
             if isinstance(e, take.LateRequest):
                 self.late_requests += 1
             if e.kind in ("pending", "delivering") and isinstance(req, take.TakeDec) and \
-                    self._hold(envelope, body, req.sae, req.deadline, held_until):
+                    self._hold(envelope, body, req, held_until):
                 return None
             reply = take.refusal(e)
         except StoreFailed as e:  # the disk, not the request: 503; the loop stops after
@@ -868,8 +881,8 @@ class GlobalKeyManager:
                 self.ended_takes[req.holder] = None  # keys' confirmation): never serve it
                 while len(self.ended_takes) > MAX_ENDED_TAKES:
                     self.ended_takes.popitem(last=False)
-            if settled:  # a request held while these keys were being delivered: decide it
-                self.recheck_held = True
+            if settled and self.held:  # a request held while these keys were on their
+                self.touched.update(uuid.UUID(k).bytes for k in req.key_ids)  # way: decide
             return {"settled": settled}, None
         if isinstance(req, take.Cancel):  # keys whose taker gave up after they were taken
             self.store.cancel_keys(req.peer, [s.key_id.bytes for s in req.slices])
@@ -1043,6 +1056,8 @@ class GlobalKeyManager:
                     self.on_ctl_monitor(by_ctl_mon[sock])
             if requests or replies:
                 self.serve_local(requests, replies)
+                if self.touched:  # after the turn's answers: held ones its settles decided
+                    self.retry_held(self.touched)
             now = time.monotonic()
             for d in self.dests.values():
                 if d.redial:
