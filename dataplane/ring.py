@@ -22,7 +22,8 @@ unlink it when a reader exits):
     112     8     used_control  ENC: the same for the control lane (keepalives)
     120     8     skipped       positions skipped at resyncs (no bytes behind them)
     128     8     released      DEC: bytes freed by release_dec
-    136..511      reserved (zero)
+    136     8     claim_floor   ENC: the last resync's start: claim_pos never goes below it
+    144..511      reserved (zero)
     512     1536  lane words, 64 lanes x 3 u64 (see below)
     2048    512   per-lane datagram counts (ENC: sent, DEC: accepted), 64 u64
     2560    512   DEC: per-lane bytes accepted, 64 u64
@@ -93,7 +94,7 @@ SHM_DIR = Path("/dev/shm")
 
 (F_MAGIC, F_VERSION, F_CAPACITY, F_BLOCK, F_WRITE, F_CLAIM, F_RELEASE, F_EPOCH, F_ROLE,
  F_FREE, F_DURABLE, F_IN, F_WASTED, F_USED_DONE, F_USED_CONTROL, F_SKIPPED,
- F_RELEASED) = range(17)
+ F_RELEASED, F_CLAIM_FLOOR) = range(18)
 DURABLE_AHEAD = 64 << 20  # claims are made durable this far ahead: one fsync per 64 MiB
 ROLE_ENC, ROLE_DEC = 0, 1
 LANE_BASE = 64  # header word index of lane 0
@@ -374,7 +375,8 @@ class KeyRing:
                 # zeroed bytes unclaimable (else a worker would send them as its pad).
                 self._hdr[F_WRITE] = pos
                 self._hdr[F_CLAIM] = pos
-                self._wipe(c, w)
+                self._hdr[F_CLAIM_FLOOR] = pos  # a chunk claimed before it gives no
+                self._wipe(c, w)                # rest back below it (the peer skipped it)
                 if r == c:
                     self._hdr[F_RELEASE] = pos
                     self._hdr[F_FREE] = pos
@@ -558,9 +560,12 @@ class KeyRing:
             c = self.claim_pos
             used = min(max(used, start), end)
             self._hdr[F_USED_CONTROL if lane == CONTROL_LANE else F_USED_DONE] += used - start
-            if not dead and end == c:
+            if not dead and end == c and used >= int(self._hdr[F_CLAIM_FLOOR]):
                 # The last chunk claimed: its rest goes back unclaimed. Every position any
-                # lane sent is below ``used`` (the others' chunks lie below this one).
+                # lane sent is below ``used`` (the others' chunks lie below this one). Not
+                # below the last resync's start, though: a chunk claimed before a resync
+                # that moved nothing (start = write_pos = claim_pos) is still the last one,
+                # but the peer has wiped those positions; its rest is wasted, as below.
                 self._hdr[F_CLAIM] = used
             else:
                 rest_end = min(end, c)

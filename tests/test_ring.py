@@ -379,6 +379,26 @@ def test_skip_to_enc_keeps_claimed_bytes(make, name, cursor):
     assert r.release_pos == 80
 
 
+def test_a_chunk_claimed_before_a_resync_gives_no_rest_back_below_its_start(make, name):
+    r = make(role=ROLE_ENC)
+    r.append(0, key(200))
+    assert r.claim_chunk(0, 200) == (0, 200)  # all key claimed: write = claim = 200
+    r.set_used(0, 20)
+    r.skip_to(200)  # a resync whose start is this end's write_pos: no cursor moves
+    r.give_back_idle(0, 1 << 20)
+    # The rest [20, 200) is not handed out again: the peer wiped it at its own skip, so
+    # every datagram using it would be dropped there. It is wiped and counted wasted.
+    assert r.claim_pos == 200 and raw(name, 20, 180) == bytes(180)
+    r.append(200, key(100, 2))
+    assert r.claim_chunk(1, 100)[0] == 200
+    acc = r.accounting()
+    assert acc.balance == 0 and acc.wasted == 180
+    # A chunk claimed after the resync gives its rest back as before.
+    r.set_used(1, 250)
+    r.give_back_idle(1, 1 << 20)
+    assert r.claim_pos == 250
+
+
 def test_skip_to_enc_without_claims_moves_release(make, name):
     r = make(role=ROLE_ENC)
     r.append(0, key(100))
