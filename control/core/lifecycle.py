@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
+import os
 import resource
 import signal
 
@@ -13,11 +15,28 @@ PR_SET_PDEATHSIG = 1
 
 def die_with_parent() -> None:
     """Ask the kernel to SIGTERM this process when its parent exits; and no core dumps:
-    a node process holds key in memory (invariant 6)."""
+    a node process holds key in memory (invariant 6).
+
+    The request covers only a parent that exits after it: one that died between the
+    fork and here would leave an orphan running beside its replacement (an OTP worker
+    on the lane its successor serves). So a process forked by multiprocessing checks its
+    parent is still the one that forked it, and stops at once if not."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     with contextlib.suppress(OSError, ValueError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if orphaned():
+        raise SystemExit("the parent process exited before this one started: stopping")
+
+
+def orphaned(parent_pid: int | None = None) -> bool:
+    """Whether the process that forked this one (``parent_pid``, by default the one
+    multiprocessing recorded; None for a process it did not fork) has exited, leaving
+    this one to another parent."""
+    if parent_pid is None:
+        parent = multiprocessing.parent_process()
+        parent_pid = parent.pid if parent is not None else None
+    return parent_pid is not None and os.getppid() != parent_pid
 
 
 def run_until_stopped(module) -> None:
