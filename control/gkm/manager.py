@@ -400,7 +400,9 @@ class GlobalKeyManager:
         self.router = self.relay_ctx.socket(zmq.ROUTER)
         secure_router(self.router, self.keys)
         self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # No ROUTER_HANDOVER: the peers' identities are the ones this socket assigns, so
+        # a handover could only ever let one authenticated peer that names itself with
+        # another's identity take over that connection (and its ACKs).
         # Everything it sends is an answer (ACK, RESERVED) or a TCP acknowledgement of
         # blocks: control traffic, which the tunnels give key before bulk.
         self.router.setsockopt(zmq.TOS, TOS_CONTROL)
