@@ -88,6 +88,22 @@ def test_keys_are_written_private_and_read_back(tmp_path):
     assert load_relay_keys(d, "A", []).public != a.public
 
 
+def test_a_peers_public_key_others_could_replace_is_refused(tmp_path):
+    write_relay_keys(tmp_path, ["A", "B"])
+    assert load_relay_keys(tmp_path, "A", ["B"]).peers["B"]
+    os.chmod(public_path(tmp_path, "B"), 0o664)  # a group could put its own key there
+    with pytest.raises(RelayKeyError, match=r"B.key .*mode 0664.*could be changed by others"):
+        load_relay_keys(tmp_path, "A", ["B"])
+    os.chmod(public_path(tmp_path, "B"), 0o644)
+    os.chmod(tmp_path, 0o777)  # ... or replace the file in its directory
+    try:
+        with pytest.raises(RelayKeyError, match="a directory of mode 0777.*chmod go-w"):
+            load_relay_keys(tmp_path, "A", ["B"])
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert load_relay_keys(tmp_path, "A", ["B"]).peers["B"]
+
+
 def test_keys_made_by_zmq_auth_are_read_too(tmp_path):
     pub, sec = zmq.auth.create_certificates(str(tmp_path), "A")
     os.chmod(sec, 0o600)

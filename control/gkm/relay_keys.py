@@ -106,7 +106,10 @@ def _fields(path: Path, data: bytes) -> dict[str, bytes]:
 
 
 def _read(path: Path, secret: bool) -> bytes:
-    """The file's bytes; a secret file must be a regular file of this user's alone."""
+    """The file's bytes; a secret file must be a regular file of this user's alone. A
+    peer's public key is a trust anchor: whoever could replace it could pose as that peer
+    (with a process in its namespace), so it must be a regular file that only this user
+    (or root) may write, in a directory only they may write in."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -123,6 +126,16 @@ def _read(path: Path, secret: bool) -> bytes:
             raise RelayKeyError(f"{path} has mode {stat.S_IMODE(st.st_mode):04o} and owner "
                                 f"uid {st.st_uid}: a secret key must be this user's alone "
                                 f"(chown it to uid {os.geteuid()}, chmod 600 {path})")
+        if not secret:
+            for what, s in ((path, st), (path.parent, os.stat(path.parent))):
+                kind = "regular file" if what == path else "directory"
+                if (what == path and not stat.S_ISREG(s.st_mode)) or \
+                        s.st_uid not in (os.geteuid(), 0) or s.st_mode & 0o022:
+                    raise RelayKeyError(
+                        f"{what} (a {kind} of mode {stat.S_IMODE(s.st_mode):04o}, owner uid "
+                        f"{s.st_uid}) could be changed by others: a peer's public key must "
+                        f"be a regular file that only this user or root may write, in a "
+                        f"directory likewise (chmod go-w {what})")
         return os.read(fd, 1 << 16)
     finally:
         os.close(fd)
