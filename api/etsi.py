@@ -38,9 +38,10 @@ from urllib.parse import quote, urlencode
 
 import pybase64
 
+from control.core.config import SAE_ID_RE
+
 BASE_PATH = "/api/v1/keys"  # every call's path starts here, after the KME URL's own path
 MAX_BODY = 1 << 20   # bytes of JSON a request may carry
-SAE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 KEY_ID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                        r"[0-9a-fA-F]{12}")  # a UUID in its canonical text form, any case
 MAX_ERROR_TEXT = 200  # characters of a KME's error message a client keeps

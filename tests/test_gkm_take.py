@@ -112,6 +112,18 @@ def test_requests_are_compact_json_and_name_their_op_and_peer():
      "slaves must be a list of SAE IDs"),
     ({"op": "take_enc", "peer": "B", "number": 1, "size": 32, "slaves": ["s"],
       "master": 5}, "master must be an SAE ID"),
+    # Bytes the store's records use as markers ("\x00" served, "\x01" unconfirmed) never
+    # reach it in a name, from whichever process on the node.
+    ({"op": "take_enc", "peer": "B", "number": 1, "size": 32, "slaves": ["\x00s"]},
+     "slaves must be a list of SAE IDs"),
+    ({"op": "take_enc", "peer": "B", "number": 1, "size": 32, "slaves": ["s"],
+      "master": "\x01x"}, "master must be an SAE ID"),
+    ({"op": "take_dec", "peer": "B", "key_ids": [], "sae": "a\nb"}, "sae must be an SAE ID"),
+    ({"op": "take_dec", "peer": "B", "key_ids": [], "sae": "s", "master": "\x00"},
+     "master must be an SAE ID"),
+    ({"op": "reserve", "peer": "B", "key_ids": [], "sae": ""}, "sae must be an SAE ID"),
+    ({"op": "answered", "peer": "B", "key_ids": ["k"], "sae": 5, "holder": [1, 2]},
+     "sae must be an SAE ID"),
     ({"op": "take_enc", "peer": "B", "number": 1, "size": 32, "deadline": "soon"},
      "deadline must be a time.monotonic() value"),
     ({"op": "take_dec", "peer": "B", "key_ids": [], "sae": "s", "deadline": True},

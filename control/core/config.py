@@ -53,6 +53,9 @@ from dataplane.tun import MAX_MTU
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,7}")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,7}")
 LINK_NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,17}")
+# An SAE ID, wherever one is read (topology, the key API, the relay, the take socket):
+# printable, no separator any record or message format of ours uses.
+SAE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30,
           "KB": 1000, "MB": 1000**2, "GB": 1000**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")

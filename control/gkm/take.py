@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from control.core.config import SAE_ID_RE
 from control.gkm.carving import CarveError, KeySlice, decode
 from control.gkm.errors import BadRequest, BusyError, StoreError, refused
 from dataplane.limits import MAX_GLOBAL_BLOCK, MAX_RELAY_BLOCKS
@@ -228,6 +229,13 @@ def parse_request(body: bytes, now: float, here: Here) -> Parsed:
         raise malformed(e) from None
 
 
+def _is_sae_id(x: object) -> bool:
+    """An SAE ID as the key API admits them: the store's records use bytes outside it as
+    separators and markers (served, unconfirmed), so a name with them must never reach
+    the store, whoever on the node sends it."""
+    return isinstance(x, str) and SAE_ID_RE.fullmatch(x) is not None
+
+
 def _parse(req: dict, now: float, here: Here) -> Parsed:
     op = req["op"]
     deadline = None
@@ -241,17 +249,20 @@ def _parse(req: dict, now: float, here: Here) -> Parsed:
         slaves = req.get("slaves")
         if slaves is None:
             return TakeEnc(str(req["peer"]), number, size, deadline)
-        if not isinstance(slaves, list) or not slaves or \
-                not all(isinstance(x, str) and x and "\n" not in x for x in slaves):
+        if not isinstance(slaves, list) or not slaves or not all(map(_is_sae_id, slaves)):
             raise BadRequest("slaves must be a list of SAE IDs")
         master = req.get("master", "")
-        if not isinstance(master, str) or "\n" in master:
+        if master != "" and not _is_sae_id(master):
             raise BadRequest("master must be an SAE ID")
         return TakeEnc(str(req["peer"]), number, size, deadline, tuple(slaves), master)
+    if op in ("reserve", "take_dec", "answered") and not _is_sae_id(req["sae"]):
+        raise BadRequest("sae must be an SAE ID")
     if op == "reserve":
         return Reserve(str(req["peer"]), [str(k) for k in req["key_ids"]], str(req["sae"]))
     if op == "take_dec":
         master = req.get("master")
+        if master is not None and not _is_sae_id(master):
+            raise BadRequest("master must be an SAE ID")
         holder = holder_of(req)
         if holder is not None and holder in here.ended:
             raise BusyError("the request's taker has stopped waiting for it; "
