@@ -207,6 +207,23 @@ def test_every_acknowledged_block_survives_a_kill(tmp_path):
         assert d.block("dec", "A", seq) == bytes([seq % 251 + 1]) * 4096
 
 
+def test_dec_keys_beyond_what_one_answer_may_carry_are_refused_whole(tmp_path, monkeypatch):
+    from control.gkm import store_rules
+
+    o, d = origin(tmp_path), dest(tmp_path)
+    blocks = [os.urandom(256)]
+    d.store_received("A", list(zip(fill(o, blocks), blocks, strict=True)))
+    keys = o.take_enc("B", 3, 64)
+    ids = [str(k.key_id) for k, _ in keys]
+    d.reserve("A", ids, "sae-2")
+    monkeypatch.setattr(store_rules, "MAX_API_REQUEST_BYTES", 150)  # 64 MiB, scaled down
+    with pytest.raises(StoreError, match="192 bytes, above the .* ask for them in parts") as e:
+        d.take_dec("A", ids, "sae-2")
+    assert e.value.kind == "bad"
+    assert d.take_dec("A", ids[:2], "sae-2") == [k for _, k in keys[:2]]  # nothing was taken
+    assert d.take_dec("A", ids[2:], "sae-2") == [keys[2][1]]
+
+
 def test_dec_keys_go_once_and_only_to_the_reserved_sae(tmp_path):
     o, d = origin(tmp_path), dest(tmp_path)
     blocks = [os.urandom(256) for _ in range(2)]

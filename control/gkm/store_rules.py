@@ -60,7 +60,7 @@ from control.gkm.errors import (
     UnknownError,
 )
 from control.gkm.wire import AckStatus, Reserve, encode_reserve, parse, receive_status
-from dataplane.limits import MAX_RELAY_BLOCKS
+from dataplane.limits import MAX_API_REQUEST_BYTES, MAX_RELAY_BLOCKS
 
 HANDED_KEEP_S = 60.0   # keys in an answer never confirmed written stay fetchable this long
 UNCONFIRMED = b"\x01"  # a DEC reservation's prefix until the master's node confirms it
@@ -820,6 +820,11 @@ def delivery(st: DecState, node_id: int, key_ids: list[str], sae: str, master: s
     decoded = [check_key(st, node_id, kid) for kid in key_ids]
     if len(set(decoded)) != len(decoded):
         raise BadRequest("a key ID is named twice")
+    total = sum(s.size for s in decoded)
+    if total > MAX_API_REQUEST_BYTES:  # as for enc_keys: a slave naming the keys of many
+        raise BadRequest(  # takes at once would have up to a GiB read, joined and encoded
+            f"the keys named are {total} bytes, above the {MAX_API_REQUEST_BYTES >> 20} "
+            f"MiB one answer may carry: ask for them in parts")
     fetches, unconfirmed, in_flight = [], [], []
     for kid, s in zip(key_ids, decoded, strict=True):
         rid = reservation_key(kid)
