@@ -205,6 +205,11 @@ def test_a_refused_delivery_refuses_every_key_and_changes_nothing():
                        db.get)
     with pytest.raises(UnknownError, match="not issued to master SAE x"):
         rules.delivery(st, B, [good], "s1", "x", None, lambda _: True, db.get)
+    # An SAE the key is not for hears "another SAE" whichever master it names: trying
+    # master names tells it nothing of who took the key.
+    for master in ("x", "m", None):
+        with pytest.raises(ForbiddenError, match="belongs to another SAE"):
+            rules.delivery(st, B, [good], "s7", master, None, lambda _: True, db.get)
     assert st == before and db == records
 
 

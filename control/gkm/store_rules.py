@@ -171,13 +171,13 @@ def deliver_from_record(record: bytes, kid: str, sae: str, master: str | None
     same key, once each (invariant 5), and the last one's fetch ends the reservation
     (None). UnknownError or ForbiddenError, nothing changed, if ``sae`` may not have it."""
     names = record.split(b"\n")
-    if master is not None and names[0] not in (b"*", master.encode()):
-        raise UnknownError(f"key ID {kid} was not issued to master SAE {master}")
     me = sae.encode()
     if SERVED + me in names[1:]:
         raise UnknownError(f"key ID {kid} was already delivered to SAE {sae}")
-    if me not in names[1:]:
-        raise ForbiddenError(f"key ID {kid} belongs to another SAE")
+    if me not in names[1:]:  # before the master: an SAE the key is not for learns
+        raise ForbiddenError(f"key ID {kid} belongs to another SAE")  # nothing of it
+    if master is not None and names[0] not in (b"*", master.encode()):
+        raise UnknownError(f"key ID {kid} was not issued to master SAE {master}")
     rest = [SERVED + n if n == me else n for n in names[1:]]
     if all(n.startswith(SERVED) for n in rest):
         return None
