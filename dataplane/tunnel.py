@@ -203,9 +203,12 @@ class ControlChannel:
             self.enc.retire(CONTROL_LANE, dead=True)  # wiped key: never a pad, never again
             return False
         self.buf[wire.HEADER_LEN:wire.HEADER_LEN + n] = np.frombuffer(payload, np.uint8)
-        dlen = wire.seal(self.buf, n, self.enc.read(pos, need), link=self.cfg.link.index,
+        pad = self.enc.read(pos, need)
+        dlen = wire.seal(self.buf, n, pad, link=self.cfg.link.index,
                          direction=self.cfg.enc_dir, lane=CONTROL_LANE, pos=pos,
                          release=self.enc.release_pos, flags=wire.FLAG_CONTROL)
+        if pad.flags.owndata:  # a copy (the range wrapped): wiped like the ring's bytes
+            pad[:] = 0
         if self.enc.release_pos > pos:  # freed under us: the pad may be wiped
             self.enc.retire(CONTROL_LANE)
             return False
@@ -244,7 +247,12 @@ class ControlChannel:
                     v = "nokey"  # a keepalive is not worth waiting for; the next one comes
                 if v != wire.ACCEPT:
                     raise wire.WireError(v)
-                payload = wire.open_(self.rbuf, hdr, self.dec.read(hdr.pos, hdr.pad_len))
+                pad = self.dec.read(hdr.pos, hdr.pad_len)
+                try:
+                    payload = wire.open_(self.rbuf, hdr, pad)
+                finally:
+                    if pad.flags.owndata:  # a copy (the range wrapped): wiped on every path
+                        pad[:] = 0
                 self.dec.set_lane_next(CONTROL_LANE, hdr.pos + hdr.pad_len)
                 self.dec.count_accepted(CONTROL_LANE, hdr.pad_len)
                 if self.dec.release_pos > hdr.pos:

@@ -144,7 +144,7 @@ def open_(buf: np.ndarray, hdr: Header, pad: np.ndarray,
     if len(pad) != hdr.pad_len:
         raise ValueError(f"pad has {len(pad)} B, datagram needs {hdr.pad_len}")
     key = pad[:MAC_KEY_LEN]
-    if key.tobytes() == ZERO_KEY:  # (cheaper than key.any() for 32 bytes)
+    if key.data == ZERO_KEY:  # compared in place: no copy of the one-time key is left
         raise WireError("zerokey", f"pad at {hdr.pos} is wiped")
     end = HEADER_LEN + hdr.length
     if addrs is not None and poly1305.HAVE_ADDRESSES:

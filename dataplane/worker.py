@@ -267,21 +267,23 @@ class Worker:
                 c[DROP_TX_NOKEY] += 1
                 del held[lane]
                 continue
-            if pad[:wire.MAC_KEY_LEN].tobytes() == wire.ZERO_KEY:  # wiped: never a pad
-                c[DROP_TX_NOKEY] += 1
-                del held[lane]
-                continue
-            t2 = clock()
-            dlen = wire.seal(tbuf, n, pad, link=cfg.link_index, direction=cfg.enc_dir,
-                             lane=lane, pos=pos, release=enc.release_pos,
-                             addrs=(self.tbuf_addr, pad_addr))
-            if enc.release_pos > pos:  # freed under us (a reset): the pad may be wiped
-                c[DROP_TX_NOKEY] += 1
-                del held[lane]
-                continue
-            enc.wipe_used(pos, need)  # in cache now; cheaper than at release
-            if pad.flags.owndata:  # a copy (the range wrapped): wipe it too
-                pad[:] = 0
+            try:
+                if pad[:wire.MAC_KEY_LEN].data == wire.ZERO_KEY:  # wiped: never a pad
+                    c[DROP_TX_NOKEY] += 1
+                    del held[lane]
+                    continue
+                t2 = clock()
+                dlen = wire.seal(tbuf, n, pad, link=cfg.link_index, direction=cfg.enc_dir,
+                                 lane=lane, pos=pos, release=enc.release_pos,
+                                 addrs=(self.tbuf_addr, pad_addr))
+                if enc.release_pos > pos:  # freed under us (a reset): the pad may be wiped
+                    c[DROP_TX_NOKEY] += 1
+                    del held[lane]
+                    continue
+                enc.wipe_used(pos, need)  # in cache now; cheaper than at release
+            finally:
+                if pad.flags.owndata:  # a copy (the range wrapped): wiped on every path
+                    pad[:] = 0
             rng[0] = pos + need
             enc.set_used(lane, rng[0])  # (after the check: this lets release pass pos)
             enc.count_datagram(lane)
@@ -415,6 +417,9 @@ class Worker:
         except wire.WireError as e:
             c[IDX[f"drop_rx_{e.reason}"]] += 1
             return
+        finally:
+            if pad.flags.owndata:  # a copy (the range wrapped): wiped on every path
+                pad[:] = 0
         end = hdr.pos + hdr.pad_len
         dec.set_lane_next(hdr.lane, end)  # before delivery: one delivery per key
         dec.count_accepted(hdr.lane, hdr.pad_len)
@@ -424,8 +429,6 @@ class Worker:
         if dec.release_pos > hdr.pos:  # wiped while we used it
             c[DROP_RX_OLD] += 1
             return
-        if pad.flags.owndata:  # a copy (the range wrapped)
-            pad[:] = 0
         if self.audit.fd is not None:
             self.audit(AUDIT_ACCEPTED, hdr.pos, hdr.pad_len)
         t3 = clock()
