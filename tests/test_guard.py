@@ -67,6 +67,34 @@ def test_every_reason_has_a_counter_pair_and_drops_are_reasons():
     assert set(g.DROP_REASONS) < set(g.REASONS) and "pass" not in g.DROP_REASONS
 
 
+def test_a_cached_build_is_used_only_if_no_other_user_could_have_written_it(tmp_path,
+                                                                          monkeypatch):
+    """What the cache holds is loaded into the kernel as root: a build in a file or a
+    directory others may write is never used (the build is made anew, and kept private)."""
+    builds = []
+
+    def build() -> dict:
+        builds.append(1)
+        return {"insns": "AAAAAAAAAAA=", "refs": [[3, "cfg"]]}
+
+    cache = tmp_path / "bpf"
+    monkeypatch.setattr(g, "CACHE_DIR", cache)
+    monkeypatch.setattr(g, "_build", build)
+    monkeypatch.setattr(g, "build_key", lambda: "k")
+    assert g.program() == (bytes(8), [(3, "cfg")]) and len(builds) == 1
+    path = cache / "guard-k.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert g.program() == (bytes(8), [(3, "cfg")]) and len(builds) == 1  # from the cache
+    planted = {"insns": "/////////w==", "refs": []}  # another user's "build"
+    path.write_text(json.dumps(planted))
+    path.chmod(0o644)
+    assert g.program() == (bytes(8), [(3, "cfg")]) and len(builds) == 2
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_text(json.dumps(planted))  # ours, but in a directory others may write in
+    cache.chmod(0o777)
+    assert g.program() == (bytes(8), [(3, "cfg")]) and len(builds) == 3
+
+
 def test_support_says_why_not_without_root(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "root" in g.support()

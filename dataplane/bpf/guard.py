@@ -32,6 +32,7 @@ from pathlib import Path
 
 from dataplane import wire
 from dataplane.bpf import syscall
+from dataplane.private import NotPrivateError, open_private, private_dir, write_private
 from dataplane.ring import CONTROL_LANE, MAX_LANES
 
 log = logging.getLogger("qkdnet.guard")
@@ -207,18 +208,32 @@ def build_key() -> str:
     return h.hexdigest()[:24]
 
 
+def _read_cached(path: Path) -> dict:
+    """A cached build, only from a directory and a file of this user's alone: what is
+    read here is loaded into the kernel as root, so a build another user could have
+    planted or changed (``QKDNET_BPF_CACHE`` pointed at a shared directory) is never
+    used. OSError when there is none such."""
+    private_dir(path.parent)
+    fd = open_private(path)
+    with os.fdopen(fd, "rb") as f:
+        return json.loads(f.read())
+
+
 def program() -> tuple[bytes, list[tuple[int, str]]]:
     """The guard's instructions and map references, from the cache or a fresh build."""
     path = CACHE_DIR / f"guard-{build_key()}.json"
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        cached = json.loads(path.read_text())
+    try:
+        cached = _read_cached(path)
         return base64.b64decode(cached["insns"]), [tuple(r) for r in cached["refs"]]
+    except NotPrivateError as e:
+        log.warning("the XDP guard's cache is not this user's alone (%s): building anew", e)
+    except (OSError, ValueError, KeyError):
+        pass
     reply = _build()
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"insns": reply["insns"], "refs": reply["refs"]}))
-        os.replace(tmp, path)
+        private_dir(path.parent)
+        write_private(path, json.dumps({"insns": reply["insns"],
+                                        "refs": reply["refs"]}).encode())
     return base64.b64decode(reply["insns"]), [tuple(r) for r in reply["refs"]]
 
 
