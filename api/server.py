@@ -49,6 +49,7 @@ from control.gkm.client import StoreError
 log = logging.getLogger("qkdnet.api")
 BASE = etsi.BASE_PATH
 JSON = "application/json"
+REQUEST_TIMEOUT_S = 15  # from a connection's start to its request read (a loaded machine too)
 
 
 def server_context(pki: Path, node: str) -> ssl.SSLContext:
@@ -202,16 +203,20 @@ def make_app(topo: Topology, node: str, name: str | None = None,
     app.config.REQUEST_MAX_SIZE = etsi.MAX_BODY + 1024
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = topo.api.graceful_shutdown_s
     app.config.KEEP_ALIVE_TIMEOUT = 75
+    # A connection must bring its request within this (Sanic's default: 60 s): an idle
+    # one, with or without a certificate, holds a descriptor of the worker until then.
+    app.config.REQUEST_TIMEOUT = REQUEST_TIMEOUT_S
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
 
     @app.before_server_start
     async def _open(app: Sanic) -> None:
-        from control.core.lifecycle import die_with_parent
+        from control.core.lifecycle import die_with_parent, raise_open_files_limit
         from control.core.memory import keep_freed_memory
 
         die_with_parent()
+        raise_open_files_limit()  # one descriptor per connection, idle ones included
         keep_freed_memory()
         app.ctx.gkm = GkmLink(topo.prefix, node)
         app.ctx.gkm.start()

@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from control.core.lifecycle import die_with_parent, orphaned
+from control.core.lifecycle import OPEN_FILES_UNLIMITED, die_with_parent, orphaned
 
 CTX = mp.get_context("fork")  # how node processes are started
 
@@ -58,3 +58,26 @@ def test_a_process_whose_parent_lives_runs(tmp_path):
     assert _wait_for(tmp_path / "state") == "running" and child.exitcode == 0
     assert not orphaned()  # this process was not forked by multiprocessing
     assert orphaned(parent_pid=os.getppid() + 1) and not orphaned(parent_pid=os.getppid())
+
+
+def _limit_after_raise(out: Path) -> None:
+    import resource
+
+    from control.core.lifecycle import raise_open_files_limit
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))  # a low soft limit
+    out.write_text(f"{raise_open_files_limit()} {resource.getrlimit(resource.RLIMIT_NOFILE)}")
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit(tmp_path):
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    child = CTX.Process(target=_limit_after_raise, args=(tmp_path / "limit",))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    raised, limits = (tmp_path / "limit").read_text().split(" ", 1)
+    want = hard if hard != resource.RLIM_INFINITY else OPEN_FILES_UNLIMITED
+    assert int(raised) == want and limits == str((want, hard))

@@ -11,6 +11,7 @@ import resource
 import signal
 
 PR_SET_PDEATHSIG = 1
+OPEN_FILES_UNLIMITED = 1 << 20  # the soft limit asked for when the hard one is unlimited
 
 
 def die_with_parent() -> None:
@@ -27,6 +28,19 @@ def die_with_parent() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if orphaned():
         raise SystemExit("the parent process exited before this one started: stopping")
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, and return it. A
+    server facing the network (the key API) holds one descriptor per connection: at a
+    service manager's usual soft limit of 1,024, about a thousand idle connections from
+    anyone who can reach its port would stop it accepting the SAEs' own."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES_UNLIMITED)
+    if soft < want:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def orphaned(parent_pid: int | None = None) -> bool:
