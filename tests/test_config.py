@@ -589,3 +589,30 @@ def test_metrics_port_must_differ_from_the_other_node_address_ports():
     assert_problem(BASE + "[metrics]\nport = 8443\n", "metrics.port", "ports.api")
     assert_problem(BASE + "[ports]\nrelay = 9464\n", "metrics.port", "ports.relay")
     parse_topology(BASE + "[metrics]\nport = 8443\nenabled = false\n", "net.toml")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e9"])
+def test_a_key_rate_that_is_not_a_finite_rate_is_refused_not_a_crash(value):
+    problems = problems_of(defaults(f"key_rate_mbps = {value}"))
+    assert [f for f, _ in problems] == ["defaults.key_rate_mbps"]
+    problems = problems_of(link0(f"key_rate_mbps = {value}"))
+    assert [f for f, _ in problems] == ["links[0].key_rate_mbps"]
+
+
+@pytest.mark.parametrize("net,field", [("10.88.0.0/30", "network.node_net"),
+                                       ("10.89.7.0/30", "dataplane.tunnel_net")])
+def test_an_underlay_inside_the_otp_networks_addresses_is_refused(net, field):
+    ul = net.removesuffix("0/30")
+    text = edit((LINK0_UL, f'underlay = ["{ul}1/30", "{ul}2/30"]'))
+    assert_problem(text, "links[0].underlay", f"overlaps {field}")
+
+
+def test_ports_past_65535_or_two_listeners_on_one_port_are_refused():
+    assert_problem(edit(('prefix = "tt"\n', 'prefix = "tt"\n[ports]\nagreement = 65535\n')),
+                   "ports.agreement", "passes 65535")
+    assert_problem(edit(('prefix = "tt"\n', 'prefix = "tt"\n[ports]\ntunnel = 65500\n')),
+                   "ports.tunnel", "passes 65535")
+    assert_problem(edit(('prefix = "tt"\n', 'prefix = "tt"\n[ports]\nrelay = 9000\n'
+                                            'api = 9000\n')), "ports.api", "already ports.relay")
+    parse_topology(edit(('prefix = "tt"\n', 'prefix = "tt"\n[ports]\nagreement = 65534\n'
+                                            'tunnel = 65000\n')), "net.toml")  # just fits

@@ -53,6 +53,7 @@ from dataplane.tun import MAX_MTU
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,7}")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,7}")
 LINK_NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,17}")
+MAX_KEY_RATE_MBPS = 1e6  # a QKD link gives at most about 100 Mb/s; the emulator, more
 # An SAE ID, wherever one is read (topology, the key API, the relay, the take socket):
 # printable, no separator any record or message format of ours uses.
 SAE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -268,6 +269,24 @@ SourceConfig = Annotated[
                                        "'sftp', 'etsi014')")]
 
 
+def _port_problems(raw: TopologyFile) -> list[tuple[str, str]]:
+    """Every port a node uses within 1-65535, and the node address's two listeners apart:
+    link i's agreement is ``agreement + i``; its tunnel manager and lanes use ``tunnel``
+    and the ports after it (a lane per worker, MAX_WORKERS at most)."""
+    p, out = raw.ports, []
+    last_agreement = p.agreement + max(0, len(raw.links) - 1)
+    last_tunnel = p.tunnel + 1 + MAX_WORKERS
+    if last_agreement > 65535:
+        out.append(("ports.agreement", f"{p.agreement} + {len(raw.links) - 1} (one port per "
+                                       f"link) passes 65535"))
+    if last_tunnel > 65535:
+        out.append(("ports.tunnel", f"{p.tunnel} + {MAX_WORKERS + 1} (the tunnel manager's "
+                                    f"port, then one per worker lane) passes 65535"))
+    if p.relay == p.api:  # both listen on the node address
+        out.append(("ports.api", f"{p.api} is already ports.relay"))
+    return out
+
+
 def check_block_size(v: int | None) -> int | None:
     if v is not None and not MIN_BLOCK_SIZE <= v <= MAX_BLOCK_SIZE:
         raise ValueError(f"must be between {MIN_BLOCK_SIZE} B and {MAX_BLOCK_SIZE >> 20} MiB")
@@ -281,7 +300,8 @@ def check_ring_capacity(v: int | None) -> int | None:
 
 
 class LinkDefaults(_Strict):
-    key_rate_mbps: float = Field(1000.0, ge=0, description="0 = as fast as possible")
+    key_rate_mbps: float = Field(1000.0, ge=0, le=MAX_KEY_RATE_MBPS, allow_inf_nan=False,
+                                 description="0 = as fast as possible")
     block_size: Size | None = Field(None, description="key block the source delivers; "
                                                       "default: 50 ms of the link's key "
                                                       "(4 KiB - 1 MiB)")
@@ -443,7 +463,8 @@ class Link(_Strict):
     name: str | None = Field(None, description='default: "<a>-<b>"')
     underlay: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface] = Field(
         description="the two ends' underlay addresses, a's first")
-    key_rate_mbps: float | None = Field(None, ge=0, description="default: [defaults]")
+    key_rate_mbps: float | None = Field(None, ge=0, le=MAX_KEY_RATE_MBPS, allow_inf_nan=False,
+                                        description="default: [defaults]")
     block_size: Size | None = Field(None, description="default: [defaults]")
     ring_capacity: Size | None = Field(None, description="default: [defaults]")
     ratio: Ratio | None = Field(None, description="default: [defaults]")
@@ -749,6 +770,12 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
             problems.append((f"{where}.name", f"duplicate link name {name!r}"))
         link_names.setdefault(name, i)
         ua, ub = lk.underlay
+        for net, name_ in ((raw.network.node_net, "network.node_net"),
+                           (raw.dataplane.tunnel_net, "dataplane.tunnel_net")):
+            if ua.network.overlaps(net):  # the underlay is not the OTP network's own
+                problems.append((f"{where}.underlay",
+                                 f"{ua.network} overlaps {name_} {net}: the underlay must be "
+                                 f"outside the addresses the OTP network gives out"))
         if ua.network != ub.network:
             problems.append((f"{where}.underlay",
                              f"{ua} and {ub} are not in one subnet"))
@@ -801,6 +828,7 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
     for other in ("relay", "api"):  # all three listen on the node address
         if m.enabled and m.port == getattr(raw.ports, other):
             problems.append(("metrics.port", f"{m.port} is already ports.{other}"))
+    problems += _port_problems(raw)
     if raw.api.key_size > 8 * g.block_size:
         problems.append(("api.key_size", f"{raw.api.key_size} bits do not fit a global key "
                                          f"block (gkm.block_size = {g.block_size} B)"))
