@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from api import etsi
 from control.core.memory import keep_freed_memory
+from dataplane.private import check_trusted, secret_file
 
 MAX_ANSWER = 256 << 20  # bytes of one answer's body; 64 MiB of key is ~90 MB of JSON
 _HEAD_BUF = 1 << 16     # bytes of a response's status line and headers, at most
@@ -46,14 +47,17 @@ class NoAnswer(ConnectionError):
 
 
 def tls_context(ca: str | Path, cert: str | Path, key: str | Path) -> ssl.SSLContext:
-    """TLS 1.2 or newer, the KME verified against ``ca``, our certificate shown."""
+    """TLS 1.2 or newer, the KME verified against ``ca``, our certificate shown. The key
+    must be ours alone and the CA writable by its owner only (``dataplane.private``)."""
     try:
+        check_trusted(ca, "CA file")
         ctx = ssl.create_default_context(cafile=str(ca))
     except (OSError, ssl.SSLError) as e:
         raise TlsFilesError(f"cannot load the CA file {ca}: {e}") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(str(cert), str(key))
+        with secret_file(key, "TLS key") as checked:
+            ctx.load_cert_chain(str(cert), checked)
     except (OSError, ssl.SSLError) as e:
         raise TlsFilesError(f"cannot load the client certificate {cert} with key {key}: "
                             f"{e}") from None

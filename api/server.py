@@ -45,6 +45,7 @@ from control.core import paths
 from control.core.address import wait_for_address
 from control.core.config import Topology
 from control.gkm.client import StoreError
+from dataplane.private import check_trusted, secret_file
 
 log = logging.getLogger("qkdnet.api")
 BASE = etsi.BASE_PATH
@@ -63,7 +64,9 @@ def server_context(pki: Path, node: str) -> ssl.SSLContext:
                                     f"FILE' (net up makes one when [api] pki is not set)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(crt, key)
+    with secret_file(key, "the node's TLS key") as checked:  # ours alone, no link
+        ctx.load_cert_chain(crt, checked)
+    check_trusted(layout.ca_cert, "CA certificate")  # it decides which SAEs are heard
     ctx.load_verify_locations(layout.ca_cert)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx

@@ -105,6 +105,49 @@ def private_dir(path: Path | str) -> Path:
     return p
 
 
+@contextlib.contextmanager
+def secret_file(path: Path | str, what: str) -> Iterator[str]:
+    """A secret the operator provides (a private key of the node's) checked and held open:
+    a regular file of this user's alone, never reached through a symbolic link. Yields a
+    path to the checked descriptor (``/proc/self/fd/N``) for libraries that load from a
+    path, so what they read is what was checked. NotPrivateError says what to do."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotPrivateError(errno.ELOOP, f"refusing {what} {path}: it is a symbolic "
+                                               f"link; name the file itself") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        why = None
+        if not stat.S_ISREG(st.st_mode):
+            why = "is not a regular file"
+        elif st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            why = (f"has mode {stat.S_IMODE(st.st_mode):04o} and owner uid {st.st_uid}: a "
+                   f"secret must be this user's alone (chown it to uid {os.geteuid()}, "
+                   f"chmod 600 {path})")
+        if why is not None:
+            raise NotPrivateError(errno.EPERM, f"refusing {what} {path}: it {why}")
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def check_trusted(path: Path | str, what: str) -> None:
+    """A file that decides whom the node trusts (a CA certificate, an SSH host key list):
+    others may read it, but only its owner, this user or root, may write it, or whoever
+    could would choose whom the node trusts. NotPrivateError says what to do."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotPrivateError(errno.EPERM, f"refusing {what} {path}: not a regular file")
+    if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+        raise NotPrivateError(errno.EPERM, f"refusing {what} {path}: it has mode "
+                                           f"{stat.S_IMODE(st.st_mode):04o} and owner uid "
+                                           f"{st.st_uid}: only its owner (this user or root) "
+                                           f"may write it (chmod go-w {path})")
+
+
 def write_private(path: Path | str, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` whole and atomically with ``data`` (temporary file, then rename),
     never writing through a link planted at either name."""

@@ -92,7 +92,6 @@ def test_frames_of_another_connection_or_direction_are_refused():
         leader.feed(frame)  # the same frame again on the same connection
 
 
-@pytest.mark.netns
 def test_a_link_key_file_others_could_read_or_a_link_to_one_is_refused(tmp_path):
     path = tmp_path / "ab.key"
     key = secrets.token_bytes(AUTH_KEY_LEN)
@@ -115,6 +114,7 @@ def test_a_link_key_file_others_could_read_or_a_link_to_one_is_refused(tmp_path)
         load_link_key(tmp_path / "none.key")
 
 
+@pytest.mark.netns
 def test_a_connection_flood_from_the_peers_address_changes_nothing(tmp_path, prefix):
     topo = write_topology(tmp_path, prefix, rate=100, capacity="64MiB")
     emulation.net_up(topo)

@@ -451,6 +451,16 @@ def test_source_reports_an_unreachable_device_and_a_refused_client_key(tmp_path,
     src.backoff.succeeded()
     src.key_file = tmp_path / "missing"
     assert f"private key file {tmp_path / 'missing'} not found" in _failure(src)
+    # The node's own secrets are read only if they are its own alone, and the file that
+    # says which device to believe only if no one else could rewrite it.
+    src.key_file = dev.root / "client_key"
+    src.key_file.chmod(0o644)
+    src.backoff.succeeded()
+    assert "refusing SSH private key" in (why := _failure(src)) and "chmod 600" in why
+    src.key_file.chmod(0o600)
+    src.known_hosts.chmod(0o666)
+    src.backoff.succeeded()
+    assert "refusing known hosts file" in (why := _failure(src)) and "chmod go-w" in why
 
 
 # ---- two link ends, two key manager processes -----------------------------------------
@@ -482,6 +492,7 @@ class Link:
         self.auth = paths.link_key_path(prefix, "A-B")
         self.auth.parent.mkdir(parents=True, exist_ok=True)
         self.auth.write_bytes(os.urandom(32))
+        self.auth.chmod(0o600)  # a secret: refused if others may read it
         self.prefix = prefix
         self.procs: dict[str, subprocess.Popen] = {}
         for node in "AB":

@@ -243,3 +243,34 @@ def test_everything_a_running_node_made_is_its_owners_alone(tmp_path, prefix):
     # The CA key is not among the files the nodes read.
     assert not (topo.api.pki / "ca.key").exists()
     assert (run / "pki-ca" / "ca.key").exists()
+
+
+def test_a_secret_is_read_only_from_a_file_of_ours_alone_never_through_a_link(tmp_path):
+    from dataplane.private import secret_file
+
+    key = tmp_path / "node.key"
+    key.write_bytes(b"secret")
+    key.chmod(0o600)
+    with secret_file(key, "TLS key") as checked:
+        assert Path(checked).read_bytes() == b"secret"  # the checked descriptor's file
+    key.chmod(0o640)
+    with pytest.raises(NotPrivateError, match="refusing TLS key .*mode 0640.*chmod 600"), \
+            secret_file(key, "TLS key"):
+        pass
+    key.chmod(0o600)
+    (tmp_path / "link.key").symlink_to(key)
+    with pytest.raises(NotPrivateError, match="symbolic link"), \
+            secret_file(tmp_path / "link.key", "TLS key"):
+        pass
+
+
+def test_a_trust_anchor_may_be_read_by_all_but_written_by_its_owner_alone(tmp_path):
+    from dataplane.private import check_trusted
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----")
+    ca.chmod(0o644)
+    check_trusted(ca, "CA file")
+    ca.chmod(0o664)
+    with pytest.raises(NotPrivateError, match="refusing CA file .*mode 0664.*chmod go-w"):
+        check_trusted(ca, "CA file")

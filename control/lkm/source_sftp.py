@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from control.lkm.source import Block, FetchingSource, SourceUnavailable
+from dataplane.private import check_trusted, secret_file
 
 if TYPE_CHECKING:
     import paramiko
@@ -215,6 +216,7 @@ class SftpSource(FetchingSource):
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
         try:
             if self.known_hosts is not None:
+                check_trusted(self.known_hosts, "known hosts file")  # whom we believe
                 client.load_host_keys(str(self.known_hosts))
             else:
                 kind, b64 = e.host_key.split()[:2]  # type: ignore[union-attr]
@@ -224,7 +226,8 @@ class SftpSource(FetchingSource):
         except (OSError, paramiko.SSHException, ValueError) as err:
             raise SourceUnavailable(f"known hosts {self.known_hosts}: {err}") from None
         try:
-            pkey = paramiko.PKey.from_path(self.key_file)
+            with secret_file(self.key_file, "SSH private key") as checked:  # ours alone
+                pkey = paramiko.PKey.from_path(checked)
         except FileNotFoundError:
             raise SourceUnavailable(f"private key file {self.key_file} not found") from None
         except paramiko.PasswordRequiredException:
