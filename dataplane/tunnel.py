@@ -199,16 +199,18 @@ class ControlChannel:
         pos, take = self.enc.claim_chunk(CONTROL_LANE, need, min_take=need)
         if not take:
             return False
-        if not self.enc.read(pos, wire.MAC_KEY_LEN).any():
-            self.enc.retire(CONTROL_LANE, dead=True)  # wiped key: never a pad, never again
-            return False
-        self.buf[wire.HEADER_LEN:wire.HEADER_LEN + n] = np.frombuffer(payload, np.uint8)
         pad = self.enc.read(pos, need)
-        dlen = wire.seal(self.buf, n, pad, link=self.cfg.link.index,
-                         direction=self.cfg.enc_dir, lane=CONTROL_LANE, pos=pos,
-                         release=self.enc.release_pos, flags=wire.FLAG_CONTROL)
-        if pad.flags.owndata:  # a copy (the range wrapped): wiped like the ring's bytes
-            pad[:] = 0
+        try:
+            if pad[:wire.MAC_KEY_LEN].data == wire.ZERO_KEY:  # wiped key: never a pad,
+                self.enc.retire(CONTROL_LANE, dead=True)    # never again
+                return False
+            self.buf[wire.HEADER_LEN:wire.HEADER_LEN + n] = np.frombuffer(payload, np.uint8)
+            dlen = wire.seal(self.buf, n, pad, link=self.cfg.link.index,
+                             direction=self.cfg.enc_dir, lane=CONTROL_LANE, pos=pos,
+                             release=self.enc.release_pos, flags=wire.FLAG_CONTROL)
+        finally:
+            if pad.flags.owndata:  # a copy (the range wrapped): wiped on every path
+                pad[:] = 0
         if self.enc.release_pos > pos:  # freed under us: the pad may be wiped
             self.enc.retire(CONTROL_LANE)
             return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -32,6 +33,7 @@ from control.gkm.wire import (
     parse,
     parse_batch,
 )
+from dataplane.limits import MAX_RELAY_BLOCKS
 
 A, B, C = 1, 2, 3
 NODES = {A: Node("A", "10.0.0.1"), B: Node("B", "10.0.0.2"), C: Node("C", "10.0.0.3")}
@@ -241,6 +243,20 @@ def test_a_reservation_whose_write_failed_is_never_answered_from_memory(tmp_path
         assert d._cf("dec", "A").get(RESERVED + bytes(m.key_ids[0])) is not None
 
 
+def test_a_reservation_naming_what_is_not_an_sae_id_is_refused_and_the_next_applied(
+        tmp_path):
+    o, d, frames = _origin_reserves(tmp_path, 2)
+    first, second = parse_batch(frames)
+    box = inbox(d)
+    for bad in ("\x01x", "\x00s", "a\nb", "="):  # the record's markers and separators
+        for msg in (replace(first, master=bad), replace(first, saes=("sae-0", bad))):
+            out = box.receive([Arrived(b"id", [msg], FROM_A)])
+            assert reserved(out) == [[(0, ReserveStatus.REFUSED)]]  # skipped, not stalled
+    assert "not an SAE ID" in d.dec["A"].last_refused
+    out = box.receive([Arrived(b"id", [second], FROM_A)])
+    assert reserved(out) == [[(1, ReserveStatus.APPLIED)]]
+
+
 def test_a_group_commit_whose_sync_failed_leaves_the_store_failed(tmp_path):
     d = dest(tmp_path)
 
@@ -310,14 +326,17 @@ def test_one_sae_holds_at_most_its_share_of_the_requests_waiting_for_confirmatio
 
 
 def test_what_waits_is_bounded_by_the_key_ids_it_names_and_an_sae_waits_for_a_key_once():
-    big = _keys(MAX_HELD_KEYS_PER_SAE)  # one request naming as many keys as one SAE may
-    assert may_hold([], "s1", big)
-    assert not may_hold([("s1", big)], "s1", _keys(1, 1 << 20))  # s1's key share is full
+    big = _keys(MAX_RELAY_BLOCKS)  # one request as large as the key API may allow
+    assert may_hold([], "s1", big)  # an SAE's one request waits, whatever its size
+    assert not may_hold([("s1", big)], "s1", _keys(1, 1 << 20))  # not a second one then
+    share = _keys(MAX_HELD_KEYS_PER_SAE)
+    assert may_hold([("s1", _keys(1, 1 << 20))], "s1", _keys(MAX_HELD_KEYS_PER_SAE - 1))
+    assert not may_hold([("s1", _keys(1, 1 << 20))], "s1", share)  # past its share
     # The same keys asked again by the same SAE do not wait twice: repeating one large
     # request is what made every re-check of the held requests cost seconds.
     assert not may_hold([("s1", _keys(4))], "s1", _keys(1, 3))
     assert may_hold([("s1", _keys(4))], "s2", _keys(1, 3))  # another slave of those keys
-    full = [(f"s{i}", _keys(MAX_HELD_KEYS_PER_SAE, i << 20)) for i in range(4)]
+    full = [(f"s{i}", _keys(MAX_RELAY_BLOCKS, i << 20)) for i in range(2)]
     assert sum(len(k) for _, k in full) == MAX_HELD_KEYS
     assert not may_hold(full, "s9", one := _keys(1, 1 << 30))  # all key IDs taken
-    assert may_hold(full[:3], "s9", one)
+    assert may_hold(full[:1], "s9", one)

@@ -35,12 +35,14 @@ from control.gkm.wire import (
     encode_ack,
     encode_reserved,
 )
+from dataplane.limits import MAX_RELAY_BLOCKS
 
 log = logging.getLogger("qkdnet.gkm")
 MAX_HELD = 1024                   # dec requests waiting for their keys' confirmation
 MAX_HELD_PER_SAE = MAX_HELD // 4  # ... of them from one SAE
-MAX_HELD_KEYS = 4096              # the key IDs they name, in all: what re-checking them
-MAX_HELD_KEYS_PER_SAE = MAX_HELD_KEYS // 4  # costs (a few us each), and of one SAE
+MAX_HELD_KEYS = 2 * MAX_RELAY_BLOCKS  # the key IDs they name, in all: what re-checking
+MAX_HELD_KEYS_PER_SAE = 1024          # them costs (a few us each), and of one SAE (more
+                                      # in its one request, up to max_key_per_request)
 
 
 def may_hold(held: Iterable[tuple[str, frozenset[bytes]]], sae: str,
@@ -50,7 +52,8 @@ def may_hold(held: Iterable[tuple[str, frozenset[bytes]]], sae: str,
 
     A waiting request is read and checked again whenever its keys may have changed, on
     the key manager's one thread, so what may wait is bounded by what that costs: in
-    requests and in key IDs, in all and per SAE, and an SAE waits for a key once (a
+    requests and in key IDs, in all and per SAE (one request of an SAE waits whatever its
+    size, up to the key API's max_key_per_request), and an SAE waits for a key once (a
     second request of its own naming a key it already waits for is refused "busy"; else
     one SAE could repeat one request naming 1,024 keys a thousand times and stall the
     node's key manager with its re-checks). Keys reserved ahead of demand stay
@@ -67,7 +70,7 @@ def may_hold(held: Iterable[tuple[str, frozenset[bytes]]], sae: str,
             my_keys += len(ks)
     return (waiting < MAX_HELD and mine < MAX_HELD_PER_SAE
             and n_keys + len(keys) <= MAX_HELD_KEYS
-            and my_keys + len(keys) <= MAX_HELD_KEYS_PER_SAE)
+            and (mine == 0 or my_keys + len(keys) <= MAX_HELD_KEYS_PER_SAE))
 
 Proof = tuple[str | None, str | None]  # (User-Id, Peer-Address) of the connection
 Message = Blocks | Shares | Ack | Reserve | Reserved

@@ -883,8 +883,10 @@ class GlobalKeyManager:
                 self.ended_takes[req.holder] = None  # keys' confirmation): never serve it
                 while len(self.ended_takes) > MAX_ENDED_TAKES:
                     self.ended_takes.popitem(last=False)
-            if settled and self.held:  # a request held while these keys were on their
-                self.touched.update(uuid.UUID(k).bytes for k in req.key_ids)  # way: decide
+            if self.held:  # settled: a request held while these keys were on their way;
+                # ended: the held take itself, refused now rather than at the next look
+                # (its SAE may ask again at once, and waits for a key once)
+                self.touched.update(uuid.UUID(k).bytes for k in req.key_ids)
             return {"settled": settled}, None
         if isinstance(req, take.Cancel):  # keys whose taker gave up after they were taken
             self.store.cancel_keys(req.peer, [s.key_id.bytes for s in req.slices])

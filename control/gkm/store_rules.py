@@ -41,6 +41,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from control.core.config import SAE_ID_RE
 from control.gkm.carving import (
     MAX_BLOCK,
     CarveError,
@@ -784,6 +785,9 @@ def reservation(st: DecState, node_id: int, key_ids: list[str], saes: tuple[str,
     one (``rseq``, from the master's node) is fetchable once that node confirms it.
     ``carved_to``, the origin's carving cursor, moves the cursor on; BadRequest if it lies
     beyond the blocks held here."""
+    named = (*saes, *([master] if master else []))
+    if any(not SAE_ID_RE.fullmatch(x) for x in named):  # the record separates names with
+        raise BadRequest("a reservation names something that is not an SAE ID")  # bytes
     if carved_to is not None and ((carved_to.seq, carved_to.offset) > st.reach()
                                   or carved_to.offset > MAX_BLOCK):
         raise BadRequest(f"carved to block {carved_to.seq} at {carved_to.offset}: beyond "

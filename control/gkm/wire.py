@@ -37,7 +37,6 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from control.core.config import SAE_ID_RE
 from control.gkm.carving import MAX_NODE_ID, MAX_SEQ
 from dataplane.limits import (
     MAX_GLOBAL_BLOCK,
@@ -186,9 +185,6 @@ def _parse_reserve(origin: int, destination: int, count: int, body: bytes) -> Re
     if len(saes) == 1:
         raise RelayWireError("RESERVE: a master SAE and no slave SAE")
     master = "" if not saes or saes[0] == "*" else saes[0]
-    if any(not SAE_ID_RE.fullmatch(s) for s in (*saes[1:], *([master] if master else []))):
-        raise RelayWireError("RESERVE: an SAE ID that is not one (1-64 letters, digits, "
-                             "'_', '.', '-')")
     return Reserve(origin, destination, rseq, (cseq, coff), tuple(saes[1:]), keys, master)
 
 
