@@ -40,6 +40,7 @@ from bench.plotting import verdict
 from bench.runs import median_run
 from bench.topology import line, template
 from control.core import paths
+from control.tools import emulation
 from dataplane.bpf.guard import DROP_REASONS
 
 TEMPLATE = """
@@ -75,6 +76,7 @@ class GuardNet(Net):
     def up(self) -> None:
         super().up()
         x, a = self.attacker_ns, self.ns("A")
+        emulation.claim_namespace(self.prefix, x)  # so net down removes it with the rest
         atk, gw = ATTACKER_NET
         ul_a = str(self.topo.link("A-B").underlay_a.ip)
         steps = [

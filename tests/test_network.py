@@ -107,6 +107,47 @@ def test_killed_net_up_is_cleaned_by_net_down(tmp_path, prefix):
     assert leftovers(prefix) == []
 
 
+def test_net_down_takes_a_prefix_never_a_path(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file").write_text("kept")
+    for bad in (str(victim), "../" + victim.name, "UPPER", "a", "x" * 9):
+        res = subprocess.run([*QKDCTL, "net", "down", "--prefix", bad], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "COLUMNS": "400"})
+        assert res.returncode == 2 and "is not a network prefix" in res.stderr, res.stderr
+        with pytest.raises(ValueError, match="not a network prefix"):
+            emulation.net_down(bad)
+    assert (victim / "file").read_text() == "kept"
+
+
+def test_namespaces_that_only_share_the_prefix_are_not_ours_to_remove(tmp_path, prefix):
+    """A namespace named like the network's (a container runtime's "cni-...", an
+    operator's own) is never removed, nor its processes killed: not by net down, and not
+    by a net up that finds it in the way."""
+    foreign, in_the_way = f"{prefix}-foreign", f"{prefix}-A"
+    for ns in (foreign, in_the_way):
+        pnetns.create(ns)
+    sleepers = [subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "600"])
+                for ns in (foreign, in_the_way)]
+    try:
+        topo = write_topology(tmp_path, prefix)
+        with pytest.raises(emulation.NetError, match="exist already and are no qkdnet"):
+            emulation.net_up(topo, start=False)
+        assert {foreign, in_the_way} <= set(pnetns.listnetns())
+        pnetns.remove(in_the_way)
+        emulation.net_up(topo, start=False)
+        emulation.net_down(prefix)
+        assert foreign in pnetns.listnetns() and f"{prefix}-A" not in pnetns.listnetns()
+        assert sleepers[0].poll() is None, "net down killed a process it did not start"
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+        for ns in (foreign, in_the_way):
+            if ns in pnetns.listnetns():
+                pnetns.remove(ns)
+
+
 def test_rings_at_both_ends_hold_identical_key(tmp_path, prefix):
     # Rings large enough that neither fills: a full direction would take the spill-over.
     topo = write_topology(tmp_path, prefix, rate=200, capacity="64MiB", ratio="3:1")

@@ -51,7 +51,7 @@ from dataplane.limits import (
 from dataplane.tun import MAX_MTU
 
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,7}")
-PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,7}")
+PREFIX_RE = paths.PREFIX_RE
 LINK_NAME_RE = re.compile(r"[A-Za-z0-9_\-]{1,17}")
 MAX_KEY_RATE_MBPS = 1e6  # a QKD link gives at most about 100 Mb/s; the emulator, more
 # An SAE ID, wherever one is read (topology, the key API, the relay, the take socket):

@@ -7,14 +7,26 @@ never collide and `qkdctl net down` can find all of it, even after a crash.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 RUN_ROOT = Path(os.environ.get("QKDNET_RUN_DIR", "/run/qkdnet"))
 SHM_PREFIX = "qkdnet-"
+PREFIX_RE = re.compile(r"[a-z][a-z0-9]{1,7}")
+
+
+def check_prefix(prefix: str) -> str:
+    """``prefix`` if it is a network prefix; ValueError otherwise. Every path of a network
+    is made from it (and ``net down`` removes its directory), so a prefix given on the
+    command line is never a path: '/home' or '../var' are refused here, for everyone."""
+    if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
+        raise ValueError(f"{prefix!r} is not a network prefix (2-8 lowercase letters and "
+                         f"digits, starting with a letter)")
+    return prefix
 
 
 def network_dir(prefix: str) -> Path:
-    return RUN_ROOT / prefix
+    return RUN_ROOT / check_prefix(prefix)
 
 
 def manifest_path(prefix: str) -> Path:

@@ -59,6 +59,21 @@ err = Console(stderr=True)
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="topology TOML file")]
 
 
+def _check_prefix(value: str | None) -> str | None:
+    """A --prefix is a network prefix, never a path (net down removes its directory)."""
+    from control.core.paths import check_prefix
+
+    if value is None:
+        return None
+    try:
+        return check_prefix(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+PrefixOpt = Annotated[str | None, typer.Option(help="network prefix", callback=_check_prefix)]
+
+
 def load(config: Path) -> Topology:
     try:
         return load_topology(config)
@@ -121,7 +136,7 @@ def net_up(config: Annotated[Path, typer.Argument(help="topology TOML file")],
 
 @net_app.command("down")
 def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML file")] = None,
-             prefix: Annotated[str | None, typer.Option(help="network prefix")] = None,
+             prefix: PrefixOpt = None,
              all_: Annotated[bool, typer.Option("--all", help="every qkdnet network")] = False
              ) -> None:
     """Stop and remove everything a network made (also after a crashed run)."""
@@ -141,7 +156,7 @@ def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML f
 
 
 @net_app.command("status")
-def net_status(prefix: Annotated[str | None, typer.Option(help="network prefix")] = None) -> None:
+def net_status(prefix: PrefixOpt = None) -> None:
     """List emulated networks and what of them exists."""
     prefixes = [prefix] if prefix else emulation.known_prefixes()
     if not prefixes:
@@ -256,7 +271,7 @@ def keys_init(directory: Annotated[Path, typer.Argument(help="where to write the
 
 @app.command("status")
 def status(config: Annotated[Path | None, typer.Argument(help="topology TOML file")] = None,
-           prefix: Annotated[str | None, typer.Option(help="network prefix")] = None,
+           prefix: PrefixOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False
            ) -> None:
     """Per link end: key, agreement, tunnel traffic, XDP guard and drops; routes per node."""
@@ -284,7 +299,7 @@ def _topologies(config: Path | None, prefix: str | None) -> list[Topology]:
 
 @app.command("stats")
 def stats(config: Annotated[Path | None, typer.Argument(help="topology TOML file")] = None,
-          prefix: Annotated[str | None, typer.Option(help="network prefix")] = None,
+          prefix: PrefixOpt = None,
           watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh until Ctrl-C")
                            ] = False,
           interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes")

@@ -66,6 +66,17 @@ class Manifest:
             return None
 
 
+def claim_namespace(prefix: str, ns: str) -> None:
+    """Record ``ns`` in network ``prefix``'s manifest before making it (a bench's extra
+    namespace, say), so that ``net down`` removes it too: it removes no other."""
+    man = Manifest.load(prefix)
+    if man is None:
+        raise NetError(f"no network with prefix {prefix!r} to add namespace {ns} to")
+    if ns not in man.namespaces:
+        man.namespaces.append(ns)
+        man.save()
+
+
 def known_prefixes() -> list[str]:
     found = set()
     if paths.RUN_ROOT.is_dir():
@@ -177,6 +188,11 @@ def net_up(topo: Topology, start: bool = True) -> Manifest:
     if paths.manifest_path(topo.prefix).exists():
         raise NetError(f"a network with prefix {topo.prefix!r} exists already: "
                        f"run 'qkdctl net down --prefix {topo.prefix}' first")
+    present = set(pnetns.listnetns())
+    foreign = [ns for n in topo.nodes if (ns := paths.netns_name(topo.prefix, n)) in present]
+    if foreign:  # not this network's (it has no manifest): never ours to remove
+        raise NetError(f"namespace(s) {', '.join(foreign)} exist already and are no qkdnet "
+                       f"network's: remove them, or give the network another prefix")
     man = Manifest(prefix=topo.prefix, config=str(topo.path.resolve()),
                    namespaces=[paths.netns_name(topo.prefix, n) for n in topo.nodes],
                    pids={}, created=time.time())
@@ -311,6 +327,7 @@ def _grace_of(config: str | None) -> float:
 
 def net_down(prefix: str) -> list[str]:
     """Remove everything of network ``prefix``; returns what was removed."""
+    paths.check_prefix(prefix)
     removed: list[str] = []
     man = Manifest.load(prefix)
     # The node supervisors and emulators first, each given time to stop its modules in
@@ -318,10 +335,11 @@ def net_down(prefix: str) -> list[str]:
     first = _recorded(man)
     _stop_pids(first, _grace_of(man.config if man else None))
     pids = list(first) + _identities(_pids_of_network(prefix, man.config if man else None))
-    namespaces = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
-    if man:
-        namespaces = sorted(set(namespaces) | {ns for ns in man.namespaces
-                                               if ns in pnetns.listnetns()})
+    # Only the namespaces the manifest names (written before each is made): another
+    # namespace whose name merely starts with the prefix (say a container runtime's
+    # "cni-...") is not ours, nor are its processes.
+    ours = set(man.namespaces) if man else set()
+    namespaces = sorted(ours & set(pnetns.listnetns()))
     for ns in namespaces:
         pids += _identities(_pids_in_netns(ns))
     _stop_pids(pids)
@@ -333,7 +351,7 @@ def net_down(prefix: str) -> list[str]:
                 removed.append(f"namespace {ns}")
         # A killed 'net up' can leave a namespace helper that finishes late: look again.
         time.sleep(0.1 * attempt)
-        namespaces = [ns for ns in pnetns.listnetns() if ns.startswith(prefix + "-")]
+        namespaces = sorted(ours & set(pnetns.listnetns()))
         if not namespaces:
             break
     for name in paths.ring_names_of_network(prefix):
