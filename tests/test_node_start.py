@@ -9,6 +9,7 @@ import subprocess
 import threading
 
 import pytest
+from pyroute2 import netns as pnetns
 
 from control.core import paths
 from control.tools import emulation
@@ -92,3 +93,26 @@ def test_a_node_whose_route_cannot_be_installed_does_not_start(tmp_path, prefix)
     addrs = subprocess.run(["ip", "netns", "exec", ns, "ip", "-o", "addr", "show", "lo"],
                            capture_output=True, text=True).stdout
     assert str(topo.node("A").address) not in addrs
+
+
+def test_a_node_whose_secrets_cannot_be_read_does_not_start_nor_make_a_namespace(tmp_path,
+                                                                                 prefix):
+    """A missing or unsafe secret is found before any module runs (each module alone
+    would restart every few seconds for good, the rest of the node half up); a mistyped
+    namespace is refused, not made."""
+    topo = write_topology(tmp_path, prefix)
+    emulation.net_up(topo, start=False)
+    key = paths.link_key_path(prefix, "A-B")
+    key.chmod(0o644)
+    res = subprocess.run([QKDCTL, "node", "run", "--config", str(topo.path), "--node", "A",
+                          "--netns", paths.netns_name(prefix, "A")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "link authentication key" in res.stderr and "chmod 600" in res.stderr, res.stderr
+    assert "the node does not start" in res.stderr and "started" not in res.stderr
+    key.chmod(0o600)
+    typo = f"{prefix}-typo"
+    res = subprocess.run([QKDCTL, "node", "run", "--config", str(topo.path), "--node", "A",
+                          "--netns", typo], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and f"no network namespace {typo!r}" in res.stderr, res.stderr
+    assert typo not in pnetns.listnetns()

@@ -29,6 +29,27 @@ from control.core.statefile import write_json
 from dataplane.private import private_dir, set_private_umask
 
 log = logging.getLogger("qkdnet.node")
+
+
+def module_main(name: str, target, *args: object) -> None:
+    """A module's process, forked by the supervisor. It starts with the signals' default
+    actions, not the supervisor's handlers it was forked with: until the module sets its
+    own, a SIGTERM (its parent's death, or net down) ends it, instead of setting a flag
+    on a copy of the supervisor nobody reads and leaving an orphan beside the module's
+    replacement. Whatever ends it badly goes to the node's structured log, not only to
+    stderr (multiprocessing prints it there)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        target(*args)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            log.error("%s stopped: %s", name, e.code)
+            raise SystemExit(1 if isinstance(e.code, str) else e.code) from None
+        raise
+    except BaseException:
+        log.critical("%s crashed", name, exc_info=True)
+        raise SystemExit(1) from None
 STOP_GRACE_S = 3.0
 MAX_BACKOFF_S = 5.0
 STABLE_S = 10.0  # a module that ran this long before it exited restarts without delay
@@ -120,7 +141,8 @@ class Supervisor:
         return reason
 
     def _start(self, m: Module) -> None:
-        m.proc = self.ctx.Process(target=m.target, args=m.args, name=m.name, daemon=False)
+        m.proc = self.ctx.Process(target=module_main, args=(m.name, m.target, *m.args),
+                                  name=m.name, daemon=False)
         m.proc.start()
         m.started_at = time.monotonic()
         if m.restarts:
@@ -192,14 +214,54 @@ class Supervisor:
         log.info("node %s: stopped", self.node)
 
 
+def secrets_missing(topo: Topology, node: str) -> list[str]:
+    """What of the node's secrets cannot be read as its modules will read them: each
+    link's agreement key, the relay's keys, the key API's TLS files. Checked before any
+    module starts, so a missing or unsafe file stops the node with its reason."""
+    from control.lkm.link_end import load_link_key
+
+    out = []
+    for lk in topo.links_of(node):
+        try:
+            load_link_key(lk.auth_key_file or paths.link_key_path(topo.prefix, lk.name))
+        except SystemExit as e:
+            out.append(str(e.code))
+    g = topo.gkm
+    peers = [*g.destinations_of(node), *g.origins_of(node)]
+    if peers:
+        from control.gkm.relay_keys import RelayKeyError, load_relay_keys
+
+        try:
+            load_relay_keys(g.keys, node, peers)
+        except RelayKeyError as e:
+            out.append(str(e))
+        if any(s.node == node for s in topo.saes):
+            from api.server import server_context
+
+            try:
+                server_context(topo.api.pki, node)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                out.append(f"key API: {e}")
+    return out
+
+
 def run_node(config: Path, node: str, state_dir: Path | None = None,
              netns: str | None = None) -> None:
     set_private_umask()  # whatever the node and its modules make is theirs alone
     topo = load_topology(config)
+    problems = secrets_missing(topo, node)
+    if problems:  # found by one module only, each would restart every few seconds for good
+        for p in problems:
+            log.error("node %s: %s", node, p)
+        raise SystemExit(f"node {node}: {'; '.join(problems)}; the node does not start")
     if netns:
         from pyroute2 import netns as pnetns
 
-        pnetns.setns(netns)
+        try:  # flags=0: never make a namespace a typo names (pyroute2 would by default)
+            pnetns.setns(netns, flags=0)
+        except OSError as e:
+            raise SystemExit(f"node {node}: no network namespace {netns!r} ({e.strerror}); "
+                             f"the node does not start") from None
     from control.routing.router import SetupError, prepare_node
 
     try:  # before any module: no service may see the node address before this holds
