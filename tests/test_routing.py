@@ -116,8 +116,10 @@ def test_originate():
     d = db()
     d.originate("A", {"L0": True, "L2": False}, seq=10, now=5.0)
     assert d.export() == [["L0", "A", 10, True], ["L2", "A", 10, False]]
-    d.originate("A", {"L0": False}, seq=9, now=6.0)  # older seq: ignored
-    assert d.export()[0] == ["L0", "A", 10, True]
+    d.originate("A", {"L0": False}, seq=9, now=6.0)  # an older clock: above the held seq
+    assert d.export()[0] == ["L0", "A", 11, False]
+    d.merge([["L0", "A", 9, True]], now=7.0)  # an older entry heard back: ignored
+    assert d.export()[0] == ["L0", "A", 11, False]
 
 
 # ---- expire ---------------------------------------------------------------------------
@@ -143,8 +145,42 @@ def test_a_newer_seq_keeps_an_entry_alive_a_relayed_old_one_does_not():
         d.merge([["L0", "B", 1, True]], now=t)  # B's old entry, heard again via others
     d.expire(now=3.5)
     assert set(d.entries) == {("L0", "A")}
-    # once forgotten, an old entry may come back (it is news again)
-    assert d.merge([["L0", "B", 1, True]], now=4.0) == 1
+    # Once forgotten, the same entry handed back by a neighbour that still holds it is not
+    # news: two neighbours used to hand a dead node's entry back and forth for good.
+    assert d.merge([["L0", "B", 1, True]], now=4.0) == 0 and ("L0", "B") not in d.entries
+    assert d.merge([["L0", "B", 2, True]], now=4.0) == 1  # B alive again: a newer seq
+    d.expire(now=100.0)  # forgotten again (seq 2), and after a while the tombstone lapses
+    d.expire(now=100.0 + 4 * 3.0)
+    assert d.merge([["L0", "B", 1, True]], now=112.0) == 1
+
+
+def test_a_dead_nodes_entry_dies_although_neighbours_keep_handing_it_on():
+    """Three routers merging each other's last published entries every 0.2 s (what they
+    read lags what they hold): a dead node's entry, which reached them at different
+    times, is gone everywhere soon after max age and stays gone. Before tombstones each
+    forgot it and took it straight back from a neighbour that still held it, for good."""
+    nodes = {n: db(max_age_s=3.0) for n in "ABX"}
+    for i, d in enumerate(nodes.values()):
+        d.merge([["L0", "A", 1, True]], now=1.0 * i)  # heard at 0, 1 and 2 s
+    published = {n: d.export() for n, d in nodes.items()}
+    t = 2.0
+    while t < 60.0:
+        t += 0.2
+        for name, d in nodes.items():
+            for other in nodes:
+                if other != name:
+                    d.merge(published[other], now=t)
+            d.expire(now=t)
+        published = {n: d.export() for n, d in nodes.items()}
+        if t > 2.0 + 2 * 3.0:
+            assert all(("L0", "A") not in d.entries for d in nodes.values()), t
+
+
+def test_an_originator_whose_clock_steps_back_still_supersedes_its_entries():
+    d = db()
+    d.originate("A", {"L0": True}, seq=1_000, now=0.0)
+    d.originate("A", {"L0": False}, seq=10, now=1.0)  # the wall clock went back
+    assert d.entries[("L0", "A")][:2] == (1_001, False)
 
 
 # ---- link_up / up_links ---------------------------------------------------------------

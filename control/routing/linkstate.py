@@ -5,7 +5,10 @@ Every node originates one entry per link it ends: ``[link, node, seq, up]``, and
 metric always advertises 1), with a seq that only grows (microseconds of wall time).
 Entries travel inside the links' keepalives (authenticated by the one-time MAC) and every
 node merges what it hears: the higher seq wins, and an entry not refreshed for
-LSA_MAX_AGE_S is forgotten, so a dead node's links go down everywhere. A link is up when
+LSA_MAX_AGE_S is forgotten, so a dead node's links go down everywhere. A forgotten entry
+is not taken back from a neighbour that still holds it (it would be news again, and two
+neighbours could hand a dead node's entry back and forth for good): its seq is
+remembered for a while (TOMBSTONE_AGES max ages), and only a newer one is heard. A link is up when
 both of its ends say so (for a node's own links, its tunnel manager's view decides at
 once), and costs the higher of its ends' costs. Routes are least-cost paths over the
 links that are up, ties broken by the link indices along the path, first hop first: with
@@ -30,12 +33,17 @@ class LinkEnds:
     b: str
 
 
+TOMBSTONE_AGES = 4  # a forgotten entry's seq is refused this many max ages
+
+
 class LinkStateDb:
     def __init__(self, links: list[LinkEnds], max_age_s: float = LSA_MAX_AGE_S):
         self.links = {lk.name: lk for lk in links}
         self.max_age_s = max_age_s
         # (link, node) -> (seq, up, when heard, cost)
         self.entries: dict[tuple[str, str], tuple[int, bool, float, int]] = {}
+        # (link, node) -> (seq forgotten, until when it is refused)
+        self.forgotten: dict[tuple[str, str], tuple[int, float]] = {}
 
     def _valid(self, e: object) -> tuple[str, str, int, bool, int] | None:
         if not (isinstance(e, list | tuple) and len(e) in (4, 5)):
@@ -63,6 +71,9 @@ class LinkStateDb:
                 continue
             link, node, seq, up, cost = e
             old = self.entries.get((link, node))
+            if old is None and (gone := self.forgotten.get((link, node))) is not None \
+                    and seq <= gone[0] and now < gone[1]:
+                continue  # forgotten here: the same entry handed back is not news
             if old is None or seq > old[0]:
                 self.entries[(link, node)] = (seq, up, now, cost)
                 changed += old is None or old[1] != up or old[3] != cost
@@ -70,13 +81,22 @@ class LinkStateDb:
 
     def originate(self, node: str, states: dict[str, bool], seq: int, now: float,
                   costs: dict[str, int] | None = None) -> None:
+        """This node's entries, each with a seq above any it is known to have used (held
+        here, heard back from a neighbour, or forgotten): the wall clock ``seq`` may step
+        back, the entries' seqs never do."""
         costs = costs or {}
         for link, up in states.items():
-            self.merge([[link, node, seq, up, costs.get(link, 1)]], now)
+            key = (link, node)
+            held = max(self.entries[key][0] if key in self.entries else -1,
+                       self.forgotten[key][0] if key in self.forgotten else -1)
+            self.merge([[link, node, max(seq, held + 1), up, costs.get(link, 1)]], now)
 
     def expire(self, now: float) -> None:
         for key in [k for k, (_, _, t, _) in self.entries.items() if now - t > self.max_age_s]:
-            del self.entries[key]
+            self.forgotten[key] = (self.entries.pop(key)[0],
+                                   now + TOMBSTONE_AGES * self.max_age_s)
+        for key in [k for k, (_, until) in self.forgotten.items() if now >= until]:
+            del self.forgotten[key]
 
     def export(self) -> list[list]:
         """The entries to flood; the cost only where it is not 1 (key spent on keepalives
