@@ -314,8 +314,12 @@ class KmeClient:
                     self._conn = None
                 return status, body
             except (OSError, ValueError) as e:  # ValueError: no answer we could read
+                begun = self._conn is not None and self._conn._answered
                 self.close()
-                stale = isinstance(e, (ConnectionResetError, BrokenPipeError))
+                # Idle-closed: the request never reached a KME that would answer it. Not
+                # when part of an answer came: the KME acted on it (an enc_keys took its
+                # keys), and asking again would take (and waste) as many again.
+                stale = isinstance(e, (ConnectionResetError, BrokenPipeError)) and not begun
                 if not (reused and stale and attempt == 1):
                     raise NoAnswer(f"{type(e).__name__}: {e}") from None
         raise AssertionError("unreachable")

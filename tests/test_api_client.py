@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import struct
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -73,6 +75,10 @@ class Kme:
                 return
             s.sendall(answer)
             if then == "close":
+                return
+            if then == "reset":  # cut off with a TCP reset, as a dying peer's kernel does
+                time.sleep(0.2)  # (the bytes sent first reach the client)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return
 
     def close(self) -> None:
@@ -164,6 +170,22 @@ def test_no_retry_on_a_new_connection_or_an_answer_cut_off(pki):
         c.close()
         kme.close()
     assert kme.connections == 2
+
+
+def test_no_retry_when_an_answer_had_begun_before_a_reset(pki):
+    """A kept-alive connection reset mid-answer: the KME acted on the request (an
+    enc_keys took its keys), so asking again would take as many again, wasted."""
+    kme = serve(pki, [ok(b"{}"), (ok(b'{"keys": []}')[:-3], "reset"), ok(b"{}")])
+    c = client(pki, kme)
+    try:
+        assert c.status("SAE-B") == {}
+        with pytest.raises(NoAnswer):
+            c.status("SAE-B")
+        assert not c.retried
+    finally:
+        c.close()
+        kme.close()
+    assert len(kme.requests) == 2  # the second was not sent again
 
 
 @pytest.mark.parametrize("answer, words", [
