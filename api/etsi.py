@@ -215,10 +215,10 @@ def enc_keys_post(body: bytes | None, limits: Limits) -> EncKeysRequest:
     extra = data.get("additional_slave_SAE_IDs", [])
     if not isinstance(extra, list):
         raise bad("additional_slave_SAE_IDs must be an array of SAE IDs")
+    if len(extra) > limits.max_sae_id_count:  # counted first: a body of 200,000 names
+        raise bad(f"{len(extra)} additional_slave_SAE_IDs, max_SAE_ID_count is "  # is not
+                  f"{limits.max_sae_id_count}")  # worth checking one by one
     ids = tuple(check_sae_id(x, "each of additional_slave_SAE_IDs") for x in extra)
-    if len(ids) > limits.max_sae_id_count:
-        raise bad(f"{len(ids)} additional_slave_SAE_IDs, max_SAE_ID_count is "
-                  f"{limits.max_sae_id_count}")
     if len(set(ids)) != len(ids):
         raise bad("an SAE ID is named twice in additional_slave_SAE_IDs")
     if _objects(data, "extension_mandatory"):

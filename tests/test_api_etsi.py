@@ -104,6 +104,7 @@ def test_enc_keys_post_fields():
     (j({"additional_slave_SAE_IDs": ["s2", 3]}), "must be an SAE ID"),
     (j({"additional_slave_SAE_IDs": ["a b"]}), "must be an SAE ID"),
     (j({"additional_slave_SAE_IDs": ["s1", "s2", "s3"]}), "max_SAE_ID_count is 2"),
+    (j({"additional_slave_SAE_IDs": [5] * 200_000}), "200000 additional_slave_SAE_IDs"),
     (j({"additional_slave_SAE_IDs": ["s1", "s1"]}), "named twice"),
     (j({"extension_mandatory": [{"abc": 1}]}),
      "not all extension_mandatory parameters are supported"),
