@@ -97,3 +97,29 @@ def test_the_demo_at_another_key_rate_runs_every_link_at_it_with_derived_sizes(t
     assert stream_rate_for(10) == 2 and stream_rate_for(0.1) == 0.1
     assert [num(x) for x in (0.04, 0.4, 3.14, 120.6, 1234.0)] == \
         ["0.04", "0.4", "3.1", "121", "1,234"]
+
+
+@pytest.mark.netns
+def test_the_demo_never_takes_down_a_running_network(tmp_path, prefix):
+    """The demo's own topology may be up already (someone ran net up on it): the demo
+    refuses, and leaves it running, instead of taking it down to start its own."""
+    import subprocess
+
+    from pyroute2 import netns as pnetns
+
+    from control.tools import emulation
+
+    text = re.sub(r'prefix = "tri"', f'prefix = "{prefix}"', TRIANGLE.read_text())
+    path = tmp_path / "triangle.toml"
+    path.write_text(text)
+    topo = parse_topology(text, path)
+    man = emulation.net_up(topo, start=False)
+    node = subprocess.Popen(["sleep", "600"])  # stands for the running node A
+    emulation._record(man, "node:A", node.pid)
+    try:
+        with pytest.raises(ValueError, match=r"is running \(node:A\)"):
+            run_demo(topo, Console(file=io.StringIO()), phase_s=2.0, rate_mbps=100)
+        assert node.poll() is None and f"{prefix}-A" in pnetns.listnetns()
+    finally:
+        node.kill()
+        node.wait()

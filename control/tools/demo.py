@@ -362,6 +362,12 @@ def run_demo(topo: Topology, console: Console, phase_s: float = 8.0,
     rep.direct_link, rep.detour_link = direct.name, detour.name
     console.print(f"[bold]qkdnet demo[/bold]: network {topo.name!r}, {len(topo.nodes)} nodes "
                   f"in namespaces, {len(topo.links)} emulated QKD links")
+    running = [k for k, alive in emulation.net_status(topo.prefix)["processes"].items()
+               if alive]
+    if running:  # someone's network, up and running: not the demo's to take down
+        raise ValueError(f"network {topo.prefix!r} is running ({', '.join(running)}): take "
+                         f"it down first ('qkdctl net down --prefix {topo.prefix}') or give "
+                         f"the demo another topology")
     emulation.net_down(topo.prefix)  # a previous run that crashed leaves nothing behind
     stream: PacedStream | None = None
     t_start = time.monotonic()
