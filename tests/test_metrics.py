@@ -341,3 +341,53 @@ def test_the_status_table_shows_the_key_api_workers_hands():
     row = next(line for line in console.export_text().splitlines()
                if line.lstrip().startswith("A "))
     assert row.split()[-4:] == ["150", "900", "1,600", "B"]  # held, from hands, lost
+
+
+def test_idle_connections_cannot_pin_the_endpoint(monkeypatch):
+    """Any process that reaches the node address can connect: idle ones are dropped after
+    a while, and beyond MAX_CLIENTS at once a new one is closed, never queued for good."""
+    import socket
+    import threading
+    from wsgiref.simple_server import make_server
+
+    from control.node import metrics_server as ms
+
+    monkeypatch.setattr(ms, "MAX_CLIENTS", 2)
+    monkeypatch.setattr(ms._QuietHandler, "timeout", 0.5)
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok\n"]
+
+    srv = make_server("127.0.0.1", 0, app, server_class=ms._Server,
+                      handler_class=ms._QuietHandler)
+    srv.timeout = 0.1
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: [srv.handle_request() for _ in iter(stop.is_set,
+                                                                              True)])
+    t.start()
+    port = srv.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        third = socket.create_connection(("127.0.0.1", port))
+        third.settimeout(30)
+        assert third.recv(1) == b""  # full: closed at once
+        third.close()
+        for s in idle:  # dropped by the server once idle past the timeout
+            s.settimeout(30)
+            assert s.recv(1) == b""
+        deadline = time.monotonic() + 30
+        while True:  # their slots free again: a scrape is served
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    assert r.read() == b"ok\n"
+                break
+            except (OSError, urllib.error.URLError):
+                assert time.monotonic() < deadline, "the endpoint stayed full"
+                time.sleep(0.1)
+    finally:
+        for s in idle:
+            s.close()
+        stop.set()
+        t.join(10)
+        srv.server_close()

@@ -8,6 +8,7 @@ milliseconds and a slow client must not hold up the next one.
 from __future__ import annotations
 
 import logging
+import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -21,13 +22,40 @@ from control.node.metrics import node_registry
 
 log = logging.getLogger("qkdnet.metrics")
 POLL_S = 0.5  # how soon a stop request is noticed
+MAX_CLIENTS = 16  # connections served at once; more are closed at once
+CLIENT_TIMEOUT_S = 10.0  # a client that sends nothing for this long is dropped
 
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """Threaded, but bounded: any process that can reach the node address can connect,
+    and an idle connection would otherwise hold a thread for good."""
+
     daemon_threads = True
+
+    def __init__(self, *args: object, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self.slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: closed, not queued
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT_S  # on the connection's socket: an idle client is dropped
+
     def log_message(self, *_: object) -> None:  # one line per scrape is noise
         pass
 
