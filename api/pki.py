@@ -18,9 +18,11 @@ which also narrows the modes of what is there already.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +92,14 @@ def _own_dir(path: Path, force: bool) -> Path:
             path.stat().st_uid == os.geteuid():
         os.chmod(path, 0o700)
         for f in path.iterdir():
-            if f.suffix == ".key" and f.is_file() and not f.is_symlink():
-                os.chmod(f, 0o600)
+            if f.suffix == ".key":  # through a descriptor that is the file itself: a link
+                with contextlib.suppress(OSError):  # swapped in meanwhile is not followed
+                    fd = os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        if stat.S_ISREG(os.fstat(fd).st_mode):
+                            os.fchmod(fd, 0o600)
+                    finally:
+                        os.close(fd)
     try:
         return private_dir(path)
     except NotPrivateError as e:
@@ -118,7 +126,7 @@ def init_pki(root: Path, topo: Topology, force: bool = False, days: int = VALID_
     """Write a CA (its key in ``ca_dir``, default :func:`default_ca_dir`), one server
     certificate per node and one client certificate per SAE."""
     lay = PkiLayout(Path(root), Path(ca_dir) if ca_dir is not None else None)
-    if lay.ca_key.parent.resolve() == lay.root.resolve():
+    if lay.ca_key.parent.resolve().is_relative_to(lay.root.resolve()):
         raise PkiError(f"the CA key would be among the nodes' files in {lay.root}: give "
                        f"--ca-dir another directory (default {default_ca_dir(lay.root)})")
     held = [p for p in (lay.ca_cert, lay.ca_key, lay.legacy_ca_key) if p.exists()]

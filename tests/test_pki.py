@@ -135,6 +135,8 @@ def test_the_ca_key_stays_out_of_the_files_nodes_read(pki, tmp_path):
     server_context(root, "A")  # a node needs nothing of the CA's but its certificate
     with pytest.raises(PkiError, match="among the nodes' files"):
         init_pki(root, topo, force=True, ca_dir=root)
+    with pytest.raises(PkiError, match="among the nodes' files"):  # inside the tree too
+        init_pki(root, topo, force=True, ca_dir=root / "nodes")
     other = init_pki(tmp_path / "p2", topo, ca_dir=tmp_path / "offline")
     assert other.ca_key == tmp_path / "offline" / "ca.key" and other.ca_key.exists()
     assert not (tmp_path / "p2-ca").exists()
