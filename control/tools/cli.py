@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -86,6 +88,18 @@ def load(config: Path) -> Topology:
         raise typer.Exit(2) from None
 
 
+@contextlib.contextmanager
+def _state_readable() -> Iterator[None]:
+    """A network's state is its user's alone (0700 directories): say so, not a traceback,
+    to anyone else who asks."""
+    try:
+        yield
+    except PermissionError as e:
+        err.print(f"[red]cannot read {e.filename}[/red]: a network's state is readable by "
+                  f"its user alone; run this as root (or as that user)", highlight=False)
+        raise typer.Exit(1) from None
+
+
 def need_root() -> None:
     import os
 
@@ -158,6 +172,11 @@ def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML f
 @net_app.command("status")
 def net_status(prefix: PrefixOpt = None) -> None:
     """List emulated networks and what of them exists."""
+    with _state_readable():
+        _net_status(prefix)
+
+
+def _net_status(prefix: str | None) -> None:
     prefixes = [prefix] if prefix else emulation.known_prefixes()
     if not prefixes:
         out.print("no qkdnet networks")
@@ -277,7 +296,8 @@ def status(config: Annotated[Path | None, typer.Argument(help="topology TOML fil
     """Per link end: key, agreement, tunnel traffic, XDP guard and drops; routes per node."""
     from control.node.status import collect, render
 
-    snaps = [collect(t) for t in _topologies(config, prefix)]
+    with _state_readable():
+        snaps = [collect(t) for t in _topologies(config, prefix)]
     if as_json:
         print(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=1))
         return
