@@ -214,6 +214,17 @@ class Supervisor:
         log.info("node %s: stopped", self.node)
 
 
+def stop_budget(topo: Topology) -> float:
+    """The longest a node's shutdown may take (``Supervisor.shutdown``): the key API's
+    stage (its graceful shutdown, then its workers' hands, then a kill), then the other
+    modules' (STOP_GRACE_S, then a kill). Whoever stops a node waits this long before
+    killing its supervisor, or the modules it was still stopping would be cut short."""
+    from api.server import STOP_EXTRA_S
+
+    api = topo.api.graceful_shutdown_s + STOP_EXTRA_S + 2 + 1 if topo.saes else 0.0
+    return api + STOP_GRACE_S + 1
+
+
 def secrets_missing(topo: Topology, node: str) -> list[str]:
     """What of the node's secrets cannot be read as its modules will read them: each
     link's agreement key, the relay's keys, the key API's TLS files. Checked before any

@@ -317,9 +317,11 @@ def _stop_pids(idents: list[int], grace_s: float = STOP_GRACE_S) -> None:
 
 
 def _grace_of(config: str | None) -> float:
-    """How long node supervisors may take to stop: the key API's graceful shutdown."""
+    """How long node supervisors may take to stop (their own budget, and a margin)."""
+    from control.node.supervisor import stop_budget
+
     try:
-        return max(STOP_GRACE_S, load_topology(config).api.graceful_shutdown_s + 4.0) \
+        return max(STOP_GRACE_S, stop_budget(load_topology(config)) + 2.0) \
             if config else STOP_GRACE_S
     except (ConfigError, OSError):
         return STOP_GRACE_S
