@@ -196,6 +196,17 @@ def test_relative_auth_key_file_resolves_against_the_config_file(tmp_path):
     topo = load_topology(tmp_path / "net.toml")
     assert topo.links[0].auth_key_file == (tmp_path / "keys" / "ab.key").resolve()
     assert topo.links[1].auth_key_file is None
+    # Made absolute without following a link, so the link end sees (and refuses) one.
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "real.key").write_bytes(bytes(32))
+    (tmp_path / "real.key").chmod(0o600)
+    (tmp_path / "keys" / "ab.key").symlink_to(tmp_path / "real.key")
+    topo = load_topology(tmp_path / "net.toml")
+    assert topo.links[0].auth_key_file == tmp_path / "keys" / "ab.key"
+    from control.lkm.link_end import load_link_key
+
+    with pytest.raises(SystemExit, match="symbolic link"):
+        load_link_key(topo.links[0].auth_key_file)
 
 
 def test_lookup_of_unknown_node_or_link_raises_config_error():

@@ -893,8 +893,9 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
     links = []
     for i, lk in enumerate(raw.links):
         key_file = lk.auth_key_file
-        if key_file is not None and not key_file.is_absolute():
-            key_file = (path.parent / key_file).resolve()
+        if key_file is not None and not key_file.is_absolute():  # made absolute, but no
+            key_file = Path(os.path.abspath(path.parent / key_file))  # link followed: the
+            # key is then read without following one (link_end.load_link_key)
         sizes = _link_sizes(lk, d, raw.dataplane.chunk_size)
         links.append(LinkSpec(
             index=i, name=lk.name or f"{lk.a}-{lk.b}", a=lk.a, b=lk.b,
