@@ -239,6 +239,14 @@ def test_directory_instead_of_file(tmp_path):
     assert "cannot read" in ei.value.problems[0][1]
 
 
+def test_a_file_that_cannot_be_read_is_refused_not_a_traceback(tmp_path):
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)  # ELOOP
+    for path in (loop, tmp_path / ("x" * 300 + ".toml")):  # ENAMETOOLONG
+        with pytest.raises(ConfigError, match="cannot read"):
+            load_topology(path)
+
+
 def test_unknown_field_typo():
     assert_problem(link0('ratoi = "3:1"'), "links[0].ratoi", "unknown field")
 

@@ -973,6 +973,6 @@ def load_topology(path: Path | str) -> Topology:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(path, [("", "file not found")]) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, a link loop
         raise ConfigError(path, [("", f"cannot read: {e}")]) from None
     return parse_topology(text, path)

@@ -15,8 +15,10 @@ def write_json(path: Path, obj: object) -> None:
 
 
 def read_status(path: Path) -> dict | None:
-    """A status file, or None when it is missing or half-written."""
+    """A status file, or None when it is missing, half-written or not text (a status
+    file is only ever read for display). PermissionError goes to the caller, which says
+    who may read a network's state."""
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
