@@ -270,6 +270,7 @@ def test_missing_network_section():
     ("1001:1", "at most 1000"),
     ("3:1:1", "expected 'A_TO_B:B_TO_A'"),
     ("-3:1", "expected 'A_TO_B:B_TO_A'"),
+    ("\u00b2:1", "expected 'A_TO_B:B_TO_A'"),  # a superscript two: isdigit, not a number
 ])
 def test_bad_ratio(ratio, phrase):
     assert_problem(link1(f'ratio = "{ratio}"'), "links[1].ratio", phrase)

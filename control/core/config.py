@@ -80,7 +80,8 @@ def parse_ratio(value: object) -> tuple[int, int]:
     """'3:1' -> (3, 1): share of each block going a->b versus b->a."""
     if isinstance(value, str):
         parts = value.split(":")
-        if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        if len(parts) == 2 and all(p.strip().isascii() and p.strip().isdigit()
+                                   for p in parts):  # ('²' is a digit to isdigit)
             a, b = (int(p) for p in parts)
             if a + b == 0:
                 raise ValueError("ratio '0:0' sends key nowhere; at least one side must be > 0")
