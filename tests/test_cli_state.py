@@ -36,3 +36,31 @@ def test_net_down_waits_out_a_nodes_whole_shutdown_before_killing_it():
     assert topo.saes
     needed = topo.api.graceful_shutdown_s + STOP_EXTRA_S + 2 + STOP_GRACE_S
     assert emulation._grace_of(str(path)) > needed
+
+
+def test_a_module_its_node_keeps_restarting_shows_in_status():
+    import io
+
+    from rich.console import Console
+
+    from control.node.status import render, restarted_modules
+
+    def node(modules: list[dict]) -> dict:
+        return {"supervisor": {"modules": modules, "stopping": False, "updated": 0.0},
+                "links": {}, "tunnels": {}, "router": None, "gkm": None, "api": None}
+
+    snap = {"network": "n", "prefix": "tt", "time": 100.0, "nodes": {
+        "A": node([{"name": "lkm:A-B", "alive": False, "restarts": 7, "last_exit": 1,
+                    "last_restart": 95.0},
+                   {"name": "router", "alive": True, "restarts": 0, "last_exit": None,
+                    "last_restart": None}]),
+        "B": node([])}}
+    assert [(n, m["name"]) for n, m in restarted_modules(snap)] == [("A", "lkm:A-B")]
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(render(snap))
+    line = next(ln for ln in buf.getvalue().splitlines() if "lkm:A-B" in ln)
+    assert line.split() == ["A", "lkm:A-B", "no", "7", "1", "5", "s", "ago"]
+    snap["nodes"]["A"]["supervisor"]["modules"][0]["restarts"] = 0
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(render(snap))
+    assert "restarted by their node" not in buf.getvalue()  # nothing to say: no table

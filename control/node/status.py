@@ -178,6 +178,28 @@ def render_accounting(snapshot: dict) -> Table:
     return t
 
 
+def restarted_modules(snapshot: dict) -> list[tuple[str, dict]]:
+    """(node, module) of every module its node's supervisor has restarted."""
+    return [(node, m) for node, info in snapshot["nodes"].items()
+            for m in ((info.get("supervisor") or {}).get("modules") or [])
+            if m.get("restarts")]
+
+
+def render_restarts(snapshot: dict) -> Table:
+    """Modules restarted by their node (a crash loop shows here, with its exit status; the
+    reason is in the node's log)."""
+    t = Table(title="modules restarted by their node (why: the node's log)",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("node", "module", "running", "restarts", "last exit", "last restart"):
+        t.add_column(col, justify="right" if col == "restarts" else "left", no_wrap=True)
+    now = snapshot["time"]
+    for node, m in restarted_modules(snapshot):
+        t.add_row(node, m["name"], "yes" if m.get("alive") else "[red]no[/red]",
+                  f"{m['restarts']:,}", str(m.get("last_exit")),
+                  _ago(m.get("last_restart"), now))
+    return t
+
+
 def render(snapshot: dict) -> Group:
     parts = [render_keys(snapshot), render_accounting(snapshot), render_tunnels(snapshot),
              render_routes(snapshot)]
@@ -185,6 +207,8 @@ def render(snapshot: dict) -> Group:
         parts.append(render_global(snapshot))
     if any(info.get("api") for info in snapshot["nodes"].values()):
         parts.append(render_api(snapshot))
+    if restarted_modules(snapshot):
+        parts.append(render_restarts(snapshot))
     return Group(*parts)
 
 
