@@ -344,8 +344,9 @@ def test_the_status_table_shows_the_key_api_workers_hands():
 
 
 def test_idle_connections_cannot_pin_the_endpoint(monkeypatch):
-    """Any process that reaches the node address can connect: idle ones are dropped after
-    a while, and beyond MAX_CLIENTS at once a new one is closed, never queued for good."""
+    """Any process that reaches the node address can connect: beyond MAX_CLIENTS at once a
+    new one is closed at once, never queued; and a connection is closed after a deadline
+    however it trickles (a byte now and then kept a per-read timeout waiting for days)."""
     import socket
     import threading
     from wsgiref.simple_server import make_server
@@ -353,7 +354,7 @@ def test_idle_connections_cannot_pin_the_endpoint(monkeypatch):
     from control.node import metrics_server as ms
 
     monkeypatch.setattr(ms, "MAX_CLIENTS", 2)
-    monkeypatch.setattr(ms._QuietHandler, "timeout", 0.5)
+    monkeypatch.setattr(ms._QuietHandler, "timeout", 3.0)
 
     def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain")])
@@ -367,13 +368,27 @@ def test_idle_connections_cannot_pin_the_endpoint(monkeypatch):
                                                                               True)])
     t.start()
     port = srv.server_address[1]
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
     try:
         third = socket.create_connection(("127.0.0.1", port))
-        third.settimeout(30)
-        assert third.recv(1) == b""  # full: closed at once
+        third.settimeout(1.0)  # well under the deadline: closed at once, or this fails
+        assert third.recv(1) == b""
         third.close()
-        for s in idle:  # dropped by the server once idle past the timeout
+        held[0].sendall(b"GET /")  # one trickles a byte a second, the other is silent
+        t0 = time.monotonic()
+        for _ in range(30):
+            try:
+                held[0].sendall(b"x")
+            except OSError:
+                break
+            held[0].settimeout(1.0)
+            try:
+                if held[0].recv(1) == b"":
+                    break
+            except TimeoutError:
+                pass
+        assert time.monotonic() - t0 < 20, "a trickling client kept its slot"
+        for s in held[1:]:
             s.settimeout(30)
             assert s.recv(1) == b""
         deadline = time.monotonic() + 30
@@ -386,7 +401,7 @@ def test_idle_connections_cannot_pin_the_endpoint(monkeypatch):
                 assert time.monotonic() < deadline, "the endpoint stayed full"
                 time.sleep(0.1)
     finally:
-        for s in idle:
+        for s in held:
             s.close()
         stop.set()
         t.join(10)

@@ -7,7 +7,10 @@ milliseconds and a slow client must not hold up the next one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import sys
 import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -23,7 +26,7 @@ from control.node.metrics import node_registry
 log = logging.getLogger("qkdnet.metrics")
 POLL_S = 0.5  # how soon a stop request is noticed
 MAX_CLIENTS = 16  # connections served at once; more are closed at once
-CLIENT_TIMEOUT_S = 10.0  # a client that sends nothing for this long is dropped
+CLIENT_TIMEOUT_S = 10.0  # a connection, however it trickles, is closed after this long
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -47,14 +50,33 @@ class _Server(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request, client_address) -> None:
+        # A deadline for the whole connection, not per read: a client trickling a byte
+        # every few seconds would otherwise keep its slot for days.
+        timer = threading.Timer(_QuietHandler.timeout, _cut, (request,))
+        timer.daemon = True
+        timer.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            timer.cancel()
             self.slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that timed out or went away is not worth a traceback in the node's
+        log (anyone who reaches the address could fill it); anything else is."""
+        kind = sys.exc_info()[0]
+        if kind is not None and issubclass(kind, (TimeoutError, ConnectionError, OSError)):
+            return
+        super().handle_error(request, client_address)
+
+
+def _cut(sock) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _QuietHandler(WSGIRequestHandler):
-    timeout = CLIENT_TIMEOUT_S  # on the connection's socket: an idle client is dropped
+    timeout = CLIENT_TIMEOUT_S  # each read's too (the socket's), within the deadline
 
     def log_message(self, *_: object) -> None:  # one line per scrape is noise
         pass
