@@ -142,10 +142,12 @@ def check_trusted(path: Path | str, what: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise NotPrivateError(errno.EPERM, f"refusing {what} {path}: not a regular file")
     if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o022:
+        fix = f"chmod go-w {path}" if st.st_uid in (os.geteuid(), 0) else \
+            f"chown it to uid {os.geteuid()} or root, chmod go-w {path}"
         raise NotPrivateError(errno.EPERM, f"refusing {what} {path}: it has mode "
                                            f"{stat.S_IMODE(st.st_mode):04o} and owner uid "
-                                           f"{st.st_uid}: only its owner (this user or root) "
-                                           f"may write it (chmod go-w {path})")
+                                           f"{st.st_uid}: only its owner, this user or "
+                                           f"root, may write it ({fix})")
 
 
 def write_private(path: Path | str, data: bytes, mode: int = 0o600) -> None:

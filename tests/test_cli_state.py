@@ -64,3 +64,13 @@ def test_a_module_its_node_keeps_restarting_shows_in_status():
     buf = io.StringIO()
     Console(file=buf, width=200).print(render(snap))
     assert "restarted by their node" not in buf.getvalue()  # nothing to say: no table
+
+
+def test_a_stray_folder_in_the_run_root_is_no_network(tmp_path, monkeypatch):
+    from control.core import paths
+
+    monkeypatch.setattr(paths, "RUN_ROOT", tmp_path)
+    for name in ("Tri", "ok1", "x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "net.json").write_text("{}")
+    assert emulation.known_prefixes() == ["ok1"]

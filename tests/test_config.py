@@ -635,4 +635,11 @@ def test_ports_past_65535_or_two_listeners_on_one_port_are_refused():
     assert_problem(edit(('prefix = "tt"\n', 'prefix = "tt"\n[ports]\nrelay = 9000\n'
                                             'api = 9000\n')), "ports.api", "already ports.relay")
     parse_topology(edit(('prefix = "tt"\n', 'prefix = "tt"\n[ports]\nagreement = 65534\n'
-                                            'tunnel = 65000\n')), "net.toml")  # just fits
+                                            'tunnel = 65472\n')), "net.toml")  # just fits
+    assert_problem(edit(('prefix = "tt"\n', 'prefix = "tt"\n[ports]\ntunnel = 65473\n')),
+                   "ports.tunnel", "passes 65535")
+
+
+def test_an_underlay_on_a_wide_lan_around_the_otp_network_is_fine():
+    text = edit((LINK0_UL, 'underlay = ["10.201.1.1/8", "10.201.1.2/8"]'))
+    assert parse_topology(text, "net.toml").links[0].underlay_a.network.prefixlen == 8

@@ -276,12 +276,12 @@ def _port_problems(raw: TopologyFile) -> list[tuple[str, str]]:
     and the ports after it (a lane per worker, MAX_WORKERS at most)."""
     p, out = raw.ports, []
     last_agreement = p.agreement + max(0, len(raw.links) - 1)
-    last_tunnel = p.tunnel + 1 + MAX_WORKERS
+    last_tunnel = p.tunnel + MAX_WORKERS  # lanes 0 .. MAX_WORKERS - 1 at tunnel + 1 + lane
     if last_agreement > 65535:
         out.append(("ports.agreement", f"{p.agreement} + {len(raw.links) - 1} (one port per "
                                        f"link) passes 65535"))
     if last_tunnel > 65535:
-        out.append(("ports.tunnel", f"{p.tunnel} + {MAX_WORKERS + 1} (the tunnel manager's "
+        out.append(("ports.tunnel", f"{p.tunnel} + {MAX_WORKERS} (the tunnel manager's "
                                     f"port, then one per worker lane) passes 65535"))
     if p.relay == p.api:  # both listen on the node address
         out.append(("ports.api", f"{p.api} is already ports.relay"))
@@ -773,7 +773,9 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         ua, ub = lk.underlay
         for net, name_ in ((raw.network.node_net, "network.node_net"),
                            (raw.dataplane.tunnel_net, "dataplane.tunnel_net")):
-            if ua.network.overlaps(net):  # the underlay is not the OTP network's own
+            # an end's address, or the whole underlay subnet, inside the OTP network's own
+            # (a wide underlay around it, a /8 LAN say, is fine: the more specific wins)
+            if ua.ip in net or ub.ip in net or ua.network.subnet_of(net):
                 problems.append((f"{where}.underlay",
                                  f"{ua.network} overlaps {name_} {net}: the underlay must be "
                                  f"outside the addresses the OTP network gives out"))

@@ -79,8 +79,9 @@ def claim_namespace(prefix: str, ns: str) -> None:
 
 def known_prefixes() -> list[str]:
     found = set()
-    if paths.RUN_ROOT.is_dir():
-        found |= {p.name for p in paths.RUN_ROOT.iterdir() if (p / "net.json").exists()}
+    if paths.RUN_ROOT.is_dir():  # a stray folder there is no network of ours
+        found |= {p.name for p in paths.RUN_ROOT.iterdir()
+                  if paths.PREFIX_RE.fullmatch(p.name) and (p / "net.json").exists()}
     return sorted(found)
 
 
