@@ -237,3 +237,25 @@ def test_killed_key_manager_is_restarted_and_ends_still_agree(tmp_path, prefix):
                                "Z" not in Path(f"/proc/{p}/stat").read_text().split(")")[-1][:3]
                                for p in [node_pid, *children]), 10, "node to stop")
     assert time.monotonic() - t0 < 10
+
+
+def test_a_namespace_net_down_could_not_remove_stays_its_to_remove(tmp_path, prefix,
+                                                                     monkeypatch):
+    """Its manifest is what says a namespace is the network's: kept while one is left, so
+    the next net down still finds (and removes) it."""
+    topo = write_topology(tmp_path, prefix)
+    emulation.net_up(topo, start=False)
+    real_remove = pnetns.remove
+
+    def stuck(ns: str) -> None:
+        if ns == f"{prefix}-B":
+            raise OSError(16, "Device or resource busy")
+        real_remove(ns)
+
+    monkeypatch.setattr(pnetns, "remove", stuck)
+    with pytest.raises(emulation.NetError, match=f"{prefix}-B could not be removed"):
+        emulation.net_down(prefix)
+    assert emulation.Manifest.load(prefix).namespaces == [f"{prefix}-B"]
+    monkeypatch.setattr(pnetns, "remove", real_remove)
+    emulation.net_down(prefix)
+    assert leftovers(prefix) == []

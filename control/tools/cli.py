@@ -164,9 +164,17 @@ def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML f
     else:
         err.print("name the network: a topology file, --prefix P or --all")
         raise typer.Exit(2)
+    failed = False
     for p in prefixes:
-        removed = emulation.net_down(p)
+        try:
+            removed = emulation.net_down(p)
+        except emulation.NetError as e:
+            err.print(f"[red]{p}: {e}[/red]", highlight=False)
+            failed = True
+            continue
         out.print(f"{p}: removed {len(removed)} object(s)" if removed else f"{p}: nothing left")
+    if failed:
+        raise typer.Exit(1)
 
 
 @net_app.command("status")

@@ -207,7 +207,8 @@ def net_up(topo: Topology, start: bool = True) -> Manifest:
             if start:
                 start_processes(topo, man)
         except BaseException:
-            net_down(topo.prefix)
+            with contextlib.suppress(NetError):  # said by the next net down, if so
+                net_down(topo.prefix)
             raise
     return man
 
@@ -360,6 +361,12 @@ def net_down(prefix: str) -> list[str]:
     for name in paths.ring_names_of_network(prefix):
         KeyRing.unlink(name)
         removed.append(f"ring {name}")
+    if namespaces and man is not None:  # still there: the manifest, which alone says
+        man.namespaces = namespaces     # they are ours, stays for the next net down
+        man.pids, man.idents = {}, {}
+        man.save()
+        raise NetError(f"namespace(s) {', '.join(namespaces)} could not be removed yet; "
+                       f"run 'qkdctl net down --prefix {prefix}' again")
     d = paths.network_dir(prefix)
     if d.exists():
         subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=False)
