@@ -228,6 +228,10 @@ class SftpSource(FetchingSource):
         try:
             with secret_file(self.key_file, "SSH private key") as checked:  # ours alone
                 pkey = paramiko.PKey.from_path(checked)
+            cert = Path(f"{self.key_file}-cert.pub")  # its certificate, where the device
+            if cert.exists():                          # wants one (from_path looked beside
+                check_trusted(cert, "SSH certificate")  # the descriptor's path, not here)
+                pkey.load_certificate(str(cert))
         except FileNotFoundError:
             raise SourceUnavailable(f"private key file {self.key_file} not found") from None
         except paramiko.PasswordRequiredException:
