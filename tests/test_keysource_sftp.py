@@ -624,3 +624,22 @@ def test_a_device_killed_mid_transfer_leaves_no_half_block_and_the_link_resumes(
         assert b["source"]["up"] and not b["source"]["error"]
     finally:
         link.stop()
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
+def test_the_client_key_comes_with_its_certificate_and_only_if_it_is_ours_alone(tmp_path):
+    from control.lkm.source_sftp import load_client_key
+
+    key, ca = tmp_path / "client_key", tmp_path / "ca"
+    for k in (key, ca):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)],
+                       check=True)
+    assert load_client_key(key).public_blob is None  # no certificate beside it
+    subprocess.run(["ssh-keygen", "-q", "-s", str(ca), "-I", "node-a", "-n", "qkd",
+                    str(key) + ".pub"], check=True)  # writes client_key-cert.pub
+    pkey = load_client_key(key)
+    assert pkey.public_blob is not None and pkey.public_blob.key_type.endswith(
+        "-cert-v01@openssh.com")
+    key.chmod(0o640)
+    with pytest.raises(SourceUnavailable, match="refusing SSH private key"):
+        load_client_key(key)

@@ -225,20 +225,7 @@ class SftpSource(FetchingSource):
                                                                           _b64(b64)))
         except (OSError, paramiko.SSHException, ValueError) as err:
             raise SourceUnavailable(f"known hosts {self.known_hosts}: {err}") from None
-        try:
-            with secret_file(self.key_file, "SSH private key") as checked:  # ours alone
-                pkey = paramiko.PKey.from_path(checked)
-            cert = Path(f"{self.key_file}-cert.pub")  # its certificate, where the device
-            if cert.exists():                          # wants one (from_path looked beside
-                check_trusted(cert, "SSH certificate")  # the descriptor's path, not here)
-                pkey.load_certificate(str(cert))
-        except FileNotFoundError:
-            raise SourceUnavailable(f"private key file {self.key_file} not found") from None
-        except paramiko.PasswordRequiredException:
-            raise SourceUnavailable(f"private key file {self.key_file} is encrypted; "
-                                    f"use a key without a passphrase") from None
-        except (OSError, paramiko.SSHException, ValueError) as err:
-            raise SourceUnavailable(f"private key file {self.key_file}: {err}") from None
+        pkey = load_client_key(self.key_file)
         try:
             client.connect(e.host, e.port, username=e.user, pkey=pkey,
                            look_for_keys=False, allow_agent=False,
@@ -327,6 +314,29 @@ class SftpSource(FetchingSource):
 
 def _resolve(p: Path, base_dir: Path) -> Path:
     return p if p.is_absolute() else (base_dir / p)
+
+
+def load_client_key(key_file: Path) -> paramiko.PKey:
+    """The node's SSH key (read only if it is the node's alone: ``secret_file``) and its
+    certificate ``<key>-cert.pub`` where there is one (from_path would look for it beside
+    the checked descriptor's path instead); SourceUnavailable says what is wrong."""
+    import paramiko
+
+    try:
+        with secret_file(key_file, "SSH private key") as checked:
+            pkey = paramiko.PKey.from_path(checked)
+        cert = Path(f"{key_file}-cert.pub")
+        if cert.exists():
+            check_trusted(cert, "SSH certificate")
+            pkey.load_certificate(str(cert))
+        return pkey
+    except FileNotFoundError:
+        raise SourceUnavailable(f"private key file {key_file} not found") from None
+    except paramiko.PasswordRequiredException:
+        raise SourceUnavailable(f"private key file {key_file} is encrypted; "
+                                f"use a key without a passphrase") from None
+    except (OSError, paramiko.SSHException, ValueError) as err:
+        raise SourceUnavailable(f"private key file {key_file}: {err}") from None
 
 
 def _host_entry(host: str, port: int) -> str:
