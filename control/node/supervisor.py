@@ -225,18 +225,21 @@ def stop_budget(topo: Topology) -> float:
     return api + STOP_GRACE_S + 1
 
 
-def secrets_missing(topo: Topology, node: str) -> list[str]:
-    """What of the node's secrets cannot be read as its modules will read them: each
-    link's agreement key, the relay's keys, the key API's TLS files. Checked before any
-    module starts, so a missing or unsafe file stops the node with its reason."""
+def secrets_missing(topo: Topology, node: str) -> tuple[list[str], list[str]]:
+    """What of the node's secrets cannot be read as its modules will read them, checked
+    before any module starts: (the links' agreement keys, which stop the node: without
+    them nothing works; the relay's keys and the key API's TLS files, said at once but
+    not stopping the links and tunnels, which work without them: a node added to the
+    global key pairs before every host has its public key, say)."""
     from control.lkm.link_end import load_link_key
 
-    out = []
+    fatal: list[str] = []
+    out: list[str] = []
     for lk in topo.links_of(node):
         try:
             load_link_key(lk.auth_key_file or paths.link_key_path(topo.prefix, lk.name))
         except SystemExit as e:
-            out.append(str(e.code))
+            fatal.append(str(e.code))
     g = topo.gkm
     peers = [*g.destinations_of(node), *g.origins_of(node)]
     if peers:
@@ -253,18 +256,21 @@ def secrets_missing(topo: Topology, node: str) -> list[str]:
                 server_context(topo.api.pki, node)
             except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
                 out.append(f"key API: {e}")
-    return out
+    return fatal, out
 
 
 def run_node(config: Path, node: str, state_dir: Path | None = None,
              netns: str | None = None) -> None:
     set_private_umask()  # whatever the node and its modules make is theirs alone
     topo = load_topology(config)
-    problems = secrets_missing(topo, node)
-    if problems:  # found by one module only, each would restart every few seconds for good
-        for p in problems:
+    fatal, others = secrets_missing(topo, node)
+    if fatal:  # no link could work: found by each key manager alone, they would restart
+        for p in fatal:  # every few seconds for good beside a half-started node
             log.error("node %s: %s", node, p)
-        raise SystemExit(f"node {node}: {'; '.join(problems)}; the node does not start")
+        raise SystemExit(f"node {node}: {'; '.join(fatal)}; the node does not start")
+    for p in others:  # the links work without them: said now, their module restarts
+        log.error("node %s: %s; the node starts without it (its module restarts until "
+                  "this is fixed)", node, p)
     if netns:
         from pyroute2 import netns as pnetns
 
