@@ -376,3 +376,41 @@ def test_upper_limit_counts_the_peers_ring_too():
     assert sim.rings[FOLLOWER][AB].write == 64  # full: later blocks discarded at both ends
     assert sim.rings[LEADER][AB].write == 64
     assert sim.ends[LEADER].counters.blocks_discarded["ring_full"] == 4
+
+
+def test_a_reconnection_that_lost_nothing_keeps_the_key_and_one_that_did_wipes_it():
+    """Equal write positions at both ends: what they hold is the same, and kept (an
+    underlay hiccup or a restarted process cost a whole ring of key before). Unequal: both
+    skip past the higher one, so no byte either end might not hold alike is ever used."""
+    sim = Sim((1, 1), capacity=1000, seed=3)
+    sim.connect()
+    quiesce(sim)
+    for _ in range(4):
+        both_get_block(sim, 32)
+    held = {d: dict(sim.rings[FOLLOWER][d].data) for d in (AB, BA)}
+    writes = [(sim.rings[e][AB].write, sim.rings[e][BA].write) for e in (LEADER, FOLLOWER)]
+    assert writes[0] == writes[1] == (64, 64) and held[AB] and held[BA]
+    sim.disconnect()
+    sim.crash(FOLLOWER, reboot=False)  # its process restarted: the rings are still there
+    sim.connect()
+    quiesce(sim)
+    for d in (AB, BA):  # nothing skipped, nothing wiped: both ends still hold it all
+        assert (sim.rings[LEADER][d].write, sim.rings[FOLLOWER][d].write) == (64, 64)
+        assert sim.rings[FOLLOWER][d].data == held[d]
+        assert sim.rings[LEADER][d].data == held[d]
+    sim.claim(AB, 64)  # and it is used: the same bytes at both ends (checked in claim)
+    # A decision lost on its way: the leader holds a block the follower never filed.
+    sim.new_block(32, False, False)
+    sim.deliver_block(FOLLOWER)
+    sim.deliver_msg(LEADER)  # the follower's Have
+    sim.deliver_block(LEADER)  # the leader decides and sends Decide ...
+    sim.disconnect()  # ... which is lost
+    decided = [d for d in (AB, BA) if sim.rings[LEADER][d].write == 96]
+    assert len(decided) == 1
+    sim.connect()
+    quiesce(sim)
+    d = decided[0]
+    assert sim.rings[LEADER][d].write == sim.rings[FOLLOWER][d].write == 97  # past both
+    assert not [p for p in sim.rings[FOLLOWER][d].data if p < 97]
+    assert not [p for p in sim.rings[LEADER][d].data if p < 97]
+    assert_rings_agree(sim)

@@ -7,11 +7,17 @@ infers a fate from its own state.
 
 Protocol (messages in :mod:`control.lkm.messages`; ``sync`` numbers one session):
 
-1. On connecting, the follower sends ``Hello(sync, write_pos, released)``. The leader takes
-   for each direction ``start = max(own write_pos, follower's write_pos)``, skips its own
-   ring up to it and answers ``Sync(sync, start)``; the follower skips up to it too. Bytes
-   either end might not hold identically (decisions lost in flight, a ring lost to a
-   reboot) are thus never used: positions only move forward, so no byte is reused.
+1. On connecting, the follower sends ``Hello(sync, write_pos, released)``. Per direction:
+   where both ends' write positions are equal, both hold the same bytes below it (the
+   follower applies the leader's decisions in order, exactly, and a ring lost to a reboot
+   restarts empty at its last resync's start, below which the other end holds nothing
+   unused either), so the key is kept: ``start`` is that position and neither end skips.
+   Where they differ, ``start = max(both) + 1``: both ends skip past it, wiping every
+   byte below, so bytes either end might not hold identically (decisions lost in flight)
+   are never used. The leader skips, answers ``Sync(sync, start)``, and the follower
+   skips up to it too (an end skips only to a position above its own write position).
+   Positions only move forward, so no byte is reused; and a reconnection that lost
+   nothing (an underlay hiccup, a restarted process) costs no key.
 2. The follower reports the blocks it holds, ``Have(sync, ids, released)``. The leader
    decides a block once both ends hold it (`SplitPolicy` picks the direction by the
    configured ratio; a block that does not fit in the chosen direction's ring at *both*
@@ -190,9 +196,9 @@ class _End:
         return Dropped(block, size, reason)
 
     def _skip(self, direction: int, pos: int) -> list[Action]:
-        # Also at pos == write_pos: the other end discards what it holds below pos, so
-        # this end must not hand out its unclaimed bytes below pos either.
-        if pos < self.write_pos[direction]:
+        # Only above write_pos: ``start`` equal to it means both ends keep what they hold
+        # (the leader gives a start past both ends' positions when they must not).
+        if pos <= self.write_pos[direction]:
             return []
         self.counters.bytes_skipped[direction] += pos - self.write_pos[direction]
         self.write_pos[direction] = pos
@@ -203,6 +209,12 @@ class _End:
         self.counters.blocks_stored[direction] += 1
         self.counters.bytes_stored[direction] += len(data)
         return Store(direction, pos, block, data)
+
+
+def keep_or_skip(own: int, peer: int) -> int:
+    """The start of a new session in one direction: both ends' position when they are
+    equal (what they hold is the same: kept), else past both (everything below wiped)."""
+    return own if own == peer else max(own, peer) + 1
 
 
 class Leader(_End):
@@ -237,7 +249,7 @@ class Leader(_End):
             self.peer_has.clear()
             self.peer_released = list(msg.released)
             self._next_sweep = 0.0
-            start = tuple(max(self.write_pos[d], msg.write_pos[d]) for d in (AB, BA))
+            start = tuple(keep_or_skip(self.write_pos[d], msg.write_pos[d]) for d in (AB, BA))
             for d in (AB, BA):
                 out += self._skip(d, start[d])
             out.append(Send(Sync(self.sync, start)))  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from enum import IntEnum
 from dataplane.limits import MAX_AGREEMENT_FRAME, MAX_KEYS_PER_NOTE
 
 AB, BA = 0, 1
-VERSION = 1
+VERSION = 2  # 2: a Sync start equal to an end's write position keeps its key
 TAG_LEN = 32
 NONCE_LEN = 16
 AUTH_KEY_LEN = 32
