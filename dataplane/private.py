@@ -53,6 +53,18 @@ def check_private_fd(fd: int, path: Path | str) -> None:
                                            f"it if it is stale")
 
 
+def _open_no_link(path: Path | str, flags: int, what: str, fix: str) -> int:
+    """``os.open`` never through a symbolic link at ``path`` (NotPrivateError saying
+    ``fix``); any other OSError, FileNotFoundError too, as it comes."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotPrivateError(errno.ELOOP, f"refusing {what}: it is a symbolic link; "
+                                               f"{fix}") from None
+        raise
+
+
 def open_private(path: Path | str, create: bool = False) -> int:
     """A descriptor (read-write) on a file of ours. ``create``: make it if it does not
     exist (exclusively: a file that appears meanwhile is opened and checked like any
@@ -66,15 +78,10 @@ def open_private(path: Path | str, create: bool = False) -> int:
             except FileExistsError:
                 pass
         try:
-            fd = os.open(path, base)
+            fd = _open_no_link(path, base, f"{path}", "remove it")
         except FileNotFoundError:
             if create:
                 continue  # removed between the two opens: create it
-            raise
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise NotPrivateError(errno.ELOOP, f"refusing {path}: it is a symbolic "
-                                                   f"link; remove it") from None
             raise
         try:
             check_private_fd(fd, path)
@@ -111,13 +118,8 @@ def secret_file(path: Path | str, what: str) -> Iterator[str]:
     a regular file of this user's alone, never reached through a symbolic link. Yields a
     path to the checked descriptor (``/proc/self/fd/N``) for libraries that load from a
     path, so what they read is what was checked. NotPrivateError says what to do."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise NotPrivateError(errno.ELOOP, f"refusing {what} {path}: it is a symbolic "
-                                               f"link; name the file itself") from None
-        raise
+    fd = _open_no_link(path, os.O_RDONLY | os.O_CLOEXEC, f"{what} {path}",
+                       "name the file itself")
     try:
         st = os.fstat(fd)
         why = None
