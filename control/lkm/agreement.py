@@ -8,10 +8,13 @@ infers a fate from its own state.
 Protocol (messages in :mod:`control.lkm.messages`; ``sync`` numbers one session):
 
 1. On connecting, the follower sends ``Hello(sync, write_pos, released)``. Per direction:
-   where both ends' write positions are equal, both hold the same bytes below it (the
-   follower applies the leader's decisions in order, exactly, and a ring lost to a reboot
-   restarts empty at its last resync's start, below which the other end holds nothing
-   unused either), so the key is kept: ``start`` is that position and neither end skips.
+   where both ends' write positions are equal, both hold the same bytes below it (each
+   end holds bytes only below its own write position, new decisions land at or above
+   both, and the follower applies the leader's decisions in order, exactly); a ring lost
+   to a reboot restarts empty (a decrypting one at its last skip, an encrypting one at
+   its durable claim mark, above everything it ever handed out), so what the other end
+   keeps is at worst unused there. The key is kept: ``start`` is that position and
+   neither end skips.
    Where they differ, ``start = max(both) + 1``: both ends skip past it, wiping every
    byte below, so bytes either end might not hold identically (decisions lost in flight)
    are never used. The leader skips, answers ``Sync(sync, start)``, and the follower
