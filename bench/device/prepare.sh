@@ -10,9 +10,9 @@ cd "$(dirname "$0")/../.."
 dest=.device
 rm -rf "$dest" && mkdir -p "$dest/wheels" "$dest/debs"
 
-# The device image's Python already holds these (its package list, /work/.library/device/
-# KINDS.md "Python packages already there"): carrying them would only eat the 64 MiB the
-# working tree may take. Its versions satisfy pyproject's floors.
+# The device image's Python already holds these (the device tool's own list of the
+# image's packages): carrying them would only eat the 64 MiB the working tree may take.
+# Its versions satisfy pyproject's floors; scaling.sh imports every dependency first.
 have="numpy matplotlib pillow fonttools kiwisolver contourpy cycler pyparsing
 python_dateutil six packaging uvloop rich pygments typer click markdown_it_py mdurl
 shellingham typing_extensions multidict aiofiles prometheus_client"
