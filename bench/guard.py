@@ -38,25 +38,13 @@ from rich.table import Table
 from bench.harness import BenchError, Net
 from bench.plotting import verdict
 from bench.runs import median_run
-from bench.topology import line, template
+from bench.topology import line, tunnel_bench
 from control.core import paths
 from control.tools import emulation
 from dataplane.bpf.guard import DROP_REASONS
 
-TEMPLATE = """
-[network]
-name = "bench-guard"
-prefix = "{prefix}"
-[defaults]
-key_rate_mbps = 0
-block_size = "1MiB"
-ring_capacity = "{capacity}"
-[dataplane]
-workers = {workers}
-guard = "{guard}"
-[gkm]
-pairs = []
-""" + template(line("AB", 207))
+TEMPLATE = tunnel_bench("bench-guard", 'workers = {workers}\nguard = "{guard}"',
+                        line("AB", 207))
 ATTACKER_NET = ("10.207.9.1", "10.207.9.2")  # the attacker, and A's side of its veth
 AHEAD_FLOOR = 0.8  # legitimate throughput under the flood naming key ahead, over clean
 # The flood naming key ahead is paced: the flood process shares the machine's cores with

@@ -32,7 +32,7 @@ from bench.ceiling import TARGETS, meets, verdict_line, vs
 from bench.harness import KeyDry, Net
 from bench.plotting import figure, finish, log_axes, paper_table, save
 from bench.runs import median_run
-from bench.topology import line, template
+from bench.topology import line, tunnel_bench
 from dataplane.limits import MAX_UNDERLAY_MTU
 from dataplane.stats import STEPS_RX, STEPS_TX
 from dataplane.tun import MAX_MTU
@@ -45,20 +45,8 @@ STEP_NAMES = {"t_tx_read": "receive (TUN read)", "t_tx_key": "key read and remov
               "t_rx_recv": "receive (UDP)", "t_rx_key": "checks and key lookup",
               "t_rx_crypto": "MAC verify and XOR", "t_rx_write": "send (TUN write)"}
 
-TEMPLATE = """
-[network]
-name = "bench-otp"
-prefix = "{prefix}"
-[defaults]
-key_rate_mbps = 0
-block_size = "1MiB"
-ring_capacity = "{capacity}"
-[dataplane]
-mode = "{mode}"
-workers = {workers}
-[gkm]
-pairs = []  # no global key: this network measures or tests other modules
-""" + template(line("ABC", 204))
+TEMPLATE = tunnel_bench("bench-otp", 'mode = "{mode}"\nworkers = {workers}',
+                        line("ABC", 204))
 
 
 class OtpNet(Net):

@@ -28,7 +28,7 @@ from bench.all import machine
 from bench.harness import Net
 from bench.plotting import figure, finish, log_axes, save
 from bench.runs import median_run
-from bench.topology import line, template
+from bench.topology import line, tunnel_bench
 from control.core import paths
 from control.core.config import parse_size
 from dataplane.ring import MAX_LANES
@@ -39,20 +39,8 @@ DEFAULT_WORKERS = (1, 2, 4, 8, 16)
 STREAMS_PER_WORKER = 2
 KEY_SHARE = 0.6  # of the key the A -> B ring holds after a refill, sent by one run
 
-TEMPLATE = """
-[network]
-name = "bench-scaling"
-prefix = "{prefix}"
-[defaults]
-key_rate_mbps = 0
-block_size = "1MiB"
-ring_capacity = "{capacity}"
-[dataplane]
-mode = "proposed"
-workers = {workers}
-[gkm]
-pairs = []  # no global key: this network measures the tunnel alone
-""" + template(line("AB", 205))
+TEMPLATE = tunnel_bench("bench-scaling", 'mode = "proposed"\nworkers = {workers}',
+                        line("AB", 205))
 
 
 class ScalingNet(Net):

@@ -92,6 +92,19 @@ def render(*parts: Part) -> str:
     return "".join(out)
 
 
+def tunnel_bench(name: str, dataplane: str, nodes: Mapping[str, Any]) -> str:
+    """The str.format template of a bench that measures the OTP tunnels: key from the
+    unthrottled emulators in 1 MiB blocks into rings of ``{capacity}``, the ``[dataplane]``
+    lines given (format fields allowed), no global key, and the ``nodes`` part (``line``,
+    ``graph`` ...); ``{prefix}`` is the bench network's own."""
+    return (f'[network]\nname = "{name}"\nprefix = "{{prefix}}"\n'
+            f'[defaults]\nkey_rate_mbps = 0\nblock_size = "1MiB"\n'
+            f'ring_capacity = "{{capacity}}"\n'
+            f"[dataplane]\n{dataplane.strip()}\n"
+            f"[gkm]\npairs = []  # no global key: this network measures the tunnels\n"
+            + template(nodes))
+
+
 def template(*parts: Part) -> str:
     """``render(*parts)`` with its braces doubled, to stand in a str.format template."""
     return render(*parts).replace("{", "{{").replace("}", "}}")
