@@ -50,6 +50,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import zmq
 import zmq.utils.monitor
@@ -69,6 +70,7 @@ from control.gkm.relay import Outbox, RateMeter, Restock
 from control.gkm.relay_auth import ZAP_ENDPOINT, secure_dealer, secure_router, zap_reply
 from control.gkm.relay_keys import RelayKeyError, load_relay_keys
 from control.gkm.store import BlockState, KeyStore
+from control.gkm.store_rules import key_id_bytes
 from control.gkm.wire import (
     MAX_RESERVE_BATCH,
     Blocks,
@@ -209,6 +211,16 @@ class OutboundPair:
         return self.paths_up if self.policy == "fewer" else 0
 
 
+class Held(NamedTuple):
+    """A dec_keys request waiting for its keys (``GlobalKeyManager._hold``)."""
+
+    envelope: list[bytes]
+    body: bytes
+    until: float           # answered "busy" then
+    sae: str
+    keys: frozenset[bytes]  # the key IDs it names, 16 bytes each (``key_id_bytes``)
+
+
 class GlobalKeyManager:
     def __init__(self, topo: Topology, node: str, state_dir: Path | None = None):
         self.topo = topo
@@ -268,7 +280,7 @@ class GlobalKeyManager:
         # (envelope, request, deadline, SAE, key IDs), answered once a confirmation,
         # cancellation or settled answer decides one of their keys, or "busy" at their
         # deadline.
-        self.held: list[tuple[list[bytes], bytes, float, str, frozenset[bytes]]] = []
+        self.held: list[Held] = []
         self.ended_takes: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.here = take.Here(node, self.node.id, {d.name: d.id for d in self.dests.values()},
                               self.ended_takes)
@@ -629,13 +641,13 @@ class GlobalKeyManager:
         reservation, and the slave SAE may ask in between), or for keys on their way to
         this SAE until that answer is settled; False: it may not wait
         (``destination.may_hold``)."""
-        keys = frozenset(uuid.UUID(k).bytes for k in req.key_ids)
+        keys = frozenset(map(key_id_bytes, req.key_ids))
         if held_until is None:
-            if not may_hold(((h[3], h[4]) for h in self.held), req.sae, keys):
+            if not may_hold(((h.sae, h.keys) for h in self.held), req.sae, keys):
                 return False
             self.held_total += 1
             held_until = req.deadline or time.monotonic() + HOLD_UNCONFIRMED_S
-        self.held.append((envelope, body, held_until, req.sae, keys))
+        self.held.append(Held(envelope, body, held_until, req.sae, keys))
         return True
 
     def retry_held(self, touched: set[bytes] | None = None) -> None:
@@ -647,26 +659,26 @@ class GlobalKeyManager:
         if touched is None:
             held, self.held = self.held, []
         else:
-            held = [h for h in self.held if not h[4].isdisjoint(touched)]
+            held = [h for h in self.held if not h.keys.isdisjoint(touched)]
             if held:
-                self.held = [h for h in self.held if h[4].isdisjoint(touched)]
+                self.held = [h for h in self.held if h.keys.isdisjoint(touched)]
             touched.clear()
         answers = []
         with self.store.group():
-            for envelope, body, until, *_ in held:
-                answer = self._answer([*envelope, body], held_until=until)
+            for h in held:
+                answer = self._answer([*h.envelope, h.body], held_until=h.until)
                 if answer is not None:
                     answers.append(answer)
         for frames in answers:
             zmq_frames.send(self.api, frames, copy=False)
 
     def expire_held(self, now: float) -> None:
-        due = [h for h in self.held if now >= h[2]]
+        due = [h for h in self.held if now >= h.until]
         if not due:
             return
-        self.held = [h for h in self.held if now < h[2]]
-        for envelope, *_ in due:
-            zmq_frames.send(self.api, [*envelope, *take.encode_refusal(
+        self.held = [h for h in self.held if now < h.until]
+        for h in due:
+            zmq_frames.send(self.api, [*h.envelope, *take.encode_refusal(
                 "busy", "the keys are reserved here but not deliverable yet (the master's "
                         "key manager has not confirmed them, or an answer carrying them "
                         "is still on its way to this SAE); nothing was delivered, try "
@@ -886,7 +898,7 @@ class GlobalKeyManager:
             if self.held:  # settled: a request held while these keys were on their way;
                 # ended: the held take itself, refused now rather than at the next look
                 # (its SAE may ask again at once, and waits for a key once)
-                self.touched.update(uuid.UUID(k).bytes for k in req.key_ids)
+                self.touched.update(map(key_id_bytes, req.key_ids))
             return {"settled": settled}, None
         if isinstance(req, take.Cancel):  # keys whose taker gave up after they were taken
             self.store.cancel_keys(req.peer, [s.key_id.bytes for s in req.slices])
