@@ -22,14 +22,12 @@ them away from the agreement state machines.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import secrets
 import selectors
 import signal
 import socket
-import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from control.lkm.messages import (
     ProtocolError,
 )
 from control.lkm.source import KeySource, SourceUnavailable, make_source
+from dataplane.private import NotPrivateError, secret_file
 from dataplane.ring import ROLE_DEC, ROLE_ENC, CursorFile, KeyRing, RingError
 
 log = logging.getLogger("qkdnet.lkm")
@@ -62,31 +61,22 @@ ACCEPT_BATCH = 64          # connections accepted per loop, so a flood cannot st
 def load_link_key(path: Path) -> bytes:
     """The link's pre-shared authentication key: what keeps an attacker on the underlay
     from posing as the peer's agreement end (and so from making both ends file one block
-    under different directions). Read only from a regular file of this user's alone,
-    never through a symbolic link, like every other secret of the node."""
+    under different directions). Read, like every secret of the node, only from a regular
+    file of this user's alone, never through a symbolic link (``secret_file``)."""
+    what = "link authentication key"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with secret_file(path, what) as checked:
+            key = Path(checked).read_bytes()
     except FileNotFoundError:
-        raise SystemExit(f"link authentication key {path} is missing "
+        raise SystemExit(f"{what} {path} is missing "
                          f"(qkdctl net up creates it in emulation)") from None
+    except NotPrivateError as e:
+        raise SystemExit(str(e)) from None
     except OSError as e:
-        why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
-        raise SystemExit(f"cannot read link authentication key {path}: {why}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SystemExit(f"link authentication key {path} is not a regular file")
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise SystemExit(f"link authentication key {path} has mode "
-                             f"{stat.S_IMODE(st.st_mode):04o} and owner uid {st.st_uid}: a "
-                             f"secret key must be this user's alone (chown it to uid "
-                             f"{os.geteuid()}, chmod 600 {path})")
-        key = os.read(fd, AUTH_KEY_LEN + 1)
-    finally:
-        os.close(fd)
+        raise SystemExit(f"cannot read {what} {path}: {e.strerror}") from None
     if len(key) != AUTH_KEY_LEN:
-        raise SystemExit(f"link authentication key {path} must be exactly {AUTH_KEY_LEN} "
-                         f"bytes, has {st.st_size}")
+        raise SystemExit(f"{what} {path} must be exactly {AUTH_KEY_LEN} bytes, "
+                         f"has {len(key)}")
     return key
 
 

@@ -30,6 +30,23 @@ from dataplane.private import private_dir, set_private_umask
 
 log = logging.getLogger("qkdnet.node")
 
+STOP_GRACE_S = 3.0
+MAX_BACKOFF_S = 5.0
+STABLE_S = 10.0  # a module that ran this long before it exited restarts without delay
+
+
+def _lkm_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:
+    from control.core.logs import setup_logging
+    from control.lkm.link_end import EndConfig, LinkKeyManager
+
+    die_with_parent()
+    setup_logging()
+
+    topo = load_topology(config_path)
+    cfg = EndConfig.from_topology(topo, node, topo.link(link),
+                                  Path(state_dir) if state_dir else None)
+    LinkKeyManager(cfg).run()
+
 
 def module_main(name: str, target, *args: object) -> None:
     """A module's process, forked by the supervisor. It starts with the signals' default
@@ -50,22 +67,6 @@ def module_main(name: str, target, *args: object) -> None:
     except BaseException:
         log.critical("%s crashed", name, exc_info=True)
         raise SystemExit(1) from None
-STOP_GRACE_S = 3.0
-MAX_BACKOFF_S = 5.0
-STABLE_S = 10.0  # a module that ran this long before it exited restarts without delay
-
-
-def _lkm_main(config_path: str, node: str, link: str, state_dir: str | None) -> None:
-    from control.core.logs import setup_logging
-    from control.lkm.link_end import EndConfig, LinkKeyManager
-
-    die_with_parent()
-    setup_logging()
-
-    topo = load_topology(config_path)
-    cfg = EndConfig.from_topology(topo, node, topo.link(link),
-                                  Path(state_dir) if state_dir else None)
-    LinkKeyManager(cfg).run()
 
 
 @dataclass
@@ -113,13 +114,10 @@ class Supervisor:
 
             self.modules.append(Module("gkm", gkm_main, (cfg, node, sd)))
             if any(s.node == node for s in topo.saes):
-                from api.server import STOP_EXTRA_S, api_main
+                from api.server import api_main
 
-                # The API's manager gives its workers graceful_shutdown_s + STOP_EXTRA_S
-                # (the drain, then their hands given back), then reaps them.
                 self.modules.append(Module("api", api_main, (cfg, node), first_to_stop=True,
-                                           stop_grace=topo.api.graceful_shutdown_s
-                                           + STOP_EXTRA_S + 2))
+                                           stop_grace=api_stop_grace(topo)))
         self.stopping = False
 
     def _guard_off(self, topo: Topology) -> str | None:
@@ -214,14 +212,21 @@ class Supervisor:
         log.info("node %s: stopped", self.node)
 
 
-def stop_budget(topo: Topology) -> float:
-    """The longest a node's shutdown may take (``Supervisor.shutdown``): the key API's
-    stage (its graceful shutdown, then its workers' hands, then a kill), then the other
-    modules' (STOP_GRACE_S, then a kill). Whoever stops a node waits this long before
-    killing its supervisor, or the modules it was still stopping would be cut short."""
+def api_stop_grace(topo: Topology) -> float:
+    """How long the key API's module may take to stop: its manager gives its workers
+    graceful_shutdown_s + STOP_EXTRA_S (the drain, then their hands given back), then
+    reaps them."""
     from api.server import STOP_EXTRA_S
 
-    api = topo.api.graceful_shutdown_s + STOP_EXTRA_S + 2 + 1 if topo.saes else 0.0
+    return topo.api.graceful_shutdown_s + STOP_EXTRA_S + 2
+
+
+def stop_budget(topo: Topology) -> float:
+    """The longest a node's shutdown may take (``Supervisor.shutdown``): the key API's
+    stage, then the other modules' (STOP_GRACE_S), each followed by a kill and a 1 s
+    join. Whoever stops a node waits this long before killing its supervisor, or the
+    modules it was still stopping would be cut short."""
+    api = api_stop_grace(topo) + 1 if topo.saes else 0.0
     return api + STOP_GRACE_S + 1
 
 
