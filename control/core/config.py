@@ -57,6 +57,7 @@ MAX_KEY_RATE_MBPS = 1e6  # a QKD link gives at most about 100 Mb/s; the emulator
 # An SAE ID, wherever one is read (topology, the key API, the relay, the take socket):
 # printable, no separator any record or message format of ours uses.
 SAE_ID_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+SAE_ID_PATTERN = f"^{SAE_ID_RE.pattern}$"  # the same, for a model field
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30,
           "KB": 1000, "MB": 1000**2, "GB": 1000**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
@@ -190,7 +191,7 @@ class Etsi014End(_Strict):
     as an SAE. Relative paths are from the topology file."""
 
     kme: str = Field(description="the device's KME, e.g. 'https://192.0.2.7:443'")
-    sae_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
+    sae_id: str = Field(min_length=1, max_length=64, pattern=SAE_ID_PATTERN,
                         description="this node's SAE ID at its device (its certificate's CN)")
     cert: Path = Field(description="client certificate (PEM) presented to the KME")
     key: Path = Field(description="its private key (PEM)")
@@ -481,7 +482,7 @@ class Link(_Strict):
 
 
 class Sae(_Strict):
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$",
+    id: str = Field(min_length=1, max_length=64, pattern=SAE_ID_PATTERN,
                     description="the SAE ID; its certificate's CN")
     node: str = Field(description="the node whose key API it calls")
 
