@@ -568,8 +568,12 @@ class KeyRing:
                 # but the peer has wiped those positions; its rest is wasted, as below.
                 self._hdr[F_CLAIM] = used
             else:
+                # A dead holder may not have wiped what it used: from its start, but never
+                # below the release point. The release follows a held chunk's used mark,
+                # so the writer may already have refilled the slots below it with new key
+                # (unclaimed: wiping it would hand zeros to the next claims).
                 rest_end = min(end, c)
-                self._wipe(start if dead else used, rest_end)
+                self._wipe(max(start if dead else used, self.release_pos), rest_end)
                 self._hdr[F_WASTED] += max(0, rest_end - used)
             self._hdr[LANE_BASE + LANE_WORDS * lane + 2] = 0
         self._release_enc_locked()

@@ -290,6 +290,7 @@ class TunnelManager:
         self._write_seen = -1
         self.peer_workers = 0
         self.started = time.time()
+        self.state_said: tuple[bool, str] | None = None  # the link state last logged
         self.ident = process_identity(os.getpid())  # the router tells a stalled manager
         self.guard: Guard | None = None
         self.guard_off = cfg.guard_off
@@ -464,6 +465,7 @@ class TunnelManager:
                  now: float) -> None:
         up, reason = self.link_state(now)
         stats.set_link_word(W_LINK_UP, int(up))
+        self._say_state(up, reason, enc, now)
         ec, dc = enc.cursors(), dec.cursors()
         write_json(self.cfg.status_path, {
             "link": self.cfg.link.name, "node": self.cfg.node, "peer": self.cfg.peer,
@@ -482,6 +484,23 @@ class TunnelManager:
             "counters": stats.totals(), "control_drops": chan.drops,
             "guard": self.guard_status(),
         })
+
+    def _say_state(self, up: bool, reason: str, enc: KeyRing, now: float) -> None:
+        """Log each change of the link's state, with what led to it: the operator's
+        record of when and why the routers lost or regained the link."""
+        if (up, reason) == self.state_said or (self.state_said is None and not up):
+            return  # said once it changes, not while the link first comes up
+        self.state_said = (up, reason)
+        if up:
+            log.info("link %s: up", self.cfg.link.name)
+            return
+        c = enc.cursors()
+        log.warning("link %s: down (%s): key last seen %.1f s ago, keepalive last sent %s, "
+                    "peer heard %s; ENC ring write %d claim %d release %d free %d",
+                    self.cfg.link.name, reason, now - self.last_key,
+                    f"{now - self.last_sent:.1f} s ago" if self.last_sent else "never",
+                    f"{now - self.last_heard:.1f} s ago" if self.last_heard else "never",
+                    c.write_pos, c.claim_pos, c.release_pos, enc.free_pos)
 
     # ---- main loop ---------------------------------------------------------------------
 

@@ -6,17 +6,21 @@ made, also when it fails.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
 from bench.topology import line, network, render
+from control.core import paths
 from control.core.config import Topology, parse_topology
 from control.tools import emulation
+from dataplane.ring import MAX_LANES, KeyRing, RingError
 
 # Property tests run on busy and slow machines too (CI, a fresh VM 2-3x slower than a
 # developer's): no per-example deadline, and no health check that times input generation.
@@ -36,11 +40,67 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the item, so a fixture's teardown knows the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def keep_logs_if_failed(request: pytest.FixtureRequest, base: Path, prefix: str) -> None:
+    """A failed test's node logs and status files outlive its network: copied under the
+    session's temporary directory (``failed-logs/<prefix>``, printed) for the
+    post-mortem, since ``net_down`` removes the network's directory with them."""
+    report = getattr(request.node, "report_call", None)
+    net = paths.network_dir(prefix)
+    if report is None or not report.failed or not net.is_dir():
+        return
+    dest = base / "failed-logs" / prefix
+    for f in [*net.glob("logs/*.log"), *net.glob("nodes/*/*.json")]:
+        to = dest / f.relative_to(net)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, to)
+    rings = {name: ring_summary(name) for name in paths.ring_names_of_network(prefix)
+             if name.endswith(("-ab", "-ba"))}
+    (dest / "rings.json").write_text(json.dumps(rings, indent=1))
+    print(f"\n{request.node.nodeid}: the node logs and status files of {prefix} are kept "
+          f"in {dest}")
+
+
+def ring_summary(name: str) -> dict:
+    """A ring's cursors, its lanes' chunks, and where the key it still offers (ENC: from
+    claim_pos, DEC: from release_pos, to write_pos) is zero in whole 64-byte pieces."""
+    try:
+        ring = KeyRing.attach(name)
+    except RingError as e:
+        return {"error": str(e)}
+    try:
+        c = ring.cursors()
+        lo = c.claim_pos if ring.is_enc else c.release_pos
+        out = {"enc": ring.is_enc, "write": c.write_pos, "claim": c.claim_pos,
+               "release": c.release_pos, "free": ring.free_pos, "capacity": c.capacity,
+               "lanes": [(lane, *ring.chunk_of(lane)) for lane in range(MAX_LANES)
+                         if ring.chunk_of(lane)[2]]}
+        n = (c.write_pos - lo) // 64 * 64
+        if n > 0:
+            zero = ~ring.read(lo, n).reshape(-1, 64).any(axis=1)
+            idx = np.flatnonzero(zero)
+            out.update(zero_pieces=int(idx.size),
+                       first_zero=int(lo + 64 * idx[0]) if idx.size else None,
+                       last_zero=int(lo + 64 * idx[-1]) if idx.size else None)
+        return out
+    finally:
+        ring.close()
+
+
 @pytest.fixture
-def prefix():
-    """A unique network prefix; whatever the test made under it is removed afterwards."""
+def prefix(request, tmp_path_factory):
+    """A unique network prefix; whatever the test made under it is removed afterwards
+    (the node logs are kept when the test failed)."""
     p = "t" + uuid.uuid4().hex[:7]
     yield p
+    keep_logs_if_failed(request, tmp_path_factory.getbasetemp(), p)
     emulation.net_down(p)
 
 

@@ -10,7 +10,7 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dataplane.limits import RING_HEADER_SIZE
@@ -279,8 +279,9 @@ def test_reset_lanes_wipes_every_held_chunk_whole(make, name):
     for lane in range(4):
         r.claim_chunk(lane, 100)
     r.claim_chunk(CONTROL_LANE, 50)
-    use(r, 0, 30, wipe=False)
-    use(r, 2, 250, wipe=False)
+    use(r, 0, 30)
+    use(r, 2, 250)
+    r.wipe_used(250, 20)  # lane 2's holder was killed mid-wipe, before it published
     r.retire(3)  # already given up: stays so
     r.reset_lanes()
     assert all(r.chunk_of(lane)[2] == 0 for lane in range(MAX_LANES))
@@ -586,16 +587,44 @@ def test_giving_up_a_half_published_chunk_never_wipes_unclaimed_key(make, name):
     assert r.claim_chunk(2, 500) == (100, 500)
 
 
+@pytest.mark.parametrize("give_up", ["retire dead", "reset_lanes"])
+def test_a_dead_holders_chunk_never_wipes_key_written_after_the_release_passed_it(
+        make, name, give_up):
+    # A full ring (the key manager keeps it so): the release point follows a held
+    # chunk's used mark, so the writer refills the slots of what the holder used while
+    # it still holds the chunk. Giving the chunk up as dead (a killed worker, a tunnel
+    # manager's restart) wipes its unused rest, never those slots' new key: else the
+    # next claims meet wiped key, and a link whose keepalives meet it stays down.
+    r = filled(make)
+    assert r.claim_chunk(0, 100) == (0, 100)
+    use(r, 0, 60)
+    assert r.claim_chunk(1, 10) == (100, 10)  # another worker's claim moves the release
+    assert (r.release_pos, r.free_pos) == (60, 60)
+    fresh = key(60, seed=7)
+    r.append(CAP, fresh)  # slots 0-59 now hold positions 1024-1083
+    if give_up == "retire dead":
+        r.retire(0, dead=True)
+    else:
+        r.reset_lanes()
+    assert zero(name, 60, 40)  # the chunk's rest: wiped, never handed out
+    assert at(name, CAP, 60) == fresh
+    assert at(name, 110, CAP - 110) == key(CAP)[110:]
+    assert r.claim_chunk(2, CAP - 50) == (110, CAP - 50)
+
+
 # ---- accounting: a random schedule of a ring's users -------------------------------------
 
 @settings(max_examples=200)
+# a dead holder's chunk after the release passed its start and the writer refilled there
+@example([("append", 0, 300)] * 4 + [("claim", 0, 100), ("use", 0, 60), ("claim", 1, 10),
+                                     ("append", 0, 60), ("dead", 0, 1)])
 @given(st.lists(st.tuples(st.sampled_from(["append", "claim", "use", "retire", "dead",
                                              "idle", "skip", "reset"]),
                           st.integers(0, 3), st.integers(1, 300)), max_size=60))
 def test_every_byte_is_accounted_for_and_none_is_used_twice(tmp_path_factory, ops):
     name = f"qkdnet-acct{os.getpid()}-{uuid4().hex[:8]}"
     cf = CursorFile(tmp_path_factory.mktemp("acct") / "c")
-    r = KeyRing.create_or_attach(name, 4096, BLOCK, ROLE_ENC, cf)
+    r = KeyRing.create_or_attach(name, CAP, BLOCK, ROLE_ENC, cf)  # often full
     used: set[int] = set()
     lanes = [0, 1, 2, CONTROL_LANE]
     try:
@@ -633,6 +662,8 @@ def test_every_byte_is_accounted_for_and_none_is_used_twice(tmp_path_factory, op
                 r.reset_lanes()
             acct = r.accounting()
             assert acct.balance == 0, (op, acct)
+            c, w = r.claim_pos, r.write_pos  # unclaimed key is never wiped under anyone
+            assert w == c or r.read(c, w - c).all(), (op, "unclaimed key wiped")
             assert r.free_pos <= r.release_pos <= r.claim_pos <= r.write_pos
     finally:
         r.close()
