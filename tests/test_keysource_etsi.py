@@ -35,7 +35,19 @@ from control.lkm.messages import (
     decode,
     encode,
 )
-from control.lkm.source_etsi import Backoff, NoteQueue, RecentIds, check_status, join_keys
+from control.lkm.source_etsi import (
+    MAX_BATCH_BLOCKS,
+    Backoff,
+    NoteQueue,
+    RecentIds,
+    Refusal,
+    batch_blocks,
+    check_status,
+    device_max_per_request,
+    join_keys,
+    on_refusal,
+    split_blocks,
+)
 from control.tools import emulation
 from dataplane.ring import KeyRing
 from tests.nsutil import InNetns, wait_until
@@ -165,6 +177,19 @@ def test_a_block_is_its_keys_one_after_the_other():
     assert join_keys([b"ab", b"", b"cde"]) == bytearray(b"abcde")
 
 
+def test_one_call_fetches_as_many_whole_blocks_as_window_and_device_allow():
+    assert batch_blocks(8, 32, 1024) == MAX_BATCH_BLOCKS == 8  # the window's room
+    assert batch_blocks(3, 32, 1024) == 3                      # what is wanted
+    assert batch_blocks(8, 32, 100) == 3                       # whole blocks the device allows
+    assert batch_blocks(8, 32, None) == 1                      # limit unknown: one block
+    assert batch_blocks(8, 32, 31) == batch_blocks(0, 32, 1024) == 1  # at least one
+    assert device_max_per_request({"max_key_per_request": 128}) == 128
+    assert [device_max_per_request(d) for d in ({}, [], {"max_key_per_request": True},
+                                                 {"max_key_per_request": 0})] == [None] * 4
+    keys = [bytes([i]) * 2 for i in range(6)]
+    assert split_blocks(keys, 3) == [bytearray(b"\0\0\1\1\2\2"), bytearray(b"\3\3\4\4\5\5")]
+
+
 # ---- follower's notes, backoff, repeated IDs ---------------------------------------------
 
 def _note(epoch: int, seq: int) -> KeyIds:
@@ -185,6 +210,26 @@ def test_note_queue_in_order_once_and_not_too_old():
     for s in range(1, 5):
         q.add(_note(9, s), 6.0)
     assert len(q) == 3 and q.overflow == 2 and q.head(6.0).note.block == (9, 2)
+
+
+def test_a_batch_is_the_notes_in_order_up_to_one_whose_keys_may_be_gone():
+    q = NoteQueue(max_age=5.0)
+    for seq in range(5):
+        q.add(_note(1, seq), 0.0)
+    assert [i.note.block[1] for i in q.batch(1.0, 3)] == [0, 1, 2]
+    q.batch(1.0, 5)[3].lost = True  # a dec_keys call with its keys got no answer
+    assert [i.note.block[1] for i in q.batch(1.0, 8)] == [0, 1, 2]
+    for item in q.batch(1.0, 3):
+        q.pop(item)
+    assert [i.note.block[1] for i in q.batch(1.0, 8)] == [3]  # asked for alone
+    assert q.batch(9.0, 8) == [] and q.expired == 2
+
+
+def test_a_refused_batch_is_asked_for_note_by_note_and_only_a_lost_note_is_skipped():
+    assert on_refusal(3, 400, lost=False) == on_refusal(3, 400, True) == Refusal.ONE_BY_ONE
+    assert on_refusal(1, 400, lost=False) == Refusal.WAIT  # the device lags
+    assert on_refusal(1, 400, lost=True) == Refusal.SKIP   # an unanswered call took them
+    assert on_refusal(1, 401, lost=False) == on_refusal(4, 403, True) == Refusal.FAIL
 
 
 def test_backoff_doubles_to_its_cap_and_starts_over():
@@ -376,6 +421,7 @@ def test_two_link_ends_on_qkdnets_key_api_agree_and_survive_a_killed_device(tmp_
     # its next call found the kept-alive connection closed and went on a new one.
     for n in ("A", "B"):
         assert stats[n]["device_errors"] + stats[n]["reconnects"] >= 1, stats
+        assert stats[n]["blocks"] > stats[n]["calls"], stats  # several blocks per call
     assert st["A"]["agreement"]["resyncs"] == st["B"]["agreement"]["resyncs"] == 1
     # Both ends hold the same bytes at the same positions, whole blocks only, none empty.
     for d in ("ab", "ba"):

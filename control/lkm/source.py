@@ -137,7 +137,7 @@ class FetchingSource:
     """
 
     max_queued = 8
-    idle_s = 0.05
+    idle_s = 0.05  # the wait after a fetch that found nothing (0: ``fetch`` waits itself)
     close_timeout_s = 10.0  # close() waits this long for a fetch in progress
 
     def __init__(self, description: str):

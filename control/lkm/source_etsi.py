@@ -3,13 +3,20 @@
 Each link end talks to its own device (KME) over HTTPS with mutual TLS:
 
 1. The leader (link end a) calls ``enc_keys`` at its device naming the follower's SAE ID:
-   ``keys_per_call`` keys of ``key_size`` bits; the keys, concatenated in the answer's
-   order, are one block ``(epoch, seq)``.
-2. It tells the follower which keys those were, ``KeyIds((epoch, seq), key_IDs)``, over the
-   link's authenticated agreement channel (the key manager routes the note).
-3. The follower calls ``dec_keys`` at its own device with those IDs and delivers the same
-   bytes under the same ``(epoch, seq)``. From there the agreement decides as for any
-   source.
+   as many blocks' keys (``keys_per_call`` each, of ``key_size`` bits) as the agreement's
+   window has room for and the device's ``max_key_per_request`` allows, at most 8 blocks;
+   each ``keys_per_call`` keys, concatenated in the answer's order, are one block
+   ``(epoch, seq)``.
+2. It tells the follower which keys those were, one ``KeyIds((epoch, seq), key_IDs)`` per
+   block, over the link's authenticated agreement channel (the key manager routes them).
+3. The follower calls ``dec_keys`` at its own device with the IDs of the notes waiting
+   (in order, as many as one call may carry) and delivers the same bytes under the same
+   ``(epoch, seq)``. From there the agreement decides as for any source.
+
+A call costs the device's round trip whatever its size: one call per block of 1 KiB held
+a link to about 1 Mb/s here. Batching keeps the blocks as configured (the agreement's
+unit, and what one lost note loses). A refused batch is asked for note by note, so a
+"not found" names its note.
 
 A block is delivered only whole, after the device's answer has arrived completely and its
 key IDs and sizes are checked; a failure anywhere delivers nothing. Keys whose IDs never
@@ -28,6 +35,7 @@ thin shell on :class:`FetchingSource`'s thread.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import secrets
@@ -35,6 +43,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +62,7 @@ WINDOW_BLOCKS = 8          # blocks the leader lets be undecided before it asks 
 MAX_NOTES = 256            # notes the follower holds; older ones are dropped
 RECENT_IDS = 1 << 16       # key IDs remembered to refuse a repeated one
 MAX_BACKOFF_S = 2.0        # longest wait between asks when the device has no key
+MAX_BATCH_BLOCKS = WINDOW_BLOCKS  # blocks one call may fetch (the device's limit permitting)
 
 
 # ---- the I/O-free parts -----------------------------------------------------------------
@@ -65,6 +75,50 @@ def join_keys(keys: list[bytes]) -> bytearray:
         out[pos:pos + len(k)] = k
         pos += len(k)
     return out
+
+
+def batch_blocks(wanted: int, keys_per_call: int, max_per_request: int | None) -> int:
+    """Blocks one call fetches: up to ``wanted`` (what the window or the waiting notes
+    allow) and MAX_BATCH_BLOCKS, as many whole blocks as the device's
+    ``max_key_per_request`` holds (unknown: one). At least one.
+
+    A call costs the device's round trip whatever its size, so one call per block of a
+    few KiB held a link to a few Mb/s; the blocks stay as configured (the agreement's
+    unit, and what is lost with a lost note)."""
+    fits = max_per_request // keys_per_call if max_per_request else 1
+    return max(1, min(wanted, MAX_BATCH_BLOCKS, fits))
+
+
+def split_blocks(keys: list[bytes], keys_per_block: int) -> list[bytearray]:
+    """The blocks of one answer: its keys in order, ``keys_per_block`` to a block."""
+    return [join_keys(keys[i:i + keys_per_block])
+            for i in range(0, len(keys), keys_per_block)]
+
+
+class Refusal(Enum):
+    """What the follower does when its device refuses a dec_keys call."""
+
+    ONE_BY_ONE = "ask for each note's keys alone"  # a batch: which note is it?
+    SKIP = "skip the note"      # its keys are gone: an earlier call may have taken them
+    WAIT = "wait and ask again"  # the device may lag behind the leader's
+    FAIL = "fail the source"    # the device refuses us: reopen and retry later
+
+
+def on_refusal(batch: int, status: int, lost: bool) -> Refusal:
+    """The follower's move on a refused dec_keys call for ``batch`` notes (``lost``: the
+    head's keys may have been handed out by a call that got no answer). A "not found"
+    (400) of one note is lag unless that note is ``lost``; of a batch it names no note."""
+    if status != 400:
+        return Refusal.FAIL
+    if batch > 1:
+        return Refusal.ONE_BY_ONE
+    return Refusal.SKIP if lost else Refusal.WAIT
+
+
+def device_max_per_request(doc: object) -> int | None:
+    """The device's ``max_key_per_request`` from its Status answer (None: not given)."""
+    v = doc.get("max_key_per_request") if isinstance(doc, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def check_status(doc: object, keys_per_call: int, key_size: int) -> list[str]:
@@ -175,6 +229,22 @@ class NoteQueue:
             self.expired += 1
         return self._q[0] if self._q else None
 
+    def batch(self, now: float, most: int) -> list[_Note]:
+        """The next notes to fetch in one call: the head (after dropping the expired
+        ones) and the notes behind it, up to ``most``, stopping before any ``lost`` one:
+        a note whose keys may be gone is asked for alone, so a "not found" names it."""
+        head = self.head(now)
+        if head is None:
+            return []
+        if head.lost:
+            return [head]
+        out = [head]
+        for item in itertools.islice(self._q, 1, most):
+            if item.lost:
+                break
+            out.append(item)
+        return out
+
     def pop(self, note: _Note) -> None:
         if self._q and self._q[0] is note:
             self._q.popleft()
@@ -223,6 +293,11 @@ class Device:
 class _EtsiSource(FetchingSource):
     """What both ends share: the device, its Status check, counters, the backoff."""
 
+    # Every fetch that returns nothing has waited already: for its wake event (the
+    # agreement's window, a note), or the backoff. A second wait after it held each block
+    # of the pipeline back by 50 ms: 0.9 Mb/s at 1 KiB calls, whatever the device's speed.
+    idle_s = 0.0
+
     def __init__(self, link: str, cfg: Etsi014Source, own: Etsi014End, peer_sae: str,
                  base_dir: Path, role: str):
         super().__init__(f"ETSI 014 device {own.kme} as SAE {own.sae_id} ({role})")
@@ -235,6 +310,7 @@ class _EtsiSource(FetchingSource):
                                max(MAX_BACKOFF_S, cfg.poll_interval_ms / 1000))
         self.recent = RecentIds()
         self._checked = False
+        self.max_per_request: int | None = None  # the device's, from its Status
         self._lock = threading.Lock()
         self._wake_fetch = threading.Event()
         # reconnects: calls answered on a new connection after the device had closed the
@@ -246,6 +322,7 @@ class _EtsiSource(FetchingSource):
     def connect(self) -> None:
         self.device.open()  # certificate files only: nothing that blocks the caller
         self._checked = False
+        self.max_per_request = None
 
     def disconnect(self) -> None:
         self.device.close()
@@ -274,10 +351,18 @@ class _EtsiSource(FetchingSource):
         with self._lock:
             self.counters[name] += n
 
-    def _request(self, call: etsi.Call) -> tuple[int, bytes]:
-        try:
-            if not self._checked:
+    def _ready(self) -> None:
+        """Before the first call on a connection: the device's Status (its limits)."""
+        if not self._checked:
+            try:
                 self._check_status()
+            except SourceUnavailable:
+                self._count("device_errors")
+                raise
+
+    def _request(self, call: etsi.Call) -> tuple[int, bytes]:
+        self._ready()
+        try:
             self._count("calls")
             answer = self.device.call(call)
             if self.device.retried:
@@ -299,6 +384,7 @@ class _EtsiSource(FetchingSource):
             except ValueError:
                 doc = None
             problems = check_status(doc, self.cfg.keys_per_call, self.cfg.key_size)
+            self.max_per_request = device_max_per_request(doc)
             if problems:
                 raise SourceUnavailable(f"device {self.device.url}: " + "; ".join(problems))
         self._checked = True
@@ -325,16 +411,18 @@ class EtsiLeaderSource(_EtsiSource):
         self.epoch = secrets.randbits(63)  # new per process: block ids never repeat
         self.seq = 0
         self._may_fetch = False
+        self._room = 0  # blocks the window has room for (fetched ones taken off at once)
         self._notes: deque[tuple[float, KeyIds]] = deque()
 
     def on_agreement(self, synced: bool, undecided: int) -> None:
         with self._cond:
             queued = len(self._queue)
-        may = synced and undecided + queued < WINDOW_BLOCKS
-        if may != self._may_fetch:
-            self._may_fetch = may
-            if may:
-                self._wake_fetch.set()
+        with self._lock:
+            self._room = WINDOW_BLOCKS - undecided - queued
+            may = synced and self._room > 0
+            changed, self._may_fetch = may != self._may_fetch, may
+        if changed and may:
+            self._wake_fetch.set()
 
     def outgoing(self) -> list[Message]:
         """The notes to send now; those the agreement has given up on are dropped."""
@@ -349,10 +437,16 @@ class EtsiLeaderSource(_EtsiSource):
             self._wake_fetch.wait(0.2)
             self._wake_fetch.clear()
             return []
-        status, body = self._request(etsi.enc_keys_call(self.peer_sae, self.cfg.keys_per_call,
+        self._ready()
+        n = self.cfg.keys_per_call
+        with self._lock:
+            count = batch_blocks(self._room, n, self.max_per_request)
+            self._room -= count  # until the key manager counts them: no second batch
+            self._may_fetch = self._room > 0
+        status, body = self._request(etsi.enc_keys_call(self.peer_sae, count * n,
                                                         self.cfg.key_size))
         try:
-            keys = etsi.parse_enc_keys(status, body, self.cfg.keys_per_call, self.key_bytes)
+            keys = etsi.parse_enc_keys(status, body, count * n, self.key_bytes)
             ids = [k for k, _ in keys]
             self.recent.check(ids)
         except NotEnoughKey as e:
@@ -366,14 +460,17 @@ class EtsiLeaderSource(_EtsiSource):
                                     f"({e}); those keys are not used") from None
         self._got_key()
         self.recent.add(ids)
-        block = (self.epoch, self.seq)
-        self.seq += 1
-        data = join_keys([k for _, k in keys])
+        out: list[Block] = []
+        now = time.monotonic()
         with self._lock:
-            self._notes.append((time.monotonic(), KeyIds(block, tuple(ids))))
-            self.counters["blocks"] += 1
-            self.counters["bytes"] += len(data)
-        return [(block, data)]
+            for i, data in enumerate(split_blocks([k for _, k in keys], n)):
+                block = (self.epoch, self.seq)
+                self.seq += 1
+                self._notes.append((now, KeyIds(block, tuple(ids[i * n:(i + 1) * n]))))
+                self.counters["blocks"] += 1
+                self.counters["bytes"] += len(data)
+                out.append((block, data))
+        return out
 
 
 class EtsiFollowerSource(_EtsiSource):
@@ -382,6 +479,7 @@ class EtsiFollowerSource(_EtsiSource):
     def __init__(self, link: str, cfg: Etsi014Source, base_dir: Path):
         super().__init__(link, cfg, cfg.b, cfg.a.sae_id, base_dir, "follower")
         self.notes = NoteQueue()
+        self._single = False  # a batch was refused: ask for one note's keys at a time
         self.counters.update({"notes_skipped": 0})
 
     def on_peer_note(self, msg: Message) -> None:
@@ -411,49 +509,68 @@ class EtsiFollowerSource(_EtsiSource):
 
     def fetch(self) -> list[Block]:
         with self._lock:
-            item = self.notes.head(time.monotonic())
-        if item is None:
+            items = self.notes.batch(time.monotonic(), MAX_BATCH_BLOCKS)
+        if not items:
             self._wake_fetch.wait(0.2)
             self._wake_fetch.clear()
             return []
-        ids = item.note.key_ids
-        try:
-            self.recent.check(ids)
-        except BadAnswer as e:
-            return self._skip(item, f"the leader named a key again ({e})")
+        self._ready()
+        n = self.cfg.keys_per_call
+        items = items[:1 if self._single else batch_blocks(len(items), n, self.max_per_request)]
+        for i, item in enumerate(items):  # a repeated key ID ends the batch before its note
+            try:
+                self.recent.check(item.note.key_ids)
+            except BadAnswer as e:
+                if i == 0:
+                    return self._skip(item, f"the leader named a key again ({e})")
+                items = items[:i]
+                break
+        ids = [k for item in items for k in item.note.key_ids]
         try:
             status, body = self._request(etsi.dec_keys_call(self.peer_sae, ids))
         except SourceUnavailable:
-            item.lost = True  # the note stays: the keys may still be at the device
+            for item in items:
+                item.lost = True  # the notes stay: the keys may still be at the device
             raise
-        item.lost |= self.device.retried  # its first try may have reached the device
+        for item in items:
+            item.lost |= self.device.retried  # its first try may have reached the device
         try:
-            data = join_keys(etsi.parse_dec_keys(status, body, ids, self.key_bytes))
+            keys = etsi.parse_dec_keys(status, body, ids, self.key_bytes)
         except NotEnoughKey as e:
             return self._wait_for_key(e)
         except Refused as e:
-            if e.status == 400:
-                # Keys not (or no longer) there: gone for good if an earlier call with them
-                # got no answer; else the device may lag behind the leader's, so ask again
-                # (until the note expires).
-                if item.lost:
-                    return self._skip(item, f"its keys are gone from the device ({e})")
+            move = on_refusal(len(items), e.status, items[0].lost)
+            if move == Refusal.ONE_BY_ONE:
+                self._single = True
+            elif move == Refusal.SKIP:
+                return self._skip(items[0], f"its keys are gone from the device ({e})")
+            elif move == Refusal.WAIT:  # until the note expires
                 self._stopping.wait(self.backoff.fail())
-                return []
-            raise SourceUnavailable(f"device {self.device.url} refused dec_keys from "
-                                    f"{self.peer_sae}: {e}") from None
+            else:
+                raise SourceUnavailable(f"device {self.device.url} refused dec_keys from "
+                                        f"{self.peer_sae}: {e}") from None
+            return []
         except BadAnswer as e:
             self._count("bad_answers")
-            self._skip(item, f"the device answered dec_keys wrongly ({e})")
+            if len(items) > 1:  # the device may have handed the keys out: each alone next
+                for item in items:
+                    item.lost = True
+                self._single = True
+            else:
+                self._skip(items[0], f"the device answered dec_keys wrongly ({e})")
             raise SourceUnavailable(f"device {self.device.url} answered dec_keys wrongly "
                                     f"({e}); those keys are not used") from None
         self._got_key()
+        self._single = False
         self.recent.add(ids)
+        out: list[Block] = []
         with self._lock:
-            self.notes.pop(item)
-            self.counters["blocks"] += 1
-            self.counters["bytes"] += len(data)
-        return [(item.note.block, data)]
+            for item, data in zip(items, split_blocks(keys, n), strict=True):
+                self.notes.pop(item)
+                self.counters["blocks"] += 1
+                self.counters["bytes"] += len(data)
+                out.append((item.note.block, data))
+        return out
 
 
 def make_etsi_source(topo: Topology, node: str, link: LinkSpec) -> _EtsiSource:
