@@ -225,8 +225,12 @@ class Etsi014Source(_Strict):
     a: Etsi014End
     b: Etsi014End
     keys_per_call: int = Field(32, ge=1, le=MAX_KEYS_PER_NOTE,
-                               description="keys per enc_keys call; one call = one block")
+                               description="keys per block")
     key_size: int = Field(256, description="bits per key")
+    blocks_per_call: int = Field(8, ge=1, le=8,
+                                 description="most blocks one enc_keys or dec_keys call "
+                                             "fetches (the device's max_key_per_request "
+                                             "permitting); 1: one call per block")
     poll_interval_ms: int = Field(100, ge=1, le=60_000,
                                   description="first wait when the device has no key; "
                                               "doubles while it stays without")

@@ -62,7 +62,6 @@ WINDOW_BLOCKS = 8          # blocks the leader lets be undecided before it asks 
 MAX_NOTES = 256            # notes the follower holds; older ones are dropped
 RECENT_IDS = 1 << 16       # key IDs remembered to refuse a repeated one
 MAX_BACKOFF_S = 2.0        # longest wait between asks when the device has no key
-MAX_BATCH_BLOCKS = WINDOW_BLOCKS  # blocks one call may fetch (the device's limit permitting)
 
 
 # ---- the I/O-free parts -----------------------------------------------------------------
@@ -77,16 +76,17 @@ def join_keys(keys: list[bytes]) -> bytearray:
     return out
 
 
-def batch_blocks(wanted: int, keys_per_call: int, max_per_request: int | None) -> int:
+def batch_blocks(wanted: int, most: int, keys_per_call: int,
+                 max_per_request: int | None) -> int:
     """Blocks one call fetches: up to ``wanted`` (what the window or the waiting notes
-    allow) and MAX_BATCH_BLOCKS, as many whole blocks as the device's
-    ``max_key_per_request`` holds (unknown: one). At least one.
+    allow) and ``most`` (the config's ``blocks_per_call``), as many whole blocks as the
+    device's ``max_key_per_request`` holds (unknown: one). At least one.
 
     A call costs the device's round trip whatever its size, so one call per block of a
     few KiB held a link to a few Mb/s; the blocks stay as configured (the agreement's
     unit, and what is lost with a lost note)."""
     fits = max_per_request // keys_per_call if max_per_request else 1
-    return max(1, min(wanted, MAX_BATCH_BLOCKS, fits))
+    return max(1, min(wanted, most, fits))
 
 
 def split_blocks(keys: list[bytes], keys_per_block: int) -> list[bytearray]:
@@ -440,7 +440,8 @@ class EtsiLeaderSource(_EtsiSource):
         self._ready()
         n = self.cfg.keys_per_call
         with self._lock:
-            count = batch_blocks(self._room, n, self.max_per_request)
+            count = batch_blocks(self._room, self.cfg.blocks_per_call, n,
+                                 self.max_per_request)
             self._room -= count  # until the key manager counts them: no second batch
             self._may_fetch = self._room > 0
         status, body = self._request(etsi.enc_keys_call(self.peer_sae, count * n,
@@ -509,14 +510,15 @@ class EtsiFollowerSource(_EtsiSource):
 
     def fetch(self) -> list[Block]:
         with self._lock:
-            items = self.notes.batch(time.monotonic(), MAX_BATCH_BLOCKS)
+            items = self.notes.batch(time.monotonic(), self.cfg.blocks_per_call)
         if not items:
             self._wake_fetch.wait(0.2)
             self._wake_fetch.clear()
             return []
         self._ready()
         n = self.cfg.keys_per_call
-        items = items[:1 if self._single else batch_blocks(len(items), n, self.max_per_request)]
+        most = 1 if self._single else self.cfg.blocks_per_call
+        items = items[:batch_blocks(len(items), most, n, self.max_per_request)]
         for i, item in enumerate(items):  # a repeated key ID ends the batch before its note
             try:
                 self.recent.check(item.note.key_ids)

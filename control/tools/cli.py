@@ -408,6 +408,22 @@ def bench_lkm(seconds: Annotated[float, typer.Option(help="measuring time")] = 1
         print(json.dumps(result))
 
 
+@bench_app.command("etsi")
+def bench_etsi(seconds: Annotated[float, typer.Option(help="measuring time per run")] = 8.0,
+               repeat: Annotated[int, typer.Option(min=1, help="runs per mode")] = 3,
+               keys: Annotated[int, typer.Option(help="keys per block")] = 32,
+               bits: Annotated[int, typer.Option(help="bits per key")] = 256,
+               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A link fed by ETSI GS QKD 014 devices (qkdnet's key API stands in for them)."""
+    need_root()
+    from bench.etsi import run
+
+    result = run(seconds=seconds, repeat=repeat, keys=keys, bits=bits,
+                 console=err if as_json else out)
+    if as_json:
+        print(json.dumps(result))
+
+
 @bench_app.command("otp")
 def bench_otp(
     seconds: Annotated[float, typer.Option(help="iperf3 time per point")] = 1.5,
