@@ -62,6 +62,7 @@ WINDOW_BLOCKS = 8          # blocks the leader lets be undecided before it asks 
 MAX_NOTES = 256            # notes the follower holds; older ones are dropped
 RECENT_IDS = 1 << 16       # key IDs remembered to refuse a repeated one
 MAX_BACKOFF_S = 2.0        # longest wait between asks when the device has no key
+MAX_CALL_BYTES = 16 << 20  # key one batched call asks for at most (one block may be more)
 
 
 # ---- the I/O-free parts -----------------------------------------------------------------
@@ -76,17 +77,18 @@ def join_keys(keys: list[bytes]) -> bytearray:
     return out
 
 
-def batch_blocks(wanted: int, most: int, keys_per_call: int,
+def batch_blocks(wanted: int, most: int, keys_per_call: int, key_bytes: int,
                  max_per_request: int | None) -> int:
     """Blocks one call fetches: up to ``wanted`` (what the window or the waiting notes
     allow) and ``most`` (the config's ``blocks_per_call``), as many whole blocks as the
-    device's ``max_key_per_request`` holds (unknown: one). At least one.
+    device's ``max_key_per_request`` holds (unknown: one) and MAX_CALL_BYTES (an answer
+    of 16 MiB of key is some 22 MB of JSON). At least one.
 
     A call costs the device's round trip whatever its size, so one call per block of a
     few KiB held a link to a few Mb/s; the blocks stay as configured (the agreement's
     unit, and what is lost with a lost note)."""
     fits = max_per_request // keys_per_call if max_per_request else 1
-    return max(1, min(wanted, most, fits))
+    return max(1, min(wanted, most, fits, MAX_CALL_BYTES // (keys_per_call * key_bytes)))
 
 
 def split_blocks(keys: list[bytes], keys_per_block: int) -> list[bytearray]:
@@ -440,7 +442,7 @@ class EtsiLeaderSource(_EtsiSource):
         self._ready()
         n = self.cfg.keys_per_call
         with self._lock:
-            count = batch_blocks(self._room, self.cfg.blocks_per_call, n,
+            count = batch_blocks(self._room, self.cfg.blocks_per_call, n, self.key_bytes,
                                  self.max_per_request)
             self._room -= count  # until the key manager counts them: no second batch
             self._may_fetch = self._room > 0
@@ -518,7 +520,7 @@ class EtsiFollowerSource(_EtsiSource):
         self._ready()
         n = self.cfg.keys_per_call
         most = 1 if self._single else self.cfg.blocks_per_call
-        items = items[:batch_blocks(len(items), most, n, self.max_per_request)]
+        items = items[:batch_blocks(len(items), most, n, self.key_bytes, self.max_per_request)]
         for i, item in enumerate(items):  # a repeated key ID ends the batch before its note
             try:
                 self.recent.check(item.note.key_ids)
