@@ -290,7 +290,7 @@ class TunnelManager:
         self._write_seen = -1
         self.peer_workers = 0
         self.started = time.time()
-        self.state_said: tuple[bool, str] | None = None  # the link state last logged
+        self.state_said: bool | None = None  # the link state last logged (up or down)
         self.ident = process_identity(os.getpid())  # the router tells a stalled manager
         self.guard: Guard | None = None
         self.guard_off = cfg.guard_off
@@ -487,10 +487,11 @@ class TunnelManager:
 
     def _say_state(self, up: bool, reason: str, enc: KeyRing, now: float) -> None:
         """Log each change of the link's state, with what led to it: the operator's
-        record of when and why the routers lost or regained the link."""
-        if (up, reason) == self.state_said or (self.state_said is None and not up):
-            return  # said once it changes, not while the link first comes up
-        self.state_said = (up, reason)
+        record of when and why the routers lost or regained the link. Not while it first
+        comes up, nor when only the reason it is down changes (no flood of lines)."""
+        if up == self.state_said or (self.state_said is None and not up):
+            return
+        self.state_said = up
         if up:
             log.info("link %s: up", self.cfg.link.name)
             return
