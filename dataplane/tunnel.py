@@ -487,8 +487,8 @@ class TunnelManager:
 
     def _say_state(self, up: bool, reason: str, enc: KeyRing, now: float) -> None:
         """Log each change of the link's state, with what led to it: the operator's
-        record of when and why the routers lost or regained the link. Not while it first
-        comes up, nor when only the reason it is down changes (no flood of lines)."""
+        record of when and why the routers lost or regained the link. Not the "down"
+        before it first comes up, nor a change of only the reason it is down."""
         if up == self.state_said or (self.state_said is None and not up):
             return
         self.state_said = up

@@ -76,22 +76,28 @@ def ring_summary(name: str) -> dict:
     except RingError as e:
         return {"error": str(e)}
     try:
-        c = ring.cursors()
-        lo = c.claim_pos if ring.is_enc else c.release_pos
-        out = {"enc": ring.is_enc, "write": c.write_pos, "claim": c.claim_pos,
-               "release": c.release_pos, "free": ring.free_pos, "capacity": c.capacity,
-               "lanes": [(lane, *ring.chunk_of(lane)) for lane in range(MAX_LANES)
-                         if ring.chunk_of(lane)[2]]}
-        n = (c.write_pos - lo) // 64 * 64
-        if n > 0:
-            zero = ~ring.read(lo, n).reshape(-1, 64).any(axis=1)
-            idx = np.flatnonzero(zero)
-            out.update(zero_pieces=int(idx.size),
-                       first_zero=int(lo + 64 * idx[0]) if idx.size else None,
-                       last_zero=int(lo + 64 * idx[-1]) if idx.size else None)
-        return out
+        return _ring_summary(ring)
+    except RingError as e:
+        return {"error": str(e)}
     finally:
         ring.close()
+
+
+def _ring_summary(ring: KeyRing) -> dict:
+    c = ring.cursors()
+    lo = c.claim_pos if ring.is_enc else c.release_pos
+    out = {"enc": ring.is_enc, "write": c.write_pos, "claim": c.claim_pos,
+           "release": c.release_pos, "free": ring.free_pos, "capacity": c.capacity,
+           "lanes": [(lane, *ring.chunk_of(lane)) for lane in range(MAX_LANES)
+                     if ring.chunk_of(lane)[2]]}
+    n = (c.write_pos - lo) // 64 * 64
+    if n > 0:  # the network still runs: a release may pass lo meanwhile (RingError)
+        zero = ~ring.read(lo, n).reshape(-1, 64).any(axis=1)
+        idx = np.flatnonzero(zero)
+        out.update(zero_pieces=int(idx.size),
+                   first_zero=int(lo + 64 * idx[0]) if idx.size else None,
+                   last_zero=int(lo + 64 * idx[-1]) if idx.size else None)
+    return out
 
 
 @pytest.fixture
@@ -100,8 +106,12 @@ def prefix(request, tmp_path_factory):
     (the node logs are kept when the test failed)."""
     p = "t" + uuid.uuid4().hex[:7]
     yield p
-    keep_logs_if_failed(request, tmp_path_factory.getbasetemp(), p)
-    emulation.net_down(p)
+    try:
+        keep_logs_if_failed(request, tmp_path_factory.getbasetemp(), p)
+    except Exception as e:  # noqa: BLE001 - the post-mortem must never stop the cleanup
+        print(f"\n{request.node.nodeid}: the logs of {p} could not be kept: {e!r}")
+    finally:
+        emulation.net_down(p)
 
 
 def two_nodes(prefix: str, *, rate: float = 200, block: str = "64KiB",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from api.etsi import BadAnswer
+from api.etsi import BadAnswer, key_container
 from control.core import paths
 from control.core.config import ConfigError, EmulatorSource, Etsi014Source, parse_topology
 from control.lkm.messages import (
@@ -36,7 +36,9 @@ from control.lkm.messages import (
     encode,
 )
 from control.lkm.source_etsi import (
+    WINDOW_BLOCKS,
     Backoff,
+    EtsiLeaderSource,
     NoteQueue,
     RecentIds,
     Refusal,
@@ -233,6 +235,62 @@ def test_a_refused_batch_is_asked_for_note_by_note_and_only_a_lost_note_is_skipp
     assert on_refusal(1, 400, lost=False) == Refusal.WAIT  # the device lags
     assert on_refusal(1, 400, lost=True) == Refusal.SKIP   # an unanswered call took them
     assert on_refusal(1, 401, lost=False) == on_refusal(4, 403, True) == Refusal.FAIL
+
+
+class InstantDevice:
+    """The leader's device without HTTPS, for the window logic alone: answers Status and
+    enc_keys at once from a stock of keys (503 when it holds fewer than asked)."""
+
+    url, retried = "https://device", False
+
+    def __init__(self, stock: int, key_bytes: int):
+        self.stock, self.key_bytes, self.asked = stock, key_bytes, []
+
+    def call(self, call):
+        if call.path.endswith("/status"):
+            return 200, json.dumps({"max_key_per_request": 1024}).encode()
+        number = json.loads(call.body)["number"]
+        self.asked.append(number)
+        if number > self.stock:
+            return 503, json.dumps({"message": "not enough key"}).encode()
+        self.stock -= number
+        ids = [str(uuid.uuid4()) for _ in range(number)]
+        return 200, key_container(ids, [secrets.token_bytes(self.key_bytes)] * number)
+
+
+def _leader(stock: int) -> EtsiLeaderSource:
+    src = EtsiLeaderSource("E", _topo(n=32, size=256).links[0].source, Path("/cfg"))
+    src.device = InstantDevice(stock, 32)  # type: ignore[assignment]
+    return src
+
+
+def test_the_leader_never_has_more_blocks_out_than_its_window():
+    src = _leader(stock=1 << 20)
+    src.on_agreement(True, 0)
+    first = src.fetch()
+    assert len(first) == WINDOW_BLOCKS  # one call
+    src.on_agreement(True, 0)  # they are on their way to the queue: counted all the same
+    assert src.fetch() == [] and src.device.asked == [WINDOW_BLOCKS * 32]
+    with src._cond:  # queued, then taken by the key manager: undecided
+        src._queue.extend(first)
+        src.queued(len(first))
+    src.on_agreement(True, 0)
+    assert src.fetch() == []
+    src._queue.clear()
+    src.on_agreement(True, WINDOW_BLOCKS - 3)  # 3 decided
+    assert len(src.fetch()) == 3 and src.device.asked[-1] == 3 * 32
+    assert [b for b, _ in first] == [(src.epoch, s) for s in range(WINDOW_BLOCKS)]
+
+
+def test_a_device_short_of_key_for_a_batch_is_asked_for_fewer_blocks_at_once():
+    src = _leader(stock=100)  # keys: enough for 3 blocks of 32, not for 8
+    src.on_agreement(True, 0)
+    got = []
+    for _ in range(5):
+        got += src.fetch()
+    # halved at each 503, then one block more after each answer
+    assert src.device.asked == [256, 128, 64, 96, 32] and len(got) == 3
+    assert src.stats()["no_key"] == 0  # no backoff wait on the way down
 
 
 def test_backoff_doubles_to_its_cap_and_starts_over():

@@ -161,6 +161,9 @@ class FetchingSource:
     def disconnect(self) -> None:
         pass
 
+    def queued(self, n: int) -> None:
+        """``n`` blocks ``fetch`` returned are in the queue now (under its lock)."""
+
     # -- KeySource ----------------------------------------------------------------------
     def open(self) -> None:
         if self._orphan is not None:
@@ -234,6 +237,7 @@ class FetchingSource:
                 if blocks:
                     with self._cond:
                         self._queue.extend(blocks)
+                        self.queued(len(blocks))
                     _wake(wake_fd)
                 else:
                     stopping.wait(self.idle_s)

@@ -412,15 +412,26 @@ class EtsiLeaderSource(_EtsiSource):
         super().__init__(link, cfg, cfg.a, cfg.b.sae_id, base_dir, "leader")
         self.epoch = secrets.randbits(63)  # new per process: block ids never repeat
         self.seq = 0
-        self._may_fetch = False
-        self._room = 0  # blocks the window has room for (fetched ones taken off at once)
+        self._may_fetch = self._synced = False
+        self._room = 0  # blocks the window has room for
+        self._asked = 0  # blocks of a call in progress or not yet queued: in no count
+        self._most = cfg.blocks_per_call  # halved by a 503 for a batch, regrows by one
         self._notes: deque[tuple[float, KeyIds]] = deque()
+
+    def connect(self) -> None:
+        super().connect()
+        self._asked = 0  # a new run: nothing of the last one is on its way
+
+    def queued(self, n: int) -> None:
+        with self._lock:
+            self._asked -= n
 
     def on_agreement(self, synced: bool, undecided: int) -> None:
         with self._cond:
             queued = len(self._queue)
         with self._lock:
-            self._room = WINDOW_BLOCKS - undecided - queued
+            self._synced = synced
+            self._room = WINDOW_BLOCKS - undecided - queued - self._asked
             may = synced and self._room > 0
             changed, self._may_fetch = may != self._may_fetch, may
         if changed and may:
@@ -442,10 +453,25 @@ class EtsiLeaderSource(_EtsiSource):
         self._ready()
         n = self.cfg.keys_per_call
         with self._lock:
-            count = batch_blocks(self._room, self.cfg.blocks_per_call, n, self.key_bytes,
+            count = batch_blocks(self._room, self._most, n, self.key_bytes,
                                  self.max_per_request)
-            self._room -= count  # until the key manager counts them: no second batch
+            self._room -= count
+            self._asked += count  # until queued (on_agreement counts them from there)
             self._may_fetch = self._room > 0
+        blocks: list[Block] = []
+        try:
+            blocks = self._fetch(count)
+        finally:
+            if not blocks:  # none on its way: the window has room for them again
+                with self._lock:
+                    self._asked -= count
+                    self._room += count
+                    self._may_fetch = self._synced and self._room > 0
+        return blocks
+
+    def _fetch(self, count: int) -> list[Block]:
+        """One enc_keys call for ``count`` blocks."""
+        n = self.cfg.keys_per_call
         status, body = self._request(etsi.enc_keys_call(self.peer_sae, count * n,
                                                         self.cfg.key_size))
         try:
@@ -453,6 +479,9 @@ class EtsiLeaderSource(_EtsiSource):
             ids = [k for k, _ in keys]
             self.recent.check(ids)
         except NotEnoughKey as e:
+            if count > 1:  # it may have key for fewer: ask for half as many at once
+                self._most = max(1, count // 2)
+                return []
             return self._wait_for_key(e)
         except Refused as e:
             raise SourceUnavailable(f"device {self.device.url} refused enc_keys for "
@@ -462,6 +491,7 @@ class EtsiLeaderSource(_EtsiSource):
             raise SourceUnavailable(f"device {self.device.url} answered enc_keys wrongly "
                                     f"({e}); those keys are not used") from None
         self._got_key()
+        self._most = min(self.cfg.blocks_per_call, self._most + 1)
         self.recent.add(ids)
         out: list[Block] = []
         now = time.monotonic()
