@@ -40,6 +40,7 @@ from bench.harness import BenchError, Net, wait_until
 from bench.runs import median_run
 from bench.topology import line, template
 from control.core import paths
+from control.core.config import Topology
 
 _fork = mp.get_context("fork")
 DEFAULT_KEYS, DEFAULT_BITS, DEFAULT_BATCH = 32, 256, 8
@@ -71,7 +72,7 @@ LINK = """
 name = "bench-etsi-link"
 prefix = "{prefix}"
 [defaults]
-ring_capacity = "256MiB"
+ring_capacity = "{ring}"
 [ports]
 agreement = 7551
 [gkm]
@@ -93,7 +94,7 @@ kind = "etsi014"
 keys_per_call = {keys}
 key_size = {bits}
 blocks_per_call = {batch}
-poll_interval_ms = 20
+poll_interval_ms = {poll_ms}
 [links.source.a]
 kme = "https://{kme_a}:{port}"
 sae_id = "la"
@@ -118,23 +119,39 @@ class DeviceNet(Net):
 
 # ---- the link's two ends, each in its device's namespace -----------------------------------
 
+def link_config(prefix: str, devices: Topology, key_file: Path, *, keys: int, bits: int,
+                batch: int = DEFAULT_BATCH, ring: str = "256MiB", poll_ms: int = 20) -> str:
+    """The topology of link E between the device nodes A and B of ``devices`` (on their
+    underlay addresses), fed by their key APIs (also tests/test_keysource_etsi.py's)."""
+    lk = devices.links[0]
+    return LINK.format(prefix=prefix, ula=lk.underlay_a, ulb=lk.underlay_b, key=key_file,
+                       keys=keys, bits=bits, batch=batch, ring=ring, poll_ms=poll_ms,
+                       kme_a=devices.node("A").address, kme_b=devices.node("B").address,
+                       port=devices.ports.api, pki=devices.api.pki)
+
+
+def serve_link_end(config: str, node: str, state_dir: str, log_file: str) -> None:
+    """One end of link E: its key manager, as a node runs it (the caller is in the device
+    node's namespace), logging to ``log_file``."""
+    from control.core.config import load_topology
+    from control.lkm.link_end import EndConfig, LinkKeyManager
+
+    logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    topo = load_topology(config)
+    LinkKeyManager(EndConfig.from_topology(topo, node, topo.link("E"),
+                                           Path(state_dir))).run()
+
+
 def _in_netns(ns: str) -> None:
     from pyroute2 import netns
 
     netns.setns(ns, flags=0)  # never create it
 
 
-def _link_end(ns: str, config: str, node: str, state_dir: str, log_file: str) -> None:
-    """One link end's key manager, as a node runs it, inside its device's namespace."""
-    from control.core.config import load_topology
-    from control.lkm.link_end import EndConfig, LinkKeyManager
-
+def _link_end(ns: str, *args: str) -> None:
     _in_netns(ns)
-    logging.basicConfig(filename=log_file, level=logging.INFO, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    topo = load_topology(config)
-    LinkKeyManager(EndConfig.from_topology(topo, node, topo.link("E"),
-                                           Path(state_dir))).run()
+    serve_link_end(*args)
 
 
 def _stored(prefix: str) -> int:
@@ -150,12 +167,9 @@ def measure_link(dev: DeviceNet, workdir: Path, keys: int, bits: int, batch: int
                  seconds: float) -> dict:
     """Key stored per second by link E fed by ``dev``'s key APIs, one run."""
     prefix = "bl" + secrets.token_hex(3)
-    topo, lk = dev.topo, dev.topo.links[0]
     cfg = workdir / f"{prefix}.toml"
-    cfg.write_text(LINK.format(
-        prefix=prefix, ula=lk.underlay_a, ulb=lk.underlay_b, key=workdir / "link.key",
-        keys=keys, bits=bits, batch=batch, kme_a=dev.addr("A"), kme_b=dev.addr("B"),
-        port=topo.ports.api, pki=topo.api.pki))
+    cfg.write_text(link_config(prefix, dev.topo, workdir / "link.key", keys=keys, bits=bits,
+                               batch=batch))
     ends: list = []
     try:
         for node in ("A", "B"):
