@@ -242,6 +242,18 @@ def relay_rows(r: dict) -> list[Row]:
     return rows
 
 
+def etsi_rows(r: dict) -> list[Row]:
+    """A link fed by ETSI 014 devices (no paper figure, no target: the devices' speed is
+    theirs, the row shows how much of it the link gets)."""
+    block = r["block_bytes"]
+    size = f"{block >> 10} KiB" if block >= 1024 else f"{block} B"
+    return [Row("ETSI 014 source", f"key into rings, {size} blocks of {r['keys_per_call']} "
+                                   f"x {r['key_size']}-bit keys",
+                None, mbps(r["ours_mbps"]), mbps(r.get("baseline_mbps")),
+                "one call per block", ceiling=mbps(r.get("ceiling_devices_mbps")),
+                ceiling_name="the two devices alone")]
+
+
 def keyrate_rows(r: dict) -> list[Row]:
     """Global key fill per QKD key rate: the ceiling is the key the direction gets (a fill
     cannot exceed it); the baseline, at its one rate, the conventional dataplane's fill;

@@ -21,6 +21,7 @@ from bench.summary import (
     Row,
     api_rows,
     calibration_line,
+    etsi_rows,
     fmt_ratio,
     gbps,
     gkm_rows,
@@ -103,6 +104,15 @@ def test_rows_match_what_each_bench_computed_itself():
     assert g.paper is None
     assert g.ratio_vs_baseline == pytest.approx(guard["ratio_gbps_on_vs_off"])
     assert g.target is None and g.met is True and g.cells()[-1] == "met"  # its own criterion
+
+
+def test_the_etsi_row_shows_the_link_against_one_call_per_block_and_the_devices():
+    etsi = recorded("2026-12-07-etsi.json")
+    (r,) = etsi_rows(etsi)
+    assert r.ratio_vs_baseline == pytest.approx(etsi["ratio_vs_baseline"])
+    assert r.ratio_vs_ceiling == pytest.approx(etsi["ratio_vs_ceiling"])
+    assert "1 KiB blocks of 32 x 256-bit keys" in r.figure
+    assert r.paper is None and r.target is None and r.met is None
 
 
 def test_rows_carry_each_ceiling_and_judge_its_target_as_the_bench_did():
@@ -281,7 +291,7 @@ def test_record_puts_the_same_table_in_a_readme_with_markers_only(tmp_path):
 
 def test_registry_names_every_bench_once_with_its_rows():
     names = [b.name for b in ball.REGISTRY]
-    assert names == ["lkm", "otp", "gkm", "api", "guard", "relay", "keyrate"]
+    assert names == ["lkm", "etsi", "otp", "gkm", "api", "guard", "relay", "keyrate"]
     assert len(set(names)) == len(names)
     assert {b.plot for b in ball.REGISTRY} >= {"otp-mtu", "gkm-size", "api-size", "relay-hops",
                                                "keyrate"}

@@ -810,7 +810,8 @@ def bench_all(
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="results directory (JSON, plots, log); default bench/results")] = None,
     only: Annotated[list[str] | None, typer.Option(
-        help="run only this bench (repeat): lkm, otp, gkm, api, guard, relay")]
+        help="run only this bench (repeat): lkm, etsi, otp, gkm, api, guard, relay, "
+             "keyrate")]
     = None,
     record: Annotated[bool | None, typer.Option(
         help="rewrite the latest table in bench/RESULTS.md (default: yes, but not for "
