@@ -291,6 +291,7 @@ def test_a_device_short_of_key_for_a_batch_is_asked_for_fewer_blocks_at_once():
     # halved at each 503, then one block more after each answer
     assert src.device.asked == [256, 128, 64, 96, 32] and len(got) == 3
     assert src.stats()["no_key"] == 0  # no backoff wait on the way down
+    assert src.stats()["asked_fewer"] == 3
 
 
 def test_backoff_doubles_to_its_cap_and_starts_over():

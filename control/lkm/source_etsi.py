@@ -417,6 +417,7 @@ class EtsiLeaderSource(_EtsiSource):
         self._asked = 0  # blocks of a call in progress or not yet queued: in no count
         self._most = cfg.blocks_per_call  # halved by a 503 for a batch, regrows by one
         self._notes: deque[tuple[float, KeyIds]] = deque()
+        self.counters.update({"asked_fewer": 0})  # 503s for a batch, each halving the next
 
     def connect(self) -> None:
         super().connect()
@@ -427,11 +428,9 @@ class EtsiLeaderSource(_EtsiSource):
             self._asked -= n
 
     def on_agreement(self, synced: bool, undecided: int) -> None:
-        with self._cond:
-            queued = len(self._queue)
-        with self._lock:
+        with self._cond, self._lock:  # one look at both: queueing moves blocks between them
             self._synced = synced
-            self._room = WINDOW_BLOCKS - undecided - queued - self._asked
+            self._room = WINDOW_BLOCKS - undecided - len(self._queue) - self._asked
             may = synced and self._room > 0
             changed, self._may_fetch = may != self._may_fetch, may
         if changed and may:
@@ -457,7 +456,7 @@ class EtsiLeaderSource(_EtsiSource):
                                  self.max_per_request)
             self._room -= count
             self._asked += count  # until queued (on_agreement counts them from there)
-            self._may_fetch = self._room > 0
+            self._may_fetch = self._synced and self._room > 0
         blocks: list[Block] = []
         try:
             blocks = self._fetch(count)
@@ -481,6 +480,7 @@ class EtsiLeaderSource(_EtsiSource):
         except NotEnoughKey as e:
             if count > 1:  # it may have key for fewer: ask for half as many at once
                 self._most = max(1, count // 2)
+                self._count("asked_fewer")
                 return []
             return self._wait_for_key(e)
         except Refused as e:
