@@ -41,6 +41,7 @@ from bench.runs import median_run
 from bench.topology import line, template
 from control.core import paths
 from control.core.config import Topology
+from control.tools import emulation
 
 _fork = mp.get_context("fork")
 DEFAULT_KEYS, DEFAULT_BITS, DEFAULT_BATCH = 32, 256, 8
@@ -198,18 +199,15 @@ def measure_link(dev: DeviceNet, workdir: Path, keys: int, bits: int, batch: int
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        from control.tools import emulation
-
         emulation.net_down(prefix)
 
 
 # ---- the ceiling: the two devices alone ---------------------------------------------------
 
 def _client(pki: str, sae: str, url: str):
-    from api.client import KmeClient, tls_context
+    from api.client import KmeClient, client_context
 
-    return KmeClient(url, tls_context(Path(pki) / "ca.crt", Path(pki) / "saes" / f"{sae}.crt",
-                                      Path(pki) / "saes" / f"{sae}.key"), 10.0)
+    return KmeClient(url, client_context(pki, sae), 10.0)
 
 
 def _enc_side(ns: str, pki: str, url: str, number: int, bits: int, ids: mp.Queue,

@@ -179,15 +179,15 @@ def test_a_block_is_its_keys_one_after_the_other():
 
 
 def test_one_call_fetches_as_many_whole_blocks_as_window_and_device_allow():
-    assert batch_blocks(8, 8, 32, 32, 1024) == 8        # the window's room
-    assert batch_blocks(3, 8, 32, 32, 1024) == 3        # what is wanted
-    assert batch_blocks(8, 2, 32, 32, 1024) == 2        # the config's most
-    assert batch_blocks(8, 8, 32, 32, 100) == 3         # whole blocks the device allows
-    assert batch_blocks(8, 8, 32, 32, None) == 1        # limit unknown: one block
-    assert batch_blocks(8, 8, 16, 1 << 16, 1024) == 8   # 8 MiB a call
-    assert batch_blocks(8, 8, 16, 1 << 18, 1024) == 4   # 16 MiB a call at most
-    assert batch_blocks(8, 8, 32, 1 << 20, 1024) == 1   # a block of 32 MiB alone
-    assert batch_blocks(8, 8, 32, 32, 31) == batch_blocks(0, 8, 32, 32, 1024) == 1
+    assert batch_blocks(8, 32, 32, 1024) == 8        # the window's room
+    assert batch_blocks(3, 32, 32, 1024) == 3        # what is wanted
+    assert batch_blocks(min(8, 2), 32, 32, 1024) == 2  # the config's most
+    assert batch_blocks(8, 32, 32, 100) == 3         # whole blocks the device allows
+    assert batch_blocks(8, 32, 32, None) == 1        # limit unknown: one block
+    assert batch_blocks(8, 16, 1 << 16, 1024) == 8   # 8 MiB a call
+    assert batch_blocks(8, 16, 1 << 18, 1024) == 4   # 16 MiB a call at most
+    assert batch_blocks(8, 32, 1 << 20, 1024) == 1   # a block of 32 MiB alone
+    assert batch_blocks(8, 32, 32, 31) == batch_blocks(0, 32, 32, 1024) == 1
     assert device_max_per_request({"max_key_per_request": 128}) == 128
     assert [device_max_per_request(d) for d in ({}, [], {"max_key_per_request": True},
                                                  {"max_key_per_request": 0})] == [None] * 4

@@ -77,18 +77,18 @@ def join_keys(keys: list[bytes]) -> bytearray:
     return out
 
 
-def batch_blocks(wanted: int, most: int, keys_per_call: int, key_bytes: int,
+def batch_blocks(wanted: int, keys_per_call: int, key_bytes: int,
                  max_per_request: int | None) -> int:
-    """Blocks one call fetches: up to ``wanted`` (what the window or the waiting notes
-    allow) and ``most`` (the config's ``blocks_per_call``), as many whole blocks as the
-    device's ``max_key_per_request`` holds (unknown: one) and MAX_CALL_BYTES (an answer
-    of 16 MiB of key is some 22 MB of JSON). At least one.
+    """Blocks one call fetches: up to ``wanted`` (the config's ``blocks_per_call``, and
+    the window's room), as many whole blocks as the device's ``max_key_per_request``
+    holds (unknown: one) and MAX_CALL_BYTES (an answer of 16 MiB of key is some 22 MB
+    of JSON). At least one.
 
     A call costs the device's round trip whatever its size, so one call per block of a
     few KiB held a link to a few Mb/s; the blocks stay as configured (the agreement's
     unit, and what is lost with a lost note)."""
     fits = max_per_request // keys_per_call if max_per_request else 1
-    return max(1, min(wanted, most, fits, MAX_CALL_BYTES // (keys_per_call * key_bytes)))
+    return max(1, min(wanted, fits, MAX_CALL_BYTES // (keys_per_call * key_bytes)))
 
 
 def split_blocks(keys: list[bytes], keys_per_block: int) -> list[bytearray]:
@@ -406,7 +406,8 @@ class _EtsiSource(FetchingSource):
 
 
 class EtsiLeaderSource(_EtsiSource):
-    """Link end a: enc_keys at its device for the follower's SAE, one block per call."""
+    """Link end a: enc_keys at its device for the follower's SAE, up to
+    ``blocks_per_call`` blocks a call."""
 
     def __init__(self, link: str, cfg: Etsi014Source, base_dir: Path):
         super().__init__(link, cfg, cfg.a, cfg.b.sae_id, base_dir, "leader")
@@ -452,7 +453,7 @@ class EtsiLeaderSource(_EtsiSource):
         self._ready()
         n = self.cfg.keys_per_call
         with self._lock:
-            count = batch_blocks(self._room, self._most, n, self.key_bytes,
+            count = batch_blocks(min(self._room, self._most), n, self.key_bytes,
                                  self.max_per_request)
             self._room -= count
             self._asked += count  # until queued (on_agreement counts them from there)
@@ -547,10 +548,10 @@ class EtsiFollowerSource(_EtsiSource):
             self._wake_fetch.wait(0.2)
             self._wake_fetch.clear()
             return []
-        self._ready()
+        self._ready()  # the device's limit, from its Status
         n = self.cfg.keys_per_call
-        most = 1 if self._single else self.cfg.blocks_per_call
-        items = items[:batch_blocks(len(items), most, n, self.key_bytes, self.max_per_request)]
+        items = items[:batch_blocks(1 if self._single else len(items), n, self.key_bytes,
+                                    self.max_per_request)]
         for i, item in enumerate(items):  # a repeated key ID ends the batch before its note
             try:
                 self.recent.check(item.note.key_ids)
