@@ -96,6 +96,7 @@ SHM_DIR = Path("/dev/shm")
  F_FREE, F_DURABLE, F_IN, F_WASTED, F_USED_DONE, F_USED_CONTROL, F_SKIPPED,
  F_RELEASED, F_CLAIM_FLOOR) = range(18)
 DURABLE_AHEAD = 64 << 20  # claims are made durable this far ahead: one fsync per 64 MiB
+ZERO_SCAN = 1 << 20  # bytes looked at per step for a run of wiped key
 ROLE_ENC, ROLE_DEC = 0, 1
 LANE_BASE = 64  # header word index of lane 0
 LANE_WORDS = 3  # ENC: start, used, end of the chunk held; DEC: next, announced release, -
@@ -520,6 +521,40 @@ class KeyRing:
             self._give_up_locked(lane, dead)
         finally:
             self._unlock()
+
+    def retire_wiped(self, lane: int) -> int:
+        """ENC: ``lane``'s holder met wiped key (zeros) where its pad should be.
+
+        Wiped key never lies at or above the claims unless something went wrong (it did
+        once: a give-up that wiped refilled slots). Its chunk is given up as dead, so
+        nothing of it is handed out again, and the run of zeros from the claim point on
+        is skipped as wasted, so the next claims start on key instead of meeting the same
+        run a packet or a keepalive at a time (one keepalive a claim: a link of 100 B
+        steps through megabytes of zeros for hours, down all along). Returns the bytes
+        skipped."""
+        self._lock()
+        try:
+            self._give_up_locked(lane, dead=True)
+            c = self.claim_pos
+            n = self._zero_run(c, self.write_pos)
+            if n:
+                self._hdr[F_CLAIM] = c + n
+                self._hdr[F_WASTED] += n
+                self._release_enc_locked()
+            return n
+        finally:
+            self._unlock()
+
+    def _zero_run(self, start: int, end: int) -> int:
+        """How many bytes from ``start`` on (before ``end``) are zero."""
+        pos = start
+        while pos < end:
+            off = pos % self.capacity
+            piece = self._data[off:off + min(end - pos, self.capacity - off, ZERO_SCAN)]
+            if piece.any():
+                return pos - start + int(np.argmax(piece != 0))
+            pos += len(piece)
+        return end - start
 
     def give_back_idle(self, lane: int, pin_limit: int) -> bool:
         """ENC: an idle ``lane`` offers its chunk back; True if it holds none afterwards.

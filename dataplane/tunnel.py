@@ -201,8 +201,10 @@ class ControlChannel:
             return False
         pad = self.enc.read(pos, need)
         try:
-            if pad[:wire.MAC_KEY_LEN].data == wire.ZERO_KEY:  # wiped key: never a pad,
-                self.enc.retire(CONTROL_LANE, dead=True)    # never again
+            if wire.wiped(pad):  # at its start or its end: never a pad,
+                skipped = self.enc.retire_wiped(CONTROL_LANE)  # nor the zeros after it
+                log.warning("link %s: wiped key at position %d for a keepalive; %d B of "
+                            "wiped key ahead skipped", self.cfg.link.name, pos, skipped)
                 return False
             self.buf[wire.HEADER_LEN:wire.HEADER_LEN + n] = np.frombuffer(payload, np.uint8)
             dlen = wire.seal(self.buf, n, pad, link=self.cfg.link.index,

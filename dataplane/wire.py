@@ -134,6 +134,15 @@ _scratch = np.zeros(TAG_LEN, dtype=np.uint8)
 _scratch_addr = _scratch.ctypes.data
 
 
+def wiped(pad: np.ndarray) -> bool:
+    """Whether ``pad`` starts or ends with 32 zero bytes: wiped key, never a real pad
+    (2**-256). The start is its one-time MAC key; the end catches a wipe that ran into
+    it, which would leave the packet's tail XORed with zeros, in clear. Compared in
+    place: no copy of the key is left."""
+    mv = pad.data
+    return mv[:MAC_KEY_LEN] == ZERO_KEY or mv[-MAC_KEY_LEN:] == ZERO_KEY
+
+
 def open_(buf: np.ndarray, hdr: Header, pad: np.ndarray,
           addrs: tuple[int, int] | None = None) -> np.ndarray:
     """Verify the tag with the pad's MAC key, then decrypt in place; returns the payload.
@@ -144,7 +153,7 @@ def open_(buf: np.ndarray, hdr: Header, pad: np.ndarray,
     if len(pad) != hdr.pad_len:
         raise ValueError(f"pad has {len(pad)} B, datagram needs {hdr.pad_len}")
     key = pad[:MAC_KEY_LEN]
-    if key.data == ZERO_KEY:  # compared in place: no copy of the one-time key is left
+    if wiped(pad):  # the MAC key, or a pad the tag would pass but the XOR not hide
         raise WireError("zerokey", f"pad at {hdr.pos} is wiped")
     end = HEADER_LEN + hdr.length
     if addrs is not None and poly1305.HAVE_ADDRESSES:

@@ -179,6 +179,7 @@ class Worker:
         self.dry = False  # the last wait for key timed out
         self.errors = 0
         self.last_tx = time.monotonic()
+        self.wiped_said = float("-inf")
         self.release_step = 0 if cfg.conventional else max(cfg.chunk // 2, 4096)
         self.release_seen = 0
         self.audit = Audit(cfg.audit_dir, f"{cfg.link_name}-{cfg.enc_ring[-2:]}-{cfg.lane}")
@@ -237,6 +238,18 @@ class Worker:
             if self.enc.give_back_idle(lane, self.cfg.pin_limit):
                 del self.held[lane]
 
+    def _wiped(self, lane: int, pos: int) -> None:
+        """The range of ``lane`` met wiped key at ``pos``: given up as dead, and the run of
+        zeros ahead of the claims skipped (dataplane.ring.retire_wiped)."""
+        skipped = self.enc.retire_wiped(lane)
+        del self.held[lane]
+        now = time.monotonic()
+        if now >= self.wiped_said + 1.0:  # a bug's trace, at most once a second
+            self.wiped_said = now
+            log.warning("link %s lane %d: wiped key at position %d; range given up, "
+                        "%d B of wiped key ahead skipped", self.cfg.link_name, lane, pos,
+                        skipped)
+
     def egress(self) -> None:
         cfg, c, enc, tbuf, held = self.cfg, self.c, self.enc, self.tbuf, self.held
         clock = time.perf_counter_ns
@@ -268,9 +281,9 @@ class Worker:
                 del held[lane]
                 continue
             try:
-                if pad[:wire.MAC_KEY_LEN].data == wire.ZERO_KEY:  # wiped: never a pad
+                if wire.wiped(pad):  # at its start or its end: never a pad
                     c[DROP_TX_NOKEY] += 1
-                    del held[lane]
+                    self._wiped(lane, pos)
                     continue
                 t2 = clock()
                 dlen = wire.seal(tbuf, n, pad, link=cfg.link_index, direction=cfg.enc_dir,

@@ -612,6 +612,40 @@ def test_a_dead_holders_chunk_never_wipes_key_written_after_the_release_passed_i
     assert r.claim_chunk(2, CAP - 50) == (110, CAP - 50)
 
 
+def test_wiped_key_met_by_a_holder_gives_its_chunk_up_and_skips_the_run_ahead(make, name):
+    # Wiped key at or above the claims is a bug's trace (as the give-up fixed above left):
+    # the holder that meets it gives its chunk up whole, and the zeros ahead of the claims
+    # are skipped at once, counted as wasted, so the next claims start on key instead of
+    # meeting the run a keepalive (about 100 B) at a time.
+    r = filled(make)
+    assert r.claim_chunk(0, 100) == (0, 100)
+    use(r, 0, 20)
+    r._wipe(20, 500)  # the chunk's rest and 400 B of unclaimed key
+    assert r.retire_wiped(0) == 400
+    assert r.chunk_of(0)[2] == 0 and r.claim_pos == 500
+    acct = r.accounting()
+    assert acct.balance == 0 and acct.wasted == 80 + 400 and acct.used_data == 20
+    pos, take = r.claim_chunk(1, 100)
+    assert (pos, take) == (500, 100) and at(name, 500, 100) == key(CAP)[500:600]
+    # Nothing wiped ahead: nothing skipped, the chunk still given up (nothing of it used).
+    assert r.retire_wiped(1) == 0 and r.claim_pos == 600 and r.chunk_of(1)[2] == 0
+
+
+def test_a_wiped_run_is_skipped_across_the_wrap_and_up_to_the_write_position(make, name):
+    r = filled(make)
+    assert r.claim_chunk(0, 900) == (0, 900)
+    use(r, 0, 900)
+    r.retire(0)
+    r.append(CAP, key(900, seed=3))  # positions 1024-1923 in slots 0-899
+    r._wipe(900, 1100)  # across the end of the data area
+    assert r.retire_wiped(CONTROL_LANE) == 200 and r.claim_pos == 1100
+    assert r.claim_chunk(CONTROL_LANE, 50) == (1100, 50)
+    r._wipe(1150, 1924)  # everything unclaimed: skipped to the write position
+    assert r.retire_wiped(CONTROL_LANE) == 1924 - 1150
+    assert r.claim_pos == r.write_pos == 1924 and r.release_pos == 1924
+    assert r.accounting().balance == 0
+
+
 # ---- accounting: a random schedule of a ring's users -------------------------------------
 
 @settings(max_examples=200)

@@ -198,6 +198,56 @@ def test_underlay_never_carries_the_plaintext(tmp_path, prefix):
         assert hdr.pos >= hdr.release
 
 
+def test_a_pad_running_into_wiped_key_is_never_sent(tmp_path, prefix):
+    """Key wiped inside a worker's held range, a little above what it has used (a bug's
+    trace: a dead chunk's give-up once wiped key like this): the packet whose pad runs
+    into it starts on key, so its one-time MAC key is fine, but the rest of it would be
+    XORed with zeros, in clear on the underlay. The worker checks both ends of every pad:
+    that packet is dropped, the range given up, and the stream goes on."""
+    topo, _ = make_net(tmp_path, prefix, two=True)
+    na, nb = ns(prefix, "A"), ns(prefix, "B")
+    wait_until(lambda: all((tunnel_state(prefix, n, "A-B") or {}).get("up") for n in "AB"),
+               30, "the link up at both ends")
+    downs = {n: tunnel_state(prefix, n, "A-B")["liveness"]["downs"] for n in "AB"}
+    pattern = b"QKDNET-KNOWN-PLAINTEXT-PATTERN!!"  # 32 bytes
+    ul = Capture(na, "ul0", tmp_path / "ul.pcap")
+    packet, count = pattern * 62, 10_000  # 1,984 B every 0.5 ms or so
+    listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 25.0)
+    sender = InNetns(na, udp_send_all, addr(topo, "A"), addr(topo, "B"), 9999,
+                     [packet] * count, 0.0005)
+    ahead = 12 << 10  # beyond the packet in flight while we look (a pad is about 2 KB)
+    ring = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
+    try:
+        def wipe_in_a_held_range() -> tuple[int, int] | None:
+            ring._lock()  # no claim or give-up moves meanwhile
+            try:
+                for lane in range(CONTROL_LANE):
+                    _, used, end = ring.chunk_of(lane)
+                    if end - used >= ahead + (8 << 10):
+                        ring._wipe(used + ahead, end)
+                        return used + ahead, end
+                return None
+            finally:
+                ring._unlock()
+        wiped = wait_until(wipe_in_a_held_range, 10, "a worker holding a long range",
+                           step=0.005)
+        wait_until(lambda: ring.claim_pos > wiped[1] and ring.release_pos >= wiped[1], 10,
+                   "the range with wiped key given up")
+    finally:
+        ring.close()
+    assert sender.result(60) == count
+    got = listener.result(40)
+    under = ul.stop()
+    assert len(under) > (8 << 20), "the capture saw too little"
+    assert pattern not in under and pattern[:16] not in under
+    assert len(got) > count // 2 and set(got) == {packet}
+    for n in "AB":
+        st = tunnel_state(prefix, n, "A-B")
+        assert st["liveness"]["downs"] == downs[n], (n, st["liveness"])
+    said = "".join(f.read_text() for f in paths.log_dir(prefix).glob("*.log"))
+    assert "wiped key at position" in said
+
+
 # ---- an active attacker in the underlay ---------------------------------------------------
 
 def _ipv4_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:

@@ -356,6 +356,38 @@ def test_wrong_pad_is_refused_by_the_mac(fast, what):
     assert np.array_equal(wire.open_(buf, hdr, pad), payload)
 
 
+@pytest.mark.parametrize("length", [1, 30, 4000])
+def test_a_pad_wiped_at_its_start_or_its_end_is_wiped(length):
+    pad = random_pad(length)
+    assert not wire.wiped(pad)
+    for cut in (slice(0, 32), slice(len(pad) - 32, len(pad))):
+        bad = pad.copy()
+        bad[cut] = 0
+        assert wire.wiped(bad)
+    bad = pad.copy()
+    bad[1:-1] = 0  # zeros, but not 32 of them at either end
+    assert not wire.wiped(bad)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["bytes", "addrs"])
+def test_a_pad_whose_end_is_wiped_is_refused_though_its_tag_is_right(fast):
+    # A wipe that ran into a pad: its MAC key is key, so the tag checks out, but the
+    # payload's tail would come out XORed with zeros.
+    length = 4000
+    pad = random_pad(length)
+    pad[-100:] = 0
+    buf = make_buf(payload_of(length))
+    n = wire.seal(buf, length, pad, link=LINK, direction=DIRECTION, lane=LANE, pos=POS,
+                  release=RELEASE)
+    before = buf.copy()
+    hdr = parse_ok(buf, n)
+    addrs = (buf.ctypes.data, pad.ctypes.data) if fast else None
+    with pytest.raises(wire.WireError) as ei:
+        wire.open_(buf, hdr, pad, addrs=addrs)
+    assert ei.value.reason == "zerokey"
+    assert np.array_equal(buf, before)
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["bytes", "addrs"])
 def test_zero_mac_key_is_refused_even_with_a_matching_tag(fast):
     length = 30
