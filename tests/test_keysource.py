@@ -99,6 +99,20 @@ def test_a_failure_comes_after_the_blocks_fetched_before_it():
         src.close()
 
 
+def test_blocks_never_read_are_wiped_counted_and_logged_at_close(caplog):
+    src = Scripted([[_block(1), _block(2)]])
+    src.open()
+    wait_until(lambda: src.fetches >= 2, 5, "the blocks queued")
+    waiting = list(src._queue)
+    assert [b[0] for b in waiting] == [(7, 1), (7, 2)]
+    with caplog.at_level("INFO", logger="qkdnet.lkm"):
+        src.close()
+    assert src.lost == [2, 32]
+    assert all(data == bytearray(16) for _, data in waiting), "key left in memory"
+    assert "2 block(s), 32 B of key fetched and never stored (waiting at close)" \
+        in caplog.text
+
+
 class Stuck(Scripted):
     """A fetch that hangs (a device that stopped answering) until released."""
 
@@ -123,6 +137,7 @@ def test_a_fetch_stuck_past_close_blocks_reopening_until_it_ends():
         src.open()
     src.release.set()
     wait_until(lambda: not src._orphan[0].is_alive(), 5, "the stuck fetch to end")
+    assert src.lost == [1, 16]  # what it fetched after all: counted, never delivered
     src.open()  # now it may
     try:
         got = _read_until(src, 1)

@@ -11,6 +11,7 @@ the link's ``source`` config names.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from control.core.config import LinkSpec, Topology
 
 Block = tuple[tuple[int, int], bytearray]
+log = logging.getLogger("qkdnet.lkm")
 
 
 class SourceUnavailable(Exception):
@@ -133,7 +135,9 @@ class FetchingSource:
     ``[]`` when the device has none now, SourceUnavailable when it fails) and
     ``disconnect``. At most ``max_queued`` blocks wait, so a paused reader (its rings
     full) pauses the fetching too. Blocks fetched before a failure are still delivered;
-    the failure is raised by the next ``read_blocks``.
+    the failure is raised by the next ``read_blocks``. Blocks fetched and never read
+    (waiting at close, or fetched while it closed) are wiped, counted in ``lost`` and
+    logged: key the device gave and nobody stored (invariant 8).
     """
 
     max_queued = 8
@@ -150,6 +154,7 @@ class FetchingSource:
         self._pipe: tuple[int, int] | None = None
         # A thread that outlived close() (stuck in I/O), with the pipe it may still write.
         self._orphan: tuple[threading.Thread, tuple[int, int]] | None = None
+        self.lost = [0, 0]  # blocks, bytes: fetched and never read (under _cond)
 
     # -- subclass hooks -----------------------------------------------------------------
     def connect(self) -> None:
@@ -208,6 +213,9 @@ class FetchingSource:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=self.close_timeout_s)
+        with self._cond:
+            self._drop(list(self._queue), "waiting at close")
+            self._queue.clear()
         with contextlib.suppress(Exception):
             self.disconnect()
         if self._pipe is not None:
@@ -216,6 +224,18 @@ class FetchingSource:
             else:
                 _close_fds(self._pipe)
             self._pipe = None
+
+    def _drop(self, blocks: list[Block], why: str) -> None:
+        """Wipe and count blocks nobody will store (under ``_cond``)."""
+        if not blocks:
+            return
+        nbytes = sum(len(data) for _, data in blocks)
+        for _, data in blocks:
+            data[:] = bytes(len(data))
+        self.lost[0] += len(blocks)
+        self.lost[1] += nbytes
+        log.info("%s: %d block(s), %d B of key fetched and never stored (%s); wiped",
+                 self.description, len(blocks), nbytes, why)
 
     # -- the thread ---------------------------------------------------------------------
     def _run(self, stopping: threading.Event, wake_fd: int) -> None:
@@ -232,8 +252,10 @@ class FetchingSource:
             except Exception as e:  # noqa: BLE001 - a source bug must not kill the node
                 error = f"{type(e).__name__}: {e}"
             else:
-                if stopping.is_set():
-                    return  # closed meanwhile: what it fetched is not this run's
+                if stopping.is_set():  # closed meanwhile: what it fetched is not this run's
+                    with self._cond:
+                        self._drop(blocks, "fetched while closing")
+                    return
                 if blocks:
                     with self._cond:
                         self._queue.extend(blocks)
