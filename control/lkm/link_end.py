@@ -22,6 +22,7 @@ them away from the agreement state machines.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -54,6 +55,8 @@ DIRS = {AB: "ab", BA: "ba"}
 STATUS_INTERVAL_S = 0.5
 RECONNECT_S = 1.0
 CANDIDATE_TIMEOUT_S = 5.0  # a new connection must authenticate within this
+DIAL_TIMEOUT_S = 4.0  # the follower's connection: up and the leader's nonce read (SYNs
+                      # are sent again after 1 and 3 s)
 MAX_CANDIDATES = 16        # new connections authenticating at once; the oldest goes first
 ACCEPT_BATCH = 64          # connections accepted per loop, so a flood cannot starve it
 
@@ -110,6 +113,19 @@ class Candidate:
     buffered: list[Message] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class Dial:
+    """The follower's connection to the leader on its way up, without blocking the loop
+    (a blocking connect to an unreachable leader held it for seconds at every try): TCP
+    connected, our nonce sent, the leader's awaited."""
+
+    sock: socket.socket
+    mine: bytes
+    deadline: float
+    connected: bool = False
+    theirs: bytes = b""
+
+
 @dataclass
 class EndConfig:
     """Everything one link end's key manager needs, resolved by the caller."""
@@ -163,6 +179,7 @@ class LinkKeyManager:
         self.peer_sock: socket.socket | None = None
         self.codec: FrameCodec | None = None
         self.candidates: list[Candidate] = []
+        self.dial: Dial | None = None
         self.refused_connections = 0  # new connections that never authenticated
         self.source_up = False
         self.source_reading = False
@@ -301,20 +318,65 @@ class LinkKeyManager:
                 self.listener = s
                 self.sel.register(s, selectors.EVENT_READ, "listen")
             return
-        if self.peer_sock is not None or now < self._next_peer_try:
+        if self.peer_sock is not None or self.dial is not None or now < self._next_peer_try:
             return
         self._next_peer_try = now + RECONNECT_S
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(2.0)
+        s.setblocking(False)
         try:
             s.bind((str(self.cfg.link.underlay_b.ip), 0))
-            s.connect(self._peer_addr())
-            self._start_session(s)
-        except (OSError, ProtocolError) as e:
+            err = s.connect_ex(self._peer_addr())
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+        except OSError as e:
             s.close()
             self.peer_error = f"peer {self.peer} at {self._peer_addr()[0]}: {e}"
             return
+        self.dial = Dial(s, secrets.token_bytes(NONCE_LEN), now + DIAL_TIMEOUT_S)
+        self.sel.register(s, selectors.EVENT_WRITE, self.dial)
+
+    def _on_dial(self, d: Dial, now: float) -> None:
+        """The follower's connection progressed: connected (send our nonce), or the
+        leader's nonce (the session starts once all of it is here)."""
+        try:
+            if not d.connected:
+                err = d.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+                d.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if d.sock.send(d.mine) != NONCE_LEN:  # a fresh socket's empty buffer
+                    raise OSError("our nonce did not go out whole")
+                d.connected = True
+                self.sel.modify(d.sock, selectors.EVENT_READ, d)
+                return
+            chunk = d.sock.recv(NONCE_LEN - len(d.theirs))
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._dial_failed(str(e))
+            return
+        if not chunk:
+            self._dial_failed("peer closed during handshake")
+            return
+        d.theirs += chunk
+        if len(d.theirs) < NONCE_LEN:
+            return
+        self.sel.unregister(d.sock)
+        self.dial = None
+        d.sock.setblocking(True)
+        d.sock.settimeout(5.0)
+        self._install(d.sock, FrameCodec(self.cfg.auth_key, b"F", d.mine, d.theirs))
         self._carry_out(self.machine.on_connect(self.released()))  # type: ignore[union-attr]
+
+    def _dial_failed(self, why: str) -> None:
+        d, self.dial = self.dial, None
+        if d is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(d.sock)
+        with contextlib.suppress(OSError):
+            d.sock.close()
+        self.peer_error = f"peer {self.peer} at {self._peer_addr()[0]}: {why}"
 
     def _accept(self, now: float) -> None:
         """New connections become candidates; the live session is not touched."""
@@ -405,20 +467,6 @@ class LinkKeyManager:
         for c in [c for c in self.candidates if now > c.deadline]:
             self._refuse_candidate(c, None, f"not authenticated within "
                                             f"{CANDIDATE_TIMEOUT_S:.0f} s")
-
-    def _start_session(self, s: socket.socket) -> None:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        mine = secrets.token_bytes(NONCE_LEN)
-        s.sendall(mine)
-        theirs = b""
-        while len(theirs) < NONCE_LEN:
-            chunk = s.recv(NONCE_LEN - len(theirs))
-            if not chunk:
-                raise ProtocolError("peer closed during handshake")
-            theirs += chunk
-        s.settimeout(5.0)
-        self._install(s, FrameCodec(self.cfg.auth_key, b"L" if self.is_leader else b"F",
-                                    mine, theirs))
 
     def _install(self, s: socket.socket, codec: FrameCodec) -> None:
         self.codec = codec
@@ -552,8 +600,12 @@ class LinkKeyManager:
                         self._accept(now)
                     elif isinstance(key.data, Candidate) and key.data in self.candidates:
                         self._on_candidate(key.data, now)
+                    elif isinstance(key.data, Dial) and key.data is self.dial:
+                        self._on_dial(key.data, now)
                 now = time.monotonic()
                 self._expire_candidates(now)
+                if self.dial is not None and now > self.dial.deadline:
+                    self._dial_failed(f"no answer within {DIAL_TIMEOUT_S:.0f} s")
                 self._carry_out(self.machine.on_tick(self.released(), now))
                 self._exchange_notes()
                 if now - self._last_status >= STATUS_INTERVAL_S:
@@ -570,6 +622,7 @@ class LinkKeyManager:
 
     def close(self) -> None:
         self._drop_peer("key manager stopping")
+        self._dial_failed("key manager stopping")
         for c in list(self.candidates):
             self._refuse_candidate(c, None, "key manager stopping")
         if self.listener is not None:
