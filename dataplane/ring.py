@@ -68,8 +68,11 @@ every process but the writer's ring (a reboot starts a new ring and new counts).
 Freeing bytes is three ordered stores: release_pos first, then the wipe, then free_pos. A
 reader that finds release_pos still <= its position after using the bytes knows they were
 not wiped under it (x86-64 keeps stores in order); the writer only reuses bytes below
-free_pos, so it never writes where a wipe is still running. Readers never trust all-zero
-key (a wiped Poly1305 key).
+free_pos, so it never writes where a wipe is still running. Readers never trust key that
+starts or ends with 32 zero bytes (``wire.wiped``). A holder that meets such key above the
+claims (a bug's trace) gives its chunk up as dead and moves claim_pos past the run of
+zeros, counted as wasted (:meth:`KeyRing.retire_wiped`): the one move of claim_pos that
+hands nothing out, so it needs no durable mark.
 """
 
 from __future__ import annotations

@@ -108,6 +108,7 @@ def test_blocks_never_read_are_wiped_counted_and_logged_at_close(caplog):
     with caplog.at_level("INFO", logger="qkdnet.lkm"):
         src.close()
     assert src.lost == [2, 32]
+    assert src.stats() == {"lost_blocks": 2, "lost_bytes": 32}  # the lkm's status shows it
     assert all(data == bytearray(16) for _, data in waiting), "key left in memory"
     assert "2 block(s), 32 B of key fetched and never stored (waiting at close)" \
         in caplog.text
@@ -125,7 +126,8 @@ class Stuck(Scripted):
     def fetch(self):
         self.fetches += 1
         self.release.wait(10)
-        return [_block(self.fetches)]
+        self.fetched = [_block(self.fetches)]
+        return self.fetched
 
 
 def test_a_fetch_stuck_past_close_blocks_reopening_until_it_ends():
@@ -137,7 +139,8 @@ def test_a_fetch_stuck_past_close_blocks_reopening_until_it_ends():
         src.open()
     src.release.set()
     wait_until(lambda: not src._orphan[0].is_alive(), 5, "the stuck fetch to end")
-    assert src.lost == [1, 16]  # what it fetched after all: counted, never delivered
+    assert src.lost == [1, 16]  # what it fetched after all: counted, never delivered,
+    assert src.fetched[0][1] == bytearray(16)  # and wiped
     src.open()  # now it may
     try:
         got = _read_until(src, 1)

@@ -648,57 +648,95 @@ def test_a_wiped_run_is_skipped_across_the_wrap_and_up_to_the_write_position(mak
 
 # ---- accounting: a random schedule of a ring's users -------------------------------------
 
+LANES = [0, 1, 2, CONTROL_LANE]
+OPS = ["append", "claim", "use", "retire", "dead", "idle", "skip", "reset"]
+
+
+def _step(r: KeyRing, op: str, lane: int, n: int, used: set[int]) -> None:
+    """One step of a ring's users in a random schedule; ``used`` gathers every position
+    a holder used or may have used (a dead one's whole chunk)."""
+    if op == "append":
+        free = r.capacity - (r.write_pos - r.free_pos)
+        if free:
+            r.append(r.write_pos, key(min(n, free), n))
+    elif op == "claim":
+        r.claim_chunk(lane, n, reserve=n % 7, min_take=n % 5 + 1, if_top=bool(n % 2))
+    elif op == "use":  # as a worker: the next bytes of its chunk, each once
+        start, u, end = r.chunk_of(lane)
+        if end:
+            upto = min(end, u + n)
+            assert not used & set(range(u, upto)), "a byte used twice"
+            used |= set(range(u, upto))
+            r.wipe_used(u, upto - u)
+            r.set_used(lane, upto)
+    elif op == "retire":
+        r.retire(lane)
+    elif op in ("dead", "wiped"):  # its holder was killed, or met wiped key: nothing of
+        start, u, end = r.chunk_of(lane)  # its chunk is used again
+        used |= set(range(start, end))
+        if op == "dead":
+            r.retire(lane, dead=True)
+        else:
+            r.retire_wiped(lane)
+            c, w = r.claim_pos, r.write_pos
+            assert c == w or r.read(c, 1)[0] != 0, "claims start on wiped key"
+    elif op == "idle":
+        r.give_back_idle(lane, pin_limit=n * 5)
+    elif op == "skip":
+        r.skip_to(r.write_pos + n % 3 * 50)
+    elif op == "reset":
+        for lane_ in LANES:
+            start, u, end = r.chunk_of(lane_)
+            used |= set(range(start, end))
+        r.reset_lanes()
+    elif op == "wipe ahead":  # a bug's trace: zeros from the claims on
+        r._lock()
+        try:
+            r._wipe(r.claim_pos, min(r.write_pos, r.claim_pos + n))
+        finally:
+            r._unlock()
+    acct = r.accounting()
+    assert acct.balance == 0, (op, acct)
+    assert r.free_pos <= r.release_pos <= r.claim_pos <= r.write_pos
+
+
+def _ring_for(tmp_path_factory, tag: str) -> tuple[str, KeyRing]:
+    name = f"qkdnet-{tag}{os.getpid()}-{uuid4().hex[:8]}"
+    cf = CursorFile(tmp_path_factory.mktemp(tag) / "c")
+    return name, KeyRing.create_or_attach(name, CAP, BLOCK, ROLE_ENC, cf)  # often full
+
+
 @settings(max_examples=200)
 # a dead holder's chunk after the release passed its start and the writer refilled there
 @example([("append", 0, 300)] * 4 + [("claim", 0, 100), ("use", 0, 60), ("claim", 1, 10),
                                      ("append", 0, 60), ("dead", 0, 1)])
-@given(st.lists(st.tuples(st.sampled_from(["append", "claim", "use", "retire", "dead",
-                                             "idle", "skip", "reset"]),
-                          st.integers(0, 3), st.integers(1, 300)), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(1, 300)),
+                max_size=60))
 def test_every_byte_is_accounted_for_and_none_is_used_twice(tmp_path_factory, ops):
-    name = f"qkdnet-acct{os.getpid()}-{uuid4().hex[:8]}"
-    cf = CursorFile(tmp_path_factory.mktemp("acct") / "c")
-    r = KeyRing.create_or_attach(name, CAP, BLOCK, ROLE_ENC, cf)  # often full
+    name, r = _ring_for(tmp_path_factory, "acct")
     used: set[int] = set()
-    lanes = [0, 1, 2, CONTROL_LANE]
     try:
         for op, li, n in ops:
-            lane = lanes[li]
-            if op == "append":
-                free = r.capacity - (r.write_pos - r.free_pos)
-                if free:
-                    r.append(r.write_pos, key(min(n, free), n))
-            elif op == "claim":
-                r.claim_chunk(lane, n, reserve=n % 7, min_take=n % 5 + 1,
-                              if_top=bool(n % 2))
-            elif op == "use":  # as a worker: the next bytes of its chunk, each once
-                start, u, end = r.chunk_of(lane)
-                if end:
-                    upto = min(end, u + n)
-                    assert not used & set(range(u, upto)), "a byte used twice"
-                    used |= set(range(u, upto))
-                    r.wipe_used(u, upto - u)
-                    r.set_used(lane, upto)
-            elif op == "retire":
-                r.retire(lane)
-            elif op == "dead":  # its holder was killed: nothing of its chunk used again
-                start, u, end = r.chunk_of(lane)
-                used |= set(range(start, end))
-                r.retire(lane, dead=True)
-            elif op == "idle":
-                r.give_back_idle(lane, pin_limit=n * 5)
-            elif op == "skip":
-                r.skip_to(r.write_pos + n % 3 * 50)
-            elif op == "reset":
-                for _, lane_ in enumerate(lanes):
-                    start, u, end = r.chunk_of(lane_)
-                    used |= set(range(start, end))
-                r.reset_lanes()
-            acct = r.accounting()
-            assert acct.balance == 0, (op, acct)
+            _step(r, op, LANES[li], n, used)
             c, w = r.claim_pos, r.write_pos  # unclaimed key is never wiped under anyone
             assert w == c or r.read(c, w - c).all(), (op, "unclaimed key wiped")
-            assert r.free_pos <= r.release_pos <= r.claim_pos <= r.write_pos
+    finally:
+        r.close()
+        KeyRing.unlink(name)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.sampled_from(OPS + ["wipe ahead", "wiped"]), st.integers(0, 3),
+                          st.integers(1, 300)), max_size=60))
+def test_wiped_key_met_and_skipped_keeps_every_byte_accounted_for(tmp_path_factory, ops):
+    # Zeros written ahead of the claims (what the give-up bug left) and holders that meet
+    # them: the balance stays exact, no byte is used twice, and after a skip the claims
+    # start on key.
+    name, r = _ring_for(tmp_path_factory, "wiped")
+    used: set[int] = set()
+    try:
+        for op, li, n in ops:
+            _step(r, op, LANES[li], n, used)
     finally:
         r.close()
         KeyRing.unlink(name)

@@ -198,6 +198,12 @@ def test_underlay_never_carries_the_plaintext(tmp_path, prefix):
         assert hdr.pos >= hdr.release
 
 
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (by a signal) now."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
 def test_a_pad_running_into_wiped_key_is_never_sent(tmp_path, prefix):
     """Key wiped inside a worker's held range, a little above what it has used (a bug's
     trace: a dead chunk's give-up once wiped key like this): the packet whose pad runs
@@ -215,20 +221,40 @@ def test_a_pad_running_into_wiped_key_is_never_sent(tmp_path, prefix):
     listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 25.0)
     sender = InNetns(na, udp_send_all, addr(topo, "A"), addr(topo, "B"), 9999,
                      [packet] * count, 0.0005)
-    ahead = 12 << 10  # beyond the packet in flight while we look (a pad is about 2 KB)
+    ahead = 12 << 10  # beyond the pad a worker may be using (about 2 KB)
+    workers = [w["pid"] for w in tunnel_state(prefix, "A", "A-B")["workers"]]
     ring = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
     try:
+        def long_range() -> tuple[int, int] | None:
+            """A held range with room for the margin and a few pads: (wipe from, end)."""
+            for lane in range(CONTROL_LANE):
+                _, used, end = ring.chunk_of(lane)
+                if end - used >= ahead + (8 << 10):
+                    return used + ahead, end
+            return None
+
         def wipe_in_a_held_range() -> tuple[int, int] | None:
-            ring._lock()  # no claim or give-up moves meanwhile
-            try:
-                for lane in range(CONTROL_LANE):
-                    _, used, end = ring.chunk_of(lane)
-                    if end - used >= ahead + (8 << 10):
-                        ring._wipe(used + ahead, end)
-                        return used + ahead, end
+            if long_range() is None:
                 return None
+            # Held still, a worker uses no key beyond its range's published used mark
+            # but the one pad it may be sealing (marked after use); the ring lock keeps
+            # claims and give-ups still too.
+            for pid in workers:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda: all(_stopped(pid) for pid in workers), 10,
+                           "A's workers to stop", step=0.001)
+                ring._lock()
+                try:
+                    found = long_range()
+                    if found is not None:
+                        ring._wipe(*found)
+                    return found
+                finally:
+                    ring._unlock()
             finally:
-                ring._unlock()
+                for pid in workers:
+                    os.kill(pid, signal.SIGCONT)
         wiped = wait_until(wipe_in_a_held_range, 10, "a worker holding a long range",
                            step=0.005)
         wait_until(lambda: ring.claim_pos > wiped[1] and ring.release_pos >= wiped[1], 10,

@@ -166,6 +166,11 @@ class FetchingSource:
     def disconnect(self) -> None:
         pass
 
+    def stats(self) -> dict:
+        """Counts for the key manager's status (subclasses add their own)."""
+        with self._cond:
+            return {"lost_blocks": self.lost[0], "lost_bytes": self.lost[1]}
+
     def queued(self, n: int) -> None:
         """``n`` blocks ``fetch`` returned are in the queue now (under its lock)."""
 

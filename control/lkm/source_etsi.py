@@ -345,8 +345,9 @@ class _EtsiSource(FetchingSource):
         pass
 
     def stats(self) -> dict:
+        base = super().stats()  # under _cond, which comes before _lock (on_agreement)
         with self._lock:
-            return dict(self.counters)
+            return {**base, **self.counters}
 
     # helpers
     def _count(self, name: str, n: int = 1) -> None:
@@ -529,8 +530,9 @@ class EtsiFollowerSource(_EtsiSource):
         self._wake_fetch.set()
 
     def stats(self) -> dict:
+        base = super().stats()  # under _cond, which comes before _lock (on_agreement)
         with self._lock:
-            return {**self.counters, "notes_waiting": len(self.notes),
+            return {**base, **self.counters, "notes_waiting": len(self.notes),
                     "notes_expired": self.notes.expired, "notes_refused": self.notes.refused,
                     "notes_overflow": self.notes.overflow}
 
