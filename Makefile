@@ -17,7 +17,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check dataplane control api bench tests
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 setup: system venv
 	@$(VENV)/bin/qkdctl doctor || echo "warning: qkdctl doctor found problems (above, each with its fix)"
