@@ -36,6 +36,7 @@ from control.lkm.messages import (
     encode,
 )
 from control.lkm.source_etsi import (
+    GROW_AFTER,
     WINDOW_BLOCKS,
     Backoff,
     EtsiLeaderSource,
@@ -288,10 +289,29 @@ def test_a_device_short_of_key_for_a_batch_is_asked_for_fewer_blocks_at_once():
     got = []
     for _ in range(5):
         got += src.fetch()
-    # halved at each 503, then one block more after each answer
-    assert src.device.asked == [256, 128, 64, 96, 32] and len(got) == 3
+    # halved at each 503, and not grown again at the next answer
+    assert src.device.asked == [256, 128, 64, 64, 32] and len(got) == 3
     assert src.stats()["no_key"] == 0  # no backoff wait on the way down
     assert src.stats()["asked_fewer"] == 3
+
+
+def test_a_device_holding_one_block_at_a_time_is_not_asked_for_two_every_other_call():
+    src = _leader(stock=32)
+    src.on_agreement(True, 0)
+    got = []
+    for _ in range(60):
+        blocks = src.fetch()
+        got += blocks
+        src.queued(len(blocks))  # queued, read by the key manager and decided at once
+        src.device.stock = 32  # its key comes one block at a time
+        src.on_agreement(True, 0)
+    fewer = src.stats()["asked_fewer"]
+    assert len(got) == 60 - fewer  # every call but the 503s brought one block
+    # one 503 per GROW_AFTER answers, where growing after each answer gave one per answer
+    assert fewer <= 60 // GROW_AFTER + 3, src.device.asked
+    # ... and after a run of answers it asks for two again: a device with more key
+    # would give more
+    assert src.device.asked.count(64) >= fewer - 3
 
 
 def test_backoff_doubles_to_its_cap_and_starts_over():

@@ -63,6 +63,7 @@ MAX_NOTES = 256            # notes the follower holds; older ones are dropped
 RECENT_IDS = 1 << 16       # key IDs remembered to refuse a repeated one
 MAX_BACKOFF_S = 2.0        # longest wait between asks when the device has no key
 MAX_CALL_BYTES = 16 << 20  # key one batched call asks for at most (one block may be more)
+GROW_AFTER = 8  # answers in a row, after a 503 for a batch, before asking for a block more
 
 
 # ---- the I/O-free parts -----------------------------------------------------------------
@@ -418,6 +419,7 @@ class EtsiLeaderSource(_EtsiSource):
         self._room = 0  # blocks the window has room for
         self._asked = 0  # blocks of a call in progress or not yet queued: in no count
         self._most = cfg.blocks_per_call  # halved by a 503 for a batch, regrows by one
+        self._calm = 0  # answers still to come before it regrows (GROW_AFTER after a 503)
         self._notes: deque[tuple[float, KeyIds]] = deque()
         self.counters.update({"asked_fewer": 0})  # 503s for a batch, each halving the next
 
@@ -482,8 +484,9 @@ class EtsiLeaderSource(_EtsiSource):
         except NotEnoughKey as e:
             if count > 1:  # it may have key for fewer: ask for half as many at once
                 self._most = max(1, count // 2)
-                self._count("asked_fewer")
-                return []
+                self._calm = GROW_AFTER  # not the size that failed again at once: a
+                self._count("asked_fewer")  # device that holds one block at a time
+                return []                   # would answer every other call 503
             return self._wait_for_key(e)
         except Refused as e:
             raise SourceUnavailable(f"device {self.device.url} refused enc_keys for "
@@ -493,7 +496,10 @@ class EtsiLeaderSource(_EtsiSource):
             raise SourceUnavailable(f"device {self.device.url} answered enc_keys wrongly "
                                     f"({e}); those keys are not used") from None
         self._got_key()
-        self._most = min(self.cfg.blocks_per_call, self._most + 1)
+        if self._calm:
+            self._calm -= 1
+        else:
+            self._most = min(self.cfg.blocks_per_call, self._most + 1)
         self.recent.add(ids)
         out: list[Block] = []
         now = time.monotonic()
