@@ -50,7 +50,9 @@ from dataplane.private import check_trusted, secret_file
 log = logging.getLogger("qkdnet.api")
 BASE = etsi.BASE_PATH
 JSON = "application/json"
-REQUEST_TIMEOUT_S = 15  # from a connection's start to its request read (a loaded machine too)
+# Anyone who reaches the port can hold connections open, each a descriptor of a worker:
+# none is kept silent longer than this, in any of its phases (a loaded machine too).
+SILENT_S = 15
 
 
 def server_context(pki: Path, node: str) -> ssl.SSLContext:
@@ -205,10 +207,11 @@ def make_app(topo: Topology, node: str, name: str | None = None,
                 request_class=_Request)
     app.config.REQUEST_MAX_SIZE = etsi.MAX_BODY + 1024
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = topo.api.graceful_shutdown_s
-    app.config.KEEP_ALIVE_TIMEOUT = 75
-    # A connection must bring its request within this (Sanic's default: 60 s): an idle
-    # one, with or without a certificate, holds a descriptor of the worker until then.
-    app.config.REQUEST_TIMEOUT = REQUEST_TIMEOUT_S
+    # A connection without a request in progress, new (its handshake done) or between
+    # two requests, is idle for Sanic: closed after this (it was 75 s, and so a new
+    # connection that never sent a request held its descriptor 75 s).
+    app.config.KEEP_ALIVE_TIMEOUT = SILENT_S
+    app.config.REQUEST_TIMEOUT = SILENT_S  # a request begun must be read whole in this
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
@@ -354,6 +357,12 @@ def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket,
         raise SystemExit(0)
     app.ctx.hand_counts = hand_counts
     app.prepare(sock=sock, ssl=ctx, single_process=True, access_log=False, motd=False)
+    # The TLS handshake too must be over within SILENT_S: asyncio's default is 60 s, and
+    # Sanic's timeouts start only after it, so a connection that never sent a ClientHello
+    # held a descriptor of the worker for a minute (prepare() takes no such setting;
+    # serve_single passes these settings on to create_server).
+    app.state.server_info[0].settings["asyncio_server_kwargs"] = {
+        "ssl_handshake_timeout": SILENT_S}
     Sanic.serve_single(app)
 
 

@@ -217,8 +217,8 @@ def test_a_pad_running_into_wiped_key_is_never_sent(tmp_path, prefix):
     downs = {n: tunnel_state(prefix, n, "A-B")["liveness"]["downs"] for n in "AB"}
     pattern = b"QKDNET-KNOWN-PLAINTEXT-PATTERN!!"  # 32 bytes
     ul = Capture(na, "ul0", tmp_path / "ul.pcap")
-    packet, count = pattern * 62, 10_000  # 1,984 B every 0.5 ms or so
-    listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 25.0)
+    packet, count = pattern * 62, 6_000  # 1,984 B every 0.5 ms or so: 3-6 s
+    listener = InNetns(nb, udp_collect, addr(topo, "B"), 9999, 15.0)
     sender = InNetns(na, udp_send_all, addr(topo, "A"), addr(topo, "B"), 9999,
                      [packet] * count, 0.0005)
     ahead = 12 << 10  # beyond the pad a worker may be using (about 2 KB)
@@ -264,7 +264,7 @@ def test_a_pad_running_into_wiped_key_is_never_sent(tmp_path, prefix):
     assert sender.result(60) == count
     got = listener.result(40)
     under = ul.stop()
-    assert len(under) > (8 << 20), "the capture saw too little"
+    assert len(under) > (6 << 20), "the capture saw too little"
     assert pattern not in under and pattern[:16] not in under
     assert len(got) > count // 2 and set(got) == {packet}
     for n in "AB":
