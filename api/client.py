@@ -2,7 +2,8 @@
 calls of our key API, and the link key source that is an SAE of its own QKD device.
 
 ``KmeClient`` makes the calls ``api.etsi`` builds, over one keep-alive connection: opened
-when first needed, replaced once per call when the KME had closed it while idle, and
+when first needed, replaced before a call when the KME has closed it while idle (seen
+without blocking), tried once more on a new one when the close crossed the request, and
 any other failure (refused, TLS, timeout, a malformed or cut-off answer) a ``NoAnswer``.
 ``Conn`` is that connection: HTTP/1.1 over ``ssl.SSLObject``; it reads the socket 1 MiB
 at a time (one syscall for many TLS records; http.client makes one or two per record and
@@ -15,6 +16,7 @@ the node's KME listens.
 from __future__ import annotations
 
 import multiprocessing as mp
+import select
 import socket
 import ssl
 import time
@@ -109,6 +111,32 @@ class Conn:
     def close(self) -> None:
         self.closed = True
         self.sock.close()
+
+    def idle_closed(self) -> bool:
+        """Whether the server has already closed this idle connection (its close_notify
+        or end of stream is waiting), looked at without blocking before a request
+        reuses it: a request sent on it would get no answer and be asked again, which
+        a caller must count as possibly acted on (``KmeClient.retried``)."""
+        if self.closed:
+            return True
+        if not select.select([self.sock], [], [], 0)[0]:
+            return False
+        try:
+            n = self.sock.recv_into(self.raw, flags=socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        if not n:
+            return True
+        self.inc.write(memoryview(self.raw)[:n])
+        try:
+            self.tls.read(1)  # TLS 1.3 session tickets are taken in; nothing else may come
+        except ssl.SSLWantReadError:
+            return False
+        except (ssl.SSLError, OSError):
+            return True  # close_notify, or a broken record
+        return True  # bytes no request asked for: not a connection to go on with
 
     # ---- bytes in and out -----------------------------------------------------------------
 
@@ -302,6 +330,8 @@ class KmeClient:
         A kept-alive connection the KME closed while idle fails at once: that case is
         tried once more on a new connection (a KME that died fails again there).
         """
+        if self._conn is not None and self._conn.idle_closed():
+            self.close()  # closed while idle, and seen before asking: a plain new call
         for attempt in (1, 2):
             self.retried = attempt == 2
             reused = self._conn is not None

@@ -28,9 +28,11 @@ from urllib.parse import parse_qs
 
 from sanic import Sanic
 from sanic.exceptions import BadURL, RequestCancelled, SanicException, ServerError, URITooLong
+from sanic.http import Stage
 from sanic.request import Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
+from sanic.server.protocols.http_protocol import HttpProtocol
 
 from api import etsi
 from api.gkm_link import GkmLink
@@ -199,6 +201,22 @@ class _Request(Request):
             super().__init__(b"*", *args, **kwargs)
 
 
+class _Protocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol, and one more bound: a request whose body stops coming
+    for SILENT_S is closed. Sanic reads a body in its HANDLER stage, where only its 60-s
+    response timeout applies, and once that has fired it waits for the rest of the body
+    with no limit: a POST head with a Content-Length and no body (anyone may send one:
+    the body is read before the caller is known) held a worker's descriptor for good."""
+
+    def check_timeouts(self) -> None:
+        http = getattr(self, "_http", None)
+        if (http is not None and http.stage is Stage.HANDLER and http.request_body
+                and time.monotonic() - self._time > SILENT_S):
+            self.close()
+            return
+        super().check_timeouts()
+
+
 def make_app(topo: Topology, node: str, name: str | None = None,
              limiter: SaeLimiter | None = None) -> Sanic:
     kme = Kme.from_topology(topo, node)
@@ -211,7 +229,7 @@ def make_app(topo: Topology, node: str, name: str | None = None,
     # two requests, is idle for Sanic: closed after this (it was 75 s, and so a new
     # connection that never sent a request held its descriptor 75 s).
     app.config.KEEP_ALIVE_TIMEOUT = SILENT_S
-    app.config.REQUEST_TIMEOUT = SILENT_S  # a request begun must be read whole in this
+    app.config.REQUEST_TIMEOUT = SILENT_S  # a request's head whose bytes stop coming
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
@@ -356,7 +374,8 @@ def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket,
     if os.getppid() != manager:  # the manager died before the line above took effect
         raise SystemExit(0)
     app.ctx.hand_counts = hand_counts
-    app.prepare(sock=sock, ssl=ctx, single_process=True, access_log=False, motd=False)
+    app.prepare(sock=sock, ssl=ctx, single_process=True, access_log=False, motd=False,
+                protocol=_Protocol)
     # The TLS handshake too must be over within SILENT_S: asyncio's default is 60 s, and
     # Sanic's timeouts start only after it, so a connection that never sent a ClientHello
     # held a descriptor of the worker for a minute (prepare() takes no such setting;

@@ -90,6 +90,9 @@ def _master(ns: str, pki: str, host: str, port: int, stop, credit, events) -> No
         if not credit.acquire(timeout=0.2):
             continue
         try:
+            if conn is not None and conn.idle_closed():  # the KME's keep-alive ran out
+                conn.close()
+                conn = None
             if conn is None:
                 conn = Conn(host, port, ctx)
             status, data = conn.request("POST", "/api/v1/keys/SAE-C/enc_keys", body)
@@ -125,6 +128,9 @@ def _slave(ns: str, pki: str, host: str, port: int, todo, events) -> None:
             return
         body = orjson.dumps({"key_IDs": [{"key_ID": k} for k in ids]})
         try:
+            if conn is not None and conn.idle_closed():  # the KME's keep-alive ran out
+                conn.close()
+                conn = None
             if conn is None:
                 conn = Conn(host, port, ctx)
             status, data = conn.request("POST", "/api/v1/keys/SAE-A/dec_keys", body)

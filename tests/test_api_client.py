@@ -6,6 +6,7 @@ back through it."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import ssl
 import struct
@@ -158,6 +159,26 @@ def test_a_connection_closed_while_idle_is_tried_once_more(pki):
         c.close()
         kme.close()
     assert kme.connections == 2 and len(kme.requests) == 3
+
+
+def test_a_connection_the_kme_closed_while_idle_is_replaced_before_the_call(pki):
+    """The KME closes a kept-alive connection (its keep-alive timeout): the next call
+    sees that first and goes out on a new one, once, and is no retry (a retry means the
+    first try may have reached the KME: the ETSI source then counts keys as maybe gone)."""
+    kme = serve(pki, [(ok(b"{}"), "close"), ok(b'{"again": 1}')])
+    c = client(pki, kme)
+    try:
+        assert c.status("SAE-B") == {}
+        deadline = time.monotonic() + 10
+        while not select.select([c._conn.sock], [], [], 0)[0]:  # the close has arrived
+            assert time.monotonic() < deadline, "the KME never closed the connection"
+            time.sleep(0.01)
+        assert c.status("SAE-B") == {"again": 1}
+        assert not c.retried
+    finally:
+        c.close()
+        kme.close()
+    assert kme.connections == 2 and len(kme.requests) == 2
 
 
 def test_no_retry_on_a_new_connection_or_an_answer_cut_off(pki):

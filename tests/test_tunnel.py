@@ -3,6 +3,7 @@ key managers and routers (issue 2/6)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -199,8 +200,11 @@ def test_underlay_never_carries_the_plaintext(tmp_path, prefix):
 
 
 def _stopped(pid: int) -> bool:
-    """Whether process ``pid`` is stopped (by a signal) now."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    """Whether process ``pid`` is stopped (by a signal) now, or gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
     return stat[stat.rindex(")") + 2] == "T"
 
 
@@ -223,6 +227,7 @@ def test_a_pad_running_into_wiped_key_is_never_sent(tmp_path, prefix):
                      [packet] * count, 0.0005)
     ahead = 12 << 10  # beyond the pad a worker may be using (about 2 KB)
     workers = [w["pid"] for w in tunnel_state(prefix, "A", "A-B")["workers"]]
+    assert workers
     ring = KeyRing.attach(paths.ring_name(prefix, "A", "A-B", "ab"))
     try:
         def long_range() -> tuple[int, int] | None:
@@ -237,24 +242,25 @@ def test_a_pad_running_into_wiped_key_is_never_sent(tmp_path, prefix):
             if long_range() is None:
                 return None
             # Held still, a worker uses no key beyond its range's published used mark
-            # but the one pad it may be sealing (marked after use); the ring lock keeps
-            # claims and give-ups still too.
-            for pid in workers:
-                os.kill(pid, signal.SIGSTOP)
+            # but the one pad it may be sealing (marked after use). The ring lock first
+            # (a worker stopped while it held it would hold it for good), then no claim
+            # or give-up moves until it is let go.
+            ring._lock()
             try:
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGSTOP)
                 wait_until(lambda: all(_stopped(pid) for pid in workers), 10,
                            "A's workers to stop", step=0.001)
-                ring._lock()
-                try:
-                    found = long_range()
-                    if found is not None:
-                        ring._wipe(*found)
-                    return found
-                finally:
-                    ring._unlock()
+                found = long_range()
+                if found is not None:
+                    ring._wipe(*found)
+                return found
             finally:
                 for pid in workers:
-                    os.kill(pid, signal.SIGCONT)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+                ring._unlock()
         wiped = wait_until(wipe_in_a_held_range, 10, "a worker holding a long range",
                            step=0.005)
         wait_until(lambda: ring.claim_pos > wiped[1] and ring.release_pos >= wiped[1], 10,
