@@ -4,8 +4,10 @@ beyond them and a cursor file in tmp_path."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from uuid import uuid4
 
 import numpy as np
@@ -700,10 +702,17 @@ def _step(r: KeyRing, op: str, lane: int, n: int, used: set[int]) -> None:
     assert r.free_pos <= r.release_pos <= r.claim_pos <= r.write_pos
 
 
-def _ring_for(tmp_path_factory, tag: str) -> tuple[str, KeyRing]:
+@contextlib.contextmanager
+def _ring_for(tmp_path_factory, tag: str) -> Iterator[KeyRing]:
+    """A fresh ENC ring of CAP bytes (often full), closed and removed afterwards."""
     name = f"qkdnet-{tag}{os.getpid()}-{uuid4().hex[:8]}"
     cf = CursorFile(tmp_path_factory.mktemp(tag) / "c")
-    return name, KeyRing.create_or_attach(name, CAP, BLOCK, ROLE_ENC, cf)  # often full
+    r = KeyRing.create_or_attach(name, CAP, BLOCK, ROLE_ENC, cf)
+    try:
+        yield r
+    finally:
+        r.close()
+        KeyRing.unlink(name)
 
 
 @settings(max_examples=200)
@@ -713,16 +722,12 @@ def _ring_for(tmp_path_factory, tag: str) -> tuple[str, KeyRing]:
 @given(st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 3), st.integers(1, 300)),
                 max_size=60))
 def test_every_byte_is_accounted_for_and_none_is_used_twice(tmp_path_factory, ops):
-    name, r = _ring_for(tmp_path_factory, "acct")
     used: set[int] = set()
-    try:
+    with _ring_for(tmp_path_factory, "acct") as r:
         for op, li, n in ops:
             _step(r, op, LANES[li], n, used)
             c, w = r.claim_pos, r.write_pos  # unclaimed key is never wiped under anyone
             assert w == c or r.read(c, w - c).all(), (op, "unclaimed key wiped")
-    finally:
-        r.close()
-        KeyRing.unlink(name)
 
 
 @settings(max_examples=200)
@@ -732,11 +737,7 @@ def test_wiped_key_met_and_skipped_keeps_every_byte_accounted_for(tmp_path_facto
     # Zeros written ahead of the claims (what the give-up bug left) and holders that meet
     # them: the balance stays exact, no byte is used twice, and after a skip the claims
     # start on key.
-    name, r = _ring_for(tmp_path_factory, "wiped")
     used: set[int] = set()
-    try:
+    with _ring_for(tmp_path_factory, "wiped") as r:
         for op, li, n in ops:
             _step(r, op, LANES[li], n, used)
-    finally:
-        r.close()
-        KeyRing.unlink(name)
