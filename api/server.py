@@ -380,8 +380,12 @@ def _worker(app: Sanic, ctx: ssl.SSLContext, manager: int, sock: socket.socket,
     # Sanic's timeouts start only after it, so a connection that never sent a ClientHello
     # held a descriptor of the worker for a minute (prepare() takes no such setting;
     # serve_single passes these settings on to create_server).
-    app.state.server_info[0].settings["asyncio_server_kwargs"] = {
-        "ssl_handshake_timeout": SILENT_S}
+    try:
+        app.state.server_info[0].settings["asyncio_server_kwargs"] = {
+            "ssl_handshake_timeout": SILENT_S}
+    except (AttributeError, IndexError, TypeError) as e:  # another Sanic: serve anyway
+        log.warning("key API: cannot bound the TLS handshake with this Sanic (%s); a "
+                    "connection may stay silent 60 s before its handshake", e)
     Sanic.serve_single(app)
 
 
