@@ -202,18 +202,41 @@ class _Request(Request):
 
 
 class _Protocol(HttpProtocol):
-    """Sanic's HTTP/1.1 protocol, and one more bound: a request whose body stops coming
-    for SILENT_S is closed. Sanic reads a body in its HANDLER stage, where only its 60-s
-    response timeout applies, and once that has fired it waits for the rest of the body
-    with no limit: a POST head with a Content-Length and no body (anyone may send one:
-    the body is read before the caller is known) held a worker's descriptor for good."""
+    """Sanic's HTTP/1.1 protocol, and bounds on a request on its way in: its head, and
+    its body, must each have come whole within SILENT_S of when it was first seen on its
+    way (looked at every SILENT_S / 2, so 15-30 s), and a body that stops coming for
+    SILENT_S is closed at once. Sanic's own timeouts restart at every byte, so a client
+    sending a byte now and then held a connection for good; and it reads a body where only
+    its 60-s response timeout applies, after which it waits for the rest with no limit, so
+    a POST head that announced a body and sent none held one for good too. Anyone may do
+    either: the caller is known only once its request is read."""
+
+    __slots__ = ("_handled", "_arriving")  # (Sanic's protocol classes keep to slots)
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._handled = 0  # requests this connection handed to the app
+        self._arriving: tuple[Stage, int, float] | None = None  # (stage, _handled, seen)
+        handle = self.request_handler
+
+        async def counted(request: Request):  # a head is in: the next is another one
+            self._handled += 1
+            return await handle(request)
+
+        self.request_handler = counted
 
     def check_timeouts(self) -> None:
         http = getattr(self, "_http", None)
-        if (http is not None and http.stage is Stage.HANDLER and http.request_body
-                and time.monotonic() - self._time > SILENT_S):
-            self.close()
-            return
+        if http is not None and (http.stage is Stage.REQUEST
+                                 or (http.stage is Stage.HANDLER and http.request_body)):
+            now = time.monotonic()
+            seen = self._arriving
+            if seen is None or seen[:2] != (http.stage, self._handled):
+                self._arriving = (http.stage, self._handled, now)
+            if now - self._arriving[2] > SILENT_S or (
+                    http.stage is Stage.HANDLER and now - self._time > SILENT_S):
+                self.close()
+                return
         super().check_timeouts()
 
 
