@@ -323,6 +323,7 @@ class KmeClient:
         self.timeout = timeout
         self._conn: Conn | None = None
         self.retried = False  # the last call's first try got no answer
+        self.reopened = False  # the last call found the KME had closed the idle connection
 
     def call(self, call: etsi.Call) -> tuple[int, bytes]:
         """(status, body) of one request; NoAnswer when no whole answer came.
@@ -330,7 +331,8 @@ class KmeClient:
         A kept-alive connection the KME closed while idle fails at once: that case is
         tried once more on a new connection (a KME that died fails again there).
         """
-        if self._conn is not None and self._conn.idle_closed():
+        self.reopened = self._conn is not None and self._conn.idle_closed()
+        if self.reopened:
             self.close()  # closed while idle, and seen before asking: a plain new call
         for attempt in (1, 2):
             self.retried = attempt == 2

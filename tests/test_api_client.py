@@ -174,7 +174,7 @@ def test_a_connection_the_kme_closed_while_idle_is_replaced_before_the_call(pki)
             assert time.monotonic() < deadline, "the KME never closed the connection"
             time.sleep(0.01)
         assert c.status("SAE-B") == {"again": 1}
-        assert not c.retried
+        assert not c.retried and c.reopened
     finally:
         c.close()
         kme.close()

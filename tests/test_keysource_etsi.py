@@ -242,7 +242,7 @@ class InstantDevice:
     """The leader's device without HTTPS, for the window logic alone: answers Status and
     enc_keys at once from a stock of keys (503 when it holds fewer than asked)."""
 
-    url, retried = "https://device", False
+    url, retried, reconnected = "https://device", False, False
 
     def __init__(self, stock: int, key_bytes: int):
         self.stock, self.key_bytes, self.asked = stock, key_bytes, []

@@ -280,6 +280,12 @@ class Device:
         """The last call's first try got no answer (it may have reached the device)."""
         return self.client is not None and self.client.retried
 
+    @property
+    def reconnected(self) -> bool:
+        """The last call went on a new connection: the device had closed the kept-alive
+        one, seen before asking or by a first try that got no answer."""
+        return self.client is not None and (self.client.retried or self.client.reopened)
+
     def call(self, call: etsi.Call) -> tuple[int, bytes]:
         """(status, body) of one request; SourceUnavailable when no whole answer came."""
         assert self.client is not None
@@ -369,7 +375,7 @@ class _EtsiSource(FetchingSource):
         try:
             self._count("calls")
             answer = self.device.call(call)
-            if self.device.retried:
+            if self.device.reconnected:
                 self._count("reconnects")
             return answer
         except SourceUnavailable:
