@@ -38,7 +38,7 @@ from rich.table import Table
 
 from bench.harness import BenchError, Net, wait_until
 from bench.runs import median_run
-from bench.topology import line, template
+from bench.topology import line, network, render, template
 from control.core import paths
 from control.core.config import Topology
 from control.tools import emulation
@@ -68,47 +68,6 @@ node = "A"
 id = "lb"
 node = "B"
 """ + template(line("AB", 211))
-LINK = """
-[network]
-name = "bench-etsi-link"
-prefix = "{prefix}"
-[defaults]
-ring_capacity = "{ring}"
-[ports]
-agreement = 7551
-[gkm]
-pairs = []
-[metrics]
-enabled = false
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[links]]
-a = "A"
-b = "B"
-name = "E"
-underlay = ["{ula}", "{ulb}"]
-auth_key_file = "{key}"
-[links.source]
-kind = "etsi014"
-keys_per_call = {keys}
-key_size = {bits}
-blocks_per_call = {batch}
-poll_interval_ms = {poll_ms}
-[links.source.a]
-kme = "https://{kme_a}:{port}"
-sae_id = "la"
-cert = "{pki}/saes/la.crt"
-key = "{pki}/saes/la.key"
-ca = "{pki}/ca.crt"
-[links.source.b]
-kme = "https://{kme_b}:{port}"
-sae_id = "lb"
-cert = "{pki}/saes/lb.crt"
-key = "{pki}/saes/lb.key"
-ca = "{pki}/ca.crt"
-"""
 
 
 class DeviceNet(Net):
@@ -124,11 +83,23 @@ def link_config(prefix: str, devices: Topology, key_file: Path, *, keys: int, bi
                 batch: int = DEFAULT_BATCH, ring: str = "256MiB", poll_ms: int = 20) -> str:
     """The topology of link E between the device nodes A and B of ``devices`` (on their
     underlay addresses), fed by their key APIs (also tests/test_keysource_etsi.py's)."""
-    lk = devices.links[0]
-    return LINK.format(prefix=prefix, ula=lk.underlay_a, ulb=lk.underlay_b, key=key_file,
-                       keys=keys, bits=bits, batch=batch, ring=ring, poll_ms=poll_ms,
-                       kme_a=devices.node("A").address, kme_b=devices.node("B").address,
-                       port=devices.ports.api, pki=devices.api.pki)
+    lk, pki = devices.links[0], devices.api.pki
+
+    def device(node: str, sae: str) -> dict[str, str]:
+        return {"kme": f"https://{devices.node(node).address}:{devices.ports.api}",
+                "sae_id": sae, "cert": f"{pki}/saes/{sae}.crt",
+                "key": f"{pki}/saes/{sae}.key", "ca": f"{pki}/ca.crt"}
+
+    source = {"kind": "etsi014", "keys_per_call": keys, "key_size": bits,
+              "blocks_per_call": batch, "poll_interval_ms": poll_ms,
+              "a": device("A", "la"), "b": device("B", "lb")}
+    link = {"a": "A", "b": "B", "name": "E", "underlay": [str(lk.underlay_a),
+                                                          str(lk.underlay_b)],
+            "auth_key_file": str(key_file), "source": source}
+    return render(network("bench-etsi-link", prefix, defaults={"ring_capacity": ring},
+                          ports={"agreement": 7551}, gkm={"pairs": []},
+                          metrics={"enabled": False}),
+                  {"nodes": [{"name": "A"}, {"name": "B"}], "links": [link]})
 
 
 def serve_link_end(config: str, node: str, state_dir: str, log_file: str) -> None:

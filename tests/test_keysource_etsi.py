@@ -39,6 +39,7 @@ from control.lkm.source_etsi import (
     GROW_AFTER,
     WINDOW_BLOCKS,
     Backoff,
+    BatchSize,
     EtsiLeaderSource,
     NoteQueue,
     RecentIds,
@@ -293,6 +294,20 @@ def test_a_device_short_of_key_for_a_batch_is_asked_for_fewer_blocks_at_once():
     assert src.device.asked == [256, 128, 64, 64, 32] and len(got) == 3
     assert src.stats()["no_key"] == 0  # no backoff wait on the way down
     assert src.stats()["asked_fewer"] == 3
+
+
+def test_the_batch_size_halves_at_a_503_and_grows_only_after_a_run_of_answers():
+    size = BatchSize(8)
+    size.refused(8)
+    assert size.most == 4
+    for _ in range(GROW_AFTER):
+        size.answered()
+        assert size.most == 4
+    for want in (5, 6, 7, 8, 8):
+        size.answered()
+        assert size.most == want
+    size.refused(2)
+    assert size.most == 1
 
 
 def test_a_device_holding_one_block_at_a_time_is_not_asked_for_two_every_other_call():

@@ -98,6 +98,32 @@ def split_blocks(keys: list[bytes], keys_per_block: int) -> list[bytearray]:
             for i in range(0, len(keys), keys_per_block)]
 
 
+@dataclass
+class BatchSize:
+    """How many blocks the leader asks its device for at once, at most ``limit``: a 503
+    for a batch halves it (the device may have key for fewer), and it grows by a block
+    an answer again only once GROW_AFTER answers have come since. Growing at every
+    answer, a device that holds one block at a time answered every other call 503."""
+
+    limit: int
+    most: int = 0
+    calm: int = 0  # answers still to come before it grows
+
+    def __post_init__(self) -> None:
+        self.most = self.most or self.limit
+
+    def refused(self, count: int) -> None:
+        """The device had too little key for ``count`` blocks (more than one)."""
+        self.most = max(1, count // 2)
+        self.calm = GROW_AFTER
+
+    def answered(self) -> None:
+        if self.calm:
+            self.calm -= 1
+        else:
+            self.most = min(self.limit, self.most + 1)
+
+
 class Refusal(Enum):
     """What the follower does when its device refuses a dec_keys call."""
 
@@ -424,8 +450,7 @@ class EtsiLeaderSource(_EtsiSource):
         self._may_fetch = self._synced = False
         self._room = 0  # blocks the window has room for
         self._asked = 0  # blocks of a call in progress or not yet queued: in no count
-        self._most = cfg.blocks_per_call  # halved by a 503 for a batch, regrows by one
-        self._calm = 0  # answers still to come before it regrows (GROW_AFTER after a 503)
+        self._size = BatchSize(cfg.blocks_per_call)
         self._notes: deque[tuple[float, KeyIds]] = deque()
         self.counters.update({"asked_fewer": 0})  # 503s for a batch, each halving the next
 
@@ -462,7 +487,7 @@ class EtsiLeaderSource(_EtsiSource):
         self._ready()
         n = self.cfg.keys_per_call
         with self._lock:
-            count = batch_blocks(min(self._room, self._most), n, self.key_bytes,
+            count = batch_blocks(min(self._room, self._size.most), n, self.key_bytes,
                                  self.max_per_request)
             self._room -= count
             self._asked += count  # until queued (on_agreement counts them from there)
@@ -488,11 +513,10 @@ class EtsiLeaderSource(_EtsiSource):
             ids = [k for k, _ in keys]
             self.recent.check(ids)
         except NotEnoughKey as e:
-            if count > 1:  # it may have key for fewer: ask for half as many at once
-                self._most = max(1, count // 2)
-                self._calm = GROW_AFTER  # not the size that failed again at once: a
-                self._count("asked_fewer")  # device that holds one block at a time
-                return []                   # would answer every other call 503
+            if count > 1:  # it may have key for fewer: ask for fewer at once
+                self._size.refused(count)
+                self._count("asked_fewer")
+                return []
             return self._wait_for_key(e)
         except Refused as e:
             raise SourceUnavailable(f"device {self.device.url} refused enc_keys for "
@@ -502,10 +526,7 @@ class EtsiLeaderSource(_EtsiSource):
             raise SourceUnavailable(f"device {self.device.url} answered enc_keys wrongly "
                                     f"({e}); those keys are not used") from None
         self._got_key()
-        if self._calm:
-            self._calm -= 1
-        else:
-            self._most = min(self.cfg.blocks_per_call, self._most + 1)
+        self._size.answered()
         self.recent.add(ids)
         out: list[Block] = []
         now = time.monotonic()
