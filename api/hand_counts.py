@@ -1,10 +1,12 @@
 """The key API workers' hand counts, shared with their manager: one row of counters per
 worker slot in memory mapped before the workers are forked, so that the manager can
 publish the totals (``api.json``: ``qkdctl status``, metrics) and count what a worker
-held in its hands when it died (keys that reach no application: lost, never reused).
+held in its hands when it died (keys that reach no application: lost, never reused). A
+row also counts the connections its worker refused (``[api]
+max_connections_per_address``), published beside the hands.
 
-A row is written by its worker alone (plain stores of whole 64-bit words, one row a
-64-byte cache line) and read by the manager, which folds a dead worker's row into its
+A row is written by its worker alone (plain stores of whole 64-bit words, each row on
+cache lines of its own) and read by the manager, which folds a dead worker's row into its
 totals before the slot's next worker starts: no lock is needed."""
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import mmap
 
 FIELDS = ("served_keys", "taken_keys", "given_back_keys", "given_back_bytes", "lost_keys",
-          "lost_bytes", "held_keys", "held_bytes")
+          "lost_bytes", "held_keys", "held_bytes", "refused_connections")
 _AT = {name: i for i, name in enumerate(FIELDS)}
 _WORD = 8
+_STRIDE = -(-len(FIELDS) // 8) * 8  # words per row: whole 64-byte cache lines
 HELD = ("held_keys", "held_bytes")
 _SERVED, _HELD_KEYS, _HELD_BYTES = _AT["served_keys"], _AT["held_keys"], _AT["held_bytes"]
 
@@ -58,14 +61,14 @@ class HandTable:
     the totals of the rows of workers that have ended."""
 
     def __init__(self, slots: int):
-        self._map = mmap.mmap(-1, max(1, slots) * len(FIELDS) * _WORD)  # MAP_SHARED
+        self._map = mmap.mmap(-1, max(1, slots) * _STRIDE * _WORD)  # MAP_SHARED
         self._words = memoryview(self._map).cast("q")
         self.slots = slots
         self.ended = dict.fromkeys(FIELDS, 0)
 
     def row(self, slot: int) -> HandCounts:
-        n = len(FIELDS)
-        return HandCounts(self._words[slot * n:(slot + 1) * n])
+        start = slot * _STRIDE
+        return HandCounts(self._words[start:start + len(FIELDS)])
 
     def worker_ended(self, slot: int) -> int:
         """Fold an ended worker's row into the totals; what it still held is lost (a

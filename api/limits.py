@@ -132,3 +132,40 @@ class SaeLimiter:
         _, rate = self._share()
         with self.lock:
             self.buckets.give_back(i, nbytes, rate, now)
+
+
+class AddressCap:
+    """Connections held open per client address, at most ``limit`` each (0: no limit).
+
+    Anyone who reaches the key API's port can open connections, and each holds one of a
+    worker's descriptors until it is closed; a connection without a certificate gets its
+    401 and closes, but an SAE's stay open as long as it makes a request every SILENT_S.
+    One address holding this many at a worker gets its next ones closed at once, so that
+    it cannot take every descriptor from the others. Kept per worker process (no lock):
+    an address holds at most ``limit`` times the workers in all."""
+
+    __slots__ = ("limit", "refused", "_held")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.refused = 0
+        self._held: dict[str, int] = {}
+
+    def admit(self, address: str) -> bool:
+        """Count one more connection of ``address``; False (nothing counted) if it holds
+        ``limit`` already."""
+        n = self._held.get(address, 0)
+        if self.limit and n >= self.limit:
+            self.refused += 1
+            return False
+        self._held[address] = n + 1
+        return True
+
+    def release(self, address: str) -> None:
+        """One admitted connection of ``address`` has closed."""
+        n = self._held.pop(address) - 1
+        if n:
+            self._held[address] = n
+
+    def held(self, address: str) -> int:
+        return self._held.get(address, 0)

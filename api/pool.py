@@ -158,7 +158,9 @@ class WorkerPool:
                "restarts": self.restarts, "last_restart": self.last_restart,
                "slots": workers}
         if self.hands is not None:
-            out["hands"] = self.hands.totals()
+            hands = self.hands.totals()
+            out["refused_connections"] = hands.pop("refused_connections")
+            out["hands"] = hands
         return out
 
     def publish(self) -> None:

@@ -39,7 +39,7 @@ from api.gkm_link import GkmLink
 from api.hand_counts import HandCounts, HandTable
 from api.hand_keeper import HandKeeper, wipe
 from api.kme import Kme, store_refusal
-from api.limits import SaeLimiter, SaeLimits, buffer_size
+from api.limits import AddressCap, SaeLimiter, SaeLimits, buffer_size
 from api.pki import PkiLayout
 from api.pool import WorkerPool, bind_listener
 from api.request_memo import RequestMemo, plan
@@ -209,14 +209,20 @@ class _Protocol(HttpProtocol):
     sending a byte now and then held a connection for good; and it reads a body where only
     its 60-s response timeout applies, after which it waits for the rest with no limit, so
     a POST head that announced a body and sent none held one for good too. Anyone may do
-    either: the caller is known only once its request is read."""
+    either: the caller is known only once its request is read.
 
-    __slots__ = ("_handled", "_arriving")  # (Sanic's protocol classes keep to slots)
+    And a cap on the connections one client address holds at this worker
+    (:class:`api.limits.AddressCap`): one over it is closed as soon as it is made (its TLS
+    handshake done; until then the handshake timeout bounds it)."""
+
+    # (Sanic's protocol classes keep to slots)
+    __slots__ = ("_handled", "_arriving", "_address")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._handled = 0  # requests this connection handed to the app
         self._arriving: tuple[Stage, int, float] | None = None  # (stage, _handled, seen)
+        self._address: str | None = None  # counted in the worker's AddressCap
         handle = self.request_handler
 
         async def counted(request: Request):  # a head is in: the next is another one
@@ -224,6 +230,25 @@ class _Protocol(HttpProtocol):
             return await handle(request)
 
         self.request_handler = counted
+
+    def connection_made(self, transport) -> None:
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            cap: AddressCap = self.app.ctx.addresses
+            if not cap.admit(peer[0]):
+                transport.abort()  # Sanic never sees it: no task, nothing to read
+                _refused(self.app, peer[0], cap)
+                return
+            self._address = peer[0]
+        super().connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        if self.conn_info is None:  # refused in connection_made
+            return
+        if self._address is not None:
+            self.app.ctx.addresses.release(self._address)
+            self._address = None
+        super().connection_lost(exc)
 
     def check_timeouts(self) -> None:
         http = getattr(self, "_http", None)
@@ -238,6 +263,18 @@ class _Protocol(HttpProtocol):
                 self.close()
                 return
         super().check_timeouts()
+
+
+def _refused(app: Sanic, address: str, cap: AddressCap) -> None:
+    """Count a connection refused by the address cap; log the 1st, 2nd, 4th, ... of this
+    worker (a flood does not flood the log)."""
+    counts: HandCounts | None = getattr(app.ctx, "hand_counts", None)
+    if counts is not None:
+        counts.add(refused_connections=1)
+    if cap.refused & (cap.refused - 1) == 0:
+        log.warning("key API: %s holds %d connections at this worker, the most one address "
+                    "may ([api] max_connections_per_address): closed its next one (%d "
+                    "refused so far by this worker)", address, cap.held(address), cap.refused)
 
 
 def make_app(topo: Topology, node: str, name: str | None = None,
@@ -256,6 +293,7 @@ def make_app(topo: Topology, node: str, name: str | None = None,
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
+    app.ctx.addresses = AddressCap(topo.api.max_connections_per_address)  # one per worker
 
     @app.before_server_start
     async def _open(app: Sanic) -> None:
@@ -283,7 +321,15 @@ def make_app(topo: Topology, node: str, name: str | None = None,
             await app.ctx.gkm.close()
 
     def caller(request: Request) -> str:
-        return kme.caller(_peer_cn(request))
+        """The calling SAE; a connection that cannot be one (no certificate, a CN no SAE
+        of this node has) gets its 401 and is closed: it would never be heard, and an
+        outsider keeping it open would hold a descriptor of the worker for nothing."""
+        try:
+            return kme.caller(_peer_cn(request))
+        except etsi.ApiError:
+            if request.stream is not None:
+                request.stream.keep_alive = False
+            raise
 
     def admitted(request: Request) -> str:
         """The calling SAE, if it may make one more request now."""

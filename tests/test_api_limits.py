@@ -16,7 +16,7 @@ from types import MappingProxyType
 import pytest
 
 from api.etsi import ApiError
-from api.limits import SaeLimiter, SaeLimits
+from api.limits import AddressCap, SaeLimiter, SaeLimits
 from api.pki import PkiLayout
 from api.server import sae_limiter
 from bench.topology import line, network, render, saes
@@ -72,6 +72,22 @@ def test_over_any_window_an_sae_gets_at_most_twice_its_share():
             pass
         t += 0.01
     assert 1000 <= got <= 2000
+
+
+
+def test_an_address_holds_at_most_its_cap_of_connections_and_gets_them_back_as_they_close():
+    cap = AddressCap(3)
+    assert [cap.admit("10.0.0.1") for _ in range(4)] == [True, True, True, False]
+    assert cap.admit("10.0.0.2")  # another address has its own
+    assert (cap.held("10.0.0.1"), cap.refused) == (3, 1)
+    cap.release("10.0.0.1")
+    assert cap.admit("10.0.0.1") and not cap.admit("10.0.0.1")
+    for _ in range(3):
+        cap.release("10.0.0.1")
+    assert cap.held("10.0.0.1") == 0 and "10.0.0.1" not in cap._held  # nothing kept
+    assert cap.refused == 2
+    unlimited = AddressCap(0)
+    assert all(unlimited.admit("10.0.0.1") for _ in range(10_000))
 
 
 def _hammer(lim: SaeLimiter, start, n: int, q) -> None:

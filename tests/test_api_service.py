@@ -374,17 +374,22 @@ def _silent_connections(host: str, port: int, ctx: ssl.SSLContext, n: int,
     ClientHello; a TLS handshake and no request; a POST head that announces a body and
     sends none; a request head, and a body, sent one byte every 2 s. Seconds from then
     until the server has closed them all (None: not in 60 s)."""
+    def tcp() -> socket.socket:  # from four addresses: under the per-address cap
+        source = f"127.0.0.{10 + len(socks) % 4}"
+        return socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+
     def tls() -> ssl.SSLSocket:
-        return ctx.wrap_socket(socket.create_connection((host, port), timeout=10),
-                               server_hostname=host)
+        return ctx.wrap_socket(tcp(), server_hostname=host)
 
     post = (f"POST {BASE}/b1/enc_keys HTTP/1.1\r\nHost: {host}\r\n"
             "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode()
     socks: list[socket.socket] = []
     trickling: list[socket.socket] = []
     try:
-        socks += [socket.create_connection((host, port), timeout=10) for _ in range(n)]
-        socks += [tls() for _ in range(n)]
+        for _ in range(n):
+            socks.append(tcp())
+        for _ in range(n):
+            socks.append(tls())
         for first in (post, post, f"GET {BASE}/b1/status HTTP/1.1\r\nX-".encode()):
             for _ in range(n):
                 s = tls()
@@ -429,6 +434,87 @@ def test_a_silent_connection_is_closed_within_15_s_in_any_phase(net):
     took = job.result(120)
     assert took is not None, "silent or trickling connections still open after 60 s"
     assert took < 3 * SILENT_S, f"closed after {took:.0f} s"
+
+
+def _status_on(host: str, port: int, ctx: ssl.SSLContext, source: str,
+               ) -> http.client.HTTPSConnection | None:
+    """A connection from ``source`` that asked for a status and got its 200 (kept open);
+    None if the server closed it instead."""
+    c = http.client.HTTPSConnection(host, port, context=ctx, timeout=30,
+                                    source_address=(source, 0))
+    try:
+        c.request("GET", f"{BASE}/b1/status")
+        r = c.getresponse()
+        r.read()
+        if r.status == 200:
+            return c
+    except (OSError, http.client.HTTPException):
+        pass
+    c.close()
+    return None
+
+
+def _flood(host: str, port: int, ctx: ssl.SSLContext, source: str, n: int,
+           ) -> tuple[list[http.client.HTTPSConnection], float]:
+    """``n`` connections from ``source``, each asking for a status: those answered, kept
+    open, and the seconds it took."""
+    t0 = time.monotonic()
+    held = [c for c in (_status_on(host, port, ctx, source) for _ in range(n)) if c]
+    return held, time.monotonic() - t0
+
+
+def test_one_address_holds_at_most_its_cap_of_connections_and_the_others_are_served(net):
+    """Each connection holds one of a worker's descriptors, and an SAE's stays open as
+    long as it asks something every SILENT_S: one address holding max_connections_per_address
+    at a worker gets its next ones there closed at once, counted in the API's status, and
+    gets them back as its connections close. Another address is served meanwhile."""
+    cap, workers = net.topo.api.max_connections_per_address, net.topo.api.workers
+    host, ctx = net.host("A"), net.ctx("a1")
+    refused_before = _api_file(net.prefix, "A")["refused_connections"]
+    held, took = net.pools["A"].submit(_flood, host, net.port, ctx, "127.0.0.2",
+                                       3 * cap).result(300)
+    try:
+        # Held connections go idle, and one closed after SILENT_S would free its place.
+        assert took < SILENT_S, f"{3 * cap} connections took {took:.0f} s to open"
+        assert cap <= len(held) <= workers * cap, len(held)
+        assert net.call("a1", "GET", f"{BASE}/b1/status")[0] == 200  # another address
+        wait_until(lambda: _api_file(net.prefix, "A")["refused_connections"]
+                   == refused_before + 3 * cap - len(held), 30,
+                   lambda: f"refusals counted: {_api_file(net.prefix, 'A')}")
+        assert "max_connections_per_address" in _node_log(net.prefix, "A")
+    finally:
+        for c in held:
+            c.close()
+
+    def again() -> bool:  # the server sees the closes a moment later
+        c = net.pools["A"].submit(_status_on, host, net.port, ctx, "127.0.0.2").result(60)
+        ok = c is not None
+        if c is not None:
+            c.close()
+        return ok
+    wait_until(lambda: all(again() for _ in range(workers * cap)), 60,
+               "the address's connections served again once its others closed")
+
+
+def test_a_connection_without_a_certificate_gets_its_401_and_is_closed(net):
+    """A connection that is no SAE's is never heard: after its 401 the server closes it,
+    rather than keep a descriptor open for whoever made it (with a request every
+    SILENT_S, for good)."""
+    def ask() -> tuple[bytes, float]:
+        host = net.host("A")
+        s = net.ctx(None).wrap_socket(socket.create_connection((host, net.port), timeout=30),
+                                      server_hostname=host)
+        with s:
+            s.sendall(f"GET {BASE}/b1/status HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            t0, got = time.monotonic(), b""
+            while chunk := s.recv(1 << 16):  # until the server closes it
+                got += chunk
+            return got, time.monotonic() - t0
+
+    got, took = net.pools["A"].submit(ask).result(120)
+    head = got.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 401") and b"connection: close" in head, got[:300]
+    assert took < SILENT_S / 2, f"closed after {took:.0f} s: by the idle timeout"
 
 
 def test_dec_keys_only_for_the_named_slave_and_master(net):
@@ -634,6 +720,10 @@ def test_sanic_workers_and_a_graceful_shutdown_that_loses_nothing(net):
     wait_until(lambda: _answers(net), 60, "the restarted API")
     log = (paths.log_dir(net.prefix) / "node-A.log").read_text()
     assert "api exited with 0" in log
+
+
+def _node_log(prefix: str, node: str) -> str:
+    return (paths.log_dir(prefix) / f"node-{node}.log").read_text()
 
 
 def _api_file(prefix: str, node: str) -> dict:

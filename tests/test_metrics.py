@@ -78,7 +78,7 @@ def snapshot() -> dict:
                                         "policy": "fewer", "degraded_blocks": 40,
                                         "shares_sent": 100, "links": [["A-B"]]}}}}},
         "api": {"updated": NOW, "state": "degraded", "workers_alive": 1, "workers": 2,
-                "restarts": 5,
+                "restarts": 5, "refused_connections": 7,
                 "hands": {"served_keys": 900, "taken_keys": 1200, "given_back_keys": 100,
                           "given_back_bytes": 3200, "held_keys": 150, "held_bytes": 4800,
                           "lost_keys": 50, "lost_bytes": 1600}},
@@ -177,6 +177,7 @@ def test_the_key_api_is_serving_only_with_every_worker_and_a_live_manager():
     assert value(got, "qkdnet_api_hand_served_keys_total") == 900
     assert value(got, "qkdnet_api_hand_given_back_bytes_total") == 3200
     assert value(got, "qkdnet_api_hand_lost_bytes_total") == 1600
+    assert value(got, "qkdnet_api_refused_connections_total") == 7
     snap["api"].update(state="serving", workers_alive=2)
     assert value(samples(snap), "qkdnet_api_serving") == 1
     got = samples(snap, NOW + 10)  # its manager stopped publishing: not serving
@@ -340,7 +341,8 @@ def test_the_status_table_shows_the_key_api_workers_hands():
     console.print(render_api({"time": NOW, "nodes": {"A": {"api": api}}}))
     row = next(line for line in console.export_text().splitlines()
                if line.lstrip().startswith("A "))
-    assert row.split()[-4:] == ["150", "900", "1,600", "B"]  # held, from hands, lost
+    # held, from hands, lost, refused connections
+    assert row.split()[-5:] == ["150", "900", "1,600", "B", "7"]
 
 
 def test_idle_connections_cannot_pin_the_endpoint(monkeypatch):

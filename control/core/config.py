@@ -439,6 +439,10 @@ class ApiSection(_Strict):
                                          "sae_share_window_s (beyond: 503); 1 = no limit")
     sae_share_window_s: float = Field(10.0, gt=0.0, le=86400.0,
                                       description="seconds over which an SAE's share refills")
+    max_connections_per_address: int = Field(
+        64, ge=0, le=65535, description="connections one client address may hold open at "
+                                        "each worker (more: closed once its TLS handshake "
+                                        "is done); 0 = no limit")
 
     @field_validator("key_size")
     @classmethod
@@ -625,6 +629,7 @@ class ApiSpec:
     sae_requests_per_s: float = 0.0
     sae_store_share: float = 1.0
     sae_share_window_s: float = 10.0
+    max_connections_per_address: int = 64
 
 
 @dataclass(frozen=True)
@@ -951,7 +956,8 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                   max_sae_id_count=a.max_sae_id_count,
                   graceful_shutdown_s=a.graceful_shutdown_s,
                   sae_requests_per_s=a.sae_requests_per_s, sae_store_share=a.sae_store_share,
-                  sae_share_window_s=a.sae_share_window_s)
+                  sae_share_window_s=a.sae_share_window_s,
+                  max_connections_per_address=a.max_connections_per_address)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
                     dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm, api=api,

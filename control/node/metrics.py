@@ -76,6 +76,9 @@ SPECS: dict[str, tuple[str, str]] = {
     "qkdnet_api_serving": ("gauge", "1 when every key API worker runs (and its manager)"),
     "qkdnet_api_workers_alive": ("gauge", "key API worker processes alive"),
     "qkdnet_api_worker_restarts_total": ("counter", "key API workers forked again"),
+    "qkdnet_api_refused_connections_total": ("counter", "connections closed at once: their "
+                                                        "address held [api] "
+                                                        "max_connections_per_address"),
     "qkdnet_api_hand_keys": ("gauge", "keys the key API workers hold taken ahead in their "
                                       "hands"),
     "qkdnet_api_hand_served_keys_total": ("counter", "keys handed out from workers' hands"),
@@ -209,6 +212,7 @@ def _api(node: str, st: dict, now: float) -> Iterator[Sample]:
     yield "qkdnet_api_serving", n, float(fresh and st["state"] == "serving")
     yield "qkdnet_api_workers_alive", n, st["workers_alive"] if fresh else 0
     yield "qkdnet_api_worker_restarts_total", n, st["restarts"]
+    yield "qkdnet_api_refused_connections_total", n, st.get("refused_connections", 0)
     if hands := st.get("hands"):
         yield "qkdnet_api_hand_keys", n, hands["held_keys"]
         yield "qkdnet_api_hand_served_keys_total", n, hands["served_keys"]

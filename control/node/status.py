@@ -230,10 +230,11 @@ def _ago(t: float | None, now: float) -> str:
 def render_api(snapshot: dict) -> Table:
     t = Table(title="key API per node (restarts: of its workers by the API's manager, of "
                     "the manager by the node; hands: keys the workers took ahead, held now, "
-                    "handed out, lost: held by workers that died or not given back)",
+                    "handed out, lost: held by workers that died or not given back; refused: "
+                    "connections over [api] max_connections_per_address)",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("node", "state", "workers", "restarts", "last restart", "manager restarts",
-                "hands", "from hands", "lost"):
+                "hands", "from hands", "lost", "refused"):
         t.add_column(col, justify="left" if col in ("node", "state") else "right",
                      no_wrap=True)
     now = snapshot["time"]
@@ -248,7 +249,8 @@ def render_api(snapshot: dict) -> Table:
                   f"{api['restarts']:,}", _ago(last, now),
                   f"{api.get('module_restarts', 0):,}",
                   f"{hands.get('held_keys', 0):,}", f"{hands.get('served_keys', 0):,}",
-                  f"{hands.get('lost_bytes', 0):,} B")
+                  f"{hands.get('lost_bytes', 0):,} B",
+                  f"{api.get('refused_connections', 0):,}")
     return t
 
 
