@@ -32,9 +32,11 @@ def die_with_parent() -> None:
 
 def raise_open_files_limit() -> int:
     """Raise this process's soft limit on open files to its hard limit, and return it. A
-    server facing the network (the key API) holds one descriptor per connection: at a
-    service manager's usual soft limit of 1,024, about a thousand idle connections from
-    anyone who can reach its port would stop it accepting the SAEs' own."""
+    server facing the network (the key API, the global key manager's relay port) holds
+    one descriptor per connection: at a service manager's usual soft limit of 1,024,
+    about a thousand idle connections from anyone who can reach its port would stop it
+    accepting the SAEs' own, or make the next file it opens fail (the global key manager
+    crashed on its next status file)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES_UNLIMITED)
     if soft < want:

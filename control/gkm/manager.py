@@ -105,6 +105,10 @@ MAX_ENDED_TAKES = 8192        # dec takes whose taker gave up, remembered to ref
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
 HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
 HEARTBEAT_TIMEOUT_MS = 30_000  # a ping answered later than this: the connection is dead
+# Anyone who reaches the relay port (a process in the node's namespace) can connect, and
+# each connection holds a descriptor until its CurveZMQ handshake is done: one that says
+# nothing is closed after this (libzmq's default, 30 s). A handshake takes milliseconds.
+RELAY_HANDSHAKE_MS = 15_000
 RENEW_HOLD_S = 3.0            # multipath: after the paths moved, no new send for this long
                               # (every router has learned the move by then)
 REDIAL_S = 1.0                # a connection whose handshake failed is dialled again after
@@ -412,6 +416,7 @@ class GlobalKeyManager:
         self.router = self.relay_ctx.socket(zmq.ROUTER)
         secure_router(self.router, self.keys)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.HANDSHAKE_IVL, RELAY_HANDSHAKE_MS)
         # No ROUTER_HANDOVER: the peers' identities are the ones this socket assigns, so
         # a handover could only ever let one authenticated peer that names itself with
         # another's identity take over that connection (and its ACKs).

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from control.core import paths
 from control.core.config import Topology, load_topology
-from control.core.lifecycle import die_with_parent
+from control.core.lifecycle import die_with_parent, raise_open_files_limit
 from control.core.statefile import write_json
 from dataplane.private import private_dir, set_private_umask
 
@@ -267,6 +267,9 @@ def secrets_missing(topo: Topology, node: str) -> tuple[list[str], list[str]]:
 def run_node(config: Path, node: str, state_dir: Path | None = None,
              netns: str | None = None) -> None:
     set_private_umask()  # whatever the node and its modules make is theirs alone
+    # Every module inherits it: each holds connections anyone who reaches the node's
+    # address can open (the relay port, the key API), besides its own files (the stores).
+    raise_open_files_limit()
     topo = load_topology(config)
     fatal, others = secrets_missing(topo, node)
     if fatal:  # no link could work: found by each key manager alone, they would restart

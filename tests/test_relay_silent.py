@@ -1,0 +1,96 @@
+"""Silent connections to the global key manager's relay port, from a process in the node's
+namespace: each holds a descriptor of the key manager until libzmq gives up on its
+handshake. They cost the key manager nothing it needs."""
+
+from __future__ import annotations
+
+import resource
+import selectors
+import socket
+import time
+
+import pytest
+
+from control.core import paths
+from control.gkm.manager import RELAY_HANDSHAKE_MS
+from tests.nsutil import run_in_netns, wait_until
+from tests.test_gkm import client_call, full, make_net
+
+pytestmark = pytest.mark.netns
+GKM_TWO = """block_size = "256KiB"
+low_watermark = "4MiB"
+high_watermark = "8MiB"
+window = "2MiB"
+pairs = [["A", "B"]]"""
+MIB = 1 << 20
+HIGH = 8 * MIB
+SOFT = 512  # the node started under this soft limit on open files
+SILENT = 2 * SOFT  # connections opened, more than it
+
+
+def _module_pid(prefix: str, node: str, name: str) -> int | None:
+    import json
+
+    try:
+        st = json.loads((paths.node_dir(prefix, node) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return next((m["pid"] for m in st["modules"] if m["name"] == name), None)
+
+
+def _silent(dst: str, port: int, n: int, wait_s: float) -> tuple[int, float | None]:
+    """Open ``n`` connections to ``dst``:``port`` that never say a thing. (How many
+    opened, seconds from then until the server had closed them all, or None.)"""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            try:
+                socks.append(socket.create_connection((dst, port), timeout=10))
+            except OSError:
+                break
+        t0 = time.monotonic()
+        with selectors.DefaultSelector() as sel:  # epoll: descriptors above 1,024
+            for s in socks:
+                sel.register(s, selectors.EVENT_READ)
+            while sel.get_map() and time.monotonic() - t0 < wait_s:
+                for key, _ in sel.select(0.5):
+                    try:
+                        if key.fileobj.recv(1 << 12):  # libzmq's greeting
+                            continue
+                    except OSError:
+                        pass
+                    sel.unregister(key.fileobj)
+            left = len(sel.get_map())
+        return len(socks), None if left else time.monotonic() - t0
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_silent_connections_to_the_relay_port_neither_crash_nor_stay(tmp_path, prefix):
+    """Started under a soft limit of 512 open files, A's key manager crashed on the next
+    file it opened (a status file, EMFILE) once 1,024 silent connections were open on its
+    relay port, and libzmq held each for 30 s. Every node process now raises its soft
+    limit to the hard one, and a connection that has not finished its handshake is closed
+    after RELAY_HANDSHAKE_MS: the key manager keeps running and relaying."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4 * SILENT:
+        pytest.skip(f"the hard limit on open files ({hard}) is too low for this test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, hard))
+    try:  # the nodes, and every module they fork, start under it
+        topo, _ = make_net(tmp_path, prefix, GKM_TWO, two=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    wait_until(lambda: full(prefix, [("A", "B")], HIGH), 120, "A's store for B filled")
+    gkm = _module_pid(prefix, "A", "gkm")
+    opened, took = run_in_netns(paths.netns_name(prefix, "A"), _silent,
+                                str(topo.node("A").address), topo.ports.relay, SILENT,
+                                4 * RELAY_HANDSHAKE_MS / 1000, timeout=300)
+    assert opened == SILENT
+    assert _module_pid(prefix, "A", "gkm") == gkm, "A's key manager restarted"
+    assert took is not None, "silent connections still open"
+    assert took < 1.5 * RELAY_HANDSHAKE_MS / 1000, f"closed after {took:.0f} s"  # was 30
+    # Still relaying: what A's SAEs take is filled again, and B holds the same blocks.
+    client_call(prefix, "A", "take_enc", "B", 24, 256 << 10)
+    wait_until(lambda: full(prefix, [("A", "B")], HIGH), 120, "A's store for B refilled")
+    assert _module_pid(prefix, "A", "gkm") == gkm
