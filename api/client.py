@@ -119,7 +119,9 @@ class Conn:
         a caller must count as possibly acted on (``KmeClient.retried``)."""
         if self.closed:
             return True
-        if not select.select([self.sock], [], [], 0)[0]:
+        ready = select.poll()  # (select() cannot take a descriptor above 1,023)
+        ready.register(self.sock, select.POLLIN)
+        if not ready.poll(0):  # (a recv would wait out the socket's timeout first)
             return False
         try:
             n = self.sock.recv_into(self.raw, flags=socket.MSG_DONTWAIT)

@@ -216,13 +216,14 @@ class _Protocol(HttpProtocol):
     handshake done; until then the handshake timeout bounds it)."""
 
     # (Sanic's protocol classes keep to slots)
-    __slots__ = ("_handled", "_arriving", "_address")
+    __slots__ = ("_handled", "_arriving", "_address", "_refused")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._handled = 0  # requests this connection handed to the app
         self._arriving: tuple[Stage, int, float] | None = None  # (stage, _handled, seen)
         self._address: str | None = None  # counted in the worker's AddressCap
+        self._refused = False  # closed by the cap: Sanic never saw it
         handle = self.request_handler
 
         async def counted(request: Request):  # a head is in: the next is another one
@@ -236,6 +237,7 @@ class _Protocol(HttpProtocol):
         if isinstance(peer, tuple):
             cap: AddressCap = self.app.ctx.addresses
             if not cap.admit(peer[0]):
+                self._refused = True
                 transport.abort()  # Sanic never sees it: no task, nothing to read
                 _refused(self.app, peer[0], cap)
                 return
@@ -243,7 +245,7 @@ class _Protocol(HttpProtocol):
         super().connection_made(transport)
 
     def connection_lost(self, exc) -> None:
-        if self.conn_info is None:  # refused in connection_made
+        if self._refused:
             return
         if self._address is not None:
             self.app.ctx.addresses.release(self._address)

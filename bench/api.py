@@ -64,6 +64,7 @@ window = "16MiB"
 pairs = [["A", "B"]]
 [api]
 workers = {workers}
+max_connections_per_address = 0  # every client process calls from the same address
 [[saes]]
 id = "SAE-A"
 node = "A"

@@ -41,6 +41,8 @@ def _module_pid(prefix: str, node: str, name: str) -> int | None:
 def _silent(dst: str, port: int, n: int, wait_s: float) -> tuple[int, float | None]:
     """Open ``n`` connections to ``dst``:``port`` that never say a thing. (How many
     opened, seconds from then until the server had closed them all, or None.)"""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the test's soft limit may be low
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4 * SILENT, hard))  # (the test checked)
     socks: list[socket.socket] = []
     try:
         for _ in range(n):
