@@ -87,6 +87,8 @@ class Conn:
         self.closed = False
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._readable = select.poll()  # (select() cannot take a descriptor above 1,023)
+        self._readable.register(self.sock, select.POLLIN)
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self.inc, self.out, server_hostname=host)
         self.raw = bytearray(1 << 20)
@@ -119,9 +121,7 @@ class Conn:
         a caller must count as possibly acted on (``KmeClient.retried``)."""
         if self.closed:
             return True
-        ready = select.poll()  # (select() cannot take a descriptor above 1,023)
-        ready.register(self.sock, select.POLLIN)
-        if not ready.poll(0):  # (a recv would wait out the socket's timeout first)
+        if not self._readable.poll(0):  # (a recv would wait out the socket's timeout)
             return False
         try:
             n = self.sock.recv_into(self.raw, flags=socket.MSG_DONTWAIT)

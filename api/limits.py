@@ -142,7 +142,8 @@ class AddressCap:
     401 and closes, but an SAE's stay open as long as it makes a request every SILENT_S.
     One address holding this many at a worker gets its next ones closed at once, so that
     it cannot take every descriptor from the others. Kept per worker process (no lock):
-    an address holds at most ``limit`` times the workers in all."""
+    an address holds at most ``limit`` times the workers in all. ``refused`` paces the
+    worker's log (the shared count is the worker's ``HandCounts``)."""
 
     __slots__ = ("limit", "refused", "_held")
 
@@ -153,9 +154,11 @@ class AddressCap:
 
     def admit(self, address: str) -> bool:
         """Count one more connection of ``address``; False (nothing counted) if it holds
-        ``limit`` already."""
+        ``limit`` already. Without a limit nothing is counted."""
+        if not self.limit:
+            return True
         n = self._held.get(address, 0)
-        if self.limit and n >= self.limit:
+        if n >= self.limit:
             self.refused += 1
             return False
         self._held[address] = n + 1
@@ -163,6 +166,8 @@ class AddressCap:
 
     def release(self, address: str) -> None:
         """One admitted connection of ``address`` has closed."""
+        if not self.limit:
+            return
         n = self._held.pop(address) - 1
         if n:
             self._held[address] = n

@@ -216,14 +216,14 @@ class _Protocol(HttpProtocol):
     handshake done; until then the handshake timeout bounds it)."""
 
     # (Sanic's protocol classes keep to slots)
-    __slots__ = ("_handled", "_arriving", "_address", "_refused")
+    __slots__ = ("_handled", "_arriving", "_address", "_closed_by_cap")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._handled = 0  # requests this connection handed to the app
         self._arriving: tuple[Stage, int, float] | None = None  # (stage, _handled, seen)
         self._address: str | None = None  # counted in the worker's AddressCap
-        self._refused = False  # closed by the cap: Sanic never saw it
+        self._closed_by_cap = False  # Sanic never saw it
         handle = self.request_handler
 
         async def counted(request: Request):  # a head is in: the next is another one
@@ -237,15 +237,15 @@ class _Protocol(HttpProtocol):
         if isinstance(peer, tuple):
             cap: AddressCap = self.app.ctx.addresses
             if not cap.admit(peer[0]):
-                self._refused = True
+                self._closed_by_cap = True
                 transport.abort()  # Sanic never sees it: no task, nothing to read
-                _refused(self.app, peer[0], cap)
+                _count_refusal(self.app, peer[0], cap)
                 return
             self._address = peer[0]
         super().connection_made(transport)
 
     def connection_lost(self, exc) -> None:
-        if self._refused:
+        if self._closed_by_cap:
             return
         if self._address is not None:
             self.app.ctx.addresses.release(self._address)
@@ -267,13 +267,13 @@ class _Protocol(HttpProtocol):
         super().check_timeouts()
 
 
-def _refused(app: Sanic, address: str, cap: AddressCap) -> None:
+def _count_refusal(app: Sanic, address: str, cap: AddressCap) -> None:
     """Count a connection refused by the address cap; log the 1st, 2nd, 4th, ... of this
     worker (a flood does not flood the log)."""
     counts: HandCounts | None = getattr(app.ctx, "hand_counts", None)
     if counts is not None:
         counts.add(refused_connections=1)
-    if cap.refused & (cap.refused - 1) == 0:
+    if (cap.refused & (cap.refused - 1)) == 0:
         log.warning("key API: %s holds %d connections at this worker, the most one address "
                     "may ([api] max_connections_per_address): closed its next one (%d "
                     "refused so far by this worker)", address, cap.held(address), cap.refused)
@@ -295,7 +295,6 @@ def make_app(topo: Topology, node: str, name: str | None = None,
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
-    app.ctx.addresses = AddressCap(topo.api.max_connections_per_address)  # one per worker
 
     @app.before_server_start
     async def _open(app: Sanic) -> None:
@@ -304,6 +303,7 @@ def make_app(topo: Topology, node: str, name: str | None = None,
 
         die_with_parent()
         raise_open_files_limit()  # one descriptor per connection, idle ones included
+        app.ctx.addresses = AddressCap(topo.api.max_connections_per_address)  # this worker's
         keep_freed_memory()
         app.ctx.gkm = GkmLink(topo.prefix, node)
         app.ctx.gkm.start()

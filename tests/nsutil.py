@@ -176,6 +176,16 @@ def tunnel_state(prefix: str, node: str, link: str) -> dict | None:
         return None
 
 
+def module_pid(prefix: str, node: str, name: str) -> int | None:
+    """The pid of a node's module (``api``, ``gkm``, ``lkm:A-B``, ...) as its supervisor
+    last recorded it (a restarted module: the new one's); None if unknown."""
+    try:
+        st = json.loads((paths.node_dir(prefix, node) / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return next((m["pid"] for m in st["modules"] if m["name"] == name), None)
+
+
 def routes_complete(prefix: str, nodes: list[str]) -> bool:
     for n in nodes:
         r = router_state(prefix, n)

@@ -14,9 +14,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pytest
 
-from control.core import paths
-from tests.nsutil import wait_until
-from tests.test_api_service import BASE, Net, _api_file, _module_pid, running_net
+from tests.nsutil import module_pid, wait_until
+from tests.test_api_service import BASE, Net, _api_file, _node_log, running_net
 
 pytestmark = pytest.mark.netns
 
@@ -100,8 +99,8 @@ def test_keys_reserved_ahead_survive_a_kill_9_of_the_key_manager(net):
     handed out before and after once."""
     issued = _pull_until(net, _ahead(net)["served_keys"] + 64)
     settled(net)
-    b_gkm = _module_pid(net.prefix, "B", "gkm")
-    a_gkm = _module_pid(net.prefix, "A", "gkm")
+    b_gkm = module_pid(net.prefix, "B", "gkm")
+    a_gkm = module_pid(net.prefix, "A", "gkm")
     os.kill(b_gkm, signal.SIGSTOP)
     try:
         # One request at a time, each served from the pool, until a refill has left.
@@ -113,7 +112,7 @@ def test_keys_reserved_ahead_survive_a_kill_9_of_the_key_manager(net):
         state = _ahead(net)
         held = state["ready_keys"] + state["reserving_keys"]
         os.kill(a_gkm, signal.SIGKILL)
-        wait_until(lambda: _module_pid(net.prefix, "A", "gkm") != a_gkm
+        wait_until(lambda: module_pid(net.prefix, "A", "gkm") != a_gkm
                    and _ahead(net)["pools"] == 1, 60, "A's key manager restarted")
         state = _ahead(net)
         assert (state["ready_keys"] + state["reserving_keys"], state["served_keys"]) == \
@@ -152,7 +151,7 @@ def test_a_worker_answers_from_its_hand_without_its_key_manager(net):
     hand: with A's key manager stopped (SIGSTOP) requests are still answered, which no
     request that asks the key manager can be; the slave gets each key once."""
     issued = _steady_ones(net, 3.0)
-    a_gkm = _module_pid(net.prefix, "A", "gkm")
+    a_gkm = module_pid(net.prefix, "A", "gkm")
     os.kill(a_gkm, signal.SIGSTOP)
     try:
         # Several at once, one key each: any that meets an empty hand waits for the key
@@ -183,14 +182,13 @@ def test_hands_are_given_back_when_the_api_stops(net):
     assert held > 0  # in the workers' hands: taken, confirmed at B, not handed out
     wait_until(lambda: _hands(net)["held_keys"] == held, 30,
                f"the API's manager to count the {held} key(s) in hands")
-    api = _module_pid(net.prefix, "A", "api")
+    api = module_pid(net.prefix, "A", "api")
     os.kill(api, signal.SIGTERM)  # the workers stop gracefully, giving their hands back
-    wait_until(lambda: _module_pid(net.prefix, "A", "api") not in (None, api), 60,
+    wait_until(lambda: module_pid(net.prefix, "A", "api") not in (None, api), 60,
                "the key API restarted")
     settled(net)
     wait_until(lambda: _held_at_b(net) == 0, 30, f"B to drop the {held} key(s) given back")
-    log = (paths.log_dir(net.prefix) / "node-A.log").read_text()
-    assert "given back at stop or when idle" in log
+    assert "given back at stop or when idle" in _node_log(net.prefix, "A")
 
 
 def _hands(net: Net) -> dict:

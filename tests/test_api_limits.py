@@ -74,7 +74,6 @@ def test_over_any_window_an_sae_gets_at_most_twice_its_share():
     assert 1000 <= got <= 2000
 
 
-
 def test_an_address_holds_at_most_its_cap_of_connections_and_gets_them_back_as_they_close():
     cap = AddressCap(3)
     assert [cap.admit("10.0.0.1") for _ in range(4)] == [True, True, True, False]
@@ -88,6 +87,8 @@ def test_an_address_holds_at_most_its_cap_of_connections_and_gets_them_back_as_t
     assert cap.refused == 2
     unlimited = AddressCap(0)
     assert all(unlimited.admit("10.0.0.1") for _ in range(10_000))
+    unlimited.release("10.0.0.1")
+    assert unlimited.held("10.0.0.1") == 0 and unlimited.refused == 0  # nothing kept
 
 
 def _hammer(lim: SaeLimiter, start, n: int, q) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from control.core import paths
 from control.gkm.manager import RELAY_HANDSHAKE_MS
-from tests.nsutil import run_in_netns, wait_until
+from tests.nsutil import module_pid, run_in_netns, wait_until
 from tests.test_gkm import client_call, full, make_net
 
 pytestmark = pytest.mark.netns
@@ -26,16 +26,6 @@ MIB = 1 << 20
 HIGH = 8 * MIB
 SOFT = 512  # the node started under this soft limit on open files
 SILENT = 2 * SOFT  # connections opened, more than it
-
-
-def _module_pid(prefix: str, node: str, name: str) -> int | None:
-    import json
-
-    try:
-        st = json.loads((paths.node_dir(prefix, node) / "state.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return next((m["pid"] for m in st["modules"] if m["name"] == name), None)
 
 
 def _silent(dst: str, port: int, n: int, wait_s: float) -> tuple[int, float | None]:
@@ -84,15 +74,15 @@ def test_silent_connections_to_the_relay_port_neither_crash_nor_stay(tmp_path, p
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     wait_until(lambda: full(prefix, [("A", "B")], HIGH), 120, "A's store for B filled")
-    gkm = _module_pid(prefix, "A", "gkm")
+    gkm = module_pid(prefix, "A", "gkm")
     opened, took = run_in_netns(paths.netns_name(prefix, "A"), _silent,
                                 str(topo.node("A").address), topo.ports.relay, SILENT,
                                 4 * RELAY_HANDSHAKE_MS / 1000, timeout=300)
     assert opened == SILENT
-    assert _module_pid(prefix, "A", "gkm") == gkm, "A's key manager restarted"
+    assert module_pid(prefix, "A", "gkm") == gkm, "A's key manager restarted"
     assert took is not None, "silent connections still open"
     assert took < 1.5 * RELAY_HANDSHAKE_MS / 1000, f"closed after {took:.0f} s"  # was 30
     # Still relaying: what A's SAEs take is filled again, and B holds the same blocks.
     client_call(prefix, "A", "take_enc", "B", 24, 256 << 10)
     wait_until(lambda: full(prefix, [("A", "B")], HIGH), 120, "A's store for B refilled")
-    assert _module_pid(prefix, "A", "gkm") == gkm
+    assert module_pid(prefix, "A", "gkm") == gkm
