@@ -86,7 +86,7 @@ def run_point(net: OtpNet, path: str, mtu: int, seconds: float, streams: int = 1
         except KeyDry as e:
             if attempt == DRY_RETRIES:
                 raise
-            net.console.print(f"  {e}: refilled, running again")
+            net.console.print(f"  {e}: refilled, running again", markup=False)
     delta = _delta(net.counters(), before)
     sender, receiver = delta[("A", "A-B")], delta[(dst, "A-B" if dst == "B" else "B-C")]
     drops = {k: v for (node, link), c in delta.items() for k, v in

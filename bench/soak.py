@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from bench.harness import BenchError, Net, wait_until
 from bench.scale import gkm_peer
@@ -246,7 +247,7 @@ def run(minutes: float = 60.0, rate: float = 100.0, sample_s: float = 10.0,
             except RuntimeError as e:
                 errors["exchanges"] += 1
                 if errors["exchanges"] <= 5:
-                    console.print(f"  [yellow]key exchange failed:[/yellow] {e}",
+                    console.print(f"  [yellow]key exchange failed:[/yellow] {escape(str(e))}",
                                   highlight=False)
             time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
         res = stream.finish()

@@ -339,10 +339,11 @@ def test_the_status_table_shows_the_key_api_workers_hands():
     api = {**snapshot()["api"], "stale": False}
     console = Console(width=120, record=True)
     console.print(render_api({"time": NOW, "nodes": {"A": {"api": api}}}))
-    row = next(line for line in console.export_text().splitlines()
-               if line.lstrip().startswith("A "))
+    text = console.export_text()
+    row = next(line for line in text.splitlines() if line.lstrip().startswith("A "))
     # held, from hands, lost, refused connections
     assert row.split()[-5:] == ["150", "900", "1,600", "B", "7"]
+    assert "[api] max_connections_per_address" in " ".join(text.split())  # not markup
 
 
 def test_idle_connections_cannot_pin_the_endpoint(monkeypatch):

@@ -274,6 +274,7 @@ def test_qkdctl_keys_init_makes_a_pair_per_node_that_keeps_global_key(tmp_path):
     r = CliRunner().invoke(app, ["keys", "init", str(d), "--config", str(cfg)])
     assert r.exit_code == 0, r.output
     assert "new keys for A, B " in " ".join(r.output.split())
+    assert "set [gkm] keys" in " ".join(r.output.split())  # not taken for markup
     assert sorted(p.name for p in d.iterdir()) == ["A.key", "A.key_secret", "B.key",
                                                    "B.key_secret"]  # C keeps none
     first = load_relay_keys(d, "A", ["B"]).public

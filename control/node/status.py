@@ -6,6 +6,7 @@ import time
 
 from rich import box
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 
 from control.core import paths
@@ -82,7 +83,7 @@ def guard_state(st: dict) -> str:
     if not g:
         return "-"
     if g.get("state") != "on":
-        return f"[yellow]off[/yellow] ({g.get('reason')})"
+        return f"[yellow]off[/yellow] ({escape(str(g.get('reason')))})"
     dropped = sum(c["packets"] for r, c in (g.get("counts") or {}).items()
                   if r in DROP_REASONS)
     return f"{g['mode']}, {dropped:,} dropped"
@@ -115,7 +116,8 @@ def render_tunnels(snapshot: dict) -> Table:
                 t.add_row(link, node, "-", "not running", "", "", "", "", "", "", "", "", "")
                 continue
             c = st["counters"]
-            state = "up" if st["up"] and not st["stale"] else f"[red]{st['reason']}[/red]"
+            state = ("up" if st["up"] and not st["stale"]
+                     else f"[red]{escape(str(st['reason']))}[/red]")
             if st["stale"]:
                 state = "[red]stopped[/red]"
             alive = sum(w["alive"] for w in st["workers"])
@@ -231,7 +233,7 @@ def render_api(snapshot: dict) -> Table:
     t = Table(title="key API per node (restarts: of its workers by the API's manager, of "
                     "the manager by the node; hands: keys the workers took ahead, held now, "
                     "handed out, lost: held by workers that died or not given back; refused: "
-                    "connections over [api] max_connections_per_address)",
+                    "connections over \\[api] max_connections_per_address)",  # (markup)
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("node", "state", "workers", "restarts", "last restart", "manager restarts",
                 "hands", "from hands", "lost", "refused"):

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from control.core import paths
 from control.core.config import ConfigError, Topology, load_topology
@@ -141,7 +142,7 @@ def net_up(config: Annotated[Path, typer.Argument(help="topology TOML file")],
     try:
         man = emulation.net_up(topo, start=start)
     except emulation.NetError as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(1) from None
     out.print(f"network {topo.name!r} up with prefix {topo.prefix!r}: "
               f"{len(man.namespaces)} namespaces, {len(topo.links)} links"
@@ -169,7 +170,7 @@ def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML f
         try:
             removed = emulation.net_down(p)
         except emulation.NetError as e:
-            err.print(f"[red]{p}: {e}[/red]", highlight=False)
+            err.print(f"[red]{escape(f'{p}: {e}')}[/red]", highlight=False)
             failed = True
             continue
         out.print(f"{p}: removed {len(removed)} object(s)" if removed else f"{p}: nothing left")
@@ -260,7 +261,7 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the 
     try:
         lay = init_pki(directory, topo, force=force, ca_dir=ca_dir)
     except PkiError as e:
-        err.print(f"[red]{e}[/red]", highlight=False)
+        err.print(f"[red]{escape(str(e))}[/red]", highlight=False)
         raise typer.Exit(1) from None
     out.print(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
               f"nodes/, {len(topo.saes)} SAE certificate(s) in saes/ (keys mode 0600); "
@@ -285,12 +286,12 @@ def keys_init(directory: Annotated[Path, typer.Argument(help="where to write the
     try:
         made = write_relay_keys(directory, topo.gkm.nodes(), force=force)
     except (RelayKeyError, NotPrivateError) as e:
-        err.print(f"[red]{e}[/red]", highlight=False)
+        err.print(f"[red]{escape(str(e))}[/red]", highlight=False)
         raise typer.Exit(1) from None
     kept = len(topo.gkm.nodes()) - len(made)
     out.print(f"{directory}: new keys for {', '.join(made) or 'no node'}"
               f"{f', {kept} kept' if kept else ''} (mode 0600); give each node its own "
-              f"<node>.key_secret and the others' <node>.key, and set [gkm] keys",
+              f"<node>.key_secret and the others' <node>.key, and set \\[gkm] keys",
               highlight=False)
 
 
@@ -379,7 +380,7 @@ def _bench(run, **kwargs) -> dict:
     try:
         return run(**kwargs)
     except BenchError as e:
-        err.print(f"[red]benchmark failed:[/red] {e}", highlight=False)
+        err.print(f"[red]benchmark failed:[/red] {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -846,7 +847,8 @@ def bench_record(
     try:
         written = record(json_file, RESULTS_MD, RESULTS_MD.parent.parent / "README.md")
     except (OSError, ValueError, KeyError) as e:
-        err.print(f"[red]cannot record {json_file}:[/red] {e}", highlight=False)
+        err.print(f"[red]cannot record {escape(str(json_file))}:[/red] {escape(str(e))}",
+                  highlight=False)
         raise typer.Exit(1) from None
     for f in written:
         out.print(f"latest table written to {f}", highlight=False)
@@ -889,7 +891,7 @@ def profile(
         topo = load(config) if config else running_topology(node)
         report = profile_node(topo, node, seconds, console=err if as_json else out)
     except (NotRunning, ProfileError) as e:
-        err.print(f"[red]{e}[/red]", highlight=False)
+        err.print(f"[red]{escape(str(e))}[/red]", highlight=False)
         raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(report))
@@ -926,7 +928,7 @@ def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples
         code, rep = run_demo(load(config), err if as_json else out, phase_s=phase,
                              rate_mbps=rate)
     except ValueError as e:
-        err.print(f"[red]{e}[/red]", highlight=False)
+        err.print(f"[red]{escape(str(e))}[/red]", highlight=False)
         raise typer.Exit(2) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

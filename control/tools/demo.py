@@ -30,6 +30,7 @@ from pathlib import Path
 import tomli_w
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from control.core import paths
@@ -522,7 +523,7 @@ def _end(rep: DemoReport, console: Console, t_start: float) -> tuple[int, DemoRe
     took = time.monotonic() - t_start
     if problems:
         for p in problems:
-            console.print(f"[red]FAILED[/red] {p}")
+            console.print(f"[red]FAILED[/red] {escape(p)}")
         return 1, rep
     console.print(f"[green]demo passed[/green] in {took:.0f} s: keys identical at both SAEs "
                   f"before and during the cut, the stream intact through the cut "
