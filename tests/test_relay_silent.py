@@ -14,16 +14,11 @@ import pytest
 from control.core import paths
 from control.gkm.manager import RELAY_HANDSHAKE_MS
 from tests.nsutil import module_pid, run_in_netns, wait_until
-from tests.test_gkm import client_call, full, make_net
+from tests.test_gkm import GKM_TWO, client_call, full, make_net
 
 pytestmark = pytest.mark.netns
-GKM_TWO = """block_size = "256KiB"
-low_watermark = "4MiB"
-high_watermark = "8MiB"
-window = "2MiB"
-pairs = [["A", "B"]]"""
 MIB = 1 << 20
-HIGH = 8 * MIB
+HIGH = 8 * MIB  # GKM_TWO's high watermark
 SOFT = 512  # the node started under this soft limit on open files
 SILENT = 2 * SOFT  # connections opened, more than it
 
