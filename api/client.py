@@ -311,6 +311,15 @@ class Conn:
         return body
 
 
+def reuse_or_open(conn: Conn | None, host: str, port: int, ctx: ssl.SSLContext) -> Conn:
+    """``conn`` if the KME has not closed it while idle (its keep-alive ran out), else a
+    new connection (``conn`` closed): for an SAE that keeps its own connection."""
+    if conn is not None and conn.idle_closed():
+        conn.close()
+        conn = None
+    return conn if conn is not None else Conn(host, port, ctx)
+
+
 class KmeClient:
     """An SAE's calls of one KME at ``url`` (https://host[:port][/path]), with ``ctx``
     (``tls_context``); ``timeout`` bounds the connect and each wait for bytes."""

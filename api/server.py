@@ -298,11 +298,10 @@ def make_app(topo: Topology, node: str, name: str | None = None,
 
     @app.before_server_start
     async def _open(app: Sanic) -> None:
-        from control.core.lifecycle import die_with_parent, raise_open_files_limit
+        from control.core.lifecycle import die_with_parent
         from control.core.memory import keep_freed_memory
 
         die_with_parent()
-        raise_open_files_limit()  # one descriptor per connection, idle ones included
         app.ctx.addresses = AddressCap(topo.api.max_connections_per_address)  # this worker's
         keep_freed_memory()
         app.ctx.gkm = GkmLink(topo.prefix, node)

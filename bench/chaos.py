@@ -81,7 +81,7 @@ def _master(ns: str, pki: str, host: str, port: int, stop, credit, events) -> No
     fetches; every answer's keys (ID, digest) as an event."""
     import orjson
 
-    from api.client import Conn, client_context
+    from api.client import client_context, reuse_or_open
 
     _enter(ns)
     ctx, conn = client_context(pki, "SAE-A"), None
@@ -90,11 +90,7 @@ def _master(ns: str, pki: str, host: str, port: int, stop, credit, events) -> No
         if not credit.acquire(timeout=0.2):
             continue
         try:
-            if conn is not None and conn.idle_closed():  # the KME's keep-alive ran out
-                conn.close()
-                conn = None
-            if conn is None:
-                conn = Conn(host, port, ctx)
+            conn = reuse_or_open(conn, host, port, ctx)
             status, data = conn.request("POST", "/api/v1/keys/SAE-C/enc_keys", body)
             now = time.monotonic()
             if status != 200:
@@ -118,7 +114,7 @@ def _slave(ns: str, pki: str, host: str, port: int, todo, events) -> None:
     """SAE-C: dec_keys for each batch of key IDs it is given; each outcome an event."""
     import orjson
 
-    from api.client import Conn, client_context
+    from api.client import client_context, reuse_or_open
 
     _enter(ns)
     ctx, conn = client_context(pki, "SAE-C"), None
@@ -128,11 +124,7 @@ def _slave(ns: str, pki: str, host: str, port: int, todo, events) -> None:
             return
         body = orjson.dumps({"key_IDs": [{"key_ID": k} for k in ids]})
         try:
-            if conn is not None and conn.idle_closed():  # the KME's keep-alive ran out
-                conn.close()
-                conn = None
-            if conn is None:
-                conn = Conn(host, port, ctx)
+            conn = reuse_or_open(conn, host, port, ctx)
             status, data = conn.request("POST", "/api/v1/keys/SAE-A/dec_keys", body)
         except Exception as e:
             with contextlib.suppress(Exception):

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.netns
 MIB = 1 << 20
 
 
-def make_net(tmp_path: Path, prefix: str, gkm: str, two: bool = False):
-    return tunnel_net(tmp_path, prefix, two=two, gkm=gkm, key_rate=2000)
+def make_net(tmp_path: Path, prefix: str, gkm: str, two: bool = False, extra: str = ""):
+    return tunnel_net(tmp_path, prefix, two=two, gkm=gkm, key_rate=2000, extra=extra)
 
 
 def gkm_state(prefix: str, node: str) -> dict | None:

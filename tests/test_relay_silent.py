@@ -4,6 +4,7 @@ handshake. They cost the key manager nothing it needs."""
 
 from __future__ import annotations
 
+import json
 import resource
 import selectors
 import socket
@@ -19,6 +20,11 @@ from tests.test_gkm import GKM_TWO, client_call, full, make_net
 pytestmark = pytest.mark.netns
 MIB = 1 << 20
 HIGH = 8 * MIB  # GKM_TWO's high watermark
+SAE = """
+[[saes]]
+id = "a1"
+node = "A"
+"""
 SOFT = 512  # the node started under this soft limit on open files
 SILENT = 2 * SOFT  # connections opened, more than it
 
@@ -65,11 +71,15 @@ def test_silent_connections_to_the_relay_port_neither_crash_nor_stay(tmp_path, p
         pytest.skip(f"the hard limit on open files ({hard}) is too low for this test")
     resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, hard))
     try:  # the nodes, and every module they fork, start under it
-        topo, _ = make_net(tmp_path, prefix, GKM_TWO, two=True)
+        topo, _ = make_net(tmp_path, prefix, GKM_TWO, two=True, extra=SAE)  # (a key API)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     wait_until(lambda: full(prefix, [("A", "B")], HIGH), 120, "A's store for B filled")
     gkm = module_pid(prefix, "A", "gkm")
+    modules = json.loads((paths.node_dir(prefix, "A") / "state.json").read_text())["modules"]
+    assert "api" in {m["name"] for m in modules}
+    for m in modules:  # each module runs at the raised limit, not the one it started under
+        assert resource.prlimit(m["pid"], resource.RLIMIT_NOFILE)[0] > SOFT, m["name"]
     opened, took = run_in_netns(paths.netns_name(prefix, "A"), _silent,
                                 str(topo.node("A").address), topo.ports.relay, SILENT,
                                 4 * RELAY_HANDSHAKE_MS / 1000, timeout=300)
@@ -77,7 +87,7 @@ def test_silent_connections_to_the_relay_port_neither_crash_nor_stay(tmp_path, p
     assert module_pid(prefix, "A", "gkm") == gkm, "A's key manager restarted"
     assert took is not None, "silent connections still open"
     assert took < 1.5 * RELAY_HANDSHAKE_MS / 1000, f"closed after {took:.0f} s"  # was 30
-    # Still relaying: what A's SAEs take is filled again, and B holds the same blocks.
+    # Still relaying: what A's SAEs take is filled again.
     client_call(prefix, "A", "take_enc", "B", 24, 256 << 10)
     wait_until(lambda: full(prefix, [("A", "B")], HIGH), 120, "A's store for B refilled")
     assert module_pid(prefix, "A", "gkm") == gkm
