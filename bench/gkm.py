@@ -19,9 +19,9 @@ in the same run.
 Ceiling in the same run (``bench.bare_store``): the same bytes (the store's size, 1 MiB
 blocks) written to a bare RocksDB store with the key store's options and the durability
 of received blocks, in the same filesystem, no relay; and, for reference, the same
-written to two such stores at once (a fill makes each byte durable at both ends, which
-here share one disk and two cores) and the disk's own synced write rate. The target is a
-ratio of the first.
+written to two such stores at once (what bounded a fill while the origin also stored each
+block's bytes, not its seed: both ends here share one disk and two cores) and the disk's
+own synced write rate. The target is a ratio of the first.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def measure_ceilings(store: int, repeat: int, console: Console) -> dict[str, dic
     out = {}
     for name, fn, what in (("store", bare_store.store_write, "bare RocksDB store"),
                            ("two_stores", bare_store.store_write_pair,
-                            "two bare stores at once (both ends' on this machine)"),
+                            "two bare stores at once (each byte at both ends)"),
                            ("disk", bare_store.disk_write, "disk, write + fdatasync")):
         out[name] = median_run([fn(store, 1 << 20) for _ in range(repeat)])
         console.print(f"  ceiling, {what}, {_size(store)} in 1 MiB blocks: "
@@ -274,8 +274,8 @@ def summarize(points: list[dict], sizes: tuple[int, ...], store: int, window: in
         console.print(f"1 MiB keys, direct: {d_gbps:.2f} Gb/s filled, {c_store:.2f} Gb/s into a "
                       f"bare store, {c_disk or 0:.2f} Gb/s to the disk (same run)")
     if c_two:
-        console.print(f"  for reference: {c_two:.2f} Gb/s into two bare stores at once, what "
-                      f"both ends' stores on this machine can take: "
+        console.print(f"  for reference: {c_two:.2f} Gb/s into two bare stores at once, the "
+                      f"bound while the origin stored each block's bytes too: "
                       f"{result['ratio_vs_two_stores']:.2f} of it")
     console.print(verdict_line(result, "gkm"))
     return finish(result, console, plot_path, lambda out: plot(points, sizes, out))

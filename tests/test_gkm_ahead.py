@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from control.gkm import ahead
+from control.gkm import ahead, seeds
 from control.gkm.ahead import AHEAD_IDLE_S, MIN_POOL_KEYS, Ahead, max_keys
 from control.gkm.errors import StoreError
 from control.gkm.store import KeyStore
@@ -197,10 +197,10 @@ A, B = 1, 2
 def _stores(tmp_path, nblocks=2, size=4096):
     o = KeyStore(tmp_path / "a", A, {"B": B}, {"B": B})
     d = KeyStore(tmp_path / "b", B, {"A": A}, {"A": A})
-    blocks = [os.urandom(size) for _ in range(nblocks)]
+    blocks = seeds.new_blocks(nblocks, size)
     seqs = o.add_pending("B", blocks)
     o.mark("B", seqs, BlockState.USABLE)
-    d.store_received("A", list(zip(seqs, blocks, strict=True)))
+    d.store_received("A", list(zip(seqs, [b.data for b in blocks], strict=True)))
     return o, d
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from control.gkm import seeds
 from control.gkm.destination import (
     MAX_HELD,
     MAX_HELD_KEYS,
@@ -181,10 +182,10 @@ def _origin_reserves(tmp_path, n: int) -> tuple[KeyStore, KeyStore, list[bytes]]
     """An origin's queued RESERVE frames for keys both ends hold (real KeyStores)."""
     o = KeyStore(tmp_path / "a", A, {"B": B}, {})
     d = dest(tmp_path)
-    data = [os.urandom(256) for _ in range(2)]
-    seqs = o.add_pending("B", data)
+    blocks = seeds.new_blocks(2, 256)
+    seqs = o.add_pending("B", blocks)
     o.mark("B", seqs, BlockState.USABLE)
-    d.store_received("A", list(zip(seqs, data, strict=True)))
+    d.store_received("A", list(zip(seqs, [b.data for b in blocks], strict=True)))
     for i in range(n):
         o.take_enc_reserved("B", 1, 32, (f"sae-{i}",))
     return o, d, [o.enc["B"].unacked[r] for r in sorted(o.enc["B"].unacked)]

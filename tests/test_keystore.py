@@ -12,16 +12,25 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from control.gkm import seeds
 from control.gkm.carving import KeySlice, decode
 from control.gkm.errors import StoreError
 from control.gkm.store import KeyStore
 from control.gkm.store_rules import (
+    BLOCK,
     HANDED_KEEP_S,
+    META,
+    NEXT_BLOCK,
+    SEED,
     BlockState,
     Handing,
+    Writes,
     deliver_from_record,
     may_hand_again,
+    pack_meta,
+    pack_u64,
     reservation_record,
+    seq_key,
 )
 
 A, B = 1, 2
@@ -35,7 +44,7 @@ def dest(tmp_path, name="b") -> KeyStore:
     return KeyStore(tmp_path / name, B, {"A": A}, {"A": A})
 
 
-def fill(store: KeyStore, blocks: list[bytes], usable: bool = True) -> list[int]:
+def fill(store: KeyStore, blocks: list[seeds.Block], usable: bool = True) -> list[int]:
     seqs = store.add_pending("B", blocks)
     if usable:
         store.mark("B", seqs, BlockState.USABLE)
@@ -44,7 +53,7 @@ def fill(store: KeyStore, blocks: list[bytes], usable: bool = True) -> list[int]
 
 def test_pending_key_is_never_handed_out(tmp_path):
     s = origin(tmp_path)
-    blocks = [os.urandom(64) for _ in range(3)]
+    blocks = seeds.new_blocks(3, 64)
     seqs = fill(s, blocks, usable=False)
     assert seqs == [0, 1, 2]
     with pytest.raises(StoreError, match="not enough key") as e:
@@ -52,7 +61,7 @@ def test_pending_key_is_never_handed_out(tmp_path):
     assert e.value.kind == "short"
     s.mark("B", [0], BlockState.USABLE)
     (sl, key), = s.take_enc("B", 1, 64)
-    assert (sl.seq, sl.offset, key) == (0, 0, blocks[0])
+    assert (sl.seq, sl.offset, key) == (0, 0, blocks[0].data)
     with pytest.raises(StoreError):  # block 1 still pending: carving waits for it
         s.take_enc("B", 1, 32)
     assert s.summary()["enc"]["B"]["pending"] == 128
@@ -60,20 +69,60 @@ def test_pending_key_is_never_handed_out(tmp_path):
 
 def test_keys_are_slices_of_the_blocks_named_by_their_ids(tmp_path):
     s = origin(tmp_path)
-    blocks = [os.urandom(100) for _ in range(4)]
+    blocks = seeds.new_blocks(4, 100)
     fill(s, blocks)
     keys = s.take_enc("B", 5, 48) + s.take_enc("B", 2, 32)
     for sl, key in keys:
         d = decode(sl.key_id)
         assert (d.origin, d.destination) == (A, B)
-        assert key == blocks[d.seq][d.offset:d.offset + d.size]
+        assert key == blocks[d.seq].data[d.offset:d.offset + d.size]
     assert [(k.seq, k.offset) for k, _ in keys] == [(0, 0), (0, 48), (1, 0), (1, 48),
                                                     (2, 0), (2, 48), (3, 0)]
 
 
+def _records(store: KeyStore, peer: str = "B") -> dict[bytes, bytes]:
+    """Every record of the ENC store for ``peer``, as on disk."""
+    return dict(store._cf("enc", peer).items())
+
+
+def test_the_origin_stores_a_blocks_seed_not_its_bytes_and_grows_them_again(tmp_path):
+    s = origin(tmp_path)
+    blocks = seeds.new_blocks(3, 4096)
+    seqs = fill(s, blocks, usable=False)
+    held = _records(s)
+    assert {v for k, v in held.items() if k[:1] == SEED} == {b.seed for b in blocks}
+    assert sum(map(len, held.values())) < 1024  # not 3 x 4 KiB
+    assert not any(b.data[:16] in v for b in blocks for v in held.values())
+    s.close()
+    s = origin(tmp_path)  # after a restart: what a resend of the pending blocks carries
+    assert [s.block("enc", "B", q) for q in seqs] == [b.data for b in blocks]
+    s.mark("B", seqs, BlockState.USABLE)
+    keys = s.take_enc("B", 6, 2048)
+    assert b"".join(k for _, k in keys) == b"".join(b.data for b in blocks)
+    assert not any(k[:1] in (SEED, BLOCK) for k in _records(s))  # used: the seeds went
+
+
+def test_a_store_written_before_seeds_still_gives_its_blocks_bytes(tmp_path):
+    s = origin(tmp_path)
+    data = os.urandom(128)
+    w = Writes()  # the records an origin wrote before it stored seeds
+    w.put(seq_key(BLOCK, 0), data)
+    w.put(seq_key(META, 0), pack_meta(128, BlockState.USABLE))
+    w.put(NEXT_BLOCK, pack_u64(1))
+    s._durable("enc", "B", w)
+    s.close()
+    s = origin(tmp_path)
+    assert s.block("enc", "B", 0) == data
+    fill(s, seeds.new_blocks(1, 64))  # numbered on after it
+    keys = s.take_enc("B", 3, 64)
+    assert [k for _, k in keys[:2]] == [data[:64], data[64:]]
+    assert [k.seq for k, _ in keys] == [0, 0, 1]
+    assert not any(k[:1] in (SEED, BLOCK) for k in _records(s))
+
+
 def test_a_refused_take_changes_nothing(tmp_path):
     s = origin(tmp_path)
-    fill(s, [os.urandom(64) for _ in range(2)])
+    fill(s, seeds.new_blocks(2, 64))
     before = s.summary()
     with pytest.raises(StoreError, match="3 keys of 64 B asked, 128 B usable"):
         s.take_enc("B", 3, 64)  # two blocks of 64: the third key is missing
@@ -90,7 +139,7 @@ def test_a_refused_take_changes_nothing(tmp_path):
 
 def test_used_blocks_leave_the_store_and_the_cursor_survives_reopening(tmp_path):
     s = origin(tmp_path)
-    fill(s, [os.urandom(64) for _ in range(4)])
+    fill(s, seeds.new_blocks(4, 64))
     first = s.take_enc("B", 3, 32)  # block 0 used up, block 1 half
     assert s.summary()["enc"]["B"]["blocks"] == 3
     assert s.summary()["enc"]["B"]["usable"] == 4 * 64 - 96
@@ -103,7 +152,7 @@ def test_used_blocks_leave_the_store_and_the_cursor_survives_reopening(tmp_path)
 
 def test_concurrent_threads_never_receive_the_same_key(tmp_path):
     s = origin(tmp_path)
-    fill(s, [os.urandom(4096) for _ in range(64)])
+    fill(s, seeds.new_blocks(64, 4096))
     got: list[list] = [[] for _ in range(8)]
     start = threading.Barrier(8)
 
@@ -148,7 +197,7 @@ def test_a_killed_taker_never_gets_its_keys_back(tmp_path):
     """Keys are returned only after the take is durable: after a kill -9 at a random
     moment, the reopened store never hands out a key the dead process received."""
     s = origin(tmp_path)
-    fill(s, [os.urandom(4096) for _ in range(16)])
+    fill(s, seeds.new_blocks(16, 4096))
     s.close()
     ctx = mp.get_context("spawn")  # a fork would inherit RocksDB's threads
     parent, child = ctx.Pipe(duplex=False)
@@ -211,8 +260,8 @@ def test_dec_keys_beyond_what_one_answer_may_carry_are_refused_whole(tmp_path, m
     from control.gkm import store_rules
 
     o, d = origin(tmp_path), dest(tmp_path)
-    blocks = [os.urandom(256)]
-    d.store_received("A", list(zip(fill(o, blocks), blocks, strict=True)))
+    blocks = seeds.new_blocks(1, 256)
+    d.store_received("A", list(zip(fill(o, blocks), [b.data for b in blocks], strict=True)))
     keys = o.take_enc("B", 3, 64)
     ids = [str(k.key_id) for k, _ in keys]
     d.reserve("A", ids, "sae-2")
@@ -226,9 +275,9 @@ def test_dec_keys_beyond_what_one_answer_may_carry_are_refused_whole(tmp_path, m
 
 def test_dec_keys_go_once_and_only_to_the_reserved_sae(tmp_path):
     o, d = origin(tmp_path), dest(tmp_path)
-    blocks = [os.urandom(256) for _ in range(2)]
+    blocks = seeds.new_blocks(2, 256)
     seqs = fill(o, blocks)
-    d.store_received("A", list(zip(seqs, blocks, strict=True)))
+    d.store_received("A", list(zip(seqs, [b.data for b in blocks], strict=True)))
     keys = o.take_enc("B", 4, 64)
     ids = [str(k.key_id) for k, _ in keys]
     d.reserve("A", ids[:3], "sae-2")
@@ -274,9 +323,9 @@ def _open_second(tmp_path, q) -> None:
 
 def _pair_with_keys(tmp_path, nblocks: int = 3, size: int = 256):
     o, d = origin(tmp_path), dest(tmp_path)
-    blocks = [os.urandom(size) for _ in range(nblocks)]
+    blocks = seeds.new_blocks(nblocks, size)
     seqs = fill(o, blocks)
-    d.store_received("A", list(zip(seqs, blocks, strict=True)))
+    d.store_received("A", list(zip(seqs, [b.data for b in blocks], strict=True)))
     return o, d
 
 
@@ -356,7 +405,7 @@ def test_used_up_dec_blocks_are_deleted_and_stay_deleted(tmp_path):
 
 def test_a_conflicting_block_loses_its_bytes_and_is_skipped(tmp_path):
     s = origin(tmp_path)
-    seqs = fill(s, [os.urandom(64) for _ in range(3)], usable=False)
+    seqs = fill(s, seeds.new_blocks(3, 64), usable=False)
     s.mark("B", [seqs[0], seqs[2]], BlockState.USABLE)
     s.mark("B", [seqs[1]], BlockState.CONFLICT)
     assert s.block("enc", "B", seqs[1]) is None
@@ -449,7 +498,7 @@ def test_a_key_goes_only_to_the_slave_naming_the_master_that_took_it(tmp_path):
 
 def test_a_group_of_takes_is_durable_together_and_visible_inside(tmp_path):
     s = origin(tmp_path)
-    fill(s, [os.urandom(256) for _ in range(2)])
+    fill(s, seeds.new_blocks(2, 256))
     taken = []
     with s.group():
         for _ in range(4):
@@ -658,9 +707,9 @@ def test_keys_whose_taker_gave_up_late_are_cancelled_at_the_slaves_node(tmp_path
 
 def _reserved(tmp_path, saes=("sae-2",), n=3):
     o, d = origin(tmp_path), dest(tmp_path)
-    blocks = [os.urandom(256)]
+    blocks = seeds.new_blocks(1, 256)
     seqs = fill(o, blocks)
-    d.store_received("A", list(zip(seqs, blocks, strict=True)))
+    d.store_received("A", list(zip(seqs, [b.data for b in blocks], strict=True)))
     keys = o.take_enc("B", n, 64)
     ids = [str(k.key_id) for k, _ in keys]
     d._reserve(d.dec["A"], "A", ids, tuple(saes), None, None, "")

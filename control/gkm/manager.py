@@ -61,7 +61,7 @@ from control.core.config import Topology
 from control.core.procs import is_alive
 from control.core.statefile import read_status, write_json
 from control.gkm import client as gkm_client
-from control.gkm import origin, pacing, shares, take
+from control.gkm import origin, pacing, seeds, shares, take
 from control.gkm.ahead import AHEAD_IDLE_S, Ahead
 from control.gkm.destination import Arrived, Inbox, Node, Proof, may_hold
 from control.gkm.errors import StoreError, StoreFailed, UnknownError
@@ -117,14 +117,6 @@ PAUSE_FLAG = "gkm.paused"     # while this file exists in the node dir: no resto
 CRASH_ENV = "QKDNET_GKM_CRASH"  # tests: "point=probability,..." kills this process there
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-
-
-def random_blocks(count: int, size: int) -> list[bytes]:
-    """``count`` fresh global key blocks: a ChaCha20 keystream under a key drawn from
-    os.urandom for each call (a CSPRNG of the kind the kernel's own generator is, but
-    several times faster here; see docs/design.md)."""
-    data = shares.random_bytes(count * size)
-    return [data[i * size:(i + 1) * size] for i in range(count)]
 
 
 class CrashPoints:
@@ -698,11 +690,11 @@ class GlobalKeyManager:
         count = min(want, room, max(1, GENERATE_BATCH // self.spec.block_size))
         if count <= 0:
             return
-        blocks = random_blocks(count, self.spec.block_size)
+        blocks = seeds.new_blocks(count, self.spec.block_size)
         seqs = self.store.add_pending(d.name, blocks)
-        for seq, data in zip(seqs, blocks, strict=True):
-            d.data[seq] = data
-            d.outbox.add(seq, len(data), now)
+        for seq, b in zip(seqs, blocks, strict=True):
+            d.data[seq] = b.data
+            d.outbox.add(seq, len(b.data), now)
         self.crash("origin.stored")
 
     def send_due(self, d: OutboundPair, now: float) -> None:

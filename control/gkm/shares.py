@@ -29,7 +29,7 @@ def random_bytes(n: int) -> bytes:
     """``n`` uniformly random bytes: a ChaCha20 keystream under a key drawn from
     os.urandom for each call (a CSPRNG of the kind the kernel's own generator is, but
     several times faster here; see docs/design.md). Global key blocks are made so too
-    (control.gkm.manager.random_blocks)."""
+    (control.gkm.seeds)."""
     return Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), None).encryptor() \
         .update(bytes(n))
 

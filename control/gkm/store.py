@@ -9,7 +9,8 @@ records for them and makes their writes.
 Every change is one write batch, so a crash leaves all of it or none. Writes that others
 rely on are synced before anyone hears of them: a received block before it is
 acknowledged (invariant 4), a take before its keys are returned (a taken key never comes
-back). A pending block is written before it is sent, not synced (see ``add_pending``).
+back), and a pending block before it is sent: its seed, not its bytes (see
+``add_pending``).
 Only the GKM process opens the database (RocksDB locks it); other processes take keys
 through it (``control.gkm.client``). One lock serialises takers within the process.
 """
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from rocksdict import AccessType, DBCompressionType, Options, Rdict, WriteBatch, WriteOptions
 
+from control.gkm import seeds
 from control.gkm import store_rules as rules
 from control.gkm.carving import Cursor, KeySlice, decode
 from control.gkm.errors import BusyError, StoreError, StoreFailed
@@ -38,6 +40,7 @@ from control.gkm.store_rules import (
     META,
     QUEUED,
     RESERVED,
+    SEED,
     BlockState,
     DecState,
     EncState,
@@ -185,20 +188,17 @@ class KeyStore:
         """Write, not synced: for changes a crash may lose (see each caller)."""
         self._write(self.db.write, self._batch(kind, peer, writes), self.unsynced)
 
-    def _write_blocks(self, kind: str, peer: str, writes: Writes, nbytes: int,
-                      sync: bool) -> None:
-        """Write a batch of blocks. Large batches skip the write-ahead log and flush the
-        store's memtable to disk at once (synced), so each key byte is written to disk
-        once, not twice (log, then table): the disk, not the CPU, bounds the relay rate.
-        Small batches go through the log (synced when ``sync``), which is cheaper than a
-        flush for a few KiB. Either way the write is durable on return when ``sync``."""
+    def _write_blocks(self, kind: str, peer: str, writes: Writes, nbytes: int) -> None:
+        """Write a batch of received blocks, durably. Large batches skip the write-ahead
+        log and flush the store's memtable to disk at once (synced), so each key byte is
+        written to disk once, not twice (log, then table): the disk, not the CPU, bounds
+        the relay rate. Small batches go through the log, synced, which is cheaper than a
+        flush for a few KiB."""
         if nbytes >= BULK_WRITE:
             self._write(self.db.write, self._batch(kind, peer, writes), self.no_wal)
             self._write(self._cf(kind, peer).flush, True)
-        elif sync:
-            self._durable(kind, peer, writes)
         else:
-            self._unsynced(kind, peer, writes)
+            self._durable(kind, peer, writes)
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -218,13 +218,26 @@ class KeyStore:
     def _lookup(self, kind: str, peer: str) -> rules.Lookup:
         return self._cf(kind, peer).get
 
+    def _read_block(self, kind: str, peer: str, seq: int) -> bytes | None:
+        """A block's bytes from the store: an ENC block's grown from its seed (a block
+        stored before seeds were has its bytes); None if the store has neither."""
+        cf = self._cf(kind, peer)
+        if kind == "enc":
+            seed = cf.get(seq_key(SEED, seq))
+            if seed is not None:
+                return seeds.expand(seed, self.enc[peer].blocks[seq][0])
+        return cf.get(seq_key(BLOCK, seq))
+
     def _block(self, kind: str, peer: str, seq: int) -> bytes:
         """A block's bytes; the last few read are kept, so taking many small keys from one
-        block reads it once. Blocks never change once stored; deleted ones are evicted."""
+        block reads (or grows) it once. Blocks never change once stored; deleted ones are
+        evicted."""
         k = (kind, peer, seq)
         data = self._cache.get(k)
         if data is None:
-            data = self._cf(kind, peer)[seq_key(BLOCK, seq)]
+            data = self._read_block(kind, peer, seq)
+            if data is None:
+                raise KeyError(f"block {seq} of {kind}.{peer} is not in the store")
             self._cache[k] = data
             if len(self._cache) > CACHED_BLOCKS:
                 self._cache.popitem(last=False)
@@ -272,17 +285,18 @@ class KeyStore:
 
     # ---- the origin's side ----------------------------------------------------------------
 
-    def add_pending(self, peer: str, blocks: list[bytes]) -> list[int]:
+    def add_pending(self, peer: str, blocks: list[seeds.Block]) -> list[int]:
         """Store new blocks for ``peer`` as pending before they are sent, so a resend
-        after a crash carries the same bytes. Small batches are not synced: a kill -9 keeps the
-        write (it is in the kernel's page cache); a power cut may lose it, and then the
-        block number is made again with other bytes, which the destination answers with
-        CONFLICT if it held the first ones, and that block is never used."""
+        after a crash carries the same bytes: their seeds (32 bytes a block, synced; the
+        bytes are grown from them again when needed), so the origin's disk never takes a
+        block's bytes. A block number made again after a store lost its write would get
+        other bytes, which the destination answers with CONFLICT if it held the first
+        ones, and that block is never used."""
         with self.lock:
             st = self.enc[peer]
             seqs, writes = rules.pending_blocks(st, blocks)
-            self._write_blocks("enc", peer, writes, sum(len(b) for b in blocks), sync=False)
-            st.add_pending(seqs, [len(b) for b in blocks])
+            self._durable("enc", peer, writes)
+            st.add_pending(seqs, [len(b.data) for b in blocks])
             return seqs
 
     def pending(self, peer: str) -> list[int]:
@@ -292,7 +306,9 @@ class KeyStore:
 
     def block(self, kind: str, peer: str, seq: int) -> bytes | None:
         with self.lock:
-            return self._cf(kind, peer).get(seq_key(BLOCK, seq))
+            if kind == "enc" and seq not in self.enc[peer].blocks:
+                return None
+            return self._read_block(kind, peer, seq)
 
     def mark(self, peer: str, seqs: list[int], state: BlockState) -> None:
         """Acknowledged (USABLE) or refused (CONFLICT) by the destination. Not synced: if
@@ -460,8 +476,7 @@ class KeyStore:
             results, new, writes = rules.received(
                 st, blocks, lambda seq: cf.get(seq_key(BLOCK, seq)))
             if new:
-                self._write_blocks("dec", peer, writes, sum(len(b) for b in new.values()),
-                                   sync=True)
+                self._write_blocks("dec", peer, writes, sum(len(b) for b in new.values()))
                 for seq, data in new.items():
                     st.add_block(seq, len(data))
             return results
@@ -617,11 +632,11 @@ class KeyStore:
     def digests(self, kind: str, peer: str) -> dict[int, tuple[str, str]]:
         """Block number -> (state, sha256 of its bytes): for checks and tests, no key."""
         with self.lock:
-            cf = self._cf(kind, peer)
             out = {}
             for seq, _, st in list(self._metas(kind, peer)):
-                out[seq] = (st.name.lower(),
-                            hashlib.sha256(cf[seq_key(BLOCK, seq)]).hexdigest())
+                data = self._read_block(kind, peer, seq)  # None: a conflicting block's
+                out[seq] = (st.name.lower(),                # bytes went
+                            "" if data is None else hashlib.sha256(data).hexdigest())
             return out
 
 

@@ -12,7 +12,9 @@ Records in a store's column family (``enc.<peer>``: blocks this node originated 
 ``peer``; ``dec.<peer>``: blocks it received from ``peer``):
 
     m<seq:8>     block metadata: size (u32), state (PENDING, USABLE, CONFLICT; DEC: USABLE)
-    b<seq:8>     block bytes
+    k<seq:8>     ENC: the block's seed (32 bytes): its bytes are grown from it
+                 (control.gkm.seeds), so the origin never writes them
+    b<seq:8>     DEC: block bytes; ENC: those of a block stored before seeds were
     n            ENC: next block number to generate (u64)
     c            ENC: carving cursor; DEC: reservation cursor (block u64, offset u32)
     Q            ENC: next reservation number (u64)
@@ -60,6 +62,7 @@ from control.gkm.errors import (
     StoreError,
     UnknownError,
 )
+from control.gkm.seeds import Block
 from control.gkm.wire import AckStatus, Reserve, encode_reserve, parse, receive_status
 from dataplane.limits import MAX_API_REQUEST_BYTES, MAX_RELAY_BLOCKS
 
@@ -68,6 +71,7 @@ UNCONFIRMED = b"\x01"  # a DEC reservation's prefix until the master's node conf
 SERVED = b"\x00"       # before an SAE's name in a reservation record: it has had the key
 
 BLOCK, META, QUEUED, RESERVED, HANDED = b"b", b"m", b"q", b"r", b"h"  # record tags
+SEED = b"k"
 AHEAD = b"a"
 REFUSED_HERE = b"x"
 NEXT_BLOCK = b"n"
@@ -227,7 +231,15 @@ class Writes:
 
     def deleted_blocks(self) -> list[int]:
         """The numbers of the blocks whose bytes these writes delete."""
-        return [seq_of(k[1:]) for k, v in self.ops if v is None and k[:1] == BLOCK]
+        return sorted({seq_of(k[1:]) for k, v in self.ops
+                       if v is None and k[:1] in (BLOCK, SEED)})
+
+    def drop_block(self, seq: int, meta: bool = True) -> None:
+        """Delete a block's bytes or seed (whichever it has), and its metadata."""
+        self.delete(seq_key(BLOCK, seq))
+        self.delete(seq_key(SEED, seq))
+        if meta:
+            self.delete(seq_key(META, seq))
 
 
 # ---- the origin's side (ENC) -----------------------------------------------------------
@@ -330,14 +342,15 @@ def enc_store(stores: dict[str, EncState], peer: str) -> EncState:
     return st
 
 
-def pending_blocks(st: EncState, blocks: list[bytes]) -> tuple[list[int], Writes]:
-    """New blocks for the peer, numbered on from the store's next number, as pending."""
+def pending_blocks(st: EncState, blocks: list[Block]) -> tuple[list[int], Writes]:
+    """New blocks for the peer, numbered on from the store's next number, as pending:
+    their seeds, not their bytes."""
     w = Writes()
     seqs = []
-    for data in blocks:
+    for b in blocks:
         seq = st.next_seq + len(seqs)
-        w.put(seq_key(BLOCK, seq), data)
-        w.put(seq_key(META, seq), pack_meta(len(data), BlockState.PENDING))
+        w.put(seq_key(SEED, seq), b.seed)
+        w.put(seq_key(META, seq), pack_meta(len(b.data), BlockState.PENDING))
         seqs.append(seq)
     w.put(NEXT_BLOCK, pack_u64(st.next_seq + len(seqs)))
     return seqs, w
@@ -355,7 +368,7 @@ def marking(st: EncState, seqs: list[int], state: BlockState
         if cur is not None and cur[1] == BlockState.PENDING:
             w.put(seq_key(META, seq), pack_meta(cur[0], state))
             if state == BlockState.CONFLICT:
-                w.delete(seq_key(BLOCK, seq))
+                w.drop_block(seq, meta=False)
             changed.append((seq, cur[0]))
     return changed, w
 
@@ -400,8 +413,7 @@ def take(st: EncState, node_id: int, number: int, size: int, saes: tuple[str, ..
     gone = [s for s in range(st.cursor.seq, cur.seq)
             if st.blocks.get(s, (0, None))[1] in (BlockState.USABLE, BlockState.CONFLICT)]
     for seq in gone:
-        w.delete(seq_key(BLOCK, seq))
-        w.delete(seq_key(META, seq))
+        w.drop_block(seq)
     rseq = msg = None
     if saes:
         rseq = st.next_rseq
