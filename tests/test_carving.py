@@ -19,6 +19,7 @@ from control.gkm.carving import (
     carve,
     decode,
     encode,
+    id_text,
 )
 
 slices = st.builds(
@@ -34,6 +35,29 @@ def test_key_id_round_trips_and_is_an_rfc9562_version_8_uuid(s):
     assert decode(u) == s
     assert decode(str(u)) == s
     assert decode(str(u).upper()) == s
+
+
+@given(slices)
+def test_a_key_ids_bytes_and_text_are_its_uuids(s):
+    assert s.id_bytes == encode(s).bytes and decode(s.id_bytes) == s
+    assert id_text(s.id_bytes) == str(uuid.UUID(bytes=s.id_bytes))
+
+
+@pytest.mark.parametrize(("s", "text"), [
+    (KeySlice(1, 2, 3, 4, 5), "00004000-8000-8000-8003-000004000005"),
+    (KeySlice(MAX_NODE_ID, 7, MAX_SEQ, MAX_BLOCK - 2, 1),
+     "3fffc001-ffff-8fff-bfff-fffffe000001")])
+def test_key_ids_are_spelled_as_they_always_were(s, text):
+    # Key IDs outlive a version: both nodes' stores key records by them, SAEs hold them.
+    assert str(s.key_id) == text and decode(text) == s
+
+
+@pytest.mark.parametrize("bad", [b"", bytes(15), bytes(17)])
+def test_a_key_id_of_other_than_16_bytes_is_refused(bad):
+    with pytest.raises(CarveError):
+        decode(bad)
+    with pytest.raises(ValueError):
+        id_text(bad)
 
 
 @given(slices, slices)

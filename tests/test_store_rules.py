@@ -5,6 +5,7 @@ SAE, and a handed key is handed again only to its own request or after a lost an
 from __future__ import annotations
 
 import copy
+import uuid
 
 import pytest
 
@@ -211,6 +212,21 @@ def test_a_refused_delivery_refuses_every_key_and_changes_nothing():
         with pytest.raises(ForbiddenError, match="belongs to another SAE"):
             rules.delivery(st, B, [good], "s7", master, None, lambda _: True, db.get)
     assert st == before and db == records
+
+
+def test_key_ids_as_the_relay_carries_them_name_the_same_records_as_their_text():
+    st, db = dec(256)
+    ids = [kid(0, 0, 32), kid(0, 32, 32)]
+    raw = [uuid.UUID(k).bytes for k in ids]
+    reserve(st, db, raw, rseq=0)  # applied from the master's node: 16 bytes each
+    reserve(st, db, ids, rseq=0)  # the same reservation, the keys by their text: no-op
+    assert st.reserved == 2
+    commit(db, st.confirm(raw, 1, db.get))
+    fetches = rules.delivery(st, B, ids, "s1", None, None, lambda _: True, db.get)
+    assert [f.slice.offset for f in fetches] == [0, 32]
+    with pytest.raises(UnknownError, match=f"key ID {kid(3, 0, 32)}: no such key"):
+        rules.reservation(st, B, [uuid.UUID(kid(3, 0, 32)).bytes], ("s1",), None, 2, "",
+                          db.get)
 
 
 def test_a_key_behind_the_reservation_cursor_is_never_reserved_again():

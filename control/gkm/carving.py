@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 
 LAYOUT = 0
 MAX_NODE_ID = (1 << 16) - 1
@@ -60,32 +61,58 @@ class KeySlice:
         if self.offset + self.size > MAX_BLOCK:
             raise CarveError("a key never spans blocks")
 
-    @property
+    # The key ID is worked out once per slice: a take of a thousand keys names each key
+    # several times (its reservation, its record, the answer), and a UUID costs microseconds.
+    @cached_property
+    def _id_int(self) -> int:
+        value = LAYOUT
+        for bits, v in ((16, self.origin), (16, self.destination), (40, self.seq),
+                        (24, self.offset), (24, self.size)):
+            value = (value << bits) | v
+        # Spread the 122 bits around the version (4 bits) and variant (2 bits) fields.
+        hi48 = value >> 74
+        mid12 = (value >> 62) & 0xFFF
+        lo62 = value & ((1 << 62) - 1)
+        return (hi48 << 80) | (0x8 << 76) | (mid12 << 64) | (0b10 << 62) | lo62
+
+    @cached_property
     def key_id(self) -> uuid.UUID:
-        return encode(self)
+        """The key ID (a version-8 UUID)."""
+        return uuid.UUID(int=self._id_int)
+
+    @cached_property
+    def id_bytes(self) -> bytes:
+        """The key ID's 16 bytes, as the relay carries and the stores key it."""
+        return self._id_int.to_bytes(16, "big")
 
 
 def encode(s: KeySlice) -> uuid.UUID:
     """The key ID of a slice (a version-8 UUID)."""
-    value = 0
-    for bits, name in _FIELDS:
-        v = LAYOUT if name == "layout" else getattr(s, name)
-        value = (value << bits) | v
-    # Spread the 122 bits around the version (4 bits) and variant (2 bits) fields.
-    hi48 = value >> 74
-    mid12 = (value >> 62) & 0xFFF
-    lo62 = value & ((1 << 62) - 1)
-    raw = (hi48 << 80) | (0x8 << 76) | (mid12 << 64) | (0b10 << 62) | lo62
-    return uuid.UUID(int=raw)
+    return s.key_id
 
 
-def decode(key_id: str | uuid.UUID) -> KeySlice:
-    """The slice a key ID names; CarveError for anything that is not one of ours."""
-    try:
-        u = key_id if isinstance(key_id, uuid.UUID) else uuid.UUID(str(key_id))
-    except (ValueError, AttributeError, TypeError):
-        raise CarveError(f"not a UUID: {key_id!r}") from None
-    raw = u.int
+def id_text(raw: bytes) -> str:
+    """A key ID's 16 bytes as its UUID's text (``str(uuid.UUID(bytes=raw))``, without
+    making the UUID)."""
+    if len(raw) != 16:
+        raise ValueError(f"a key ID is 16 bytes, not {len(raw)}")
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def decode(key_id: str | uuid.UUID | bytes) -> KeySlice:
+    """The slice a key ID names (its text, its UUID, or its 16 bytes); CarveError for
+    anything that is not one of ours."""
+    if isinstance(key_id, bytes):
+        if len(key_id) != 16:
+            raise CarveError(f"not a key ID: {len(key_id)} bytes")
+        raw = int.from_bytes(key_id, "big")
+    else:
+        try:
+            u = key_id if isinstance(key_id, uuid.UUID) else uuid.UUID(str(key_id))
+        except (ValueError, AttributeError, TypeError):
+            raise CarveError(f"not a UUID: {key_id!r}") from None
+        raw = u.int
     if (raw >> 76) & 0xF != 8 or (raw >> 62) & 0b11 != 0b10:
         raise CarveError("not a key ID of this network (UUID version 8 expected)")
     value = ((raw >> 80) << 74) | (((raw >> 64) & 0xFFF) << 62) | (raw & ((1 << 62) - 1))

@@ -47,7 +47,6 @@ import os
 import random
 import signal
 import time
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
@@ -63,6 +62,7 @@ from control.core.statefile import read_status, write_json
 from control.gkm import client as gkm_client
 from control.gkm import origin, pacing, seeds, shares, take
 from control.gkm.ahead import AHEAD_IDLE_S, Ahead
+from control.gkm.carving import id_text
 from control.gkm.destination import Arrived, Inbox, Node, Proof, may_hold
 from control.gkm.errors import StoreError, StoreFailed, UnknownError
 from control.gkm.origin import Fate, Takers
@@ -869,7 +869,7 @@ class GlobalKeyManager:
                 if ready is not None:  # reserved ahead: one sync, answered at once
                     self.store.take_ahead(req.peer, [kid for kid, _ in ready])
                     self.pools.served(pool, ready)
-                    return ({"key_ids": [str(uuid.UUID(bytes=kid)) for kid, _ in ready]},
+                    return ({"key_ids": [id_text(kid) for kid, _ in ready]},
                             b"".join(k for _, k in ready))
                 keys, rseq = self.store.take_enc_reserved(req.peer, req.number, req.size,
                                                           req.slaves, req.master)
@@ -898,7 +898,7 @@ class GlobalKeyManager:
                 self.touched.update(map(key_id_bytes, req.key_ids))
             return {"settled": settled}, None
         if isinstance(req, take.Cancel):  # keys whose taker gave up after they were taken
-            self.store.cancel_keys(req.peer, [s.key_id.bytes for s in req.slices])
+            self.store.cancel_keys(req.peer, [s.id_bytes for s in req.slices])
             return {"cancelled": len(req.slices)}, None
         if isinstance(req, take.Stock):  # what a Status answer needs, cheaply
             st = self.store.enc.get(req.peer)

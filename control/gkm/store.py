@@ -348,7 +348,7 @@ class KeyStore:
             if ahead:
                 assert t.rseq is not None
                 for s, key in out:
-                    t.writes.put(AHEAD + s.key_id.bytes,
+                    t.writes.put(AHEAD + s.id_bytes,
                                  rules.ahead_record(t.rseq, master, saes, key))
             self._durable("enc", peer, t.writes)
             st.apply_take(t)
@@ -409,7 +409,7 @@ class KeyStore:
         keys (ID, bytes) in carving order."""
         out, rseq = self._take(peer, number, size, slaves, master, ahead=True)
         assert rseq is not None
-        return rseq, [(s.key_id.bytes, key) for s, key in out]
+        return rseq, [(s.id_bytes, key) for s, key in out]
 
     def take_ahead(self, peer: str, key_ids: list[bytes]) -> int:
         """Hand out keys reserved ahead: in one synced batch, forget their records and
@@ -504,7 +504,7 @@ class KeyStore:
                 return ReserveStatus.DUPLICATE if refused is None else ReserveStatus.REFUSED
             if msg.rseq > st.next_rseq:
                 return ReserveStatus.GAP
-            ids = [str(uuid.UUID(bytes=bytes(k))) for k in msg.key_ids]
+            ids: list[rules.KeyId] = [bytes(k) for k in msg.key_ids]
             if msg.confirm:
                 self._durable("dec", peer, st.confirm(ids, msg.rseq,
                                                       self._lookup("dec", peer)))
@@ -519,8 +519,9 @@ class KeyStore:
                 return ReserveStatus.REFUSED
             return ReserveStatus.APPLIED
 
-    def _reserve(self, st: DecState, peer: str, key_ids: list[str], saes: tuple[str, ...],
-                 carved_to: Cursor | None, rseq: int | None, master: str) -> None:
+    def _reserve(self, st: DecState, peer: str, key_ids: list[rules.KeyId],
+                 saes: tuple[str, ...], carved_to: Cursor | None, rseq: int | None,
+                 master: str) -> None:
         """A reservation for ``saes``, or with none a cancellation, made durable."""
         record = self._lookup("dec", peer)
         if not saes:

@@ -52,6 +52,7 @@ from control.gkm.carving import (
     NotEnoughKey,
     carve,
     decode,
+    id_text,
 )
 from control.gkm.errors import (
     BadRequest,
@@ -146,18 +147,30 @@ def read_ahead(raw: bytes) -> tuple[int, str, tuple[str, ...], bytes]:
     return rseq, master, tuple(slaves), bytes(raw[_AHEAD.size + n:])
 
 
-def key_id_bytes(kid: str) -> bytes:
+KeyId = str | bytes
+"""A key ID as an SAE spells it (any spelling of its UUID), or its 16 bytes as the relay
+carries it (what the slave's node applies from the master's)."""
+
+
+def key_id_bytes(kid: KeyId) -> bytes:
     """A key ID's 16 bytes: every spelling of one UUID names one record."""
+    if isinstance(kid, bytes) and len(kid) == 16:
+        return kid
     return uuid.UUID(str(kid)).bytes
 
 
-def reservation_key(kid: str) -> bytes:
+def show(kid: KeyId) -> str:
+    """A key ID for a message: its UUID's text."""
+    return id_text(kid) if isinstance(kid, bytes) and len(kid) == 16 else str(kid)
+
+
+def reservation_key(kid: KeyId) -> bytes:
     return RESERVED + key_id_bytes(kid)
 
 
 def reserved_block(raw: bytes) -> int:
     """The block of a reservation record's key (without its tag)."""
-    return decode(uuid.UUID(bytes=raw)).seq
+    return decode(raw).seq
 
 
 def handed_key(kid: str, sae: str) -> bytes:
@@ -418,7 +431,7 @@ def take(st: EncState, node_id: int, number: int, size: int, saes: tuple[str, ..
     if saes:
         rseq = st.next_rseq
         msg = encode_reserve(Reserve(node_id, st.peer_id, rseq, (cur.seq, cur.offset),
-                                     tuple(saes), tuple(s.key_id.bytes for s in slices),
+                                     tuple(saes), tuple(s.id_bytes for s in slices),
                                      master))[0]
         w.put(seq_key(QUEUED, rseq), msg)
         w.put(NEXT_RESERVE, pack_u64(rseq + 1))
@@ -604,7 +617,7 @@ class DecState:
         self.free_done(w)
         return w
 
-    def cancel(self, key_ids: list[str], rseq: int | None, record: Lookup,
+    def cancel(self, key_ids: list[KeyId], rseq: int | None, record: Lookup,
                refused: bool = False) -> Writes:
         """Drop the reservations of keys whose taker never got them (not delivered); a
         key not reserved stays so. ``refused``: reservation ``rseq`` is skipped as
@@ -623,7 +636,7 @@ class DecState:
         self.free_done(w)
         return w
 
-    def confirm(self, key_ids: list[str], rseq: int, record: Lookup) -> Writes:
+    def confirm(self, key_ids: list[KeyId], rseq: int, record: Lookup) -> Writes:
         """The master's node answered the taker of these keys: its SAEs may fetch them.
         A key no longer reserved (cancelled, or never) stays so."""
         w = Writes()
@@ -772,22 +785,22 @@ def received(st: DecState, blocks: list[tuple[int, bytes | memoryview]],
     return results, new, w
 
 
-def check_key(st: DecState, node_id: int, kid: str) -> KeySlice:
+def check_key(st: DecState, node_id: int, kid: KeyId) -> KeySlice:
     """The slice a key ID names, if it is a key from the peer to this node held here;
     UnknownError otherwise."""
     try:
         s = decode(kid)
     except CarveError as e:
-        raise UnknownError(f"key ID {kid}: {e}") from None
+        raise UnknownError(f"key ID {show(kid)}: {e}") from None
     if s.origin != st.peer_id or s.destination != node_id:
-        raise UnknownError(f"key ID {kid} is not a key from {st.peer} to here")
+        raise UnknownError(f"key ID {show(kid)} is not a key from {st.peer} to here")
     size = st.blocks.get(s.seq)
     if size is None or s.offset + s.size > size:
-        raise UnknownError(f"key ID {kid}: no such key stored here")
+        raise UnknownError(f"key ID {show(kid)}: no such key stored here")
     return s
 
 
-def reservation(st: DecState, node_id: int, key_ids: list[str], saes: tuple[str, ...],
+def reservation(st: DecState, node_id: int, key_ids: list[KeyId], saes: tuple[str, ...],
                 carved_to: Cursor | None, rseq: int | None, master: str,
                 record: Lookup) -> Reservation:
     """Let ``saes`` fetch these keys once each. Reservations follow the origin's carving
@@ -815,8 +828,8 @@ def reservation(st: DecState, node_id: int, key_ids: list[str], saes: tuple[str,
         if (s.seq, s.offset) < (cur.seq, cur.offset):
             if record(rid) in (owner, owner.removeprefix(UNCONFIRMED)):
                 continue  # the same reservation again
-            raise UnknownError(f"key ID {kid} is already reserved or delivered, or "
-                               "overlaps a key that is")
+            raise UnknownError(f"key ID {show(kid)} is already reserved or delivered, "
+                               "or overlaps a key that is")
         new.append((rid, s))
         cur = Cursor(s.seq, s.offset + s.size)
     if carved_to is not None and (carved_to.seq, carved_to.offset) > (cur.seq, cur.offset):
