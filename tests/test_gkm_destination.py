@@ -13,6 +13,7 @@ import pytest
 from control.gkm import seeds
 from control.gkm.destination import (
     MAX_HELD,
+    MAX_HELD_BEYOND_SHARE,
     MAX_HELD_KEYS,
     MAX_HELD_KEYS_PER_SAE,
     MAX_HELD_PER_SAE,
@@ -337,7 +338,23 @@ def test_what_waits_is_bounded_by_the_key_ids_it_names_and_an_sae_waits_for_a_ke
     # request is what made every re-check of the held requests cost seconds.
     assert not may_hold([("s1", _keys(4))], "s1", _keys(1, 3))
     assert may_hold([("s1", _keys(4))], "s2", _keys(1, 3))  # another slave of those keys
-    full = [(f"s{i}", _keys(MAX_RELAY_BLOCKS, i << 20)) for i in range(2)]
+    full = [("s0", big), *((f"s{i}", _keys(MAX_HELD_KEYS_PER_SAE, i << 20))
+                           for i in range(1, 5))]
     assert sum(len(k) for _, k in full) == MAX_HELD_KEYS
     assert not may_hold(full, "s9", one := _keys(1, 1 << 30))  # all key IDs taken
-    assert may_hold(full[:1], "s9", one)
+    assert may_hold(full[:-1], "s9", one)
+
+
+def test_one_large_first_request_waiting_leaves_the_others_room():
+    held = [("s1", _keys(MAX_RELAY_BLOCKS))]  # at the largest max_key_per_request
+    # A second SAE's request as large does not wait: two of them took every key ID that
+    # may wait, and every other slave's request for keys not yet confirmed got 503.
+    assert not may_hold(held, "s2", _keys(MAX_RELAY_BLOCKS, 1 << 20))
+    assert may_hold(held, "s2", _keys(MAX_HELD_KEYS_PER_SAE, 1 << 20))  # its share: waits
+    room = MAX_HELD_KEYS_PER_SAE + MAX_HELD_BEYOND_SHARE - (MAX_RELAY_BLOCKS
+                                                            - MAX_HELD_KEYS_PER_SAE)
+    assert may_hold(held, "s2", _keys(room, 1 << 20))
+    assert not may_hold(held, "s2", _keys(room + 1, 1 << 20))
+    # What stays is for requests within their SAE's share, from any number of SAEs.
+    rest = [(f"s{i}", _keys(MAX_HELD_KEYS_PER_SAE, i << 21)) for i in range(2, 5)]
+    assert may_hold([*held, *rest], "s9", _keys(MAX_HELD_KEYS_PER_SAE, 1 << 30))
