@@ -9,9 +9,10 @@ Only the bytes and the per-block metadata entry are written: no message, no
 acknowledgement, no index.
 
 *Both ends' stores*: the bare store written twice at once, in two processes, each with the
-whole of the bytes: what a relay between two nodes on this one machine must at least do,
-since each key byte is made durable at its origin and at its destination, on the same
-disk and cores (a reference beside the single store, which the target is set against).
+whole of the bytes: what bounded a relay between two nodes on this one machine while each
+key byte was made durable at its origin and at its destination, on the same disk and cores
+(the origin now stores a seed per block instead: ``control.gkm.seeds``); a reference
+beside the single store, which the target is set against.
 
 *Disk*: the same bytes written to a file, ``block`` at a time, with one ``fdatasync`` per
 batch: what the disk does with the same sync pattern and no database.

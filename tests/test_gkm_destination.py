@@ -13,9 +13,9 @@ import pytest
 from control.gkm import seeds
 from control.gkm.destination import (
     MAX_HELD,
-    MAX_HELD_BEYOND_SHARE,
     MAX_HELD_KEYS,
     MAX_HELD_KEYS_PER_SAE,
+    MAX_HELD_LARGE_KEYS,
     MAX_HELD_PER_SAE,
     Arrived,
     Inbox,
@@ -345,16 +345,19 @@ def test_what_waits_is_bounded_by_the_key_ids_it_names_and_an_sae_waits_for_a_ke
     assert may_hold(full[:-1], "s9", one)
 
 
-def test_one_large_first_request_waiting_leaves_the_others_room():
+def test_large_first_requests_waiting_leave_the_others_room():
     held = [("s1", _keys(MAX_RELAY_BLOCKS))]  # at the largest max_key_per_request
     # A second SAE's request as large does not wait: two of them took every key ID that
     # may wait, and every other slave's request for keys not yet confirmed got 503.
     assert not may_hold(held, "s2", _keys(MAX_RELAY_BLOCKS, 1 << 20))
+    assert not may_hold(held, "s2", _keys(MAX_HELD_KEYS_PER_SAE + 1, 1 << 20))
     assert may_hold(held, "s2", _keys(MAX_HELD_KEYS_PER_SAE, 1 << 20))  # its share: waits
-    room = MAX_HELD_KEYS_PER_SAE + MAX_HELD_BEYOND_SHARE - (MAX_RELAY_BLOCKS
-                                                            - MAX_HELD_KEYS_PER_SAE)
-    assert may_hold(held, "s2", _keys(room, 1 << 20))
-    assert not may_hold(held, "s2", _keys(room + 1, 1 << 20))
+    # Nor do several smaller large ones: half the key IDs in all.
+    half = MAX_HELD_LARGE_KEYS // 2
+    two = [(f"s{i}", _keys(half, i << 20)) for i in (1, 2)]
+    assert not may_hold(two[:1], "s3", _keys(half + 1, 3 << 20))
+    assert may_hold(two[:1], "s3", _keys(half, 3 << 20))
+    assert not may_hold(two, "s3", _keys(MAX_HELD_KEYS_PER_SAE + 1, 3 << 20))
     # What stays is for requests within their SAE's share, from any number of SAEs.
-    rest = [(f"s{i}", _keys(MAX_HELD_KEYS_PER_SAE, i << 21)) for i in range(2, 5)]
-    assert may_hold([*held, *rest], "s9", _keys(MAX_HELD_KEYS_PER_SAE, 1 << 30))
+    rest = [(f"s{i}", _keys(MAX_HELD_KEYS_PER_SAE, i << 21)) for i in range(3, 6)]
+    assert may_hold([*two, *rest], "s9", _keys(MAX_HELD_KEYS_PER_SAE, 1 << 30))

@@ -29,3 +29,8 @@ def test_the_same_seed_gives_the_same_bytes_and_others_other_bytes():
 def test_a_seed_of_another_length_is_refused(seed):
     with pytest.raises(ValueError, match="32 bytes"):
         seeds.expand(seed, 64)
+
+
+def test_a_block_never_shows_its_seed_or_bytes():
+    b, = seeds.new_blocks(1, 64)
+    assert repr(b) == "Block()"  # a log line or a traceback naming it shows no key

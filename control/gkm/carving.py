@@ -1,9 +1,10 @@
 """Carving application keys out of global key blocks, without I/O.
 
 Global key travels between two nodes in numbered blocks: block ``seq`` of the ordered pair
-(origin -> destination) holds the same bytes in the origin's ENC store and in the
-destination's DEC store. An application key is a slice of one block, and its key ID says
-which: both nodes find the identical bytes from the key ID alone, with no table to share.
+(origin -> destination) holds the same bytes in the origin's ENC store (grown from the
+block's seed) and in the destination's DEC store. An application key is a slice of one
+block, and its key ID says which: both nodes find the identical bytes from the key ID
+alone, with no table to share.
 
 Key ID: an RFC 9562 version-8 UUID (the version for custom layouts), 122 free bits:
 
@@ -65,10 +66,9 @@ class KeySlice:
     # several times (its reservation, its record, the answer), and a UUID costs microseconds.
     @cached_property
     def _id_int(self) -> int:
-        value = LAYOUT
-        for bits, v in ((16, self.origin), (16, self.destination), (40, self.seq),
-                        (24, self.offset), (24, self.size)):
-            value = (value << bits) | v
+        value = 0
+        for bits, name in _FIELDS:
+            value = (value << bits) | (LAYOUT if name == "layout" else getattr(self, name))
         # Spread the 122 bits around the version (4 bits) and variant (2 bits) fields.
         hi48 = value >> 74
         mid12 = (value >> 62) & 0xFFF

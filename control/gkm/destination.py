@@ -43,8 +43,8 @@ MAX_HELD_PER_SAE = MAX_HELD // 4  # ... of them from one SAE
 MAX_HELD_KEYS = 2 * MAX_RELAY_BLOCKS  # the key IDs they name, in all: what re-checking
 MAX_HELD_KEYS_PER_SAE = 1024          # them costs (a few us each), and of one SAE (more
                                       # in its one request, up to max_key_per_request)
-MAX_HELD_BEYOND_SHARE = MAX_HELD_KEYS // 2  # key IDs of such requests beyond an SAE's
-                                            # share, in all: the rest stays for the others
+MAX_HELD_LARGE_KEYS = MAX_HELD_KEYS // 2  # key IDs of requests larger than that share,
+                                          # in all: the rest stays for requests within it
 
 
 def may_hold(held: Iterable[tuple[str, frozenset[bytes]]], sae: str,
@@ -60,14 +60,15 @@ def may_hold(held: Iterable[tuple[str, frozenset[bytes]]], sae: str,
     one SAE could repeat one request naming 1,024 keys a thousand times and stall the
     node's key manager with its re-checks). Keys reserved ahead of demand stay
     unconfirmed until their master takes them, so one slave asking early and often must
-    not crowd out the others' requests either, nor may two SAEs' first requests at the
-    largest max_key_per_request take every key ID that may wait: what first requests name
-    beyond an SAE's share counts against half of them."""
-    waiting = mine = n_keys = my_keys = beyond = 0
+    not crowd out the others' requests either, nor may a few SAEs' large first requests
+    take every key ID that may wait: requests larger than an SAE's share may name half of
+    them in all."""
+    waiting = mine = n_keys = my_keys = large = 0
     for s, ks in held:
         waiting += 1
         n_keys += len(ks)
-        beyond += max(0, len(ks) - MAX_HELD_KEYS_PER_SAE)
+        if len(ks) > MAX_HELD_KEYS_PER_SAE:
+            large += len(ks)
         if s == sae:
             if not ks.isdisjoint(keys):
                 return False
@@ -76,7 +77,8 @@ def may_hold(held: Iterable[tuple[str, frozenset[bytes]]], sae: str,
     return (waiting < MAX_HELD and mine < MAX_HELD_PER_SAE
             and n_keys + len(keys) <= MAX_HELD_KEYS
             and (mine == 0 or my_keys + len(keys) <= MAX_HELD_KEYS_PER_SAE)
-            and beyond + max(0, len(keys) - MAX_HELD_KEYS_PER_SAE) <= MAX_HELD_BEYOND_SHARE)
+            and (len(keys) <= MAX_HELD_KEYS_PER_SAE
+                 or large + len(keys) <= MAX_HELD_LARGE_KEYS))
 
 Proof = tuple[str | None, str | None]  # (User-Id, Peer-Address) of the connection
 Message = Blocks | Shares | Ack | Reserve | Reserved

@@ -16,7 +16,7 @@ goes exactly as the block's bytes did (deleted once every key of the block is us
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
@@ -28,8 +28,8 @@ _NONCE = bytes(16)  # ChaCha20's 32-bit block counter and 96-bit nonce, all zero
 class Block:
     """A new block: the seed the origin stores, and the bytes it sends."""
 
-    seed: bytes
-    data: bytes
+    seed: bytes = field(repr=False)  # key: never in a log or a traceback
+    data: bytes = field(repr=False)
 
 
 def expand(seed: bytes, size: int) -> bytes:

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from control.gkm import seeds
 
 SHARE_HOLD_S = 60.0               # a partial set of shares is dropped after this
 MAX_HELD_SHARE_BYTES = 256 << 20  # ... and the oldest sets once shares held pass this,
@@ -30,8 +31,7 @@ def random_bytes(n: int) -> bytes:
     os.urandom for each call (a CSPRNG of the kind the kernel's own generator is, but
     several times faster here; see docs/design.md). Global key blocks are made so too
     (control.gkm.seeds)."""
-    return Cipher(algorithms.ChaCha20(os.urandom(32), bytes(16)), None).encryptor() \
-        .update(bytes(n))
+    return seeds.expand(os.urandom(seeds.SEED_BYTES), n)
 
 
 def xor(parts: list[bytes | memoryview]) -> bytes:

@@ -188,17 +188,17 @@ class KeyStore:
         """Write, not synced: for changes a crash may lose (see each caller)."""
         self._write(self.db.write, self._batch(kind, peer, writes), self.unsynced)
 
-    def _write_blocks(self, kind: str, peer: str, writes: Writes, nbytes: int) -> None:
+    def _write_blocks(self, peer: str, writes: Writes, nbytes: int) -> None:
         """Write a batch of received blocks, durably. Large batches skip the write-ahead
         log and flush the store's memtable to disk at once (synced), so each key byte is
         written to disk once, not twice (log, then table): the disk, not the CPU, bounds
         the relay rate. Small batches go through the log, synced, which is cheaper than a
         flush for a few KiB."""
         if nbytes >= BULK_WRITE:
-            self._write(self.db.write, self._batch(kind, peer, writes), self.no_wal)
-            self._write(self._cf(kind, peer).flush, True)
+            self._write(self.db.write, self._batch("dec", peer, writes), self.no_wal)
+            self._write(self._cf("dec", peer).flush, True)
         else:
-            self._durable(kind, peer, writes)
+            self._durable("dec", peer, writes)
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -218,14 +218,18 @@ class KeyStore:
     def _lookup(self, kind: str, peer: str) -> rules.Lookup:
         return self._cf(kind, peer).get
 
-    def _read_block(self, kind: str, peer: str, seq: int) -> bytes | None:
+    def _read_block(self, kind: str, peer: str, seq: int, size: int | None = None
+                    ) -> bytes | None:
         """A block's bytes from the store: an ENC block's grown from its seed (a block
-        stored before seeds were has its bytes); None if the store has neither."""
+        stored before seeds were has its bytes); None if the store has neither. ``size``:
+        the block's, if the index may not have it (else read there)."""
         cf = self._cf(kind, peer)
         if kind == "enc":
             seed = cf.get(seq_key(SEED, seq))
             if seed is not None:
-                return seeds.expand(seed, self.enc[peer].blocks[seq][0])
+                if size is None:
+                    size = self.enc[peer].blocks[seq][0]
+                return seeds.expand(seed, size)
         return cf.get(seq_key(BLOCK, seq))
 
     def _block(self, kind: str, peer: str, seq: int) -> bytes:
@@ -293,6 +297,7 @@ class KeyStore:
         other bytes, which the destination answers with CONFLICT if it held the first
         ones, and that block is never used."""
         with self.lock:
+            assert not self._deferred, "inside group() the sync would come after the send"
             st = self.enc[peer]
             seqs, writes = rules.pending_blocks(st, blocks)
             self._durable("enc", peer, writes)
@@ -476,7 +481,7 @@ class KeyStore:
             results, new, writes = rules.received(
                 st, blocks, lambda seq: cf.get(seq_key(BLOCK, seq)))
             if new:
-                self._write_blocks("dec", peer, writes, sum(len(b) for b in new.values()))
+                self._write_blocks(peer, writes, sum(len(b) for b in new.values()))
                 for seq, data in new.items():
                     st.add_block(seq, len(data))
             return results
@@ -634,9 +639,9 @@ class KeyStore:
         """Block number -> (state, sha256 of its bytes): for checks and tests, no key."""
         with self.lock:
             out = {}
-            for seq, _, st in list(self._metas(kind, peer)):
-                data = self._read_block(kind, peer, seq)  # None: a conflicting block's
-                out[seq] = (st.name.lower(),                # bytes went
+            for seq, size, st in list(self._metas(kind, peer)):
+                data = self._read_block(kind, peer, seq, size)  # None: a conflicting
+                out[seq] = (st.name.lower(),                     # block's bytes went
                             "" if data is None else hashlib.sha256(data).hexdigest())
             return out
 

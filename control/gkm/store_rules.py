@@ -161,7 +161,9 @@ def key_id_bytes(kid: KeyId) -> bytes:
 
 def show(kid: KeyId) -> str:
     """A key ID for a message: its UUID's text."""
-    return id_text(kid) if isinstance(kid, bytes) and len(kid) == 16 else str(kid)
+    if isinstance(kid, bytes):
+        return id_text(kid) if len(kid) == 16 else kid.hex()
+    return str(kid)
 
 
 def reservation_key(kid: KeyId) -> bytes:
@@ -372,7 +374,7 @@ def pending_blocks(st: EncState, blocks: list[Block]) -> tuple[list[int], Writes
 def marking(st: EncState, seqs: list[int], state: BlockState
             ) -> tuple[list[tuple[int, int]], Writes]:
     """The destination's word on blocks: only a pending block changes (to USABLE or
-    CONFLICT; a conflicting block's bytes go now, they are never used). Returns the
+    CONFLICT; a conflicting block's seed or bytes go now, they are never used). Returns the
     (block, size) changed and the writes."""
     w = Writes()
     changed = []
