@@ -24,7 +24,8 @@ for round in $(seq 1 "$rounds"); do
       # shellcheck disable=SC2086
       (cd "$dir" && PYTHONPATH=$dir "$HERE/.venv/bin/qkdctl" bench $args "${plot[@]}" \
           --json > "$OUT/$name-$v-$round.json" 2> "$OUT/$name-$v-$round.log")
-      echo "$(date +%T) $name $round $v rc=$?" >> "$OUT/log"
+      rc=$?  # before anything else runs: "$(date)" would set it again
+      echo "$(date +%T) $name $round $v rc=$rc" >> "$OUT/log"
     done
   done
 done

@@ -224,3 +224,18 @@ def test_two_bare_stores_are_written_at_once_each_with_all_the_bytes(tmp_path):
     for (s, e), g in zip(r["spans"], r["stores_gbps"], strict=True):  # each wrote it all
         assert (e - s) == pytest.approx(r["bytes"] * 8 / g / 1e9, rel=1e-3, abs=1e-3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_gkm_reports_a_run_without_1_mib_keys(tmp_path):
+    from rich.console import Console
+
+    from bench.gkm import summarize
+
+    out = io.StringIO()
+    points = [{"path": p, "block": 4096, "method": "proposed", "gbps": 0.3, "seconds": 1.0}
+              for p in ("direct", "relay")]
+    ceilings = {name: {"gbps": g} for name, g in (("store", 3.0), ("two_stores", 1.8),
+                                                  ("disk", 10.0))}
+    r = summarize(points, (4096,), 64 << 20, 16 << 20, None, Console(file=out), ceilings)
+    assert r["ratio_vs_ceiling"] is None and r["ratio_vs_two_stores"] is None
+    assert "4 KiB" in out.getvalue() and "1 MiB keys, direct" not in out.getvalue()
