@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -58,6 +58,14 @@ out = Console()
 if not out.is_terminal:  # logs and pipes: keep tables whole rather than 80 columns wide
     out = Console(width=120)
 err = Console(stderr=True)
+
+
+def _fail(message: object, code: int = 1) -> NoReturn:
+    """Say why in red and exit with ``code``. The text is not ours to style (it may hold
+    brackets rich would take for markup), so it is escaped."""
+    err.print(f"[red]{escape(str(message))}[/red]", highlight=False)
+    raise typer.Exit(code)
+
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="topology TOML file")]
 
@@ -142,8 +150,7 @@ def net_up(config: Annotated[Path, typer.Argument(help="topology TOML file")],
     try:
         man = emulation.net_up(topo, start=start)
     except emulation.NetError as e:
-        err.print(f"[red]{escape(str(e))}[/red]")
-        raise typer.Exit(1) from None
+        _fail(e)
     out.print(f"network {topo.name!r} up with prefix {topo.prefix!r}: "
               f"{len(man.namespaces)} namespaces, {len(topo.links)} links"
               + (f", {len(man.pids)} processes" if start else ""))
@@ -261,8 +268,7 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the 
     try:
         lay = init_pki(directory, topo, force=force, ca_dir=ca_dir)
     except PkiError as e:
-        err.print(f"[red]{escape(str(e))}[/red]", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(e)
     out.print(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
               f"nodes/, {len(topo.saes)} SAE certificate(s) in saes/ (keys mode 0600); "
               f"the CA key in {lay.ca_key} (no node needs it: keep it offline)",
@@ -286,8 +292,7 @@ def keys_init(directory: Annotated[Path, typer.Argument(help="where to write the
     try:
         made = write_relay_keys(directory, topo.gkm.nodes(), force=force)
     except (RelayKeyError, NotPrivateError) as e:
-        err.print(f"[red]{escape(str(e))}[/red]", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(e)
     kept = len(topo.gkm.nodes()) - len(made)
     out.print(f"{directory}: new keys for {', '.join(made) or 'no node'}"
               f"{f', {kept} kept' if kept else ''} (mode 0600); give each node its own "
@@ -891,8 +896,7 @@ def profile(
         topo = load(config) if config else running_topology(node)
         report = profile_node(topo, node, seconds, console=err if as_json else out)
     except (NotRunning, ProfileError) as e:
-        err.print(f"[red]{escape(str(e))}[/red]", highlight=False)
-        raise typer.Exit(1) from None
+        _fail(e)
     if as_json:
         print(json.dumps(report))
     else:
@@ -928,8 +932,7 @@ def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples
         code, rep = run_demo(load(config), err if as_json else out, phase_s=phase,
                              rate_mbps=rate)
     except ValueError as e:
-        err.print(f"[red]{escape(str(e))}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(e, 2)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if as_json:
