@@ -18,6 +18,7 @@ from control.core.config import parse_topology
 from control.lkm.accounting import LinkEnd, link_end
 from control.tools import emulation
 from control.tools.demo import Saes
+from dataplane.limits import KEEPALIVE_S
 from dataplane.ring import KeyRing
 from tests.nsutil import routes_complete, run_in_netns, tunnel_state, udp_send_all, wait_until
 from tests.test_tunnel import addr, ns, send_tcp
@@ -25,6 +26,8 @@ from tests.test_tunnel import addr, ns, send_tcp
 pytestmark = pytest.mark.netns
 
 IDLE_BUDGET_BPS = 16_000  # per link, both directions: what an idle link may spend
+IDLE_S = 50 * KEEPALIVE_S  # the idle link watched this long: 50 keepalives per end
+
 
 def two(prefix: str, rate: float) -> str:
     """A - B at ``rate`` Mb/s, no global key."""
@@ -126,10 +129,10 @@ def test_every_byte_is_accounted_for_after_bulk_sparse_and_idle(tmp_path, prefix
     assert a_data >= 40 * 200
     assert (w2 - w1) < 0.01 * (u2 - u1), f"sparse wasted {w2 - w1} of {u2 - u1} B used"
 
-    # Idle: half a minute of keepalives only (150 of them per end).
+    # Idle: keepalives only.
     t0 = time.time()
     start = fresh(topo, t0)
-    time.sleep(30)
+    time.sleep(IDLE_S)
     end = fresh(topo, time.time())
     seconds = time.time() - t0
     assert_balanced(end)

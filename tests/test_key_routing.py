@@ -1,7 +1,8 @@
 """Key-aware routing end to end (``[routing] metric = "key"``): real namespaces, tunnels,
 routers and a global key fill on a triangle whose A-C link has a tenth of the others' key
 rate. The fill spends A-C's stored key, A-C runs dry and A's global key for C goes through
-B; A-C refills and the route comes back; then nothing moves for half a minute."""
+B; A-C refills and the route comes back; then nothing moves for STILL_S (sixty of the
+routers' route intervals)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from control.core import paths
 from control.core.config import parse_topology
 from control.gkm.manager import PAUSE_FLAG
 from control.node.status import collect, render_tunnels
+from control.routing.router import ROUTE_INTERVAL_S
 from control.tools import emulation
 from tests.nsutil import router_state, routes_complete, tunnel_state, wait_until
 from tests.test_gkm import enc
@@ -22,6 +24,7 @@ from tests.test_gkm import enc
 pytestmark = pytest.mark.netns
 MIB = 1 << 20
 HIGH = 16 * MIB
+STILL_S = 60 * ROUTE_INTERVAL_S  # the routes watched this long at the end
 
 
 def key_triangle(prefix: str, metric: str = "key") -> str:
@@ -86,7 +89,7 @@ def test_a_dry_slow_link_is_routed_around_until_it_refills_without_flapping(tmp_
     assert router_state(prefix, "A")["costs"]["A-C"] == 1
 
     changes = {n: router_state(prefix, n)["changes"] for n in topo.nodes}
-    end = time.monotonic() + 30  # watched for half a minute: the routes hold still
+    end = time.monotonic() + STILL_S  # the routes hold still
     while time.monotonic() < end:
         now = {n: (router_state(prefix, n) or {}).get("changes") for n in topo.nodes}
         assert now == changes, f"routes moved with nothing draining a link: {now}"

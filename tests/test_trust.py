@@ -3,6 +3,7 @@ underlay address, cannot do to a running link (threat model in docs/design.md)."
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import socket
@@ -21,15 +22,16 @@ pytestmark = pytest.mark.netns
 
 
 def flood_ahead(src: str, dst: str, port_lo: int, workers: int, link: int, ring: str,
-                seconds: float) -> int:
+                seconds: float, stop) -> int:
     """From the peer's own underlay address: well-formed datagrams naming key just beyond
-    what the receiver has stored, on every lane, following its ring. Returns how many."""
+    what the receiver has stored, on every lane, following its ring, until ``stop`` is
+    set (at most ``seconds``). Returns how many."""
     r = KeyRing.attach(ring)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((src, 0))
     sent, end = 0, time.monotonic() + seconds
     try:
-        while time.monotonic() < end:
+        while time.monotonic() < end and not stop.is_set():
             w = r.write_pos
             for lane in range(CONTROL_LANE):
                 s.sendto(ahead_datagram(200, link, 0, lane, w + 4096 * (1 + lane)),
@@ -64,15 +66,17 @@ def test_datagrams_naming_key_ahead_of_the_ring_do_not_stall_the_workers(tmp_pat
         return guard + sum(v for k, v in st["counters"].items() if k.startswith("drop_rx_"))
 
     before = refused()
+    stop = mp.get_context("fork").Event()  # (InNetns forks: the flood shares it)
     flood = InNetns(ns(prefix, "A"), flood_ahead, str(link.underlay_a.ip),
                     str(link.underlay_b.ip), topo.ports.tunnel, topo.dataplane.workers,
-                    link.index, paths.ring_name(prefix, "B", "A-B", "ab"), 12.0)
+                    link.index, paths.ring_name(prefix, "B", "A-B", "ab"), 60.0, stop)
     try:
         time.sleep(1.0)  # the flood at full rate first
         t0 = time.monotonic()
         data = os.urandom(8 << 20)
         got = send_tcp(topo, "A", "B", data)
         took = time.monotonic() - t0
+        stop.set()  # (the flood ran all through the transfer)
         sent = flood.result(60)
     finally:
         flood.kill()
