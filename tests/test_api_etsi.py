@@ -44,7 +44,8 @@ from api.etsi import (
 
 L = Limits(key_size=256, min_key_size=8, max_key_size=8192, max_key_per_request=16,
            max_sae_id_count=2)
-K1, K2 = str(uuid.uuid4()), str(uuid.uuid4())
+# Fixed, so every pytest-xdist worker collects the same test ids.
+K1, K2 = "8f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b", "1a2b3c4d-5e6f-4a1b-9c2d-3e4f5a6b7c8d"
 
 
 def refused(fn, arg, message: str) -> ApiError:
@@ -149,7 +150,7 @@ def test_dec_keys_get_refusals(query, message):
     (j({"key_IDs": [{"key_ID": K1}], "key_IDs_extension": []}), "must be an object"),
     (j({"key_IDs": [{"key_ID": 5}]}), "must be a UUID string"),
     (j({"key_IDs": [{"key_ID": K1}, {"key_ID": K1.upper()}]}), "named twice"),
-    (j({"key_IDs": [{"key_ID": str(uuid.uuid4())} for _ in range(17)]}),
+    (j({"key_IDs": [{"key_ID": str(uuid.UUID(int=i, version=4))} for i in range(17)]}),
      "above max_key_per_request"),
 ])
 def test_dec_keys_post_refusals(body, message):

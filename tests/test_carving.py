@@ -66,7 +66,7 @@ def test_different_slices_have_different_key_ids(a, b):
 
 
 @pytest.mark.parametrize("bad", ["", "not-a-uuid", "123", None, 42,
-                                 str(uuid.uuid4()),  # version 4: not one of ours
+                                 "5b6c7d8e-9f0a-4b1c-8d2e-3f4a5b6c7d8e",  # version 4: not ours
                                  "00000000-0000-8000-0000-000000000000"])  # wrong variant
 def test_decode_refuses_what_is_not_a_key_id(bad):
     with pytest.raises(CarveError):
