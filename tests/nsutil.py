@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing as mp
+import os
 import socket
 import subprocess
 import sys
@@ -23,13 +24,20 @@ QKDCTL = str(Path(sys.executable).with_name("qkdctl"))  # the venv's command, as
 
 
 def _child(ns: str, fn: Callable, args: tuple, conn) -> None:
+    """Runs ``fn`` in ``ns``, sends what came of it, and leaves at once (``os._exit``):
+    a fork of a test process that has other threads (pytest-xdist's worker has one)
+    must not, on the way out, take locks those threads may have held at the fork, as
+    multiprocessing's exit does (it flushes the standard streams)."""
     from pyroute2 import netns
 
     try:
-        netns.setns(ns)
-        conn.send(("ok", fn(*args)))
-    except BaseException as e:  # report anything, the test decides
-        conn.send(("error", f"{e!r}\n{traceback.format_exc()}"))
+        try:
+            netns.setns(ns)
+            conn.send(("ok", fn(*args)))
+        except BaseException as e:  # report anything, the test decides
+            conn.send(("error", f"{e!r}\n{traceback.format_exc()}"))
+    finally:
+        os._exit(0)
 
 
 class InNetns:

@@ -5,6 +5,7 @@ back through it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -86,7 +87,10 @@ class Kme:
                 return
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes an accept() in _serve: the thread ends
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+        self.thread.join(15)
 
 
 @pytest.fixture(scope="module")
