@@ -11,7 +11,8 @@ APT_PACKAGES := python3-bpfcc linux-headers-amd64 iperf3 iproute2 iputils-ping t
 STAMP := $(VENV)/.installed
 # Tests run in this many pytest-xdist processes, each taking whole files (their module
 # fixtures set up once): the network tests mostly wait on key rates and timeouts, so two
-# at once take 7 minutes instead of 13 on 2 cores and still pass on a busy machine.
+# at once take 8 minutes instead of 13-14 on 2 cores and still pass on a busy machine
+# (0: one process, no xdist).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test setup system venv lint clean teardown

@@ -264,14 +264,17 @@ def test_attach_to_uninitialised_ring_raises(name):
 
 def _child(name: str, expect: bytes, close: bool) -> None:
     """Leaves by ``os._exit`` (see ``tests.nsutil._child``: no exit path of a fork)."""
-    r = KeyRing.attach(name)
-    if bytes(r.read(0, len(expect))) != expect:
-        os._exit(3)
-    pos, n = r.claim(10)
-    if (pos, n) != (0, 10):
-        os._exit(4)
-    if close:
-        r.close()
+    try:
+        r = KeyRing.attach(name)
+        if bytes(r.read(0, len(expect))) != expect:
+            os._exit(3)
+        pos, n = r.claim(10)
+        if (pos, n) != (0, 10):
+            os._exit(4)
+        if close:
+            r.close()
+    except BaseException:
+        os._exit(5)
     os._exit(0)
 
 

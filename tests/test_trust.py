@@ -82,7 +82,7 @@ def test_datagrams_naming_key_ahead_of_the_ring_do_not_stall_the_workers(tmp_pat
         flood.kill()
         os.kill(emulator, signal.SIGCONT)
     assert got["bytes"] == len(data)
-    assert sent > 1_000, "the flood did not run"
+    assert sent > 400 * (1 + took), f"the flood did not run through the transfer: {sent}"
     assert took < 10.0, f"8 MiB took {took:.1f} s under the flood"
     # Dropped at once while B's ring is full (beyond what it can hold: ahead), else parked
     # and dropped when their key never came (nokey) or came and their MAC failed. (The
