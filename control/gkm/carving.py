@@ -86,11 +86,6 @@ class KeySlice:
         return self._id_int.to_bytes(16, "big")
 
 
-def encode(s: KeySlice) -> uuid.UUID:
-    """The key ID of a slice (a version-8 UUID)."""
-    return s.key_id
-
-
 def id_text(raw: bytes) -> str:
     """A key ID's 16 bytes as its UUID's text (``str(uuid.UUID(bytes=raw))``, without
     making the UUID)."""
