@@ -212,10 +212,26 @@ def test_config_refuses_a_missing_end_and_an_unknown_kind(tmp_path):
 # ---- a real OpenSSH server per device ---------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _own_port(address: str) -> int:
+    """A free port at ``address`` below the kernel's ephemeral range (read, not assumed),
+    so no socket the kernel numbers, in any test running beside this one, can take it
+    between our pick and the server's bind. The probe bind skips ports a host service
+    holds on every address; with a loopback address of our own, two of our picks do not
+    meet."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert low > 2048, f"ephemeral ports start at {low}: no room below them"
+    while True:
+        port = 1024 + int.from_bytes(os.urandom(4), "big") % (low - 1024)
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind((address, port))
+            return port
+
+
+def _own_address() -> str:
+    """A loopback address for one test device (127.200.0.1 .. 127.249.255.254), apart
+    from the links' underlays (127.100-199.x.y)."""
+    n = int.from_bytes(os.urandom(3), "big")
+    return f"127.{200 + n % 50}.{n // 50 % 256}.{1 + n // 12800 % 254}"
 
 
 def _descendants(pid: int) -> list[int]:
@@ -244,17 +260,18 @@ class Device:
         self.root = root / f"device-{name}"
         self.keys = self.root / "keys"
         self.keys.mkdir(parents=True)
-        self.port = _free_port()
+        self.addr = _own_address()
+        self.port = _own_port(self.addr)
         for key in ("host_key", "client_key"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
                             "-f", str(self.root / key)], check=True)
         (self.root / "authorized_keys").write_text((self.root / "client_key.pub").read_text())
         pub = (self.root / "host_key.pub").read_text().split()
         self.host_key = f"{pub[0]} {pub[1]}"
-        (self.root / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {self.host_key}\n")
+        (self.root / "known_hosts").write_text(f"[{self.addr}]:{self.port} {self.host_key}\n")
         (self.root / "sshd_config").write_text(f"""\
 Port {self.port}
-ListenAddress 127.0.0.1
+ListenAddress {self.addr}
 HostKey {self.root / 'host_key'}
 PidFile {self.root / 'sshd.pid'}
 AuthorizedKeysFile {self.root / 'authorized_keys'}
@@ -277,7 +294,7 @@ Subsystem sftp internal-sftp
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.root / "sshd.log").read_text()
             with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=1) as s:
+                    (self.addr, self.port), timeout=1) as s:
                 if s.recv(4).startswith(b"SSH-"):
                     return
             time.sleep(0.05)
@@ -306,7 +323,7 @@ Subsystem sftp internal-sftp
         self.log.close()
 
     def end_config(self) -> dict:
-        return dict(host="127.0.0.1", port=self.port, user=getpass.getuser(),
+        return dict(host=self.addr, port=self.port, user=getpass.getuser(),
                     key_file=str(self.root / "client_key"),
                     known_hosts=str(self.root / "known_hosts"), directory=str(self.keys))
 
@@ -418,7 +435,7 @@ def test_source_refuses_a_wrong_host_key_and_backs_off(tmp_path, devices):
     other = Device(tmp_path, "other")  # never started: only its host key is used
     other.log.close()
     good = (dev.root / "known_hosts").read_text()
-    (dev.root / "known_hosts").write_text(f"[127.0.0.1]:{dev.port} {other.host_key}\n")
+    (dev.root / "known_hosts").write_text(f"[{dev.addr}]:{dev.port} {other.host_key}\n")
     dev.write((1, 0), b"k" * 64)
     src = _sftp_source(tmp_path, dev, block="64B")
     assert "does not match the configured one" in _failure(src)
@@ -443,7 +460,7 @@ def test_source_reports_an_unreachable_device_and_a_refused_client_key(tmp_path,
     dev = devices("a")
     src = _sftp_source(tmp_path, dev)
     dev.kill()
-    assert "cannot reach device root@127.0.0.1" in _failure(src)
+    assert f"cannot reach device root@{dev.addr}" in _failure(src)
     dev.start()
     (dev.root / "authorized_keys").write_text("")
     src.backoff.succeeded()
@@ -487,7 +504,7 @@ class Link:
         underlay = (f"{net}.1", f"{net}.2")
         self.topo = _topology(tmp_path, _end("a", **dev_a.end_config())
                               + _end("b", **dev_b.end_config()), prefix=prefix,
-                              block=block, capacity=capacity, port=_free_port(),
+                              block=block, capacity=capacity, port=_own_port(underlay[0]),
                               underlay=underlay)
         self.auth = paths.link_key_path(prefix, "A-B")
         self.auth.parent.mkdir(parents=True, exist_ok=True)
