@@ -3,6 +3,8 @@ first hops. Pure; graphs are checked against an independent all-pairs shortest p
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -553,3 +555,23 @@ def test_a_share_route_waits_its_hold_and_a_quarantine_after_another_of_its_pair
     assert share_ready(5.0 + SHARE_QUARANTINE_S, 0.0, ("a0", 5.0), "a1")
     # the same address again (its next hop moved): the hold alone
     assert share_ready(10.0, 0.0, ("a1", 9.9), "a1")
+
+
+@given(st.sets(st.integers(0, 2**32 - 2), min_size=1, max_size=4),
+       st.lists(st.integers(0, 2**32 - 2), max_size=50))
+def test_other_uid_ranges_hold_every_user_but_the_own_ones(own, probes):
+    from control.routing.router import MAX_UID, other_uid_ranges
+
+    ranges = other_uid_ranges(*own)
+    assert all(lo <= hi for lo, hi in ranges)
+    assert all(a[1] + 1 < b[0] for a, b in pairwise(ranges))  # sorted, a user between
+    for uid in [*probes, *own, 0, MAX_UID, *(u + 1 for u in own if u < MAX_UID)]:
+        assert any(lo <= uid <= hi for lo, hi in ranges) == (uid not in own), uid
+
+
+def test_other_uid_ranges_of_root_and_a_user():
+    from control.routing.router import MAX_UID, other_uid_ranges
+
+    assert other_uid_ranges(0, 0) == [(1, MAX_UID)]
+    assert other_uid_ranges(0, 1000) == [(1, 999), (1001, MAX_UID)]
+    assert other_uid_ranges(0, 1) == [(2, MAX_UID)]

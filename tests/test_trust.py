@@ -3,6 +3,7 @@ underlay address, cannot do to a running link (threat model in docs/design.md)."
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
 import signal
@@ -139,3 +140,56 @@ def test_node_addresses_are_not_reachable_over_the_underlay(tmp_path, prefix, gu
     if guard == "auto" and g.get("state") == "on":
         wait_until(lambda: tunnel_state(prefix, "B", "A-B")["guard"]["counts"]["node"]
                    ["packets"] >= 2, 5, "the guard to count the dropped packets")
+
+
+NOBODY = 65534
+
+
+def _as_nobody(checks: list[tuple[str, str, str, int]]) -> dict[str, str]:
+    """As uid/gid 65534 (no privileges, not the node's user): each (label, proto, address,
+    port) tried once; what it met, "ok" or the error's name."""
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+    met = {}
+    for label, proto, dst, port in checks:
+        s = socket.socket(socket.AF_INET,
+                          socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+        s.settimeout(5.0)
+        try:
+            if proto == "tcp":
+                s.connect((dst, port))
+            else:  # marked as control traffic too: it must not reach the kept-back key
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0xC0)
+                s.sendto(b"spend the link's key", (dst, port))
+            met[label] = "ok"
+        except OSError as e:
+            met[label] = errno.errorcode.get(e.errno or 0, str(e))
+        finally:
+            s.close()
+    return met
+
+
+def test_a_process_of_another_user_in_the_namespace_cannot_send_through_the_tunnels(
+        tmp_path, prefix):
+    """Anything routed into a tunnel spends the link's key: another user's process in the
+    node's namespace is refused at the route lookup (a policy rule by uid), so it spends
+    none, while it still reaches the node's own services, and root's traffic and the
+    relaying are untouched."""
+    topo, _ = make_net(tmp_path, prefix)  # A - B - C: C only via B
+    na = ns(prefix, "A")
+    port = topo.metrics.port  # every node's metrics endpoint listens on its node address
+    a_node, b_node, c_node = addr(topo, "A"), addr(topo, "B"), addr(topo, "C")
+    b_tun = str(topo.dataplane.tunnel_addresses(topo.link("A-B").index)[1])
+    met = InNetns(na, _as_nobody, [
+        ("own node, tcp", "tcp", a_node, port),
+        ("peer node, tcp", "tcp", b_node, port),
+        ("peer node, udp", "udp", b_node, 9),
+        ("peer tunnel address, udp", "udp", b_tun, 9),
+        ("node via a relay, tcp", "tcp", c_node, port)]).result(60)
+    assert met == {"own node, tcp": "ok", "peer node, tcp": "EACCES",
+                   "peer node, udp": "EACCES", "peer tunnel address, udp": "EACCES",
+                   "node via a relay, tcp": "EACCES"}, met
+    # Root, in the same namespace: through the tunnel, and on via B to C.
+    assert InNetns(na, _connects, a_node, b_node, port).result(30) is True
+    assert InNetns(na, _connects, a_node, c_node, port).result(30) is True
