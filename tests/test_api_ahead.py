@@ -19,10 +19,14 @@ from tests.test_api_service import BASE, Net, _api_file, _node_log, running_net
 
 pytestmark = pytest.mark.netns
 
+# A second of demand held ahead, not the default tenth: a pool refills only while at least
+# two takes are expected in that long, and the tests' one-at-a-time requests must count as
+# steady demand on a machine slow enough to make fewer than 20 a second.
 GKM = """block_size = "1MiB"
 low_watermark = "24MiB"
 high_watermark = "32MiB"
 window = "8MiB"
+reserve_ahead_s = 1.0
 pairs = [["A", "B"]]"""
 
 

@@ -4,7 +4,10 @@ installed does not start at all."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import threading
 
@@ -116,3 +119,37 @@ def test_a_node_whose_secrets_cannot_be_read_does_not_start_nor_make_a_namespace
                           "--netns", typo], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and f"no network namespace {typo!r}" in res.stderr, res.stderr
     assert typo not in pnetns.listnetns()
+
+
+def test_a_second_supervisor_of_a_running_node_is_refused_and_the_first_runs_on(tmp_path,
+                                                                                prefix):
+    """Two supervisors of one node would fight for its TUN queues, ports, XDP programs
+    and rings (a restart racing a start still under way did that): the second is refused,
+    naming the first, and changes nothing; once the first is gone (kill -9: nothing of it
+    to clean up) the node starts again."""
+    topo = write_topology(tmp_path, prefix)
+    man = emulation.net_up(topo)
+    state = paths.node_dir(prefix, "A") / "state.json"
+
+    def modules() -> dict[str, int]:
+        with contextlib.suppress(OSError, ValueError):
+            return {m["name"]: m["pid"] for m in json.loads(state.read_text())["modules"]
+                    if m["alive"]}
+        return {}
+    wait_until(lambda: "router" in modules(), 60, "A's modules")
+    before, first = modules(), man.pids["node:A"]
+    cmd = [QKDCTL, "node", "run", "--config", str(topo.path), "--node", "A",
+           "--netns", paths.netns_name(prefix, "A")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert f"it runs already (supervisor pid {first})" in res.stderr, res.stderr
+    assert "started" not in res.stderr
+    assert modules() == before
+    os.kill(first, signal.SIGKILL)  # its modules follow it (they die with their parent)
+    wait_until(lambda: not emulation._pids_in_netns(paths.netns_name(prefix, "A")), 60,
+               "A's modules to exit")
+    again = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    emulation._record(man, "node:A", again.pid)
+    wait_until(lambda: "router" in modules() and modules()["router"] != before["router"], 60,
+               "A started again")

@@ -14,6 +14,8 @@ modules' own status files.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import multiprocessing as mp
 import os
@@ -31,6 +33,7 @@ from dataplane.private import private_dir, set_private_umask
 log = logging.getLogger("qkdnet.node")
 
 STOP_GRACE_S = 3.0
+LOCK_NAME = "supervisor.lock"  # in the node's directory: held while a supervisor runs
 MAX_BACKOFF_S = 5.0
 STABLE_S = 10.0  # a module that ran this long before it exited restarts without delay
 
@@ -264,6 +267,29 @@ def secrets_missing(topo: Topology, node: str) -> tuple[list[str], list[str]]:
     return fatal, out
 
 
+def hold_node_lock(prefix: str, node: str) -> int:
+    """One supervisor per node: a second one would fight the first for the node's TUN
+    queues, ports, XDP programs and rings (seen when a restart raced a start still under
+    way). A POSIX lock on ``supervisor.lock`` in the node's directory, held for the
+    supervisor's life: the kernel releases it however the process ends, and its modules
+    do not inherit it (such locks belong to a process), so it means exactly "a supervisor
+    of this node runs". SystemExit naming the holder's pid if one does."""
+    path = private_dir(paths.node_dir(prefix, node)) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 16, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        raise SystemExit(f"node {node}: it runs already (supervisor pid {holder}); stop "
+                         f"that one first; this one does not start") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def run_node(config: Path, node: str, state_dir: Path | None = None,
              netns: str | None = None) -> None:
     set_private_umask()  # whatever the node and its modules make is theirs alone
@@ -271,6 +297,7 @@ def run_node(config: Path, node: str, state_dir: Path | None = None,
     # address can open (the relay port, the key API), besides its own files (the stores).
     raise_open_files_limit()
     topo = load_topology(config)
+    hold_node_lock(topo.prefix, topo.node(node).name)  # released when this process ends
     fatal, others = secrets_missing(topo, node)
     if fatal:  # no link could work: found by each key manager alone, they would restart
         for p in fatal:  # every few seconds for good beside a half-started node
