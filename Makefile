@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-bpfcc linux-headers-amd64 iperf3 iproute2 iputils-ping tcpdump curl \
-	openssh-server openssh-client
+	openssh-server openssh-client nftables
 STAMP := $(VENV)/.installed
 # Tests run in this many pytest-xdist processes, each taking whole files (their module
 # fixtures set up once): the network tests mostly wait on key rates and timeouts, so two

@@ -16,7 +16,7 @@ from dataplane.bpf import syscall
 from tests.nsutil import QKDCTL
 
 NAMES = ["root privileges", "TUN", "network namespaces", "veth", "BPF syscall",
-         "kernel headers", "bcc", "XDP multi-buffer", "iperf3 and ip"]
+         "kernel headers", "bcc", "XDP multi-buffer", "nftables", "iperf3 and ip"]
 
 
 def scratch_left() -> set[str]:
@@ -37,7 +37,7 @@ def checks():
 @pytest.mark.netns
 def test_every_check_passes_here(checks):
     assert [c.name for c in checks] == NAMES
-    assert [c.required for c in checks] == [True] * 7 + [False] * 2
+    assert [c.required for c in checks] == [True] * 7 + [False, True, False]
     for c in checks:
         assert c.ok, f"{c.name}: {c.detail} (fix: {c.fix})"
         assert c.fix == ""
@@ -92,6 +92,13 @@ def test_cli_without_root_fails_with_fixes():
     assert not got["root privileges"]["ok"]
     assert got["root privileges"]["fix"] == doctor.FIX_ROOT
     assert not got["network namespaces"]["ok"] and got["network namespaces"]["fix"]
+
+
+def test_nft_missing_is_a_required_failure_with_its_fix(monkeypatch):
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: None)
+    c = doctor.check_nft("qkdoc-unused")
+    assert not c.ok and c.required and c.fix == doctor.FIX_NFT
+    assert "nft not on PATH" in c.detail and "apt-get install nftables" in c.fix
 
 
 def test_headers_missing_names_the_script(tmp_path):

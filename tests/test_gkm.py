@@ -325,10 +325,12 @@ def test_unreachable_destination_keeps_blocks_pending_and_recovers(tmp_path, pre
                         == "unreachable" and p, 30, "A to report B unreachable")
         assert st["enc"]["pending"] == 2 * MIB  # one window, and no more
         r1 = st["relay"]["retries"] + st["relay"]["not_connected"]
-        # Still trying: another resend comes within the backoff's cap (8 s), however late.
+        # Still trying: another resend comes within the backoff's cap (RELAY_RETRY_MAX_S,
+        # or twice the first resend's delay where the path is slow), however late.
         st = wait_until(lambda: (p := enc(prefix, "A", "B"))
                         and p["relay"]["retries"] + p["relay"]["not_connected"] > r1 and p,
-                        6 * RELAY_RETRY_MAX_S, "another resend while B is unreachable")
+                        max(120, 6 * RELAY_RETRY_MAX_S), "another resend while B is "
+                                                         "unreachable")
         assert st["enc"]["usable"] == usable                      # nothing became usable
         assert st["enc"]["pending"] == 2 * MIB
         assert client_call(prefix, "B", "digests", "dec", "A").keys() == before_b.keys()

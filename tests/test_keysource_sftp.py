@@ -219,7 +219,8 @@ def _own_port(address: str) -> int:
     holds on every address; with a loopback address of our own, two of our picks do not
     meet."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    assert low > 2048, f"ephemeral ports start at {low}: no room below them"
+    if low <= 2048:
+        pytest.skip(f"ephemeral ports start at {low}: no room below them for our own")
     while True:
         port = 1024 + int.from_bytes(os.urandom(4), "big") % (low - 1024)
         with socket.socket() as s, contextlib.suppress(OSError):

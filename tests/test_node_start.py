@@ -123,13 +123,14 @@ def test_a_node_whose_secrets_cannot_be_read_does_not_start_nor_make_a_namespace
 
 def test_a_second_supervisor_of_a_running_node_is_refused_and_the_first_runs_on(tmp_path,
                                                                                 prefix):
-    """Two supervisors of one node would fight for its TUN queues, ports, XDP programs
-    and rings (a restart racing a start still under way did that): the second is refused,
-    naming the first, and changes nothing; once the first is gone (kill -9: nothing of it
-    to clean up) the node starts again."""
+    """Two instances of one node would fight for its TUN queues, ports, XDP programs and
+    rings (a restart racing a start still under way did that): a second supervisor is
+    refused at once, naming the first, and changes nothing. Once the first is killed, a
+    new one waits for every module of the old one to end, then starts."""
     topo = write_topology(tmp_path, prefix)
     man = emulation.net_up(topo)
     state = paths.node_dir(prefix, "A") / "state.json"
+    log = paths.log_dir(prefix) / "node-A-again.log"
 
     def modules() -> dict[str, int]:
         with contextlib.suppress(OSError, ValueError):
@@ -143,13 +144,23 @@ def test_a_second_supervisor_of_a_running_node_is_refused_and_the_first_runs_on(
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert f"it runs already (supervisor pid {first})" in res.stderr, res.stderr
-    assert "started" not in res.stderr
     assert modules() == before
-    os.kill(first, signal.SIGKILL)  # its modules follow it (they die with their parent)
-    wait_until(lambda: not emulation._pids_in_netns(paths.netns_name(prefix, "A")), 60,
-               "A's modules to exit")
-    again = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    # A module that cannot end yet (stopped) keeps the node taken after its supervisor
+    # is killed: the new supervisor waits, and starts nothing meanwhile.
+    held = before["router"]
+    os.kill(held, signal.SIGSTOP)
+    os.kill(first, signal.SIGKILL)
+    with open(log, "wb") as out:
+        again = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
     emulation._record(man, "node:A", again.pid)
-    wait_until(lambda: "router" in modules() and modules()["router"] != before["router"], 60,
+    try:
+        wait_until(lambda: "waiting for the processes of its previous run" in
+                   log.read_text(), 60, "the new supervisor to wait for the old router")
+        assert f"supervisor pid {first}, gone" in log.read_text()
+        assert "started" not in log.read_text()
+    finally:
+        os.kill(held, signal.SIGCONT)  # its pending SIGTERM (its parent's death) ends it
+    wait_until(lambda: "router" in modules() and modules()["router"] != held, 60,
                "A started again")
+    assert again.poll() is None

@@ -3,8 +3,6 @@ first hops. Pure; graphs are checked against an independent all-pairs shortest p
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -557,21 +555,20 @@ def test_a_share_route_waits_its_hold_and_a_quarantine_after_another_of_its_pair
     assert share_ready(10.0, 0.0, ("a1", 9.9), "a1")
 
 
-@given(st.sets(st.integers(0, 2**32 - 2), min_size=1, max_size=4),
-       st.lists(st.integers(0, 2**32 - 2), max_size=50))
-def test_other_uid_ranges_hold_every_user_but_the_own_ones(own, probes):
-    from control.routing.router import MAX_UID, other_uid_ranges
 
-    ranges = other_uid_ranges(*own)
-    assert all(lo <= hi for lo, hi in ranges)
-    assert all(a[1] + 1 < b[0] for a, b in pairwise(ranges))  # sorted, a user between
-    for uid in [*probes, *own, 0, MAX_UID, *(u + 1 for u in own if u < MAX_UID)]:
-        assert any(lo <= uid <= hi for lo, hi in ranges) == (uid not in own), uid
+def test_the_tunnel_owner_filter_names_every_tun_and_only_the_owners():
+    from control.routing.router import tunnel_owner_filter
 
-
-def test_other_uid_ranges_of_root_and_a_user():
-    from control.routing.router import MAX_UID, other_uid_ranges
-
-    assert other_uid_ranges(0, 0) == [(1, MAX_UID)]
-    assert other_uid_ranges(0, 1000) == [(1, 999), (1001, MAX_UID)]
-    assert other_uid_ranges(0, 1) == [(2, MAX_UID)]
+    script = tunnel_owner_filter(["otp0", "otp3"], {1000, 0})
+    lines = [line.strip() for line in script.splitlines()]
+    # Replaced whole at every start: made (if missing) and deleted before it is written.
+    assert lines[:2] == ["table inet qkdnet {}", "delete table inet qkdnet"]
+    assert lines.count("table inet qkdnet {") == 1
+    assert "type filter hook output priority filter; policy accept;" in lines
+    rule = next(line for line in lines if line.startswith("oifname"))
+    assert rule == ('oifname { "otp0", "otp3" } meta skuid != { 0, 1000 } counter '
+                    'reject with icmpx admin-prohibited')
+    assert 'meta skuid != { 0 }' in tunnel_owner_filter(["otp1"], {0})
+    # A node without links: the table goes, nothing is filtered.
+    assert tunnel_owner_filter([], {0}).splitlines() == ["table inet qkdnet {}",
+                                                         "delete table inet qkdnet"]

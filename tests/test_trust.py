@@ -4,10 +4,13 @@ underlay address, cannot do to a running link (threat model in docs/design.md)."
 from __future__ import annotations
 
 import errno
+import ipaddress
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
+import struct
 import subprocess
 import time
 
@@ -16,6 +19,7 @@ import pytest
 from bench.flood import ahead_datagram
 from control.core import paths
 from dataplane.ring import CONTROL_LANE, KeyRing
+from dataplane.tunnel import tun_name
 from tests.nsutil import InNetns, tunnel_state, wait_until
 from tests.test_tunnel import addr, make_net, ns, send_tcp
 
@@ -143,23 +147,37 @@ def test_node_addresses_are_not_reachable_over_the_underlay(tmp_path, prefix, gu
 
 
 NOBODY = 65534
+IP_UNICAST_IF = 50  # linux/in.h: the output interface of a socket's unicast packets
 
 
-def _as_nobody(checks: list[tuple[str, str, str, int]]) -> dict[str, str]:
+def _as_nobody(checks: list[tuple[str, str, str, int, str]]) -> dict[str, str]:
     """As uid/gid 65534 (no privileges, not the node's user): each (label, proto, address,
-    port) tried once; what it met, "ok" or the error's name."""
+    port, how) tried once, where ``how`` picks the output device the ways an unprivileged
+    socket can ("" = the routes; "bind:DEV" = SO_BINDTODEVICE; "if:DEV" = IP_UNICAST_IF;
+    "mcast:ADDR" = IP_MULTICAST_IF; "bcast" = SO_BROADCAST); what it met, "ok" or the
+    error's name. UDP datagrams are marked as control traffic (DSCP CS6) too."""
     os.setgroups([])
     os.setgid(NOBODY)
     os.setuid(NOBODY)
     met = {}
-    for label, proto, dst, port in checks:
+    for label, proto, dst, port, how in checks:
         s = socket.socket(socket.AF_INET,
                           socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
         s.settimeout(5.0)
         try:
+            kind, _, arg = how.partition(":")
+            if kind == "bind":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, arg.encode())
+            elif kind == "if":
+                s.setsockopt(socket.IPPROTO_IP, IP_UNICAST_IF,
+                             struct.pack("!I", socket.if_nametoindex(arg)))
+            elif kind == "mcast":
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(arg))
+            elif kind == "bcast":
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             if proto == "tcp":
                 s.connect((dst, port))
-            else:  # marked as control traffic too: it must not reach the kept-back key
+            else:
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0xC0)
                 s.sendto(b"spend the link's key", (dst, port))
             met[label] = "ok"
@@ -170,26 +188,43 @@ def _as_nobody(checks: list[tuple[str, str, str, int]]) -> dict[str, str]:
     return met
 
 
+def _refused_by_filter(ns_name: str) -> int:
+    """Packets the node's nftables rule refused in ``ns_name``."""
+    out = subprocess.run(["ip", "netns", "exec", ns_name, "nft", "list", "table", "inet",
+                          "qkdnet"], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"counter packets (\d+)", out).group(1))
+
+
 def test_a_process_of_another_user_in_the_namespace_cannot_send_through_the_tunnels(
         tmp_path, prefix):
-    """Anything routed into a tunnel spends the link's key: another user's process in the
-    node's namespace is refused at the route lookup (a policy rule by uid), so it spends
-    none, while it still reaches the node's own services, and root's traffic and the
-    relaying are untouched."""
+    """Anything sent into a tunnel spends the link's key: another user's process in the
+    node's namespace is refused on the way out (nftables, by the socket's owner), however
+    it picks the device, so it spends none, while it still reaches the node's own
+    services; root's traffic and the relaying are untouched."""
     topo, _ = make_net(tmp_path, prefix)  # A - B - C: C only via B
     na = ns(prefix, "A")
     port = topo.metrics.port  # every node's metrics endpoint listens on its node address
     a_node, b_node, c_node = addr(topo, "A"), addr(topo, "B"), addr(topo, "C")
-    b_tun = str(topo.dataplane.tunnel_addresses(topo.link("A-B").index)[1])
-    met = InNetns(na, _as_nobody, [
-        ("own node, tcp", "tcp", a_node, port),
-        ("peer node, tcp", "tcp", b_node, port),
-        ("peer node, udp", "udp", b_node, 9),
-        ("peer tunnel address, udp", "udp", b_tun, 9),
-        ("node via a relay, tcp", "tcp", c_node, port)]).result(60)
-    assert met == {"own node, tcp": "ok", "peer node, tcp": "EACCES",
-                   "peer node, udp": "EACCES", "peer tunnel address, udp": "EACCES",
-                   "node via a relay, tcp": "EACCES"}, met
+    link = topo.link("A-B")
+    a_tun, b_tun = (str(a) for a in topo.dataplane.tunnel_addresses(link.index))
+    dev = tun_name(link)
+    tries = [("own node, tcp", "tcp", a_node, port, ""),
+             ("peer node, tcp", "tcp", b_node, port, ""),
+             ("node via a relay, tcp", "tcp", c_node, port, ""),
+             ("peer node, udp", "udp", b_node, 9, ""),
+             ("peer tunnel address, udp", "udp", b_tun, 9, ""),
+             ("device bound, udp", "udp", "192.0.2.1", 9, f"bind:{dev}"),
+             ("unicast interface, udp", "udp", "192.0.2.1", 9, f"if:{dev}"),
+             ("tunnel broadcast, udp", "udp",
+              str(ipaddress.IPv4Network(f"{a_tun}/30", strict=False).broadcast_address), 9,
+              "bcast"),
+             ("multicast, udp", "udp", "239.1.2.3", 9, f"mcast:{a_tun}")]
+    before = _refused_by_filter(na)
+    met = InNetns(na, _as_nobody, tries).result(120)
+    assert met == {label: "ok" if label.startswith("own") else
+                   "EHOSTUNREACH" if proto == "tcp" else "EPERM"
+                   for label, proto, *_ in tries}, met
+    assert _refused_by_filter(na) >= before + len(tries) - 1  # the filter, not a route
     # Root, in the same namespace: through the tunnel, and on via B to C.
     assert InNetns(na, _connects, a_node, b_node, port).result(30) is True
     assert InNetns(na, _connects, a_node, c_node, port).result(30) is True

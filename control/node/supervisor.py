@@ -14,7 +14,6 @@ modules' own status files.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import multiprocessing as mp
@@ -27,6 +26,7 @@ from pathlib import Path
 from control.core import paths
 from control.core.config import Topology, load_topology
 from control.core.lifecycle import die_with_parent, raise_open_files_limit
+from control.core.procs import is_alive, process_identity
 from control.core.statefile import write_json
 from dataplane.private import private_dir, set_private_umask
 
@@ -267,26 +267,43 @@ def secrets_missing(topo: Topology, node: str) -> tuple[list[str], list[str]]:
     return fatal, out
 
 
-def hold_node_lock(prefix: str, node: str) -> int:
-    """One supervisor per node: a second one would fight the first for the node's TUN
-    queues, ports, XDP programs and rings (seen when a restart raced a start still under
-    way). A POSIX lock on ``supervisor.lock`` in the node's directory, held for the
-    supervisor's life: the kernel releases it however the process ends, and its modules
-    do not inherit it (such locks belong to a process), so it means exactly "a supervisor
-    of this node runs". SystemExit naming the holder's pid if one does."""
+def hold_node_lock(prefix: str, node: str, wait_s: float) -> int:
+    """One node instance at a time: a second supervisor, or one started while the modules
+    of a killed one still run, would fight them for the node's TUN queues, ports, XDP
+    programs and rings (seen when a restart raced a start still under way). An ``flock``
+    on ``supervisor.lock`` in the node's directory, taken before anything else: the
+    modules, forked, share it, so it is free only when every process of the previous
+    instance has ended, however they ended. While its supervisor runs, a second one is
+    refused at once, naming it; once that supervisor is gone (kill -9), its modules are
+    waited for, up to ``wait_s`` (they stop on its death), before giving up. Returns the
+    descriptor, to be kept open for the supervisor's life."""
     path = private_dir(paths.node_dir(prefix, node)) / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        holder = os.pread(fd, 16, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        if e.errno not in (errno.EACCES, errno.EAGAIN):
-            raise
-        raise SystemExit(f"node {node}: it runs already (supervisor pid {holder}); stop "
-                         f"that one first; this one does not start") from None
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pid, _, ident = os.pread(fd, 64, 0).decode(errors="replace").partition(" ")
+            holder = f"supervisor pid {pid.strip() or 'unknown'}"
+            if ident.strip().isdigit() and is_alive(int(ident)):
+                os.close(fd)
+                raise SystemExit(f"node {node}: it runs already ({holder}); stop that one "
+                                 f"first; this one does not start") from None
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise SystemExit(f"node {node}: processes of its previous run ({holder}, "
+                                 f"gone) still hold it after {wait_s:.0f} s; kill them "
+                                 f"(ip netns pids <namespace>); this one does not "
+                                 f"start") from None
+            if not said:
+                log.warning("node %s: waiting for the processes of its previous run "
+                            "(%s, gone) to end", node, holder)
+                said = True
+            time.sleep(0.1)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()} {process_identity(os.getpid())}\n".encode(), 0)
     return fd
 
 
@@ -297,7 +314,7 @@ def run_node(config: Path, node: str, state_dir: Path | None = None,
     # address can open (the relay port, the key API), besides its own files (the stores).
     raise_open_files_limit()
     topo = load_topology(config)
-    hold_node_lock(topo.prefix, topo.node(node).name)  # released when this process ends
+    lock = hold_node_lock(topo.prefix, topo.node(node).name, stop_budget(topo) + 10)
     fatal, others = secrets_missing(topo, node)
     if fatal:  # no link could work: found by each key manager alone, they would restart
         for p in fatal:  # every few seconds for good beside a half-started node
@@ -324,3 +341,4 @@ def run_node(config: Path, node: str, state_dir: Path | None = None,
     log.info("node %s: node_net %s unreachable, forwarding off on the underlay, then "
              "address %s: starting the modules", node, topo.node_net, topo.node(node).address)
     Supervisor(topo, node, state_dir).run()
+    os.close(lock)  # held till here (and by every module, forked, until it ended)

@@ -5,14 +5,14 @@ Before anything of the node runs (the supervisor calls :func:`prepare_namespace`
 router again at each start) the namespace gets, in this order: an ``unreachable`` route
 for ``node_net`` (so no packet to a node address ever leaves in clear along another
 route), forwarding off on the underlay, policy rules (node addresses never from an
-underlay; the tunnels for no user but the node's and root), the node's address (a /32 on
-the namespace's own loopback), and IP forwarding on, so the node relays: a packet arriving
-from one tunnel leaves through the next, decrypted with one link's key and encrypted with
-the next one's (the paper's key routing). Every ROUTE_INTERVAL_S it reads its tunnel
-managers' link views (up or down, and under ``[routing] metric = "key"`` the key each ENC
-ring holds, which sets the cost its end advertises: routing.linkcost) and the link-state
-entries they heard, merges them, installs the least-cost routes with pyroute2 (only the
-changes) and writes ``lsdb.json`` for the keepalives to carry on.
+underlay), an nftables table (the tunnels for no user but the node's and root), the node's
+address (a /32 on the namespace's own loopback), and IP forwarding on, so the node relays:
+a packet arriving from one tunnel leaves through the next, decrypted with one link's key
+and encrypted with the next one's (the paper's key routing). Every ROUTE_INTERVAL_S it
+reads its tunnel managers' link views (up or down, and under ``[routing] metric = "key"``
+the key each ENC ring holds, which sets the cost its end advertises: routing.linkcost) and
+the link-state entries they heard, merges them, installs the least-cost routes with
+pyroute2 (only the changes) and writes ``lsdb.json`` for the keepalives to carry on.
 
 Multipath relay (``[gkm] paths`` = k > 1): every router computes, from the same database,
 the same k node-disjoint paths of every ordered pair (routing.multipath), and routes
@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from control.routing.linkcost import EndCost
 from control.routing.linkstate import LinkEnds, LinkStateDb, shortest_paths
 from control.routing.multipath import disjoint_paths, next_link, path_nodes
 from dataplane.limits import LINK_DEAD_MAX_S, LSA_MAX_AGE_S
+from dataplane.tunnel import tun_name
 
 log = logging.getLogger("qkdnet.router")
 ROUTE_INTERVAL_S = 0.2
@@ -82,45 +84,51 @@ def _unreachable_installed(ip: IPRoute, net: ipaddress.IPv4Network) -> bool:
 
 
 UNDERLAY_RULE_PREF = 10  # "from an underlay to a node address: drop", before ...
-LOCAL_RULE_PREF = 100  # ... the lookup of local addresses, moved here from 0, before ...
-OTHER_USERS_RULE_PREF = 150  # ... "another user's socket into the tunnels: prohibit"
+LOCAL_RULE_PREF = 100  # ... the lookup of local addresses, moved here from 0
 RT_TABLE_LOCAL = 255
 FR_ACT_BLACKHOLE = 6
-FR_ACT_PROHIBIT = 8
-MAX_UID = 2**32 - 2  # (uid_t)-1 names no user
 
 
-def other_uid_ranges(*own: int) -> list[tuple[int, int]]:
-    """The uid ranges (inclusive) that hold every user but ``own``."""
-    ranges, start = [], 0
-    for uid in sorted(set(own)):
-        if uid > start:
-            ranges.append((start, uid - 1))
-        start = uid + 1
-    if start <= MAX_UID:
-        ranges.append((start, MAX_UID))
-    return ranges
+NFT_TABLE = "qkdnet"  # the node's own nftables table in its namespace
 
 
-def _close_tunnels_to_other_users(ip: IPRoute, nets: list[ipaddress.IPv4Network]) -> None:
-    """Packets from a socket of any user but the node's own and root, to a node or tunnel
-    address that is not this node's, are refused at the route lookup (EACCES): another
-    user's process in the namespace cannot spend the link's key on its own traffic, nor
-    mark it as control traffic to reach the key kept back for keepalives and the relay.
-    After the local table, so such a process still reaches this node's own services (the
-    key API, the metrics). Forwarded packets are looked up as root's, so relaying is
-    unaffected. Root is always let through: the tunnels' own managers run as root."""
-    have = {(r.get_attr("FRA_PRIORITY") or 0, r.get_attr("FRA_UID_RANGE"),
-             r.get_attr("FRA_DST"), r["dst_len"], r["action"])
-            for r in ip.get_rules(family=socket.AF_INET)}
-    for lo, hi in other_uid_ranges(0, os.geteuid()):
-        for net in nets:
-            key = (OTHER_USERS_RULE_PREF, f"{lo}:{hi}", str(net.network_address),
-                   net.prefixlen, FR_ACT_PROHIBIT)
-            if key not in have:
-                ip.rule("add", priority=OTHER_USERS_RULE_PREF, uid_range=f"{lo}:{hi}",
-                        dst=str(net.network_address), dst_len=net.prefixlen,
-                        action=FR_ACT_PROHIBIT)
+def tunnel_owner_filter(tuns: list[str], uids: set[int]) -> str:
+    """The nftables script (for ``nft -f -``) that lets only sockets of ``uids`` send out
+    of the node's TUNs ``tuns``; it replaces the table whole, so it may run at every start.
+    On the output hook, after routing, whatever chose the device (the routes, a device
+    bound to the socket, a broadcast or multicast interface); forwarded packets (the
+    relaying) and the kernel's own replies (no socket of a user) never meet it."""
+    if not tuns:
+        return f"table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
+    names = ", ".join(f'"{t}"' for t in tuns)
+    owners = ", ".join(str(u) for u in sorted(uids))
+    return (f"table inet {NFT_TABLE} {{}}\n"
+            f"delete table inet {NFT_TABLE}\n"
+            f"table inet {NFT_TABLE} {{\n"
+            f"  chain tunnels_out {{\n"
+            f"    type filter hook output priority filter; policy accept;\n"
+            f"    oifname {{ {names} }} meta skuid != {{ {owners} }} counter "
+            f"reject with icmpx admin-prohibited\n"
+            f"  }}\n"
+            f"}}\n")
+
+
+def _close_tunnels_to_other_users(tuns: list[str]) -> None:
+    """Anything sent into a tunnel spends the link's key: only the node's user and root
+    (the tunnels' own managers run as root) may. Another user's process in the namespace
+    still reaches this node's own services; its packets into a tunnel are refused, so it
+    cannot spend key nor mark traffic as control to reach the key kept back for the
+    keepalives and the relay. SetupError if nftables cannot do it."""
+    script = tunnel_owner_filter(tuns, {0, os.geteuid()})
+    try:
+        res = subprocess.run(["nft", "-f", "-"], input=script, text=True,
+                             capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SetupError(f"cannot close the tunnels to other users: nft: {e}; install "
+                         f"nftables (make setup, or apt-get install nftables)") from None
+    if res.returncode != 0:
+        raise SetupError(f"cannot close the tunnels to other users: nft: "
+                         f"{res.stderr.strip() or res.returncode}")
 
 
 def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
@@ -147,7 +155,8 @@ def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
 
 
 def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str,
-                      share_addresses: tuple[str, ...] = (), tunnel_net: str = "") -> None:
+                      share_addresses: tuple[str, ...] = (), tuns: tuple[str, ...] = ()
+                      ) -> None:
     """Make the node's namespace safe, then give it its address. In this order, because a
     service binds the node address as soon as it exists: first ``node_net`` unreachable,
     so a node address with no tunnel route fails fast instead of leaking in clear along
@@ -174,12 +183,7 @@ def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str
         except NetlinkError as e:
             raise SetupError(f"cannot close the underlay to node addresses (policy rules): "
                              f"{e.args[1] if len(e.args) > 1 else e}") from None
-        try:
-            _close_tunnels_to_other_users(
-                ip, [net] + ([ipaddress.IPv4Network(tunnel_net)] if tunnel_net else []))
-        except NetlinkError as e:
-            raise SetupError(f"cannot close the tunnels to other users (policy rules): "
-                             f"{e.args[1] if len(e.args) > 1 else e}") from None
+        _close_tunnels_to_other_users(list(tuns))
         idx = ip.link_lookup(ifname=NODE_IFNAME)[0]
         have = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(index=idx)}
         try:
@@ -204,7 +208,7 @@ def prepare_node(topo: Topology, node: str) -> None:
     prepare_namespace(str(topo.node(node).address),
                       [str(lk.underlay_of(node).ip) for lk in topo.links_of(node)],
                       str(topo.node_net), tuple(str(a) for a in topo.gkm.addresses_at(node)),
-                      str(topo.dataplane.tunnel_net))
+                      tuple(tun_name(lk) for lk in topo.links_of(node)))
 
 
 def share_ready(now: float, wanted_since: float, left: tuple[str, float] | None,

@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import struct
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,6 +50,8 @@ FIX_XDP = ("nodes run without the XDP guard (and say so); the detail names the k
            "refusal")
 FIX_NO_NS = "fix network namespaces first"
 FIX_TOOLS = "apt-get install iperf3 iproute2"
+FIX_NFT = ("apt-get install nftables (make setup does it); kernel with CONFIG_NF_TABLES; "
+           "nodes do not start without it")
 
 _fork = mp.get_context("fork")
 
@@ -310,6 +313,27 @@ def check_xdp(ns: str | None, mtu: int = 65535) -> Check:
     return c
 
 
+def check_nft(ns: str | None) -> Check:
+    """A node closes its tunnels to other users with an nftables table in its namespace
+    (control.routing.router) and does not start without it."""
+    name = "nftables"
+    nft = shutil.which("nft")
+    if nft is None:
+        return _fail(name, "nft not on PATH", FIX_NFT)
+    if ns is None:
+        return _fail(name, "not tried: no scratch namespace", FIX_NO_NS)
+    res = subprocess.run(["ip", "netns", "exec", ns, nft, "-f", "-"], capture_output=True,
+                         text=True, timeout=30,
+                         input="table inet qkdoc {\n chain out {\n  type filter hook "
+                               "output priority filter;\n  meta skuid != 0 counter\n }\n}\n"
+                               "delete table inet qkdoc\n")
+    if res.returncode != 0:
+        return _fail(name, f"a table with an output chain refused: {res.stderr.strip()}",
+                     FIX_NFT)
+    return Check(name, True, f"{nft}: a table with an output chain made and removed in a "
+                             f"scratch namespace")
+
+
 def check_tools(tools: tuple[str, ...] = ("iperf3", "ip")) -> Check:
     name = "iperf3 and ip"
     missing = [t for t in tools if shutil.which(t) is None]
@@ -328,7 +352,7 @@ def run_checks(prefix: str | None = None) -> list[Check]:
         except Exception:
             ns = None  # check_netns already says why
         return [root, check_tun(ns), netns_check, check_veth(ns), check_bpf(),
-                check_headers(), check_bcc(), check_xdp(ns), check_tools()]
+                check_headers(), check_bcc(), check_xdp(ns), check_nft(ns), check_tools()]
 
 
 # ---- output -------------------------------------------------------------------------------
