@@ -565,9 +565,11 @@ def test_the_tunnel_owner_filter_names_every_tun_and_only_the_owners():
     assert lines[:2] == ["table inet qkdnet {}", "delete table inet qkdnet"]
     assert lines.count("table inet qkdnet {") == 1
     assert "type filter hook output priority filter; policy accept;" in lines
-    rule = next(line for line in lines if line.startswith("oifname"))
-    assert rule == ('oifname { "otp0", "otp3" } meta skuid != { 0, 1000 } counter '
-                    'reject with icmpx admin-prohibited')
+    rules = [line for line in lines if line.startswith("oifname")]
+    assert rules == ['oifname { "otp0", "otp3" } ip daddr 224.0.0.0/4 counter drop',
+                     'oifname { "otp0", "otp3" } meta skuid != { 0, 1000 } counter '
+                     'reject with icmpx admin-prohibited']
+    assert "table inet qkdoc {" in tunnel_owner_filter(["otp0"], {0}, table="qkdoc")
     assert 'meta skuid != { 0 }' in tunnel_owner_filter(["otp1"], {0})
     # A node without links: the table goes, nothing is filtered.
     assert tunnel_owner_filter([], {0}).splitlines() == ["table inet qkdnet {}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import multiprocessing as mp
 import os
 import re
@@ -20,7 +21,7 @@ from bench.flood import ahead_datagram
 from control.core import paths
 from dataplane.ring import CONTROL_LANE, KeyRing
 from dataplane.tunnel import tun_name
-from tests.nsutil import InNetns, tunnel_state, wait_until
+from tests.nsutil import InNetns, router_state, tunnel_state, wait_until
 from tests.test_tunnel import addr, make_net, ns, send_tcp
 
 pytestmark = pytest.mark.netns
@@ -175,6 +176,12 @@ def _as_nobody(checks: list[tuple[str, str, str, int, str]]) -> dict[str, str]:
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(arg))
             elif kind == "bcast":
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            elif kind == "join":  # the kernel reports the membership (IGMP) for us
+                group = socket.inet_aton(dst) + socket.inet_aton(arg)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, group)
+                met[label] = "ok"
+                continue
             if proto == "tcp":
                 s.connect((dst, port))
             else:
@@ -188,11 +195,18 @@ def _as_nobody(checks: list[tuple[str, str, str, int, str]]) -> dict[str, str]:
     return met
 
 
-def _refused_by_filter(ns_name: str) -> int:
-    """Packets the node's nftables rule refused in ``ns_name``."""
+def _filter_counts(ns_name: str) -> list[int]:
+    """Packets each rule of the node's nftables table refused in ``ns_name`` (multicast,
+    then other users'); [] while the table is not there."""
     out = subprocess.run(["ip", "netns", "exec", ns_name, "nft", "list", "table", "inet",
-                          "qkdnet"], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"counter packets (\d+)", out).group(1))
+                          "qkdnet"], capture_output=True, text=True).stdout
+    return [int(n) for n in re.findall(r"counter packets (\d+)", out)]
+
+
+def _tun_tx_packets(ns_name: str, dev: str) -> int:
+    out = subprocess.run(["ip", "-n", ns_name, "-s", "-j", "link", "show", "dev", dev],
+                         capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
 
 
 def test_a_process_of_another_user_in_the_namespace_cannot_send_through_the_tunnels(
@@ -218,13 +232,27 @@ def test_a_process_of_another_user_in_the_namespace_cannot_send_through_the_tunn
              ("tunnel broadcast, udp", "udp",
               str(ipaddress.IPv4Network(f"{a_tun}/30", strict=False).broadcast_address), 9,
               "bcast"),
-             ("multicast, udp", "udp", "239.1.2.3", 9, f"mcast:{a_tun}")]
-    before = _refused_by_filter(na)
+             ("multicast, udp", "udp", "239.1.2.3", 9, f"mcast:{a_tun}"),
+             ("multicast group joined", "udp", "239.1.2.4", 0, f"join:{a_tun}")]
+    mcast, owner = _filter_counts(na)
+    tx = _tun_tx_packets(na, dev)
     met = InNetns(na, _as_nobody, tries).result(120)
-    assert met == {label: "ok" if label.startswith("own") else
+    assert met == {label: "ok" if label.startswith(("own", "multicast group")) else
                    "EHOSTUNREACH" if proto == "tcp" else "EPERM"
                    for label, proto, *_ in tries}, met
-    assert _refused_by_filter(na) >= before + len(tries) - 1  # the filter, not a route
+    # Refused by the filter (not a route): the kernel's membership reports too, which
+    # carry no user's socket.
+    wait_until(lambda: _filter_counts(na)[0] > mcast, 30, "the IGMP reports dropped")
+    assert _filter_counts(na)[1] >= owner + len(tries) - 3
+    assert _tun_tx_packets(na, dev) == tx, "something of another user's left the tunnel"
     # Root, in the same namespace: through the tunnel, and on via B to C.
     assert InNetns(na, _connects, a_node, b_node, port).result(30) is True
     assert InNetns(na, _connects, a_node, c_node, port).result(30) is True
+    # A host firewall's reload flushes every table: the router puts the filter back.
+    subprocess.run(["ip", "netns", "exec", na, "nft", "flush", "ruleset"], check=True)
+    assert _filter_counts(na) == []
+    wait_until(lambda: len(_filter_counts(na)) == 2, 60, "the filter put back")
+    wait_until(lambda: router_state(prefix, "A").get("filter_restored") == 1, 30,
+               "the router to count it")
+    assert "owner filter (nftables table inet qkdnet) was gone; put back" in \
+        (paths.log_dir(prefix) / "node-A.log").read_text()

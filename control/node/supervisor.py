@@ -26,7 +26,6 @@ from pathlib import Path
 from control.core import paths
 from control.core.config import Topology, load_topology
 from control.core.lifecycle import die_with_parent, raise_open_files_limit
-from control.core.procs import is_alive, process_identity
 from control.core.statefile import write_json
 from dataplane.private import private_dir, set_private_umask
 
@@ -270,40 +269,42 @@ def secrets_missing(topo: Topology, node: str) -> tuple[list[str], list[str]]:
 def hold_node_lock(prefix: str, node: str, wait_s: float) -> int:
     """One node instance at a time: a second supervisor, or one started while the modules
     of a killed one still run, would fight them for the node's TUN queues, ports, XDP
-    programs and rings (seen when a restart raced a start still under way). An ``flock``
-    on ``supervisor.lock`` in the node's directory, taken before anything else: the
-    modules, forked, share it, so it is free only when every process of the previous
-    instance has ended, however they ended. While its supervisor runs, a second one is
-    refused at once, naming it; once that supervisor is gone (kill -9), its modules are
-    waited for, up to ``wait_s`` (they stop on its death), before giving up. Returns the
-    descriptor, to be kept open for the supervisor's life."""
+    programs and rings (seen when a restart raced a start still under way). Two locks on
+    ``supervisor.lock`` in the node's directory, taken before anything else: a POSIX lock
+    (``lockf``), which belongs to the supervisor alone, and an ``flock``, which its
+    modules share since they are forked with the descriptor. So the first held means a
+    supervisor runs: refused at once, naming its pid; the second held alone means the
+    modules of a supervisor that is gone (kill -9) still run: they stop on its death, and
+    are waited for up to ``wait_s``. Returns the descriptor, to be kept open (closing any
+    descriptor of the file would drop the POSIX lock)."""
     path = private_dir(paths.node_dir(prefix, node)) / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.pread(fd, 16, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(f"node {node}: it runs already (supervisor pid {pid}); stop that "
+                         f"one first; this one does not start") from None
     deadline, said = time.monotonic() + wait_s, False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
-            pid, _, ident = os.pread(fd, 64, 0).decode(errors="replace").partition(" ")
-            holder = f"supervisor pid {pid.strip() or 'unknown'}"
-            if ident.strip().isdigit() and is_alive(int(ident)):
-                os.close(fd)
-                raise SystemExit(f"node {node}: it runs already ({holder}); stop that one "
-                                 f"first; this one does not start") from None
             if time.monotonic() > deadline:
                 os.close(fd)
-                raise SystemExit(f"node {node}: processes of its previous run ({holder}, "
-                                 f"gone) still hold it after {wait_s:.0f} s; kill them "
-                                 f"(ip netns pids <namespace>); this one does not "
+                raise SystemExit(f"node {node}: processes of its previous run (its "
+                                 f"supervisor gone) still run after {wait_s:.0f} s; kill "
+                                 f"them (ip netns pids <namespace>); this one does not "
                                  f"start") from None
             if not said:
-                log.warning("node %s: waiting for the processes of its previous run "
-                            "(%s, gone) to end", node, holder)
+                log.warning("node %s: waiting for the processes of its previous run (its "
+                            "supervisor gone) to end", node)
                 said = True
             time.sleep(0.1)
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {process_identity(os.getpid())}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -314,7 +315,7 @@ def run_node(config: Path, node: str, state_dir: Path | None = None,
     # address can open (the relay port, the key API), besides its own files (the stores).
     raise_open_files_limit()
     topo = load_topology(config)
-    lock = hold_node_lock(topo.prefix, topo.node(node).name, stop_budget(topo) + 10)
+    lock = hold_node_lock(topo.prefix, topo.node(node).name, stop_budget(topo) + 60)
     fatal, others = secrets_missing(topo, node)
     if fatal:  # no link could work: found by each key manager alone, they would restart
         for p in fatal:  # every few seconds for good beside a half-started node

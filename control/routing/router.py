@@ -56,6 +56,7 @@ from dataplane.tunnel import tun_name
 
 log = logging.getLogger("qkdnet.router")
 ROUTE_INTERVAL_S = 0.2
+FILTER_CHECK_S = 5.0  # how often the tunnels' owner filter is checked to be there
 NODE_IFNAME = "lo"  # the namespace's own loopback
 STALE_STATUS_S = 2.0  # a link end's status older than this counts only if its manager
 STALE_STATUS_MAX_S = LINK_DEAD_MAX_S + 2.0  # still runs (held up, not dead); never older
@@ -92,25 +93,33 @@ FR_ACT_BLACKHOLE = 6
 NFT_TABLE = "qkdnet"  # the node's own nftables table in its namespace
 
 
-def tunnel_owner_filter(tuns: list[str], uids: set[int]) -> str:
+def tunnel_owner_filter(tuns: list[str], uids: set[int], table: str = NFT_TABLE) -> str:
     """The nftables script (for ``nft -f -``) that lets only sockets of ``uids`` send out
     of the node's TUNs ``tuns``; it replaces the table whole, so it may run at every start.
     On the output hook, after routing, whatever chose the device (the routes, a device
     bound to the socket, a broadcast or multicast interface); forwarded packets (the
-    relaying) and the kernel's own replies (no socket of a user) never meet it."""
+    relaying) never meet it. The kernel's own packets carry no user's socket: its replies
+    only answer what a peer sent, but the IGMP reports it sends for any user's multicast
+    group are dropped whole (nothing of the node sends multicast through a tunnel)."""
     if not tuns:
-        return f"table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
+        return f"table inet {table} {{}}\ndelete table inet {table}\n"
     names = ", ".join(f'"{t}"' for t in tuns)
     owners = ", ".join(str(u) for u in sorted(uids))
-    return (f"table inet {NFT_TABLE} {{}}\n"
-            f"delete table inet {NFT_TABLE}\n"
-            f"table inet {NFT_TABLE} {{\n"
+    return (f"table inet {table} {{}}\n"
+            f"delete table inet {table}\n"
+            f"table inet {table} {{\n"
             f"  chain tunnels_out {{\n"
             f"    type filter hook output priority filter; policy accept;\n"
+            f"    oifname {{ {names} }} ip daddr 224.0.0.0/4 counter drop\n"
             f"    oifname {{ {names} }} meta skuid != {{ {owners} }} counter "
             f"reject with icmpx admin-prohibited\n"
             f"  }}\n"
             f"}}\n")
+
+
+def _nft(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True,
+                          timeout=30)
 
 
 def _close_tunnels_to_other_users(tuns: list[str]) -> None:
@@ -119,16 +128,25 @@ def _close_tunnels_to_other_users(tuns: list[str]) -> None:
     still reaches this node's own services; its packets into a tunnel are refused, so it
     cannot spend key nor mark traffic as control to reach the key kept back for the
     keepalives and the relay. SetupError if nftables cannot do it."""
-    script = tunnel_owner_filter(tuns, {0, os.geteuid()})
     try:
-        res = subprocess.run(["nft", "-f", "-"], input=script, text=True,
-                             capture_output=True, timeout=30)
+        res = _nft(tunnel_owner_filter(tuns, {0, os.geteuid()}))
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SetupError(f"cannot close the tunnels to other users: nft: {e}; install "
                          f"nftables (make setup, or apt-get install nftables)") from None
     if res.returncode != 0:
         raise SetupError(f"cannot close the tunnels to other users: nft: "
                          f"{res.stderr.strip() or res.returncode}")
+
+
+def tunnel_filter_present() -> bool:
+    """Whether the node's table still holds its owner rule (a ``flush ruleset`` by a host
+    firewall's reload removes it without a word)."""
+    try:
+        res = subprocess.run(["nft", "list", "table", "inet", NFT_TABLE],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0 and "meta skuid" in res.stdout
 
 
 def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
@@ -155,15 +173,15 @@ def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
 
 
 def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str,
-                      share_addresses: tuple[str, ...] = (), tuns: tuple[str, ...] = ()
-                      ) -> None:
+                      share_addresses: tuple[str, ...], tuns: tuple[str, ...]) -> None:
     """Make the node's namespace safe, then give it its address. In this order, because a
     service binds the node address as soon as it exists: first ``node_net`` unreachable,
     so a node address with no tunnel route fails fast instead of leaking in clear along
     some less specific route; then forwarding off on the underlay (IPv4 decides by the
-    input device's flag), so nothing arriving there is routed into a tunnel; only then
-    the address (and the node's share addresses, for multipath relay), and forwarding
-    on. SetupError if the route cannot be installed."""
+    input device's flag), so nothing arriving there is routed into a tunnel; the policy
+    rules and the tunnels' owner filter (``tuns``: the node's TUN names); only then the
+    address (and the node's share addresses, for multipath relay), and forwarding on.
+    SetupError if the route, the rules or the filter cannot be installed."""
     net = ipaddress.IPv4Network(node_net)
     with IPRoute() as ip:
         try:
@@ -253,6 +271,9 @@ class Router:
         self.multipath: dict[str, dict] = {}  # "origin>destination" -> its paths
         self.stop = False
         self.changes = 0
+        self.tuns = [tun_name(lk) for lk in topo.links_of(node)]
+        self.filter_checked = time.monotonic()
+        self.filter_restored = 0  # times the tunnels' owner filter was found gone
 
     def local_states(self) -> dict[str, bool]:
         """Each own link's state by its tunnel manager. A status that stopped being
@@ -279,8 +300,26 @@ class Router:
                 states[name] = False
         return states
 
+    def watch_filter(self, now: float) -> None:
+        """Put the tunnels' owner filter back if something removed it (a host firewall's
+        reload flushes every table): every FILTER_CHECK_S, said in the log and counted."""
+        if now - self.filter_checked < FILTER_CHECK_S:
+            return
+        self.filter_checked = now
+        if tunnel_filter_present():
+            return
+        try:
+            _close_tunnels_to_other_users(self.tuns)
+        except SetupError as e:
+            log.error("node %s: the tunnels' owner filter is gone and %s", self.node, e)
+            return
+        self.filter_restored += 1
+        log.warning("node %s: the tunnels' owner filter (nftables table inet %s) was gone; "
+                    "put back", self.node, NFT_TABLE)
+
     def step(self, ip: IPRoute) -> None:
         now = time.monotonic()
+        self.watch_filter(now)
         local = self.local_states()
         for name in self.mine:
             lsa = self.dir / f"lsa-{name}.json"
@@ -298,6 +337,7 @@ class Router:
         write_json(self.dir / "router.json", {
             "node": self.node, "address": self.addr, "updated": time.time(),
             "metric": self.metric, "links_up": sorted(up), "changes": self.changes,
+            "filter_restored": self.filter_restored,
             "costs": {name: costs[name] for name in sorted(costs)},
             "own_costs": dict(sorted(self.own_costs.items())),
             "routes": {dst: {"address": str(self.topo.node(dst).address), "via": link,

@@ -322,16 +322,16 @@ def check_nft(ns: str | None) -> Check:
         return _fail(name, "nft not on PATH", FIX_NFT)
     if ns is None:
         return _fail(name, "not tried: no scratch namespace", FIX_NO_NS)
+    from control.routing.router import tunnel_owner_filter
+
+    script = tunnel_owner_filter(["qkdoc0"], {0, 65534}, table="qkdoc")  # a node's, whole
     res = subprocess.run(["ip", "netns", "exec", ns, nft, "-f", "-"], capture_output=True,
                          text=True, timeout=30,
-                         input="table inet qkdoc {\n chain out {\n  type filter hook "
-                               "output priority filter;\n  meta skuid != 0 counter\n }\n}\n"
-                               "delete table inet qkdoc\n")
+                         input=f"{script}delete table inet qkdoc\n")
     if res.returncode != 0:
-        return _fail(name, f"a table with an output chain refused: {res.stderr.strip()}",
-                     FIX_NFT)
-    return Check(name, True, f"{nft}: a table with an output chain made and removed in a "
-                             f"scratch namespace")
+        return _fail(name, f"a node's filter refused: {res.stderr.strip()}", FIX_NFT)
+    return Check(name, True, f"{nft}: a node's filter made and removed in a scratch "
+                             f"namespace")
 
 
 def check_tools(tools: tuple[str, ...] = ("iperf3", "ip")) -> Check:
