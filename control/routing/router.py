@@ -88,8 +88,6 @@ UNDERLAY_RULE_PREF = 10  # "from an underlay to a node address: drop", before ..
 LOCAL_RULE_PREF = 100  # ... the lookup of local addresses, moved here from 0
 RT_TABLE_LOCAL = 255
 FR_ACT_BLACKHOLE = 6
-
-
 NFT_TABLE = "qkdnet"  # the node's own nftables table in its namespace
 
 
@@ -117,11 +115,6 @@ def tunnel_owner_filter(tuns: list[str], uids: set[int], table: str = NFT_TABLE)
             f"}}\n")
 
 
-def _nft(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["nft", "-f", "-"], input=script, text=True, capture_output=True,
-                          timeout=30)
-
-
 def _close_tunnels_to_other_users(tuns: list[str]) -> None:
     """Anything sent into a tunnel spends the link's key: only the node's user and root
     (the tunnels' own managers run as root) may. Another user's process in the namespace
@@ -129,7 +122,8 @@ def _close_tunnels_to_other_users(tuns: list[str]) -> None:
     cannot spend key nor mark traffic as control to reach the key kept back for the
     keepalives and the relay. SetupError if nftables cannot do it."""
     try:
-        res = _nft(tunnel_owner_filter(tuns, {0, os.geteuid()}))
+        res = subprocess.run(["nft", "-f", "-"], input=tunnel_owner_filter(
+            tuns, {0, os.geteuid()}), text=True, capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SetupError(f"cannot close the tunnels to other users: nft: {e}; install "
                          f"nftables (make setup, or apt-get install nftables)") from None
@@ -303,7 +297,7 @@ class Router:
     def watch_filter(self, now: float) -> None:
         """Put the tunnels' owner filter back if something removed it (a host firewall's
         reload flushes every table): every FILTER_CHECK_S, said in the log and counted."""
-        if now - self.filter_checked < FILTER_CHECK_S:
+        if not self.tuns or now - self.filter_checked < FILTER_CHECK_S:
             return
         self.filter_checked = now
         if tunnel_filter_present():
