@@ -21,6 +21,9 @@ from control.core import paths
 
 _ctx = mp.get_context("fork")
 QKDCTL = str(Path(sys.executable).with_name("qkdctl"))  # the venv's command, as users run it
+# Routes at every node of a network just (re)started: seconds here, but a machine 2-3x
+# slower, its CPU shared with the other test process's network, takes over 40.
+ROUTES_S = 120
 
 
 def _child(ns: str, fn: Callable, args: tuple, conn) -> None:

@@ -23,7 +23,7 @@ from bench.topology import line, network, render, saes
 from control.core import paths
 from control.core.config import parse_topology
 from control.gkm.client import GkmClient
-from tests.nsutil import wait_until
+from tests.nsutil import ROUTES_S, wait_until
 
 KIB = 1 << 10
 
@@ -147,7 +147,7 @@ def test_one_sae_cannot_drain_a_pair_for_the_others(tmp_path, prefix):
     path.write_text(net(prefix))
     topo = parse_topology(path.read_text(), path)
     emulation.net_up(topo)
-    wait_until(lambda: routes_complete(prefix, ["A", "B"]), 40, "routes")
+    wait_until(lambda: routes_complete(prefix, ["A", "B"]), ROUTES_S, "routes")
     pki = PkiLayout(topo.api.pki)
     pool = ThreadPoolExecutor(4, initializer=_enter, initargs=(paths.netns_name(prefix, "A"),))
 

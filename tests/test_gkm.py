@@ -26,7 +26,7 @@ from control.gkm.manager import CRASH_ENV
 from control.gkm.store import StoreError
 from control.tools import emulation
 from dataplane.limits import RELAY_RETRY_MAX_S
-from tests.nsutil import routes_complete, run_in_netns, set_link, wait_until
+from tests.nsutil import ROUTES_S, routes_complete, run_in_netns, set_link, wait_until
 from tests.test_tunnel import make_net as tunnel_net
 
 pytestmark = pytest.mark.netns
@@ -262,7 +262,8 @@ def test_kill_9_of_origin_relay_and_destination_loses_nothing_acknowledged(
     monkeypatch.delenv(CRASH_ENV)
     for node in ("A", "B", "C"):
         _start_node(topo, man, node)
-    wait_until(lambda: routes_complete(prefix, ["A", "B", "C"]), 40, "routes again")
+    wait_until(lambda: routes_complete(prefix, ["A", "B", "C"]), ROUTES_S,
+               "routes again")
     wait_until(lambda: settled(prefix, [("A", "C"), ("C", "A")], 8 * MIB), 90,
                "the relay to settle after the restarts")
     assert len(fired) >= 2, f"too few crash points fired: {fired}"

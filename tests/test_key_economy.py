@@ -20,7 +20,14 @@ from control.tools import emulation
 from control.tools.demo import Saes
 from dataplane.limits import KEEPALIVE_S
 from dataplane.ring import KeyRing
-from tests.nsutil import routes_complete, run_in_netns, tunnel_state, udp_send_all, wait_until
+from tests.nsutil import (
+    ROUTES_S,
+    routes_complete,
+    run_in_netns,
+    tunnel_state,
+    udp_send_all,
+    wait_until,
+)
 from tests.test_tunnel import addr, ns, send_tcp
 
 pytestmark = pytest.mark.netns
@@ -48,7 +55,8 @@ def up(tmp_path: Path, text: str, prefix: str):
     path.write_text(text)
     topo = parse_topology(text, path)
     emulation.net_up(topo)
-    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), 60, "routes at every node")
+    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), ROUTES_S,
+               "routes at every node")
     return topo
 
 

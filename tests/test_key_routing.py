@@ -18,7 +18,7 @@ from control.node.status import collect, render_tunnels
 from control.routing.router import ROUTE_INTERVAL_S
 from control.tools import emulation
 from dataplane.limits import LSA_MAX_AGE_S
-from tests.nsutil import router_state, routes_complete, tunnel_state, wait_until
+from tests.nsutil import ROUTES_S, router_state, routes_complete, tunnel_state, wait_until
 from tests.test_gkm import enc
 
 pytestmark = pytest.mark.netns
@@ -60,7 +60,8 @@ def test_a_dry_slow_link_is_routed_around_until_it_refills_without_flapping(tmp_
     flag.parent.mkdir(parents=True, exist_ok=True)
     flag.touch()  # no global key yet: the rings fill first
     emulation.start_processes(topo, man)
-    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), 60, "routes at every node")
+    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), ROUTES_S,
+               "routes at every node")
     wait_until(lambda: (tunnel_state(prefix, "A", "A-C") or {}).get("enc_stored", 0)
                >= 0.75 * 4 * MIB, 60, "A's A-C ring stocked")
     wait_until(lambda: via(prefix, "A", "C") == "A-C", 30, "A routes C over A-C")

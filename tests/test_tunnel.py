@@ -31,6 +31,7 @@ from dataplane.tun import VNET_HDR_LEN
 from dataplane.worker import AUDIT_ACCEPTED, AUDIT_CLAIM, AUDIT_SENT, read_audit
 from tests.nsutil import (
     QKDCTL,
+    ROUTES_S,
     InNetns,
     add_address,
     link_stats,
@@ -80,7 +81,8 @@ def make_net(tmp_path: Path, prefix: str, triangle: bool = False, two: bool = Fa
     path.write_text(text)
     topo = parse_topology(text, path)
     man = emulation.net_up(topo)
-    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), 40, "routes at every node")
+    wait_until(lambda: routes_complete(prefix, list(topo.nodes)), ROUTES_S,
+               "routes at every node")
     return topo, man
 
 
