@@ -557,7 +557,7 @@ def test_a_share_route_waits_its_hold_and_a_quarantine_after_another_of_its_pair
 
 
 def test_the_tunnel_owner_filter_names_every_tun_and_only_the_owners():
-    from control.routing.router import tunnel_owner_filter
+    from control.routing.router import FILTER_RULES, tunnel_owner_filter
 
     script = tunnel_owner_filter(["otp0", "otp3"], {1000, 0})
     lines = [line.strip() for line in script.splitlines()]
@@ -569,6 +569,7 @@ def test_the_tunnel_owner_filter_names_every_tun_and_only_the_owners():
     assert rules == ['oifname { "otp0", "otp3" } ip daddr 224.0.0.0/4 counter drop',
                      'oifname { "otp0", "otp3" } meta skuid != { 0, 1000 } counter '
                      'reject with icmpx admin-prohibited']
+    assert len(rules) == FILTER_RULES  # what the router counts to know the filter is whole
     assert "table inet qkdoc {" in tunnel_owner_filter(["otp0"], {0}, table="qkdoc")
     assert 'meta skuid != { 0 }' in tunnel_owner_filter(["otp1"], {0})
     # A node without links: the table goes, nothing is filtered.

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.nftables.main import NFTables
 
 from control.core import paths
 from control.core.config import LinkSpec, Topology, load_topology
@@ -89,6 +90,8 @@ LOCAL_RULE_PREF = 100  # ... the lookup of local addresses, moved here from 0
 RT_TABLE_LOCAL = 255
 FR_ACT_BLACKHOLE = 6
 NFT_TABLE = "qkdnet"  # the node's own nftables table in its namespace
+FILTER_RULES = 2  # its rules (tunnel_owner_filter)
+NFPROTO_INET = 1
 
 
 def tunnel_owner_filter(tuns: list[str], uids: set[int], table: str = NFT_TABLE) -> str:
@@ -133,14 +136,15 @@ def _close_tunnels_to_other_users(tuns: list[str]) -> None:
 
 
 def tunnel_filter_present() -> bool:
-    """Whether the node's table still holds its owner rule (a ``flush ruleset`` by a host
-    firewall's reload removes it without a word)."""
+    """Whether the node's table still holds its rules (a ``flush ruleset`` by a host
+    firewall's reload removes it without a word). Asked over netlink: no process to
+    start every FILTER_CHECK_S in every router."""
     try:
-        res = subprocess.run(["nft", "list", "table", "inet", NFT_TABLE],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        with NFTables(nfgen_family=NFPROTO_INET) as nft:
+            return sum(r.get_attr("NFTA_RULE_TABLE") == NFT_TABLE
+                       for r in nft.get_rules()) == FILTER_RULES
+    except (OSError, NetlinkError):
         return False
-    return res.returncode == 0 and "meta skuid" in res.stdout
 
 
 def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
