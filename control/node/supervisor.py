@@ -14,6 +14,7 @@ modules' own status files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import multiprocessing as mp
@@ -281,11 +282,15 @@ def hold_node_lock(prefix: str, node: str, wait_s: float) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         pid = os.pread(fd, 16, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
         raise SystemExit(f"node {node}: it runs already (supervisor pid {pid}); stop that "
                          f"one first; this one does not start") from None
+    os.ftruncate(fd, 0)  # ours from now on, while we wait too
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     deadline, said = time.monotonic() + wait_s, False
     while True:
         try:
@@ -303,8 +308,6 @@ def hold_node_lock(prefix: str, node: str, wait_s: float) -> int:
                             "supervisor gone) to end", node)
                 said = True
             time.sleep(0.1)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 

@@ -58,6 +58,7 @@ from dataplane.tunnel import tun_name
 log = logging.getLogger("qkdnet.router")
 ROUTE_INTERVAL_S = 0.2
 FILTER_CHECK_S = 5.0  # how often the tunnels' owner filter is checked to be there
+FILTER_NFT_TIMEOUT_S = 5.0  # the routing loop waits this long for nft, at most
 NODE_IFNAME = "lo"  # the namespace's own loopback
 STALE_STATUS_S = 2.0  # a link end's status older than this counts only if its manager
 STALE_STATUS_MAX_S = LINK_DEAD_MAX_S + 2.0  # still runs (held up, not dead); never older
@@ -118,7 +119,7 @@ def tunnel_owner_filter(tuns: list[str], uids: set[int], table: str = NFT_TABLE)
             f"}}\n")
 
 
-def _close_tunnels_to_other_users(tuns: list[str]) -> None:
+def _close_tunnels_to_other_users(tuns: list[str], timeout: float = 30) -> None:
     """Anything sent into a tunnel spends the link's key: only the node's user and root
     (the tunnels' own managers run as root) may. Another user's process in the namespace
     still reaches this node's own services; its packets into a tunnel are refused, so it
@@ -126,7 +127,7 @@ def _close_tunnels_to_other_users(tuns: list[str]) -> None:
     keepalives and the relay. SetupError if nftables cannot do it."""
     try:
         res = subprocess.run(["nft", "-f", "-"], input=tunnel_owner_filter(
-            tuns, {0, os.geteuid()}), text=True, capture_output=True, timeout=30)
+            tuns, {0, os.geteuid()}), text=True, capture_output=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise SetupError(f"cannot close the tunnels to other users: nft: {e}; install "
                          f"nftables (make setup, or apt-get install nftables)") from None
@@ -135,16 +136,16 @@ def _close_tunnels_to_other_users(tuns: list[str]) -> None:
                          f"{res.stderr.strip() or res.returncode}")
 
 
-def tunnel_filter_present() -> bool:
+def tunnel_filter_present() -> bool | None:
     """Whether the node's table still holds its rules (a ``flush ruleset`` by a host
-    firewall's reload removes it without a word). Asked over netlink: no process to
-    start every FILTER_CHECK_S in every router."""
+    firewall's reload removes it without a word); None when netlink could not say. Asked
+    over netlink: no process to start every FILTER_CHECK_S in every router."""
     try:
         with NFTables(nfgen_family=NFPROTO_INET) as nft:
             return sum(r.get_attr("NFTA_RULE_TABLE") == NFT_TABLE
                        for r in nft.get_rules()) == FILTER_RULES
     except (OSError, NetlinkError):
-        return False
+        return None
 
 
 def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
@@ -272,6 +273,7 @@ class Router:
         self.tuns = [tun_name(lk) for lk in topo.links_of(node)]
         self.filter_checked = time.monotonic()
         self.filter_restored = 0  # times the tunnels' owner filter was found gone
+        self.filter_failing = False  # putting it back failed last time (said once)
 
     def local_states(self) -> dict[str, bool]:
         """Each own link's state by its tunnel manager. A status that stopped being
@@ -300,17 +302,23 @@ class Router:
 
     def watch_filter(self, now: float) -> None:
         """Put the tunnels' owner filter back if something removed it (a host firewall's
-        reload flushes every table): every FILTER_CHECK_S, said in the log and counted."""
+        reload flushes every table): every FILTER_CHECK_S, said in the log and counted.
+        A failure to put it back is said once, until it works again; the routing loop
+        waits at most FILTER_NFT_TIMEOUT_S for nft."""
         if not self.tuns or now - self.filter_checked < FILTER_CHECK_S:
             return
         self.filter_checked = now
-        if tunnel_filter_present():
+        if tunnel_filter_present() is not False:
             return
         try:
-            _close_tunnels_to_other_users(self.tuns)
+            _close_tunnels_to_other_users(self.tuns, FILTER_NFT_TIMEOUT_S)
         except SetupError as e:
-            log.error("node %s: the tunnels' owner filter is gone and %s", self.node, e)
+            if not self.filter_failing:
+                log.error("node %s: the tunnels' owner filter is gone and %s; trying "
+                          "again every %.0f s", self.node, e, FILTER_CHECK_S)
+            self.filter_failing = True
             return
+        self.filter_failing = False
         self.filter_restored += 1
         log.warning("node %s: the tunnels' owner filter (nftables table inet %s) was gone; "
                     "put back", self.node, NFT_TABLE)
