@@ -225,7 +225,12 @@ def prepare_node(topo: Topology, node: str) -> None:
     prepare_namespace(str(topo.node(node).address),
                       [str(lk.underlay_of(node).ip) for lk in topo.links_of(node)],
                       str(topo.node_net), tuple(str(a) for a in topo.gkm.addresses_at(node)),
-                      tuple(tun_name(lk) for lk in topo.links_of(node)))
+                      node_tuns(topo, node))
+
+
+def node_tuns(topo: Topology, node: str) -> tuple[str, ...]:
+    """The TUN of each of ``node``'s links."""
+    return tuple(tun_name(lk) for lk in topo.links_of(node))
 
 
 def share_ready(now: float, wanted_since: float, left: tuple[str, float] | None,
@@ -270,7 +275,7 @@ class Router:
         self.multipath: dict[str, dict] = {}  # "origin>destination" -> its paths
         self.stop = False
         self.changes = 0
-        self.tuns = [tun_name(lk) for lk in topo.links_of(node)]
+        self.tuns = list(node_tuns(topo, node))
         self.filter_checked = time.monotonic()
         self.filter_restored = 0  # times the tunnels' owner filter was found gone
         self.filter_failing = False  # putting it back failed last time (said once)
@@ -347,7 +352,7 @@ class Router:
             "costs": {name: costs[name] for name in sorted(costs)},
             "own_costs": dict(sorted(self.own_costs.items())),
             "routes": {dst: {"address": str(self.topo.node(dst).address), "via": link,
-                             "dev": f"otp{self.mine[link].index}",
+                             "dev": tun_name(self.mine[link]),
                              "path": [[name, frm] for name, frm in paths_now.get(dst, [])]}
                        for dst, link in sorted(self.installed.items())},
             "multipath": self.multipath,
@@ -405,7 +410,7 @@ class Router:
         for key, (addr, link) in want.items():
             if installed.get(key) == link:
                 continue
-            dev = ip.link_lookup(ifname=f"otp{self.mine[link].index}")
+            dev = ip.link_lookup(ifname=tun_name(self.mine[link]))
             if not dev:
                 continue
             try:
