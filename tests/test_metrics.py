@@ -346,6 +346,42 @@ def test_the_status_table_shows_the_key_api_workers_hands():
     assert "[api] max_connections_per_address" in " ".join(text.split())  # not markup
 
 
+def test_a_slow_links_key_shows_in_units_that_suit_it():
+    """A 50 kb/s link's figures in kb/s and KiB (columns in fixed Mb/s and MiB showed
+    them as 0), and a 1 Gb/s link's beside them in Gb/s and MiB."""
+    from rich.console import Console
+
+    from control.node.status import render_global, render_keys, render_tunnels
+
+    fast = snapshot()
+    slow = copy.deepcopy(fast)
+    link = slow["links"]["A-B"]
+    link["key"].update(rate_bps=50_400, bytes_in=268 * 1024, bytes_discarded=0)
+    link["rings"]["ab"].update(fill=120 * 1024, capacity=4 * MIB)
+    slow["tunnels"]["A-B"]["counters"].update(tx_bytes=142 * 1024, rx_bytes=900, tx_key=0,
+                                              rx_key=1536)
+    slow["gkm"]["peers"]["B"]["relay"]["rate_bps"] = 22_000
+    slow["gkm"]["peers"]["B"]["relay"]["last_fill"] = {"bytes": 48 * 1024, "seconds": 16.0}
+    slow["gkm"]["stale"] = False
+    for snap in (fast, slow):
+        snap["links"]["A-B"].update(stale=False, role="leader",
+                                    agreement={"synced": True, "session": 1})
+        snap["tunnels"]["A-B"]["stale"] = False
+    fast["gkm"]["stale"] = False
+
+    def rows(render, snap):
+        console = Console(width=250, record=True)
+        console.print(render({"network": "n", "prefix": "p", "time": NOW,
+                              "nodes": {"A": snap}}))
+        return " ".join(console.export_text().split())
+
+    assert "50.4 kb/s 268 KiB 120 KiB 2%" in rows(render_keys, slow)
+    assert "1.00 Gb/s 5.00 MiB 1.00 MiB 3%" in rows(render_keys, fast)
+    assert "142 KiB 7 900 B 1.50 KiB" in rows(render_tunnels, slow)
+    assert "22.0 kb/s 6 24.6 kb/s" in rows(render_global, slow)
+    assert "60.0 MiB 4.00 MiB 64.0 MiB 32.0 MiB-64.0 MiB" in rows(render_global, fast)
+
+
 def test_idle_connections_cannot_pin_the_endpoint(monkeypatch):
     """Any process that reaches the node address can connect: beyond MAX_CLIENTS at once a
     new one is closed at once, never queued; and a connection is closed after a deadline

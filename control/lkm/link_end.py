@@ -36,6 +36,7 @@ from typing import Protocol
 
 from control.core import paths
 from control.core.config import LinkSpec, Topology
+from control.core.counter_rate import CounterRate
 from control.core.statefile import write_json
 from control.lkm.agreement import AB, BA, Dropped, Follower, Leader, Send, SkipTo, Store
 from control.lkm.messages import (
@@ -191,7 +192,8 @@ class LinkKeyManager:
         self._next_source_try = 0.0
         self._next_peer_try = 0.0
         self._last_status = 0.0
-        self._rate_mark = (time.monotonic(), 0)
+        self._key_rate = CounterRate()
+        self._key_rate.update(0, time.monotonic())
         self.rate_bps = 0.0
         self.started = time.time()
 
@@ -569,11 +571,7 @@ class LinkKeyManager:
         return out
 
     def _publish(self, now: float) -> None:
-        t0, b0 = self._rate_mark
-        stored = self.machine.counters.bytes_in
-        if now > t0:
-            self.rate_bps = (stored - b0) * 8 / (now - t0)
-        self._rate_mark = (now, stored)
+        self.rate_bps = 8 * self._key_rate.update(self.machine.counters.bytes_in, now)
         self.cfg.status_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.cfg.status_path, self.status())
 

@@ -12,6 +12,7 @@ from rich.table import Table
 from control.core import paths
 from control.core.config import Topology
 from control.core.statefile import read_status
+from control.core.units import rate, size
 from control.lkm.accounting import link_end
 from dataplane.bpf.guard import DROP_REASONS
 
@@ -53,12 +54,8 @@ def collect(topo: Topology) -> dict:
     return {"network": topo.name, "prefix": topo.prefix, "time": now, "nodes": nodes}
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):,.0f}"
-
-
 def _fill(ring: dict) -> str:
-    return f"{_mib(ring['fill'])} {100 * ring['fill'] // max(ring['capacity'], 1)}%"
+    return f"{size(ring['fill'])} {100 * ring['fill'] // max(ring['capacity'], 1)}%"
 
 
 def agreement_state(st: dict) -> str:
@@ -103,7 +100,7 @@ def link_cost(router: dict | None, link: str) -> str:
 
 def render_tunnels(snapshot: dict) -> Table:
     t = Table(title="OTP tunnels per link end (out = encrypted and sent, in = received "
-                    "and delivered; MB)", title_justify="left", box=box.SIMPLE_HEAD,
+                    "and delivered)", title_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False)
     for col in ("link", "node", "tun", "state", "cost", "workers", "pkts out", "out",
                 "pkts in", "in", "key used", "drops", "XDP guard"):
@@ -123,8 +120,8 @@ def render_tunnels(snapshot: dict) -> Table:
             alive = sum(w["alive"] for w in st["workers"])
             t.add_row(link, node, st["tun"], state, link_cost(info.get("router"), link),
                       f"{alive}/{len(st['workers'])}",
-                      f"{c['tx_pkts']:,}", f"{c['tx_bytes'] / 1e6:,.1f}", f"{c['rx_pkts']:,}",
-                      f"{c['rx_bytes'] / 1e6:,.1f}", f"{(c['tx_key'] + c['rx_key']) / 1e6:,.1f}",
+                      f"{c['tx_pkts']:,}", size(c["tx_bytes"]), f"{c['rx_pkts']:,}",
+                      size(c["rx_bytes"]), size(c["tx_key"] + c["rx_key"]),
                       _drops(c), guard_state(st))
     return t
 
@@ -269,19 +266,19 @@ def _paths(relay: dict | None) -> str:
 
 
 def render_global(snapshot: dict) -> Table:
-    t = Table(title="global key per peer (MiB; ENC = usable key originated here for the peer, "
+    t = Table(title="global key per peer (ENC = usable key originated here for the peer, "
                     "pending = not yet acknowledged; DEC = received from the peer)",
               title_justify="left",
               box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("node", "peer", "ENC", "pending", "DEC", "low-high", "relay", "paths",
-                "Mb/s", "retries", "last fill"):
+                "rate", "retries", "last fill"):
         t.add_column(col, justify="left" if col in ("node", "peer", "relay") else "right",
                      no_wrap=True)
     for node, info in snapshot["nodes"].items():
         g = info.get("gkm")
         if not g:
             continue
-        wm = f"{_mib(g['watermarks']['low'])}-{_mib(g['watermarks']['high'])}"
+        wm = f"{size(g['watermarks']['low'])}-{size(g['watermarks']['high'])}"
         for peer, p in g["peers"].items():
             enc, dec, relay = p.get("enc"), p.get("dec"), p.get("relay")
             if relay is None:
@@ -298,22 +295,22 @@ def render_global(snapshot: dict) -> Table:
                 if (mp := relay.get("paths")) and mp["using"] == 0:
                     state = "[yellow]waiting for paths[/yellow]"
             fill = relay and relay.get("last_fill")
-            t.add_row(node, peer, _mib(enc["usable"]) if enc else "-",
-                      _mib(enc["pending"]) if enc else "-",
-                      _mib(dec["stored"]) if dec else "-", wm if enc else "-", state,
+            t.add_row(node, peer, size(enc["usable"]) if enc else "-",
+                      size(enc["pending"]) if enc else "-",
+                      size(dec["stored"]) if dec else "-", wm if enc else "-", state,
                       _paths(relay),
-                      f"{relay['rate_bps'] / 1e6:,.0f}" if relay else "-",
+                      rate(relay["rate_bps"]) if relay else "-",
                       f"{relay['retries']:,}" if relay else "-",
-                      f"{fill['bytes'] * 8 / fill['seconds'] / 1e6:,.0f} Mb/s"
+                      rate(fill["bytes"] * 8 / fill["seconds"])
                       if fill and fill["seconds"] else "-")
     return t
 
 
 def render_keys(snapshot: dict) -> Table:
     t = Table(title=f"qkdnet {snapshot['network']} ({snapshot['prefix']}): local key per "
-                    "link end (MiB; ENC/DEC = ring fill)",
+                    "link end (ENC/DEC = ring fill)",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("link", "node", "role", "src", "agreement", "Mb/s in", "key in", "ENC",
+    for col in ("link", "node", "role", "src", "agreement", "key rate", "key in", "ENC",
                 "DEC", "discarded"):
         t.add_column(col, justify="left" if col in ("link", "node", "role", "src",
                                                     "agreement") else "right", no_wrap=True)
@@ -329,6 +326,6 @@ def render_keys(snapshot: dict) -> Table:
             if st["stale"]:
                 ag = "[red]stopped[/red]"
             t.add_row(link, node, st["role"][:4], src, ag,
-                      f"{st['key']['rate_bps'] / 1e6:,.0f}", _mib(st["key"]["bytes_in"]),
-                      _fill(enc), _fill(dec), _mib(st["key"]["bytes_discarded"]))
+                      rate(st["key"]["rate_bps"]), size(st["key"]["bytes_in"]),
+                      _fill(enc), _fill(dec), size(st["key"]["bytes_discarded"]))
     return t
