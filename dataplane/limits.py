@@ -20,7 +20,10 @@ LINK_DEAD_S = 1.0                   # no keepalive from the peer for this long: 
 LINK_DEAD_MAX_S = 3.0               # ... or longer, if its keepalives came late before
 UP_AFTER_KEEPALIVES = 3             # keepalives in a row, each in time, to be up again
 STALL_EXCUSE_S = 0.25               # own loop held up longer than this: the rest excused
-KEEPALIVE_S = 0.2                   # keepalive period of a tunnel manager
+KEEPALIVE_S = 0.2                   # keepalive period of a tunnel manager (the shortest)
+KEEPALIVE_MAX_S = 10.0              # ... the longest, on the slowest links (see sizing)
+KEEPALIVE_SHARE = 0.02              # of a direction's key keepalives may take, where the
+                                    # shortest period would take more (links below ~1 Mb/s)
 LSA_MAX_AGE_S = 5.0                 # a link-state entry not refreshed this long is dropped
 LSDB_REFRESH_S = 1.0                # keepalives carry the link-state database this often
 RELEASE_GRACE_S = 0.1               # DEC key is freed this long after the peer released it

@@ -7,13 +7,15 @@ forks ``workers`` worker processes (:mod:`dataplane.worker`) and restarts any th
 giving back the dead worker's key chunk first (its rest is never used: invariant 1).
 
 Its own lane (CONTROL_LANE) carries keepalives through the link's own one-time pad every
-KEEPALIVE_S: the peer's pool size and the node's link-state database, which the router
-floods on (:mod:`control.routing.linkstate`). A link end is up while its peer's keepalives arrive
-(:mod:`dataplane.liveness`: silent past an adaptive timeout of LINK_DEAD_S to
-LINK_DEAD_MAX_S means down, our own stalls excused, and up again only after a few timely
-keepalives) and key has arrived (or more than the keepalives' reserve was there) within
-LINK_DEAD_S: "a link is down when its peer stops answering or it has no key". A link
-whose key arrives slower than traffic drops packets (counted) but stays up; one whose key
+KEEPALIVE_S (longer on links below about 1 Mb/s, so that they take at most 2 % of the
+key: ``sizes.keepalive_s``, control.core.sizing): the peer's pool size and the node's
+link-state database, which the router floods on (:mod:`control.routing.linkstate`). A
+link end is up while its peer's keepalives arrive (:mod:`dataplane.liveness`: silent past
+an adaptive timeout of LINK_DEAD_S to LINK_DEAD_MAX_S, as many keepalive periods, means
+down, our own stalls excused, and up again only after a few timely keepalives) and key
+has arrived (or more than the keepalives' reserve was there) within a few blocks' time:
+"a link is down when its peer stops answering or it has no key". A link whose key
+arrives slower than traffic drops packets (counted) but stays up; one whose key
 stopped goes down, so routes avoid it.
 """
 
@@ -50,7 +52,7 @@ from dataplane.bpf.guard import (
     GuardSpec,
     route_ifindex,
 )
-from dataplane.limits import KEEPALIVE_S, LINK_DEAD_S, LSDB_REFRESH_S, RELEASE_GRACE_S
+from dataplane.limits import LSDB_REFRESH_S, RELEASE_GRACE_S
 from dataplane.liveness import PeerLiveness
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
 from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
@@ -286,7 +288,10 @@ class TunnelManager:
         self.ctx = mp.get_context("fork")
         self.slots = [WorkerSlot(i) for i in range(cfg.dp.workers)]
         self.last_heard = 0.0
-        self.liveness = PeerLiveness()  # the verdict on the peer, from its keepalives
+        period = cfg.link.sizes.keepalive_s
+        floor, cap = cfg.link.sizes.peer_dead_s
+        # The verdict on the peer, from its keepalives (both ends keep one period).
+        self.liveness = PeerLiveness(period=period, floor=floor, cap=cap)
         self.last_sent = 0.0  # when a keepalive last found key and went out
         self.last_key = 0.0  # when key last arrived, or more than the reserve was there
         self._write_seen = -1
@@ -455,9 +460,9 @@ class TunnelManager:
     def link_state(self, now: float) -> tuple[bool, str]:
         # No key: none arrived and no full packet fits beyond the control reserve
         # for key_dead_s (a few blocks' time at the link's rate), or not even a keepalive
-        # could go for LINK_DEAD_S.
+        # could go for as long as a silent peer is given.
         if now - self.last_key > self.cfg.link.sizes.key_dead_s \
-                or now - self.last_sent > LINK_DEAD_S:
+                or now - self.last_sent > self.liveness.floor:
             return False, "no key"
         if self.liveness.alive(now):
             return True, "up"
@@ -534,7 +539,7 @@ class TunnelManager:
                 if now >= next_ka:
                     if chan.send(self._keepalive_payload(now)):
                         self.last_sent = now
-                    next_ka = now + KEEPALIVE_S
+                    next_ka = now + self.liveness.period
                 self._watch_key(enc, now)
                 if now >= next_status:
                     self._publish(stats, chan, enc, dec, now)

@@ -190,9 +190,37 @@ def test_wiped_key_ahead_of_the_claims_is_skipped_counted_and_the_link_stays_up(
     assert "wiped key" in said
 
 
-@pytest.mark.parametrize("rate", [10, 1])
+def test_a_slow_links_keepalives_take_two_percent_of_its_key_and_it_stays_up(
+        tmp_path, prefix):
+    """A 50 kb/s link (long distances give a fraction of a Mb/s): keepalives every 0.2 s
+    took 16 % of each direction's key there. Their period follows the rate
+    (control.core.sizing), and so do the peer's timeout and the link-state entries'
+    age: the link comes up, stays up and routed, and keepalives take 2 % of the key."""
+    topo = up(tmp_path, two(prefix, 0.05), prefix)
+    period = topo.links[0].sizes.keepalive_s
+    assert period > 1.0
+    downs = {n: tunnel_state(prefix, n, "A-B")["liveness"]["downs"] for n in "AB"}
+    start = fresh(topo, time.time())
+    # A window of some 15 keepalives per end: 32 KiB of each direction's key.
+    wait_until(lambda: all(ends(topo)[k].enc.key_in - start[k].enc.key_in >= 32 << 10
+                           for k in start), 120, "32 KiB more key in each direction")
+    end = fresh(topo, time.time())
+    assert_balanced(end)
+    for k in start:
+        a, b = start[k].enc, end[k].enc
+        control, key_in = b.used_control - a.used_control, b.key_in - a.key_in
+        assert control > 0, f"{k}: no keepalive went"
+        assert control <= 0.025 * key_in, f"{k}: keepalives took {control} of {key_in} B"
+        assert b.wasted == a.wasted, f"{k}: key wasted on an idle link"
+    for n in "AB":
+        st = tunnel_state(prefix, n, "A-B")
+        assert st["up"] and st["liveness"]["downs"] == downs[n], (n, st["liveness"])
+    assert routes_complete(prefix, list(topo.nodes))
+
+
+@pytest.mark.parametrize("rate", [10, 1, 0.2])
 def test_global_key_reaches_applications_at_real_key_rates(tmp_path, prefix, rate):
-    """The triangle with every link at 1 or 10 Mb/s and every size derived from that: every
+    """The triangle with every link at 10, 1 or 0.2 Mb/s and every size derived from that: every
     ordered pair gets global key, and SAEs at A and C get identical keys through the
     ETSI GS QKD 014 API; no key is wasted doing it."""
     topo = up(tmp_path, metro(prefix, rate), prefix)

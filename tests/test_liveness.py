@@ -154,3 +154,19 @@ def test_silence_while_nobody_asked_still_takes_the_peer_down():
 def test_bad_settings_are_refused(period, floor, cap):
     with pytest.raises(ValueError):
         PeerLiveness(period=period, floor=floor, cap=cap)
+
+
+def test_a_slow_links_longer_period_scales_the_verdict():
+    """A link below 1 Mb/s keeps a longer keepalive period (control.core.sizing): its
+    steady keepalives, late by a loop turn or two, never read as silence, and a cut is
+    seen after the scaled floor, not the 1 s of the 0.2 s period."""
+    from control.core.sizing import peer_dead_s
+    period = 4.6
+    floor, cap = peer_dead_s(period)
+    lv = PeerLiveness(period=period, floor=floor, cap=cap)
+    t = steady(lv, 0.0, 30, period=period)
+    assert lv.alive(t) and lv.stats().downs == 0
+    assert lv.dead_after() == pytest.approx(floor)
+    fell = silent_for(lv, t, cap + 5)
+    assert fell is not None and floor - 0.05 <= fell <= floor + 0.05
+    assert floor == pytest.approx(5 * period) and cap == pytest.approx(15 * period)

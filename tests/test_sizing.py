@@ -58,3 +58,72 @@ def test_gkm_given_sizes_win_and_a_given_low_watermark_lifts_the_high_one():
     g = gkm_sizes(1, low=10 * MIB)
     assert g.low_watermark == 10 * MIB and g.high_watermark >= 10 * MIB + 2 * g.block_size
     assert gkm_sizes(1, block_size=MIB, window=3 * MIB).window == 3 * MIB
+
+
+def keepalive_cost(period: float, lsdb: int) -> float:
+    """Bytes of key a second keepalives of ``period`` spend, the database carried in one
+    of them a second (or in each, when they are further apart)."""
+    from control.core.sizing import KEEPALIVE_BODY
+    from dataplane.wire import MAC_KEY_LEN
+    return (MAC_KEY_LEN + KEEPALIVE_BODY) / period + lsdb / max(period, 1.0)
+
+
+@pytest.mark.parametrize("rate,ratio,lsdb,period", [
+    (1000, (1, 1), 214, 0.2),   # fast links keep the 0.2 s they always had
+    (1, (1, 1), 214, 0.2),      # and so does 1 Mb/s: 0.5 kB/s is 0.8 % of a direction
+    (1, (3, 1), 214, 0.2),      # the triangle's 3:1 link at 1 Mb/s (the demo at 1 Mb/s)
+    (1, (3, 1), 300, None),     # ... a little longer with a larger database
+    (0.2, (1, 1), 214, None),   # below: longer, up to the 2 % of key
+    (0.05, (1, 1), 214, None),
+    (0.01, (1, 1), 214, 10.0),  # 10 kb/s: the longest period, over 2 % (4.6 %)
+    (1, (1, 1), 1400, None),    # a 16-node ring's database at 1 Mb/s
+])
+def test_keepalives_take_at_most_two_percent_of_a_slow_links_key(rate, ratio, lsdb, period):
+    from control.core.sizing import KEEPALIVE_S, keepalive_period
+    s = link_sizes(rate, ratio, lsdb_bytes=lsdb)
+    direction = rate * 1e6 / 8 * min(x for x in ratio if x) / sum(ratio)
+    share = keepalive_cost(s.keepalive_s, lsdb) / direction
+    if period is not None:
+        assert s.keepalive_s == pytest.approx(period)
+    else:
+        assert s.keepalive_s > KEEPALIVE_S
+        assert share == pytest.approx(0.02, rel=0.01)  # no longer than it must be
+    if s.keepalive_s < 10.0:
+        assert share <= 0.02 + 1e-9
+    else:
+        assert share == pytest.approx(0.046, abs=0.001)
+    # the same period at both ends: each derives it from the slower direction
+    assert keepalive_period(direction, lsdb) == s.keepalive_s
+
+
+def test_a_longer_keepalive_period_gives_a_silent_peer_and_the_link_state_longer():
+    from control.core.sizing import lsa_max_age
+    fast, slow = link_sizes(10, (1, 1), lsdb_bytes=300), link_sizes(0.05, (1, 1),
+                                                                     lsdb_bytes=300)
+    assert fast.peer_dead_s == pytest.approx((1.0, 3.0))
+    assert slow.peer_dead_s == pytest.approx((5 * slow.keepalive_s, 15 * slow.keepalive_s))
+    assert lsa_max_age([fast.keepalive_s]) == pytest.approx(5.0)
+    assert lsa_max_age([fast.keepalive_s, slow.keepalive_s]) == \
+        pytest.approx(5 * slow.keepalive_s)
+
+
+def test_the_database_estimate_is_what_the_routers_flood():
+    """The estimate the period is sized by against the database a router exports for a
+    32-node ring, every entry originated: within 2 % and not below it."""
+    import json
+    import time
+
+    from control.core.config import load_topology
+    from control.core.sizing import KEEPALIVE_S, lsdb_estimate
+    from control.routing.linkstate import LinkEnds, LinkStateDb
+    ring = load_topology("examples/ring32.toml")
+    db = LinkStateDb([LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in ring.links])
+    for node in ring.nodes:
+        db.originate(node, {lk.name: True for lk in ring.links_of(node)},
+                     time.time_ns() // 1000, 0.0)
+    flooded = len(json.dumps({"lsdb": db.export()}, separators=(",", ":")))
+    estimate = lsdb_estimate([(lk.name, lk.a, lk.b) for lk in ring.links])
+    assert flooded <= estimate <= 1.02 * flooded
+    # the ring at its 25 Mb/s: the shortest period; its database on 1 Mb/s links: longer
+    assert {lk.sizes.keepalive_s for lk in ring.links} == {KEEPALIVE_S}
+    assert link_sizes(1, (1, 1), lsdb_bytes=estimate).keepalive_s > KEEPALIVE_S

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from control.core import paths
-from control.core.sizing import GkmSizes, LinkSizes, gkm_sizes, link_sizes
+from control.core.sizing import GkmSizes, LinkSizes, gkm_sizes, link_sizes, lsdb_estimate
 from dataplane.limits import (
     CONVENTIONAL_MTU,
     MAX_API_KEY_BYTES,
@@ -852,12 +852,16 @@ def _rate(lk: Link, d: LinkDefaults) -> float:
     return d.key_rate_mbps if lk.key_rate_mbps is None else lk.key_rate_mbps
 
 
-def _link_sizes(lk: Link, d: LinkDefaults, chunk: int) -> LinkSizes:
+def _link_sizes(lk: Link, d: LinkDefaults, chunk: int, lsdb_bytes: int = 0) -> LinkSizes:
     """A link's sizes: those set in the file, the others from its key rate."""
     block = lk.source.block_bytes if isinstance(lk.source, Etsi014Source) \
         else lk.block_size or d.block_size
     return link_sizes(_rate(lk, d), lk.ratio or d.ratio, block,
-                      lk.ring_capacity or d.ring_capacity, chunk or None)
+                      lk.ring_capacity or d.ring_capacity, chunk or None, lsdb_bytes)
+
+
+def _lsdb_bytes(raw: TopologyFile) -> int:
+    return lsdb_estimate([(lk.name or f"{lk.a}-{lk.b}", lk.a, lk.b) for lk in raw.links])
 
 
 def _block_size(lk: Link, d: LinkDefaults) -> int:
@@ -904,12 +908,13 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
         nodes[n.name] = NodeSpec(name=n.name, id=n.id or next(free_ids),
                                  address=n.address or next(free_addrs))
     links = []
+    lsdb_bytes = _lsdb_bytes(raw)
     for i, lk in enumerate(raw.links):
         key_file = lk.auth_key_file
         if key_file is not None and not key_file.is_absolute():  # made absolute, but no
             key_file = Path(os.path.abspath(path.parent / key_file))  # link followed: the
             # key is then read without following one (link_end.load_link_key)
-        sizes = _link_sizes(lk, d, raw.dataplane.chunk_size)
+        sizes = _link_sizes(lk, d, raw.dataplane.chunk_size, lsdb_bytes)
         links.append(LinkSpec(
             index=i, name=lk.name or f"{lk.a}-{lk.b}", a=lk.a, b=lk.b,
             underlay_a=lk.underlay[0], underlay_b=lk.underlay[1],

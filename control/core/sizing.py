@@ -16,6 +16,15 @@ span of time at the link's rate, rounded to a power of two and clamped:
 | global key block | 250 ms of the slowest link | 4 KiB - 1 MiB |
 | global key window (sent, unacknowledged) | 1 s of the slowest link | 2 blocks - 16 MiB |
 | high watermark (low: half of it) | 32 s of the slowest link | 1 - 64 MiB |
+| keepalive period | what keeps keepalives to 2 % of the slower direction's key | 0.2 - 10 s |
+
+Keepalives are the one cost an idle link pays, and they do not shrink with the link: every
+0.2 s, the link-state database in one of them a second, they take about 0.5 kB/s, 0.8 % of
+a 1 Mb/s link's direction but 16 % of a 50 kb/s one's and all of a 10 kb/s one's. So below
+about 1 Mb/s the period grows until they take 2 %; how long a silent peer has before its
+link is called down grows with it (5 to 15 periods, as 1 - 3 s are at 0.2 s), and so does
+how long the link-state entries they carry live (5 periods of the slowest link, at least
+5 s).
 
 A rate of 0 (as fast as the source can) sizes as 1 Gb/s does: the sizes qkdnet always had
 for the emulator. Each size set in the topology file wins over its derived value.
@@ -23,9 +32,21 @@ for the emulator. Each size set in the topology file wins over its derived value
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from dataplane.limits import CONTROL_RESERVE, LINK_DEAD_S, MIN_CHUNK
+from dataplane.limits import (
+    CONTROL_RESERVE,
+    KEEPALIVE_MAX_S,
+    KEEPALIVE_S,
+    KEEPALIVE_SHARE,
+    LINK_DEAD_MAX_S,
+    LINK_DEAD_S,
+    LSA_MAX_AGE_S,
+    LSDB_REFRESH_S,
+    MIN_CHUNK,
+)
+from dataplane.wire import MAC_KEY_LEN
 
 KIB, MIB = 1 << 10, 1 << 20
 UNLIMITED_MBPS = 1000.0  # what a rate of 0 (as fast as possible) sizes as
@@ -55,11 +76,60 @@ class LinkSizes:
     reserve_control: int  # ENC key control packets leave (for the keepalives)
     pin_limit: int  # key used past a worker's kept range before it must give it back
     key_dead_s: float  # no key for this long (and only the reserve left): the link is down
+    keepalive_s: float = KEEPALIVE_S  # the tunnel managers' keepalive period
+
+    @property
+    def peer_dead_s(self) -> tuple[float, float]:
+        """A silent peer's link is down after between these (dataplane.liveness): 1 and
+        3 s at the shortest period, as many periods at a longer one."""
+        return peer_dead_s(self.keepalive_s)
+
+
+KEEPALIVE_BODY = 40  # a keepalive's own words, as JSON: its node's name and pool size
+
+
+def lsdb_estimate(links: list[tuple[str, str, str]]) -> int:
+    """The link-state database of a network of ``links`` (name, end, end) as keepalives
+    carry it (control.routing.linkstate: an entry per link end, its seq microseconds of
+    wall time), in bytes."""
+    entries = [[name, end, 2**53, True] for name, a, b in links for end in (a, b)]
+    return len(json.dumps({"lsdb": entries}, separators=(",", ":")))
+
+
+def keepalive_period(direction_bps: float, lsdb_bytes: int) -> float:
+    """The keepalive period at which keepalives take at most KEEPALIVE_SHARE of a
+    direction's ``direction_bps`` key (bytes/s), never below KEEPALIVE_S nor above
+    KEEPALIVE_MAX_S. Each costs its MAC key and words; the link-state database
+    (``lsdb_bytes``) rides in one of them every LSDB_REFRESH_S, or in each when they are
+    further apart."""
+    budget = KEEPALIVE_SHARE * direction_bps
+    plain = MAC_KEY_LEN + KEEPALIVE_BODY
+    period = (plain + lsdb_bytes) / budget
+    if period < LSDB_REFRESH_S and budget > lsdb_bytes:  # several a refresh
+        period = plain / (budget - lsdb_bytes)
+    return min(KEEPALIVE_MAX_S, max(KEEPALIVE_S, period))
+
+
+def peer_dead_s(keepalive_s: float) -> tuple[float, float]:
+    """The shortest and longest silence after which a peer keeping ``keepalive_s`` is
+    called gone: LINK_DEAD_S and LINK_DEAD_MAX_S, scaled with the period."""
+    scale = keepalive_s / KEEPALIVE_S
+    return LINK_DEAD_S * scale, LINK_DEAD_MAX_S * scale
+
+
+def lsa_max_age(keepalive_periods: list[float]) -> float:
+    """How long a link-state entry lives unrefreshed: LSA_MAX_AGE_S, five refreshes of
+    LSDB_REFRESH_S, or five periods of the slowest link's keepalives where those are
+    longer (a link's keepalives carry the entries across it)."""
+    slowest = max([LSDB_REFRESH_S, *keepalive_periods])
+    return LSA_MAX_AGE_S * slowest / LSDB_REFRESH_S
 
 
 def link_sizes(rate_mbps: float, ratio: tuple[int, int], block_size: int | None = None,
-               ring_capacity: int | None = None, chunk: int | None = None) -> LinkSizes:
-    """Every size of a link; the ones given (set in the topology file) are kept."""
+               ring_capacity: int | None = None, chunk: int | None = None,
+               lsdb_bytes: int = 0) -> LinkSizes:
+    """Every size of a link; the ones given (set in the topology file) are kept.
+    ``lsdb_bytes``: the network's link-state database as its keepalives carry it."""
     bps = bytes_per_s(rate_mbps)
     block = block_size or clamp(pow2_floor(bps * 0.05), 4 * KIB, MIB)
     ring = ring_capacity or clamp(pow2_floor(bps * 2), 4 * MIB, 256 * MIB)
@@ -74,7 +144,8 @@ def link_sizes(rate_mbps: float, ratio: tuple[int, int], block_size: int | None 
     return LinkSizes(block_size=block, ring_capacity=ring, chunk=chunk,
                      reserve_bulk=min(keepalive + control, ring // 8),
                      reserve_control=keepalive, pin_limit=ring // 2,
-                     key_dead_s=max(LINK_DEAD_S, 4 * block_interval))
+                     key_dead_s=max(LINK_DEAD_S, 4 * block_interval),
+                     keepalive_s=keepalive_period(bps * share, lsdb_bytes))
 
 
 @dataclass(frozen=True)

@@ -48,11 +48,12 @@ from control.core.config import LinkSpec, Topology, load_topology
 from control.core.lifecycle import die_with_parent, run_until_stopped
 from control.core.logs import setup_logging
 from control.core.procs import same_process_alive
+from control.core.sizing import lsa_max_age
 from control.core.statefile import write_json
 from control.routing.linkcost import EndCost
 from control.routing.linkstate import LinkEnds, LinkStateDb, shortest_paths
 from control.routing.multipath import disjoint_paths, next_link, path_nodes
-from dataplane.limits import LINK_DEAD_MAX_S, LSA_MAX_AGE_S
+from dataplane.limits import LINK_DEAD_MAX_S
 from dataplane.tunnel import tun_name
 
 log = logging.getLogger("qkdnet.router")
@@ -259,7 +260,10 @@ class Router:
         self.dir = paths.node_dir(topo.prefix, node)
         self.links = [LinkEnds(lk.name, lk.index, lk.a, lk.b) for lk in topo.links]
         self.mine = {lk.name: lk for lk in topo.links_of(node)}
-        self.db = LinkStateDb(self.links)
+        # Entries live longer where the slowest link's keepalives, which carry them
+        # across it, are further apart (control.core.sizing).
+        self.db = LinkStateDb(self.links, lsa_max_age([lk.sizes.keepalive_s
+                                                       for lk in topo.links]))
         self.metric = topo.routing.metric
         self.end_costs = {name: EndCost(lk.sizes.ring_capacity, _send_rate(lk, node))
                           for name, lk in self.mine.items()}
@@ -335,7 +339,7 @@ class Router:
         for name in self.mine:
             lsa = self.dir / f"lsa-{name}.json"
             with contextlib.suppress(OSError, ValueError, AttributeError):
-                if time.time() - lsa.stat().st_mtime < LSA_MAX_AGE_S:  # a live neighbour's
+                if time.time() - lsa.stat().st_mtime < self.db.max_age_s:  # a live neighbour's
                     self.db.merge(json.loads(lsa.read_text()).get("lsdb"), now)
         self.db.originate(self.node, local, time.time_ns() // 1000, now, self.own_costs)
         self.db.expire(now)
