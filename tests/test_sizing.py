@@ -127,3 +127,10 @@ def test_the_database_estimate_is_what_the_routers_flood():
     # the ring at its 25 Mb/s: the shortest period; its database on 1 Mb/s links: longer
     assert {lk.sizes.keepalive_s for lk in ring.links} == {KEEPALIVE_S}
     assert link_sizes(1, (1, 1), lsdb_bytes=estimate).keepalive_s > KEEPALIVE_S
+
+
+@pytest.mark.parametrize("slowest,period", [
+    (0, 5.0), (1000, 5.0), (1, 5.0), (0.5, 10.0), (0.2, 25.0), (0.05, 60.0), (0.01, 60.0),
+])
+def test_the_relays_pings_go_further_apart_below_1_mbps(slowest, period):
+    assert gkm_sizes(slowest).heartbeat_s == pytest.approx(period)

@@ -591,6 +591,7 @@ class GkmSpec:
     paths: int = 1                   # node-disjoint paths (XOR shares) per block
     paths_policy: str = "wait"       # fewer disjoint paths up: "wait" or "fewer"
     reserve_ahead_s: float = 0.1     # seconds of a pair's demand reserved ahead (0: none)
+    heartbeat_s: float = 5.0         # the relay connections' ping period (sizing)
     # Per ordered pair, with paths > 1: the destination's share addresses, one per link
     # of the origin (inside node_net, from its top down): the routers route each along
     # the disjoint path that leaves the origin by that link, and along no other.
@@ -943,7 +944,7 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
     gkm = GkmSpec(block_size=g.block_size, low_watermark=g.low_watermark,
                   high_watermark=g.high_watermark, window=g.window, pairs=ordered,
                   keys=keys, paths=raw.gkm.paths, paths_policy=raw.gkm.paths_policy,
-                  reserve_ahead_s=raw.gkm.reserve_ahead_s,
+                  reserve_ahead_s=raw.gkm.reserve_ahead_s, heartbeat_s=g.heartbeat_s,
                   share_addresses=share_addresses(
                       raw.network.node_net, ordered, raw.gkm.paths,
                       {n.address for n in nodes.values()},

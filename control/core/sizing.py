@@ -17,6 +17,7 @@ span of time at the link's rate, rounded to a power of two and clamped:
 | global key window (sent, unacknowledged) | 1 s of the slowest link | 2 blocks - 16 MiB |
 | high watermark (low: half of it) | 32 s of the slowest link | 1 - 64 MiB |
 | keepalive period | what keeps keepalives to 2 % of the slower direction's key | 0.2 - 10 s |
+| relay ping period | 5 s at 1 Mb/s of the slowest link, as much longer as it is slower | 5 - 60 s |
 
 Keepalives are the one cost an idle link pays, and they do not shrink with the link: every
 0.2 s, the link-state database in one of them a second, they take about 0.5 kB/s, 0.8 % of
@@ -154,6 +155,22 @@ class GkmSizes:
     window: int
     low_watermark: int
     high_watermark: int
+    heartbeat_s: float = 5.0  # the relay DEALERs' ZMTP pings (they cross the tunnels)
+
+
+HEARTBEAT_S = 5.0        # the relay's ZMTP ping period at 1 Mb/s and faster
+HEARTBEAT_MAX_S = 60.0   # ... the longest, on the slowest links
+
+
+def heartbeat_period(slowest_mbps: float) -> float:
+    """The relay connections' ping period: HEARTBEAT_S where the slowest link gives
+    1 Mb/s or more, as much longer as it is slower (at most HEARTBEAT_MAX_S). A ping, its
+    answer and their TCP acknowledgements cross the tunnels under one-time pad: per
+    connection some 150 B a second at 5 s, 0.24 % of a 1 Mb/s direction but 4.8 % of a
+    50 kb/s one's."""
+    if slowest_mbps <= 0 or slowest_mbps >= 1.0:
+        return HEARTBEAT_S
+    return min(HEARTBEAT_MAX_S, HEARTBEAT_S / slowest_mbps)
 
 
 def gkm_sizes(slowest_mbps: float, block_size: int | None = None, window: int | None = None,
@@ -164,4 +181,5 @@ def gkm_sizes(slowest_mbps: float, block_size: int | None = None, window: int | 
     window = window or clamp(pow2_floor(bps), 2 * block, 16 * MIB)
     high = high or max(clamp(pow2_floor(bps * 32), MIB, 64 * MIB), (low or 0) + 2 * block)
     low = low or high // 2
-    return GkmSizes(block_size=block, window=window, low_watermark=low, high_watermark=high)
+    return GkmSizes(block_size=block, window=window, low_watermark=low, high_watermark=high,
+                    heartbeat_s=heartbeat_period(slowest_mbps))

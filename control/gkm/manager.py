@@ -103,8 +103,9 @@ HOLD_UNCONFIRMED_S = 10.0     # a dec request for keys not yet confirmed waits t
                               # (how many may wait: destination.may_hold)
 MAX_ENDED_TAKES = 8192        # dec takes whose taker gave up, remembered to refuse them
 RESERVE_HOLD_S = 0.005          # new reservations wait at most this for sent ones (Nagle)
-HEARTBEAT_MS = 5000           # the DEALERs' ZMTP pings: they cross the tunnels, and cost key
-HEARTBEAT_TIMEOUT_MS = 30_000  # a ping answered later than this: the connection is dead
+HEARTBEATS_TO_DEAD = 6        # pings unanswered (the period: topo.gkm.heartbeat_s, 5 s at
+                              # 1 Mb/s and faster; they cross the tunnels, and cost key) for
+                              # the connection to count as dead: 30 s at 5 s
 # Anyone who reaches the relay port (a process in the node's namespace) can connect, and
 # each connection holds a descriptor until its CurveZMQ handshake is done: one that says
 # nothing is closed after this (libzmq's default, 30 s). A handshake takes milliseconds.
@@ -440,10 +441,11 @@ class GlobalKeyManager:
                 ) -> tuple[zmq.Socket, zmq.Socket]:
         s = self.relay_ctx.socket(zmq.DEALER)
         secure_dealer(s, self.keys, d.name)
+        heartbeat_ms = round(self.topo.gkm.heartbeat_s * 1000)
         for opt, v in ((zmq.LINGER, 0), (zmq.IMMEDIATE, 1), (zmq.SNDHWM, 64),
                        (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 1000),
-                       (zmq.HEARTBEAT_IVL, HEARTBEAT_MS),
-                       (zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS),
+                       (zmq.HEARTBEAT_IVL, heartbeat_ms),
+                       (zmq.HEARTBEAT_TIMEOUT, HEARTBEATS_TO_DEAD * heartbeat_ms),
                        (zmq.CONNECT_TIMEOUT, 2000), (zmq.TOS, tos)):
             s.setsockopt(opt, v)
         monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
