@@ -33,7 +33,7 @@ from control.core.statefile import read_status
 from dataplane.limits import LINK_DEAD_S, UP_AFTER_KEEPALIVES
 
 FLOOR_S = 2.0
-SETTLED_S = 0.05  # a link's keepalive timeout this close to its floor
+SETTLE_MARGIN_S = 0.05  # a link's keepalive timeout this close to its floor: settled
 POLL_S = 0.02
 TEMPLATE = """
 [network]
@@ -114,7 +114,7 @@ def run(cuts: int = 20, rate: float = 100.0, settle: bool = True,
                   and net.via("B", "A") == "A-B", t, 60 + 5 * dead_s,
                   "every tunnel up, direct routes")
             if settle:  # the last cut's silence widened the timeout for a while
-                _wait(lambda: max(net.dead_after("A-B")) <= dead_s + SETTLED_S, t,
+                _wait(lambda: max(net.dead_after("A-B")) <= dead_s + SETTLE_MARGIN_S, t,
                       120 + 10 * dead_max_s,
                       "the keepalive timeout back to its floor")
             timeouts.append(max(net.dead_after("A-B")))

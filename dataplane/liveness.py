@@ -34,7 +34,7 @@ from dataplane.limits import (
 
 GAIN_MEAN = 1 / 8
 GAIN_DEV = 1 / 4
-GAIN_DEV_DOWN = 1 / 32  # a stall seen is remembered for some 40 keepalives (8 s)
+GAIN_DEV_DOWN = 1 / 32  # a stall seen is remembered for some 40 keepalives (8 s at 0.2 s)
 
 
 @dataclass

@@ -52,7 +52,7 @@ from dataplane.bpf.guard import (
     GuardSpec,
     route_ifindex,
 )
-from dataplane.limits import LSDB_REFRESH_S, RELEASE_GRACE_S
+from dataplane.limits import KEEPALIVE_S, LSDB_REFRESH_S, RELEASE_GRACE_S
 from dataplane.liveness import PeerLiveness
 from dataplane.ring import CONTROL_LANE, MAX_LANES, CursorFile, KeyRing, RingError
 from dataplane.stats import W_LINK_UP, W_PEER_WORKERS, W_PID_BASE, LinkStats
@@ -403,18 +403,30 @@ class TunnelManager:
 
     # ---- keepalives --------------------------------------------------------------------
 
-    def _keepalive_payload(self, now: float) -> bytes:
-        """Our pool size, and the link-state database when its links' states or costs
-        changed or every LSDB_REFRESH_S (entries expire after LSA_MAX_AGE_S): the
-        keepalives' pads are most of what an idle link spends, so they carry no more than
-        they must."""
-        body: dict = {"node": self.cfg.node, "workers": self.cfg.dp.workers}
+    def _read_lsdb(self) -> tuple[list, list]:
+        """The node's link-state database as the router last wrote it, and its links'
+        states and costs (what makes it news)."""
         try:
             lsdb = json.loads(self.cfg.lsdb_path.read_text()).get("entries", [])
         except (OSError, ValueError):
             lsdb = []
         states = sorted((str(e[0]), str(e[1]), bool(e[3]), e[4] if len(e) == 5 else 1)
                         for e in lsdb if isinstance(e, list) and len(e) in (4, 5))
+        return lsdb, states
+
+    def _lsdb_news(self) -> bool:
+        """A link's state or cost changed since the database last went out: on a slow
+        link, whose keepalives are seconds apart, that goes now, not with the next one
+        (routes, and the multipath relay's holds, expect it to spread within a second)."""
+        return self._read_lsdb()[1] != self._lsdb_sent
+
+    def _keepalive_payload(self, now: float) -> bytes:
+        """Our pool size, and the link-state database when its links' states or costs
+        changed or every LSDB_REFRESH_S (entries expire after the routers' max age): the
+        keepalives' pads are most of what an idle link spends, so they carry no more than
+        they must."""
+        body: dict = {"node": self.cfg.node, "workers": self.cfg.dp.workers}
+        lsdb, states = self._read_lsdb()
         if states != self._lsdb_sent or now - self._lsdb_sent_at >= LSDB_REFRESH_S:
             self._lsdb_sent, self._lsdb_sent_at = states, now
             body["lsdb"] = lsdb
@@ -484,6 +496,7 @@ class TunnelManager:
                          "restarts": s.restarts} for s in self.slots],
             "peer_workers": self.peer_workers,
             "heard_ago_s": round(now - self.last_heard, 3) if self.last_heard else None,
+            "keepalive_s": round(self.liveness.period, 3),
             "liveness": dataclasses.asdict(self.liveness.stats()),
             "enc_available": ec.write_pos - ec.claim_pos, "dec_fill": dc.fill,
             "enc_stored": enc.accounting().stored, "enc_capacity": ec.capacity,
@@ -523,7 +536,8 @@ class TunnelManager:
         chan = ControlChannel(cfg, enc, dec)
         log.info("link %s: tunnel %s up, mtu %d, %d worker(s), mode %s", cfg.link.name,
                  cfg.tun, cfg.dp.mtu, cfg.dp.workers, cfg.dp.mode)
-        next_ka = next_status = 0.0
+        next_ka = next_status = next_news = 0.0
+        slow = self.liveness.period > KEEPALIVE_S  # keepalives seconds apart: news goes now
         try:
             while not self.stop:
                 now = time.monotonic()
@@ -536,7 +550,11 @@ class TunnelManager:
                     self._on_keepalive(payload, stats)
                 chan.apply_releases(now)
                 self._publish_floors(dec)
-                if now >= next_ka:
+                news = False
+                if slow and now >= next_news and now < next_ka:  # (a flapping link's
+                    news = self._lsdb_news()  # news: one extra keepalive a second at most)
+                    next_news = now + (LSDB_REFRESH_S if news else KEEPALIVE_S)
+                if now >= next_ka or news:
                     if chan.send(self._keepalive_payload(now)):
                         self.last_sent = now
                     next_ka = now + self.liveness.period

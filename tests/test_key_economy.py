@@ -193,7 +193,7 @@ def test_wiped_key_ahead_of_the_claims_is_skipped_counted_and_the_link_stays_up(
 def test_a_slow_links_idle_cost_is_a_few_percent_of_its_key_and_it_stays_up(
         tmp_path, prefix):
     """A 50 kb/s link (long spans give a fraction of a Mb/s), global key full both ways:
-    keepalives every 0.2 s took 16 % of each direction's key there, and the relay's ZMTP
+    keepalives every 0.2 s took 12 % of each direction's key there, and the relay's ZMTP
     pings every 5 s (with their answers and TCP acknowledgements) 5 %. Both periods follow
     the rate (control.core.sizing), and so do the peer's timeout and the link-state
     entries' age: the link comes up, stays up and routed, keepalives take at most 2.5 % of

@@ -12,6 +12,9 @@ from control.core.units import rate, size
     (0, "0 B"), (750, "750 B"), (1023, "1,023 B"), (1024, "1.00 KiB"),
     (96 * 1024, "96.0 KiB"), (756 * 1024, "756 KiB"), (int(1.25 * 2**20), "1.25 MiB"),
     (64 * 2**30, "64.0 GiB"),
+    # at a unit's edge, the next unit (not "1,024 KiB"), and three figures (not "10.00")
+    (1023.6, "1.00 KiB"), (2**20 - 1, "1.00 MiB"), (10239, "10.0 KiB"), (102389, "100 KiB"),
+    (-5, "0 B"), (float("nan"), "0 B"),
 ])
 def test_sizes_carry_the_unit_that_suits_them(n, text):
     assert size(n) == text
@@ -20,6 +23,7 @@ def test_sizes_carry_the_unit_that_suits_them(n, text):
 @pytest.mark.parametrize(("bps", "text"), [
     (0, "0 b/s"), (999, "999 b/s"), (50e3, "50.0 kb/s"), (200e3, "200 kb/s"),
     (9.87e6, "9.87 Mb/s"), (1.02e9, "1.02 Gb/s"), (22.83e9, "22.8 Gb/s"),
+    (999.6, "1.00 kb/s"), (999_999, "1.00 Mb/s"),
 ])
 def test_rates_carry_the_unit_that_suits_them(bps, text):
     assert rate(bps) == text

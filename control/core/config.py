@@ -874,9 +874,16 @@ def _gkm_sizes(raw: TopologyFile) -> GkmSizes:
     """Global key sizes: those set in the file, the others from the slowest link."""
     rates = [_rate(lk, raw.defaults) for lk in raw.links]
     limited = [r for r in rates if r > 0]
+    directions = [_rate(lk, raw.defaults) * min(s for s in r if s) / sum(r)
+                  for lk in raw.links if _rate(lk, raw.defaults) > 0
+                  for r in [lk.ratio or raw.defaults.ratio]]
     g = raw.gkm
+    nodes = len(raw.nodes)
+    pairs = nodes * (nodes - 1) if g.pairs == "all" else 2 * len(g.pairs)
     return gkm_sizes(min(limited) if limited else 0.0, g.block_size, g.window,
-                     g.low_watermark, g.high_watermark)
+                     g.low_watermark, g.high_watermark,
+                     min(directions) if directions else 0.0,
+                     connections=pairs * (g.paths + 1))  # paths' DEALERs and one control
 
 
 def share_addresses(net: ipaddress.IPv4Network, pairs: tuple[tuple[str, str], ...],

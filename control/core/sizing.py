@@ -17,15 +17,16 @@ span of time at the link's rate, rounded to a power of two and clamped:
 | global key window (sent, unacknowledged) | 1 s of the slowest link | 2 blocks - 16 MiB |
 | high watermark (low: half of it) | 32 s of the slowest link | 1 - 64 MiB |
 | keepalive period | what keeps keepalives to 2 % of the slower direction's key | 0.2 - 10 s |
-| relay ping period | 5 s at 1 Mb/s of the slowest link, as much longer as it is slower | 5 - 60 s |
+| relay ping period | what keeps all relay pings to 1 % of the slowest direction's key | 5 - 60 s |
 
 Keepalives are the one cost an idle link pays, and they do not shrink with the link: every
-0.2 s, the link-state database in one of them a second, they take about 0.5 kB/s, 0.8 % of
-a 1 Mb/s link's direction but 16 % of a 50 kb/s one's and all of a 10 kb/s one's. So below
-about 1 Mb/s the period grows until they take 2 %; how long a silent peer has before its
+0.2 s, the link-state database in one of them a second, they take about 0.57 kB/s on a
+triangle, 0.9 % of a 1 Mb/s link's direction but 18 % of a 50 kb/s one's and 92 % of a
+10 kb/s one's. So below about 1 Mb/s (more, on networks of over a dozen links, whose
+database is larger) the period grows until they take 2 %; how long a silent peer has before its
 link is called down grows with it (5 to 15 periods, as 1 - 3 s are at 0.2 s), and so does
-how long the link-state entries they carry live (5 periods of the slowest link, at least
-5 s).
+how long the link-state entries they carry live (25 periods of the slowest link, as 5 s
+are at 0.2 s).
 
 A rate of 0 (as fast as the source can) sizes as 1 Gb/s does: the sizes qkdnet always had
 for the emulator. Each size set in the topology file wins over its derived value.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from control.routing.linkcost import MAX_COST
 from dataplane.limits import (
     CONTROL_RESERVE,
     KEEPALIVE_MAX_S,
@@ -92,8 +94,8 @@ KEEPALIVE_BODY = 40  # a keepalive's own words, as JSON: its node's name and poo
 def lsdb_estimate(links: list[tuple[str, str, str]]) -> int:
     """The link-state database of a network of ``links`` (name, end, end) as keepalives
     carry it (control.routing.linkstate: an entry per link end, its seq microseconds of
-    wall time), in bytes."""
-    entries = [[name, end, 2**53, True] for name, a, b in links for end in (a, b)]
+    wall time), in bytes, at its largest: every link down and at the highest cost."""
+    entries = [[name, end, 2**53, False, MAX_COST] for name, a, b in links for end in (a, b)]
     return len(json.dumps({"lsdb": entries}, separators=(",", ":")))
 
 
@@ -119,11 +121,11 @@ def peer_dead_s(keepalive_s: float) -> tuple[float, float]:
 
 
 def lsa_max_age(keepalive_periods: list[float]) -> float:
-    """How long a link-state entry lives unrefreshed: LSA_MAX_AGE_S, five refreshes of
-    LSDB_REFRESH_S, or five periods of the slowest link's keepalives where those are
-    longer (a link's keepalives carry the entries across it)."""
-    slowest = max([LSDB_REFRESH_S, *keepalive_periods])
-    return LSA_MAX_AGE_S * slowest / LSDB_REFRESH_S
+    """How long a link-state entry lives unrefreshed: LSA_MAX_AGE_S at the shortest
+    keepalive period, scaled with the slowest link's, as a silent peer's timeout is. An
+    entry must outlive the longest a link stays up without word (the timeout's cap, 15
+    periods) plus a refresh, or a link still up loses the entries it carries."""
+    return LSA_MAX_AGE_S * max([KEEPALIVE_S, *keepalive_periods]) / KEEPALIVE_S
 
 
 def link_sizes(rate_mbps: float, ratio: tuple[int, int], block_size: int | None = None,
@@ -158,28 +160,37 @@ class GkmSizes:
     heartbeat_s: float = 5.0  # the relay DEALERs' ZMTP pings (they cross the tunnels)
 
 
-HEARTBEAT_S = 5.0        # the relay's ZMTP ping period at 1 Mb/s and faster
+HEARTBEAT_S = 5.0        # the relay's ZMTP ping period: the shortest
 HEARTBEAT_MAX_S = 60.0   # ... the longest, on the slowest links
+HEARTBEAT_SHARE = 0.01   # of the slowest direction's key the relay's pings may take
+PING_ROUND_B = 190       # key one connection's ping costs a direction: the ping, its answer
+                         # and their TCP acknowledgements (measured: 760 B a round for the
+                         # four connections of a pair each way, 50 kb/s, 5 s)
 
 
-def heartbeat_period(slowest_mbps: float) -> float:
-    """The relay connections' ping period: HEARTBEAT_S where the slowest link gives
-    1 Mb/s or more, as much longer as it is slower (at most HEARTBEAT_MAX_S). A ping, its
-    answer and their TCP acknowledgements cross the tunnels under one-time pad: per
-    connection some 150 B a second at 5 s, 0.24 % of a 1 Mb/s direction but 4.8 % of a
-    50 kb/s one's."""
-    if slowest_mbps <= 0 or slowest_mbps >= 1.0:
-        return HEARTBEAT_S
-    return min(HEARTBEAT_MAX_S, HEARTBEAT_S / slowest_mbps)
+def heartbeat_period(slowest_direction_bps: float, connections: int) -> float:
+    """The relay connections' ping period, at which the pings of all ``connections``
+    (every DEALER of every pair: all may cross the slowest link) take at most
+    HEARTBEAT_SHARE of the slowest direction's key (bytes/s), from HEARTBEAT_S to
+    HEARTBEAT_MAX_S. A ping crosses the tunnels under one-time pad: at 5 s the four
+    connections of a pair each way took 5.1 % of a 50 kb/s link's direction."""
+    period = max(1, connections) * PING_ROUND_B / (HEARTBEAT_SHARE * slowest_direction_bps)
+    return min(HEARTBEAT_MAX_S, max(HEARTBEAT_S, period))
 
 
 def gkm_sizes(slowest_mbps: float, block_size: int | None = None, window: int | None = None,
-              low: int | None = None, high: int | None = None) -> GkmSizes:
-    """The global key manager's sizes from the slowest link's rate; given ones kept."""
+              low: int | None = None, high: int | None = None,
+              slowest_direction_mbps: float | None = None, connections: int = 2
+              ) -> GkmSizes:
+    """The global key manager's sizes from the slowest link's rate; given ones kept.
+    ``slowest_direction_mbps`` (default: half the slowest link) and ``connections``
+    (the relay's DEALERs in the network) size its pings."""
     bps = bytes_per_s(slowest_mbps)
     block = block_size or clamp(pow2_floor(bps * 0.25), 4 * KIB, MIB)
     window = window or clamp(pow2_floor(bps), 2 * block, 16 * MIB)
     high = high or max(clamp(pow2_floor(bps * 32), MIB, 64 * MIB), (low or 0) + 2 * block)
     low = low or high // 2
     return GkmSizes(block_size=block, window=window, low_watermark=low, high_watermark=high,
-                    heartbeat_s=heartbeat_period(slowest_mbps))
+                    heartbeat_s=heartbeat_period(bytes_per_s(
+                        slowest_mbps / 2 if slowest_direction_mbps is None
+                        else slowest_direction_mbps), connections))

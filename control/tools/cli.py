@@ -55,8 +55,8 @@ def _bench_signals() -> None:
 
 
 out = Console()
-if not out.is_terminal and "COLUMNS" not in os.environ:  # logs and pipes: keep tables
-    out = Console(width=160)  # whole rather than 80 columns wide
+if not out.is_terminal and not os.environ.get("COLUMNS", "").isdigit():  # logs and
+    out = Console(width=160)  # pipes: keep tables whole rather than 80 columns wide
 err = Console(stderr=True)
 
 
