@@ -26,6 +26,7 @@ KEEPALIVE_SHARE = 0.02              # of a direction's key keepalives may take, 
                                     # shortest period would take more (links below ~1 Mb/s)
 LSA_MAX_AGE_S = 5.0                 # a link-state entry not refreshed this long is dropped
 LSDB_REFRESH_S = 1.0                # keepalives carry the link-state database this often
+MAX_COST = 64                       # a link's highest routing cost (the driest, slowest)
 RELEASE_GRACE_S = 0.1               # DEC key is freed this long after the peer released it
 CONTROL_RESERVE = 64 << 10          # most ENC key kept for keepalives alone (see sizing)
 MAX_SUBLANES = 4                    # lanes (held key ranges) one OTP worker sends on

@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from control.routing.linkcost import MAX_COST
 from dataplane.limits import (
     CONTROL_RESERVE,
     KEEPALIVE_MAX_S,
@@ -47,6 +46,7 @@ from dataplane.limits import (
     LINK_DEAD_S,
     LSA_MAX_AGE_S,
     LSDB_REFRESH_S,
+    MAX_COST,
     MIN_CHUNK,
 )
 from dataplane.wire import MAC_KEY_LEN

@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dataplane.limits import MAX_COST  # the cost of the driest, slowest link
+
 LOW_SHARE = 0.25   # an ENC ring under this share of its capacity: the link is running dry
 HIGH_SHARE = 0.75  # ... and it counts as refilled at this share again,
 FULL_SHARE = 0.95  # or once the ring has no room left (a worker's kept range may pin up to
 HELD_SHARE = 0.5   # half of it, used) while it holds at least this share
 MIN_PENALTY = 2    # a dry link costs at least 1 + this: more than a detour of two hops
-MAX_COST = 64      # the cost of the driest, slowest link
 
 
 def dry_penalty(capacity: int, key_bytes_per_s: float) -> int:
