@@ -169,19 +169,3 @@ def test_the_relays_pings_take_at_most_one_percent_of_the_slowest_direction(
     if slowest and g.heartbeat_s < 60.0:
         spent = connections * PING_ROUND_B / g.heartbeat_s
         assert spent <= 0.01 * (direction or slowest / 2) * 1e6 / 8 * 1.0001
-
-
-@pytest.mark.parametrize("rate", [1000, 10, 1, 0.5, 0.2, 0.05, 0.01])
-def test_the_reserves_hold_what_they_are_for_and_no_more_below_1_mbps(rate):
-    """The keepalives' reserve carries them through the peer's longest timeout with no
-    key coming; below 1 Mb/s the reserves are about a second of the link, where their
-    64 KiB floors held a 50 kb/s link's first 42 s of key back from every datagram."""
-    lsdb = 238  # a triangle's database at its largest
-    s = link_sizes(rate, (1, 1), lsdb_bytes=lsdb)
-    keepalives_per_s = keepalive_cost(s.keepalive_s, lsdb)
-    assert s.reserve_control >= keepalives_per_s * s.peer_dead_s[1]
-    if rate >= 1:
-        assert (s.reserve_control, s.reserve_bulk - s.reserve_control) >= (64 * KIB, 64 * KIB)
-    else:
-        link_bps = rate * 1e6 / 8
-        assert s.reserve_bulk <= max(16 * KIB, 2 * link_bps)

@@ -11,16 +11,13 @@ span of time at the link's rate, rounded to a power of two and clamped:
 | key block (what the source delivers, one agreement decision) | 50 ms of the link | 4 KiB - 1 MiB |
 | ring (per direction and link end) | 2 s of the link | 4 - 256 MiB |
 | largest claim of an OTP worker | 10 ms of the link | 4 KiB - 1 MiB, at most ring/256 |
-| reserve for control traffic (bulk leaves it) | 50 ms of the link | 64 KiB (*) - 1 MiB |
-| reserve for keepalives alone | - | 64 KiB (*), at most ring/64 |
+| reserve for control traffic (bulk leaves it) | 50 ms of the link | 64 KiB - 1 MiB |
+| reserve for keepalives alone | - | 64 KiB, at most ring/64 |
 | global key block | 250 ms of the slowest link | 4 KiB - 1 MiB |
 | global key window (sent, unacknowledged) | 1 s of the slowest link | 2 blocks - 16 MiB |
 | high watermark (low: half of it) | 32 s of the slowest link | 1 - 64 MiB |
 | keepalive period | what keeps keepalives to 2 % of the slower direction's key | 0.2 - 10 s |
 | relay ping period | what keeps all relay pings to 1 % of the slowest direction's key | 5 - 60 s |
-
-(*) Below 1 Mb/s: 1 s of the link, at least 8 KiB (64 KiB would be 42 s of a 50 kb/s
-link's direction that no data may use).
 
 Keepalives are the one cost an idle link pays, and they do not shrink with the link: every
 0.2 s, the link-state database in one of them a second, they take about 0.57 kB/s on a
@@ -142,12 +139,8 @@ def link_sizes(rate_mbps: float, ratio: tuple[int, int], block_size: int | None 
     ring = max(ring, block)
     chunk = chunk or clamp(pow2_floor(bps * 0.01), MIN_CHUNK, min(MIB, max(MIN_CHUNK,
                                                                             ring // 256)))
-    # Below 1 Mb/s the reserves' 64 KiB floors would be many seconds of key that no data
-    # may use (42 s at 50 kb/s, before the link first carries traffic): 1 s of the link
-    # there, at least 8 KiB (2 minutes of a 50 kb/s link's keepalives).
-    slow_floor = clamp(pow2_floor(bps), 8 * KIB, 64 * KIB)
-    keepalive = min(CONTROL_RESERVE, ring // 64, slow_floor)
-    control = clamp(pow2_floor(bps * 0.05), slow_floor, MIB)
+    keepalive = min(CONTROL_RESERVE, ring // 64)
+    control = clamp(pow2_floor(bps * 0.05), 64 * KIB, MIB)
     # A direction gets its share of the rate; blocks of it arrive that often.
     share = min(s for s in ratio if s) / sum(ratio)
     block_interval = block / (bps * share)
