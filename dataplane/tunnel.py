@@ -414,19 +414,21 @@ class TunnelManager:
                         for e in lsdb if isinstance(e, list) and len(e) in (4, 5))
         return lsdb, states
 
-    def _lsdb_news(self) -> bool:
-        """A link's state or cost changed since the database last went out: on a slow
-        link, whose keepalives are seconds apart, that goes now, not with the next one
-        (routes, and the multipath relay's holds, expect it to spread within a second)."""
-        return self._read_lsdb()[1] != self._lsdb_sent
-
-    def _keepalive_payload(self, now: float) -> bytes:
-        """Our pool size, and the link-state database when its links' states or costs
-        changed or every LSDB_REFRESH_S (entries expire after the routers' max age): the
-        keepalives' pads are most of what an idle link spends, so they carry no more than
-        they must."""
-        body: dict = {"node": self.cfg.node, "workers": self.cfg.dp.workers}
+    def _lsdb_news(self) -> tuple[list, list] | None:
+        """The database, read, if a link's state or cost changed since it last went out:
+        on a slow link, whose keepalives are seconds apart, that goes now, not with the
+        next one (routes, and the multipath relay's holds, expect it to spread within a
+        second)."""
         lsdb, states = self._read_lsdb()
+        return (lsdb, states) if states != self._lsdb_sent else None
+
+    def _keepalive_payload(self, now: float, read: tuple[list, list] | None = None) -> bytes:
+        """Our pool size, and the link-state database (``read``: as just read) when its
+        links' states or costs changed or every LSDB_REFRESH_S (entries expire after the
+        routers' max age): the keepalives' pads are most of what an idle link spends, so
+        they carry no more than they must."""
+        body: dict = {"node": self.cfg.node, "workers": self.cfg.dp.workers}
+        lsdb, states = read or self._read_lsdb()
         if states != self._lsdb_sent or now - self._lsdb_sent_at >= LSDB_REFRESH_S:
             self._lsdb_sent, self._lsdb_sent_at = states, now
             body["lsdb"] = lsdb
@@ -550,12 +552,12 @@ class TunnelManager:
                     self._on_keepalive(payload, stats)
                 chan.apply_releases(now)
                 self._publish_floors(dec)
-                news = False
+                news = None
                 if slow and now >= next_news and now < next_ka:  # (a flapping link's
                     news = self._lsdb_news()  # news: one extra keepalive a second at most)
                     next_news = now + (LSDB_REFRESH_S if news else KEEPALIVE_S)
                 if now >= next_ka or news:
-                    if chan.send(self._keepalive_payload(now)):
+                    if chan.send(self._keepalive_payload(now, news)):
                         self.last_sent = now
                     next_ka = now + self.liveness.period
                 self._watch_key(enc, now)

@@ -29,7 +29,14 @@ from pydantic import (
 )
 
 from control.core import paths
-from control.core.sizing import GkmSizes, LinkSizes, gkm_sizes, link_sizes, lsdb_estimate
+from control.core.sizing import (
+    GkmSizes,
+    LinkSizes,
+    gkm_sizes,
+    link_sizes,
+    lsdb_estimate,
+    slower_share,
+)
 from dataplane.limits import (
     CONVENTIONAL_MTU,
     MAX_API_KEY_BYTES,
@@ -872,15 +879,12 @@ def _block_size(lk: Link, d: LinkDefaults) -> int:
 
 def _gkm_sizes(raw: TopologyFile) -> GkmSizes:
     """Global key sizes: those set in the file, the others from the slowest link."""
-    rates = [_rate(lk, raw.defaults) for lk in raw.links]
-    limited = [r for r in rates if r > 0]
-    directions = [_rate(lk, raw.defaults) * min(s for s in r if s) / sum(r)
-                  for lk in raw.links if _rate(lk, raw.defaults) > 0
-                  for r in [lk.ratio or raw.defaults.ratio]]
+    limited = [(r, lk) for lk in raw.links if (r := _rate(lk, raw.defaults)) > 0]
+    directions = [r * slower_share(lk.ratio or raw.defaults.ratio) for r, lk in limited]
     g = raw.gkm
     nodes = len(raw.nodes)
     pairs = nodes * (nodes - 1) if g.pairs == "all" else 2 * len(g.pairs)
-    return gkm_sizes(min(limited) if limited else 0.0, g.block_size, g.window,
+    return gkm_sizes(min(r for r, _ in limited) if limited else 0.0, g.block_size, g.window,
                      g.low_watermark, g.high_watermark,
                      min(directions) if directions else 0.0,
                      connections=pairs * (g.paths + 1))  # paths' DEALERs and one control

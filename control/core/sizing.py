@@ -128,6 +128,11 @@ def lsa_max_age(keepalive_periods: list[float]) -> float:
     return LSA_MAX_AGE_S * max([KEEPALIVE_S, *keepalive_periods]) / KEEPALIVE_S
 
 
+def slower_share(ratio: tuple[int, int]) -> float:
+    """The share of a link's key its slower direction gets (a direction of 0 sends none)."""
+    return min(s for s in ratio if s) / sum(ratio)
+
+
 def link_sizes(rate_mbps: float, ratio: tuple[int, int], block_size: int | None = None,
                ring_capacity: int | None = None, chunk: int | None = None,
                lsdb_bytes: int = 0) -> LinkSizes:
@@ -142,7 +147,7 @@ def link_sizes(rate_mbps: float, ratio: tuple[int, int], block_size: int | None 
     keepalive = min(CONTROL_RESERVE, ring // 64)
     control = clamp(pow2_floor(bps * 0.05), 64 * KIB, MIB)
     # A direction gets its share of the rate; blocks of it arrive that often.
-    share = min(s for s in ratio if s) / sum(ratio)
+    share = slower_share(ratio)
     block_interval = block / (bps * share)
     return LinkSizes(block_size=block, ring_capacity=ring, chunk=chunk,
                      reserve_bulk=min(keepalive + control, ring // 8),
