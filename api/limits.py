@@ -140,10 +140,10 @@ class AddressCap:
     Anyone who reaches the key API's port can open connections, and each holds one of a
     worker's descriptors until it is closed; a connection without a certificate gets its
     401 and closes, but an SAE's stay open as long as it makes a request every SILENT_S.
-    One address holding this many at a worker gets its next ones closed at once, so that
-    it cannot take every descriptor from the others. Kept per worker process (no lock):
-    an address holds at most ``limit`` times the workers in all. ``refused`` paces the
-    worker's log (the shared count is the worker's ``HandCounts``)."""
+    One address holding this many at a worker gets its next ones answered 503 (their first
+    request) and closed, so that it cannot take every descriptor from the others. Kept per
+    worker process (no lock): an address holds at most ``limit`` times the workers in all.
+    ``refused`` paces the worker's log (the shared count is the worker's ``HandCounts``)."""
 
     __slots__ = ("limit", "refused", "_held")
 
@@ -174,3 +174,10 @@ class AddressCap:
 
     def held(self, address: str) -> int:
         return self._held.get(address, 0)
+
+    def refusal(self) -> ApiError:
+        """The answer to a connection over the cap (to its first request; then closed)."""
+        return ApiError(503, f"this client address holds {self.limit} connections at this "
+                             f"KME worker, the most one address may ([api] "
+                             f"max_connections_per_address): this connection is closed and "
+                             f"nothing was taken; send on those open, or close some")

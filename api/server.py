@@ -212,22 +212,25 @@ class _Protocol(HttpProtocol):
     either: the caller is known only once its request is read.
 
     And a cap on the connections one client address holds at this worker
-    (:class:`api.limits.AddressCap`): one over it is closed as soon as it is made (its TLS
-    handshake done; until then the handshake timeout bounds it)."""
+    (:class:`api.limits.AddressCap`): one over it is not counted, and its first request
+    gets a 503 that says why and closes it (a silent one is closed after SILENT_S, as any
+    is); it used to be reset as soon as it was made, and the client saw only that."""
 
     # (Sanic's protocol classes keep to slots)
-    __slots__ = ("_handled", "_arriving", "_address", "_closed_by_cap")
+    __slots__ = ("_handled", "_arriving", "_address", "over_cap")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._handled = 0  # requests this connection handed to the app
         self._arriving: tuple[Stage, int, float] | None = None  # (stage, _handled, seen)
         self._address: str | None = None  # counted in the worker's AddressCap
-        self._closed_by_cap = False  # Sanic never saw it
+        self.over_cap = False  # its address held its cap: answered once (503), closed
         handle = self.request_handler
 
         async def counted(request: Request):  # a head is in: the next is another one
             self._handled += 1
+            if self.over_cap and request.stream is not None:
+                request.stream.keep_alive = False  # whatever the answer, the last
             return await handle(request)
 
         self.request_handler = counted
@@ -236,17 +239,14 @@ class _Protocol(HttpProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             cap: AddressCap = self.app.ctx.addresses
-            if not cap.admit(peer[0]):
-                self._closed_by_cap = True
-                transport.abort()  # Sanic never sees it: no task, nothing to read
+            if cap.admit(peer[0]):
+                self._address = peer[0]
+            else:
+                self.over_cap = True
                 _count_refusal(self.app, peer[0], cap)
-                return
-            self._address = peer[0]
         super().connection_made(transport)
 
     def connection_lost(self, exc) -> None:
-        if self._closed_by_cap:
-            return
         if self._address is not None:
             self.app.ctx.addresses.release(self._address)
             self._address = None
@@ -275,8 +275,9 @@ def _count_refusal(app: Sanic, address: str, cap: AddressCap) -> None:
         counts.add(refused_connections=1)
     if (cap.refused & (cap.refused - 1)) == 0:
         log.warning("key API: %s holds %d connections at this worker, the most one address "
-                    "may ([api] max_connections_per_address): closed its next one (%d "
-                    "refused so far by this worker)", address, cap.held(address), cap.refused)
+                    "may ([api] max_connections_per_address): its next one gets a 503 and is "
+                    "closed (%d refused so far by this worker)", address, cap.held(address),
+                    cap.refused)
 
 
 def make_app(topo: Topology, node: str, name: str | None = None,
@@ -333,8 +334,10 @@ def make_app(topo: Topology, node: str, name: str | None = None,
             raise
 
     def admitted(request: Request) -> str:
-        """The calling SAE, if it may make one more request now."""
+        """The calling SAE, if it may make one more request now (and on this connection)."""
         sae = caller(request)
+        if request.stream is not None and getattr(request.stream.protocol, "over_cap", False):
+            raise request.app.ctx.addresses.refusal()
         sae_limits.admit(sae, time.monotonic())
         return sae
 

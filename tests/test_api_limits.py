@@ -85,6 +85,9 @@ def test_an_address_holds_at_most_its_cap_of_connections_and_gets_them_back_as_t
         cap.release("10.0.0.1")
     assert cap.held("10.0.0.1") == 0 and "10.0.0.1" not in cap._held  # nothing kept
     assert cap.refused == 2
+    refusal = cap.refusal()  # what a connection over it is answered
+    assert refusal.status == 503 and "holds 3 connections" in refusal.message
+    assert "max_connections_per_address" in refusal.message
     unlimited = AddressCap(0)
     assert all(unlimited.admit("10.0.0.1") for _ in range(10_000))
     unlimited.release("10.0.0.1")

@@ -456,46 +456,57 @@ def test_a_silent_connection_is_closed_within_15_s_in_any_phase(net):
 
 
 def _status_on(host: str, port: int, ctx: ssl.SSLContext, source: str,
-               ) -> http.client.HTTPSConnection | None:
-    """A connection from ``source`` that asked for a status and got its 200 (kept open);
-    None if the server closed it instead."""
+               ) -> tuple[http.client.HTTPSConnection | None, tuple | None]:
+    """A connection from ``source`` that asked for a status: kept open if it got its 200;
+    else closed, beside what it got instead (status, Connection header, JSON body; None
+    if no answer)."""
     c = http.client.HTTPSConnection(host, port, context=ctx, timeout=30,
                                     source_address=(source, 0))
+    got = None
     try:
         c.request("GET", f"{BASE}/b1/status")
         r = c.getresponse()
-        r.read()
+        body = r.read()
         if r.status == 200:
-            return c
-    except (OSError, http.client.HTTPException):
+            return c, None
+        got = (r.status, r.getheader("connection"), json.loads(body))
+    except (OSError, http.client.HTTPException, ValueError):
         pass
     c.close()
-    return None
+    return None, got
 
 
 def _flood(host: str, port: int, ctx: ssl.SSLContext, source: str, n: int,
-           ) -> tuple[list[http.client.HTTPSConnection], float]:
+           ) -> tuple[list[http.client.HTTPSConnection], list, float]:
     """``n`` connections from ``source``, each asking for a status: those answered, kept
-    open, and the seconds it took."""
+    open; what the others got; and the seconds it took."""
     t0 = time.monotonic()
-    held = [c for c in (_status_on(host, port, ctx, source) for _ in range(n)) if c]
-    return held, time.monotonic() - t0
+    asked = [_status_on(host, port, ctx, source) for _ in range(n)]
+    return ([c for c, _ in asked if c], [got for c, got in asked if not c],
+            time.monotonic() - t0)
 
 
 def test_one_address_holds_at_most_its_cap_of_connections_and_the_others_are_served(net):
     """Each connection holds one of a worker's descriptors, and an SAE's stays open as
     long as it asks something every SILENT_S: one address holding max_connections_per_address
-    at a worker gets its next ones there closed at once, counted in the API's status, and
-    gets them back as its connections close. Another address is served meanwhile."""
+    at a worker gets its next ones there answered 503, saying why, and closed, counted in
+    the API's status, and gets them back as its connections close. Another address is
+    served meanwhile."""
     cap, workers = net.topo.api.max_connections_per_address, net.topo.api.workers
     host, ctx = net.host("A"), net.ctx("a1")
     refused_before = _api_file(net.prefix, "A")["refused_connections"]
-    held, took = net.pools["A"].submit(_flood, host, net.port, ctx, "127.0.0.2",
-                                       3 * cap).result(300)
+    held, refused, took = net.pools["A"].submit(_flood, host, net.port, ctx, "127.0.0.2",
+                                                3 * cap).result(300)
     try:
         # Held connections go idle, and one closed after SILENT_S would free its place.
         assert took < SILENT_S, f"{3 * cap} connections took {took:.0f} s to open"
         assert cap <= len(held) <= workers * cap, len(held)
+        assert len(refused) == 3 * cap - len(held)
+        for got in refused:  # each told why, and closed (not reset unanswered)
+            assert got is not None, "a connection over the cap closed without an answer"
+            status, connection, body = got
+            assert (status, connection) == (503, "close"), got
+            assert "max_connections_per_address" in body["message"], body
         assert net.call("a1", "GET", f"{BASE}/b1/status")[0] == 200  # another address
         wait_until(lambda: _api_file(net.prefix, "A")["refused_connections"]
                    == refused_before + 3 * cap - len(held), 30,
@@ -506,8 +517,8 @@ def test_one_address_holds_at_most_its_cap_of_connections_and_the_others_are_ser
             c.close()
 
     def again() -> bool:  # cap at once, wherever they land: each worker counts none
-        held, _ = net.pools["A"].submit(_flood, host, net.port, ctx, "127.0.0.2",
-                                        cap).result(300)
+        held, _, _ = net.pools["A"].submit(_flood, host, net.port, ctx, "127.0.0.2",
+                                           cap).result(300)
         for c in held:
             c.close()
         return len(held) == cap

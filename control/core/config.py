@@ -448,8 +448,8 @@ class ApiSection(_Strict):
                                       description="seconds over which an SAE's share refills")
     max_connections_per_address: int = Field(
         64, ge=0, le=65535, description="connections one client address may hold open at "
-                                        "each worker (more: closed once its TLS handshake "
-                                        "is done); 0 = no limit")
+                                        "each worker (more: their first request is "
+                                        "answered 503 and they are closed); 0 = no limit")
 
     @field_validator("key_size")
     @classmethod
