@@ -6,7 +6,10 @@ MAX_RING_CAPACITY = 4 << 30         # key bytes one ring may hold
 RING_HEADER_SIZE = 4096             # one page of cursors before the key bytes
 MAX_PENDING_BLOCKS = 65536          # blocks an end holds while their fate is undecided
 MAX_PENDING_BYTES = 256 << 20       # ... and their total size
-PENDING_BLOCK_TIMEOUT_S = 5.0       # an undecided block older than this is discarded
+PENDING_BLOCK_TIMEOUT_S = 30.0      # an undecided block older than this is discarded: how
+                                    # long one end's source may be away (a device's or key
+                                    # manager's restart, reconnects backing off 1, 2, 4, 8 s)
+                                    # before the blocks the other end took meanwhile are lost
 MAX_AGREEMENT_FRAME = 1 << 20       # largest agreement message on the wire
 MAX_KEYS_PER_NOTE = 1024            # device keys one block may be made of (one enc_keys call)
 EMULATOR_QUEUE_BLOCKS = 64          # blocks the emulator buffers per slow end, then drops

@@ -28,6 +28,7 @@ from control.lkm.agreement import (
     Store,
 )
 from control.lkm.messages import Decide, Decision, Fate, Sync, decode, encode
+from dataplane.limits import PENDING_BLOCK_TIMEOUT_S
 
 LEADER, FOLLOWER = 0, 1
 ENC_END = {AB: LEADER, BA: FOLLOWER}  # which end encrypts with each direction's key
@@ -315,6 +316,33 @@ def test_block_missing_at_follower_is_discarded_not_guessed():
     assert sim.rings[FOLLOWER][AB].write == 16
     assert sim.ends[LEADER].counters.blocks_discarded == {"peer_missing": 1}
     assert_rings_agree(sim)
+
+
+def test_a_block_waits_out_a_restart_of_the_other_ends_source():
+    """One end's source away for 25 s (its device restarted, reconnects backing off 1, 2,
+    4, 8 s): the block the other end took meanwhile is stored at both once it comes, not
+    lost at both (5 s was the timeout); one that never comes is let go after the
+    timeout, and the follower told."""
+    lead = Leader((1, 0), capacity=1000, write_pos=(0, 0))
+    fol = Follower(capacity=1000, write_pos=(0, 0))
+    (hello,) = fol.on_connect((0, 0))
+    (sync,) = lead.on_message(hello.msg, (0, 0), 0.0)
+    fol.on_message(sync.msg, (0, 0), 0.0)
+    lead.on_block((7, 0), b"k" * 16, (0, 0), 0.0)
+    for t in range(1, 26):  # the follower's source is away; the leader sweeps
+        assert not any(isinstance(a, Dropped) for a in lead.on_tick((0, 0), float(t)))
+    (have,) = fol.on_block((7, 0), b"k" * 16, (0, 0), 25.0)
+    acts = lead.on_message(have.msg, (0, 0), 25.0)
+    assert [(a.direction, a.pos) for a in acts if isinstance(a, Store)] == [(AB, 0)]
+    (decide,) = [a for a in acts if isinstance(a, Send)]
+    assert [(a.direction, a.pos) for a in fol.on_message(decide.msg, (0, 0), 25.0)
+            if isinstance(a, Store)] == [(AB, 0)]
+    lead.on_block((7, 1), b"j" * 16, (0, 0), 26.0)  # never comes at the follower
+    assert not lead.on_tick((0, 0), 26.0 + PENDING_BLOCK_TIMEOUT_S - 0.5)
+    acts = lead.on_tick((0, 0), 26.0 + PENDING_BLOCK_TIMEOUT_S + 0.5)
+    assert [a.reason for a in acts if isinstance(a, Dropped)] == ["timeout"]
+    assert [d.fate for a in acts if isinstance(a, Send) for d in a.msg.decisions] == \
+        [Fate.DISCARD]
 
 
 def test_follower_applies_only_what_the_leader_decided():

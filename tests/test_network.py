@@ -18,6 +18,7 @@ from control.core import paths
 from control.node.status import collect
 from control.tools import emulation
 from control.tools.emulation import leftovers
+from dataplane.limits import PENDING_BLOCK_TIMEOUT_S
 from dataplane.ring import KeyRing
 from tests.conftest import write_topology
 from tests.nsutil import wait_until
@@ -179,7 +180,8 @@ def test_rings_at_both_ends_hold_identical_key(tmp_path, prefix):
                    for s in sts):
             return False
         return ring_ends("A") == ring_ends("B")
-    wait_until(settled, 10, "both ends to apply every decision")
+    # A block only one end got before the source went: undecided until the timeout.
+    wait_until(settled, PENDING_BLOCK_TIMEOUT_S + 30, "both ends to apply every decision")
     total = 0
     for d in ("ab", "ba"):
         lo_a, hi_a, a = ring_bytes(prefix, "A", d)
