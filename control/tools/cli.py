@@ -908,11 +908,11 @@ def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples
          phase: Annotated[float, typer.Option(min=1.0, max=600.0,
                                               help="seconds of each stream phase")] = 8.0,
          rate: Annotated[float | None, typer.Option(
-             min=0.1, max=100_000.0, help="TCP stream rate, Mb/s [default: 200, or a fifth "
-                                          "of --key-rate]")] = None,
+             min=0.1, max=100_000.0, help="TCP stream rate, Mb/s (default: 200, or a fifth "
+                                          "of --key-rate)")] = None,
          key_rate: Annotated[float | None, typer.Option(
              min=0.5, max=100_000.0, help="every link's QKD key rate, Mb/s, sizes derived "
-                                          "from it [default: the file's]")] = None,
+                                          "from it (default: the file's)")] = None,
          as_json: Annotated[bool, typer.Option("--json", help="the report as JSON")] = False,
          ) -> None:
     """The paper's three nodes: keys through the key API, a TCP stream through the OTP

@@ -156,8 +156,9 @@ def at_key_rate(path: Path, rate_mbps: float, out_dir: Path) -> Path:
 
 
 def stream_rate_for(rate_mbps: float) -> float:
-    """The demo stream's default rate on links of ``rate_mbps``: a fifth of a link, so
-    that it and the global key restocking both fit a direction's share during the cut."""
+    """The demo stream's default rate on links of ``rate_mbps``: a fifth of a link. The
+    global key fill, paced at 90 % of its path's key, competes with it for the rest
+    (docs/design.md, "The demo"): at 1 Gb/s the stores are full before the stream starts."""
     return max(0.1, rate_mbps / 5)
 
 
