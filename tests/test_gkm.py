@@ -230,16 +230,17 @@ def test_kill_9_of_origin_relay_and_destination_loses_nothing_acknowledged(
     acked_seen: dict[int, str] = {}
     start = time.monotonic()
     kills = {"A": 0, "B": 0, "C": 0}
-    # 25 s of chaos; longer (up to 60 s) on a loaded machine where fewer events happen,
+    # 25 s of chaos; longer (up to 120 s) on a loaded machine where fewer events happen,
     # until at least two kinds of crash point have fired and the application took keys.
     while time.monotonic() - start < 25 or (
             (len(_crash_points_fired(prefix)) < 2 or not taken)
-            and time.monotonic() - start < 60):
+            and time.monotonic() - start < 120):
         time.sleep(rng.uniform(0.3, 1.5))
-        # Past the 25 s with nothing taken yet (kills that came thick and fast kept every
-        # fill from finishing once, for 60 s): no more kills, only the crash points, until
-        # the application has taken keys.
-        victim = rng.choice("ABC") if time.monotonic() - start < 25 or taken else None
+        # Past the 25 s: no more kills, only the crash points, until both have happened.
+        # Kills that came thick and fast on a slow machine kept the fills from getting far
+        # (one run took no key in 60 s; one on a machine slowed 2.5x fired one kind of
+        # crash point in 60 s, against 15 kills).
+        victim = rng.choice("ABC") if time.monotonic() - start < 25 else None
         if victim == "B":  # the relay: every process of the node, then start it again
             _kill_node(prefix, "B", man)
             time.sleep(rng.uniform(0, 1))
