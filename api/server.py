@@ -212,12 +212,13 @@ class _Protocol(HttpProtocol):
     either: the caller is known only once its request is read.
 
     And a cap on the connections one client address holds at this worker
-    (:class:`api.limits.AddressCap`): one over it is not counted, and its first request
-    gets a 503 that says why and closes it (a silent one is closed after SILENT_S, as any
-    is); it used to be reset as soon as it was made, and the client saw only that."""
+    (:class:`api.limits.AddressCap`): one over it is not counted; its first request gets
+    one answer (a 503 that says why, if it is an SAE's call) and the connection is closed,
+    and whatever it does it is closed SILENT_S after it was made (looked at as above). It
+    used to be reset as soon as it was made, and the client saw only that."""
 
     # (Sanic's protocol classes keep to slots)
-    __slots__ = ("_handled", "_arriving", "_address", "over_cap")
+    __slots__ = ("_handled", "_arriving", "_address", "over_cap", "_made")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -225,17 +226,23 @@ class _Protocol(HttpProtocol):
         self._arriving: tuple[Stage, int, float] | None = None  # (stage, _handled, seen)
         self._address: str | None = None  # counted in the worker's AddressCap
         self.over_cap = False  # its address held its cap: answered once (503), closed
+        self._made = 0.0  # when the connection was made (its handshake done)
         handle = self.request_handler
 
         async def counted(request: Request):  # a head is in: the next is another one
             self._handled += 1
-            if self.over_cap and request.stream is not None:
-                request.stream.keep_alive = False  # whatever the answer, the last
+            if request.stream is not None:
+                # No route is a websocket, and Sanic stops every timeout of a request
+                # that asks for one (a POST whose body never came was held for good).
+                request.stream.upgrade_websocket = False
+                if self.over_cap:
+                    request.stream.keep_alive = False  # whatever the answer, the last
             return await handle(request)
 
         self.request_handler = counted
 
     def connection_made(self, transport) -> None:
+        self._made = time.monotonic()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             cap: AddressCap = self.app.ctx.addresses
@@ -253,6 +260,9 @@ class _Protocol(HttpProtocol):
         super().connection_lost(exc)
 
     def check_timeouts(self) -> None:
+        if self.over_cap and time.monotonic() - self._made > SILENT_S:
+            self.close()  # answered or not: it had SILENT_S in all, in any phase
+            return
         http = getattr(self, "_http", None)
         if http is not None and (http.stage is Stage.REQUEST
                                  or (http.stage is Stage.HANDLER and http.request_body)):

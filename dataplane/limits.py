@@ -10,6 +10,10 @@ PENDING_BLOCK_TIMEOUT_S = 30.0      # an undecided block older than this is disc
                                     # long one end's source may be away (a device's or key
                                     # manager's restart, reconnects backing off 1, 2, 4, 8 s)
                                     # before the blocks the other end took meanwhile are lost
+NOTED_BLOCK_TIMEOUT_S = 5.0         # ... for ETSI 014 devices: the follower finds a block's
+                                    # keys by the leader's note, sent once, so a block whose
+                                    # note it lost (restarted) is lost, and the leader's window
+                                    # of undecided blocks waits no longer than this for it
 MAX_AGREEMENT_FRAME = 1 << 20       # largest agreement message on the wire
 MAX_KEYS_PER_NOTE = 1024            # device keys one block may be made of (one enc_keys call)
 EMULATOR_QUEUE_BLOCKS = 64          # blocks the emulator buffers per slow end, then drops

@@ -391,8 +391,9 @@ def _silent_connections(host: str, port: int, ctx: ssl.SSLContext, n: int,
                         opened: threading.Event) -> float | None:
     """Open ``n`` connections of each kind that then go silent, or nearly: no
     ClientHello; a TLS handshake and no request; a POST head that announces a body and
-    sends none; a request head, and a body, sent one byte every 2 s. Seconds from then
-    until the server has closed them all (None: not in 60 s)."""
+    sends none, also one asking for a websocket (Sanic stops its timeouts for those); a
+    request head, and a body, sent one byte every 2 s. Seconds from then until the server
+    has closed them all (None: not in 60 s)."""
     sources = itertools.cycle(f"127.0.0.{i}" for i in range(10, 14))
 
     def tcp() -> socket.socket:  # from four addresses: under the per-address cap
@@ -404,17 +405,18 @@ def _silent_connections(host: str, port: int, ctx: ssl.SSLContext, n: int,
 
     post = (f"POST {BASE}/b1/enc_keys HTTP/1.1\r\nHost: {host}\r\n"
             "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode()
+    upgrade = post.replace(b"\r\n\r\n", b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     socks: list[socket.socket] = []
     trickling: list[socket.socket] = []
     try:
         socks += [tcp() for _ in range(n)]
         socks += [tls() for _ in range(n)]
-        for first in (post, post, f"GET {BASE}/b1/status HTTP/1.1\r\nX-".encode()):
+        for first in (post, upgrade, post, f"GET {BASE}/b1/status HTTP/1.1\r\nX-".encode()):
             for _ in range(n):
                 s = tls()
                 s.sendall(first)
                 socks.append(s)
-                if len(socks) > 3 * n:
+                if len(socks) > 4 * n:
                     trickling.append(s)
         t0 = time.monotonic()
         opened.set()

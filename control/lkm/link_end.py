@@ -48,6 +48,7 @@ from control.lkm.messages import (
     ProtocolError,
 )
 from control.lkm.source import KeySource, SourceUnavailable, make_source
+from dataplane.limits import PENDING_BLOCK_TIMEOUT_S
 from dataplane.private import NotPrivateError, secret_file
 from dataplane.ring import ROLE_DEC, ROLE_ENC, CursorFile, KeyRing, RingError
 
@@ -171,10 +172,12 @@ class LinkKeyManager:
                                                      role, cursor)
         write = (self.rings[AB].write_pos, self.rings[BA].write_pos)
         self.machine: Leader | Follower
+        # How long a block waits for the other end's copy: a source may say (ETSI 014).
+        timeout = getattr(cfg.source, "block_timeout_s", PENDING_BLOCK_TIMEOUT_S)
         if self.is_leader:
-            self.machine = Leader(lk.ratio, lk.ring_capacity, write)
+            self.machine = Leader(lk.ratio, lk.ring_capacity, write, timeout)
         else:
-            self.machine = Follower(lk.ring_capacity, write)
+            self.machine = Follower(lk.ring_capacity, write, timeout)
         self.sel = selectors.DefaultSelector()
         self.listener: socket.socket | None = None
         self.peer_sock: socket.socket | None = None

@@ -52,7 +52,7 @@ from api.client import KmeClient, NoAnswer, TlsFilesError, tls_context
 from api.etsi import BadAnswer, NotEnoughKey, Refused
 from control.lkm.messages import KeyIds, Message
 from control.lkm.source import Block, FetchingSource, SourceUnavailable
-from dataplane.limits import PENDING_BLOCK_TIMEOUT_S
+from dataplane.limits import NOTED_BLOCK_TIMEOUT_S
 
 if TYPE_CHECKING:
     from control.core.config import Etsi014End, Etsi014Source, LinkSpec, Topology
@@ -227,7 +227,7 @@ class NoteQueue:
     so the device may have handed the keys out: a "not found" then drops it at once.
     """
 
-    def __init__(self, max_age: float = PENDING_BLOCK_TIMEOUT_S, size: int = MAX_NOTES):
+    def __init__(self, max_age: float = NOTED_BLOCK_TIMEOUT_S, size: int = MAX_NOTES):
         self.max_age = max_age
         self.size = size
         self._q: deque[_Note] = deque()
@@ -332,6 +332,8 @@ class _EtsiSource(FetchingSource):
     # agreement's window, a note), or the backoff. A second wait after it held each block
     # of the pipeline back by 50 ms: 0.9 Mb/s at 1 KiB calls, whatever the device's speed.
     idle_s = 0.0
+    # How long the agreement waits for the other end's copy of a block (link_end).
+    block_timeout_s = NOTED_BLOCK_TIMEOUT_S
 
     def __init__(self, link: str, cfg: Etsi014Source, own: Etsi014End, peer_sae: str,
                  base_dir: Path, role: str):
@@ -475,7 +477,7 @@ class EtsiLeaderSource(_EtsiSource):
         """The notes to send now; those the agreement has given up on are dropped."""
         now = time.monotonic()
         with self._lock:
-            out = [n for t, n in self._notes if now - t <= PENDING_BLOCK_TIMEOUT_S]
+            out = [n for t, n in self._notes if now - t <= NOTED_BLOCK_TIMEOUT_S]
             self._notes.clear()
         return out  # type: ignore[return-value]
 
