@@ -527,6 +527,61 @@ def test_one_address_holds_at_most_its_cap_of_connections_and_the_others_are_ser
     wait_until(again, 60, "the address holding its cap again once its others closed")
 
 
+def _over_cap_lifetimes(host: str, port: int, ctx: ssl.SSLContext, source: str,
+                        cap: int, workers: int) -> list[float | None]:
+    """Every worker made to hold ``source``'s cap; then four more connections from it,
+    silent 12 s, then a POST head whose body comes a byte every 2 s: seconds from their
+    handshake until the server closed each (None: open after 60 s)."""
+    held: list[http.client.HTTPSConnection] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(held) < workers * cap:  # each worker's share, wherever they land
+            assert time.monotonic() < deadline, f"{len(held)} held of {workers * cap}"
+            c, _ = _status_on(host, port, ctx, source)
+            if c:
+                held.append(c)
+        probes = [ctx.wrap_socket(socket.create_connection((host, port), timeout=10,
+                                                           source_address=(source, 0)),
+                                  server_hostname=host) for _ in range(4)]
+        t0 = time.monotonic()
+        for s in probes:
+            s.setblocking(False)
+        closed: list[float | None] = [None] * len(probes)
+        head = (f"POST {BASE}/b1/enc_keys HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                "application/json\r\nContent-Length: 100\r\n\r\n").encode()
+        sent_head, next_byte = False, t0 + 12
+        while time.monotonic() - t0 < 60 and None in closed:
+            for i, s in enumerate(probes):
+                if closed[i] is None and _gone(s):
+                    closed[i] = time.monotonic() - t0
+            if time.monotonic() >= next_byte:
+                next_byte += 2
+                for i, s in enumerate(probes):
+                    if closed[i] is None:
+                        with contextlib.suppress(OSError):
+                            s.send(b"{" if sent_head else head)
+                sent_head = True
+            time.sleep(0.1)
+        for s in probes:
+            s.close()
+        return closed
+    finally:
+        for c in held:
+            c.close()
+
+
+def test_a_connection_over_the_cap_is_closed_15_s_after_it_was_made_whatever_it_sends(net):
+    """One over its address's cap is not counted, so it must not stay: closed SILENT_S
+    after it was made (looked at every SILENT_S / 2), whatever it sends. Silent 12 s and
+    then a body trickling in, an admitted connection stays 15-30 s after its head came
+    (27 s at the least); one over the cap stayed as long."""
+    cap, workers = net.topo.api.max_connections_per_address, net.topo.api.workers
+    lifetimes = net.pools["A"].submit(_over_cap_lifetimes, net.host("A"), net.port,
+                                      net.ctx("a1"), "127.0.0.4", cap, workers).result(300)
+    assert None not in lifetimes, lifetimes
+    assert max(lifetimes) < 12 + SILENT_S - 1, lifetimes  # before an admitted one could go
+
+
 def test_a_connection_without_a_certificate_gets_its_401_and_is_closed(net):
     """A connection that is no SAE's is never heard: after its 401 the server closes it,
     rather than keep a descriptor open for whoever made it (with a request every
