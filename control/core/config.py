@@ -449,7 +449,8 @@ class ApiSection(_Strict):
     max_connections_per_address: int = Field(
         64, ge=0, le=65535, description="connections one client address may hold open at "
                                         "each worker (more: their first request is "
-                                        "answered 503 and they are closed); 0 = no limit")
+                                        "answered, 503 for an SAE's call, and they are "
+                                        "closed, within 15 s at most); 0 = no limit")
 
     @field_validator("key_size")
     @classmethod
