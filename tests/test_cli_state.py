@@ -74,3 +74,27 @@ def test_a_stray_folder_in_the_run_root_is_no_network(tmp_path, monkeypatch):
         (tmp_path / name).mkdir()
         (tmp_path / name / "net.json").write_text("{}")
     assert emulation.known_prefixes() == ["ok1"]
+
+
+def test_nodes_and_emulators_start_without_the_current_directory_on_their_import_path(
+        tmp_path, monkeypatch):
+    """net up runs as root, often from a directory others may write to (/tmp): a
+    ``control`` package planted there ran as root in every node and emulator it started
+    (``python -m`` puts the current directory first on the import path; a helper's audit
+    did it). They start with ``-P`` now."""
+    import contextlib
+    import os
+
+    from tests.nsutil import wait_until
+
+    planted = tmp_path / "control"
+    planted.mkdir()
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    log = tmp_path / "logs" / "spawned.log"
+    monkeypatch.chdir(tmp_path)
+    pid = emulation._spawn(["--help"], log)
+    wait_until(lambda: "Usage" in log.read_text(), 60, "qkdctl's help from the child")
+    with contextlib.suppress(ChildProcessError):  # (reaped already)
+        os.waitpid(pid, 0)
+    assert not marker.exists(), "code planted in the current directory ran in the child"

@@ -175,9 +175,13 @@ def _ensure_pki(topo: Topology) -> None:
 
 
 def _spawn(args: list[str], log: Path) -> int:
+    """Start ``qkdctl args`` (a node or an emulator, as root) in its own session. ``-P``:
+    ``python -m`` would put the current directory first on the import path, and whoever
+    can write there (anyone, in /tmp) would have a ``control`` package of theirs, or any
+    module imported later, run as root in every node (a helper's audit did it)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "control.tools.cli", *args],
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "control.tools.cli", *args],
                                 stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     return proc.pid
