@@ -135,14 +135,16 @@ class SaeLimiter:
 
 
 class AddressCap:
-    """Connections held open per client address, at most ``limit`` each (0: no limit).
+    """Connections one SAE holds open from one client address, at most ``limit`` each
+    (0: no limit).
 
     Anyone who reaches the key API's port can open connections, and each holds one of a
-    worker's descriptors until it is closed; a connection without a certificate gets its
-    401 and closes, but an SAE's stay open as long as it makes a request every SILENT_S.
-    One address holding this many at a worker gets its next ones answered 503 (their first
-    request) and closed, so that it cannot take every descriptor from the others. Kept per
-    worker process (no lock): an address holds at most ``limit`` times the workers in all.
+    worker's descriptors until it is closed; a connection that is no SAE's gets its 401
+    and closes (and is not counted here: it would use up an SAE's place at a shared
+    address), but an SAE's stay open as long as it makes a request every SILENT_S. An SAE
+    holding this many from one address at a worker gets its next ones answered 503
+    (their first request) and closed, so that it cannot take every descriptor from the
+    others. Kept per worker process (no lock): at most ``limit`` times the workers in all.
     ``refused`` paces the worker's log (the shared count is the worker's ``HandCounts``)."""
 
     __slots__ = ("limit", "refused", "_held")
@@ -150,34 +152,35 @@ class AddressCap:
     def __init__(self, limit: int):
         self.limit = limit
         self.refused = 0
-        self._held: dict[str, int] = {}
+        self._held: dict[tuple[str, str], int] = {}
 
-    def admit(self, address: str) -> bool:
-        """Count one more connection of ``address``; False (nothing counted) if it holds
-        ``limit`` already. Without a limit nothing is counted."""
+    def admit(self, key: tuple[str, str]) -> bool:
+        """Count one more connection of ``key`` (address, SAE); False (nothing counted) if
+        it holds ``limit`` already. Without a limit nothing is counted."""
         if not self.limit:
             return True
-        n = self._held.get(address, 0)
+        n = self._held.get(key, 0)
         if n >= self.limit:
             self.refused += 1
             return False
-        self._held[address] = n + 1
+        self._held[key] = n + 1
         return True
 
-    def release(self, address: str) -> None:
-        """One admitted connection of ``address`` has closed."""
+    def release(self, key: tuple[str, str]) -> None:
+        """One admitted connection of ``key`` has closed."""
         if not self.limit:
             return
-        n = self._held.pop(address) - 1
+        n = self._held.pop(key) - 1
         if n:
-            self._held[address] = n
+            self._held[key] = n
 
-    def held(self, address: str) -> int:
-        return self._held.get(address, 0)
+    def held(self, key: tuple[str, str]) -> int:
+        return self._held.get(key, 0)
 
-    def refusal(self) -> ApiError:
+    def refusal(self, sae: str) -> ApiError:
         """The answer to a connection over the cap (to its first request; then closed)."""
-        return ApiError(503, f"this client address holds {self.limit} connections at this "
-                             f"KME worker, the most one address may ([api] "
-                             f"max_connections_per_address): this connection is closed and "
-                             f"nothing was taken; send on those open, or close some")
+        return ApiError(503, f"SAE {sae} holds {self.limit} connections from this client "
+                             f"address at this KME worker, the most one SAE may from one "
+                             f"address ([api] max_connections_per_address): this connection "
+                             f"is closed and nothing was taken; send on those open, or "
+                             f"close some")

@@ -76,19 +76,25 @@ def server_context(pki: Path, node: str) -> ssl.SSLContext:
     return ctx
 
 
-def _peer_cn(request: Request) -> str | None:
-    """The verified client certificate's subject CN, once per connection."""
-    ctx = request.conn_info.ctx if request.conn_info else None
-    if ctx is not None and hasattr(ctx, "sae_cn"):
-        return ctx.sae_cn
+def _cert_cn(transport) -> str | None:
+    """The subject CN of the client certificate a TLS connection's handshake verified."""
     cn = None
-    sslobj = request.transport.get_extra_info("ssl_object")
+    sslobj = transport.get_extra_info("ssl_object")
     cert = sslobj.getpeercert() if sslobj is not None else None
     if cert:
         for rdn in cert.get("subject", ()):
             for name, value in rdn:
                 if name == "commonName":
                     cn = value
+    return cn
+
+
+def _peer_cn(request: Request) -> str | None:
+    """The verified client certificate's subject CN, once per connection."""
+    ctx = request.conn_info.ctx if request.conn_info else None
+    if ctx is not None and hasattr(ctx, "sae_cn"):
+        return ctx.sae_cn
+    cn = _cert_cn(request.transport)
     if ctx is not None:
         ctx.sae_cn = cn
     return cn
@@ -211,21 +217,26 @@ class _Protocol(HttpProtocol):
     a POST head that announced a body and sent none held one for good too. Anyone may do
     either: the caller is known only once its request is read.
 
-    And a cap on the connections one client address holds at this worker
-    (:class:`api.limits.AddressCap`): one over it is not counted; its first request gets
-    one answer (a 503 that says why, if it is an SAE's call) and the connection is closed,
-    and whatever it does it is closed SILENT_S after it was made (looked at as above). It
-    used to be reset as soon as it was made, and the client saw only that."""
+    And a cap on the connections one SAE holds from one client address at this worker
+    (:class:`api.limits.AddressCap`, the SAE known from the certificate the handshake
+    verified): one over it is not counted; its first request gets one answer (a 503 that
+    says why) and the connection is closed. One that cannot be an SAE's (no certificate,
+    a CN no SAE of this node has) is not counted either: its first request gets its 401
+    and it is closed, so that it cannot use up an SAE's connections from a shared address.
+    Neither kind stays more than SILENT_S after it was made, whatever it sends (looked at
+    as above). An over-cap connection used to be reset as soon as it was made, and the
+    client saw only that; outsiders used to count in their address's cap."""
 
     # (Sanic's protocol classes keep to slots)
-    __slots__ = ("_handled", "_arriving", "_address", "over_cap", "_made")
+    __slots__ = ("_handled", "_arriving", "_address", "over_cap", "_uncounted", "_made")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._handled = 0  # requests this connection handed to the app
         self._arriving: tuple[Stage, int, float] | None = None  # (stage, _handled, seen)
-        self._address: str | None = None  # counted in the worker's AddressCap
-        self.over_cap = False  # its address held its cap: answered once (503), closed
+        self._address: tuple[str, str] | None = None  # (address, SAE) counted in the cap
+        self.over_cap = False  # its SAE held its cap there: answered once (503), closed
+        self._uncounted = False  # over the cap, or no SAE's: closed SILENT_S after made
         self._made = 0.0  # when the connection was made (its handshake done)
         handle = self.request_handler
 
@@ -246,11 +257,14 @@ class _Protocol(HttpProtocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             cap: AddressCap = self.app.ctx.addresses
-            if cap.admit(peer[0]):
-                self._address = peer[0]
+            sae = _cert_cn(transport)
+            if sae not in self.app.ctx.own_saes:  # no SAE's (None: no certificate)
+                self._uncounted = True
+            elif cap.admit((peer[0], sae)):
+                self._address = (peer[0], sae)
             else:
-                self.over_cap = True
-                _count_refusal(self.app, peer[0], cap)
+                self.over_cap = self._uncounted = True
+                _count_refusal(self.app, (peer[0], sae), cap)
         super().connection_made(transport)
 
     def connection_lost(self, exc) -> None:
@@ -260,7 +274,7 @@ class _Protocol(HttpProtocol):
         super().connection_lost(exc)
 
     def check_timeouts(self) -> None:
-        if self.over_cap and time.monotonic() - self._made > SILENT_S:
+        if self._uncounted and time.monotonic() - self._made > SILENT_S:
             self.close()  # answered or not: it had SILENT_S in all, in any phase
             return
         http = getattr(self, "_http", None)
@@ -277,17 +291,17 @@ class _Protocol(HttpProtocol):
         super().check_timeouts()
 
 
-def _count_refusal(app: Sanic, address: str, cap: AddressCap) -> None:
-    """Count a connection refused by the address cap; log the 1st, 2nd, 4th, ... of this
-    worker (a flood does not flood the log)."""
+def _count_refusal(app: Sanic, key: tuple[str, str], cap: AddressCap) -> None:
+    """Count a connection refused by the cap; log the 1st, 2nd, 4th, ... of this worker
+    (a flood does not flood the log)."""
     counts: HandCounts | None = getattr(app.ctx, "hand_counts", None)
     if counts is not None:
         counts.add(refused_connections=1)
     if (cap.refused & (cap.refused - 1)) == 0:
-        log.warning("key API: %s holds %d connections at this worker, the most one address "
-                    "may ([api] max_connections_per_address): its next one gets a 503 and is "
-                    "closed (%d refused so far by this worker)", address, cap.held(address),
-                    cap.refused)
+        log.warning("key API: SAE %s holds %d connections from %s at this worker, the most "
+                    "one SAE may from one address ([api] max_connections_per_address): its "
+                    "next one gets a 503 and is closed (%d refused so far by this worker)",
+                    key[1], cap.held(key), key[0], cap.refused)
 
 
 def make_app(topo: Topology, node: str, name: str | None = None,
@@ -314,6 +328,7 @@ def make_app(topo: Topology, node: str, name: str | None = None,
 
         die_with_parent()
         app.ctx.addresses = AddressCap(topo.api.max_connections_per_address)  # this worker's
+        app.ctx.own_saes = frozenset(s.id for s in topo.saes if s.node == kme.node)
         keep_freed_memory()
         app.ctx.gkm = GkmLink(topo.prefix, node)
         app.ctx.gkm.start()
@@ -347,7 +362,7 @@ def make_app(topo: Topology, node: str, name: str | None = None,
         """The calling SAE, if it may make one more request now (and on this connection)."""
         sae = caller(request)
         if request.stream is not None and getattr(request.stream.protocol, "over_cap", False):
-            raise request.app.ctx.addresses.refusal()
+            raise request.app.ctx.addresses.refusal(sae)
         sae_limits.admit(sae, time.monotonic())
         return sae
 

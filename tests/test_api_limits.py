@@ -74,24 +74,26 @@ def test_over_any_window_an_sae_gets_at_most_twice_its_share():
     assert 1000 <= got <= 2000
 
 
-def test_an_address_holds_at_most_its_cap_of_connections_and_gets_them_back_as_they_close():
+def test_an_sae_holds_at_most_its_cap_of_connections_from_an_address_and_gets_them_back():
     cap = AddressCap(3)
-    assert [cap.admit("10.0.0.1") for _ in range(4)] == [True, True, True, False]
-    assert cap.admit("10.0.0.2")  # another address has its own
-    assert (cap.held("10.0.0.1"), cap.refused) == (3, 1)
-    cap.release("10.0.0.1")
-    assert cap.admit("10.0.0.1") and not cap.admit("10.0.0.1")
+    a1 = ("10.0.0.1", "a1")
+    assert [cap.admit(a1) for _ in range(4)] == [True, True, True, False]
+    assert cap.admit(("10.0.0.2", "a1"))  # the SAE from another address
+    assert cap.admit(("10.0.0.1", "a2"))  # another SAE at the same address
+    assert (cap.held(a1), cap.refused) == (3, 1)
+    cap.release(a1)
+    assert cap.admit(a1) and not cap.admit(a1)
     for _ in range(3):
-        cap.release("10.0.0.1")
-    assert cap.held("10.0.0.1") == 0 and "10.0.0.1" not in cap._held  # nothing kept
+        cap.release(a1)
+    assert cap.held(a1) == 0 and a1 not in cap._held  # nothing kept
     assert cap.refused == 2
-    refusal = cap.refusal()  # what a connection over it is answered
-    assert refusal.status == 503 and "holds 3 connections" in refusal.message
+    refusal = cap.refusal("a1")  # what a connection over it is answered
+    assert refusal.status == 503 and "SAE a1 holds 3 connections" in refusal.message
     assert "max_connections_per_address" in refusal.message
     unlimited = AddressCap(0)
-    assert all(unlimited.admit("10.0.0.1") for _ in range(10_000))
-    unlimited.release("10.0.0.1")
-    assert unlimited.held("10.0.0.1") == 0 and unlimited.refused == 0  # nothing kept
+    assert all(unlimited.admit(a1) for _ in range(10_000))
+    unlimited.release(a1)
+    assert unlimited.held(a1) == 0 and unlimited.refused == 0  # nothing kept
 
 
 def _hammer(lim: SaeLimiter, start, n: int, q) -> None:

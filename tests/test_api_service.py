@@ -582,6 +582,38 @@ def test_a_connection_over_the_cap_is_closed_15_s_after_it_was_made_whatever_it_
     assert max(lifetimes) < 12 + SILENT_S - 1, lifetimes  # before an admitted one could go
 
 
+def _crowded_out(host: str, port: int, crowd: list[ssl.SSLContext], n: int,
+                 ctx: ssl.SSLContext, source: str) -> list[int | None]:
+    """``n`` connections from ``source`` with each context of ``crowd`` (None: no
+    certificate), made and left silent; then eight status requests from the same address
+    with ``ctx``: what each got (None: no answer)."""
+    held = [c.wrap_socket(socket.create_connection((host, port), timeout=10,
+                                                   source_address=(source, 0)),
+                          server_hostname=host) for c in crowd for _ in range(n)]
+    try:
+        got = [_status_on(host, port, ctx, source) for _ in range(8)]
+        for c, _ in got:
+            if c:
+                c.close()
+        return [200 if c else (answer[0] if answer else None) for c, answer in got]
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_others_at_an_saes_address_do_not_use_up_its_connections(net):
+    """The cap counts an SAE's connections from an address: connections that are no
+    SAE's (a user of the SAE's host, or a process in the node's namespace, without an
+    SAE's certificate), or another SAE's, made from the same address and left silent,
+    used to hold the address's cap at every worker, and the SAE was answered 503."""
+    cap, workers = net.topo.api.max_connections_per_address, net.topo.api.workers
+    n = workers * cap + 8  # enough for every worker, wherever they land
+    for crowd, source in (([net.ctx(None)], "127.0.0.5"), ([net.ctx("a2")], "127.0.0.6")):
+        got = net.pools["A"].submit(_crowded_out, net.host("A"), net.port, crowd, n,
+                                    net.ctx("a1"), source).result(300)
+        assert got == [200] * 8, got
+
+
 def test_a_connection_without_a_certificate_gets_its_401_and_is_closed(net):
     """A connection that is no SAE's is never heard: after its 401 the server closes it,
     rather than keep a descriptor open for whoever made it (with a request every

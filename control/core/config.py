@@ -447,10 +447,10 @@ class ApiSection(_Strict):
     sae_share_window_s: float = Field(10.0, gt=0.0, le=86400.0,
                                       description="seconds over which an SAE's share refills")
     max_connections_per_address: int = Field(
-        64, ge=0, le=65535, description="connections one client address may hold open at "
-                                        "each worker (more: their first request is "
-                                        "answered, 503 for an SAE's call, and they are "
-                                        "closed, within 15 s at most); 0 = no limit")
+        64, ge=0, le=65535, description="connections one SAE may hold open from one "
+                                        "client address at each worker (more: their first "
+                                        "request is answered 503 and they are closed, "
+                                        "within 15 s at most); 0 = no limit")
 
     @field_validator("key_size")
     @classmethod

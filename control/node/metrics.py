@@ -76,9 +76,10 @@ SPECS: dict[str, tuple[str, str]] = {
     "qkdnet_api_serving": ("gauge", "1 when every key API worker runs (and its manager)"),
     "qkdnet_api_workers_alive": ("gauge", "key API worker processes alive"),
     "qkdnet_api_worker_restarts_total": ("counter", "key API workers forked again"),
-    "qkdnet_api_refused_connections_total": ("counter", "connections closed at once: their "
-                                                        "address held [api] "
-                                                        "max_connections_per_address"),
+    "qkdnet_api_refused_connections_total": ("counter", "connections answered 503 and "
+                                                        "closed: their SAE held [api] "
+                                                        "max_connections_per_address "
+                                                        "from their address"),
     "qkdnet_api_hand_keys": ("gauge", "keys the key API workers hold taken ahead in their "
                                       "hands"),
     "qkdnet_api_hand_served_keys_total": ("counter", "keys handed out from workers' hands"),
