@@ -269,7 +269,8 @@ def test_kill_9_of_origin_relay_and_destination_loses_nothing_acknowledged(
         _start_node(topo, man, node)
     wait_until(lambda: routes_complete(prefix, ["A", "B", "C"]), ROUTES_S,
                "routes again")
-    wait_until(lambda: settled(prefix, [("A", "C"), ("C", "A")], 8 * MIB), 90,
+    # (90 s was short once, on a machine slowed 2.5x with more tests beside this one)
+    wait_until(lambda: settled(prefix, [("A", "C"), ("C", "A")], 8 * MIB), 240,
                "the relay to settle after the restarts")
     assert len(fired) >= 2, f"too few crash points fired: {fired}"
     for o, d in (("A", "C"), ("C", "A")):
