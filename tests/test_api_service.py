@@ -490,10 +490,10 @@ def _flood(host: str, port: int, ctx: ssl.SSLContext, source: str, n: int,
 
 def test_one_address_holds_at_most_its_cap_of_connections_and_the_others_are_served(net):
     """Each connection holds one of a worker's descriptors, and an SAE's stays open as
-    long as it asks something every SILENT_S: one address holding max_connections_per_address
-    at a worker gets its next ones there answered 503, saying why, and closed, counted in
-    the API's status, and gets them back as its connections close. Another address is
-    served meanwhile."""
+    long as it asks something every SILENT_S: an SAE holding max_connections_per_address
+    from one address at a worker gets its next ones there answered 503, saying why, and
+    closed, counted in the API's status, and gets them back as its connections close.
+    Another address is served meanwhile."""
     cap, workers = net.topo.api.max_connections_per_address, net.topo.api.workers
     host, ctx = net.host("A"), net.ctx("a1")
     refused_before = _api_file(net.prefix, "A")["refused_connections"]
