@@ -109,7 +109,7 @@ def endpoint(ns: str, pki: Path, node: str, host: str, port: int, workers: int,
 
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m",
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-P", "-m",
                                  "bench.bare_api", "--pki", str(pki), "--node", node,
                                  "--host", host, "--port", str(port),
                                  "--workers", str(workers)],

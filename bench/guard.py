@@ -96,7 +96,7 @@ class GuardNet(Net):
         link = self.topo.link("A-B")
         ring = paths.ring_name(self.prefix, "B", "A-B", "ab")  # B's DEC ring of A's key
         return subprocess.Popen(
-            ["ip", "netns", "exec", self.attacker_ns, sys.executable, "-m", "bench.flood",
+            ["ip", "netns", "exec", self.attacker_ns, sys.executable, "-P", "-m", "bench.flood",
              "--seconds", str(seconds), "--src", ATTACKER_NET[0],
              "--peer", str(link.underlay_a.ip), "--dst", str(link.underlay_b.ip),
              "--port-lo", str(self.topo.ports.tunnel), "--ports",

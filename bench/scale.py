@@ -196,7 +196,7 @@ def run(config: Path, timeout: float = 600.0, console: Console | None = None) ->
     slave = next((s.id for s in topo.saes if s.node == b), None)
     if master is None or slave is None:
         raise BenchError(f"{config}: no SAE at {a} or at {b}, the first key pair")
-    qkdctl = [sys.executable, "-m", "control.tools.cli"]
+    qkdctl = [sys.executable, "-P", "-m", "control.tools.cli"]  # (-P: see emulation._spawn)
     console.print(f"scale: {config.name}: {len(topo.nodes)} nodes, {len(topo.links)} links; "
                   f"global key {a} <-> {b}; prefix {topo.prefix}")
     mem0 = _mem_available()
