@@ -228,7 +228,8 @@ class _Protocol(HttpProtocol):
     client saw only that; outsiders used to count in their address's cap."""
 
     # (Sanic's protocol classes keep to slots)
-    __slots__ = ("_handled", "_arriving", "_address", "over_cap", "_uncounted", "_made")
+    __slots__ = ("_handled", "_arriving", "_address", "over_cap", "_uncounted", "_made",
+                 "_writing")
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -238,6 +239,7 @@ class _Protocol(HttpProtocol):
         self.over_cap = False  # its SAE held its cap there: answered once (503), closed
         self._uncounted = False  # over the cap, or no SAE's: closed SILENT_S after made
         self._made = 0.0  # when the connection was made (its handshake done)
+        self._writing: tuple[int, float] | None = None  # (bytes waiting to leave, since)
         handle = self.request_handler
 
         async def counted(request: Request):  # a head is in: the next is another one
@@ -288,7 +290,24 @@ class _Protocol(HttpProtocol):
                     http.stage is Stage.HANDLER and now - self._time > SILENT_S):
                 self.close()
                 return
+        if http is not None and http.stage is Stage.RESPONSE and self._answer_stalled():
+            self.transport.abort()  # its reader stopped: what waits is dropped, not kept
+            return
         super().check_timeouts()
+
+    def _answer_stalled(self) -> bool:
+        """Whether an answer's bytes have stopped leaving for SILENT_S: the transport's
+        write buffer not empty and unchanged since (a reader that stops held the answer,
+        up to 85 MB of base64, and its worker's memory, for good; flow control keeps the
+        buffer's size still while nothing drains, and any drain changes it)."""
+        transport = self.transport
+        pending = transport.get_write_buffer_size() if transport is not None else 0
+        now = time.monotonic()
+        seen = self._writing
+        if not pending or seen is None or seen[0] != pending:
+            self._writing = (pending, now)
+            return False
+        return now - seen[1] > SILENT_S
 
 
 def _count_refusal(app: Sanic, key: tuple[str, str], cap: AddressCap) -> None:

@@ -649,6 +649,44 @@ def test_others_at_an_saes_address_do_not_use_up_its_connections(net):
         assert got == [200] * 8, got
 
 
+def _stalled_answer(host: str, port: int, ctx: ssl.SSLContext, query: str,
+                    stall_s: float) -> tuple[int, int]:
+    """Ask for keys, read the answer's head and stop reading for ``stall_s``, then read
+    on to its end: (body bytes that came, the body's announced length)."""
+    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=90),
+                        server_hostname=host)
+    with s:
+        s.sendall(f"GET {BASE}/b1/enc_keys?{query} HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                  .encode())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(256)
+            assert chunk, got
+            got += chunk
+        head, body = got.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+        time.sleep(stall_s)  # a reader that stopped
+        n = len(body)
+        with contextlib.suppress(OSError):
+            while n < length and (chunk := s.recv(1 << 20)):
+                n += len(chunk)
+        return n, length
+
+
+def test_an_answer_whose_reader_stopped_is_dropped_not_kept(net):
+    """An SAE that asks for 16 MiB of key and stops reading its answer held the answer
+    (22 MB of base64) in its worker, and its connection, for good: nothing bounded an
+    answer's way out. Its bytes not leaving for SILENT_S (looked at every SILENT_S / 2),
+    the connection is dropped; other SAEs are served meanwhile."""
+    net.stock(24 * MIB)
+    job = net.pools["A"].submit(_stalled_answer, net.host("A"), net.port, net.ctx("a1"),
+                                "number=16&size=8388608", 3 * SILENT_S)
+    assert net.call("a2", "GET", f"{BASE}/b1/status")[0] == 200  # served meanwhile
+    got, length = job.result(300)
+    assert length > 16 * MIB
+    assert got < length, "the stalled answer was kept whole"
+
+
 def test_a_connection_without_a_certificate_gets_its_401_and_is_closed(net):
     """A connection that is no SAE's is never heard: after its 401 the server closes it,
     rather than keep a descriptor open for whoever made it (with a request every
