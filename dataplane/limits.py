@@ -59,4 +59,6 @@ MIN_BLOCKS_AHEAD = 1 << 16          # a received block's number may pass the hig
 MAX_API_WORKERS = 32                # Sanic worker processes per node
 MAX_API_KEY_BYTES = 1 << 20         # largest key one request may ask for (8 Mibit)
 MAX_API_REQUEST_BYTES = 64 << 20    # key bytes one answer may carry (number x size)
+MAX_API_READ_BYTES = 2 * MAX_API_REQUEST_BYTES  # key blocks one dec_keys may have read
+                                    # whole (its keys' and two partial ones beyond them)
 MAX_SAE_IDS = 16                    # additional_slave_SAE_IDs one request may name

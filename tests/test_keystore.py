@@ -273,6 +273,32 @@ def test_dec_keys_beyond_what_one_answer_may_carry_are_refused_whole(tmp_path, m
     assert d.take_dec("A", ids[2:], "sae-2") == [keys[2][1]]
 
 
+def test_dec_keys_spread_over_more_blocks_than_one_request_may_read_are_refused_whole(
+        tmp_path, monkeypatch):
+    """The store reads whole blocks: a small key in each of many blocks (the rest of each
+    another SAE's) had up to a GiB read for one request, again after every answer its
+    reader cut short. What the keys' blocks hold is bounded as the keys are."""
+    from control.gkm import store_rules
+
+    o, d = origin(tmp_path), dest(tmp_path)
+    blocks = seeds.new_blocks(3, 256)
+    d.store_received("A", list(zip(fill(o, blocks), [b.data for b in blocks], strict=True)))
+    small = []
+    for _ in range(3):  # per block: an 8-byte key for one SAE, the rest for another
+        (k, data), = o.take_enc("B", 1, 8)
+        small.append((str(k.key_id), data))
+        d.reserve("A", [str(k.key_id)], "sae-2")
+        d.reserve("A", [str(k.key_id) for k, _ in o.take_enc("B", 1, 248)], "sae-3")
+    ids = [kid for kid, _ in small]
+    monkeypatch.setattr(store_rules, "MAX_API_READ_BYTES", 600)  # 128 MiB, scaled down
+    with pytest.raises(StoreError, match="lie in 3 blocks of 768 bytes.* ask for them in "
+                                         "parts") as e:
+        d.take_dec("A", ids, "sae-2")  # 24 bytes of key, 768 read
+    assert e.value.kind == "bad"
+    assert d.take_dec("A", ids[:2], "sae-2") == [k for _, k in small[:2]]  # nothing taken
+    assert d.take_dec("A", ids[2:], "sae-2") == [small[2][1]]
+
+
 def test_dec_keys_go_once_and_only_to_the_reserved_sae(tmp_path):
     o, d = origin(tmp_path), dest(tmp_path)
     blocks = seeds.new_blocks(2, 256)

@@ -65,7 +65,7 @@ from control.gkm.errors import (
 )
 from control.gkm.seeds import Block
 from control.gkm.wire import AckStatus, Reserve, encode_reserve, parse, receive_status
-from dataplane.limits import MAX_API_REQUEST_BYTES, MAX_RELAY_BLOCKS
+from dataplane.limits import MAX_API_READ_BYTES, MAX_API_REQUEST_BYTES, MAX_RELAY_BLOCKS
 
 HANDED_KEEP_S = 60.0   # keys in an answer never confirmed written stay fetchable this long
 UNCONFIRMED = b"\x01"  # a DEC reservation's prefix until the master's node confirms it
@@ -856,6 +856,14 @@ def delivery(st: DecState, node_id: int, key_ids: list[str], sae: str, master: s
         raise BadRequest(  # takes at once would have up to a GiB read, joined and encoded
             f"the keys named are {total} bytes, above the {MAX_API_REQUEST_BYTES >> 20} "
             f"MiB one answer may carry: ask for them in parts")
+    seqs = {s.seq for s in decoded}
+    read = sum(st.blocks[seq] for seq in seqs)
+    if read > MAX_API_READ_BYTES:  # the store reads whole blocks: keys one to a block (8
+        raise BadRequest(  # bytes each, the rest of each block another SAE's) had a GiB
+            # read per request, again after every answer its reader cut short
+            f"the keys named lie in {len(seqs)} blocks of {read} bytes here, above the "
+            f"{MAX_API_READ_BYTES >> 20} MiB one request may have read: ask for them in "
+            f"parts")
     fetches, unconfirmed, in_flight = [], [], []
     for kid, s in zip(key_ids, decoded, strict=True):
         rid = reservation_key(kid)
