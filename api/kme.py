@@ -41,6 +41,11 @@ class Kme:
 
     # ---- who ----------------------------------------------------------------------------
 
+    @property
+    def own_saes(self) -> frozenset[str]:
+        """The SAEs attached to this node: the only callers :meth:`caller` lets through."""
+        return frozenset(s for s, n in self.sae_nodes.items() if n == self.node)
+
     def caller(self, cn: str | None) -> str:
         """The calling SAE from its verified client certificate's subject CN."""
         if cn is None:

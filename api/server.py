@@ -347,7 +347,7 @@ def make_app(topo: Topology, node: str, name: str | None = None,
 
         die_with_parent()
         app.ctx.addresses = AddressCap(topo.api.max_connections_per_address)  # this worker's
-        app.ctx.own_saes = frozenset(s.id for s in topo.saes if s.node == kme.node)
+        app.ctx.own_saes = kme.own_saes  # (looked up at every connection)
         keep_freed_memory()
         app.ctx.gkm = GkmLink(topo.prefix, node)
         app.ctx.gkm.start()

@@ -45,6 +45,8 @@ def test_the_caller_is_a_known_sae_attached_to_this_node(kme):
         with pytest.raises(ApiError, match=words) as e:
             kme.caller(cn)
         assert _status(e) == 401
+        assert cn not in kme.own_saes  # (counted in no SAE's connections: api.server)
+    assert "a1" in kme.own_saes
 
 
 def test_keys_live_with_the_slaves_node(kme):
