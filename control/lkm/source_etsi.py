@@ -477,7 +477,7 @@ class EtsiLeaderSource(_EtsiSource):
         """The notes to send now; those the agreement has given up on are dropped."""
         now = time.monotonic()
         with self._lock:
-            out = [n for t, n in self._notes if now - t <= NOTED_BLOCK_TIMEOUT_S]
+            out = [n for t, n in self._notes if now - t <= self.block_timeout_s]
             self._notes.clear()
         return out  # type: ignore[return-value]
 
