@@ -155,10 +155,18 @@ async def _from_gkm(call, on_dec: bool):
 def _parse(request: Request, from_query, from_body, limits: etsi.Limits):
     """The request's parameters: the query string of a GET, the JSON body of a POST."""
     if request.method == "GET":
+        _no_body(request)
         return from_query(_query(request), limits)
     if request.query_string:
         raise etsi.bad("POST takes its parameters in the JSON body")
     return from_body(request.body, limits)
+
+
+def _no_body(request: Request) -> None:
+    """A GET with a body is refused (an empty one, ``Content-Length: 0``, is no body): its
+    body would be ignored, and Sanic logged an error for each such request answered."""
+    if request.body:
+        raise etsi.bad("a GET request takes its parameters in the query string and no body")
 
 
 class _ProcessLock:
@@ -386,10 +394,11 @@ def make_app(topo: Topology, node: str, name: str | None = None,
         return sae
 
     # The handlers raise ApiError for every refusal; _any_error below answers it.
-    @app.get(f"{BASE}/<slave:str>/status")
+    @app.get(f"{BASE}/<slave:str>/status", ignore_body=False)  # read, to refuse one
     async def status(request: Request, slave: str) -> HTTPResponse:
         master = admitted(request)
         etsi.check_path_sae(slave)
+        _no_body(request)
         if _query(request):
             raise etsi.bad("status takes no query parameters")
         peer = kme.slave_node(slave)

@@ -754,6 +754,9 @@ BAD = [  # method, path, body, what the message says
     ("GET", "/", None, "no such endpoint"),
     ("DELETE", f"{BASE}/b1/enc_keys", None, "not allowed"),          # ... and no 405
     ("PUT", f"{BASE}/b1/status", b"{}", "not allowed"),
+    ("GET", f"{BASE}/b1/status", b"x", "no body"),                  # a GET has no body
+    ("GET", f"{BASE}/b1/enc_keys?number=1", b"{}", "no body"),
+    ("GET", f"{BASE}/b1/dec_keys?key_ID={NO_SUCH_KEY}", b"{}", "no body"),
 ]
 
 
@@ -765,6 +768,16 @@ def test_400_with_the_reason_and_nothing_taken(net, method, path, body, words):
     assert status == 400, doc
     assert words in doc["message"], doc
     assert net.consumed() == before
+
+
+def test_a_get_with_an_empty_body_is_answered_and_logs_nothing(net):
+    """``Content-Length: 0`` on a GET is no body: answered, and no log line (Sanic logged
+    an error for each GET with that header, a line an SAE could write at its request
+    rate)."""
+    for _ in range(25):
+        status, doc = net.call("a1", "GET", f"{BASE}/b1/status", b"")
+        assert status == 200 and doc["slave_SAE_ID"] == "b1"
+    assert "not consumed" not in _node_log(net.prefix, "A")
 
 
 def test_503_when_there_is_not_enough_key_and_nothing_is_taken(net):

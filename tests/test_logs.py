@@ -107,3 +107,67 @@ def test_text_format_for_reading_by_eye(monkeypatch):
 
 def test_redact_leaves_other_values_alone():
     assert redact(5) == 5 and redact("abc") == "abc" and redact(b"ab") == "<2 bytes>"
+
+
+# ---- one call site cannot flood the log (RepeatLimit) ---------------------------------------
+
+def _flood(log: logging.Logger, n: int) -> None:
+    for i in range(n):
+        log.warning("refused request %d from %s", i, "10.0.0.9")  # one call site
+
+
+def test_a_call_site_writes_its_burst_then_one_line_per_period(logged):
+    """A thousand lines from one line of code at once (what an outsider repeating a
+    refused request makes) write the burst only; other call sites are not held back."""
+    from control.core.logs import BURST
+
+    _flood(logging.getLogger("qkdnet.z"), 1000)
+    logging.getLogger("qkdnet.z").warning("another call site")
+    lines = _lines(logged)
+    assert len(lines) == BURST + 1
+    assert lines[-1]["message"] == "another call site"
+    assert lines[BURST - 1]["message"] == f"refused request {BURST - 1} from 10.0.0.9"
+
+
+def test_the_line_after_a_gap_says_how_many_were_left_out():
+    from control.core.logs import RepeatLimit
+
+    now = [100.0]
+    limit = RepeatLimit(burst=3, every_s=10.0, clock=lambda: now[0])
+
+    def one(i: int) -> logging.LogRecord | None:
+        rec = logging.LogRecord("qkdnet.z", logging.ERROR, "/x.py", 7, "bad %s", (i,), None)
+        return rec if limit.filter(rec) else None
+
+    assert [one(i) is not None for i in range(10)] == [True] * 3 + [False] * 7
+    now[0] += 9.9  # not yet a whole token
+    assert one(10) is None
+    now[0] += 0.1
+    rec = one(11)
+    assert rec is not None and rec.getMessage() == \
+        "bad 11 (8 more line(s) from here not logged)" and rec.left_out == 8
+    assert one(12) is None
+    now[0] += 1000  # a long quiet: the burst again, no more
+    assert [one(i) is not None for i in range(4)] == [True] * 3 + [False]
+    other = logging.LogRecord("qkdnet.z", logging.ERROR, "/x.py", 8, "other", None, None)
+    assert limit.filter(other)  # another line of the same file has its own budget
+
+
+def test_a_left_out_count_names_no_key_bytes(logged):
+    """The line that says how many were left out is written with its arguments already
+    scrubbed: the key in them is still only its length."""
+    from control.core.logs import BURST, RepeatLimit
+
+    handler = logging.getLogger().handlers[0]
+    limit = next(f for f in handler.filters if isinstance(f, RepeatLimit))
+    now = [0.0]
+    limit.clock = lambda: now[0]
+    log = logging.getLogger("qkdnet.z")
+    for i in range(BURST + 5):
+        if i == BURST + 4:
+            now[0] += 60.0
+        log.warning("block %s", KEY)
+    lines = _lines(logged)
+    assert len(lines) == BURST + 1 and lines[-1]["left_out"] == 4
+    assert lines[-1]["message"] == "block <48 bytes> (4 more line(s) from here not logged)"
+    assert all(KEY.hex() not in line for line in logged.getvalue().splitlines())

@@ -10,6 +10,12 @@ Invariant 6 (no secrets in logs) is kept by what modules log (counts, positions,
 enforced here as well: :class:`NoKeyBytes` replaces any bytes-like argument or extra field
 with its length before a line is formatted, so a careless ``log.info("%s", block)`` writes
 ``<1048576 bytes>``, not key.
+
+A log must not be a way to fill the node's disk or memory (the logs live under
+``/run/qkdnet``, a tmpfs on most machines): anything an outsider can make happen once per
+request or datagram could otherwise write a line each time. :class:`RepeatLimit` lets each
+line of code (each logging call site) write ``BURST`` lines at once and one more every
+``EVERY_S`` after that; the next line written says how many were left out.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import dataclasses
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
@@ -67,6 +75,45 @@ class NoKeyBytes(logging.Filter):
         return True
 
 
+BURST = 20  # lines one call site writes at once
+EVERY_S = 3.0  # then one line per this many seconds: 20 a minute, about 7 MB a day at most
+MAX_SITES = 4096  # call sites tracked (a process has a few hundred); the oldest is forgotten
+
+
+class RepeatLimit(logging.Filter):
+    """A token bucket per call site (logger, file, line): ``BURST`` lines, then one every
+    ``EVERY_S``. A line let through after some were left out carries their number, in
+    its message and as the ``left_out`` field."""
+
+    def __init__(self, burst: int = BURST, every_s: float = EVERY_S,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.burst, self.every_s, self.clock = burst, every_s, clock
+        self.sites: dict[tuple[str, str, int], list[float]] = {}  # site -> [tokens, at, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        site = (record.name, record.pathname, record.lineno)
+        now = self.clock()
+        state = self.sites.pop(site, None)  # re-inserted last: the dict is oldest first
+        if state is None:
+            state = [float(self.burst), now, 0]
+            if len(self.sites) >= MAX_SITES:
+                del self.sites[next(iter(self.sites))]
+        tokens = min(self.burst, state[0] + (now - state[1]) / self.every_s)
+        self.sites[site] = state
+        if tokens < 1:
+            state[0], state[1], state[2] = tokens, now, state[2] + 1
+            return False
+        state[0], state[1] = tokens - 1, now
+        dropped, state[2] = int(state[2]), 0
+        if dropped:
+            record.msg = f"{record.getMessage()} ({dropped} more line(s) from here " \
+                         f"not logged)"
+            record.args = None
+            record.left_out = dropped
+        return True
+
+
 def formatter(kind: str) -> logging.Formatter:
     if kind == "text":
         return logging.Formatter(TEXT_FORMAT)
@@ -82,6 +129,7 @@ def setup_logging(level: int = logging.INFO, stream: TextIO | None = None) -> No
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(kind))
     handler.addFilter(NoKeyBytes(os.environ.get("QKDNET_NODE", "-")))
+    handler.addFilter(RepeatLimit())  # after: it may format the message of a line it lets by
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
