@@ -171,3 +171,22 @@ def test_a_left_out_count_names_no_key_bytes(logged):
     assert len(lines) == BURST + 1 and lines[-1]["left_out"] == 4
     assert lines[-1]["message"] == "block <48 bytes> (4 more line(s) from here not logged)"
     assert all(KEY.hex() not in line for line in logged.getvalue().splitlines())
+
+
+def test_a_child_forked_while_the_limit_was_held_can_still_log():
+    """A process forked while another thread was inside the filter (its lock held) logs
+    in the child all the same."""
+    import os
+    import signal
+
+    from control.core.logs import RepeatLimit
+
+    limit = RepeatLimit()
+    rec = logging.LogRecord("qkdnet.z", logging.INFO, "/x.py", 1, "hi", None, None)
+    with limit.lock:
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(30)  # a child stuck on the lock dies of SIGALRM
+            os._exit(0 if limit.filter(rec) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TextIO
@@ -89,29 +90,46 @@ class RepeatLimit(logging.Filter):
                  clock: Callable[[], float] = time.monotonic):
         super().__init__()
         self.burst, self.every_s, self.clock = burst, every_s, clock
+        self.lock = threading.Lock()
+        # A child forked while another thread held the lock would wait on it for good.
+        os.register_at_fork(after_in_child=self._new_lock)
         self.sites: dict[tuple[str, str, int], list[float]] = {}  # site -> [tokens, at, dropped]
 
+    def _new_lock(self) -> None:
+        self.lock = threading.Lock()
+
     def filter(self, record: logging.LogRecord) -> bool:
-        site = (record.name, record.pathname, record.lineno)
+        with self.lock:  # filters run outside the handler's lock, in any thread
+            dropped = self._spend((record.name, record.pathname, record.lineno))
+        if dropped is None:
+            return False
+        if dropped:
+            record.left_out = dropped
+            try:
+                record.msg = f"{record.getMessage()} ({dropped} more line(s) from here " \
+                             f"not logged)"
+                record.args = None
+            except Exception:  # a message that cannot be formatted: the handler says so
+                pass
+        return True
+
+    def _spend(self, site: tuple[str, str, int]) -> int | None:
+        """None if the site has no line left now; else how many it left out before."""
         now = self.clock()
-        state = self.sites.pop(site, None)  # re-inserted last: the dict is oldest first
+        state = self.sites.pop(site, None)  # put back last: the dict is oldest first
         if state is None:
             state = [float(self.burst), now, 0]
             if len(self.sites) >= MAX_SITES:
                 del self.sites[next(iter(self.sites))]
-        tokens = min(self.burst, state[0] + (now - state[1]) / self.every_s)
         self.sites[site] = state
+        tokens = min(self.burst, state[0] + (now - state[1]) / self.every_s)
+        state[1] = now
         if tokens < 1:
-            state[0], state[1], state[2] = tokens, now, state[2] + 1
-            return False
-        state[0], state[1] = tokens - 1, now
+            state[0], state[2] = tokens, state[2] + 1
+            return None
+        state[0] = tokens - 1
         dropped, state[2] = int(state[2]), 0
-        if dropped:
-            record.msg = f"{record.getMessage()} ({dropped} more line(s) from here " \
-                         f"not logged)"
-            record.args = None
-            record.left_out = dropped
-        return True
+        return dropped
 
 
 def formatter(kind: str) -> logging.Formatter:
