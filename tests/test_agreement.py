@@ -406,10 +406,13 @@ def test_upper_limit_counts_the_peers_ring_too():
     assert sim.ends[LEADER].counters.blocks_discarded["ring_full"] == 4
 
 
-def test_a_reconnection_that_lost_nothing_keeps_the_key_and_one_that_did_wipes_it():
+def test_a_reconnection_keeps_the_key_lost_decisions_are_sent_again_and_only_else_wiped():
     """Equal write positions at both ends: what they hold is the same, and kept (an
-    underlay hiccup or a restarted process cost a whole ring of key before). Unequal: both
-    skip past the higher one, so no byte either end might not hold alike is ever used."""
+    underlay hiccup or a restarted process cost a whole ring of key before). A decision
+    lost in flight is sent again at the next session, so the key is kept too (a forged
+    reset under a Decide wiped every stored byte of a ring at both ends, 100 MiB a packet
+    in an audit). Only when the follower no longer holds the block do both skip past the
+    higher position, so no byte either end might not hold alike is ever used."""
     sim = Sim((1, 1), capacity=1000, seed=3)
     sim.connect()
     quiesce(sim)
@@ -427,18 +430,37 @@ def test_a_reconnection_that_lost_nothing_keeps_the_key_and_one_that_did_wipes_i
         assert sim.rings[FOLLOWER][d].data == held[d]
         assert sim.rings[LEADER][d].data == held[d]
     sim.claim(AB, 64)  # and it is used: the same bytes at both ends (checked in claim)
-    # A decision lost on its way: the leader holds a block the follower never filed.
-    sim.new_block(32, False, False)
-    sim.deliver_block(FOLLOWER)
-    sim.deliver_msg(LEADER)  # the follower's Have
-    sim.deliver_block(LEADER)  # the leader decides and sends Decide ...
-    sim.disconnect()  # ... which is lost
-    decided = [d for d in (AB, BA) if sim.rings[LEADER][d].write == 96]
-    assert len(decided) == 1
+
+    def lose_a_decision() -> int:
+        """A block both ends got; the leader decides it and its Decide is lost."""
+        sim.new_block(32, False, False)
+        sim.deliver_block(FOLLOWER)
+        sim.deliver_msg(LEADER)  # the follower's Have
+        before = [sim.rings[LEADER][d].write for d in (AB, BA)]
+        sim.deliver_block(LEADER)  # the leader decides and sends Decide ...
+        sim.disconnect()  # ... which is lost
+        decided = [d for d in (AB, BA) if sim.rings[LEADER][d].write == before[d] + 32]
+        assert len(decided) == 1
+        return decided[0]
+
+    d = lose_a_decision()
+    kept = {e: dict(sim.rings[e][d].data) for e in (LEADER, FOLLOWER)}
     sim.connect()
     quiesce(sim)
-    d = decided[0]
-    assert sim.rings[LEADER][d].write == sim.rings[FOLLOWER][d].write == 97  # past both
-    assert not [p for p in sim.rings[FOLLOWER][d].data if p < 97]
-    assert not [p for p in sim.rings[LEADER][d].data if p < 97]
+    assert sim.rings[LEADER][d].write == sim.rings[FOLLOWER][d].write == 96  # sent again
+    assert sim.ends[LEADER].counters.decisions_replayed == 1
+    for e in (LEADER, FOLLOWER):
+        assert all(sim.rings[e][d].data.get(p) == v for p, v in kept[e].items())
+        assert sim.ends[e].counters.bytes_skipped == [0, 0]
+    assert_rings_agree(sim)
+    # Lost again, and this time the follower's process restarts: it no longer holds the
+    # block, so the decision cannot be filed there; both skip past the higher position.
+    d = lose_a_decision()
+    past = sim.rings[LEADER][d].write + 1
+    sim.crash(FOLLOWER, reboot=False)
+    sim.connect()
+    quiesce(sim)
+    assert sim.rings[LEADER][d].write == sim.rings[FOLLOWER][d].write == past  # past both
+    assert not [p for p in sim.rings[FOLLOWER][d].data if p < past]
+    assert not [p for p in sim.rings[LEADER][d].data if p < past]
     assert_rings_agree(sim)

@@ -15,12 +15,21 @@ Protocol (messages in :mod:`control.lkm.messages`; ``sync`` numbers one session)
    its durable claim mark, above everything it ever handed out), so what the other end
    keeps is at worst unused there. The key is kept: ``start`` is that position and
    neither end skips.
-   Where they differ, ``start = max(both) + 1``: both ends skip past it, wiping every
-   byte below, so bytes either end might not hold identically (decisions lost in flight)
-   are never used. The leader skips, answers ``Sync(sync, start)``, and the follower
-   skips up to it too (an end skips only to a position above its own write position).
-   Positions only move forward, so no byte is reused; and a reconnection that lost
-   nothing (an underlay hiccup, a restarted process) costs no key.
+   Where the follower is behind, the leader's decisions for the positions between were
+   lost in flight (the connection ended under them). The leader keeps its recent
+   decisions (``MAX_PENDING_BLOCKS`` of them): if they cover exactly the follower's
+   position up to its own, ``start`` is the follower's position (neither end skips) and
+   the leader sends those decisions again, in their order, right after ``Sync``; the
+   follower still holds their blocks undecided and files them where the leader did. If
+   it cannot apply one exactly (a block it no longer holds), it starts a new session, and
+   a second ``Hello`` from the same positions gets no second replay.
+   Otherwise (not covered, the follower ahead, or a replay that failed)
+   ``start = max(both) + 1``: both ends skip past it, wiping every byte below, so bytes
+   either end might not hold identically are never used. The leader skips, answers
+   ``Sync(sync, start)``, and the follower skips up to it too (an end skips only to a
+   position above its own write position). Positions only move forward, so no byte is
+   reused; and a reconnection, lost decisions or not, costs no key while the follower
+   still holds the blocks.
 2. The follower reports the blocks it holds, ``Have(sync, ids, released)``. The leader
    decides a block once both ends hold it (`SplitPolicy` picks the direction by the
    configured ratio; a block that does not fit in the chosen direction's ring at *both*
@@ -37,13 +46,14 @@ Block ids are ``(epoch, seq)``: the source's random epoch and an in-order sequen
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from control.lkm.messages import AB, BA, Decide, Decision, Fate, Have, Hello, Message, Sync
 from dataplane.limits import MAX_PENDING_BLOCKS, MAX_PENDING_BYTES, PENDING_BLOCK_TIMEOUT_S
 
 SWEEP_INTERVAL_S = 0.1
+REPLAY_CHUNK = 16_384  # decisions per replayed Decide: 25 B each, well inside one frame
 
 BlockId = tuple[int, int]
 Positions = tuple[int, int]  # indexed by direction: (a->b, b->a)
@@ -116,6 +126,7 @@ class Counters:
     bytes_discarded: int = 0
     resyncs: int = 0
     bytes_skipped: list[int] = field(default_factory=lambda: [0, 0])
+    decisions_replayed: int = 0  # lost in flight, sent again at a new session (leader)
 
 
 class _Pending(OrderedDict):
@@ -232,11 +243,46 @@ class Leader(_End):
         self.peer_released = [0, 0]
         self.peer_max_seen: dict[int, int] = {}
         self._next_sweep = 0.0
+        # The decisions that filed a block, with its size, newest last: what a follower
+        # that lost some in flight is sent again.
+        self.filed: deque[tuple[Decision, int]] = deque(maxlen=max_pending)
+        self._replayed_from: tuple[int, ...] | None = None  # one replay per positions
 
     def on_disconnect(self) -> list[Action]:
         self.synced = False
         self.peer_has.clear()
         return []
+
+    def heartbeat(self, released: Positions) -> Message | None:
+        """A frame that proves this end alive to a quiet session (an empty Decide)."""
+        return Decide(self.sync, ()) if self.synced else None
+
+    def _covered(self, d: int, start: int) -> bool:
+        """Whether the kept decisions file direction ``d`` exactly from ``start`` up to
+        this end's write position, without a gap."""
+        at = start
+        for dec, size in self.filed:
+            if int(dec.fate) == d and dec.pos >= start:
+                if dec.pos != at:
+                    return False
+                at += size
+        return at == self.write_pos[d]
+
+    def _start(self, peer_pos: Positions) -> tuple[list[int], list[Decision]]:
+        """Each direction's start of a new session, and the decisions to send again."""
+        again = tuple(peer_pos) != self._replayed_from
+        start, replay = [], set()
+        for d in (AB, BA):
+            own, peer = self.write_pos[d], peer_pos[d]
+            if peer < own and again and self._covered(d, peer):
+                start.append(peer)
+                replay.add(d)
+            else:
+                start.append(keep_or_skip(own, peer))
+        self._replayed_from = tuple(peer_pos) if replay else None
+        decisions = [dec for dec, _ in self.filed
+                     if int(dec.fate) in replay and dec.pos >= peer_pos[int(dec.fate)]]
+        return start, decisions
 
     def on_blocks(self, blocks: list[tuple[BlockId, bytes]], released: Positions,
                   now: float) -> list[Action]:
@@ -252,10 +298,13 @@ class Leader(_End):
             self.peer_has.clear()
             self.peer_released = list(msg.released)
             self._next_sweep = 0.0
-            start = tuple(keep_or_skip(self.write_pos[d], msg.write_pos[d]) for d in (AB, BA))
+            start, replay = self._start(msg.write_pos)
             for d in (AB, BA):
                 out += self._skip(d, start[d])
-            out.append(Send(Sync(self.sync, start)))  # type: ignore[arg-type]
+            out.append(Send(Sync(self.sync, tuple(start))))  # type: ignore[arg-type]
+            for i in range(0, len(replay), REPLAY_CHUNK):
+                out.append(Send(Decide(self.sync, tuple(replay[i:i + REPLAY_CHUNK]))))
+            self.counters.decisions_replayed += len(replay)
         elif isinstance(msg, Have) and self.synced and msg.sync == self.sync:
             self.peer_released = [max(a, b) for a, b in zip(self.peer_released, msg.released,
                                                             strict=True)]
@@ -305,6 +354,7 @@ class Leader(_End):
                 pos = self.write_pos[d]
                 out.append(self._store(d, pos, block, data))
                 decisions.append(Decision(block, Fate(d), pos))
+                self.filed.append((decisions[-1], len(data)))
             else:
                 out.append(self._drop(block, len(data), "ring_full"))
                 decisions.append(Decision(block, Fate.DISCARD, 0))
@@ -388,6 +438,13 @@ class Follower(_End):
         if isinstance(msg, Decide) and self.synced and msg.sync == self.sync:
             return self._apply(msg.decisions, released)
         return []
+
+    def heartbeat(self, released: Positions) -> Message | None:
+        """A frame that proves this end alive to a quiet session (an empty Have)."""
+        if not self.synced:
+            return None
+        self.last_released = released
+        return Have(self.sync, (), released)
 
     def on_tick(self, released: Positions, now: float) -> list[Action]:
         if self.synced and released != self.last_released:

@@ -57,6 +57,12 @@ DIRS = {AB: "ab", BA: "ba"}
 STATUS_INTERVAL_S = 0.5
 RECONNECT_S = 1.0
 CANDIDATE_TIMEOUT_S = 5.0  # a new connection must authenticate within this
+# A live session proves itself: each end sends a frame at least every HEARTBEAT_S, and one
+# that has heard nothing authentic for PEER_SILENT_S drops the session and starts anew. A
+# TCP stream an underlay attacker has desynchronised (a few forged bytes in it) stays
+# open, and without this the key stopped flowing for as long as TCP took to give up.
+HEARTBEAT_S = 1.0
+PEER_SILENT_S = 10.0
 DIAL_TIMEOUT_S = 4.0  # the follower's connection: up and the leader's nonce read (SYNs
                       # are sent again after 1 and 3 s)
 MAX_CANDIDATES = 16        # new connections authenticating at once; the oldest goes first
@@ -191,6 +197,7 @@ class LinkKeyManager:
         self.notes: NotingSource | None = (cfg.source if hasattr(cfg.source, "outgoing")
                                            else None)  # type: ignore[assignment]
         self.peer_error = ""
+        self._heard = self._said = 0.0  # monotonic: the live session's last frame in, out
         self.stop = False
         self._next_source_try = 0.0
         self._next_peer_try = 0.0
@@ -223,8 +230,22 @@ class LinkKeyManager:
             return
         try:
             self.peer_sock.sendall(self.codec.seal(a.msg))
+            self._said = time.monotonic()
         except OSError as e:
             self._drop_peer(f"send failed: {e}")
+
+    def _keep_alive(self, now: float) -> None:
+        """Drop a live session that has been silent too long; else say something if this
+        end has been quiet for a heartbeat."""
+        if self.peer_sock is None:
+            return
+        if now - self._heard > PEER_SILENT_S:
+            self._drop_peer(f"nothing authentic heard for {PEER_SILENT_S:.0f} s")
+            return
+        if now - self._said >= HEARTBEAT_S:
+            msg = self.machine.heartbeat(self.released())
+            if msg is not None:
+                self._send(Send(msg))
 
     # ---- key source --------------------------------------------------------------------
 
@@ -477,6 +498,7 @@ class LinkKeyManager:
         self.codec = codec
         self.peer_sock = s
         self.peer_error = ""
+        self._heard = self._said = time.monotonic()
         self.sel.register(s, selectors.EVENT_READ, "peer")
         log.info("link %s: agreement channel to %s up", self.cfg.link.name, self.peer)
 
@@ -515,6 +537,8 @@ class LinkKeyManager:
 
     def _deliver(self, msgs: list[Message], now: float) -> None:
         """Authentic messages of the live session, to the source or the agreement."""
+        if msgs:
+            self._heard = now
         for m in msgs:
             if isinstance(m, KeyIds):  # for the source, not the agreement
                 if self.notes is not None:
@@ -546,6 +570,7 @@ class LinkKeyManager:
             "agreement": {"connected": self.peer_sock is not None,
                           "synced": self.machine.synced, "session": self.machine.sync,
                           "resyncs": c.resyncs, "error": self.peer_error,
+                          "decisions_replayed": c.decisions_replayed,
                           "pending_blocks": len(self.machine.pending),
                           "refused_connections": self.refused_connections},
             "key": {"blocks_in": c.blocks_in, "bytes_in": c.bytes_in,
@@ -608,6 +633,7 @@ class LinkKeyManager:
                 if self.dial is not None and now > self.dial.deadline:
                     self._dial_failed(f"no answer within {DIAL_TIMEOUT_S:.0f} s")
                 self._carry_out(self.machine.on_tick(self.released(), now))
+                self._keep_alive(now)
                 self._exchange_notes()
                 if now - self._last_status >= STATUS_INTERVAL_S:
                     self._last_status = now
