@@ -383,6 +383,25 @@ def test_underlay_address_reused():
     assert "links[0].underlay[1]" in dict(err.problems)["links[1].underlay[1]"]
 
 
+@pytest.mark.parametrize(("pair", "end", "phrase"), [
+    (("127.0.0.1/30", "127.0.0.2/30"), 0, "127.0.0.1 is a loopback address"),
+    (("10.9.2.0/30", "10.9.2.3/30"), 0, "10.9.2.0 is the network address of 10.9.2.0/30"),
+    (("10.9.2.0/30", "10.9.2.3/30"), 1, "10.9.2.3 is the broadcast address of 10.9.2.0/30"),
+    (("224.0.0.1/30", "224.0.0.2/30"), 0, "a multicast address"),
+    (("0.0.0.0/8", "0.0.0.1/8"), 0, "the unspecified address"),
+    (("169.254.1.1/30", "169.254.1.2/30"), 1, "a link-local address"),
+    (("240.0.0.1/30", "240.0.0.2/30"), 0, "a reserved address"),
+])
+def test_underlay_address_that_no_link_can_use(pair, end, phrase):
+    """Accepted before, and the link then never came up (loopback: routed to lo)."""
+    text = edit((LINK1_UL, f'underlay = ["{pair[0]}", "{pair[1]}"]'))
+    assert_problem(text, f"links[1].underlay[{end}]", phrase)
+
+
+def test_underlay_of_a_31_has_no_network_or_broadcast_address():
+    parse_topology(edit((LINK1_UL, 'underlay = ["10.9.2.0/31", "10.9.2.1/31"]')), "n.toml")
+
+
 def test_bad_underlay_address():
     assert_problem(edit((LINK1_UL, 'underlay = ["10.9.2.1/30", "10.9.2.300/30"]')),
                    "links[1].underlay[1]", "not a valid IPv4 interface")

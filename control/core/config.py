@@ -300,6 +300,31 @@ def _port_problems(raw: TopologyFile) -> list[tuple[str, str]]:
     return out
 
 
+def underlay_address_problem(iface: ipaddress.IPv4Interface) -> str | None:
+    """Why ``iface`` cannot be a link end's unicast address on its veth or NIC, if so:
+    the kernel takes such an address without complaint, and the link then never comes
+    up (loopback is routed to ``lo``, not the wire; the network and broadcast addresses
+    of the prefix are not a host's; the others are not unicast, or never leave the
+    host)."""
+    ip, net = iface.ip, iface.network
+    kinds = ((ip.is_unspecified, "the unspecified address"),
+             (ip.is_loopback, "a loopback address (127.0.0.0/8: routed to lo, never "
+                              "onto the link)"),
+             (ip.is_multicast, "a multicast address"),
+             (ip.is_link_local, "a link-local address (169.254.0.0/16: the kernel's own, "
+                                "for hosts without one)"),
+             (ip == ipaddress.IPv4Address("255.255.255.255") or ip.is_reserved,
+              "a reserved address (240.0.0.0/4), not a host's"))
+    for hit, what in kinds:
+        if hit:
+            return f"{ip} is {what}: give each end a unicast address"
+    if net.prefixlen <= 30 and ip in (net.network_address, net.broadcast_address):
+        which = "network" if ip == net.network_address else "broadcast"
+        return (f"{ip} is the {which} address of {net}: give each end a host address "
+                f"({net[1]} - {net[-2]})")
+    return None
+
+
 def check_block_size(v: int | None) -> int | None:
     if v is not None and not MIN_BLOCK_SIZE <= v <= MAX_BLOCK_SIZE:
         raise ValueError(f"must be between {MIN_BLOCK_SIZE} B and {MAX_BLOCK_SIZE >> 20} MiB")
@@ -480,7 +505,9 @@ class Link(_Strict):
     b: str = Field(description="node at end b")
     name: str | None = Field(None, description='default: "<a>-<b>"')
     underlay: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface] = Field(
-        description="the two ends' underlay addresses, a's first")
+        description="the two ends' underlay addresses, a's first: host addresses of one "
+                    "subnet (not its network or broadcast address; not loopback, "
+                    "multicast, link-local or unspecified)")
     key_rate_mbps: float | None = Field(None, ge=0, le=MAX_KEY_RATE_MBPS, allow_inf_nan=False,
                                         description="default: [defaults]")
     block_size: Size | None = Field(None, description="default: [defaults]")
@@ -804,6 +831,8 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         if ua.ip == ub.ip:
             problems.append((f"{where}.underlay", "both ends have the same address"))
         for j, iface in enumerate(lk.underlay):
+            if (why := underlay_address_problem(iface)) is not None:
+                problems.append((f"{where}.underlay[{j}]", why))
             if iface.ip in all_ul:
                 problems.append((f"{where}.underlay[{j}]",
                                  f"{iface.ip} is already used by {all_ul[iface.ip]}"))
