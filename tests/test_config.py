@@ -276,6 +276,14 @@ def test_bad_ratio(ratio, phrase):
     assert_problem(link1(f'ratio = "{ratio}"'), "links[1].ratio", phrase)
 
 
+def test_a_ratio_that_starves_a_direction_is_refused():
+    """'0:1' was taken: end a then has no key for even its keepalives, and the link is
+    never up (the review's ratio0.toml)."""
+    err = assert_problem(defaults('ratio = "0:1"'), "defaults.ratio", "gives a->b no key")
+    assert "keepalives" in dict(err.problems)["defaults.ratio"]
+    assert_problem(link1('ratio = "5:0"'), "links[1].ratio", "gives b->a no key")
+
+
 def test_bad_ratio_in_defaults():
     assert_problem(defaults('ratio = "3-1"'), "defaults.ratio", "expected 'A_TO_B:B_TO_A'")
 
@@ -493,7 +501,7 @@ def test_parse_size_refuses(value):
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("1:1", (1, 1)), ("3:1", (3, 1)), ("0:1", (0, 1)), ("1000:0", (1000, 0)),
+    ("1:1", (1, 1)), ("3:1", (3, 1)), ("1:1000", (1, 1000)), ("1000:1", (1000, 1)),
     (" 2 : 5 ", (2, 5)),
 ])
 def test_parse_ratio_accepts(value, expected):
@@ -510,6 +518,8 @@ def test_parse_ratio_accepts(value, expected):
     ((3, 1), "expected 'A_TO_B:B_TO_A'"),
     (3, "expected 'A_TO_B:B_TO_A'"),
     ("0:0", "sends key nowhere"),
+    ("0:1", "gives a->b no key"),
+    ("1000:0", "gives b->a no key"),
     ("1:1001", "at most 1000"),
 ])
 def test_parse_ratio_refuses(value, phrase):

@@ -93,6 +93,16 @@ def parse_ratio(value: object) -> tuple[int, int]:
             a, b = (int(p) for p in parts)
             if a + b == 0:
                 raise ValueError("ratio '0:0' sends key nowhere; at least one side must be > 0")
+            if 0 in (a, b):
+                # Every packet of a tunnel, its keepalives too, is under one-time pad from
+                # its sender's ENC ring: an end given no key is silent, and its peer calls
+                # the link down. A TCP stream needs its acknowledgements back, too.
+                dead = "a->b" if a == 0 else "b->a"
+                raise ValueError(f"ratio {value.strip()!r} gives {dead} no key: that end "
+                                 f"could send nothing through the tunnel, not even the "
+                                 f"keepalives that keep the link up (each is under "
+                                 f"one-time pad), nor a TCP acknowledgement; give each "
+                                 f"direction at least 1 (e.g. '1000:1')")
             if max(a, b) > 1000:
                 raise ValueError("ratio terms must be at most 1000")
             return a, b
@@ -346,7 +356,9 @@ class LinkDefaults(_Strict):
     ring_capacity: Size | None = Field(None, description="shared-memory key ring per "
                                                          "direction and link end; default: "
                                                          "2 s of the link's key (4 - 256 MiB)")
-    ratio: Ratio = Field((1, 1), description="split of key a->b : b->a")
+    ratio: Ratio = Field((1, 1), description="split of key a->b : b->a, each term 1-1000 "
+                                             "(a direction without key could not even "
+                                             "send its keepalives)")
 
     _block = field_validator("block_size")(check_block_size)
     _cap = field_validator("ring_capacity")(check_ring_capacity)
