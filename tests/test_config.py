@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from control.core.config import ConfigError, load_topology, parse_ratio, parse_size, parse_topology
+from control.core.sizing import lsdb_estimate, rate_floor
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -282,6 +283,39 @@ def test_a_ratio_that_starves_a_direction_is_refused():
     err = assert_problem(defaults('ratio = "0:1"'), "defaults.ratio", "gives a->b no key")
     assert "keepalives" in dict(err.problems)["defaults.ratio"]
     assert_problem(link1('ratio = "5:0"'), "links[1].ratio", "gives b->a no key")
+
+
+def test_a_key_rate_too_slow_for_the_keepalives_is_refused_where_it_is_set():
+    """0.00001 Mb/s was taken: 0.6 B/s a direction, where keepalives alone at their
+    longest period (10 s) take about 30 B/s: the link could never stay up."""
+    err = assert_problem(defaults("key_rate_mbps = 0.00001"), "defaults.key_rate_mbps",
+                         "for link A-B is below the")
+    msg = dict(err.problems)["defaults.key_rate_mbps"]
+    assert "keepalives" in msg and "pings" in msg
+    assert_problem(link1("key_rate_mbps = 0.0001"), "links[1].key_rate_mbps",
+                   "for link B-C is below the")
+
+
+def test_the_slowest_rate_accepted_is_the_floor_and_a_lopsided_ratio_raises_it():
+    # the base: two links, global key for every pair of its three nodes (12 connections)
+    lsdb = lsdb_estimate([("A-B", "A", "B"), ("B-C", "B", "C")])
+    floor = rate_floor((1, 1), lsdb, 12).mbps
+    assert 0.001 < floor < 0.003  # about 2 kb/s: far below the slow links the design runs
+    parse_topology(defaults(f"key_rate_mbps = {floor * 1.001}"), "net.toml")
+    assert_problem(defaults(f"key_rate_mbps = {floor * 0.999}"), "defaults.key_rate_mbps",
+                   "is below the")
+    lopsided = rate_floor((100, 1), lsdb, 12).mbps
+    assert lopsided == pytest.approx(floor * 101 / 2)
+    assert_problem(link1(f'key_rate_mbps = {floor * 2}\nratio = "100:1"'),
+                   "links[1].key_rate_mbps", "is below the")
+    parse_topology(defaults("key_rate_mbps = 0"), "net.toml")  # as fast as the source
+
+
+def test_without_global_key_the_floor_is_the_keepalives_alone():
+    text = edit(('[[saes]]', '[gkm]\npairs = []\n\n[[saes]]'),
+                text=defaults("key_rate_mbps = 0.0015"))
+    parse_topology(text, "net.toml")  # refused with the relay's 12 connections' pings
+    assert_problem(defaults("key_rate_mbps = 0.0015"), "defaults.key_rate_mbps", "below")
 
 
 def test_bad_ratio_in_defaults():

@@ -30,15 +30,19 @@ from pydantic import (
 
 from control.core import paths
 from control.core.sizing import (
+    HEARTBEAT_MAX_S,
+    MAX_FIXED_SHARE,
     GkmSizes,
     LinkSizes,
     gkm_sizes,
     link_sizes,
     lsdb_estimate,
+    rate_floor,
     slower_share,
 )
 from dataplane.limits import (
     CONVENTIONAL_MTU,
+    KEEPALIVE_MAX_S,
     MAX_API_KEY_BYTES,
     MAX_API_WORKERS,
     MAX_BLOCK_SIZE,
@@ -349,7 +353,9 @@ def check_ring_capacity(v: int | None) -> int | None:
 
 class LinkDefaults(_Strict):
     key_rate_mbps: float = Field(1000.0, ge=0, le=MAX_KEY_RATE_MBPS, allow_inf_nan=False,
-                                 description="0 = as fast as possible")
+                                 description="0 = as fast as possible; at least what the "
+                                             "keepalives and relay pings need (a few kb/s; "
+                                             "check names it)")
     block_size: Size | None = Field(None, description="key block the source delivers; "
                                                       "default: 50 ms of the link's key "
                                                       "(4 KiB - 1 MiB)")
@@ -858,6 +864,7 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         if cap is not None and cap < block:
             problems.append((f"{where}.ring_capacity",
                              f"{cap} B is smaller than one key block ({block} B)"))
+    problems += _rate_floor_problems(raw)
     g = _gkm_sizes(raw)
     if g.high_watermark - g.low_watermark < g.block_size:
         problems.append(("gkm.high_watermark",
@@ -898,6 +905,42 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
     return problems
 
 
+def _relay_connections(raw: TopologyFile) -> int:
+    """The relay's DEALERs in the network: per ordered pair one per path and a control
+    one (what its ping period is sized by)."""
+    nodes = len(raw.nodes)
+    pairs = nodes * (nodes - 1) if raw.gkm.pairs == "all" else 2 * len(raw.gkm.pairs)
+    return pairs * (raw.gkm.paths + 1)
+
+
+def _rate_floor_problems(raw: TopologyFile) -> list[tuple[str, str]]:
+    """Every link's key rate at or above what its fixed costs need (sizing.rate_floor),
+    reported where the rate is set."""
+    out = []
+    lsdb, connections = _lsdb_bytes(raw), _relay_connections(raw)
+    for i, lk in enumerate(raw.links):
+        rate, ratio = _rate(lk, raw.defaults), lk.ratio or raw.defaults.ratio
+        if rate <= 0 or 0 in ratio:  # 0: as fast as the source; a 0 side: refused already
+            continue
+        f = rate_floor(ratio, lsdb, connections)
+        if rate >= f.mbps:
+            continue
+        where = f"links[{i}].key_rate_mbps" if lk.key_rate_mbps is not None \
+            else "defaults.key_rate_mbps"
+        share = 100 * slower_share(ratio)
+        out.append((where, f"{rate:g} Mb/s for link {lk.name or f'{lk.a}-{lk.b}'} is below "
+                           f"the {f.mbps:.4g} Mb/s this network needs: at their longest "
+                           f"periods its keepalives (every {KEEPALIVE_MAX_S:g} s, with the "
+                           f"link-state database: {f.keepalive_bps:.0f} B/s) and the global "
+                           f"key relay's pings ({connections} connections every "
+                           f"{HEARTBEAT_MAX_S:g} s: {f.ping_bps:.0f} B/s) would take over "
+                           f"{MAX_FIXED_SHARE:.0%} of the key of its slower direction "
+                           f"({share:.3g} % of the link's), leaving too little for data, "
+                           f"or not even enough to stay up (docs/design.md, \"The slowest "
+                           f"key rate\"); 0 = as fast as the source"))
+    return out
+
+
 def _rate(lk: Link, d: LinkDefaults) -> float:
     return d.key_rate_mbps if lk.key_rate_mbps is None else lk.key_rate_mbps
 
@@ -924,12 +967,10 @@ def _gkm_sizes(raw: TopologyFile) -> GkmSizes:
     limited = [(r, lk) for lk in raw.links if (r := _rate(lk, raw.defaults)) > 0]
     directions = [r * slower_share(lk.ratio or raw.defaults.ratio) for r, lk in limited]
     g = raw.gkm
-    nodes = len(raw.nodes)
-    pairs = nodes * (nodes - 1) if g.pairs == "all" else 2 * len(g.pairs)
     return gkm_sizes(min(r for r, _ in limited) if limited else 0.0, g.block_size, g.window,
                      g.low_watermark, g.high_watermark,
                      min(directions) if directions else 0.0,
-                     connections=pairs * (g.paths + 1))  # paths' DEALERs and one control
+                     connections=_relay_connections(raw))
 
 
 def share_addresses(net: ipaddress.IPv4Network, pairs: tuple[tuple[str, str], ...],
