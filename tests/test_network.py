@@ -261,3 +261,31 @@ def test_a_namespace_net_down_could_not_remove_stays_its_to_remove(tmp_path, pre
     monkeypatch.setattr(pnetns, "remove", real_remove)
     emulation.net_down(prefix)
     assert leftovers(prefix) == []
+
+
+def _nothing_made(prefix: str, *dirs: Path) -> None:
+    assert not paths.manifest_path(prefix).exists()
+    assert leftovers(prefix) == []
+    for d in dirs:
+        assert not d.exists(), f"{d} was made"
+
+
+def test_net_up_refuses_rings_larger_than_dev_shm_before_making_anything(
+        tmp_path, prefix, monkeypatch):
+    topo = write_topology(tmp_path, prefix)
+    real = os.statvfs
+
+    def small(path):  # /dev/shm with 1 MiB free of 64 MiB; the rings need 16 MiB
+        st = real(path)
+        if Path(path) != Path("/dev/shm"):
+            return st
+        return os.statvfs_result((st.f_bsize, 4096, 16384, 256, 256, *st[5:]))
+
+    monkeypatch.setattr(emulation.os, "statvfs", small)
+    with pytest.raises(emulation.NetError) as ei:
+        emulation.net_up(topo, start=False)
+    assert f"{topo.path}: defaults.ring_capacity: the network's rings need 16.0 MiB" \
+        in str(ei.value)
+    assert "1.00 MiB free of 64.0 MiB" in str(ei.value)
+    _nothing_made(prefix)
+

@@ -600,6 +600,7 @@ class LinkSpec:
     source: SourceConfig
     auth_key_file: Path | None
     sizes: LinkSizes  # every size, those not set in the file derived from the key rate
+    ring_capacity_set_in: str | None = None  # the field setting it; None: derived
 
     def peer_of(self, node: str) -> str:
         return self.b if node == self.a else self.a
@@ -1016,7 +1017,9 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
             key_rate_mbps=_rate(lk, d), block_size=sizes.block_size,
             ring_capacity=sizes.ring_capacity,
             ratio=lk.ratio or d.ratio, source=lk.source, auth_key_file=key_file,
-            sizes=sizes))
+            sizes=sizes, ring_capacity_set_in=f"links[{i}].ring_capacity"
+            if lk.ring_capacity is not None else "defaults.ring_capacity"
+            if d.ring_capacity is not None else None))
     dp = raw.dataplane
     mtu = dp.mtu or (CONVENTIONAL_MTU if dp.mode == "conventional" else MAX_MTU)
     dataplane = DataplaneSpec(mode=dp.mode, workers=dp.workers or min(os.cpu_count() or 1,

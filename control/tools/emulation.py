@@ -29,7 +29,7 @@ from control.core.procs import is_alive, process_identity, send_signal
 from control.lkm.messages import AUTH_KEY_LEN
 from dataplane.limits import MAX_UNDERLAY_MTU
 from dataplane.private import private_dir, private_umask, write_private
-from dataplane.ring import KeyRing
+from dataplane.ring import SHM_DIR, KeyRing
 
 STOP_GRACE_S = 5.0
 
@@ -187,12 +187,25 @@ def _spawn(args: list[str], log: Path) -> int:
     return proc.pid
 
 
+def machine_problems(topo: Topology) -> list[tuple[str, str]]:
+    """What keeps a valid topology from coming up on this machine (control.tools.
+    preflight, with this machine's facts): asked before anything is made."""
+    from control.tools.preflight import shm_problems
+
+    st = os.statvfs(SHM_DIR)
+    return shm_problems(topo, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+
+
 def net_up(topo: Topology, start: bool = True) -> Manifest:
     """Create the network (and start its emulators and nodes unless ``start`` is False).
     Everything it makes (run directory, keys, certificates, logs) is its owner's alone."""
     if paths.manifest_path(topo.prefix).exists():
         raise NetError(f"a network with prefix {topo.prefix!r} exists already: "
                        f"run 'qkdctl net down --prefix {topo.prefix}' first")
+    problems = machine_problems(topo)
+    if problems:
+        raise NetError("\n".join(f"{topo.path}: {field}: {msg}" for field, msg in problems)
+                       + "\nnothing was made")
     present = set(pnetns.listnetns())
     foreign = [ns for n in topo.nodes if (ns := paths.netns_name(topo.prefix, n)) in present]
     if foreign:  # not this network's (it has no manifest): never ours to remove
