@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pnetns
 
+from bench.topology import line, network, render, saes
 from control.core import paths
+from control.core.config import Topology, parse_topology
 from control.node.status import collect
 from control.tools import emulation
 from control.tools.emulation import leftovers
@@ -263,6 +265,16 @@ def test_a_namespace_net_down_could_not_remove_stays_its_to_remove(tmp_path, pre
     assert leftovers(prefix) == []
 
 
+def _with_saes(tmp_path: Path, prefix: str, **sections) -> Topology:
+    """A - B with an SAE at each node and the sections given (global key between them)."""
+    path = tmp_path / f"{prefix}.toml"
+    path.write_text(render(network("test-pre", prefix, ports={"agreement": 7301},
+                                   defaults={"key_rate_mbps": 200, "block_size": "64KiB",
+                                             "ring_capacity": "4MiB"}, **sections),
+                           line("AB", 209, source=None), saes(("SA", "A"), ("SB", "B"))))
+    return parse_topology(path.read_text(), path)
+
+
 def _nothing_made(prefix: str, *dirs: Path) -> None:
     assert not paths.manifest_path(prefix).exists()
     assert leftovers(prefix) == []
@@ -289,3 +301,27 @@ def test_net_up_refuses_rings_larger_than_dev_shm_before_making_anything(
     assert "1.00 MiB free of 64.0 MiB" in str(ei.value)
     _nothing_made(prefix)
 
+
+def test_net_up_refuses_a_pki_or_relay_key_dir_the_file_names_and_that_does_not_exist(
+        tmp_path, prefix):
+    """A typo in [api] pki made a new CA (and a -ca dir with its key) there, which net
+    down left behind; the SAEs holding the real certificates then got 401."""
+    pki, keys = tmp_path / "pki-typo", tmp_path / "relay-typo"
+    topo = _with_saes(tmp_path, prefix, api={"pki": str(pki)}, gkm={"keys": str(keys)})
+    with pytest.raises(emulation.NetError) as ei:
+        emulation.net_up(topo, start=False)
+    msg = str(ei.value)
+    assert f"{topo.path}: api.pki: {pki} does not exist" in msg
+    assert f"'qkdctl pki init {pki} --config {topo.path}'" in msg
+    assert f"{topo.path}: gkm.keys: {keys} does not exist" in msg
+    _nothing_made(prefix, pki, tmp_path / "pki-typo-ca", keys)
+
+
+def test_net_up_still_makes_the_pki_and_relay_keys_where_the_file_names_none(
+        tmp_path, prefix):
+    topo = _with_saes(tmp_path, prefix)
+    emulation.net_up(topo, start=False)
+    assert (paths.network_dir(prefix) / "pki" / "ca.crt").exists()
+    assert (paths.network_dir(prefix) / "relay-keys" / "A.key_secret").exists()
+    emulation.net_down(prefix)
+    assert leftovers(prefix) == []

@@ -3,8 +3,10 @@ machine, driven with the machine's facts given (no I/O)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from control.core.config import parse_topology
-from control.tools.preflight import ring_bytes, shm_problems
+from control.tools.preflight import given_dir_problems, ring_bytes, shm_problems
 from dataplane.limits import RING_HEADER_SIZE
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -68,3 +70,30 @@ def test_the_largest_rings_are_named_where_a_link_sets_them_or_where_to_set_them
     [(field, msg)] = shm_problems(t, free=MIB, total=GIB)
     assert field == "links[0].ring_capacity" and "derived from its key rate" in msg
 
+
+def facts(*present: str):
+    have = {Path(p) for p in present}
+    return (lambda p: Path(p) in have), (lambda p: Path(p) in have)
+
+
+def test_a_pki_or_relay_key_dir_the_file_names_must_exist():
+    """A typo in [api] pki made a new CA there (every SAE then got 401): now net up
+    refuses, pointing to the init commands."""
+    t = topo(sections='[api]\npki = "/srv/pki"\n[gkm]\nkeys = "/srv/relay"\n')
+    problems = dict(given_dir_problems(t, *facts()))
+    assert "/srv/pki does not exist" in problems["api.pki"]
+    assert "qkdctl pki init /srv/pki --config /etc/n.toml" in problems["api.pki"]
+    assert "/srv/relay does not exist" in problems["gkm.keys"]
+    assert "qkdctl keys init /srv/relay --config /etc/n.toml" in problems["gkm.keys"]
+    problems = dict(given_dir_problems(t, *facts("/srv/pki", "/srv/relay")))
+    assert "/srv/pki holds no CA" in problems["api.pki"]
+    assert "/srv/relay holds no relay keys" in problems["gkm.keys"]
+    made = facts("/srv/pki", "/srv/pki/ca.crt", "/srv/relay", "/srv/relay/A.key_secret")
+    assert given_dir_problems(t, *made) == []
+
+
+def test_relative_dirs_are_named_resolved_and_left_out_ones_are_made_by_net_up():
+    t = topo(sections='[api]\npki = "pki"\n', path="/etc/q/n.toml")
+    [(field, msg)] = given_dir_problems(t, *facts())
+    assert field == "api.pki" and msg.startswith("/etc/q/pki does not exist")
+    assert given_dir_problems(topo(), *facts()) == []  # the run dir's: net up makes them

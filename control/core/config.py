@@ -426,7 +426,8 @@ class GkmSection(_Strict):
                                                   "also paces to its path's key rate")
     keys: Path | None = Field(None, description="the relay's CURVE keys (qkdctl keys init): "
                                                 "<node>.key_secret of this node, <node>.key "
-                                                "of each peer; default: made by net up in "
+                                                "of each peer (net up makes none where the "
+                                                "file points); default: made by net up in "
                                                 "the run dir")
     paths: int = Field(1, ge=1, le=MAX_PATHS,
                        description="node-disjoint paths per ordered pair: each block leaves "
@@ -475,7 +476,8 @@ class ApiSection(_Strict):
                                      description="most keys one request may ask for")
     max_sae_id_count: int = Field(8, ge=0, le=MAX_SAE_IDS,
                                   description="additional_slave_SAE_IDs per request")
-    pki: Path | None = Field(None, description="certificates (qkdctl pki init); "
+    pki: Path | None = Field(None, description="certificates (qkdctl pki init: net up "
+                                               "makes none where the file points); "
                                                "default: made by net up in the run dir")
     graceful_shutdown_s: float = Field(10.0, ge=1.0, le=120.0,
                                        description="requests in flight may finish this long")
@@ -646,6 +648,7 @@ class GkmSpec:
     paths_policy: str = "wait"       # fewer disjoint paths up: "wait" or "fewer"
     reserve_ahead_s: float = 0.1     # seconds of a pair's demand reserved ahead (0: none)
     heartbeat_s: float = 5.0         # the relay connections' ping period (sizing)
+    keys_given: bool = False         # named by the file (else made by net up in the run dir)
     # Per ordered pair, with paths > 1: the destination's share addresses, one per link
     # of the origin (inside node_net, from its top down): the routers route each along
     # the disjoint path that leaves the origin by that link, and along no other.
@@ -685,6 +688,7 @@ class ApiSpec:
     sae_store_share: float = 1.0
     sae_share_window_s: float = 10.0
     max_connections_per_address: int = 64
+    pki_given: bool = False  # named by the file (else made by net up in the run dir)
 
 
 @dataclass(frozen=True)
@@ -1042,6 +1046,7 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                   high_watermark=g.high_watermark, window=g.window, pairs=ordered,
                   keys=keys, paths=raw.gkm.paths, paths_policy=raw.gkm.paths_policy,
                   reserve_ahead_s=raw.gkm.reserve_ahead_s, heartbeat_s=g.heartbeat_s,
+                  keys_given=raw.gkm.keys is not None,
                   share_addresses=share_addresses(
                       raw.network.node_net, ordered, raw.gkm.paths,
                       {n.address for n in nodes.values()},
@@ -1060,7 +1065,8 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                   graceful_shutdown_s=a.graceful_shutdown_s,
                   sae_requests_per_s=a.sae_requests_per_s, sae_store_share=a.sae_store_share,
                   sae_share_window_s=a.sae_share_window_s,
-                  max_connections_per_address=a.max_connections_per_address)
+                  max_connections_per_address=a.max_connections_per_address,
+                  pki_given=a.pki is not None)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
                     dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm, api=api,

@@ -135,9 +135,9 @@ def _write_link_keys(topo: Topology) -> None:
 
 
 def _ensure_relay_keys(topo: Topology) -> None:
-    """The global key relay's CURVE keys: made in ``[gkm] keys`` (default: the run dir)
-    when there is none there yet; an existing set must cover every node that keeps
-    global key."""
+    """The global key relay's CURVE keys: made in the run dir when the file names no
+    ``[gkm] keys`` and there are none there yet; an existing set must cover every node
+    that keeps global key."""
     from control.gkm.relay_keys import secret_path, write_relay_keys
 
     nodes = topo.gkm.nodes()
@@ -145,6 +145,9 @@ def _ensure_relay_keys(topo: Topology) -> None:
         return
     d = topo.gkm.keys
     if not any(secret_path(d, n).exists() for n in nodes):
+        if topo.gkm.keys_given:  # never made where the file points (machine_problems)
+            raise NetError(f"{d} holds no relay keys: run 'qkdctl keys init {d} "
+                           f"--config {topo.path}'")
         write_relay_keys(d, nodes)
         return
     missing = [str(secret_path(d, n)) for n in nodes if not secret_path(d, n).exists()]
@@ -154,15 +157,18 @@ def _ensure_relay_keys(topo: Topology) -> None:
 
 
 def _ensure_pki(topo: Topology) -> None:
-    """The key API's certificates: made in ``[api] pki`` (default: the run dir) when
-    there is no CA there yet; an existing PKI must cover every node with SAEs and every
-    SAE."""
+    """The key API's certificates: made in the run dir when the file names no ``[api]
+    pki`` and there is no CA there yet; an existing PKI must cover every node with SAEs
+    and every SAE."""
     if not topo.saes:
         return
     from api.pki import PkiLayout, init_pki
 
     layout = PkiLayout(topo.api.pki)
     if not layout.ca_cert.exists():
+        if topo.api.pki_given:  # never made where the file points (machine_problems)
+            raise NetError(f"{topo.api.pki} holds no CA: run 'qkdctl pki init "
+                           f"{topo.api.pki} --config {topo.path}'")
         init_pki(topo.api.pki, topo)
         return
     missing = [str(p) for n in {s.node for s in topo.saes} for p in layout.node(n)
@@ -190,10 +196,11 @@ def _spawn(args: list[str], log: Path) -> int:
 def machine_problems(topo: Topology) -> list[tuple[str, str]]:
     """What keeps a valid topology from coming up on this machine (control.tools.
     preflight, with this machine's facts): asked before anything is made."""
-    from control.tools.preflight import shm_problems
+    from control.tools.preflight import given_dir_problems, shm_problems
 
     st = os.statvfs(SHM_DIR)
-    return shm_problems(topo, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+    return (shm_problems(topo, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+            + given_dir_problems(topo, Path.is_dir, Path.exists))
 
 
 def net_up(topo: Topology, start: bool = True) -> Manifest:
