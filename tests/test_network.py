@@ -325,3 +325,21 @@ def test_net_up_still_makes_the_pki_and_relay_keys_where_the_file_names_none(
     assert (paths.network_dir(prefix) / "relay-keys" / "A.key_secret").exists()
     emulation.net_down(prefix)
     assert leftovers(prefix) == []
+
+
+def test_net_up_points_a_pki_missing_an_sae_to_pki_issue_not_a_new_ca(tmp_path, prefix):
+    from api.pki import init_pki, issue_missing
+
+    pki = tmp_path / "pki"
+    init_pki(pki, _with_saes(tmp_path, prefix, api={"pki": str(pki)}))
+    ca = (pki / "ca.crt").read_bytes()
+    path = tmp_path / "more.toml"
+    path.write_text(_with_saes(tmp_path, prefix, api={"pki": str(pki)}).path.read_text()
+                    + '\n[[saes]]\nid = "SC"\nnode = "B"\n')
+    topo = parse_topology(path.read_text(), path)
+    with pytest.raises(emulation.NetError, match=f"run 'qkdctl pki issue {pki} --config"):
+        emulation.net_up(topo, start=False)
+    assert leftovers(prefix) == []
+    issue_missing(pki, topo)
+    emulation.net_up(topo, start=False)
+    assert (pki / "ca.crt").read_bytes() == ca

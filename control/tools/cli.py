@@ -275,6 +275,27 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the 
               highlight=False)
 
 
+@pki_app.command("issue")
+def pki_issue(directory: Annotated[Path, typer.Argument(help="the PKI made by 'pki init'")],
+              config: ConfigOpt,
+              ca_dir: Annotated[Path | None, typer.Option(
+                  help="where the CA key is (default DIR-ca beside DIR)")] = None
+              ) -> None:
+    """Certificates for the nodes and SAEs that lack one, under the existing CA; every
+    certificate and key already there is left as it is."""
+    from api.pki import PkiError, issue_missing
+
+    topo = load(config)
+    try:
+        nodes, saes = issue_missing(directory, topo, ca_dir=ca_dir)
+    except PkiError as e:
+        _fail(e)
+    kept = len(topo.nodes) + len(topo.saes) - len(nodes) - len(saes)
+    new = [f"node {n}" for n in nodes] + [f"SAE {s}" for s in saes]
+    out.print(f"{directory}: new certificates for {', '.join(new) or 'nothing (none missing)'}"
+              f"; {kept} kept as they were (keys mode 0600)", highlight=False)
+
+
 # ---- relay keys ----------------------------------------------------------------------------
 
 @keys_app.command("init")

@@ -176,8 +176,9 @@ def _ensure_pki(topo: Topology) -> None:
     missing += [str(p) for s in topo.saes for p in layout.sae(s.id) if not p.exists()]
     if missing:
         raise NetError(f"the PKI in {topo.api.pki} lacks {missing[0]} (and "
-                       f"{len(missing) - 1} more): run 'qkdctl pki init {topo.api.pki} "
-                       f"--config {topo.path} --force'")
+                       f"{len(missing) - 1} more): run 'qkdctl pki issue {topo.api.pki} "
+                       f"--config {topo.path}' to issue only the missing ones under its CA "
+                       f"(every certificate there is kept)")
 
 
 def _spawn(args: list[str], log: Path) -> int:
