@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -343,3 +344,41 @@ def test_net_up_points_a_pki_missing_an_sae_to_pki_issue_not_a_new_ca(tmp_path, 
     issue_missing(pki, topo)
     emulation.net_up(topo, start=False)
     assert (pki / "ca.crt").read_bytes() == ca
+
+
+def test_net_down_keep_logs_copies_them_privately_and_says_where_they_were(tmp_path, prefix):
+    """net down removed the logs with the run dir, so a failed run's were gone before
+    anyone read them; --keep-logs copies them first. Without it, nothing is kept."""
+    from typer.testing import CliRunner
+
+    from control.tools.cli import app
+
+    def up_with_a_log(text: str) -> Path:
+        emulation.net_up(write_topology(tmp_path, prefix), start=False)
+        log = paths.log_dir(prefix) / "node-A.log"
+        log.parent.mkdir(mode=0o700, exist_ok=True)
+        log.write_text(text)
+        return log
+
+    log = up_with_a_log('{"message": "link A-B: down (no key)"}\n')
+    keep = tmp_path / "kept"
+    r = CliRunner().invoke(app, ["net", "down", "--prefix", prefix, "--keep-logs", str(keep)],
+                           env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert f"{prefix}: its logs ({log.parent}) are kept in {keep / prefix}" in r.output
+    assert (keep / prefix / "node-A.log").read_text() == '{"message": "link A-B: down (no key)"}\n'
+    assert stat.S_IMODE((keep / prefix).stat().st_mode) == 0o700
+    assert stat.S_IMODE((keep / prefix / "node-A.log").stat().st_mode) == 0o600
+    assert leftovers(prefix) == []
+
+    up_with_a_log("second run\n")  # the same prefix again: a new directory beside the first
+    emulation.net_down(prefix, keep)
+    assert (keep / f"{prefix}.1" / "node-A.log").read_text() == "second run\n"
+    assert (keep / prefix / "node-A.log").exists()
+
+    log = up_with_a_log("third\n")
+    r = CliRunner().invoke(app, ["net", "down", "--prefix", prefix], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert f"its logs, in {log.parent}, went with it ('net down --keep-logs DIR'" in r.output
+    assert leftovers(prefix) == [] and sorted(p.name for p in keep.iterdir()) == \
+        [prefix, f"{prefix}.1"]

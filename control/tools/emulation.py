@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -354,8 +355,32 @@ def _grace_of(config: str | None) -> float:
         return STOP_GRACE_S
 
 
-def net_down(prefix: str) -> list[str]:
-    """Remove everything of network ``prefix``; returns what was removed."""
+def keep_logs(prefix: str, into: Path) -> Path:
+    """Copy network ``prefix``'s logs into a new directory of ours (mode 0700, files
+    0600: logs name key IDs and SAEs) under ``into``: ``<into>/<prefix>``, or
+    ``<prefix>.1`` ... when that exists. Never through a link, never over a file."""
+    src = paths.log_dir(prefix)
+    into.mkdir(parents=True, exist_ok=True, mode=0o700)  # not narrowed: maybe a home
+    dest = into / prefix
+    n = 0
+    while dest.exists() or dest.is_symlink():
+        n += 1
+        dest = into / f"{prefix}.{n}"
+    private_dir(dest)
+    for f in sorted(src.iterdir()) if src.is_dir() else []:
+        if not f.is_file() or f.is_symlink():
+            continue
+        fd = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as out, open(f, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+    return dest
+
+
+def net_down(prefix: str, keep_logs_in: Path | None = None) -> list[str]:
+    """Remove everything of network ``prefix``; returns what was removed. With
+    ``keep_logs_in``, its logs are first copied there (``keep_logs``), once every
+    process has stopped writing them; if that fails, nothing is removed."""
     paths.check_prefix(prefix)
     removed: list[str] = []
     man = Manifest.load(prefix)
@@ -373,6 +398,13 @@ def net_down(prefix: str) -> list[str]:
         pids += _identities(_pids_in_netns(ns))
     _stop_pids(pids)
     removed += [f"process {i & 0xFFFFFF}" for i in sorted(set(pids))]
+    if keep_logs_in is not None and paths.log_dir(prefix).is_dir():
+        try:
+            removed.append(f"logs kept in {keep_logs(prefix, keep_logs_in)}")
+        except OSError as e:
+            raise NetError(f"the logs in {paths.log_dir(prefix)} could not be kept in "
+                           f"{keep_logs_in} ({e}); its processes are stopped, nothing is "
+                           f"removed: run net down again") from None
     for attempt in range(3):
         for ns in namespaces:
             with contextlib.suppress(FileNotFoundError, OSError):
