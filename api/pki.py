@@ -13,7 +13,9 @@ can be moved offline; whoever holds it can mint any SAE's identity. The nodes re
 Keys are ECDSA P-256: small, fast TLS handshakes, and what every TLS 1.2+ client speaks.
 Private keys are written with mode 0600, certificates 0644, directories 0700, each file
 whole (a temporary file, then rename); nothing is overwritten unless asked (``force``),
-which also narrows the modes of what is there already.
+which also narrows the modes of what is there already. ``issue_missing`` (`qkdctl pki
+issue`) adds the certificates of nodes and SAEs new to the topology under the CA already
+there, and touches nothing present: one more SAE needs no new CA.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import datetime as dt
 import ipaddress
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,13 +115,15 @@ def _name(cn: str, network: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int
-             ) -> x509.CertificateBuilder:
+def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int,
+             until: dt.datetime | None = None) -> x509.CertificateBuilder:
+    """``days`` of validity, ending no later than ``until`` (the issuing CA's end)."""
     now = dt.datetime.now(dt.UTC)
+    end = now + dt.timedelta(days=days)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
             .public_key(public_key).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days)))
+            .not_valid_after(min(end, until) if until else end))
 
 
 def init_pki(root: Path, topo: Topology, force: bool = False, days: int = VALID_DAYS,
@@ -154,10 +159,20 @@ def init_pki(root: Path, topo: Topology, force: bool = False, days: int = VALID_
     _write_cert(lay.ca_key.parent / "ca.crt", ca)  # with its key, to issue more later
     lay.legacy_ca_key.unlink(missing_ok=True)
 
+    _issue_leaves(lay, topo, ca, ca_key, days, topo.nodes, [s.id for s in topo.saes])
+    return lay
+
+
+def _issue_leaves(lay: PkiLayout, topo: Topology, ca: x509.Certificate,
+                  ca_key: ec.EllipticCurvePrivateKey, days: int, nodes: Iterable[str],
+                  saes: Iterable[str]) -> None:
+    """A server certificate per node of ``nodes`` and a client certificate per SAE of
+    ``saes``, signed by ``ca``; none outlives the CA."""
     def leaf(cn: str, usage, sans: list[x509.GeneralName] | None) -> tuple[x509.Certificate,
                                                                           ec.EllipticCurvePrivateKey]:
         key = _key()
-        b = (_builder(_name(cn, topo.name), ca_name, key.public_key(), days)
+        b = (_builder(_name(cn, topo.name), ca.subject, key.public_key(), days,
+                      ca.not_valid_after_utc)
              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
              .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
@@ -166,7 +181,8 @@ def init_pki(root: Path, topo: Topology, force: bool = False, days: int = VALID_
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return b.sign(ca_key, hashes.SHA256()), key
 
-    for node in topo.nodes.values():
+    for name in nodes:
+        node = topo.nodes[name]
         cert, key = leaf(node.name, ExtendedKeyUsageOID.SERVER_AUTH,
                          [x509.DNSName(node.name), x509.DNSName("localhost"),
                           x509.IPAddress(node.address),
@@ -174,12 +190,42 @@ def init_pki(root: Path, topo: Topology, force: bool = False, days: int = VALID_
         crt, k = lay.node(node.name)
         _write_key(k, key)
         _write_cert(crt, cert)
-    for sae in topo.saes:
-        cert, key = leaf(sae.id, ExtendedKeyUsageOID.CLIENT_AUTH, None)
-        crt, k = lay.sae(sae.id)
+    for sae in saes:
+        cert, key = leaf(sae, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+        crt, k = lay.sae(sae)
         _write_key(k, key)
         _write_cert(crt, cert)
-    return lay
+
+
+def issue_missing(root: Path, topo: Topology, days: int = VALID_DAYS,
+                  ca_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """Under the CA already in ``root`` (its key in ``ca_dir``, default
+    :func:`default_ca_dir`), the certificates of the nodes and SAEs of ``topo`` that
+    lack one (certificate or key); everything present is left untouched, so the SAEs
+    and nodes holding theirs go on. Returns (nodes, SAEs) given new ones."""
+    lay = PkiLayout(Path(root), Path(ca_dir) if ca_dir is not None else None)
+    if not lay.ca_cert.exists():
+        raise PkiError(f"{lay.root} holds no CA ({lay.ca_cert}): make one with 'qkdctl "
+                       f"pki init {lay.root} --config {topo.path}'")
+    if not lay.ca_key.exists():
+        raise PkiError(f"the CA key is not at {lay.ca_key}: give --ca-dir where it is kept"
+                       + (f" (an older version left it at {lay.legacy_ca_key})"
+                          if lay.legacy_ca_key.exists() else ""))
+    try:
+        ca = x509.load_pem_x509_certificate(lay.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(lay.ca_key.read_bytes(), None)
+    except ValueError as e:
+        raise PkiError(f"cannot read the CA: {e}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or \
+            ca_key.public_key() != ca.public_key():
+        raise PkiError(f"{lay.ca_key} is not the key of {lay.ca_cert}: give --ca-dir "
+                       f"where this CA's key is kept")
+    nodes = [n for n in topo.nodes if not all(p.exists() for p in lay.node(n))]
+    saes = [s.id for s in topo.saes if not all(p.exists() for p in lay.sae(s.id))]
+    for d in (lay.root, lay.root / "nodes", lay.root / "saes"):
+        _own_dir(d, False)
+    _issue_leaves(lay, topo, ca, ca_key, days, nodes, saes)
+    return nodes, saes
 
 
 def sae_id_of(cert: x509.Certificate) -> str | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from control.core.config import ConfigError, load_topology, parse_ratio, parse_size, parse_topology
+from control.core.sizing import lsdb_estimate, rate_floor
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -276,6 +277,47 @@ def test_bad_ratio(ratio, phrase):
     assert_problem(link1(f'ratio = "{ratio}"'), "links[1].ratio", phrase)
 
 
+def test_a_ratio_that_starves_a_direction_is_refused():
+    """'0:1' was taken: end a then has no key for even its keepalives, and the link is
+    never up (the review's ratio0.toml)."""
+    err = assert_problem(defaults('ratio = "0:1"'), "defaults.ratio", "gives a->b no key")
+    assert "keepalives" in dict(err.problems)["defaults.ratio"]
+    assert_problem(link1('ratio = "5:0"'), "links[1].ratio", "gives b->a no key")
+
+
+def test_a_key_rate_too_slow_for_the_keepalives_is_refused_where_it_is_set():
+    """0.00001 Mb/s was taken: 0.6 B/s a direction, where keepalives alone at their
+    longest period (10 s) take about 30 B/s: the link could never stay up."""
+    err = assert_problem(defaults("key_rate_mbps = 0.00001"), "defaults.key_rate_mbps",
+                         "for link A-B is below the")
+    msg = dict(err.problems)["defaults.key_rate_mbps"]
+    assert "keepalives" in msg and "pings" in msg
+    assert_problem(link1("key_rate_mbps = 0.0001"), "links[1].key_rate_mbps",
+                   "for link B-C is below the")
+
+
+def test_the_slowest_rate_accepted_is_the_floor_and_a_lopsided_ratio_raises_it():
+    # the base: two links, global key for every pair of its three nodes (12 connections)
+    lsdb = lsdb_estimate([("A-B", "A", "B"), ("B-C", "B", "C")])
+    floor = rate_floor((1, 1), lsdb, 12).mbps
+    assert 0.001 < floor < 0.003  # about 2 kb/s: far below the slow links the design runs
+    parse_topology(defaults(f"key_rate_mbps = {floor * 1.001}"), "net.toml")
+    assert_problem(defaults(f"key_rate_mbps = {floor * 0.999}"), "defaults.key_rate_mbps",
+                   "is below the")
+    lopsided = rate_floor((100, 1), lsdb, 12).mbps
+    assert lopsided == pytest.approx(floor * 101 / 2)
+    assert_problem(link1(f'key_rate_mbps = {floor * 2}\nratio = "100:1"'),
+                   "links[1].key_rate_mbps", "is below the")
+    parse_topology(defaults("key_rate_mbps = 0"), "net.toml")  # as fast as the source
+
+
+def test_without_global_key_the_floor_is_the_keepalives_alone():
+    text = edit(('[[saes]]', '[gkm]\npairs = []\n\n[[saes]]'),
+                text=defaults("key_rate_mbps = 0.0015"))
+    parse_topology(text, "net.toml")  # refused with the relay's 12 connections' pings
+    assert_problem(defaults("key_rate_mbps = 0.0015"), "defaults.key_rate_mbps", "below")
+
+
 def test_bad_ratio_in_defaults():
     assert_problem(defaults('ratio = "3-1"'), "defaults.ratio", "expected 'A_TO_B:B_TO_A'")
 
@@ -383,6 +425,25 @@ def test_underlay_address_reused():
     assert "links[0].underlay[1]" in dict(err.problems)["links[1].underlay[1]"]
 
 
+@pytest.mark.parametrize(("pair", "end", "phrase"), [
+    (("127.0.0.1/30", "127.0.0.2/30"), 0, "127.0.0.1 is a loopback address"),
+    (("10.9.2.0/30", "10.9.2.3/30"), 0, "10.9.2.0 is the network address of 10.9.2.0/30"),
+    (("10.9.2.0/30", "10.9.2.3/30"), 1, "10.9.2.3 is the broadcast address of 10.9.2.0/30"),
+    (("224.0.0.1/30", "224.0.0.2/30"), 0, "a multicast address"),
+    (("0.0.0.0/8", "0.0.0.1/8"), 0, "the unspecified address"),
+    (("169.254.1.1/30", "169.254.1.2/30"), 1, "a link-local address"),
+    (("240.0.0.1/30", "240.0.0.2/30"), 0, "a reserved address"),
+])
+def test_underlay_address_that_no_link_can_use(pair, end, phrase):
+    """Accepted before, and the link then never came up (loopback: routed to lo)."""
+    text = edit((LINK1_UL, f'underlay = ["{pair[0]}", "{pair[1]}"]'))
+    assert_problem(text, f"links[1].underlay[{end}]", phrase)
+
+
+def test_underlay_of_a_31_has_no_network_or_broadcast_address():
+    parse_topology(edit((LINK1_UL, 'underlay = ["10.9.2.0/31", "10.9.2.1/31"]')), "n.toml")
+
+
 def test_bad_underlay_address():
     assert_problem(edit((LINK1_UL, 'underlay = ["10.9.2.1/30", "10.9.2.300/30"]')),
                    "links[1].underlay[1]", "not a valid IPv4 interface")
@@ -474,7 +535,7 @@ def test_parse_size_refuses(value):
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("1:1", (1, 1)), ("3:1", (3, 1)), ("0:1", (0, 1)), ("1000:0", (1000, 0)),
+    ("1:1", (1, 1)), ("3:1", (3, 1)), ("1:1000", (1, 1000)), ("1000:1", (1000, 1)),
     (" 2 : 5 ", (2, 5)),
 ])
 def test_parse_ratio_accepts(value, expected):
@@ -491,6 +552,8 @@ def test_parse_ratio_accepts(value, expected):
     ((3, 1), "expected 'A_TO_B:B_TO_A'"),
     (3, "expected 'A_TO_B:B_TO_A'"),
     ("0:0", "sends key nowhere"),
+    ("0:1", "gives a->b no key"),
+    ("1000:0", "gives b->a no key"),
     ("1:1001", "at most 1000"),
 ])
 def test_parse_ratio_refuses(value, phrase):

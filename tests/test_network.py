@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns as pnetns
 
+from bench.topology import line, network, render, saes
 from control.core import paths
+from control.core.config import Topology, parse_topology
 from control.node.status import collect
 from control.tools import emulation
 from control.tools.emulation import leftovers
@@ -261,3 +264,121 @@ def test_a_namespace_net_down_could_not_remove_stays_its_to_remove(tmp_path, pre
     monkeypatch.setattr(pnetns, "remove", real_remove)
     emulation.net_down(prefix)
     assert leftovers(prefix) == []
+
+
+def _with_saes(tmp_path: Path, prefix: str, **sections) -> Topology:
+    """A - B with an SAE at each node and the sections given (global key between them)."""
+    path = tmp_path / f"{prefix}.toml"
+    path.write_text(render(network("test-pre", prefix, ports={"agreement": 7301},
+                                   defaults={"key_rate_mbps": 200, "block_size": "64KiB",
+                                             "ring_capacity": "4MiB"}, **sections),
+                           line("AB", 209, source=None), saes(("SA", "A"), ("SB", "B"))))
+    return parse_topology(path.read_text(), path)
+
+
+def _nothing_made(prefix: str, *dirs: Path) -> None:
+    assert not paths.manifest_path(prefix).exists()
+    assert leftovers(prefix) == []
+    for d in dirs:
+        assert not d.exists(), f"{d} was made"
+
+
+def test_net_up_refuses_rings_larger_than_dev_shm_before_making_anything(
+        tmp_path, prefix, monkeypatch):
+    topo = write_topology(tmp_path, prefix)
+    real = os.statvfs
+
+    def small(path):  # /dev/shm with 1 MiB free of 64 MiB; the rings need 16 MiB
+        st = real(path)
+        if Path(path) != Path("/dev/shm"):
+            return st
+        return os.statvfs_result((st.f_bsize, 4096, 16384, 256, 256, *st[5:]))
+
+    monkeypatch.setattr(emulation.os, "statvfs", small)
+    with pytest.raises(emulation.NetError) as ei:
+        emulation.net_up(topo, start=False)
+    assert f"{topo.path}: defaults.ring_capacity: the network's rings need 16.0 MiB" \
+        in str(ei.value)
+    assert "1.00 MiB free of 64.0 MiB" in str(ei.value)
+    _nothing_made(prefix)
+
+
+def test_net_up_refuses_a_pki_or_relay_key_dir_the_file_names_and_that_does_not_exist(
+        tmp_path, prefix):
+    """A typo in [api] pki made a new CA (and a -ca dir with its key) there, which net
+    down left behind; the SAEs holding the real certificates then got 401."""
+    pki, keys = tmp_path / "pki-typo", tmp_path / "relay-typo"
+    topo = _with_saes(tmp_path, prefix, api={"pki": str(pki)}, gkm={"keys": str(keys)})
+    with pytest.raises(emulation.NetError) as ei:
+        emulation.net_up(topo, start=False)
+    msg = str(ei.value)
+    assert f"{topo.path}: api.pki: {pki} does not exist" in msg
+    assert f"'qkdctl pki init {pki} --config {topo.path}'" in msg
+    assert f"{topo.path}: gkm.keys: {keys} does not exist" in msg
+    _nothing_made(prefix, pki, tmp_path / "pki-typo-ca", keys)
+
+
+def test_net_up_still_makes_the_pki_and_relay_keys_where_the_file_names_none(
+        tmp_path, prefix):
+    topo = _with_saes(tmp_path, prefix)
+    emulation.net_up(topo, start=False)
+    assert (paths.network_dir(prefix) / "pki" / "ca.crt").exists()
+    assert (paths.network_dir(prefix) / "relay-keys" / "A.key_secret").exists()
+    emulation.net_down(prefix)
+    assert leftovers(prefix) == []
+
+
+def test_net_up_points_a_pki_missing_an_sae_to_pki_issue_not_a_new_ca(tmp_path, prefix):
+    from api.pki import init_pki, issue_missing
+
+    pki = tmp_path / "pki"
+    init_pki(pki, _with_saes(tmp_path, prefix, api={"pki": str(pki)}))
+    ca = (pki / "ca.crt").read_bytes()
+    path = tmp_path / "more.toml"
+    path.write_text(_with_saes(tmp_path, prefix, api={"pki": str(pki)}).path.read_text()
+                    + '\n[[saes]]\nid = "SC"\nnode = "B"\n')
+    topo = parse_topology(path.read_text(), path)
+    with pytest.raises(emulation.NetError, match=f"run 'qkdctl pki issue {pki} --config"):
+        emulation.net_up(topo, start=False)
+    assert leftovers(prefix) == []
+    issue_missing(pki, topo)
+    emulation.net_up(topo, start=False)
+    assert (pki / "ca.crt").read_bytes() == ca
+
+
+def test_net_down_keep_logs_copies_them_privately_and_says_where_they_were(tmp_path, prefix):
+    """net down removed the logs with the run dir, so a failed run's were gone before
+    anyone read them; --keep-logs copies them first. Without it, nothing is kept."""
+    from typer.testing import CliRunner
+
+    from control.tools.cli import app
+
+    def up_with_a_log(text: str) -> Path:
+        emulation.net_up(write_topology(tmp_path, prefix), start=False)
+        log = paths.log_dir(prefix) / "node-A.log"
+        log.parent.mkdir(mode=0o700, exist_ok=True)
+        log.write_text(text)
+        return log
+
+    log = up_with_a_log('{"message": "link A-B: down (no key)"}\n')
+    keep = tmp_path / "kept"
+    r = CliRunner().invoke(app, ["net", "down", "--prefix", prefix, "--keep-logs", str(keep)],
+                           env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert f"{prefix}: its logs ({log.parent}) are kept in {keep / prefix}" in r.output
+    assert (keep / prefix / "node-A.log").read_text() == '{"message": "link A-B: down (no key)"}\n'
+    assert stat.S_IMODE((keep / prefix).stat().st_mode) == 0o700
+    assert stat.S_IMODE((keep / prefix / "node-A.log").stat().st_mode) == 0o600
+    assert leftovers(prefix) == []
+
+    up_with_a_log("second run\n")  # the same prefix again: a new directory beside the first
+    emulation.net_down(prefix, keep)
+    assert (keep / f"{prefix}.1" / "node-A.log").read_text() == "second run\n"
+    assert (keep / prefix / "node-A.log").exists()
+
+    log = up_with_a_log("third\n")
+    r = CliRunner().invoke(app, ["net", "down", "--prefix", prefix], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert f"its logs, in {log.parent}, went with it ('net down --keep-logs DIR'" in r.output
+    assert leftovers(prefix) == [] and sorted(p.name for p in keep.iterdir()) == \
+        [prefix, f"{prefix}.1"]

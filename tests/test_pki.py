@@ -160,3 +160,48 @@ def test_force_narrows_modes_and_moves_an_old_ca_key_out(pki, tmp_path):
     for p in (root, root / "saes", lay.ca_key.parent):
         assert _mode(p) == 0o700
     assert _mode(key) == 0o600 and _mode(lay.ca_key) == 0o600
+
+
+def test_issue_adds_a_new_saes_certificate_under_the_same_ca_and_keeps_the_rest(pki, tmp_path):
+    """Adding one SAE used to need 'pki init --force': a new CA, and every SAE holding
+    its certificate then got 401. 'pki issue' signs only what is missing."""
+    from api.pki import issue_missing
+    from control.core.config import parse_topology
+
+    topo, lay = pki
+    kept = {p: p.read_bytes() for p in [lay.ca_cert, lay.ca_key, *lay.sae("SAE-A"),
+                                        *lay.node("A")]}
+    text = (EXAMPLES / "triangle.toml").read_text() + '\n[[saes]]\nid = "SAE-D"\nnode = "B"\n'
+    bigger = parse_topology(text, tmp_path / "t.toml")
+    lay.node("C")[1].unlink()  # a node's key lost: its pair is issued again
+    nodes, saes = issue_missing(lay.root, bigger)
+    assert (nodes, saes) == (["C"], ["SAE-D"])
+    assert {p: p.read_bytes() for p in kept} == kept
+    crt, key = lay.sae("SAE-D")
+    assert sae_id_of(load(crt)) == "SAE-D" and _mode(key) == 0o600
+    load(crt).verify_directly_issued_by(load(lay.ca_cert))
+    assert load(crt).not_valid_after_utc <= load(lay.ca_cert).not_valid_after_utc
+    assert _handshake(lay, lay.sae("SAE-D"), node="C") == {"sae": "SAE-D"}
+    assert issue_missing(lay.root, bigger) == ([], [])  # nothing missing: nothing made
+
+
+def test_issue_needs_the_cas_own_key(pki, tmp_path):
+    from api.pki import issue_missing
+
+    topo, lay = pki
+    with pytest.raises(PkiError, match="holds no CA"):
+        issue_missing(tmp_path / "nothing", topo)
+    with pytest.raises(PkiError, match="CA key is not at"):
+        issue_missing(lay.root, topo, ca_dir=tmp_path / "elsewhere")
+    other = init_pki(tmp_path / "other", topo)
+    with pytest.raises(PkiError, match="is not the key of"):
+        issue_missing(lay.root, topo, ca_dir=other.ca_key.parent)
+
+
+def test_cli_pki_issue(pki):
+    topo, lay = pki
+    lay.sae("SAE-C")[0].unlink()
+    r = CliRunner().invoke(app, ["pki", "issue", str(lay.root), "--config",
+                                 str(EXAMPLES / "triangle.toml")])
+    assert r.exit_code == 0, r.output
+    assert "new certificates for SAE SAE-C" in r.output and lay.sae("SAE-C")[0].exists()

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from control.core.sizing import KIB, MIB, gkm_sizes, link_sizes, pow2_floor
+from control.core.sizing import (
+    KIB,
+    MAX_FIXED_SHARE,
+    MIB,
+    bytes_per_s,
+    gkm_sizes,
+    heartbeat_period,
+    keepalive_period,
+    link_sizes,
+    pow2_floor,
+    rate_floor,
+)
+from dataplane.limits import KEEPALIVE_MAX_S
 
 
 def test_pow2_floor():
@@ -169,3 +181,15 @@ def test_the_relays_pings_take_at_most_one_percent_of_the_slowest_direction(
     if slowest and g.heartbeat_s < 60.0:
         spent = connections * PING_ROUND_B / g.heartbeat_s
         assert spent <= 0.01 * (direction or slowest / 2) * 1e6 / 8 * 1.0001
+
+
+def test_at_the_rate_floor_the_periods_are_at_their_longest_and_take_half_the_key():
+    """The floor lies where neither period can stretch further, so the fixed costs are
+    what rate_floor counts, and they take MAX_FIXED_SHARE of the slower direction."""
+    for ratio, lsdb, conns in (((1, 1), 238, 12), ((3, 1), 2531, 100), ((1, 1), 86, 0)):
+        f = rate_floor(ratio, lsdb, conns)
+        direction = bytes_per_s(f.mbps) * min(ratio) / sum(ratio)
+        assert keepalive_period(direction, lsdb) == KEEPALIVE_MAX_S
+        if conns:
+            assert heartbeat_period(direction, conns) == 60.0
+        assert f.keepalive_bps + f.ping_bps == pytest.approx(MAX_FIXED_SHARE * direction)

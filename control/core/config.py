@@ -30,15 +30,19 @@ from pydantic import (
 
 from control.core import paths
 from control.core.sizing import (
+    HEARTBEAT_MAX_S,
+    MAX_FIXED_SHARE,
     GkmSizes,
     LinkSizes,
     gkm_sizes,
     link_sizes,
     lsdb_estimate,
+    rate_floor,
     slower_share,
 )
 from dataplane.limits import (
     CONVENTIONAL_MTU,
+    KEEPALIVE_MAX_S,
     MAX_API_KEY_BYTES,
     MAX_API_WORKERS,
     MAX_BLOCK_SIZE,
@@ -93,6 +97,16 @@ def parse_ratio(value: object) -> tuple[int, int]:
             a, b = (int(p) for p in parts)
             if a + b == 0:
                 raise ValueError("ratio '0:0' sends key nowhere; at least one side must be > 0")
+            if 0 in (a, b):
+                # Every packet of a tunnel, its keepalives too, is under one-time pad from
+                # its sender's ENC ring: an end given no key is silent, and its peer calls
+                # the link down. A TCP stream needs its acknowledgements back, too.
+                dead = "a->b" if a == 0 else "b->a"
+                raise ValueError(f"ratio {value.strip()!r} gives {dead} no key: that end "
+                                 f"could send nothing through the tunnel, not even the "
+                                 f"keepalives that keep the link up (each is under "
+                                 f"one-time pad), nor a TCP acknowledgement; give each "
+                                 f"direction at least 1 (e.g. '1000:1')")
             if max(a, b) > 1000:
                 raise ValueError("ratio terms must be at most 1000")
             return a, b
@@ -300,6 +314,31 @@ def _port_problems(raw: TopologyFile) -> list[tuple[str, str]]:
     return out
 
 
+def underlay_address_problem(iface: ipaddress.IPv4Interface) -> str | None:
+    """Why ``iface`` cannot be a link end's unicast address on its veth or NIC, if so:
+    the kernel takes such an address without complaint, and the link then never comes
+    up (loopback is routed to ``lo``, not the wire; the network and broadcast addresses
+    of the prefix are not a host's; the others are not unicast, or never leave the
+    host)."""
+    ip, net = iface.ip, iface.network
+    kinds = ((ip.is_unspecified, "the unspecified address"),
+             (ip.is_loopback, "a loopback address (127.0.0.0/8: routed to lo, never "
+                              "onto the link)"),
+             (ip.is_multicast, "a multicast address"),
+             (ip.is_link_local, "a link-local address (169.254.0.0/16: the kernel's own, "
+                                "for hosts without one)"),
+             (ip == ipaddress.IPv4Address("255.255.255.255") or ip.is_reserved,
+              "a reserved address (240.0.0.0/4), not a host's"))
+    for hit, what in kinds:
+        if hit:
+            return f"{ip} is {what}: give each end a unicast address"
+    if net.prefixlen <= 30 and ip in (net.network_address, net.broadcast_address):
+        which = "network" if ip == net.network_address else "broadcast"
+        return (f"{ip} is the {which} address of {net}: give each end a host address "
+                f"({net[1]} - {net[-2]})")
+    return None
+
+
 def check_block_size(v: int | None) -> int | None:
     if v is not None and not MIN_BLOCK_SIZE <= v <= MAX_BLOCK_SIZE:
         raise ValueError(f"must be between {MIN_BLOCK_SIZE} B and {MAX_BLOCK_SIZE >> 20} MiB")
@@ -314,14 +353,18 @@ def check_ring_capacity(v: int | None) -> int | None:
 
 class LinkDefaults(_Strict):
     key_rate_mbps: float = Field(1000.0, ge=0, le=MAX_KEY_RATE_MBPS, allow_inf_nan=False,
-                                 description="0 = as fast as possible")
+                                 description="0 = as fast as possible; at least what the "
+                                             "keepalives and relay pings need (a few kb/s; "
+                                             "check names it)")
     block_size: Size | None = Field(None, description="key block the source delivers; "
                                                       "default: 50 ms of the link's key "
                                                       "(4 KiB - 1 MiB)")
     ring_capacity: Size | None = Field(None, description="shared-memory key ring per "
                                                          "direction and link end; default: "
                                                          "2 s of the link's key (4 - 256 MiB)")
-    ratio: Ratio = Field((1, 1), description="split of key a->b : b->a")
+    ratio: Ratio = Field((1, 1), description="split of key a->b : b->a, each term 1-1000 "
+                                             "(a direction without key could not even "
+                                             "send its keepalives)")
 
     _block = field_validator("block_size")(check_block_size)
     _cap = field_validator("ring_capacity")(check_ring_capacity)
@@ -383,7 +426,8 @@ class GkmSection(_Strict):
                                                   "also paces to its path's key rate")
     keys: Path | None = Field(None, description="the relay's CURVE keys (qkdctl keys init): "
                                                 "<node>.key_secret of this node, <node>.key "
-                                                "of each peer; default: made by net up in "
+                                                "of each peer (net up makes none where the "
+                                                "file points); default: made by net up in "
                                                 "the run dir")
     paths: int = Field(1, ge=1, le=MAX_PATHS,
                        description="node-disjoint paths per ordered pair: each block leaves "
@@ -432,7 +476,8 @@ class ApiSection(_Strict):
                                      description="most keys one request may ask for")
     max_sae_id_count: int = Field(8, ge=0, le=MAX_SAE_IDS,
                                   description="additional_slave_SAE_IDs per request")
-    pki: Path | None = Field(None, description="certificates (qkdctl pki init); "
+    pki: Path | None = Field(None, description="certificates (qkdctl pki init: net up "
+                                               "makes none where the file points); "
                                                "default: made by net up in the run dir")
     graceful_shutdown_s: float = Field(10.0, ge=1.0, le=120.0,
                                        description="requests in flight may finish this long")
@@ -480,7 +525,9 @@ class Link(_Strict):
     b: str = Field(description="node at end b")
     name: str | None = Field(None, description='default: "<a>-<b>"')
     underlay: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface] = Field(
-        description="the two ends' underlay addresses, a's first")
+        description="the two ends' underlay addresses, a's first: host addresses of one "
+                    "subnet (not its network or broadcast address; not loopback, "
+                    "multicast, link-local or unspecified)")
     key_rate_mbps: float | None = Field(None, ge=0, le=MAX_KEY_RATE_MBPS, allow_inf_nan=False,
                                         description="default: [defaults]")
     block_size: Size | None = Field(None, description="default: [defaults]")
@@ -555,6 +602,7 @@ class LinkSpec:
     source: SourceConfig
     auth_key_file: Path | None
     sizes: LinkSizes  # every size, those not set in the file derived from the key rate
+    ring_capacity_set_in: str | None = None  # the field setting it; None: derived
 
     def peer_of(self, node: str) -> str:
         return self.b if node == self.a else self.a
@@ -600,6 +648,7 @@ class GkmSpec:
     paths_policy: str = "wait"       # fewer disjoint paths up: "wait" or "fewer"
     reserve_ahead_s: float = 0.1     # seconds of a pair's demand reserved ahead (0: none)
     heartbeat_s: float = 5.0         # the relay connections' ping period (sizing)
+    keys_given: bool = False         # named by the file (else made by net up in the run dir)
     # Per ordered pair, with paths > 1: the destination's share addresses, one per link
     # of the origin (inside node_net, from its top down): the routers route each along
     # the disjoint path that leaves the origin by that link, and along no other.
@@ -639,6 +688,7 @@ class ApiSpec:
     sae_store_share: float = 1.0
     sae_share_window_s: float = 10.0
     max_connections_per_address: int = 64
+    pki_given: bool = False  # named by the file (else made by net up in the run dir)
 
 
 @dataclass(frozen=True)
@@ -804,6 +854,8 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         if ua.ip == ub.ip:
             problems.append((f"{where}.underlay", "both ends have the same address"))
         for j, iface in enumerate(lk.underlay):
+            if (why := underlay_address_problem(iface)) is not None:
+                problems.append((f"{where}.underlay[{j}]", why))
             if iface.ip in all_ul:
                 problems.append((f"{where}.underlay[{j}]",
                                  f"{iface.ip} is already used by {all_ul[iface.ip]}"))
@@ -817,6 +869,7 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
         if cap is not None and cap < block:
             problems.append((f"{where}.ring_capacity",
                              f"{cap} B is smaller than one key block ({block} B)"))
+    problems += _rate_floor_problems(raw)
     g = _gkm_sizes(raw)
     if g.high_watermark - g.low_watermark < g.block_size:
         problems.append(("gkm.high_watermark",
@@ -857,6 +910,42 @@ def _cross_check(raw: TopologyFile) -> list[tuple[str, str]]:
     return problems
 
 
+def _relay_connections(raw: TopologyFile) -> int:
+    """The relay's DEALERs in the network: per ordered pair one per path and a control
+    one (what its ping period is sized by)."""
+    nodes = len(raw.nodes)
+    pairs = nodes * (nodes - 1) if raw.gkm.pairs == "all" else 2 * len(raw.gkm.pairs)
+    return pairs * (raw.gkm.paths + 1)
+
+
+def _rate_floor_problems(raw: TopologyFile) -> list[tuple[str, str]]:
+    """Every link's key rate at or above what its fixed costs need (sizing.rate_floor),
+    reported where the rate is set."""
+    out = []
+    lsdb, connections = _lsdb_bytes(raw), _relay_connections(raw)
+    for i, lk in enumerate(raw.links):
+        rate, ratio = _rate(lk, raw.defaults), lk.ratio or raw.defaults.ratio
+        if rate <= 0 or 0 in ratio:  # 0: as fast as the source; a 0 side: refused already
+            continue
+        f = rate_floor(ratio, lsdb, connections)
+        if rate >= f.mbps:
+            continue
+        where = f"links[{i}].key_rate_mbps" if lk.key_rate_mbps is not None \
+            else "defaults.key_rate_mbps"
+        share = 100 * slower_share(ratio)
+        out.append((where, f"{rate:g} Mb/s for link {lk.name or f'{lk.a}-{lk.b}'} is below "
+                           f"the {f.mbps:.4g} Mb/s this network needs: at their longest "
+                           f"periods its keepalives (every {KEEPALIVE_MAX_S:g} s, with the "
+                           f"link-state database: {f.keepalive_bps:.0f} B/s) and the global "
+                           f"key relay's pings ({connections} connections every "
+                           f"{HEARTBEAT_MAX_S:g} s: {f.ping_bps:.0f} B/s) would take over "
+                           f"{MAX_FIXED_SHARE:.0%} of the key of its slower direction "
+                           f"({share:.3g} % of the link's), leaving too little for data, "
+                           f"or not even enough to stay up (docs/design.md, \"The slowest "
+                           f"key rate\"); 0 = as fast as the source"))
+    return out
+
+
 def _rate(lk: Link, d: LinkDefaults) -> float:
     return d.key_rate_mbps if lk.key_rate_mbps is None else lk.key_rate_mbps
 
@@ -883,12 +972,10 @@ def _gkm_sizes(raw: TopologyFile) -> GkmSizes:
     limited = [(r, lk) for lk in raw.links if (r := _rate(lk, raw.defaults)) > 0]
     directions = [r * slower_share(lk.ratio or raw.defaults.ratio) for r, lk in limited]
     g = raw.gkm
-    nodes = len(raw.nodes)
-    pairs = nodes * (nodes - 1) if g.pairs == "all" else 2 * len(g.pairs)
     return gkm_sizes(min(r for r, _ in limited) if limited else 0.0, g.block_size, g.window,
                      g.low_watermark, g.high_watermark,
                      min(directions) if directions else 0.0,
-                     connections=pairs * (g.paths + 1))  # paths' DEALERs and one control
+                     connections=_relay_connections(raw))
 
 
 def share_addresses(net: ipaddress.IPv4Network, pairs: tuple[tuple[str, str], ...],
@@ -934,7 +1021,9 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
             key_rate_mbps=_rate(lk, d), block_size=sizes.block_size,
             ring_capacity=sizes.ring_capacity,
             ratio=lk.ratio or d.ratio, source=lk.source, auth_key_file=key_file,
-            sizes=sizes))
+            sizes=sizes, ring_capacity_set_in=f"links[{i}].ring_capacity"
+            if lk.ring_capacity is not None else "defaults.ring_capacity"
+            if d.ring_capacity is not None else None))
     dp = raw.dataplane
     mtu = dp.mtu or (CONVENTIONAL_MTU if dp.mode == "conventional" else MAX_MTU)
     dataplane = DataplaneSpec(mode=dp.mode, workers=dp.workers or min(os.cpu_count() or 1,
@@ -957,6 +1046,7 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                   high_watermark=g.high_watermark, window=g.window, pairs=ordered,
                   keys=keys, paths=raw.gkm.paths, paths_policy=raw.gkm.paths_policy,
                   reserve_ahead_s=raw.gkm.reserve_ahead_s, heartbeat_s=g.heartbeat_s,
+                  keys_given=raw.gkm.keys is not None,
                   share_addresses=share_addresses(
                       raw.network.node_net, ordered, raw.gkm.paths,
                       {n.address for n in nodes.values()},
@@ -975,7 +1065,8 @@ def _resolve(path: Path, raw: TopologyFile) -> Topology:
                   graceful_shutdown_s=a.graceful_shutdown_s,
                   sae_requests_per_s=a.sae_requests_per_s, sae_store_share=a.sae_store_share,
                   sae_share_window_s=a.sae_share_window_s,
-                  max_connections_per_address=a.max_connections_per_address)
+                  max_connections_per_address=a.max_connections_per_address,
+                  pki_given=a.pki is not None)
     return Topology(path=path, name=raw.network.name, prefix=raw.network.prefix,
                     ports=raw.ports, nodes=nodes, links=tuple(links), saes=tuple(raw.saes),
                     dataplane=dataplane, node_net=raw.network.node_net, gkm=gkm, api=api,

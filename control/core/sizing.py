@@ -199,3 +199,32 @@ def gkm_sizes(slowest_mbps: float, block_size: int | None = None, window: int | 
                     heartbeat_s=heartbeat_period(bytes_per_s(
                         slowest_mbps / 2 if slowest_direction_mbps is None
                         else slowest_direction_mbps), connections))
+
+
+MAX_FIXED_SHARE = 0.5    # of a direction's key the fixed costs may take at their longest
+                         # periods: at least as much is left for data, and the reserves fill
+
+
+@dataclass(frozen=True)
+class RateFloor:
+    """The slowest key rate a link can work at, and what sets it."""
+
+    mbps: float          # the link's rate below which it is refused
+    keepalive_bps: float  # bytes/s of its keepalives at their longest period
+    ping_bps: float       # bytes/s of all the relay's pings at their longest period
+
+
+def rate_floor(ratio: tuple[int, int], lsdb_bytes: int, connections: int) -> RateFloor:
+    """Below some tens of kb/s (a triangle: 25 kb/s) the keepalive period stops at
+    KEEPALIVE_MAX_S and the relay's pings at HEARTBEAT_MAX_S, so these fixed costs no
+    longer shrink with the rate: they
+    grow as a share of the key until nothing is left for data, then exceed the key and
+    the link cannot even stay up. The floor is the rate at which they take
+    MAX_FIXED_SHARE of the slower direction's key. Every keepalive at that period carries
+    the link-state database (``lsdb_bytes``); every relay connection (``connections``)
+    may cross this link, as ``heartbeat_period`` assumes."""
+    keepalive = (MAC_KEY_LEN + KEEPALIVE_BODY + lsdb_bytes) / KEEPALIVE_MAX_S
+    pings = connections * PING_ROUND_B / HEARTBEAT_MAX_S
+    direction_bps = (keepalive + pings) / MAX_FIXED_SHARE
+    return RateFloor(mbps=direction_bps / slower_share(ratio) * 8 / 1e6,
+                     keepalive_bps=keepalive, ping_bps=pings)

@@ -153,15 +153,21 @@ def net_up(config: Annotated[Path, typer.Argument(help="topology TOML file")],
         _fail(e)
     out.print(f"network {topo.name!r} up with prefix {topo.prefix!r}: "
               f"{len(man.namespaces)} namespaces, {len(topo.links)} links"
-              + (f", {len(man.pids)} processes" if start else ""))
+              + (f", {len(man.pids)} processes; logs in {paths.log_dir(topo.prefix)} "
+                 f"('net down' removes them; 'net down --keep-logs DIR' keeps a copy)"
+                 if start else ""), highlight=False)
 
 
 @net_app.command("down")
 def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML file")] = None,
              prefix: PrefixOpt = None,
-             all_: Annotated[bool, typer.Option("--all", help="every qkdnet network")] = False
+             all_: Annotated[bool, typer.Option("--all", help="every qkdnet network")] = False,
+             keep_logs: Annotated[Path | None, typer.Option(
+                 "--keep-logs", help="first copy the logs to DIR/<prefix> (mode 0700)",
+                 metavar="DIR")] = None
              ) -> None:
-    """Stop and remove everything a network made (also after a crashed run)."""
+    """Stop and remove everything a network made (also after a crashed run), its logs
+    too unless --keep-logs."""
     need_root()
     if all_:
         prefixes = emulation.known_prefixes()
@@ -174,13 +180,24 @@ def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML f
         raise typer.Exit(2)
     failed = False
     for p in prefixes:
+        logs = paths.log_dir(p)
+        had_logs = logs.is_dir()
         try:
-            removed = emulation.net_down(p)
+            removed = emulation.net_down(p, keep_logs)
         except emulation.NetError as e:
             err.print(f"[red]{escape(f'{p}: {e}')}[/red]", highlight=False)
             failed = True
             continue
-        out.print(f"{p}: removed {len(removed)} object(s)" if removed else f"{p}: nothing left")
+        kept = [r.removeprefix("logs kept in ") for r in removed
+                if r.startswith("logs kept in ")]
+        gone = len(removed) - len(kept)
+        out.print(f"{p}: removed {gone} object(s)" if gone else f"{p}: nothing left",
+                  highlight=False)
+        if kept:
+            out.print(f"{p}: its logs ({logs}) are kept in {kept[0]}", highlight=False)
+        elif had_logs:
+            out.print(f"{p}: its logs, in {logs}, went with it ('net down --keep-logs DIR' "
+                      f"keeps a copy)", highlight=False)
     if failed:
         raise typer.Exit(1)
 
@@ -273,6 +290,27 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the 
               f"nodes/, {len(topo.saes)} SAE certificate(s) in saes/ (keys mode 0600); "
               f"the CA key in {lay.ca_key} (no node needs it: keep it offline)",
               highlight=False)
+
+
+@pki_app.command("issue")
+def pki_issue(directory: Annotated[Path, typer.Argument(help="the PKI made by 'pki init'")],
+              config: ConfigOpt,
+              ca_dir: Annotated[Path | None, typer.Option(
+                  help="where the CA key is (default DIR-ca beside DIR)")] = None
+              ) -> None:
+    """Certificates for the nodes and SAEs that lack one, under the existing CA; every
+    certificate and key already there is left as it is."""
+    from api.pki import PkiError, issue_missing
+
+    topo = load(config)
+    try:
+        nodes, saes = issue_missing(directory, topo, ca_dir=ca_dir)
+    except PkiError as e:
+        _fail(e)
+    kept = len(topo.nodes) + len(topo.saes) - len(nodes) - len(saes)
+    new = [f"node {n}" for n in nodes] + [f"SAE {s}" for s in saes]
+    out.print(f"{directory}: new certificates for {', '.join(new) or 'nothing (none missing)'}"
+              f"; {kept} kept as they were (keys mode 0600)", highlight=False)
 
 
 # ---- relay keys ----------------------------------------------------------------------------

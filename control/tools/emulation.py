@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from control.core.procs import is_alive, process_identity, send_signal
 from control.lkm.messages import AUTH_KEY_LEN
 from dataplane.limits import MAX_UNDERLAY_MTU
 from dataplane.private import private_dir, private_umask, write_private
-from dataplane.ring import KeyRing
+from dataplane.ring import SHM_DIR, KeyRing
 
 STOP_GRACE_S = 5.0
 
@@ -135,9 +136,9 @@ def _write_link_keys(topo: Topology) -> None:
 
 
 def _ensure_relay_keys(topo: Topology) -> None:
-    """The global key relay's CURVE keys: made in ``[gkm] keys`` (default: the run dir)
-    when there is none there yet; an existing set must cover every node that keeps
-    global key."""
+    """The global key relay's CURVE keys: made in the run dir when the file names no
+    ``[gkm] keys`` and there are none there yet; an existing set must cover every node
+    that keeps global key."""
     from control.gkm.relay_keys import secret_path, write_relay_keys
 
     nodes = topo.gkm.nodes()
@@ -145,6 +146,9 @@ def _ensure_relay_keys(topo: Topology) -> None:
         return
     d = topo.gkm.keys
     if not any(secret_path(d, n).exists() for n in nodes):
+        if topo.gkm.keys_given:  # never made where the file points (machine_problems)
+            raise NetError(f"{d} holds no relay keys: run 'qkdctl keys init {d} "
+                           f"--config {topo.path}'")
         write_relay_keys(d, nodes)
         return
     missing = [str(secret_path(d, n)) for n in nodes if not secret_path(d, n).exists()]
@@ -154,15 +158,18 @@ def _ensure_relay_keys(topo: Topology) -> None:
 
 
 def _ensure_pki(topo: Topology) -> None:
-    """The key API's certificates: made in ``[api] pki`` (default: the run dir) when
-    there is no CA there yet; an existing PKI must cover every node with SAEs and every
-    SAE."""
+    """The key API's certificates: made in the run dir when the file names no ``[api]
+    pki`` and there is no CA there yet; an existing PKI must cover every node with SAEs
+    and every SAE."""
     if not topo.saes:
         return
     from api.pki import PkiLayout, init_pki
 
     layout = PkiLayout(topo.api.pki)
     if not layout.ca_cert.exists():
+        if topo.api.pki_given:  # never made where the file points (machine_problems)
+            raise NetError(f"{topo.api.pki} holds no CA: run 'qkdctl pki init "
+                           f"{topo.api.pki} --config {topo.path}'")
         init_pki(topo.api.pki, topo)
         return
     missing = [str(p) for n in {s.node for s in topo.saes} for p in layout.node(n)
@@ -170,8 +177,9 @@ def _ensure_pki(topo: Topology) -> None:
     missing += [str(p) for s in topo.saes for p in layout.sae(s.id) if not p.exists()]
     if missing:
         raise NetError(f"the PKI in {topo.api.pki} lacks {missing[0]} (and "
-                       f"{len(missing) - 1} more): run 'qkdctl pki init {topo.api.pki} "
-                       f"--config {topo.path} --force'")
+                       f"{len(missing) - 1} more): run 'qkdctl pki issue {topo.api.pki} "
+                       f"--config {topo.path}' to issue only the missing ones under its CA "
+                       f"(every certificate there is kept)")
 
 
 def _spawn(args: list[str], log: Path) -> int:
@@ -187,12 +195,26 @@ def _spawn(args: list[str], log: Path) -> int:
     return proc.pid
 
 
+def machine_problems(topo: Topology) -> list[tuple[str, str]]:
+    """What keeps a valid topology from coming up on this machine (control.tools.
+    preflight, with this machine's facts): asked before anything is made."""
+    from control.tools.preflight import given_dir_problems, shm_problems
+
+    st = os.statvfs(SHM_DIR)
+    return (shm_problems(topo, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+            + given_dir_problems(topo, Path.is_dir, Path.exists))
+
+
 def net_up(topo: Topology, start: bool = True) -> Manifest:
     """Create the network (and start its emulators and nodes unless ``start`` is False).
     Everything it makes (run directory, keys, certificates, logs) is its owner's alone."""
     if paths.manifest_path(topo.prefix).exists():
         raise NetError(f"a network with prefix {topo.prefix!r} exists already: "
                        f"run 'qkdctl net down --prefix {topo.prefix}' first")
+    problems = machine_problems(topo)
+    if problems:
+        raise NetError("\n".join(f"{topo.path}: {field}: {msg}" for field, msg in problems)
+                       + "\nnothing was made")
     present = set(pnetns.listnetns())
     foreign = [ns for n in topo.nodes if (ns := paths.netns_name(topo.prefix, n)) in present]
     if foreign:  # not this network's (it has no manifest): never ours to remove
@@ -333,8 +355,32 @@ def _grace_of(config: str | None) -> float:
         return STOP_GRACE_S
 
 
-def net_down(prefix: str) -> list[str]:
-    """Remove everything of network ``prefix``; returns what was removed."""
+def keep_logs(prefix: str, into: Path) -> Path:
+    """Copy network ``prefix``'s logs into a new directory of ours (mode 0700, files
+    0600: logs name key IDs and SAEs) under ``into``: ``<into>/<prefix>``, or
+    ``<prefix>.1`` ... when that exists. Never through a link, never over a file."""
+    src = paths.log_dir(prefix)
+    into.mkdir(parents=True, exist_ok=True, mode=0o700)  # not narrowed: maybe a home
+    dest = into / prefix
+    n = 0
+    while dest.exists() or dest.is_symlink():
+        n += 1
+        dest = into / f"{prefix}.{n}"
+    private_dir(dest)
+    for f in sorted(src.iterdir()) if src.is_dir() else []:
+        if not f.is_file() or f.is_symlink():
+            continue
+        fd = os.open(dest / f.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as out, open(f, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+    return dest
+
+
+def net_down(prefix: str, keep_logs_in: Path | None = None) -> list[str]:
+    """Remove everything of network ``prefix``; returns what was removed. With
+    ``keep_logs_in``, its logs are first copied there (``keep_logs``), once every
+    process has stopped writing them; if that fails, nothing is removed."""
     paths.check_prefix(prefix)
     removed: list[str] = []
     man = Manifest.load(prefix)
@@ -352,6 +398,13 @@ def net_down(prefix: str) -> list[str]:
         pids += _identities(_pids_in_netns(ns))
     _stop_pids(pids)
     removed += [f"process {i & 0xFFFFFF}" for i in sorted(set(pids))]
+    if keep_logs_in is not None and paths.log_dir(prefix).is_dir():
+        try:
+            removed.append(f"logs kept in {keep_logs(prefix, keep_logs_in)}")
+        except OSError as e:
+            raise NetError(f"the logs in {paths.log_dir(prefix)} could not be kept in "
+                           f"{keep_logs_in} ({e}); its processes are stopped, nothing is "
+                           f"removed: run net down again") from None
     for attempt in range(3):
         for ns in namespaces:
             with contextlib.suppress(FileNotFoundError, OSError):
