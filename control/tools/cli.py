@@ -67,6 +67,32 @@ def _fail(message: object, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _os_error(e: OSError, doing: str) -> str:
+    """One line for an OS error of an ordinary mistake (a path that is a file, a parent
+    that does not exist, no permission): what was being done, the path, and why."""
+    import errno
+
+    path = e.filename or "?"
+    why = (e.strerror or str(e)).lower()
+    if e.errno == errno.EEXIST and not Path(path).is_dir():
+        why = "it exists and is not a directory"
+    return f"{doing}: {path}: {why}"
+
+
+@contextlib.contextmanager
+def _writing(doing: str) -> Iterator[None]:
+    """An OS error while writing files: one clear line and exit status 1 (a refusal of
+    our own, NotPrivateError, says why itself and goes to the caller)."""
+    from dataplane.private import NotPrivateError
+
+    try:
+        yield
+    except NotPrivateError:
+        raise
+    except OSError as e:
+        _fail(_os_error(e, doing))
+
+
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="topology TOML file")]
 
 
@@ -235,7 +261,11 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
     from dataplane.private import set_private_umask
 
     topo = load(config)
-    lk = topo.link(link)
+    try:
+        lk = topo.link(link)
+    except ConfigError:
+        _fail(f"no link named {link!r} in {config} (links: "
+              f"{', '.join(lk.name for lk in topo.links)})", 2)
     if lk.source.kind != "emulator":
         err.print(f"[red]link {lk.name} takes its key from {lk.source.kind!r}, "
                   f"not from the emulator[/red]")
@@ -266,7 +296,8 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the 
 
     topo = load(config)
     try:
-        lay = init_pki(directory, topo, force=force, ca_dir=ca_dir)
+        with _writing("cannot write the PKI"):
+            lay = init_pki(directory, topo, force=force, ca_dir=ca_dir)
     except PkiError as e:
         _fail(e)
     out.print(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
@@ -290,7 +321,8 @@ def keys_init(directory: Annotated[Path, typer.Argument(help="where to write the
 
     topo = load(config)
     try:
-        made = write_relay_keys(directory, topo.gkm.nodes(), force=force)
+        with _writing("cannot write the relay keys"):
+            made = write_relay_keys(directory, topo.gkm.nodes(), force=force)
     except (RelayKeyError, NotPrivateError) as e:
         _fail(e)
     kept = len(topo.gkm.nodes()) - len(made)
