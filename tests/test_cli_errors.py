@@ -3,6 +3,7 @@ non-zero exit status, never a traceback; and lines that are not cut when piped."
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,28 @@ def test_the_emulator_of_an_unknown_link_is_refused_naming_the_links():
     assert isinstance(res.exception, SystemExit), res.exception
     assert res.output.strip() == (f"no link named 'X-Y' in {TRIANGLE} "
                                   f"(links: A-B, B-C, A-C)")
+
+
+@pytest.mark.parametrize("rate", ["-3", "nan", "-0.5", "2e6"])
+def test_a_key_rate_the_emulator_cannot_keep_is_refused(monkeypatch, rate):
+    """A negative rate fell into "0 = as fast as possible": the link ran unthrottled."""
+    from control.lkm import emulator
+
+    started = []
+    monkeypatch.setattr(emulator, "run_emulator", lambda *a, **k: started.append(a))
+    res = _invoke("emulator", "run", "--config", str(TRIANGLE), "--link", "A-B",
+                  "--rate-mbps", rate)
+    assert res.exit_code == 2 and not started, res.output
+    assert "--rate-mbps" in res.output and "is not a key rate" in res.output
+
+
+def test_run_emulator_refuses_a_negative_rate_before_it_serves(tmp_path):
+    from control.lkm.emulator import run_emulator
+
+    stop = threading.Event()
+    stop.set()
+    socks = (tmp_path / "a.sock", tmp_path / "b.sock")
+    for bad in (-3.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="key rate"):
+            run_emulator(socks, bad, 4096, "urandom", stop, max_blocks=0)
+    assert not any(s.exists() for s in socks)

@@ -251,9 +251,22 @@ def node_run(config: ConfigOpt, node: Annotated[str, typer.Option(help="node nam
     run_node(config, node, state_dir, netns)
 
 
+def _key_rate(value: float | None) -> float | None:
+    """A key rate given on the command line is one a topology file may hold: 0 (as fast as
+    possible) up to the most; a negative one used to run unthrottled, as 0 does."""
+    from control.core.config import MAX_KEY_RATE_MBPS
+
+    if value is not None and not 0 <= value <= MAX_KEY_RATE_MBPS:  # (NaN too)
+        raise typer.BadParameter(f"{value:g} is not a key rate: give 0 (as fast as "
+                                 f"possible) to {MAX_KEY_RATE_MBPS:,.0f} Mb/s")
+    return value
+
+
 @emu_app.command("run")
 def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link name")],
-                 rate_mbps: Annotated[float | None, typer.Option(help="override key rate")] = None
+                 rate_mbps: Annotated[float | None, typer.Option(
+                     help="override key rate, Mb/s; 0 = as fast as possible",
+                     callback=_key_rate)] = None
                  ) -> None:
     """Run the QKD link emulator of one link (Unix sockets under the network's run dir)."""
     from control.core.logs import setup_logging
