@@ -3,6 +3,9 @@ non-zero exit status, never a traceback; and lines that are not cut when piped."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -66,3 +69,19 @@ def test_run_emulator_refuses_a_negative_rate_before_it_serves(tmp_path):
         with pytest.raises(ValueError, match="key rate"):
             run_emulator(socks, bad, 4096, "urandom", stop, max_blocks=0)
     assert not any(s.exists() for s in socks)
+
+
+def test_errors_are_not_wrapped_when_stderr_is_not_a_terminal(tmp_path):
+    """stderr piped or logged used to be cut at 80 columns, splitting the command an
+    error suggested over two lines."""
+    deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "triangle.toml"
+    deep.parent.mkdir()
+    deep.write_text(TRIANGLE.read_text())
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    res = subprocess.run([sys.executable, "-P", "-m", "control.tools.cli", "node", "run",
+                          "--config", str(deep), "--node", "Z"],
+                         capture_output=True, text=True, env=env, timeout=60,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 2, res.stderr
+    want = f"no node named 'Z' in {deep} (known: A, B, C)"
+    assert len(want) > 100 and res.stderr.strip() == want

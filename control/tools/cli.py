@@ -58,6 +58,9 @@ out = Console()
 if not out.is_terminal and not os.environ.get("COLUMNS", "").isdigit():  # logs and
     out = Console(width=160)  # pipes: keep tables whole rather than 80 columns wide
 err = Console(stderr=True)
+if not err.is_terminal:  # logs and pipes: a message (and the command it suggests) stays on
+    err = Console(stderr=True, soft_wrap=True,  # one line; tables as wide as stdout's
+                  width=None if os.environ.get("COLUMNS", "").isdigit() else 160)
 
 
 def _fail(message: object, code: int = 1) -> NoReturn:
