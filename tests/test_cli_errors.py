@@ -85,3 +85,41 @@ def test_errors_are_not_wrapped_when_stderr_is_not_a_terminal(tmp_path):
     assert res.returncode == 2, res.stderr
     want = f"no node named 'Z' in {deep} (known: A, B, C)"
     assert len(want) > 100 and res.stderr.strip() == want
+
+
+def test_status_of_a_prefix_that_is_not_up_says_which(tmp_path, monkeypatch):
+    from control.core import paths
+
+    monkeypatch.setattr(paths, "RUN_ROOT", tmp_path)
+    res = _invoke("status", "--prefix", "nosuch")
+    assert res.exit_code != 0
+    assert res.output.strip().startswith("no network with prefix 'nosuch' is up")
+    res = _invoke("status")
+    assert res.exit_code != 0 and "no network is up here" in res.output
+
+
+def test_net_status_of_a_network_taken_down_says_it_is_not_up(tmp_path, monkeypatch):
+    """It printed "P from None" and exited 0."""
+    from control.core import paths
+
+    monkeypatch.setattr(paths, "RUN_ROOT", tmp_path)
+    res = _invoke("net", "status", "--prefix", "tgone1")
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().startswith("tgone1: not up") and "None" not in res.output
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    res = _invoke("--version")
+    assert res.exit_code == 0 and res.output.strip() == f"qkdctl (qkdnet) {version('qkdnet')}"
+
+
+def test_command_summaries_in_the_help_do_not_break_where_the_docstring_does():
+    for group, command, ends in (([], "stats", "own counters."),
+                                 ([], "demo", "every claim held."),
+                                 (["bench"], "routing", "over one path, then as two")):
+        res = _invoke(*group, "--help")
+        assert res.exit_code == 0, res.output
+        row = next(ln for ln in res.output.splitlines() if f" {command} " in ln)
+        assert ends in row, row

@@ -28,6 +28,23 @@ bench_app = typer.Typer(help="Benchmarks against the paper's figures.", no_args_
 pki_app = typer.Typer(help="Certificates for the key API's mutual TLS.", no_args_is_help=True)
 keys_app = typer.Typer(help="Keys of the global key managers' relay (CurveZMQ).",
                        no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"qkdctl (qkdnet) {version('qkdnet')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="print the version (the installed package's) and exit")] = False) -> None:
+    """qkdnet: key management for QKD networks."""
+
+
 app.add_typer(net_app, name="net")
 app.add_typer(node_app, name="node")
 app.add_typer(emu_app, name="emulator")
@@ -227,9 +244,13 @@ def _net_status(prefix: str | None) -> None:
         out.print("no qkdnet networks")
     for p in prefixes:
         st = emulation.net_status(p)
+        if st["config"] is None and not st["rings"]:  # (net down leaves nothing)
+            _fail(f"{p}: not up (no network with this prefix; qkdctl net status lists "
+                  f"those that are)")
         ns = ", ".join(f"{k}{'' if v else ' (missing)'}" for k, v in st["namespaces"].items())
         procs = ", ".join(f"{k}{'' if v else ' (dead)'}" for k, v in st["processes"].items())
-        out.print(f"[bold]{p}[/bold] from {st['config']}\n  namespaces: {ns or '-'}\n"
+        origin = f"from {st['config']}" if st["config"] else "(no manifest: net down removes it)"
+        out.print(f"[bold]{p}[/bold] {escape(origin)}\n  namespaces: {ns or '-'}\n"
                   f"  processes: {procs or '-'}\n  rings: {st['rings']}", highlight=False)
 
 
@@ -374,8 +395,9 @@ def _topologies(config: Path | None, prefix: str | None) -> list[Topology]:
     prefixes = [prefix] if prefix else emulation.known_prefixes()
     mans = [m for m in (emulation.Manifest.load(p) for p in prefixes) if m]
     if not mans:
-        err.print("no running network found: give a topology file or --prefix")
-        raise typer.Exit(1)
+        _fail(f"no network with prefix {prefix!r} is up (qkdctl net status lists those "
+              f"that are)" if prefix else
+              "no network is up here: give a topology file or --prefix")
     return [load(Path(m.config)) for m in mans]
 
 
@@ -986,6 +1008,22 @@ def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples
     if as_json:
         print(report_json(rep))
     raise typer.Exit(code)
+
+
+def _one_line_summaries(*apps: typer.Typer) -> None:
+    """Each command's summary in its group's help is the first paragraph of its docstring
+    as one flowing line: typer's rich help kept the docstring's line breaks there, so a
+    summary broke mid-sentence wherever the source did."""
+    import inspect
+
+    for a in apps:
+        for c in a.registered_commands:
+            doc = c.help or inspect.getdoc(c.callback) or ""
+            if c.short_help is None and doc:
+                c.short_help = " ".join(doc.split("\n\n")[0].split())
+
+
+_one_line_summaries(app, net_app, node_app, emu_app, bench_app, pki_app, keys_app)
 
 
 def main() -> None:  # pragma: no cover
