@@ -376,20 +376,23 @@ def status(config: Annotated[Path | None, typer.Argument(help="topology TOML fil
            prefix: PrefixOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False
            ) -> None:
-    """Per link end: key, agreement, tunnel traffic, XDP guard and drops; routes per node."""
-    from control.node.status import collect, render
+    """Per link end: key, agreement, tunnel traffic, XDP guard and drops; routes per node.
+    Exit status 0 when every node runs, 1 when one is down, 3 when none runs."""
+    from control.node.status import EXIT_NOT_UP, collect, exit_status, render
 
     with _state_readable():
-        snaps = [collect(t) for t in _topologies(config, prefix)]
+        snaps = [collect(t) for t in _topologies(config, prefix, EXIT_NOT_UP)]
     if as_json:
         print(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=1))
-        return
-    for s in snaps:
-        out.print(render(s))
+    else:
+        for s in snaps:
+            out.print(render(s))
+    raise typer.Exit(max(exit_status(s) for s in snaps))
 
 
-def _topologies(config: Path | None, prefix: str | None) -> list[Topology]:
-    """The topology given, or those of the running networks (one with --prefix)."""
+def _topologies(config: Path | None, prefix: str | None, not_up: int = 1) -> list[Topology]:
+    """The topology given, or those of the running networks (one with --prefix); exit
+    status ``not_up`` when there is none."""
     if config is not None:
         return [load(config)]
     prefixes = [prefix] if prefix else emulation.known_prefixes()
@@ -397,7 +400,7 @@ def _topologies(config: Path | None, prefix: str | None) -> list[Topology]:
     if not mans:
         _fail(f"no network with prefix {prefix!r} is up (qkdctl net status lists those "
               f"that are)" if prefix else
-              "no network is up here: give a topology file or --prefix")
+              "no network is up here: give a topology file or --prefix", not_up)
     return [load(Path(m.config)) for m in mans]
 
 
