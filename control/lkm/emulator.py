@@ -14,6 +14,7 @@ block ids ``(epoch, seq)`` never repeat across restarts.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import secrets
@@ -132,6 +133,9 @@ def run_emulator(sockets: tuple[Path, Path], rate_mbps: float, block_size: int,
                  generator: str, stop: threading.Event | None = None,
                  max_blocks: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT (or ``stop``); returns the number of blocks made."""
+    if not 0 <= rate_mbps < math.inf:  # a negative rate fell into "0 = unthrottled"
+        raise ValueError(f"key rate {rate_mbps!r} Mb/s: give 0 (as fast as possible) or "
+                         f"more")
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

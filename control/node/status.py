@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from rich import box
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
 
 from control.core import paths
@@ -17,6 +20,56 @@ from control.lkm.accounting import link_end
 from dataplane.bpf.guard import DROP_REASONS
 
 STALE_AFTER_S = 3.0
+
+# `qkdctl status` exit statuses (2 is the command line's or the topology file's)
+EXIT_RUNNING, EXIT_NODE_DOWN, EXIT_NOT_UP = 0, 1, 3
+
+
+@dataclass
+class Sheet:
+    """A table's content, laid out when printed: at the console's width, in as many
+    tables as its columns need, each repeating the leading ``keys`` columns (link, node).
+    At 80 columns rich cut nearly every cell of a wide table to an ellipsis and dropped
+    its last column without a word; no cell is cut now (one too wide for the console
+    folds)."""
+
+    title: str | None
+    columns: list[tuple[str, str]]  # (header, "left" | "right")
+    keys: int = 2
+    rows: list[list[str]] = field(default_factory=list)
+
+    def add_row(self, *cells: str) -> None:
+        assert len(cells) == len(self.columns)
+        self.rows.append(list(cells))
+
+    def _table(self, cols: list[int], title: str | None) -> Table:
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for i in cols:
+            header, justify = self.columns[i]
+            t.add_column(header, justify=justify, overflow="fold")
+        for row in self.rows:
+            t.add_row(*(row[i] for i in cols))
+        return t
+
+    def tables(self, console: Console, options: ConsoleOptions) -> list[Table]:
+        """The fewest tables whose columns fit ``options.max_width``, in column order."""
+        keys = list(range(min(self.keys, len(self.columns))))
+        unbounded = options.update_width(1 << 16)  # (a measurement is capped by its width)
+
+        def width(cols: list[int]) -> int:
+            return Measurement.get(console, unbounded,
+                                   self._table(keys + cols, None)).maximum
+
+        groups: list[list[int]] = [[]]
+        for i in range(len(keys), len(self.columns)):
+            if groups[-1] and width(groups[-1] + [i]) > options.max_width:
+                groups.append([])
+            groups[-1].append(i)
+        return [self._table(keys + g, self.title if n == 0 else "(continued)")
+                for n, g in enumerate(groups)]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Table]:
+        yield from self.tables(console, options)
 
 
 def collect_node(topo: Topology, node: str, now: float) -> dict:
@@ -31,6 +84,8 @@ def collect_node(topo: Topology, node: str, now: float) -> dict:
                 st["stale"] = now - st["updated"] > STALE_AFTER_S
             out[lk.name] = st
     router = read_status(d / "router.json")
+    if router is not None:
+        router["stale"] = now - router.get("updated", 0) > STALE_AFTER_S
     gkm = read_status(d / "gkm.json")
     if gkm is not None:
         gkm["stale"] = now - gkm["updated"] > STALE_AFTER_S
@@ -49,9 +104,77 @@ def collect_node(topo: Topology, node: str, now: float) -> dict:
 
 
 def collect(topo: Topology) -> dict:
+    """The network's state as its processes last published it; ``emulated``: every node
+    runs on this host (``net up`` made it), so a node without status here is down."""
     now = time.time()
     nodes = {node: collect_node(topo, node, now) for node in topo.nodes}
-    return {"network": topo.name, "prefix": topo.prefix, "time": now, "nodes": nodes}
+    return {"network": topo.name, "prefix": topo.prefix, "time": now, "nodes": nodes,
+            "emulated": paths.manifest_path(topo.prefix).exists()}
+
+
+def node_down(info: dict, now: float) -> str | None:
+    """Why a node is not running, in a few words (None while it runs): its supervisor
+    has published no status here, is stopping, or stopped publishing (killed)."""
+    if info.get("running", True):
+        return None
+    sup = info.get("supervisor")
+    if not sup:
+        return "not running (no status here: not started, or taken down)"
+    ago = f"last update {_ago(sup.get('updated'), now)}"
+    if sup.get("stopping") and now - sup.get("updated", 0) <= STALE_AFTER_S:
+        return f"stopping ({ago})"
+    return f"not running ({'stopped' if sup.get('stopping') else 'supervisor dead'}; {ago})"
+
+
+def elsewhere(snapshot: dict, info: dict) -> bool:
+    """A node of a deployed network with no status on this host: it runs on another
+    (status reads this host's files), or not at all; this host cannot tell which."""
+    return not snapshot.get("emulated", True) and not info.get("supervisor")
+
+
+def exit_status(snapshot: dict) -> int:
+    """0 when every node runs; 3 when none does (the network is not up: here, for a
+    deployed one); 1 when some node is down. A deployed network's nodes that have no
+    status on this host are left out."""
+    here = {n: i for n, i in snapshot["nodes"].items() if not elsewhere(snapshot, i)}
+    running = [n for n, i in here.items() if i.get("running", True)]
+    if not running:
+        return EXIT_NOT_UP
+    return EXIT_RUNNING if len(running) == len(here) else EXIT_NODE_DOWN
+
+
+def render_nodes(snapshot: dict, rows_below: bool = True) -> Table | None:
+    """One line per node that is not running, and why; None when all run."""
+    now = snapshot["time"]
+    lines = []
+    for node, info in snapshot["nodes"].items():
+        why = node_down(info, now)
+        if why is None:
+            continue
+        if elsewhere(snapshot, info):
+            lines.append(f"[dim]node {escape(node)}: no status on this host (it runs on "
+                         f"another, or not at all)[/dim]")
+        else:
+            lines.append(f"[red]node {escape(node)}: {why}[/red]")
+    if not lines:
+        return None
+    if rows_below:
+        lines.append("[dim](a node that is not running has blank rows below; --json has "
+                     "what it last published)[/dim]\n")
+    t = Table.grid()
+    for line in lines:
+        t.add_row(line)
+    return t
+
+
+def _gone(info: dict, st: dict | None) -> str | None:
+    """Why a module's row shows no figures: its node is down, or the module stopped
+    publishing (its figures would be its last ones, shown as if live)."""
+    if not info.get("running", True):
+        return "[red]node down[/red]"
+    if st is not None and st.get("stale"):
+        return "[red]stopped[/red]"
+    return None
 
 
 def _fill(ring: dict) -> str:
@@ -98,25 +221,30 @@ def link_cost(router: dict | None, link: str) -> str:
     return f"{cost} dry" if own > 1 else str(cost)
 
 
-def render_tunnels(snapshot: dict) -> Table:
-    t = Table(title="OTP tunnels per link end (out = encrypted and sent, in = received "
-                    "and delivered)", title_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False)
-    for col in ("link", "node", "tun", "state", "cost", "workers", "pkts out", "out",
-                "pkts in", "in", "key used", "drops", "XDP guard"):
-        t.add_column(col, justify="right" if col in ("pkts out", "out", "pkts in", "in",
-                                                     "key used") else "left",
-                     no_wrap=col != "XDP guard")
+def _left(*headers: str) -> list[tuple[str, str]]:
+    return [(h, "left") for h in headers]
+
+
+def _right(*headers: str) -> list[tuple[str, str]]:
+    return [(h, "right") for h in headers]
+
+
+def render_tunnels(snapshot: dict) -> Sheet:
+    t = Sheet("OTP tunnels per link end (out = encrypted and sent, in = received and "
+              "delivered)",
+              _left("link", "node", "tun", "state", "cost", "workers")
+              + _right("pkts out", "out", "pkts in", "in", "key used")
+              + _left("drops", "XDP guard"))
     for node, info in snapshot["nodes"].items():
         for link, st in info.get("tunnels", {}).items():
             if st is None:
-                t.add_row(link, node, "-", "not running", "", "", "", "", "", "", "", "", "")
+                t.add_row(link, node, "-", "not running", *[""] * 9)
+                continue
+            if gone := _gone(info, st):
+                t.add_row(link, node, st["tun"], gone, *["-"] * 9)
                 continue
             c = st["counters"]
-            state = ("up" if st["up"] and not st["stale"]
-                     else f"[red]{escape(str(st['reason']))}[/red]")
-            if st["stale"]:
-                state = "[red]stopped[/red]"
+            state = "up" if st["up"] else f"[red]{escape(str(st['reason']))}[/red]"
             alive = sum(w["alive"] for w in st["workers"])
             t.add_row(link, node, st["tun"], state, link_cost(info.get("router"), link),
                       f"{alive}/{len(st['workers'])}",
@@ -126,15 +254,16 @@ def render_tunnels(snapshot: dict) -> Table:
     return t
 
 
-def render_routes(snapshot: dict) -> Table:
-    t = Table(title="routes (node address -> first link)", title_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("node", "address", "destination", "via link", "dev"):
-        t.add_column(col, no_wrap=True)
+def render_routes(snapshot: dict) -> Sheet:
+    t = Sheet("routes (node address -> first link)",
+              _left("node", "address", "destination", "via link", "dev"), keys=1)
     for node, info in snapshot["nodes"].items():
         r = info.get("router")
         if not r:
             t.add_row(node, "-", "not running", "", "")
+            continue
+        if gone := _gone(info, r):
+            t.add_row(node, r["address"], gone, "-", "-")
             continue
         routes = r.get("routes", {})
         if not routes:
@@ -149,18 +278,19 @@ def _kib(n: int) -> str:
     return f"{n / 1024:,.0f}"
 
 
-def render_accounting(snapshot: dict) -> Table:
+def render_accounting(snapshot: dict) -> Sheet:
     """Every byte of local key per link end and direction (invariant 8)."""
-    t = Table(title="key accounting per link end and direction (KiB; ENC: in = stored + "
-                    "pad + MAC + keepalives + wasted; DEC: in = stored + released + wiped)",
-              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("link", "node", "dir", "in", "stored", "pad", "MAC", "keepalives",
-                "released", "wasted", "waste/used", "discarded", "balance"):
-        t.add_column(col, justify="left" if col in ("link", "node", "dir") else "right",
-                     no_wrap=True)
+    t = Sheet("key accounting per link end and direction (KiB; ENC: in = stored + pad + "
+              "MAC + keepalives + wasted; DEC: in = stored + released + wiped)",
+              _left("link", "node", "dir")
+              + _right("in", "stored", "pad", "MAC", "keepalives", "released", "wasted",
+                       "waste/used", "discarded", "balance"))
     for node, info in snapshot["nodes"].items():
         for link, st in info["links"].items():
             if st is None or "accounting" not in st:
+                continue
+            if gone := _gone(info, st):
+                t.add_row(link, node, "-", *["-"] * 9, gone)
                 continue
             end = link_end(st["accounting"])
             for i, d in enumerate((end.enc, end.dec)):
@@ -184,22 +314,32 @@ def restarted_modules(snapshot: dict) -> list[tuple[str, dict]]:
             if m.get("restarts")]
 
 
-def render_restarts(snapshot: dict) -> Table:
+def render_restarts(snapshot: dict) -> Sheet:
     """Modules restarted by their node (a crash loop shows here, with its exit status; the
     reason is in the node's log)."""
-    t = Table(title="modules restarted by their node (why: the node's log)",
-              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("node", "module", "running", "restarts", "last exit", "last restart"):
-        t.add_column(col, justify="right" if col == "restarts" else "left", no_wrap=True)
+    t = Sheet("modules restarted by their node (why: the node's log)",
+              _left("node", "module", "running") + _right("restarts")
+              + _left("last exit", "last restart"))
     now = snapshot["time"]
     for node, m in restarted_modules(snapshot):
-        t.add_row(node, m["name"], "yes" if m.get("alive") else "[red]no[/red]",
-                  f"{m['restarts']:,}", str(m.get("last_exit")),
+        live = snapshot["nodes"][node].get("running", True)
+        running = ("yes" if m.get("alive") else "[red]no[/red]") if live \
+            else "[red]node down[/red]"
+        t.add_row(node, m["name"], running, f"{m['restarts']:,}", str(m.get("last_exit")),
                   _ago(m.get("last_restart"), now))
     return t
 
 
 def render(snapshot: dict) -> Group:
+    """The tables of ``qkdctl status``, under a line per node that is not running; only
+    those lines when no node runs (every row would be blank)."""
+    up = exit_status(snapshot) != EXIT_NOT_UP
+    nodes = render_nodes(snapshot, rows_below=up)
+    head = [nodes] if nodes is not None else []
+    if not up:
+        return Group(*head, f"[red]network {escape(snapshot['network'])} "
+                            f"({escape(snapshot['prefix'])}) is not up: no node of it runs "
+                            f"here[/red] (--json: what its nodes last published)")
     parts = [render_keys(snapshot), render_accounting(snapshot), render_tunnels(snapshot),
              render_routes(snapshot)]
     if any(info.get("gkm") for info in snapshot["nodes"].values()):
@@ -208,7 +348,7 @@ def render(snapshot: dict) -> Group:
         parts.append(render_api(snapshot))
     if restarted_modules(snapshot):
         parts.append(render_restarts(snapshot))
-    return Group(*parts)
+    return Group(*head, *parts)
 
 
 def api_state(api: dict) -> str:
@@ -226,28 +366,32 @@ def _ago(t: float | None, now: float) -> str:
     return "-" if not t else f"{now - t:,.0f} s ago"
 
 
-def render_api(snapshot: dict) -> Table:
-    t = Table(title="key API per node (restarts: of its workers by the API's manager, of "
-                    "the manager by the node; hands: keys the workers took ahead, held now, "
-                    "handed out, lost: held by workers that died or not given back; refused: "
-                    "connections over \\[api] max_connections_per_address)",  # (markup)
-              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("node", "state", "workers", "restarts", "last restart", "manager restarts",
-                "hands", "from hands", "lost", "refused"):
-        t.add_column(col, justify="left" if col in ("node", "state") else "right",
-                     no_wrap=True)
+def render_api(snapshot: dict) -> Sheet:
+    t = Sheet("key API per node (restarts: of its workers by the API's manager, of the "
+              "manager by the node; hands: keys the workers took ahead, held now, handed "
+              "out, lost: held by workers that died or not given back; refused: "
+              "connections over \\[api] max_connections_per_address)",  # (markup)
+              _left("node", "state")
+              + _right("workers", "restarts", "last restart", "manager restarts", "hands",
+                       "from hands", "lost", "refused"), keys=1)
     now = snapshot["time"]
     for node, info in snapshot["nodes"].items():
         api = info.get("api")
         if not api:
             continue
+        if not info.get("running", True):
+            t.add_row(node, "[red]node down[/red]", *["-"] * 8)
+            continue
         last = max((x for x in (api.get("last_restart"), api.get("module_last_restart"))
                     if x), default=None)
         hands = api.get("hands") or {}
-        t.add_row(node, api_state(api), f"{api['workers_alive']}/{api['workers']}",
+        live = not api["stale"]
+        t.add_row(node, api_state(api),
+                  f"{api['workers_alive']}/{api['workers']}" if live else "-",
                   f"{api['restarts']:,}", _ago(last, now),
                   f"{api.get('module_restarts', 0):,}",
-                  f"{hands.get('held_keys', 0):,}", f"{hands.get('served_keys', 0):,}",
+                  f"{hands.get('held_keys', 0):,}" if live else "-",
+                  f"{hands.get('served_keys', 0):,}",
                   f"{hands.get('lost_bytes', 0):,} B",
                   f"{api.get('refused_connections', 0):,}")
     return t
@@ -265,26 +409,23 @@ def _paths(relay: dict | None) -> str:
     return text if mp["up"] >= mp["wanted"] else f"[yellow]{text}[/yellow]"
 
 
-def render_global(snapshot: dict) -> Table:
-    t = Table(title="global key per peer (ENC = usable key originated here for the peer, "
-                    "pending = not yet acknowledged; DEC = received from the peer)",
-              title_justify="left",
-              box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("node", "peer", "ENC", "pending", "DEC", "low-high", "relay", "paths",
-                "rate", "retries", "last fill"):
-        t.add_column(col, justify="left" if col in ("node", "peer", "relay") else "right",
-                     no_wrap=True)
+def render_global(snapshot: dict) -> Sheet:
+    t = Sheet("global key per peer (ENC = usable key originated here for the peer, "
+              "pending = not yet acknowledged; DEC = received from the peer)",
+              _left("node", "peer") + _right("ENC", "pending", "DEC", "low-high")
+              + _left("relay") + _right("paths", "rate", "retries", "last fill"))
     for node, info in snapshot["nodes"].items():
         g = info.get("gkm")
         if not g:
+            continue
+        if gone := _gone(info, g):
+            t.add_row(node, "-", *["-"] * 4, gone, *["-"] * 4)
             continue
         wm = f"{size(g['watermarks']['low'])}-{size(g['watermarks']['high'])}"
         for peer, p in g["peers"].items():
             enc, dec, relay = p.get("enc"), p.get("dec"), p.get("relay")
             if relay is None:
                 state = "-"
-            elif g["stale"]:
-                state = "[red]stopped[/red]"
             elif g.get("paused"):
                 state = "paused"
             else:
@@ -306,26 +447,23 @@ def render_global(snapshot: dict) -> Table:
     return t
 
 
-def render_keys(snapshot: dict) -> Table:
-    t = Table(title=f"qkdnet {snapshot['network']} ({snapshot['prefix']}): local key per "
-                    "link end (ENC/DEC = ring fill)",
-              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("link", "node", "role", "src", "agreement", "key rate", "key in", "ENC",
-                "DEC", "discarded"):
-        t.add_column(col, justify="left" if col in ("link", "node", "role", "src",
-                                                    "agreement") else "right", no_wrap=True)
+def render_keys(snapshot: dict) -> Sheet:
+    t = Sheet(f"qkdnet {escape(snapshot['network'])} ({escape(snapshot['prefix'])}): local "
+              "key per link end (ENC/DEC = ring fill)",
+              _left("link", "node", "role", "src", "agreement")
+              + _right("key rate", "key in", "ENC", "DEC", "discarded"))
     for node, info in snapshot["nodes"].items():
         for link, st in info["links"].items():
             if st is None:
                 t.add_row(link, node, "-", "-", "not running", "", "", "", "", "")
                 continue
+            if gone := _gone(info, st):
+                t.add_row(link, node, st["role"][:4], "-", gone, *["-"] * 5)
+                continue
             enc = next(r for r in st["rings"].values() if r["role"] == "enc")
             dec = next(r for r in st["rings"].values() if r["role"] == "dec")
             src = "up" if st["source"]["up"] else "[red]down[/red]"
-            ag = agreement_state(st)
-            if st["stale"]:
-                ag = "[red]stopped[/red]"
-            t.add_row(link, node, st["role"][:4], src, ag,
+            t.add_row(link, node, st["role"][:4], src, agreement_state(st),
                       rate(st["key"]["rate_bps"]), size(st["key"]["bytes_in"]),
                       _fill(enc), _fill(dec), size(st["key"]["bytes_discarded"]))
     return t

@@ -28,6 +28,23 @@ bench_app = typer.Typer(help="Benchmarks against the paper's figures.", no_args_
 pki_app = typer.Typer(help="Certificates for the key API's mutual TLS.", no_args_is_help=True)
 keys_app = typer.Typer(help="Keys of the global key managers' relay (CurveZMQ).",
                        no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"qkdctl (qkdnet) {version('qkdnet')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="print the version (the installed package's) and exit")] = False) -> None:
+    """qkdnet: key management for QKD networks."""
+
+
 app.add_typer(net_app, name="net")
 app.add_typer(node_app, name="node")
 app.add_typer(emu_app, name="emulator")
@@ -58,6 +75,9 @@ out = Console()
 if not out.is_terminal and not os.environ.get("COLUMNS", "").isdigit():  # logs and
     out = Console(width=160)  # pipes: keep tables whole rather than 80 columns wide
 err = Console(stderr=True)
+if not err.is_terminal:  # logs and pipes: a message (and the command it suggests) stays on
+    err = Console(stderr=True, soft_wrap=True,  # one line; tables as wide as stdout's
+                  width=None if os.environ.get("COLUMNS", "").isdigit() else 160)
 
 
 def _fail(message: object, code: int = 1) -> NoReturn:
@@ -65,6 +85,32 @@ def _fail(message: object, code: int = 1) -> NoReturn:
     brackets rich would take for markup), so it is escaped."""
     err.print(f"[red]{escape(str(message))}[/red]", highlight=False)
     raise typer.Exit(code)
+
+
+def _os_error(e: OSError, doing: str) -> str:
+    """One line for an OS error of an ordinary mistake (a path that is a file, a parent
+    that does not exist, no permission): what was being done, the path, and why."""
+    import errno
+
+    path = e.filename or "?"
+    why = (e.strerror or str(e)).lower()
+    if e.errno == errno.EEXIST and not Path(path).is_dir():
+        why = "it exists and is not a directory"
+    return f"{doing}: {path}: {why}"
+
+
+@contextlib.contextmanager
+def _writing(doing: str) -> Iterator[None]:
+    """An OS error while writing files: one clear line and exit status 1 (a refusal of
+    our own, NotPrivateError, says why itself and goes to the caller)."""
+    from dataplane.private import NotPrivateError
+
+    try:
+        yield
+    except NotPrivateError:
+        raise
+    except OSError as e:
+        _fail(_os_error(e, doing))
 
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="topology TOML file")]
@@ -215,9 +261,13 @@ def _net_status(prefix: str | None) -> None:
         out.print("no qkdnet networks")
     for p in prefixes:
         st = emulation.net_status(p)
+        if st["config"] is None and not st["rings"]:  # (net down leaves nothing)
+            _fail(f"{p}: not up (no network with this prefix; qkdctl net status lists "
+                  f"those that are)")
         ns = ", ".join(f"{k}{'' if v else ' (missing)'}" for k, v in st["namespaces"].items())
         procs = ", ".join(f"{k}{'' if v else ' (dead)'}" for k, v in st["processes"].items())
-        out.print(f"[bold]{p}[/bold] from {st['config']}\n  namespaces: {ns or '-'}\n"
+        origin = f"from {st['config']}" if st["config"] else "(no manifest: net down removes it)"
+        out.print(f"[bold]{p}[/bold] {escape(origin)}\n  namespaces: {ns or '-'}\n"
                   f"  processes: {procs or '-'}\n  rings: {st['rings']}", highlight=False)
 
 
@@ -242,9 +292,22 @@ def node_run(config: ConfigOpt, node: Annotated[str, typer.Option(help="node nam
     run_node(config, node, state_dir, netns)
 
 
+def _key_rate(value: float | None) -> float | None:
+    """A key rate given on the command line is one a topology file may hold: 0 (as fast as
+    possible) up to the most; a negative one used to run unthrottled, as 0 does."""
+    from control.core.config import MAX_KEY_RATE_MBPS
+
+    if value is not None and not 0 <= value <= MAX_KEY_RATE_MBPS:  # (NaN too)
+        raise typer.BadParameter(f"{value:g} is not a key rate: give 0 (as fast as "
+                                 f"possible) to {MAX_KEY_RATE_MBPS:,.0f} Mb/s")
+    return value
+
+
 @emu_app.command("run")
 def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link name")],
-                 rate_mbps: Annotated[float | None, typer.Option(help="override key rate")] = None
+                 rate_mbps: Annotated[float | None, typer.Option(
+                     help="override key rate, Mb/s; 0 = as fast as possible",
+                     callback=_key_rate)] = None
                  ) -> None:
     """Run the QKD link emulator of one link (Unix sockets under the network's run dir)."""
     from control.core.logs import setup_logging
@@ -252,7 +315,11 @@ def emulator_run(config: ConfigOpt, link: Annotated[str, typer.Option(help="link
     from dataplane.private import set_private_umask
 
     topo = load(config)
-    lk = topo.link(link)
+    try:
+        lk = topo.link(link)
+    except ConfigError:
+        _fail(f"no link named {link!r} in {config} (links: "
+              f"{', '.join(lk.name for lk in topo.links)})", 2)
     if lk.source.kind != "emulator":
         err.print(f"[red]link {lk.name} takes its key from {lk.source.kind!r}, "
                   f"not from the emulator[/red]")
@@ -283,7 +350,8 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the 
 
     topo = load(config)
     try:
-        lay = init_pki(directory, topo, force=force, ca_dir=ca_dir)
+        with _writing("cannot write the PKI"):
+            lay = init_pki(directory, topo, force=force, ca_dir=ca_dir)
     except PkiError as e:
         _fail(e)
     out.print(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
@@ -328,7 +396,8 @@ def keys_init(directory: Annotated[Path, typer.Argument(help="where to write the
 
     topo = load(config)
     try:
-        made = write_relay_keys(directory, topo.gkm.nodes(), force=force)
+        with _writing("cannot write the relay keys"):
+            made = write_relay_keys(directory, topo.gkm.nodes(), force=force)
     except (RelayKeyError, NotPrivateError) as e:
         _fail(e)
     kept = len(topo.gkm.nodes()) - len(made)
@@ -345,27 +414,31 @@ def status(config: Annotated[Path | None, typer.Argument(help="topology TOML fil
            prefix: PrefixOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False
            ) -> None:
-    """Per link end: key, agreement, tunnel traffic, XDP guard and drops; routes per node."""
-    from control.node.status import collect, render
+    """Per link end: key, agreement, tunnel traffic, XDP guard and drops; routes per node.
+    Exit status 0 when every node runs, 1 when one is down, 3 when none runs."""
+    from control.node.status import EXIT_NOT_UP, collect, exit_status, render
 
     with _state_readable():
-        snaps = [collect(t) for t in _topologies(config, prefix)]
+        snaps = [collect(t) for t in _topologies(config, prefix, EXIT_NOT_UP)]
     if as_json:
         print(json.dumps(snaps[0] if len(snaps) == 1 else snaps, indent=1))
-        return
-    for s in snaps:
-        out.print(render(s))
+    else:
+        for s in snaps:
+            out.print(render(s))
+    raise typer.Exit(max(exit_status(s) for s in snaps))
 
 
-def _topologies(config: Path | None, prefix: str | None) -> list[Topology]:
-    """The topology given, or those of the running networks (one with --prefix)."""
+def _topologies(config: Path | None, prefix: str | None, not_up: int = 1) -> list[Topology]:
+    """The topology given, or those of the running networks (one with --prefix); exit
+    status ``not_up`` when there is none."""
     if config is not None:
         return [load(config)]
     prefixes = [prefix] if prefix else emulation.known_prefixes()
     mans = [m for m in (emulation.Manifest.load(p) for p in prefixes) if m]
     if not mans:
-        err.print("no running network found: give a topology file or --prefix")
-        raise typer.Exit(1)
+        _fail(f"no network with prefix {prefix!r} is up (qkdctl net status lists those "
+              f"that are)" if prefix else
+              "no network is up here: give a topology file or --prefix", not_up)
     return [load(Path(m.config)) for m in mans]
 
 
@@ -976,6 +1049,22 @@ def demo(config: Annotated[Path, typer.Option(help="topology")] = Path("examples
     if as_json:
         print(report_json(rep))
     raise typer.Exit(code)
+
+
+def _one_line_summaries(*apps: typer.Typer) -> None:
+    """Each command's summary in its group's help is the first paragraph of its docstring
+    as one flowing line: typer's rich help kept the docstring's line breaks there, so a
+    summary broke mid-sentence wherever the source did."""
+    import inspect
+
+    for a in apps:
+        for c in a.registered_commands:
+            doc = c.help or inspect.getdoc(c.callback) or ""
+            if c.short_help is None and doc:
+                c.short_help = " ".join(doc.split("\n\n")[0].split())
+
+
+_one_line_summaries(app, net_app, node_app, emu_app, bench_app, pki_app, keys_app)
 
 
 def main() -> None:  # pragma: no cover
