@@ -55,6 +55,56 @@ def ahead_datagram(size: int, link: int, direction: int, lane: int, pos: int) ->
     return buf.tobytes()
 
 
+def control_datagram(size: int, link: int, direction: int, pos: int) -> bytes:
+    """Well-formed control-lane framing (a keepalive's) naming key at ``pos``, random tag."""
+    n = max(0, size - wire.OVERHEAD)
+    buf = np.zeros(wire.datagram_len(n), dtype=np.uint8)
+    wire.HEADER.pack_into(buf, 0, wire.VERSION, wire.FLAG_CONTROL, direction,
+                          wire.CONTROL_LANE, link, 0, pos, 0, n, 0)
+    buf[wire.HEADER_LEN + n:] = np.frombuffer(os.urandom(wire.TAG_LEN), np.uint8)
+    return buf.tobytes()
+
+
+def flood_control(src: str, dst: str, port: int, link: int, direction: int, ring: str,
+                  pps: float, seconds: float, size: int = 112, stop=None) -> dict:
+    """From the peer's own address (``src``, bound in the caller's namespace): control-lane
+    datagrams naming fresh positions inside the key the receiver has stored (its DEC
+    ``ring``), above its control lane's floor: nothing but the MAC can refuse them, so the
+    guard lets every one through to the tunnel manager. ``pps`` a second for ``seconds``
+    (or until ``stop`` is set); returns what was sent and how fast."""
+    from dataplane.ring import CONTROL_LANE, KeyRing
+
+    r = KeyRing.attach(ring)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    body = bytearray(control_datagram(size, link, direction, 0))
+    sent = errors = 0
+    t0 = time.monotonic()
+    end = t0 + seconds
+    try:
+        while (now := time.monotonic()) < end and not (stop is not None and stop.is_set()):
+            lo = max(r.lane_next(CONTROL_LANE), r.release_pos)
+            span = r.write_pos - 4096 - lo  # what a keepalive may still name, less a margin
+            target = int((now - t0) * pps)
+            while sent + errors < target:
+                pos = lo + 4096 + (sent * 97) % max(1, span) if span > 0 else lo
+                wire.HEADER.pack_into(body, 0, wire.VERSION, wire.FLAG_CONTROL, direction,
+                                      CONTROL_LANE, link, 0, pos, 0, size - wire.OVERHEAD, 0)
+                try:
+                    s.sendto(body, (dst, port))
+                    sent += 1
+                except OSError:  # ENOBUFS under load: counted, the flood goes on
+                    errors += 1
+            time.sleep(0.0005)
+    finally:
+        r.close()
+        s.close()
+    took = time.monotonic() - t0
+    return {"sent": sent, "errors": errors, "seconds": round(took, 2),
+            "pps": round(sent / took) if took else 0}
+
+
 def flood_ahead(a, raw: socket.socket, ports: list[int]) -> dict:
     """Datagrams naming the key just beyond the receiving ring's write position, on every
     lane of every worker port, following the ring as key is stored."""

@@ -18,6 +18,11 @@ under load while a real cut is still seen within LINK_DEAD_S on an idle machine:
 - **Hysteresis.** A peer declared silent is up again only after UP_AFTER_KEEPALIVES
   keepalives in a row, each within the timeout of the one before: a link that is
   half-dead (one keepalive in three) stays down instead of flapping.
+- **Data counts too, while up.** Datagrams of the peer's workers that passed their MAC
+  prove it alive as well as a keepalive: a flood of forgeries on the control port from
+  the peer's address can cost keepalives, never those. They only keep an up peer from
+  being called silent: they teach no gap, and bringing a silent peer back is left to
+  its keepalives (which also carry what a peer must hear: pool size, link states).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class PeerLiveness:
         self.gap_dev = 0.0
         self.last_heard: float | None = None  # when the last keepalive arrived, shifted
         self.last_tick: float | None = None   # forward by our own stalls
+        self.last_traffic: float | None = None  # ... authenticated data, while up
         self.up = False
         self.streak = 0  # keepalives in a row, each in time, while not up
         self.missed = self.downs = self.stalls = 0
@@ -84,14 +90,28 @@ class PeerLiveness:
             self.stalled_s += excused
             if self.last_heard is not None:
                 self.last_heard += excused
+            if self.last_traffic is not None:
+                self.last_traffic += excused
         self.last_tick = now
         return excused
+
+    def traffic(self, now: float) -> None:
+        """Authenticated data from the peer arrived by ``now``: an up peer is not silent."""
+        if self.up:
+            self.last_traffic = now
+
+    def _silence(self, now: float) -> float:
+        """Since the last keepalive or, while up, authenticated data."""
+        last = self.last_heard if self.last_heard is not None else now
+        if self.last_traffic is not None:
+            last = max(last, self.last_traffic)
+        return now - last
 
     def heard(self, now: float) -> None:
         """A keepalive from the peer (authenticated) arrived at ``now``."""
         if self.last_heard is not None:
             gap = max(0.0, now - self.last_heard)
-            in_time = gap <= self.dead_after()
+            in_time = self._silence(now) <= self.dead_after()
             if gap > 1.5 * self.period:
                 self.missed += int(gap / self.period + 0.5) - 1
             # A burst read at once after our own stall is not a gap of the peer's, and
@@ -103,6 +123,7 @@ class PeerLiveness:
                 self.gap_dev += (GAIN_DEV if dev > 0 else GAIN_DEV_DOWN) * dev
             if not in_time and self.up:  # silent too long, whether or not asked meanwhile
                 self.up = False
+                self.last_traffic = None
                 self.downs += 1
             self.streak = self.streak + 1 if in_time else 1
         else:
@@ -115,9 +136,10 @@ class PeerLiveness:
         """The verdict at ``now``: False once silent past :meth:`dead_after` (then up
         again only after ``up_after`` timely keepalives)."""
         if self.up and (self.last_heard is None
-                        or now - self.last_heard > self.dead_after()):
+                        or self._silence(now) > self.dead_after()):
             self.up = False
             self.streak = 0
+            self.last_traffic = None
             self.downs += 1
         return self.up
 

@@ -516,6 +516,11 @@ class KeyRing:
         self._hdr[LANE_COUNT_BASE + lane] += 1
         self._hdr[LANE_BYTES_BASE + lane] += nbytes
 
+    def data_accepted(self) -> int:
+        """DEC: datagrams the data lanes accepted so far (each one's MAC checked): what
+        the tunnel manager takes for a sign of the peer's life when keepalives are late."""
+        return int(self._hdr[LANE_COUNT_BASE:LANE_COUNT_BASE + CONTROL_LANE].sum())
+
     def retire(self, lane: int, dead: bool = False) -> None:
         """ENC: ``lane`` gives up its chunk (exiting, or ``dead``: its holder was killed,
         so even what it used may not be wiped, and nothing of it is handed out again)."""

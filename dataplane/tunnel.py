@@ -63,7 +63,10 @@ log = logging.getLogger("qkdnet.tunnel")
 STATUS_INTERVAL_S = 0.5
 MAX_CONTROL_PAYLOAD = 16 << 10
 RESTART_BACKOFF_S = 0.2
-MAX_CONTROL_BATCH = 64
+CONTROL_RCVBUF = 4 << 20  # the control socket's queue: a flood's datagrams of a loop turn
+CONTROL_BUDGET_S = 0.008  # the most one loop turn spends checking control datagrams;
+                          # with a backlog left, the turn sleeps as long: half a core at most
+LOOP_S = 0.02  # the manager's loop turn when idle
 
 
 def tun_name(link: LinkSpec) -> str:
@@ -167,10 +170,20 @@ class ControlChannel:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((cfg.local_ip, cfg.port_base))
         self.sock.setblocking(False)
+        # A flood from the peer's address queues a turn's worth of datagrams (20 ms) that
+        # only the MAC can refuse: room for them, so a keepalive among them is not tail
+        # dropped (the default 208 KiB holds some 200). Memory is taken only when queued.
+        for opt in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+            if opt is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, opt, CONTROL_RCVBUF)
+                    break
         self.buf = np.zeros(wire.MAX_DATAGRAM + 64, dtype=np.uint8)
         self.rbuf = np.zeros(wire.MAX_DATAGRAM + 64, dtype=np.uint8)
+        self.rbuf_addr = self.rbuf.ctypes.data
         self.drops: dict[str, int] = {}
         self.release_seen = 0
+        self.backlog = False  # the last receive left datagrams queued (its budget ran out)
         self.releases: deque[tuple[float, int]] = deque()
 
     def apply_releases(self, now: float) -> None:
@@ -226,50 +239,77 @@ class ControlChannel:
             self.sock.sendto(memoryview(self.buf)[:dlen], (self.cfg.peer_ip, self.cfg.port_base))
         return True
 
-    def receive(self) -> list[bytes]:
-        """Every authentic, fresh control payload waiting on the socket."""
-        out = []
-        for _ in range(MAX_CONTROL_BATCH):  # a flood must not starve the manager's loop
-            try:
-                n, src = self.sock.recvfrom_into(memoryview(self.rbuf))
-            except BlockingIOError:
-                return out
-            except OSError:
+    def receive(self, budget: float = CONTROL_BUDGET_S) -> list[bytes]:
+        """Every authentic, fresh control payload waiting on the socket, read until it is
+        empty or ``budget`` seconds are spent: a flood of forgeries (each checked by its
+        MAC: nothing else can tell them) may take that share of the manager's loop, no
+        more, and a keepalive queued among them is read within a turn or two, not lost
+        to a full queue (reading 64 a turn, 20,000 a second took the link down)."""
+        out: list[bytes] = []
+        self.backlog = False
+        view = memoryview(self.rbuf)
+        try:  # the idle turn: one empty read, nothing else
+            first: tuple[int, tuple] | None = self.sock.recvfrom_into(view)
+        except BlockingIOError:
+            return out
+        except OSError:
+            first = None
+        dec, drops, rbuf = self.dec, self.drops, self.rbuf
+        link, direction, peer = self.cfg.link.index, self.cfg.dec_dir, self.cfg.peer_ip
+        # Read once a call: only this loop moves the control lane's floor, and a stale
+        # write or release point is the stricter one (locate and the check after the MAC
+        # see the current ones).
+        lane_next = dec.lane_next(CONTROL_LANE)
+        release, write, capacity = dec.release_pos, dec.write_pos, dec.capacity
+        clock = time.perf_counter
+        deadline = clock() + budget
+        n_read = 0
+        while True:
+            if first is not None:
+                (n, src), first = first, None
+            else:
+                n_read += 1
+                if not n_read & 31 and clock() > deadline:
+                    self.backlog = True
+                    return out
+                try:
+                    n, src = self.sock.recvfrom_into(view)
+                except BlockingIOError:
+                    return out
+                except OSError:
+                    continue
+            if src[0] != peer:
+                drops["source"] = drops.get("source", 0) + 1
                 continue
-            if src[0] != self.cfg.peer_ip:
-                self.drops["source"] = self.drops.get("source", 0) + 1
-                continue
             try:
-                hdr = wire.parse(self.rbuf, n, link=self.cfg.link.index,
-                                 direction=self.cfg.dec_dir)
+                hdr = wire.parse(rbuf, n, link=link, direction=direction)
                 if not hdr.is_control:
                     raise wire.WireError("lane", "data datagram on the control port")
                 if hdr.length > MAX_CONTROL_PAYLOAD:
                     raise wire.WireError("length", "control payload too long")
-                v = wire.acceptance(hdr, lane_next=self.dec.lane_next(CONTROL_LANE),
-                                    release_pos=self.dec.release_pos,
-                                    write_pos=self.dec.write_pos, capacity=self.dec.capacity)
+                v = wire.acceptance(hdr, lane_next=lane_next, release_pos=release,
+                                    write_pos=write, capacity=capacity)
                 if v == wire.WAIT:
                     v = "nokey"  # a keepalive is not worth waiting for; the next one comes
                 if v != wire.ACCEPT:
                     raise wire.WireError(v)
-                pad = self.dec.read(hdr.pos, hdr.pad_len)
+                pad, pad_addr = dec.locate(hdr.pos, hdr.pad_len)
                 try:
-                    payload = wire.open_(self.rbuf, hdr, pad)
+                    payload = wire.open_(rbuf, hdr, pad, addrs=(self.rbuf_addr, pad_addr))
                 finally:
                     if pad.flags.owndata:  # a copy (the range wrapped): wiped on every path
                         pad[:] = 0
-                self.dec.set_lane_next(CONTROL_LANE, hdr.pos + hdr.pad_len)
-                self.dec.count_accepted(CONTROL_LANE, hdr.pad_len)
-                if self.dec.release_pos > hdr.pos:
+                lane_next = hdr.pos + hdr.pad_len
+                dec.set_lane_next(CONTROL_LANE, lane_next)
+                dec.count_accepted(CONTROL_LANE, hdr.pad_len)
+                if dec.release_pos > hdr.pos:
                     raise wire.WireError("old")
                 out.append(payload.tobytes())
-                self.dec.announce_release(CONTROL_LANE, hdr.release)
+                dec.announce_release(CONTROL_LANE, hdr.release)
             except wire.WireError as e:
-                self.drops[e.reason] = self.drops.get(e.reason, 0) + 1
+                drops[e.reason] = drops.get(e.reason, 0) + 1
             except RingError:
-                self.drops["old"] = self.drops.get("old", 0) + 1
-        return out
+                drops["old"] = drops.get("old", 0) + 1
 
 
 @dataclass
@@ -304,6 +344,7 @@ class TunnelManager:
         self._floors_seen = (-1, -1, -1)
         self._lsdb_sent: list = []
         self._lsdb_sent_at = -LSDB_REFRESH_S
+        self._data_seen = -1  # the DEC data lanes' accepted datagrams, as last looked at
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -461,6 +502,20 @@ class TunnelManager:
         if lsdb is not None:
             write_json(self.cfg.lsa_path, {"from": self.cfg.peer, "lsdb": lsdb})
 
+    def _watch_data(self, dec: KeyRing, now: float) -> None:
+        """Datagrams the workers accepted (MAC checked) since we last looked prove the
+        peer alive, as keepalives do, which a flood of forgeries on the control port can
+        crowd out. Looked at only once a keepalive is half a period late, so a link whose
+        keepalives come costs nothing more; from then on data counts at the turn that
+        sees it (what came before that first look is not counted)."""
+        if now - self.last_heard <= 1.5 * self.liveness.period:
+            self._data_seen = -1  # taken afresh when next needed
+            return
+        seen = dec.data_accepted()
+        if self._data_seen >= 0 and seen != self._data_seen:
+            self.liveness.traffic(now)
+        self._data_seen = seen
+
     # ---- status ------------------------------------------------------------------------
 
     def _watch_key(self, enc: KeyRing, now: float) -> None:
@@ -550,6 +605,7 @@ class TunnelManager:
                 self._check_workers(enc, now)
                 for payload in chan.receive():
                     self._on_keepalive(payload, stats)
+                self._watch_data(dec, now)
                 chan.apply_releases(now)
                 self._publish_floors(dec)
                 news = None
@@ -564,7 +620,7 @@ class TunnelManager:
                 if now >= next_status:
                     self._publish(stats, chan, enc, dec, now)
                     next_status = now + STATUS_INTERVAL_S
-                time.sleep(0.02)
+                time.sleep(CONTROL_BUDGET_S if chan.backlog else LOOP_S)
         finally:
             self._stop_workers()
             with contextlib.suppress(Exception):

@@ -140,6 +140,35 @@ def test_missed_keepalives_are_counted_from_the_gaps():
     assert lv.stats().missed == 3
 
 
+def test_authenticated_data_keeps_an_up_peer_up_but_brings_no_silent_one_back():
+    """Keepalives crowded out (a flood of forgeries on the control port) while the peer's
+    data datagrams pass their MACs: not silent, and the keepalive after the gap does not
+    take it down either. Data alone never makes a silent peer up again."""
+    lv = PeerLiveness()
+    t = steady(lv, 0.0, 10)
+    assert lv.alive(t)
+    end = t + 3 * LINK_DEAD_MAX_S
+    while t < end:  # no keepalive, data every 100 ms
+        t += 0.02
+        lv.tick(t)
+        if round(t * 50) % 5 == 0:
+            lv.traffic(t)
+        assert lv.alive(t), t
+    lv.heard(t)  # the next keepalive that gets through, long after the last one
+    assert lv.alive(t) and lv.downs == 0 and lv.missed > 0
+    assert silent_for(lv, t, LINK_DEAD_MAX_S + 0.1) is not None  # data stopped: a cut
+    downs = lv.downs
+    t += LINK_DEAD_MAX_S + 0.1
+    for _ in range(20):  # data while silent: still down, and no down counted again
+        t += 0.1
+        lv.tick(t)
+        lv.traffic(t)
+        assert not lv.alive(t)
+    assert lv.downs == downs
+    lv.heard(t)
+    assert not lv.alive(t)  # one keepalive is not enough to be up again
+
+
 def test_silence_while_nobody_asked_still_takes_the_peer_down():
     lv = PeerLiveness()
     t = steady(lv, 0.0, 10)
