@@ -314,16 +314,18 @@ def _port_problems(raw: TopologyFile) -> list[tuple[str, str]]:
     return out
 
 
-def underlay_address_problem(iface: ipaddress.IPv4Interface) -> str | None:
-    """Why ``iface`` cannot be a link end's unicast address on its veth or NIC, if so:
-    the kernel takes such an address without complaint, and the link then never comes
-    up (loopback is routed to ``lo``, not the wire; the network and broadcast addresses
-    of the prefix are not a host's; the others are not unicast, or never leave the
-    host)."""
+def underlay_address_problem(iface: ipaddress.IPv4Interface,
+                             on_a_wire: bool = False) -> str | None:
+    """Why ``iface`` cannot be a link end's unicast address, if so: the kernel takes such
+    an address without complaint, and the link then never comes up (the network and
+    broadcast addresses of the prefix are not a host's; the others are not unicast, or
+    never leave the host). ``on_a_wire``: the address goes on a veth or NIC (``net up``),
+    where loopback is routed to ``lo`` and never reaches the link; two link ends on one
+    host may use it (a lab, or the key manager tests)."""
     ip, net = iface.ip, iface.network
     kinds = ((ip.is_unspecified, "the unspecified address"),
-             (ip.is_loopback, "a loopback address (127.0.0.0/8: routed to lo, never "
-                              "onto the link)"),
+             (on_a_wire and ip.is_loopback, "a loopback address (127.0.0.0/8: routed to "
+                                            "lo, never onto the link)"),
              (ip.is_multicast, "a multicast address"),
              (ip.is_link_local, "a link-local address (169.254.0.0/16: the kernel's own, "
                                 "for hosts without one)"),
@@ -526,8 +528,8 @@ class Link(_Strict):
     name: str | None = Field(None, description='default: "<a>-<b>"')
     underlay: tuple[ipaddress.IPv4Interface, ipaddress.IPv4Interface] = Field(
         description="the two ends' underlay addresses, a's first: host addresses of one "
-                    "subnet (not its network or broadcast address; not loopback, "
-                    "multicast, link-local or unspecified)")
+                    "subnet (not its network or broadcast address; not multicast, "
+                    "link-local or unspecified; not loopback for net up)")
     key_rate_mbps: float | None = Field(None, ge=0, le=MAX_KEY_RATE_MBPS, allow_inf_nan=False,
                                         description="default: [defaults]")
     block_size: Size | None = Field(None, description="default: [defaults]")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich import box
 from rich.console import Console, ConsoleOptions, Group
@@ -100,7 +101,19 @@ def collect_node(topo: Topology, node: str, now: float) -> dict:
     return {"supervisor": state, "links": links, "tunnels": tunnels,
             "router": router, "gkm": gkm, "api": api,
             "running": bool(state and not state["stopping"]
-                            and now - state["updated"] < STALE_AFTER_S)}
+                            and (now - state["updated"] < STALE_AFTER_S
+                                 or supervisor_runs(state, node)))}
+
+
+def supervisor_runs(state: dict, node: str) -> bool:
+    """Whether the process that published ``state`` still runs as ``node``'s supervisor
+    (``node run ... --node NODE``): a supervisor a loaded machine held back a few
+    seconds still runs, and its node is not called down for a late file."""
+    try:
+        cmd = Path(f"/proc/{int(state['pid'])}/cmdline").read_bytes().split(b"\0")
+        return b"run" in cmd and cmd[cmd.index(b"--node") + 1] == node.encode()
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
 
 
 def collect(topo: Topology) -> dict:

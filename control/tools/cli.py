@@ -378,7 +378,7 @@ def pki_issue(directory: Annotated[Path, typer.Argument(help="the PKI made by 'p
     kept = len(topo.nodes) + len(topo.saes) - len(nodes) - len(saes)
     new = [f"node {n}" for n in nodes] + [f"SAE {s}" for s in saes]
     out.print(f"{directory}: new certificates for {', '.join(new) or 'nothing (none missing)'}"
-              f"; {kept} kept as they were (keys mode 0600)", highlight=False)
+              f"; {kept} kept as they were (keys mode 0600)", highlight=False, soft_wrap=True)
 
 
 # ---- relay keys ----------------------------------------------------------------------------

@@ -198,10 +198,11 @@ def _spawn(args: list[str], log: Path) -> int:
 def machine_problems(topo: Topology) -> list[tuple[str, str]]:
     """What keeps a valid topology from coming up on this machine (control.tools.
     preflight, with this machine's facts): asked before anything is made."""
-    from control.tools.preflight import given_dir_problems, shm_problems
+    from control.tools.preflight import given_dir_problems, shm_problems, wire_problems
 
     st = os.statvfs(SHM_DIR)
-    return (shm_problems(topo, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+    return (wire_problems(topo)
+            + shm_problems(topo, st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
             + given_dir_problems(topo, Path.is_dir, Path.exists))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from control.core.config import Topology
+from control.core.config import Topology, underlay_address_problem
 from control.core.units import size
 from dataplane.limits import RING_HEADER_SIZE
 
@@ -19,6 +19,14 @@ def ring_bytes(topo: Topology) -> int:
     """What the network's key rings take in /dev/shm once full: they are sparse files
     that grow as key arrives, and a write to one past tmpfs's end is a SIGBUS."""
     return sum(RINGS_PER_LINK * (RING_HEADER_SIZE + lk.ring_capacity) for lk in topo.links)
+
+
+def wire_problems(topo: Topology) -> list[tuple[str, str]]:
+    """Underlay addresses ``net up`` cannot put on a veth (loopback, which the topology
+    check allows for two link ends on one host)."""
+    return [(f"links[{lk.index}].underlay[{j}]", why)
+            for lk in topo.links for j, iface in enumerate((lk.underlay_a, lk.underlay_b))
+            if (why := underlay_address_problem(iface, on_a_wire=True)) is not None]
 
 
 def shm_problems(topo: Topology, free: int, total: int) -> list[tuple[str, str]]:
