@@ -97,6 +97,7 @@ class TunnelConfig:
     audit_dir: Path | None
     guard_off: str | None = None  # why the node runs without the XDP guard (None: try it)
     node_net: str = "0.0.0.0/32"  # node addresses: reachable through the tunnels only
+    tunnel_net: str = "0.0.0.0/32"  # the tunnels' own addresses: the same
 
     @classmethod
     def from_topology(cls, topo: Topology, node: str, link: LinkSpec,
@@ -124,11 +125,12 @@ class TunnelConfig:
             lsa_path=ndir / f"lsa-{link.name}.json",
             lsdb_path=ndir / "lsdb.json",
             audit_dir=Path(audit) if audit else None, guard_off=guard_off,
-            node_net=str(topo.node_net))
+            node_net=str(topo.node_net), tunnel_net=str(topo.dataplane.tunnel_net))
 
     def guard_spec(self) -> GuardSpec:
         return GuardSpec(peer_ip=self.peer_ip, port_lo=self.port_base, node_net=self.node_net,
-                         workers=self.dp.workers, link=self.link.index,
+                         tunnel_net=self.tunnel_net, workers=self.dp.workers,
+                         link=self.link.index,
                          direction=self.dec_dir)
 
     def worker_config(self, lane: int, guard: Guard | None = None) -> WorkerConfig:

@@ -52,12 +52,15 @@ def test_map_references_are_found_and_rewritten_with_our_descriptors():
 
 def test_config_value_is_the_c_struct_with_the_address_as_the_packet_holds_it():
     spec = g.GuardSpec(peer_ip="10.1.2.3", port_lo=7000, workers=3, link=4, direction=1,
-                       node_net="10.88.0.0/24")
-    peer, port, workers, link, d, net, mask = g.CONFIG.unpack(spec.config_value())
+                       node_net="10.88.0.0/24", tunnel_net="10.89.0.0/16")
+    peer, port, workers, link, d, net, mask, tnet, tmask = g.CONFIG.unpack(
+        spec.config_value())
     assert peer.to_bytes(4, sys.byteorder) == socket.inet_aton("10.1.2.3")
     assert (port, workers, link, d) == (7000, 3, 4, 1)
     assert net.to_bytes(4, sys.byteorder) == socket.inet_aton("10.88.0.0")
     assert mask.to_bytes(4, sys.byteorder) == socket.inet_aton("255.255.255.0")
+    assert tnet.to_bytes(4, sys.byteorder) == socket.inet_aton("10.89.0.0")
+    assert tmask.to_bytes(4, sys.byteorder) == socket.inet_aton("255.255.0.0")
 
 
 def test_every_reason_has_a_counter_pair_and_drops_are_reasons():

@@ -150,30 +150,39 @@ def tunnel_filter_present() -> bool | None:
 
 
 def _close_underlay_to_nodes(ip: IPRoute, underlays: list[str],
-                             net: ipaddress.IPv4Network) -> None:
-    """Packets that arrive on an underlay interface for a node address are dropped: node
-    addresses are reachable only through the OTP tunnels (the relay, the key API and the
-    metrics listen there, and trust what comes from a node address). With reverse-path
-    filtering off, the kernel would deliver such a packet locally; a policy rule for each
-    underlay interface, consulted before the local table, drops it instead. The local
-    table's rule moves from priority 0 to LOCAL_RULE_PREF (added there first, so local
-    delivery never stops). The XDP guard drops the same packets earlier where it runs."""
+                             nets: list[ipaddress.IPv4Network]) -> None:
+    """Packets that arrive on an underlay interface for, or from, a node address or a
+    tunnel's own address are dropped: both are reachable only through the OTP tunnels
+    (the relay, the key API and the metrics listen on node addresses, and trust what comes
+    from one), and what this node answers to such a source (an echo reply, an ICMP error,
+    a reset) goes back through a tunnel and spends its key: an audit's forged
+    60,000-byte pings over the underlay cost 60 KB of link key each. With reverse-path
+    filtering off, the kernel would deliver such a
+    packet locally; a policy rule for each underlay interface and network, consulted
+    before the local table, drops it instead. The local table's rule moves from priority
+    0 to LOCAL_RULE_PREF (added there first, so local delivery never stops). The XDP
+    guard drops the same packets earlier where it runs."""
     rules = ip.get_rules(family=socket.AF_INET)
     prefs = {(r.get_attr("FRA_PRIORITY") or 0, r.get_attr("FRA_TABLE") or r["table"],
-              r.get_attr("FRA_IIFNAME"), r["action"]) for r in rules}
+              r.get_attr("FRA_IIFNAME"), r["action"], r.get_attr("FRA_SRC"), r["src_len"],
+              r.get_attr("FRA_DST"), r["dst_len"]) for r in rules}
     for ifname in underlays:
-        if (UNDERLAY_RULE_PREF, 0, ifname, FR_ACT_BLACKHOLE) not in prefs:
-            ip.rule("add", priority=UNDERLAY_RULE_PREF, iifname=ifname,
-                    dst=str(net.network_address), dst_len=net.prefixlen,
-                    action=FR_ACT_BLACKHOLE)
-    if not any(p == LOCAL_RULE_PREF and t == RT_TABLE_LOCAL for p, t, _, _ in prefs):
+        for net in nets:
+            for end in ("src", "dst"):
+                addr, plen = str(net.network_address), net.prefixlen
+                want = (addr, plen, None, 0) if end == "src" else (None, 0, addr, plen)
+                if (UNDERLAY_RULE_PREF, 0, ifname, FR_ACT_BLACKHOLE, *want) not in prefs:
+                    ip.rule("add", priority=UNDERLAY_RULE_PREF, iifname=ifname,
+                            action=FR_ACT_BLACKHOLE, **{end: addr, f"{end}_len": plen})
+    if not any(p == LOCAL_RULE_PREF and t == RT_TABLE_LOCAL for p, t, *_ in prefs):
         ip.rule("add", priority=LOCAL_RULE_PREF, table=RT_TABLE_LOCAL)
-    if any(p == 0 and t == RT_TABLE_LOCAL for p, t, _, _ in prefs):
+    if any(p == 0 and t == RT_TABLE_LOCAL for p, t, *_ in prefs):
         ip.rule("del", priority=0, table=RT_TABLE_LOCAL)
 
 
 def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str,
-                      share_addresses: tuple[str, ...], tuns: tuple[str, ...]) -> None:
+                      share_addresses: tuple[str, ...], tuns: tuple[str, ...],
+                      tunnel_net: str) -> None:
     """Make the node's namespace safe, then give it its address. In this order, because a
     service binds the node address as soon as it exists: first ``node_net`` unreachable,
     so a node address with no tunnel route fails fast instead of leaking in clear along
@@ -197,7 +206,8 @@ def prepare_namespace(address: str, underlay_addresses: list[str], node_net: str
         for ifname in underlays:
             _sysctl(f"net.ipv4.conf.{ifname}.forwarding", "0")
         try:
-            _close_underlay_to_nodes(ip, underlays, net)
+            _close_underlay_to_nodes(ip, underlays,
+                                     [net, ipaddress.IPv4Network(tunnel_net)])
         except NetlinkError as e:
             raise SetupError(f"cannot close the underlay to node addresses (policy rules): "
                              f"{e.args[1] if len(e.args) > 1 else e}") from None
@@ -226,7 +236,7 @@ def prepare_node(topo: Topology, node: str) -> None:
     prepare_namespace(str(topo.node(node).address),
                       [str(lk.underlay_of(node).ip) for lk in topo.links_of(node)],
                       str(topo.node_net), tuple(str(a) for a in topo.gkm.addresses_at(node)),
-                      node_tuns(topo, node))
+                      node_tuns(topo, node), str(topo.dataplane.tunnel_net))
 
 
 def node_tuns(topo: Topology, node: str) -> tuple[str, ...]:

@@ -31,6 +31,8 @@ struct guard_config {
     u32 dir;      /* direction of the datagrams this end receives */
     u32 node_net; /* network order; node addresses are (daddr & node_mask) == node_net */
     u32 node_mask;
+    u32 tun_net;  /* the tunnels' own addresses, the same way */
+    u32 tun_mask;
 };
 BPF_ARRAY(config, struct guard_config, 1);
 
@@ -69,7 +71,10 @@ int qkd_guard(struct xdp_md *ctx)
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > end)
         return verdict(ctx, R_OTHER, XDP_PASS);
-    if ((ip->daddr & c->node_mask) == c->node_net)  /* node addresses: tunnels only */
+    /* Node and tunnel addresses, as destination or source: through the tunnels only. */
+    if ((ip->daddr & c->node_mask) == c->node_net || (ip->daddr & c->tun_mask) == c->tun_net
+        || (ip->saddr & c->node_mask) == c->node_net
+        || (ip->saddr & c->tun_mask) == c->tun_net)
         return verdict(ctx, R_NODE, XDP_DROP);
     if (ip->protocol != IPPROTO_UDP || ip->ihl < 5)
         return verdict(ctx, R_OTHER, XDP_PASS);

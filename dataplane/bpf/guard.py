@@ -49,7 +49,7 @@ RELEASE_SLOT = MAX_LANES
 STORED_SLOT = MAX_LANES + 1  # the receiving ring's write position (0: not known yet)
 AHEAD_PPS = 5_000  # datagrams naming key not stored yet let through per second ...
 AHEAD_BURST = 1_000  # ... after a burst of this many
-CONFIG = struct.Struct("=IIIIIII")  # struct guard_config
+CONFIG = struct.Struct("=IIIIIIIII")  # struct guard_config
 MAPS = {  # name: (type, value size, entries), as declared in guard.c
     "counters": (syscall.BPF_MAP_TYPE_PERCPU_ARRAY, 8, 2 * len(REASONS)),
     "floors": (syscall.BPF_MAP_TYPE_ARRAY, 8, N_FLOORS),
@@ -74,16 +74,18 @@ class GuardSpec:
     workers: int
     link: int
     direction: int  # of the datagrams this end receives
-    node_net: str = "0.0.0.0/32"  # packets to it are dropped ("0.0.0.0/32": none)
+    node_net: str = "0.0.0.0/32"  # packets to or from it are dropped ("0.0.0.0/32": none)
+    tunnel_net: str = "0.0.0.0/32"  # the tunnels' own addresses: dropped too
 
     def config_value(self) -> bytes:
         def u32(a: str) -> int:  # network order, as the program loads it
             return int.from_bytes(socket.inet_aton(a), sys.byteorder)
 
-        net = ipaddress.IPv4Network(self.node_net)
+        node, tun = ipaddress.IPv4Network(self.node_net), ipaddress.IPv4Network(self.tunnel_net)
         return CONFIG.pack(u32(self.peer_ip), self.port_lo, self.workers, self.link,
-                           self.direction, u32(str(net.network_address)),
-                           u32(str(net.netmask)))
+                           self.direction, u32(str(node.network_address)),
+                           u32(str(node.netmask)), u32(str(tun.network_address)),
+                           u32(str(tun.netmask)))
 
 
 def cflags() -> list[str]:
