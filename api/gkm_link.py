@@ -300,14 +300,20 @@ class GkmLink:
         if that connection goes first (or no answer was sent: ``transport`` None)."""
         if token is None:
             return
-        self._background(self._settle(peer, key_ids, sae, token, transport))
+        from api.delivery import watch_now
+
+        # The first look now, in the turn that wrote the answer: a peer that reads it and
+        # closes at once is gone before the background's first look.
+        started = watch_now(transport) if transport is not None else None
+        self._background(self._settle(peer, key_ids, sae, token, transport, started))
 
     async def _settle(self, peer: str, key_ids: list[str], sae: str, token: int,
-                      transport: asyncio.BaseTransport | None) -> None:
+                      transport: asyncio.BaseTransport | None, started=None) -> None:
         from api.delivery import delivered
 
         t0 = time.monotonic()
-        written = transport is not None and await delivered(transport, DELIVERY_WAIT_S)
+        written = transport is not None and await delivered(transport, DELIVERY_WAIT_S,
+                                                            started)
         try:
             await self.call(take.answered(peer, key_ids, sae, (self.identity, token),
                                           written))

@@ -1007,6 +1007,25 @@ def test_the_readme_curl_calls_work(net):
     assert run(cmds[3], KEY_ID=doc["keys"][0]["key_ID"]) == doc
 
 
+def test_a_key_fetched_with_curl_is_not_handed_out_again(net):
+    """curl, the README's client, reads its answer and closes at once. Each key it got is
+    refused the second time (the same SAE got the same key again in 9 of 10 such fetches:
+    the watch of the answer's delivery counted the answer lost)."""
+    net.stock()
+    crt, key = net.pki.sae("b1")
+    for _ in range(5):
+        status, doc = net.call("a1", "GET", f"{BASE}/b1/enc_keys?number=1&size=256")
+        assert status == 200, doc
+        kid = doc["keys"][0]["key_ID"]
+        cmd = ["ip", "netns", "exec", f"{net.prefix}-B", "curl", "-sS", "-w", "\n%{http_code}",
+               "--cacert", str(net.pki.ca_cert), "--cert", str(crt), "--key", str(key),
+               f"https://{net.host('B')}:{net.port}{BASE}/a1/dec_keys?key_ID={kid}"]
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+        assert first.endswith("\n200") and json.loads(first[:-4])["keys"][0]["key_ID"] == kid
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout
+        assert again.endswith("\n400"), again  # already delivered
+
+
 # ---- refused requests take nothing (issue 16, item 9) ---------------------------------------
 
 def _next_ids(n: Net, number: int, size: int) -> list[str]:

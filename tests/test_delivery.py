@@ -57,6 +57,42 @@ def test_the_kernel_counts_bytes_acknowledged_where_we_read_them():
             assert (unacked, acked, state) == (0, 100_000, TCP_ESTABLISHED)
 
 
+def test_a_close_right_after_a_drained_look_is_delivered_and_else_lost():
+    """curl reads its answer and closes; the server's TLS layer then writes a
+    close_notify (24 bytes) that the closed socket resets. The look before the close found
+    everything acknowledged: delivered (the mark, raised by those 24 bytes, counted it
+    lost). A close after a look with bytes still unacknowledged stays lost."""
+    w = DeliveryWatch(sndbuf=1000)
+    assert w.observe(0, 0, 2950, TCP_ESTABLISHED) == "pending"  # all acknowledged
+    assert w.observe(0, 24, 2950, TCP_CLOSE) == "delivered"
+    w = DeliveryWatch(sndbuf=1000)
+    assert w.observe(0, 300, 2650, TCP_ESTABLISHED) == "pending"  # 300 B on their way
+    assert w.observe(0, 24, 2650, TCP_CLOSE) == "lost"
+    w = DeliveryWatch(sndbuf=1000)
+    assert w.observe(5, 0, 2950, TCP_ESTABLISHED) == "pending"  # the TLS layer holds 5 B
+    assert w.observe(0, 0, 2950, TCP_CLOSE) == "lost"
+
+
+def test_a_close_before_any_look_is_judged_by_the_early_mark():
+    """The first look in the background can come after curl has read its answer and
+    closed. The look taken when the answer was written (nothing buffered, the kernel's
+    queue under half full: it holds the whole answer) marks its end: acknowledged,
+    delivered; short of it, lost. Without such a look (the queue was full: part of the
+    answer may not have reached the kernel yet), lost."""
+    w = DeliveryWatch(sndbuf=1000)
+    w.first_look(buffered=0, unacked=100, acked=2850)
+    assert w.observe(0, 24, 2950, TCP_CLOSE) == "delivered"
+    w = DeliveryWatch(sndbuf=1000)
+    w.first_look(buffered=0, unacked=100, acked=2850)
+    assert w.observe(0, 24, 2900, TCP_CLOSE) == "lost"
+    w = DeliveryWatch(sndbuf=1000)
+    w.first_look(buffered=0, unacked=600, acked=2350)
+    assert w.observe(0, 24, 2950, TCP_CLOSE) == "lost"
+    w = DeliveryWatch(sndbuf=1000)
+    w.first_look(buffered=7, unacked=100, acked=2850)
+    assert w.observe(0, 24, 2950, TCP_CLOSE) == "lost"
+
+
 async def _serve_once(payload: bytes, client) -> bool:
     """Serve one connection that writes ``payload``; ``client(port)`` is the peer."""
     result: asyncio.Future = asyncio.get_running_loop().create_future()
