@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -194,12 +195,15 @@ def test_a_supervisor_a_loaded_machine_held_back_still_runs(tmp_path, monkeypatc
     supervisor can miss its 0.2 s turn for seconds, and status must not exit 1 for it."""
     import sys
 
-    from control.node.status import collect_node
+    from control.node.status import collect_node, supervisor_runs
 
     topo = _states(tmp_path, monkeypatch, A=30.0, B=30.0)
     fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             "node", "run", "--config", str(topo.path), "--node", "B"])
-    try:
+                             "node", "run", "--config", str(topo.path), "--node", "B",
+                             "--netns", paths.netns_name(topo.prefix, "B")])
+    try:  # its command line is there once the exec is done (empty just after Popen)
+        wait_until(lambda: b"--node" in Path(f"/proc/{fake.pid}/cmdline").read_bytes(), 30,
+                   "the stand-in supervisor to start")
         for node, pid in (("A", os.getpid()), ("B", fake.pid)):
             state = paths.node_dir(topo.prefix, node) / "state.json"
             doc = json.loads(state.read_text())
@@ -207,6 +211,7 @@ def test_a_supervisor_a_loaded_machine_held_back_still_runs(tmp_path, monkeypatc
         now = time.time()
         assert not collect_node(topo, "A", now)["running"]  # pytest is no supervisor of A
         assert collect_node(topo, "B", now)["running"]
+        assert not supervisor_runs({"pid": fake.pid}, "B", "other")  # another network's B
     finally:
         fake.kill()
         fake.wait()

@@ -102,15 +102,19 @@ def collect_node(topo: Topology, node: str, now: float) -> dict:
             "router": router, "gkm": gkm, "api": api,
             "running": bool(state and not state["stopping"]
                             and (now - state["updated"] < STALE_AFTER_S
-                                 or supervisor_runs(state, node)))}
+                                 or supervisor_runs(state, node, topo.prefix)))}
 
 
-def supervisor_runs(state: dict, node: str) -> bool:
+def supervisor_runs(state: dict, node: str, prefix: str) -> bool:
     """Whether the process that published ``state`` still runs as ``node``'s supervisor
-    (``node run ... --node NODE``): a supervisor a loaded machine held back a few
-    seconds still runs, and its node is not called down for a late file."""
+    (``node run ... --node NODE``, and ``--netns PREFIX-NODE`` where it names one): a
+    supervisor a loaded machine held back a few seconds still runs, and its node is not
+    called down for a late file."""
     try:
         cmd = Path(f"/proc/{int(state['pid'])}/cmdline").read_bytes().split(b"\0")
+        if b"--netns" in cmd and \
+                cmd[cmd.index(b"--netns") + 1] != paths.netns_name(prefix, node).encode():
+            return False  # a reused pid: another network's node of that name
         return b"run" in cmd and cmd[cmd.index(b"--node") + 1] == node.encode()
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return False

@@ -80,6 +80,14 @@ if not err.is_terminal:  # logs and pipes: a message (and the command it suggest
                   width=None if os.environ.get("COLUMNS", "").isdigit() else 160)
 
 
+def say(*objects: object, **kw: object) -> None:
+    """A message on stdout: one line however narrow the console (a path or a command in
+    it stays whole for whoever copies or greps it); tables go through ``out.print``."""
+    kw.setdefault("soft_wrap", True)
+    kw.setdefault("highlight", False)
+    out.print(*objects, **kw)  # type: ignore[arg-type]
+
+
 def _fail(message: object, code: int = 1) -> NoReturn:
     """Say why in red and exit with ``code``. The text is not ours to style (it may hold
     brackets rich would take for markup), so it is escaped."""
@@ -180,7 +188,7 @@ def check(config: Annotated[Path | None, typer.Argument(help="topology TOML file
         err.print("[red]give a topology file[/red] (or --reference)")
         raise typer.Exit(2)
     topo = load(config)
-    out.print(f"{config}: ok — network {topo.name!r}, prefix {topo.prefix!r}, "
+    say(f"{config}: ok — network {topo.name!r}, prefix {topo.prefix!r}, "
               f"{len(topo.nodes)} nodes, {len(topo.links)} links, {len(topo.saes)} SAEs")
 
 
@@ -197,7 +205,7 @@ def net_up(config: Annotated[Path, typer.Argument(help="topology TOML file")],
         man = emulation.net_up(topo, start=start)
     except emulation.NetError as e:
         _fail(e)
-    out.print(f"network {topo.name!r} up with prefix {topo.prefix!r}: "
+    say(f"network {topo.name!r} up with prefix {topo.prefix!r}: "
               f"{len(man.namespaces)} namespaces, {len(topo.links)} links"
               + (f", {len(man.pids)} processes; logs in {paths.log_dir(topo.prefix)} "
                  f"('net down' removes them; 'net down --keep-logs DIR' keeps a copy)"
@@ -237,12 +245,12 @@ def net_down(config: Annotated[Path | None, typer.Argument(help="topology TOML f
         kept = [r.removeprefix("logs kept in ") for r in removed
                 if r.startswith("logs kept in ")]
         gone = len(removed) - len(kept)
-        out.print(f"{p}: removed {gone} object(s)" if gone else f"{p}: nothing left",
+        say(f"{p}: removed {gone} object(s)" if gone else f"{p}: nothing left",
                   highlight=False)
         if kept:
-            out.print(f"{p}: its logs ({logs}) are kept in {kept[0]}", highlight=False)
+            say(f"{p}: its logs ({logs}) are kept in {kept[0]}", highlight=False)
         elif had_logs:
-            out.print(f"{p}: its logs, in {logs}, went with it ('net down --keep-logs DIR' "
+            say(f"{p}: its logs, in {logs}, went with it ('net down --keep-logs DIR' "
                       f"keeps a copy)", highlight=False)
     if failed:
         raise typer.Exit(1)
@@ -258,7 +266,7 @@ def net_status(prefix: PrefixOpt = None) -> None:
 def _net_status(prefix: str | None) -> None:
     prefixes = [prefix] if prefix else emulation.known_prefixes()
     if not prefixes:
-        out.print("no qkdnet networks")
+        say("no qkdnet networks")
     for p in prefixes:
         st = emulation.net_status(p)
         if st["config"] is None and not st["rings"]:  # (net down leaves nothing)
@@ -267,7 +275,7 @@ def _net_status(prefix: str | None) -> None:
         ns = ", ".join(f"{k}{'' if v else ' (missing)'}" for k, v in st["namespaces"].items())
         procs = ", ".join(f"{k}{'' if v else ' (dead)'}" for k, v in st["processes"].items())
         origin = f"from {st['config']}" if st["config"] else "(no manifest: net down removes it)"
-        out.print(f"[bold]{p}[/bold] {escape(origin)}\n  namespaces: {ns or '-'}\n"
+        say(f"[bold]{p}[/bold] {escape(origin)}\n  namespaces: {ns or '-'}\n"
                   f"  processes: {procs or '-'}\n  rings: {st['rings']}", highlight=False)
 
 
@@ -354,7 +362,7 @@ def pki_init(directory: Annotated[Path, typer.Argument(help="where to write the 
             lay = init_pki(directory, topo, force=force, ca_dir=ca_dir)
     except PkiError as e:
         _fail(e)
-    out.print(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
+    say(f"{lay.root}: CA {lay.ca_cert.name}; {len(topo.nodes)} node certificate(s) in "
               f"nodes/, {len(topo.saes)} SAE certificate(s) in saes/ (keys mode 0600); "
               f"the CA key in {lay.ca_key} (no node needs it: keep it offline)",
               highlight=False)
@@ -377,7 +385,7 @@ def pki_issue(directory: Annotated[Path, typer.Argument(help="the PKI made by 'p
         _fail(e)
     kept = len(topo.nodes) + len(topo.saes) - len(nodes) - len(saes)
     new = [f"node {n}" for n in nodes] + [f"SAE {s}" for s in saes]
-    out.print(f"{directory}: new certificates for {', '.join(new) or 'nothing (none missing)'}"
+    say(f"{directory}: new certificates for {', '.join(new) or 'nothing (none missing)'}"
               f"; {kept} kept as they were (keys mode 0600)", highlight=False, soft_wrap=True)
 
 
@@ -401,7 +409,7 @@ def keys_init(directory: Annotated[Path, typer.Argument(help="where to write the
     except (RelayKeyError, NotPrivateError) as e:
         _fail(e)
     kept = len(topo.gkm.nodes()) - len(made)
-    out.print(f"{directory}: new keys for {', '.join(made) or 'no node'}"
+    say(f"{directory}: new keys for {', '.join(made) or 'no node'}"
               f"{f', {kept} kept' if kept else ''} (mode 0600); give each node its own "
               f"<node>.key_secret and the others' <node>.key, and set \\[gkm] keys",
               highlight=False)
@@ -967,7 +975,7 @@ def bench_record(
                   highlight=False)
         raise typer.Exit(1) from None
     for f in written:
-        out.print(f"latest table written to {f}", highlight=False)
+        say(f"latest table written to {f}", highlight=False)
 
 
 @app.command("doctor")
