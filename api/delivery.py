@@ -16,13 +16,13 @@ a loop turn apart: from then on, every byte of it is among the bytes the kernel 
 acknowledged reaches the mark; later answers on the same connection only add bytes after
 it.
 
-A connection that closes before the mark was reached is judged by what was seen before:
-delivered if the look before the close found nothing buffered and nothing
-unacknowledged (the peer had every byte written so far), or if the peer acknowledged
-the *early mark*: ``acked + unacked`` of a first look taken at once, in the same turn of
-the loop as the answer's last write, when nothing was buffered and the kernel's queue
-was under half full (the kernel took the whole answer: a write it refused in part would
-have found the queue full a moment before). The mark alone misjudged the commonest client
+A connection that closes before the mark was reached is delivered if the peer
+acknowledged the *early mark*: ``acked + unacked`` of a first look taken at once, in the
+same turn of the loop as the answer's last write, when nothing was buffered and the
+kernel's queue was under half full (the kernel took the whole answer: a write it refused
+in part would have found the queue full a moment before). One look in the background
+that finds everything acknowledged is no such proof: uvloop may still hold bytes the
+kernel refused, and write them at its next turn. The mark alone misjudged the commonest client
 of all: curl reads the answer and closes at once (a FIN acknowledging it all), and the
 server's TLS layer answers with a close_notify, 24 bytes the closed socket resets. Taken
 between the two looks, they raised the mark past what the peer could acknowledge; or the
@@ -55,7 +55,6 @@ class DeliveryWatch:
     sndbuf: int  # the kernel's send buffer: the queue has room below half of it
     mark: int | None = None
     calm: int = 0
-    drained: bool = False  # the last look found nothing buffered, nothing unacknowledged
     early_mark: int | None = None  # see first_look
 
     def first_look(self, buffered: int, unacked: int, acked: int) -> None:
@@ -64,9 +63,8 @@ class DeliveryWatch:
             self.early_mark = acked + unacked
 
     def observe(self, buffered: int, unacked: int, acked: int, tcp_state: int) -> str:
-        """``"delivered"``, ``"lost"`` (the connection is gone short of the mark and was
-        not drained at the look before, or before the answer left this process) or
-        ``"pending"``."""
+        """``"delivered"``, ``"lost"`` (the connection is gone short of the mark and of
+        the early mark, or before the answer left this process) or ``"pending"``."""
         if self.mark is None:
             self.calm = self.calm + 1 if buffered == 0 and unacked < self.sndbuf // 2 else 0
             if self.calm >= CALM_CHECKS:
@@ -75,8 +73,7 @@ class DeliveryWatch:
             return "delivered"
         if tcp_state == TCP_CLOSE:
             early = self.early_mark is not None and acked >= self.early_mark
-            return "delivered" if self.drained or early else "lost"
-        self.drained = buffered == 0 and unacked == 0
+            return "delivered" if early else "lost"
         return "pending"
 
 

@@ -250,6 +250,33 @@ def assert_rings_agree(sim: Sim) -> None:
             assert a.data[p] == b.data[p]
 
 
+def test_a_replay_the_connection_took_with_it_is_sent_again_on_the_next():
+    """A second reset (or flap) right after the first, before the follower read the
+    replayed decisions: the next connection's Hello, from the same positions, gets the
+    replay again, not the skip past both ends that wipes their rings (a review found it)."""
+    sim = Sim((1, 1), capacity=1000, seed=3)
+    sim.connect()
+    quiesce(sim)
+    for _ in range(4):
+        both_get_block(sim, 32)
+    sim.new_block(32, False, False)
+    sim.deliver_block(FOLLOWER)
+    sim.deliver_msg(LEADER)  # the follower's Have
+    sim.deliver_block(LEADER)  # the leader decides; its Decide is lost ...
+    sim.disconnect()
+    sim.connect()
+    sim.deliver_msg(LEADER)  # ... the Hello: Sync and the replay go out, and are lost
+    sim.disconnect()
+    sim.connect()
+    quiesce(sim)
+    assert [sim.rings[LEADER][d].write for d in (AB, BA)] == \
+        [sim.rings[FOLLOWER][d].write for d in (AB, BA)]
+    for e in (LEADER, FOLLOWER):
+        assert sim.ends[e].counters.bytes_skipped == [0, 0]
+    assert sim.ends[LEADER].counters.decisions_replayed == 2
+    assert_rings_agree(sim)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ratio=st.tuples(st.integers(0, 4), st.integers(0, 4)).filter(lambda r: sum(r) > 0),

@@ -57,20 +57,14 @@ def test_the_kernel_counts_bytes_acknowledged_where_we_read_them():
             assert (unacked, acked, state) == (0, 100_000, TCP_ESTABLISHED)
 
 
-def test_a_close_right_after_a_drained_look_is_delivered_and_else_lost():
-    """curl reads its answer and closes; the server's TLS layer then writes a
-    close_notify (24 bytes) that the closed socket resets. The look before the close found
-    everything acknowledged: delivered (the mark, raised by those 24 bytes, counted it
-    lost). A close after a look with bytes still unacknowledged stays lost."""
+def test_one_look_that_found_all_acknowledged_is_no_proof_before_a_close():
+    """uvloop may hold bytes the kernel refused and write them at its next turn: one look
+    finding nothing unacknowledged, then a close, is lost without the early mark (a
+    review's schedule: a busy loop, every byte in flight acknowledged, the rest written
+    after the look, the SAE gone before the next)."""
     w = DeliveryWatch(sndbuf=1000)
-    assert w.observe(0, 0, 2950, TCP_ESTABLISHED) == "pending"  # all acknowledged
-    assert w.observe(0, 24, 2950, TCP_CLOSE) == "delivered"
-    w = DeliveryWatch(sndbuf=1000)
-    assert w.observe(0, 300, 2650, TCP_ESTABLISHED) == "pending"  # 300 B on their way
-    assert w.observe(0, 24, 2650, TCP_CLOSE) == "lost"
-    w = DeliveryWatch(sndbuf=1000)
-    assert w.observe(5, 0, 2950, TCP_ESTABLISHED) == "pending"  # the TLS layer holds 5 B
-    assert w.observe(0, 0, 2950, TCP_CLOSE) == "lost"
+    assert w.observe(0, 0, 2950, TCP_ESTABLISHED) == "pending"
+    assert w.observe(0, 24, 2950, TCP_CLOSE) == "lost"
 
 
 def test_a_close_before_any_look_is_judged_by_the_early_mark():

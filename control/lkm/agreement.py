@@ -21,8 +21,9 @@ Protocol (messages in :mod:`control.lkm.messages`; ``sync`` numbers one session)
    position up to its own, ``start`` is the follower's position (neither end skips) and
    the leader sends those decisions again, in their order, right after ``Sync``; the
    follower still holds their blocks undecided and files them where the leader did. If
-   it cannot apply one exactly (a block it no longer holds), it starts a new session, and
-   a second ``Hello`` from the same positions gets no second replay.
+   it cannot apply one exactly (a block it no longer holds), it starts a new session on
+   the same connection, and that second ``Hello`` from the same positions gets no second
+   replay (a new connection does: the last one may have taken the replay with it).
    Otherwise (not covered, the follower ahead, or a replay that failed)
    ``start = max(both) + 1``: both ends skip past it, wiping every byte below, so bytes
    either end might not hold identically are never used. The leader skips, answers
@@ -251,6 +252,10 @@ class Leader(_End):
     def on_disconnect(self) -> list[Action]:
         self.synced = False
         self.peer_has.clear()
+        # A replay the connection took with it was never tried: the next session's may
+        # replay again. Only a Hello on the session that got the replay (the follower
+        # could not apply it) means it failed.
+        self._replayed_from = None
         return []
 
     def heartbeat(self, released: Positions) -> Message | None:
