@@ -15,7 +15,8 @@ Private keys are written with mode 0600, certificates 0644, directories 0700, ea
 whole (a temporary file, then rename); nothing is overwritten unless asked (``force``),
 which also narrows the modes of what is there already. ``issue_missing`` (`qkdctl pki
 issue`) adds the certificates of nodes and SAEs new to the topology under the CA already
-there, and touches nothing present: one more SAE needs no new CA.
+there, and touches no other: one more SAE needs no new CA (a node or SAE that lost its
+key or its certificate gets both anew, the one left replaced).
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ def issue_missing(root: Path, topo: Topology, days: int = VALID_DAYS,
                   ca_dir: Path | None = None) -> tuple[list[str], list[str]]:
     """Under the CA already in ``root`` (its key in ``ca_dir``, default
     :func:`default_ca_dir`), the certificates of the nodes and SAEs of ``topo`` that
-    lack one (certificate or key); everything present is left untouched, so the SAEs
-    and nodes holding theirs go on. Returns (nodes, SAEs) given new ones."""
+    lack one (certificate or key: both are made anew, the one left replaced); the others'
+    files are left untouched, so the SAEs and nodes holding theirs go on. Returns (nodes, SAEs) given new ones."""
     lay = PkiLayout(Path(root), Path(ca_dir) if ca_dir is not None else None)
     if not lay.ca_cert.exists():
         raise PkiError(f"{lay.root} holds no CA ({lay.ca_cert}): make one with 'qkdctl "
