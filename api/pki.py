@@ -203,7 +203,8 @@ def issue_missing(root: Path, topo: Topology, days: int = VALID_DAYS,
     """Under the CA already in ``root`` (its key in ``ca_dir``, default
     :func:`default_ca_dir`), the certificates of the nodes and SAEs of ``topo`` that
     lack one (certificate or key: both are made anew, the one left replaced); the others'
-    files are left untouched, so the SAEs and nodes holding theirs go on. Returns (nodes, SAEs) given new ones."""
+    files are left untouched, so the SAEs and nodes holding theirs go on. Returns (nodes,
+    SAEs) given new ones."""
     lay = PkiLayout(Path(root), Path(ca_dir) if ca_dir is not None else None)
     if not lay.ca_cert.exists():
         raise PkiError(f"{lay.root} holds no CA ({lay.ca_cert}): make one with 'qkdctl "
