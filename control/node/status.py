@@ -298,7 +298,8 @@ def _kib(n: int) -> str:
 def render_accounting(snapshot: dict) -> Sheet:
     """Every byte of local key per link end and direction (invariant 8)."""
     t = Sheet("key accounting per link end and direction (KiB; ENC: in = stored + pad + "
-              "MAC + keepalives + wasted; DEC: in = stored + released + wiped)",
+              "MAC + keepalives + wasted; DEC: in = stored + released + wasted (wiped at "
+              "a resync), its keepalives counted within released)",
               _left("link", "node", "dir")
               + _right("in", "stored", "pad", "MAC", "keepalives", "released", "wasted",
                        "waste/used", "discarded", "balance"))
