@@ -390,7 +390,7 @@ def render_api(snapshot: dict) -> Sheet:
               "out, lost: held by workers that died or not given back; refused: "
               "connections over \\[api] max_connections_per_address)",  # (markup)
               _left("node", "state")
-              + _right("workers", "restarts", "last restart", "manager restarts", "hands",
+              + _right("workers", "restarts", "manager restarts", "last restart", "hands",
                        "from hands", "lost", "refused"), keys=1)
     now = snapshot["time"]
     for node, info in snapshot["nodes"].items():
@@ -406,8 +406,8 @@ def render_api(snapshot: dict) -> Sheet:
         live = not api["stale"]
         t.add_row(node, api_state(api),
                   f"{api['workers_alive']}/{api['workers']}" if live else "-",
-                  f"{api['restarts']:,}", _ago(last, now),
-                  f"{api.get('module_restarts', 0):,}",
+                  f"{api['restarts']:,}", f"{api.get('module_restarts', 0):,}",
+                  _ago(last, now),  # of a worker or of the manager
                   f"{hands.get('held_keys', 0):,}" if live else "-",
                   f"{hands.get('served_keys', 0):,}",
                   f"{hands.get('lost_bytes', 0):,} B",
