@@ -114,6 +114,22 @@ def test_headers_missing_names_the_script(tmp_path):
     assert doctor.check_headers(tmp_path).ok
 
 
+def test_headers_of_another_kernel_are_said_so(tmp_path):
+    """Debian's headers linked in for a kernel without its own (make setup does it): fine
+    for the guard, and doctor says whose they are."""
+    mod = tmp_path / "6.18.44-fc-v1300"
+    (mod / "build/include/generated").mkdir(parents=True)
+    (mod / "build/Makefile").write_text("")
+    (mod / "build/include/linux").mkdir()
+    (mod / "build/include/linux/kconfig.h").write_text("")
+    uts = mod / "build/include/generated/utsrelease.h"
+    uts.write_text('#define UTS_RELEASE "6.1.0-57-amd64"\n')
+    c = doctor.check_headers(mod)
+    assert c.ok and "headers of 6.1.0-57-amd64, not of the running 6.18.44-fc-v1300" in c.detail
+    uts.write_text('#define UTS_RELEASE "6.18.44-fc-v1300"\n')
+    assert "not of the running" not in doctor.check_headers(mod).detail
+
+
 def test_kernel_version_parsing():
     assert doctor.kernel_version("6.1.0-56-amd64") == (6, 1)
     assert doctor.kernel_version("5.18.0") >= doctor.MIN_XDP_FRAGS_KERNEL

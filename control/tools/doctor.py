@@ -15,6 +15,7 @@ import functools
 import multiprocessing as mp
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -233,7 +234,22 @@ def check_headers(modules_dir: Path | None = None) -> Check:
     if found is None:
         return _fail(name, f"no include/linux/kconfig.h under {source} or {build}",
                      FIX_HEADERS)
-    return Check(name, True, f"{build} -> {build.resolve()}")
+    detail = f"{build} -> {build.resolve()}"
+    built_for = headers_release(build)
+    if built_for and built_for != mod.name:
+        detail += (f" (headers of {built_for}, not of the running {mod.name}: enough, as "
+                   f"qkdnet's XDP guard and profile probes read no kernel structure)")
+    return Check(name, True, detail)
+
+
+def headers_release(build: Path) -> str | None:
+    """The kernel release the headers at ``build`` were made for (UTS_RELEASE), if said."""
+    try:
+        text = (build / "include/generated/utsrelease.h").read_text()
+    except OSError:
+        return None
+    m = re.search(r'UTS_RELEASE\s+"([^"]+)"', text)
+    return m[1] if m else None
 
 
 @functools.cache  # the bcc and XDP checks both need it: one clang run
