@@ -93,7 +93,7 @@ def test_forged_bytes_in_the_stream_end_the_session_within_its_silence_limit(
     the follower's TCP acknowledged bytes the leader never sent. Nothing authentic is
     heard any more, so the session ends within ``PEER_SILENT_S`` and a new one starts
     (the key stopped for many minutes before), and nothing is skipped."""
-    a, b, port = _up(tmp_path, prefix)
+    a, b, port = _up(tmp_path, prefix, rate=10)  # rings of 64 MiB fill in 100 s
     nb = paths.netns_name(prefix, "B")
     skipped = _skipped(prefix)
     resyncs = lkm(prefix, "A")["agreement"]["resyncs"]

@@ -109,21 +109,27 @@ def test_a_flood_of_forged_keepalives_takes_no_link_down(tmp_path, prefix):
     link = topo.link("A-B")
     wait_until(lambda: all((tunnel_state(prefix, n, "A-B") or {}).get("up") for n in "AB"),
                30, "the link up at both ends")
-    time.sleep(1.0)  # a few keepalives in: the timeout settled
+    wait_until(lambda: tunnel_state(prefix, "B", "A-B")["liveness"]["gap_mean_s"] > 0, 30,
+               "B to have timed A's keepalives")
     before = tunnel_state(prefix, "B", "A-B")
     seconds = 5.0
     flood = InNetns(ns(prefix, "A"), flood_control, str(link.underlay_a.ip),
                     str(link.underlay_b.ip), topo.ports.tunnel, link.index, 0,
                     paths.ring_name(prefix, "B", "A-B", "ab"), 20000.0, seconds)
     try:
-        time.sleep(1.5)  # past the longest a peer may be silent: the flood at full rate
+        # Keepalives alone first: the flood checked for longer than a peer may be silent.
+        mac0 = before["control_drops"].get("mac", 0)
+        wait_until(lambda: tunnel_state(prefix, "B", "A-B")["control_drops"].get("mac", 0)
+                   - mac0 > 20000, 30, "B's manager to have checked a second of the flood")
         data = os.urandom(2 << 20)
         got = send_tcp(topo, "A", "B", data)
         sent = flood.result(seconds + 30)
     finally:
         flood.kill()
     assert got["bytes"] == len(data)
-    assert sent["pps"] > 15000, f"the flood fell short: {sent}"
+    # At 10,000 a second the old code lost keepalives but not yet the link; a machine
+    # 2-3x slower may not send the whole 20,000 from Python.
+    assert sent["pps"] > 10000, f"the flood fell short: {sent}"
     wait_until(lambda: tunnel_state(prefix, "B", "A-B")["updated"] > time.time() - 0.2
                and tunnel_state(prefix, "B", "A-B")["updated"] > before["updated"] + seconds,
                10, "B's status after the flood")
