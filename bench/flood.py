@@ -39,28 +39,16 @@ def spoofed(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes
 
 def stale_datagram(size: int, link: int, direction: int, lane: int) -> bytes:
     """Well-formed framing at position 0 (long released) with a random tag."""
+    return ahead_datagram(size, link, direction, lane, 0)
+
+
+def ahead_datagram(size: int, link: int, direction: int, lane: int, pos: int,
+                   flags: int = 0) -> bytes:
+    """Well-formed framing naming key at ``pos`` with a random tag (``flags``:
+    wire.FLAG_CONTROL for a keepalive's)."""
     n = max(0, size - wire.OVERHEAD)
     buf = np.zeros(wire.datagram_len(n), dtype=np.uint8)
-    wire.HEADER.pack_into(buf, 0, wire.VERSION, 0, direction, lane, link, 0, 0, 0, n, 0)
-    buf[wire.HEADER_LEN + n:] = np.frombuffer(os.urandom(wire.TAG_LEN), np.uint8)
-    return buf.tobytes()
-
-
-def ahead_datagram(size: int, link: int, direction: int, lane: int, pos: int) -> bytes:
-    """Well-formed framing naming key at ``pos`` with a random tag."""
-    n = max(0, size - wire.OVERHEAD)
-    buf = np.zeros(wire.datagram_len(n), dtype=np.uint8)
-    wire.HEADER.pack_into(buf, 0, wire.VERSION, 0, direction, lane, link, 0, pos, 0, n, 0)
-    buf[wire.HEADER_LEN + n:] = np.frombuffer(os.urandom(wire.TAG_LEN), np.uint8)
-    return buf.tobytes()
-
-
-def control_datagram(size: int, link: int, direction: int, pos: int) -> bytes:
-    """Well-formed control-lane framing (a keepalive's) naming key at ``pos``, random tag."""
-    n = max(0, size - wire.OVERHEAD)
-    buf = np.zeros(wire.datagram_len(n), dtype=np.uint8)
-    wire.HEADER.pack_into(buf, 0, wire.VERSION, wire.FLAG_CONTROL, direction,
-                          wire.CONTROL_LANE, link, 0, pos, 0, n, 0)
+    wire.HEADER.pack_into(buf, 0, wire.VERSION, flags, direction, lane, link, 0, pos, 0, n, 0)
     buf[wire.HEADER_LEN + n:] = np.frombuffer(os.urandom(wire.TAG_LEN), np.uint8)
     return buf.tobytes()
 
@@ -78,7 +66,8 @@ def flood_control(src: str, dst: str, port: int, link: int, direction: int, ring
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((src, 0))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
-    body = bytearray(control_datagram(size, link, direction, 0))
+    body = bytearray(ahead_datagram(size, link, direction, CONTROL_LANE, 0,
+                                    wire.FLAG_CONTROL))
     sent = errors = 0
     t0 = time.monotonic()
     end = t0 + seconds

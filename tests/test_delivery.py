@@ -8,6 +8,8 @@ import socket
 import struct
 import time
 
+import pytest
+
 from api.delivery import CALM_CHECKS, TCP_CLOSE, DeliveryWatch, connection_counts, delivered
 
 TCP_ESTABLISHED = 1
@@ -67,24 +69,21 @@ def test_one_look_that_found_all_acknowledged_is_no_proof_before_a_close():
     assert w.observe(0, 24, 2950, TCP_CLOSE) == "lost"
 
 
-def test_a_close_before_any_look_is_judged_by_the_early_mark():
+@pytest.mark.parametrize(("first_look", "acked", "verdict"), [
+    ((0, 100, 2850), 2950, "delivered"),  # the answer's end acknowledged
+    ((0, 100, 2850), 2900, "lost"),       # short of it
+    ((0, 600, 2350), 2950, "lost"),       # the queue was full: no early mark
+    ((7, 100, 2850), 2950, "lost"),       # the TLS layer still held bytes: none either
+])
+def test_a_close_before_any_look_is_judged_by_the_early_mark(first_look, acked, verdict):
     """The first look in the background can come after curl has read its answer and
     closed. The look taken when the answer was written (nothing buffered, the kernel's
     queue under half full: it holds the whole answer) marks its end: acknowledged,
     delivered; short of it, lost. Without such a look (the queue was full: part of the
     answer may not have reached the kernel yet), lost."""
     w = DeliveryWatch(sndbuf=1000)
-    w.first_look(buffered=0, unacked=100, acked=2850)
-    assert w.observe(0, 24, 2950, TCP_CLOSE) == "delivered"
-    w = DeliveryWatch(sndbuf=1000)
-    w.first_look(buffered=0, unacked=100, acked=2850)
-    assert w.observe(0, 24, 2900, TCP_CLOSE) == "lost"
-    w = DeliveryWatch(sndbuf=1000)
-    w.first_look(buffered=0, unacked=600, acked=2350)
-    assert w.observe(0, 24, 2950, TCP_CLOSE) == "lost"
-    w = DeliveryWatch(sndbuf=1000)
-    w.first_look(buffered=7, unacked=100, acked=2850)
-    assert w.observe(0, 24, 2950, TCP_CLOSE) == "lost"
+    w.first_look(*first_look)
+    assert w.observe(0, 24, acked, TCP_CLOSE) == verdict
 
 
 async def _serve_once(payload: bytes, client) -> bool:

@@ -8,41 +8,16 @@ from pathlib import Path
 from control.core.config import parse_topology
 from control.tools.preflight import given_dir_problems, ring_bytes, shm_problems
 from dataplane.limits import RING_HEADER_SIZE
+from tests.test_config import LINK0_UL, edit
 
 GIB, MIB = 1 << 30, 1 << 20
 
-BASE = """\
-[network]
-name = "t"
-prefix = "tt"
-{defaults}
-{sections}
-[[nodes]]
-name = "A"
-[[nodes]]
-name = "B"
-[[nodes]]
-name = "C"
-
-[[links]]
-a = "A"
-b = "B"
-underlay = ["10.9.1.1/30", "10.9.1.2/30"]
-{link0}
-[[links]]
-a = "B"
-b = "C"
-underlay = ["10.9.2.1/30", "10.9.2.2/30"]
-
-[[saes]]
-id = "S1"
-node = "A"
-"""
-
-
 def topo(defaults: str = "", link0: str = "", sections: str = "", path: str = "/etc/n.toml"):
-    text = BASE.format(defaults=f"[defaults]\n{defaults}\n" if defaults else "",
-                       link0=link0, sections=sections)
+    """test_config's three-node network, with a [defaults] table, other sections, and
+    lines for link 0."""
+    head = 'prefix = "tt"\n'
+    text = edit((head, head + (f"[defaults]\n{defaults}\n" if defaults else "") + sections),
+                (LINK0_UL, f"{LINK0_UL}\n{link0}"))
     return parse_topology(text, path)
 
 
